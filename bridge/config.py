@@ -1,0 +1,120 @@
+"""Where bridge keeps its files, and the named defaults shared by both sides.
+
+The environment is read when a function is called, never at import, so tests and
+several instances can point `BRIDGE_HOME` elsewhere at any time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from bridge.errors import ConfigError
+
+APP_NAME = "bridge"
+
+DEFAULT_MLFLOW_PORT = 5000
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_WORKERS = 1
+DEFAULT_RECORD_TTL_S = 24 * 3600
+DEFAULT_HEARTBEAT_TIMEOUT_S = 300
+DEFAULT_JOURNAL_LIMIT_BYTES = 2 * 1024**3
+
+#: The run tag that carries the client-generated key making a retried create idempotent.
+RUN_KEY_TAG = "bridge.run_key"
+#: The run tag a live client refreshes so `bridge serve` can tell a dead run from a slow one.
+HEARTBEAT_TAG = "bridge.heartbeat"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file and folder bridge writes, resolved once from `BRIDGE_HOME` or the platform defaults."""
+
+    data_dir: Path
+    config_dir: Path
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.data_dir / "mlflow.db"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def record_file(self) -> Path:
+        """The default published endpoint record (`--publish file:` writes here unless told otherwise)."""
+        return self.data_dir / "endpoint.json"
+
+    @property
+    def state_file(self) -> Path:
+        """What a running `bridge serve` reports about itself, read by `bridge status`."""
+        return self.data_dir / "serve-state.json"
+
+    @property
+    def secrets_file(self) -> Path:
+        """The 0600 fallback secret store, used only when no keyring backend works."""
+        return self.config_dir / "secrets.json"
+
+    @property
+    def token_revision_file(self) -> Path:
+        """Touched whenever the access token changes, so a running entrance reloads it at once."""
+        return self.data_dir / "token.rev"
+
+    @property
+    def journal_file(self) -> Path:
+        return self.data_dir / "journal.sqlite"
+
+    @property
+    def ngrok_config(self) -> Path:
+        return self.config_dir / "ngrok.yml"
+
+    def ensure(self) -> "Paths":
+        for folder in (self.data_dir, self.config_dir, self.logs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def bridge_home() -> Path | None:
+    """The folder named by `BRIDGE_HOME`, or None when the platform defaults apply."""
+    value = os.environ.get("BRIDGE_HOME", "").strip()
+    return Path(value).expanduser().resolve() if value else None
+
+
+def paths() -> Paths:
+    """Resolve bridge's folders now: `BRIDGE_HOME` holds everything when set."""
+    home = bridge_home()
+    if home is not None:
+        return Paths(data_dir=home, config_dir=home)
+    return Paths(
+        data_dir=platformdirs.user_data_path(APP_NAME),
+        config_dir=platformdirs.user_config_path(APP_NAME),
+    )
+
+
+def env_float(name: str, default: float) -> float:
+    """A float from the environment, with an error that names the variable when it is not one."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None

@@ -1,0 +1,103 @@
+"""Every error bridge raises, under one root.
+
+    BridgeError
+    ├── ConfigError              bad option, environment variable or argument
+    ├── SecretError              the secret store cannot be read or written
+    ├── RecordError              an endpoint record cannot be trusted
+    │   ├── RecordSignatureError     signed with another key, or altered
+    │   └── RecordExpiredError       past its expiry
+    ├── DiscoveryError           no endpoint could be found or fetched
+    ├── PublishError             an endpoint record could not be published
+    ├── ServeError               the workstation side failed to start or run
+    │   ├── MlflowStartError         `mlflow server` did not become healthy
+    │   └── TunnelError              the ngrok tunnel could not be opened
+    │       ├── NgrokAuthtokenError      no or invalid authtoken (ERR_NGROK_4018)
+    │       ├── NgrokAgentRunningError   another agent holds the session (ERR_NGROK_108)
+    │       └── NgrokBinaryError         no agent binary and none downloadable
+    ├── JournalError             the local journal cannot accept or yield data
+    │   ├── JournalFullError         the configured size limit is reached
+    │   └── JournalCorruptError      the journal file is damaged
+    └── DeliveryError            the server refused what the sender delivered
+        └── TokenRejectedError       401/403: the access token was refused
+
+Third-party exceptions are translated where they enter bridge (`raise X(...) from exc`),
+and no message ever contains a secret.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Root of every error bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """An option, environment variable or argument has a value bridge cannot use."""
+
+
+class SecretError(BridgeError):
+    """The secret store could not be read or written."""
+
+
+class RecordError(BridgeError):
+    """An endpoint record is malformed or cannot be trusted."""
+
+
+class RecordSignatureError(RecordError):
+    """The record's signature does not match: another token signed it, or it was altered."""
+
+
+class RecordExpiredError(RecordError):
+    """The record is past its expiry time."""
+
+
+class DiscoveryError(BridgeError):
+    """No usable endpoint could be found."""
+
+
+class PublishError(BridgeError):
+    """An endpoint record could not be published."""
+
+
+class ServeError(BridgeError):
+    """The workstation side could not start or keep running."""
+
+
+class MlflowStartError(ServeError):
+    """`mlflow server` did not become healthy before its deadline."""
+
+
+class TunnelError(ServeError):
+    """The ngrok tunnel could not be opened."""
+
+
+class NgrokAuthtokenError(TunnelError):
+    """ngrok has no valid authtoken (ERR_NGROK_4018)."""
+
+
+class NgrokAgentRunningError(TunnelError):
+    """Another ngrok agent already holds this account's session (ERR_NGROK_108)."""
+
+
+class NgrokBinaryError(TunnelError):
+    """No ngrok agent binary is installed and none could be downloaded."""
+
+
+class JournalError(BridgeError):
+    """The local journal could not accept or yield data."""
+
+
+class JournalFullError(JournalError):
+    """The journal reached its configured size limit; the call was not recorded."""
+
+
+class JournalCorruptError(JournalError):
+    """The journal file is damaged."""
+
+
+class DeliveryError(BridgeError):
+    """The tracking server refused what the sender delivered."""
+
+
+class TokenRejectedError(DeliveryError):
+    """The tracking server (or the entrance) rejected the access token (401/403)."""

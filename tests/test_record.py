@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from bridge.errors import RecordError, RecordExpiredError, RecordSignatureError
+from bridge.record import make_record, parse_record, verify_record
+
+TOKEN = "t" * 43
+
+
+def _record(**kw):
+    args = dict(token=TOKEN, instance="inst-1", mlflow_version="3.17.2", ttl_s=60, now=1_000_000.0)
+    args.update(kw)
+    return make_record("https://abc.ngrok-free.app/", **args)
+
+
+def test_round_trip_verifies_and_never_contains_the_token():
+    text = _record().to_json()
+    assert TOKEN not in text
+    rec = verify_record(text, TOKEN, now=1_000_030.0)
+    assert rec.url == "https://abc.ngrok-free.app"
+    assert json.loads(text)["url"] == "https://abc.ngrok-free.app"
+
+
+def test_other_token_is_rejected_as_bad_signature():
+    with pytest.raises(RecordSignatureError, match="signature"):
+        verify_record(_record().to_json(), "other-token", now=1_000_030.0)
+
+
+def test_altered_url_is_rejected():
+    data = json.loads(_record().to_json())
+    data["url"] = "https://evil.example"
+    with pytest.raises(RecordSignatureError):
+        verify_record(json.dumps(data), TOKEN, now=1_000_030.0)
+
+
+def test_expired_record_names_the_url_and_age():
+    with pytest.raises(RecordExpiredError, match=r"abc\.ngrok-free\.app expired 40 s ago"):
+        verify_record(_record().to_json(), TOKEN, now=1_000_100.0)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("not json", "not valid JSON"), ("[1]", "JSON object"), ('{"url": "x"}', "lacks issued_at")],
+)
+def test_malformed_records_say_what_is_wrong(text, message):
+    with pytest.raises(RecordError, match=message):
+        parse_record(text)
+
+
+def test_url_with_credentials_is_refused():
+    with pytest.raises(RecordError, match="credentials"):
+        make_record("https://u:p@x.example", token=TOKEN, instance="i", mlflow_version="v", ttl_s=5)
