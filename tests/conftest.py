@@ -13,7 +13,8 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-pytest_plugins = ["tests.support.mlflow_server"]
+pytest_plugins = ["tests.support.mlflow_server", "tests.support.client", "tests.support.flaky_proxy", "tests.support.tunnel", "tests.support.serve",
+                  "tests.support.yolo"]
 
 
 @pytest.fixture(autouse=True)

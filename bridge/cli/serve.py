@@ -1,9 +1,261 @@
-"""CLI commands (placeholder until implemented)."""
+"""Workstation commands: `bridge serve`, `bridge token`, `bridge login`, `bridge url`, `bridge status`."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import requests
 import typer
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.table import Table
+
+from bridge import config, secrets
+from bridge.cli.output import console, err_console, handles_errors
+from bridge.errors import ConfigError, RecordError, ServeError
+
+PUBLISH_HELP = (
+    "Where to publish the signed endpoint record: file:PATH (e.g. a Google-Drive-synced folder), "
+    "gist:GIST_ID (a secret GitHub gist; token from `bridge login --github-token`) or an https:// URL "
+    "(PUT). Default: endpoint.json in the bridge data folder."
+)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
+    app.command("serve")(serve_command)
+    app.command("token")(token_command)
+    app.command("login")(login_command)
+    app.command("url")(url_command)
+    app.command("status")(status_command)
+
+
+@handles_errors
+def serve_command(
+    port: Annotated[int, typer.Option(help="Port of the MLflow server and its local UI (127.0.0.1 only).",
+                                      envvar="BRIDGE_PORT")] = config.DEFAULT_MLFLOW_PORT,
+    entrance_port: Annotated[Optional[int], typer.Option(
+        help="Port of the authenticated entrance the tunnel points at. Default: --port + 1.",
+        envvar="BRIDGE_ENTRANCE_PORT")] = None,
+    host: Annotated[str, typer.Option(
+        help="Address the entrance binds. Keep 127.0.0.1 behind ngrok; name a LAN/VPN address "
+             "(e.g. a Tailscale IP) to serve it there with --tunnel none.", envvar="BRIDGE_HOST")] = config.DEFAULT_HOST,
+    tunnel: Annotated[str, typer.Option(
+        help="ngrok: open an ngrok tunnel to the entrance (needs `bridge login` or NGROK_AUTHTOKEN; without "
+             "one bridge serves the entrance alone). none: no tunnel.", envvar="BRIDGE_TUNNEL")] = "ngrok",
+    domain: Annotated[Optional[str], typer.Option(
+        help="A reserved/static ngrok domain, so the public URL survives restarts.", envvar="BRIDGE_NGROK_DOMAIN")] = None,
+    edge_auth: Annotated[bool, typer.Option(
+        "--edge-auth", help="Also make ngrok's edge demand HTTP Basic (user `bridge`, password = access token). "
+                            "Off by default: Bearer-token clients are then refused at the edge.")] = False,
+    publish: Annotated[Optional[str], typer.Option(help=PUBLISH_HELP, envvar="BRIDGE_PUBLISH")] = None,
+    backend_store_uri: Annotated[Optional[str], typer.Option(
+        help="MLflow backend store, e.g. postgresql://user@host/db. Default: SQLite in the bridge data folder.",
+        envvar="BRIDGE_BACKEND_STORE_URI")] = None,
+    artifacts_destination: Annotated[Optional[str], typer.Option(
+        help="Where MLflow stores artifacts it serves, e.g. s3://bucket/path. Default: the bridge data folder.",
+        envvar="BRIDGE_ARTIFACTS_DESTINATION")] = None,
+    workers: Annotated[int, typer.Option(help="MLflow uvicorn workers (1 is lean and fast; raise for teams).",
+                                         envvar="BRIDGE_WORKERS", min=1)] = config.DEFAULT_WORKERS,
+    heartbeat_timeout: Annotated[float, typer.Option(
+        help="Seconds without a client heartbeat after which a RUNNING run is marked KILLED.",
+        envvar="BRIDGE_HEARTBEAT_TIMEOUT")] = float(config.DEFAULT_HEARTBEAT_TIMEOUT_S),
+) -> None:
+    """Run MLflow, the authenticated entrance and the ngrok tunnel; publish the signed URL. Ctrl-C stops all."""
+    from bridge.serve.supervisor import ServeOptions, serve
+
+    options = ServeOptions(
+        port=port, entrance_port=entrance_port, host=host, tunnel=tunnel.lower(), domain=domain,
+        edge_auth=edge_auth, publish=publish, backend_store_uri=backend_store_uri,
+        artifacts_destination=artifacts_destination, workers=workers, heartbeat_timeout_s=heartbeat_timeout,
+    )  # fmt: skip
+    err_console.print("Starting MLflow, the entrance and the tunnel…", style="dim")
+    serve(options, on_ready=lambda info: _print_ready(info, publish))
+
+
+def _print_ready(info, publish_spec: str | None) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("MLflow UI (this machine)", info.mlflow_url)
+    table.add_row("Entrance (token required)", info.entrance_url)
+    table.add_row("Public URL", info.public_url or "[yellow]none (no tunnel)[/]")
+    published = info.published_to if not info.publish_error else f"[red]failed[/] ({info.publish_error}); retrying"
+    table.add_row("Record published to", published)
+    console.print(Panel(table, title="bridge serve is running", expand=False))
+    for note in info.notes:
+        console.print(f"[yellow]Note:[/] {note}", highlight=False)
+    console.print("Colab: add a secret [bold]BRIDGE_TOKEN[/] (value: run `bridge token` here), then run:")
+    console.print(Syntax(colab_snippet(info.record_url, publish_spec), "python", theme="ansi_dark"))
+    console.print("Press Ctrl-C to stop.", style="dim")
+    sys.stdout.flush()
+
+
+def colab_snippet(url: str, publish_spec: str | None) -> str:
+    """The notebook cell that connects Colab to this workstation; it names where to look, never a secret."""
+    if publish_spec and publish_spec.startswith(("gist:", "https://")):
+        where = f'os.environ["BRIDGE_DISCOVERY"] = "{publish_spec}"  # verified signed record: follows URL changes'
+    else:
+        where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts, unless --domain'
+    return (
+        "import os\n"
+        "from google.colab import userdata\n"
+        'os.environ["BRIDGE_TOKEN"] = userdata.get("BRIDGE_TOKEN")\n'
+        f"{where}\n"
+        "import bridge\n"
+        "bridge.connect()\n"
+    )
+
+
+@handles_errors
+def token_command(
+    rotate: Annotated[bool, typer.Option("--rotate", help="Replace the token; the old one stops working at once.")] = False,
+) -> None:
+    """Print the access token alone on stdout (create it on first use), for Colab's BRIDGE_TOKEN secret."""
+    if rotate:
+        token = secrets.rotate_access_token()
+        err_console.print(
+            "Rotated the access token: the old one is refused from now on. Update BRIDGE_TOKEN wherever it is used.",
+            highlight=False,
+        )
+    else:
+        token = secrets.access_token(create=True)
+    typer.echo(token)
+
+
+@handles_errors
+def login_command(
+    authtoken: Annotated[Optional[str], typer.Argument(
+        help="Your ngrok authtoken (https://dashboard.ngrok.com/get-started/your-authtoken). "
+             "Prompted for (hidden) when omitted.", show_default=False)] = None,
+    github_token: Annotated[Optional[str], typer.Option(
+        "--github-token", help="Also store a GitHub token (gist scope) for --publish gist:ID; '-' prompts for it "
+                               "(hidden).", show_default=False)] = None,
+) -> None:
+    """Store the ngrok authtoken (and optionally a GitHub token) in the OS keyring."""
+    if github_token is not None:
+        value = typer.prompt("GitHub token", hide_input=True) if github_token == "-" else github_token
+        _store(secrets.GITHUB_TOKEN, value, "GitHub token")
+        if authtoken is None:
+            return
+    value = authtoken if authtoken is not None else typer.prompt("ngrok authtoken", hide_input=True)
+    _store(secrets.NGROK_AUTHTOKEN, value, "ngrok authtoken")
+
+
+def _store(name: str, value: str, what: str) -> None:
+    value = value.strip()
+    if not value or any(c.isspace() for c in value):
+        raise ConfigError(f"the {what} is empty or contains whitespace")
+    secrets.set_secret(name, value)
+    console.print(f"Stored the {what} ({secrets.mask(value)}).", highlight=False)
+
+
+@handles_errors
+def url_command(
+    record: Annotated[Optional[Path], typer.Option(
+        help="The record file to read. Default: endpoint.json in the bridge data folder.")] = None,
+) -> None:
+    """Print the URL of the running `bridge serve`, from its local record once the signature verifies."""
+    from bridge.record import verify_record
+
+    path = record or config.paths().record_file
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ServeError(f"no endpoint record at {path}; is `bridge serve` running?") from None
+    except OSError as exc:
+        raise ServeError(f"cannot read {path}: {exc.strerror}") from None
+    token = secrets.access_token(create=False)
+    if token is None:
+        raise RecordError("no access token on this machine, so the record cannot be verified; run `bridge serve`")
+    typer.echo(verify_record(text, token).url)
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _probe(url: str | None, path: str = "/health") -> int | None:
+    if not url:
+        return None
+    try:
+        return requests.get(url + path, timeout=2).status_code
+    except requests.RequestException:
+        return None
+
+
+def _ago(when: float | None) -> str:
+    if not when:
+        return "never"
+    return f"{_duration(time.time() - when)} ago"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+@handles_errors
+def status_command() -> None:
+    """Show MLflow, entrance, tunnel, last publish and uptime of the local `bridge serve` (no secrets)."""
+    from bridge.serve.supervisor import read_state
+
+    state = read_state()
+    if state is None:
+        console.print(f"bridge serve has not run here (no {config.paths().state_file}).")
+        raise typer.Exit(1)
+    running = _pid_alive(state.get("pid")) and not state.get("stopped_at")
+    mlflow_state = state.get("mlflow") or {}
+    entrance = state.get("entrance") or {}
+    tunnel = state.get("tunnel") or {}
+    publish = state.get("last_publish") or {}
+
+    table = Table(title="bridge serve", show_header=True, header_style="bold")
+    table.add_column("Part")
+    table.add_column("State")
+    table.add_column("Details", overflow="fold")
+    if running:
+        table.add_row("Process", "[green]running[/]", f"pid {state.get('pid')}, up {_duration(time.time() - state['started_at'])}")
+    else:
+        table.add_row("Process", "[red]stopped[/]", f"pid {state.get('pid')} (last state {_ago(state.get('stopped_at') or state.get('started_at'))})")
+    health = _probe(mlflow_state.get("url")) if running else None
+    table.add_row(
+        "MLflow",
+        "[green]healthy[/]" if health == 200 else "[red]unreachable[/]",
+        f"{mlflow_state.get('url')} · pid {mlflow_state.get('pid')} · restarts {mlflow_state.get('restarts', 0)} · "
+        f"{mlflow_state.get('backend_store_uri')}",
+    )
+    # Without credentials the entrance must answer 401: that proves it is up and still locked.
+    code = _probe(entrance.get("url")) if running else None
+    entrance_state = {401: "[green]up, locked[/]", None: "[red]unreachable[/]"}.get(code, f"[red]answered {code}[/]")
+    table.add_row("Entrance", entrance_state, str(entrance.get("url")))
+    table.add_row(
+        "Tunnel",
+        str(tunnel.get("status", "disabled")),
+        (tunnel.get("public_url") or "no public URL") + (f" · {tunnel['error']}" if tunnel.get("error") else ""),
+    )
+    if publish:
+        ok = "[green]ok[/]" if publish.get("ok") else "[red]failed[/]"
+        detail = f"{publish.get('url')} → {publish.get('target')}, {_ago(publish.get('at'))}"
+        if publish.get("error"):
+            detail += f" · {publish['error']}"
+        table.add_row("Last publish", ok, detail)
+    else:
+        table.add_row("Last publish", "none", "")
+    console.print(table)
+    if not running:
+        raise typer.Exit(1)

@@ -1,9 +1,161 @@
-"""CLI commands (placeholder until implemented)."""
+"""`bridge train`, `bridge compare`, `bridge demo`: YOLO sweeps, their comparison, and the offline demo."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from bridge.cli.output import console, err_console, handles_errors
+
+TRACKING_URI_HELP = ("Log straight to this MLflow tracking URI (e.g. sqlite:///mlflow.db) instead of going "
+                     "through bridge.connect().")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
+    app.command("train")(train_command)
+    app.command("compare")(compare_command)
+    app.command("demo")(demo_command)
+
+
+def _connect(tracking_uri: str | None):
+    """MLflow pointed at `tracking_uri`, or at the bridge server found as `bridge.connect()` finds it."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        return None
+    import bridge
+
+    return bridge.connect()  # BRIDGE_URL / BRIDGE_DISCOVERY / BRIDGE_TOKEN / BRIDGE_JOURNAL / Colab secrets / keyring
+
+
+def _deliver(conn, timeout_s: float = 120.0) -> None:
+    """Wait for the journal to deliver before the process exits; what is left is kept for `bridge sync`."""
+    if conn is None:
+        return
+    left = conn.flush(timeout_s)
+    if left:
+        err_console.print(f"{left} entries not delivered yet; they stay in the journal for the next connect "
+                          "or `bridge sync`.")
+
+
+@handles_errors
+def train_command(
+    model: Annotated[list[str], typer.Option(
+        "--model", "-m", help="Model to train; repeat for a sweep. 'yolo11n' means yolo11n.pt (or yolo11n.yaml "
+        "when offline with YOLO_OFFLINE=1); a .pt or .yaml path is used as given.")],
+    data: Annotated[Path, typer.Option(help="Dataset YAML (Ultralytics format).")],
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per model.")] = 10,
+    imgsz: Annotated[int, typer.Option(min=32, help="Training image size.")] = 640,
+    batch: Annotated[int, typer.Option(help="Batch size (-1: Ultralytics' AutoBatch on GPU).")] = 16,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment that gets one run per model.",
+                                            envvar="MLFLOW_EXPERIMENT_NAME")] = "yolo",
+    device: Annotated[Optional[str], typer.Option(help="'cpu', '0', '0,1' … (default: Ultralytics picks).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data loader workers.")] = None,
+    project: Annotated[Optional[Path], typer.Option(help="Folder for Ultralytics' run outputs.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help=TRACKING_URI_HELP)] = None,
+) -> None:
+    """Train one or more YOLO models one after another, each as a run of one MLflow experiment."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from bridge.yolo.sweep import sweep
+
+    conn = _connect(tracking_uri)
+    overrides: dict = {"epochs": epochs, "imgsz": imgsz, "batch": batch}
+    if device is not None:
+        overrides["device"] = device
+    if workers is not None:
+        overrides["workers"] = workers
+    if project is not None:
+        overrides["project"] = str(project)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, redirect_stdout=False, redirect_stderr=False)
+    overall = progress.add_task("models", total=len(model))
+    epoch_task = progress.add_task("epochs", total=epochs)
+
+    def on_model_start(name: str, index: int) -> None:
+        progress.update(overall, completed=index, description=f"model {index + 1}/{len(model)}: {name}")
+        progress.reset(epoch_task, total=epochs, description=f"{name} epochs")
+        console.rule(f"[bold]{name}[/] ({index + 1}/{len(model)})")
+
+    def on_epoch_end(name: str, epoch: int, total: int) -> None:
+        progress.update(epoch_task, completed=epoch, total=total)
+        progress.refresh()
+
+    with progress:
+        results = sweep(model, data=data, experiment=experiment, on_model_start=on_model_start,
+                        on_epoch_end=on_epoch_end, **overrides)
+        progress.update(overall, completed=len(model))
+    _deliver(conn)
+    table = Table(title=f"Sweep into experiment '{experiment}'")
+    for col in ("model", "run id", "mAP50-95", "mAP50", "result"):
+        table.add_column(col)
+    for r in results:
+        m = r.final_metrics
+        table.add_row(r.model, r.run_id or "-", _num(m.get("final/mAP50-95")), _num(m.get("final/mAP50")),
+                      "[green]ok[/]" if r.error is None else f"[red]{r.error}[/]")
+    console.print(table)
+    console.print(f"Compare them: [bold]bridge compare {experiment}[/]")
+    if any(r.error for r in results):
+        raise typer.Exit(1)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+@handles_errors
+def compare_command(
+    experiment: Annotated[str, typer.Argument(help="MLflow experiment name (or id).")],
+    out: Annotated[Path, typer.Option(help="Where to write the PNG of the curves.")] = Path("compare.png"),
+    log: Annotated[bool, typer.Option("--log", help="Attach the PNG and a CSV of the table to a summary run "
+                                      "in the experiment.")] = False,
+    tracking_uri: Annotated[Optional[str], typer.Option(help=TRACKING_URI_HELP)] = None,
+) -> None:
+    """Table of each run's final metrics, training time and size (best first), and a PNG of their curves."""
+    from rich.table import Table
+
+    from bridge.yolo.compare import compare, log_comparison
+
+    conn = _connect(tracking_uri)
+    result = compare(experiment)
+    if not result.rows:
+        err_console.print(f"No bridge.yolo runs in experiment '{result.experiment}'.")
+        raise typer.Exit(1)
+    rows = [{k: v for k, v in row.items() if k not in ("run id", "status")} for row in result.table()]
+    table = Table(title=f"{result.experiment}: {len(rows)} runs, best mAP50-95 first")
+    for col in rows[0]:
+        table.add_column(col, justify="left" if col in ("run", "model") else "right")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+    png = result.plot(out)
+    console.print(f"Curves written to [bold]{png}[/]")
+    if log:
+        run_id = log_comparison(result, png)
+        _deliver(conn)
+        console.print(f"Comparison logged to run {run_id} in experiment '{result.experiment}'")
+
+
+@handles_errors
+def demo_command(
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of the demo model.")] = 3,
+    keep: Annotated[bool, typer.Option("--keep", help="Leave the demo server running afterwards.")] = False,
+) -> None:
+    """Serve, connect and train a tiny YOLOv8n on a generated dataset, all on this machine, offline."""
+    from bridge.yolo.demo import run_demo
+
+    console.print("Starting [bold]bridge serve --tunnel none[/] and training a tiny YOLOv8n …")
+    result = run_demo(epochs=epochs, keep=keep)
+    console.print(f"[green]Done.[/] The run is in the MLflow UI: [bold]{result.run_url}[/]")
+    if keep:
+        pid = result.server.proc.pid if result.server.proc else "?"
+        console.print(f"The demo server keeps running (pid {pid}, BRIDGE_HOME={result.home}); "
+                      f"UI at {result.ui_url}. Stop it with: kill {pid}")
+    else:
+        console.print(f"The demo server was stopped; its data stays in {result.home} "
+                      "(run again with --keep to browse the UI).")

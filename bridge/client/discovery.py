@@ -1,0 +1,408 @@
+"""Find the access token and the workstation's URL, trusting a published record only once it verifies.
+
+    token:    argument → BRIDGE_TOKEN → Colab secret BRIDGE_TOKEN (only in Colab) → OS keyring
+    endpoint: argument → BRIDGE_URL → record named by BRIDGE_DISCOVERY → local default record
+
+A record (`file:PATH`, `gist:ID`, `https://…`) is checked with `bridge.record.verify_record` before its URL
+is returned, so no credential is ever sent to a URL the workstation did not sign. The environment is read
+at call time. Error messages name sources, never secrets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+from bridge import config, secrets
+from bridge.errors import BridgeError, ConfigError, DiscoveryError, RecordError, SecretError
+from bridge.record import EndpointRecord, verify_record
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "BRIDGE_TOKEN"
+URL_ENV = "BRIDGE_URL"
+DISCOVERY_ENV = "BRIDGE_DISCOVERY"
+GITHUB_API_ENV = "BRIDGE_GITHUB_API"
+GITHUB_TOKEN_ENV = "GITHUB_TOKEN"
+REDISCOVER_INTERVAL_ENV = "BRIDGE_REDISCOVER_INTERVAL_S"
+
+COLAB_SECRET_NAME = "BRIDGE_TOKEN"
+DEFAULT_GITHUB_API = "https://api.github.com"
+#: The file a `gist:` publisher writes; the gist may hold others, which are ignored.
+GIST_FILE_NAME = "bridge-endpoint.json"
+DEFAULT_FETCH_TIMEOUT_S = 5.0
+#: A record is a few hundred bytes; anything far larger is not one, and is not read whole.
+MAX_RECORD_BYTES = 64 * 1024
+#: Remote sources are re-read at most this often by `rediscover` (GitHub allows 60 anonymous calls/hour).
+DEFAULT_REDISCOVER_INTERVAL_S = 20.0
+#: Plain http is accepted for a discovery URL only on these hosts (tests, a local relay).
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+ACCEPTED_FORMS = "file:PATH, gist:ID, or an https:// URL (http:// only for 127.0.0.1/localhost)"
+
+
+def in_colab() -> bool:
+    """True when this process runs inside Google Colab (its `google.colab` package is present)."""
+    if "google.colab" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _colab_secret(name: str) -> str | None:
+    """The Colab secret `name`, or None when it is missing, not shared with this notebook, or unreadable."""
+    try:
+        userdata = importlib.import_module("google.colab.userdata")
+    except ImportError:
+        return None
+    try:
+        value = userdata.get(name)
+    except Exception as exc:  # SecretNotFoundError, NotebookAccessError, TimeoutException, …
+        # Only the class name: Colab's messages are harmless, but nothing here should echo secret-adjacent text.
+        log.debug("Colab secret %s not available (%s)", name, type(exc).__name__)
+        return None
+    if not isinstance(value, str):
+        return None
+    return value.strip() or None
+
+
+def find_token(token: str | None = None) -> str | None:
+    """The access token: argument → BRIDGE_TOKEN → Colab secret BRIDGE_TOKEN (in Colab) → OS keyring."""
+    if token:
+        return token
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env:
+        return env
+    if in_colab():
+        value = _colab_secret(COLAB_SECRET_NAME)
+        if value:
+            return value
+    try:
+        return secrets.access_token(create=False)
+    except SecretError as exc:
+        log.debug("No access token from the secret store: %s", exc)
+        return None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to send MLflow calls, which source said so, and the verified record when there was one."""
+
+    url: str
+    source: str
+    record: EndpointRecord | None = None
+
+    def __repr__(self) -> str:
+        # EndpointRecord's repr already hides its signature; the URL is checked to carry no credentials.
+        expires = "" if self.record is None else f", expires_at={self.record.expires_at:.0f}"
+        return f"Endpoint(url={self.url!r}, source={self.source!r}{expires})"
+
+
+def normalize_url(url: str, *, what: str = "server URL") -> str:
+    """`url` without a trailing slash, or a ConfigError when it is not a plain http(s) URL."""
+    text = url.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what} {describe_url(text)!r} is not an http:// or https:// URL")
+    if parts.username or parts.password:
+        raise ConfigError(
+            f"{what} must not carry credentials; pass the token with token=… or {TOKEN_ENV} instead"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{what} {describe_url(text)!r} must not have a query or fragment")
+    return text.rstrip("/")
+
+
+def describe_url(url: str) -> str:
+    """A form of `url` fit for messages: no user info, no query string (either may hold a secret)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return "(unparseable URL)"
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: str  # "file" | "gist" | "url"
+    value: str  # a path, a gist id, or a URL
+
+    def describe(self) -> str:
+        if self.kind == "file":
+            return f"file:{self.value}"
+        if self.kind == "gist":
+            return f"gist:{self.value}"
+        return describe_url(self.value)
+
+
+def _parse_spec(spec: str) -> _Spec:
+    text = spec.strip()
+    if text.startswith("file:"):
+        path = text[len("file:"):]
+        if path.startswith("//"):  # file:///abs/path
+            path = urlsplit(text).path
+        if not path:
+            raise ConfigError(f"discovery source {spec!r} names no file; accepted forms: {ACCEPTED_FORMS}")
+        return _Spec("file", str(Path(path).expanduser()))
+    if text.startswith("gist:"):
+        # Accept a pasted gist URL or owner/ID as well: the ID is the last path segment.
+        gist_id = text[len("gist:"):].rstrip("/").rsplit("/", 1)[-1]
+        if not gist_id or not gist_id.isalnum():
+            raise ConfigError(f"discovery source {spec!r} has no valid gist ID; accepted forms: {ACCEPTED_FORMS}")
+        return _Spec("gist", gist_id)
+    parts = urlsplit(text)
+    if parts.scheme == "https" and parts.hostname:
+        return _Spec("url", text)
+    if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
+        return _Spec("url", text)
+    if parts.scheme == "http":
+        raise ConfigError(
+            f"discovery source {describe_url(text)!r} uses plain http to a remote host; use https "
+            f"(accepted forms: {ACCEPTED_FORMS})"
+        )
+    raise ConfigError(f"discovery source {describe_url(text)!r} is not understood; accepted forms: {ACCEPTED_FORMS}")
+
+
+def _read_limited(resp: requests.Response, source: str) -> str:
+    body = b""
+    for chunk in resp.iter_content(8192):
+        body += chunk
+        if len(body) > MAX_RECORD_BYTES:
+            raise DiscoveryError(f"{source} returned more than {MAX_RECORD_BYTES} bytes; that is not an endpoint record")
+    return body.decode(resp.encoding or "utf-8", errors="replace")
+
+
+def _http_get(url: str, *, source: str, timeout: float, headers: dict[str, str] | None = None) -> requests.Response:
+    try:
+        resp = requests.get(url, headers=headers or {}, timeout=timeout, stream=True, allow_redirects=True)
+    except requests.Timeout:
+        raise DiscoveryError(f"{source} did not answer within {timeout:g} s") from None
+    except requests.RequestException as exc:
+        # requests' messages repeat the full URL (query included), so only the class name goes out.
+        raise DiscoveryError(f"{source} could not be reached ({type(exc).__name__})") from None
+    return resp
+
+
+def _github_token() -> str | None:
+    env = os.environ.get(GITHUB_TOKEN_ENV, "").strip()
+    if env:
+        return env
+    try:
+        return secrets.get_secret(secrets.GITHUB_TOKEN)
+    except SecretError:
+        return None
+
+
+def _fetch_gist(gist_id: str, *, timeout: float) -> str:
+    source = f"gist:{gist_id}"
+    api = (os.environ.get(GITHUB_API_ENV, "").strip() or DEFAULT_GITHUB_API).rstrip("/")
+    headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
+    gh_token = _github_token()
+    if gh_token:
+        headers["Authorization"] = f"Bearer {gh_token}"
+    resp = _http_get(f"{api}/gists/{gist_id}", source=source, timeout=timeout, headers=headers)
+    with resp:
+        if resp.status_code == 404:
+            raise DiscoveryError(f"{source}: GitHub has no such gist (a secret gist needs its exact ID)")
+        if resp.status_code in (403, 429):
+            hint = "" if gh_token else f"; set {GITHUB_TOKEN_ENV} to raise the limit"
+            raise DiscoveryError(f"{source}: GitHub refused the request (HTTP {resp.status_code}, rate limit?){hint}")
+        if resp.status_code == 401:
+            raise DiscoveryError(f"{source}: GitHub rejected the GitHub token (HTTP 401)")
+        if resp.status_code != 200:
+            raise DiscoveryError(f"{source}: GitHub answered HTTP {resp.status_code}")
+        try:
+            files = resp.json().get("files") or {}
+        except (ValueError, AttributeError):
+            raise DiscoveryError(f"{source}: GitHub's answer is not the expected JSON") from None
+    entry = files.get(GIST_FILE_NAME)
+    if not isinstance(entry, dict):
+        names = ", ".join(sorted(files)) or "none"
+        raise DiscoveryError(f"{source} has no file {GIST_FILE_NAME!r} (files: {names}); was it published by `bridge serve`?")
+    content = entry.get("content")
+    if entry.get("truncated") or content is None:
+        raw_url = entry.get("raw_url")
+        if not raw_url:
+            raise DiscoveryError(f"{source}: {GIST_FILE_NAME} is truncated and has no raw_url")
+        # The raw file lives on another host: the GitHub token is not sent there.
+        raw = _http_get(raw_url, source=f"{source} (raw file)", timeout=timeout)
+        with raw:
+            if raw.status_code != 200:
+                raise DiscoveryError(f"{source}: raw file answered HTTP {raw.status_code}")
+            return _read_limited(raw, source)
+    return str(content)
+
+
+def _fetch_url(url: str, *, timeout: float) -> str:
+    source = describe_url(url)
+    resp = _http_get(url, source=source, timeout=timeout, headers={"Accept": "application/json"})
+    with resp:
+        if resp.status_code != 200:
+            raise DiscoveryError(f"{source} answered HTTP {resp.status_code}")
+        return _read_limited(resp, source)
+
+
+def _fetch_file(path: str) -> str:
+    source = f"file:{path}"
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_RECORD_BYTES + 1)
+    except FileNotFoundError:
+        raise DiscoveryError(f"{source}: no such file (is `bridge serve` publishing there?)") from None
+    except OSError as exc:
+        raise DiscoveryError(f"{source} could not be read ({type(exc).__name__})") from None
+    if len(data) > MAX_RECORD_BYTES:
+        raise DiscoveryError(f"{source} is larger than {MAX_RECORD_BYTES} bytes; that is not an endpoint record")
+    return data.decode("utf-8", errors="replace")
+
+
+def _fetch(spec: _Spec, *, timeout: float) -> str:
+    if spec.kind == "file":
+        return _fetch_file(spec.value)
+    if spec.kind == "gist":
+        return _fetch_gist(spec.value, timeout=timeout)
+    return _fetch_url(spec.value, timeout=timeout)
+
+
+def fetch_record(spec: str, *, timeout: float = DEFAULT_FETCH_TIMEOUT_S) -> str:
+    """The raw (unverified) record text named by `spec`: `file:PATH`, `gist:ID` or an https URL."""
+    return _fetch(_parse_spec(spec), timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------- discovery
+
+
+def _record_sources() -> list[_Spec]:
+    """The record sources to consult, in order: BRIDGE_DISCOVERY, then the local default record if present."""
+    found: list[_Spec] = []
+    spec = os.environ.get(DISCOVERY_ENV, "").strip()
+    if spec:
+        found.append(_parse_spec(spec))
+    local = config.paths().record_file
+    if local.is_file() and not any(s.kind == "file" and Path(s.value) == local for s in found):
+        found.append(_Spec("file", str(local)))
+    return found
+
+
+def _verified_endpoint(spec: _Spec, token: str, *, timeout: float) -> Endpoint:
+    text = _fetch(spec, timeout=timeout)
+    try:
+        record = verify_record(text, token)
+    except RecordError as exc:
+        raise type(exc)(f"{spec.describe()}: {exc}") from None
+    # verify_record has checked the scheme and that the URL carries no credentials.
+    return Endpoint(url=record.url.rstrip("/"), source=spec.describe(), record=record)
+
+
+def find_endpoint(url: str | None = None, token: str | None = None, *,
+                  timeout: float = DEFAULT_FETCH_TIMEOUT_S) -> Endpoint:
+    """Where to log: argument → BRIDGE_URL → verified record from BRIDGE_DISCOVERY → verified local record."""
+    if url:
+        return Endpoint(url=normalize_url(url), source="argument")
+    env_url = os.environ.get(URL_ENV, "").strip()
+    if env_url:
+        return Endpoint(url=normalize_url(env_url, what=URL_ENV), source=URL_ENV)
+
+    tried = ["argument url (none)", f"{URL_ENV} (unset)"]
+    if not os.environ.get(DISCOVERY_ENV, "").strip():
+        tried.append(f"{DISCOVERY_ENV} (unset)")
+    record_error: RecordError | None = None
+    for spec in _record_sources():
+        if not token:
+            raise DiscoveryError(
+                f"the endpoint record at {spec.describe()} needs the access token to verify it, and none was found; "
+                f"pass token=…, set {TOKEN_ENV}, or add the Colab secret {COLAB_SECRET_NAME} "
+                "(`bridge token` on the workstation prints it)"
+            )
+        try:
+            return _verified_endpoint(spec, token, timeout=timeout)
+        except RecordError as exc:
+            log.warning("Ignoring endpoint record: %s", exc)
+            record_error = record_error or exc
+            tried.append(str(exc))
+        except DiscoveryError as exc:
+            log.info("Endpoint record not available: %s", exc)
+            tried.append(str(exc))
+    local = config.paths().record_file
+    if not local.is_file():
+        tried.append(f"local record file:{local} (absent)")
+
+    if record_error is not None:
+        # A record was found but cannot be trusted: say exactly why, as the record error it is.
+        raise type(record_error)(f"{record_error} (also tried: {'; '.join(t for t in tried if t != str(record_error))})")
+    raise DiscoveryError(
+        "no MLflow endpoint found; tried: " + "; ".join(tried) + ". "
+        f"Set {URL_ENV} to the server URL, set {DISCOVERY_ENV} to where `bridge serve --publish` writes its "
+        "record (file:PATH, gist:ID, https://…), or run `bridge serve` on this machine."
+    )
+
+
+_rediscover_lock = threading.Lock()
+_last_remote_fetch: dict[str, float] = {}
+_warned_records: set[tuple[str, str]] = set()
+
+
+def _rediscover_interval() -> float:
+    return config.env_float(REDISCOVER_INTERVAL_ENV, DEFAULT_REDISCOVER_INTERVAL_S)
+
+
+def rediscover(token: str | None, current_url: str | None = None, *,
+               timeout: float = DEFAULT_FETCH_TIMEOUT_S) -> Endpoint | None:
+    """A newly published endpoint whose URL differs from `current_url`, else None; never raises on fetch errors.
+
+    Only the published record is re-read (BRIDGE_DISCOVERY, else the local record): an explicit URL is fixed,
+    so with BRIDGE_URL set this returns None. Remote sources are read at most every BRIDGE_REDISCOVER_INTERVAL_S.
+    """
+    if not token or os.environ.get(URL_ENV, "").strip():
+        return None
+    try:
+        sources = _record_sources()
+    except ConfigError as exc:
+        log.debug("Cannot re-discover: %s", exc)
+        return None
+    current = current_url.rstrip("/") if current_url else None
+    for spec in sources:
+        key = spec.describe()
+        if spec.kind != "file":
+            with _rediscover_lock:
+                now = time.monotonic()
+                last = _last_remote_fetch.get(key)
+                if last is not None and now - last < _rediscover_interval():
+                    return None  # asked too recently; a lower-priority source must not answer instead
+                _last_remote_fetch[key] = now
+        try:
+            endpoint = _verified_endpoint(spec, token, timeout=timeout)
+        except RecordError as exc:
+            # Said once per source and reason: the sender asks again and again while the link is down.
+            marker = (key, type(exc).__name__)
+            with _rediscover_lock:
+                first = marker not in _warned_records
+                _warned_records.add(marker)
+            (log.warning if first else log.debug)("Re-discovery ignored a record: %s", exc)
+            continue
+        except (BridgeError, OSError) as exc:
+            log.debug("Re-discovery could not read %s: %s", key, exc)
+            continue
+        if endpoint.url != current:
+            log.info("Endpoint changed to %s (from %s)", endpoint.url, endpoint.source)
+            return endpoint
+        return None
+    return None

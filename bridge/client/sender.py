@@ -1,0 +1,689 @@
+"""The sender: one background thread that delivers the journal to the MLflow server, in order per run.
+
+Who decides an entry was delivered: the sender, and only when the server answered 200 — then the rows are
+deleted. Anything less (no answer, a cut connection) leaves them to be sent again, which is safe:
+  * metric points keep the timestamp of the original call, and MLflow drops a point identical in key, step,
+    value and timestamp, so a re-sent batch adds nothing;
+  * a param re-sent with the same value is accepted, tags simply overwrite;
+  * a run is created with a client run key tag, and a create that may have been applied before (attempts > 0)
+    first searches for that key, so a lost answer never leaves a ghost run;
+  * an artifact whose upload may have been applied is checked by listing before it is sent again.
+
+Failures are classified by `classify_failure`: network errors, timeouts, 429 and 5xx are retried for ever
+with `bridge.retry.compute_backoff_ms`; 401/403 pause delivery ("token rejected") and retry slowly with a
+re-read token; anything else the server refuses is split until the one offending entry is isolated and
+kept as a dead letter with MLflow's message, while everything else keeps flowing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import requests
+
+from bridge import config
+from bridge.client.journal import (
+    ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN, DELETE_TAG, LOG_INPUTS, METRIC, PARAM, SET_EXPERIMENT_TAG, TAG,
+    UPDATE_RUN, Journal, Op, decode_value,
+)
+from bridge.errors import TokenRejectedError
+from bridge.retry import compute_backoff_ms
+
+log = logging.getLogger(__name__)
+
+#: MLflow's log_batch limits (mlflow.utils.validation).
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_TAGS_PER_BATCH = 100
+MAX_ENTRIES_PER_BATCH = 1000
+
+HEARTBEAT_ENV = "BRIDGE_HEARTBEAT_S"
+SEND_INTERVAL_ENV = "BRIDGE_SEND_INTERVAL_S"
+HTTP_TIMEOUT_ENV = "BRIDGE_HTTP_TIMEOUT_S"
+DEFAULT_HEARTBEAT_S = 30.0
+#: How long new entries wait to be coalesced; a flush or a full batch does not wait.
+DEFAULT_SEND_INTERVAL_S = 0.5
+DEFAULT_HTTP_TIMEOUT_S = 20.0
+#: While the token is rejected, retry no faster than this.
+TOKEN_RETRY_MIN_MS = 5_000
+#: Consecutive network failures, and seconds of them, before the published record is re-read.
+REDISCOVER_AFTER_FAILURES = 3
+REDISCOVER_AFTER_S = 5.0
+_READ_BATCH = 5000
+
+API = "/api/2.0/mlflow"
+ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
+
+
+class Verdict(enum.Enum):
+    RETRY = "retry"          # try the same request again later
+    TOKEN = "token"          # the token was refused: pause, re-read it, retry slowly
+    REJECT = "reject"        # the server refuses this content: isolate the entry, dead-letter it
+
+
+class TransportFailure(Exception):
+    """No usable HTTP answer: refused, reset, timed out, or cut mid-response."""
+
+
+class HttpFailure(Exception):
+    """The server answered with an error status."""
+
+    def __init__(self, status: int, error_code: str | None, message: str) -> None:
+        super().__init__(f"HTTP {status}" + (f" {error_code}" if error_code else "") + f": {message}")
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+
+
+def classify_failure(exc: BaseException) -> Verdict:
+    """What to do after `exc`: a pure function of the failure, never of how often it happened."""
+    if isinstance(exc, TransportFailure):
+        return Verdict.RETRY
+    if isinstance(exc, HttpFailure):
+        if exc.status in (401, 403):
+            return Verdict.TOKEN
+        if exc.status in (408, 425, 429) or exc.status >= 500:
+            return Verdict.RETRY
+        if exc.error_code is None:
+            # Not MLflow speaking (a tunnel's "endpoint offline" 404, a proxy page): the link is wrong, not the data.
+            return Verdict.RETRY
+        return Verdict.REJECT
+    return Verdict.RETRY
+
+
+def retry_when(attempts: int, exc: BaseException) -> bool:
+    """Whether to send again after `attempts` failures ending in `exc` (dramatiq's predicate shape)."""
+    return classify_failure(exc) is not Verdict.REJECT
+
+
+def _json_number(value: float) -> float | str:
+    # Proto3 JSON spells the non-finite doubles as strings; bare NaN is not JSON.
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+@dataclass
+class _Entry:
+    """One log_batch entry; several journal rows when identical params or repeated tags were merged."""
+
+    kind: str
+    key: str
+    value: object
+    ts: int | None = None
+    step: int | None = None
+    ids: list[int] = field(default_factory=list)
+
+    def payload(self) -> dict:
+        if self.kind == METRIC:
+            return {"key": self.key, "value": _json_number(decode_value(self.value)),
+                    "timestamp": self.ts, "step": self.step or 0}
+        return {"key": self.key, "value": self.value}
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self.params: dict[str, _Entry] = {}
+        self.tags: dict[str, _Entry] = {}
+        self.metrics = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def add(self, op: Op) -> bool:
+        """Take `op` if it fits MLflow's limits and keeps the batch's meaning; False means send first."""
+        if len(self.entries) >= MAX_ENTRIES_PER_BATCH:
+            return False
+        if op.kind == METRIC:
+            if self.metrics >= MAX_METRICS_PER_BATCH:
+                return False
+            self.metrics += 1
+            self.entries.append(_Entry(METRIC, op.key, op.value, op.ts, op.step, [op.id]))
+        elif op.kind == PARAM:
+            seen = self.params.get(op.key)
+            if seen is not None:
+                if seen.value != op.value:
+                    return False  # a changed value must reach the server on its own (and be refused there)
+                seen.ids.append(op.id)
+                return True
+            if len(self.params) >= MAX_PARAMS_PER_BATCH:
+                return False
+            self.params[op.key] = entry = _Entry(PARAM, op.key, op.value, ids=[op.id])
+            self.entries.append(entry)
+        else:
+            seen = self.tags.get(op.key)
+            if seen is not None:
+                seen.value = op.value  # tags overwrite: only the last value matters
+                seen.ids.append(op.id)
+                return True
+            if len(self.tags) >= MAX_TAGS_PER_BATCH:
+                return False
+            self.tags[op.key] = entry = _Entry(TAG, op.key, op.value, ids=[op.id])
+            self.entries.append(entry)
+        return True
+
+
+class _Pause(Exception):
+    """Stop this delivery round: the link failed (retry) or the token was refused."""
+
+    def __init__(self, cause: Exception, verdict: Verdict) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.verdict = verdict
+
+
+class Sender:
+    """Delivers `journal` to the MLflow server at `url`, in a daemon thread started by `start()`."""
+
+    def __init__(self, journal: Journal, url: str, token: str | None, *,
+                 token_source: Callable[[], str | None] | None = None,
+                 heartbeat_s: float | None = None, send_interval_s: float | None = None,
+                 http_timeout_s: float | None = None, rediscover: bool = True) -> None:
+        self.journal = journal
+        self.url = url.rstrip("/")
+        self._token = token
+        self._token_source = token_source
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else config.env_float(HEARTBEAT_ENV,
+                                                                                        DEFAULT_HEARTBEAT_S)
+        self.send_interval_s = send_interval_s if send_interval_s is not None else config.env_float(
+            SEND_INTERVAL_ENV, DEFAULT_SEND_INTERVAL_S)
+        timeout = http_timeout_s if http_timeout_s is not None else config.env_float(HTTP_TIMEOUT_ENV,
+                                                                                     DEFAULT_HTTP_TIMEOUT_S)
+        self.timeout = (min(5.0, timeout), timeout)
+        self.rediscover_enabled = rediscover
+        self.online: bool | None = None
+        self.last_error: str | None = None
+        self.token_rejected = False
+        self.delivered = 0
+        self.requests = 0
+        self._session = requests.Session()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock_file = None
+        self._live_runs: set[str] = set()
+        self._last_heartbeat = 0.0
+        self._failures = 0
+        self._failing_since: float | None = None
+        self._last_checkpoint = time.monotonic()
+        self.url_listeners: list[Callable[[str], None]] = []
+
+    # ---------------------------------------------------------------------------------- control
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="bridge-sender", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._release_lock()
+        self._session.close()
+
+    def wake(self) -> None:
+        """Deliver now rather than after the coalescing interval."""
+        self._wake.set()
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until the journal is delivered or `timeout` passes; the number of entries left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = self.journal.backlog().total
+            if left == 0 or self._thread is None:
+                return left
+            if deadline is not None and time.monotonic() >= deadline:
+                return left
+            self._wake.set()
+            self._idle.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
+            self._idle.clear()
+
+    def watch_run(self, local_id: str) -> None:
+        """Keep this run's heartbeat going until `unwatch_run` (it was created by this process)."""
+        self._live_runs.add(local_id)
+
+    def unwatch_run(self, local_id: str) -> None:
+        self._live_runs.discard(local_id)
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    # ------------------------------------------------------------------------------------- loop
+
+    def _acquire_lock(self) -> bool:
+        """One sender per journal at a time, across processes (a live process and `bridge sync`)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: nothing to coordinate with in practice
+            return True
+        handle = open(str(self.journal.path) + ".lock", "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._lock_file = handle
+        return True
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _loop(self) -> None:
+        while not self._acquire_lock():
+            self.last_error = f"another process is delivering journal {self.journal.path}; waiting for it"
+            if self._stop.wait(2.0):
+                return
+        self.journal.reset_in_flight()
+        attempts = 0
+        while not self._stop.is_set():
+            try:
+                self.deliver_round()
+                self._heartbeat()
+                attempts = 0
+                wait = self.send_interval_s
+            except _Pause as pause:
+                attempts += 1
+                wait = compute_backoff_ms(attempts) / 1000
+                if pause.verdict is Verdict.TOKEN:
+                    wait = max(wait, compute_backoff_ms(attempts, min_backoff_ms=TOKEN_RETRY_MIN_MS) / 1000)
+                    self._refresh_token()
+                else:
+                    self._maybe_rediscover()
+            except Exception as exc:  # a bug or a journal problem must not kill delivery for good
+                log.exception("bridge sender: unexpected error, retrying")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                attempts += 1
+                wait = compute_backoff_ms(attempts) / 1000
+            if time.monotonic() - self._last_checkpoint > 5.0:
+                self.journal.checkpoint()
+                self._last_checkpoint = time.monotonic()
+            self._idle.set()
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def deliver_round(self) -> int:
+        """Deliver everything pending now; the number of journal rows delivered. Raises _Pause."""
+        delivered = 0
+        for run in self.journal.runs_with_pending():
+            while True:
+                ops = self.journal.pending_ops(run, _READ_BATCH)
+                if not ops:
+                    break
+                delivered += self._deliver_ops(run, ops)
+                if self._stop.is_set():
+                    return delivered
+        if delivered:
+            self.journal.checkpoint()
+            self._last_checkpoint = time.monotonic()
+        return delivered
+
+    def _deliver_ops(self, run: str, ops: list[Op]) -> int:
+        batch = _Batch()
+        count = 0
+        for op in ops:
+            if op.kind in (METRIC, PARAM, TAG):
+                if not batch.add(op):
+                    count += self._send_batch(run, batch)
+                    batch = _Batch()
+                    batch.add(op)
+                continue
+            if batch:
+                count += self._send_batch(run, batch)
+                batch = _Batch()
+            count += self._send_single(op)
+        if batch:
+            count += self._send_batch(run, batch)
+        return count
+
+    # ---------------------------------------------------------------------------------- http
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    def request(self, method: str, path: str, *, json_body: dict | None = None, params: dict | None = None,
+                data=None, timeout: tuple[float, float] | None = None) -> requests.Response:
+        """One HTTP request to the server; errors as TransportFailure / HttpFailure, never with the token."""
+        self.requests += 1
+        try:
+            resp = self._session.request(method, self.url + path, json=json_body, params=params, data=data,
+                                         headers=self._headers(), timeout=timeout or self.timeout)
+        except requests.RequestException as exc:
+            self._note_failure(f"{type(exc).__name__} talking to {self.url}")
+            raise TransportFailure(f"{type(exc).__name__} talking to {self.url}") from None
+        if resp.status_code >= 400:
+            error_code, message = None, resp.text[:500]
+            with contextlib.suppress(ValueError, AttributeError):
+                body = resp.json()
+                error_code, message = body.get("error_code"), body.get("message", message)
+            failure = HttpFailure(resp.status_code, error_code, message)
+            if classify_failure(failure) is not Verdict.REJECT:
+                self._note_failure(str(failure))
+            raise failure
+        self._note_success()
+        return resp
+
+    def call(self, endpoint: str, body: dict, *, method: str = "POST") -> dict:
+        if method == "GET":
+            resp = self.request("GET", API + endpoint, params=body)
+        else:
+            resp = self.request(method, API + endpoint, json_body=body)
+        try:
+            return resp.json() if resp.content else {}
+        except ValueError:
+            raise TransportFailure(f"{self.url}{API}{endpoint} answered with something that is not JSON") from None
+
+    def _note_failure(self, message: str) -> None:
+        self.online = False
+        self.last_error = message
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+
+    def _note_success(self) -> None:
+        self.online = True
+        self._failures = 0
+        self._failing_since = None
+        if self.token_rejected:
+            log.info("bridge: the server accepts the token again; delivery resumed")
+        self.token_rejected = False
+
+    def _checked(self, fn: Callable[[], object]) -> object:
+        """Run one request; a failure that is not the content's fault pauses the round."""
+        try:
+            return fn()
+        except (TransportFailure, HttpFailure) as exc:
+            verdict = classify_failure(exc)
+            if verdict is Verdict.REJECT:
+                raise
+            if verdict is Verdict.TOKEN:
+                if not self.token_rejected:
+                    log.warning("bridge: %s — delivery paused; the journal keeps everything",
+                                TokenRejectedError("the server rejected the access token (HTTP %d)" % exc.status))
+                self.token_rejected = True
+                self.last_error = f"token rejected (HTTP {exc.status}); delivery paused, retrying slowly"
+            raise _Pause(exc, verdict) from None
+
+    def _refresh_token(self) -> None:
+        if self._token_source is None:
+            return
+        with contextlib.suppress(Exception):
+            token = self._token_source()
+            if token:
+                self._token = token
+
+    def _maybe_rediscover(self) -> None:
+        if not self.rediscover_enabled or self._failures < REDISCOVER_AFTER_FAILURES:
+            return
+        if self._failing_since is None or time.monotonic() - self._failing_since < REDISCOVER_AFTER_S:
+            return
+        try:
+            from bridge.client import discovery
+        except ImportError:
+            return
+        rediscover = getattr(discovery, "rediscover", None)
+        if rediscover is None:
+            return
+        try:
+            endpoint = rediscover(self._token, self.url)
+        except Exception as exc:  # re-discovery is best effort; delivery keeps retrying the old URL
+            log.debug("bridge: re-discovery failed: %s", exc)
+            return
+        if endpoint is not None and endpoint.url.rstrip("/") != self.url:
+            log.warning("bridge: the server moved to %s (%s); delivering there", endpoint.url, endpoint.source)
+            self.url = endpoint.url.rstrip("/")
+            self._failures = 0
+            self._failing_since = None
+            for listener in self.url_listeners:
+                with contextlib.suppress(Exception):
+                    listener(self.url)
+
+    # --------------------------------------------------------------------------- run metadata
+
+    def remote_experiment_id(self, experiment_id: str) -> str | None:
+        """The server's id for `experiment_id` (a local id once mapped, or already a server id)."""
+        record = self.journal.experiment(experiment_id)
+        if record is None:
+            return experiment_id
+        return record.remote_id
+
+    def remote_run(self, run: str) -> tuple[str | None, str | None]:
+        """(server run id, server artifact root) for a local run id; a run not created here is the server's."""
+        record = self.journal.run(run)
+        if record is None:
+            return run, None
+        return record.remote_id, record.artifact_uri
+
+    # ----------------------------------------------------------------------------- deliveries
+
+    def _send_batch(self, run: str, batch: _Batch) -> int:
+        remote, _ = self.remote_run(run)
+        ids = [i for entry in batch.entries for i in entry.ids]
+        if remote is None:
+            self.journal.bury(ids, f"run {run} was never created on the server (its creation failed; see above)")
+            return 0
+        if not self.journal.claim(ids):
+            raise _Pause(RuntimeError("another sender claimed these entries"), Verdict.RETRY)
+        try:
+            return self._deliver_entries(remote, batch.entries)
+        finally:
+            self.journal.release(ids)  # only rows still in flight (a pause mid-way) go back to pending
+
+    def _deliver_entries(self, remote: str, entries: list[_Entry]) -> int:
+        body = {"run_id": remote,
+                "metrics": [e.payload() for e in entries if e.kind == METRIC],
+                "params": [e.payload() for e in entries if e.kind == PARAM],
+                "tags": [e.payload() for e in entries if e.kind == TAG]}
+        ids = [i for e in entries for i in e.ids]
+        try:
+            self._checked(lambda: self.call("/runs/log-batch", body))
+        except HttpFailure as exc:  # REJECT: find the one entry the server objects to
+            if len(entries) == 1:
+                entry = entries[0]
+                log.warning("bridge: server refused %s %r: %s (kept as a dead letter)", entry.kind, entry.key,
+                            exc.message)
+                self.journal.bury(ids, exc.message)
+                return 0
+            mid = len(entries) // 2
+            return self._deliver_entries(remote, entries[:mid]) + self._deliver_entries(remote, entries[mid:])
+        self.journal.complete(ids)
+        self.delivered += len(ids)
+        return len(ids)
+
+    def _send_single(self, op: Op) -> int:
+        if not self.journal.claim([op.id]):
+            raise _Pause(RuntimeError("another sender claimed this entry"), Verdict.RETRY)
+        spool: list[str] = []
+        try:
+            try:
+                spool = self._apply(op)
+            except HttpFailure as exc:
+                log.warning("bridge: server refused %s of run %s: %s (kept as a dead letter)", op.kind,
+                            op.run or "-", exc.message)
+                self.journal.bury([op.id], exc.message)
+                return 0
+            self.journal.complete([op.id], spool=spool)
+            self.delivered += 1
+            return 1
+        finally:
+            self.journal.release([op.id])
+
+    def _apply(self, op: Op) -> list[str]:
+        """Apply one non-batch op on the server; returns spool files that can go once it is done."""
+        body = op.json()
+        if op.kind == CREATE_EXPERIMENT:
+            self._create_experiment(op.key, body["name"], body.get("tags") or {})
+            return []
+        if op.kind == SET_EXPERIMENT_TAG:
+            remote = self.remote_experiment_id(body["experiment_id"])
+            self._checked(lambda: self.call("/experiments/set-experiment-tag",
+                                            {"experiment_id": remote, "key": op.key, "value": body["value"]}))
+            return []
+        if op.kind == CREATE_RUN:
+            self._create_run(op, body)
+            return []
+        remote, artifact_root = self.remote_run(op.run)
+        if remote is None:
+            raise HttpFailure(400, "RUN_NOT_CREATED", f"run {op.run} was never created on the server")
+        if op.kind == UPDATE_RUN:
+            payload = {"run_id": remote, "run_uuid": remote}
+            payload.update({k: v for k, v in body.items() if v is not None})
+            self._checked(lambda: self.call("/runs/update", payload))
+        elif op.kind == DELETE_TAG:
+            try:
+                self._checked(lambda: self.call("/runs/delete-tag", {"run_id": remote, "key": op.key}))
+            except HttpFailure as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST" or op.attempts == 0:
+                    raise  # gone already after an earlier, unacknowledged delete: that is the goal
+        elif op.kind == LOG_INPUTS:
+            self._checked(lambda: self.call("/runs/log-inputs", {**body, "run_id": remote}))
+        elif op.kind == ARTIFACT:
+            self._upload_artifact(op, body, remote, artifact_root)
+            return [body["spool"]]
+        else:
+            raise HttpFailure(400, "UNKNOWN_OPERATION", f"unknown journal operation {op.kind!r}")
+        return []
+
+    def _create_experiment(self, local_id: str, name: str, tags: dict[str, str]) -> str:
+        """Get-or-create by name, so every process and every retry lands on one server experiment."""
+        def lookup() -> str | None:
+            try:
+                found = self._checked(lambda: self.call("/experiments/get-by-name", {"experiment_name": name},
+                                                        method="GET"))
+            except HttpFailure as exc:
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return None
+                raise
+            return found["experiment"]["experiment_id"]
+
+        remote = lookup()
+        if remote is None:
+            try:
+                created = self._checked(lambda: self.call("/experiments/create", {
+                    "name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]}))
+                remote = created["experiment_id"]
+            except HttpFailure as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                remote = lookup()  # created meanwhile, by us (a lost answer) or someone else
+                if remote is None:
+                    raise
+        self.journal.map_experiment(local_id, remote)
+        return remote
+
+    def _create_run(self, op: Op, body: dict) -> None:
+        record = self.journal.run(op.run)
+        if record is None:
+            raise HttpFailure(400, "RUN_NOT_RECORDED", f"run {op.run} is missing from the journal's run table")
+        experiment = self.remote_experiment_id(record.experiment_id)
+        if experiment is None:
+            raise HttpFailure(400, "EXPERIMENT_NOT_CREATED",
+                              f"experiment {record.experiment_id} of run {op.run} was never created on the server")
+        found = None
+        if op.attempts > 0:  # an earlier try may have created it: find it by its run key, never make a ghost
+            result = self._checked(lambda: self.call("/runs/search", {
+                "experiment_ids": [experiment], "run_view_type": "ALL", "max_results": 1,
+                "filter": f"tags.`{config.RUN_KEY_TAG}` = '{op.run}'"}))
+            runs = result.get("runs") or []
+            found = runs[0]["info"] if runs else None
+        if found is None:
+            tags = dict(body.get("tags") or {})
+            tags[config.RUN_KEY_TAG] = op.run
+            payload = {"experiment_id": experiment, "start_time": record.start_time,
+                       "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+            if record.user_id:
+                payload["user_id"] = record.user_id
+            if record.name:
+                payload["run_name"] = record.name
+            found = self._checked(lambda: self.call("/runs/create", payload))["run"]["info"]
+        self.journal.map_run(op.run, found["run_id"], found.get("artifact_uri"))
+
+    def _heartbeat(self) -> None:
+        if not self._live_runs or self.online is False or time.time() - self._last_heartbeat < self.heartbeat_s:
+            return
+        self._last_heartbeat = time.time()
+        for run in list(self._live_runs):
+            remote, _ = self.remote_run(run)
+            if remote is None:
+                continue
+            try:
+                self.call("/runs/set-tag", {"run_id": remote, "key": config.HEARTBEAT_TAG,
+                                            "value": str(int(time.time()))})
+            except (TransportFailure, HttpFailure) as exc:
+                log.debug("bridge: heartbeat for run %s failed: %s", run, exc)
+                return
+
+    # ------------------------------------------------------------------------------- artifacts
+
+    def artifact_url(self, artifact_root: str, path: str) -> str:
+        """The mlflow-artifacts proxy URL of `path` under a run's server artifact root."""
+        if not artifact_root or not artifact_root.startswith("mlflow-artifacts:"):
+            raise HttpFailure(400, "ARTIFACTS_NOT_PROXIED",
+                              f"the server's artifact root for this run is {artifact_root!r}; bridge uploads only "
+                              "through the server's artifact proxy (mlflow server --serve-artifacts)")
+        rest = artifact_root[len("mlflow-artifacts:"):]
+        if rest.startswith("//"):
+            rest = rest[2:].split("/", 1)[1] if "/" in rest[2:] else ""
+        base = rest.strip("/")
+        return ARTIFACTS_API + "/" + quote(f"{base}/{path}".strip("/"))
+
+    def _remote_size(self, artifact_root: str, path: str) -> int | None:
+        folder, _, name = path.rpartition("/")
+        base = self.artifact_url(artifact_root, "")[len(ARTIFACTS_API) + 1:]
+        listing = self._checked(lambda: self.request("GET", ARTIFACTS_API, params={
+            "path": f"{base}/{folder}".strip("/") if folder else base}).json())
+        for item in listing.get("files") or []:
+            if item.get("path") == name and not item.get("is_dir"):
+                return int(item.get("file_size") or 0)
+        return None
+
+    def _upload_artifact(self, op: Op, body: dict, remote: str, artifact_root: str | None) -> None:
+        if not artifact_root:
+            found = self._checked(lambda: self.call("/runs/get", {"run_id": remote}, method="GET"))
+            artifact_root = found["run"]["info"]["artifact_uri"]
+        spool_file: Path = self.journal.spool_dir / body["spool"]
+        if not spool_file.exists():
+            raise HttpFailure(400, "SPOOL_FILE_MISSING", f"spooled copy of {body['path']} is missing from "
+                                                         f"{self.journal.spool_dir}")
+        if op.attempts > 0 and self._remote_size(artifact_root, body["path"]) == body["size"]:
+            return  # an earlier, unacknowledged upload arrived whole
+        url = self.artifact_url(artifact_root, body["path"])
+        with open(spool_file, "rb") as fh:
+            self._checked(lambda: self.request("PUT", url, data=fh, timeout=(self.timeout[0], max(300.0,
+                                                                                               self.timeout[1]))))
+        size = self._remote_size(artifact_root, body["path"])
+        if size != body["size"]:
+            raise _Pause(TransportFailure(f"uploaded {body['path']} but the server holds {size} bytes, "
+                                          f"not {body['size']}; uploading again"), Verdict.RETRY)
+
+
+def points_in(ops: list[Op]) -> int:
+    return sum(1 for op in ops if op.kind == METRIC)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+__all__ = ["Sender", "Verdict", "classify_failure", "retry_when", "TransportFailure", "HttpFailure"]
+_ = json  # json is used by Op.json(); kept imported for callers that build bodies

@@ -1,0 +1,385 @@
+"""The authenticated entrance: a streaming reverse proxy in front of MLflow that the tunnel points at.
+
+Every request must carry the access token, as HTTP Basic (any user name, password = token) or
+`Authorization: Bearer <token>`; anything else gets 401 with `WWW-Authenticate` so a browser
+prompts. Repeated failures from one client get 429. Forwarded requests look local to MLflow
+(Host rewritten to MLflow's own address, credentials stripped), so MLflow's Host-header and
+cross-origin protection stay on, unchanged, for everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import hmac
+import ipaddress
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from bridge import config, secrets
+from bridge.errors import ConfigError, ServeError
+
+log = logging.getLogger(__name__)
+
+REALM = "bridge"
+#: Failed logins one client may make within the window before it gets 429.
+DEFAULT_MAX_FAILURES = 10
+DEFAULT_FAILURE_WINDOW_S = 60.0
+#: Bodies up to this size are read whole (fewer round trips); larger ones stream through.
+BUFFER_LIMIT_BYTES = 256 * 1024
+STREAM_CHUNK_BYTES = 256 * 1024
+#: Below uvicorn's 5 s keep-alive, so the proxy never reuses a connection MLflow is closing.
+UPSTREAM_KEEPALIVE_S = 3.5
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) are for one connection only; `Expect` is answered here.
+_HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+        "Transfer-Encoding", "Upgrade", "Expect",
+    )
+)  # fmt: skip
+# Also never forwarded upstream: the credentials (MLflow needs none), the Host (rewritten), and the
+# X-Forwarded-Proto/Host that would make MLflow build URLs for an origin it is not serving.
+_NOT_FORWARDED = _HOP_BY_HOP | {"authorization", "host", "x-forwarded-proto", "x-forwarded-host"}
+_NOT_RETURNED = _HOP_BY_HOP | {"content-length"}
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class TokenSource:
+    """The current access token, re-read whenever `bridge token --rotate` touches the revision file."""
+
+    def __init__(self, load: Callable[[], str] | None = None, revision_file: Path | None = None) -> None:
+        self._load = load or (lambda: secrets.access_token(create=True))  # type: ignore[return-value]
+        self._revision_file = revision_file or config.paths().token_revision_file
+        self._stamp = self._revision_stamp()
+        self._token = self._load().encode()
+        self.revision = 0
+
+    def _revision_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._revision_file)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+    def current(self) -> bytes:
+        """The token now; one stat() per call, a secret-store read only when the marker changed."""
+        stamp = self._revision_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._token = self._load().encode()
+            self.revision += 1
+            log.info("Access token changed; the old token is no longer accepted.")
+        return self._token
+
+    def matches(self, presented: bytes | None) -> bool:
+        token = self.current()
+        # compare_digest even for a missing token, so timing does not say which case it was.
+        return hmac.compare_digest(presented if presented is not None else b"", token) and presented is not None
+
+
+def presented_token(authorization: str | None) -> bytes | None:
+    """The token inside an `Authorization` header (Basic password or Bearer), or None."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    scheme = scheme.lower()
+    value = value.strip()
+    try:
+        if scheme == "bearer":
+            return value.encode("utf-8", "surrogateescape") or None
+        if scheme == "basic":
+            decoded = base64.b64decode(value.encode("ascii"), validate=True)
+            _user, sep, password = decoded.partition(b":")
+            return password if sep and password else None
+    except (binascii.Error, UnicodeError, ValueError):
+        return None
+    return None
+
+
+class AuthThrottle:
+    """Count failed logins per client in a sliding window; over the limit a client gets 429 until it ages out."""
+
+    def __init__(
+        self,
+        max_failures: int = DEFAULT_MAX_FAILURES,
+        window_s: float = DEFAULT_FAILURE_WINDOW_S,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_failures < 1 or window_s <= 0:
+            raise ConfigError("auth throttle needs max_failures >= 1 and window_s > 0")
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self._clock = clock
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def retry_after_s(self, client: str) -> float | None:
+        """Seconds until `client` may try again, or None when it is not throttled."""
+        times = self._failures.get(client)
+        if not times:
+            return None
+        now = self._clock()
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            del self._failures[client]
+            return None
+        if len(times) < self.max_failures:
+            return None
+        return times[0] + self.window_s - now
+
+    def failed(self, client: str) -> None:
+        if client not in self._failures and len(self._failures) >= self.max_clients:
+            self._prune()
+        self._failures.setdefault(client, collections.deque(maxlen=self.max_failures)).append(self._clock())
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
+
+    def _prune(self) -> None:
+        cutoff = self._clock() - self.window_s
+        for client in [c for c, t in self._failures.items() if not t or t[-1] <= cutoff]:
+            del self._failures[client]
+        while len(self._failures) >= self.max_clients:  # still full: forget the oldest entries
+            del self._failures[next(iter(self._failures))]
+
+
+def _is_loopback(address: str | None) -> bool:
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class Entrance:
+    """The proxy: `start()` binds it in a background thread, `stop()` closes it; `url` is where it listens."""
+
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        host: str = config.DEFAULT_HOST,
+        port: int | None = None,
+        tokens: TokenSource | None = None,
+        throttle: AuthThrottle | None = None,
+    ) -> None:
+        self.upstream_port = upstream_port
+        self.host = host
+        self.port = port if port is not None else upstream_port + 1
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"entrance port {self.port} is not in 0..65535")
+        self.tokens = tokens or TokenSource()
+        self.throttle = throttle or AuthThrottle()
+        self._upstream = f"http://127.0.0.1:{upstream_port}"
+        self._upstream_host = f"127.0.0.1:{upstream_port}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.requests = 0
+        self.rejected = 0
+
+    def __repr__(self) -> str:
+        return f"Entrance(url={self.url!r}, upstream={self._upstream!r})"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Bind and serve in a daemon thread with its own event loop; raise `ServeError` if binding fails."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._start_async())
+            except BaseException as exc:  # reported to the starting thread below
+                failure.append(exc)
+                loop.run_until_complete(self._stop_async())
+                loop.close()
+                ready.set()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self._stop_async())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="bridge-entrance", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout_s):
+            raise ServeError(f"the entrance did not start within {timeout_s:.0f} s")
+        if failure:
+            exc = failure[0]
+            raise ServeError(f"the entrance could not listen on {self.host}:{self.port}: {exc}") from None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout_s)
+        self._thread = None
+
+    async def _start_async(self) -> None:
+        connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=UPSTREAM_KEEPALIVE_S, ttl_dns_cache=None)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bodies pass through byte for byte, Content-Encoding and all
+            skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        app = web.Application(client_max_size=BUFFER_LIMIT_BYTES)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # No access log: it would cost time per request, and auth failures are logged below anyway.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0:
+            server = site._server  # noqa: SLF001 - aiohttp exposes the bound port nowhere else
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("Entrance listening on %s, forwarding to %s", self.url, self._upstream)
+
+    async def _stop_async(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def client_of(self, request: web.BaseRequest) -> str:
+        """Who is knocking: the tunnel (a loopback peer) names the real client last in X-Forwarded-For."""
+        peer = request.remote or ""
+        if _is_loopback(peer):
+            forwarded = request.headers.get("X-Forwarded-For")
+            if forwarded:
+                return forwarded.rsplit(",", 1)[-1].strip() or peer
+        return peer
+
+    def own_origin(self, request: web.BaseRequest) -> str:
+        """The origin a browser using this entrance sends: scheme from the tunnel, host as received."""
+        scheme = "http"
+        if _is_loopback(request.remote):
+            scheme = request.headers.get("X-Forwarded-Proto", "http").split(",", 1)[0].strip().lower() or "http"
+        return f"{scheme}://{request.headers.get('Host', '').lower()}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        client = self.client_of(request)
+        retry_after = self.throttle.retry_after_s(client)
+        if retry_after is not None:
+            self.rejected += 1
+            return web.Response(
+                status=429,
+                text="Too many failed logins from this client; try again later.\n",
+                headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
+            )
+        if not self.tokens.matches(presented_token(request.headers.get("Authorization"))):
+            self.rejected += 1
+            self.throttle.failed(client)
+            log.info("Refused %s %s from %s: missing or wrong access token", request.method, request.path, client)
+            return web.Response(
+                status=401,
+                text="This MLflow is behind bridge's entrance: log in with the access token (`bridge token`).\n",
+                headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
+            )
+        self.throttle.succeeded(client)
+        return await self._forward(request)
+
+    def _upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        connection_listed = {
+            token.strip().lower() for token in request.headers.get("Connection", "").split(",") if token.strip()
+        }
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower in _NOT_FORWARDED or lower in connection_listed:
+                continue
+            headers.add(name, value)
+        headers["Host"] = self._upstream_host
+        origin = request.headers.get("Origin")
+        if origin:
+            if origin.lower() == self.own_origin(request):
+                # The UI served through this entrance is same-origin by definition; tell MLflow so.
+                headers["Origin"] = self._upstream
+            elif (urlsplit(origin).hostname or "") in _LOOPBACK_HOSTS:
+                # MLflow trusts every loopback origin; through the entrance another local page is foreign.
+                headers["Origin"] = "null"
+        return headers
+
+    def _response_headers(self, upstream: aiohttp.ClientResponse, request: web.BaseRequest) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in upstream.headers.items():
+            if name.lower() not in _NOT_RETURNED:
+                headers.add(name, value)
+        location = headers.get("Location")
+        if location and location.startswith(self._upstream):
+            headers["Location"] = self.own_origin(request) + location[len(self._upstream) :]
+        return headers
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        body: bytes | AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length <= BUFFER_LIMIT_BYTES:
+                body = await request.read()
+            else:  # large artifact uploads stream through, never held in memory
+                body = request.content.iter_chunked(STREAM_CHUNK_BYTES)
+        url = URL(self._upstream + request.raw_path, encoded=True)
+        try:
+            upstream = await self._session.request(
+                request.method, url, headers=self._upstream_headers(request), data=body, allow_redirects=False
+            )
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            log.warning("MLflow unreachable for %s %s: %s", request.method, request.path, type(exc).__name__)
+            return web.Response(
+                status=503,
+                text="MLflow is not reachable right now (restarting?); retry shortly.\n",
+                headers={"Retry-After": "2"},
+            )
+        async with upstream:
+            headers = self._response_headers(upstream, request)
+            length = upstream.content_length
+            if request.method != "HEAD" and length is not None and length <= BUFFER_LIMIT_BYTES:
+                payload = await upstream.read()
+                return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=payload)
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            if length is not None:
+                response.content_length = length
+            await response.prepare(request)
+            if request.method != "HEAD":
+                # A failure from here on can only cut the connection: the status line is already sent.
+                async for chunk in upstream.content.iter_chunked(STREAM_CHUNK_BYTES):
+                    await response.write(chunk)
+            await response.write_eof()
+            return response

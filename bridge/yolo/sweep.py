@@ -1,0 +1,107 @@
+"""Train several YOLO models one after another into one experiment, with the same settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _offline() -> bool:
+    return os.environ.get("YOLO_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model(name: str) -> str:
+    """What to load for a model name: paths and names ending in .pt/.yaml/.yml as given; a bare name such as
+    'yolo11n' becomes 'yolo11n.pt' (pretrained weights, downloaded by Ultralytics) — or 'yolo11n.yaml' (fresh
+    weights) when the .pt file is not here and `YOLO_OFFLINE=1` forbids downloading.
+    """
+    name = name.strip()
+    if not name:
+        raise ConfigError("empty model name")
+    if Path(name).suffix.lower() in (".pt", ".yaml", ".yml"):
+        return name
+    if Path(name).suffix:
+        raise ConfigError(f"model {name!r}: expected a name such as 'yolo11n', or a .pt or .yaml file")
+    weights = f"{name}.pt"
+    if Path(weights).exists() or not _offline():
+        return weights
+    return f"{name}.yaml"
+
+
+def _epoch_reporter(label: str, report: Callable[[str, int, int], None]) -> Callable[[Any], None]:
+    def on_fit_epoch_end(trainer: Any) -> None:
+        if trainer.epoch < trainer.epochs:  # the extra call after the last epoch validates best.pt
+            report(label, trainer.epoch + 1, trainer.epochs)
+
+    return on_fit_epoch_end
+
+
+@dataclass
+class SweepResult:
+    """One model's outcome in a sweep."""
+
+    model: str
+    run_id: str | None = None
+    error: str | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def sweep(
+    models: Sequence[str],
+    *,
+    data: str | Path,
+    experiment: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_model_start: Callable[[str, int], None] | None = None,
+    on_epoch_end: Callable[[str, int, int], None] | None = None,
+    stop_on_error: bool = False,
+    **overrides: Any,
+) -> list[SweepResult]:
+    """Train each model with `overrides` (epochs, imgsz, batch, device, …) as one run in `experiment`.
+
+    A model that fails is recorded (its run is marked FAILED) and the sweep goes on unless `stop_on_error`.
+    `on_model_start(model, index)` and `on_epoch_end(model, epoch, epochs)` feed a progress display.
+    """
+    from ultralytics import YOLO
+
+    from bridge.yolo.callbacks import YoloTracker
+
+    if not models:
+        raise ConfigError("no model to train: give at least one --model")
+    if not Path(data).is_file():
+        raise ConfigError(f"data YAML {str(data)!r} does not exist")
+    specs = [resolve_model(m) for m in models]
+    results = []
+    for i, spec in enumerate(specs):
+        label = Path(spec).stem
+        if on_model_start:
+            on_model_start(label, i)
+        result = SweepResult(model=label)
+        tracker = None
+        try:
+            model = YOLO(spec)
+            tracker = YoloTracker(model, experiment=experiment, run_name=label,
+                                  tags={"sweep.models": ",".join(Path(s).stem for s in specs), **(tags or {})})
+            if on_epoch_end:
+                model.add_callback("on_fit_epoch_end", _epoch_reporter(label, on_epoch_end))
+            model.train(data=str(data), **{"name": label, **overrides})
+        except Exception as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+            logger.warning("training %s failed: %s", label, result.error)
+            if stop_on_error:
+                raise
+        finally:
+            if tracker is not None:
+                tracker.detach()
+                result.run_id = tracker.run_id
+                result.final_metrics = dict(tracker.final_metrics)
+        results.append(result)
+    return results

@@ -1,0 +1,282 @@
+"""The authenticated entrance: every MLflow route family locked, MLflow's own protections kept, brute force slowed."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import uuid
+
+import pytest
+import requests
+
+from bridge import secrets
+from bridge.errors import ConfigError
+from bridge.serve.entrance import AuthThrottle, Entrance, TokenSource, presented_token
+from tests.support.serve import unique_client
+
+# --- pieces ----------------------------------------------------------------------------------------
+
+
+def test_presented_token_reads_basic_password_and_bearer():
+    basic = "Basic " + base64.b64encode(b"anyone:tok-123").decode()
+    assert presented_token(basic) == b"tok-123"
+    assert presented_token("Basic " + base64.b64encode(b"bridge:a:b").decode()) == b"a:b"
+    assert presented_token("Bearer tok-123") == b"tok-123"
+    assert presented_token("bearer   tok-123 ") == b"tok-123"
+    for bad in (None, "", "Basic", "Basic !!!", "Basic " + base64.b64encode(b"nopassword").decode(),
+                "Basic " + base64.b64encode(b"user:").decode(), "Bearer ", "Digest abc", "tok-123"):
+        assert presented_token(bad) is None, bad
+
+
+def test_throttle_refuses_after_max_failures_and_recovers_after_the_window():
+    now = [1000.0]
+    throttle = AuthThrottle(max_failures=3, window_s=60, clock=lambda: now[0])
+    for _ in range(3):
+        assert throttle.retry_after_s("a") is None
+        throttle.failed("a")
+    assert throttle.retry_after_s("a") == pytest.approx(60)
+    assert throttle.retry_after_s("b") is None  # per client
+    now[0] += 30
+    assert throttle.retry_after_s("a") == pytest.approx(30)
+    now[0] += 31
+    assert throttle.retry_after_s("a") is None
+    throttle.failed("c")
+    throttle.succeeded("c")  # a success forgives earlier typos
+    assert throttle._failures.get("c") is None
+    with pytest.raises(ConfigError):
+        AuthThrottle(max_failures=0)
+
+
+def test_throttle_memory_is_bounded():
+    throttle = AuthThrottle(max_failures=2, window_s=60, max_clients=50)
+    for n in range(500):
+        throttle.failed(f"10.0.{n // 250}.{n % 250}")
+    assert len(throttle._failures) <= 50
+
+
+def test_token_source_reloads_when_the_token_rotates(bridge_home):
+    tokens = TokenSource()
+    old = secrets.access_token()
+    assert tokens.matches(old.encode())
+    new = secrets.rotate_access_token()
+    assert not tokens.matches(old.encode())
+    assert tokens.matches(new.encode())
+    assert tokens.revision == 1
+    assert not tokens.matches(None)
+    assert not tokens.matches(b"")
+
+
+# --- every route family through a real `bridge serve` ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(bridge_serve):
+    """The session's `bridge serve`, its token, and one experiment + run with an artifact uploaded through it."""
+    token = bridge_serve.token()
+    auth = {"Authorization": f"Bearer {token}", **unique_client()}
+    base = bridge_serve.entrance_url
+    exp = requests.post(base + "/api/2.0/mlflow/experiments/create", json={"name": f"sec-{uuid.uuid4().hex}"},
+                        headers=auth, timeout=10)
+    assert exp.status_code == 200, exp.text
+    exp_id = exp.json()["experiment_id"]
+    run = requests.post(base + "/api/2.0/mlflow/runs/create", json={"experiment_id": exp_id}, headers=auth, timeout=10)
+    run_id = run.json()["run"]["info"]["run_id"]
+    payload = os.urandom(3 * 1024 * 1024 + 17)  # above the entrance's buffer limit: streamed both ways
+    put = requests.put(f"{base}/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/blob.bin",
+                       data=payload, headers=auth, timeout=30)
+    assert put.status_code == 200, put.text
+    return {"server": bridge_serve, "token": token, "exp_id": exp_id, "run_id": run_id, "payload": payload}
+
+
+def _routes(served) -> dict[str, tuple[str, str, dict]]:
+    e, r = served["exp_id"], served["run_id"]
+    return {
+        "rest": ("GET", f"/api/2.0/mlflow/experiments/get?experiment_id={e}", {}),
+        "rest-post": ("POST", "/api/2.0/mlflow/runs/search", {"json": {"experiment_ids": [e]}}),
+        "ajax": ("GET", f"/ajax-api/2.0/mlflow/runs/get?run_id={r}", {}),
+        "artifact-download": ("GET", f"/api/2.0/mlflow-artifacts/artifacts/{e}/{r}/artifacts/blob.bin", {}),
+        "artifact-upload": ("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{e}/{r}/artifacts/up.txt",
+                            {"data": b"uploaded through the entrance"}),
+        "get-artifact": ("GET", f"/get-artifact?path=blob.bin&run_uuid={r}", {}),
+        "graphql": ("POST", "/graphql",
+                    {"json": {"query": f'{{ mlflowGetExperiment(input: {{experimentId: "{e}"}}) '
+                                       "{ experiment { experimentId } } }"}}),
+        "ui": ("GET", "/", {}),
+        "health": ("GET", "/health", {}),
+    }
+
+
+def _check_ok(family: str, resp: requests.Response, served) -> None:
+    assert resp.status_code == 200, (family, resp.status_code, resp.text[:300])
+    if family == "rest":
+        assert resp.json()["experiment"]["experiment_id"] == served["exp_id"]
+    elif family == "rest-post":
+        assert [run["info"]["run_id"] for run in resp.json()["runs"]] == [served["run_id"]]
+    elif family == "ajax":
+        assert resp.json()["run"]["info"]["run_id"] == served["run_id"]
+    elif family in ("artifact-download", "get-artifact"):
+        assert resp.content == served["payload"]
+    elif family == "graphql":
+        assert resp.json()["data"]["mlflowGetExperiment"]["experiment"]["experimentId"] == served["exp_id"]
+    elif family == "ui":
+        assert "text/html" in resp.headers["Content-Type"]
+        assert "<script" in resp.text
+    elif family == "health":
+        assert resp.text.strip() == "OK"
+
+
+FAMILIES = ["rest", "rest-post", "ajax", "artifact-download", "artifact-upload", "get-artifact", "graphql", "ui",
+            "health"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_route_family_needs_the_token(served, family):
+    method, path, kwargs = _routes(served)[family]
+    url = served["server"].entrance_url + path
+    client = unique_client()
+    token = served["token"]
+
+    missing = requests.request(method, url, headers=client, timeout=30, **kwargs)
+    assert missing.status_code == 401
+    assert missing.headers["WWW-Authenticate"].startswith('Basic realm="bridge"')
+    assert token not in missing.text
+
+    wrong_basic = requests.request(method, url, headers=client, auth=("bridge", token[:-1] + "x"), timeout=30, **kwargs)
+    assert wrong_basic.status_code == 401
+    wrong_bearer = requests.request(method, url, headers={**client, "Authorization": "Bearer nope"}, timeout=30,
+                                    **kwargs)
+    assert wrong_bearer.status_code == 401
+
+    basic = requests.request(method, url, headers=client, auth=("any-user", token), timeout=30, **kwargs)
+    _check_ok(family, basic, served)
+    bearer = requests.request(method, url, headers={**client, "Authorization": f"Bearer {token}"}, timeout=30,
+                              **kwargs)
+    _check_ok(family, bearer, served)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_local_mlflow_port_needs_no_login(served, family):
+    method, path, kwargs = _routes(served)[family]
+    resp = requests.request(method, served["server"].mlflow_url + path, timeout=30, **kwargs)
+    _check_ok(family, resp, served)
+
+
+def test_ui_static_asset_through_the_entrance(served):
+    base = served["server"].entrance_url
+    auth = ("u", served["token"])
+    index = requests.get(base + "/", auth=auth, timeout=10).text
+    asset = re.search(r'(?:src|href)="\.?/?(static-files/[^"]+\.(?:js|css))"', index)
+    assert asset, index[:500]
+    no_login = requests.get(f"{base}/{asset.group(1)}", headers=unique_client(), timeout=10)
+    assert no_login.status_code == 401
+    resp = requests.get(f"{base}/{asset.group(1)}", auth=auth, timeout=10)
+    assert resp.status_code == 200
+    assert len(resp.content) > 100
+    assert resp.content == requests.get(f"{served['server'].mlflow_url}/{asset.group(1)}", timeout=10).content
+
+
+def test_upload_through_the_entrance_lands_byte_for_byte(served):
+    base = served["server"].entrance_url
+    auth = {"Authorization": f"Bearer {served['token']}"}
+    path = f"/api/2.0/mlflow-artifacts/artifacts/{served['exp_id']}/{served['run_id']}/artifacts/chunked.bin"
+    payload = os.urandom(2 * 1024 * 1024)
+    # A generator body goes out with chunked transfer encoding: no Content-Length for the entrance to trust.
+    put = requests.put(base + path, data=(payload[i : i + 65536] for i in range(0, len(payload), 65536)),
+                       headers=auth, timeout=30)
+    assert put.status_code == 200, put.text
+    assert requests.get(served["server"].mlflow_url + path, timeout=30).content == payload
+    head = requests.head(base + path, headers=auth, timeout=10)
+    assert head.status_code == 200
+
+
+# --- MLflow's Host and CORS protection, through the tunnel's headers -----------------------------------
+
+
+def _tunnelled(served, origin: str | None = None) -> dict[str, str]:
+    headers = {"Host": "abc123.ngrok-free.app", "X-Forwarded-Proto": "https", **unique_client()}
+    if origin:
+        headers["Origin"] = origin
+    return headers
+
+
+def test_tunnelled_host_is_accepted_through_the_entrance_only(served):
+    server = served["server"]
+    auth = ("u", served["token"])
+    ui = requests.get(server.entrance_url + "/", headers=_tunnelled(served), auth=auth, timeout=10)
+    assert ui.status_code == 200
+    api = requests.get(server.entrance_url + f"/ajax-api/2.0/mlflow/experiments/get?experiment_id={served['exp_id']}",
+                       headers=_tunnelled(served), auth=auth, timeout=10)
+    assert api.status_code == 200
+    # MLflow's own protection is still on: the same Host sent straight to it is refused.
+    direct = requests.get(server.mlflow_url + "/ajax-api/2.0/mlflow/experiments/search",
+                          headers={"Host": "abc123.ngrok-free.app"}, timeout=10)
+    assert direct.status_code == 403
+    assert "Invalid Host header" in direct.text
+
+
+def test_same_origin_ui_post_works_and_foreign_origins_stay_blocked(served):
+    server = served["server"]
+    auth = ("u", served["token"])
+    url = server.entrance_url + "/ajax-api/2.0/mlflow/experiments/create"
+
+    same = requests.post(url, json={"name": f"ui-{uuid.uuid4().hex}"}, auth=auth,
+                         headers=_tunnelled(served, "https://abc123.ngrok-free.app"), timeout=10)
+    assert same.status_code == 200, same.text
+    assert requests.get(server.mlflow_url + "/api/2.0/mlflow/experiments/get",
+                        params={"experiment_id": same.json()["experiment_id"]}, timeout=10).status_code == 200
+
+    for origin in ("https://evil.example", "http://abc123.ngrok-free.app", "http://localhost:3000",
+                   "http://127.0.0.1:9999"):
+        foreign = requests.post(url, json={"name": f"x-{uuid.uuid4().hex}"}, auth=auth,
+                                headers=_tunnelled(served, origin), timeout=10)
+        assert foreign.status_code == 403, origin
+        assert "Cross-origin request blocked" in foreign.text
+
+    # Opened locally (no tunnel), the entrance's own origin is same-origin too.
+    local = requests.post(url, json={"name": f"local-{uuid.uuid4().hex}"}, auth=auth,
+                          headers={"Origin": server.entrance_url, **unique_client()}, timeout=10)
+    assert local.status_code == 200, local.text
+
+
+# --- brute force ------------------------------------------------------------------------------------
+
+
+def test_brute_force_from_one_client_gets_429_others_unaffected(served):
+    server = served["server"]
+    attacker = unique_client()
+    codes = []
+    for n in range(30):
+        resp = requests.get(server.entrance_url + "/health", auth=("admin", f"guess-{n}"), headers=attacker, timeout=10)
+        codes.append(resp.status_code)
+        if resp.status_code == 429:
+            assert int(resp.headers["Retry-After"]) >= 1
+    assert codes[:10] == [401] * 10
+    assert codes[10:] == [429] * 20
+    # While throttled even a right guess is not checked: that is what makes the throttle hold.
+    assert requests.get(server.entrance_url + "/health", auth=("u", served["token"]), headers=attacker,
+                        timeout=10).status_code == 429
+    # Another client, with the token, is not affected.
+    ok = requests.get(server.entrance_url + "/health", auth=("u", served["token"]), headers=unique_client(), timeout=10)
+    assert ok.status_code == 200
+
+
+# --- in-process entrance details ---------------------------------------------------------------------
+
+
+def test_entrance_answers_503_while_mlflow_is_down_and_binds_its_port(bridge_home):
+    from tests.support.mlflow_server import free_port
+
+    dead_port = free_port()
+    entrance = Entrance(dead_port, port=0)
+    entrance.start()
+    try:
+        token = secrets.access_token()
+        resp = requests.get(entrance.url + "/health", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert resp.status_code == 503
+        assert resp.headers["Retry-After"] == "2"
+        # The port is taken now: a second entrance on it fails with a clear error.
+        with pytest.raises(Exception, match="could not listen"):
+            Entrance(dead_port, port=entrance.port).start()
+    finally:
+        entrance.stop()

@@ -1,0 +1,161 @@
+"""The flaky proxy does what each mode says, against the real MLflow server."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+import pytest
+import requests
+
+from tests.support.flaky_proxy import FlakyProxy
+
+CREATE = "/api/2.0/mlflow/experiments/create"
+GET_BY_NAME = "/api/2.0/mlflow/experiments/get-by-name"
+
+
+def _name() -> str:
+    return f"proxy-{uuid.uuid4().hex[:12]}"
+
+
+def _exists_on_server(server, name: str) -> bool:
+    """Ask the server directly (not through the proxy) whether the experiment exists."""
+    resp = requests.get(server.url + GET_BY_NAME, params={"experiment_name": name}, timeout=5)
+    if resp.status_code == 404:
+        return False
+    resp.raise_for_status()
+    return resp.json()["experiment"]["name"] == name
+
+
+def _create(base: str, name: str, timeout: float = 5) -> requests.Response:
+    return requests.post(base + CREATE, json={"name": name}, timeout=timeout)
+
+
+def test_pass_forwards_and_counts_keep_alive_requests(flaky_proxy, mlflow_server):
+    name = _name()
+    with requests.Session() as session:
+        assert session.post(flaky_proxy.url + CREATE, json={"name": name}, timeout=5).status_code == 200
+        for _ in range(4):
+            resp = session.get(flaky_proxy.url + GET_BY_NAME, params={"experiment_name": name}, timeout=5)
+            assert resp.status_code == 200
+            assert resp.json()["experiment"]["name"] == name
+    assert _exists_on_server(mlflow_server, name)
+    assert flaky_proxy.requests["pass"] == 5
+    assert flaky_proxy.count(CREATE, method="POST") == 1
+    assert flaky_proxy.count(GET_BY_NAME, method="GET", mode="pass") == 4
+    flaky_proxy.reset_counts()
+    assert flaky_proxy.count() == 0
+
+
+def test_refuse_closes_the_port_and_pass_reopens_the_same_port(flaky_proxy):
+    port = flaky_proxy.port
+    flaky_proxy.set_mode("refuse")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    started = time.monotonic()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(flaky_proxy.url + "/health", timeout=2)
+    assert time.monotonic() - started < 1.5  # refused, not timed out
+    flaky_proxy.set_mode("pass")
+    assert flaky_proxy.port == port
+    assert requests.get(flaky_proxy.url + "/health", timeout=5).status_code == 200
+
+
+def test_refuse_cuts_open_keep_alive_connections(flaky_proxy):
+    with requests.Session() as session:
+        assert session.get(flaky_proxy.url + "/health", timeout=5).status_code == 200
+        flaky_proxy.set_mode("refuse")
+        with pytest.raises(requests.ConnectionError):
+            session.get(flaky_proxy.url + "/health", timeout=2)
+
+
+def test_blackhole_accepts_but_never_answers(flaky_proxy, mlflow_server):
+    flaky_proxy.set_mode("blackhole")
+    name = _name()
+    started = time.monotonic()
+    with pytest.raises(requests.ReadTimeout):
+        _create(flaky_proxy.url, name, timeout=(2, 0.5))
+    assert time.monotonic() - started < 2
+    assert flaky_proxy.count(CREATE, mode="blackhole") == 1
+    assert not _exists_on_server(mlflow_server, name)
+    flaky_proxy.set_mode("pass")
+    assert _create(flaky_proxy.url, name).status_code == 200
+    assert _exists_on_server(mlflow_server, name)
+
+
+def test_reset_mid_request_never_reaches_the_server(flaky_proxy, mlflow_server):
+    flaky_proxy.set_mode("reset", at="request")
+    name = _name()
+    with pytest.raises(requests.ConnectionError) as info:
+        _create(flaky_proxy.url, name)
+    assert "reset" in repr(info.value).lower() or "aborted" in repr(info.value).lower()
+    assert not _exists_on_server(mlflow_server, name)
+    assert flaky_proxy.count(CREATE, mode="reset") == 1
+
+
+def test_reset_mid_response_is_applied_but_the_client_fails(flaky_proxy, mlflow_server):
+    flaky_proxy.set_mode("reset", at="response")
+    name = _name()
+    with pytest.raises(requests.RequestException):
+        _create(flaky_proxy.url, name)
+    assert _exists_on_server(mlflow_server, name)
+
+
+def test_http_5xx_answers_without_forwarding(flaky_proxy, mlflow_server):
+    flaky_proxy.set_mode("http_5xx")
+    name = _name()
+    with requests.Session() as session:
+        for _ in range(3):  # the 503 keeps the connection usable
+            resp = session.post(flaky_proxy.url + CREATE, json={"name": name}, timeout=5)
+            assert resp.status_code == 503
+    assert not _exists_on_server(mlflow_server, name)
+    flaky_proxy.set_mode("http_5xx", status=502)
+    assert _create(flaky_proxy.url, name).status_code == 502
+    assert flaky_proxy.requests["http_5xx"] == 4
+
+
+def test_slow_adds_latency_per_chunk_but_delivers_intact(flaky_proxy, mlflow_server):
+    name = _name()
+    assert _create(flaky_proxy.url, name).status_code == 200
+    flaky_proxy.set_mode("slow", delay_s=0.05, chunk_size=64)
+    started = time.monotonic()
+    resp = requests.get(flaky_proxy.url + GET_BY_NAME, params={"experiment_name": name}, timeout=10)
+    elapsed = time.monotonic() - started
+    assert resp.status_code == 200
+    assert resp.json()["experiment"]["name"] == name
+    # The request and the response are each at least one chunk, so at least two delays.
+    chunks = -(-len(resp.content) // 64)
+    assert elapsed >= 0.05 * (1 + chunks) * 0.9
+    assert flaky_proxy.requests["slow"] == 1
+
+
+def test_lost_ack_applies_on_the_server_but_the_client_never_learns(flaky_proxy, mlflow_server):
+    flaky_proxy.set_mode("lost_ack")
+    name = _name()
+    with pytest.raises(requests.ConnectionError):
+        _create(flaky_proxy.url, name)
+    assert _exists_on_server(mlflow_server, name)
+    flaky_proxy.set_mode("pass")
+    # A retry now meets the already-applied create: MLflow says so instead of making a second one.
+    assert _create(flaky_proxy.url, name).status_code == 400
+
+
+def test_unknown_mode_or_option_is_refused(flaky_proxy):
+    with pytest.raises(ValueError, match="unknown proxy mode 'flood'"):
+        flaky_proxy.set_mode("flood")
+    with pytest.raises(TypeError, match="delay_s"):
+        flaky_proxy.set_mode("reset", delay_s=1)
+    assert flaky_proxy.mode == "pass"
+
+
+def test_upstream_down_looks_like_a_reset_and_close_frees_everything(make_flaky_proxy):
+    from tests.support.mlflow_server import free_port
+
+    proxy: FlakyProxy = make_flaky_proxy("127.0.0.1", free_port())  # nothing listens there
+    with pytest.raises(requests.ConnectionError):
+        requests.get(proxy.url + "/health", timeout=2)
+    proxy.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
+    assert not proxy._threads

@@ -1,0 +1,153 @@
+"""The journal: durable appends, explicit row states, size limit, damage detection and repair."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sqlite3
+
+import pytest
+
+from bridge.client.journal import (
+    ARTIFACT, DEAD, IN_FLIGHT, METRIC, PARAM, PENDING, TAG, Journal, decode_value, journal_path,
+)
+from bridge.errors import JournalCorruptError, JournalFullError
+
+
+def _states(journal: Journal) -> dict[int, int]:
+    with journal.db(write=False) as conn:
+        return dict(conn.execute("select state, count(*) from ops group by state").fetchall())
+
+
+def test_pragmas_wal_and_normal_sync(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    with journal.db(write=False) as conn:
+        assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("pragma synchronous").fetchone()[0] == 1  # NORMAL: see the module docstring
+
+
+def test_path_resolution_argument_then_env_then_data_folder(tmp_path, monkeypatch, bridge_home):
+    assert journal_path() == bridge_home / "journal.sqlite"
+    monkeypatch.setenv("BRIDGE_JOURNAL", str(tmp_path / "env.sqlite"))
+    assert journal_path() == tmp_path / "env.sqlite"
+    assert journal_path(tmp_path / "arg.sqlite") == tmp_path / "arg.sqlite"
+
+
+def test_appends_keep_order_values_and_original_timestamps(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.append_batch("run1", [("loss", 0.5, 1111, 0)])
+    journal.append_batch("run1", [("loss", math.nan, 2222, 1), ("acc", math.inf, 3333, 1)],
+                         [("lr", "0.1")], [("t", "v")])
+    ops = journal.pending_ops("run1", 100)
+    assert [(o.kind, o.key) for o in ops] == [(METRIC, "loss"), (METRIC, "loss"), (METRIC, "acc"),
+                                             (PARAM, "lr"), (TAG, "t")]
+    assert [o.ts for o in ops[:3]] == [1111, 2222, 3333]
+    assert decode_value(ops[0].value) == 0.5
+    assert math.isnan(decode_value(ops[1].value))  # SQLite would turn a bare NaN into NULL
+    assert decode_value(ops[2].value) == math.inf
+    assert journal.backlog().pending == {"run1": 5}
+
+
+def test_row_states_claim_complete_release_bury(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.append_batch("r", [("m", float(i), i, i) for i in range(4)])
+    ids = [op.id for op in journal.pending_ops("r", 10)]
+    assert journal.claim(ids[:3])
+    assert not journal.claim(ids[:1]), "a row already in flight must not be claimed twice"
+    assert _states(journal) == {PENDING: 1, IN_FLIGHT: 3}
+    journal.complete(ids[:1])
+    journal.bury(ids[1:2], "INVALID_PARAMETER_VALUE: nope")
+    journal.release(ids[1:3])  # only the row still in flight goes back
+    assert _states(journal) == {PENDING: 2, DEAD: 1}
+    (dead, message), = journal.dead_letters()
+    assert dead.id == ids[1] and message == "INVALID_PARAMETER_VALUE: nope"
+    assert [op.attempts for op in journal.pending_ops("r", 10)] == [1, 0]
+
+
+def test_in_flight_rows_return_to_pending_at_start_up(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.append_batch("r", [("m", 1.0, 1, 0), ("m", 2.0, 2, 1)])
+    assert journal.claim([op.id for op in journal.pending_ops("r", 10)])
+    journal.close()
+    reopened = Journal(tmp_path / "j.sqlite")
+    assert reopened.reset_in_flight() == 2
+    ops = reopened.pending_ops("r", 10)
+    assert len(ops) == 2 and all(op.attempts == 1 for op in ops), "attempts>0 makes the sender check the server"
+
+
+def test_full_journal_refuses_clearly_and_keeps_everything_accepted(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite", limit_bytes=200_000)
+    accepted = 0
+    with pytest.raises(JournalFullError, match="full") as info:
+        for step in range(100_000):
+            journal.append_batch("r", [("loss", float(step), 1000 + step, step)])
+            accepted += 1
+    assert "BRIDGE_JOURNAL_LIMIT" in str(info.value)
+    assert 100 < accepted < 100_000
+    ops = journal.pending_ops("r", 200_000)
+    assert len(ops) == accepted
+    assert [decode_value(op.value) for op in ops] == [float(i) for i in range(accepted)]
+    # Delivering frees space: the journal accepts again.
+    journal.complete([op.id for op in ops])
+    journal.append_batch("r", [("loss", -1.0, 1, 0)])
+
+
+def test_spool_copies_now_and_records_size_and_sha256(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    source = tmp_path / "weights.bin"
+    data = bytes(range(256)) * 4096
+    source.write_bytes(data)
+    body = journal.spool_artifact("r", source, "weights/best.bin")
+    source.unlink()
+    spooled = journal.spool_dir / body["spool"]
+    assert spooled.read_bytes() == data
+    assert body["size"] == len(data) and body["sha256"] == hashlib.sha256(data).hexdigest()
+    (op,) = journal.pending_ops("r", 10)
+    assert op.kind == ARTIFACT and op.key == "weights/best.bin"
+    assert journal.measure_bytes() >= len(data), "spooled files count against the journal limit"
+
+
+def test_garbage_file_is_detected_and_refused_without_repair(tmp_path):
+    path = tmp_path / "j.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(JournalCorruptError, match="damaged"):
+        Journal(path, repair=False)
+
+
+def test_garbage_file_is_moved_aside_and_reported(tmp_path):
+    path = tmp_path / "j.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    journal = Journal(path)
+    report = journal.repair_report
+    assert report is not None and report.rows_recovered == 0
+    assert report.damaged_file.exists() and report.damaged_file.read_bytes().startswith(b"this is not")
+    journal.append_batch("r", [("m", 1.0, 1, 0)])  # a fresh journal works
+    assert journal.backlog().total == 1
+
+
+def test_damaged_pages_intact_rows_recovered_rest_reported(tmp_path):
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    for chunk in range(20):
+        journal.append_batch("r", [("loss", float(i), i, i) for i in range(chunk * 500, chunk * 500 + 500)])
+    journal.checkpoint()
+    journal.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("pragma wal_checkpoint(TRUNCATE)")
+    raw = bytearray(path.read_bytes())
+    page = 4096
+    middle = len(raw) // page // 2
+    raw[middle * page:(middle + 3) * page] = b"\xff" * (3 * page)  # three pages of the ops table overwritten
+    path.write_bytes(bytes(raw))
+
+    with pytest.raises(JournalCorruptError):
+        Journal(path, repair=False)
+    repaired = Journal(path)
+    report = repaired.repair_report
+    assert report is not None
+    total = repaired.backlog().total
+    assert 5_000 < total < 10_000, "rows on intact pages survive, rows on damaged pages are gone"
+    assert report.rows_recovered >= total
+    assert "recovered" in str(report) and str(report.damaged_file) in str(report)
+    values = sorted(decode_value(op.value) for op in repaired.pending_ops("r", 20_000))
+    assert len(set(values)) == len(values), "no row recovered twice"

@@ -1,0 +1,149 @@
+"""The supervised `mlflow server` child: lean start, real readiness, restart on death, clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from bridge.errors import ConfigError, MlflowStartError
+from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, port_is_free, redact_uri
+from tests.support.mlflow_server import free_port
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def test_lean_mlflow_starts_healthy_serves_artifacts_and_stops_without_orphans(bridge_home):
+    proc = MlflowProcess(MlflowOptions(port=free_port()))
+    proc.start()
+    try:
+        assert proc.healthy()
+        tree = _tree(proc.pid)
+        # 1 worker and no job runner: the mlflow CLI and one uvicorn process, not stock MLflow's ~15.
+        assert len(tree) <= 3, [p.cmdline()[:4] for p in tree]
+        assert not any("huey" in " ".join(p.cmdline()) for p in tree)
+        assert "--gunicorn-opts" not in proc.command()
+        # The embedded default: SQLite and artifacts under BRIDGE_HOME, artifacts proxied by the server.
+        assert (bridge_home / "mlflow.db").exists()
+        exp = requests.post(proc.url + "/api/2.0/mlflow/experiments/create", json={"name": "lean"}, timeout=10)
+        assert exp.status_code == 200
+        run = requests.post(proc.url + "/api/2.0/mlflow/runs/create",
+                            json={"experiment_id": exp.json()["experiment_id"]}, timeout=10).json()["run"]["info"]
+        put = requests.put(f"{proc.url}/api/2.0/mlflow-artifacts/artifacts/{run['experiment_id']}/{run['run_id']}"
+                           "/artifacts/hello.txt", data=b"hello", timeout=10)
+        assert put.status_code == 200
+        assert list((bridge_home / "artifacts").rglob("hello.txt"))[0].read_bytes() == b"hello"
+        assert (bridge_home / "logs" / "mlflow.log").stat().st_size > 0
+    finally:
+        tree = _tree(proc.pid)
+        proc.stop()
+    gone, alive = psutil.wait_procs(tree, timeout=5)
+    assert alive == []
+    assert port_is_free("127.0.0.1", proc.options.port)
+
+
+def test_scale_out_options_pass_through_unchanged(bridge_home):
+    opts = MlflowOptions(port=free_port(), backend_store_uri="postgresql://u:pw@db.example/mlflow",
+                         artifacts_destination="s3://bucket/mlflow", workers=4)
+    proc = MlflowProcess(opts)
+    cmd = proc.command()
+    assert cmd[cmd.index("--artifacts-destination") + 1] == "s3://bucket/mlflow"
+    assert cmd[cmd.index("--workers") + 1] == "4"
+    assert "--serve-artifacts" in cmd
+    env = proc.environment()
+    assert env["MLFLOW_BACKEND_STORE_URI"] == "postgresql://u:pw@db.example/mlflow"
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # The password stays off the command line, where `ps` would show it.
+    assert not any("pw@" in part for part in cmd)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"workers": 0}, "--workers"), ({"port": 70000}, "port"), ({"backend_store_uri": "file:///tmp/x"}, "sqlite")],
+)
+def test_bad_options_are_refused_with_a_clear_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MlflowOptions(**kwargs)
+
+
+def test_redact_uri_hides_passwords_only():
+    assert redact_uri("postgresql://user:s3cret@host:5432/db") == "postgresql://user:***@host:5432/db"
+    assert redact_uri("postgresql://user@host/db") == "postgresql://user@host/db"
+    assert redact_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_start_failure_raises_with_mlflow_log_lines_and_no_leftovers(bridge_home):
+    port = free_port()
+    proc = MlflowProcess(MlflowOptions(port=port, backend_store_uri="bogus://bridge:s3cretpw@nowhere/x"))
+    started = time.monotonic()
+    with pytest.raises(MlflowStartError) as info:
+        proc.start()
+    message = str(info.value)
+    assert time.monotonic() - started < 30  # the exit is noticed at once, not waited out
+    assert "exited with code 1" in message
+    assert "Last lines of" in message
+    # MLflow's own words about the failure, not only ours; its echo of the URI has the password masked.
+    assert "unsupported URI" in message
+    assert "s3cretpw" not in message
+    assert port_is_free("127.0.0.1", port)
+
+
+def test_start_deadline_shows_why_mlflow_is_not_ready(bridge_home):
+    port = free_port()
+    # MLflow keeps retrying an unreachable database, so this is the deadline path.
+    proc = MlflowProcess(MlflowOptions(port=port, backend_store_uri="postgresql://bridge:s3cretpw@127.0.0.1:1/nodb",
+                                       start_timeout_s=4))
+    with pytest.raises(MlflowStartError) as info:
+        proc.start()
+    message = str(info.value)
+    assert "did not become healthy within 4 s" in message
+    assert "Connection refused" in message
+    assert "s3cretpw" not in message
+    assert port_is_free("127.0.0.1", port)
+    assert proc.alive() is False
+
+
+def test_port_in_use_is_refused_before_starting(bridge_home):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        with pytest.raises(MlflowStartError, match=f"port {port}"):
+            MlflowProcess(MlflowOptions(port=port)).start()
+
+
+def test_watch_restarts_mlflow_after_kill_9_and_reports_it(bridge_home):
+    proc = MlflowProcess(MlflowOptions(port=free_port()))
+    proc.start()
+    stop = threading.Event()
+    events: list[str] = []
+    watcher = threading.Thread(target=proc.watch, args=(stop, events.append), daemon=True)
+    watcher.start()
+    try:
+        old_tree = _tree(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while proc.status.restarts < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.status.restarts == 1, events
+        assert proc.pid != old_tree[0].pid
+        assert proc.healthy()
+        assert any("exited with code -9" in e for e in events)
+        assert any("restarted" in e for e in events)
+        # The old group (the orphaned uvicorn included) is gone.
+        _, alive = psutil.wait_procs(old_tree, timeout=5)
+        assert alive == []
+    finally:
+        stop.set()
+        proc.stop()
+        watcher.join(10)
+    assert not watcher.is_alive()

@@ -1,0 +1,171 @@
+"""`bridge serve` as a whole, as a real subprocess: faults, token rotation, clean stop, the tunnel reopened."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import requests
+
+from bridge.errors import ConfigError, RecordSignatureError
+from bridge.record import verify_record
+from bridge.serve.supervisor import ServeOptions
+
+
+def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _files_containing(root, needle: str) -> list[str]:
+    """Every file under `root` whose bytes contain `needle`, except the 0600 secret store that must hold it."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and path.name != "secrets.json" and needle.encode() in path.read_bytes():
+            found.append(str(path))
+    return found
+
+
+def test_killed_mlflow_is_restarted_and_requests_succeed_again(own_bridge_serve):
+    server = own_bridge_serve()
+    token = server.token()
+    auth = {"Authorization": f"Bearer {token}"}
+    first = server.state()["mlflow"]
+    old_tree = [psutil.Process(first["pid"]), *psutil.Process(first["pid"]).children(recursive=True)]
+
+    os.kill(first["pid"], signal.SIGKILL)
+
+    state = _wait_for(lambda: (s := server.state()) and s["mlflow"]["restarts"] == 1 and s["mlflow"]["healthy"] and s,
+                      what="MLflow restart in the state file")
+    assert state["mlflow"]["pid"] != first["pid"]
+    assert any("exited with code -9" in e["event"] for e in state["events"])
+    resp = requests.post(server.entrance_url + "/api/2.0/mlflow/experiments/create", json={"name": "after-restart"},
+                         headers=auth, timeout=10)
+    assert resp.status_code == 200, resp.text
+    # The whole old group is gone (its uvicorn too), and the entrance never restarted: same process, same URL.
+    _, alive = psutil.wait_procs(old_tree, timeout=5)
+    assert alive == []
+    assert state["pid"] == server.proc.pid
+    assert state["entrance"]["url"] == server.entrance_url
+
+
+def test_token_rotation_works_at_once_republishes_then_sigterm_leaves_nothing(own_bridge_serve):
+    server = own_bridge_serve()
+    url = server.entrance_url + "/api/2.0/mlflow/experiments/search?max_results=1"
+    old = server.token()
+    assert requests.get(url, auth=("bridge", old), timeout=10).status_code == 200
+    record_file = server.home / "endpoint.json"
+    verify_record(record_file.read_text(), old)
+
+    rotated = server.cli("token", "--rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.strip()
+    assert new != old and new == server.token()
+    # No grace period for the old token: the very next request is refused.
+    assert requests.get(url, auth=("bridge", old), timeout=10).status_code == 401
+    assert requests.get(url, headers={"Authorization": f"Bearer {new}"}, timeout=10).status_code == 200
+
+    # The record is re-signed under the new token's key.
+    def resigned():
+        try:
+            return verify_record(record_file.read_text(), new)
+        except RecordSignatureError:
+            return None
+
+    record = _wait_for(resigned, timeout=20, what="the record re-signed with the new token")
+    assert record.url == server.entrance_url
+    with pytest.raises(RecordSignatureError):
+        verify_record(record_file.read_text(), old)
+
+    status = server.cli("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "healthy" in status.stdout
+
+    children = server.descendants()
+    assert len(children) >= 2  # mlflow and its uvicorn
+    assert server.stop() == 0
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == [], [p.cmdline() for p in alive]
+    assert not any("uvicorn" in " ".join(p.cmdline()) and str(server.port) in " ".join(p.cmdline())
+                   for p in psutil.process_iter() if _safe_running(p))
+    state = server.state()
+    assert state["stopped_at"] is not None
+    assert state["mlflow"]["healthy"] is False
+
+    # Neither token was ever written anywhere but the secret store: logs, state, record, MLflow's files.
+    assert (server.home / "logs" / "mlflow.log").stat().st_size > 0
+    for token in (old, new):
+        assert _files_containing(server.home, token) == []
+        assert token not in server.output()
+        assert token not in status.stdout
+
+
+def _safe_running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running()
+    except psutil.Error:
+        return False
+
+
+def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve, fake_ngrok):
+    server = own_bridge_serve("--tunnel", "ngrok", env_extra=fake_ngrok.env)
+    token = server.token()
+    state = server.state()
+    first_url = state["tunnel"]["public_url"]
+    assert first_url.startswith("https://") and first_url.endswith(".ngrok-free.app")
+    assert state["tunnel"]["status"] == "open"
+    record = verify_record((server.home / "endpoint.json").read_text(), token)
+    assert record.url == first_url
+    mlflow_pid = state["mlflow"]["pid"]
+
+    # Through the stand-in edge (public Host header, X-Forwarded-*): locked without the token, open with it.
+    public = fake_ngrok.local_url(first_url)
+    assert requests.get(public + "/api/2.0/mlflow/experiments/search", timeout=10).status_code == 401
+    ok = requests.get(public + "/api/2.0/mlflow/experiments/search", auth=("u", token), timeout=10)
+    assert ok.status_code == 200, ok.text
+
+    for pid in fake_ngrok.agent_pids():
+        os.kill(pid, signal.SIGKILL)
+
+    def republished():
+        s = server.state()
+        url = s and s["tunnel"]["public_url"]
+        if url and url != first_url and s["tunnel"]["status"] == "open" and s["last_publish"]["url"] == url:
+            return s
+        return None
+
+    state = _wait_for(republished, timeout=60, what="tunnel reopened and republished")
+    new_url = state["tunnel"]["public_url"]
+    record = verify_record((server.home / "endpoint.json").read_text(), token)
+    assert record.url == new_url
+    assert state["mlflow"]["pid"] == mlflow_pid and state["mlflow"]["restarts"] == 0  # MLflow untouched
+    resp = requests.get(fake_ngrok.local_url(new_url) + "/api/2.0/mlflow/experiments/search", auth=("u", token),
+                        timeout=10)
+    assert resp.status_code == 200
+
+    assert server.stop() == 0
+    _wait_for(lambda: fake_ngrok.agent_pids() == [], timeout=10, what="no agent left")
+    assert _files_containing(server.home, token) == []
+    assert _files_containing(server.home, fake_ngrok.authtoken) == [str(p) for p in server.home.rglob("ngrok.yml")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tunnel": "ssh"}, "--tunnel"),
+        ({"port": 5000, "entrance_port": 5000}, "--entrance-port"),
+        ({"heartbeat_timeout_s": 0}, "--heartbeat-timeout"),
+        ({"tunnel": "none", "domain": "x.ngrok.app"}, "--domain"),
+    ],
+)
+def test_bad_serve_options_are_refused_before_anything_starts(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ServeOptions(**kwargs)

@@ -1,0 +1,191 @@
+"""bridge.yolo's callbacks against a plain MLflow server and SQLite stores, with real (tiny) Ultralytics trainings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from bridge.yolo.callbacks import metric_name, model_identity
+from bridge.yolo.console import ConsoleCapture, ConsoleLog
+from tests.support.yolo import (
+    MODEL_FAMILIES,
+    assert_complete_yolo_run,
+    builtin_mlflow_callback_armed,
+    tiny_train_args,
+)
+
+USER_TAGS = {"team": "vision", "purpose": "test"}
+
+
+@pytest.fixture(scope="module")
+def plain_runs(mlflow_server, yolo_dataset, tmp_path_factory):
+    """yolov8n, yolo11n and yolo26n trained through bridge.yolo.train into a plain MLflow server (once per module)."""
+    import bridge.yolo
+
+    project = tmp_path_factory.mktemp("plain-runs")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server.url)
+    runs = {}
+    try:
+        with builtin_mlflow_callback_armed():
+            for name in MODEL_FAMILIES:
+                tracker = bridge.yolo.train(f"{name}.yaml", data=yolo_dataset, experiment="yolo-plain",
+                                            tags=USER_TAGS, name=name, **tiny_train_args(project))
+                runs[name] = tracker
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODEL_FAMILIES))
+def test_run_holds_params_metrics_artifacts_and_tags(plain_runs, mlflow_server, yolo_dataset, name):
+    tracker = plain_runs[name]
+    assert not tracker.report.failures
+    assert_complete_yolo_run(MlflowClient(mlflow_server.url), tracker.run_id, family=MODEL_FAMILIES[name],
+                             save_dir=tracker.save_dir, data_yaml=yolo_dataset, epochs=2, user_tags=USER_TAGS)
+
+
+@pytest.mark.slow
+def test_one_run_per_training_and_builtin_callback_restored(plain_runs, mlflow_server):
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("yolo-plain")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(MODEL_FAMILIES)
+    # bridge only edited each trainer's copy of the callbacks: Ultralytics' settings are unchanged
+    from ultralytics.utils import SETTINGS
+
+    assert SETTINGS["mlflow"] is True
+
+
+def test_metric_names_are_stable_and_mlflow_safe():
+    assert metric_name("metrics/mAP50-95(B)") == "val/mAP50-95"
+    assert metric_name("metrics/precision(B)") == "val/precision"
+    assert metric_name("metrics/mAP50(M)") == "val/mAP50_mask"
+    assert metric_name("metrics/recall(P)") == "val/recall_pose"
+    assert metric_name("metrics/accuracy_top1") == "val/accuracy_top1"
+    assert metric_name("train/l1_loss") == "train/l1_loss"
+    assert metric_name("lr/pg0") == "lr/pg0"
+    assert metric_name("odd(key)%") == "odd_key__"
+
+
+@pytest.mark.parametrize("name, family, scale", [
+    ("yolov8n.yaml", "yolov8", "n"), ("yolo11s.pt", "yolo11", "s"), ("/x/yolo26m.yaml", "yolo26", "m"),
+    ("yolov10x", "yolov10", "x"), ("yolo11n-seg.pt", "yolo11", "n"),
+])
+def test_model_family_and_scale_from_name(name, family, scale):
+    ident = model_identity(name)
+    assert (ident["model.family"], ident["model.scale"]) == (family, scale)
+
+
+def test_model_identity_falls_back_to_the_name():
+    assert model_identity("rtdetr-l.yaml", "l") == {"model.family": "rtdetr-l", "model.scale": "l"}
+
+
+def test_console_log_collapses_progress_redraws():
+    log = ConsoleLog()
+    for chunk in ["Epoch 1/2\n", "\r\x1b[K  1/2 10%", "\r\x1b[K  1/2 50%", "\r\x1b[K  1/2 100%", "\n",
+                  "val all 0.5\r\n", "\x1b[1mbold\x1b[0m line\n", "partial"]:
+        log.write(chunk)
+    assert log.text() == "Epoch 1/2\n  1/2 100%\nval all 0.5\nbold line\npartial"
+
+
+def test_console_log_keeps_head_and_tail_when_bounded():
+    log = ConsoleLog(max_lines=300)
+    for i in range(1000):
+        log.write(f"line {i}\n")
+    lines = log.text().splitlines()
+    assert lines[0] == "line 0" and lines[199] == "line 199" and lines[-1] == "line 999"
+    assert lines[200] == "[... 700 lines dropped ...]" and len(lines) == 301
+
+
+def test_console_capture_tees_and_restores(capsys):
+    import sys
+
+    logger = logging.getLogger("ultralytics")
+    capture = ConsoleCapture()
+    before = sys.stdout
+    capture.start()
+    print("hello\rworld")
+    capture.stop()
+    assert sys.stdout is before
+    assert capture.log.text() == "world\n"
+    assert "hello\rworld" in capsys.readouterr().out
+    assert all(getattr(h, "stream", None) is not None for h in logger.handlers)
+
+
+@pytest.mark.slow
+def test_unreachable_store_is_reported_once_and_training_finishes(yolo_dataset, tmp_path, caplog, monkeypatch):
+    import bridge.yolo
+    from tests.support.mlflow_server import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    try:
+        with caplog.at_level(logging.WARNING, logger="bridge.yolo"):
+            tracker = bridge.yolo.train("yolov8n.yaml", data=yolo_dataset, experiment="x", name="broken",
+                                        **tiny_train_args(tmp_path, epochs=1))
+    finally:
+        mlflow.set_tracking_uri("")
+    assert (tracker.save_dir / "weights" / "best.pt").exists()
+    assert tracker.run_id is None and tracker.report.failures == {"on_pretrain_routine_end"}
+    warnings = [r for r in caplog.records if r.name == "bridge.yolo.callbacks"]
+    assert len(warnings) == 1 and "on_pretrain_routine_end failed" in warnings[0].getMessage()
+
+
+@pytest.mark.slow
+def test_training_that_raises_ends_its_run_failed_with_what_it_logged(yolo_dataset, tmp_path):
+    import bridge.yolo
+    from ultralytics import YOLO
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    model = YOLO("yolov8n.yaml")
+    tracker = bridge.yolo.track(model, experiment="failing", console=True)
+
+    def explode(trainer):
+        if trainer.epoch == 1:
+            raise RuntimeError("boom in epoch 2")
+
+    model.add_callback("on_train_epoch_end", explode)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            model.train(data=str(yolo_dataset), name="failing", **tiny_train_args(tmp_path, epochs=3))
+    finally:
+        tracker.detach()
+        mlflow.set_tracking_uri("")
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["bridge.status"] == "FAILED"
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "val/mAP50-95")] == [1]
+    assert not any(k.startswith("final/") for k in run.data.metrics)
+    assert "time.end" in run.data.tags
+    assert "console.log" in {a.path for a in client.list_artifacts(tracker.run_id)}
+    import sys
+
+    assert not type(sys.stdout).__name__ == "_Tee"  # the console capture was removed
+
+
+@pytest.mark.slow
+def test_an_active_run_of_the_caller_is_used_and_left_open(yolo_dataset, tmp_path):
+    import bridge.yolo
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(run_name="mine") as mine:
+            tracker = bridge.yolo.train("yolov8n.yaml", data=yolo_dataset, name="inner",
+                                        **tiny_train_args(tmp_path, epochs=1))
+            assert tracker.run_id == mine.info.run_id
+            assert mlflow.active_run().info.run_id == mine.info.run_id
+            assert MlflowClient(uri).get_run(mine.info.run_id).info.status == "RUNNING"
+            mlflow.log_metric("mine", 1.0)
+    finally:
+        mlflow.set_tracking_uri("")
+    run = MlflowClient(uri).get_run(mine.info.run_id)
+    assert run.info.status == "FINISHED" and "val/mAP50-95" in run.data.metrics and "mine" in run.data.metrics
+    assert len(MlflowClient(uri).search_runs([run.info.experiment_id])) == 1
