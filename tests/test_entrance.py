@@ -261,6 +261,15 @@ def test_brute_force_from_one_client_gets_429_others_unaffected(served):
     assert ok.status_code == 200
 
 
+def test_local_processes_are_not_throttled(served):
+    """A process on this machine can reach MLflow's own port without login, so typos there never lock it out."""
+    server = served["server"]
+    codes = {requests.get(server.entrance_url + "/health", auth=("u", f"typo-{n}"), timeout=10).status_code
+             for n in range(15)}
+    assert codes == {401}
+    assert requests.get(server.entrance_url + "/health", auth=("u", served["token"]), timeout=10).status_code == 200
+
+
 # --- in-process entrance details ---------------------------------------------------------------------
 
 

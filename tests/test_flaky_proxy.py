@@ -159,3 +159,22 @@ def test_upstream_down_looks_like_a_reset_and_close_frees_everything(make_flaky_
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
     assert not proxy._threads
+
+
+def test_path_and_times_limit_a_fault_to_chosen_requests(flaky_proxy, mlflow_server):
+    flaky_proxy.set_mode("lost_ack", path=CREATE, times=1)
+    name = _name()
+    with requests.Session() as session:
+        # Other paths pass untouched while the fault waits for its request.
+        assert session.get(flaky_proxy.url + GET_BY_NAME, params={"experiment_name": name}, timeout=5).status_code == 404
+    with pytest.raises(requests.ConnectionError):
+        _create(flaky_proxy.url, name)
+    assert flaky_proxy.mode == "pass"  # spent: back to pass by itself
+    assert _create(flaky_proxy.url, _name()).status_code == 200
+    assert flaky_proxy.count(CREATE, mode="lost_ack") == 1
+    assert flaky_proxy.count(mode="pass") == 2
+    assert _exists_on_server(mlflow_server, name)
+    with pytest.raises(TypeError, match="refuse"):
+        flaky_proxy.set_mode("refuse", times=1)
+    with pytest.raises(ValueError, match="times"):
+        flaky_proxy.set_mode("reset", times=0)

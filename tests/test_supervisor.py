@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 
 import psutil
 import pytest
 import requests
 
+from mlflow.tracking import MlflowClient
+
+from bridge import config, secrets
 from bridge.errors import ConfigError, RecordSignatureError
 from bridge.record import verify_record
-from bridge.serve.supervisor import ServeOptions
+from bridge.serve.supervisor import ServeOptions, Supervisor
+from tests.support.mlflow_server import free_port
 
 
 def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
@@ -69,11 +75,8 @@ def test_token_rotation_works_at_once_republishes_then_sigterm_leaves_nothing(ow
     assert rotated.returncode == 0, rotated.stderr
     new = rotated.stdout.strip()
     assert new != old and new == server.token()
-    # No grace period for the old token: the very next request is refused.
-    assert requests.get(url, auth=("bridge", old), timeout=10).status_code == 401
-    assert requests.get(url, headers={"Authorization": f"Bearer {new}"}, timeout=10).status_code == 200
 
-    # The record is re-signed under the new token's key.
+    # The record is re-signed under the new token's key, even before any request comes in.
     def resigned():
         try:
             return verify_record(record_file.read_text(), new)
@@ -84,13 +87,16 @@ def test_token_rotation_works_at_once_republishes_then_sigterm_leaves_nothing(ow
     assert record.url == server.entrance_url
     with pytest.raises(RecordSignatureError):
         verify_record(record_file.read_text(), old)
+    # No grace period for the old token: refused, and the new one works.
+    assert requests.get(url, auth=("bridge", old), timeout=10).status_code == 401
+    assert requests.get(url, headers={"Authorization": f"Bearer {new}"}, timeout=10).status_code == 200
 
     status = server.cli("status")
     assert status.returncode == 0, status.stdout + status.stderr
     assert "healthy" in status.stdout
 
     children = server.descendants()
-    assert len(children) >= 2  # mlflow and its uvicorn
+    assert len(children) == 1  # MLflow: its uvicorn, exec'd in place of the mlflow CLI
     assert server.stop() == 0
     _, alive = psutil.wait_procs(children, timeout=5)
     assert alive == [], [p.cmdline() for p in alive]
@@ -128,8 +134,8 @@ def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve,
 
     # Through the stand-in edge (public Host header, X-Forwarded-*): locked without the token, open with it.
     public = fake_ngrok.local_url(first_url)
-    assert requests.get(public + "/api/2.0/mlflow/experiments/search", timeout=10).status_code == 401
-    ok = requests.get(public + "/api/2.0/mlflow/experiments/search", auth=("u", token), timeout=10)
+    assert requests.get(public + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=10).status_code == 401
+    ok = requests.get(public + "/api/2.0/mlflow/experiments/search?max_results=1", auth=("u", token), timeout=10)
     assert ok.status_code == 200, ok.text
 
     for pid in fake_ngrok.agent_pids():
@@ -147,9 +153,14 @@ def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve,
     record = verify_record((server.home / "endpoint.json").read_text(), token)
     assert record.url == new_url
     assert state["mlflow"]["pid"] == mlflow_pid and state["mlflow"]["restarts"] == 0  # MLflow untouched
-    resp = requests.get(fake_ngrok.local_url(new_url) + "/api/2.0/mlflow/experiments/search", auth=("u", token),
-                        timeout=10)
+    resp = requests.get(fake_ngrok.local_url(new_url) + "/api/2.0/mlflow/experiments/search?max_results=1",
+                        auth=("u", token), timeout=10)
     assert resp.status_code == 200
+
+    # Guessing through the tunnel (the agent names the client in X-Forwarded-For) is throttled.
+    codes = [requests.get(fake_ngrok.local_url(new_url) + "/health", auth=("u", f"guess-{n}"), timeout=10).status_code
+             for n in range(12)]
+    assert codes == [401] * 10 + [429] * 2
 
     assert server.stop() == 0
     _wait_for(lambda: fake_ngrok.agent_pids() == [], timeout=10, what="no agent left")
@@ -169,3 +180,38 @@ def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve,
 def test_bad_serve_options_are_refused_before_anything_starts(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ServeOptions(**kwargs)
+
+
+def test_supervisor_reaps_silent_runs_and_republishes_when_due(bridge_home):
+    port = free_port()
+    supervisor = Supervisor(ServeOptions(port=port, entrance_port=free_port(), tunnel="none", heartbeat_timeout_s=2))
+    info = supervisor.start()
+    assert info.public_url is None and info.record_url == info.entrance_url
+    waiter = threading.Thread(target=supervisor.wait, daemon=True)
+    waiter.start()
+    try:
+        token = secrets.access_token(create=False)
+        client = MlflowClient(tracking_uri=info.mlflow_url)
+        exp_id = client.create_experiment("silent-client")
+        silent = client.create_run(exp_id, tags={config.HEARTBEAT_TAG: str(time.time() - 60)}).info.run_id
+        untagged = client.create_run(exp_id).info.run_id
+        # Reaped within one round (every min(timeout/4, 30) s = 0.5 s here).
+        _wait_for(lambda: client.get_run(silent).info.status == "KILLED", timeout=20, what="the silent run reaped")
+        assert client.get_run(untagged).info.status == "RUNNING"
+        state = _wait_for(lambda: (s := json.loads(config.paths().state_file.read_text()))["last_reap"] and s,
+                          what="the reap in the state file")
+        assert silent in state["last_reap"]["killed"] or any(silent in e["event"] for e in state["events"])
+
+        # Republished when due (normally at half the record's TTL), with a fresh expiry.
+        first = verify_record(config.paths().record_file.read_text(), token)
+        supervisor._next_publish_at = 0
+        second = _wait_for(
+            lambda: (r := verify_record(config.paths().record_file.read_text(), token)).issued_at > first.issued_at
+            and r, what="a republished record")
+        assert second.expires_at > first.expires_at
+        assert second.instance == first.instance
+    finally:
+        supervisor.request_stop()
+        waiter.join(10)
+        supervisor.stop()
+    assert json.loads(config.paths().state_file.read_text())["stopped_at"] is not None

@@ -110,8 +110,14 @@ def test_request_through_tunnel_arrives_with_public_host_and_forwarded_headers(f
     assert seen["headers"]["X-Forwarded-Host"] == host
     assert seen["headers"]["X-Forwarded-Proto"] == "https"
     assert seen["headers"]["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert seen["headers"]["User-Agent"].startswith("python-requests/")  # the client's headers, not the proxy's
     assert seen["body_len"] == len(body)
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+    small = b'{"run_id": "r1", "metrics": []}'
+    seen = requests.post(f"{local}/api/2.0/mlflow/runs/log-batch", data=small, timeout=10).json()
+    assert (seen["body_len"], seen["headers"]["Host"]) == (len(small), host)
+    assert seen["body_sha256"] == hashlib.sha256(small).hexdigest()
 
     download = requests.get(f"{local}/bytes/3000000", timeout=10)
     assert download.status_code == 200 and len(download.content) == 3_000_000

@@ -1,4 +1,7 @@
-"""bridge.yolo's callbacks against a plain MLflow server and SQLite stores, with real (tiny) Ultralytics trainings."""
+"""bridge.yolo's callbacks on their own: names, console capture, failures, runs the caller owns.
+
+The full content of a run per model family is checked end to end, through `bridge serve`, in test_yolo_e2e.py.
+"""
 
 from __future__ import annotations
 
@@ -11,56 +14,7 @@ from mlflow import MlflowClient
 
 from bridge.yolo.callbacks import metric_name, model_identity
 from bridge.yolo.console import ConsoleCapture, ConsoleLog
-from tests.support.yolo import (
-    MODEL_FAMILIES,
-    assert_complete_yolo_run,
-    builtin_mlflow_callback_armed,
-    tiny_train_args,
-)
-
-USER_TAGS = {"team": "vision", "purpose": "test"}
-
-
-@pytest.fixture(scope="module")
-def plain_runs(mlflow_server, yolo_dataset, tmp_path_factory):
-    """yolov8n, yolo11n and yolo26n trained through bridge.yolo.train into a plain MLflow server (once per module)."""
-    import bridge.yolo
-
-    project = tmp_path_factory.mktemp("plain-runs")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(mlflow_server.url)
-    runs = {}
-    try:
-        with builtin_mlflow_callback_armed():
-            for name in MODEL_FAMILIES:
-                tracker = bridge.yolo.train(f"{name}.yaml", data=yolo_dataset, experiment="yolo-plain",
-                                            tags=USER_TAGS, name=name, **tiny_train_args(project))
-                runs[name] = tracker
-    finally:
-        mlflow.set_tracking_uri(previous)
-    return runs
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(MODEL_FAMILIES))
-def test_run_holds_params_metrics_artifacts_and_tags(plain_runs, mlflow_server, yolo_dataset, name):
-    tracker = plain_runs[name]
-    assert not tracker.report.failures
-    assert_complete_yolo_run(MlflowClient(mlflow_server.url), tracker.run_id, family=MODEL_FAMILIES[name],
-                             save_dir=tracker.save_dir, data_yaml=yolo_dataset, epochs=2, user_tags=USER_TAGS)
-
-
-@pytest.mark.slow
-def test_one_run_per_training_and_builtin_callback_restored(plain_runs, mlflow_server):
-    client = MlflowClient(mlflow_server.url)
-    exp = client.get_experiment_by_name("yolo-plain")
-    runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == sorted(MODEL_FAMILIES)
-    # bridge only edited each trainer's copy of the callbacks: Ultralytics' settings are unchanged
-    from ultralytics.utils import SETTINGS
-
-    assert SETTINGS["mlflow"] is True
-
+from tests.support.yolo import tiny_train_args
 
 def test_metric_names_are_stable_and_mlflow_safe():
     assert metric_name("metrics/mAP50-95(B)") == "val/mAP50-95"

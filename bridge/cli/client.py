@@ -48,9 +48,11 @@ def sync_command(
         report = sync(journal, url, timeout=timeout, on_progress=on_progress)
     if report.repair:
         err_console.print(f"[yellow]Warning:[/] {report.repair}", highlight=False)
-    table = Table(title=f"Journal {report.journal} → {report.url}")
-    for column in ("run", "delivered", "left", "dead letters"):
-        table.add_column(column, justify="left" if column == "run" else "right")
+    console.print(f"Journal {report.journal} → {report.url}", highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("run", no_wrap=True)
+    for column in ("delivered", "left", "dead letters"):
+        table.add_column(column, justify="right", no_wrap=True)
     for run in sorted(set(report.before) | set(report.after) | set(report.dead)):
         before, after = report.before.get(run, 0), report.after.get(run, 0)
         table.add_row(_run_label(run, runs), str(max(0, before - after)), str(after), str(report.dead.get(run, 0)))
@@ -70,16 +72,20 @@ def queue_command(
     from bridge.client.connect import queue
 
     backlog, dead, runs, path = queue(journal)
-    table = Table(title=f"Journal {path}")
-    for column in ("run", "waiting", "dead letters"):
-        table.add_column(column, justify="left" if column == "run" else "right")
+    console.print(f"Journal {path}", highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("run", no_wrap=True)
+    for column in ("waiting", "dead letters"):
+        table.add_column(column, justify="right", no_wrap=True)
     for run in sorted(set(backlog.pending) | set(backlog.dead)):
         table.add_row(_run_label(run, runs), str(backlog.pending.get(run, 0)), str(backlog.dead.get(run, 0)))
     console.print(table)
     if dead:
         letters = Table(title="Dead letters (refused by the server; not retried)")
-        for column in ("run", "kind", "key", "server's message"):
-            letters.add_column(column)
+        letters.add_column("run", no_wrap=True)
+        letters.add_column("kind", no_wrap=True)
+        letters.add_column("key", overflow="fold")
+        letters.add_column("server's message", overflow="fold")
         for op, error in dead:
             letters.add_row(_run_label(op.run, runs), op.kind, op.key or "", error or "")
         console.print(letters)

@@ -43,12 +43,14 @@ def serve_command(
         envvar="BRIDGE_ENTRANCE_PORT")] = None,
     host: Annotated[str, typer.Option(
         help="Address the entrance binds. Keep 127.0.0.1 behind ngrok; name a LAN/VPN address "
-             "(e.g. a Tailscale IP) to serve it there with --tunnel none.", envvar="BRIDGE_HOST")] = config.DEFAULT_HOST,
+             "(e.g. a Tailscale IP) to serve it there with --tunnel none.",
+        envvar="BRIDGE_HOST")] = config.DEFAULT_HOST,
     tunnel: Annotated[str, typer.Option(
         help="ngrok: open an ngrok tunnel to the entrance (needs `bridge login` or NGROK_AUTHTOKEN; without "
              "one bridge serves the entrance alone). none: no tunnel.", envvar="BRIDGE_TUNNEL")] = "ngrok",
     domain: Annotated[Optional[str], typer.Option(
-        help="A reserved/static ngrok domain, so the public URL survives restarts.", envvar="BRIDGE_NGROK_DOMAIN")] = None,
+        help="A reserved/static ngrok domain, so the public URL survives restarts.",
+        envvar="BRIDGE_NGROK_DOMAIN")] = None,
     edge_auth: Annotated[bool, typer.Option(
         "--edge-auth", help="Also make ngrok's edge demand HTTP Basic (user `bridge`, password = access token). "
                             "Off by default: Bearer-token clients are then refused at the edge.")] = False,
@@ -113,7 +115,8 @@ def colab_snippet(url: str, publish_spec: str | None) -> str:
 
 @handles_errors
 def token_command(
-    rotate: Annotated[bool, typer.Option("--rotate", help="Replace the token; the old one stops working at once.")] = False,
+    rotate: Annotated[bool, typer.Option(
+        "--rotate", help="Replace the token; the old one stops working at once.")] = False,
 ) -> None:
     """Print the access token alone on stdout (create it on first use), for Colab's BRIDGE_TOKEN secret."""
     if rotate:
@@ -229,9 +232,11 @@ def status_command() -> None:
     table.add_column("State")
     table.add_column("Details", overflow="fold")
     if running:
-        table.add_row("Process", "[green]running[/]", f"pid {state.get('pid')}, up {_duration(time.time() - state['started_at'])}")
+        uptime = _duration(time.time() - state["started_at"])
+        table.add_row("Process", "[green]running[/]", f"pid {state.get('pid')}, up {uptime}")
     else:
-        table.add_row("Process", "[red]stopped[/]", f"pid {state.get('pid')} (last state {_ago(state.get('stopped_at') or state.get('started_at'))})")
+        last = _ago(state.get("stopped_at") or state.get("started_at"))
+        table.add_row("Process", "[red]stopped[/]", f"pid {state.get('pid')} (last state {last})")
     health = _probe(mlflow_state.get("url")) if running else None
     table.add_row(
         "MLflow",

@@ -56,6 +56,10 @@ def train_command(
     device: Annotated[Optional[str], typer.Option(help="'cpu', '0', '0,1' … (default: Ultralytics picks).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data loader workers.")] = None,
     project: Annotated[Optional[Path], typer.Option(help="Folder for Ultralytics' run outputs.")] = None,
+    arg: Annotated[Optional[list[str]], typer.Option(
+        "--arg", help="Any other Ultralytics training argument as KEY=VALUE (repeatable), e.g. --arg nbs=4.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(
+        "--tag", help="A tag for every run of the sweep as KEY=VALUE (repeatable).")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help=TRACKING_URI_HELP)] = None,
 ) -> None:
     """Train one or more YOLO models one after another, each as a run of one MLflow experiment."""
@@ -64,8 +68,10 @@ def train_command(
 
     from bridge.yolo.sweep import sweep
 
+    extra = _parse_args(arg or [])
+    tags = {k: str(v) for k, v in _parse_args(tag or []).items()}
     conn = _connect(tracking_uri)
-    overrides: dict = {"epochs": epochs, "imgsz": imgsz, "batch": batch}
+    overrides: dict = {**extra, "epochs": epochs, "imgsz": imgsz, "batch": batch}
     if device is not None:
         overrides["device"] = device
     if workers is not None:
@@ -87,7 +93,7 @@ def train_command(
         progress.refresh()
 
     with progress:
-        results = sweep(model, data=data, experiment=experiment, on_model_start=on_model_start,
+        results = sweep(model, data=data, experiment=experiment, tags=tags, on_model_start=on_model_start,
                         on_epoch_end=on_epoch_end, **overrides)
         progress.update(overall, completed=len(model))
     _deliver(conn)
@@ -102,6 +108,24 @@ def train_command(
     console.print(f"Compare them: [bold]bridge compare {experiment}[/]")
     if any(r.error for r in results):
         raise typer.Exit(1)
+
+
+def _parse_args(items: list[str]) -> dict:
+    """KEY=VALUE pairs with YAML-typed values (4 → int, false → bool, [1, 2] → list)."""
+    import yaml
+
+    from bridge.errors import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item!r}: expected KEY=VALUE, e.g. --arg nbs=4 or --tag team=vision")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
 
 
 def _num(v: float | None) -> str:

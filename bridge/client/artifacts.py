@@ -44,7 +44,7 @@ class JournalArtifactRepository(ArtifactRepository):
         return conn
 
     def _path(self, *parts: str | None) -> str:
-        return posixpath.join(*(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/")))
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
 
     def log_artifact(self, local_file, artifact_path=None):
         source = Path(local_file)

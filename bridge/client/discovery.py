@@ -297,7 +297,7 @@ def _record_sources() -> list[_Spec]:
     if spec:
         found.append(_parse_spec(spec))
     local = config.paths().record_file
-    if local.is_file() and not any(s.kind == "file" and Path(s.value) == local for s in found):
+    if local.is_file() and not any(s.kind == "file" and Path(s.value).resolve() == local.resolve() for s in found):
         found.append(_Spec("file", str(local)))
     return found
 
@@ -361,7 +361,11 @@ _warned_records: set[tuple[str, str]] = set()
 
 
 def _rediscover_interval() -> float:
-    return config.env_float(REDISCOVER_INTERVAL_ENV, DEFAULT_REDISCOVER_INTERVAL_S)
+    try:
+        return config.env_float(REDISCOVER_INTERVAL_ENV, DEFAULT_REDISCOVER_INTERVAL_S)
+    except ConfigError as exc:  # re-discovery runs in the sender's thread: a typo must not stop delivery
+        log.debug("%s; using %s s", exc, DEFAULT_REDISCOVER_INTERVAL_S)
+        return DEFAULT_REDISCOVER_INTERVAL_S
 
 
 def rediscover(token: str | None, current_url: str | None = None, *,

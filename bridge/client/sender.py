@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -298,7 +296,8 @@ class Sender:
         attempts = 0
         while not self._stop.is_set():
             try:
-                self.deliver_round()
+                if not self.deliver_round() and self.online is not True:
+                    self.probe()  # nothing to send, but reads want to know when the server is back
                 self._heartbeat()
                 attempts = 0
                 wait = self.send_interval_s
@@ -321,6 +320,10 @@ class Sender:
             self._idle.set()
             self._wake.wait(wait)
             self._wake.clear()
+
+    def probe(self) -> None:
+        """One cheap authenticated request; raises _Pause when the server is not usable."""
+        self._checked(lambda: self.call("/experiments/search", {"max_results": 1}, method="GET"))
 
     def deliver_round(self) -> int:
         """Deliver everything pending now; the number of journal rows delivered. Raises _Pause."""
@@ -362,11 +365,15 @@ class Sender:
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     def request(self, method: str, path: str, *, json_body: dict | None = None, params: dict | None = None,
-                data=None, timeout: tuple[float, float] | None = None) -> requests.Response:
-        """One HTTP request to the server; errors as TransportFailure / HttpFailure, never with the token."""
+                data=None, timeout: tuple[float, float] | None = None,
+                session: requests.Session | None = None) -> requests.Response:
+        """One HTTP request to the server; errors as TransportFailure / HttpFailure, never with the token.
+
+        Other threads (the store's reads) pass their own `session`: requests' sessions are not shared safely.
+        """
         self.requests += 1
         try:
-            resp = self._session.request(method, self.url + path, json=json_body, params=params, data=data,
+            resp = (session or self._session).request(method, self.url + path, json=json_body, params=params, data=data,
                                          headers=self._headers(), timeout=timeout or self.timeout)
         except requests.RequestException as exc:
             self._note_failure(f"{type(exc).__name__} talking to {self.url}")
@@ -675,15 +682,3 @@ class Sender:
         if size != body["size"]:
             raise _Pause(TransportFailure(f"uploaded {body['path']} but the server holds {size} bytes, "
                                           f"not {body['size']}; uploading again"), Verdict.RETRY)
-
-
-def points_in(ops: list[Op]) -> int:
-    return sum(1 for op in ops if op.kind == METRIC)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-__all__ = ["Sender", "Verdict", "classify_failure", "retry_when", "TransportFailure", "HttpFailure"]
-_ = json  # json is used by Op.json(); kept imported for callers that build bodies

@@ -12,6 +12,8 @@ import json
 import logging
 import time
 
+import requests
+
 from mlflow.entities import (
     Experiment, ExperimentTag, LifecycleStage, Metric, Param, Run, RunData, RunInfo, RunStatus, RunTag, ViewType,
 )
@@ -51,6 +53,7 @@ class _ServerReads(RestStore):
 
     def __init__(self, connection) -> None:
         self._connection = connection
+        self._session = requests.Session()  # the training thread's own; the sender thread has another
         super().__init__(lambda: MlflowHostCreds(host=connection.sender.url, token=connection.sender.token))
 
     def _call_endpoint(self, api, json_body=None, endpoint=None, retry_timeout_seconds=None, response_proto=None):
@@ -61,9 +64,9 @@ class _ServerReads(RestStore):
         sender = self._connection.sender
         try:
             if method == "GET":
-                resp = sender.request("GET", endpoint, params=body, timeout=READ_TIMEOUT)
+                resp = sender.request("GET", endpoint, params=body, timeout=READ_TIMEOUT, session=self._session)
             else:
-                resp = sender.request(method, endpoint, json_body=body, timeout=READ_TIMEOUT)
+                resp = sender.request(method, endpoint, json_body=body, timeout=READ_TIMEOUT, session=self._session)
         except TransportFailure as exc:
             raise _Offline(str(exc)) from None
         except HttpFailure as exc:
@@ -398,6 +401,20 @@ class JournalStore(AbstractStore):
             run_id=run_id, datasets=[d.to_proto() for d in datasets or []],
             models=[m.to_proto() for m in models or []])))
         self.connection.journal.append(run_id, J.LOG_INPUTS, body)
+
+    def search_logged_models(self, experiment_ids, filter_string=None, datasets=None, max_results=None,
+                             order_by=None, page_token=None):
+        # Logged models are not journaled; MLflow asks for them when listing a run's artifacts, so an
+        # unreachable server simply means "none".
+        conn = self.connection
+        remote_ids = [r for r in (self._remote_experiment(conn, str(e)) for e in experiment_ids) if r]
+        if remote_ids and self._online(conn):
+            try:
+                return self._server(conn).search_logged_models(remote_ids, filter_string, datasets, max_results,
+                                                               order_by, page_token)
+            except _Offline:
+                pass
+        return PagedList([], None)
 
     def link_traces_to_run(self, trace_ids, run_id):
         self._call_online("link_traces_to_run", lambda c, s: s.link_traces_to_run(

@@ -65,6 +65,7 @@ class TokenSource:
     def __init__(self, load: Callable[[], str] | None = None, revision_file: Path | None = None) -> None:
         self._load = load or (lambda: secrets.access_token(create=True))  # type: ignore[return-value]
         self._revision_file = revision_file or config.paths().token_revision_file
+        self._reload_lock = threading.Lock()
         self._stamp = self._revision_stamp()
         self._token = self._load().encode()
         self.revision = 0
@@ -80,10 +81,12 @@ class TokenSource:
         """The token now; one stat() per call, a secret-store read only when the marker changed."""
         stamp = self._revision_stamp()
         if stamp != self._stamp:
-            self._stamp = stamp
-            self._token = self._load().encode()
-            self.revision += 1
-            log.info("Access token changed; the old token is no longer accepted.")
+            with self._reload_lock:  # the entrance's loop and the supervisor both ask
+                if stamp != self._stamp:
+                    self._token = self._load().encode()  # if this raises, the next call tries again
+                    self._stamp = stamp
+                    self.revision += 1
+                    log.info("Access token changed; the old token is no longer accepted.")
         return self._token
 
     def matches(self, presented: bytes | None) -> bool:
@@ -276,13 +279,18 @@ class Entrance:
 
     # --- requests --------------------------------------------------------------------------------
 
-    def client_of(self, request: web.BaseRequest) -> str:
-        """Who is knocking: the tunnel (a loopback peer) names the real client last in X-Forwarded-For."""
+    def client_of(self, request: web.BaseRequest) -> str | None:
+        """Who is knocking, for the throttle; None for a local process talking to the entrance directly.
+
+        The tunnel's agent is a loopback peer and names the real client last in X-Forwarded-For (the entry
+        ngrok itself appended). A loopback peer without that header is a process on this machine, which can
+        reach MLflow's own port without any login: throttling it would protect nothing and only lock out
+        the workstation's own tools after a few typos.
+        """
         peer = request.remote or ""
         if _is_loopback(peer):
-            forwarded = request.headers.get("X-Forwarded-For")
-            if forwarded:
-                return forwarded.rsplit(",", 1)[-1].strip() or peer
+            forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
+            return forwarded or None
         return peer
 
     def own_origin(self, request: web.BaseRequest) -> str:
@@ -295,7 +303,7 @@ class Entrance:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         client = self.client_of(request)
-        retry_after = self.throttle.retry_after_s(client)
+        retry_after = self.throttle.retry_after_s(client) if client is not None else None
         if retry_after is not None:
             self.rejected += 1
             return web.Response(
@@ -305,14 +313,17 @@ class Entrance:
             )
         if not self.tokens.matches(presented_token(request.headers.get("Authorization"))):
             self.rejected += 1
-            self.throttle.failed(client)
-            log.info("Refused %s %s from %s: missing or wrong access token", request.method, request.path, client)
+            if client is not None:
+                self.throttle.failed(client)
+            log.info("Refused %s %s from %s: missing or wrong access token", request.method, request.path,
+                     client or "this machine")
             return web.Response(
                 status=401,
                 text="This MLflow is behind bridge's entrance: log in with the access token (`bridge token`).\n",
                 headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
             )
-        self.throttle.succeeded(client)
+        if client is not None:
+            self.throttle.succeeded(client)
         return await self._forward(request)
 
     def _upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:

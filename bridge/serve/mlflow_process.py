@@ -134,9 +134,12 @@ class MlflowProcess:
         return self._proc.pid if self._proc is not None else None
 
     def command(self) -> list[str]:
-        """The argv that starts MLflow. The backend URI travels in the environment, out of `ps`."""
+        """The argv that starts `mlflow server` (through `_main` below, so MLflow's CLI becomes uvicorn).
+
+        The backend URI travels in the environment, out of `ps`.
+        """
         return [
-            sys.executable, "-m", "mlflow", "server",
+            sys.executable, "-m", "bridge.serve.mlflow_process", "server",
             "--artifacts-destination", self.options.resolved_artifacts_destination(),
             "--serve-artifacts",
             "--host", self.HOST,
@@ -349,3 +352,30 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _main(argv: list[str]) -> None:
+    """Run MLflow's own `mlflow server` CLI, but let its uvicorn replace it instead of running as its child.
+
+    `mlflow server` stays resident only to wait for uvicorn (~300 MB for nothing); exec'ing uvicorn in its
+    place halves the footprint and makes this process the server itself. Only when job execution is off,
+    the one case where MLflow does nothing with the child after starting it.
+    """
+    import mlflow.server
+    from mlflow.cli import cli
+
+    original = getattr(mlflow.server, "_exec_cmd", None)
+    if original is not None and os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "").lower() == "false":
+
+        def exec_instead(cmd, *args, extra_env=None, env=None, **kwargs):
+            merged = {**(env if env is not None else os.environ), **(extra_env or {})}
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execvpe(cmd[0], list(cmd), merged)
+
+        mlflow.server._exec_cmd = exec_instead
+    cli.main(args=argv, prog_name="mlflow")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

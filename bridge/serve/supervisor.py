@@ -137,6 +137,7 @@ class Supervisor:
         self._next_tunnel_check = 0.0
         self._state_lock = threading.Lock()
         self._stopped = False
+        self.stop_requested = False
 
     # --- start and stop ---------------------------------------------------------------------------
 
@@ -206,11 +207,12 @@ class Supervisor:
         return self.entrance.url
 
     def _check_interrupt(self) -> None:
-        if self._stop.is_set():
+        if self.stop_requested:
             raise _Interrupted()
 
     def request_stop(self) -> None:
         """Ask everything to stop; safe from a signal handler."""
+        self.stop_requested = True
         self._stop.set()
         self.mlflow.interrupt()
 
@@ -265,6 +267,7 @@ class Supervisor:
         if self.tunnel is not None and now >= self._next_tunnel_check:
             self._check_tunnel(now)
         assert self.entrance is not None
+        self.entrance.tokens.current()  # notices a rotation even when no request has come in since
         revision = self.entrance.tokens.revision
         if revision != self._published_revision:
             self._event("access token changed; republishing the record under the new key")
@@ -438,7 +441,7 @@ def serve(options: ServeOptions, on_ready=None) -> None:
         except _Interrupted:
             return
         except Exception as exc:  # a stop signal during start-up surfaces as the part's own error
-            if supervisor._stop.is_set() and not isinstance(exc, ConfigError):
+            if supervisor.stop_requested and not isinstance(exc, ConfigError):
                 return
             raise
         if on_ready is not None:

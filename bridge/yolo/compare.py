@@ -70,17 +70,17 @@ class Comparison:
 
     def plot(self, out: str | Path) -> Path:
         """Write a PNG: mAP50-95 per epoch, then each training loss per epoch, one line per run."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        # A bare Figure (no pyplot) renders with Agg and leaves the caller's backend, e.g. a notebook's, alone.
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
 
         keys = ["val/mAP50-95"] + sorted({k for r in self.rows for k in r.curves if k.startswith("train/")})
         ncols = min(len(keys), 3)
         nrows = -(-len(keys) // ncols)
         from matplotlib.ticker import MaxNLocator
 
-        fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
+        fig = Figure(figsize=(5 * ncols, 3.6 * nrows))
+        axes = fig.subplots(nrows, ncols, squeeze=False)
         colours = {r.run_id: f"C{i % 10}" for i, r in enumerate(self.rows)}  # one colour per run in every panel
         for ax, key in zip(axes.flat, keys):
             for r in self.rows:
@@ -94,14 +94,13 @@ class Comparison:
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(keys):]:
             ax.set_visible(False)
-        handles = [plt.Line2D([], [], color=colours[r.run_id], marker="o", label=r.name) for r in self.rows]
+        handles = [Line2D([], [], color=colours[r.run_id], marker="o", label=r.name) for r in self.rows]
         fig.legend(handles=handles, loc="upper right", fontsize=8)
         fig.suptitle(f"{self.experiment}: {len(self.rows)} runs")
         fig.tight_layout()
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=100)
-        plt.close(fig)
         return out
 
 

@@ -43,6 +43,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 VERSION = "3.19.1"
 DEFAULT_WEB_PORT = 4040
+SMALL_BODY = 256 * 1024
+NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length",
@@ -176,15 +178,15 @@ class Forwarder:
 
     async def handle(self, request):
         from aiohttp import ClientError, web
+        from multidict import CIMultiDict
         from yarl import URL
 
         client = request.remote or "127.0.0.1"
-        log("info", "join connections", obj="join", id=uuid.uuid4().hex[:12], l=self.upstream, r=f"{client}:0")
         if not self._authorized(request.headers.get("Authorization")):
             return web.Response(
                 status=401, text="Unauthorized\n", headers={"WWW-Authenticate": 'Basic realm="ngrok"'},
             )
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
         prior = request.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
         headers["X-Forwarded-Proto"] = "https"
@@ -192,13 +194,27 @@ class Forwarder:
         headers["Host"] = self.public_host
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
-        body = request.content.iter_chunked(64 * 1024) if request.body_exists else None
+        # Small bodies in one piece (fast path for API calls); large ones streamed, as the real edge does.
+        if not request.body_exists:
+            body = None
+        elif request.content_length is not None and request.content_length <= SMALL_BODY:
+            body = await request.read()
+        else:
+            body = request.content.iter_chunked(64 * 1024)
         try:
             # The raw path as received, not re-quoted: ngrok passes the request line through unchanged.
             target = URL(self.upstream + request.raw_path, encoded=True)
             async with self._session.request(
                 request.method, target, headers=headers, data=body, allow_redirects=False,
+                skip_auto_headers=NO_AUTO_HEADERS,  # the upstream sees the client's headers, not aiohttp's
             ) as upstream:
+                small_body = upstream.content_length is not None and upstream.content_length <= SMALL_BODY
+                if small_body and request.method != "HEAD":
+                    small = web.Response(status=upstream.status, reason=upstream.reason, body=await upstream.read())
+                    for key, value in upstream.headers.items():
+                        if key.lower() not in HOP_BY_HOP:
+                            small.headers.add(key, value)
+                    return small
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():
                     if key.lower() not in HOP_BY_HOP or key.lower() == "content-length":

@@ -12,6 +12,10 @@ then acts by the mode current at that moment:
     slow        forward and relay in `chunk_size` pieces, `delay_s` before each piece
     lost_ack    forward the request, read the server's whole response, close the client without sending it
 
+Every mode but `refuse` also takes `path` (only requests whose path contains it are affected; others pass)
+and `times` (affect that many requests, then switch back to `pass` by itself) — e.g. lose exactly the
+acknowledgement of the first `runs/create`.
+
 One thread per connection plus one accept thread; every socket has a timeout and `close()` shuts all of
 them, so the proxy never outlives its test.
 """
@@ -150,6 +154,12 @@ def _read_response(stream: _Stream, method: str) -> _Message:
     return _Message(line, headers, head + body, close)
 
 
+def _target(first_line: str) -> tuple[str, str]:
+    """(method, path without query) of a request line."""
+    method, _, rest = first_line.partition(" ")
+    return method, rest.rsplit(" ", 1)[0].split("?", 1)[0]
+
+
 def _reset(sock: socket.socket) -> None:
     """Close with an RST rather than a FIN (SO_LINGER with a zero timeout)."""
     try:
@@ -182,7 +192,8 @@ class FlakyProxy:
         self._closed = False
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
-        self._listening = threading.Event()
+        self._path: str | None = None
+        self._times: int | None = None
         self._open_listener()
 
     @property
@@ -191,15 +202,20 @@ class FlakyProxy:
 
     # ----------------------------------------------------------------------------------- control
 
-    def set_mode(self, name: str, **options) -> None:
-        """Switch to mode `name`; unknown modes or options raise at once."""
+    def set_mode(self, name: str, *, path: str | None = None, times: int | None = None, **options) -> None:
+        """Switch to mode `name` (for requests matching `path`, for `times` requests); bad input raises at once."""
         if name not in MODES:
             raise ValueError(f"unknown proxy mode {name!r}; modes: {', '.join(MODES)}")
         unknown = set(options) - set(_MODE_OPTIONS[name])
         if unknown:
             raise TypeError(f"mode {name!r} takes no option(s) {sorted(unknown)}; it takes {sorted(_MODE_OPTIONS[name])}")
+        if name == "refuse" and (path is not None or times is not None):
+            raise TypeError("mode 'refuse' closes the port for everyone; it takes no path or times")
+        if times is not None and times < 1:
+            raise ValueError(f"times must be >= 1, got {times}")
         with self._lock:
             self.mode, self.options = name, {**_MODE_OPTIONS[name], **options}
+            self._path, self._times = path, times
         if name == "refuse":
             self._close_listener()
             self._drop_connections()
@@ -346,9 +362,22 @@ class FlakyProxy:
             except socket.timeout:
                 continue
 
+    def _mode_for(self, first_line: str) -> tuple[str, dict]:
+        """The mode this request meets, spending one of `times` when it is affected."""
+        with self._lock:
+            mode, options = self.mode, dict(self.options)
+            if mode == "pass" or mode == "refuse":
+                return mode, options
+            if self._path is not None and self._path not in _target(first_line)[1]:
+                return "pass", {}
+            if self._times is not None:
+                self._times -= 1
+                if self._times == 0:
+                    self.mode, self.options, self._path, self._times = "pass", {}, None, None
+            return mode, options
+
     def _record(self, mode: str, first_line: str) -> None:
-        method, _, rest = first_line.partition(" ")
-        path = rest.rsplit(" ", 1)[0].split("?", 1)[0]
+        method, path = _target(first_line)
         with self._lock:
             self.requests[mode] += 1
             self.lines[(mode, f"{method} {path}")] += 1
@@ -362,8 +391,7 @@ class FlakyProxy:
         try:
             while True:
                 request = _read_request(stream)
-                with self._lock:
-                    mode, options = self.mode, dict(self.options)
+                mode, options = self._mode_for(request.first_line)
                 self._record(mode, request.first_line)
                 method = request.first_line.split(" ", 1)[0]
 

@@ -7,12 +7,13 @@ them (3 s lost offline) — so the folder is made and exported when this plugin 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import os
-import subprocess
 import shutil
+import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ os.environ["YOLO_OFFLINE"] = "1"
 #: The three model families the issue names, built from YAML (no download).
 MODEL_FAMILIES = {"yolov8n": "yolov8", "yolo11n": "yolo11", "yolo26n": "yolo26"}
 #: Loss names each family's criterion reports (YOLO26 has l1_loss where the others have dfl_loss).
+SWEEP_TAGS = {"team": "vision", "purpose": "test"}
 SYNTH = {"n_train": 16, "n_val": 8, "imgsz": 64, "classes": ("square", "bar"), "seed": 7}
 
 
@@ -75,19 +77,49 @@ def yolo_dataset(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("yolo-data"), **SYNTH)
 
 
-@contextlib.contextmanager
-def builtin_mlflow_callback_armed():
-    """Make Ultralytics' own MLflow callback active under pytest (it stays silent unless the current test's name
-    says 'test_mlflow'), so double logging would show if bridge failed to switch it off."""
-    from ultralytics.utils import SETTINGS
+@dataclass
+class TrainedSweep:
+    """The outcome of one `bridge train` sweep: where it logged and where Ultralytics wrote its outputs."""
 
-    saved = os.environ.get("PYTEST_CURRENT_TEST", "")
-    os.environ["PYTEST_CURRENT_TEST"] = saved + " test_mlflow"
-    assert SETTINGS["mlflow"] is True, "Ultralytics' MLflow integration must be on for this check to mean anything"
-    try:
-        yield
-    finally:
-        os.environ["PYTEST_CURRENT_TEST"] = saved
+    experiment: str
+    project: Path
+    data: Path
+    read_uri: str  # a plain MLflow URI the test reads the server through
+    run_ids: dict[str, str]  # model name -> run id on the server
+    output: str
+
+    def save_dir(self, model: str) -> Path:
+        return self.project / model
+
+
+def bridge_cli() -> list[str]:
+    """The installed `bridge` console script (so runs record a real source file), else the module entry."""
+    script = Path(sys.executable).with_name("bridge")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from bridge.cli import main; main()"]
+
+
+def run_bridge_train(models, data: Path, project: Path, experiment: str, *, env: dict[str, str],
+                     epochs: int = 2, extra: list[str] = (), timeout: float = 600) -> subprocess.CompletedProcess:
+    """`bridge train` as a user runs it, with the tiny training settings; Ultralytics' own MLflow callback armed."""
+    cmd = [*bridge_cli(), "train", *sum((["--model", m] for m in models), []), "--data", str(data),
+           "--epochs", str(epochs), "--imgsz", "64", "--batch", "4", "--device", "cpu", "--workers", "0",
+           "--project", str(project), "--experiment", experiment, "--arg", "nbs=4", "--arg", "amp=false",
+           *sum((["--tag", f"{k}={v}"] for k, v in SWEEP_TAGS.items()), []), *extra]
+    full_env = {**os.environ, "COLUMNS": "200", **env}
+    # Ultralytics' MLflow callback stays silent under pytest unless the test name says 'test_mlflow':
+    # arm it, so double logging would show if bridge failed to switch it off.
+    full_env["PYTEST_CURRENT_TEST"] = full_env.get("PYTEST_CURRENT_TEST", "") + " test_mlflow"
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=Path.cwd())
+
+
+def sweep_runs(read_uri: str, experiment: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(read_uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment!r} is not on the server"
+    return {r.info.run_name: r.info.run_id for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("bridge.tracker") == "bridge.yolo"}
 
 
 def sha256(data: bytes) -> str:
@@ -179,3 +211,25 @@ def assert_complete_yolo_run(client, run_id: str, *, family: str, save_dir: Path
         assert tags["git.commit"] == head.stdout.strip() and tags["git.dirty"] in ("true", "false")
     for key, value in user_tags.items():
         assert tags[key] == value
+
+
+def connect_env(serve, journal: Path) -> dict[str, str]:
+    """What a user sets to reach `bridge serve` with bridge.connect(): its entrance URL and token, a journal."""
+    return {"BRIDGE_URL": serve.entrance_url, "BRIDGE_TOKEN": serve.token(), "BRIDGE_JOURNAL": str(journal),
+            "MLFLOW_TRACKING_URI": ""}
+
+
+@pytest.fixture(scope="session")
+def bridge_sweep(bridge_serve, yolo_dataset, tmp_path_factory) -> TrainedSweep:
+    """yolov8n, yolo11n and yolo26n trained by `bridge train` through bridge.connect() into a real `bridge serve`."""
+    from ultralytics.utils import SETTINGS
+
+    assert SETTINGS["mlflow"] is True, "Ultralytics' MLflow callback must be on for 'nothing twice' to mean anything"
+    root = tmp_path_factory.mktemp("bridge-sweep")
+    env = connect_env(bridge_serve, root / "journal.sqlite")
+    out = run_bridge_train(list(MODEL_FAMILIES), yolo_dataset, root / "runs", "yolo-e2e", env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # The UI port of `bridge serve` is plain MLflow on 127.0.0.1: the test reads what arrived there.
+    return TrainedSweep(experiment="yolo-e2e", project=root / "runs", data=yolo_dataset,
+                        read_uri=bridge_serve.mlflow_url, run_ids=sweep_runs(bridge_serve.mlflow_url, "yolo-e2e"),
+                        output=out.stdout + out.stderr)

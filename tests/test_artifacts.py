@@ -1,0 +1,90 @@
+"""The artifact plugin: files copied at call time, uploaded once, verified, listable and downloadable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+
+import mlflow
+from mlflow import MlflowClient
+
+from tests.support.client import server_run
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_artifact_copied_at_call_time_uploaded_and_identical_on_the_server(mlflow_server, server_client,
+                                                                           bridge_connect, tmp_path):
+    conn = bridge_connect(mlflow_server.url)
+    name = f"art-{uuid.uuid4().hex[:6]}"
+    mlflow.set_experiment(name)
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    expected = _sha256(weights)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(weights), artifact_path="weights")
+        weights.unlink()  # gone right after the call: the journal's copy is what gets uploaded
+        mlflow.log_dict({"epochs": 3, "imgsz": 64}, "config/args.json")
+        mlflow.log_text("hello", "notes/readme.txt")
+        folder = tmp_path / "plots"
+        (folder / "sub").mkdir(parents=True)
+        (folder / "a.txt").write_text("a")
+        (folder / "sub" / "b.txt").write_text("bb")
+        mlflow.log_artifacts(str(folder), artifact_path="plots")
+    assert conn.flush(60) == 0
+    assert list(conn.journal.spool_dir.iterdir()) == [], "spooled copies are removed once delivered"
+    remote = server_run(server_client, name)
+    got = server_client.download_artifacts(remote.info.run_id, "weights/best.pt", str(tmp_path / "down"))
+    assert _sha256(got) == expected
+    args = server_client.download_artifacts(remote.info.run_id, "config/args.json", str(tmp_path / "down"))
+    assert json.load(open(args)) == {"epochs": 3, "imgsz": 64}
+    listed = {f.path for f in server_client.list_artifacts(remote.info.run_id, "plots")}
+    assert listed == {"plots/a.txt", "plots/sub"}
+    # Through bridge, with the local run id.
+    client = MlflowClient()
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"weights", "config", "notes", "plots"}
+    local = client.download_artifacts(run.info.run_id, "notes/readme.txt", str(tmp_path / "via-bridge"))
+    assert open(local).read() == "hello"
+
+
+def test_upload_whose_answer_was_lost_is_not_uploaded_again(flaky_proxy, mlflow_server, server_client,
+                                                            bridge_connect, tmp_path):
+    conn = bridge_connect(flaky_proxy.url)
+    name = f"art-once-{uuid.uuid4().hex[:6]}"
+    mlflow.set_experiment(name)
+    with mlflow.start_run():
+        mlflow.log_metric("m", 1.0)
+        assert conn.flush(30) == 0
+        flaky_proxy.set_mode("lost_ack")
+        source = tmp_path / "model.bin"
+        source.write_bytes(os.urandom(200_000))
+        mlflow.log_artifact(str(source))
+        deadline = time.monotonic() + 20
+        while flaky_proxy.count("/mlflow-artifacts/", method="PUT") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        flaky_proxy.set_mode("pass")
+    assert conn.flush(60) == 0
+    assert flaky_proxy.count("/mlflow-artifacts/", method="PUT") == 1
+    remote = server_run(server_client, name)
+    got = server_client.download_artifacts(remote.info.run_id, "model.bin", str(tmp_path / "down"))
+    assert _sha256(got) == _sha256(source)
+
+
+def test_offline_listing_and_download_come_from_the_spool(bridge_connect, tmp_path):
+    from tests.support.mlflow_server import free_port
+
+    conn = bridge_connect(f"http://127.0.0.1:{free_port()}")
+    mlflow.set_experiment("offline-art")
+    with mlflow.start_run() as run:
+        mlflow.log_text("spooled", "deep/x.txt")
+    client = MlflowClient()
+    assert [(f.path, f.is_dir) for f in client.list_artifacts(run.info.run_id)] == [("deep", True)]
+    assert [(f.path, f.file_size) for f in client.list_artifacts(run.info.run_id, "deep")] == [("deep/x.txt", 7)]
+    path = client.download_artifacts(run.info.run_id, "deep/x.txt", str(tmp_path / "d"))
+    assert open(path).read() == "spooled"
+    assert conn.status().pending >= 1

@@ -1,0 +1,213 @@
+"""The stock MLflow UI in a real headless Chromium, opened through the tunnel: 401 until login, then the runs.
+
+The browser believes it is at `https://<random>.ngrok-free.app`, as a user's would: Chromium resolves that
+name to a small TLS relay here (self-signed certificate, accepted for this test only), which passes the bytes
+to the stand-in agent's edge forwarder, which adds the public Host and `X-Forwarded-*` and reaches the
+entrance, then MLflow. So the UI's own POSTs carry `Origin: https://<public host>`, exactly what MLflow ≥ 3.5
+refuses (403 "Cross-origin request blocked") unless the entrance translates it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import shutil
+import ssl
+import threading
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from mlflow import MlflowClient
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+UI_TIMEOUT_MS = 30_000
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    """Debian's Chromium; CI must have it (its absence fails there), elsewhere the test is skipped."""
+    if CHROMIUM.exists() and os.access(CHROMIUM, os.X_OK):
+        return str(CHROMIUM)
+    if os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's `chromium` package (.ci/run does)")
+    pytest.skip(f"{CHROMIUM} is not installed")
+
+
+def _self_signed(folder: Path, hostname: str) -> tuple[Path, Path]:
+    """A throwaway certificate for `hostname` (the browser is told to accept it), as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "edge-cert.pem", folder / "edge-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+class TlsRelay:
+    """The TLS half of ngrok's edge: terminate HTTPS on 127.0.0.1 and pass the bytes on to the forwarder."""
+
+    def __init__(self, upstream: str, cert_file: Path, key_file: Path) -> None:
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert_file, key_file)
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tls-relay", daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=self.context), self._loop
+        ).result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            client_w.close()
+            return
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w), return_exceptions=True)
+
+
+@pytest.fixture
+def tunnelled_bridge(own_bridge_serve, fake_ngrok, tmp_path):
+    """`bridge serve` with the stand-in tunnel, and an https relay standing in for the edge's TLS."""
+    server = own_bridge_serve("--tunnel", "ngrok", env_extra=fake_ngrok.env)
+    public_url = server.state()["tunnel"]["public_url"]
+    assert public_url.startswith("https://") and public_url.endswith(".ngrok-free.app"), public_url
+    host = urlsplit(public_url).hostname
+    relay = TlsRelay(fake_ngrok.local_url(public_url), *_self_signed(tmp_path, host))
+    relay.start()
+    yield server, public_url, relay
+    relay.stop()
+
+
+def test_mlflow_ui_through_the_tunnel_needs_login_then_shows_the_runs(tunnelled_bridge, chromium_path, tmp_path):
+    from playwright.sync_api import Error as PlaywrightError, sync_playwright
+
+    server, public_url, relay = tunnelled_bridge
+    token = server.token()
+    client = MlflowClient(server.mlflow_url)  # the local port needs no login
+    suffix = uuid.uuid4().hex[:8]
+    # A model-training experiment (what bridge.yolo logs), so the UI opens it on its runs table.
+    experiment_id = client.create_experiment(
+        f"browser-{suffix}", tags={"mlflow.experimentKind": "custom_model_development"}
+    )
+    run_name = f"through-the-tunnel-{suffix}"
+    run = client.create_run(experiment_id, run_name=run_name)
+    client.log_metric(run.info.run_id, "loss", 0.25)
+    client.set_terminated(run.info.run_id)
+
+    host = urlsplit(public_url).hostname
+    # Only the public name goes to the relay; Chromium must not try to reach anything else.
+    resolver = f"--host-resolver-rules=MAP {host} 127.0.0.1:{relay.port}, EXCLUDE 127.0.0.1"
+    api_calls: list[tuple[str, str, int, str | None]] = []
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, args=[*CHROMIUM_ARGS, resolver])
+        try:
+            # No credentials: the entrance answers with 401 and a Basic challenge (Chromium, unable to prompt
+            # when headless, then gives up on the navigation).
+            anonymous = browser.new_context(ignore_https_errors=True)
+            page = anonymous.new_page()
+            seen: list = []
+            page.on("response", lambda r: seen.append(r))
+            try:
+                page.goto(public_url + "/", timeout=UI_TIMEOUT_MS)
+            except PlaywrightError as exc:
+                print("anon:", exc)
+            print([(r.url, r.status, r.headers) for r in seen])
+            anonymous.close()
+            wrong = browser.new_context(ignore_https_errors=True, http_credentials={"username": "bridge", "password": "nope" * 8})
+            response = wrong.new_page().goto(public_url + "/", timeout=UI_TIMEOUT_MS)
+            print(response.status, response.headers)
+            wrong.close()
+
+            context = browser.new_context(
+                ignore_https_errors=True,
+                http_credentials={"username": "bridge", "password": token},
+                viewport={"width": 1400, "height": 900},
+            )
+            page = context.new_page()
+
+            def record(resp) -> None:
+                if "/ajax-api/" in resp.url or "/api/" in resp.url:
+                    req = resp.request
+                    api_calls.append((req.method, resp.url, resp.status, req.header_value("origin")))
+
+            page.on("response", record)
+            response = page.goto(f"{public_url}/#/experiments/{experiment_id}/runs", timeout=UI_TIMEOUT_MS)
+            assert response is not None and response.status == 200
+            try:
+                page.get_by_text(run_name).first.wait_for(timeout=UI_TIMEOUT_MS)
+            finally:
+                page.screenshot(path="/tmp/browser-fail.png", full_page=True)
+                print("API", api_calls)
+            page.wait_for_load_state("networkidle", timeout=UI_TIMEOUT_MS)
+            page.screenshot(path=str(tmp_path / "mlflow-ui-through-tunnel.png"), full_page=True)
+            if os.environ.get("BRIDGE_BROWSER_SCREENSHOT"):  # to look at it after the run
+                shutil.copy(tmp_path / "mlflow-ui-through-tunnel.png", os.environ["BRIDGE_BROWSER_SCREENSHOT"])
+            context.close()
+        finally:
+            browser.close()
+
+    refused = [call for call in api_calls if call[2] in (401, 403)]
+    assert refused == [], f"the UI's API calls were refused through the tunnel: {refused}"
+    # The UI's own state-changing calls went out from the public origin and were accepted.
+    posts = [call for call in api_calls if call[0] == "POST" and "/ajax-api/" in call[1]]
+    assert any("runs/search" in url and status == 200 for _, url, status, _ in posts), api_calls
+    assert {origin for *_, origin in posts} == {f"https://{host}"}, posts

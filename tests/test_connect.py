@@ -1,0 +1,207 @@
+"""`bridge.connect()`: probe, offline mode, wiring, token handling, and crash safety across processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from bridge.client.store import JournalStore
+from tests.support.client import server_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY"))}
+    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}, **extra)
+    return env
+
+
+def test_online_connect_wires_mlflow_and_sends_the_token_as_bearer(fixed_status_server, bridge_connect, capsys):
+    fixed_status_server.status = 200
+    conn = bridge_connect(fixed_status_server.url, token="s3cret-token-value")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "bridge+" + fixed_status_server.url
+    assert mlflow.get_tracking_uri() == "bridge+" + fixed_status_server.url
+    assert isinstance(mlflow.tracking._tracking_service.utils._get_store(), JournalStore)
+    err = capsys.readouterr().err
+    assert f"logging to {fixed_status_server.url}" in err and "s3cret" not in err
+    method, path, auth = fixed_status_server.seen[0]
+    assert (method, auth) == ("GET", "Bearer s3cret-token-value")
+    assert "s3cret" not in path
+    assert conn.status().online is True and "s3cret" not in repr(conn) + repr(conn.status())
+
+
+def test_offline_connect_succeeds_at_once_and_says_so(bridge_connect, capsys, tmp_path):
+    from tests.support.mlflow_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    began = time.monotonic()
+    conn = bridge_connect(url)
+    assert time.monotonic() - began < 5
+    assert "offline mode: logging to journal" in capsys.readouterr().err
+    mlflow.set_experiment("offline-only")
+    with mlflow.start_run():
+        mlflow.log_metric("x", 1.0)
+    status = conn.status()
+    assert status.online is False and status.pending >= 4 and status.last_error
+    assert conn.flush(0.2) == status.pending
+
+
+def test_explicit_arguments_work_without_discovery_records(mlflow_server, server_client, bridge_connect):
+    conn = bridge_connect(mlflow_server.url, token=None, experiment=f"noauth-{uuid.uuid4().hex[:6]}")
+    with mlflow.start_run():
+        mlflow.log_metric("m", 2.0)
+    assert conn.flush(30) == 0
+    assert server_run(server_client, mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id()).name
+                      ).data.metrics == {"m": 2.0}
+
+
+def test_through_the_bridge_serve_entrance_with_the_right_token(bridge_serve, bridge_connect):
+    token = bridge_serve.token()
+    name = f"entrance-{uuid.uuid4().hex[:6]}"
+    conn = bridge_connect(bridge_serve.entrance_url, token=token, experiment=name)
+    assert conn.status().online is True
+    with mlflow.start_run():
+        for step in range(30):
+            mlflow.log_metric("loss", step / 10, step=step)
+        mlflow.log_param("p", "1")
+    assert conn.flush(30) == 0
+    client = MlflowClient(bridge_serve.mlflow_url)
+    remote = server_run(client, name)
+    assert len(client.get_metric_history(remote.info.run_id, "loss")) == 30 and remote.data.params == {"p": "1"}
+
+
+def test_wrong_token_pauses_delivery_and_keeps_everything(bridge_serve, bridge_connect):
+    conn = bridge_connect(bridge_serve.entrance_url, token="wrong-" + uuid.uuid4().hex)
+    status = conn.status()
+    assert status.token_rejected is True and status.online is not True
+    assert "token rejected" in (status.last_error or "")
+    mlflow.set_experiment("never-delivered")
+    with mlflow.start_run():
+        mlflow.log_metric("kept", 1.0)
+    time.sleep(0.5)
+    status = conn.status()
+    assert status.token_rejected and status.pending >= 4 and status.dead_letters == 0
+
+
+def test_token_rejected_by_a_401_entrance(fixed_status_server, bridge_connect):
+    conn = bridge_connect(fixed_status_server.url, token="bad-token")
+    conn.journal.add_experiment("x", {})
+    time.sleep(0.5)
+    status = conn.status()
+    assert status.token_rejected and status.pending == 1 and status.dead_letters == 0
+
+
+_LOGGER = textwrap.dedent("""
+    import sys, bridge, mlflow
+    bridge.connect(sys.argv[1], token=None, journal=sys.argv[2], experiment=sys.argv[3], flush_at_exit=0)
+    mlflow.start_run()
+    step = 0
+    while True:
+        mlflow.log_metric("loss", float(step), step=step)
+        sys.stdout.write(f"{step}\\n"); sys.stdout.flush()   # acknowledged: the call returned
+        step += 1
+""")
+
+
+def test_kill_9_during_an_outage_then_bridge_sync_delivers_every_acknowledged_point(own_mlflow_server, tmp_path):
+    own_mlflow_server.stop()
+    journal = tmp_path / "crash.sqlite"
+    name = f"crash-{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen([sys.executable, "-c", _LOGGER, own_mlflow_server.url, str(journal), name],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(), text=True)
+    acknowledged = -1
+    try:
+        deadline = time.monotonic() + 60
+        while acknowledged < 1500 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acknowledged = int(line)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # Lines written before the kill but not yet read are acknowledged too.
+    rest = proc.stdout.read().split()
+    acknowledged = int(rest[-1]) if rest else acknowledged
+    assert acknowledged >= 1500
+
+    own_mlflow_server.start()
+    out = subprocess.run([sys.executable, "-c", "from bridge.cli import main; main()", "sync", "--journal",
+                          str(journal), "--url", own_mlflow_server.url, "--timeout", "120"],
+                         env=_env(COLUMNS="200"), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    client = MlflowClient(own_mlflow_server.url)
+    remote = server_run(client, name)
+    steps = sorted(m.step for m in client.get_metric_history(remote.info.run_id, "loss"))
+    assert steps[: acknowledged + 1] == list(range(acknowledged + 1)), "every acknowledged point arrived"
+    assert len(steps) == len(set(steps)), "and none twice"
+
+
+_PLAIN = textwrap.dedent("""
+    import mlflow
+    mlflow.set_experiment(__import__("sys").argv[1])
+    with mlflow.start_run():
+        for step in range(100):
+            mlflow.log_metric("acc", step / 100, step=step)
+""")
+
+
+def test_plain_mlflow_code_in_a_child_process_goes_through_the_journal(mlflow_server, server_client, tmp_path):
+    """Only MLFLOW_TRACKING_URI=bridge+… is inherited: the child builds its own connection, delivers at exit."""
+    name = f"child-{uuid.uuid4().hex[:6]}"
+    journal = tmp_path / "child.sqlite"
+    out = subprocess.run([sys.executable, "-c", _PLAIN, name], capture_output=True, text=True, timeout=120,
+                         env=_env(MLFLOW_TRACKING_URI="bridge+" + mlflow_server.url, BRIDGE_JOURNAL=str(journal),
+                                  BRIDGE_SEND_INTERVAL_S="0.05"))
+    assert out.returncode == 0, out.stderr
+    assert journal.exists()
+    remote = server_run(server_client, name)
+    assert len(server_client.get_metric_history(remote.info.run_id, "acc")) == 100
+    assert remote.info.status == "FINISHED"
+
+
+def test_full_journal_raises_from_mlflow_and_keeps_what_was_accepted(bridge_connect):
+    from bridge.errors import JournalFullError
+    from tests.support.mlflow_server import free_port
+
+    conn = bridge_connect(f"http://127.0.0.1:{free_port()}", journal_limit=150_000)
+    mlflow.set_experiment("full")
+    run = mlflow.start_run()
+    accepted = 0
+    try:
+        for step in range(100_000):
+            mlflow.log_metric("m", float(step), step=step)
+            accepted += 1
+    except JournalFullError as exc:
+        assert "is full" in str(exc) and "BRIDGE_JOURNAL_LIMIT" in str(exc)
+    else:
+        raise AssertionError("the journal never filled up")
+    points = conn.journal.undelivered(run.info.run_id, ("metric",))
+    assert len(points) == accepted > 100
+    assert [op.step for op in points] == list(range(accepted))
+    conn.journal.limit_bytes = 10**9  # room again: the run can end normally
+    mlflow.end_run()
+
+
+def test_direct_mlflow_calls_get_the_token_from_the_auth_plugin(fixed_status_server, bridge_connect):
+    import requests
+    from mlflow.tracking.request_auth.registry import fetch_auth
+
+    fixed_status_server.status = 200
+    bridge_connect(fixed_status_server.url, token="abc-token-123456")
+    assert os.environ["MLFLOW_TRACKING_AUTH"] == "bridge"
+    assert mlflow.get_registry_uri() == fixed_status_server.url
+    auth = fetch_auth("bridge")
+    request = auth(requests.Request("GET", fixed_status_server.url).prepare())
+    assert request.headers["Authorization"] == "Bearer abc-token-123456"
+    assert "abc-token" not in repr(auth)

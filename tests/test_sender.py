@@ -1,0 +1,163 @@
+"""The sender: batching, failure classification, exactly-once under lost answers, heartbeats, re-discovery."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from bridge import config
+from bridge.client.journal import Journal
+from bridge.client.sender import HttpFailure, Sender, TransportFailure, Verdict, classify_failure, retry_when
+from tests.support.client import server_run
+
+
+@pytest.mark.parametrize("failure, verdict", [
+    (TransportFailure("ConnectionError"), Verdict.RETRY),
+    (HttpFailure(503, None, "Service Unavailable"), Verdict.RETRY),
+    (HttpFailure(500, "INTERNAL_ERROR", "db locked"), Verdict.RETRY),
+    (HttpFailure(429, None, "slow down"), Verdict.RETRY),
+    (HttpFailure(404, None, "ERR_NGROK_3200 endpoint offline"), Verdict.RETRY),
+    (HttpFailure(401, None, "unauthorized"), Verdict.TOKEN),
+    (HttpFailure(403, None, "forbidden"), Verdict.TOKEN),
+    (HttpFailure(400, "INVALID_PARAMETER_VALUE", "Changing param values is not allowed"), Verdict.REJECT),
+    (HttpFailure(404, "RESOURCE_DOES_NOT_EXIST", "run not found"), Verdict.REJECT),
+])
+def test_failure_classification(failure, verdict):
+    assert classify_failure(failure) is verdict
+    assert retry_when(7, failure) is (verdict is not Verdict.REJECT)
+
+
+def _journal_run(tmp_path, name: str, *, journal: Journal | None = None) -> tuple[Journal, str]:
+    journal = journal or Journal(tmp_path / "j.sqlite")
+    experiment = journal.add_experiment(name, {})
+    run = journal.add_run(experiment_id=experiment, user_id="tester", start_time=int(time.time() * 1000) - 5000,
+                          name="run", tags={})
+    return journal, run
+
+
+def _deliver(sender: Sender, rounds: int = 50) -> None:
+    for _ in range(rounds):
+        try:
+            sender.deliver_round()
+        except Exception:  # _Pause: the test's proxy is failing on purpose
+            time.sleep(0.05)
+        if sender.journal.backlog().total == 0:
+            return
+    raise AssertionError(f"not delivered: {sender.journal.backlog()}; last error {sender.last_error}")
+
+
+def test_batches_stay_within_two_requests_per_thousand_points(tmp_path, flaky_proxy, server_client):
+    name = f"batch-{uuid.uuid4().hex[:8]}"
+    journal, run = _journal_run(tmp_path, name)
+    base = int(time.time() * 1000)
+    for step in range(10_000):
+        journal.append_batch(run, [("loss", step / 10_000, base + step, step)])
+    journal.append_batch(run, [], [(f"p{i}", str(i)) for i in range(150)], [(f"t{i}", "x") for i in range(150)])
+    sender = Sender(journal, flaky_proxy.url, None)
+    flaky_proxy.reset_counts()
+    _deliver(sender)
+    batches = flaky_proxy.count("/runs/log-batch")
+    assert batches <= 13, batches  # 10 × 1000 metrics, then params/tags in MLflow's 100-per-request limit
+    assert flaky_proxy.count() <= 20  # + experiment lookup/create and run create
+    remote = server_run(server_client, name)
+    assert len(server_client.get_metric_history(remote.info.run_id, "loss")) == 10_000
+    assert len(remote.data.params) == 150 and sum(k.startswith("t") for k in remote.data.tags) == 150
+
+
+def test_lost_answers_never_duplicate_points_or_runs(tmp_path, flaky_proxy, server_client):
+    name = f"lostack-{uuid.uuid4().hex[:8]}"
+    journal, run = _journal_run(tmp_path, name)
+    base = int(time.time() * 1000)
+    journal.append_batch(run, [("loss", float(s), base + s, s) for s in range(500)], [("lr", "0.1")], [("k", "v")])
+    sender = Sender(journal, flaky_proxy.url, None)
+    # Every request reaches the server, and every answer is lost, for a while: experiment and run
+    # creation and the first batch are all applied without the sender knowing.
+    flaky_proxy.set_mode("lost_ack")
+    for _ in range(4):
+        with pytest.raises(Exception):
+            sender.deliver_round()
+    assert flaky_proxy.count(mode="lost_ack") >= 4
+    flaky_proxy.set_mode("pass")
+    _deliver(sender)
+    remote = server_run(server_client, name)  # exactly one run: the run key found the first one
+    assert remote.data.tags[config.RUN_KEY_TAG] == run
+    history = server_client.get_metric_history(remote.info.run_id, "loss")
+    assert len(history) == 500 and sorted(m.step for m in history) == list(range(500))
+    assert remote.data.params == {"lr": "0.1"}
+    assert [e.name for e in server_client.search_experiments() if e.name == name] == [name]
+
+    # The same batch sent again after it was applied (an answer lost after the commit) adds nothing.
+    journal.append_batch(run, [("loss", float(s), base + s, s) for s in range(500)], [("lr", "0.1")])
+    _deliver(sender)
+    assert len(server_client.get_metric_history(remote.info.run_id, "loss")) == 500
+    assert journal.dead_letters() == []
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("refuse", {}), ("http_5xx", {"status": 503}), ("reset", {"at": "request"}), ("reset", {"at": "response"}),
+])
+def test_link_failures_are_retried_until_delivered_exactly(tmp_path, flaky_proxy, server_client, mode, options):
+    name = f"{mode}-{uuid.uuid4().hex[:8]}"
+    journal, run = _journal_run(tmp_path, name)
+    base = int(time.time() * 1000)
+    journal.append_batch(run, [("m", float(s), base + s, s) for s in range(1500)])
+    sender = Sender(journal, flaky_proxy.url, None, send_interval_s=0.05)
+    flaky_proxy.set_mode(mode, **options)
+    sender.start()
+    try:
+        time.sleep(1.0)
+        assert sender.flush(0.1) > 0 and sender.online is False
+        assert sender.last_error
+        flaky_proxy.set_mode("pass")
+        assert sender.flush(60) == 0
+    finally:
+        sender.stop()
+    remote = server_run(server_client, name)
+    history = server_client.get_metric_history(remote.info.run_id, "m")
+    assert len(history) == 1500 and len({m.step for m in history}) == 1500
+
+
+def test_heartbeat_tag_is_set_while_the_run_is_live(tmp_path, mlflow_server, server_client):
+    name = f"heartbeat-{uuid.uuid4().hex[:8]}"
+    journal, run = _journal_run(tmp_path, name)
+    sender = Sender(journal, mlflow_server.url, None, heartbeat_s=0.2, send_interval_s=0.05)
+    sender.watch_run(run)
+    sender.start()
+    try:
+        assert sender.flush(30) == 0
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            tags = server_run(server_client, name).data.tags
+            if config.HEARTBEAT_TAG in tags:
+                break
+            time.sleep(0.1)
+        beat = int(server_run(server_client, name).data.tags[config.HEARTBEAT_TAG])
+        assert abs(beat - time.time()) < 10
+    finally:
+        sender.stop()
+
+
+def test_rediscovery_switches_to_the_newly_published_url(tmp_path, monkeypatch, flaky_proxy, mlflow_server,
+                                                         server_client):
+    from bridge.record import make_record
+
+    token = "rediscovery-token-" + uuid.uuid4().hex
+    record_file = tmp_path / "endpoint.json"
+    monkeypatch.setenv("BRIDGE_DISCOVERY", f"file:{record_file}")
+    record = make_record(mlflow_server.url, token=token, instance="test", mlflow_version="3", ttl_s=600)
+    record_file.write_text(record.to_json())
+    name = f"moved-{uuid.uuid4().hex[:8]}"
+    journal, run = _journal_run(tmp_path, name)
+    journal.append_batch(run, [("m", 1.0, 1, 0)])
+    flaky_proxy.set_mode("refuse")  # the old tunnel URL is gone
+    monkeypatch.setattr("bridge.client.sender.REDISCOVER_AFTER_S", 0.2)
+    sender = Sender(journal, flaky_proxy.url, token, send_interval_s=0.05)
+    sender.start()
+    try:
+        assert sender.flush(30) == 0
+        assert sender.url == mlflow_server.url
+    finally:
+        sender.stop()
+    assert server_run(server_client, name).data.metrics == {"m": 1.0}

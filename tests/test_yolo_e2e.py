@@ -1,0 +1,195 @@
+"""YOLO trainings through bridge.connect() into a real `bridge serve`: content, outage, live console, heartbeat."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.support.yolo import (
+    MODEL_FAMILIES,
+    SWEEP_TAGS,
+    assert_complete_yolo_run,
+    bridge_cli,
+    connect_env,
+    tiny_train_args,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", list(MODEL_FAMILIES))
+def test_run_on_the_server_is_complete(bridge_sweep, name):
+    assert_complete_yolo_run(MlflowClient(bridge_sweep.read_uri), bridge_sweep.run_ids[name],
+                             family=MODEL_FAMILIES[name], save_dir=bridge_sweep.save_dir(name),
+                             data_yaml=bridge_sweep.data, epochs=2,
+                             user_tags={**SWEEP_TAGS, "sweep.models": "yolov8n,yolo11n,yolo26n"})
+
+
+def test_sweep_made_one_finished_run_per_model(bridge_sweep):
+    client = MlflowClient(bridge_sweep.read_uri)
+    exp = client.get_experiment_by_name(bridge_sweep.experiment)
+    runs = [r for r in client.search_runs([exp.experiment_id]) if "bridge.kind" not in r.data.tags]
+    assert sorted(r.info.run_name for r in runs) == sorted(MODEL_FAMILIES)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert "bridge compare yolo-e2e" in bridge_sweep.output
+
+
+def test_compare_through_connect_reads_the_server_and_logs_a_summary(bridge_sweep, bridge_serve, tmp_path):
+    env = {**os.environ, **connect_env(bridge_serve, tmp_path / "journal.sqlite"), "COLUMNS": "220"}
+    out = subprocess.run([*bridge_cli(), "compare", bridge_sweep.experiment, "--out", str(tmp_path / "c.png"), "--log"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in MODEL_FAMILIES:
+        assert f" {name} " in out.stdout
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    client = MlflowClient(bridge_sweep.read_uri)
+    exp = client.get_experiment_by_name(bridge_sweep.experiment)
+    summaries = client.search_runs([exp.experiment_id], "tags.`bridge.kind` = 'comparison'")
+    (mine,) = [r for r in summaries if "c.png" in {a.path for a in client.list_artifacts(r.info.run_id)}]
+    assert {a.path for a in client.list_artifacts(mine.info.run_id)} == {"c.png", "comparison.csv"}
+    assert mine.info.status == "FINISHED"
+
+
+@contextlib.contextmanager
+def connected(url: str, token: str, journal: Path, monkeypatch):
+    """bridge.connect() in this process, with MLflow's global state put back afterwards."""
+    import bridge
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_AUTH", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    conn = bridge.connect(url=url, token=token, journal=journal)
+    try:
+        yield conn
+    finally:
+        conn.close()
+        mlflow.set_tracking_uri("")
+        mlflow.set_registry_uri("")
+
+
+def test_training_outlives_a_server_outage_and_the_data_arrives_later(own_mlflow_server, yolo_dataset, tmp_path,
+                                                                      monkeypatch):
+    import bridge.yolo
+    from ultralytics import YOLO
+
+    epochs_while_down = []
+    with connected(own_mlflow_server.url, "plain-mlflow-ignores-it", tmp_path / "journal.sqlite", monkeypatch) as conn:
+        model = YOLO("yolov8n.yaml")
+        tracker = bridge.yolo.track(model, experiment="outage")
+
+        def pull_the_plug(trainer):
+            if trainer.epoch == 0:
+                own_mlflow_server.stop()
+            elif own_mlflow_server.proc is None and trainer.epoch < trainer.epochs:
+                epochs_while_down.append(trainer.epoch + 1)
+
+        model.add_callback("on_fit_epoch_end", pull_the_plug)
+        t0 = time.monotonic()
+        try:
+            model.train(data=str(yolo_dataset), name="outage", **tiny_train_args(tmp_path, epochs=3))
+        finally:
+            tracker.detach()
+        trained_s = time.monotonic() - t0
+        assert epochs_while_down == [2, 3] and own_mlflow_server.proc is None
+        assert trained_s < 120, "training waited on the missing server"
+        assert conn.status().pending > 0  # the rest waits in the journal
+        own_mlflow_server.start()
+        assert conn.flush(180) == 0, conn.status()
+
+    client = MlflowClient(own_mlflow_server.url)
+    exp = client.get_experiment_by_name("outage")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("val/mAP50-95", "train/box_loss", "lr/pg0", "epoch_time_s"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3], key
+    assert "final/mAP50-95" in run.data.metrics
+    best = client.download_artifacts(run.info.run_id, "weights/best.pt", str(tmp_path / "dl"))
+    local = tracker.save_dir / "weights" / "best.pt"
+    assert hashlib.sha256(Path(best).read_bytes()).digest() == hashlib.sha256(local.read_bytes()).digest()
+    console = Path(client.download_artifacts(run.info.run_id, "console.log", str(tmp_path / "dl"))).read_text()
+    assert all(f"{e}/3" in console for e in (1, 2, 3))
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    import bridge, bridge.yolo
+    bridge.connect()
+    bridge.yolo.train("yolov8n.yaml", data=sys.argv[1], experiment="killed", run_name="doomed", epochs=500,
+                      imgsz=64, batch=4, nbs=4, workers=0, device="cpu", project=sys.argv[2], name="doomed",
+                      exist_ok=True, plots=False, amp=False)
+""")
+
+
+def test_console_is_live_and_a_killed_process_gets_its_run_marked_killed(own_bridge_serve, yolo_dataset, tmp_path):
+    serve = own_bridge_serve("--heartbeat-timeout", "3", name="reaper")
+    script = tmp_path / "train_forever.py"
+    script.write_text(CHILD)
+    env = {**os.environ, **connect_env(serve, tmp_path / "journal.sqlite"), "BRIDGE_HEARTBEAT_S": "0.5"}
+    child = subprocess.Popen([sys.executable, str(script), str(yolo_dataset), str(tmp_path / "runs")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = MlflowClient(serve.mlflow_url)
+    try:
+        deadline = time.monotonic() + 180
+        console = ""
+        run = None
+        while time.monotonic() < deadline and child.poll() is None:
+            exp = client.get_experiment_by_name("killed")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and "console.log" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}:
+                run = runs[0]
+                path = client.download_artifacts(run.info.run_id, "console.log", str(tmp_path / "dl"))
+                console = Path(path).read_text()
+                if "2/500" in console:
+                    break
+            time.sleep(0.5)
+        assert child.poll() is None, "the training process ended early"
+        assert run is not None and "2/500" in console, console[-2000:]
+        assert "1/500" in console and "\r" not in console  # epoch lines, progress redraws collapsed
+        assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        current = client.get_run(run.info.run_id)
+        if current.info.status != "RUNNING":
+            break
+        time.sleep(0.5)
+    assert current.info.status == "KILLED"
+    assert "heartbeat" in current.data.tags["bridge.killed_reason"]
+
+
+def test_bridge_demo_runs_the_whole_loop_offline_and_stops_its_server(tmp_path):
+    import re
+
+    import requests
+
+    home = tmp_path / "demo-home"
+    env = {**os.environ, "BRIDGE_HOME": str(home), "COLUMNS": "250"}
+    for name in ("BRIDGE_URL", "BRIDGE_TOKEN", "BRIDGE_JOURNAL", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    out = subprocess.run([*bridge_cli(), "demo", "--epochs", "1"], env=env, capture_output=True, text=True,
+                         timeout=400, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    match = re.search(r"(http://127\.0\.0\.1:(\d+))/#/experiments/(\d+)/runs/([0-9a-f]{32})", out.stdout)
+    assert match, out.stdout[-2000:]
+    ui, _, _, run_id = match.groups()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(ui + "/health", timeout=2)  # stopped, as it said
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")  # what the stopped server stored
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["bridge.demo"] == "true"
+    assert [m.step for m in client.get_metric_history(run_id, "val/mAP50-95")] == [1]
+    assert run.data.params["model.family"] == "yolov8"
+    stored = {p.relative_to(home / "artifacts").as_posix() for p in (home / "artifacts").rglob("*") if p.is_file()}
+    assert any(p.endswith(f"{run_id}/artifacts/weights/best.pt") for p in stored), sorted(stored)[:20]
