@@ -88,3 +88,23 @@ def test_offline_listing_and_download_come_from_the_spool(bridge_connect, tmp_pa
     path = client.download_artifacts(run.info.run_id, "deep/x.txt", str(tmp_path / "d"))
     assert open(path).read() == "spooled"
     assert conn.status().pending >= 1
+
+
+def test_a_spooled_copy_changed_on_disk_is_refused_not_uploaded(mlflow_server, server_client, tmp_path):
+    from bridge.client.journal import Journal
+    from bridge.client.sender import Sender
+
+    journal = Journal(tmp_path / "j.sqlite")
+    name = f"art-damaged-{uuid.uuid4().hex[:6]}"
+    run = journal.add_run(experiment_id=journal.add_experiment(name, {}), user_id="u",
+                          start_time=int(time.time() * 1000), name="r", tags={})
+    source = tmp_path / "f.bin"
+    source.write_bytes(b"original")
+    body = journal.spool_artifact(run, source, "f.bin")
+    (journal.spool_dir / body["spool"]).write_bytes(b"tampered")
+    sender = Sender(journal, mlflow_server.url, None)
+    sender.deliver_round()
+    (dead, message), = journal.dead_letters()
+    assert dead.key == "f.bin" and "sha256" in message
+    remote = server_run(server_client, name)
+    assert server_client.list_artifacts(remote.info.run_id) == []

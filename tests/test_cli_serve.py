@@ -146,3 +146,20 @@ def test_serve_start_failure_shows_mlflow_log_lines_and_exits_1():
     assert "mlflow server exited with code 1" in result.stderr
     assert "unsupported URI" in result.stderr  # MLflow's own last log lines
     assert "Traceback (most recent call last)" not in result.stdout
+
+
+def test_serve_refuses_a_taken_entrance_port_or_a_foreign_host_before_starting_mlflow():
+    import socket
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--tunnel", "none", "--port", "5999", "--entrance-port", str(port)],
+                               env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    assert f"entrance port {port} on 127.0.0.1 is already in use" in result.stderr
+    foreign = runner.invoke(app, ["serve", "--tunnel", "none", "--host", "192.0.2.55"], env={"COLUMNS": "200"})
+    assert foreign.exit_code == 1
+    assert "cannot listen on 192.0.2.55" in foreign.stderr
+    assert not config.paths().mlflow_db.exists()  # MLflow was never started

@@ -205,3 +205,27 @@ def test_direct_mlflow_calls_get_the_token_from_the_auth_plugin(fixed_status_ser
     request = auth(requests.Request("GET", fixed_status_server.url).prepare())
     assert request.headers["Authorization"] == "Bearer abc-token-123456"
     assert "abc-token" not in repr(auth)
+
+
+def test_connect_without_arguments_uses_discovery(mlflow_server, bridge_connect, monkeypatch, capsys):
+    monkeypatch.setenv("BRIDGE_URL", mlflow_server.url)
+    monkeypatch.setenv("BRIDGE_TOKEN", "env-token-value-123")
+    conn = bridge_connect(None, token=None)
+    assert conn.url == mlflow_server.url and conn.sender.token == "env-token-value-123"
+    assert conn.status().online is True
+    assert "(from BRIDGE_URL)" in capsys.readouterr().err
+
+
+def test_connect_on_a_damaged_journal_repairs_it_and_reports(bridge_connect, tmp_path, capsys):
+    from tests.support.mlflow_server import free_port
+
+    journal = tmp_path / "damaged.sqlite"
+    journal.write_bytes(b"\x00garbage" * 512)
+    conn = bridge_connect(f"http://127.0.0.1:{free_port()}", journal=journal)
+    err = capsys.readouterr().err
+    assert "journal was damaged" in err and "damaged file was kept as" in err
+    assert conn.journal.repair_report.damaged_file.exists()
+    mlflow.set_experiment("after-repair")
+    with mlflow.start_run():
+        mlflow.log_metric("m", 1.0)
+    assert conn.status().pending >= 3

@@ -109,11 +109,12 @@ def test_same_experiment_name_from_two_journals_is_one_experiment(own_mlflow_ser
     own_mlflow_server.stop()
     name = _name("shared")
     for i in range(2):  # two "processes" (journals) both create the experiment while offline
-        bridge_connect(own_mlflow_server.url, journal=tmp_path / f"j{i}.sqlite")
+        conn = bridge_connect(own_mlflow_server.url, journal=tmp_path / f"j{i}.sqlite")
         mlflow.set_experiment(name)
         with mlflow.start_run():
             mlflow.log_metric("x", float(i))
         mlflow.tracking.fluent._active_experiment_id = None
+        conn.close()  # the process ends; its journal stays behind
     own_mlflow_server.start()
     from bridge.client.connect import sync
 
@@ -156,3 +157,19 @@ def test_bad_values_become_dead_letters_and_the_rest_arrives(mlflow_server, serv
     assert "Names may only contain" in dead[("metric", "bad name!?*")]
     assert "exceeds the maximum length of 250" in dead[("param", "k" * 300)]
     assert conn.status().dead_letters == 3
+
+
+def test_dataset_inputs_are_journaled_and_delivered(mlflow_server, server_client, bridge_connect):
+    import numpy as np
+
+    conn = bridge_connect(mlflow_server.url)
+    name = _name("inputs")
+    mlflow.set_experiment(name)
+    dataset = mlflow.data.from_numpy(np.arange(12, dtype=np.float32).reshape(4, 3), name="tiny")
+    with mlflow.start_run():
+        mlflow.log_input(dataset, context="train")
+    assert conn.flush(30) == 0
+    remote = server_client.get_run(server_run(server_client, name).info.run_id)
+    (logged,) = remote.inputs.dataset_inputs
+    assert logged.dataset.name == "tiny" and logged.dataset.digest == dataset.digest
+    assert [t.value for t in logged.tags if t.key == "mlflow.data.context"] == ["train"]

@@ -168,6 +168,22 @@ def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve,
     assert _files_containing(server.home, fake_ngrok.authtoken) == [str(p) for p in server.home.rglob("ngrok.yml")]
 
 
+def test_sigterm_during_start_up_stops_cleanly(tmp_path):
+    from tests.support.serve import new_bridge_serve
+
+    server = new_bridge_serve(tmp_path / "early")
+    server.launch()
+    try:
+        # As soon as MLflow has been spawned, and long before it is healthy.
+        children = _wait_for(server.descendants, timeout=30, what="MLflow spawned")
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert alive == []
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

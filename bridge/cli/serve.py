@@ -52,8 +52,9 @@ def serve_command(
         help="A reserved/static ngrok domain, so the public URL survives restarts.",
         envvar="BRIDGE_NGROK_DOMAIN")] = None,
     edge_auth: Annotated[bool, typer.Option(
-        "--edge-auth", help="Also make ngrok's edge demand HTTP Basic (user `bridge`, password = access token). "
-                            "Off by default: Bearer-token clients are then refused at the edge.")] = False,
+        "--edge-auth", help="Also make ngrok's edge demand HTTP Basic (user `bridge`, password = access token, "
+                            "which ngrok then holds). Off by default: Bearer-token clients are refused at the edge.",
+    )] = False,
     publish: Annotated[Optional[str], typer.Option(help=PUBLISH_HELP, envvar="BRIDGE_PUBLISH")] = None,
     backend_store_uri: Annotated[Optional[str], typer.Option(
         help="MLflow backend store, e.g. postgresql://user@host/db. Default: SQLite in the bridge data folder.",

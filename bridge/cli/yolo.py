@@ -66,10 +66,18 @@ def train_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from bridge.yolo.console import collapsed_output
     from bridge.yolo.sweep import sweep
+
+    from bridge.errors import ConfigError
+    from bridge.yolo.sweep import resolve_model
 
     extra = _parse_args(arg or [])
     tags = {k: str(v) for k, v in _parse_args(tag or []).items()}
+    if not data.is_file():  # checked before connecting: a typo should not cost a connection
+        raise ConfigError(f"--data {str(data)!r}: no such file (expected a dataset YAML)")
+    for name in model:
+        resolve_model(name)
     conn = _connect(tracking_uri)
     overrides: dict = {**extra, "epochs": epochs, "imgsz": imgsz, "batch": batch}
     if device is not None:
@@ -78,10 +86,13 @@ def train_command(
         overrides["workers"] = workers
     if project is not None:
         overrides["project"] = str(project)
+    # Rich's live display takes over stdout: Ultralytics' lines print above the bars, its own progress bars
+    # collapse to their final frame, and rich's bars below show models, epochs and this epoch's batches.
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, redirect_stdout=False, redirect_stderr=False)
+                        console=console, redirect_stdout=True, redirect_stderr=True)
     overall = progress.add_task("models", total=len(model))
     epoch_task = progress.add_task("epochs", total=epochs)
+    batch_task = progress.add_task("batches", total=None)
 
     def on_model_start(name: str, index: int) -> None:
         progress.update(overall, completed=index, description=f"model {index + 1}/{len(model)}: {name}")
@@ -90,11 +101,13 @@ def train_command(
 
     def on_epoch_end(name: str, epoch: int, total: int) -> None:
         progress.update(epoch_task, completed=epoch, total=total)
-        progress.refresh()
 
-    with progress:
+    def on_batch_end(name: str, batch: int, total: int) -> None:
+        progress.update(batch_task, completed=batch, total=total, description=f"{name} batches")
+
+    with progress, collapsed_output():
         results = sweep(model, data=data, experiment=experiment, tags=tags, on_model_start=on_model_start,
-                        on_epoch_end=on_epoch_end, **overrides)
+                        on_epoch_end=on_epoch_end, on_batch_end=on_batch_end, **overrides)
         progress.update(overall, completed=len(model))
     _deliver(conn)
     table = Table(title=f"Sweep into experiment '{experiment}'")

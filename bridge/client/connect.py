@@ -155,10 +155,11 @@ def _resolve(url: str | None, token: str | None) -> tuple[str, str | None, str]:
         endpoint = discovery.find_endpoint(url, token)
         return endpoint.url, token, endpoint.source
     token = token or os.environ.get("BRIDGE_TOKEN") or None
+    source = "argument" if url else "BRIDGE_URL"
     url = url or os.environ.get("BRIDGE_URL")
     if not url:
         raise DiscoveryError("no server URL: pass connect(url=…) or set BRIDGE_URL")
-    return url.rstrip("/"), token, "argument" if url else "BRIDGE_URL"
+    return url.rstrip("/"), token, source
 
 
 def _token_source(explicit: str | None):
@@ -212,7 +213,6 @@ def connection_for(store_uri: str) -> Connection:
         if not store_uri.startswith(SCHEME_PREFIX):
             raise ConfigError(f"{store_uri!r} is not a bridge tracking URI")
         url = store_uri[len(SCHEME_PREFIX):]
-        token = None
         discovery = _discovery()
         token = discovery.find_token(None) if discovery is not None else os.environ.get("BRIDGE_TOKEN")
         conn = _open(url, token, journal=None, journal_limit=None, flush_at_exit=10.0, explicit_token=None)

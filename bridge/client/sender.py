@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import logging
 import math
 import threading
@@ -212,6 +213,7 @@ class Sender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
+        self._backing_off = False
         self._thread: threading.Thread | None = None
         self._lock_file = None
         self._live_runs: set[str] = set()
@@ -250,7 +252,8 @@ class Sender:
                 return left
             if deadline is not None and time.monotonic() >= deadline:
                 return left
-            self._wake.set()
+            if not self._backing_off:  # a flush must not turn the backoff into a tight retry loop
+                self._wake.set()
             self._idle.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
             self._idle.clear()
 
@@ -317,6 +320,7 @@ class Sender:
             if time.monotonic() - self._last_checkpoint > 5.0:
                 self.journal.checkpoint()
                 self._last_checkpoint = time.monotonic()
+            self._backing_off = attempts > 0
             self._idle.set()
             self._wake.wait(wait)
             self._wake.clear()
@@ -672,6 +676,9 @@ class Sender:
         if not spool_file.exists():
             raise HttpFailure(400, "SPOOL_FILE_MISSING", f"spooled copy of {body['path']} is missing from "
                                                          f"{self.journal.spool_dir}")
+        if _sha256(spool_file) != body["sha256"]:
+            raise HttpFailure(400, "SPOOL_FILE_DAMAGED", f"the spooled copy of {body['path']} no longer matches "
+                                                         "the sha256 recorded when it was logged")
         if op.attempts > 0 and self._remote_size(artifact_root, body["path"]) == body["size"]:
             return  # an earlier, unacknowledged upload arrived whole
         url = self.artifact_url(artifact_root, body["path"])
@@ -682,3 +689,11 @@ class Sender:
         if size != body["size"]:
             raise _Pause(TransportFailure(f"uploaded {body['path']} but the server holds {size} bytes, "
                                           f"not {body['size']}; uploading again"), Verdict.RETRY)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

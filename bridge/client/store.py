@@ -4,6 +4,7 @@ Writes return as soon as the journal has committed them. Runs and experiments cr
 that stay valid for the whole process (and in the journal); the sender maps them to the server's ids.
 Reads ask the server when it answers and translate its ids back to local ones; offline they answer from
 the journal what it knows (local runs with their params, tags and latest metrics; local experiments).
+Online reads show what the server holds, i.e. what has been delivered so far.
 """
 
 from __future__ import annotations

@@ -167,9 +167,11 @@ def _is_loopback(address: str | None) -> bool:
     if not address:
         return False
     try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 from a dual-stack socket
+    return (mapped or ip).is_loopback
 
 
 class Entrance:
@@ -240,7 +242,10 @@ class Entrance:
             raise ServeError(f"the entrance did not start within {timeout_s:.0f} s")
         if failure:
             exc = failure[0]
-            raise ServeError(f"the entrance could not listen on {self.host}:{self.port}: {exc}") from None
+            raise ServeError(
+                f"the entrance could not listen on {self.host}:{self.port} ({exc}); choose another --entrance-port "
+                "or --host"
+            ) from None
 
     def stop(self, timeout_s: float = 10.0) -> None:
         loop, thread = self._loop, self._thread
@@ -262,7 +267,7 @@ class Entrance:
         app = web.Application(client_max_size=BUFFER_LIMIT_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # No access log: it would cost time per request, and auth failures are logged below anyway.
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()

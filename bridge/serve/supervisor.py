@@ -10,17 +10,18 @@ writes what it sees to the state file that `bridge status` reads. No secret goes
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
-
-import mlflow
 
 from bridge import config, secrets
 from bridge.errors import BridgeError, ConfigError, PublishError, ServeError, TunnelError
@@ -29,7 +30,6 @@ from bridge.retry import compute_backoff_ms
 from bridge.serve.entrance import Entrance
 from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
 from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
-from bridge.serve.reaper import reap_stale_runs
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,6 @@ class Supervisor:
         self.last_reap: dict[str, Any] | None = None
         self.events: list[dict[str, Any]] = []
         self._published_revision = -1
-        self._published_url: str | None = None
         self._next_publish_at = 0.0
         self._publish_failures = 0
         self._tunnel_failures = 0
@@ -154,6 +153,7 @@ class Supervisor:
         config.paths().ensure()
         secrets.access_token(create=True)  # generated on first use, before anything can ask for it
         tunnel_config = self._tunnel_config()
+        _check_bindable(opts.host, opts.resolved_entrance_port)  # say so now, not after MLflow's start-up
         self._check_interrupt()
         self.mlflow.start()
         self._check_interrupt()
@@ -325,7 +325,7 @@ class Supervisor:
         revision = tokens.revision
         ttl = self.options.record_ttl_s
         record = make_record(
-            self.record_url, token=token, instance=self.instance, mlflow_version=mlflow.__version__, ttl_s=ttl
+            self.record_url, token=token, instance=self.instance, mlflow_version=_mlflow_version(), ttl_s=ttl
         )
         entry: dict[str, Any] = {"at": time.time(), "target": self.publisher.describe(), "url": record.url}
         try:
@@ -338,7 +338,6 @@ class Supervisor:
             log.warning("Publishing the record to %s failed (retry in %.0f s): %s", entry["target"], delay, exc)
         else:
             self._publish_failures = 0
-            self._published_url = record.url
             self._next_publish_at = time.time() + ttl / 2  # well before the record expires
             entry.update(ok=True, error=None, expires_at=record.expires_at)
             log.info("Published the record for %s to %s", record.url, entry["target"])
@@ -355,6 +354,8 @@ class Supervisor:
         return None if self.last_publish is None else self.last_publish.get("error")
 
     def _reap_loop(self) -> None:
+        from bridge.serve.reaper import reap_stale_runs  # imports MLflow's client: off the start-up path
+
         interval = self.options.reap_interval_s
         while not self._stop.wait(interval):
             if not self.mlflow.status.healthy:
@@ -413,6 +414,25 @@ class Supervisor:
                 os.replace(tmp, path)
             except OSError as exc:
                 log.warning("Could not write %s: %s", path, exc)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Raise a `ServeError` naming the option to change when the entrance could not listen on host:port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ServeError(f"the entrance port {port} on {host} is already in use; "
+                                 "choose another with --entrance-port") from None
+            raise ServeError(f"the entrance cannot listen on {host}:{port} ({exc.strerror}); check --host") from None
+
+
+def _mlflow_version() -> str:
+    """The installed MLflow's version (the server runs this one), without the 1-2 s of `import mlflow`."""
+    return metadata.version("mlflow")
 
 
 def read_state() -> dict[str, Any] | None:

@@ -174,6 +174,10 @@ class YoloTracker:
         self.final_metrics: dict[str, float] = {}
         self._callbacks = {event: self._guard(event, getattr(self, f"_{event}")) for event in EVENTS}
         self._reset()
+        previous = model.__dict__.get("_bridge_tracker")
+        if previous is not None:  # tracking a model twice would log everything twice
+            previous.detach()
+        model.__dict__["_bridge_tracker"] = self
         for event, fn in self._callbacks.items():
             model.add_callback(event, fn)
 
@@ -185,6 +189,8 @@ class YoloTracker:
             lst = self.model.callbacks.get(event, [])
             if fn in lst:
                 lst.remove(fn)
+        if self.model.__dict__.get("_bridge_tracker") is self:
+            del self.model.__dict__["_bridge_tracker"]
         self._stop_console()
 
     def _reset(self) -> None:
@@ -297,7 +303,10 @@ class YoloTracker:
         if trainer.epoch_time is not None:
             values["epoch_time_s"] = float(trainer.epoch_time)
         if getattr(trainer.device, "type", "cpu") not in ("cpu", "mps"):
-            values["gpu_mem_gb"] = float(trainer._get_memory())
+            try:
+                values["gpu_mem_gb"] = float(trainer._get_memory())  # what Ultralytics shows as GPU_mem
+            except Exception as exc:  # never lose the epoch's metrics over it
+                self.report("GPU memory", exc)
         self._submit("log epoch metrics", self._log_metrics, values, step)
         now = time.monotonic()
         if self._best_dirty and now - self._last_best_upload >= self.log_best_every_s:

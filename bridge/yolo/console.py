@@ -8,10 +8,12 @@ over, ANSI escapes are dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from typing import TextIO
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
@@ -133,3 +135,70 @@ class ConsoleCapture:
             h.setStream(stream)
         self._handlers.clear()
         self._saved = None
+
+
+@contextlib.contextmanager
+def logger_follows_stdout(logger_name: str = "ultralytics") -> Iterator[None]:
+    """Point the logger's stream handlers at the current `sys.stdout` for a while (e.g. a rich live display's
+    proxy, so log lines print above the progress bars instead of through them)."""
+    saved = [(h, h.stream) for h in logging.getLogger(logger_name).handlers
+             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    for h, _ in saved:
+        h.setStream(sys.stdout)
+    try:
+        yield
+    finally:
+        for h, stream in saved:
+            h.setStream(stream)
+
+
+_ERASE = re.compile(r"\x1b\[[012]?K")
+
+
+class _LineWriter:
+    """A stream that passes on whole lines only, each as a terminal would finally show it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._partial = ""
+        self._pending_cr = False
+
+    def write(self, text: str) -> int:
+        for chunk in re.split(r"(\r|\n)", _ERASE.sub("", text)):
+            if chunk == "\n":
+                self._stream.write(self._partial + "\n")
+                self._partial, self._pending_cr = "", False
+            elif chunk == "\r":
+                self._pending_cr = True
+            elif chunk:
+                if self._pending_cr:
+                    self._partial, self._pending_cr = "", False
+                self._partial += chunk
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close_line(self) -> None:
+        if self._partial:
+            self._stream.write(self._partial + "\n")
+            self._partial = ""
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def collapsed_output(logger_name: str = "ultralytics") -> Iterator[None]:
+    """While inside, stdout/stderr and the logger carry whole lines only: progress-bar redraws are collapsed to
+    their final frame. For a display (e.g. rich's live progress) that cannot handle carriage returns."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _LineWriter(out), _LineWriter(err)
+    try:
+        with logger_follows_stdout(logger_name):
+            yield
+    finally:
+        for writer in (sys.stdout, sys.stderr):
+            if isinstance(writer, _LineWriter):
+                writer.close_line()
+        sys.stdout, sys.stderr = out, err

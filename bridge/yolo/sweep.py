@@ -36,12 +36,31 @@ def resolve_model(name: str) -> str:
     return f"{name}.yaml"
 
 
-def _epoch_reporter(label: str, report: Callable[[str, int, int], None]) -> Callable[[Any], None]:
-    def on_fit_epoch_end(trainer: Any) -> None:
-        if trainer.epoch < trainer.epochs:  # the extra call after the last epoch validates best.pt
-            report(label, trainer.epoch + 1, trainer.epochs)
+class _ProgressHooks:
+    """Ultralytics callbacks that turn a training's progress into `on_epoch_end`/`on_batch_end` calls."""
 
-    return on_fit_epoch_end
+    def __init__(self, label: str, on_epoch_end, on_batch_end) -> None:
+        self.label, self.on_epoch_end, self.on_batch_end = label, on_epoch_end, on_batch_end
+        self.batch = 0
+
+    def attach(self, model: Any) -> None:
+        if self.on_epoch_end:
+            model.add_callback("on_fit_epoch_end", self._fit_epoch_end)
+        if self.on_batch_end:
+            model.add_callback("on_train_epoch_start", self._epoch_start)
+            model.add_callback("on_train_batch_end", self._batch_end)
+
+    def _fit_epoch_end(self, trainer: Any) -> None:
+        if trainer.epoch < trainer.epochs:  # the extra call after the last epoch validates best.pt
+            self.on_epoch_end(self.label, trainer.epoch + 1, trainer.epochs)
+
+    def _epoch_start(self, trainer: Any) -> None:
+        self.batch = 0
+
+    def _batch_end(self, trainer: Any) -> None:
+        self.batch += 1
+        loader = getattr(trainer, "train_loader", None)
+        self.on_batch_end(self.label, self.batch, len(loader) if loader is not None else 0)
 
 
 @dataclass
@@ -62,13 +81,15 @@ def sweep(
     tags: dict[str, str] | None = None,
     on_model_start: Callable[[str, int], None] | None = None,
     on_epoch_end: Callable[[str, int, int], None] | None = None,
+    on_batch_end: Callable[[str, int, int], None] | None = None,
     stop_on_error: bool = False,
     **overrides: Any,
 ) -> list[SweepResult]:
     """Train each model with `overrides` (epochs, imgsz, batch, device, …) as one run in `experiment`.
 
     A model that fails is recorded (its run is marked FAILED) and the sweep goes on unless `stop_on_error`.
-    `on_model_start(model, index)` and `on_epoch_end(model, epoch, epochs)` feed a progress display.
+    `on_model_start(model, index)`, `on_epoch_end(model, epoch, epochs)` and `on_batch_end(model, batch,
+    batches)` feed a progress display.
     """
     from ultralytics import YOLO
 
@@ -90,8 +111,7 @@ def sweep(
             model = YOLO(spec)
             tracker = YoloTracker(model, experiment=experiment, run_name=label,
                                   tags={"sweep.models": ",".join(Path(s).stem for s in specs), **(tags or {})})
-            if on_epoch_end:
-                model.add_callback("on_fit_epoch_end", _epoch_reporter(label, on_epoch_end))
+            _ProgressHooks(label, on_epoch_end, on_batch_end).attach(model)
             model.train(data=str(data), **{"name": label, **overrides})
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"

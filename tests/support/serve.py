@@ -81,14 +81,19 @@ class BridgeServe:
             env=self.env(), capture_output=True, text=True, timeout=timeout,
         )
 
-    def start(self, timeout: float = 90.0) -> None:
+    def launch(self) -> None:
+        """Start the process without waiting for it to come up."""
         self.home.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from bridge.cli import main; main()", "serve",
-             "--port", str(self.port), "--entrance-port", str(self.entrance_port), *self.args],
-            stdout=out, stderr=subprocess.STDOUT, env=self.env(), cwd=REPO,
-        )  # fmt: skip
+        with open(self.log_file, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "from bridge.cli import main; main()", "serve",
+                 "--port", str(self.port), "--entrance-port", str(self.entrance_port), *self.args],
+                stdout=out, stderr=subprocess.STDOUT, env=self.env(), cwd=REPO,
+            )  # fmt: skip
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start the process and wait until it has published its record and its entrance answers."""
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,0 +1,243 @@
+"""Training-loop slowdown during a link outage: bridge vs stock MLflow sync, against the same loop not logging.
+
+A simulated training loop (steps of fixed pure-Python work, ~1 ms each, calibrated at start; one
+`mlflow.log_metric` per step) runs in its own process and logs through the test-owned flaky proxy in front of
+a local plain `mlflow server`. Shortly after the loop starts, the proxy goes into `refuse` (port closed) or
+`blackhole` (accepts, never answers) for the outage's length, then back to `pass`. The loop's wall time is
+compared with the same loop without logging (run before and after; the faster is the anchor, which is the
+stricter choice). Afterwards the server's copy is counted: bridge must deliver every point.
+
+Pure-Python steps hold the GIL, so bridge's background sender competes with them directly; a real training
+step (mostly native code) is the easier case. 1 ms steps are ~50x shorter than a YOLO step on a GPU.
+
+MLflow sync is bounded here: MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1,
+MLFLOW_HTTP_REQUEST_TIMEOUT=5 (stock: 7 retries, factor 2, 120 s — one call then blocks for minutes), and the
+loop catches the exceptions MLflow raises after its retries, counting those points as lost.
+
+    python benchmarks/bench_outage.py [--quick] [--mode refuse|blackhole|both]
+
+Goal (issue 3): bridge's loop slowdown <= 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from _common import REPO, MlflowServer, clean_env, machine_summary, print_table, scratch_dir, verdict
+
+GOAL_SLOWDOWN = 0.05
+STEP_S = 0.001
+SYNC_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def child_env(home: Path, **extra: str) -> dict[str, str]:
+    """A clean environment for a measured child: its own BRIDGE_HOME, no keyring, no inherited MLflow settings."""
+    env = {k: v for k, v in clean_env().items() if not k.startswith(("MLFLOW_", "BRIDGE_"))}
+    env.update({"PYTHONPATH": str(REPO), "BRIDGE_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true",
+                "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring", **extra})
+    return env
+
+
+def work(k: int) -> int:
+    """One training step's compute: fixed work (not fixed time), so anything competing for the CPU shows."""
+    total = 0
+    for i in range(k):
+        total += i * i
+    return total
+
+
+def calibrate(step_s: float) -> int:
+    """The `k` for which work(k) takes about `step_s` on this machine now."""
+    k = 1000
+    while True:
+        started = time.perf_counter()
+        for _ in range(5):
+            work(k)
+        took = (time.perf_counter() - started) / 5
+        if took > step_s / 4:
+            return max(1, int(k * step_s / took))
+        k *= 2
+
+
+# ------------------------------------------------------------------------------------------ child side
+
+def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: float) -> dict:
+    import mlflow
+
+    experiment = f"bench-outage-{client}-{time.time_ns()}"
+    conn = None
+    if client == "bridge":
+        import bridge
+
+        conn = bridge.connect(url=url, token="bench-token", experiment=experiment, journal=journal)
+    elif client == "mlflow-sync":
+        mlflow.set_tracking_uri(url)
+        mlflow.set_experiment(experiment)
+    if client != "none":
+        mlflow.start_run(run_name=client)
+        if conn is not None:
+            conn.flush(30)  # the run exists on the server before the link breaks, as for MLflow
+    failed = 0
+    worst = 0.0
+    print("START", flush=True)
+    started = time.perf_counter()
+    for step in range(steps):
+        work(k)
+        if client != "none":
+            t0 = time.perf_counter()
+            try:
+                mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+            except Exception:  # what MLflow raises once its retries are spent; a training loop would go on
+                failed += 1
+            worst = max(worst, time.perf_counter() - t0)
+    loop_s = time.perf_counter() - started
+    print(f"LOOP {loop_s}", flush=True)
+    left = None
+    if client != "none":
+        try:
+            mlflow.end_run()
+        except Exception:
+            pass
+    if conn is not None:
+        left = conn.flush(drain_s)
+        conn.close()
+    return {"loop_s": loop_s, "failed": failed, "worst_call_s": worst, "left": left, "experiment": experiment}
+
+
+# ----------------------------------------------------------------------------------------- parent side
+
+def _server_points(db: Path, experiment: str) -> int:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute("select count(*) from metrics m join runs r on m.run_uuid = r.run_uuid "
+                            "join experiments e on r.experiment_id = e.experiment_id "
+                            "where e.name = ? and m.key = 'loss'", (experiment,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _measure(client: str, mode: str | None, steps: int, k: int, outage: tuple[float, float], proxy,
+             server: MlflowServer, work_dir: Path) -> dict:
+    """Run one loop; with `mode`, the proxy is broken from outage[0] to outage[0]+outage[1] s after START."""
+    name = f"{client}-{mode or 'no-outage'}-{time.time_ns()}"
+    home = work_dir / f"home-{name}"
+    home.mkdir()
+    extra = SYNC_BOUNDS if client == "mlflow-sync" else {}
+    drain_s = outage[0] + outage[1] + 180
+    cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url,
+           "--journal", str(work_dir / f"{name}.sqlite"), "--steps", str(steps), "-k", str(k),
+           "--drain", str(drain_s)]
+    proc = subprocess.Popen(cmd, env=child_env(home, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    timer = None
+    outage_seen = {"start": None, "end": None}
+    try:
+        for line in proc.stdout:
+            if line.startswith("START"):
+                if mode is not None:
+                    def outage_timeline() -> None:
+                        time.sleep(outage[0])
+                        proxy.set_mode(mode)
+                        outage_seen["start"] = time.monotonic()
+                        time.sleep(outage[1])
+                        proxy.set_mode("pass")
+                        outage_seen["end"] = time.monotonic()
+
+                    timer = threading.Thread(target=outage_timeline, daemon=True)
+                    timer.start()
+            elif line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT "):])
+                break
+        else:
+            raise RuntimeError(f"{client} child ended without a result: {proc.stderr.read()[-3000:]}")
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if timer is not None:
+            timer.join()
+        proxy.set_mode("pass")
+    result.update(client=client, mode=mode, steps=steps,
+                  stored=_server_points(server.root / "mlflow.db", result["experiment"]) if client != "none" else None)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 s loop, 6 s outage (a smoke run, about 1 min)")
+    parser.add_argument("--mode", choices=("refuse", "blackhole", "both"), default="both")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--journal", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("-k", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--drain", type=float, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = _child(args.child, args.url, args.journal, args.steps, args.k, args.drain)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    from tests.support.flaky_proxy import FlakyProxy
+
+    loop_s, outage = (4.0, (1.0, 6.0)) if args.quick else (10.0, (2.0, 30.0))
+    modes = ["refuse", "blackhole"] if args.mode == "both" else [args.mode]
+    k = calibrate(STEP_S)
+    steps = int(loop_s / STEP_S)
+    work_dir = scratch_dir("outage")
+    server = MlflowServer(root=work_dir / "server", args=["--workers", "1"],
+                          env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    server.start()
+    proxy = None
+    try:
+        server.wait_healthy(120)
+        proxy = FlakyProxy("127.0.0.1", server.port)
+        baselines = [_measure("none", None, steps, k, outage, proxy, server, work_dir)]
+        runs = []
+        for mode in modes:
+            for client in ("bridge", "mlflow-sync"):
+                runs.append(_measure(client, mode, steps, k, outage, proxy, server, work_dir))
+        baselines.append(_measure("none", None, steps, k, outage, proxy, server, work_dir))
+    finally:
+        if proxy is not None:
+            proxy.close()
+        server.stop()
+
+    anchor = min(b["loop_s"] for b in baselines)
+    rows = [("no logging (anchor)", "-", f"{b['loop_s']:.2f}", f"{b['loop_s'] / anchor - 1:+.1%}", "-", "-", "-")
+            for b in baselines]
+    for r in runs:
+        rows.append((r["client"], r["mode"], f"{r['loop_s']:.2f}", f"{r['loop_s'] / anchor - 1:+.1%}",
+                     f"{r['worst_call_s'] * 1000:,.1f}", f"{r['failed']}", f"{r['stored']}/{steps}"))
+    print_table(f"{steps:,}-step loop ({STEP_S * 1000:.0f} ms pure-Python steps, 1 log_metric each), "
+                f"{outage[1]:.0f} s outage from t={outage[0]:.0f} s — plain mlflow server (SQLite, 1 worker) on "
+                f"127.0.0.1{' [quick]' if args.quick else ''}; {machine_summary()}",
+                ["client", "outage", "loop s", "slowdown", "slowest call ms", "calls raised", "points on server"],
+                rows)
+    print("MLflow sync bounded by " + ", ".join(f"{k}={v}" for k, v in SYNC_BOUNDS.items()))
+    ok = True
+    for r in runs:
+        if r["client"] != "bridge":
+            continue
+        slowdown = r["loop_s"] / anchor - 1
+        sync = next(x for x in runs if x["client"] == "mlflow-sync" and x["mode"] == r["mode"])
+        good = slowdown <= GOAL_SLOWDOWN and r["stored"] == steps
+        ok &= good
+        print(f"{r['mode']}: bridge slowdown {slowdown:+.1%} (goal <= {GOAL_SLOWDOWN:.0%}), every point delivered: "
+              f"{'yes' if r['stored'] == steps else 'NO'}; MLflow sync {sync['loop_s'] / anchor - 1:+.0%} and "
+              f"{steps - sync['stored']} points lost: {verdict(good)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
