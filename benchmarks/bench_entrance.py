@@ -8,8 +8,12 @@ go three ways, interleaved in rounds so background load hits all alike:
   entrance  http://127.0.0.1:<entrance port> + token       (bridge's proxy alone)
   tunnel    the stand-in edge forwarder + token             (edge → entrance → MLflow: what Colab's requests take)
 Workloads: log_batch with 1000 metrics (what bridge's sender sends) and single-metric log-metric calls, each
-with 1 client and with 4 concurrent clients (keep-alive sessions, as MLflow's client and the sender use).
-Goals (tunnel vs direct): throughput ratio >= 0.9 and p50 added <= 2 ms.
+with 1 client and with 4 concurrent clients (keep-alive sessions, as MLflow's client and the sender use), and
+GET /health (no database work: the proxies' own cost, for information).
+With 1 client the paths alternate request by request, and "paired added" is the median of the differences
+between neighbouring requests: on a machine shared with other work that is far steadier than a difference of
+two p50s. Goals (tunnel vs direct, every logging workload): throughput ratio >= 0.9 and p50 added <= 2 ms
+(paired with 1 client, p50 difference with 4).
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ class Workload:
     endpoint: str
     clients: int
     requests_per_client: int  # 1 client: requests per path; several: per client, round and path
-    make_body: object  # callable(step_base) -> bytes
+    make_body: object  # callable(step_base) -> bytes, or None for a GET
     steps_per_request: int
+    in_goal: bool = True
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Samples:
     wall_s: float = 0.0
     requests: int = 0
     errors: list[str] = field(default_factory=list)
+    paired_added_s: list[float] = field(default_factory=list)  # 1 client: this path minus direct, per round
 
 
 class StepCounter:
@@ -90,9 +96,10 @@ def metric_body(run_id: str):
 def run_chunk(base_url: str, headers: dict[str, str], work: Workload, steps: StepCounter, sessions: list) -> Samples:
     """`work.clients` threads each sending `requests_per_client` requests; bodies are built before the clock."""
     bodies = [
-        [work.make_body(steps.take(work.steps_per_request)) for _ in range(work.requests_per_client)]
+        [work.make_body(steps.take(work.steps_per_request)) if work.make_body else None
+         for _ in range(work.requests_per_client)]
         for _ in range(work.clients)
-    ]
+    ]  # fmt: skip
     samples = Samples()
     lock = threading.Lock()
     start = threading.Barrier(work.clients + 1)
@@ -107,7 +114,10 @@ def run_chunk(base_url: str, headers: dict[str, str], work: Workload, steps: Ste
         for body in bodies[i]:
             t0 = time.perf_counter()
             try:
-                resp = session.post(url, data=body, headers=all_headers, timeout=60)
+                if body is None:
+                    resp = session.get(url, headers=headers, timeout=60)
+                else:
+                    resp = session.post(url, data=body, headers=all_headers, timeout=60)
                 status = resp.status_code
                 resp.content  # noqa: B018 - the whole answer is part of the request's time
             except requests.RequestException as exc:
@@ -143,6 +153,7 @@ def measure_sequential(work: Workload, targets: dict[str, tuple[str, dict]], ste
     totals = {path: Samples() for path in PATHS}
     for i in range(count):
         order = PATHS[i % len(PATHS):] + PATHS[: i % len(PATHS)]
+        this_round: dict[str, list[float]] = {}
         for path in order:
             got = run_chunk(*targets[path], single, steps, sessions[path])
             total = totals[path]
@@ -150,6 +161,10 @@ def measure_sequential(work: Workload, targets: dict[str, tuple[str, dict]], ste
             total.wall_s += sum(got.latencies_s)  # one client: busy time is the sum of its request times
             total.requests += got.requests
             total.errors += got.errors
+            this_round[path] = got.latencies_s
+        if all(len(v) == 1 for v in this_round.values()):
+            for path in PATHS[1:]:
+                totals[path].paired_added_s.append(this_round[path][0] - this_round["direct"][0])
     for per_path in sessions.values():
         per_path[0].close()
     return totals
@@ -210,6 +225,8 @@ def main() -> int:
                      single, 1),
             Workload("log_metric x1, 4 clients", "/api/2.0/mlflow/runs/log-metric", 4, 5 if args.quick else 10,
                      single, 1),
+            Workload("GET /health (info: proxy cost alone)", "/health", 1, 50 if args.quick else 300, None, 0,
+                     in_goal=False),
         ]  # fmt: skip
         rows, ok, steps = [], True, StepCounter()
         for work in workloads:
@@ -230,24 +247,36 @@ def main() -> int:
                 p99 = percentile(res.latencies_s, 99) * 1000
                 ratio = tput / direct_tput
                 added = p50 - direct_p50
+                paired = percentile(res.paired_added_s, 50) * 1000 if res.paired_added_s else None
                 mark = ""
                 if path == "tunnel":
-                    passed = ratio >= GOAL_THROUGHPUT_RATIO and added <= GOAL_P50_ADDED_MS
-                    ok &= passed
-                    mark = verdict(passed)
-                unit = f"{tput * METRICS_PER_BATCH:,.0f} metrics/s" if work.steps_per_request > 1 else f"{tput:,.0f} req/s"
-                rows.append([work.name if path == "direct" else "", path, res.requests, unit, f"{ratio:.2f}",
-                             f"{p50:.1f}", f"{p99:.1f}", "" if path == "direct" else f"{added:+.1f}", mark])  # fmt: skip
+                    judged = paired if paired is not None else added
+                    passed = ratio >= GOAL_THROUGHPUT_RATIO and judged <= GOAL_P50_ADDED_MS
+                    if work.in_goal:
+                        ok &= passed
+                        mark = verdict(passed)
+                    else:
+                        mark = "info"
+                if work.steps_per_request > 1:
+                    unit = f"{tput * METRICS_PER_BATCH:,.0f} metrics/s"
+                else:
+                    unit = f"{tput:,.0f} req/s"
+                rows.append([
+                    work.name if path == "direct" else "", path, res.requests, unit, f"{ratio:.2f}", f"{p50:.1f}",
+                    f"{p99:.1f}", "" if path == "direct" else f"{added:+.1f}",
+                    "" if paired is None else f"{paired:+.1f}", mark,
+                ])  # fmt: skip
         print_table(
             f"Entrance cost (1 client: paths alternate per request; 4 clients: {rounds} rounds per path; ms)",
-            ["workload", "path", "requests", "throughput", "ratio", "p50", "p99", "p50 added", "goal"],
+            ["workload", "path", "requests", "throughput", "ratio", "p50", "p99", "p50 added", "paired added",
+             "goal"],
             rows,
         )
     finally:
         serve.stop()
         ngrok.kill_agents()
     print(f"\nGoals for the tunnel path: throughput ratio >= {GOAL_THROUGHPUT_RATIO} and p50 added <= "
-          f"{GOAL_P50_ADDED_MS:.0f} ms in every workload: {verdict(ok)}")  # fmt: skip
+          f"{GOAL_P50_ADDED_MS:.0f} ms in every logging workload: {verdict(ok)}")  # fmt: skip
     return 0 if ok else 1
 
 

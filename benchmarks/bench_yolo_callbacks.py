@@ -84,7 +84,7 @@ def _child(variant: str, tracking: str, data: str, epochs: int, project: str) ->
         from bridge.yolo import console as console_mod
 
         tracker = bridge.yolo.track(model, experiment="bench-yolo-callbacks", run_name="bridge")
-        for event, fn in tracker._callbacks.items():
+        for event, fn in tracker.callbacks.items():
             lst = model.callbacks[event]
             lst[lst.index(fn)] = timings.wrap(event, fn)
         original_write = console_mod.ConsoleLog.write

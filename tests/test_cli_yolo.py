@@ -36,7 +36,8 @@ def test_bad_model_name_and_bad_arg_are_clear_errors(runner, yolo_dataset):
     assert result.exit_code == 1 and "'nbs': expected KEY=VALUE" in flat(result.output)
 
 
-def test_a_model_that_cannot_load_is_reported_and_the_exit_code_says_so(runner, yolo_dataset, tmp_path):
+def test_a_model_that_cannot_load_is_reported_and_the_exit_code_says_so(runner, yolo_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/m.db"
     result = runner.invoke(app, ["train", "-m", str(tmp_path / "missing.yaml"), "--data", str(yolo_dataset),
                                  "--tracking-uri", uri], env={"COLUMNS": "250"})

@@ -39,9 +39,11 @@ def test_appends_keep_order_values_and_original_timestamps(tmp_path):
     journal.append_batch("run1", [("loss", math.nan, 2222, 1), ("acc", math.inf, 3333, 1)],
                          [("lr", "0.1")], [("t", "v")])
     ops = journal.pending_ops("run1", 100)
-    assert [(o.kind, o.key) for o in ops] == [(METRIC, "loss"), (METRIC, "loss"), (METRIC, "acc"),
-                                             (PARAM, "lr"), (TAG, "t")]
-    assert [o.ts for o in ops[:3]] == [1111, 2222, 3333]
+    # Points come through the intake, so they may follow params/tags; among themselves they keep their order.
+    assert sorted((o.kind, o.key) for o in ops if o.kind != METRIC) == [(PARAM, "lr"), (TAG, "t")]
+    ops = [o for o in ops if o.kind == METRIC]
+    assert [(o.kind, o.key) for o in ops] == [(METRIC, "loss"), (METRIC, "loss"), (METRIC, "acc")]
+    assert [o.ts for o in ops] == [1111, 2222, 3333]
     assert decode_value(ops[0].value) == 0.5
     assert math.isnan(decode_value(ops[1].value))  # SQLite would turn a bare NaN into NULL
     assert decode_value(ops[2].value) == math.inf
@@ -151,3 +153,41 @@ def test_damaged_pages_intact_rows_recovered_rest_reported(tmp_path):
     assert "recovered" in str(report) and str(report.damaged_file) in str(report)
     values = sorted(decode_value(op.value) for op in repaired.pending_ops("r", 20_000))
     assert len(set(values)) == len(values), "no row recovered twice"
+
+
+def test_intake_points_reach_sqlite_in_order_and_once(tmp_path, monkeypatch):
+    from bridge.client import intake
+
+    monkeypatch.setattr(intake, "ROTATE_BYTES", 2_000)  # rotate often
+    journal = Journal(tmp_path / "j.sqlite")
+    expected = []
+    for step in range(3_000):
+        journal.append_batch("r", [("loss", step / 7, 1_000 + step, step)])
+        expected.append(step)
+        if step % 97 == 0:
+            journal.move_intake()
+    ops = journal.pending_ops("r", 10_000)
+    assert [op.step for op in ops] == expected
+    assert [decode_value(op.value) for op in ops] == [s / 7 for s in expected]
+    assert journal._intake.size < 4_000, "the intake file was emptied as it was moved"
+
+
+def test_intake_left_by_an_ended_process_is_replayed_once(tmp_path, caplog):
+    path = tmp_path / "j.sqlite"
+    first = Journal(path)
+    first.append_batch("r", [("m", float(i), i, i) for i in range(50)])
+    first.move_intake()  # 50 already in SQLite …
+    for i in range(50, 120):
+        first.append_batch("r", [("m", float(i), i, i)])  # … 70 only in the intake file
+    intake_file = first._intake.path
+    with open(intake_file, "ab") as fh:
+        fh.write(b"\x01\x02torn")  # what a machine crash could leave at the end
+    assert Journal(path).backlog().total == 50, "a live process's intake is not touched"
+    first._intake.close()  # the process dies: its lock is released, nothing else happens
+
+    second = Journal(path)
+    steps = [op.step for op in second.pending_ops("r", 1000)]
+    assert steps == list(range(120))
+    assert not intake_file.exists()
+    assert "not a whole record" in caplog.text
+    assert Journal(path).backlog().total == 120, "replayed exactly once"

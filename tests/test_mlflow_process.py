@@ -149,3 +149,28 @@ def test_watch_restarts_mlflow_after_kill_9_and_reports_it(bridge_home):
         proc.stop()
         watcher.join(10)
     assert not watcher.is_alive()
+
+
+def test_watch_restarts_mlflow_that_stops_answering(bridge_home):
+    proc = MlflowProcess(MlflowOptions(port=free_port(), health_interval_s=0.5, health_failures=2,
+                                       health_timeout_s=1.0, stop_grace_s=3))
+    proc.start()
+    stop = threading.Event()
+    events: list[str] = []
+    watcher = threading.Thread(target=proc.watch, args=(stop, events.append), daemon=True)
+    watcher.start()
+    try:
+        hung_pid = proc.pid
+        os.kill(hung_pid, signal.SIGSTOP)  # alive, holding its port, answering nothing
+        deadline = time.monotonic() + 60
+        while proc.status.restarts < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.status.restarts == 1, events
+        assert any("stopped answering /health" in e for e in events)
+        assert proc.pid != hung_pid
+        assert not psutil.pid_exists(hung_pid)
+        assert proc.healthy()
+    finally:
+        stop.set()
+        proc.stop()
+        watcher.join(10)

@@ -73,8 +73,10 @@ def test_console_capture_tees_and_restores(capsys):
 
 
 @pytest.mark.slow
-def test_unusable_store_is_reported_once_and_training_finishes(yolo_dataset, tmp_path, caplog):
+def test_unusable_store_is_reported_once_and_training_finishes(yolo_dataset, tmp_path, caplog, monkeypatch):
     import bridge.yolo
+
+    monkeypatch.chdir(tmp_path)
 
     mlflow.set_tracking_uri("nope://nowhere")  # MLflow has no store for this scheme: every call fails
     try:
@@ -90,9 +92,11 @@ def test_unusable_store_is_reported_once_and_training_finishes(yolo_dataset, tmp
 
 
 @pytest.mark.slow
-def test_training_that_raises_ends_its_run_failed_with_what_it_logged(yolo_dataset, tmp_path):
+def test_training_that_raises_ends_its_run_failed_with_what_it_logged(yolo_dataset, tmp_path, monkeypatch):
     import bridge.yolo
     from ultralytics import YOLO
+
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts in ./mlruns
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
@@ -123,8 +127,10 @@ def test_training_that_raises_ends_its_run_failed_with_what_it_logged(yolo_datas
 
 
 @pytest.mark.slow
-def test_an_active_run_of_the_caller_is_used_and_left_open(yolo_dataset, tmp_path):
+def test_an_active_run_of_the_caller_is_used_and_left_open(yolo_dataset, tmp_path, monkeypatch):
     import bridge.yolo
+
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts in ./mlruns
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
@@ -152,7 +158,7 @@ def test_tracking_a_model_again_replaces_the_first_tracker():
     first = bridge.yolo.track(model)
     second = bridge.yolo.track(model)
     ours = [fn for fns in model.callbacks.values() for fn in fns if fn.__name__.startswith("bridge_")]
-    assert len(ours) == 7 and all(fn in second._callbacks.values() for fn in ours)
-    assert not any(fn in first._callbacks.values() for fn in ours)
+    assert len(ours) == 7 and all(fn in second.callbacks.values() for fn in ours)
+    assert not any(fn in first.callbacks.values() for fn in ours)
     second.detach()
     assert {event: len(fns) for event, fns in model.callbacks.items()} == before

@@ -33,7 +33,7 @@ def handmade_experiment(tmp_path):
     """Three tracked runs with known final metrics and curves, a foreign run and an earlier summary run."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    exp_id = client.create_experiment("handmade")
+    exp_id = client.create_experiment("handmade", artifact_location=str(tmp_path / "artifacts"))
     spec = {"mid": 0.30, "best": 0.55, "unfinished": None}
     ids = {}
     for name, final in spec.items():
@@ -122,7 +122,8 @@ def test_cli_compare_on_a_real_sweep_logs_a_summary_run(bridge_sweep, tmp_path):
         mlflow.set_tracking_uri("")
 
 
-def test_cli_compare_unknown_experiment_is_a_clear_error(tmp_path):
+def test_cli_compare_unknown_experiment_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["compare", "no-such-exp", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     mlflow.set_tracking_uri("")
     assert result.exit_code == 1

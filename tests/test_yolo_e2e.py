@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -156,6 +157,10 @@ def test_console_is_live_and_a_killed_process_gets_its_run_marked_killed(own_bri
         assert run is not None and "2/500" in console, console[-2000:]
         assert "1/500" in console and "\r" not in console  # epoch lines, progress redraws collapsed
         assert client.get_run(run.info.run_id).info.status == "RUNNING"
+        # best.pt went up when it first improved, not only at the end: a crash does not lose the weights
+        assert "weights/best.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
+        best = client.download_artifacts(run.info.run_id, "weights/best.pt", str(tmp_path / "dl"))
+        assert zipfile.is_zipfile(best) and Path(best).stat().st_size > 1_000_000
     finally:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()

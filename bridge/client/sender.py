@@ -293,7 +293,9 @@ class Sender:
     def _loop(self) -> None:
         while not self._acquire_lock():
             self.last_error = f"another process is delivering journal {self.journal.path}; waiting for it"
-            if self._stop.wait(2.0):
+            with contextlib.suppress(Exception):
+                self.journal.move_intake()  # so that process's sender sees this one's points
+            if self._stop.wait(0.5):
                 return
         self.journal.reset_in_flight()
         attempts = 0
@@ -318,6 +320,8 @@ class Sender:
                 attempts += 1
                 wait = compute_backoff_ms(attempts) / 1000
             if time.monotonic() - self._last_checkpoint > 5.0:
+                with contextlib.suppress(Exception):
+                    self.journal.adopt_orphans()  # points of a child process that was killed meanwhile
                 self.journal.checkpoint()
                 self._last_checkpoint = time.monotonic()
             self._backing_off = attempts > 0

@@ -33,6 +33,9 @@ DEFAULT_START_TIMEOUT_S = 90.0
 DEFAULT_STOP_GRACE_S = 10.0
 #: How many of MLflow's own log lines a start failure shows.
 LOG_TAIL_LINES = 20
+DEFAULT_HEALTH_INTERVAL_S = 10.0
+DEFAULT_HEALTH_FAILURES = 3
+DEFAULT_HEALTH_TIMEOUT_S = 5.0
 #: A restart that then stays up this long resets the backoff.
 STABLE_AFTER_S = 60.0
 
@@ -78,6 +81,10 @@ class MlflowOptions:
     start_timeout_s: float = DEFAULT_START_TIMEOUT_S
     stop_grace_s: float = DEFAULT_STOP_GRACE_S
     log_file: Path | None = None
+    #: While running, /health is probed this often; this many misses in a row count as a hang and restart it.
+    health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
+    health_failures: int = DEFAULT_HEALTH_FAILURES
+    health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -258,6 +265,7 @@ class MlflowProcess:
         pgid = proc.pid  # start_new_session made the child its group leader
         try:
             os.killpg(pgid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGCONT)  # a stopped (hung) process acts on SIGTERM only once continued
         except ProcessLookupError:
             pass
         try:
@@ -291,22 +299,41 @@ class MlflowProcess:
         self._session.close()
 
     def watch(self, stop: threading.Event, on_event: Callable[[str], None] | None = None) -> None:
-        """Block until `stop` is set, restarting MLflow with backoff whenever it dies."""
+        """Block until `stop` is set, restarting MLflow with backoff whenever it dies or stops answering."""
         recent_restarts = 0  # drives the backoff; forgiven once a restart stays up STABLE_AFTER_S
         up_since = time.monotonic()
+        missed_probes = 0
+        next_probe = time.monotonic() + self.options.health_interval_s
         while not self._wait(stop, 0.5):
             proc = self._proc
-            if proc is None or proc.poll() is None:
+            if proc is None:
+                continue
+            hung = False
+            if proc.poll() is None:
                 if recent_restarts and time.monotonic() - up_since > STABLE_AFTER_S:
                     recent_restarts = 0
-                continue
+                if time.monotonic() < next_probe:
+                    continue
+                next_probe = time.monotonic() + self.options.health_interval_s
+                missed_probes = 0 if self._answers_health() else missed_probes + 1
+                self.status.healthy = missed_probes == 0
+                if missed_probes < self.options.health_failures:
+                    continue
+                hung = True  # alive but deaf: as good as dead to every client
             with self._lock:
                 if self._stopping.is_set() or self._proc is not proc:
                     continue
                 self.status.healthy = False
-                self.status.last_exit = f"code {proc.returncode} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
-                self._report(on_event, f"MLflow (pid {proc.pid}) exited with code {proc.returncode}; restarting")
-                self._kill_group()  # its orphaned uvicorn would keep the port
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                if hung:
+                    self.status.last_exit = f"stopped answering /health at {stamp}"
+                    self._report(on_event, f"MLflow (pid {proc.pid}) stopped answering /health "
+                                           f"({missed_probes} probes missed); restarting")
+                else:
+                    self.status.last_exit = f"code {proc.returncode} at {stamp}"
+                    self._report(on_event, f"MLflow (pid {proc.pid}) exited with code {proc.returncode}; restarting")
+                self._kill_group()  # also whatever it started, which would keep the port
+                missed_probes = 0
             while True:
                 if recent_restarts:
                     wait_s = compute_backoff_ms(recent_restarts - 1, min_backoff_ms=500) / 1000
@@ -322,9 +349,16 @@ class MlflowProcess:
                     self._report(on_event, f"MLflow restart failed: {str(exc).splitlines()[0]}", error=True)
                     continue
                 up_since = time.monotonic()
+                next_probe = up_since + self.options.health_interval_s
                 self.status.restarts += 1
                 self._report(on_event, f"MLflow restarted (pid {self.pid}, restart #{self.status.restarts})")
                 break
+
+    def _answers_health(self) -> bool:
+        try:
+            return self._session.get(self.url + "/health", timeout=self.options.health_timeout_s).status_code == 200
+        except requests.RequestException:
+            return False
 
     def _wait(self, stop: threading.Event, seconds: float) -> bool:
         """Sleep up to `seconds`; True as soon as either the caller or `stop()` asks to stop."""

@@ -183,6 +183,11 @@ class YoloTracker:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
+    @property
+    def callbacks(self) -> dict[str, Callable[[Any], None]]:
+        """The Ultralytics event → callback this tracker added to the model."""
+        return dict(self._callbacks)
+
     def detach(self) -> None:
         """Remove this tracker's callbacks from the model (the model's other callbacks are untouched)."""
         for event, fn in self._callbacks.items():
@@ -367,11 +372,13 @@ class YoloTracker:
         self._submit("log end tag", self._set_tags, {"time.end": metadata.utc_now(), "bridge.status": status})
         self._submit("upload console.log", self._sync_console)
         worker, self._worker = self._worker, None
+        drained = True
         if worker is not None:
             timeout = self.end_timeout_s if status == "FINISHED" else min(self.end_timeout_s, 30.0)
-            if not worker.drain(timeout):
+            drained = worker.drain(timeout)
+            if not drained:
                 logger.warning("bridge.yolo: MLflow calls still pending after %.0f s; ending the run anyway", timeout)
-            worker.close()
+            worker.close()  # it finishes what is queued, then stops
         self._open = False
         if self._owns_run:
             try:
@@ -382,7 +389,7 @@ class YoloTracker:
                     self._client.set_terminated(self.run_id, status=status)
             except Exception as exc:
                 self.report("end run", exc)
-        if self._tmp is not None:
+        if self._tmp is not None and drained:  # undrained uploads still read their snapshots from there
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _stop_console(self) -> None:
