@@ -106,10 +106,12 @@ def test_status_of_a_running_serve_shows_parts_and_no_secret(bridge_serve):
 def test_colab_snippet_names_where_to_look_never_a_secret():
     snippet = colab_snippet("https://abc.ngrok-free.app", None)
     assert 'os.environ["BRIDGE_URL"] = "https://abc.ngrok-free.app"' in snippet
-    assert 'userdata.get("BRIDGE_TOKEN")' in snippet
+    assert "BRIDGE_TOKEN" in snippet  # tells where the token comes from, without containing one
     assert "bridge.connect()" in snippet
     assert 'os.environ["BRIDGE_DISCOVERY"] = "gist:0123abcd"' in colab_snippet("https://x.ngrok.app", "gist:0123abcd")
-    compile(snippet, "<colab>", "exec")
+    assert 'os.environ["BRIDGE_DISCOVERY"] = "file:/srv/rec.json"' in colab_snippet("http://h:1", "file:/srv/rec.json")
+    for spec in (None, "gist:0123abcd", "file:/srv/rec.json"):
+        compile(colab_snippet("https://abc.ngrok-free.app", spec), "<colab>", "exec")
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ from typing import Annotated, Optional
 import requests
 import typer
 from rich.panel import Panel
-from rich.syntax import Syntax
 from rich.table import Table
 
 from bridge import config, secrets
@@ -93,7 +92,8 @@ def _print_ready(info, publish_spec: str | None) -> None:
     for note in info.notes:
         console.print(f"[yellow]Note:[/] {note}", highlight=False)
     console.print("Colab: add a secret [bold]BRIDGE_TOKEN[/] (value: run `bridge token` here), then run:")
-    console.print(Syntax(colab_snippet(info.record_url, publish_spec), "python", theme="ansi_dark"))
+    # soft_wrap: a cropped or re-wrapped line would not paste as valid Python.
+    console.print(colab_snippet(info.record_url, publish_spec), soft_wrap=True, markup=False, highlight=False)
     console.print("Press Ctrl-C to stop.", style="dim")
     sys.stdout.flush()
 
@@ -101,16 +101,19 @@ def _print_ready(info, publish_spec: str | None) -> None:
 def colab_snippet(url: str, publish_spec: str | None) -> str:
     """The notebook cell that connects Colab to this workstation; it names where to look, never a secret."""
     if publish_spec and publish_spec.startswith(("gist:", "https://")):
-        where = f'os.environ["BRIDGE_DISCOVERY"] = "{publish_spec}"  # verified signed record: follows URL changes'
+        where = f'os.environ["BRIDGE_DISCOVERY"] = "{publish_spec}"  # signed record: follows URL changes'
+    elif publish_spec and publish_spec.startswith("file:"):
+        where = (
+            f'os.environ["BRIDGE_DISCOVERY"] = "{publish_spec}"  # signed record: follows URL changes\n'
+            "# (use the path Colab sees, e.g. file:/content/drive/MyDrive/... for a Drive-synced folder)"
+        )
     else:
         where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts, unless --domain'
     return (
         "import os\n"
-        "from google.colab import userdata\n"
-        'os.environ["BRIDGE_TOKEN"] = userdata.get("BRIDGE_TOKEN")\n'
         f"{where}\n"
         "import bridge\n"
-        "bridge.connect()\n"
+        "conn = bridge.connect()  # reads the Colab secret BRIDGE_TOKEN (value: `bridge token` here)\n"
     )
 
 
