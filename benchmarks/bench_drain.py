@@ -102,8 +102,8 @@ def _measure(name: str, client: str, n: int, proxy, server: MlflowServer, work: 
              timeout_s: float) -> dict:
     home = work / f"home-{len(list(work.iterdir()))}"
     home.mkdir()
-    cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url, "--journal", str(work / f"{home.name}.sqlite"),
-           "-n", str(n), "--timeout", str(timeout_s)]
+    cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url,
+           "--journal", str(work / f"{home.name}.sqlite"), "-n", str(n), "--timeout", str(timeout_s)]
     proc = subprocess.Popen(cmd, env=child_env(home, **extra_env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -16,7 +16,6 @@ Goal (issue 3): bridge delivers 100 % of acknowledged points (shown against MLfl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -207,8 +206,8 @@ def main() -> int:
         good = r["killed"] and r["stored"] == r["acked"] == r["distinct"]
         ok &= good
         print(f"{r['name']}: {r['stored']:,} of {r['acked']:,} acknowledged points delivered "
-              f"({r['stored'] / r['acked']:.1%}; MLflow async {anchor['stored'] / anchor['acked']:.1%}), no duplicates: "
-              f"{'yes' if r['stored'] == r['distinct'] else 'NO'} (goal 100 %): {verdict(good)}")
+              f"({r['stored'] / r['acked']:.1%}; MLflow async {anchor['stored'] / anchor['acked']:.1%}), "
+              f"no duplicates: {'yes' if r['stored'] == r['distinct'] else 'NO'} (goal 100 %): {verdict(good)}")
     return 0 if ok else 1
 
 

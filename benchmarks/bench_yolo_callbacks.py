@@ -46,6 +46,7 @@ class Timings:
         self.epochs = epochs
         self.per_event: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.per_epoch_calls: dict[int, float] = defaultdict(float)  # epoch -> seconds in per-epoch events
 
     def wrap(self, event: str, fn):
         def timed(trainer):
@@ -57,7 +58,10 @@ class Timings:
                 key = event
                 if event == "on_fit_epoch_end" and self.calls[event] > self.epochs:
                     key = "final_eval"
-                self.per_event[key] += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                self.per_event[key] += elapsed
+                if key in PER_EPOCH_EVENTS:
+                    self.per_epoch_calls[getattr(trainer, "epoch", -1) + 1] += elapsed
 
         return timed
 
@@ -109,18 +113,28 @@ def _child(variant: str, tracking: str, data: str, epochs: int, project: str) ->
     model.train(data=data, epochs=epochs, imgsz=64, batch=4, nbs=4, workers=0, device="cpu", project=project,
                 name=variant, exist_ok=True, plots=True, verbose=True)
     wall = time.perf_counter() - t0
+    # A variant that failed to track would time nothing: refuse to report it.
+    if variant == "bridge":
+        if tracker.run_id is None or tracker.report.failures:
+            raise SystemExit(f"bridge.yolo did not track: failures {sorted(tracker.report.failures)}")
+    elif not getattr(model.trainer, "_mlflow_active", False):
+        raise SystemExit("Ultralytics' MLflow callback did not track (see its warnings above)")
     if conn is not None:
-        conn.flush(120)
+        left = conn.flush(120)
+        if left:
+            raise SystemExit(f"{left} journal entries were not delivered")
     per_epoch = sum(v for k, v in timings.per_event.items() if k in PER_EPOCH_EVENTS)
     once = sum(v for k, v in timings.per_event.items() if k not in PER_EPOCH_EVENTS)
     return {"variant": variant, "epochs": epochs, "wall_s": wall,
             "per_epoch_ms": 1000 * (per_epoch + tee_time[0]) / epochs,
             "callbacks_per_epoch_ms": 1000 * per_epoch / epochs,
             "tee_per_epoch_ms": 1000 * tee_time[0] / epochs,
-            "once_ms": 1000 * once, "events_ms": {k: 1000 * v for k, v in timings.per_event.items()}}
+            "once_ms": 1000 * once, "events_ms": {k: 1000 * v for k, v in timings.per_event.items()},
+            "by_epoch_ms": {e: round(1000 * v, 3) for e, v in sorted(timings.per_epoch_calls.items())}}
 
 
 def _run_variant(variant: str, tracking: str, data: Path, epochs: int, work: Path, env: dict) -> dict:
+    env = {k: v.replace("{variant}", variant) for k, v in env.items()}  # one journal per variant
     out = subprocess.run(
         [sys.executable, __file__, "--child", variant, "--tracking", tracking, "--data", str(data),
          "--epochs", str(epochs), "--project", str(work / "runs")],
@@ -183,6 +197,7 @@ def main() -> None:
             else:
                 server = _bridge_server(work)
                 tracking = f"bridge:{server.entrance_url}|{server.token()}"
+                env = {**env, "BRIDGE_JOURNAL": str(work / "journal-{variant}.sqlite")}
             try:
                 results = {v: _run_variant(v, tracking, data, args.epochs, work, env) for v in ("builtin", "bridge")}
             finally:
@@ -197,6 +212,8 @@ def main() -> None:
                   f"{'OK' if b['per_epoch_ms'] <= 5 and ratio < 1 else 'MISSED'}")
             print(f"  events (ms, whole run): builtin {json.dumps({k: round(v, 2) for k, v in u['events_ms'].items()})}")
             print(f"                          bridge  {json.dumps({k: round(v, 2) for k, v in b['events_ms'].items()})}")
+            print(f"  callbacks per epoch (ms): builtin {u['by_epoch_ms']}")
+            print(f"                            bridge  {b['by_epoch_ms']}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -38,6 +38,7 @@ def test_appends_keep_order_values_and_original_timestamps(tmp_path):
     journal.append_batch("run1", [("loss", 0.5, 1111, 0)])
     journal.append_batch("run1", [("loss", math.nan, 2222, 1), ("acc", math.inf, 3333, 1)],
                          [("lr", "0.1")], [("t", "v")])
+    journal.move_intake()  # what the sender does at the start of each round
     ops = journal.pending_ops("run1", 100)
     # Points come through the intake, so they may follow params/tags; among themselves they keep their order.
     assert sorted((o.kind, o.key) for o in ops if o.kind != METRIC) == [(PARAM, "lr"), (TAG, "t")]
@@ -53,6 +54,7 @@ def test_appends_keep_order_values_and_original_timestamps(tmp_path):
 def test_row_states_claim_complete_release_bury(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
     journal.append_batch("r", [("m", float(i), i, i) for i in range(4)])
+    journal.move_intake()
     ids = [op.id for op in journal.pending_ops("r", 10)]
     assert journal.claim(ids[:3])
     assert not journal.claim(ids[:1]), "a row already in flight must not be claimed twice"
@@ -69,6 +71,7 @@ def test_row_states_claim_complete_release_bury(tmp_path):
 def test_in_flight_rows_return_to_pending_at_start_up(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
     journal.append_batch("r", [("m", 1.0, 1, 0), ("m", 2.0, 2, 1)])
+    journal.move_intake()
     assert journal.claim([op.id for op in journal.pending_ops("r", 10)])
     journal.close()
     reopened = Journal(tmp_path / "j.sqlite")
@@ -86,6 +89,7 @@ def test_full_journal_refuses_clearly_and_keeps_everything_accepted(tmp_path):
             accepted += 1
     assert "BRIDGE_JOURNAL_LIMIT" in str(info.value)
     assert 100 < accepted < 100_000
+    journal.move_intake()
     ops = journal.pending_ops("r", 200_000)
     assert len(ops) == accepted
     assert [decode_value(op.value) for op in ops] == [float(i) for i in range(accepted)]
@@ -166,6 +170,7 @@ def test_intake_points_reach_sqlite_in_order_and_once(tmp_path, monkeypatch):
         expected.append(step)
         if step % 97 == 0:
             journal.move_intake()
+    journal.move_intake()
     ops = journal.pending_ops("r", 10_000)
     assert [op.step for op in ops] == expected
     assert [decode_value(op.value) for op in ops] == [s / 7 for s in expected]

@@ -127,7 +127,7 @@ CHILD = textwrap.dedent("""
     bridge.connect()
     bridge.yolo.train("yolov8n.yaml", data=sys.argv[1], experiment="killed", run_name="doomed", epochs=500,
                       imgsz=64, batch=4, nbs=4, workers=0, device="cpu", project=sys.argv[2], name="doomed",
-                      exist_ok=True, plots=False, amp=False)
+                      exist_ok=True, plots=False, amp=False, refresh_every_s=1)
 """)
 
 

@@ -574,18 +574,22 @@ class Journal:
             # Counted as an attempt: the server may have applied them, which the next try must check.
             return conn.execute("update ops set state=0, attempts=attempts+1 where state=1").rowcount
 
+    def last_id(self) -> int:
+        with self.db(write=False) as conn:
+            return conn.execute("select coalesce(max(id), 0) from ops").fetchone()[0]
+
     def runs_with_pending(self) -> list[str]:
-        self.move_intake()
         with self.db(write=False) as conn:
             rows = conn.execute("select run, min(id) m from ops where state=0 group by run "
                                 "order by run != '', m").fetchall()
         return [r[0] for r in rows]
 
-    def pending_ops(self, run: str, limit: int) -> list[Op]:
-        self.move_intake()
+    def pending_ops(self, run: str, limit: int, upto: int | None = None) -> list[Op]:
+        """Pending ops of `run`, oldest first, with ids up to `upto` (the end of a delivery round)."""
         with self.db(write=False) as conn:
             rows = conn.execute("select id, run, kind, key, value, ts, step, body, attempts from ops "
-                                "where state=0 and run=? order by id limit ?", (run, limit)).fetchall()
+                                "where state=0 and run=? and id<=? order by id limit ?",
+                                (run, upto if upto is not None else 2**62, limit)).fetchall()
         return [Op(*row) for row in rows]
 
     def claim(self, ids: list[int]) -> bool:

@@ -32,15 +32,18 @@ def track(
     tags: Mapping[str, str] | None = None,
     log_best_every_s: float = 60.0,
     console: bool = True,
+    refresh_every_s: float = 10.0,
 ) -> YoloTracker:
     """Attach bridge's callbacks to an Ultralytics `YOLO` model: each `model.train()` becomes one MLflow run.
 
     Without `experiment`, MLflow's active experiment applies (`mlflow.set_experiment`, `MLFLOW_EXPERIMENT_NAME`);
-    without `run_name`, the model's name (e.g. `yolo11n`). `tracker.detach()` removes the callbacks again.
+    without `run_name`, the model's name (e.g. `yolo11n`). best.pt goes up when it improves, at most every
+    `log_best_every_s`; console.log, results.csv and plots at most every `refresh_every_s` (all again at the end).
+    `tracker.detach()` removes the callbacks again.
     """
     return YoloTracker(
         model, experiment=experiment, run_name=run_name, tags=tags,
-        log_best_every_s=log_best_every_s, console=console,
+        log_best_every_s=log_best_every_s, console=console, refresh_every_s=refresh_every_s,
     )
 
 
@@ -52,6 +55,7 @@ def train(
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
     log_best_every_s: float = 60.0,
+    refresh_every_s: float = 10.0,
     **overrides: Any,
 ) -> YoloTracker:
     """Train `model` (a `YOLO` object, or a name/path such as 'yolo11n.pt' or 'yolov8n.yaml') with tracking.
@@ -62,7 +66,8 @@ def train(
         from ultralytics import YOLO
 
         model = YOLO(resolve_model(str(model)))
-    tracker = track(model, experiment=experiment, run_name=run_name, tags=tags, log_best_every_s=log_best_every_s)
+    tracker = track(model, experiment=experiment, run_name=run_name, tags=tags, log_best_every_s=log_best_every_s,
+                    refresh_every_s=refresh_every_s)
     try:
         model.train(data=str(data), **overrides)
     finally:

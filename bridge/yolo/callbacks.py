@@ -12,11 +12,13 @@ What a run holds (step = the epoch number as Ultralytics prints it, 1..N; one po
            final/best_epoch
   artifacts weights/best.pt (on improvement, rate-limited, and at the end), weights/last.pt, results.csv,
            args.yaml, plots/*.png|jpg, data/<data yaml>, data/dataset_summary.csv, console.log
+           (console.log, results.csv and plots refreshed at most every `refresh_every_s` while training)
   tags     see `bridge.yolo.metadata.run_tags`, plus time.start/time.end and the user's tags
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -43,7 +45,8 @@ MAX_PARAM_VALUE_CHARS = 6000
 MAX_TAG_VALUE_CHARS = 8000
 #: How long the end of training waits for queued MLflow calls before ending the run anyway.
 DEFAULT_END_TIMEOUT_S = 300.0
-DEFAULT_CONSOLE_EVERY_S = 30.0
+#: How often console.log, results.csv and new plots are refreshed on the server while training.
+DEFAULT_REFRESH_EVERY_S = 10.0
 EVENTS = (
     "on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_epoch_end", "on_fit_epoch_end",
     "on_model_save", "on_train_end", "teardown",
@@ -53,6 +56,7 @@ _MODEL_NAME = re.compile(r"^(?P<family>yolo[a-z]*?v?\d+|yolo[a-z]*)(?P<scale>[ns
 _SUFFIXES = {"B": "", "M": "_mask", "P": "_pose", "S": "_semantic"}
 
 
+@functools.lru_cache(maxsize=4096)
 def metric_name(key: str) -> str:
     """Ultralytics' metric key as a stable MLflow-safe name: 'metrics/mAP50-95(B)' → 'val/mAP50-95'."""
     m = re.match(r"^metrics/(.+?)(?:\((\w+)\))?$", key)
@@ -113,12 +117,17 @@ class _Worker:
         self._thread.start()
 
     def submit(self, what: str, fn: Callable, *args: Any) -> None:
-        self._q.put((what, fn, args))
+        self._q.put([(what, fn, args)])
+
+    def submit_many(self, jobs: list[tuple[str, Callable, tuple]]) -> None:
+        """Queue several jobs with one wake-up of the thread, so it does not compete with the caller meanwhile."""
+        if jobs:
+            self._q.put(jobs)
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until everything submitted so far has run; False when the deadline passed first."""
         done = threading.Event()
-        self._q.put(("drain", done.set, ()))
+        self._q.put([("drain", done.set, ())])
         return done.wait(timeout_s)
 
     def close(self) -> None:
@@ -128,21 +137,19 @@ class _Worker:
         last_idle = time.monotonic()
         while True:
             try:
-                item = self._q.get(timeout=self._idle_every_s)
+                jobs = self._q.get(timeout=self._idle_every_s)
             except queue.Empty:
-                item = ("idle", None, ())
-            if item is None:
-                return
-            what, fn, args = item
-            if fn is None:
-                fn = self._idle
-                if fn is None or time.monotonic() - last_idle < self._idle_every_s:
+                if self._idle is None or time.monotonic() - last_idle < self._idle_every_s:
                     continue
                 last_idle = time.monotonic()
-            try:
-                fn(*args)
-            except Exception as exc:
-                self._report(what, exc)
+                jobs = [("idle refresh", self._idle, ())]
+            if jobs is None:
+                return
+            for what, fn, args in jobs:
+                try:
+                    fn(*args)
+                except Exception as exc:
+                    self._report(what, exc)
 
 
 class YoloTracker:
@@ -157,7 +164,7 @@ class YoloTracker:
         tags: Mapping[str, str] | None = None,
         log_best_every_s: float = 60.0,
         console: bool = True,
-        console_every_s: float = DEFAULT_CONSOLE_EVERY_S,
+        refresh_every_s: float = DEFAULT_REFRESH_EVERY_S,
         end_timeout_s: float = DEFAULT_END_TIMEOUT_S,
     ) -> None:
         self.model = model
@@ -166,7 +173,7 @@ class YoloTracker:
         self.user_tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.log_best_every_s = log_best_every_s
         self.console = console
-        self.console_every_s = console_every_s
+        self.refresh_every_s = refresh_every_s
         self.end_timeout_s = end_timeout_s
         self.report = _Reporter()
         self.run_id: str | None = None
@@ -209,6 +216,7 @@ class YoloTracker:
         self._seen_metrics_obj: Any = None
         self._best_dirty = False
         self._last_best_upload = -math.inf
+        self._last_refresh = -math.inf
         self._uploaded: dict[str, tuple[int, int]] = {}
         self._console_version = -1
         self._capture: ConsoleCapture | None = None
@@ -256,7 +264,7 @@ class YoloTracker:
         self._open = True
         self._client = MlflowClient()
         self._tmp = Path(tempfile.mkdtemp(prefix="bridge-yolo-"))
-        self._worker = _Worker(self.report, self._sync_console, self.console_every_s)
+        self._worker = _Worker(self.report, self._sync_console, self.refresh_every_s)
         self._seen_metrics_obj = trainer.metrics  # the placeholder zeros, not results: never logged
 
         params = {k: _param_value(v) for k, v in vars(trainer.args).items()}
@@ -270,10 +278,12 @@ class YoloTracker:
             "data.classes": _param_value(names),
         })
         tags = {"time.start": metadata.utc_now(), "bridge.tracker": "bridge.yolo", **self.user_tags}
-        self._submit("log params", self._log_params_and_tags, params, tags)
-        self._submit("log metadata tags", self._log_metadata)
-        self._submit("log dataset", self._log_dataset, dict(data), str(trainer.args.data))
-        self._submit("log args.yaml", self._upload, self.save_dir / "args.yaml", None)
+        self._worker.submit_many([
+            ("log params", self._log_params_and_tags, (params, tags)),
+            ("log metadata tags", self._log_metadata, ()),
+            ("log dataset", self._log_dataset, (dict(data), str(trainer.args.data))),
+            ("log args.yaml", self._upload, (self.save_dir / "args.yaml", None)),
+        ])
 
     def _on_train_epoch_end(self, trainer: Any) -> None:
         losses = trainer.tloss
@@ -312,15 +322,18 @@ class YoloTracker:
                 values["gpu_mem_gb"] = float(trainer._get_memory())  # what Ultralytics shows as GPU_mem
             except Exception as exc:  # never lose the epoch's metrics over it
                 self.report("GPU memory", exc)
-        self._submit("log epoch metrics", self._log_metrics, values, step)
+        jobs = [("log epoch metrics", self._log_metrics, (values, step))]
         now = time.monotonic()
         if self._best_dirty and now - self._last_best_upload >= self.log_best_every_s:
             self._best_dirty = False
             self._last_best_upload = now
-            self._submit("upload best.pt", self._upload, Path(trainer.best), "weights")
-        self._submit("upload results.csv", self._upload, Path(trainer.csv), None)
-        self._submit("upload plots", self._sync_plots)
-        self._submit("upload console.log", self._sync_console)
+            jobs.append(("upload best.pt", self._upload, (Path(trainer.best), "weights")))
+        if now - self._last_refresh >= self.refresh_every_s:
+            self._last_refresh = now
+            jobs += [("upload results.csv", self._upload, (Path(trainer.csv), None)),
+                     ("upload plots", self._sync_plots, ()),
+                     ("upload console.log", self._sync_console, ())]
+        self._worker.submit_many(jobs)
 
     def _on_train_end(self, trainer: Any) -> None:
         if not self._open:
