@@ -164,6 +164,35 @@ def wait_memory_settled(pid: int, quiet_s: float = 3.0, timeout_s: float = 60.0,
     return tree_memory(pid)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by the tree rooted at `pid`."""
+    total = 0.0
+    for proc in tree_processes(pid):
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def wait_cpu_quiet(pid: int, below: float = 0.05, window_s: float = 1.0, windows: int = 2,
+                   timeout_s: float = 60.0) -> bool:
+    """Wait until the tree at `pid` used < `below` of a core for `windows` windows in a row (False at timeout).
+
+    Start-up work that runs late (a background import, a first housekeeping round) then stays out of a measurement.
+    """
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline:
+        before = tree_cpu_seconds(pid)
+        time.sleep(window_s)
+        quiet = quiet + 1 if tree_cpu_seconds(pid) - before < below * window_s else 0
+        if quiet >= windows:
+            return True
+    return False
+
+
 def kill_tree(pid: int, grace_s: float = 10.0) -> None:
     """SIGTERM `pid`'s process group and tree, SIGKILL whatever is left after `grace_s`."""
     procs = tree_processes(pid)
