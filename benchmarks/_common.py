@@ -148,7 +148,9 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return total, count
 
 
-def wait_memory_settled(pid: int, quiet_s: float = 3.0, timeout_s: float = 60.0, tolerance: float = 0.02) -> tuple[int, int]:
+def wait_memory_settled(
+    pid: int, quiet_s: float = 3.0, timeout_s: float = 60.0, tolerance: float = 0.02
+) -> tuple[int, int]:
     """Tree (RSS, count) once the count is unchanged and RSS moved < `tolerance` for `quiet_s` (or at timeout)."""
     deadline = time.monotonic() + timeout_s
     last = tree_memory(pid)
@@ -244,7 +246,8 @@ def machine_summary() -> str:
     load = os.getloadavg()
     return (
         f"{psutil.cpu_count()} CPU(s), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-        f"load {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; Python {platform.python_version()}, MLflow {mlflow.__version__}"
+        f"load {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; "
+        f"Python {platform.python_version()}, MLflow {mlflow.__version__}"
     )
 
 

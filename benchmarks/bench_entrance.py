@@ -179,8 +179,8 @@ def measure_concurrent(work: Workload, targets: dict[str, tuple[str, dict]], ste
                        rounds: int) -> dict[str, Samples]:
     """Several clients at once on one path at a time; the paths take turns in short rounds."""
     sessions = {path: [requests.Session() for _ in range(work.clients)] for path in PATHS}
-    warm = Workload(work.name, work.endpoint, work.clients, WARMUP_PER_CLIENT, work.make_body, work.steps_per_request, work.in_goal,
-                    work.expect_status)
+    warm = Workload(work.name, work.endpoint, work.clients, WARMUP_PER_CLIENT, work.make_body,
+                    work.steps_per_request, work.in_goal, work.expect_status)
     for path in PATHS:
         run_chunk(*targets[path], warm, steps, sessions[path])
     totals = {path: Samples() for path in PATHS}
@@ -250,19 +250,25 @@ def main() -> int:
         mlflow_pid = serve.state()["mlflow"]["pid"]
         agent_pids = ngrok.agent.agent_pids()
         bridge_only = lambda: cpu_seconds([serve.proc.pid]) - cpu_seconds([mlflow_pid])  # noqa: E731
+        probes = (bridge_only, lambda: cpu_seconds(agent_pids), lambda: cpu_seconds([mlflow_pid]))
+        # Idle rates (the supervisor's ticks, MLflow's housekeeping), subtracted so only request work remains.
+        t0, idle0 = time.perf_counter(), [probe() for probe in probes]
+        time.sleep(3.0)
+        idle_rate = [(probe() - c) / (time.perf_counter() - t0) for probe, c in zip(probes, idle0)]
         for work in workloads:
-            before = (bridge_only(), cpu_seconds(agent_pids), cpu_seconds([mlflow_pid]))
+            t0, before = time.perf_counter(), [probe() for probe in probes]
             if work.clients == 1:
                 results = measure_sequential(work, targets, steps, work.requests_per_client)
             else:
                 results = measure_concurrent(work, targets, steps, rounds)
-            after = (bridge_only(), cpu_seconds(agent_pids), cpu_seconds([mlflow_pid]))
+            elapsed = time.perf_counter() - t0
+            used = [probe() - b - rate * elapsed for probe, b, rate in zip(probes, before, idle_rate)]
             sent = {path: r.requests + WARMUP_PER_CLIENT * work.clients for path, r in results.items()}
             cpu_rows.append([
                 work.name,
-                f"{(after[0] - before[0]) / (sent['entrance'] + sent['tunnel']) * 1000:.2f}",
-                f"{(after[1] - before[1]) / sent['tunnel'] * 1000:.2f}",
-                f"{(after[2] - before[2]) / sum(sent.values()) * 1000:.2f}",
+                f"{used[0] / (sent['entrance'] + sent['tunnel']) * 1000:.2f}",
+                f"{used[1] / sent['tunnel'] * 1000:.2f}",
+                f"{used[2] / sum(sent.values()) * 1000:.2f}",
             ])  # fmt: skip
             errors = {path: r.errors for path, r in results.items() if r.errors}
             if errors:
@@ -303,7 +309,7 @@ def main() -> int:
             rows,
         )
         print_table(
-            "CPU per request, ms (user+system; independent of how busy the machine is)",
+            "CPU per request, ms (user+system, idle rate subtracted; barely affected by other load)",
             ["workload", "entrance (bridge process)", "stand-in edge (agent)", "MLflow"],
             cpu_rows,
         )

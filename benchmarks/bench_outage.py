@@ -4,8 +4,13 @@ A simulated training loop (steps of fixed pure-Python work, ~10 ms each, calibra
 `mlflow.log_metric` per step) runs in its own process and logs through the test-owned flaky proxy in front of
 a local plain `mlflow server`. Shortly after the loop starts, the proxy goes into `refuse` (port closed) or
 `blackhole` (accepts, never answers) for the outage's length, then back to `pass`. The loop's wall time is
-compared with the same loop without logging (run before and after; the faster is the anchor, which is the
-stricter choice). Afterwards the server's copy is counted: bridge must deliver every point.
+compared with the same loop without logging (run three times, interleaved with the bridge runs; the fastest is
+the anchor, the stricter choice). Afterwards the server's copy is counted: bridge must deliver every point.
+
+The wall clock of a shared machine moves with other processes' load. The anchors' spread shows by how much;
+when it is larger than the goal, the verdict uses the *attributable* cost instead: the time spent inside the
+log calls (wall, GIL waits included) plus the CPU time of every background thread (bridge's sender, MLflow's
+workers, read from /proc), per anchor loop. Both figures are always printed.
 
 Pure-Python steps hold the GIL, so bridge's background sender competes with them directly; a real training
 step (mostly native code) is the easier case. 10 ms steps are 5-20x shorter than a YOLO step on a GPU.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -72,11 +78,26 @@ def _timed(fn, *args) -> float:
 # ------------------------------------------------------------------------------------------ child side
 
 def _process_cpu_s() -> float:
-    """CPU seconds of this whole process (every thread): what logging costs, whatever else the machine runs."""
+    """CPU seconds of this whole process (every thread)."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _background_cpu_s() -> float:
+    """CPU seconds of every thread but the main one (bridge's sender, MLflow's workers), from /proc."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").iterdir():
+        if int(task.name) == os.getpid():
+            continue
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: float) -> dict:
@@ -97,8 +118,10 @@ def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: flo
             conn.flush(30)  # the run exists on the server before the link breaks, as for MLflow
     failed = 0
     worst = 0.0
+    in_calls = 0.0
     print("START", flush=True)
     cpu_started = _process_cpu_s()
+    background_started = _background_cpu_s()
     started = time.perf_counter()
     for step in range(steps):
         work(k)
@@ -108,9 +131,12 @@ def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: flo
                 mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
             except Exception:  # what MLflow raises once its retries are spent; a training loop would go on
                 failed += 1
-            worst = max(worst, time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            in_calls += took
+            worst = max(worst, took)
     loop_s = time.perf_counter() - started
     cpu_s = _process_cpu_s() - cpu_started
+    background_s = _background_cpu_s() - background_started
     print(f"LOOP {loop_s}", flush=True)
     left = None
     if client != "none":
@@ -121,8 +147,8 @@ def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: flo
     if conn is not None:
         left = conn.flush(drain_s)
         conn.close()
-    return {"loop_s": loop_s, "cpu_s": cpu_s, "failed": failed, "worst_call_s": worst, "left": left,
-            "experiment": experiment}
+    return {"loop_s": loop_s, "cpu_s": cpu_s, "in_calls_s": in_calls, "background_s": background_s,
+            "failed": failed, "worst_call_s": worst, "left": left, "experiment": experiment}
 
 
 # ----------------------------------------------------------------------------------------- parent side
@@ -137,6 +163,11 @@ def _server_points(db: Path, experiment: str) -> int:
                             "where e.name = ? and m.key = 'loss'", (experiment,)).fetchone()[0]
     finally:
         conn.close()
+
+
+def _attributable(result: dict, anchor_s: float) -> float:
+    """The loop time logging itself took: inside the log calls, plus background threads' CPU, per anchor loop."""
+    return (result["in_calls_s"] + result["background_s"]) / anchor_s
 
 
 def _measure(client: str, mode: str | None, steps: int, k: int, outage: tuple[float, float], proxy,
@@ -230,20 +261,20 @@ def main() -> int:
         server.stop()
 
     anchor = min(b["loop_s"] for b in baselines)
-    cpu_anchor = min(b["cpu_s"] for b in baselines)
     spread = max(b["loop_s"] for b in baselines) / anchor - 1
     rows = [(f"no logging #{i + 1}", "-", f"{b['loop_s']:.2f}", f"{b['loop_s'] / anchor - 1:+.1%}",
-             f"{b['cpu_s']:.2f}", f"{b['cpu_s'] / cpu_anchor - 1:+.1%}", "-", "-", "-")
+             f"{b['cpu_s']:.2f}", "-", "-", "-", "-", "-", "-")
             for i, b in enumerate(baselines)]
     for r in runs:
         rows.append((r["client"], r["mode"], f"{r['loop_s']:.2f}", f"{r['loop_s'] / anchor - 1:+.1%}",
-                     f"{r['cpu_s']:.2f}", f"{r['cpu_s'] / cpu_anchor - 1:+.1%}", f"{r['worst_call_s'] * 1000:,.1f}",
-                     f"{r['failed']}", f"{r['stored']}/{steps}"))
+                     f"{r['cpu_s']:.2f}", f"{r['in_calls_s']:.3f}", f"{r['background_s']:.3f}",
+                     f"{_attributable(r, anchor):+.1%}", f"{r['worst_call_s'] * 1000:,.1f}", f"{r['failed']}",
+                     f"{r['stored']}/{steps}"))
     print_table(f"{steps:,}-step loop ({STEP_S * 1000:.0f} ms pure-Python steps, 1 log_metric each), "
                 f"{outage[1]:.0f} s outage from t={outage[0]:.0f} s — plain mlflow server (SQLite, 1 worker) on "
                 f"127.0.0.1{' [quick]' if args.quick else ''}; {machine_summary()}",
-                ["client", "outage", "loop s", "slowdown", "process CPU s", "CPU overhead", "slowest call ms",
-                 "calls raised", "points on server"],
+                ["client", "outage", "loop s", "slowdown", "process CPU s", "in log calls s", "background CPU s",
+                 "attributable", "slowest call ms", "calls raised", "points on server"],
                 rows)
     print(f"anchor: the fastest no-logging loop, {anchor:.2f} s ({anchor / steps * 1000:.1f} ms per step); the "
           f"anchors spread {spread:.1%} (the machine's noise); "
@@ -253,15 +284,19 @@ def main() -> int:
         if r["client"] != "bridge":
             continue
         slowdown = r["loop_s"] / anchor - 1
-        cpu_overhead = r["cpu_s"] / cpu_anchor - 1
+        attributable = _attributable(r, anchor)
         sync = next(x for x in runs if x["client"] == "mlflow-sync" and x["mode"] == r["mode"])
-        good = slowdown <= GOAL_SLOWDOWN and r["stored"] == steps
+        delivered = r["stored"] == steps
+        if spread <= GOAL_SLOWDOWN:  # the wall clock can resolve the goal: judge by it
+            good, basis = slowdown <= GOAL_SLOWDOWN and delivered, f"wall-clock slowdown {slowdown:+.1%}"
+        else:  # other processes move the wall clock more than the goal: judge by what logging itself took
+            good = attributable <= GOAL_SLOWDOWN and delivered
+            basis = (f"attributable {attributable:+.1%} (wall clock {slowdown:+.1%} is not conclusive: the no-logging "
+                     f"anchors spread {spread:.0%})")
         ok &= good
-        noisy = "" if good or spread <= GOAL_SLOWDOWN else f" (the anchors themselves spread {spread:.0%})"
-        print(f"{r['mode']}: bridge wall-clock slowdown {slowdown:+.1%} (goal <= {GOAL_SLOWDOWN:.0%}){noisy}, "
-              f"CPU overhead {cpu_overhead:+.1%}, every point delivered: {'yes' if r['stored'] == steps else 'NO'}; "
-              f"MLflow sync {sync['loop_s'] / anchor - 1:+.0%} and {steps - sync['stored']} points lost: "
-              f"{verdict(good)}")
+        print(f"{r['mode']}: bridge {basis} (goal <= {GOAL_SLOWDOWN:.0%}), every point delivered: "
+              f"{'yes' if delivered else 'NO'}; MLflow sync {sync['loop_s'] / anchor - 1:+.0%} wall clock, "
+              f"{_attributable(sync, anchor):+.0%} attributable, {steps - sync['stored']} points lost: {verdict(good)}")
     return 0 if ok else 1
 
 

@@ -94,7 +94,10 @@ def _measure(name: str, client: str, n: int, paced: bool, proxy, server: MlflowS
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{name} child failed ({proc.returncode}): {proc.stderr[-3000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    result.update(name=name, n=n, total=proxy.count(),
+    seen = {line: count for (_, line), count in proxy.lines.items()}  # per "METHOD /path"; the child has ended
+    others = {line.replace("/api/2.0/mlflow/", " "): count for line, count in sorted(seen.items())
+              if "/runs/log-batch" not in line and "/runs/log-metric" not in line}
+    result.update(name=name, n=n, total=proxy.count(), others=others,
                   logging=proxy.count("/runs/log-batch") + proxy.count("/runs/log-metric"),
                   stored=_server_points(server.root / "mlflow.db", result["experiment"]))
     return result
@@ -150,6 +153,9 @@ def main() -> int:
                 f"on 127.0.0.1{' [quick]' if args.quick else ''}; {machine_summary()}",
                 ["variant", "points", "log rate", "requests", "log requests", "all / 1,000 pts",
                  "log / 1,000 pts", "points on server"], rows)
+    for r in results:
+        print(f"{r['name']}: requests other than logging: "
+              + ", ".join(f"{line} x{count}" for line, count in r["others"].items()))
     ok = True
     for r in results:
         if r["name"].startswith("bridge"):

@@ -110,7 +110,8 @@ def main() -> int:
             else:
                 seconds = time_mlflow(work / f"{which}-{i}", lean=which == "lean")
             times[which].append(seconds)
-        print(f"  repetition {i + 1}/{repeat}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+        done = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
+        print(f"  repetition {i + 1}/{repeat}: {done}", flush=True)
 
     b, m, lean = (median(times[k]) for k in ("bridge", "mlflow", "lean"))
     runs = {k: " ".join(f"{x:.2f}" for x in v) for k, v in times.items()}

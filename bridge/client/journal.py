@@ -16,6 +16,7 @@ starts, because nothing proves the server applied them (re-sending is safe: see 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -239,17 +240,10 @@ class Journal:
         return conn
 
     @contextlib.contextmanager
-    def db(self, *, write: bool = True, single: bool = False) -> Iterator[sqlite3.Connection]:
-        """One transaction on this thread's connection; committed on success, rolled back on error.
-
-        `single=True` is for exactly one statement: SQLite then runs it as its own transaction, which saves
-        the explicit BEGIN/COMMIT round (a third of the cost of the hot path, one log_metric).
-        """
+    def db(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction on this thread's connection; committed on success, rolled back on error."""
         conn = self._connection()
         try:
-            if single:
-                yield conn
-                return
             conn.execute("begin immediate" if write else "begin")
             try:
                 yield conn
@@ -374,11 +368,16 @@ class Journal:
             intake = self._intake
             if intake is None or intake.pid != os.getpid():
                 intake = self._open_intake()
-            if len(metrics) == 1:  # the hot path: one mlflow.log_metric
-                key, value, ts, step = metrics[0]
-                intake.append(_intake.encode(run, key, value, ts, step))
-            else:
-                intake.append(b"".join(_intake.encode(run, k, v, ts, step) for k, v, ts, step in metrics))
+            try:
+                if len(metrics) == 1:  # the hot path: one mlflow.log_metric
+                    key, value, ts, step = metrics[0]
+                    intake.append(_intake.encode(run, key, value, ts, step))
+                else:
+                    intake.append(b"".join(_intake.encode(run, k, v, ts, step) for k, v, ts, step in metrics))
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise JournalFullError(f"the disk holding {self.path} is full") from None
+                raise JournalError(f"cannot append to the journal intake {intake.path}: {exc}") from None
         if params or tags:
             now = time.time()
             with self.db() as conn:
