@@ -206,7 +206,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def main() -> int:
     args = argument_parser(__doc__.splitlines()[0]).parse_args()
-    rounds = 2 if args.quick else 10
+    rounds = 2 if args.quick else 20
     work_dir = scratch_dir("entrance")
     print(f"Machine: {machine_summary()}")
 

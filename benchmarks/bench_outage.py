@@ -7,10 +7,11 @@ a local plain `mlflow server`. Shortly after the loop starts, the proxy goes int
 compared with the same loop without logging (run three times, interleaved with the bridge runs; the fastest is
 the anchor, the stricter choice). Afterwards the server's copy is counted: bridge must deliver every point.
 
-The wall clock of a shared machine moves with other processes' load. The anchors' spread shows by how much;
-when it is larger than the goal, the verdict uses the *attributable* cost instead: the time spent inside the
-log calls (wall, GIL waits included) plus the CPU time of every background thread (bridge's sender, MLflow's
-workers, read from /proc), per anchor loop. Both figures are always printed.
+The wall clock of a shared machine moves with other processes' load, so the verdict uses the loop's time less
+its *OS wait*: the time the loop's thread was ready to run but the OS ran other processes (from
+/proc/self/task/<tid>/schedstat). Waiting for the GIL (bridge's sender) or for the network (MLflow sync) is not
+OS wait and stays in the figure. The wall-clock slowdown, the time inside the log calls and the background
+threads' CPU time are printed beside it.
 
 Pure-Python steps hold the GIL, so bridge's background sender competes with them directly; a real training
 step (mostly native code) is the easier case. 10 ms steps are 5-20x shorter than a YOLO step on a GPU.
@@ -85,6 +86,13 @@ def _process_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _main_thread_waiting_s() -> float:
+    """Seconds the main thread was runnable but waiting for a CPU (/proc schedstat): time the OS gave to other
+    processes. A wait for the GIL is not in it (that thread sleeps on a lock, it does not queue for a CPU)."""
+    fields = Path(f"/proc/self/task/{os.getpid()}/schedstat").read_text().split()
+    return int(fields[1]) / 1e9
+
+
 def _background_cpu_s() -> float:
     """CPU seconds of every thread but the main one (bridge's sender, MLflow's workers), from /proc."""
     total = 0.0
@@ -122,6 +130,7 @@ def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: flo
     print("START", flush=True)
     cpu_started = _process_cpu_s()
     background_started = _background_cpu_s()
+    waiting_started = _main_thread_waiting_s()
     started = time.perf_counter()
     for step in range(steps):
         work(k)
@@ -137,6 +146,7 @@ def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: flo
     loop_s = time.perf_counter() - started
     cpu_s = _process_cpu_s() - cpu_started
     background_s = _background_cpu_s() - background_started
+    os_wait_s = _main_thread_waiting_s() - waiting_started
     print(f"LOOP {loop_s}", flush=True)
     left = None
     if client != "none":
@@ -146,8 +156,11 @@ def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: flo
             pass
     if conn is not None:
         left = conn.flush(drain_s)
+    flushed_at = time.monotonic()  # CLOCK_MONOTONIC is machine-wide: the parent compares it with the outage's end
+    if conn is not None:
         conn.close()
     return {"loop_s": loop_s, "cpu_s": cpu_s, "in_calls_s": in_calls, "background_s": background_s,
+            "own_s": loop_s - os_wait_s, "os_wait_s": os_wait_s, "flushed_at": flushed_at,
             "failed": failed, "worst_call_s": worst, "left": left, "experiment": experiment}
 
 
@@ -163,11 +176,6 @@ def _server_points(db: Path, experiment: str) -> int:
                             "where e.name = ? and m.key = 'loss'", (experiment,)).fetchone()[0]
     finally:
         conn.close()
-
-
-def _attributable(result: dict, anchor_s: float) -> float:
-    """The loop time logging itself took: inside the log calls, plus background threads' CPU, per anchor loop."""
-    return (result["in_calls_s"] + result["background_s"]) / anchor_s
 
 
 def _measure(client: str, mode: str | None, steps: int, k: int, outage: tuple[float, float], proxy,
@@ -212,7 +220,10 @@ def _measure(client: str, mode: str | None, steps: int, k: int, outage: tuple[fl
         if timer is not None:
             timer.join()
         proxy.set_mode("pass")
-    result.update(client=client, mode=mode, steps=steps,
+    caught_up = None
+    if client == "bridge" and outage_seen["end"] is not None and result["left"] == 0:
+        caught_up = max(0.0, result["flushed_at"] - outage_seen["end"])
+    result.update(client=client, mode=mode, steps=steps, caught_up_s=caught_up,
                   stored=_server_points(server.root / "mlflow.db", result["experiment"]) if client != "none" else None)
     return result
 
@@ -261,42 +272,43 @@ def main() -> int:
         server.stop()
 
     anchor = min(b["loop_s"] for b in baselines)
+    own_anchor = min(b["own_s"] for b in baselines)
     spread = max(b["loop_s"] for b in baselines) / anchor - 1
+    own_spread = max(b["own_s"] for b in baselines) / own_anchor - 1
     rows = [(f"no logging #{i + 1}", "-", f"{b['loop_s']:.2f}", f"{b['loop_s'] / anchor - 1:+.1%}",
-             f"{b['cpu_s']:.2f}", "-", "-", "-", "-", "-", "-")
+             f"{b['os_wait_s']:.2f}", f"{b['own_s'] / own_anchor - 1:+.1%}", "-", "-", "-", "-", "-", "-")
             for i, b in enumerate(baselines)]
     for r in runs:
         rows.append((r["client"], r["mode"], f"{r['loop_s']:.2f}", f"{r['loop_s'] / anchor - 1:+.1%}",
-                     f"{r['cpu_s']:.2f}", f"{r['in_calls_s']:.3f}", f"{r['background_s']:.3f}",
-                     f"{_attributable(r, anchor):+.1%}", f"{r['worst_call_s'] * 1000:,.1f}", f"{r['failed']}",
-                     f"{r['stored']}/{steps}"))
+                     f"{r['os_wait_s']:.2f}", f"{r['own_s'] / own_anchor - 1:+.1%}", f"{r['in_calls_s']:.3f}",
+                     f"{r['background_s']:.3f}", f"{r['worst_call_s'] * 1000:,.1f}", f"{r['failed']}",
+                     f"{r['stored']}/{steps}", "-" if r["caught_up_s"] is None else f"{r['caught_up_s']:.1f}"))
     print_table(f"{steps:,}-step loop ({STEP_S * 1000:.0f} ms pure-Python steps, 1 log_metric each), "
                 f"{outage[1]:.0f} s outage from t={outage[0]:.0f} s — plain mlflow server (SQLite, 1 worker) on "
                 f"127.0.0.1{' [quick]' if args.quick else ''}; {machine_summary()}",
-                ["client", "outage", "loop s", "slowdown", "process CPU s", "in log calls s", "background CPU s",
-                 "attributable", "slowest call ms", "calls raised", "points on server"],
+                ["client", "outage", "loop s", "slowdown", "OS wait s", "slowdown excl. OS wait", "in log calls s",
+                 "background CPU s", "slowest call ms", "calls raised", "points on server",
+                 "all delivered s after link back"],
                 rows)
-    print(f"anchor: the fastest no-logging loop, {anchor:.2f} s ({anchor / steps * 1000:.1f} ms per step); the "
-          f"anchors spread {spread:.1%} (the machine's noise); "
-          "MLflow sync bounded by " + ", ".join(f"{k}={v}" for k, v in SYNC_BOUNDS.items()))
+    print(f"anchor: the fastest no-logging loop, {anchor:.2f} s ({anchor / steps * 1000:.1f} ms per step), "
+          f"{own_anchor:.2f} s excluding OS wait; the anchors spread {spread:.1%} on the wall clock, "
+          f"{own_spread:.1%} excluding OS wait. OS wait: time the loop's thread was ready but the OS ran other "
+          "processes (/proc schedstat); waiting for the GIL or the network is not in it and counts as slowdown.")
+    print("MLflow sync bounded by " + ", ".join(f"{k}={v}" for k, v in SYNC_BOUNDS.items()))
     ok = True
     for r in runs:
         if r["client"] != "bridge":
             continue
-        slowdown = r["loop_s"] / anchor - 1
-        attributable = _attributable(r, anchor)
+        slowdown = r["own_s"] / own_anchor - 1
         sync = next(x for x in runs if x["client"] == "mlflow-sync" and x["mode"] == r["mode"])
         delivered = r["stored"] == steps
-        if spread <= GOAL_SLOWDOWN:  # the wall clock can resolve the goal: judge by it
-            good, basis = slowdown <= GOAL_SLOWDOWN and delivered, f"wall-clock slowdown {slowdown:+.1%}"
-        else:  # other processes move the wall clock more than the goal: judge by what logging itself took
-            good = attributable <= GOAL_SLOWDOWN and delivered
-            basis = (f"attributable {attributable:+.1%} (wall clock {slowdown:+.1%} is not conclusive: the no-logging "
-                     f"anchors spread {spread:.0%})")
+        good = slowdown <= GOAL_SLOWDOWN and delivered
         ok &= good
-        print(f"{r['mode']}: bridge {basis} (goal <= {GOAL_SLOWDOWN:.0%}), every point delivered: "
-              f"{'yes' if delivered else 'NO'}; MLflow sync {sync['loop_s'] / anchor - 1:+.0%} wall clock, "
-              f"{_attributable(sync, anchor):+.0%} attributable, {steps - sync['stored']} points lost: {verdict(good)}")
+        print(f"{r['mode']}: bridge slowdown {slowdown:+.1%} excluding OS wait ({r['loop_s'] / anchor - 1:+.1%} on "
+              f"the wall clock; logging itself: {r['in_calls_s']:.2f} s in calls + {r['background_s']:.2f} s "
+              f"background CPU) (goal <= {GOAL_SLOWDOWN:.0%}), every point delivered: {'yes' if delivered else 'NO'}; "
+              f"MLflow sync {sync['own_s'] / own_anchor - 1:+.0%} and {steps - sync['stored']} points lost: "
+              f"{verdict(good)}")
     return 0 if ok else 1
 
 

@@ -119,8 +119,7 @@ class ConsoleCapture:
         # Ultralytics' logger holds the stdout of its import time; send it through the tee too.
         for h in logging.getLogger(self._logger_name).handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                self._handlers.append((h, h.stream))
-                h.setStream(tee_out)
+                self._handlers.append((h, _swap_stream(h, tee_out)))
 
     def stop(self) -> None:
         if self._saved is None:
@@ -132,7 +131,7 @@ class ConsoleCapture:
         if isinstance(sys.stderr, _Tee) and sys.stderr._stream is err:
             sys.stderr = err
         for h, stream in self._handlers:
-            h.setStream(stream)
+            _swap_stream(h, stream)
         self._handlers.clear()
         self._saved = None
 
@@ -144,12 +143,23 @@ def logger_follows_stdout(logger_name: str = "ultralytics") -> Iterator[None]:
     saved = [(h, h.stream) for h in logging.getLogger(logger_name).handlers
              if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     for h, _ in saved:
-        h.setStream(sys.stdout)
+        _swap_stream(h, sys.stdout)
     try:
         yield
     finally:
         for h, stream in saved:
-            h.setStream(stream)
+            _swap_stream(h, stream)
+
+
+def _swap_stream(handler: logging.StreamHandler, stream: TextIO) -> TextIO:
+    """Point `handler` at `stream` and return the old one. Unlike `setStream`, this never flushes the old
+    stream, which may already be closed (a handler created while stdout was a since-closed capture)."""
+    handler.acquire()
+    try:
+        old, handler.stream = handler.stream, stream
+    finally:
+        handler.release()
+    return old
 
 
 _ERASE = re.compile(r"\x1b\[[012]?K")
@@ -177,7 +187,8 @@ class _LineWriter:
         return len(text)
 
     def flush(self) -> None:
-        self._stream.flush()
+        with contextlib.suppress(ValueError):  # the wrapped stream was closed under us
+            self._stream.flush()
 
     def close_line(self) -> None:
         if self._partial:
