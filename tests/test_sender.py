@@ -139,6 +139,23 @@ def test_heartbeat_tag_is_set_while_the_run_is_live(tmp_path, mlflow_server, ser
         sender.stop()
 
 
+def test_a_live_run_is_created_with_a_heartbeat_before_the_first_heartbeat_round(tmp_path, mlflow_server,
+                                                                                 server_client):
+    # A process killed before its first heartbeat round must still leave a tag the reaper can judge.
+    name = f"born-beating-{uuid.uuid4().hex[:8]}"
+    journal, run = _journal_run(tmp_path, name)
+    sender = Sender(journal, mlflow_server.url, None, heartbeat_s=3600, send_interval_s=0.05)
+    sender.watch_run(run)
+    sender._last_heartbeat = time.time()  # a heartbeat round ran just before the run existed on the server
+    sender.start()
+    try:
+        assert sender.flush(30) == 0
+    finally:
+        sender.stop()
+    beat = int(server_run(server_client, name).data.tags[config.HEARTBEAT_TAG])
+    assert abs(beat - time.time()) < 30
+
+
 def test_rediscovery_switches_to_the_newly_published_url(tmp_path, monkeypatch, flaky_proxy, mlflow_server,
                                                          server_client):
     from bridge.record import make_record

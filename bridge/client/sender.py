@@ -645,6 +645,9 @@ class Sender:
         if found is None:
             tags = dict(body.get("tags") or {})
             tags[config.RUN_KEY_TAG] = op.run
+            if op.run in self._live_runs:
+                # Born with a heartbeat: a process killed before its first heartbeat round still gets reaped.
+                tags[config.HEARTBEAT_TAG] = str(int(time.time()))
             payload = {"experiment_id": experiment, "start_time": record.start_time,
                        "tags": [{"key": k, "value": v} for k, v in tags.items()]}
             if record.user_id:
