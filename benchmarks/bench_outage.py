@@ -10,8 +10,10 @@ the anchor, the stricter choice). Afterwards the server's copy is counted: bridg
 The wall clock of a shared machine moves with other processes' load, so the verdict uses the loop's time less
 its *OS wait*: the time the loop's thread was ready to run but the OS ran other processes (from
 /proc/self/task/<tid>/schedstat). Waiting for the GIL (bridge's sender) or for the network (MLflow sync) is not
-OS wait and stays in the figure. The wall-clock slowdown, the time inside the log calls and the background
-threads' CPU time are printed beside it.
+OS wait and stays in the figure. Other processes also slow the loop while it runs (a shared core, caches), so
+when even the no-logging anchors spread by more than the goal, the verdict falls back to what logging itself
+took: the time inside the log calls (GIL waits included) plus the background threads' CPU time (/proc), per
+anchor loop — and says so. Every figure is printed either way.
 
 Pure-Python steps hold the GIL, so bridge's background sender competes with them directly; a real training
 step (mostly native code) is the easier case. 10 ms steps are 5-20x shorter than a YOLO step on a GPU.
@@ -300,15 +302,21 @@ def main() -> int:
         if r["client"] != "bridge":
             continue
         slowdown = r["own_s"] / own_anchor - 1
+        attributable = (r["in_calls_s"] + r["background_s"]) / own_anchor
         sync = next(x for x in runs if x["client"] == "mlflow-sync" and x["mode"] == r["mode"])
         delivered = r["stored"] == steps
-        good = slowdown <= GOAL_SLOWDOWN and delivered
+        if own_spread <= GOAL_SLOWDOWN:  # the anchors agree closely enough to resolve the goal
+            good = slowdown <= GOAL_SLOWDOWN and delivered
+            basis = f"slowdown {slowdown:+.1%} excluding OS wait ({r['loop_s'] / anchor - 1:+.1%} on the wall clock)"
+        else:  # the machine moves even the no-logging loop by more than the goal: judge what logging itself took
+            good = attributable <= GOAL_SLOWDOWN and delivered
+            basis = (f"logging itself took {attributable:+.1%} of the loop ({r['in_calls_s']:.2f} s inside the calls + "
+                     f"{r['background_s']:.2f} s background CPU); the loop's slowdown, {slowdown:+.1%} excluding OS "
+                     f"wait, is not conclusive: the no-logging anchors alone spread {own_spread:.0%}")
         ok &= good
-        print(f"{r['mode']}: bridge slowdown {slowdown:+.1%} excluding OS wait ({r['loop_s'] / anchor - 1:+.1%} on "
-              f"the wall clock; logging itself: {r['in_calls_s']:.2f} s in calls + {r['background_s']:.2f} s "
-              f"background CPU) (goal <= {GOAL_SLOWDOWN:.0%}), every point delivered: {'yes' if delivered else 'NO'}; "
-              f"MLflow sync {sync['own_s'] / own_anchor - 1:+.0%} and {steps - sync['stored']} points lost: "
-              f"{verdict(good)}")
+        print(f"{r['mode']}: bridge {basis} (goal <= {GOAL_SLOWDOWN:.0%}); every point delivered: "
+              f"{'yes' if delivered else 'NO'}; MLflow sync {sync['own_s'] / own_anchor - 1:+.0%} and "
+              f"{steps - sync['stored']} points lost: {verdict(good)}")
     return 0 if ok else 1
 
 

@@ -95,7 +95,7 @@ def _measure(name: str, client: str, n: int, paced: bool, proxy, server: MlflowS
         raise RuntimeError(f"{name} child failed ({proc.returncode}): {proc.stderr[-3000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
     seen = {line: count for (_, line), count in proxy.lines.items()}  # per "METHOD /path"; the child has ended
-    others = {line.replace("/api/2.0/mlflow/", " "): count for line, count in sorted(seen.items())
+    others = {line.replace("/api/2.0/mlflow/", ""): count for line, count in sorted(seen.items())
               if "/runs/log-batch" not in line and "/runs/log-metric" not in line}
     result.update(name=name, n=n, total=proxy.count(), others=others,
                   logging=proxy.count("/runs/log-batch") + proxy.count("/runs/log-metric"),

@@ -10,16 +10,63 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
-from bridge.errors import RecordError, RecordExpiredError, RecordSignatureError
+from bridge.errors import ConfigError, RecordError, RecordExpiredError, RecordSignatureError
 
 RECORD_VERSION = 1
 _KEY_LABEL = b"bridge endpoint record signing key v1"
 #: Clocks of Colab and a workstation disagree a little; a record "from the future" within this is fine.
 CLOCK_SKEW_S = 300
+
+# Names both sides must agree on: the publisher writes them, discovery reads them.
+#: The file inside a gist that holds the record.
+GIST_FILE_NAME = "bridge-endpoint.json"
+#: The GitHub API base; `GITHUB_API_ENV` overrides it (tests point it at a local stand-in).
+GITHUB_API = "https://api.github.com"
+GITHUB_API_ENV = "BRIDGE_GITHUB_API"
+#: Host names that mean "this machine"; the only ones plain http may reach.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def describe_url(url: str) -> str:
+    """`url` fit for messages: no user info, and the query (which may carry a key, ?auth=…) replaced by `?…`."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(unparseable URL)"
+    if ":" in host:
+        host = f"[{host}]"
+    if port:
+        host = f"{host}:{port}"
+    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
+
+
+def check_http_url(url: str, *, allow_plain_http_loopback_only: bool = True, what: str = "URL") -> str:
+    """Return `url` when it is http(s) with a host and no credentials; else raise a `ConfigError` naming `what`.
+
+    With `allow_plain_http_loopback_only` (the default), plain http is accepted only to this machine, since
+    whatever travels there (a token, a record) would cross the network in clear text.
+    """
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:
+        raise ConfigError(f"{what} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise ConfigError(f"{what} {describe_url(url)!r} is not an http(s) URL")
+    if parts.username or parts.password:
+        raise ConfigError(f"{what}: the URL must not carry credentials (they would show in logs and status)")
+    if allow_plain_http_loopback_only and parts.scheme == "http" and hostname not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"{what} {describe_url(url)!r}: plain http is allowed only to 127.0.0.1/localhost; use https://"
+        )
+    return url
 
 
 def signing_key(token: str) -> bytes:
@@ -68,11 +115,11 @@ def make_record(
 
 
 def _check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RecordError(f"record URL {url!r} is not an http(s) URL")
-    if parts.username or parts.password:
-        raise RecordError("record URL must not carry credentials")
+    # A record may point at plain http on a LAN/VPN address (`--tunnel none --host 100.x.y.z`).
+    try:
+        check_http_url(url, allow_plain_http_loopback_only=False, what="record URL")
+    except ConfigError as exc:
+        raise RecordError(str(exc)) from None
 
 
 def parse_record(text: str | bytes) -> EndpointRecord:
@@ -121,3 +168,28 @@ def verify_record(record: EndpointRecord | str | bytes, token: str, *, now: floa
     if record.issued_at > now + CLOCK_SKEW_S:
         raise RecordError(f"endpoint record was issued {record.issued_at - now:.0f} s in the future; check the clocks")
     return record
+
+
+class RecordFreshness:
+    """Refuses a record older than the newest one already accepted from the same server instance.
+
+    Signature and expiry cannot stop a replay: anyone who can write a world-writable publish target (an ntfy
+    topic) can put back an older, still-valid record pointing at a stale URL. Keep one of these per client
+    and call `check()` after `verify_record()`.
+    """
+
+    def __init__(self) -> None:
+        self._newest: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def check(self, record: EndpointRecord) -> EndpointRecord:
+        """Return `record` and remember it, or raise a `RecordError` when it is older than one seen before."""
+        with self._lock:
+            newest = self._newest.get(record.instance)
+            if newest is not None and record.issued_at < newest:
+                raise RecordError(
+                    f"endpoint record for {describe_url(record.url)} was issued {newest - record.issued_at:.0f} s "
+                    "before one already seen from the same server; refusing the older record (replayed?)"
+                )
+            self._newest[record.instance] = record.issued_at
+            return record

@@ -3,6 +3,10 @@
 Secrets are the access token (`access-token`), the ngrok authtoken (`ngrok-authtoken`) and a
 GitHub token for gist publishing (`github-token`). Under `BRIDGE_HOME` the keyring service name
 carries that folder, so separate instances never read each other's token.
+
+Tokens of other services (`github_token()`, `ngrok_authtoken()`) are looked up in one order: the
+environment variable first (`GITHUB_TOKEN`, `NGROK_AUTHTOKEN`, read at call time), then the keyring. An
+explicit variable is how a person overrides a stored token for one run, as with `gh` and `ngrok` themselves.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ log = logging.getLogger(__name__)
 ACCESS_TOKEN = "access-token"
 NGROK_AUTHTOKEN = "ngrok-authtoken"
 GITHUB_TOKEN = "github-token"
+#: Environment variables that override the stored tokens of other services.
+GITHUB_TOKEN_ENV = "GITHUB_TOKEN"
+NGROK_AUTHTOKEN_ENV = "NGROK_AUTHTOKEN"
 
 #: 32 random bytes, url-safe: 256 bits, well above the 128-bit floor.
 TOKEN_BYTES = 32
@@ -121,6 +128,23 @@ def delete_secret(name: str) -> None:
         data = _read_file(path)
         if data.pop(name, None) is not None:
             _write_file(path, data)
+
+
+def _env_then_keyring(env_name: str, secret_name: str) -> str | None:
+    value = os.environ.get(env_name, "").strip()
+    if value:
+        return value
+    return get_secret(secret_name) or None
+
+
+def github_token() -> str | None:
+    """The GitHub token for gists: `GITHUB_TOKEN` if set, else the keyring's `github-token`."""
+    return _env_then_keyring(GITHUB_TOKEN_ENV, GITHUB_TOKEN)
+
+
+def ngrok_authtoken() -> str | None:
+    """The ngrok authtoken: `NGROK_AUTHTOKEN` if set, else the one `bridge login` stored."""
+    return _env_then_keyring(NGROK_AUTHTOKEN_ENV, NGROK_AUTHTOKEN)
 
 
 def new_token() -> str:

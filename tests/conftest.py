@@ -14,7 +14,9 @@ os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 pytest_plugins = ["tests.support.mlflow_server", "tests.support.client", "tests.support.flaky_proxy", "tests.support.tunnel", "tests.support.serve",
-                  "tests.support.yolo"]
+                  "tests.support.yolo",
+                  # Its autouse session fixture is set up before, so torn down after, the session's servers.
+                  "tests.support.leak_scan"]
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +26,7 @@ def bridge_home(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("BRIDGE_HOME", str(home))
     monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.null.Keyring")
-    for name in ("BRIDGE_URL", "BRIDGE_TOKEN", "BRIDGE_DISCOVERY", "BRIDGE_JOURNAL", "NGROK_AUTHTOKEN",
+    for name in ("BRIDGE_URL", "BRIDGE_TOKEN", "BRIDGE_DISCOVERY", "BRIDGE_JOURNAL", "NGROK_AUTHTOKEN", "GITHUB_TOKEN",
                  "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(name, raising=False)

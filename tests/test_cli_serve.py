@@ -47,6 +47,7 @@ def test_login_stores_the_ngrok_authtoken_and_never_echoes_it():
     assert prompted.exit_code == 0, prompted.output
     assert secrets.get_secret(secrets.NGROK_AUTHTOKEN) == "second-token-value-123456"
     assert "second-token-value-123456" not in prompted.output
+    assert "3456" not in result.output + prompted.output  # no masked tail either
 
 
 def test_login_github_token_alone_or_prompted():
@@ -112,6 +113,29 @@ def test_colab_snippet_names_where_to_look_never_a_secret():
     assert 'os.environ["BRIDGE_DISCOVERY"] = "file:/srv/rec.json"' in colab_snippet("http://h:1", "file:/srv/rec.json")
     for spec in (None, "gist:0123abcd", "file:/srv/rec.json"):
         compile(colab_snippet("https://abc.ngrok-free.app", spec), "<colab>", "exec")
+
+
+@pytest.mark.parametrize("spec", ["https://ntfy.sh/bridge-topic?auth=tk_topickey0123456789",
+                                  "https://u:tk_topickey0123456789@relay.example:8443/bridge-topic"])
+def test_colab_snippet_drops_the_publish_urls_query_and_user_info(spec):
+    snippet = colab_snippet("https://abc.ngrok-free.app", spec)
+    assert "tk_topickey0123456789" not in snippet and "auth=" not in snippet
+    assert "BRIDGE_DISCOVERY" in snippet and "/bridge-topic\"" in snippet
+    assert "left out" in snippet  # says the key was dropped, so a failing fetch is not a mystery
+    compile(snippet, "<colab>", "exec")
+
+
+def test_login_reads_dash_from_stdin_prints_no_part_of_it_and_help_warns_of_history():
+    secret = "2abcDEFngrokToken_stdin_987654321"
+    result = runner.invoke(app, ["login", "-"], input=secret + "\n")
+    assert result.exit_code == 0, result.output
+    assert secrets.get_secret(secrets.NGROK_AUTHTOKEN) == secret
+    assert "Stored the ngrok authtoken." in result.output
+    assert secret[-4:] not in result.output  # not even a masked tail
+    empty = runner.invoke(app, ["login", "-"], input="")
+    assert empty.exit_code == 1 and "stdin" in empty.stderr
+    helped = runner.invoke(app, ["login", "--help"], env={"COLUMNS": "200"})
+    assert "shell history" in helped.output and "'-' reads it from stdin" in helped.output
 
 
 @pytest.mark.parametrize(

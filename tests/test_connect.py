@@ -229,3 +229,90 @@ def test_connect_on_a_damaged_journal_repairs_it_and_reports(bridge_connect, tmp
     with mlflow.start_run():
         mlflow.log_metric("m", 1.0)
     assert conn.status().pending >= 3
+
+
+def test_the_token_goes_only_to_the_connected_server_never_to_another_mlflow(make_status_server, bridge_connect,
+                                                                          monkeypatch):
+    import requests
+    from mlflow.tracking.request_auth.registry import fetch_auth
+
+    bridge_server, other = make_status_server(200), make_status_server(200)
+    conn = bridge_connect(bridge_server.url, token="only-for-bridge-123456")
+    MlflowClient(other.url).search_experiments()  # MLFLOW_TRACKING_AUTH is process-wide…
+    assert other.seen, "the other server was asked"
+    assert [auth for _, _, auth in other.seen] == [None] * len(other.seen)  # …but the token stays home
+    # The registry, which connect() points at the bridge server, still carries it.
+    MlflowClient(other.url, registry_uri=bridge_server.url).search_registered_models()
+    assert bridge_server.seen[-1][2] == "Bearer only-for-bridge-123456"
+    assert [auth for _, _, auth in other.seen] == [None] * len(other.seen)
+
+    # Without a connection there is no token at all, even with one in the environment.
+    monkeypatch.setenv("BRIDGE_TOKEN", "env-token-never-sent-123")
+    conn.close()
+    request = fetch_auth("bridge")(requests.Request("GET", other.url + "/api/2.0/mlflow/x").prepare())
+    assert "Authorization" not in request.headers
+
+
+_EXIT_WITHOUT_END_RUN = textwrap.dedent("""
+    import sys
+    import mlflow   # imported first: MLflow's own end-run exit hook runs after bridge's
+    import bridge
+    bridge.connect(sys.argv[1], token=None, journal=sys.argv[2], experiment=sys.argv[3])
+    mlflow.start_run()
+    mlflow.log_metric("m", 3.0)
+    mlflow.log_param("p", "x")
+""")
+
+
+def test_a_run_left_open_at_exit_ends_finished_through_the_same_journal(mlflow_server, server_client, tmp_path,
+                                                                       bridge_home):
+    name = f"exit-{uuid.uuid4().hex[:6]}"
+    journal = tmp_path / "exit.sqlite"
+    out = subprocess.run([sys.executable, "-c", _EXIT_WITHOUT_END_RUN, mlflow_server.url, str(journal), name],
+                         capture_output=True, text=True, timeout=120,
+                         env=_env(BRIDGE_SEND_INTERVAL_S="0.05"))
+    assert out.returncode == 0, out.stderr
+    assert "not delivered yet" not in out.stderr, out.stderr
+    remote = server_run(server_client, name)
+    assert remote.info.status == "FINISHED"
+    assert remote.data.metrics == {"m": 3.0} and remote.data.params == {"p": "x"}
+    assert not (bridge_home / "journal.sqlite").exists(), "nothing went to the default journal"
+
+
+def test_journal_arguments_are_exported_and_calls_after_exit_stay_in_that_journal(bridge_connect, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from bridge.client import connect as connect_module
+    from tests.support.mlflow_server import free_port
+
+    monkeypatch.setattr(connect_module, "_closed_at_exit", None, raising=False)
+    journal = tmp_path / "mine.sqlite"
+    conn = bridge_connect(f"http://127.0.0.1:{free_port()}", journal=journal, journal_limit=50_000_000,
+                          flush_at_exit=0)
+    assert os.environ["BRIDGE_JOURNAL"] == str(journal) and os.environ["BRIDGE_JOURNAL_LIMIT"] == "50000000"
+    conn._at_exit()  # the interpreter is exiting …
+    late = connect_module.connection_for(conn.tracking_uri)  # … and an exit hook still logs something
+    assert late is not conn and late.journal.path == journal
+    assert late.journal.limit_bytes == 50_000_000
+    assert "kept in journal" in capsys.readouterr().err
+    late.close()
+
+
+def test_an_explicit_url_is_pinned_and_never_replaced_by_rediscovery(make_status_server, bridge_connect,
+                                                                   monkeypatch, tmp_path):
+    from bridge.record import make_record
+    from tests.support.mlflow_server import free_port
+
+    token = "pinned-token-" + uuid.uuid4().hex
+    trap = make_status_server(200)
+    record = tmp_path / "endpoint.json"
+    record.write_text(make_record(trap.url, token=token, instance="x", mlflow_version="3", ttl_s=600).to_json())
+    monkeypatch.setenv("BRIDGE_DISCOVERY", f"file:{record}")
+    monkeypatch.setattr("bridge.client.sender.REDISCOVER_AFTER_S", 0.1)
+    dead = f"http://127.0.0.1:{free_port()}"
+    conn = bridge_connect(dead, token=token)
+    conn.journal.add_experiment("pinned", {})
+    deadline = time.monotonic() + 15
+    while conn.sender._failures < 5 and time.monotonic() < deadline:
+        conn.flush(0.1)
+    assert conn.sender._failures >= 5, "the sender kept failing on the pinned URL"
+    assert conn.url == dead and trap.seen == []

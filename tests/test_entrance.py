@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import http.server
+import importlib.util
 import os
 import re
+import threading
 import uuid
 
 import pytest
@@ -289,3 +292,61 @@ def test_entrance_answers_503_while_mlflow_is_down_and_binds_its_port(bridge_hom
             Entrance(dead_port, port=entrance.port).start()
     finally:
         entrance.stop()
+
+
+# --- the hot path: one kept-alive upstream connection, hop-by-hop headers dropped, the fast loop ------
+
+
+class _RecordingUpstream(http.server.BaseHTTPRequestHandler):
+    """Answers every request with a small JSON body over HTTP/1.1 keep-alive; records peers and headers."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[int, dict[str, str]]] = []
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        type(self).seen.append((self.client_address[1], dict(self.headers.items())))
+        body = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_entrance_reuses_one_upstream_connection_and_drops_hop_by_hop_headers(bridge_home):
+    _RecordingUpstream.seen = []
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingUpstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    entrance = Entrance(upstream.server_address[1], port=0)
+    entrance.start()
+    try:
+        if importlib.util.find_spec("uvloop") is not None:
+            assert type(entrance._loop).__module__.startswith("uvloop")
+        auth = {"Authorization": f"Bearer {secrets.access_token()}"}
+        for _ in range(3):  # three clients, one after another, each with its own connection
+            with requests.Session() as session:
+                for n in range(10):
+                    resp = session.post(entrance.url + "/api/2.0/mlflow/runs/log-metric", json={"n": n},
+                                        headers=auth, timeout=10)
+                    assert resp.status_code == 200 and resp.json() == {"ok": True}
+        resp = requests.get(entrance.url + "/health", timeout=10,
+                            headers={**auth, "Connection": "keep-alive, X-Hop", "X-Hop": "1", "X-End": "2"})
+        assert resp.status_code == 200
+    finally:
+        entrance.stop()
+        upstream.shutdown()
+        upstream.server_close()
+    peers = {peer for peer, _ in _RecordingUpstream.seen}
+    assert len(_RecordingUpstream.seen) == 31
+    assert len(peers) == 1, peers  # kept alive and reused, not a new connection per request
+    last = {k.lower(): v for k, v in _RecordingUpstream.seen[-1][1].items()}
+    assert last["host"] == f"127.0.0.1:{upstream.server_address[1]}"
+    assert last["x-end"] == "2"
+    assert "x-hop" not in last and "authorization" not in last

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import math
+import os
 import sqlite3
+import threading
 
 import pytest
 
 from bridge.client.journal import (
     ARTIFACT, DEAD, IN_FLIGHT, METRIC, PARAM, PENDING, TAG, Journal, decode_value, journal_path,
 )
-from bridge.errors import JournalCorruptError, JournalFullError
+from bridge.errors import JournalCorruptError, JournalError, JournalFullError
 
 
 def _states(journal: Journal) -> dict[int, int]:
@@ -196,3 +200,150 @@ def test_intake_left_by_an_ended_process_is_replayed_once(tmp_path, caplog):
     assert not intake_file.exists()
     assert "not a whole record" in caplog.text
     assert Journal(path).backlog().total == 120, "replayed exactly once"
+
+
+def _spool_files(journal: Journal) -> list[str]:
+    return sorted(p.name for p in journal.spool_dir.iterdir())
+
+
+def test_a_spooled_copy_is_removed_when_its_row_cannot_be_journaled(tmp_path, monkeypatch):
+    journal = Journal(tmp_path / "j.sqlite")
+    source = tmp_path / "weights.bin"
+    source.write_bytes(b"w" * 100_000)
+    used = journal.measure_bytes()
+
+    def refuse(*args, **kwargs):
+        raise JournalFullError("journal full (simulated)")
+
+    monkeypatch.setattr(journal, "append", refuse)
+    with pytest.raises(JournalFullError):
+        journal.spool_artifact("r", source, "weights.bin")
+    assert _spool_files(journal) == []
+    assert journal.measure_bytes() == used, "nothing left counting against the limit"
+
+
+def test_spool_files_no_row_refers_to_are_removed_and_dead_artifacts_free_theirs(tmp_path):
+    import fcntl
+
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"a" * 10_000)
+    kept = journal.spool_artifact("r", source, "kept.bin")["spool"]
+    refused = journal.spool_artifact("r", source, "refused.bin")["spool"]
+    (refused_op,) = [op for op in journal.pending_ops("r", 10) if op.key == "refused.bin"]
+    journal.bury([refused_op.id], "INVALID_PARAMETER_VALUE: nope")
+    assert _spool_files(journal) == [kept], "a dead letter's copy is never uploaded: it goes at once"
+    (journal.spool_dir / ("0" * 32)).write_bytes(b"x" * 5_000)  # killed between the copy and its row
+    busy = journal.spool_dir / ("1" * 32)  # being spooled by a live process right now
+    busy_fd = os.open(busy, os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(busy_fd, fcntl.LOCK_EX)
+    journal.close()
+    try:
+        reopened = Journal(path)
+        assert _spool_files(reopened) == sorted([kept, busy.name])
+    finally:
+        os.close(busy_fd)
+    assert _spool_files(Journal(path)) == [kept]
+
+
+class _OsWithShortWrites:
+    """The `os` module as intake.py sees it, except that `write` misbehaves as the test scripts."""
+
+    def __init__(self, script):
+        self._script = list(script)
+
+    def write(self, fd, data):
+        step = self._script.pop(0) if self._script else "ok"
+        if step == "half":
+            return os.write(fd, bytes(data[: len(data) // 2]))
+        if step == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+def test_a_short_intake_write_is_completed_not_torn(tmp_path, monkeypatch):
+    from bridge.client import intake
+
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.append_batch("r", [("m", 0.0, 1000, 0)])
+    monkeypatch.setattr(intake, "os", _OsWithShortWrites(["half"]))
+    for step in range(1, 50):
+        journal.append_batch("r", [("m", float(step), 1000 + step, step)])
+    journal.move_intake()
+    assert [op.step for op in journal.pending_ops("r", 100)] == list(range(50))
+
+
+def test_a_failed_intake_write_raises_and_leaves_nothing_torn(tmp_path, monkeypatch):
+    from bridge.client import intake
+
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.append_batch("r", [("m", 0.0, 1000, 0)])
+    monkeypatch.setattr(intake, "os", _OsWithShortWrites(["half", "enospc"]))
+    with pytest.raises(JournalFullError, match="full"):
+        journal.append_batch("r", [("m", -1.0, 999, 99)])  # refused loudly, not half-kept
+    for step in range(1, 30):
+        journal.append_batch("r", [("m", float(step), 1000 + step, step)])
+    journal.move_intake()
+    assert [op.step for op in journal.pending_ops("r", 100)] == list(range(30))
+
+
+def test_damage_in_the_middle_of_an_intake_is_skipped_and_later_points_kept(tmp_path, caplog):
+    from bridge.client import intake
+
+    path = tmp_path / "j.sqlite"
+    first = Journal(path)
+    for step in range(60):
+        first.append_batch("r", [("m", float(step), 1000 + step, step)])
+    intake_file = first._intake.path
+    record = len(intake.encode("r", "m", 0.0, 1000, 0))
+    raw = bytearray(intake_file.read_bytes())
+    raw[20 * record + 10] ^= 0xFF  # one flipped byte in record 20
+    intake_file.write_bytes(bytes(raw))
+    first._intake.close()  # the process ends
+
+    second = Journal(path)
+    steps = [op.step for op in second.pending_ops("r", 1000)]
+    assert steps == [s for s in range(60) if s != 20]
+    assert "damaged" in caplog.text
+
+
+def test_a_failed_commit_is_rolled_back_and_the_connection_stays_usable(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    with journal.db() as conn:
+        conn.execute("create table parent(id integer primary key)")
+        conn.execute("create table child(id integer primary key, parent integer "
+                     "references parent(id) deferrable initially deferred)")
+    with journal.db(write=False) as conn:
+        pass
+    conn.execute("pragma foreign_keys=on")  # a deferred violation makes COMMIT itself fail
+    with pytest.raises(JournalError):
+        with journal.db() as conn:
+            conn.execute("insert into child values(1, 42)")
+    assert not conn.in_transaction
+    journal.append_batch("r", [], [("p", "1")])  # this thread's connection still works
+    assert journal.backlog().pending == {"r": 1}
+
+
+def _open_fds(path) -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+    return count
+
+
+def test_connections_of_ended_threads_are_closed(tmp_path):
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    journal.append_batch("r", [], [("p", "0")])
+    before = _open_fds(path)
+    for i in range(30):  # a thread pool's short-lived workers, each logging once
+        worker = threading.Thread(target=journal.append_batch, args=("r", [], [(f"p{i}", "1")]))
+        worker.start()
+        worker.join()
+    assert journal.backlog().pending == {"r": 31}
+    assert _open_fds(path) <= before + 3, "one worker's connection (db, wal, shm) at most"

@@ -5,21 +5,31 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import requests
 
 from bridge.errors import ConfigError, MlflowStartError
-from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, port_is_free, redact_uri
+from bridge.serve.mlflow_process import (
+    MlflowOptions, MlflowProcess, enable_wal, port_is_free, redact_uri, sqlite_database_path,
+)  # fmt: skip
 from tests.support.mlflow_server import free_port
 
 
 def _tree(pid: int) -> list[psutil.Process]:
     root = psutil.Process(pid)
     return [root, *root.children(recursive=True)]
+
+
+def _journal_mode(path) -> str:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("PRAGMA journal_mode").fetchone()[0]
 
 
 def test_lean_mlflow_starts_healthy_serves_artifacts_and_stops_without_orphans(bridge_home):
@@ -34,7 +44,8 @@ def test_lean_mlflow_starts_healthy_serves_artifacts_and_stops_without_orphans(b
         assert not any("huey" in " ".join(p.cmdline()) for p in tree)
         assert "--gunicorn-opts" not in proc.command()
         # The embedded default: SQLite and artifacts under BRIDGE_HOME, artifacts proxied by the server.
-        assert (bridge_home / "mlflow.db").exists()
+        # The file was created in WAL mode before MLflow built its schema in it.
+        assert _journal_mode(bridge_home / "mlflow.db") == "wal"
         exp = requests.post(proc.url + "/api/2.0/mlflow/experiments/create", json={"name": "lean"}, timeout=10)
         assert exp.status_code == 200
         run = requests.post(proc.url + "/api/2.0/mlflow/runs/create",
@@ -43,6 +54,8 @@ def test_lean_mlflow_starts_healthy_serves_artifacts_and_stops_without_orphans(b
                            "/artifacts/hello.txt", data=b"hello", timeout=10)
         assert put.status_code == 200
         assert list((bridge_home / "artifacts").rglob("hello.txt"))[0].read_bytes() == b"hello"
+        with sqlite3.connect(bridge_home / "mlflow.db") as conn:
+            assert conn.execute("select count(*) from experiments where name = 'lean'").fetchone() == (1,)
         assert (bridge_home / "logs" / "mlflow.log").stat().st_size > 0
     finally:
         tree = _tree(proc.pid)
@@ -50,6 +63,57 @@ def test_lean_mlflow_starts_healthy_serves_artifacts_and_stops_without_orphans(b
     gone, alive = psutil.wait_procs(tree, timeout=5)
     assert alive == []
     assert port_is_free("127.0.0.1", proc.options.port)
+
+
+class _WithoutExecHook(MlflowProcess):
+    """MLflow as a future version without the private name would run: `_main` finds nothing to replace."""
+
+    def command(self) -> list[str]:
+        launcher = "import sys, bridge.serve.mlflow_process as m; m.EXEC_HOOK = '_gone'; m._main(sys.argv[1:])"
+        return [sys.executable, "-c", launcher, *super().command()[3:]]
+
+
+def test_existing_sqlite_store_goes_wal_and_two_process_fallback_works(bridge_home, tmp_path, mlflow_server):
+    # An existing store in MLflow's own (rollback-journal) mode: a consistent copy of the shared server's.
+    exp = requests.post(mlflow_server.url + "/api/2.0/mlflow/experiments/create", json={"name": "before-wal"},
+                        timeout=10).json()["experiment_id"]
+    db = tmp_path / "existing.db"
+    source = sqlite_database_path(mlflow_server.backend_store_uri)
+    with sqlite3.connect(source) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
+    assert _journal_mode(db) == "delete"
+    proc = _WithoutExecHook(MlflowOptions(port=free_port(), backend_store_uri=f"sqlite:///{db}"))
+    proc.start()
+    try:
+        assert _journal_mode(db) == "wal"
+        got = requests.get(proc.url + "/api/2.0/mlflow/experiments/get", params={"experiment_id": exp}, timeout=10)
+        assert got.status_code == 200 and got.json()["experiment"]["name"] == "before-wal"
+        created = requests.post(proc.url + "/api/2.0/mlflow/experiments/create", json={"name": "after-wal"},
+                                timeout=10)
+        assert created.status_code == 200
+        # No private name to replace: MLflow's plain layout, the CLI waiting on its uvicorn child.
+        tree = _tree(proc.pid)
+        assert len(tree) == 2, [p.cmdline()[:4] for p in tree]
+        assert "uvicorn" in " ".join(tree[1].cmdline())
+    finally:
+        tree = _tree(proc.pid)
+        proc.stop()
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    assert alive == []
+
+
+def test_sqlite_paths_and_wal_switch(tmp_path):
+    assert sqlite_database_path("sqlite:////abs/mlflow.db") == Path("/abs/mlflow.db")
+    assert str(sqlite_database_path("sqlite:///rel.db?timeout=5")) == "rel.db"
+    for uri in ("sqlite://", "sqlite:///:memory:", "postgresql://u@h/db", "bogus://x"):
+        assert sqlite_database_path(uri) is None
+    fresh = tmp_path / "fresh.db"
+    assert enable_wal(fresh) and _journal_mode(fresh) == "wal"  # created, and the mode persists in the file
+    assert enable_wal(tmp_path / "no-such-dir" / "x.db") is False
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database at all" * 200)
+    assert enable_wal(junk) is False
+    assert junk.read_bytes().startswith(b"this is not")  # left for MLflow to refuse in its own words
 
 
 def test_scale_out_options_pass_through_unchanged(bridge_home):

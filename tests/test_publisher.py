@@ -153,7 +153,9 @@ def test_http_publisher_can_post(stand_in):
     assert [r.method for r in stand_in.requests] == ["POST"]
 
 
-def test_server_error_is_retried_a_bounded_number_of_times_then_a_publish_error(stand_in, monkeypatch):
+def test_a_server_error_is_one_attempt_and_a_publish_error_the_supervisor_retries(stand_in, monkeypatch):
+    # One retry layer: the supervisor's compute_backoff_ms loop. A publisher retrying inside it would
+    # multiply attempts and delays, so each publish() is exactly one request.
     stand_in.statuses = [500] * 10
     monkeypatch.setenv("BRIDGE_GITHUB_API", stand_in.url)
     secrets.set_secret(secrets.GITHUB_TOKEN, GITHUB_TOKEN)
@@ -161,19 +163,23 @@ def test_server_error_is_retried_a_bounded_number_of_times_then_a_publish_error(
         GistPublisher("abc123").publish(_record())
     assert "500" in str(info.value)
     assert GITHUB_TOKEN not in str(info.value) and GITHUB_TOKEN not in repr(info.value.__cause__)
-    assert len(stand_in.requests) == 3  # one try and two retries
+    assert len(stand_in.requests) == 1
 
     stand_in.requests.clear()
-    stand_in.statuses = [500] * 10
-    with pytest.raises(PublishError, match="500"):
-        HttpPublisher(f"{stand_in.url}/topic").publish(_record())
-    assert len(stand_in.requests) == 3
-
-
-def test_a_passing_server_error_is_ridden_out(stand_in):
     stand_in.statuses = [503]
-    HttpPublisher(f"{stand_in.url}/topic").publish(_record())
+    publisher = HttpPublisher(f"{stand_in.url}/topic")
+    with pytest.raises(PublishError, match="503"):
+        publisher.publish(_record())
+    publisher.publish(_record())  # the next round of the supervisor's loop
     assert len(stand_in.requests) == 2
+
+
+def test_gist_token_comes_from_the_environment_before_the_keyring(stand_in, monkeypatch):
+    monkeypatch.setenv("BRIDGE_GITHUB_API", stand_in.url)
+    secrets.set_secret(secrets.GITHUB_TOKEN, GITHUB_TOKEN)
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_from_the_environment_0123456789")
+    GistPublisher("abc123").publish(_record())
+    assert stand_in.requests[0].headers["Authorization"] == "Bearer ghp_from_the_environment_0123456789"
 
 
 def test_client_error_is_not_retried(stand_in):
@@ -185,7 +191,7 @@ def test_client_error_is_not_retried(stand_in):
 
 def test_unreachable_target_is_a_publish_error():
     with pytest.raises(PublishError, match="could not reach"):
-        HttpPublisher(f"http://127.0.0.1:{free_port()}/topic", retries=0).publish(_record())
+        HttpPublisher(f"http://127.0.0.1:{free_port()}/topic").publish(_record())
 
 
 @pytest.mark.parametrize("spec", ["ftp://example.com/x", "s3://bucket/key", "gist", "endpoint.json", "file:"])

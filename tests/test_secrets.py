@@ -1,5 +1,7 @@
 import stat
 
+import pytest
+
 from bridge import config, secrets
 
 
@@ -33,3 +35,19 @@ def test_mask_never_reveals_more_than_four_characters():
     token = secrets.new_token()
     assert secrets.mask(token).endswith(token[-4:])
     assert token[:-4] not in secrets.mask(token)
+
+
+@pytest.mark.parametrize(
+    ("lookup", "env_name", "secret_name"),
+    [(secrets.github_token, "GITHUB_TOKEN", secrets.GITHUB_TOKEN),
+     (secrets.ngrok_authtoken, "NGROK_AUTHTOKEN", secrets.NGROK_AUTHTOKEN)],
+)
+def test_service_tokens_share_one_order_environment_then_keyring(monkeypatch, lookup, env_name, secret_name):
+    monkeypatch.delenv(env_name, raising=False)
+    assert lookup() is None
+    secrets.set_secret(secret_name, "from-keyring-0123456789")
+    assert lookup() == "from-keyring-0123456789"
+    monkeypatch.setenv(env_name, "  from-env-0123456789 ")  # read at call time, stripped
+    assert lookup() == "from-env-0123456789"
+    monkeypatch.setenv(env_name, "   ")  # blank means unset
+    assert lookup() == "from-keyring-0123456789"

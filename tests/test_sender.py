@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
 
@@ -178,3 +180,129 @@ def test_rediscovery_switches_to_the_newly_published_url(tmp_path, monkeypatch, 
     finally:
         sender.stop()
     assert server_run(server_client, name).data.metrics == {"m": 1.0}
+
+
+def _lock_free(journal: Journal) -> bool:
+    """Whether another sender could take over the journal now."""
+    import fcntl
+
+    with open(str(journal.path) + ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return True
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_stop_cuts_a_request_in_flight_instead_of_waiting_for_its_timeout(tmp_path, flaky_proxy):
+    journal, run = _journal_run(tmp_path, f"cut-{uuid.uuid4().hex[:8]}")
+    flaky_proxy.set_mode("blackhole")
+    sender = Sender(journal, flaky_proxy.url, None, http_timeout_s=60, send_interval_s=0.05)
+    sender.start()
+    _wait_for(lambda: flaky_proxy.count(mode="blackhole") >= 1, 10, "a request to hang")
+    began = time.monotonic()
+    stopped = sender.stop(timeout=10)
+    assert time.monotonic() - began < 5, "stop() waited for the request's 60 s timeout"
+    assert stopped is True
+    assert _lock_free(journal)
+    assert journal.backlog().total == 2, "the cut request's rows are pending again"
+    journal.close()
+
+
+def test_a_sender_still_busy_after_stop_keeps_the_journal_until_it_ends(tmp_path, monkeypatch):
+    journal, _ = _journal_run(tmp_path, "busy")
+    sender = Sender(journal, "http://127.0.0.1:9", None, send_interval_s=0.05)
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_round() -> int:  # stands in for an upload that does not notice the stop
+        entered.set()
+        release.wait(30)
+        return 0
+
+    monkeypatch.setattr(sender, "deliver_round", stuck_round)
+    sender.start()
+    assert entered.wait(10)
+    assert not sender.stop(timeout=0.3)
+    assert not _lock_free(journal), "no other sender may re-send what this one is still sending"
+    closed = []
+    sender.when_stopped(lambda: closed.append(journal.close()))
+    journal.append_batch("r", [], [("p", "1")])  # the journal is still open and usable
+    release.set()
+    _wait_for(lambda: closed and _lock_free(journal), 10, "the sender to end and let go")
+
+
+def test_a_run_marked_killed_while_still_logging_is_running_again_and_still_finishes(tmp_path, mlflow_server,
+                                                                                     server_client):
+    KILLED_REASON_TAG = "bridge.killed_reason"  # noqa: N806 — bridge/serve/reaper.py's tag
+
+    name = f"revived-{uuid.uuid4().hex[:8]}"
+    journal, run = _journal_run(tmp_path, name)
+    sender = Sender(journal, mlflow_server.url, None, heartbeat_s=0.2, send_interval_s=0.05)
+    sender.watch_run(run)
+    sender.start()
+    try:
+        assert sender.flush(30) == 0
+        remote = server_run(server_client, name).info.run_id
+        # What `bridge serve`'s reaper does after an outage longer than its heartbeat timeout:
+        server_client.set_tag(remote, KILLED_REASON_TAG, "no heartbeat for 400 s; marked KILLED by bridge serve")
+        server_client.set_terminated(remote, "KILLED")
+        _wait_for(lambda: server_client.get_run(remote).info.status == "RUNNING", 15, "the run to be revived")
+        assert KILLED_REASON_TAG not in server_client.get_run(remote).data.tags
+        journal.update_run(run, status="FINISHED", end_time=int(time.time() * 1000), name=None)
+        sender.unwatch_run(run)
+        assert sender.flush(30) == 0
+        time.sleep(1.0)  # several heartbeat periods
+    finally:
+        sender.stop()
+    assert server_client.get_run(remote).info.status == "FINISHED"
+
+
+def test_the_journal_is_made_durable_while_a_delivery_round_is_stuck(tmp_path, monkeypatch):
+    import os
+    import sqlite3
+
+    from bridge.client import sender as sender_module
+
+    monkeypatch.setattr(sender_module, "DURABLE_EVERY_S", 0.1, raising=False)
+    journal, run = _journal_run(tmp_path, "durable")
+    sender = Sender(journal, "http://127.0.0.1:9", None, send_interval_s=0.05)
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_round() -> int:  # a long upload, or timeouts during an outage
+        entered.set()
+        release.wait(30)
+        return 0
+
+    monkeypatch.setattr(sender, "deliver_round", stuck_round)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy_fsync(fd):
+        with contextlib.suppress(OSError):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    sender.start()
+    try:
+        assert entered.wait(10)
+        synced.clear()
+        journal.append_batch(run, [("m", 1.0, 1, 0)])  # only in the intake file, not yet fsynced anywhere
+
+        def in_sqlite_and_synced() -> bool:
+            with contextlib.closing(sqlite3.connect(journal.path)) as other:
+                moved = other.execute("select count(*) from ops where kind='metric'").fetchone()[0]
+            return moved == 1 and any(path.endswith("-wal") for path in synced)
+
+        _wait_for(in_sqlite_and_synced, 5, "the point to reach SQLite and the WAL to be fsynced")
+    finally:
+        release.set()
+        sender.stop()

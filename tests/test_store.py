@@ -173,3 +173,44 @@ def test_dataset_inputs_are_journaled_and_delivered(mlflow_server, server_client
     (logged,) = remote.inputs.dataset_inputs
     assert logged.dataset.name == "tiny" and logged.dataset.digest == dataset.digest
     assert [t.value for t in logged.tags if t.key == "mlflow.data.context"] == ["train"]
+
+
+def test_reads_from_several_threads_each_use_their_own_http_session(fixed_status_server, bridge_connect,
+                                                                    monkeypatch):
+    import threading
+
+    fixed_status_server.status = 200
+    conn = bridge_connect(fixed_status_server.url)
+    store = mlflow.tracking._tracking_service.utils._get_store()
+    assert isinstance(store, JournalStore)
+    seen: list[tuple[int, object]] = []
+    real = conn.sender.request
+
+    def spy(*args, session=None, **kwargs):
+        seen.append((threading.get_ident(), session))
+        return real(*args, session=session, **kwargs)
+
+    monkeypatch.setattr(conn.sender, "request", spy)
+
+    def read_twice():
+        store.search_experiments()
+        store.search_experiments()
+
+    together = threading.Barrier(2)  # both alive at once: thread ids are not reused
+
+    def worker_reads():
+        together.wait(10)
+        read_twice()
+        together.wait(10)
+
+    read_twice()
+    workers = [threading.Thread(target=worker_reads) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    by_thread: dict[int, set[int]] = {}
+    for ident, session in seen:
+        by_thread.setdefault(ident, set()).add(id(session))
+    assert len(by_thread) == 3 and all(len(ids) == 1 for ids in by_thread.values()), "one session per thread"
+    assert len(set().union(*by_thread.values())) == 3, "and no session shared between threads"

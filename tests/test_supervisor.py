@@ -168,6 +168,19 @@ def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve,
     assert _files_containing(server.home, fake_ngrok.authtoken) == [str(p) for p in server.home.rglob("ngrok.yml")]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
+def test_hangup_or_quit_stops_everything_like_sigterm(own_bridge_serve, signum):
+    # Closing the terminal sends SIGHUP; MLflow runs in its own session and would keep the port if bridge just died.
+    server = own_bridge_serve()
+    children = server.descendants()
+    assert children, "MLflow should be running under bridge serve"
+    server.proc.send_signal(signum)
+    assert server.proc.wait(timeout=30) == 0
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == [], [p.cmdline() for p in alive]
+    assert server.state()["stopped_at"] is not None
+
+
 def test_sigterm_during_start_up_stops_cleanly(tmp_path):
     from tests.support.serve import new_bridge_serve
 

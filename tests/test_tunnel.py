@@ -310,12 +310,12 @@ def test_config_validates_and_its_repr_hides_secrets():
         Tunnel("ftp://127.0.0.1", config)
 
 
-def test_authtoken_resolution_prefers_the_keyring_and_reads_env_at_call_time(monkeypatch):
+def test_authtoken_resolution_prefers_the_environment_read_at_call_time(monkeypatch):
     assert resolve_authtoken() is None
-    monkeypatch.setenv("NGROK_AUTHTOKEN", "from-env")
-    assert resolve_authtoken() == "from-env"
     secrets.set_secret(secrets.NGROK_AUTHTOKEN, "from-keyring")
     assert resolve_authtoken() == "from-keyring"
+    monkeypatch.setenv("NGROK_AUTHTOKEN", "from-env")
+    assert resolve_authtoken() == "from-env"  # the same order as secrets.github_token()
 
 
 def test_ngrok_path_resolution(monkeypatch, tmp_path):

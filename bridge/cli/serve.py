@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import typer
@@ -100,7 +101,18 @@ def _print_ready(info, publish_spec: str | None) -> None:
 
 def colab_snippet(url: str, publish_spec: str | None) -> str:
     """The notebook cell that connects Colab to this workstation; it names where to look, never a secret."""
-    if publish_spec and publish_spec.startswith(("gist:", "https://")):
+    if publish_spec and publish_spec.startswith(("https://", "http://")):
+        # The query (ntfy's ?auth=…) or user info may be a key: the cell names the place, the user adds the key.
+        parts = urlsplit(publish_spec)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        bare = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        where = f'os.environ["BRIDGE_DISCOVERY"] = "{bare}"  # signed record: follows URL changes'
+        if parts.query or parts.username or parts.password:
+            where += ("\n# left out: the key (query or user info) of your --publish URL; if reading needs it, add it from a "
+                      "Colab secret, not as text in the notebook")
+    elif publish_spec and publish_spec.startswith("gist:"):
         where = f'os.environ["BRIDGE_DISCOVERY"] = "{publish_spec}"  # signed record: follows URL changes'
     elif publish_spec and publish_spec.startswith("file:"):
         where = (
@@ -137,20 +149,33 @@ def token_command(
 @handles_errors
 def login_command(
     authtoken: Annotated[Optional[str], typer.Argument(
-        help="Your ngrok authtoken (https://dashboard.ngrok.com/get-started/your-authtoken). "
-             "Prompted for (hidden) when omitted.", show_default=False)] = None,
+        help="Your ngrok authtoken (https://dashboard.ngrok.com/get-started/your-authtoken). Best omitted: "
+             "you are then prompted for it (hidden). '-' reads it from stdin (e.g. from a password manager). "
+             "Given as text here it lands in your shell history and the process list; meant for scripts only.",
+        show_default=False)] = None,
     github_token: Annotated[Optional[str], typer.Option(
         "--github-token", help="Also store a GitHub token (gist scope) for --publish gist:ID; '-' prompts for it "
-                               "(hidden).", show_default=False)] = None,
+                               "(hidden) or reads it from stdin when that is not a terminal. Given as text it "
+                               "lands in your shell history.", show_default=False)] = None,
 ) -> None:
-    """Store the ngrok authtoken (and optionally a GitHub token) in the OS keyring."""
+    """Store the ngrok authtoken (and optionally a GitHub token) in the OS keyring; prompts (hidden) by default."""
     if github_token is not None:
-        value = typer.prompt("GitHub token", hide_input=True) if github_token == "-" else github_token
+        value = _read_secret("GitHub token") if github_token == "-" else github_token
         _store(secrets.GITHUB_TOKEN, value, "GitHub token")
         if authtoken is None:
             return
-    value = authtoken if authtoken is not None else typer.prompt("ngrok authtoken", hide_input=True)
+    value = _read_secret("ngrok authtoken") if authtoken in (None, "-") else authtoken
     _store(secrets.NGROK_AUTHTOKEN, value, "ngrok authtoken")
+
+
+def _read_secret(what: str) -> str:
+    """A hidden prompt on a terminal; one line of stdin when piped (`pass show ngrok | bridge login -`)."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        return typer.prompt(what, hide_input=True)
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    if not line:
+        raise ConfigError(f"no {what} on stdin; pipe it in, or run `bridge login` in a terminal to be prompted")
+    return line
 
 
 def _store(name: str, value: str, what: str) -> None:
@@ -158,7 +183,8 @@ def _store(name: str, value: str, what: str) -> None:
     if not value or any(c.isspace() for c in value):
         raise ConfigError(f"the {what} is empty or contains whitespace")
     secrets.set_secret(name, value)
-    console.print(f"Stored the {what} ({secrets.mask(value)}).", highlight=False)
+    # Not even a masked tail: terminals are recorded and screen-shared.
+    console.print(f"Stored the {what}.", highlight=False)
 
 
 @handles_errors

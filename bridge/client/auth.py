@@ -2,24 +2,44 @@
 
 The journal's sender and reads add the header themselves; this provider covers what talks to the server
 directly (the model registry, which `connect()` points at the server with MLFLOW_TRACKING_AUTH=bridge).
+MLFLOW_TRACKING_AUTH applies to every MLflow server the process talks to, so the token goes only to a
+request whose scheme, host and port are those of the active connection's current server URL.
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 import requests
 from mlflow.tracking.request_auth.abstract_request_auth_provider import RequestAuthProvider
 
 PROVIDER_NAME = "bridge"
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of `url`, the default port filled in; None when it is not an http(s) URL."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return None
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port
+
 
 class BearerAuth(requests.auth.AuthBase):
-    """Adds the bearer token to a request; its repr never shows the token."""
+    """Adds the bearer token to requests for `server_url` only; its repr never shows the token."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, server_url: str | None = None) -> None:
         self._token = token
+        self._origin = origin(server_url) if server_url else None
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        if self._token:
+        if self._token and self._origin is not None and origin(request.url or "") == self._origin:
             request.headers["Authorization"] = f"Bearer {self._token}"
         return request
 
@@ -27,18 +47,14 @@ class BearerAuth(requests.auth.AuthBase):
         return "BearerAuth(token=" + ("'…'" if self._token else "None") + ")"
 
 
-def current_token() -> str | None:
-    """The token of this process's connection, else the one discovery finds (argument-less)."""
+def current_auth() -> BearerAuth:
+    """The token and current server URL of this process's connection; no token without a connection."""
     from bridge.client.connect import active_connection
 
     conn = active_connection()
-    if conn is not None and conn.sender.token:
-        return conn.sender.token
-    try:
-        from bridge.client.discovery import find_token
-    except ImportError:
-        return None
-    return find_token(None)
+    if conn is None or not conn.sender.token:
+        return BearerAuth(None)
+    return BearerAuth(conn.sender.token, conn.sender.url)
 
 
 class BridgeAuthProvider(RequestAuthProvider):
@@ -48,4 +64,4 @@ class BridgeAuthProvider(RequestAuthProvider):
         return PROVIDER_NAME
 
     def get_auth(self) -> BearerAuth:
-        return BearerAuth(current_token())
+        return current_auth()

@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bridge.client.journal import Journal, RunRecord
+from bridge.client import discovery
+from bridge.client.journal import JOURNAL_ENV, JOURNAL_LIMIT_ENV, Journal, RunRecord
 from bridge.client.sender import Sender, TransportFailure, HttpFailure
-from bridge.errors import ConfigError, DiscoveryError
+from bridge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ PROBE_PATH = "/experiments/search"
 _registry_lock = threading.RLock()
 _connections: dict[str, "Connection"] = {}
 _registry_uri_set: str | None = None
+#: The journal (path, size limit) of the connection closed by the interpreter-exit handler, once it ran.
+_closed_at_exit: tuple[Path, int] | None = None
+#: Endpoint sources that name the URL explicitly: such a URL is pinned, never replaced by re-discovery.
+PINNED_SOURCES = ("argument", discovery.URL_ENV)
 
 
 @dataclass(frozen=True)
@@ -95,12 +100,19 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        self.sender.stop()
+        stopped = self.sender.stop()
         with _registry_lock:
             for uri, conn in list(_connections.items()):
                 if conn is self:
                     del _connections[uri]
-        self.journal.close()
+        if stopped:
+            self.journal.close()
+        else:
+            # The sender thread is still inside a request: closing the journal under it would break it, and
+            # it still holds the journal's delivery lock, so no other sender can re-send what it is sending.
+            log.warning("bridge: the sender is still finishing a request; journal %s is closed when it ends",
+                        self.journal.path)
+            self.sender.when_stopped(self.journal.close)
 
     def summary(self, run_id: str) -> RunSummary:
         found = self.summaries.get(run_id)
@@ -126,8 +138,15 @@ class Connection:
             return False
 
     def _at_exit(self) -> None:
+        global _closed_at_exit
+        with _registry_lock:  # the connection in use at exit names the journal for calls made after it
+            if _closed_at_exit is None or any(conn is self for conn in _connections.values()):
+                _closed_at_exit = (self.journal.path, self.journal.limit_bytes)
         if self._closed:
             return
+        # MLflow's own exit hook (registered when mlflow was imported, so it runs after this one) would end
+        # the active run only after this connection is closed: end it here, while its journal is open.
+        _end_active_runs()
         with contextlib.suppress(Exception):
             left = self.flush(self.flush_at_exit)
             if left:
@@ -139,44 +158,41 @@ class Connection:
         return f"Connection(url={self.sender.url!r}, journal={str(self.journal.path)!r})"
 
 
-def _discovery():
-    try:
-        from bridge.client import discovery
-    except ImportError:  # discovery is optional until present; explicit arguments always work
-        return None
-    return discovery
+def _end_active_runs() -> None:
+    """End the fluent API's active runs (FINISHED), as MLflow's exit hook would; never raises."""
+    import mlflow
+
+    for _ in range(100):  # nested runs end innermost first; bounded in case end_run cannot pop
+        try:
+            if mlflow.active_run() is None:
+                return
+            mlflow.end_run()
+        except Exception as exc:  # a plugin never breaks the user's exit
+            log.warning("bridge: could not end the active MLflow run at exit: %s", exc)
+            return
 
 
 def _resolve(url: str | None, token: str | None) -> tuple[str, str | None, str]:
-    """(url, token, source) by the discovery order, or from the arguments/environment alone."""
-    discovery = _discovery()
-    if discovery is not None:
-        token = discovery.find_token(token)
-        endpoint = discovery.find_endpoint(url, token)
-        return endpoint.url, token, endpoint.source
-    token = token or os.environ.get("BRIDGE_TOKEN") or None
-    source = "argument" if url else "BRIDGE_URL"
-    url = url or os.environ.get("BRIDGE_URL")
-    if not url:
-        raise DiscoveryError("no server URL: pass connect(url=…) or set BRIDGE_URL")
-    return url.rstrip("/"), token, source
+    """(url, token, source) by the discovery order."""
+    token = discovery.find_token(token)
+    endpoint = discovery.find_endpoint(url, token)
+    return endpoint.url, token, endpoint.source
 
 
 def _token_source(explicit: str | None):
-    discovery = _discovery()
-    if explicit or discovery is None:
+    if explicit:
         return None
     return lambda: discovery.find_token(None)
 
 
 def _open(url: str, token: str | None, *, journal: str | os.PathLike | None, journal_limit: int | None,
-          flush_at_exit: float, explicit_token: str | None) -> Connection:
+          flush_at_exit: float, explicit_token: str | None, rediscover: bool = True) -> Connection:
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"server URL must start with http:// or https://, got {url[:60]!r}")
     store = Journal(journal, limit_bytes=journal_limit)
     if store.repair_report is not None:
         print(f"bridge: {store.repair_report}", file=sys.stderr)
-    sender = Sender(store, url, token, token_source=_token_source(explicit_token))
+    sender = Sender(store, url, token, token_source=_token_source(explicit_token), rediscover=rediscover)
     return Connection(store, sender, flush_at_exit=flush_at_exit)
 
 
@@ -188,8 +204,14 @@ def _register(conn: Connection) -> None:
         _connections[conn.tracking_uri] = conn
 
     def follow(new_url: str) -> None:  # the sender re-discovered a new URL: keep the store's lookup working
+        global _registry_uri_set
         with _registry_lock:
             _connections[SCHEME_PREFIX + new_url] = conn
+            if _registry_uri_set is not None and os.environ.get("MLFLOW_REGISTRY_URI") == _registry_uri_set:
+                import mlflow
+
+                mlflow.set_registry_uri(new_url)  # the registry talks to the server directly: follow it too
+                _registry_uri_set = new_url
 
     conn.sender.url_listeners.append(follow)
 
@@ -213,14 +235,29 @@ def connection_for(store_uri: str) -> Connection:
         if not store_uri.startswith(SCHEME_PREFIX):
             raise ConfigError(f"{store_uri!r} is not a bridge tracking URI")
         url = store_uri[len(SCHEME_PREFIX):]
-        discovery = _discovery()
-        token = discovery.find_token(None) if discovery is not None else os.environ.get("BRIDGE_TOKEN")
+        if _closed_at_exit is not None:
+            return _open_after_exit(store_uri, url)
+        token = discovery.find_token(None)
         conn = _open(url, token, journal=None, journal_limit=None, flush_at_exit=10.0, explicit_token=None)
         _connections[store_uri] = conn
         conn.sender.start()
         atexit.register(conn._at_exit)
         log.info("bridge: logging to journal %s for %s (from MLFLOW_TRACKING_URI)", conn.journal.path, url)
         return conn
+
+
+def _open_after_exit(store_uri: str, url: str) -> Connection:
+    """An MLflow call after the exit handler closed the connection: journal it where the rest went.
+
+    Nothing delivers it in this process any more; the next `connect()` or `bridge sync` on that journal does.
+    """
+    path, limit = _closed_at_exit
+    conn = _open(url, discovery.find_token(None), journal=path, journal_limit=limit, flush_at_exit=0.0,
+                 explicit_token=None, rediscover=False)
+    _connections[store_uri] = conn  # its sender is never started: the interpreter is exiting
+    print(f"bridge: an MLflow call after bridge's exit handler was kept in journal {path}; the next "
+          "bridge.connect() or `bridge sync` delivers it.", file=sys.stderr)
+    return conn
 
 
 def connect(url: str | None = None, token: str | None = None, *, experiment: str | None = None,
@@ -230,23 +267,31 @@ def connect(url: str | None = None, token: str | None = None, *, experiment: str
 
     `url`/`token` default to discovery (BRIDGE_URL, BRIDGE_TOKEN, the published record); `journal` to
     BRIDGE_JOURNAL or the data folder. Succeeds offline: logging starts at once and is delivered later.
+    A URL given as argument or BRIDGE_URL is pinned (never re-discovered); `journal`/`journal_limit` given
+    here are exported as BRIDGE_JOURNAL/BRIDGE_JOURNAL_LIMIT so child processes journal to the same place.
     """
     import mlflow
 
     found_url, found_token, source = _resolve(url, token)
     conn = _open(found_url, found_token, journal=journal, journal_limit=journal_limit,
-                 flush_at_exit=flush_at_exit, explicit_token=token)
+                 flush_at_exit=flush_at_exit, explicit_token=token, rediscover=source not in PINNED_SOURCES)
     online = conn.probe(probe_timeout)
     _register(conn)
     os.environ["MLFLOW_TRACKING_URI"] = conn.tracking_uri
+    if journal is not None:
+        os.environ[JOURNAL_ENV] = str(conn.journal.path.absolute())
+    if journal_limit is not None:
+        os.environ[JOURNAL_LIMIT_ENV] = str(conn.journal.limit_bytes)
     mlflow.set_tracking_uri(conn.tracking_uri)
     global _registry_uri_set
     if os.environ.get("MLFLOW_REGISTRY_URI") in (None, "", _registry_uri_set):
-        # The model registry is not journaled: it talks to the server directly, with the bridge token.
-        # Setting it also spares every MlflowClient() a failing `import pyspark` (≈50 µs per log_metric).
-        os.environ.setdefault("MLFLOW_TRACKING_AUTH", "bridge")
+        # The model registry is not journaled: it talks to the server directly. Setting it also spares every
+        # MlflowClient() a failing `import pyspark` (≈50 µs per log_metric).
         mlflow.set_registry_uri(found_url)
         _registry_uri_set = found_url
+        if found_token:
+            # Process-wide, but auth.py adds the token only to requests for this connection's server URL.
+            os.environ.setdefault("MLFLOW_TRACKING_AUTH", "bridge")
     conn.sender.start()
     atexit.register(conn._at_exit)
     if experiment:
@@ -287,10 +332,10 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
 
     `on_progress(done, total)` is called as entries are delivered.
     """
-    found_url, token, _ = _resolve(url, None)
+    found_url, token, source = _resolve(url, None)
     store = Journal(journal)
     sender = Sender(store, found_url, token, token_source=_token_source(None), heartbeat_s=float("inf"),
-                    send_interval_s=0.2)
+                    send_interval_s=0.2, rediscover=source not in PINNED_SOURCES)
     try:
         before = store.backlog()
         total = before.total
@@ -307,8 +352,10 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
                           dead=after.dead, last_error=sender.last_error if after.total else None,
                           repair=None if store.repair_report is None else str(store.repair_report))
     finally:
-        sender.stop()
-        store.close()
+        if sender.stop():
+            store.close()
+        else:
+            sender.when_stopped(store.close)
 
 
 def queue(journal: str | os.PathLike | None = None):

@@ -25,28 +25,23 @@ import requests
 
 from bridge import config, secrets
 from bridge.errors import BridgeError, ConfigError, DiscoveryError, RecordError, SecretError
-from bridge.record import EndpointRecord, verify_record
+from bridge.record import GIST_FILE_NAME, GITHUB_API_ENV, EndpointRecord, check_http_url, verify_record
+from bridge.record import GITHUB_API as DEFAULT_GITHUB_API
+from bridge.secrets import GITHUB_TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "BRIDGE_TOKEN"
 URL_ENV = "BRIDGE_URL"
 DISCOVERY_ENV = "BRIDGE_DISCOVERY"
-GITHUB_API_ENV = "BRIDGE_GITHUB_API"
-GITHUB_TOKEN_ENV = "GITHUB_TOKEN"
 REDISCOVER_INTERVAL_ENV = "BRIDGE_REDISCOVER_INTERVAL_S"
 
 COLAB_SECRET_NAME = "BRIDGE_TOKEN"
-DEFAULT_GITHUB_API = "https://api.github.com"
-#: The file a `gist:` publisher writes; the gist may hold others, which are ignored.
-GIST_FILE_NAME = "bridge-endpoint.json"
 DEFAULT_FETCH_TIMEOUT_S = 5.0
 #: A record is a few hundred bytes; anything far larger is not one, and is not read whole.
 MAX_RECORD_BYTES = 64 * 1024
 #: Remote sources are re-read at most this often by `rediscover` (GitHub allows 60 anonymous calls/hour).
 DEFAULT_REDISCOVER_INTERVAL_S = 20.0
-#: Plain http is accepted for a discovery URL only on these hosts (tests, a local relay).
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 ACCEPTED_FORMS = "file:PATH, gist:ID, or an https:// URL (http:// only for 127.0.0.1/localhost)"
 
@@ -113,13 +108,13 @@ class Endpoint:
 def normalize_url(url: str, *, what: str = "server URL") -> str:
     """`url` without a trailing slash, or a ConfigError when it is not a plain http(s) URL."""
     text = url.strip()
+    try:
+        # Plain http to a LAN/VPN address is allowed here: `bridge serve --tunnel none --host 100.x.y.z`.
+        check_http_url(text, allow_plain_http_loopback_only=False, what=what)
+    except ConfigError as exc:
+        hint = f"; pass the token with token=… or {TOKEN_ENV} instead" if "credentials" in str(exc) else ""
+        raise ConfigError(f"{exc}{hint}") from None
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what} {describe_url(text)!r} is not an http:// or https:// URL")
-    if parts.username or parts.password:
-        raise ConfigError(
-            f"{what} must not carry credentials; pass the token with token=… or {TOKEN_ENV} instead"
-        )
     if parts.query or parts.fragment:
         raise ConfigError(f"{what} {describe_url(text)!r} must not have a query or fragment")
     return text.rstrip("/")
@@ -168,16 +163,12 @@ def _parse_spec(spec: str) -> _Spec:
         if not gist_id or not gist_id.isalnum():
             raise ConfigError(f"discovery source {spec!r} has no valid gist ID; accepted forms: {ACCEPTED_FORMS}")
         return _Spec("gist", gist_id)
-    parts = urlsplit(text)
-    if parts.scheme == "https" and parts.hostname:
+    if urlsplit(text).scheme in ("http", "https"):
+        try:
+            check_http_url(text, what="discovery source")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (accepted forms: {ACCEPTED_FORMS})") from None
         return _Spec("url", text)
-    if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
-        return _Spec("url", text)
-    if parts.scheme == "http":
-        raise ConfigError(
-            f"discovery source {describe_url(text)!r} uses plain http to a remote host; use https "
-            f"(accepted forms: {ACCEPTED_FORMS})"
-        )
     raise ConfigError(f"discovery source {describe_url(text)!r} is not understood; accepted forms: {ACCEPTED_FORMS}")
 
 
@@ -202,11 +193,8 @@ def _http_get(url: str, *, source: str, timeout: float, headers: dict[str, str] 
 
 
 def _github_token() -> str | None:
-    env = os.environ.get(GITHUB_TOKEN_ENV, "").strip()
-    if env:
-        return env
     try:
-        return secrets.get_secret(secrets.GITHUB_TOKEN)
+        return secrets.github_token()
     except SecretError:
         return None
 
@@ -214,6 +202,10 @@ def _github_token() -> str | None:
 def _fetch_gist(gist_id: str, *, timeout: float) -> str:
     source = f"gist:{gist_id}"
     api = (os.environ.get(GITHUB_API_ENV, "").strip() or DEFAULT_GITHUB_API).rstrip("/")
+    try:
+        check_http_url(api, what=GITHUB_API_ENV)  # a GitHub token may go there: https, or loopback for tests
+    except ConfigError as exc:
+        raise DiscoveryError(f"{source}: {exc}") from None
     headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
     gh_token = _github_token()
     if gh_token:

@@ -2,10 +2,14 @@
 
 Why: a SQLite commit per `mlflow.log_metric` costs ≈9 µs on the training thread; one `write()` to an
 append-only file costs ≈2 µs and is just as safe against `kill -9` — once `write()` returns, the bytes are
-in the kernel's page cache and survive the process. The sender thread moves the points into SQLite every
-round (a group commit) and records, in the same transaction, how far it read; a journal opened later replays
-whatever an ended process left behind. Only metric points take this path: their order relative to params,
-tags or run status does not change what the server ends up holding.
+in the kernel's page cache and survive the process (not an OS crash: this file is never fsynced). The
+sender's threads move the points into SQLite (a group commit, fsynced within about a second, see journal.py)
+and record, in the same transaction, how far they read; a journal opened later replays whatever an ended
+process left behind. Only metric points take this path: their order relative to params, tags or run status
+does not change what the server ends up holding.
+
+A record is written whole or not at all (a short write is completed, a failed one cut off again). A damaged
+stretch all the same (a bad disk, a crash of the machine) is skipped, loudly, and the records after it kept.
 
 Record: crc32 (of the rest) · len(run) · len(key) · value (f64) · timestamp ms (i64) · step (i64) · run · key.
 Each process writes its own file `<journal>.intake-<pid>-<nonce>`, flock'ed while the process lives.
@@ -14,6 +18,7 @@ Each process writes its own file `<journal>.intake-<pid>-<nonce>`, flock'ed whil
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 import threading
@@ -29,6 +34,9 @@ ROTATE_BYTES = 4 * 1024 * 1024
 
 Point = tuple[str, str, float, int, int]  # run, key, value, timestamp ms, step
 
+#: No real run id or metric key is longer (MLflow caps keys at 250 characters); a header claiming more is noise.
+_MAX_FIELD_BYTES = 1024
+
 
 def encode(run: str, key: str, value: float, ts: int, step: int) -> bytes:
     run_b, key_b = run.encode(), key.encode()
@@ -36,21 +44,52 @@ def encode(run: str, key: str, value: float, ts: int, step: int) -> bytes:
     return struct.pack("<I", zlib.crc32(body)) + body
 
 
-def decode(data: bytes) -> tuple[list[Point], int]:
-    """The whole records in `data` and the bytes they span; a damaged or torn tail is left out."""
+def decode(data: bytes, start: int = 0) -> tuple[list[Point], int]:
+    """The whole records in `data` from `start` up to the first damaged one, and where they end."""
     points: list[Point] = []
-    pos = 0
+    pos = start
     size = _HEADER.size
     while pos + size <= len(data):
         crc, run_len, key_len, value, ts, step = _HEADER.unpack_from(data, pos)
         end = pos + size + run_len + key_len
         if end > len(data) or zlib.crc32(data[pos + 4:end]) != crc:
             break
-        run = data[pos + size:pos + size + run_len].decode()
-        key = data[pos + size + run_len:end].decode()
+        try:
+            run = data[pos + size:pos + size + run_len].decode()
+            key = data[pos + size + run_len:end].decode()
+        except UnicodeDecodeError:
+            break
         points.append((run, key, value, ts, step))
         pos = end
     return points, pos
+
+
+def scan(data: bytes) -> tuple[list[Point], int, int]:
+    """Every whole record in `data`, stepping over damaged stretches: (points, end of the last one, bytes skipped)."""
+    points, pos = decode(data)
+    end, skipped = pos, 0
+    while pos + _HEADER.size <= len(data):
+        found = _next_record(data, pos + 1)
+        if found is None:
+            break
+        skipped += found - pos
+        more, pos = decode(data, found)
+        points.extend(more)
+        end = pos
+    return points, end, skipped
+
+
+def _next_record(data: bytes, start: int) -> int | None:
+    """The first offset at or after `start` where a whole record with a valid checksum begins."""
+    size = _HEADER.size
+    for pos in range(start, len(data) - size + 1):
+        crc, run_len, key_len = struct.unpack_from("<IHH", data, pos)
+        if run_len > _MAX_FIELD_BYTES or key_len > _MAX_FIELD_BYTES:
+            continue
+        end = pos + size + run_len + key_len
+        if end <= len(data) and zlib.crc32(data[pos + 4:end]) == crc:
+            return pos
+    return None
 
 
 class Intake:
@@ -67,8 +106,22 @@ class Intake:
         _lock_file(self.fd)
 
     def append(self, record: bytes) -> None:
+        """Write `record` whole; on failure the file is cut back to where it was and OSError raised."""
         with self.lock:
-            os.write(self.fd, record)
+            written = 0
+            try:
+                while written < len(record):
+                    n = os.write(self.fd, record[written:] if written else record)
+                    if n <= 0:
+                        raise OSError(errno.ENOSPC, f"no room to write the journal intake {self.path}")
+                    written += n
+            except BaseException:
+                if written:
+                    try:
+                        os.ftruncate(self.fd, self.size)
+                    except OSError:
+                        self.size += written  # keep offsets true; the reader skips the torn record, loudly
+                raise
             self.size += len(record)
 
     def read(self, start: int) -> tuple[bytes, int]:

@@ -2,12 +2,13 @@
 
 Durability policy (measured on this machine, see the tests and benchmarks):
   * Nothing a call has returned from is lost to a ``kill -9`` of the process — the loss window on a process
-    crash is zero. Metric points are appended to the intake file with one ``write()`` (≈2 µs, see
-    intake.py); every other call commits its own small SQLite transaction (WAL, ``synchronous=NORMAL``,
-    ≈10 µs) before returning. Either way the bytes are in the kernel's page cache when the call returns.
-  * An OS crash or power cut can lose what was written since the last fsync: the sender moves the intake
-    into SQLite and checkpoints (which fsyncs) after every delivery round and at least every few seconds,
-    so that window is a few seconds. ``synchronous=FULL`` on every call would close it at ≈120 µs per call.
+    crash is zero. Metric points are appended to the intake file with ``write()`` (≈2 µs, see intake.py);
+    every other call commits its own small SQLite transaction (WAL, ``synchronous=NORMAL``, ≈10 µs) before
+    returning. Either way the bytes are in the kernel's page cache when the call returns — not yet on disk.
+  * An OS crash or power cut can lose what calls wrote since the last `sync()`: the sender's journal-sync
+    thread (sender.DURABLE_EVERY_S, 1 s) moves the intake into SQLite and fsyncs the WAL, independently of
+    delivery rounds, so that window is about a second plus the disk's own fsync time. The intake file
+    itself is never fsynced. ``synchronous=FULL`` on every call would close it at ≈120 µs per call.
 
 Rows move pending → in-flight → deleted (done) or dead; in-flight rows go back to pending when a sender
 starts, because nothing proves the server applied them (re-sending is safe: see sender.py).
@@ -26,6 +27,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,8 +197,11 @@ class Journal:
         self.spool_dir = self.path.with_name(self.path.name + ".spool")
         self.repair_report: RepairReport | None = None
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        # (pid, thread, connection) for every connection opened; those of ended threads are closed.
+        self._connections: list[tuple[int, weakref.ref, sqlite3.Connection]] = []
         self._lock = threading.Lock()
+        self._writes = 0         # write transactions committed by this process …
+        self._synced_writes = 0  # … and how many of them the last sync() made durable
         self._move_lock = threading.Lock()
         self._intake: _intake.Intake | None = None
         self._moved = 0
@@ -215,6 +220,7 @@ class Journal:
             for statement in _SCHEMA:
                 conn.execute(statement)
         self.adopt_orphans()
+        self.sweep_spool()
         self._spool_bytes = sum(p.stat().st_size for p in self.spool_dir.iterdir() if p.is_file())
         self._used_bytes = self.measure_bytes()
 
@@ -236,8 +242,28 @@ class Journal:
             conn = self._create_connection()
             self._local.conn, self._local.pid = conn, os.getpid()
             with self._lock:
-                self._connections.append(conn)
+                ended = self._prune_connections()
+                self._connections.append((os.getpid(), weakref.ref(threading.current_thread()), conn))
+            for old in ended:
+                with contextlib.suppress(sqlite3.Error):
+                    old.close()
         return conn
+
+    def _prune_connections(self) -> list[sqlite3.Connection]:
+        """Forget the connections of threads that have ended (a thread pool would otherwise leak them)."""
+        pid = os.getpid()
+        keep, ended = [], []
+        for entry in self._connections:
+            owner_pid, thread_ref, conn = entry
+            thread = thread_ref()
+            if owner_pid != pid:
+                continue  # inherited over fork(): never touched here, the parent closes its own
+            if thread is None or not thread.is_alive():
+                ended.append(conn)
+            else:
+                keep.append(entry)
+        self._connections = keep
+        return ended
 
     @contextlib.contextmanager
     def db(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
@@ -248,9 +274,21 @@ class Journal:
             try:
                 yield conn
             except BaseException:
-                conn.execute("rollback")
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # keep the error that got us here
+                        conn.execute("rollback")
                 raise
-            conn.execute("commit")
+            try:
+                conn.execute("commit")
+            except sqlite3.Error:
+                # A failed COMMIT (busy, disk full, a deferred constraint) can leave the transaction open:
+                # end it, or this thread's connection refuses every later "begin".
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("rollback")
+                raise
+            if write:
+                self._writes += 1
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
                 raise JournalFullError(f"the disk holding {self.path} is full: {exc}") from None
@@ -271,15 +309,35 @@ class Journal:
             self._intake = None
         with self._lock:
             connections, self._connections = self._connections, []
-        for conn in connections:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+        for owner_pid, _, conn in connections:
+            if owner_pid == os.getpid():
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
         self._local = threading.local()
 
     def checkpoint(self) -> None:
-        """Move the WAL into the main file and fsync it, bounding what an OS crash could lose."""
+        """Copy what it can of the WAL into the main file (SQLite fsyncs both as it does)."""
         with contextlib.suppress(sqlite3.Error):
             self._connection().execute("pragma wal_checkpoint(PASSIVE)")
+
+    def sync(self) -> None:
+        """Make everything accepted so far survive an OS crash: intake into SQLite, then fsync the WAL."""
+        self.move_intake()
+        mark = self._writes
+        if mark == self._synced_writes:
+            return
+        self.checkpoint()
+        # A PASSIVE checkpoint syncs only the frames it could copy; fsync the WAL itself for the rest.
+        try:
+            fd = os.open(str(self.path) + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._synced_writes = mark
 
     # ------------------------------------------------------------------------------- integrity
 
@@ -400,8 +458,15 @@ class Journal:
             return 0
         with self._move_lock:
             data, end = intake.read(self._moved)
-            points, used = _intake.decode(data)
-            if points:
+            points, used, skipped = _intake.scan(data)
+            if skipped or used < len(data):
+                # Every byte up to `end` was a whole append: anything unreadable here is damage, not a write
+                # in progress. Step over it; the records after it are kept.
+                log.error("journal intake %s is damaged: %d bytes at offset %d could not be read and were "
+                          "skipped; %d points around them were kept", intake.path, skipped + len(data) - used,
+                          self._moved, len(points))
+            used = len(data)
+            if used:
                 self._insert_points(points, intake.name, self._moved + used)
             self._moved += used
             if intake.rotate_if(self._moved):
@@ -430,8 +495,11 @@ class Journal:
                     row = conn.execute("select moved from intake where name=?", (path.name,)).fetchone()
                 data = path.read_bytes()
                 moved = row[0] if row and row[0] <= len(data) else 0  # > size: it was emptied after moving
-                points, used = _intake.decode(data[moved:])
+                points, used, skipped = _intake.scan(data[moved:])
                 self._insert_points(points, path.name, None)
+                if skipped:
+                    log.error("journal intake %s is damaged: %d bytes in its middle could not be read and were "
+                              "skipped; the records after them were kept", path.name, skipped)
                 if moved + used < len(data):
                     log.warning("journal intake %s: %d bytes at its end are not a whole record (cut by a crash "
                                 "of the machine?) and were dropped", path.name, len(data) - moved - used)
@@ -489,25 +557,31 @@ class Journal:
         """Copy `source` into the spool now (hashing as it goes) and journal its upload."""
         size = source.stat().st_size
         self._reserve(size + _ROW_OVERHEAD)
-        name = uuid.uuid4().hex
-        target = self.spool_dir / name
         digest = hashlib.sha256()
+        counted = False
+        name = None
         try:
-            with open(source, "rb") as src, open(target, "wb") as dst:
+            with open(source, "rb") as src, _new_spool_file(self.spool_dir) as (name, dst):
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
                     dst.write(chunk)
                 dst.flush()
                 os.fsync(dst.fileno())  # the row below must never point at a file that is not on disk
-        except OSError:
-            target.unlink(missing_ok=True)
-            self._used_bytes -= size
+                size = os.fstat(dst.fileno()).st_size
+                with self._lock:
+                    self._spool_bytes += size
+                counted = True
+                body = {"spool": name, "path": artifact_path, "size": size, "sha256": digest.hexdigest()}
+                self.append(run, ARTIFACT, body, key=artifact_path)
+        except BaseException:
+            # No row points at the copy: it would only count against the limit, for ever.
+            if name is not None:
+                if counted:
+                    self.discard_spool(name)
+                else:
+                    (self.spool_dir / name).unlink(missing_ok=True)
+            self._used_bytes -= size + _ROW_OVERHEAD
             raise
-        size = target.stat().st_size
-        with self._lock:
-            self._spool_bytes += size
-        body = {"spool": name, "path": artifact_path, "size": size, "sha256": digest.hexdigest()}
-        self.append(run, ARTIFACT, body, key=artifact_path)
         return body
 
     def discard_spool(self, name: str) -> None:
@@ -517,6 +591,35 @@ class Journal:
             target.unlink()
             with self._lock:
                 self._spool_bytes -= size
+
+    def sweep_spool(self) -> int:
+        """Delete spool files no undelivered row refers to (left by a kill mid-call, or dead letters)."""
+        removed = 0
+        for path in self.spool_dir.iterdir():
+            if not path.is_file():
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                if not _try_lock(fd):
+                    continue  # another process is spooling it right now
+                # Asked under the lock: a writer commits its row before it lets go of the file.
+                if not self._spool_referenced(path.name):
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            finally:
+                os.close(fd)
+        if removed:
+            log.info("journal %s: removed %d spooled file(s) nothing refers to any more", self.path, removed)
+        return removed
+
+    def _spool_referenced(self, name: str) -> bool:
+        with self.db(write=False) as conn:
+            rows = conn.execute("select body from ops where kind=? and state in (0,1) and body like ?",
+                                (ARTIFACT, f'%"{name}"%')).fetchall()
+        return any(json.loads(body).get("spool") == name for (body,) in rows)
 
     # -------------------------------------------------------------------------- lookups (both sides)
 
@@ -622,9 +725,20 @@ class Journal:
                              f"where state=1 and id in ({','.join('?' * len(chunk))})", chunk)
 
     def bury(self, ids: list[int], error: str) -> None:
-        """The server refused this entry for good: keep it as a dead letter with the server's message."""
+        """The server refused this entry for good: keep it as a dead letter with the server's message.
+
+        A dead artifact's spooled copy is deleted: nothing will upload it, and it counts against the limit.
+        """
+        spool = []
         with self.db() as conn:
+            for chunk in _chunks(ids, 500):
+                rows = conn.execute(f"select body from ops where kind=? and id in ({','.join('?' * len(chunk))})",
+                                    (ARTIFACT, *chunk)).fetchall()
+                spool.extend(json.loads(body).get("spool") for (body,) in rows if body)
             conn.executemany("update ops set state=3, error=? where id=?", [(error[:2000], i) for i in ids])
+        for name in spool:
+            if name:
+                self.discard_spool(name)
 
     def map_experiment(self, local_id: str, remote_id: str) -> None:
         with self.db() as conn:
@@ -651,6 +765,34 @@ class Journal:
             rows = conn.execute("select id, run, kind, key, value, ts, step, body, attempts, error from ops "
                                 "where state=3 order by id").fetchall()
         return [(Op(*row[:9]), row[9]) for row in rows]
+
+
+@contextlib.contextmanager
+def _new_spool_file(folder: Path) -> Iterator[tuple[str, object]]:
+    """(name, file) of a new spool file, flock'ed until the block ends: `sweep_spool` leaves it alone."""
+    for _ in range(5):
+        name = uuid.uuid4().hex
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # A sweep in another process may have locked or removed it between create and lock: take another name.
+        if _try_lock(fd) and os.fstat(fd).st_nlink > 0:
+            break
+        os.close(fd)
+    else:
+        raise OSError(errno.EAGAIN, f"cannot create a spool file in {folder}")
+    with os.fdopen(fd, "wb") as fh:
+        yield name, fh
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one process per journal in practice
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
 
 
 class _ClaimLost(Exception):

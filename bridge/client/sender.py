@@ -9,6 +9,9 @@ deleted. Anything less (no answer, a cut connection) leaves them to be sent agai
     first searches for that key, so a lost answer never leaves a ghost run;
   * an artifact whose upload may have been applied is checked by listing before it is sent again.
 
+One sender delivers a journal at a time, across processes: it holds a flock on `<journal>.lock` until its
+threads have ended — past `stop()`'s timeout if a request is still running — so no row is sent by two.
+
 Failures are classified by `classify_failure`: network errors, timeouts, 429 and 5xx are retried for ever
 with `bridge.retry.compute_backoff_ms`; 401/403 pause delivery ("token rejected") and retry slowly with a
 re-read token; anything else the server refuses is split until the one offending entry is isolated and
@@ -22,16 +25,20 @@ import enum
 import hashlib
 import logging
 import math
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 from bridge import config
+from bridge.client import discovery
 from bridge.client.journal import (
     ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN, DELETE_TAG, LOG_INPUTS, METRIC, PARAM, SET_EXPERIMENT_TAG, TAG,
     UPDATE_RUN, Journal, Op, decode_value,
@@ -60,6 +67,12 @@ TOKEN_RETRY_MIN_MS = 5_000
 #: Consecutive network failures, and seconds of them, before the published record is re-read.
 REDISCOVER_AFTER_FAILURES = 3
 REDISCOVER_AFTER_S = 5.0
+#: How often the intake is moved into SQLite and the journal fsynced, whatever delivery is doing: the most
+#: an OS crash or power cut can take of what calls had already returned.
+DURABLE_EVERY_S = 1.0
+#: Set by `bridge serve`'s reaper on a run it marked KILLED (bridge/serve/reaper.py KILLED_REASON_TAG).
+KILLED_REASON_TAG = "bridge.killed_reason"
+_TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 _READ_BATCH = 5000
 
 API = "/api/2.0/mlflow"
@@ -177,6 +190,51 @@ class _Batch:
         return True
 
 
+class _AbortableAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter, plus `abort()`: cut its open connections from another thread.
+
+    `Session.close()` only drops idle pooled connections; a request in flight would run to its timeout
+    (20 s, 300 s for uploads) while `stop()` waits for it.
+    """
+
+    def __init__(self) -> None:
+        self._open: weakref.WeakSet = weakref.WeakSet()
+        self._open_lock = threading.Lock()
+        super().__init__()
+
+    def _track(self, conn) -> None:
+        with self._open_lock:
+            self._open.add(conn)
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        track = self._track
+
+        class HTTPPool(urllib3.HTTPConnectionPool):
+            def _new_conn(self):
+                conn = super()._new_conn()
+                track(conn)
+                return conn
+
+        class HTTPSPool(urllib3.HTTPSConnectionPool):
+            def _new_conn(self):
+                conn = super()._new_conn()
+                track(conn)
+                return conn
+
+        self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
+
+    def abort(self) -> None:
+        with self._open_lock:
+            conns = list(self._open)
+        for conn in conns:
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    # socket.socket's own shutdown, not SSLSocket's (which drops its TLS state under the reader).
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class _Pause(Exception):
     """Stop this delivery round: the link failed (retry) or the token was refused."""
 
@@ -210,36 +268,86 @@ class Sender:
         self.token_rejected = False
         self.delivered = 0
         self.requests = 0
+        self._adapter = _AbortableAdapter()
         self._session = requests.Session()
+        self._session.mount("http://", self._adapter)
+        self._session.mount("https://", self._adapter)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._backing_off = False
         self._flushing = 0
         self._thread: threading.Thread | None = None
+        self._durable_thread: threading.Thread | None = None
+        self._state_lock = threading.Lock()
+        self._threads_alive = 0
+        self._on_stopped: list[Callable[[], None]] = []
         self._lock_file = None
         self._live_runs: set[str] = set()
         self._last_heartbeat = 0.0
         self._failures = 0
         self._failing_since: float | None = None
-        self._last_checkpoint = time.monotonic()
+        self._last_adopt = time.monotonic()
         self.url_listeners: list[Callable[[str], None]] = []
 
     # ---------------------------------------------------------------------------------- control
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="bridge-sender", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(self._loop,), name="bridge-sender",
+                                            daemon=True)
+            self._durable_thread = threading.Thread(target=self._run, args=(self._durable_loop,),
+                                                    name="bridge-journal-sync", daemon=True)
+            with self._state_lock:
+                self._threads_alive = 2
             self._thread.start()
+            self._durable_thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop delivering; True once the threads have ended, False when one is still busy after `timeout`.
+
+        While a thread is still busy it keeps the journal's delivery lock (so no other sender re-sends what
+        it is sending) and the journal must stay open: see `when_stopped`.
+        """
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        self._release_lock()
+        self._adapter.abort()  # a request in flight fails now (its rows go back to pending) instead of timing out
+        deadline = time.monotonic() + timeout
+        for thread in (self._thread, self._durable_thread):
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t is not None and t.is_alive() for t in (self._thread, self._durable_thread)):
+            log.warning("bridge: the sender did not stop within %.0f s; it keeps journal %s until it ends",
+                        timeout, self.journal.path)
+            return False
+        self._thread = self._durable_thread = None
         self._session.close()
+        return True
+
+    def when_stopped(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the sender's threads have ended (now, if they have)."""
+        with self._state_lock:
+            if self._threads_alive:
+                self._on_stopped.append(callback)
+                return
+        callback()
+
+    def _run(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        finally:
+            with self._state_lock:
+                self._threads_alive -= 1
+                last = self._threads_alive == 0
+                callbacks, self._on_stopped = (self._on_stopped, []) if last else ([], self._on_stopped)
+            if last:
+                for callback in callbacks:
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("bridge: clean-up after the sender stopped failed")
+                # Only here, when nothing of this sender can still send, may another sender take over.
+                self._release_lock()
 
     def wake(self) -> None:
         """Deliver now rather than after the coalescing interval."""
@@ -318,22 +426,31 @@ class Sender:
                 if pause.verdict is Verdict.TOKEN:
                     wait = max(wait, compute_backoff_ms(attempts, min_backoff_ms=TOKEN_RETRY_MIN_MS) / 1000)
                     self._refresh_token()
-                else:
+                elif not self._stop.is_set():
                     self._maybe_rediscover()
             except Exception as exc:  # a bug or a journal problem must not kill delivery for good
                 log.exception("bridge sender: unexpected error, retrying")
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 attempts += 1
                 wait = compute_backoff_ms(attempts) / 1000
-            if time.monotonic() - self._last_checkpoint > 5.0:
+            if time.monotonic() - self._last_adopt > 5.0:
                 with contextlib.suppress(Exception):
                     self.journal.adopt_orphans()  # points of a child process that was killed meanwhile
-                self.journal.checkpoint()
-                self._last_checkpoint = time.monotonic()
+                self._last_adopt = time.monotonic()
             self._backing_off = attempts > 0
             self._idle.set()
             self._wake.wait(wait)
             self._wake.clear()
+
+    def _durable_loop(self) -> None:
+        """Every DURABLE_EVERY_S, `journal.sync()`: not tied to delivery rounds, which can take minutes."""
+        while not self._stop.wait(DURABLE_EVERY_S):
+            try:
+                self.journal.sync()
+            except Exception as exc:  # the disk is full or busy: say so, keep trying
+                log.warning("bridge: could not sync journal %s: %s", self.journal.path, exc)
+        with contextlib.suppress(Exception):
+            self.journal.sync()
 
     def probe(self) -> None:
         """One cheap authenticated request; raises _Pause when the server is not usable."""
@@ -347,6 +464,8 @@ class Sender:
         self.journal.move_intake()
         upto = self.journal.last_id()
         for run in self.journal.runs_with_pending():
+            if self._stop.is_set():
+                break
             while True:
                 ops = self.journal.pending_ops(run, _READ_BATCH, upto)
                 if not ops:
@@ -356,9 +475,6 @@ class Sender:
                 delivered += count
                 if held or last or self._stop.is_set():
                     break
-        if delivered:
-            self.journal.checkpoint()
-            self._last_checkpoint = time.monotonic()
         return delivered
 
     def _deliver_ops(self, run: str, ops: list[Op], *, hold_tail: bool = False) -> tuple[int, bool]:
@@ -371,6 +487,8 @@ class Sender:
         count = 0
         sent_full = False
         for op in ops:
+            if self._stop.is_set():
+                return count, False  # what is not sent yet stays pending, for whoever delivers next
             if op.kind in (METRIC, PARAM, TAG):
                 if not batch.add(op):
                     count += self._send_batch(run, batch)
@@ -474,14 +592,7 @@ class Sender:
         if self._failing_since is None or time.monotonic() - self._failing_since < REDISCOVER_AFTER_S:
             return
         try:
-            from bridge.client import discovery
-        except ImportError:
-            return
-        rediscover = getattr(discovery, "rediscover", None)
-        if rediscover is None:
-            return
-        try:
-            endpoint = rediscover(self._token, self.url)
+            endpoint = discovery.rediscover(self._token, self.url)
         except Exception as exc:  # re-discovery is best effort; delivery keeps retrying the old URL
             log.debug("bridge: re-discovery failed: %s", exc)
             return
@@ -668,9 +779,27 @@ class Sender:
             try:
                 self.call("/runs/set-tag", {"run_id": remote, "key": config.HEARTBEAT_TAG,
                                             "value": str(int(time.time()))})
+                self._revive_if_reaped(run, remote)
             except (TransportFailure, HttpFailure) as exc:
                 log.debug("bridge: heartbeat for run %s failed: %s", run, exc)
                 return
+
+    def _revive_if_reaped(self, run: str, remote: str) -> None:
+        """Mark RUNNING again a live run the server ended (the reaper, after an outage longer than its timeout).
+
+        Its own final status is sent later by this same thread, so that one still wins.
+        """
+        info = self.call("/runs/get", {"run_id": remote}, method="GET")["run"]["info"]
+        if info.get("status") == "RUNNING" or run not in self._live_runs:
+            return
+        record = self.journal.run(run)
+        if record is None or record.status in _TERMINAL_STATUSES:
+            return  # this process ended it: its final status is journaled, on its way
+        self.call("/runs/update", {"run_id": remote, "run_uuid": remote, "status": "RUNNING"})
+        with contextlib.suppress(HttpFailure):  # absent when someone else ended it: nothing to remove
+            self.call("/runs/delete-tag", {"run_id": remote, "key": KILLED_REASON_TAG})
+        log.warning("bridge: the server had marked run %s %s while it was still logging (no heartbeat got through); "
+                    "it is RUNNING again", run, info.get("status"))
 
     # ------------------------------------------------------------------------------- artifacts
 

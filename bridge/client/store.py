@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 import requests
@@ -54,8 +55,15 @@ class _ServerReads(RestStore):
 
     def __init__(self, connection) -> None:
         self._connection = connection
-        self._session = requests.Session()  # the training thread's own; the sender thread has another
+        self._sessions = threading.local()  # requests' sessions are not thread-safe; the sender has its own
         super().__init__(lambda: MlflowHostCreds(host=connection.sender.url, token=connection.sender.token))
+
+    def session(self) -> requests.Session:
+        """This thread's session (reads come from the training thread, DataLoader workers, callbacks …)."""
+        session = getattr(self._sessions, "session", None)
+        if session is None:
+            session = self._sessions.session = requests.Session()
+        return session
 
     def _call_endpoint(self, api, json_body=None, endpoint=None, retry_timeout_seconds=None, response_proto=None):
         method_to_info = self._V3_METHOD_TO_INFO if api in self._V3_APIS else self._METHOD_TO_INFO
@@ -63,11 +71,12 @@ class _ServerReads(RestStore):
         endpoint = endpoint or default_endpoint
         body = json.loads(json_body) if json_body else None
         sender = self._connection.sender
+        session = self.session()
         try:
             if method == "GET":
-                resp = sender.request("GET", endpoint, params=body, timeout=READ_TIMEOUT, session=self._session)
+                resp = sender.request("GET", endpoint, params=body, timeout=READ_TIMEOUT, session=session)
             else:
-                resp = sender.request(method, endpoint, json_body=body, timeout=READ_TIMEOUT, session=self._session)
+                resp = sender.request(method, endpoint, json_body=body, timeout=READ_TIMEOUT, session=session)
         except TransportFailure as exc:
             raise _Offline(str(exc)) from None
         except HttpFailure as exc:

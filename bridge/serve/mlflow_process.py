@@ -1,9 +1,19 @@
 """The supervised `mlflow server` child: lean defaults, real readiness, restart with backoff, no orphans.
 
 MLflow 3.17's own defaults (4 uvicorn workers, a job runner and 7 huey consumers: ~15 processes,
-~3 GB) are wrong for a workstation, so this starts 1 worker with job execution off (~2 processes,
-~480 MB) and lets `--workers` raise it. The child runs in its own process group so stopping it
-also stops the uvicorn process it spawns.
+~3 GB) are wrong for a workstation, so this starts 1 worker with job execution off and lets
+`--workers` raise it. The child runs in its own process group so stopping it stops all of it.
+
+One process, through a private name (deliberately): `mlflow server` normally stays resident only to
+wait for the uvicorn it starts through `mlflow.server._exec_cmd` (~300 MB for nothing). `_main`
+below replaces that private name in the child so uvicorn is exec'd in its place, when job execution
+is off and the call looks as expected. If a future MLflow drops or changes the name, nothing is
+replaced and MLflow runs in its plain two-process layout (the process-group stop covers both).
+
+SQLite backends (the embedded default or a `sqlite:///` URI the user passes) are switched to WAL
+journaling before MLflow opens them: the mode persists in the file, makes each commit one append
+and one fsync instead of several, and is safe for a database on a local disk (not on a network
+share, where SQLite's locking cannot be trusted in any mode).
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -38,6 +49,8 @@ DEFAULT_HEALTH_FAILURES = 3
 DEFAULT_HEALTH_TIMEOUT_S = 5.0
 #: A restart that then stays up this long resets the backoff.
 STABLE_AFTER_S = 60.0
+#: The private MLflow name `_main` replaces to run MLflow as one process (see the module docstring).
+EXEC_HOOK = "_exec_cmd"
 
 
 def redact_uri(uri: str) -> str:
@@ -58,6 +71,39 @@ def _password_of(uri: str) -> str | None:
         return urlsplit(uri).password
     except ValueError:
         return None
+
+
+def sqlite_database_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI, or None for other stores and in-memory SQLite."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme.split("+", 1)[0].lower() != "sqlite" or not rest.startswith("/"):
+        return None
+    path = rest[1:].split("?", 1)[0]  # sqlite:///rel.db → rel.db, sqlite:////abs.db → /abs.db
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return Path(path)
+
+
+def enable_wal(path: Path) -> bool:
+    """Put the SQLite database at `path` in WAL mode (creating the file if missing); True if it is now WAL.
+
+    Anything in the way (missing folder, not a database, locked) is left for MLflow to report in its own words.
+    """
+    if not path.parent.is_dir():
+        return False
+    try:
+        conn = sqlite3.connect(path, timeout=5.0)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        log.warning("Could not switch %s to WAL journaling (%s); MLflow will use it as it is", path, exc)
+        return False
+    if str(mode).lower() != "wal":
+        log.warning("SQLite kept %s in %s journaling instead of WAL", path, mode)
+        return False
+    return True
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -198,6 +244,9 @@ class MlflowProcess:
             )
         if opts.backend_store_uri is None:
             config.paths().ensure()
+        sqlite_path = sqlite_database_path(opts.resolved_backend_store_uri())
+        if sqlite_path is not None:
+            enable_wal(sqlite_path)
         if opts.artifacts_destination is None:
             config.paths().artifacts_dir.mkdir(parents=True, exist_ok=True)
         log_path = opts.resolved_log_file()
@@ -389,25 +438,41 @@ def _group_alive(pgid: int) -> bool:
 
 
 def _main(argv: list[str]) -> None:
-    """Run MLflow's own `mlflow server` CLI, but let its uvicorn replace it instead of running as its child.
+    """Run MLflow's own `mlflow server` CLI, with its uvicorn exec'd in place of it when that is safe.
 
-    `mlflow server` stays resident only to wait for uvicorn (~300 MB for nothing); exec'ing uvicorn in its
-    place halves the footprint and makes this process the server itself. Only when job execution is off,
-    the one case where MLflow does nothing with the child after starting it.
+    Only with job execution off (the one case where MLflow does nothing with the child after starting it),
+    only if MLflow still has the private `EXEC_HOOK`, and only for a call shaped as in MLflow 3.x
+    (an argv list, asynchronous, output not captured); anything else goes to MLflow's own function.
     """
     import mlflow.server
     from mlflow.cli import cli
 
-    original = getattr(mlflow.server, "_exec_cmd", None)
-    if original is not None and os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "").lower() == "false":
+    original = getattr(mlflow.server, EXEC_HOOK, None)
+    if callable(original) and os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "").lower() == "false":
 
         def exec_instead(cmd, *args, extra_env=None, env=None, **kwargs):
+            shaped_as_expected = (
+                not args
+                and isinstance(cmd, (list, tuple))
+                and len(cmd) > 0
+                and all(isinstance(c, (str, os.PathLike)) for c in cmd)
+                and kwargs.get("synchronous") is False
+                and not kwargs.get("capture_output")
+                and not kwargs.get("stream_output")
+                and set(kwargs) <= {"synchronous", "capture_output", "stream_output", "throw_on_error"}
+            )
+            if not shaped_as_expected:
+                return original(cmd, *args, extra_env=extra_env, env=env, **kwargs)
             merged = {**(env if env is not None else os.environ), **(extra_env or {})}
+            argv_ = [os.fspath(c) for c in cmd]
             sys.stdout.flush()
             sys.stderr.flush()
-            os.execvpe(cmd[0], list(cmd), merged)
+            try:
+                os.execvpe(argv_[0], argv_, merged)
+            except OSError:  # not found or not executable: let MLflow start it its own way
+                return original(cmd, *args, extra_env=extra_env, env=env, **kwargs)
 
-        mlflow.server._exec_cmd = exec_instead
+        setattr(mlflow.server, EXEC_HOOK, exec_instead)
     cli.main(args=argv, prog_name="mlflow")
 
 

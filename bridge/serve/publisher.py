@@ -8,6 +8,7 @@
 
 `publisher_for(spec)` turns a `--publish` value into one of these. The record carries no secret, so it may sit
 in a world-readable file or a gist; the GitHub token never leaves the request's Authorization header.
+A publish is one attempt: the supervisor's loop (bridge.retry.compute_backoff_ms) is the only retry layer.
 """
 
 from __future__ import annotations
@@ -18,32 +19,20 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from bridge import secrets
 from bridge.config import paths
 from bridge.errors import ConfigError, PublishError
-from bridge.record import EndpointRecord
+from bridge.record import GIST_FILE_NAME, GITHUB_API, GITHUB_API_ENV, EndpointRecord, check_http_url, describe_url
 
 log = logging.getLogger(__name__)
 
 #: Connect and read timeout for one publish request, in seconds.
 DEFAULT_TIMEOUT_S = 10.0
-#: Extra attempts after a connection error or a 5xx/429, with urllib3's exponential backoff.
-DEFAULT_RETRIES = 2
-DEFAULT_BACKOFF_FACTOR_S = 0.3
-#: The file name inside the gist; clients fetch this one.
-GIST_FILE_NAME = "bridge-endpoint.json"
-GITHUB_API = "https://api.github.com"
-#: Overrides the GitHub API base (tests point it at a local stand-in).
-GITHUB_API_ENV = "BRIDGE_GITHUB_API"
 
 SPEC_FORMS = "file:PATH, gist:GIST_ID or an https:// URL"
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class Publisher(abc.ABC):
@@ -112,20 +101,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _session(retries: int, methods: frozenset[str]) -> requests.Session:
-    """A session with a small bounded retry on connection errors, 429 and 5xx (publishing is idempotent)."""
-    retry = Retry(
-        total=retries, connect=retries, read=retries, status=retries,
-        backoff_factor=DEFAULT_BACKOFF_FACTOR_S, status_forcelist=(429, 500, 502, 503, 504),
-        allowed_methods=methods, raise_on_status=False, respect_retry_after_header=False,
-    )
-    session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
 def _send(session: requests.Session, method: str, url: str, where: str, *, timeout: float, **kwargs: object) -> None:
     """One publish request; any failure becomes a PublishError naming `where` and the status, never a header."""
     try:
@@ -148,29 +123,28 @@ class GistPublisher(Publisher):
         token_lookup: Callable[[], str | None] | None = None,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        retries: int = DEFAULT_RETRIES,
     ) -> None:
         gist_id = gist_id.strip()
         if not gist_id or not gist_id.isalnum():
             raise ConfigError(f"--publish gist:{gist_id!r}: a gist id is the hex string at the end of the gist's URL")
         self.gist_id = gist_id
         # Looked up at each publish, so `bridge login --github` takes effect without a restart.
-        self._token_lookup = token_lookup or (lambda: secrets.get_secret(secrets.GITHUB_TOKEN))
+        self._token_lookup = token_lookup or secrets.github_token
         self._timeout_s = timeout_s
-        self._session = _session(retries, frozenset({"PATCH"}))
+        self._session = requests.Session()
 
     @property
     def api_url(self) -> str:
         base = os.environ.get(GITHUB_API_ENV, "").strip() or GITHUB_API
-        _check_url(base, GITHUB_API_ENV)  # the GitHub token goes there: https only, or loopback for tests
+        check_http_url(base, what=GITHUB_API_ENV)  # the GitHub token goes there: https only, or loopback for tests
         return f"{base.rstrip('/')}/gists/{self.gist_id}"
 
     def publish(self, record: EndpointRecord) -> None:
         token = self._token_lookup()
         if not token:
             raise PublishError(
-                "no GitHub token for gist publishing; store one with a 'gist' scope in the keyring "
-                f"(secret {secrets.GITHUB_TOKEN!r}, e.g. via `bridge login`)"
+                f"no GitHub token for gist publishing; set {secrets.GITHUB_TOKEN_ENV} or store one with a 'gist' "
+                f"scope in the keyring (secret {secrets.GITHUB_TOKEN!r}, e.g. via `bridge login --github-token -`)"
             )
         headers = {
             "Authorization": f"Bearer {token}",
@@ -192,16 +166,15 @@ class GistPublisher(Publisher):
 class HttpPublisher(Publisher):
     """Sends the record's JSON to an HTTPS URL (PUT by default; POST for endpoints like ntfy topics)."""
 
-    def __init__(self, url: str, method: str = "PUT", *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 retries: int = DEFAULT_RETRIES) -> None:
+    def __init__(self, url: str, method: str = "PUT", *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         method = method.upper()
         if method not in ("PUT", "POST"):
             raise ConfigError(f"publish method {method!r} is not PUT or POST")
-        _check_url(url, "--publish")
+        check_http_url(url, what="--publish")
         self.url = url
         self.method = method
         self._timeout_s = timeout_s
-        self._session = _session(retries, frozenset({method}))
+        self._session = requests.Session()
 
     def publish(self, record: EndpointRecord) -> None:
         _send(self._session, self.method, self.url, self.describe(), timeout=self._timeout_s,
@@ -209,29 +182,10 @@ class HttpPublisher(Publisher):
         log.info("Published endpoint record to %s", self.describe())
 
     def describe(self) -> str:
-        return _without_query(self.url)
+        return describe_url(self.url)
 
     def close(self) -> None:
         self._session.close()
-
-
-def _check_url(url: str, what: str) -> None:
-    """https://…, or plain http only to this machine; never credentials in the URL."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        raise ConfigError(f"{what}: the URL must not carry credentials (they would show in logs and status)")
-    if not parts.hostname or parts.scheme not in ("https", "http"):
-        raise ConfigError(f"{what} {_without_query(url)!r} is not an https:// URL")
-    if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
-        raise ConfigError(
-            f"{what} {_without_query(url)!r}: plain http is allowed only to 127.0.0.1/localhost; use https://"
-        )
-
-
-def _without_query(url: str) -> str:
-    """The URL without its query string, which may carry an access key (?auth=…)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?…" if parts.query else "")
 
 
 def publisher_for(spec: str | None) -> Publisher:

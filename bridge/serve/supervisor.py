@@ -34,6 +34,9 @@ from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
 log = logging.getLogger(__name__)
 
 TUNNEL_MODES = ("ngrok", "none")
+#: Signals that stop `bridge serve` cleanly. SIGHUP (the terminal closed) and SIGQUIT (Ctrl-\) matter as much as
+#: SIGINT/SIGTERM: MLflow runs in its own session, so a signal that kills only this process orphans it on the port.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 #: How often the tunnel's health is checked, in seconds.
 TUNNEL_CHECK_INTERVAL_S = 5.0
 #: The main loop's tick.
@@ -447,14 +450,14 @@ def read_state() -> dict[str, Any] | None:
 
 
 def serve(options: ServeOptions, on_ready=None) -> None:
-    """Run `bridge serve` until SIGINT/SIGTERM, then stop everything; `on_ready(info)` once it is up."""
+    """Run `bridge serve` until a stop signal (`STOP_SIGNALS`), then stop everything; `on_ready(info)` once up."""
     supervisor = Supervisor(options)
 
     def handle(signum, _frame) -> None:
         log.info("Received %s; stopping", signal.Signals(signum).name)
         supervisor.request_stop()
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
     try:
         try:
             info = supervisor.start()

@@ -59,11 +59,8 @@ AUTHTOKEN_HELP = (
 
 
 def resolve_authtoken() -> str | None:
-    """The ngrok authtoken: the one `bridge login` stored, else `NGROK_AUTHTOKEN` (read now, not at import)."""
-    token = secrets.get_secret(secrets.NGROK_AUTHTOKEN)
-    if token:
-        return token
-    return os.environ.get("NGROK_AUTHTOKEN", "").strip() or None
+    """The ngrok authtoken, in `bridge.secrets.ngrok_authtoken()`'s order (read now, not at import)."""
+    return secrets.ngrok_authtoken()
 
 
 def resolve_ngrok_path() -> str | None:

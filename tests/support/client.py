@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 from collections.abc import Iterator
 
@@ -36,6 +37,8 @@ def bridge_connect(monkeypatch, tmp_path) -> Iterator:
         monkeypatch.setenv(name, value)
     for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_AUTH", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(name, raising=False)
+    # connect(journal=…, journal_limit=…) exports these for child processes: undo that after the test.
+    exported = {name: os.environ.get(name) for name in ("BRIDGE_JOURNAL", "BRIDGE_JOURNAL_LIMIT")}
     made = []
 
     def make(url: str | None = None, token: str | None = "test-token", **kw):
@@ -50,6 +53,11 @@ def bridge_connect(monkeypatch, tmp_path) -> Iterator:
     for conn in made:
         conn.close()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name, value in exported.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture
@@ -88,17 +96,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def fixed_status_server() -> Iterator:
+def make_status_server() -> Iterator:
+    """Start loopback HTTP servers answering every request with `.status`, recording (method, path, auth)."""
+    servers = []
+
+    def make(status: int = 401):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        server.status = status
+        server.seen = []
+        server.url = f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def fixed_status_server(make_status_server):
     """A loopback HTTP server answering every request with `.status` (401 by default), recording headers.
 
     A stand-in for an entrance that refuses the token, at the HTTP boundary.
     """
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.status = 401
-    server.seen = []
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    return make_status_server(401)

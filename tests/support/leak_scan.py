@@ -1,0 +1,160 @@
+"""Session-end check of the spec's "the token never appears in any log file written during the test session".
+
+Every access token that existed during the session is collected — each one generated or stored in this
+process (`bridge.secrets.new_token` / `set_secret` are wrapped), and every secret left in a fallback secret
+store file (`secrets.json`, which subprocesses such as `bridge serve` write too) under pytest's basetemp.
+At the end of the session every file under the basetemp except those stores is scanned for them: logs,
+process output, state and record JSON, MLflow's SQLite files, the client journals. A hit fails the run
+(an error in the teardown of the session, so the exit status is non-zero) naming files, never a token.
+
+Tokens rotated away inside a subprocess are not seen here; tests that rotate in a subprocess scan for
+both tokens themselves (tests/test_no_secret_leaks.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from bridge import secrets
+
+#: Shorter test values ("abc123") would match by chance; every real token is 43 characters.
+MIN_TOKEN_CHARS = 16
+#: The 0600 fallback secret store: the one file that must hold the secrets.
+SECRET_STORE_NAMES = frozenset({"secrets.json"})
+#: ngrok's own config holds its authtoken by design (pyngrok writes it there, mode 0600).
+NGROK_CONFIG_NAMES = frozenset({"ngrok.yml", "ngrok.yaml"})
+_URLSAFE = re.compile(rb"[A-Za-z0-9_\-]+")
+
+_seen_in_process: set[str] = set()
+_seen_ngrok: set[str] = set()
+_planted: set[Path] = set()
+
+
+def planted(path: Path) -> Path:
+    """Mark a file a test writes a token into on purpose (the scanner's own tests), so the session scan skips it."""
+    _planted.add(Path(path).resolve())
+    return path
+
+
+def _record(name: str, value: object) -> None:
+    if not isinstance(value, str) or len(value) < MIN_TOKEN_CHARS:
+        return
+    if name == secrets.NGROK_AUTHTOKEN:
+        _seen_ngrok.add(value)
+    else:
+        _seen_in_process.add(value)
+
+
+def install_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remember every token generated or stored in this process."""
+    new_token, set_secret = secrets.new_token, secrets.set_secret
+
+    def recording_new_token() -> str:
+        token = new_token()
+        _record(secrets.ACCESS_TOKEN, token)
+        return token
+
+    def recording_set_secret(name: str, value: str) -> None:
+        _record(name, value)
+        set_secret(name, value)
+
+    monkeypatch.setattr(secrets, "new_token", recording_new_token)
+    monkeypatch.setattr(secrets, "set_secret", recording_set_secret)
+
+
+def _stored_secrets(root: Path) -> tuple[set[str], set[str]]:
+    """(secrets other than ngrok's, ngrok authtokens) found in every secret store file under `root`."""
+    tokens: set[str] = set()
+    ngrok: set[str] = set()
+    for store in root.rglob("secrets.json"):
+        try:
+            data = json.loads(store.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        for name, value in data.items():
+            if isinstance(value, str) and len(value) >= MIN_TOKEN_CHARS:
+                (ngrok if name == secrets.NGROK_AUTHTOKEN else tokens).add(value)
+    return tokens, ngrok
+
+
+class _Matcher:
+    """Finds any of many tokens in a file's bytes in one pass (tokens are url-safe runs, matched by window)."""
+
+    def __init__(self, tokens: set[str]) -> None:
+        self.by_length: dict[int, set[bytes]] = defaultdict(set)
+        self.other: list[bytes] = []
+        for token in tokens:
+            raw = token.encode()
+            if _URLSAFE.fullmatch(raw):
+                self.by_length[len(raw)].add(raw)
+            else:
+                self.other.append(raw)
+        self.shortest = min(self.by_length, default=0)
+        self.runs = re.compile(rb"[A-Za-z0-9_\-]{%d,}" % self.shortest) if self.by_length else None
+
+    def __bool__(self) -> bool:
+        return bool(self.by_length or self.other)
+
+    def found_in(self, data: bytes) -> bool:
+        if any(raw in data for raw in self.other):
+            return True
+        if self.runs is None:
+            return False
+        for match in self.runs.finditer(data):
+            run = match.group()
+            for length, wanted in self.by_length.items():
+                if len(run) == length:
+                    if run in wanted:
+                        return True
+                    continue
+                for start in range(len(run) - length + 1):
+                    if run[start:start + length] in wanted:
+                        return True
+        return False
+
+
+def files_with_tokens(root: Path, tokens: set[str], ngrok_tokens: set[str] = frozenset(),
+                      skip: set[Path] = frozenset()) -> list[str]:
+    """Paths (relative to `root`) of files that hold one of `tokens` (or an ngrok token outside ngrok's config)."""
+    everywhere = _Matcher(set(tokens))
+    with_ngrok = _Matcher(set(tokens) | set(ngrok_tokens))
+    leaks = []
+    for path in sorted(root.rglob("*")):
+        if path.name in SECRET_STORE_NAMES or path.is_symlink() or not path.is_file() or path.resolve() in skip:
+            continue
+        matcher = everywhere if path.name in NGROK_CONFIG_NAMES else with_ngrok
+        if not matcher:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if matcher.found_in(data):
+            leaks.append(str(path.relative_to(root)))
+    return leaks
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_token_leaks_in_session_files(tmp_path_factory):
+    """At session end, fail the run if any file written under the basetemp holds a token of this session."""
+    patch = pytest.MonkeyPatch()
+    install_hooks(patch)
+    yield
+    patch.undo()
+    root = tmp_path_factory.getbasetemp()
+    stored, stored_ngrok = _stored_secrets(root)
+    leaks = files_with_tokens(root, _seen_in_process | stored, _seen_ngrok | stored_ngrok, _planted)
+    if leaks:
+        # File names only: the report itself must not become the leak.
+        pytest.fail(
+            f"{len(leaks)} file(s) written during the test session contain an access token or other secret:\n  "
+            + "\n  ".join(leaks),
+            pytrace=False,
+        )

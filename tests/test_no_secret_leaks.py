@@ -1,0 +1,99 @@
+"""No secret in logs, state, records or output: a real `bridge serve` at DEBUG, and the session-wide scanner."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import requests
+
+from bridge import secrets
+from bridge.client.discovery import fetch_record
+from bridge.errors import ConfigError, DiscoveryError
+from bridge.serve.publisher import GistPublisher
+from tests.support.leak_scan import files_with_tokens, planted
+from tests.support.serve import unique_client
+
+SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _leaks(root, *needles: str) -> list[str]:
+    """Files under `root` (the secret store aside) holding any needle; names only."""
+    return files_with_tokens(root, set(needles))
+
+
+def test_serve_at_debug_never_writes_a_token_anywhere(own_bridge_serve):
+    server = own_bridge_serve(env_extra={"BRIDGE_LOG_LEVEL": "DEBUG"})
+    url = server.entrance_url + SEARCH
+    old = server.token()
+    wrong = secrets.new_token()  # what a client holding another instance's token would send
+    client = unique_client()
+    assert requests.get(url, auth=("bridge", old), headers=client, timeout=10).status_code == 200
+    assert requests.get(url, headers={"Authorization": f"Bearer {old}", **client}, timeout=10).status_code == 200
+    assert requests.get(url, auth=("bridge", wrong), headers=client, timeout=10).status_code == 401
+    assert requests.get(url, headers={"Authorization": f"Bearer {wrong}", **client}, timeout=10).status_code == 401
+
+    rotated = server.cli("token", "--rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.strip()
+    assert new and new != old
+    client = unique_client()
+    # The rotation is seen at once: the old token is refused, the new one accepted.
+    assert requests.get(url, auth=("bridge", old), headers=client, timeout=10).status_code == 401
+    assert requests.get(url, headers={"Authorization": f"Bearer {new}", **client}, timeout=10).status_code == 200
+    status = server.cli("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert server.stop() == 0
+
+    output = server.output()
+    assert "DEBUG" in output  # the process really logged at DEBUG, so the check below means something
+    assert server.log_file.is_file() and server.log_file.parent == server.home
+    assert _leaks(server.home, old, new, wrong) == []
+    for token in (old, new, wrong):
+        assert token not in output
+        assert token not in status.stdout + status.stderr + rotated.stderr
+
+
+def test_scanner_finds_a_token_in_text_and_sqlite_but_not_in_the_secret_store(tmp_path):
+    token = secrets.new_token()
+    (tmp_path / "secrets.json").write_text(f'{{"access-token": "{token}"}}')
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "clean.log").write_text("nothing to see\n" * 100)
+    assert _leaks(tmp_path, token) == []
+
+    # Planted on purpose: the session-wide scan (tests/support/leak_scan.py) is told to skip these files.
+    planted(tmp_path / "logs" / "serve.log").write_text(f"INFO Authorization: Bearer{token}xyz\n")
+    db = sqlite3.connect(planted(tmp_path / "journal.sqlite"))
+    db.execute("create table t (v text)")
+    db.execute("insert into t values (?)", ("k=" + token,))
+    db.commit()
+    db.close()
+    (tmp_path / "other.log").write_text("password: not-the-token!" * 10)
+    odd = "odd token with spaces & symbols!"  # tokens set by hand need not be url-safe
+    planted(tmp_path / "odd.txt").write_text(f"[{odd}]")
+    found = _leaks(tmp_path, token, odd)
+    assert found == ["journal.sqlite", "logs/serve.log", "odd.txt"]
+    assert all(token not in name for name in found)
+
+
+def test_scanner_allows_the_ngrok_authtoken_only_in_ngrok_config(tmp_path):
+    ngrok_token = "2abcNgrokAuthtoken_0123456789abcdef"
+    (tmp_path / "ngrok.yml").write_text(f"version: 2\nauthtoken: {ngrok_token}\n")
+    assert files_with_tokens(tmp_path, set(), {ngrok_token}) == []
+    planted(tmp_path / "agent.log").write_text(f"t=1 lvl=dbug msg=start authtoken={ngrok_token}\n")
+    assert files_with_tokens(tmp_path, set(), {ngrok_token}) == ["agent.log"]
+    access = secrets.new_token()
+    planted(tmp_path / "ngrok.yml").write_text(f"authtoken: {ngrok_token}\nbasic_auth: [bridge:{access}]\n")
+    assert files_with_tokens(tmp_path, {access}, {ngrok_token}) == ["agent.log", "ngrok.yml"]
+
+
+def test_github_token_is_never_sent_over_plain_http_to_a_remote_api(monkeypatch):
+    github_token = "ghp_leak_check_0123456789abcdef"
+    monkeypatch.setenv("GITHUB_TOKEN", github_token)
+    monkeypatch.setenv("BRIDGE_GITHUB_API", "http://github-proxy.example")
+    # Discovery refuses before any request; so does the publisher.
+    with pytest.raises(DiscoveryError, match="BRIDGE_GITHUB_API.*plain http is allowed only") as info:
+        fetch_record("gist:abc123", timeout=1)
+    assert github_token not in str(info.value)
+    with pytest.raises(ConfigError, match="plain http is allowed only"):
+        GistPublisher("abc123").api_url
