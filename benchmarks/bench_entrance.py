@@ -219,7 +219,7 @@ def main() -> int:
         tunnel_url = ngrok.local_url(state["tunnel"]["public_url"])
         client = MlflowClient(serve.mlflow_url)
         run_id = client.create_run(client.create_experiment("bench-entrance")).info.run_id
-        # bridge finishes starting in the background (its heartbeat reaper imports MLflow's client): let it.
+        # Let bridge finish starting in the background before measuring.
         wait_cpu_quiet(serve.proc.pid)
         auth = {"Authorization": f"Bearer {token}"}
         targets = {

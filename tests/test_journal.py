@@ -231,6 +231,7 @@ def test_spool_files_no_row_refers_to_are_removed_and_dead_artifacts_free_theirs
     source.write_bytes(b"a" * 10_000)
     kept = journal.spool_artifact("r", source, "kept.bin")["spool"]
     refused = journal.spool_artifact("r", source, "refused.bin")["spool"]
+    assert _spool_files(journal) == sorted([kept, refused])
     (refused_op,) = [op for op in journal.pending_ops("r", 10) if op.key == "refused.bin"]
     journal.bury([refused_op.id], "INVALID_PARAMETER_VALUE: nope")
     assert _spool_files(journal) == [kept], "a dead letter's copy is never uploaded: it goes at once"

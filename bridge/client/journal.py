@@ -595,8 +595,9 @@ class Journal:
     def sweep_spool(self) -> int:
         """Delete spool files no undelivered row refers to (left by a kill mid-call, or dead letters)."""
         removed = 0
+        referenced = self._spool_names()
         for path in self.spool_dir.iterdir():
-            if not path.is_file():
+            if not path.is_file() or path.name in referenced:
                 continue
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -614,6 +615,12 @@ class Journal:
         if removed:
             log.info("journal %s: removed %d spooled file(s) nothing refers to any more", self.path, removed)
         return removed
+
+    def _spool_names(self) -> set[str]:
+        """Spool files that undelivered rows refer to."""
+        with self.db(write=False) as conn:
+            rows = conn.execute("select body from ops where kind=? and state in (0,1)", (ARTIFACT,)).fetchall()
+        return {json.loads(body).get("spool") for (body,) in rows if body}
 
     def _spool_referenced(self, name: str) -> bool:
         with self.db(write=False) as conn:
