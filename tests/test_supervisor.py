@@ -181,6 +181,17 @@ def test_hangup_or_quit_stops_everything_like_sigterm(own_bridge_serve, signum):
     assert server.state()["stopped_at"] is not None
 
 
+def test_sigkill_of_bridge_serve_still_takes_mlflow_down(own_bridge_serve):
+    # No handler runs on SIGKILL: MLflow (in its own session) must notice its parent died and stop by itself.
+    server = own_bridge_serve()
+    children = server.descendants()
+    assert children, "MLflow should be running under bridge serve"
+    server.proc.kill()
+    server.proc.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert alive == [], [p.cmdline() for p in alive]
+
+
 def test_sigterm_during_start_up_stops_cleanly(tmp_path):
     from tests.support.serve import new_bridge_serve
 

@@ -32,6 +32,7 @@ from yarl import URL
 
 from bridge import config, secrets
 from bridge.errors import ConfigError, ServeError
+from bridge.record import LOOPBACK_HOSTS
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ _HOP_BY_HOP = frozenset(
 # X-Forwarded-Proto/Host that would make MLflow build URLs for an origin it is not serving.
 _NOT_FORWARDED = _HOP_BY_HOP | {"authorization", "host", "x-forwarded-proto", "x-forwarded-host"}
 _NOT_RETURNED = _HOP_BY_HOP | {"content-length"}
-_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class TokenSource:
@@ -354,7 +354,7 @@ class Entrance:
             if origin.lower() == self.own_origin(request):
                 # The UI served through this entrance is same-origin by definition; tell MLflow so.
                 headers["Origin"] = self._upstream
-            elif (urlsplit(origin).hostname or "") in _LOOPBACK_HOSTS:
+            elif (urlsplit(origin).hostname or "") in LOOPBACK_HOSTS:
                 # MLflow trusts every loopback origin; through the entrance another local page is foreign.
                 headers["Origin"] = "null"
         return headers

@@ -208,6 +208,7 @@ class MlflowProcess:
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         env["MLFLOW_DISABLE_TELEMETRY"] = "true"
         env["PYTHONUNBUFFERED"] = "1"
+        env[PARENT_PID_ENV] = str(os.getpid())
         return env
 
     def alive(self) -> bool:
@@ -437,6 +438,27 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+PARENT_PID_ENV = "BRIDGE_PARENT_PID"
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when `bridge serve` dies, even by SIGKILL; the setting survives the exec into uvicorn.
+
+    The kernel sends it when the *thread* that started this process exits: MLflow is started from the main
+    thread and restarted from the supervisor's watch thread, both of which live until `bridge serve` stops.
+    """
+    expected = os.environ.pop(PARENT_PID_ENV, "")  # popped: uvicorn's own children don't inherit it
+    if not sys.platform.startswith("linux") or not expected.isdigit():
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG; best effort
+        return
+    if os.getppid() != int(expected):  # bridge died before prctl took effect
+        os._exit(0)
+
+
 def _main(argv: list[str]) -> None:
     """Run MLflow's own `mlflow server` CLI, with its uvicorn exec'd in place of it when that is safe.
 
@@ -444,6 +466,7 @@ def _main(argv: list[str]) -> None:
     only if MLflow still has the private `EXEC_HOOK`, and only for a call shaped as in MLflow 3.x
     (an argv list, asynchronous, output not captured); anything else goes to MLflow's own function.
     """
+    _die_with_parent()
     import mlflow.server
     from mlflow.cli import cli
 
