@@ -17,6 +17,7 @@ from rich.table import Table
 from bridge import config, secrets
 from bridge.cli.output import console, err_console, handles_errors
 from bridge.errors import ConfigError, RecordError, ServeError
+from bridge.record import LOOPBACK_HOSTS
 
 PUBLISH_HELP = (
     "Where to publish the signed endpoint record: file:PATH (e.g. a Google-Drive-synced folder), "
@@ -118,6 +119,11 @@ def colab_snippet(url: str, publish_spec: str | None) -> str:
         where = (
             f'os.environ["BRIDGE_DISCOVERY"] = "{publish_spec}"  # signed record: follows URL changes\n'
             "# (use the path Colab sees, e.g. file:/content/drive/MyDrive/... for a Drive-synced folder)"
+        )
+    elif (urlsplit(url).hostname or "") in LOOPBACK_HOSTS:
+        where = (
+            f'os.environ["BRIDGE_URL"] = "{url}"  # this machine only: no tunnel is open\n'
+            "# (for Colab: `bridge login`, restart `bridge serve`, and use the public URL it prints)"
         )
     else:
         where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts, unless --domain'

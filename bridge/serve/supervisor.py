@@ -357,7 +357,7 @@ class Supervisor:
         return None if self.last_publish is None else self.last_publish.get("error")
 
     def _reap_loop(self) -> None:
-        from bridge.serve.reaper import reap_stale_runs  # imports MLflow's client: off the start-up path
+        from bridge.serve.reaper import reap_stale_runs
 
         interval = self.options.reap_interval_s
         while not self._stop.wait(interval):
