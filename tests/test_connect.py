@@ -257,7 +257,7 @@ _EXIT_WITHOUT_END_RUN = textwrap.dedent("""
     import sys
     import mlflow   # imported first: MLflow's own end-run exit hook runs after bridge's
     import bridge
-    bridge.connect(sys.argv[1], token=None, journal=sys.argv[2], experiment=sys.argv[3])
+    bridge.connect(sys.argv[1], token=None, journal=sys.argv[2], experiment=sys.argv[3], flush_at_exit=60)
     mlflow.start_run()
     mlflow.log_metric("m", 3.0)
     mlflow.log_param("p", "x")
