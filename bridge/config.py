@@ -27,6 +27,8 @@ DEFAULT_JOURNAL_LIMIT_BYTES = 2 * 1024**3
 RUN_KEY_TAG = "bridge.run_key"
 #: The run tag a live client refreshes so `bridge serve` can tell a dead run from a slow one.
 HEARTBEAT_TAG = "bridge.heartbeat"
+#: Set by `bridge serve`'s reaper on a run it marked KILLED; a live client that reappears removes it.
+KILLED_REASON_TAG = "bridge.killed_reason"
 
 
 @dataclass(frozen=True)

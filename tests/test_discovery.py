@@ -400,3 +400,21 @@ def test_rediscover_reads_remote_sources_at_most_once_per_interval(github, monke
     monkeypatch.setenv("BRIDGE_REDISCOVER_INTERVAL_S", "0")
     assert rediscover(TOKEN, "https://a.example").url == "https://b.example"
     assert len(github.seen) == 2
+
+
+def test_an_older_record_of_the_same_server_is_refused_as_a_replay(tmp_path, monkeypatch):
+    from bridge.errors import RecordError
+    from bridge.record import make_record
+
+    token = "replay-token-" + "x" * 30
+    path = tmp_path / "endpoint.json"
+    monkeypatch.setenv("BRIDGE_DISCOVERY", f"file:{path}")
+    new = make_record("https://new.ngrok-free.app", token=token, instance="replay-inst", mlflow_version="3",
+                      ttl_s=3600)
+    old = make_record("https://old.ngrok-free.app", token=token, instance="replay-inst", mlflow_version="3",
+                      ttl_s=3600, now=new.issued_at - 600)
+    path.write_text(new.to_json())
+    assert discovery.find_endpoint(None, token).url == "https://new.ngrok-free.app"
+    path.write_text(old.to_json())  # still signed and unexpired, but older: someone put it back
+    with pytest.raises(RecordError, match="older record"):
+        discovery.find_endpoint(None, token)

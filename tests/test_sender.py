@@ -241,7 +241,7 @@ def test_a_sender_still_busy_after_stop_keeps_the_journal_until_it_ends(tmp_path
 
 def test_a_run_marked_killed_while_still_logging_is_running_again_and_still_finishes(tmp_path, mlflow_server,
                                                                                      server_client):
-    KILLED_REASON_TAG = "bridge.killed_reason"  # noqa: N806 — bridge/serve/reaper.py's tag
+    KILLED_REASON_TAG = config.KILLED_REASON_TAG  # noqa: N806
 
     name = f"revived-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)

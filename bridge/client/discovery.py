@@ -25,7 +25,14 @@ import requests
 
 from bridge import config, secrets
 from bridge.errors import BridgeError, ConfigError, DiscoveryError, RecordError, SecretError
-from bridge.record import GIST_FILE_NAME, GITHUB_API_ENV, EndpointRecord, check_http_url, verify_record
+from bridge.record import (
+    GIST_FILE_NAME,
+    GITHUB_API_ENV,
+    EndpointRecord,
+    RecordFreshness,
+    check_http_url,
+    verify_record,
+)
 from bridge.record import GITHUB_API as DEFAULT_GITHUB_API
 from bridge.secrets import GITHUB_TOKEN_ENV
 
@@ -294,10 +301,14 @@ def _record_sources() -> list[_Spec]:
     return found
 
 
+#: Newest record seen per server instance in this process: an older one (a replay) is refused.
+_freshness = RecordFreshness()
+
+
 def _verified_endpoint(spec: _Spec, token: str, *, timeout: float) -> Endpoint:
     text = _fetch(spec, timeout=timeout)
     try:
-        record = verify_record(text, token)
+        record = _freshness.check(verify_record(text, token))
     except RecordError as exc:
         raise type(exc)(f"{spec.describe()}: {exc}") from None
     # verify_record has checked the scheme and that the URL carries no credentials.

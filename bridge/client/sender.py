@@ -58,6 +58,8 @@ HEARTBEAT_ENV = "BRIDGE_HEARTBEAT_S"
 SEND_INTERVAL_ENV = "BRIDGE_SEND_INTERVAL_S"
 HTTP_TIMEOUT_ENV = "BRIDGE_HTTP_TIMEOUT_S"
 DEFAULT_HEARTBEAT_S = 30.0
+#: While `flush()` waits, a failing link is retried this often instead of after the full backoff.
+FLUSH_RETRY_S = 1.0
 #: How long new entries wait to be coalesced (a flush does not wait): at 1 s a training loop logging
 #: 1,000 points/s costs one request per 1,000 points.
 DEFAULT_SEND_INTERVAL_S = 1.0
@@ -70,8 +72,6 @@ REDISCOVER_AFTER_S = 5.0
 #: How often the intake is moved into SQLite and the journal fsynced, whatever delivery is doing: the most
 #: an OS crash or power cut can take of what calls had already returned.
 DURABLE_EVERY_S = 1.0
-#: Set by `bridge serve`'s reaper on a run it marked KILLED (bridge/serve/reaper.py KILLED_REASON_TAG).
-KILLED_REASON_TAG = "bridge.killed_reason"
 _TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 _READ_BATCH = 5000
 
@@ -357,16 +357,23 @@ class Sender:
         """Wait until the journal is delivered or `timeout` passes; the number of entries left."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._flushing += 1
+        last_wake = 0.0
         try:
             while True:
                 left = self.journal.backlog().total
                 if left == 0 or self._thread is None:
                     return left
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     return left
-                if not self._backing_off:  # a flush must not turn the backoff into a tight retry loop
+                # Someone is waiting: don't sleep out a backoff of up to 30 s once the link may be back, but
+                # retry at most once a second so a flush never turns the backoff into a tight loop.
+                if not self._backing_off or now - last_wake >= FLUSH_RETRY_S:
                     self._wake.set()
-                self._idle.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
+                    last_wake = now
+                # Counting the backlog scans the journal: poll less often while it is large.
+                poll = 0.05 if left < 5_000 else 0.25
+                self._idle.wait(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
                 self._idle.clear()
         finally:
             self._flushing -= 1
@@ -797,7 +804,7 @@ class Sender:
             return  # this process ended it: its final status is journaled, on its way
         self.call("/runs/update", {"run_id": remote, "run_uuid": remote, "status": "RUNNING"})
         with contextlib.suppress(HttpFailure):  # absent when someone else ended it: nothing to remove
-            self.call("/runs/delete-tag", {"run_id": remote, "key": KILLED_REASON_TAG})
+            self.call("/runs/delete-tag", {"run_id": remote, "key": config.KILLED_REASON_TAG})
         log.warning("bridge: the server had marked run %s %s while it was still logging (no heartbeat got through); "
                     "it is RUNNING again", run, info.get("status"))
 

@@ -22,7 +22,7 @@ from bridge.errors import ServeError
 
 log = logging.getLogger(__name__)
 
-KILLED_REASON_TAG = "bridge.killed_reason"
+KILLED_REASON_TAG = config.KILLED_REASON_TAG
 RUNNING_FILTER = "attributes.status = 'RUNNING'"
 #: MLflow's largest page for experiments/search and runs/search.
 _PAGE = 1000
