@@ -2,6 +2,10 @@
 
     from _common import MlflowServer, BridgeServe, StandInNgrok, tree_memory, percentile, print_table
 
+The client benchmarks (log_call, requests, outage, drain, kill9) also share the measured-child plumbing at the end:
+`child_env`, `run_child`/`child_process`, the RESULT line, `lean_server_behind_proxy`,
+`server_points`.
+
 Everything listens on 127.0.0.1 and lives in a temporary folder of its own; every start has a deadline and
 every server started here is stopped (whole process tree) by `stop()` or at interpreter exit.
 """
@@ -21,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +88,12 @@ def venv_script(name: str) -> Path | None:
     """The console script `name` next to this interpreter (what a user's shell would run), if installed."""
     path = Path(sys.executable).with_name(name)
     return path if path.exists() and os.access(path, os.X_OK) else None
+
+
+def bridge_cli() -> list[str]:
+    """The command that runs bridge's CLI: the installed `bridge` script, or the module via this interpreter."""
+    script = venv_script("bridge")
+    return [str(script)] if script else [sys.executable, "-c", "from bridge.cli import main; main()"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
@@ -251,11 +262,21 @@ def machine_summary() -> str:
     )
 
 
-def argument_parser(description: str) -> argparse.ArgumentParser:
+def argument_parser(description: str,
+                    quick_help: str = "fewer repetitions: a smoke run, not a measurement") -> argparse.ArgumentParser:
     """An argparse parser with the `--quick` switch every benchmark accepts."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, not a measurement")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     return parser
+
+
+def file_tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a log file ("" if it is not there yet)."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def scratch_dir(prefix: str) -> Path:
@@ -321,11 +342,7 @@ class MlflowServer:
         return time.perf_counter() - self.started_at
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = (self.root / "mlflow-server.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return file_tail(self.root / "mlflow-server.log", lines)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -397,8 +414,7 @@ class BridgeServe:
         )  # fmt: skip
 
     def _launcher(self) -> list[str]:
-        script = venv_script("bridge")
-        return [str(script)] if script else [sys.executable, "-c", "from bridge.cli import main; main()"]
+        return bridge_cli()
 
     def start(self) -> None:
         """Launch it (returns at once; `wait_ready()` waits)."""
@@ -446,11 +462,7 @@ class BridgeServe:
         return out.stdout.strip()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = (self.home / "serve-output.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return file_tail(self.home / "serve-output.log", lines)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM (what Ctrl-C does), then make sure nothing of its tree is left."""
@@ -471,3 +483,148 @@ class BridgeServe:
             self.proc = None
         if self in _live:
             _live.remove(self)
+
+
+# --- client benchmarks: a measured child process per variant, behind the test-owned flaky proxy ----------
+
+
+def child_env(home: Path, **extra: str) -> dict[str, str]:
+    """A clean environment for a measured child: its own BRIDGE_HOME, no keyring, no inherited MLflow settings."""
+    env = {k: v for k, v in clean_env().items() if not k.startswith(("MLFLOW_", "BRIDGE_"))}
+    env.update({"PYTHONPATH": str(REPO), "BRIDGE_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true",
+                "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring", **extra})
+    return env
+
+
+def client_argument_parser(description: str, quick_help: str) -> argparse.ArgumentParser:
+    """`argument_parser` plus the hidden `--child CLIENT --url URL --journal PATH` a script passes to its children."""
+    parser = argument_parser(description, quick_help)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--journal", help=argparse.SUPPRESS)
+    return parser
+
+
+def connect_client(client: str, url: str, experiment: str, journal: str, async_logging: bool | None = None) -> Any:
+    """In a child: point this process's MLflow at `url` through bridge (its Connection returned) or stock MLflow.
+
+    `client` "bridge" calls `bridge.connect()`; anything else sets MLflow's tracking URI and experiment and,
+    unless `async_logging` is None, MLflow's async switch. Returns None for stock MLflow.
+    """
+    import mlflow
+
+    if client == "bridge":
+        import bridge
+
+        return bridge.connect(url=url, token="bench-token", experiment=experiment, journal=journal)
+    mlflow.set_tracking_uri(url)
+    mlflow.set_experiment(experiment)
+    if async_logging is not None:
+        mlflow.config.enable_async_logging(async_logging)
+    return None
+
+
+def report_result(result: dict) -> None:
+    """In a child: hand `result` to the parent as the `RESULT {json}` line."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _result_from(line: str) -> dict | None:
+    return json.loads(line[len("RESULT "):]) if line.startswith("RESULT ") else None
+
+
+def run_child(cmd: Sequence[str], env: dict[str, str], what: str, timeout_s: float) -> dict:
+    """Run a child to its end and return its RESULT, or raise naming `what` with the end of its stderr."""
+    proc = subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+    results = [r for r in map(_result_from, proc.stdout.splitlines()) if r is not None]
+    if proc.returncode != 0 or not results:
+        raise RuntimeError(f"{what} child failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return results[-1]
+
+
+@contextmanager
+def child_process(cmd: Sequence[str], env: dict[str, str], stdin: bool = False) -> Iterator[subprocess.Popen]:
+    """A child talking over text pipes (stdin too if `stdin`), killed if still running when the block ends."""
+    proc = subprocess.Popen(list(cmd), env=env, stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def expect_line(proc: subprocess.Popen, word: str) -> str:
+    """Read the child's stdout up to a line starting with `word` (returned), or raise when it ends first."""
+    for line in proc.stdout:
+        if line.startswith(word):
+            return line
+    raise RuntimeError(f"child ended before {word}: {proc.stderr.read()[-3000:]}")
+
+
+def tell_child(proc: subprocess.Popen, word: str) -> None:
+    """Send the child one line on its stdin (what its `sys.stdin.readline()` waits for)."""
+    proc.stdin.write(word + "\n")
+    proc.stdin.flush()
+
+
+def read_result(proc: subprocess.Popen, what: str) -> dict:
+    """Read the child's stdout up to its RESULT line and return it, or raise naming `what`."""
+    for line in proc.stdout:
+        result = _result_from(line)
+        if result is not None:
+            return result
+    raise RuntimeError(f"{what} child ended without a result: {proc.stderr.read()[-3000:]}")
+
+
+def start_lean_mlflow_server(root: Path) -> MlflowServer:
+    """The anchor server: a plain `mlflow server` (SQLite, one worker, no job execution), healthy on 127.0.0.1."""
+    server = MlflowServer(root=root, args=["--workers", "1"], env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    server.start()
+    try:
+        server.wait_healthy(120)
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+@contextmanager
+def lean_server_behind_proxy(work: Path) -> Iterator[tuple[MlflowServer, Any]]:
+    """A lean server in `work`/server and the test-owned flaky proxy in front of it; both closed at the end."""
+    from tests.support.flaky_proxy import FlakyProxy
+
+    server = start_lean_mlflow_server(work / "server")
+    proxy = None
+    try:
+        proxy = FlakyProxy("127.0.0.1", server.port)
+        yield server, proxy
+    finally:
+        if proxy is not None:
+            proxy.close()
+        server.stop()
+
+
+def lean_server_caption(quick: bool) -> str:
+    """How a client benchmark's table names its anchor server and the machine."""
+    return f"plain mlflow server (SQLite, 1 worker) on 127.0.0.1{' [quick]' if quick else ''}; {machine_summary()}"
+
+
+def server_points_and_steps(server: MlflowServer, experiment: str, key: str = "loss") -> tuple[int, int]:
+    """(points, distinct steps) of metric `key` the server stored for `experiment`, read from its SQLite file."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{server.root / 'mlflow.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute("select count(*), count(distinct m.step) from metrics m "
+                            "join runs r on m.run_uuid = r.run_uuid "
+                            "join experiments e on r.experiment_id = e.experiment_id "
+                            "where e.name = ? and m.key = ?", (experiment, key)).fetchone()
+    finally:
+        conn.close()
+
+
+def server_points(server: MlflowServer, experiment: str, key: str = "loss") -> int:
+    """Points of metric `key` the server stored for `experiment`."""
+    return server_points_and_steps(server, experiment, key)[0]

@@ -20,23 +20,15 @@ Goal (issue 3): bridge drains >= 20,000 points/s.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import REPO, MlflowServer, clean_env, machine_summary, print_table, scratch_dir, verdict
+from _common import (MlflowServer, child_env, child_process, client_argument_parser, connect_client, expect_line,
+                     lean_server_behind_proxy, lean_server_caption, print_table, read_result, report_result,
+                     scratch_dir, server_points, tell_child, verdict)
 
 GOAL_POINTS_PER_S = 20_000
-
-
-def child_env(home: Path, **extra: str) -> dict[str, str]:
-    """A clean environment for a measured child: its own BRIDGE_HOME, no keyring, no inherited MLflow settings."""
-    env = {k: v for k, v in clean_env().items() if not k.startswith(("MLFLOW_", "BRIDGE_"))}
-    env.update({"PYTHONPATH": str(REPO), "BRIDGE_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true",
-                "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring", **extra})
-    return env
 
 
 # ------------------------------------------------------------------------------------------ child side
@@ -45,15 +37,7 @@ def _child(client: str, url: str, journal: str, n: int, timeout_s: float) -> dic
     import mlflow
 
     experiment = f"bench-drain-{client}-{time.time_ns()}"
-    conn = None
-    if client == "bridge":
-        import bridge
-
-        conn = bridge.connect(url=url, token="bench-token", experiment=experiment, journal=journal)
-    else:
-        mlflow.set_tracking_uri(url)
-        mlflow.set_experiment(experiment)
-        mlflow.config.enable_async_logging(True)
+    conn = connect_client(client, url, experiment, journal, async_logging=True)
     mlflow.start_run(run_name=client)
     if conn is not None:
         conn.flush(30)  # the run exists on the server before the outage, as for MLflow
@@ -81,18 +65,6 @@ def _child(client: str, url: str, journal: str, n: int, timeout_s: float) -> dic
 
 # ----------------------------------------------------------------------------------------- parent side
 
-def _server_points(db: Path, experiment: str) -> int:
-    import sqlite3
-
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute("select count(*) from metrics m join runs r on m.run_uuid = r.run_uuid "
-                            "join experiments e on r.experiment_id = e.experiment_id "
-                            "where e.name = ? and m.key = 'loss'", (experiment,)).fetchone()[0]
-    finally:
-        conn.close()
-
-
 def _server_ceiling(proxy, n: int) -> dict:
     """Raw sequential `log-batch` requests of 1,000 points through the same proxy: what the server can take."""
     import requests
@@ -116,60 +88,36 @@ def _server_ceiling(proxy, n: int) -> dict:
             "experiment": experiment}
 
 
-def _expect(proc: subprocess.Popen, word: str) -> None:
-    for line in proc.stdout:
-        if line.startswith(word):
-            return
-    raise RuntimeError(f"child ended before {word}: {proc.stderr.read()[-3000:]}")
-
-
 def _measure(name: str, client: str, n: int, proxy, server: MlflowServer, work: Path, extra_env: dict,
              timeout_s: float) -> dict:
     home = work / f"home-{len(list(work.iterdir()))}"
     home.mkdir()
     cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url,
            "--journal", str(work / f"{home.name}.sqlite"), "-n", str(n), "--timeout", str(timeout_s)]
-    proc = subprocess.Popen(cmd, env=child_env(home, **extra_env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        _expect(proc, "READY")
-        proxy.set_mode("refuse")
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        _expect(proc, "LOGGED")
-        proxy.set_mode("pass")
-        proc.stdin.write("drain\n")
-        proc.stdin.flush()
-        for line in proc.stdout:
-            if line.startswith("RESULT "):
-                result = json.loads(line[len("RESULT "):])
-                break
-        else:
-            raise RuntimeError(f"{name} child ended without a result: {proc.stderr.read()[-3000:]}")
-        proc.wait(timeout=120)
+        with child_process(cmd, child_env(home, **extra_env), stdin=True) as proc:
+            expect_line(proc, "READY")
+            proxy.set_mode("refuse")
+            tell_child(proc, "go")
+            expect_line(proc, "LOGGED")
+            proxy.set_mode("pass")
+            tell_child(proc, "drain")
+            result = read_result(proc, name)
+            proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         proxy.set_mode("pass")
-    result.update(name=name, n=n, stored=_server_points(server.root / "mlflow.db", result["experiment"]))
+    result.update(name=name, n=n, stored=server_points(server, result["experiment"]))
     return result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20,000-point backlog (a smoke run)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--journal", help=argparse.SUPPRESS)
+    parser = client_argument_parser(__doc__.splitlines()[0], "20,000-point backlog (a smoke run)")
     parser.add_argument("-n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(_child(args.child, args.url, args.journal, args.n, args.timeout)), flush=True)
+        report_result(_child(args.child, args.url, args.journal, args.n, args.timeout))
         return 0
-
-    from tests.support.flaky_proxy import FlakyProxy
 
     big, small = (20_000, 500) if args.quick else (100_000, 2_000)
     variants = [
@@ -178,30 +126,20 @@ def main() -> int:
         ("mlflow-async (stock)", "mlflow-async", small, {}),
     ]
     work = scratch_dir("drain")
-    server = MlflowServer(root=work / "server", args=["--workers", "1"],
-                          env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    server.start()
-    proxy = None
-    try:
-        server.wait_healthy(120)
-        proxy = FlakyProxy("127.0.0.1", server.port)
+    with lean_server_behind_proxy(work) as (server, proxy):
         results = [_measure(name, client, n, proxy, server, work, env, timeout_s=300)
                    for name, client, n, env in variants]
         ceiling = _server_ceiling(proxy, big)
-        ceiling["stored"] = _server_points(server.root / "mlflow.db", ceiling["experiment"])
+        ceiling["stored"] = server_points(server, ceiling["experiment"])
         results.append(ceiling)
-    finally:
-        if proxy is not None:
-            proxy.close()
-        server.stop()
 
     rate = {r["name"]: r["stored"] / r["drain_s"] for r in results}
     bridge_rate = rate["bridge"]
     rows = [(r["name"], f"{r['n']:,}", f"{r['logging_s']:.1f}", f"{r['drain_s']:.2f}", f"{rate[r['name']]:,.0f}",
              f"{bridge_rate / rate[r['name']]:.1f}x" if rate[r["name"]] else "-", f"{r['stored']:,}/{r['n']:,}")
             for r in results]
-    print_table(f"Drain after an outage (proxy refused while the backlog was logged) — plain mlflow server (SQLite, "
-                f"1 worker) on 127.0.0.1{' [quick]' if args.quick else ''}; {machine_summary()}",
+    print_table(f"Drain after an outage (proxy refused while the backlog was logged) — "
+                f"{lean_server_caption(args.quick)}",
                 ["variant", "backlog", "logging s", "drain s", "points/s", "bridge faster by", "points on server"],
                 rows)
     bridge = results[0]

@@ -23,17 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, MlflowServer, clean_env, machine_summary, print_table, scratch_dir, venv_script, verdict
+from _common import (REPO, MlflowServer, bridge_cli, child_env, child_process, client_argument_parser, connect_client,
+                     lean_server_behind_proxy, lean_server_caption, print_table, scratch_dir, server_points,
+                     server_points_and_steps, tell_child, verdict)
 
 PAUSE_S = 0.0005  # between points, as a training loop would; gives MLflow's queue its chance to send
-
-
-def child_env(home: Path, **extra: str) -> dict[str, str]:
-    """A clean environment for a measured child: its own BRIDGE_HOME, no keyring, no inherited MLflow settings."""
-    env = {k: v for k, v in clean_env().items() if not k.startswith(("MLFLOW_", "BRIDGE_"))}
-    env.update({"PYTHONPATH": str(REPO), "BRIDGE_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true",
-                "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring", **extra})
-    return env
 
 
 # ------------------------------------------------------------------------------------------ child side
@@ -42,14 +36,7 @@ def _logger(client: str, url: str, journal: str, experiment: str, before: int, d
     """Log `before` points, wait for the outage, log `during` more, acknowledging each; then wait to be killed."""
     import mlflow
 
-    if client == "bridge":
-        import bridge
-
-        bridge.connect(url=url, token="bench-token", experiment=experiment, journal=journal)
-    else:
-        mlflow.set_tracking_uri(url)
-        mlflow.set_experiment(experiment)
-        mlflow.config.enable_async_logging(True)
+    connect_client(client, url, experiment, journal, async_logging=True)
     mlflow.start_run(run_name=f"kill9-{client}")
     for step in range(before):
         mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
@@ -76,20 +63,6 @@ def _recover_with_connect(url: str, journal: str) -> None:
 
 # ----------------------------------------------------------------------------------------- parent side
 
-def _server_points(db: Path, experiment: str) -> tuple[int, int]:
-    """(points, distinct steps) of metric 'loss' in `experiment`, read from the server's SQLite file."""
-    import sqlite3
-
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute("select count(*), count(distinct m.step) from metrics m "
-                            "join runs r on m.run_uuid = r.run_uuid "
-                            "join experiments e on r.experiment_id = e.experiment_id "
-                            "where e.name = ? and m.key = 'loss'", (experiment,)).fetchone()
-    finally:
-        conn.close()
-
-
 def _measure(name: str, client: str, recover: str | None, before: int, during: int, proxy, server: MlflowServer,
              work: Path, settle_s: float) -> dict:
     tag = f"{len(list(work.iterdir()))}"
@@ -98,20 +71,17 @@ def _measure(name: str, client: str, recover: str | None, before: int, during: i
     journal = work / f"journal-{tag}.sqlite"
     experiment = f"bench-kill9-{client}-{time.time_ns()}"
     env = child_env(home)
-    proc = subprocess.Popen([sys.executable, __file__, "--child", client, "--url", proxy.url, "--journal", str(journal),
-                             "--experiment", experiment, "--before", str(before), "--during", str(during)],
-                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO)
+    cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url, "--journal", str(journal),
+           "--experiment", experiment, "--before", str(before), "--during", str(during)]
     acked = 0
-    try:
+    with child_process(cmd, env, stdin=True) as proc:
         deadline = time.monotonic() + 300
         for line in proc.stdout:
             if line.startswith("ACK "):
                 acked = int(line.split()[1]) + 1
             elif line.startswith("OUTAGE?"):
                 proxy.set_mode("refuse")
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
+                tell_child(proc, "go")
             if acked == before + during or line.startswith("DONE"):
                 os.kill(proc.pid, signal.SIGKILL)  # mid-run, mid-outage
                 break
@@ -123,20 +93,14 @@ def _measure(name: str, client: str, recover: str | None, before: int, during: i
             if line.startswith("ACK "):
                 acked = int(line.split()[1]) + 1
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     killed = proc.returncode == -signal.SIGKILL
-    stranded = _server_points(server.root / "mlflow.db", experiment)[0]  # on the server when it died
+    stranded = server_points(server, experiment)  # on the server when it died
 
     proxy.set_mode("pass")
     started = time.perf_counter()
     note = ""
     if recover == "bridge sync":
-        bridge_cli = venv_script("bridge")
-        cmd = ([str(bridge_cli)] if bridge_cli else [sys.executable, "-c", "from bridge.cli import main; main()"])
-        out = subprocess.run([*cmd, "sync", "--journal", str(journal), "--url", proxy.url, "--timeout", "120"],
+        out = subprocess.run([*bridge_cli(), "sync", "--journal", str(journal), "--url", proxy.url, "--timeout", "120"],
                              env={**env, "BRIDGE_TOKEN": "bench-token"}, capture_output=True, text=True, timeout=180,
                              cwd=REPO)
         note = f"exit {out.returncode}"
@@ -148,18 +112,14 @@ def _measure(name: str, client: str, recover: str | None, before: int, during: i
     else:
         time.sleep(settle_s)  # nothing to run: give anything still in flight its chance
     recovery_s = time.perf_counter() - started
-    stored, distinct = _server_points(server.root / "mlflow.db", experiment)
+    stored, distinct = server_points_and_steps(server, experiment)
     return {"name": name, "acked": acked, "killed": killed, "stranded": stranded, "stored": stored,
             "distinct": distinct, "recovery_s": recovery_s, "note": note}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="600 points instead of 2,000 (a smoke run)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser = client_argument_parser(__doc__.splitlines()[0], "600 points instead of 2,000 (a smoke run)")
     parser.add_argument("--recover", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--journal", help=argparse.SUPPRESS)
     parser.add_argument("--experiment", help=argparse.SUPPRESS)
     parser.add_argument("--before", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--during", type=int, default=0, help=argparse.SUPPRESS)
@@ -171,33 +131,20 @@ def main() -> int:
         _recover_with_connect(args.url, args.journal)
         return 0
 
-    from tests.support.flaky_proxy import FlakyProxy
-
     total = 600 if args.quick else 2_000
     before, during = total // 2, total - total // 2
     variants = [("bridge → bridge sync", "bridge", "bridge sync"), ("bridge → connect()", "bridge", "connect()"),
                 ("mlflow-async", "mlflow-async", None)]
     work = scratch_dir("kill9")
-    server = MlflowServer(root=work / "server", args=["--workers", "1"],
-                          env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    server.start()
-    proxy = None
-    try:
-        server.wait_healthy(120)
-        proxy = FlakyProxy("127.0.0.1", server.port)
+    with lean_server_behind_proxy(work) as (server, proxy):
         results = [_measure(name, client, recover, before, during, proxy, server, work, settle_s=10)
                    for name, client, recover in variants]
-    finally:
-        if proxy is not None:
-            proxy.close()
-        server.stop()
 
     rows = [(r["name"], f"{r['acked']:,}", "yes" if r["killed"] else "NO", f"{r['stranded']:,}", f"{r['stored']:,}",
              f"{r['stored'] / r['acked']:.1%}", f"{r['stored'] - r['distinct']}", f"{r['recovery_s']:.1f}", r["note"])
             for r in results]
     print_table(f"kill -9 during an outage ({before:,} points logged with the link up, {during:,} during the outage) — "
-                f"plain mlflow server (SQLite, 1 worker) on 127.0.0.1{' [quick]' if args.quick else ''}; "
-                f"{machine_summary()}",
+                f"{lean_server_caption(args.quick)}",
                 ["variant", "acknowledged", "killed -9", "on server at kill", "on server after", "delivered",
                  "duplicates", "recovery s", "recovery"], rows)
     anchor = results[-1]

@@ -30,28 +30,20 @@ Goal (issue 3): bridge's loop slowdown <= 5 %.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from _common import REPO, MlflowServer, clean_env, machine_summary, print_table, scratch_dir, verdict
+from _common import (MlflowServer, child_env, child_process, client_argument_parser, connect_client, expect_line,
+                     lean_server_behind_proxy, lean_server_caption, print_table, read_result, report_result,
+                     scratch_dir, server_points, verdict)
 
 GOAL_SLOWDOWN = 0.05
 STEP_S = 0.01
 SYNC_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-
-
-def child_env(home: Path, **extra: str) -> dict[str, str]:
-    """A clean environment for a measured child: its own BRIDGE_HOME, no keyring, no inherited MLflow settings."""
-    env = {k: v for k, v in clean_env().items() if not k.startswith(("MLFLOW_", "BRIDGE_"))}
-    env.update({"PYTHONPATH": str(REPO), "BRIDGE_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true",
-                "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring", **extra})
-    return env
 
 
 def work(k: int) -> int:
@@ -115,14 +107,8 @@ def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: flo
 
     experiment = f"bench-outage-{client}-{time.time_ns()}"
     conn = None
-    if client == "bridge":
-        import bridge
-
-        conn = bridge.connect(url=url, token="bench-token", experiment=experiment, journal=journal)
-    elif client == "mlflow-sync":
-        mlflow.set_tracking_uri(url)
-        mlflow.set_experiment(experiment)
-    if client != "none":
+    if client != "none":  # "none": the same loop without logging (the anchor)
+        conn = connect_client(client, url, experiment, journal)
         mlflow.start_run(run_name=client)
         if conn is not None:
             conn.flush(30)  # the run exists on the server before the link breaks, as for MLflow
@@ -168,18 +154,6 @@ def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: flo
 
 # ----------------------------------------------------------------------------------------- parent side
 
-def _server_points(db: Path, experiment: str) -> int:
-    import sqlite3
-
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute("select count(*) from metrics m join runs r on m.run_uuid = r.run_uuid "
-                            "join experiments e on r.experiment_id = e.experiment_id "
-                            "where e.name = ? and m.key = 'loss'", (experiment,)).fetchone()[0]
-    finally:
-        conn.close()
-
-
 def _measure(client: str, mode: str | None, steps: int, k: int, outage: tuple[float, float], proxy,
              server: MlflowServer, work_dir: Path) -> dict:
     """Run one loop; with `mode`, the proxy is broken from outage[0] to outage[0]+outage[1] s after START."""
@@ -191,34 +165,25 @@ def _measure(client: str, mode: str | None, steps: int, k: int, outage: tuple[fl
     cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url,
            "--journal", str(work_dir / f"{name}.sqlite"), "--steps", str(steps), "-k", str(k),
            "--drain", str(drain_s)]
-    proc = subprocess.Popen(cmd, env=child_env(home, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
     timer = None
     outage_seen = {"start": None, "end": None}
     try:
-        for line in proc.stdout:
-            if line.startswith("START"):
-                if mode is not None:
-                    def outage_timeline() -> None:
-                        time.sleep(outage[0])
-                        proxy.set_mode(mode)
-                        outage_seen["start"] = time.monotonic()
-                        time.sleep(outage[1])
-                        proxy.set_mode("pass")
-                        outage_seen["end"] = time.monotonic()
+        with child_process(cmd, child_env(home, **extra)) as proc:
+            expect_line(proc, "START")
+            if mode is not None:
+                def outage_timeline() -> None:
+                    time.sleep(outage[0])
+                    proxy.set_mode(mode)
+                    outage_seen["start"] = time.monotonic()
+                    time.sleep(outage[1])
+                    proxy.set_mode("pass")
+                    outage_seen["end"] = time.monotonic()
 
-                    timer = threading.Thread(target=outage_timeline, daemon=True)
-                    timer.start()
-            elif line.startswith("RESULT "):
-                result = json.loads(line[len("RESULT "):])
-                break
-        else:
-            raise RuntimeError(f"{client} child ended without a result: {proc.stderr.read()[-3000:]}")
-        proc.wait(timeout=60)
+                timer = threading.Thread(target=outage_timeline, daemon=True)
+                timer.start()
+            result = read_result(proc, client)
+            proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         if timer is not None:
             timer.join()
         proxy.set_mode("pass")
@@ -226,40 +191,27 @@ def _measure(client: str, mode: str | None, steps: int, k: int, outage: tuple[fl
     if client == "bridge" and outage_seen["end"] is not None and result["left"] == 0:
         caught_up = max(0.0, result["flushed_at"] - outage_seen["end"])
     result.update(client=client, mode=mode, steps=steps, caught_up_s=caught_up,
-                  stored=_server_points(server.root / "mlflow.db", result["experiment"]) if client != "none" else None)
+                  stored=server_points(server, result["experiment"]) if client != "none" else None)
     return result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 s loop, 5 s outage (a smoke run)")
+    parser = client_argument_parser(__doc__.splitlines()[0], "3 s loop, 5 s outage (a smoke run)")
     parser.add_argument("--mode", choices=("refuse", "blackhole", "both"), default="both")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--journal", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("-k", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--drain", type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = _child(args.child, args.url, args.journal, args.steps, args.k, args.drain)
-        print("RESULT " + json.dumps(result), flush=True)
+        report_result(_child(args.child, args.url, args.journal, args.steps, args.k, args.drain))
         return 0
-
-    from tests.support.flaky_proxy import FlakyProxy
 
     loop_s, outage = (3.0, (1.0, 5.0)) if args.quick else (10.0, (2.0, 30.0))
     modes = ["refuse", "blackhole"] if args.mode == "both" else [args.mode]
     k = calibrate(STEP_S)
     steps = int(loop_s / STEP_S)
     work_dir = scratch_dir("outage")
-    server = MlflowServer(root=work_dir / "server", args=["--workers", "1"],
-                          env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    server.start()
-    proxy = None
-    try:
-        server.wait_healthy(120)
-        proxy = FlakyProxy("127.0.0.1", server.port)
+    with lean_server_behind_proxy(work_dir) as (server, proxy):
         # Anchors interleaved with the bridge runs, so a change in the machine's load shows as their spread.
         baselines = [_measure("none", None, steps, k, outage, proxy, server, work_dir)]
         runs = []
@@ -268,10 +220,6 @@ def main() -> int:
             baselines.append(_measure("none", None, steps, k, outage, proxy, server, work_dir))
         for mode in modes:
             runs.append(_measure("mlflow-sync", mode, steps, k, outage, proxy, server, work_dir))
-    finally:
-        if proxy is not None:
-            proxy.close()
-        server.stop()
 
     anchor = min(b["loop_s"] for b in baselines)
     own_anchor = min(b["own_s"] for b in baselines)
@@ -286,8 +234,7 @@ def main() -> int:
                      f"{r['background_s']:.3f}", f"{r['worst_call_s'] * 1000:,.1f}", f"{r['failed']}",
                      f"{r['stored']}/{steps}", "-" if r["caught_up_s"] is None else f"{r['caught_up_s']:.1f}"))
     print_table(f"{steps:,}-step loop ({STEP_S * 1000:.0f} ms pure-Python steps, 1 log_metric each), "
-                f"{outage[1]:.0f} s outage from t={outage[0]:.0f} s — plain mlflow server (SQLite, 1 worker) on "
-                f"127.0.0.1{' [quick]' if args.quick else ''}; {machine_summary()}",
+                f"{outage[1]:.0f} s outage from t={outage[0]:.0f} s — {lean_server_caption(args.quick)}",
                 ["client", "outage", "loop s", "slowdown", "OS wait s", "slowdown excl. OS wait", "in log calls s",
                  "background CPU s", "slowest call ms", "calls raised", "points on server",
                  "all delivered s after link back"],

@@ -14,24 +14,15 @@ Goal (issue 3): bridge <= 2 requests per 1,000 points.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import REPO, MlflowServer, clean_env, machine_summary, print_table, scratch_dir, verdict
+from _common import (MlflowServer, child_env, client_argument_parser, connect_client, lean_server_behind_proxy,
+                     lean_server_caption, print_table, report_result, run_child, scratch_dir, server_points, verdict)
 
 GOAL_PER_1000 = 2.0
 STEP_S = 0.001
-
-
-def child_env(home: Path, **extra: str) -> dict[str, str]:
-    """A clean environment for a measured child: its own BRIDGE_HOME, no keyring, no inherited MLflow settings."""
-    env = {k: v for k, v in clean_env().items() if not k.startswith(("MLFLOW_", "BRIDGE_"))}
-    env.update({"PYTHONPATH": str(REPO), "BRIDGE_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true",
-                "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring", **extra})
-    return env
 
 
 # ------------------------------------------------------------------------------------------ child side
@@ -40,15 +31,7 @@ def _child(client: str, url: str, journal: str, n: int, paced: bool) -> dict:
     import mlflow
 
     experiment = f"bench-requests-{client}-{time.time_ns()}"
-    conn = None
-    if client == "bridge":
-        import bridge
-
-        conn = bridge.connect(url=url, token="bench-token", experiment=experiment, journal=journal)
-    else:
-        mlflow.set_tracking_uri(url)
-        mlflow.set_experiment(experiment)
-        mlflow.config.enable_async_logging(client == "mlflow-async")
+    conn = connect_client(client, url, experiment, journal, async_logging=client == "mlflow-async")
     started = time.perf_counter()
     with mlflow.start_run(run_name=client):
         for step in range(n):
@@ -69,18 +52,6 @@ def _child(client: str, url: str, journal: str, n: int, paced: bool) -> dict:
 
 # ----------------------------------------------------------------------------------------- parent side
 
-def _server_points(db: Path, experiment: str) -> int:
-    import sqlite3
-
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute("select count(*) from metrics m join runs r on m.run_uuid = r.run_uuid "
-                            "join experiments e on r.experiment_id = e.experiment_id "
-                            "where e.name = ? and m.key = 'loss'", (experiment,)).fetchone()[0]
-    finally:
-        conn.close()
-
-
 def _measure(name: str, client: str, n: int, paced: bool, proxy, server: MlflowServer, work: Path,
              extra_env: dict[str, str]) -> dict:
     home = work / f"home-{name}"
@@ -88,35 +59,24 @@ def _measure(name: str, client: str, n: int, paced: bool, proxy, server: MlflowS
     proxy.reset_counts()
     cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url, "--journal", str(work / f"{name}.sqlite"),
            "-n", str(n)] + (["--paced"] if paced else [])
-    proc = subprocess.run(cmd, env=child_env(home, **extra_env), capture_output=True, text=True, timeout=900,
-                          cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{name} child failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = run_child(cmd, child_env(home, **extra_env), name, timeout_s=900)
     seen = {line: count for (_, line), count in proxy.lines.items()}  # per "METHOD /path"; the child has ended
     others = {line.replace("/api/2.0/mlflow/", ""): count for line, count in sorted(seen.items())
               if "/runs/log-batch" not in line and "/runs/log-metric" not in line}
     result.update(name=name, n=n, total=proxy.count(), others=others,
                   logging=proxy.count("/runs/log-batch") + proxy.count("/runs/log-metric"),
-                  stored=_server_points(server.root / "mlflow.db", result["experiment"]))
+                  stored=server_points(server, result["experiment"]))
     return result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer points (a smoke run, about 40 s)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--journal", help=argparse.SUPPRESS)
+    parser = client_argument_parser(__doc__.splitlines()[0], "fewer points (a smoke run, about 40 s)")
     parser.add_argument("-n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--paced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(_child(args.child, args.url, args.journal, args.n, args.paced)), flush=True)
+        report_result(_child(args.child, args.url, args.journal, args.n, args.paced))
         return 0
-
-    from tests.support.flaky_proxy import FlakyProxy
 
     big, small = (2_000, 300) if args.quick else (10_000, 1_000)
     # (name, client, points, paced, extra environment). MLflow sends one request per point in both stock
@@ -130,27 +90,16 @@ def main() -> int:
         ("mlflow-async buffered 1s", "mlflow-async", big, True, {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1"}),
     ]
     work = scratch_dir("requests")
-    server = MlflowServer(root=work / "server", args=["--workers", "1"],
-                          env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    server.start()
-    proxy = None
-    try:
-        server.wait_healthy(120)
-        proxy = FlakyProxy("127.0.0.1", server.port)
+    with lean_server_behind_proxy(work) as (server, proxy):
         results = [_measure(name, client, n, paced, proxy, server, work, env)
                    for name, client, n, paced, env in variants]
-    finally:
-        if proxy is not None:
-            proxy.close()
-        server.stop()
 
     rows = []
     for r in results:
         rows.append((r["name"], r["n"], f"{r['n'] / r['logging_s']:,.0f}/s", r["total"], r["logging"],
                      f"{1000 * r['total'] / r['n']:.1f}", f"{1000 * r['logging'] / r['n']:.1f}",
                      f"{r['stored']}/{r['n']}"))
-    print_table(f"HTTP requests per 1,000 logged points, counted by the proxy — plain mlflow server (SQLite, 1 worker) "
-                f"on 127.0.0.1{' [quick]' if args.quick else ''}; {machine_summary()}",
+    print_table(f"HTTP requests per 1,000 logged points, counted by the proxy — {lean_server_caption(args.quick)}",
                 ["variant", "points", "log rate", "requests", "log requests", "all / 1,000 pts",
                  "log / 1,000 pts", "points on server"], rows)
     for r in results:

@@ -6,7 +6,6 @@ The full content of a run per model family is checked end to end, through `bridg
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import mlflow
 import pytest
