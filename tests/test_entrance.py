@@ -350,3 +350,35 @@ def test_entrance_reuses_one_upstream_connection_and_drops_hop_by_hop_headers(br
     assert last["host"] == f"127.0.0.1:{upstream.server_address[1]}"
     assert last["x-end"] == "2"
     assert "x-hop" not in last and "authorization" not in last
+
+
+def _stub_request(peer: str, listening_on: str, forwarded_for: str = ""):
+    from types import SimpleNamespace
+
+    headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+    return SimpleNamespace(remote=peer, headers=headers,
+                           transport=SimpleNamespace(get_extra_info=lambda key: (listening_on, 5001)))
+
+
+def test_an_agent_on_this_machine_behind_a_lan_address_still_names_each_client(bridge_home):
+    # With `--host <LAN address>` the ngrok agent connects from that address, not loopback: its
+    # X-Forwarded-For must still decide who the client is, or one attacker would throttle everyone.
+    entrance = Entrance(1, host="127.0.0.1", port=0)
+    assert entrance.client_of(_stub_request("192.0.2.2", "192.0.2.2", "203.0.113.5")) == "203.0.113.5"
+    assert entrance.client_of(_stub_request("192.0.2.2", "192.0.2.2")) is None  # a local tool, no agent
+    # A stranger on the LAN cannot pick its own bucket with a forged header.
+    assert entrance.client_of(_stub_request("198.51.100.7", "192.0.2.2", "203.0.113.5")) == "198.51.100.7"
+
+
+def test_an_absolute_form_request_target_gets_400_not_500(served):
+    import socket
+
+    server = served["server"]
+    host, port = server.entrance_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET http://elsewhere.example/x HTTP/1.1\r\nHost: elsewhere.example\r\n"
+                     b"Authorization: Bearer " + served["token"].encode() + b"\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]

@@ -144,6 +144,10 @@ def test_redact_uri_hides_passwords_only():
     assert redact_uri("postgresql://user:s3cret@host:5432/db") == "postgresql://user:***@host:5432/db"
     assert redact_uri("postgresql://user@host/db") == "postgresql://user@host/db"
     assert redact_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    # libpq also takes the password as a query parameter
+    assert (redact_uri("postgresql://u@h/db?password=s3cret&sslmode=require")
+            == "postgresql://u@h/db?password=***&sslmode=require")
+    assert "s3cret" not in redact_uri("postgresql://u:s3cret@h/db?sslpassword=s3cret")
 
 
 def test_start_failure_raises_with_mlflow_log_lines_and_no_leftovers(bridge_home):

@@ -185,6 +185,19 @@ def _is_loopback(address: str | None) -> bool:
     return (mapped or ip).is_loopback
 
 
+def _from_this_machine(request: web.BaseRequest) -> bool:
+    """True for a peer on this machine: loopback, or the very address the entrance listens on.
+
+    With `--host <LAN address>` the ngrok agent on this machine connects from that address, not loopback;
+    treating it as a stranger would put every tunnel client in one throttle bucket.
+    """
+    peer = request.remote
+    if _is_loopback(peer):
+        return True
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    return bool(peer) and bool(sockname) and peer == sockname[0]
+
+
 class Entrance:
     """The proxy: `start()` binds it in a background thread, `stop()` closes it; `url` is where it listens."""
 
@@ -304,7 +317,7 @@ class Entrance:
         the workstation's own tools after a few typos.
         """
         peer = request.remote or ""
-        if _is_loopback(peer):
+        if _from_this_machine(request):
             forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
             return forwarded or None
         return peer
@@ -312,7 +325,7 @@ class Entrance:
     def own_origin(self, request: web.BaseRequest) -> str:
         """The origin a browser using this entrance sends: scheme from the tunnel, host as received."""
         scheme = "http"
-        if _is_loopback(request.remote):
+        if _from_this_machine(request):
             scheme = request.headers.get("X-Forwarded-Proto", "http").split(",", 1)[0].strip().lower() or "http"
         return f"{scheme}://{request.headers.get('Host', '').lower()}"
 
@@ -340,6 +353,8 @@ class Entrance:
             )
         if client is not None:
             self.throttle.succeeded(client)
+        if not request.raw_path.startswith("/"):  # absolute-form or asterisk targets are not for MLflow
+            return web.Response(status=400, text="Request target must be a path.\n")
         return await self._forward(request)
 
     def _upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:

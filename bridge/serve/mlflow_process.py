@@ -53,24 +53,39 @@ STABLE_AFTER_S = 60.0
 EXEC_HOOK = "_exec_cmd"
 
 
+#: Query parameters that carry secrets in database URIs (libpq's `password`, `sslpassword`, …).
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword", "secret", "token", "api_key"})
+
+
 def redact_uri(uri: str) -> str:
-    """`uri` with any password replaced by `***`, safe for logs and error messages."""
+    """`uri` with any password — in the user info or the query — replaced by `***`, safe for logs and errors."""
     try:
         parts = urlsplit(uri)
     except ValueError:
         return "<unparseable URI>"
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    query = "&".join(
+        f"{key}=***" if key.lower() in _SECRET_QUERY_KEYS else (f"{key}={value}" if sep else key)
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    if netloc == parts.netloc and query == parts.query:
         return uri
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{netloc}", parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def _password_of(uri: str) -> str | None:
+def _passwords_of(uri: str) -> list[str]:
+    """Every secret `redact_uri` would hide: the user-info password and secret query values."""
     try:
-        return urlsplit(uri).password
+        parts = urlsplit(uri)
     except ValueError:
-        return None
+        return []
+    found = [parts.password] if parts.password else []
+    for key, _, value in (item.partition("=") for item in parts.query.split("&") if item):
+        if key.lower() in _SECRET_QUERY_KEYS and value:
+            found.append(value)
+    return found
 
 
 def sqlite_database_path(uri: str) -> Path | None:
@@ -301,8 +316,7 @@ class MlflowProcess:
             return f"(log unreadable: {exc})"
         # MLflow may echo the backend URI; its password must not travel on in our error message.
         for uri in (self.options.resolved_backend_store_uri(), self.options.resolved_artifacts_destination()):
-            password = _password_of(uri)
-            if password:
+            for password in _passwords_of(uri):
                 text = text.replace(password, "***")
         lines = [line for line in text.splitlines() if line.strip()]
         return "\n".join(lines[-LOG_TAIL_LINES:]) or "(MLflow wrote nothing)"
