@@ -103,7 +103,7 @@ class Intake:
         self.lock = threading.Lock()
         self.size = 0  # bytes written
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        _lock_file(self.fd)
+        try_lock(self.fd)
 
     def append(self, record: bytes) -> None:
         """Write `record` whole; on failure the file is cut back to where it was and OSError raised."""
@@ -146,10 +146,11 @@ class Intake:
             os.close(self.fd)
 
 
-def _lock_file(fd: int) -> bool:
+def try_lock(fd: int) -> bool:
+    """Take an exclusive, non-blocking flock on `fd`; False when another process holds it."""
     try:
         import fcntl
-    except ImportError:
+    except ImportError:  # not POSIX: one process per journal in practice
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -167,7 +168,7 @@ def orphans(journal_path: Path, own: str | None) -> Iterator[tuple[Path, int]]:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             continue
-        if not _lock_file(fd):
+        if not try_lock(fd):
             os.close(fd)  # a live process owns it
             continue
         yield path, fd

@@ -604,7 +604,7 @@ class Journal:
             except FileNotFoundError:
                 continue
             try:
-                if not _try_lock(fd):
+                if not _intake.try_lock(fd):
                     continue  # another process is spooling it right now
                 # Asked under the lock: a writer commits its row before it lets go of the file.
                 if not self._spool_referenced(path.name):
@@ -781,25 +781,13 @@ def _new_spool_file(folder: Path) -> Iterator[tuple[str, object]]:
         name = uuid.uuid4().hex
         fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         # A sweep in another process may have locked or removed it between create and lock: take another name.
-        if _try_lock(fd) and os.fstat(fd).st_nlink > 0:
+        if _intake.try_lock(fd) and os.fstat(fd).st_nlink > 0:
             break
         os.close(fd)
     else:
         raise OSError(errno.EAGAIN, f"cannot create a spool file in {folder}")
     with os.fdopen(fd, "wb") as fh:
         yield name, fh
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: one process per journal in practice
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
 
 
 class _ClaimLost(Exception):

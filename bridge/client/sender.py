@@ -39,6 +39,7 @@ import urllib3
 
 from bridge import config
 from bridge.client import discovery
+from bridge.client.intake import try_lock
 from bridge.client.journal import (
     ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN, DELETE_TAG, LOG_INPUTS, METRIC, PARAM, SET_EXPERIMENT_TAG, TAG,
     UPDATE_RUN, Journal, Op, decode_value,
@@ -393,14 +394,8 @@ class Sender:
 
     def _acquire_lock(self) -> bool:
         """One sender per journal at a time, across processes (a live process and `bridge sync`)."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: nothing to coordinate with in practice
-            return True
         handle = open(str(self.journal.path) + ".lock", "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not try_lock(handle.fileno()):
             handle.close()
             return False
         self._lock_file = handle
