@@ -73,16 +73,21 @@ def _read_file(path: Path) -> dict[str, str]:
         raise SecretError(f"secret file {path} is unreadable: {type(exc).__name__}") from None
 
 
-def _write_file(path: Path, data: dict[str, str]) -> None:
+def write_private_file(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text`, readable by the owner only (0600) from the first byte on."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
+    os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
     os.replace(tmp, path)
+
+
+def _write_file(path: Path, data: dict[str, str]) -> None:
+    write_private_file(path, json.dumps(data))
 
 
 def get_secret(name: str) -> str | None:

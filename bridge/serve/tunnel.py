@@ -359,15 +359,7 @@ class Tunnel:
             data.pop("authtoken", None)
             if self.config.authtoken:
                 data["authtoken"] = self.config.authtoken
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            yaml.safe_dump(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        secrets.write_private_file(path, yaml.safe_dump(data))
         # pyngrok caches the parsed file per path; make it read this version.
         installer.get_ngrok_config(str(path), use_cache=False, ngrok_version="3", config_version="2")
 
