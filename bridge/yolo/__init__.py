@@ -13,7 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bridge.yolo.callbacks import YoloTracker, metric_name, model_identity
+from bridge.yolo.callbacks import (
+    DEFAULT_LOG_BEST_EVERY_S,
+    DEFAULT_REFRESH_EVERY_S,
+    YoloTracker,
+    metric_name,
+    model_identity,
+)
 from bridge.yolo.compare import Comparison, compare
 from bridge.yolo.dataset import DatasetSummary, make_synthetic_dataset, summarize_dataset
 from bridge.yolo.sweep import resolve_model, sweep
@@ -30,9 +36,9 @@ def track(
     experiment: str | None = None,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
-    log_best_every_s: float = 60.0,
+    log_best_every_s: float = DEFAULT_LOG_BEST_EVERY_S,
     console: bool = True,
-    refresh_every_s: float = 10.0,
+    refresh_every_s: float = DEFAULT_REFRESH_EVERY_S,
 ) -> YoloTracker:
     """Attach bridge's callbacks to an Ultralytics `YOLO` model: each `model.train()` becomes one MLflow run.
 
@@ -54,8 +60,8 @@ def train(
     experiment: str | None = None,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
-    log_best_every_s: float = 60.0,
-    refresh_every_s: float = 10.0,
+    log_best_every_s: float = DEFAULT_LOG_BEST_EVERY_S,
+    refresh_every_s: float = DEFAULT_REFRESH_EVERY_S,
     **overrides: Any,
 ) -> YoloTracker:
     """Train `model` (a `YOLO` object, or a name/path such as 'yolo11n.pt' or 'yolov8n.yaml') with tracking.

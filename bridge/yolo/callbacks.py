@@ -47,6 +47,8 @@ MAX_TAG_VALUE_CHARS = 8000
 DEFAULT_END_TIMEOUT_S = 300.0
 #: How often console.log, results.csv and new plots are refreshed on the server while training.
 DEFAULT_REFRESH_EVERY_S = 10.0
+#: best.pt goes up when it improves, at most this often.
+DEFAULT_LOG_BEST_EVERY_S = 60.0
 EVENTS = (
     "on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_epoch_end", "on_fit_epoch_end",
     "on_model_save", "on_train_end", "teardown",
@@ -162,7 +164,7 @@ class YoloTracker:
         experiment: str | None = None,
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
-        log_best_every_s: float = 60.0,
+        log_best_every_s: float = DEFAULT_LOG_BEST_EVERY_S,
         console: bool = True,
         refresh_every_s: float = DEFAULT_REFRESH_EVERY_S,
         end_timeout_s: float = DEFAULT_END_TIMEOUT_S,
