@@ -797,9 +797,10 @@ class Sender:
         record = self.journal.run(run)
         if record is None or record.status in _TERMINAL_STATUSES:
             return  # this process ended it: its final status is journaled, on its way
-        self.call("/runs/update", {"run_id": remote, "run_uuid": remote, "status": "RUNNING"})
+        # The reason goes first, so a run seen RUNNING again never still carries why it was killed.
         with contextlib.suppress(HttpFailure):  # absent when someone else ended it: nothing to remove
             self.call("/runs/delete-tag", {"run_id": remote, "key": config.KILLED_REASON_TAG})
+        self.call("/runs/update", {"run_id": remote, "run_uuid": remote, "status": "RUNNING"})
         log.warning("bridge: the server had marked run %s %s while it was still logging (no heartbeat got through); "
                     "it is RUNNING again", run, info.get("status"))
 
