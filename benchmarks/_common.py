@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,13 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # so `tests.support.*` (the stand-in ngrok agent) imports from a plain script
     sys.path.insert(0, str(REPO))
 
-#: Environment names that would leak the caller's bridge/MLflow/ngrok settings into a measured server.
-_SCRUBBED_ENV = (
-    "BRIDGE_HOME", "BRIDGE_TOKEN", "BRIDGE_URL", "BRIDGE_DISCOVERY", "BRIDGE_PORT", "BRIDGE_ENTRANCE_PORT",
-    "BRIDGE_TUNNEL", "BRIDGE_PUBLISH", "BRIDGE_WORKERS", "NGROK_AUTHTOKEN", "MLFLOW_TRACKING_URI",
-    "MLFLOW_BACKEND_STORE_URI", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-)  # fmt: skip
+from bridge.serve.child import SCRUBBED_ENV, ServeChild, free_port  # noqa: E402
 
 _live: list[Any] = []  # servers to stop if a benchmark dies half way
 
@@ -61,24 +54,9 @@ def _stop_leftovers() -> None:
 # --- small helpers ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free ports."""
-    ports: set[int] = set()
-    while len(ports) < n:
-        ports.add(free_port())
-    return sorted(ports)
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without bridge/MLflow/ngrok settings, telemetry off, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     env.update(extra)
     return env
@@ -387,102 +365,29 @@ class StandInNgrok:
                 pass
 
 
-@dataclass
-class BridgeServe:
-    """A `bridge serve` child with a BRIDGE_HOME of its own (file secret store, never the user's keyring)."""
+class BridgeServe(ServeChild):
+    """The library's `bridge serve` child (file secret store, never the user's keyring), stopped at exit."""
 
-    home: Path
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = 0
-    entrance_port: int = 0
-    proc: subprocess.Popen | None = None
-    started_at: float = 0.0
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "COLUMNS": "200"}
 
-    @property
-    def mlflow_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def entrance_url(self) -> str:
-        return f"http://127.0.0.1:{self.entrance_port}"
-
-    def _env(self) -> dict[str, str]:
-        return clean_env(
-            BRIDGE_HOME=str(self.home), PYTHON_KEYRING_BACKEND="keyring.backends.null.Keyring", COLUMNS="200",
-            **self.env,
-        )  # fmt: skip
-
-    def _launcher(self) -> list[str]:
-        return bridge_cli()
-
-    def start(self) -> None:
-        """Launch it (returns at once; `wait_ready()` waits)."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        if not (self.port and self.entrance_port):
-            self.port, self.entrance_port = free_ports(2)
-        log = open(self.home / "serve-output.log", "ab")
-        self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [*self._launcher(), "serve", "--port", str(self.port), "--entrance-port", str(self.entrance_port),
-             *self.args],
-            cwd=self.home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
-        )  # fmt: skip
+    def launch(self) -> None:
+        super().launch()
         _live.append(self)
 
-    def state(self) -> dict | None:
-        """What it wrote to serve-state.json (what `bridge status` reads)."""
-        try:
-            return json.loads((self.home / "serve-state.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def published(self) -> dict | None:
-        """The state once a record was published successfully, else None."""
-        state = self.state()
-        publish = (state or {}).get("last_publish") or {}
-        return state if publish.get("ok") else None
-
-    def wait_ready(self, check: Callable[["BridgeServe"], Any] | None = None, timeout_s: float = 120.0) -> Any:
-        """Poll until `check(self)` is truthy (default: a record is published); return its value."""
-        check = check or (lambda serve: serve.published())
-
-        def ready() -> Any:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"bridge serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            return check(self)
-
-        return wait_until(ready, timeout_s, "bridge serve to be ready", interval_s=0.05)
-
-    def token(self) -> str:
-        """The access token, read as a user would: `bridge token`."""
-        out = subprocess.run([*self._launcher(), "token"], env=self._env(), capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            raise RuntimeError(f"`bridge token` failed: {out.stderr}")
-        return out.stdout.strip()
-
-    def log_tail(self, lines: int = 30) -> str:
-        return file_tail(self.home / "serve-output.log", lines)
-
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (what Ctrl-C does), then make sure nothing of its tree is left."""
-        if self.proc is not None:
-            procs = tree_processes(self.proc.pid)
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            for proc in procs:
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            self.proc = None
+        procs = tree_processes(self.proc.pid) if self.proc is not None else []
+        code = super().stop(timeout_s)
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc = None
         if self in _live:
             _live.remove(self)
+        return code
 
 
 # --- client benchmarks: a measured child process per variant, behind the test-owned flaky proxy ----------

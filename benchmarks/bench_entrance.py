@@ -211,9 +211,9 @@ def main() -> int:
     print(f"Machine: {machine_summary()}")
 
     ngrok = StandInNgrok(work_dir / "fake-ngrok")
-    serve = BridgeServe(work_dir / "home", args=["--tunnel", "ngrok"], env=ngrok.env)
+    serve = BridgeServe(work_dir / "home", args=["--tunnel", "ngrok"], env_extra=ngrok.env)
     token = serve.token()
-    serve.start()
+    serve.launch()
     try:
         state = serve.wait_ready(lambda s: (st := s.published()) and st["tunnel"]["public_url"] and st)
         tunnel_url = ngrok.local_url(state["tunnel"]["public_url"])

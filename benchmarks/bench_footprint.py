@@ -38,7 +38,7 @@ def main() -> int:
 
     bridge = BridgeServe(work / "bridge-home", args=["--tunnel", "none"])
     stock = MlflowServer(work / "stock")
-    bridge.start()
+    bridge.launch()
     stock.start()
     try:
         bridge.wait_ready()

@@ -50,10 +50,10 @@ def time_mlflow(root, lean: bool = False) -> float:
 def time_bridge(root) -> tuple[float, dict[str, float]]:
     """Seconds to an authenticated 200 on /health through the tunnel, and when each milestone was logged."""
     ngrok = StandInNgrok(root / "fake-ngrok")
-    serve = BridgeServe(root / "home", args=["--tunnel", "ngrok"], env={**ngrok.env, "BRIDGE_LOG_LEVEL": "INFO"})
+    serve = BridgeServe(root / "home", args=["--tunnel", "ngrok"], env_extra={**ngrok.env, "BRIDGE_LOG_LEVEL": "INFO"})
     token = serve.token()  # created before the clock starts: the everyday case is a restart with a token
     launched_wall = time.time()
-    serve.start()
+    serve.launch()
 
     def healthy_through_tunnel(s: BridgeServe) -> bool:
         state = s.published()

@@ -159,9 +159,9 @@ def _plain_server(work: Path, env: dict):
 
 def _bridge_server(work: Path):
     sys.path.insert(0, str(REPO))
-    from bridge.yolo.demo import DemoServer, free_port
+    from bridge.serve.child import ServeChild
 
-    server = DemoServer(home=work / "bridge-home", port=free_port(), entrance_port=free_port())
+    server = ServeChild(home=work / "bridge-home", args=["--tunnel", "none"])
     server.start()
     return server
 

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -17,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from bridge import config, secrets
 from bridge.errors import ConfigError, RecordSignatureError
 from bridge.record import verify_record
-from bridge.serve.supervisor import ServeOptions, Supervisor
+from bridge.serve.supervisor import ServeOptions, Supervisor, primary_address
 from tests.support.mlflow_server import free_port
 
 
@@ -255,3 +256,20 @@ def test_supervisor_reaps_silent_runs_and_republishes_when_due(bridge_home):
         waiter.join(10)
         supervisor.stop()
     assert json.loads(config.paths().state_file.read_text())["stopped_at"] is not None
+
+
+def test_a_wildcard_host_publishes_this_machines_address_not_0_0_0_0(bridge_home):
+    supervisor = Supervisor(ServeOptions(host="0.0.0.0", port=free_port(), entrance_port=free_port(), tunnel="none"))
+    info = supervisor.start()
+    try:
+        token = secrets.access_token(create=False)
+        published = verify_record(config.paths().record_file.read_text(), token)
+        assert published.url == info.record_url
+        host = urlsplit(published.url).hostname
+        assert host == (primary_address() or "127.0.0.1") and host != "0.0.0.0"
+        assert any("binds every address" in note for note in info.notes)
+        # The published address really reaches the entrance, which still wants the token.
+        assert requests.get(published.url + "/health", timeout=10).status_code == 401
+        assert requests.get(published.url + "/health", auth=("bridge", token), timeout=10).status_code == 200
+    finally:
+        supervisor.stop()

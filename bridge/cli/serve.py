@@ -44,7 +44,8 @@ def serve_command(
         envvar="BRIDGE_ENTRANCE_PORT")] = None,
     host: Annotated[str, typer.Option(
         help="Address the entrance binds. Keep 127.0.0.1 behind ngrok; name a LAN/VPN address "
-             "(e.g. a Tailscale IP) to serve it there with --tunnel none.",
+             "(e.g. a Tailscale IP) to serve it there with --tunnel none; 0.0.0.0 binds every address and "
+             "publishes this machine's default-route address.",
         envvar="BRIDGE_HOST")] = config.DEFAULT_HOST,
     tunnel: Annotated[str, typer.Option(
         help="ngrok: open an ngrok tunnel to the entrance (needs `bridge login` or NGROK_AUTHTOKEN; without "

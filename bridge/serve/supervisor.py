@@ -34,6 +34,8 @@ from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
 log = logging.getLogger(__name__)
 
 TUNNEL_MODES = ("ngrok", "none")
+#: `--host` values that bind every address: never a URL anyone can use.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 #: Signals that stop `bridge serve` cleanly. SIGHUP (the terminal closed) and SIGQUIT (Ctrl-\) matter as much as
 #: SIGINT/SIGTERM: MLflow runs in its own session, so a signal that kills only this process orphans it on the port.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -170,7 +172,7 @@ class Supervisor:
             self.tunnel_status = "opening"
             self.public_url = self.tunnel.open()
             self.tunnel_status = "open"
-        self.record_url = self.public_url or self.entrance.url
+        self.record_url = self.public_url or self._advertised_entrance_url()
         self._publish()
         self._spawn(self._watch_mlflow, "bridge-mlflow-watch")
         self._spawn(self._reap_loop, "bridge-reaper")
@@ -203,11 +205,24 @@ class Supervisor:
 
     def _tunnel_target(self) -> str:
         assert self.entrance is not None
-        host = self.options.host
         # The agent runs here: a wildcard bind is reached through loopback.
-        if host in ("0.0.0.0", "::", ""):
+        if self.options.host in WILDCARD_HOSTS:
             return f"http://127.0.0.1:{self.entrance.port}"
         return self.entrance.url
+
+    def _advertised_entrance_url(self) -> str:
+        """The entrance's URL for others: a wildcard bind is named by this machine's address, not 0.0.0.0."""
+        assert self.entrance is not None
+        if self.options.host not in WILDCARD_HOSTS:
+            return self.entrance.url
+        address = primary_address()
+        if address is None:
+            self.notes.append("--host binds every address, but this machine has no network route: "
+                              "publishing the loopback URL; name the address to publish with --host.")
+            return f"http://127.0.0.1:{self.entrance.port}"
+        self.notes.append(f"--host {self.options.host} binds every address; publishing {address}, this "
+                          "machine's address on its default route (name another with --host).")
+        return f"http://{address}:{self.entrance.port}"
 
     def _check_interrupt(self) -> None:
         if self.stop_requested:
@@ -417,6 +432,17 @@ class Supervisor:
                 os.replace(tmp, path)
             except OSError as exc:
                 log.warning("Could not write %s: %s", path, exc)
+
+
+def primary_address() -> str | None:
+    """This machine's IPv4 address on its default route, or None without one (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+            address = probe.getsockname()[0]
+    except OSError:
+        return None
+    return None if address in ("0.0.0.0", "") else address
 
 
 def _check_bindable(host: str, port: int) -> None:
