@@ -176,9 +176,8 @@ def rotate_access_token() -> str:
 
 def mark_token_changed() -> None:
     """Write a new revision marker (no secret in it) that running entrances watch."""
-    marker = config.paths().token_revision_file
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(_random.token_hex(8) + "\n")
+    # Replaced, not rewritten: a new inode tells watchers even when two rotations share one mtime tick.
+    write_private_file(config.paths().token_revision_file, _random.token_hex(8) + "\n")
 
 
 def mask(secret: str | None) -> str:

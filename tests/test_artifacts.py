@@ -64,9 +64,11 @@ def test_upload_whose_answer_was_lost_is_not_uploaded_again(flaky_proxy, mlflow_
         source = tmp_path / "model.bin"
         source.write_bytes(os.urandom(200_000))
         mlflow.log_artifact(str(source))
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while flaky_proxy.count("/mlflow-artifacts/", method="PUT") < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
+        # Else the upload below would go through a working link and the test would prove nothing.
+        assert flaky_proxy.count("/mlflow-artifacts/", method="PUT", mode="lost_ack") == 1
         flaky_proxy.set_mode("pass")
     assert conn.flush(60) == 0
     assert flaky_proxy.count("/mlflow-artifacts/", method="PUT") == 1

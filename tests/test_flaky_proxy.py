@@ -77,6 +77,11 @@ def test_blackhole_accepts_but_never_answers(flaky_proxy, mlflow_server):
     with pytest.raises(requests.ReadTimeout):
         _create(flaky_proxy.url, name, timeout=(2, 0.5))
     assert time.monotonic() - started < 2
+    # The proxy's connection thread counts the request once it has read it whole, which on a loaded machine
+    # can come after the client's 0.5 s read timeout: wait for the count, then check it is exactly one.
+    deadline = time.monotonic() + 10
+    while flaky_proxy.count(CREATE, mode="blackhole") < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert flaky_proxy.count(CREATE, mode="blackhole") == 1
     assert not _exists_on_server(mlflow_server, name)
     flaky_proxy.set_mode("pass")

@@ -132,7 +132,9 @@ CHILD = textwrap.dedent("""
 
 
 def test_console_is_live_and_a_killed_process_gets_its_run_marked_killed(own_bridge_serve, yolo_dataset, tmp_path):
-    serve = own_bridge_serve("--heartbeat-timeout", "3", name="reaper")
+    # 10 s, not less: a training process saturating both cores can hold up a 0.5 s heartbeat for seconds, and a
+    # live run reaped meanwhile (then revived by its sender) would fail the RUNNING check below.
+    serve = own_bridge_serve("--heartbeat-timeout", "10", name="reaper")
     script = tmp_path / "train_forever.py"
     script.write_text(CHILD)
     env = {**os.environ, **connect_env(serve, tmp_path / "journal.sqlite"), "BRIDGE_HEARTBEAT_S": "0.5"}

@@ -136,8 +136,8 @@ class ServeChild:
         return state if ((state or {}).get("last_publish") or {}).get("ok") else None
 
     def ready(self) -> bool:
-        """A record publication was attempted and the entrance answers HTTP."""
-        return bool((self.state() or {}).get("last_publish")) and http_status(self.entrance_url + "/health") is not None
+        """Start-up is over (record published or tried, start-up output printed) and the entrance answers HTTP."""
+        return bool((self.state() or {}).get("ready_at")) and http_status(self.entrance_url + "/health") is not None
 
     def wait_ready(self, check: Callable[[ServeChild], Any] | None = None, timeout_s: float = START_TIMEOUT_S) -> Any:
         """Poll until `check(self)` is truthy (default: `ready()`) and return its value; stop and raise on failure."""

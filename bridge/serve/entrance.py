@@ -71,12 +71,12 @@ class TokenSource:
         self._token = self._load().encode()
         self.revision = 0
 
-    def _revision_stamp(self) -> tuple[int, int, int] | None:
+    def _revision_stamp(self) -> tuple[int, int, int, int] | None:
         try:
             st = os.stat(self._revision_file)
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
     def current(self) -> bytes:
         """The token now; one stat() per call, a secret-store read only when the marker changed."""

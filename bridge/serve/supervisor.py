@@ -133,6 +133,7 @@ class Supervisor:
         self.record_url: str | None = None
         self.last_publish: dict[str, Any] | None = None
         self.last_reap: dict[str, Any] | None = None
+        self.ready_at: float | None = None
         self.events: list[dict[str, Any]] = []
         self._published_revision = -1
         self._next_publish_at = 0.0
@@ -233,6 +234,11 @@ class Supervisor:
         self.stop_requested = True
         self._stop.set()
         self.mlflow.interrupt()
+
+    def mark_ready(self) -> None:
+        """Record in the state file that start-up is over (everything up, the start-up output printed)."""
+        self.ready_at = time.time()
+        self._write_state()
 
     def wait(self) -> None:
         """Run the watch loop until `request_stop()`."""
@@ -396,6 +402,7 @@ class Supervisor:
             "pid": os.getpid(),
             "instance": self.instance,
             "started_at": self.started_at,
+            "ready_at": self.ready_at,
             "stopped_at": time.time() if stopped else None,
             "mlflow": {
                 "url": self.mlflow.url,
@@ -495,6 +502,7 @@ def serve(options: ServeOptions, on_ready=None) -> None:
             raise
         if on_ready is not None:
             on_ready(info)
+        supervisor.mark_ready()
         supervisor.wait()
     finally:
         supervisor.stop()
