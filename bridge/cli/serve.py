@@ -270,7 +270,8 @@ def status_command() -> None:
     table.add_column("Details", overflow="fold")
     if running:
         uptime = _duration(time.time() - state["started_at"])
-        table.add_row("Process", "[green]running[/]", f"pid {state.get('pid')}, up {uptime}")
+        process_state = "[green]running[/]" if state.get("ready_at") else "[yellow]starting[/]"
+        table.add_row("Process", process_state, f"pid {state.get('pid')}, up {uptime}")
     else:
         last = _ago(state.get("stopped_at") or state.get("started_at"))
         table.add_row("Process", "[red]stopped[/]", f"pid {state.get('pid')} (last state {last})")

@@ -141,11 +141,11 @@ class ServeChild:
 
     def wait_ready(self, check: Callable[[ServeChild], Any] | None = None, timeout_s: float = START_TIMEOUT_S) -> Any:
         """Poll until `check(self)` is truthy (default: `ready()`) and return its value; stop and raise on failure."""
-        check = check or ServeChild.ready
+        check = check or (lambda child: child.ready())
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
+                code = self.stop()  # it is gone already: this only sweeps up what it may have left
                 raise ServeError(f"bridge serve exited with {code}:\n{self.log_tail()}")
             value = check(self)
             if value:
