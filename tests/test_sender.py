@@ -149,7 +149,6 @@ def test_a_live_run_is_created_with_a_heartbeat_before_the_first_heartbeat_round
     journal, run = _journal_run(tmp_path, name)
     sender = Sender(journal, mlflow_server.url, None, heartbeat_s=3600, send_interval_s=0.05)
     sender.watch_run(run)
-    sender._last_heartbeat = time.time()  # a heartbeat round ran just before the run existed on the server
     sender.start()
     try:
         assert sender.flush(30) == 0
@@ -157,6 +156,52 @@ def test_a_live_run_is_created_with_a_heartbeat_before_the_first_heartbeat_round
         sender.stop()
     beat = int(server_run(server_client, name).data.tags[config.HEARTBEAT_TAG])
     assert abs(beat - time.time()) < 30
+
+
+def test_a_live_run_that_keeps_logging_sends_its_heartbeat_inside_its_batches(tmp_path, flaky_proxy, server_client):
+    # Every request counts against ngrok's free plan: a run that logs needs no heartbeat requests of its own.
+    name = f"beat-in-batch-{uuid.uuid4().hex[:8]}"
+    journal, run = _journal_run(tmp_path, name)
+    sender = Sender(journal, flaky_proxy.url, None, heartbeat_s=1.0, send_interval_s=0.05)
+    sender.watch_run(run)
+    started = int(time.time())
+    sender.start()
+    try:
+        for step in range(40):  # 4 s of training, a point every 0.1 s
+            journal.append_batch(run, [("loss", 1.0 / (step + 1), int(time.time() * 1000), step)])
+            time.sleep(0.1)
+        assert sender.flush(30) == 0
+    finally:
+        sender.stop()
+    remote = server_run(server_client, name)
+    assert len(server_client.get_metric_history(remote.info.run_id, "loss")) == 40
+    assert flaky_proxy.count("/runs/set-tag") == 0, flaky_proxy.lines
+    assert int(remote.data.tags[config.HEARTBEAT_TAG]) >= started + 2, "batches after the first carried the beat"
+
+
+def test_the_server_status_of_a_live_run_is_read_every_tenth_beat_and_after_a_gap(tmp_path, flaky_proxy,
+                                                                                  server_client):
+    from bridge.client.sender import REVIVE_CHECK_EVERY_BEATS
+
+    name = f"beat-reads-{uuid.uuid4().hex[:8]}"
+    journal, run = _journal_run(tmp_path, name)
+    sender = Sender(journal, flaky_proxy.url, None, heartbeat_s=60)
+    sender.watch_run(run)
+    _deliver(sender)  # creates the run, born with a beat
+    remote = server_run(server_client, name).info.run_id
+    flaky_proxy.reset_counts()
+    for _ in range(REVIVE_CHECK_EVERY_BEATS - 1):
+        sender._beat_delivered(run, remote)
+    assert flaky_proxy.count("/runs/get") == 0
+    sender._beat_delivered(run, remote)
+    assert flaky_proxy.count("/runs/get") == 1
+    # A gap in the beats (an outage, a stalled thread) is what the reaper acts on: the next beat looks at once.
+    server_client.set_terminated(remote, "KILLED")
+    sender._beats[run] -= 3 * sender.heartbeat_s
+    sender._heartbeat()
+    assert flaky_proxy.count("/runs/set-tag") == 1 and flaky_proxy.count("/runs/get") == 2
+    assert server_client.get_run(remote).info.status == "RUNNING"
+    journal.close()
 
 
 def test_rediscovery_switches_to_the_newly_published_url(tmp_path, monkeypatch, flaky_proxy, mlflow_server,

@@ -58,7 +58,12 @@ MAX_ENTRIES_PER_BATCH = 1000
 HEARTBEAT_ENV = "BRIDGE_HEARTBEAT_S"
 SEND_INTERVAL_ENV = "BRIDGE_SEND_INTERVAL_S"
 HTTP_TIMEOUT_ENV = "BRIDGE_HTTP_TIMEOUT_S"
-DEFAULT_HEARTBEAT_S = 30.0
+#: A live run's heartbeat period. `bridge serve` reaps after 300 s without one by default: five missed beats.
+#: Every request counts against ngrok's free plan (20,000 a month), and a batch of metrics carries the beat.
+DEFAULT_HEARTBEAT_S = 60.0
+#: Whether the server still has a live run RUNNING is read after a gap in its heartbeats (what the reaper acts
+#: on) and otherwise only every this many beats.
+REVIVE_CHECK_EVERY_BEATS = 10
 #: While `flush()` waits, a failing link is retried this often instead of after the full backoff.
 FLUSH_RETRY_S = 1.0
 #: How long new entries wait to be coalesced (a flush does not wait): at 1 s a training loop logging
@@ -157,6 +162,11 @@ class _Batch:
 
     def __bool__(self) -> bool:
         return bool(self.entries)
+
+    def has_room_for_tag(self, key: str) -> bool:
+        """Whether one more tag `key` fits MLflow's limits without touching what the batch already says."""
+        return (len(self.entries) < MAX_ENTRIES_PER_BATCH and len(self.tags) < MAX_TAGS_PER_BATCH
+                and key not in self.tags)
 
     def add(self, op: Op) -> bool:
         """Take `op` if it fits MLflow's limits and keeps the batch's meaning; False means send first."""
@@ -285,7 +295,8 @@ class Sender:
         self._on_stopped: list[Callable[[], None]] = []
         self._lock_file = None
         self._live_runs: set[str] = set()
-        self._last_heartbeat = 0.0
+        self._beats: dict[str, float] = {}  # live run -> when its last heartbeat was delivered
+        self._beats_unchecked: dict[str, int] = {}  # live run -> beats since the server's status was read
         self._failures = 0
         self._failing_since: float | None = None
         self._last_adopt = time.monotonic()
@@ -385,6 +396,8 @@ class Sender:
 
     def unwatch_run(self, local_id: str) -> None:
         self._live_runs.discard(local_id)
+        self._beats.pop(local_id, None)
+        self._beats_unchecked.pop(local_id, None)
 
     @property
     def token(self) -> str | None:
@@ -633,30 +646,39 @@ class Sender:
             return 0
         if not self.journal.claim(ids):
             raise _Pause(RuntimeError("another sender claimed these entries"), Verdict.RETRY)
+        # A live run's heartbeat rides along when half its period has passed: no request of its own then.
+        beat_run = run if self._beat_due(run, self.heartbeat_s / 2) and batch.has_room_for_tag(
+            config.HEARTBEAT_TAG) else None
         try:
-            return self._deliver_entries(remote, batch.entries)
+            return self._deliver_entries(remote, batch.entries, beat_run=beat_run)
         finally:
             self.journal.release(ids)  # only rows still in flight (a pause mid-way) go back to pending
 
-    def _deliver_entries(self, remote: str, entries: list[_Entry]) -> int:
+    def _deliver_entries(self, remote: str, entries: list[_Entry], *, beat_run: str | None = None) -> int:
         body = {"run_id": remote,
                 "metrics": [e.payload() for e in entries if e.kind == METRIC],
                 "params": [e.payload() for e in entries if e.kind == PARAM],
                 "tags": [e.payload() for e in entries if e.kind == TAG]}
+        if beat_run is not None:
+            body["tags"].append({"key": config.HEARTBEAT_TAG, "value": str(int(time.time()))})
         ids = [i for e in entries for i in e.ids]
         try:
             self._checked(lambda: self.call("/runs/log-batch", body))
-        except HttpFailure as exc:  # REJECT: find the one entry the server objects to
-            if len(entries) == 1:
+        except HttpFailure as exc:  # REJECT: find the one entry the server objects to (the beat stays behind)
+            if len(entries) == 1 and beat_run is None:
                 entry = entries[0]
                 log.warning("bridge: server refused %s %r: %s (kept as a dead letter)", entry.kind, entry.key,
                             exc.message)
                 self.journal.bury(ids, exc.message)
                 return 0
+            if len(entries) == 1:
+                return self._deliver_entries(remote, entries)
             mid = len(entries) // 2
             return self._deliver_entries(remote, entries[:mid]) + self._deliver_entries(remote, entries[mid:])
         self.journal.complete(ids)
         self.delivered += len(ids)
+        if beat_run is not None:
+            self._beat_delivered(beat_run, remote)
         return len(ids)
 
     def _send_single(self, op: Op) -> int:
@@ -761,6 +783,7 @@ class Sender:
             if op.run in self._live_runs:
                 # Born with a heartbeat: a process killed before its first heartbeat round still gets reaped.
                 tags[config.HEARTBEAT_TAG] = str(int(time.time()))
+                self._beats[op.run] = time.time()
             payload = {"experiment_id": experiment, "start_time": record.start_time,
                        "tags": [{"key": k, "value": v} for k, v in tags.items()]}
             if record.user_id:
@@ -770,21 +793,43 @@ class Sender:
             found = self._checked(lambda: self.call("/runs/create", payload))["run"]["info"]
         self.journal.map_run(op.run, found["run_id"], found.get("artifact_uri"))
 
+    def _beat_due(self, run: str, after_s: float) -> bool:
+        return run in self._live_runs and time.time() - self._beats.get(run, 0.0) >= after_s
+
     def _heartbeat(self) -> None:
-        if not self._live_runs or self.online is False or time.time() - self._last_heartbeat < self.heartbeat_s:
+        """A heartbeat request for each live run that no batch carried one for within the period."""
+        if self.online is False:
             return
-        self._last_heartbeat = time.time()
         for run in list(self._live_runs):
+            if not self._beat_due(run, self.heartbeat_s):
+                continue
             remote, _ = self.remote_run(run)
             if remote is None:
                 continue
             try:
                 self.call("/runs/set-tag", {"run_id": remote, "key": config.HEARTBEAT_TAG,
                                             "value": str(int(time.time()))})
-                self._revive_if_reaped(run, remote)
             except (TransportFailure, HttpFailure) as exc:
                 log.debug("bridge: heartbeat for run %s failed: %s", run, exc)
                 return
+            self._beat_delivered(run, remote)
+
+    def _beat_delivered(self, run: str, remote: str) -> None:
+        """Note a delivered beat; after a gap the reaper may have acted on, see whether the run needs reviving."""
+        now = time.time()
+        previous = self._beats.get(run)
+        self._beats[run] = now
+        unchecked = self._beats_unchecked.get(run, 0) + 1
+        gap = previous is not None and now - previous > 2 * self.heartbeat_s
+        if not gap and unchecked < REVIVE_CHECK_EVERY_BEATS:
+            self._beats_unchecked[run] = unchecked
+            return
+        self._beats_unchecked[run] = 0
+        try:
+            self._revive_if_reaped(run, remote)
+        except (TransportFailure, HttpFailure) as exc:
+            self._beats_unchecked[run] = REVIVE_CHECK_EVERY_BEATS  # read it again with the next beat
+            log.debug("bridge: could not read the status of run %s: %s", run, exc)
 
     def _revive_if_reaped(self, run: str, remote: str) -> None:
         """Mark RUNNING again a live run the server ended (the reaper, after an outage longer than its timeout).
@@ -842,13 +887,11 @@ class Sender:
         if op.attempts > 0 and self._remote_size(artifact_root, body["path"]) == body["size"]:
             return  # an earlier, unacknowledged upload arrived whole
         url = self.artifact_url(artifact_root, body["path"])
+        # A 200 comes only after the server has read the whole Content-Length body: no listing to check it
+        # (every request counts against ngrok's free plan).
         with open(spool_file, "rb") as fh:
             self._checked(lambda: self.request("PUT", url, data=fh, timeout=(self.timeout[0], max(300.0,
                                                                                                self.timeout[1]))))
-        size = self._remote_size(artifact_root, body["path"])
-        if size != body["size"]:
-            raise _Pause(TransportFailure(f"uploaded {body['path']} but the server holds {size} bytes, "
-                                          f"not {body['size']}; uploading again"), Verdict.RETRY)
 
 
 def _sha256(path: Path) -> str:

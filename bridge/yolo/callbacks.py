@@ -45,8 +45,9 @@ MAX_PARAM_VALUE_CHARS = 6000
 MAX_TAG_VALUE_CHARS = 8000
 #: How long the end of training waits for queued MLflow calls before ending the run anyway.
 DEFAULT_END_TIMEOUT_S = 300.0
-#: How often console.log, results.csv and new plots are refreshed on the server while training.
-DEFAULT_REFRESH_EVERY_S = 10.0
+#: How often console.log, results.csv and new plots are refreshed on the server while training: live enough
+#: to follow a run, and a few requests a minute against ngrok's free plan (20,000 requests a month).
+DEFAULT_REFRESH_EVERY_S = 30.0
 #: best.pt goes up when it improves, at most this often.
 DEFAULT_LOG_BEST_EVERY_S = 60.0
 EVENTS = (
