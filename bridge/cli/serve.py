@@ -67,7 +67,8 @@ def serve_command(
     workers: Annotated[int, typer.Option(help="MLflow uvicorn workers (1 is lean and fast; raise for teams).",
                                          envvar="BRIDGE_WORKERS", min=1)] = config.DEFAULT_WORKERS,
     heartbeat_timeout: Annotated[float, typer.Option(
-        help="Seconds without a client heartbeat after which a RUNNING run is marked KILLED.",
+        help="Seconds without a client heartbeat after which a RUNNING run is marked KILLED. Clients beat "
+             "every 60 s (BRIDGE_HEARTBEAT_S on their side): keep this several times longer.",
         envvar="BRIDGE_HEARTBEAT_TIMEOUT")] = float(config.DEFAULT_HEARTBEAT_TIMEOUT_S),
 ) -> None:
     """Run MLflow, the authenticated entrance and the ngrok tunnel; publish the signed URL. Ctrl-C stops all."""
