@@ -204,6 +204,50 @@ def test_the_server_status_of_a_live_run_is_read_every_tenth_beat_and_after_a_ga
     journal.close()
 
 
+def test_a_refused_heartbeat_waits_a_period_and_does_not_stop_the_other_runs_beats(tmp_path, flaky_proxy,
+                                                                                    server_client):
+    # A live run deleted on the server (from the UI): MLflow refuses its heartbeat with a 400 and the link stays
+    # online. Retried every round (each second) that one run would use up ngrok's monthly requests in hours.
+    journal = Journal(tmp_path / "j.sqlite")
+    name = f"deleted-live-{uuid.uuid4().hex[:8]}"
+    experiment = journal.add_experiment(name, {})
+    runs = [journal.add_run(experiment_id=experiment, user_id="tester", start_time=int(time.time() * 1000),
+                            name=f"run{i}", tags={}) for i in range(2)]
+    sender = Sender(journal, flaky_proxy.url, None, heartbeat_s=60)
+    for run in runs:
+        sender.watch_run(run)
+    _deliver(sender)
+    remote = {run: sender.remote_run(run)[0] for run in runs}
+    server_client.delete_run(remote[runs[0]])
+    for run in runs:
+        sender._beats[run] -= 2 * sender.heartbeat_s  # a period has passed since they were born beating
+    flaky_proxy.reset_counts()
+    for _ in range(5):  # five sender rounds
+        sender._heartbeat()
+    assert sender.online is True
+    assert flaky_proxy.count("/runs/set-tag") == 2, "one refused beat, one delivered; neither repeated"
+    live_beat = int(server_client.get_run(remote[runs[1]]).data.tags[config.HEARTBEAT_TAG])
+    assert abs(live_beat - time.time()) < 30
+    journal.close()
+
+
+def test_a_batch_for_a_run_deleted_on_the_server_is_set_aside_whole_in_one_request(tmp_path, flaky_proxy,
+                                                                                    server_client):
+    name = f"deleted-batch-{uuid.uuid4().hex[:8]}"
+    journal, run = _journal_run(tmp_path, name)
+    sender = Sender(journal, flaky_proxy.url, None)
+    _deliver(sender)
+    server_client.delete_run(server_run(server_client, name).info.run_id)
+    base = int(time.time() * 1000)
+    journal.append_batch(run, [("m", float(i), base + i, i) for i in range(500)])
+    flaky_proxy.reset_counts()
+    _deliver(sender)
+    assert flaky_proxy.count("/runs/log-batch") == 1, "not split entry by entry: the run, not an entry, is refused"
+    dead = journal.dead_letters()
+    assert len(dead) == 500 and "active" in dead[0][1]
+    journal.close()
+
+
 def test_rediscovery_switches_to_the_newly_published_url(tmp_path, monkeypatch, flaky_proxy, mlflow_server,
                                                          server_client):
     from bridge.record import make_record

@@ -296,6 +296,7 @@ class Sender:
         self._lock_file = None
         self._live_runs: set[str] = set()
         self._beats: dict[str, float] = {}  # live run -> when its last heartbeat was delivered
+        self._beats_tried: dict[str, float] = {}  # live run -> when a heartbeat request of its own was last sent
         self._beats_unchecked: dict[str, int] = {}  # live run -> beats since the server's status was read
         self._failures = 0
         self._failing_since: float | None = None
@@ -396,8 +397,8 @@ class Sender:
 
     def unwatch_run(self, local_id: str) -> None:
         self._live_runs.discard(local_id)
-        self._beats.pop(local_id, None)
-        self._beats_unchecked.pop(local_id, None)
+        for beats in (self._beats, self._beats_tried, self._beats_unchecked):
+            beats.pop(local_id, None)
 
     @property
     def token(self) -> str | None:
@@ -664,15 +665,14 @@ class Sender:
         ids = [i for e in entries for i in e.ids]
         try:
             self._checked(lambda: self.call("/runs/log-batch", body))
-        except HttpFailure as exc:  # REJECT: find the one entry the server objects to (the beat stays behind)
-            if len(entries) == 1 and beat_run is None:
-                entry = entries[0]
-                log.warning("bridge: server refused %s %r: %s (kept as a dead letter)", entry.kind, entry.key,
-                            exc.message)
+        except HttpFailure as exc:  # REJECT: find the one entry the server objects to
+            if beat_run is not None:
+                return self._deliver_entries(remote, entries)  # the same again without the beat
+            if len(entries) == 1 or _refuses_the_run(exc):
+                what = f"{entries[0].kind} {entries[0].key!r}" if len(entries) == 1 else f"{len(ids)} entries"
+                log.warning("bridge: server refused %s: %s (kept as dead letters)", what, exc.message)
                 self.journal.bury(ids, exc.message)
                 return 0
-            if len(entries) == 1:
-                return self._deliver_entries(remote, entries)
             mid = len(entries) // 2
             return self._deliver_entries(remote, entries[:mid]) + self._deliver_entries(remote, entries[mid:])
         self.journal.complete(ids)
@@ -801,15 +801,19 @@ class Sender:
         if self.online is False:
             return
         for run in list(self._live_runs):
-            if not self._beat_due(run, self.heartbeat_s):
-                continue
+            now = time.time()
+            if not self._beat_due(run, self.heartbeat_s) or now - self._beats_tried.get(run, 0.0) < self.heartbeat_s:
+                continue  # a batch carried one, or this run's own beat was tried (and perhaps refused) lately
             remote, _ = self.remote_run(run)
             if remote is None:
                 continue
+            self._beats_tried[run] = now
             try:
-                self.call("/runs/set-tag", {"run_id": remote, "key": config.HEARTBEAT_TAG,
-                                            "value": str(int(time.time()))})
-            except (TransportFailure, HttpFailure) as exc:
+                self.call("/runs/set-tag", {"run_id": remote, "key": config.HEARTBEAT_TAG, "value": str(int(now))})
+            except HttpFailure as exc:  # e.g. the run was deleted on the server: the other runs still beat
+                log.debug("bridge: heartbeat for run %s refused: %s", run, exc)
+                continue
+            except TransportFailure as exc:  # the link: the next round's probe or delivery finds out
                 log.debug("bridge: heartbeat for run %s failed: %s", run, exc)
                 return
             self._beat_delivered(run, remote)
@@ -820,11 +824,14 @@ class Sender:
         previous = self._beats.get(run)
         self._beats[run] = now
         unchecked = self._beats_unchecked.get(run, 0) + 1
-        gap = previous is not None and now - previous > 2 * self.heartbeat_s
+        # Shorter than the reaper's default timeout whatever this client's period, so no reaping goes unseen.
+        gap = previous is not None and now - previous > min(2 * self.heartbeat_s, config.DEFAULT_HEARTBEAT_TIMEOUT_S / 2)
         if not gap and unchecked < REVIVE_CHECK_EVERY_BEATS:
             self._beats_unchecked[run] = unchecked
             return
-        self._beats_unchecked[run] = 0
+        # After a gap, look again at the next beat too: a reaper pass that listed the run before this beat
+        # arrived may still mark it KILLED just after this read.
+        self._beats_unchecked[run] = REVIVE_CHECK_EVERY_BEATS - 1 if gap else 0
         try:
             self._revive_if_reaped(run, remote)
         except (TransportFailure, HttpFailure) as exc:
@@ -892,6 +899,11 @@ class Sender:
         with open(spool_file, "rb") as fh:
             self._checked(lambda: self.request("PUT", url, data=fh, timeout=(self.timeout[0], max(300.0,
                                                                                                self.timeout[1]))))
+
+
+def _refuses_the_run(exc: HttpFailure) -> bool:
+    """Whether MLflow refused a batch for its run (deleted, gone) rather than for one of its entries."""
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "must be in the 'active' state" in exc.message
 
 
 def _sha256(path: Path) -> str:
