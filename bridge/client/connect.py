@@ -198,7 +198,7 @@ def _open(url: str, token: str | None, *, journal: str | os.PathLike | None, jou
 
 def _register(conn: Connection) -> None:
     with _registry_lock:
-        for uri, old in list(_connections.items()):
+        for old in list(_connections.values()):
             if old is not conn:
                 old.close()
         _connections[conn.tracking_uri] = conn

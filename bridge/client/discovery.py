@@ -184,7 +184,8 @@ def _read_limited(resp: requests.Response, source: str) -> str:
     for chunk in resp.iter_content(8192):
         body += chunk
         if len(body) > MAX_RECORD_BYTES:
-            raise DiscoveryError(f"{source} returned more than {MAX_RECORD_BYTES} bytes; that is not an endpoint record")
+            raise DiscoveryError(
+                f"{source} returned more than {MAX_RECORD_BYTES} bytes; that is not an endpoint record")
     return body.decode(resp.encoding or "utf-8", errors="replace")
 
 
@@ -235,7 +236,8 @@ def _fetch_gist(gist_id: str, *, timeout: float) -> str:
     entry = files.get(GIST_FILE_NAME)
     if not isinstance(entry, dict):
         names = ", ".join(sorted(files)) or "none"
-        raise DiscoveryError(f"{source} has no file {GIST_FILE_NAME!r} (files: {names}); was it published by `bridge serve`?")
+        raise DiscoveryError(
+            f"{source} has no file {GIST_FILE_NAME!r} (files: {names}); was it published by `bridge serve`?")
     content = entry.get("content")
     if entry.get("truncated") or content is None:
         raw_url = entry.get("raw_url")
@@ -350,7 +352,8 @@ def find_endpoint(url: str | None = None, token: str | None = None, *,
 
     if record_error is not None:
         # A record was found but cannot be trusted: say exactly why, as the record error it is.
-        raise type(record_error)(f"{record_error} (also tried: {'; '.join(t for t in tried if t != str(record_error))})")
+        others = "; ".join(t for t in tried if t != str(record_error))
+        raise type(record_error)(f"{record_error} (also tried: {others})")
     raise DiscoveryError(
         "no MLflow endpoint found; tried: " + "; ".join(tried) + ". "
         f"Set {URL_ENV} to the server URL, set {DISCOVERY_ENV} to where `bridge serve --publish` writes its "

@@ -47,7 +47,8 @@ STATE_NAMES = {PENDING: "pending", IN_FLIGHT: "in-flight", DEAD: "dead"}
 #: Operation kinds. Metrics, params and tags coalesce into log_batch; the rest are sent one by one.
 METRIC, PARAM, TAG = "metric", "param", "tag"
 CREATE_EXPERIMENT, SET_EXPERIMENT_TAG = "create_experiment", "set_experiment_tag"
-CREATE_RUN, UPDATE_RUN, DELETE_TAG, LOG_INPUTS, ARTIFACT = "create_run", "update_run", "delete_tag", "log_inputs", "artifact"
+CREATE_RUN, UPDATE_RUN, DELETE_TAG = "create_run", "update_run", "delete_tag"
+LOG_INPUTS, ARTIFACT = "log_inputs", "artifact"
 
 #: Bytes a row costs beyond its payload (row header, index entry), for the cheap running size estimate.
 _ROW_OVERHEAD = 64

@@ -825,7 +825,8 @@ class Sender:
         self._beats[run] = now
         unchecked = self._beats_unchecked.get(run, 0) + 1
         # Shorter than the reaper's default timeout whatever this client's period, so no reaping goes unseen.
-        gap = previous is not None and now - previous > min(2 * self.heartbeat_s, config.DEFAULT_HEARTBEAT_TIMEOUT_S / 2)
+        gap_s = min(2 * self.heartbeat_s, config.DEFAULT_HEARTBEAT_TIMEOUT_S / 2)
+        gap = previous is not None and now - previous > gap_s
         if not gap and unchecked < REVIVE_CHECK_EVERY_BEATS:
             self._beats_unchecked[run] = unchecked
             return
