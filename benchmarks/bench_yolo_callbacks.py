@@ -7,7 +7,8 @@ console tee's writes (progress bars, log lines) are counted too, since they also
     python benchmarks/bench_yolo_callbacks.py [--epochs 5] [--backend plain|bridge|both]
 
 `plain`: a local `mlflow server` over HTTP; `bridge`: `bridge serve --tunnel none` reached via bridge.connect().
-Each variant runs in its own process (the built-in callback calls mlflow.autolog(), a global switch).
+Each variant runs in its own process (the built-in callback calls mlflow.autolog(), a global switch), through
+a counting proxy: the HTTP requests each variant sent are printed too (ngrok's free plan allows 20,000 a month).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +167,17 @@ def _bridge_server(work: Path):
     return server
 
 
+def _requests_by_endpoint(proxy) -> Counter[str]:
+    """What went through the counting proxy, by method and path (artifact paths folded into one)."""
+    seen: Counter[str] = Counter()
+    for (_, line), n in proxy.lines.items():
+        method, _, path = line.partition(" ")
+        if "/mlflow-artifacts/" in path:
+            path = "artifacts"
+        seen[f"{method} {path.replace('/api/2.0/mlflow/', '').replace('/ajax-api/2.0/mlflow/', '')}"] += n
+    return seen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=5)
@@ -191,16 +203,25 @@ def main() -> None:
     print(f"bench_yolo_callbacks: yolov8n.yaml, {args.epochs} epochs, imgsz 64, 16 train / 8 val images, CPU")
     try:
         for backend in backends:
+            from tests.support.flaky_proxy import FlakyProxy
+
             if backend == "plain":
                 server = _plain_server(work, env)
-                tracking = server.url
+                proxy = FlakyProxy("127.0.0.1", server.port)
+                tracking = proxy.url
             else:
                 server = _bridge_server(work)
-                tracking = f"bridge:{server.entrance_url}|{server.token()}"
+                proxy = FlakyProxy("127.0.0.1", server.entrance_port)
+                tracking = f"bridge:{proxy.url}|{server.token()}"
                 env = {**env, "BRIDGE_JOURNAL": str(work / "journal-{variant}.sqlite")}
+            results, sent = {}, {}
             try:
-                results = {v: _run_variant(v, tracking, data, args.epochs, work, env) for v in ("builtin", "bridge")}
+                for v in ("builtin", "bridge"):
+                    proxy.reset_counts()
+                    results[v] = _run_variant(v, tracking, data, args.epochs, work, env)
+                    sent[v] = _requests_by_endpoint(proxy)
             finally:
+                proxy.close()
                 server.stop()
             b, u = results["bridge"], results["builtin"]
             print(f"\n[{backend}] training-thread time in tracking callbacks, per epoch (ms/epoch):")
@@ -214,6 +235,11 @@ def main() -> None:
             print(f"                          bridge  {json.dumps({k: round(v, 2) for k, v in b['events_ms'].items()})}")
             print(f"  callbacks per epoch (ms): builtin {u['by_epoch_ms']}")
             print(f"                            bridge  {b['by_epoch_ms']}")
+            for v, label in (("builtin", "built-in"), ("bridge", "bridge  ")):
+                total = sum(sent[v].values())
+                top = ", ".join(f"{k} x{n}" for k, n in sent[v].most_common(6))
+                print(f"  HTTP requests, {label}: {total:5d} ({total / args.epochs:.1f} per epoch, "
+                      f"{results[v]['wall_s']:.0f} s of training): {top}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
