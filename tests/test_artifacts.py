@@ -77,6 +77,28 @@ def test_upload_whose_answer_was_lost_is_not_uploaded_again(flaky_proxy, mlflow_
     assert _sha256(got) == _sha256(source)
 
 
+def test_refreshes_of_one_file_during_an_outage_go_up_once_as_the_last_version(flaky_proxy, server_client,
+                                                                               bridge_connect, tmp_path):
+    conn = bridge_connect(flaky_proxy.url)
+    name = f"art-refresh-{uuid.uuid4().hex[:6]}"
+    mlflow.set_experiment(name)
+    with mlflow.start_run():
+        mlflow.log_metric("m", 1.0)
+        assert conn.flush(30) == 0
+        flaky_proxy.set_mode("refuse")  # the tunnel is down while training refreshes its console every 30 s
+        for i in range(20):
+            mlflow.log_text(f"epoch {i}\n" * (i + 1), "console.log")
+        mlflow.log_text("other", "notes.txt")
+        flaky_proxy.reset_counts()
+        flaky_proxy.set_mode("pass")
+    assert conn.flush(60) == 0
+    assert flaky_proxy.count("/mlflow-artifacts/artifacts/", method="PUT") == 2, flaky_proxy.lines
+    assert list(conn.journal.spool_dir.iterdir()) == [], "superseded copies are removed too"
+    remote = server_run(server_client, name).info.run_id
+    got = server_client.download_artifacts(remote, "console.log", str(tmp_path / "down"))
+    assert open(got).read() == "epoch 19\n" * 20
+
+
 def test_offline_listing_and_download_come_from_the_spool(bridge_connect, tmp_path):
     from tests.support.mlflow_server import free_port
 

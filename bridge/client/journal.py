@@ -702,6 +702,19 @@ class Journal:
                                 (run, upto if upto is not None else 2**62, limit)).fetchall()
         return [Op(*row) for row in rows]
 
+    def superseded(self, op: Op) -> bool:
+        """Whether a later, still undelivered upload to the same run and artifact path makes `op`'s pointless.
+
+        MLflow keeps only the last file at a path, so after an outage a file refreshed every 30 s (console.log)
+        goes up once, not once per refresh. The later copy must still be on disk to count.
+        """
+        if op.kind != ARTIFACT:
+            return False
+        with self.db(write=False) as conn:
+            rows = conn.execute("select body from ops where id>? and run=? and kind=? and key=? and state in (0,1)",
+                                (op.id, op.run, ARTIFACT, op.key)).fetchall()
+        return any((self.spool_dir / json.loads(body)["spool"]).is_file() for (body,) in rows)
+
     def claim(self, ids: list[int]) -> bool:
         """Mark `ids` in-flight, all or nothing: False when another sender took any of them."""
         try:

@@ -729,7 +729,8 @@ class Sender:
         elif op.kind == LOG_INPUTS:
             self._checked(lambda: self.call("/runs/log-inputs", {**body, "run_id": remote}))
         elif op.kind == ARTIFACT:
-            self._upload_artifact(op, body, remote, artifact_root)
+            if not self.journal.superseded(op):  # else a newer copy of the same path goes up later instead
+                self._upload_artifact(op, body, remote, artifact_root)
             return [body["spool"]]
         else:
             raise HttpFailure(400, "UNKNOWN_OPERATION", f"unknown journal operation {op.kind!r}")
