@@ -376,14 +376,7 @@ class BridgeServe(ServeChild):
         _live.append(self)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (what Ctrl-C does), then make sure nothing of its tree is left."""
-        procs = tree_processes(self.proc.pid) if self.proc is not None else []
         code = super().stop(timeout_s)
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
         self.proc = None
         if self in _live:
             _live.remove(self)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
 from bridge.errors import ServeError
@@ -169,10 +170,20 @@ class ServeChild:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.output().splitlines()[-lines:])
 
+    def descendants(self) -> list[psutil.Process]:
+        """Every live process under the child: MLflow too, though it runs in a session of its own."""
+        if self.proc is None:
+            return []
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM (what Ctrl-C does), then SIGKILL whatever of its session is left; returns its exit code."""
+        """SIGTERM (what Ctrl-C does), then SIGKILL whatever of its tree is left; returns its exit code."""
         if self.proc is None:
             return None
+        children = self.descendants()  # found before the parent goes, while they are still its children
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -182,4 +193,7 @@ class ServeChild:
                 self.proc.wait()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # anything it started that outlived it
+        for child in children:  # psutil checks it is still the same process before killing it
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         return self.proc.returncode

@@ -6,11 +6,9 @@ one per test for tests that kill, rotate or stop things.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from pathlib import Path
 
-import psutil
 import pytest
 
 from bridge.serve.child import ServeChild, free_ports
@@ -25,27 +23,10 @@ def unique_client() -> dict[str, str]:
 
 
 class BridgeServe(ServeChild):
-    """The library's `bridge serve` child, logging at INFO, plus what tests inspect: its process tree."""
+    """The library's `bridge serve` child, logging at INFO (tests read its milestones)."""
 
     def env(self) -> dict[str, str]:
         return {"BRIDGE_LOG_LEVEL": "INFO", "COLUMNS": "200", **super().env()}
-
-    def descendants(self) -> list[psutil.Process]:
-        if self.proc is None:
-            return []
-        try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        # MLflow runs in a session of its own: find it before its parent goes, so nothing outlives the test.
-        children = self.descendants()
-        code = super().stop(timeout_s)
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-        return code
 
 
 def new_bridge_serve(root: Path, *args: str, env_extra: dict[str, str] | None = None) -> BridgeServe:
