@@ -22,6 +22,11 @@ DEFAULT_WORKERS = 1
 DEFAULT_RECORD_TTL_S = 24 * 3600
 DEFAULT_HEARTBEAT_TIMEOUT_S = 300
 DEFAULT_JOURNAL_LIMIT_BYTES = 2 * 1024**3
+#: ngrok's free plan: 1 GB a month sent out by the workstation, and 20,000 HTTP requests.
+DEFAULT_TUNNEL_BYTES_BUDGET = 1_000_000_000
+DEFAULT_TUNNEL_REQUESTS_BUDGET = 20_000
+#: `bridge status` warns once a month's use passes this fraction of either budget.
+TUNNEL_BUDGET_WARN_FRACTION = 0.8
 
 #: The run tag that carries the client-generated key making a retried create idempotent.
 RUN_KEY_TAG = "bridge.run_key"
@@ -29,6 +34,9 @@ RUN_KEY_TAG = "bridge.run_key"
 HEARTBEAT_TAG = "bridge.heartbeat"
 #: Set by `bridge serve`'s reaper on a run it marked KILLED; a live client that reappears removes it.
 KILLED_REASON_TAG = "bridge.killed_reason"
+#: Set on an empty second run a create left behind (applied after its client had given up and created the run
+#: again), which the client then deletes: the run id of the real one.
+DUPLICATE_OF_TAG = "bridge.duplicate_of"
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,11 @@ class Paths:
     @property
     def journal_file(self) -> Path:
         return self.data_dir / "journal.sqlite"
+
+    @property
+    def tunnel_usage_file(self) -> Path:
+        """Requests and bytes sent out through the tunnel this calendar month (no secret in it)."""
+        return self.data_dir / "tunnel-usage.json"
 
     @property
     def ngrok_config(self) -> Path:

@@ -10,15 +10,19 @@
     ├── PublishError             an endpoint record could not be published
     ├── ServeError               the workstation side failed to start or run
     │   ├── MlflowStartError         `mlflow server` did not become healthy
-    │   └── TunnelError              the ngrok tunnel could not be opened
+    │   └── TunnelError              the tunnel (ngrok or cloudflared) could not be opened
     │       ├── NgrokAuthtokenError      no or invalid authtoken (ERR_NGROK_4018)
     │       ├── NgrokAgentRunningError   another agent holds the session (ERR_NGROK_108)
-    │       └── NgrokBinaryError         no agent binary and none downloadable
+    │       ├── NgrokBinaryError         no agent binary and none downloadable
+    │       └── CloudflaredBinaryError   no cloudflared binary, or it cannot be run
     ├── JournalError             the local journal cannot accept or yield data
     │   ├── JournalFullError         the configured size limit is reached
     │   └── JournalCorruptError      the journal file is damaged
-    └── DeliveryError            the server refused what the sender delivered
-        └── TokenRejectedError       401/403: the access token was refused
+    ├── UndeliverableError       a journal entry can never be delivered, for a local reason (named in `reason`)
+    └── LinkError                the client's link to its server failed (bridge/client/link.py)
+        ├── TransportError           no usable HTTP answer: refused, reset, timed out, cut mid-response
+        └── HttpError                the server answered with an error status
+            └── TokenRejectedError       401/403: the access token was refused
 
 Third-party exceptions are translated where they enter bridge (`raise X(...) from exc`),
 and no message ever contains a secret.
@@ -68,7 +72,7 @@ class MlflowStartError(ServeError):
 
 
 class TunnelError(ServeError):
-    """The ngrok tunnel could not be opened."""
+    """The tunnel (ngrok or cloudflared) could not be opened."""
 
 
 class NgrokAuthtokenError(TunnelError):
@@ -83,6 +87,10 @@ class NgrokBinaryError(TunnelError):
     """No ngrok agent binary is installed and none could be downloaded."""
 
 
+class CloudflaredBinaryError(TunnelError):
+    """No cloudflared binary, or it could not be executed."""
+
+
 class JournalError(BridgeError):
     """The local journal could not accept or yield data."""
 
@@ -95,9 +103,32 @@ class JournalCorruptError(JournalError):
     """The journal file is damaged."""
 
 
-class DeliveryError(BridgeError):
-    """The tracking server refused what the sender delivered."""
+class UndeliverableError(BridgeError):
+    """A journal entry cannot be delivered for a local reason; it becomes a dead letter named by `reason`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
-class TokenRejectedError(DeliveryError):
+class LinkError(BridgeError):
+    """The client's link to its server failed: no answer, or an error status."""
+
+
+class TransportError(LinkError):
+    """No usable HTTP answer: refused, reset, timed out, or cut mid-response."""
+
+
+class HttpError(LinkError):
+    """The server answered with an error status; `error_code` is MLflow's, None when MLflow did not answer."""
+
+    def __init__(self, status: int, error_code: str | None, message: str) -> None:
+        super().__init__(f"HTTP {status}" + (f" {error_code}" if error_code else "") + f": {message}")
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+
+
+class TokenRejectedError(HttpError):
     """The tracking server (or the entrance) rejected the access token (401/403)."""

@@ -1,5 +1,13 @@
 """The one place bridge reads and writes secrets: the OS keyring, or a 0600 file when there is none.
 
+"OS keyring" means a backend that keeps secrets out of plain files: Secret Service (GNOME Keyring, KWallet),
+macOS Keychain, Windows Credential Locker, or another real keyring plugin. Backends that only stand in for one
+are refused — `keyring`'s fail/null backends and every `keyrings.alt` backend, whose PlaintextKeyring would
+otherwise count as usable on a headless machine and keep the token base64-encoded in
+~/.local/share/python_keyring/keyring_pass.cfg. Then bridge uses its own file, `secrets.json` in the bridge config
+directory (`BRIDGE_HOME` when set), mode 0600, and warns once per process; a secret an earlier bridge left in
+keyrings.alt's plaintext file is moved into it. `describe_store()` says which store is in use (`bridge status`).
+
 Secrets are the access token (`access-token`), the ngrok authtoken (`ngrok-authtoken`) and a
 GitHub token for gist publishing (`github-token`). Under `BRIDGE_HOME` the keyring service name
 carries that folder, so separate instances never read each other's token.
@@ -45,11 +53,12 @@ def service_name() -> str:
     return config.APP_NAME if home is None else f"{config.APP_NAME}:{home}"
 
 
-def _keyring_usable() -> bool:
-    backend = keyring.get_keyring()
-    # fail.Keyring and null.Keyring are what keyring picks when nothing real is available.
-    module = type(backend).__module__
-    if module.startswith(("keyring.backends.fail", "keyring.backends.null")):
+#: Backends that are no OS keyring: keyring's placeholders, and keyrings.alt's file-based stand-ins.
+_NOT_AN_OS_KEYRING = ("keyring.backends.fail", "keyring.backends.null", "keyring.backends.chainer", "keyrings.alt")
+
+
+def _is_os_keyring(backend: object) -> bool:
+    if type(backend).__module__.startswith(_NOT_AN_OS_KEYRING):
         return False
     try:
         return float(getattr(backend, "priority", 1)) > 0
@@ -57,11 +66,70 @@ def _keyring_usable() -> bool:
         return False
 
 
+def os_keyring():
+    """The OS keyring backend bridge uses, or None when there is none (then the 0600 file holds the secrets).
+
+    keyring's chainer (what it picks when several backends are installed) is looked into: its best OS backend
+    is used directly, so a plaintext backend chained behind it never receives a secret.
+    """
+    backend = keyring.get_keyring()
+    candidates = list(getattr(backend, "backends", None) or []) if type(backend).__module__.startswith(
+        "keyring.backends.chainer") else [backend]
+    usable = [b for b in candidates if _is_os_keyring(b)]
+    if not usable:
+        return None
+    return max(usable, key=lambda b: float(getattr(b, "priority", 0)))
+
+
+def _backend_name(backend: object) -> str:
+    name = getattr(backend, "name", None)
+    return str(name) if name else f"{type(backend).__module__}.{type(backend).__name__}"
+
+
+def describe_store() -> str:
+    """Where bridge's secrets are kept on this machine, in words (no secret in it): for `bridge status`."""
+    backend = os_keyring()
+    if backend is not None:
+        return f"OS keyring ({_backend_name(backend)})"
+    return f"0600 file {config.paths().secrets_file} (no OS keyring: {_backend_name(keyring.get_keyring())})"
+
+
 def _warn_fallback(path: Path) -> None:
     global _warned_fallback
     if not _warned_fallback:
-        log.warning("No OS keyring available; keeping secrets in %s (mode 0600).", path)
+        log.warning("No OS keyring available (keyring offers %s); keeping secrets in %s (mode 0600).",
+                    _backend_name(keyring.get_keyring()), path)
         _warned_fallback = True
+
+
+def _plaintext_keyring():
+    """keyrings.alt's PlaintextKeyring when its file exists: where earlier bridges may have left secrets."""
+    try:
+        from keyrings.alt.file import PlaintextKeyring
+    except ImportError:
+        return None
+    try:
+        backend = PlaintextKeyring()
+        return backend if Path(backend.file_path).exists() else None
+    except Exception:  # noqa: BLE001 - a broken legacy store must not stop bridge
+        return None
+
+
+def _take_from_plaintext(name: str) -> str | None:
+    """Move secret `name` out of keyrings.alt's plaintext file (if an earlier bridge put it there)."""
+    legacy = _plaintext_keyring()
+    if legacy is None:
+        return None
+    try:
+        value = legacy.get_password(service_name(), name)
+        if value:
+            legacy.delete_password(service_name(), name)
+    except Exception:  # noqa: BLE001 - a broken legacy store must not stop bridge
+        return None
+    if value:
+        log.warning("Moved %r from keyrings.alt's plaintext file %s into %s.", name, legacy.file_path,
+                    config.paths().secrets_file)
+    return value or None
 
 
 def _read_file(path: Path) -> dict[str, str]:
@@ -93,14 +161,21 @@ def _write_file(path: Path, data: dict[str, str]) -> None:
 def get_secret(name: str) -> str | None:
     """The stored secret `name`, or None when it was never set."""
     with _lock:
-        if _keyring_usable():
+        backend = os_keyring()
+        if backend is not None:
             try:
-                return keyring.get_password(service_name(), name)
+                return backend.get_password(service_name(), name)
             except keyring.errors.KeyringError as exc:
                 raise SecretError(f"keyring could not read {name!r}: {type(exc).__name__}") from None
         path = config.paths().secrets_file
         _warn_fallback(path)
-        return _read_file(path).get(name)
+        data = _read_file(path)
+        if name not in data:
+            moved = _take_from_plaintext(name)
+            if moved is not None:
+                data[name] = moved
+                _write_file(path, data)
+        return data.get(name)
 
 
 def set_secret(name: str, value: str) -> None:
@@ -108,9 +183,10 @@ def set_secret(name: str, value: str) -> None:
     if not value:
         raise SecretError(f"refusing to store an empty {name!r}")
     with _lock:
-        if _keyring_usable():
+        backend = os_keyring()
+        if backend is not None:
             try:
-                keyring.set_password(service_name(), name, value)
+                backend.set_password(service_name(), name, value)
                 return
             except keyring.errors.KeyringError as exc:
                 raise SecretError(f"keyring could not store {name!r}: {type(exc).__name__}") from None
@@ -123,9 +199,10 @@ def set_secret(name: str, value: str) -> None:
 
 def delete_secret(name: str) -> None:
     with _lock:
-        if _keyring_usable():
+        backend = os_keyring()
+        if backend is not None:
             try:
-                keyring.delete_password(service_name(), name)
+                backend.delete_password(service_name(), name)
             except keyring.errors.PasswordDeleteError:
                 pass
             return

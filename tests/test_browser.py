@@ -13,6 +13,7 @@ import asyncio
 import datetime
 import os
 import shutil
+import subprocess
 import ssl
 import threading
 import uuid
@@ -215,3 +216,104 @@ def test_mlflow_ui_through_the_tunnel_needs_login_then_shows_the_runs(tunnelled_
     posts = [call for call in api_calls if call[0] == "POST" and "/ajax-api/" in call[1]]
     assert any("runs/search" in url and status == 200 for _, url, status, _ in posts), api_calls
     assert {origin for *_, origin in posts} == {f"https://{host}"}, posts
+
+
+def _public(link: str, public_url: str) -> str:
+    """A printed link opened through the tunnel: the same route and view, on the public address."""
+    parts = urlsplit(link)
+    return public_url.rstrip("/") + parts.path.rstrip("/") + "/#" + parts.fragment
+
+
+def _shot(page, tmp_path: Path, name: str) -> Path:
+    """A full-page screenshot kept with the test's files (and copied to BRIDGE_SCREENSHOTS when set)."""
+    shot = tmp_path / name
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    if os.environ.get("BRIDGE_SCREENSHOTS"):
+        Path(os.environ["BRIDGE_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["BRIDGE_SCREENSHOTS"]) / name)
+    return shot
+
+
+def _see(page, tmp_path: Path, name: str, texts: list) -> None:
+    """Wait until each text (or locator) is visible; on timeout keep a screenshot of what the page showed instead."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        for text in texts:
+            locator = page.get_by_text(text, exact=True) if isinstance(text, str) else text
+            locator.first.wait_for(timeout=UI_TIMEOUT_MS)
+    except PlaywrightTimeout:
+        _shot(page, tmp_path, f"FAILED-{name}")
+        raise
+
+
+@pytest.mark.timeout(600)
+def test_printed_links_open_the_model_training_view_of_a_sweep(tunnelled_bridge, chromium_path, yolo_dataset,
+                                                               tmp_path):
+    """`bridge train`, `bridge compare` and `bridge url` print links; through the tunnel they show the runs
+    table and the mAP50-95 curves of a 3-model sweep, not MLflow 3's GenAI view."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.support.yolo import MODEL_FAMILIES, bridge_cli, connect_env, run_bridge_train
+
+    server, public_url, relay = tunnelled_bridge
+    token = server.token()
+    experiment = f"ui-sweep-{uuid.uuid4().hex[:6]}"
+    env = connect_env(server, tmp_path / "journal.sqlite")
+    trained = run_bridge_train(list(MODEL_FAMILIES), yolo_dataset, tmp_path / "runs", experiment, env=env, epochs=3)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    compared = subprocess.run([*bridge_cli(), "compare", experiment, "--out", str(tmp_path / "compare.png")],
+                              env={**os.environ, "COLUMNS": "300", **env}, capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+    assert compared.returncode == 0, compared.stdout[-3000:] + compared.stderr[-3000:]
+    served_url = server.cli("url")
+    assert served_url.returncode == 0, served_url.stderr
+
+    exp = MlflowClient(server.mlflow_url).get_experiment_by_name(experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    links = dict(re.findall(r"^(Runs in the MLflow UI|Curves in the MLflow UI): (\S+)$",
+                            trained.stdout + compared.stdout, re.M))
+    assert links["Runs in the MLflow UI"] == (
+        f"{server.entrance_url}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
+    assert links["Curves in the MLflow UI"] == links["Runs in the MLflow UI"] + "&compareRunsMode=CHART"
+    home = re.search(r"MLflow UI \(any user name, the token as password\): (\S+)", served_url.stderr).group(1)
+    assert home == f"{public_url}/#/experiments?workflowType=machine_learning"
+    connect_line = re.search(r"MLflow UI: (\S+)", trained.stderr)
+    assert connect_line and connect_line.group(1) == f"{server.entrance_url}/#/experiments?workflowType=machine_learning"
+
+    host = urlsplit(public_url).hostname
+    resolver = f"--host-resolver-rules=MAP {host} 127.0.0.1:{relay.port}, EXCLUDE 127.0.0.1"
+    run_names = list(MODEL_FAMILIES)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, args=[*CHROMIUM_ARGS, resolver])
+        try:
+            context = browser.new_context(ignore_https_errors=True, viewport={"width": 1600, "height": 1000},
+                                          http_credentials={"username": "bridge", "password": token})
+            page = context.new_page()
+            # `bridge url`'s link: the experiments list in the model-training view. (MLflow 3.17's list links
+            # drop `workflowType`, so a click there falls back to the browser's last view: bridge prints direct
+            # experiment and run links wherever it knows them.)
+            page.goto(home, timeout=UI_TIMEOUT_MS)
+            _see(page, tmp_path, "ui-0-home.png", [experiment])
+            _shot(page, tmp_path, "ui-0-home.png")
+
+            # The link `bridge train` printed, opened through the tunnel: the same runs table.
+            page.goto(_public(links["Runs in the MLflow UI"], public_url), timeout=UI_TIMEOUT_MS)
+            _see(page, tmp_path, "ui-2-runs-table.png", run_names)
+            _shot(page, tmp_path, "ui-2-runs-table.png")
+
+            # `bridge compare`'s link: the chart view, with the mAP50-95 curves of all three runs.
+            page.goto(_public(links["Curves in the MLflow UI"], public_url), timeout=UI_TIMEOUT_MS)
+            search = page.get_by_placeholder("Search metric charts")
+            _see(page, tmp_path, "ui-3-charts.png", [search, *run_names])
+            search.first.fill("val/mAP50-95")
+            _see(page, tmp_path, "ui-3-charts.png", ["val/mAP50-95"])
+            # Each run's curve is in the chart's legend, as '<run> (val/mAP50-95)'.
+            _see(page, tmp_path, "ui-3-charts.png", [f"{name} (val/mAP50-95)" for name in run_names])
+            _shot(page, tmp_path, "ui-3-charts.png")
+            context.close()
+        finally:
+            browser.close()

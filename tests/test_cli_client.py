@@ -33,13 +33,14 @@ def test_queue_shows_backlog_and_dead_letters(tmp_path):
     run = _left_behind(path, "q")
     journal = Journal(path)
     (op,) = journal.pending_ops(run, 1)[:1]
-    journal.bury([op.id], "RUN_NOT_CREATED: nope")
+    journal.bury([op.id], "the run was never created: nope", reason="run-not-created")
     journal.close()
     result = runner.invoke(app, ["queue", "--journal", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert run[:12] in result.output and "left" in result.output
     assert "301" in result.output  # 300 points + the status update (the creation is the dead letter)
-    assert "RUN_NOT_CREATED: nope" in result.output and "create_run" in result.output
+    assert "the run was never created: nope" in result.output and "create_run" in result.output
+    assert "run-not-created" in result.output
 
 
 def test_sync_with_the_server_down_fails_and_keeps_everything(tmp_path):
@@ -72,3 +73,47 @@ def test_sync_without_any_endpoint_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["sync", "--journal", str(tmp_path / "j.sqlite")])
     assert result.exit_code == 1
     assert "Error" in result.output and "BRIDGE_URL" in result.output
+
+
+def test_queue_retry_and_drop_act_on_dead_letters_by_id(tmp_path):
+    path = tmp_path / "j.sqlite"
+    run = _left_behind(path, "retry")
+    journal = Journal(path)
+    first, second = journal.pending_ops(run, 2)
+    journal.bury([first.id], "the run was never created", reason="run-not-created")
+    journal.bury([second.id], "HTTP 500: boom", reason="server-fails-on-it")
+    journal.close()
+    result = runner.invoke(app, ["queue", "--journal", str(path), "--retry", "--id", str(second.id)],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "1 dead letter(s) will be sent again" in result.output
+    journal = Journal(path)
+    assert [letter.op.id for letter in journal.dead_letters()] == [first.id]
+    (again,) = [op for op in journal.pending_ops(run, 1000) if op.id == second.id]
+    assert again.attempts == 0
+    journal.close()
+    result = runner.invoke(app, ["queue", "--journal", str(path), "--drop"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "1 dead letter(s) deleted" in result.output
+    journal = Journal(path)
+    # The experiment, 300 points (one of them the retried letter) and the status update; the dropped create is gone.
+    assert journal.dead_letters() == [] and journal.backlog().total == 302
+    journal.close()
+    result = runner.invoke(app, ["queue", "--journal", str(path), "--drop", "--id", "999999"])
+    assert result.exit_code == 2 and "no dead letter with id [999999]" in result.output
+
+
+def test_queue_config_prints_each_setting_with_its_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRIDGE_HEARTBEAT_S", "42")
+    result = runner.invoke(app, ["queue", "--config", "--journal", str(tmp_path / "j.sqlite")],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    line = next(row for row in result.output.splitlines() if "heartbeat_s" in row)
+    assert "42.0" in line and "BRIDGE_HEARTBEAT_S" in line and "environment" in line
+    assert "BRIDGE_EXIT_FLUSH_S" in result.output and "BRIDGE_POISON_ATTEMPTS" in result.output
+
+
+def test_a_bad_client_setting_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRIDGE_EXIT_FLUSH_S", "-1")
+    result = runner.invoke(app, ["queue", "--config", "--journal", str(tmp_path / "j.sqlite")])
+    assert result.exit_code == 1
+    assert "exit_flush_s (BRIDGE_EXIT_FLUSH_S) must be 0 or more seconds" in result.output

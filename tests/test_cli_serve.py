@@ -94,7 +94,8 @@ def test_status_of_a_running_serve_shows_parts_and_no_secret(bridge_serve):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for expected in ("running", "MLflow", "healthy", bridge_serve.mlflow_url, "Entrance", "up, locked",
-                     bridge_serve.entrance_url, "Tunnel", "disabled", "Last publish", "ok"):
+                     bridge_serve.entrance_url, "Tunnel (none)", "disabled", "Last publish", "ok",
+                     "Tunnel use", "requests of 20,000", "of 1.0 GB sent out", "Secrets", "0600 file"):
         assert expected in out, expected
     assert token not in out + result.stderr
     state_text = (bridge_serve.home / "serve-state.json").read_text()
@@ -144,6 +145,8 @@ def test_login_reads_dash_from_stdin_prints_no_part_of_it_and_help_warns_of_hist
         (["--tunnel", "ssh"], "--tunnel"),
         (["--publish", "ftp://x"], "--publish"),
         (["--workers", "0"], "--workers"),
+        (["--tunnel", "cloudflared", "--domain", "x.ngrok.app"], "--domain"),
+        (["--tunnel-budget-gb", "-1"], "--tunnel-budget-gb"),
         (["--port", "5005", "--entrance-port", "5005"], "--entrance-port"),
     ],
 )
@@ -158,15 +161,16 @@ def test_help_texts_describe_the_options():
     result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for option in ("--port", "--entrance-port", "--host", "--tunnel", "--domain", "--edge-auth", "--publish",
-                   "--backend-store-uri", "--artifacts-destination", "--workers", "--heartbeat-timeout"):
+                   "--backend-store-uri", "--artifacts-destination", "--workers", "--heartbeat-timeout",
+                   "--tunnel-budget-gb", "--tunnel-budget-requests", "cloudflared", "auto", "BRIDGE_CLOUDFLARED_PATH"):
         assert option in result.output
 
 
 def test_serve_start_failure_shows_mlflow_log_lines_and_exits_1():
-    from tests.support.mlflow_server import free_port
+    from bridge.serve.child import free_ports
 
-    port = free_port()
-    result = runner.invoke(app, ["serve", "--tunnel", "none", "--port", str(port),
+    port, entrance = free_ports(2)  # the entrance's default (port + 1) may be someone else's: seen in CI
+    result = runner.invoke(app, ["serve", "--tunnel", "none", "--port", str(port), "--entrance-port", str(entrance),
                                  "--backend-store-uri", "bogus:///nowhere"], env={"COLUMNS": "200"})
     assert result.exit_code == 1, result.output
     assert "mlflow server exited with code 1" in result.stderr

@@ -88,7 +88,7 @@ def test_wrong_token_pauses_delivery_and_keeps_everything(bridge_serve, bridge_c
     mlflow.set_experiment("never-delivered")
     with mlflow.start_run():
         mlflow.log_metric("kept", 1.0)
-    time.sleep(0.5)
+    assert conn.sender.wait_rounds(2, 30), "the sender tried (and was refused) after the run was logged"
     status = conn.status()
     assert status.token_rejected and status.pending >= 4 and status.dead_letters == 0
 
@@ -96,7 +96,7 @@ def test_wrong_token_pauses_delivery_and_keeps_everything(bridge_serve, bridge_c
 def test_token_rejected_by_a_401_entrance(fixed_status_server, bridge_connect):
     conn = bridge_connect(fixed_status_server.url, token="bad-token")
     conn.journal.add_experiment("x", {})
-    time.sleep(0.5)
+    assert conn.sender.wait_rounds(2, 30), "the sender tried (and was refused) after the entry was journaled"
     status = conn.status()
     assert status.token_rejected and status.pending == 1 and status.dead_letters == 0
 
@@ -200,7 +200,7 @@ def test_direct_mlflow_calls_get_the_token_from_the_auth_plugin(fixed_status_ser
     fixed_status_server.status = 200
     bridge_connect(fixed_status_server.url, token="abc-token-123456")
     assert os.environ["MLFLOW_TRACKING_AUTH"] == "bridge"
-    assert mlflow.get_registry_uri() == fixed_status_server.url
+    assert mlflow.get_registry_uri() == "bridge+" + fixed_status_server.url  # the journaled registry (registry.py)
     auth = fetch_auth("bridge")
     request = auth(requests.Request("GET", fixed_status_server.url).prepare())
     assert request.headers["Authorization"] == "Bearer abc-token-123456"
@@ -211,7 +211,7 @@ def test_connect_without_arguments_uses_discovery(mlflow_server, bridge_connect,
     monkeypatch.setenv("BRIDGE_URL", mlflow_server.url)
     monkeypatch.setenv("BRIDGE_TOKEN", "env-token-value-123")
     conn = bridge_connect(None, token=None)
-    assert conn.url == mlflow_server.url and conn.sender.token == "env-token-value-123"
+    assert conn.url == mlflow_server.url and conn.link.token == "env-token-value-123"
     assert conn.status().online is True
     assert "(from BRIDGE_URL)" in capsys.readouterr().err
 
@@ -307,12 +307,30 @@ def test_an_explicit_url_is_pinned_and_never_replaced_by_rediscovery(make_status
     record = tmp_path / "endpoint.json"
     record.write_text(make_record(trap.url, token=token, instance="x", mlflow_version="3", ttl_s=600).to_json())
     monkeypatch.setenv("BRIDGE_DISCOVERY", f"file:{record}")
-    monkeypatch.setattr("bridge.client.sender.REDISCOVER_AFTER_S", 0.1)
+    monkeypatch.setattr("bridge.client.link.REDISCOVER_AFTER_S", 0.1)
     dead = f"http://127.0.0.1:{free_port()}"
     conn = bridge_connect(dead, token=token)
     conn.journal.add_experiment("pinned", {})
     deadline = time.monotonic() + 60
-    while conn.sender._failures < 5 and time.monotonic() < deadline:
+    while conn.link.failures < 5 and time.monotonic() < deadline:
         conn.flush(0.1)
-    assert conn.sender._failures >= 5, "the sender kept failing on the pinned URL"
+    assert conn.link.failures >= 5, "the sender kept failing on the pinned URL"
     assert conn.url == dead and trap.seen == []
+
+
+def test_every_request_skips_ngroks_browser_warning(bridge_connect, mlflow_server):
+    """ngrok's free domains answer browser-like clients with an interstitial page unless told not to."""
+    from mlflow.tracking.request_header.registry import resolve_request_headers
+
+    from tests.support.transport import FaultTransport
+
+    transport = FaultTransport()
+    conn = bridge_connect(mlflow_server.url, transport=transport)
+    mlflow.set_experiment(f"ngrok-header-{uuid.uuid4().hex[:8]}")
+    with mlflow.start_run():
+        mlflow.log_metric("m", 1.0)
+    assert conn.flush(30) == 0
+    assert transport.requests, "the sender made requests"
+    assert all(r.headers.get("ngrok-skip-browser-warning") == "1" for r in transport.requests)
+    # MLflow's own requests (registry, model loading) carry it too while connected.
+    assert resolve_request_headers().get("ngrok-skip-browser-warning") == "1"

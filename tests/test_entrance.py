@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import http.server
 import importlib.util
+import json
 import os
 import re
 import threading
+import time
 import uuid
+
+import brotli
 
 import pytest
 import requests
 
 from bridge import secrets
 from bridge.errors import ConfigError
-from bridge.serve.entrance import AuthThrottle, Entrance, TokenSource, presented_token
+from bridge.serve.compression import choose_encoding, is_compressible
+from bridge.serve.entrance import CLIENT_HEADERS, AuthThrottle, Entrance, TokenSource, presented_token
+from bridge.serve.usage import TunnelUsage, budget_warning
 from tests.support.serve import unique_client
 
 # --- pieces ----------------------------------------------------------------------------------------
@@ -382,3 +389,165 @@ def test_an_absolute_form_request_target_gets_400_not_500(served):
         while chunk := sock.recv(4096):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+
+
+# --- compression and the month's tunnel usage ----------------------------------------------------------------
+
+
+@pytest.fixture
+def local_entrance(served):
+    """An in-process entrance in front of the session's MLflow, so a test can look at its cache and counters."""
+    entrance = Entrance(served["server"].port, port=0, tokens=TokenSource(load=lambda: served["token"]))
+    entrance.start()
+    yield entrance
+    entrance.stop()
+
+
+def _raw(url: str, **kwargs) -> tuple[requests.Response, bytes]:
+    """A response and its body exactly as sent (requests would otherwise decode it)."""
+    resp = requests.get(url, stream=True, timeout=30, **kwargs)
+    return resp, resp.raw.read(decode_content=False)
+
+
+def _largest_script(served) -> str:
+    index = requests.get(served["server"].mlflow_url + "/", timeout=10).text
+    scripts = re.findall(r'(?:src|href)="\.?/?(static-files/[^"]+\.js)"', index)
+    assert scripts, index[:500]
+    sizes = {s: len(requests.get(f"{served['server'].mlflow_url}/{s}", timeout=30).content) for s in scripts}
+    return max(sizes, key=sizes.get)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br"])
+def test_ui_files_are_compressed_once_cached_and_keep_mlflows_cache_headers(served, local_entrance, coding):
+    auth = ("u", served["token"])
+    script = _largest_script(served)
+    original = requests.get(f"{served['server'].mlflow_url}/{script}", headers={"Accept-Encoding": "identity"},
+                            timeout=30)
+    resp, sent = _raw(f"{local_entrance.url}/{script}", auth=auth, headers={"Accept-Encoding": f"{coding}, deflate"})
+    assert resp.status_code == 200
+    assert resp.headers["Content-Encoding"] == coding
+    assert "Accept-Encoding" in resp.headers["Vary"]
+    decoded = gzip.decompress(sent) if coding == "gzip" else brotli.decompress(sent)
+    assert decoded == original.content
+    assert len(sent) <= 0.30 * len(original.content), (len(sent), len(original.content))
+    for header in ("Cache-Control", "Last-Modified", "Content-Type"):
+        assert resp.headers.get(header) == original.headers.get(header), header
+    if original.headers.get("ETag"):
+        assert resp.headers["ETag"] == "W/" + original.headers["ETag"].removeprefix("W/")
+        # The browser's revalidation with the weak validator still gets MLflow's 304.
+        again = requests.get(f"{local_entrance.url}/{script}", auth=auth, timeout=30,
+                             headers={"Accept-Encoding": coding, "If-None-Match": resp.headers["ETag"]})
+        assert again.status_code == 304
+    assert local_entrance.static_cache.misses == 1 and local_entrance.static_cache.hits == 0
+    resp2, sent2 = _raw(f"{local_entrance.url}/{script}", auth=auth, headers={"Accept-Encoding": coding})
+    assert sent2 == sent and local_entrance.static_cache.hits == 1  # compressed once, then served from memory
+
+
+def test_json_is_compressed_on_the_fly_and_other_bodies_pass_unchanged(served, local_entrance):
+    auth = {"Authorization": f"Bearer {served['token']}"}
+    base, mlflow = local_entrance.url, served["server"].mlflow_url
+    run_id = served["run_id"]
+    params = [{"key": f"p{i:03d}", "value": f"value-{i}-" + "x" * 20} for i in range(100)]
+    logged = requests.post(f"{mlflow}/api/2.0/mlflow/runs/log-batch", json={"run_id": run_id, "params": params},
+                           timeout=10)
+    assert logged.status_code == 200 or "already logged" in logged.text
+    path = f"/api/2.0/mlflow/runs/get?run_id={run_id}"
+    plain = requests.get(mlflow + path, headers={"Accept-Encoding": "identity"}, timeout=10).content
+    assert len(plain) > 4000
+    resp, sent = _raw(base + path, headers={**auth, "Accept-Encoding": "gzip"})
+    assert resp.headers["Content-Encoding"] == "gzip" and gzip.decompress(sent) == plain
+    assert len(sent) < len(plain) / 3
+    # No Accept-Encoding: MLflow's bytes as they are.
+    resp, sent = _raw(base + path, headers={**auth, "Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in resp.headers and sent == plain
+    # Already-compressed and opaque types, and tiny bodies, are never compressed.
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(5000)
+    put = requests.put(f"{base}/api/2.0/mlflow-artifacts/artifacts/{served['exp_id']}/{run_id}/artifacts/plot.png",
+                       data=png, headers=auth, timeout=10)
+    assert put.status_code == 200
+    for path, body in ((f"/get-artifact?path=plot.png&run_uuid={run_id}", png),
+                       (f"/get-artifact?path=blob.bin&run_uuid={run_id}", served["payload"]),
+                       ("/health", b"OK")):
+        resp, sent = _raw(base + path, headers={**auth, "Accept-Encoding": "gzip, br"})
+        assert resp.status_code == 200 and "Content-Encoding" not in resp.headers, path
+        assert sent == body, path
+
+
+def test_requests_through_the_tunnel_are_counted_for_the_month(served, local_entrance, tmp_path):
+    auth = {"Authorization": f"Bearer {served['token']}", "Accept-Encoding": "gzip"}
+    local_entrance.usage = TunnelUsage(tmp_path / "usage.json")
+    base = local_entrance.url
+    # A process on this machine talking to the entrance directly is not tunnel traffic.
+    requests.get(base + "/health", headers=auth, timeout=10)
+    assert local_entrance.usage.snapshot()["requests"] == 0
+    # The tunnel's agent names the client (X-Forwarded-For here): each answer counts, refused ones too.
+    tunnel = {"X-Forwarded-For": "203.0.113.50"}
+    sizes = []
+    for _ in range(3):
+        resp, sent = _raw(base + f"/api/2.0/mlflow/runs/get?run_id={served['run_id']}", headers={**auth, **tunnel})
+        sizes.append(len(sent))
+    refused = requests.get(base + "/health", headers={**tunnel, "Accept-Encoding": "gzip"}, timeout=10)
+    assert refused.status_code == 401
+    usage = local_entrance.usage.snapshot()
+    assert usage["requests"] == 4
+    assert sum(sizes) + len(refused.content) < usage["bytes_out"] < sum(sizes) + len(refused.content) + 4 * 600
+    local_entrance.usage.save()
+    saved = json.loads((tmp_path / "usage.json").read_text())
+    assert saved == {"month": time.strftime("%Y-%m"), "requests": 4, "bytes_out": usage["bytes_out"]}
+    again = TunnelUsage.load(tmp_path / "usage.json")
+    assert again.snapshot() == saved  # carried over a restart within the month
+
+
+def test_usage_starts_again_in_a_new_month_and_warns_near_the_budget(tmp_path):
+    now = [time.mktime((2026, 11, 30, 23, 0, 0, 0, 0, -1))]
+    usage = TunnelUsage(tmp_path / "u.json", clock=lambda: now[0])
+    usage.add(850_000_000, requests=100)
+    assert usage.snapshot()["month"] == "2026-11"
+    warning = budget_warning(usage.snapshot(), bytes_budget=1e9, requests_budget=20_000)
+    assert warning and "85%" in warning and "1.0 GB" in warning
+    assert budget_warning(usage.snapshot(), bytes_budget=2e9, requests_budget=20_000) is None
+    usage.save()
+    now[0] += 2 * 3600  # December
+    assert usage.snapshot() == {"month": "2026-12", "requests": 0, "bytes_out": 0}
+    assert TunnelUsage.load(tmp_path / "u.json", clock=lambda: now[0]).snapshot()["requests"] == 0
+    usage.add(10)
+    assert usage.snapshot() == {"month": "2026-12", "requests": 1, "bytes_out": 10}
+
+
+def test_accept_encoding_negotiation():
+    assert choose_encoding("gzip, deflate, br") == "br"
+    assert choose_encoding("gzip;q=1.0, br;q=0") == "gzip"
+    assert choose_encoding("identity") is None and choose_encoding(None) is None
+    assert choose_encoding("*") == "br"
+    assert choose_encoding("br;q=0, gzip;q=0, *;q=1") is None
+    assert is_compressible("application/json; charset=utf-8") and is_compressible("text/html")
+    assert not is_compressible("image/png") and not is_compressible("application/octet-stream")
+    assert not is_compressible("font/woff2") and not is_compressible(None)
+
+
+def test_the_throttle_reads_the_client_from_the_tunnel_in_use(bridge_home):
+    # Cloudflare names the client in Cf-Connecting-Ip; a forged X-Forwarded-For entry changes nothing then.
+    entrance = Entrance(1, host="127.0.0.1", port=0, client_header=CLIENT_HEADERS["cloudflared"])
+    stub = _stub_request("127.0.0.1", "127.0.0.1", "203.0.113.5")
+    stub.headers["Cf-Connecting-Ip"] = "198.51.100.23"
+    assert entrance.client_of(stub) == "198.51.100.23"
+    assert entrance.client_of(_stub_request("127.0.0.1", "127.0.0.1", "203.0.113.5")) is None  # a local tool
+    ngrok = Entrance(1, host="127.0.0.1", port=0)
+    assert ngrok.client_of(stub) == "203.0.113.5"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br"])
+def test_a_large_text_body_streams_through_compressed(served, local_entrance, coding):
+    auth = {"Authorization": f"Bearer {served['token']}"}
+    text = "".join(f"epoch {i}: box_loss 0.{i % 97:02d} cls_loss 0.{i % 89:02d} mAP50-95 0.{i % 83:02d}\n"
+                   for i in range(12_000)).encode()
+    assert len(text) > 512 * 1024  # above the entrance's buffer limit: streamed, not read whole
+    base, run_id = local_entrance.url, served["run_id"]
+    put = requests.put(f"{base}/api/2.0/mlflow-artifacts/artifacts/{served['exp_id']}/{run_id}/artifacts/console.txt",
+                       data=text, headers=auth, timeout=30)
+    assert put.status_code == 200
+    resp, sent = _raw(f"{base}/get-artifact?path=console.txt&run_uuid={run_id}",
+                      headers={**auth, "Accept-Encoding": coding})
+    assert resp.status_code == 200 and resp.headers["Content-Encoding"] == coding
+    assert (gzip.decompress(sent) if coding == "gzip" else brotli.decompress(sent)) == text
+    assert len(sent) < len(text) / 4

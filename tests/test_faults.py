@@ -76,6 +76,11 @@ def _assert_server_holds_exactly(server_client, experiment: str, local_id: str, 
     return run
 
 
+def _why_not_delivered(conn, proxy) -> str:
+    status = conn.status()
+    return f"online={status.online} last_error={status.last_error!r} pending={status.pending} requests={dict(proxy.lines)}"
+
+
 def _fault_bit(conn, proxy, mode: str) -> bool:
     """The sender has met the fault: a failed attempt for `refuse`, two affected requests otherwise."""
     if mode == "refuse":
@@ -122,7 +127,7 @@ def test_fault_mid_run_then_recovery_delivers_every_point_once(mode, options, fl
     assert conn.status().pending > 0
 
     flaky_proxy.set_mode("pass")
-    assert conn.flush(40) == 0
+    assert conn.flush(40) == 0, _why_not_delivered(conn, flaky_proxy)
     status = conn.status()
     assert status.online is True and status.dead_letters == 0
     _assert_server_holds_exactly(server_client, experiment, run.info.run_id)
@@ -143,7 +148,7 @@ def test_lost_acknowledgement_of_each_write_kind_makes_no_duplicate(path, losses
         mlflow.log_params({**PARAMS, **LATE_PARAMS})
         mlflow.set_tags({**TAGS, **LATE_TAGS})
         _log_points(range(STEPS))
-    assert conn.flush(40) == 0
+    assert conn.flush(40) == 0, _why_not_delivered(conn, flaky_proxy)
     assert flaky_proxy.count(path, mode="lost_ack") == losses  # the answers really were lost
     assert flaky_proxy.mode == "pass"
     _assert_server_holds_exactly(server_client, experiment, run.info.run_id)

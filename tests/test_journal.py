@@ -64,11 +64,11 @@ def test_row_states_claim_complete_release_bury(tmp_path):
     assert not journal.claim(ids[:1]), "a row already in flight must not be claimed twice"
     assert _states(journal) == {PENDING: 1, IN_FLIGHT: 3}
     journal.complete(ids[:1])
-    journal.bury(ids[1:2], "INVALID_PARAMETER_VALUE: nope")
+    journal.bury(ids[1:2], "INVALID_PARAMETER_VALUE: nope", reason="server-refused")
     journal.release(ids[1:3])  # only the row still in flight goes back
     assert _states(journal) == {PENDING: 2, DEAD: 1}
-    (dead, message), = journal.dead_letters()
-    assert dead.id == ids[1] and message == "INVALID_PARAMETER_VALUE: nope"
+    (dead, message, reason), = journal.dead_letters()
+    assert dead.id == ids[1] and message == "INVALID_PARAMETER_VALUE: nope" and reason == "server-refused"
     assert [op.attempts for op in journal.pending_ops("r", 10)] == [1, 0]
 
 
@@ -109,7 +109,7 @@ def test_spool_copies_now_and_records_size_and_sha256(tmp_path):
     source.write_bytes(data)
     body = journal.spool_artifact("r", source, "weights/best.bin")
     source.unlink()
-    spooled = journal.spool_dir / body["spool"]
+    spooled = journal.spool.path(body["spool"])
     assert spooled.read_bytes() == data
     assert body["size"] == len(data) and body["sha256"] == hashlib.sha256(data).hexdigest()
     (op,) = journal.pending_ops("r", 10)
@@ -203,7 +203,7 @@ def test_intake_left_by_an_ended_process_is_replayed_once(tmp_path, caplog):
 
 
 def _spool_files(journal: Journal) -> list[str]:
-    return sorted(p.name for p in journal.spool_dir.iterdir())
+    return sorted(p.name for p in journal.spool.folder.iterdir())
 
 
 def test_a_spooled_copy_is_removed_when_its_row_cannot_be_journaled(tmp_path, monkeypatch):
@@ -233,10 +233,10 @@ def test_spool_files_no_row_refers_to_are_removed_and_dead_artifacts_free_theirs
     refused = journal.spool_artifact("r", source, "refused.bin")["spool"]
     assert _spool_files(journal) == sorted([kept, refused])
     (refused_op,) = [op for op in journal.pending_ops("r", 10) if op.key == "refused.bin"]
-    journal.bury([refused_op.id], "INVALID_PARAMETER_VALUE: nope")
+    journal.bury([refused_op.id], "INVALID_PARAMETER_VALUE: nope", reason="server-refused")
     assert _spool_files(journal) == [kept], "a dead letter's copy is never uploaded: it goes at once"
-    (journal.spool_dir / ("0" * 32)).write_bytes(b"x" * 5_000)  # killed between the copy and its row
-    busy = journal.spool_dir / ("1" * 32)  # being spooled by a live process right now
+    (journal.spool.folder / ("0" * 32)).write_bytes(b"x" * 5_000)  # killed between the copy and its row
+    busy = journal.spool.folder / ("1" * 32)  # being spooled by a live process right now
     busy_fd = os.open(busy, os.O_WRONLY | os.O_CREAT, 0o600)
     fcntl.flock(busy_fd, fcntl.LOCK_EX)
     journal.close()

@@ -33,6 +33,8 @@ def test_notebook_trains_three_models_and_compares_them(bridge_serve, yolo_datas
                         if c.cell_type == "code" for o in c.get("outputs", []))
     assert "not Colab: Colab-only cells are skipped" in outputs
     assert "all delivered" in outputs
+    # The resume cell, run after a finished sweep, trains nothing and names each model's run.
+    assert outputs.count("already finished; nothing to resume") == len(MODEL_FAMILIES), outputs[-3000:]
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = nb.cells[-1].outputs[-1]["data"]["text/plain"]
     for name in MODEL_FAMILIES:
@@ -46,4 +48,7 @@ def test_notebook_trains_three_models_and_compares_them(bridge_serve, yolo_datas
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mAP50-95")] == [1]
         assert "final/mAP50-95" in run.data.metrics and run.data.tags["source.kind"] == "notebook"
+        assert run.data.tags["mlflow.source.type"] == "NOTEBOOK" and run.data.tags["mlflow.source.name"]
+        assert run.data.tags["mlflow.source.name"] != "bridge" and "ipykernel" not in run.data.tags["mlflow.source.name"]
+        assert "bridge.resume.count" not in run.data.tags
         assert {"weights", "console.log", "data", "plots"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

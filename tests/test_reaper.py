@@ -97,3 +97,66 @@ def test_bridge_serve_process_never_imports_mlflow(mlflow_server):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_silent_empty_twin_of_a_run_is_deleted_not_killed(mlflow_server):
+    """A `runs/create` applied after the client's retry had created the run again leaves an empty run with the
+    same run key that never beats (harness H11's residue: one landing after the run's end, or beside a run that
+    never ends). The reaper deletes it, tagged with the run it duplicates; the run itself is left alone."""
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    exp_id = client.create_experiment(f"reaper-twin-{uuid.uuid4().hex}")
+    now = time.time()
+    key = uuid.uuid4().hex
+    tags = {config.RUN_KEY_TAG: key, config.HEARTBEAT_TAG: str(now - 1000)}
+    twin = client.create_run(exp_id, tags=tags).info.run_id
+    live = client.create_run(exp_id, tags={**tags, config.HEARTBEAT_TAG: str(now - 5)}).info.run_id
+    client.log_param(live, "lr", "0.1")
+    # Not twins: an empty silent run alone with its key, and a silent one holding data beside a live twin.
+    alone = client.create_run(exp_id, tags={**tags, config.RUN_KEY_TAG: uuid.uuid4().hex}).info.run_id
+    other_key = uuid.uuid4().hex
+    with_data = client.create_run(exp_id, tags={**tags, config.RUN_KEY_TAG: other_key}).info.run_id
+    client.log_metric(with_data, "loss", 0.5)
+    client.create_run(exp_id, tags={**tags, config.RUN_KEY_TAG: other_key, config.HEARTBEAT_TAG: str(now)})
+
+    reaped = reap_stale_runs(mlflow_server.url, timeout_s=300, now=now)
+
+    gone = client.get_run(twin)
+    assert gone.info.lifecycle_stage == "deleted" and gone.data.tags[config.DUPLICATE_OF_TAG] == live
+    assert twin not in reaped
+    assert client.get_run(live).info.status == "RUNNING"
+    assert set(reaped) >= {alone, with_data}
+    assert client.get_run(alone).info.status == client.get_run(with_data).info.status == "KILLED"
+
+
+def test_silent_runs_with_one_key_that_cannot_be_told_apart_are_both_killed(mlflow_server):
+    """Neither shows it is the run in use (no data, same tags, the same last beat): deleting the one a client
+    maps to would turn its later writes into dead letters, so both are marked KILLED like any silent run. A run
+    that holds a tag its twin lacks (an artifact's `mlflow.loggedArtifacts`, a user tag) is the one in use."""
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    exp_id = client.create_experiment(f"reaper-twins-{uuid.uuid4().hex}")
+    tags = {config.RUN_KEY_TAG: uuid.uuid4().hex, config.HEARTBEAT_TAG: str(int(time.time() - 1000))}
+    alike = [client.create_run(exp_id, tags=tags).info.run_id for _ in range(2)]
+    tags = {**tags, config.RUN_KEY_TAG: uuid.uuid4().hex}
+    used = client.create_run(exp_id, tags=tags).info.run_id
+    client.set_tag(used, "stage", "train")  # written to: in use, though silent and without metrics or params
+    twin = client.create_run(exp_id, tags=tags).info.run_id
+    reaped = reap_stale_runs(mlflow_server.url, timeout_s=300)
+    assert set(alike) | {used} <= set(reaped)
+    assert {client.get_run(r).info.status for r in [*alike, used]} == {"KILLED"}
+    gone = client.get_run(twin)
+    assert gone.info.lifecycle_stage == "deleted" and gone.data.tags[config.DUPLICATE_OF_TAG] == used
+
+
+def test_a_twin_beside_a_run_that_beat_later_or_ended_is_deleted(mlflow_server):
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    exp_id = client.create_experiment(f"reaper-later-{uuid.uuid4().hex}")
+    now = time.time()
+    for finish in (False, True):
+        tags = {config.RUN_KEY_TAG: uuid.uuid4().hex, config.HEARTBEAT_TAG: str(int(now - 1000))}
+        twin = client.create_run(exp_id, tags=tags).info.run_id
+        used = client.create_run(exp_id, tags={**tags, config.HEARTBEAT_TAG: str(int(now - 900))}).info.run_id
+        if finish:
+            client.set_terminated(used, "FINISHED")
+        reaped = reap_stale_runs(mlflow_server.url, timeout_s=300, now=now)
+        assert twin not in reaped and client.get_run(twin).data.tags[config.DUPLICATE_OF_TAG] == used
+        assert client.get_run(used).info.status == ("FINISHED" if finish else "KILLED")

@@ -10,21 +10,33 @@ import uuid
 import pytest
 
 from bridge import config
+from bridge.client.heartbeat import REVIVE_CHECK_EVERY_BEATS
 from bridge.client.journal import Journal
-from bridge.client.sender import HttpFailure, Sender, TransportFailure, Verdict, classify_failure, retry_when
+from bridge.client.link import Link, Verdict, classify_failure, retry_when
+from bridge.client.options import ClientOptions
+from bridge.client.sender import Sender
+from bridge.errors import HttpError, TokenRejectedError, TransportError
 from tests.support.client import server_run
+from tests.support.transport import FaultTransport
+
+
+def _sender(journal: Journal, url: str, token: str | None = None, *, transport=None, http_timeout_s: float = 20.0,
+            **options) -> Sender:
+    """A sender over a real `Link` (real HTTP unless `transport` is given) with `options` over the defaults."""
+    link = Link(url, token, transport=transport, http_timeout_s=http_timeout_s)
+    return Sender(journal, link, ClientOptions(**options))
 
 
 @pytest.mark.parametrize("failure, verdict", [
-    (TransportFailure("ConnectionError"), Verdict.RETRY),
-    (HttpFailure(503, None, "Service Unavailable"), Verdict.RETRY),
-    (HttpFailure(500, "INTERNAL_ERROR", "db locked"), Verdict.RETRY),
-    (HttpFailure(429, None, "slow down"), Verdict.RETRY),
-    (HttpFailure(404, None, "ERR_NGROK_3200 endpoint offline"), Verdict.RETRY),
-    (HttpFailure(401, None, "unauthorized"), Verdict.TOKEN),
-    (HttpFailure(403, None, "forbidden"), Verdict.TOKEN),
-    (HttpFailure(400, "INVALID_PARAMETER_VALUE", "Changing param values is not allowed"), Verdict.REJECT),
-    (HttpFailure(404, "RESOURCE_DOES_NOT_EXIST", "run not found"), Verdict.REJECT),
+    (TransportError("ConnectionError"), Verdict.RETRY),
+    (HttpError(503, None, "Service Unavailable"), Verdict.RETRY),
+    (HttpError(500, "INTERNAL_ERROR", "db locked"), Verdict.RETRY),
+    (HttpError(429, None, "slow down"), Verdict.RETRY),
+    (HttpError(404, None, "ERR_NGROK_3200 endpoint offline"), Verdict.RETRY),
+    (TokenRejectedError(401, None, "unauthorized"), Verdict.TOKEN),
+    (HttpError(403, None, "forbidden"), Verdict.TOKEN),
+    (HttpError(400, "INVALID_PARAMETER_VALUE", "Changing param values is not allowed"), Verdict.REJECT),
+    (HttpError(404, "RESOURCE_DOES_NOT_EXIST", "run not found"), Verdict.REJECT),
 ])
 def test_failure_classification(failure, verdict):
     assert classify_failure(failure) is verdict
@@ -47,7 +59,7 @@ def _deliver(sender: Sender, rounds: int = 50) -> None:
             time.sleep(0.05)
         if sender.journal.backlog().total == 0:
             return
-    raise AssertionError(f"not delivered: {sender.journal.backlog()}; last error {sender.last_error}")
+    raise AssertionError(f"not delivered: {sender.journal.backlog()}; last error {sender.link.last_error}")
 
 
 def test_batches_stay_within_two_requests_per_thousand_points(tmp_path, flaky_proxy, server_client):
@@ -57,7 +69,7 @@ def test_batches_stay_within_two_requests_per_thousand_points(tmp_path, flaky_pr
     for step in range(10_000):
         journal.append_batch(run, [("loss", step / 10_000, base + step, step)])
     journal.append_batch(run, [], [(f"p{i}", str(i)) for i in range(150)], [(f"t{i}", "x") for i in range(150)])
-    sender = Sender(journal, flaky_proxy.url, None)
+    sender = _sender(journal, flaky_proxy.url)
     flaky_proxy.reset_counts()
     _deliver(sender)
     batches = flaky_proxy.count("/runs/log-batch")
@@ -73,7 +85,7 @@ def test_lost_answers_never_duplicate_points_or_runs(tmp_path, flaky_proxy, serv
     journal, run = _journal_run(tmp_path, name)
     base = int(time.time() * 1000)
     journal.append_batch(run, [("loss", float(s), base + s, s) for s in range(500)], [("lr", "0.1")], [("k", "v")])
-    sender = Sender(journal, flaky_proxy.url, None)
+    sender = _sender(journal, flaky_proxy.url)
     # Every request reaches the server, and every answer is lost, for a while: experiment and run
     # creation and the first batch are all applied without the sender knowing.
     flaky_proxy.set_mode("lost_ack")
@@ -105,14 +117,14 @@ def test_link_failures_are_retried_until_delivered_exactly(tmp_path, flaky_proxy
     journal, run = _journal_run(tmp_path, name)
     base = int(time.time() * 1000)
     journal.append_batch(run, [("m", float(s), base + s, s) for s in range(1500)])
-    sender = Sender(journal, flaky_proxy.url, None, send_interval_s=0.05)
+    sender = _sender(journal, flaky_proxy.url, send_interval_s=0.05)
     flaky_proxy.set_mode(mode, **options)
     sender.start()
     try:
         # The sender's first failed round, however long a loaded machine takes to get to it.
-        _wait_for(lambda: sender.online is False and sender.last_error, 30, f"the sender to meet {mode}")
-        assert sender.flush(0.1) > 0 and sender.online is False
-        assert sender.last_error
+        _wait_for(lambda: sender.link.online is False and sender.link.last_error, 30, f"the sender to meet {mode}")
+        assert sender.flush(0.1) > 0 and sender.link.online is False
+        assert sender.link.last_error
         flaky_proxy.set_mode("pass")
         assert sender.flush(60) == 0
     finally:
@@ -125,7 +137,7 @@ def test_link_failures_are_retried_until_delivered_exactly(tmp_path, flaky_proxy
 def test_heartbeat_tag_is_set_while_the_run_is_live(tmp_path, mlflow_server, server_client):
     name = f"heartbeat-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
-    sender = Sender(journal, mlflow_server.url, None, heartbeat_s=0.2, send_interval_s=0.05)
+    sender = _sender(journal, mlflow_server.url, heartbeat_s=0.2, send_interval_s=0.05)
     sender.watch_run(run)
     sender.start()
     try:
@@ -147,7 +159,7 @@ def test_a_live_run_is_created_with_a_heartbeat_before_the_first_heartbeat_round
     # A process killed before its first heartbeat round must still leave a tag the reaper can judge.
     name = f"born-beating-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
-    sender = Sender(journal, mlflow_server.url, None, heartbeat_s=3600, send_interval_s=0.05)
+    sender = _sender(journal, mlflow_server.url, heartbeat_s=3600, send_interval_s=0.05)
     sender.watch_run(run)
     sender.start()
     try:
@@ -163,7 +175,7 @@ def test_a_live_run_that_keeps_logging_sends_its_heartbeat_inside_its_batches(tm
     name = f"beat-in-batch-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
     # A 2 s period against a point every 0.1 s: only a second with no point at all would need a beat request.
-    sender = Sender(journal, flaky_proxy.url, None, heartbeat_s=2.0, send_interval_s=0.05)
+    sender = _sender(journal, flaky_proxy.url, heartbeat_s=2.0, send_interval_s=0.05)
     sender.watch_run(run)
     started = int(time.time())
     sender.start()
@@ -180,32 +192,32 @@ def test_a_live_run_that_keeps_logging_sends_its_heartbeat_inside_its_batches(tm
     assert int(remote.data.tags[config.HEARTBEAT_TAG]) >= started + 3, "batches after the first carried the beat"
 
 
-def test_the_server_status_of_a_live_run_is_read_every_tenth_beat_and_after_a_gap(tmp_path, flaky_proxy,
+def test_the_server_status_of_a_live_run_is_read_every_tenth_beat_and_after_a_gap(tmp_path, mlflow_server,
                                                                                   server_client):
-    from bridge.client.sender import REVIVE_CHECK_EVERY_BEATS
-
     name = f"beat-reads-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
-    sender = Sender(journal, flaky_proxy.url, None, heartbeat_s=60)
+    transport = FaultTransport()
+    sender = _sender(journal, mlflow_server.url, transport=transport, heartbeat_s=60)
+    beats = sender.heartbeats
     sender.watch_run(run)
     _deliver(sender)  # creates the run, born with a beat
     remote = server_run(server_client, name).info.run_id
-    flaky_proxy.reset_counts()
+    transport.requests.clear()
     for _ in range(REVIVE_CHECK_EVERY_BEATS - 1):
-        sender._beat_delivered(run, remote)
-    assert flaky_proxy.count("/runs/get") == 0
-    sender._beat_delivered(run, remote)
-    assert flaky_proxy.count("/runs/get") == 1
+        beats.delivered(run, remote)
+    assert transport.count("/runs/get") == 0
+    beats.delivered(run, remote)
+    assert transport.count("/runs/get") == 1
     # A gap in the beats (an outage, a stalled thread) is what the reaper acts on: the next beat looks at once.
     server_client.set_terminated(remote, "KILLED")
-    sender._beats[run] -= 3 * sender.heartbeat_s
-    sender._heartbeat()
-    assert flaky_proxy.count("/runs/set-tag") == 1 and flaky_proxy.count("/runs/get") == 2
+    beats._beats[run] -= 3 * beats.heartbeat_s
+    beats.beat_round()
+    assert transport.count("/runs/set-tag") == 1 and transport.count("/runs/get") == 2
     assert server_client.get_run(remote).info.status == "RUNNING"
     journal.close()
 
 
-def test_a_refused_heartbeat_waits_a_period_and_does_not_stop_the_other_runs_beats(tmp_path, flaky_proxy,
+def test_a_refused_heartbeat_waits_a_period_and_does_not_stop_the_other_runs_beats(tmp_path, mlflow_server,
                                                                                     server_client):
     # A live run deleted on the server (from the UI): MLflow refuses its heartbeat with a 400 and the link stays
     # online. Retried every round (each second) that one run would use up ngrok's monthly requests in hours.
@@ -214,19 +226,21 @@ def test_a_refused_heartbeat_waits_a_period_and_does_not_stop_the_other_runs_bea
     experiment = journal.add_experiment(name, {})
     runs = [journal.add_run(experiment_id=experiment, user_id="tester", start_time=int(time.time() * 1000),
                             name=f"run{i}", tags={}) for i in range(2)]
-    sender = Sender(journal, flaky_proxy.url, None, heartbeat_s=60)
+    transport = FaultTransport()
+    sender = _sender(journal, mlflow_server.url, transport=transport, heartbeat_s=60)
+    beats = sender.heartbeats
     for run in runs:
         sender.watch_run(run)
     _deliver(sender)
-    remote = {run: sender.remote_run(run)[0] for run in runs}
+    remote = {run: journal.server_run(run)[0] for run in runs}
     server_client.delete_run(remote[runs[0]])
     for run in runs:
-        sender._beats[run] -= 2 * sender.heartbeat_s  # a period has passed since they were born beating
-    flaky_proxy.reset_counts()
+        beats._beats[run] -= 2 * beats.heartbeat_s  # a period has passed since they were born beating
+    transport.requests.clear()
     for _ in range(5):  # five sender rounds
-        sender._heartbeat()
-    assert sender.online is True
-    assert flaky_proxy.count("/runs/set-tag") == 2, "one refused beat, one delivered; neither repeated"
+        beats.beat_round()
+    assert sender.link.online is True
+    assert transport.count("/runs/set-tag") == 2, "one refused beat, one delivered; neither repeated"
     live_beat = int(server_client.get_run(remote[runs[1]]).data.tags[config.HEARTBEAT_TAG])
     assert abs(live_beat - time.time()) < 30
     journal.close()
@@ -236,7 +250,7 @@ def test_a_batch_for_a_run_deleted_on_the_server_is_set_aside_whole_in_one_reque
                                                                                     server_client):
     name = f"deleted-batch-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
-    sender = Sender(journal, flaky_proxy.url, None)
+    sender = _sender(journal, flaky_proxy.url)
     _deliver(sender)
     server_client.delete_run(server_run(server_client, name).info.run_id)
     base = int(time.time() * 1000)
@@ -245,7 +259,7 @@ def test_a_batch_for_a_run_deleted_on_the_server_is_set_aside_whole_in_one_reque
     _deliver(sender)
     assert flaky_proxy.count("/runs/log-batch") == 1, "not split entry by entry: the run, not an entry, is refused"
     dead = journal.dead_letters()
-    assert len(dead) == 500 and "active" in dead[0][1]
+    assert len(dead) == 500 and "active" in dead[0].error and dead[0].reason == "server-refused"
     journal.close()
 
 
@@ -262,12 +276,12 @@ def test_rediscovery_switches_to_the_newly_published_url(tmp_path, monkeypatch, 
     journal, run = _journal_run(tmp_path, name)
     journal.append_batch(run, [("m", 1.0, 1, 0)])
     flaky_proxy.set_mode("refuse")  # the old tunnel URL is gone
-    monkeypatch.setattr("bridge.client.sender.REDISCOVER_AFTER_S", 0.2)
-    sender = Sender(journal, flaky_proxy.url, token, send_interval_s=0.05)
+    monkeypatch.setattr("bridge.client.link.REDISCOVER_AFTER_S", 0.2)
+    sender = _sender(journal, flaky_proxy.url, token, send_interval_s=0.05)
     sender.start()
     try:
         assert sender.flush(30) == 0
-        assert sender.url == mlflow_server.url
+        assert sender.link.url == mlflow_server.url
     finally:
         sender.stop()
     assert server_run(server_client, name).data.metrics == {"m": 1.0}
@@ -296,7 +310,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 def test_stop_cuts_a_request_in_flight_instead_of_waiting_for_its_timeout(tmp_path, flaky_proxy):
     journal, run = _journal_run(tmp_path, f"cut-{uuid.uuid4().hex[:8]}")
     flaky_proxy.set_mode("blackhole")
-    sender = Sender(journal, flaky_proxy.url, None, http_timeout_s=60, send_interval_s=0.05)
+    sender = _sender(journal, flaky_proxy.url, http_timeout_s=60, send_interval_s=0.05)
     sender.start()
     _wait_for(lambda: flaky_proxy.count(mode="blackhole") >= 1, 30, "a request to hang")
     began = time.monotonic()
@@ -311,7 +325,7 @@ def test_stop_cuts_a_request_in_flight_instead_of_waiting_for_its_timeout(tmp_pa
 
 def test_a_sender_still_busy_after_stop_keeps_the_journal_until_it_ends(tmp_path, monkeypatch):
     journal, _ = _journal_run(tmp_path, "busy")
-    sender = Sender(journal, "http://127.0.0.1:9", None, send_interval_s=0.05)
+    sender = _sender(journal, "http://127.0.0.1:9", send_interval_s=0.05)
     entered, release = threading.Event(), threading.Event()
 
     def stuck_round() -> int:  # stands in for an upload that does not notice the stop
@@ -337,7 +351,7 @@ def test_a_run_marked_killed_while_still_logging_is_running_again_and_still_fini
 
     name = f"revived-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
-    sender = Sender(journal, mlflow_server.url, None, heartbeat_s=0.2, send_interval_s=0.05)
+    sender = _sender(journal, mlflow_server.url, heartbeat_s=0.2, send_interval_s=0.05)
     sender.watch_run(run)
     sender.start()
     try:
@@ -351,7 +365,7 @@ def test_a_run_marked_killed_while_still_logging_is_running_again_and_still_fini
         journal.update_run(run, status="FINISHED", end_time=int(time.time() * 1000), name=None)
         sender.unwatch_run(run)
         assert sender.flush(30) == 0
-        time.sleep(1.0)  # several heartbeat periods
+        assert sender.wait_rounds(5, 30), "several heartbeat periods of sender rounds"
     finally:
         sender.stop()
     assert server_client.get_run(remote).info.status == "FINISHED"
@@ -365,7 +379,7 @@ def test_the_journal_is_made_durable_while_a_delivery_round_is_stuck(tmp_path, m
 
     monkeypatch.setattr(sender_module, "DURABLE_EVERY_S", 0.1, raising=False)
     journal, run = _journal_run(tmp_path, "durable")
-    sender = Sender(journal, "http://127.0.0.1:9", None, send_interval_s=0.05)
+    sender = _sender(journal, "http://127.0.0.1:9", send_interval_s=0.05)
     entered, release = threading.Event(), threading.Event()
 
     def stuck_round() -> int:  # a long upload, or timeouts during an outage

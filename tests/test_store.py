@@ -7,6 +7,7 @@ import time
 import uuid
 
 import mlflow
+from mlflow.exceptions import MlflowException
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -127,7 +128,9 @@ def test_same_experiment_name_from_two_journals_is_one_experiment(own_mlflow_ser
     assert sorted(r.data.metrics["x"] for r in runs) == [0.0, 1.0]
 
 
-def test_bad_values_become_dead_letters_and_the_rest_arrives(mlflow_server, server_client, bridge_connect):
+def test_bad_values_raise_at_the_call_as_mlflow_would_and_the_rest_arrives(mlflow_server, server_client,
+                                                                          bridge_connect):
+    # Issue 8, defect 8: what the server would refuse is refused at the call, never accepted and dropped later.
     conn = bridge_connect(mlflow_server.url)
     experiment = _name("bad")
     mlflow.set_experiment(experiment)
@@ -136,9 +139,13 @@ def test_bad_values_become_dead_letters_and_the_rest_arrives(mlflow_server, serv
         run_id = run.info.run_id
         mlflow.log_param("lr", "0.1")
         mlflow.log_metric("good", 1.0, step=0)
-        mlflow.log_param("lr", "0.2")                       # conflicting value
-        client.log_batch(run_id, metrics=[Metric("bad name!?*", 1.0, 1, 0)])  # invalid metric name
-        mlflow.log_param("k" * 300, "v")                   # over MLflow's 250-char key limit
+        with pytest.raises(MlflowException, match="Changing param values is not allowed") as changed:
+            mlflow.log_param("lr", "0.2")                   # conflicting value
+        assert changed.value.error_code == "INVALID_PARAMETER_VALUE"
+        with pytest.raises(MlflowException, match="Names may only contain"):
+            client.log_batch(run_id, metrics=[Metric("bad name!?*", 1.0, 1, 0)])
+        with pytest.raises(MlflowException, match="exceeds the maximum length of 250"):
+            mlflow.log_param("k" * 300, "v")               # over MLflow's 250-char key limit
         mlflow.log_param("huge", "x" * 10_000)             # MLflow truncates long values to 6000 chars
         mlflow.log_metric("nan", math.nan, step=1)
         mlflow.log_metric("inf", math.inf, step=1)
@@ -151,12 +158,7 @@ def test_bad_values_become_dead_letters_and_the_rest_arrives(mlflow_server, serv
     assert len(server_client.get_metric_history(remote.info.run_id, "good")) == 50
     assert math.isnan(remote.data.metrics["nan"])
     assert remote.data.metrics["inf"] > 1e300  # MLflow's SQL store stores +inf as the largest float
-    dead = {(op.kind, op.key): message for op, message in conn.journal.dead_letters()}
-    assert set(dead) == {("param", "lr"), ("metric", "bad name!?*"), ("param", "k" * 300)}
-    assert "Changing param values is not allowed" in dead[("param", "lr")]
-    assert "Names may only contain" in dead[("metric", "bad name!?*")]
-    assert "exceeds the maximum length of 250" in dead[("param", "k" * 300)]
-    assert conn.status().dead_letters == 3
+    assert conn.journal.dead_letters() == [] and conn.status().dead_letters == 0
 
 
 def test_dataset_inputs_are_journaled_and_delivered(mlflow_server, server_client, bridge_connect):
@@ -184,13 +186,15 @@ def test_reads_from_several_threads_each_use_their_own_http_session(fixed_status
     store = mlflow.tracking._tracking_service.utils._get_store()
     assert isinstance(store, JournalStore)
     seen: list[tuple[int, object]] = []
-    real = conn.sender.request
+    transport = conn.link.transport
+    real = transport._session
 
-    def spy(*args, session=None, **kwargs):
+    def spy():
+        session = real()
         seen.append((threading.get_ident(), session))
-        return real(*args, session=session, **kwargs)
+        return session
 
-    monkeypatch.setattr(conn.sender, "request", spy)
+    monkeypatch.setattr(transport, "_session", spy)
 
     def read_twice():
         store.search_experiments()

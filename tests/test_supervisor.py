@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -16,8 +17,9 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from bridge import config, secrets
-from bridge.errors import ConfigError, RecordSignatureError
+from bridge.errors import ConfigError, RecordSignatureError, TunnelError
 from bridge.record import verify_record
+from bridge.serve.entrance import Entrance
 from bridge.serve.supervisor import ServeOptions, Supervisor, primary_address
 from tests.support.mlflow_server import free_port
 
@@ -101,8 +103,7 @@ def test_token_rotation_works_at_once_republishes_then_sigterm_leaves_nothing(ow
     assert server.stop() == 0
     _, alive = psutil.wait_procs(children, timeout=5)
     assert alive == [], [p.cmdline() for p in alive]
-    assert not any("uvicorn" in " ".join(p.cmdline()) and str(server.port) in " ".join(p.cmdline())
-                   for p in psutil.process_iter() if _safe_running(p))
+    assert not any("uvicorn" in line and str(server.port) in line for line in map(_command_line, psutil.process_iter()))
     state = server.state()
     assert state["stopped_at"] is not None
     assert state["mlflow"]["healthy"] is False
@@ -115,31 +116,34 @@ def test_token_rotation_works_at_once_republishes_then_sigterm_leaves_nothing(ow
         assert token not in status.stdout
 
 
-def _safe_running(proc: psutil.Process) -> bool:
+def _command_line(proc: psutil.Process) -> str:
+    """A process's command line; "" for one that ended or is a zombie meanwhile (any other process on the
+    machine may be: seen in CI) or that is not ours to read."""
     try:
-        return proc.is_running()
+        return " ".join(proc.cmdline())
     except psutil.Error:
-        return False
+        return ""
 
 
-def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve, fake_ngrok):
-    server = own_bridge_serve("--tunnel", "ngrok", env_extra=fake_ngrok.env)
+def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve, tunnel_agent):
+    """The same faults for each tunnel kind: the agent dies, a new URL is republished, verified and throttled."""
+    server = own_bridge_serve("--tunnel", tunnel_agent.kind, env_extra=tunnel_agent.env)
     token = server.token()
     state = server.state()
     first_url = state["tunnel"]["public_url"]
-    assert first_url.startswith("https://") and first_url.endswith(".ngrok-free.app")
-    assert state["tunnel"]["status"] == "open"
+    assert re.match(tunnel_agent.url_pattern, first_url)
+    assert state["tunnel"]["status"] == "open" and state["tunnel"]["mode"] == tunnel_agent.kind
     record = verify_record((server.home / "endpoint.json").read_text(), token)
     assert record.url == first_url
     mlflow_pid = state["mlflow"]["pid"]
 
-    # Through the stand-in edge (public Host header, X-Forwarded-*): locked without the token, open with it.
-    public = fake_ngrok.local_url(first_url)
+    # Through the stand-in edge (public Host header, forwarded headers): locked without the token, open with it.
+    public = tunnel_agent.local_url(first_url)
     assert requests.get(public + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=10).status_code == 401
     ok = requests.get(public + "/api/2.0/mlflow/experiments/search?max_results=1", auth=("u", token), timeout=10)
     assert ok.status_code == 200, ok.text
 
-    for pid in fake_ngrok.agent_pids():
+    for pid in tunnel_agent.agent_pids():
         os.kill(pid, signal.SIGKILL)
 
     def republished():
@@ -154,19 +158,37 @@ def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve,
     record = verify_record((server.home / "endpoint.json").read_text(), token)
     assert record.url == new_url
     assert state["mlflow"]["pid"] == mlflow_pid and state["mlflow"]["restarts"] == 0  # MLflow untouched
-    resp = requests.get(fake_ngrok.local_url(new_url) + "/api/2.0/mlflow/experiments/search?max_results=1",
-                        auth=("u", token), timeout=10)
+    new_public = tunnel_agent.local_url(new_url)
+    resp = requests.get(new_public + "/api/2.0/mlflow/experiments/search?max_results=1", auth=("u", token),
+                        timeout=10)
     assert resp.status_code == 200
 
-    # Guessing through the tunnel (the agent names the client in X-Forwarded-For) is throttled.
-    codes = [requests.get(fake_ngrok.local_url(new_url) + "/health", auth=("u", f"guess-{n}"), timeout=10).status_code
+    # Guessing through the tunnel is throttled per client, as the edge names it (X-Forwarded-For's last entry for
+    # ngrok, Cf-Connecting-Ip for Cloudflare; the stand-ins take the address they "saw" from X-Stand-In-Peer).
+    guesser = {"X-Stand-In-Peer": "198.51.100.66"}
+    codes = [requests.get(new_public + "/health", auth=("u", f"guess-{n}"), headers=guesser, timeout=10).status_code
              for n in range(12)]
     assert codes == [401] * 10 + [429] * 2
+    other = requests.get(new_public + "/health", auth=("u", token), headers={"X-Stand-In-Peer": "198.51.100.77"},
+                         timeout=10)
+    # Cloudflare names each client apart; every ngrok client here connects from 127.0.0.1, so it shares the bucket.
+    assert other.status_code == (200 if tunnel_agent.kind == "cloudflared" else 429)
+
+    # What went out through the tunnel is counted for the month (saved every few seconds).
+    usage = _wait_for(lambda: (server.state().get("usage") or {}).get("requests", 0) >= 16 and server.state()["usage"],
+                      timeout=30, what="tunnel usage counted")
+    assert usage["bytes_out"] > 16 * 100
+    status = server.cli("status")
+    assert "Tunnel use" in status.stdout and "requests of 20,000" in status.stdout, status.stdout
 
     assert server.stop() == 0
-    _wait_for(lambda: fake_ngrok.agent_pids() == [], timeout=30, what="no agent left")
+    _wait_for(lambda: tunnel_agent.agent_pids() == [], timeout=30, what="no agent left")
     assert _files_containing(server.home, token) == []
-    assert _files_containing(server.home, fake_ngrok.authtoken) == [str(p) for p in server.home.rglob("ngrok.yml")]
+    saved = json.loads((server.home / "tunnel-usage.json").read_text())
+    assert saved["requests"] >= usage["requests"]
+    if tunnel_agent.kind == "ngrok":
+        assert _files_containing(server.home, tunnel_agent.authtoken) == [
+            str(p) for p in server.home.rglob("ngrok.yml")]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
@@ -279,3 +301,34 @@ def test_a_wildcard_host_publishes_this_machines_address_not_0_0_0_0(bridge_home
         assert requests.get(published.url + "/health", auth=("bridge", token), timeout=10).status_code == 200
     finally:
         supervisor.stop()
+
+
+def test_tunnel_auto_prefers_ngrok_then_cloudflared_then_none(bridge_home, monkeypatch, tmp_path, fake_cloudflared):
+    def chosen(**kwargs):
+        supervisor = Supervisor(ServeOptions(port=free_port(), tunnel=kwargs.pop("tunnel", "auto"), **kwargs))
+        supervisor.entrance = Entrance(supervisor.options.port, port=free_port())  # named, never started
+        factory = supervisor._choose_tunnel()
+        return supervisor.tunnel_mode, factory, " ".join(supervisor.notes)
+
+    # A cloudflared binary and no authtoken: the quick tunnel, with a note saying why.
+    mode, factory, notes = chosen()
+    assert mode == "cloudflared" and factory is not None and "quick tunnel" in notes and "bridge login" in notes
+    # An authtoken makes it ngrok, and so do ngrok-only options.
+    monkeypatch.setenv("NGROK_AUTHTOKEN", "some-authtoken-0123456789")
+    assert chosen()[0] == "ngrok"
+    monkeypatch.delenv("NGROK_AUTHTOKEN")
+    mode, factory, notes = chosen(domain="lab.ngrok.app")
+    assert (mode, factory) == ("none", None) and "ngrok authtoken" in notes
+    # Neither: the entrance alone, and the note names both ways to a public URL.
+    monkeypatch.delenv("BRIDGE_CLOUDFLARED_PATH")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    mode, factory, notes = chosen()
+    assert (mode, factory) == ("none", None)
+    assert "install cloudflared" in notes and "bridge login" in notes
+    # Asked for by name, a missing cloudflared is an error when the tunnel opens, naming the fix.
+    mode, factory, _ = chosen(tunnel="cloudflared")
+    assert mode == "cloudflared"
+    with pytest.raises(TunnelError, match="BRIDGE_CLOUDFLARED_PATH"):
+        factory().open()
+    with pytest.raises(ConfigError, match="--domain"):
+        ServeOptions(tunnel="cloudflared", domain="lab.ngrok.app")

@@ -1,4 +1,8 @@
-"""bridge.serve.tunnel: real pyngrok launching the stand-in agent (tests/support/fake_ngrok.py)."""
+"""The tunnels: real pyngrok launching the stand-in ngrok agent (tests/support/fake_ngrok.py), and bridge's
+cloudflared runner launching the stand-in cloudflared (tests/support/fake_cloudflared.py).
+
+The first tests are ngrok's own (authtoken, edge auth, domains, error codes); the shared suite at the end runs
+every test once per tunnel kind (`tunnel_agent`)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import re
+
 import pytest
 import requests
 
@@ -29,8 +35,14 @@ from bridge.serve.tunnel import (
     resolve_authtoken,
     resolve_ngrok_path,
 )
+from bridge.serve.tunnel_cloudflared import (
+    CloudflaredBinaryError,
+    CloudflaredConfig,
+    CloudflaredTunnel,
+    resolve_cloudflared_path,
+)
 from tests.support.mlflow_server import free_port
-from tests.support.tunnel import write_agent_executable
+from tests.support.tunnel import open_tunnel, write_agent_executable
 
 PUBLIC_URL = r"^https://[0-9a-f]{12}\.ngrok-free\.app$"
 
@@ -338,3 +350,133 @@ def test_snap_ngrok_gets_a_config_file_it_may_read(monkeypatch, tmp_path):
     snap_path = default_config_path("/snap/bin/ngrok")
     assert snap_path.parent == tmp_path / "snap" / "ngrok" / "common"
     assert default_config_path("/usr/local/bin/ngrok") == tmp_path / ".config" / "bridge" / "ngrok.yml"
+
+
+# --- the shared suite: each test below runs against the stand-in ngrok agent and the stand-in cloudflared ------
+
+
+@pytest.fixture
+def kind_tunnels(tunnel_agent, echo_server):
+    """Tunnels of the parametrized kind to the echo server, closed at teardown."""
+    made = []
+
+    def make(**overrides):
+        tunnel = open_tunnel(tunnel_agent, echo_server, **overrides)
+        made.append(tunnel)
+        return tunnel
+
+    yield make
+    for tunnel in made:
+        tunnel.close()
+
+
+def test_every_tunnel_forwards_with_the_public_host_and_names_the_client(tunnel_agent, kind_tunnels):
+    tunnel = kind_tunnels()
+    url = tunnel.open()
+    assert re.match(tunnel_agent.url_pattern, url)
+    host = urlsplit(url).netloc
+    local = tunnel_agent.local_url(url)
+
+    body = os.urandom(1_200_000)  # streamed both ways
+    headers = {"X-Forwarded-For": "203.0.113.7", "X-Stand-In-Peer": "198.51.100.9"}
+    seen = requests.post(f"{local}/api/2.0/mlflow/runs/log-batch?a=1&b=%2F", data=body, headers=headers,
+                         timeout=10).json()
+    assert seen["path"] == "/api/2.0/mlflow/runs/log-batch?a=1&b=%2F"
+    assert seen["headers"]["Host"] == host
+    assert seen["headers"]["X-Forwarded-Proto"] == "https"
+    assert seen["body_len"] == len(body) and seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+    # The header the entrance throttles by names the client the edge saw, whatever the client claimed.
+    assert tunnel.client_header in seen["headers"]
+    named = seen["headers"][tunnel.client_header].rsplit(",", 1)[-1].strip()
+    assert named == ("198.51.100.9" if tunnel_agent.kind == "cloudflared" else "127.0.0.1")
+    if tunnel_agent.kind == "cloudflared":
+        spoofed = requests.get(f"{local}/x", headers={"Cf-Connecting-Ip": "10.9.9.9"}, timeout=10).json()
+        assert spoofed["headers"]["Cf-Connecting-Ip"] == "127.0.0.1"
+        assert spoofed["headers"]["X-Forwarded-For"] == "127.0.0.1"
+
+    download = requests.get(f"{local}/bytes/3000000", timeout=10)
+    assert download.status_code == 200 and len(download.content) == 3_000_000
+    assert tunnel.healthy()
+
+
+def test_every_tunnel_notices_a_killed_agent_and_reopens_at_a_new_url(tunnel_agent, kind_tunnels):
+    tunnel = kind_tunnels()
+    first = tunnel.open()
+    first_local = tunnel_agent.local_url(first)
+    [pid] = tunnel_agent.agent_pids()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while tunnel.healthy() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not tunnel.healthy()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(first_local + "/x", timeout=2)
+
+    second = tunnel.open()
+    assert second != first and re.match(tunnel_agent.url_pattern, second)
+    assert requests.get(tunnel_agent.local_url(second) + "/x", timeout=5).status_code == 200
+    assert tunnel.healthy()
+    assert len(tunnel_agent.agent_pids()) == 1
+
+
+def test_every_tunnel_leaves_nothing_running_after_close(tunnel_agent, kind_tunnels):
+    tunnel = kind_tunnels()
+    local = tunnel_agent.local_url(tunnel.open())
+    tunnel.close()
+    assert not tunnel.healthy() and tunnel.public_url is None
+    assert tunnel_agent.agent_pids() == []
+    with pytest.raises(requests.ConnectionError):
+        requests.get(local + "/x", timeout=2)
+    tunnel.close()  # idempotent
+
+
+def test_every_tunnel_that_cannot_reach_its_cloud_fails_with_the_agents_reason(tunnel_agent, kind_tunnels,
+                                                                                monkeypatch):
+    monkeypatch.setenv("FAKE_NGROK_OFFLINE" if tunnel_agent.kind == "ngrok" else "FAKE_CLOUDFLARED_OFFLINE", "1")
+    tunnel = kind_tunnels(startup_timeout_s=6)
+    started = time.monotonic()
+    with pytest.raises(TunnelError) as info:
+        tunnel.open()
+    assert time.monotonic() - started < 30
+    expected = "failed to dial ngrok server" if tunnel_agent.kind == "ngrok" else "failed to request quick Tunnel"
+    assert expected in str(info.value)
+    assert tunnel_agent.agent_pids() == []
+
+
+def test_every_tunnel_gives_up_at_its_start_deadline(fake_cloudflared, monkeypatch):
+    # ngrok's deadline is the same test above (its offline agent retries for ever); cloudflared's retries too.
+    monkeypatch.setenv("FAKE_CLOUDFLARED_HANG", "1")
+    tunnel = open_tunnel(fake_cloudflared, "http://127.0.0.1:9", startup_timeout_s=4)
+    started = time.monotonic()
+    with pytest.raises(TunnelError, match="no working quick tunnel within 4 s.*Retrying quick Tunnel"):
+        tunnel.open()
+    assert 3.5 < time.monotonic() - started < 15
+    assert fake_cloudflared.agent_pids() == []
+
+
+def test_every_tunnel_names_a_binary_that_cannot_run(tunnel_agent, tmp_path):
+    binary = tmp_path / tunnel_agent.kind
+    binary.write_text("not a program\n")
+    binary.chmod(0o644)
+    agent = type(tunnel_agent)(path=binary, state_file=tunnel_agent.state_file, session_lock=tmp_path / "l")
+    tunnel = open_tunnel(agent, "http://127.0.0.1:9", startup_timeout_s=5)
+    error = NgrokBinaryError if tunnel_agent.kind == "ngrok" else CloudflaredBinaryError
+    with pytest.raises(error, match="could not be started"):
+        tunnel.open()
+
+
+def test_missing_cloudflared_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("BRIDGE_CLOUDFLARED_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert resolve_cloudflared_path() is None
+    tunnel = CloudflaredTunnel("http://127.0.0.1:9", CloudflaredConfig.from_environment())
+    with pytest.raises(CloudflaredBinaryError, match="BRIDGE_CLOUDFLARED_PATH") as info:
+        tunnel.open()
+    assert "cloudflared" in str(info.value) and "github.com/cloudflare/cloudflared" in str(info.value)
+    on_path = write_agent_executable(tmp_path / "bin", "cloudflared")
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    assert resolve_cloudflared_path() == str(on_path)
+    with pytest.raises(ConfigError, match="with a port"):
+        CloudflaredTunnel("http://127.0.0.1", CloudflaredConfig("x"))
+    with pytest.raises(ConfigError, match="positive"):
+        CloudflaredConfig("x", startup_timeout_s=0)

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from tests.support.yolo import (
     MODEL_FAMILIES,
@@ -131,6 +132,22 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def _download_live(client: MlflowClient, run_id: str, path: str, dst: Path, tries: int = 5) -> str:
+    """Download an artifact the training process keeps replacing (console.log every second, best.pt on each
+    improvement). Stock MLflow serves a file with werkzeug's send_file, which stats the path and then opens
+    it: a replacement in between (a longer file) sends more bytes than the declared length and the download
+    is cut — seen once in CI. A few tries, each a whole download; the last failure is raised."""
+    dst.mkdir(exist_ok=True)
+    for attempt in range(tries):
+        try:
+            return client.download_artifacts(run_id, path, str(dst))
+        except MlflowException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.3)
+    raise AssertionError("unreachable")
+
+
 def test_console_is_live_and_a_killed_process_gets_its_run_marked_killed(own_bridge_serve, yolo_dataset, tmp_path):
     # 10 s, not less: a training process saturating both cores can hold up a 0.5 s heartbeat for seconds, and a
     # live run reaped meanwhile (then revived by its sender) would fail the RUNNING check below.
@@ -145,23 +162,26 @@ def test_console_is_live_and_a_killed_process_gets_its_run_marked_killed(own_bri
         deadline = time.monotonic() + 180
         console = ""
         run = None
+        failed_downloads: list[str] = []
         while time.monotonic() < deadline and child.poll() is None:
             exp = client.get_experiment_by_name("killed")
             runs = client.search_runs([exp.experiment_id]) if exp else []
             if runs and "console.log" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}:
                 run = runs[0]
-                path = client.download_artifacts(run.info.run_id, "console.log", str(tmp_path / "dl"))
-                console = Path(path).read_text()
+                try:
+                    console = Path(_download_live(client, run.info.run_id, "console.log", tmp_path / "dl")).read_text()
+                except MlflowException as exc:
+                    failed_downloads.append(str(exc))
                 if "2/500" in console:
                     break
             time.sleep(0.5)
         assert child.poll() is None, "the training process ended early"
-        assert run is not None and "2/500" in console, console[-2000:]
+        assert run is not None and "2/500" in console, (console[-2000:], failed_downloads[-3:])
         assert "1/500" in console and "\r" not in console  # epoch lines, progress redraws collapsed
         assert client.get_run(run.info.run_id).info.status == "RUNNING"
         # best.pt went up when it first improved, not only at the end: a crash does not lose the weights
         assert "weights/best.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
-        best = client.download_artifacts(run.info.run_id, "weights/best.pt", str(tmp_path / "dl"))
+        best = _download_live(client, run.info.run_id, "weights/best.pt", tmp_path / "dl")
         assert zipfile.is_zipfile(best) and Path(best).stat().st_size > 1_000_000
     finally:
         os.killpg(child.pid, signal.SIGKILL)
@@ -176,8 +196,13 @@ def test_console_is_live_and_a_killed_process_gets_its_run_marked_killed(own_bri
     assert "heartbeat" in current.data.tags["bridge.killed_reason"]
 
 
-def test_bridge_demo_runs_the_whole_loop_offline_and_stops_its_server(tmp_path):
+@pytest.mark.timeout(600)
+def test_bridge_demo_shows_learning_keeps_serving_until_ctrl_c(tmp_path):
+    """The demo prints live links into the model-training view, ends with the compare table, serves until
+    Ctrl-C (the links work meanwhile), and its run shows mAP rising from 0."""
     import re
+    import signal
+    import threading
 
     import requests
 
@@ -185,18 +210,48 @@ def test_bridge_demo_runs_the_whole_loop_offline_and_stops_its_server(tmp_path):
     env = {**os.environ, "BRIDGE_HOME": str(home), "COLUMNS": "250"}
     for name in ("BRIDGE_URL", "BRIDGE_TOKEN", "BRIDGE_JOURNAL", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
-    out = subprocess.run([*bridge_cli(), "demo", "--epochs", "1"], env=env, capture_output=True, text=True,
-                         timeout=400, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    match = re.search(r"(http://127\.0\.0\.1:(\d+))/#/experiments/(\d+)/runs/([0-9a-f]{32})", out.stdout)
-    assert match, out.stdout[-2000:]
-    ui, _, _, run_id = match.groups()
+    proc = subprocess.Popen([*bridge_cli(), "demo", "--epochs", "5"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(480), "".join(lines)[-3000:]
+        out = "".join(lines)
+        live = re.search(r"Watch the curves live: (http://127\.0\.0\.1:\d+)/#/experiments/(\d+)/runs"
+                         r"\?workflowType=machine_learning&compareRunsMode=CHART", out)
+        assert live, out[-2000:]
+        match = re.search(r"The run in the MLflow UI: (http://127\.0\.0\.1:\d+)/#/experiments/(\d+)/runs/"
+                          r"([0-9a-f]{32})\?workflowType=machine_learning", out)
+        assert match, out[-2000:]
+        ui, experiment_id, run_id = match.groups()
+        assert (ui, experiment_id) == live.groups()
+        assert "bridge-demo: 1 runs, best mAP50-95 first" in out and "yolov8n-demo" in out  # the compare table
+        # Still serving: the printed link's server answers and holds the run.
+        assert requests.get(ui + "/health", timeout=5).status_code == 200
+        client = MlflowClient(ui)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["bridge.demo"] == "true"
+        assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val/mAP50"))
+        assert [s for s, _ in history] == [1, 2, 3, 4, 5]
+        assert history[0][1] == 0 and max(v for _, v in history) > 0, history  # it learned something
+        assert client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, "".join(lines)[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    reader.join(10)
+    assert "Stopping the demo server" in "".join(lines)
     with pytest.raises(requests.ConnectionError):
-        requests.get(ui + "/health", timeout=2)  # stopped, as it said
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")  # what the stopped server stored
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["bridge.demo"] == "true"
-    assert [m.step for m in client.get_metric_history(run_id, "val/mAP50-95")] == [1]
-    assert run.data.params["model.family"] == "yolov8"
-    stored = {p.relative_to(home / "artifacts").as_posix() for p in (home / "artifacts").rglob("*") if p.is_file()}
-    assert any(p.endswith(f"{run_id}/artifacts/weights/best.pt") for p in stored), sorted(stored)[:20]
+        requests.get(ui + "/health", timeout=2)  # Ctrl-C stopped it

@@ -67,12 +67,39 @@ def sync_command(
 @handles_errors
 def queue_command(
     journal: Annotated[Optional[Path], typer.Option(help=JOURNAL_HELP, envvar="BRIDGE_JOURNAL")] = None,
+    retry: Annotated[bool, typer.Option("--retry", help="Send the dead letters again (all, or those named "
+                                        "with --id) with the next `bridge sync` or bridge.connect().")] = False,
+    drop: Annotated[bool, typer.Option("--drop", help="Delete the dead letters (all, or those named with "
+                                       "--id) for good.")] = False,
+    ids: Annotated[Optional[list[int]], typer.Option("--id", help="A dead letter's id (the first column); "
+                                                     "repeat for several.")] = None,
+    show_config: Annotated[bool, typer.Option("--config", help="Print the client's effective settings and "
+                                              "where each came from, then exit.")] = False,
 ) -> None:
-    """Show what waits in the journal, and the dead letters the server refused, per run."""
+    """Show what waits in the journal and the dead letters (with why), per run; retry or drop dead letters."""
     from bridge.client.connect import queue
 
-    backlog, dead, runs, path = queue(journal)
+    if show_config:
+        _print_config(journal)
+        return
+    if retry and drop:
+        err_console.print("[bold red]Error:[/] --retry and --drop exclude each other", highlight=False)
+        raise typer.Exit(2)
+    if ids and not (retry or drop):
+        err_console.print("[bold red]Error:[/] --id goes with --retry or --drop", highlight=False)
+        raise typer.Exit(2)
+    chosen = list(ids) if ids else True
+    before = {letter.op.id for letter in queue(journal)[1]} if (retry or drop) else set()
+    if ids and not set(ids) <= before:
+        err_console.print(f"[bold red]Error:[/] no dead letter with id {sorted(set(ids) - before)} in this journal",
+                          highlight=False)
+        raise typer.Exit(2)
+    backlog, dead, runs, path = queue(journal, retry=chosen if retry else False, drop=chosen if drop else False)
     console.print(f"Journal {path}", highlight=False, soft_wrap=True)
+    if retry or drop:
+        done = len(before) if chosen is True else len(chosen)
+        console.print(f"{done} dead letter(s) " + ("will be sent again by the next `bridge sync` or "
+                                                   "bridge.connect()." if retry else "deleted."))
     table = Table()
     table.add_column("run", no_wrap=True)
     for column in ("waiting", "dead letters"):
@@ -81,13 +108,29 @@ def queue_command(
         table.add_row(_run_label(run, runs), str(backlog.pending.get(run, 0)), str(backlog.dead.get(run, 0)))
     console.print(table)
     if dead:
-        letters = Table(title="Dead letters (refused by the server; not retried)")
+        letters = Table(title="Dead letters (not delivered as they are; not retried)")
+        letters.add_column("id", no_wrap=True, justify="right")
         letters.add_column("run", no_wrap=True)
         letters.add_column("kind", no_wrap=True)
         letters.add_column("key", overflow="fold")
-        letters.add_column("server's message", overflow="fold")
-        for op, error in dead:
-            letters.add_row(_run_label(op.run, runs), op.kind, op.key or "", error or "")
+        letters.add_column("reason", no_wrap=True)
+        letters.add_column("message", overflow="fold")
+        for op, error, reason in dead:
+            letters.add_row(str(op.id), _run_label(op.run, runs), op.kind, op.key or "", reason or "", error or "")
         console.print(letters)
     if not backlog.pending and not dead:
         console.print("Nothing waiting.")
+    elif dead:
+        console.print("`bridge queue --retry` sends them again, `--drop` deletes them (add --id N for one).")
+
+
+def _print_config(journal: Optional[Path]) -> None:
+    from bridge.client.options import ClientOptions
+
+    options = ClientOptions.from_env(journal=journal)
+    table = Table(title="Client settings (bridge.connect(), bridge sync)")
+    for column in ("option", "value", "environment variable", "from"):
+        table.add_column(column, no_wrap=column != "value", overflow="fold")
+    for name, value, env, source in options.describe():
+        table.add_row(name, value, env, source)
+    console.print(table)

@@ -14,7 +14,7 @@ import typer
 from rich.panel import Panel
 from rich.table import Table
 
-from bridge import config, secrets
+from bridge import config, secrets, ui
 from bridge.cli.output import console, err_console, handles_errors
 from bridge.errors import ConfigError, RecordError, ServeError
 from bridge.record import LOOPBACK_HOSTS
@@ -48,8 +48,11 @@ def serve_command(
              "publishes this machine's default-route address.",
         envvar="BRIDGE_HOST")] = config.DEFAULT_HOST,
     tunnel: Annotated[str, typer.Option(
-        help="ngrok: open an ngrok tunnel to the entrance (needs `bridge login` or NGROK_AUTHTOKEN; without "
-             "one bridge serves the entrance alone). none: no tunnel.", envvar="BRIDGE_TUNNEL")] = "ngrok",
+        help="auto: ngrok when an authtoken is configured, else a Cloudflare quick tunnel when cloudflared is "
+             "installed, else none. ngrok: an ngrok tunnel (needs `bridge login` or NGROK_AUTHTOKEN; without one "
+             "bridge serves the entrance alone). cloudflared: a Cloudflare quick tunnel (no account; a new "
+             "*.trycloudflare.com URL each start, which the signed record follows; binary from PATH or "
+             "BRIDGE_CLOUDFLARED_PATH). none: no tunnel.", envvar="BRIDGE_TUNNEL")] = "auto",
     domain: Annotated[Optional[str], typer.Option(
         help="A reserved/static ngrok domain, so the public URL survives restarts.",
         envvar="BRIDGE_NGROK_DOMAIN")] = None,
@@ -70,6 +73,13 @@ def serve_command(
         help="Seconds without a client heartbeat after which a RUNNING run is marked KILLED. Clients beat "
              "every 60 s (BRIDGE_HEARTBEAT_S on their side): keep this several times longer.",
         envvar="BRIDGE_HEARTBEAT_TIMEOUT")] = float(config.DEFAULT_HEARTBEAT_TIMEOUT_S),
+    tunnel_budget_gb: Annotated[float, typer.Option(
+        help="Monthly budget of bytes sent out through the tunnel, in GB (ngrok's free plan: 1); `bridge status` "
+             "shows this month's use and warns at 80 %. 0: no budget.", envvar="BRIDGE_TUNNEL_BUDGET_GB",
+        min=0)] = config.DEFAULT_TUNNEL_BYTES_BUDGET / 1e9,
+    tunnel_budget_requests: Annotated[int, typer.Option(
+        help="Monthly budget of HTTP requests through the tunnel (ngrok's free plan: 20000). 0: no budget.",
+        envvar="BRIDGE_TUNNEL_BUDGET_REQUESTS", min=0)] = config.DEFAULT_TUNNEL_REQUESTS_BUDGET,
 ) -> None:
     """Run MLflow, the authenticated entrance and the ngrok tunnel; publish the signed URL. Ctrl-C stops all."""
     from bridge.serve.supervisor import ServeOptions, serve
@@ -78,6 +88,7 @@ def serve_command(
         port=port, entrance_port=entrance_port, host=host, tunnel=tunnel.lower(), domain=domain,
         edge_auth=edge_auth, publish=publish, backend_store_uri=backend_store_uri,
         artifacts_destination=artifacts_destination, workers=workers, heartbeat_timeout_s=heartbeat_timeout,
+        bytes_budget=tunnel_budget_gb * 1e9, requests_budget=tunnel_budget_requests,
     )  # fmt: skip
     err_console.print("Starting MLflow, the entrance and the tunnel…", style="dim")
     serve(options, on_ready=lambda info: _print_ready(info, publish))
@@ -87,7 +98,7 @@ def _print_ready(info, publish_spec: str | None) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("MLflow UI (this machine)", info.mlflow_url)
+    table.add_row("MLflow UI (this machine)", ui.ui_link(info.mlflow_url))
     table.add_row("Entrance (token required)", info.entrance_url)
     table.add_row("Public URL", info.public_url or "[yellow]none (no tunnel)[/]")
     published = info.published_to if not info.publish_error else f"[red]failed[/] ({info.publish_error}); retrying"
@@ -128,7 +139,7 @@ def colab_snippet(url: str, publish_spec: str | None) -> str:
             "# (for Colab: `bridge login`, restart `bridge serve`, and use the public URL it prints)"
         )
     else:
-        where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts, unless --domain'
+        where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts (not with an ngrok --domain)'
     return (
         "import os\n"
         f"{where}\n"
@@ -213,7 +224,9 @@ def url_command(
     token = secrets.access_token(create=False)
     if token is None:
         raise RecordError("no access token on this machine, so the record cannot be verified; run `bridge serve`")
-    typer.echo(verify_record(text, token).url)
+    url = verify_record(text, token).url
+    typer.echo(url)
+    typer.echo(f"MLflow UI (any user name, the token as password): {ui.ui_link(url)}", err=True)
 
 
 def _pid_alive(pid: object) -> bool:
@@ -250,6 +263,33 @@ def _duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
+def _usage_row(table: Table, state: dict, running: bool) -> str | None:
+    """This month's requests and bytes sent out through the tunnel, against the budget; the warning, if any."""
+    from bridge.serve.usage import budget_warning, format_bytes, month_of, read_usage
+
+    usage = (state.get("usage") if running else None) or read_usage(config.paths().tunnel_usage_file) or {}
+    month = month_of(time.time())
+    if usage.get("month") != month:
+        usage = {"month": month, "requests": 0, "bytes_out": 0}
+    budget = state.get("budget") or {}
+    bytes_budget = float(budget.get("bytes", config.DEFAULT_TUNNEL_BYTES_BUDGET))
+    requests_budget = float(budget.get("requests", config.DEFAULT_TUNNEL_REQUESTS_BUDGET))
+    requests_text = f"{usage['requests']:,} requests" + (f" of {int(requests_budget):,}" if requests_budget else "")
+    bytes_text = format_bytes(usage["bytes_out"]) + (f" of {format_bytes(bytes_budget)}" if bytes_budget else "")
+    warning = budget_warning(usage, bytes_budget, requests_budget)
+    table.add_row(f"Tunnel use {month}", "[yellow]near budget[/]" if warning else "ok",
+                  f"{requests_text} · {bytes_text} sent out")
+    return warning
+
+
+def _secrets_row(table: Table, state: dict) -> None:
+    """Where the serve process keeps the access token, and whether this shell reads the same store."""
+    here = secrets.describe_store()
+    served = state.get("secrets_store") or here
+    detail = served if served == here else f"{served} · this shell uses {here}: `bridge token` here reads another store"
+    table.add_row("Secrets", "[green]keyring[/]" if served.startswith("OS keyring") else "[yellow]file[/]", detail)
+
+
 @handles_errors
 def status_command() -> None:
     """Show MLflow, entrance, tunnel, last publish and uptime of the local `bridge serve` (no secrets)."""
@@ -258,6 +298,7 @@ def status_command() -> None:
     state = read_state()
     if state is None:
         console.print(f"bridge serve has not run here (no {config.paths().state_file}).")
+        console.print(f"Secrets: {secrets.describe_store()}", highlight=False)
         raise typer.Exit(1)
     running = _pid_alive(state.get("pid")) and not state.get("stopped_at")
     mlflow_state = state.get("mlflow") or {}
@@ -288,10 +329,11 @@ def status_command() -> None:
     entrance_state = {401: "[green]up, locked[/]", None: "[red]unreachable[/]"}.get(code, f"[red]answered {code}[/]")
     table.add_row("Entrance", entrance_state, str(entrance.get("url")))
     table.add_row(
-        "Tunnel",
+        f"Tunnel ({tunnel.get('mode', 'none')})",
         str(tunnel.get("status", "disabled")),
         (tunnel.get("public_url") or "no public URL") + (f" · {tunnel['error']}" if tunnel.get("error") else ""),
     )
+    warning = _usage_row(table, state, running)
     if publish:
         ok = "[green]ok[/]" if publish.get("ok") else "[red]failed[/]"
         detail = f"{publish.get('url')} → {publish.get('target')}, {_ago(publish.get('at'))}"
@@ -300,6 +342,9 @@ def status_command() -> None:
         table.add_row("Last publish", ok, detail)
     else:
         table.add_row("Last publish", "none", "")
+    _secrets_row(table, state)
     console.print(table)
+    if warning:
+        console.print(f"[yellow]Warning:[/] {warning}", highlight=False)
     if not running:
         raise typer.Exit(1)

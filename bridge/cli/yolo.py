@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -30,6 +31,38 @@ def _connect(tracking_uri: str | None):
     import bridge
 
     return bridge.connect()  # BRIDGE_URL / BRIDGE_DISCOVERY / BRIDGE_TOKEN / BRIDGE_JOURNAL / Colab secrets / keyring
+
+
+def _server_reader(conn, tracking_uri: str | None):
+    """(server URL, a client reading the server itself) — the server's own ids, for UI links; None without a UI."""
+    from mlflow import MlflowClient
+
+    if conn is not None:
+        url = conn.url  # bridge's auth provider adds the token to requests for this URL
+    elif tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        url = tracking_uri
+    else:
+        return None
+    return url, MlflowClient(tracking_uri=url)
+
+
+def _print_ui_link(conn, tracking_uri: str | None, experiment: str, *, charts: bool = False,
+                   label: str = "MLflow UI") -> str | None:
+    """Print (and return) the link to `experiment`'s runs in the MLflow UI's model-training view."""
+    from bridge.ui import ui_link
+
+    reader = _server_reader(conn, tracking_uri)
+    if reader is None:
+        return None
+    url, client = reader
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as exc:  # the link is a convenience: never fail the command over it
+        err_console.print(f"(no UI link: the server did not answer: {type(exc).__name__})")
+        return None
+    link = ui_link(url, exp.experiment_id if exp else None, charts=charts)
+    console.print(f"{label}: {link}", soft_wrap=True, highlight=False)
+    return link
 
 
 def _deliver(conn, timeout_s: float = 120.0) -> None:
@@ -61,6 +94,9 @@ def train_command(
     tag: Annotated[Optional[list[str]], typer.Option(
         "--tag", help="A tag for every run of the sweep as KEY=VALUE (repeatable).")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help=TRACKING_URI_HELP)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue each model's interrupted training from "
+                                         "<project>/<model>/weights/last.pt into its MLflow run (a model "
+                                         "without last.pt starts afresh, a finished one is left alone).")] = False,
 ) -> None:
     """Train one or more YOLO models one after another, each as a run of one MLflow experiment."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -107,7 +143,7 @@ def train_command(
 
     with progress, collapsed_output():
         results = sweep(model, data=data, experiment=experiment, tags=tags, on_model_start=on_model_start,
-                        on_epoch_end=on_epoch_end, on_batch_end=on_batch_end, **overrides)
+                        on_epoch_end=on_epoch_end, on_batch_end=on_batch_end, resume=resume, **overrides)
         progress.update(overall, completed=len(model))
     _deliver(conn)
     table = Table(title=f"Sweep into experiment '{experiment}'")
@@ -118,6 +154,7 @@ def train_command(
         table.add_row(r.model, r.run_id or "-", _num(m.get("final/mAP50-95")), _num(m.get("final/mAP50")),
                       "[green]ok[/]" if r.error is None else f"[red]{r.error}[/]")
     console.print(table)
+    _print_ui_link(conn, tracking_uri, experiment, label="Runs in the MLflow UI")
     console.print(f"Compare them: [bold]bridge compare {experiment}[/]")
     if any(r.error for r in results):
         raise typer.Exit(1)
@@ -152,10 +189,13 @@ def compare_command(
     log: Annotated[bool, typer.Option("--log", help="Attach the PNG and a CSV of the table to a summary run "
                                       "in the experiment.")] = False,
     tracking_uri: Annotated[Optional[str], typer.Option(help=TRACKING_URI_HELP)] = None,
+    register: Annotated[Optional[str], typer.Option(
+        help="Register the best run's best.pt as a version of this MLflow model (a pyfunc around Ultralytics' "
+             "predictor); alias 'champion' moves to it only when it beats the current champion on --metric.")] = None,
+    metric: Annotated[str, typer.Option(help="The metric that picks the best run and the champion (higher is "
+                                        "better).")] = "final/mAP50-95",
 ) -> None:
     """Table of each run's final metrics, training time and size (best first), and a PNG of their curves."""
-    from rich.table import Table
-
     from bridge.yolo.compare import compare, log_comparison
 
     conn = _connect(tracking_uri)
@@ -163,15 +203,20 @@ def compare_command(
     if not result.rows:
         err_console.print(f"No bridge.yolo runs in experiment '{result.experiment}'.")
         raise typer.Exit(1)
-    rows = [{k: v for k, v in row.items() if k not in ("run id", "status")} for row in result.table()]
-    table = Table(title=f"{result.experiment}: {len(rows)} runs, best mAP50-95 first")
-    for col in rows[0]:
-        table.add_column(col, justify="left" if col in ("run", "model") else "right")
-    for row in rows:
-        table.add_row(*row.values())
-    console.print(table)
+    _print_comparison(result)
     png = result.plot(out)
     console.print(f"Curves written to [bold]{png}[/]")
+    _print_ui_link(conn, tracking_uri, result.experiment, charts=True, label="Curves in the MLflow UI")
+    if register:
+        from bridge.yolo.champion import register_champion
+
+        _deliver(conn)  # the runs' last entries (best.pt, final metrics) must be on the server first
+        champion = register_champion(result.experiment, register, metric=metric, tracking_uri=tracking_uri)
+        verdict = "[green]now the champion[/]" if champion.promoted else f"champion stays v{champion.champion_version}"
+        console.print(f"Registered [bold]{champion.name}[/] v{champion.version} from run {champion.run_name} "
+                      f"({champion.metric} {champion.value:.4f}): {verdict} — {champion.reason}")
+        console.print(f'Load it with: mlflow.pyfunc.load_model("models:/{champion.name}@champion")',
+                      highlight=False, markup=False)
     if log:
         run_id = log_comparison(result, png)
         _deliver(conn)
@@ -180,19 +225,47 @@ def compare_command(
 
 @handles_errors
 def demo_command(
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of the demo model.")] = 3,
-    keep: Annotated[bool, typer.Option("--keep", help="Leave the demo server running afterwards.")] = False,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of the demo model.")] = 8,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Keep serving the UI after the training, "
+                                        "until Ctrl-C (--no-serve: stop the server and exit).")] = True,
 ) -> None:
     """Serve, connect and train a tiny YOLOv8n on a generated dataset, all on this machine, offline."""
+    from bridge.yolo.compare import compare
     from bridge.yolo.demo import run_demo
 
     console.print("Starting [bold]bridge serve --tunnel none[/] and training a tiny YOLOv8n …")
-    result = run_demo(epochs=epochs, keep=keep)
-    console.print(f"[green]Done.[/] The run is in the MLflow UI: [bold]{result.run_url}[/]")
-    if keep:
-        pid = result.server.proc.pid if result.server.proc else "?"
-        console.print(f"The demo server keeps running (pid {pid}, BRIDGE_HOME={result.home}); "
-                      f"UI at {result.ui_url}. Stop it with: kill {pid}")
-    else:
-        console.print(f"The demo server was stopped; its data stays in {result.home} "
-                      "(run again with --keep to browse the UI).")
+    result = run_demo(epochs=epochs, keep=True,
+                      on_experiment=lambda link: console.print(f"Watch the curves live: {link}", soft_wrap=True,
+                                                               highlight=False))
+    try:
+        console.print(f"[green]Done.[/] The run in the MLflow UI: {result.run_url}", soft_wrap=True, highlight=False)
+        _print_comparison(compare(str(result.experiment_id), tracking_uri=result.ui_url))
+        if not serve:
+            console.print(f"The demo server was stopped; its data stays in {result.home}.")
+            return
+        console.print(f"bridge serve keeps running so these links work (UI at {result.ui_url}); "
+                      "press [bold]Ctrl-C[/] to stop it.", soft_wrap=True, highlight=False)
+        # Ctrl-C must work even when started with SIGINT ignored (a background job); SIGTERM stops it the same way.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            result.server.proc.wait()
+            err_console.print("The demo server exited by itself.")
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            console.print("Stopping the demo server …")
+    finally:
+        result.server.stop()
+
+
+def _print_comparison(result) -> None:
+    """The comparison as a table, best first."""
+    from rich.table import Table
+
+    rows = [{k: v for k, v in row.items() if k not in ("run id", "status")} for row in result.table()]
+    table = Table(title=f"{result.experiment}: {len(rows)} runs, best mAP50-95 first")
+    for col in rows[0] if rows else ():
+        table.add_column(col, justify="left" if col in ("run", "model") else "right")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)

@@ -20,7 +20,12 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.store.artifact.artifact_repo import ArtifactRepository
 
 from bridge.client import journal as J
-from bridge.client.sender import ARTIFACTS_API, HttpFailure, TransportFailure
+from bridge.client.link import ARTIFACTS_API
+from bridge.errors import LinkError
+
+
+class _NotProxied(Exception):
+    """The run's artifact root is not one the server's artifact proxy serves."""
 
 
 class JournalArtifactRepository(ArtifactRepository):
@@ -61,38 +66,77 @@ class JournalArtifactRepository(ArtifactRepository):
 
     # ---------------------------------------------------------------------------------- reads
 
-    def _server_base(self) -> str | None:
-        """The run's folder under the server's artifact proxy, or None while the run is not there yet."""
+    def _server_base(self, *, strict: bool = False) -> str | None:
+        """The run's folder under the server's artifact proxy, or None while the run is not there yet.
+
+        `strict`: raise MlflowException(TEMPORARILY_UNAVAILABLE) when the server cannot be asked, and
+        _NotProxied for an artifact root the proxy does not serve, instead of None.
+        """
         conn = self.connection
-        remote, root = conn.sender.remote_run(self.run_id)
-        if remote is None or conn.sender.online is False:
+        remote, root = conn.journal.server_run(self.run_id)
+        if remote is None:
             return None
         try:
+            if conn.link.online is False:
+                raise LinkError("the server cannot be reached")
             if root is None:
-                root = conn.sender.call("/runs/get", {"run_id": remote}, method="GET")["run"]["info"]["artifact_uri"]
-            return conn.sender.artifact_url(root, "")[len(ARTIFACTS_API) + 1:]
-        except (TransportFailure, HttpFailure):
+                root = conn.link.call("/runs/get", {"run_id": remote}, method="GET")["run"]["info"]["artifact_uri"]
+            return conn.link.artifact_path(root)
+        except LinkError:
+            if strict:
+                raise self._unavailable() from None
             return None
+        except ValueError:
+            if strict:
+                raise _NotProxied() from None
+            return None
+
+    def _unavailable(self) -> MlflowException:
+        return MlflowException(f"the artifacts of run {self.run_id} cannot be listed: the server cannot be reached "
+                               "(the journal holds only the files not delivered yet); try again once it is back",
+                               TEMPORARILY_UNAVAILABLE)
+
+    def _is_directory(self, artifact_path):
+        """A file still in the spool is a file, whatever the server can say (MLflow asks before downloading)."""
+        target = self._path(artifact_path)
+        spooled = self._spooled()
+        if target in spooled:
+            return False
+        if any(p.startswith(target.rstrip("/") + "/") for p in spooled):
+            return True
+        return super()._is_directory(artifact_path)
 
     def _spooled(self) -> dict[str, dict]:
         """Files of this run still waiting in the spool, by artifact path."""
         return {op.key: op.json() for op in self.connection.journal.undelivered(self.run_id, (J.ARTIFACT,))}
 
     def list_artifacts(self, path=None):
+        """The server's files of the run plus those still in the spool.
+
+        A run that is on the server but cannot be asked raises TEMPORARILY_UNAVAILABLE rather than pass the
+        spool's part for the whole: `log_table` appends to a table it finds listed, and would otherwise replace
+        the server's rows with only the new ones (harness finding H9).
+        """
         wanted = self._path(path)
         found: dict[str, FileInfo] = {}
-        base = self._server_base()
-        if base is not None:
+        # Read before the server is asked: a file delivered while the listing is on its way back is in neither
+        # the listing nor the spool afterwards (a second `log_table` replaced the first's rows: harness H20).
+        spooled_before = self._spooled()
+        remote, _ = self.connection.journal.server_run(self.run_id)
+        if remote is not None:
             try:
-                listing = self.connection.sender.request(
-                    "GET", ARTIFACTS_API, params={"path": posixpath.join(base, wanted) if wanted else base}).json()
-                for item in listing.get("files") or []:
+                base = self._server_base(strict=True)
+            except _NotProxied:
+                base = None  # an artifact root bridge cannot read: the spool is all there is to list
+        if remote is not None and base is not None:
+            try:
+                for item in self.connection.link.list_artifacts(posixpath.join(base, wanted) if wanted else base):
                     rel = posixpath.join(path or "", item["path"]) if path else item["path"]
                     found[rel] = FileInfo(rel, item.get("is_dir", False),
                                           None if item.get("is_dir") else int(item.get("file_size") or 0))
-            except (TransportFailure, HttpFailure):
-                pass
-        for artifact_path, body in self._spooled().items():
+            except LinkError:
+                raise self._unavailable() from None
+        for artifact_path, body in {**spooled_before, **self._spooled()}.items():
             rel = artifact_path[len(self.prefix):].strip("/") if self.prefix else artifact_path
             head = rel[len(path.strip("/")):].strip("/") if path else rel
             if path and not rel.startswith(path.strip("/") + "/"):
@@ -107,15 +151,18 @@ class JournalArtifactRepository(ArtifactRepository):
         target = self._path(remote_file_path)
         spooled = self._spooled().get(target)
         if spooled is not None:
-            shutil.copyfile(self.connection.journal.spool_dir / spooled["spool"], local_path)
-            return
+            try:
+                shutil.copyfile(self.connection.journal.spool.path(spooled["spool"]), local_path)
+                return
+            except FileNotFoundError:
+                pass  # delivered (and discarded) since it was looked up: the server has it now
         base = self._server_base()
         if base is None:
             raise MlflowException(f"artifact {remote_file_path} of run {self.run_id} is not in the journal and the "
                                   "server cannot be reached", TEMPORARILY_UNAVAILABLE)
         from urllib.parse import quote
 
-        resp = self.connection.sender.request("GET", f"{ARTIFACTS_API}/{quote(posixpath.join(base, target))}")
+        resp = self.connection.link.request("GET", f"{ARTIFACTS_API}/{quote(posixpath.join(base, target))}")
         with open(local_path, "wb") as fh:
             fh.write(resp.content)
 

@@ -1,6 +1,6 @@
 """MLflow request-auth plugin "bridge": the access token as `Authorization: Bearer …` on direct MLflow calls.
 
-The journal's sender and reads add the header themselves; this provider covers what talks to the server
+The client's `Link` (sender and reads) adds the header itself; this provider covers what talks to the server
 directly (the model registry, which `connect()` points at the server with MLFLOW_TRACKING_AUTH=bridge).
 MLFLOW_TRACKING_AUTH applies to every MLflow server the process talks to, so the token goes only to a
 request whose scheme, host and port are those of the active connection's current server URL.
@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 
 import requests
 from mlflow.tracking.request_auth.abstract_request_auth_provider import RequestAuthProvider
+from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
+
+from bridge.client.link import NGROK_SKIP_WARNING
 
 PROVIDER_NAME = "bridge"
 
@@ -52,9 +55,21 @@ def current_auth() -> BearerAuth:
     from bridge.client.connect import active_connection
 
     conn = active_connection()
-    if conn is None or not conn.sender.token:
+    if conn is None or not conn.link.token:
         return BearerAuth(None)
-    return BearerAuth(conn.sender.token, conn.sender.url)
+    return BearerAuth(conn.link.token, conn.link.url)
+
+
+class BridgeHeaderProvider(RequestHeaderProvider):
+    """While connected, MLflow's own requests (registry, model loading) skip ngrok's browser-warning page too."""
+
+    def in_context(self) -> bool:
+        from bridge.client.connect import active_connection
+
+        return active_connection() is not None
+
+    def request_headers(self) -> dict[str, str]:
+        return dict(NGROK_SKIP_WARNING)
 
 
 class BridgeAuthProvider(RequestAuthProvider):

@@ -10,7 +10,6 @@ here by tracking URI; a process that inherited `MLFLOW_TRACKING_URI=bridge+…` 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import sys
@@ -20,16 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bridge.client import discovery
-from bridge.client.journal import JOURNAL_ENV, JOURNAL_LIMIT_ENV, Journal, RunRecord
-from bridge.client.sender import Sender, TransportFailure, HttpFailure
+from bridge.client.journal import Journal, RunRecord
+from bridge.client.link import Link, Transport
+from bridge.client.options import EXIT_FLUSH_ENV, JOURNAL_ENV, JOURNAL_LIMIT_ENV, ClientOptions
+from bridge.client.sender import Sender
 from bridge.errors import ConfigError
+from bridge.ui import ui_link
 
 log = logging.getLogger(__name__)
 
 SCHEME_PREFIX = "bridge+"
-PROBE_PATH = "/experiments/search"
 
 _registry_lock = threading.RLock()
+
+
+def _renew_registry_lock() -> None:
+    global _registry_lock
+    _registry_lock = threading.RLock()  # the parent may have held it at fork()
+
+
+os.register_at_fork(after_in_child=_renew_registry_lock)
 _connections: dict[str, "Connection"] = {}
 _registry_uri_set: str | None = None
 #: The journal (path, size limit) of the connection closed by the interpreter-exit handler, once it ran.
@@ -66,30 +75,33 @@ class RunSummary:
 
 
 class Connection:
-    """A journal, its sender, and where they deliver; what `connect()` returns."""
+    """A journal, the link to the server, the sender between them; what `connect()` returns."""
 
-    def __init__(self, journal: Journal, sender: Sender, *, flush_at_exit: float = 10.0) -> None:
+    def __init__(self, journal: Journal, link: Link, sender: Sender, options: ClientOptions) -> None:
         self.journal = journal
+        self.link = link
         self.sender = sender
-        self.flush_at_exit = flush_at_exit
+        self.options = options
         self.summaries: dict[str, RunSummary] = {}
+        #: Metric names already checked the way the server checks them (log_metric's hot path skips them).
+        self.valid_metric_keys: set[str] = set()
         self._closed = False
 
     @property
     def url(self) -> str:
-        return self.sender.url
+        return self.link.url
 
     @property
     def tracking_uri(self) -> str:
-        return SCHEME_PREFIX + self.sender.url
+        return SCHEME_PREFIX + self.link.url
 
     def status(self) -> Status:
         backlog = self.journal.backlog()
         pending = {("experiments" if run == "" else run): n for run, n in backlog.pending.items()}
         oldest = None if backlog.oldest_created is None else max(0.0, time.time() - backlog.oldest_created)
-        return Status(online=self.sender.online, url=self.sender.url, journal=self.journal.path, backlog=pending,
+        return Status(online=self.link.online, url=self.link.url, journal=self.journal.path, backlog=pending,
                       oldest_undelivered_s=oldest, dead_letters=sum(backlog.dead.values()),
-                      last_error=self.sender.last_error, token_rejected=self.sender.token_rejected)
+                      last_error=self.link.last_error, token_rejected=self.link.token_rejected)
 
     def flush(self, timeout: float | None = None) -> int:
         """Block until everything is delivered or `timeout` seconds pass; returns the entries left."""
@@ -123,20 +135,6 @@ class Connection:
     def run_record(self, run_id: str) -> RunRecord | None:
         return self.journal.run(run_id)
 
-    def probe(self, timeout: float) -> bool:
-        """One authenticated request with a short timeout: is the server there and does it accept us?"""
-        try:
-            self.sender.request("GET", "/api/2.0/mlflow" + PROBE_PATH, params={"max_results": 1},
-                                timeout=(timeout, timeout))
-            return True
-        except HttpFailure as exc:
-            if exc.status in (401, 403):
-                self.sender.token_rejected = True
-                self.sender.last_error = f"token rejected (HTTP {exc.status}); delivery paused"
-            return False
-        except TransportFailure:
-            return False
-
     def _at_exit(self) -> None:
         global _closed_at_exit
         with _registry_lock:  # the connection in use at exit names the journal for calls made after it
@@ -147,15 +145,29 @@ class Connection:
         # MLflow's own exit hook (registered when mlflow was imported, so it runs after this one) would end
         # the active run only after this connection is closed: end it here, while its journal is open.
         _end_active_runs()
-        with contextlib.suppress(Exception):
-            left = self.flush(self.flush_at_exit)
-            if left:
-                print(f"bridge: {left} entries not delivered yet are kept in journal {self.journal.path}; "
-                      "the next bridge.connect() or `bridge sync` delivers them.", file=sys.stderr)
+        # Never silent: whatever happens here, the person learns what is left and the command that sends it.
+        try:
+            left = self.flush(self.options.exit_flush_s)
+        except Exception as exc:  # a plugin never breaks the user's exit, but it says what it could not do
+            print(f"bridge: the exit flush failed ({type(exc).__name__}: {exc}); what was not delivered is kept "
+                  f"in journal {self.journal.path}. {sync_hint(self.journal.path)}", file=sys.stderr)
+            left = 0
+        if left:
+            print(f"bridge: {left} entries not delivered yet (the exit waited {self.options.exit_flush_s:g} s, "
+                  f"{EXIT_FLUSH_ENV}) are kept in journal {self.journal.path}. {sync_hint(self.journal.path)}",
+                  file=sys.stderr)
+        try:
             self.close()
+        except Exception as exc:
+            print(f"bridge: closing the journal at exit failed: {exc}", file=sys.stderr)
 
     def __repr__(self) -> str:
-        return f"Connection(url={self.sender.url!r}, journal={str(self.journal.path)!r})"
+        return f"Connection(url={self.link.url!r}, journal={str(self.journal.path)!r})"
+
+
+def sync_hint(journal: Path) -> str:
+    """The sentence that tells a person how to deliver what a journal still holds."""
+    return f"Deliver it with `bridge sync --journal {journal}` or the next bridge.connect()."
 
 
 def _end_active_runs() -> None:
@@ -185,21 +197,23 @@ def _token_source(explicit: str | None):
     return lambda: discovery.find_token(None)
 
 
-def _open(url: str, token: str | None, *, journal: str | os.PathLike | None, journal_limit: int | None,
-          flush_at_exit: float, explicit_token: str | None, rediscover: bool = True) -> Connection:
+def _open(url: str, token: str | None, options: ClientOptions, *, explicit_token: str | None,
+          rediscover: bool = True, transport: Transport | None = None) -> Connection:
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"server URL must start with http:// or https://, got {url[:60]!r}")
-    store = Journal(journal, limit_bytes=journal_limit)
+    store = Journal(options.journal_path, limit_bytes=options.journal_limit)
     if store.repair_report is not None:
         print(f"bridge: {store.repair_report}", file=sys.stderr)
-    sender = Sender(store, url, token, token_source=_token_source(explicit_token), rediscover=rediscover)
-    return Connection(store, sender, flush_at_exit=flush_at_exit)
+    link = Link(url, token, transport=transport, token_source=_token_source(explicit_token),
+                http_timeout_s=options.http_timeout_s, rediscover=rediscover)
+    return Connection(store, link, Sender(store, link, options), options)
 
 
 def _register(conn: Connection) -> None:
     with _registry_lock:
         for old in list(_connections.values()):
             if old is not conn:
+                _carry_live_runs(old, conn)
                 old.close()
         _connections[conn.tracking_uri] = conn
 
@@ -210,10 +224,25 @@ def _register(conn: Connection) -> None:
             if _registry_uri_set is not None and os.environ.get("MLFLOW_REGISTRY_URI") == _registry_uri_set:
                 import mlflow
 
-                mlflow.set_registry_uri(new_url)  # the registry talks to the server directly: follow it too
-                _registry_uri_set = new_url
+                mlflow.set_registry_uri(SCHEME_PREFIX + new_url)  # the journaled registry (registry.py) follows
+                _registry_uri_set = SCHEME_PREFIX + new_url
 
-    conn.sender.url_listeners.append(follow)
+    conn.link.url_listeners.append(follow)
+
+
+def _carry_live_runs(old: Connection, new: Connection) -> None:
+    """A second connect() in a process keeps beating for the runs the first one still had live."""
+    same_journal = old.journal.path.resolve() == new.journal.path.resolve()
+    if same_journal:  # what this process logged stays readable offline (harness finding H3)
+        for run, summary in old.summaries.items():
+            new.summaries.setdefault(run, summary)
+    for run in list(old.sender.heartbeats.live):
+        if same_journal:
+            new.sender.watch_run(run)
+        else:
+            remote, _ = old.journal.server_run(run)
+            if remote is not None:
+                new.sender.watch_run(remote)
 
 
 def active_connection() -> Connection | None:
@@ -238,7 +267,7 @@ def connection_for(store_uri: str) -> Connection:
         if _closed_at_exit is not None:
             return _open_after_exit(store_uri, url)
         token = discovery.find_token(None)
-        conn = _open(url, token, journal=None, journal_limit=None, flush_at_exit=10.0, explicit_token=None)
+        conn = _open(url, token, ClientOptions.from_env(), explicit_token=None)
         _connections[store_uri] = conn
         conn.sender.start()
         atexit.register(conn._at_exit)
@@ -252,8 +281,8 @@ def _open_after_exit(store_uri: str, url: str) -> Connection:
     Nothing delivers it in this process any more; the next `connect()` or `bridge sync` on that journal does.
     """
     path, limit = _closed_at_exit
-    conn = _open(url, discovery.find_token(None), journal=path, journal_limit=limit, flush_at_exit=0.0,
-                 explicit_token=None, rediscover=False)
+    options = ClientOptions.from_env(journal=path, journal_limit=limit, exit_flush_s=0.0)
+    conn = _open(url, discovery.find_token(None), options, explicit_token=None, rediscover=False)
     _connections[store_uri] = conn  # its sender is never started: the interpreter is exiting
     print(f"bridge: an MLflow call after bridge's exit handler was kept in journal {path}; the next "
           "bridge.connect() or `bridge sync` delivers it.", file=sys.stderr)
@@ -262,20 +291,29 @@ def _open_after_exit(store_uri: str, url: str) -> Connection:
 
 def connect(url: str | None = None, token: str | None = None, *, experiment: str | None = None,
             journal: str | os.PathLike | None = None, journal_limit: int | None = None,
-            probe_timeout: float = 3.0, flush_at_exit: float = 10.0) -> Connection:
+            probe_timeout: float | None = None, flush_at_exit: float | None = None,
+            options: ClientOptions | None = None, transport: Transport | None = None) -> Connection:
     """Route this process's MLflow calls through a durable journal delivered to the bridge server.
 
-    `url`/`token` default to discovery (BRIDGE_URL, BRIDGE_TOKEN, the published record); `journal` to
-    BRIDGE_JOURNAL or the data folder. Succeeds offline: logging starts at once and is delivered later.
-    A URL given as argument or BRIDGE_URL is pinned (never re-discovered); `journal`/`journal_limit` given
-    here are exported as BRIDGE_JOURNAL/BRIDGE_JOURNAL_LIMIT so child processes journal to the same place.
+    `url`/`token` default to discovery (BRIDGE_URL, BRIDGE_TOKEN, the published record); every other knob
+    to `ClientOptions.from_env()` (BRIDGE_JOURNAL, BRIDGE_EXIT_FLUSH_S, …), which the keyword arguments
+    override. Succeeds offline: logging starts at once and is delivered later. A URL given as argument or
+    BRIDGE_URL is pinned (never re-discovered); `journal`/`journal_limit` given here are exported as
+    BRIDGE_JOURNAL/BRIDGE_JOURNAL_LIMIT so child processes journal to the same place. `transport` replaces
+    the HTTP layer (tests).
     """
     import mlflow
 
+    overrides = {"journal": journal, "journal_limit": journal_limit, "probe_timeout_s": probe_timeout,
+                 "exit_flush_s": flush_at_exit}
+    if options is None:
+        options = ClientOptions.from_env(**overrides)
+    else:
+        options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
     found_url, found_token, source = _resolve(url, token)
-    conn = _open(found_url, found_token, journal=journal, journal_limit=journal_limit,
-                 flush_at_exit=flush_at_exit, explicit_token=token, rediscover=source not in PINNED_SOURCES)
-    online = conn.probe(probe_timeout)
+    conn = _open(found_url, found_token, options, explicit_token=token, transport=transport,
+                 rediscover=source not in PINNED_SOURCES)
+    online = conn.link.probe(options.probe_timeout_s)
     _register(conn)
     os.environ["MLFLOW_TRACKING_URI"] = conn.tracking_uri
     if journal is not None:
@@ -285,10 +323,10 @@ def connect(url: str | None = None, token: str | None = None, *, experiment: str
     mlflow.set_tracking_uri(conn.tracking_uri)
     global _registry_uri_set
     if os.environ.get("MLFLOW_REGISTRY_URI") in (None, "", _registry_uri_set):
-        # The model registry is not journaled: it talks to the server directly. Setting it also spares every
-        # MlflowClient() a failing `import pyspark` (≈50 µs per log_metric).
-        mlflow.set_registry_uri(found_url)
-        _registry_uri_set = found_url
+        # Registry writes are journaled too (registry.py, the `bridge+` registry store). Setting it also spares
+        # every MlflowClient() a failing `import pyspark` (≈50 µs per log_metric).
+        mlflow.set_registry_uri(conn.tracking_uri)
+        _registry_uri_set = conn.tracking_uri
         if found_token:
             # Process-wide, but auth.py adds the token only to requests for this connection's server URL.
             os.environ.setdefault("MLFLOW_TRACKING_AUTH", "bridge")
@@ -297,8 +335,9 @@ def connect(url: str | None = None, token: str | None = None, *, experiment: str
     if experiment:
         mlflow.set_experiment(experiment)
     if online:
-        message = f"bridge: logging to {found_url} (from {source}) through journal {conn.journal.path}"
-    elif conn.sender.token_rejected:
+        message = (f"bridge: logging to {found_url} (from {source}) through journal {conn.journal.path}; "
+                   f"MLflow UI: {ui_link(found_url)}")
+    elif conn.link.token_rejected:
         message = (f"bridge: {found_url} rejected the access token; logging to journal {conn.journal.path} "
                    "and delivery is paused until a valid token is found")
     else:
@@ -333,9 +372,11 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
     `on_progress(done, total)` is called as entries are delivered.
     """
     found_url, token, source = _resolve(url, None)
-    store = Journal(journal)
-    sender = Sender(store, found_url, token, token_source=_token_source(None), heartbeat_s=float("inf"),
-                    send_interval_s=0.2, rediscover=source not in PINNED_SOURCES)
+    options = ClientOptions.from_env(journal=journal).replace(heartbeat_s=float("inf"), send_interval_s=0.2)
+    store = Journal(options.journal_path, limit_bytes=options.journal_limit)
+    link = Link(found_url, token, token_source=_token_source(None), http_timeout_s=options.http_timeout_s,
+                rediscover=source not in PINNED_SOURCES)
+    sender = Sender(store, link, options)
     try:
         before = store.backlog()
         total = before.total
@@ -349,7 +390,7 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
         sender.stop()
         after = store.backlog()
         return SyncReport(journal=store.path, url=found_url, before=before.pending, after=after.pending,
-                          dead=after.dead, last_error=sender.last_error if after.total else None,
+                          dead=after.dead, last_error=link.last_error if after.total else None,
                           repair=None if store.repair_report is None else str(store.repair_report))
     finally:
         if sender.stop():
@@ -358,10 +399,19 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
             sender.when_stopped(store.close)
 
 
-def queue(journal: str | os.PathLike | None = None):
-    """(backlog, dead letters, run records) of a journal, for `bridge queue`."""
+def queue(journal: str | os.PathLike | None = None, *, retry: list[int] | bool = False,
+          drop: list[int] | bool = False):
+    """(backlog, dead letters, run records, path) of a journal, for `bridge queue`.
+
+    `retry`/`drop`: True for every dead letter, or a list of their ids — sent again by the next sender
+    (`bridge sync`, `bridge.connect()`), or deleted for good — before the listing is taken.
+    """
     store = Journal(journal)
     try:
+        if retry:
+            store.retry_dead(None if retry is True else list(retry))
+        if drop:
+            store.drop_dead(None if drop is True else list(drop))
         return store.backlog(), store.dead_letters(), {r.local_id: r for r in store.runs()}, store.path
     finally:
         store.close()

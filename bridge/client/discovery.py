@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import requests
 
@@ -31,9 +31,11 @@ from bridge.record import (
     EndpointRecord,
     RecordFreshness,
     check_http_url,
+    describe_url,
     verify_record,
 )
 from bridge.record import GITHUB_API as DEFAULT_GITHUB_API
+from bridge.client.options import DEFAULT_REDISCOVER_INTERVAL_S, ClientOptions
 from bridge.secrets import GITHUB_TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -41,14 +43,11 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "BRIDGE_TOKEN"
 URL_ENV = "BRIDGE_URL"
 DISCOVERY_ENV = "BRIDGE_DISCOVERY"
-REDISCOVER_INTERVAL_ENV = "BRIDGE_REDISCOVER_INTERVAL_S"
 
 COLAB_SECRET_NAME = "BRIDGE_TOKEN"
 DEFAULT_FETCH_TIMEOUT_S = 5.0
 #: A record is a few hundred bytes; anything far larger is not one, and is not read whole.
 MAX_RECORD_BYTES = 64 * 1024
-#: Remote sources are re-read at most this often by `rediscover` (GitHub allows 60 anonymous calls/hour).
-DEFAULT_REDISCOVER_INTERVAL_S = 20.0
 
 ACCEPTED_FORMS = "file:PATH, gist:ID, or an https:// URL (http:// only for 127.0.0.1/localhost)"
 
@@ -125,18 +124,6 @@ def normalize_url(url: str, *, what: str = "server URL") -> str:
     if parts.query or parts.fragment:
         raise ConfigError(f"{what} {describe_url(text)!r} must not have a query or fragment")
     return text.rstrip("/")
-
-
-def describe_url(url: str) -> str:
-    """A form of `url` fit for messages: no user info, no query string (either may hold a secret)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-    except ValueError:
-        return "(unparseable URL)"
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -366,23 +353,22 @@ _last_remote_fetch: dict[str, float] = {}
 _warned_records: set[tuple[str, str]] = set()
 
 
-def _rediscover_interval() -> float:
-    try:
-        return config.env_float(REDISCOVER_INTERVAL_ENV, DEFAULT_REDISCOVER_INTERVAL_S)
-    except ConfigError as exc:  # re-discovery runs in the sender's thread: a typo must not stop delivery
-        log.debug("%s; using %s s", exc, DEFAULT_REDISCOVER_INTERVAL_S)
-        return DEFAULT_REDISCOVER_INTERVAL_S
-
-
-def rediscover(token: str | None, current_url: str | None = None, *,
+def rediscover(token: str | None, current_url: str | None = None, *, interval_s: float | None = None,
                timeout: float = DEFAULT_FETCH_TIMEOUT_S) -> Endpoint | None:
     """A newly published endpoint whose URL differs from `current_url`, else None; never raises on fetch errors.
 
     Only the published record is re-read (BRIDGE_DISCOVERY, else the local record): an explicit URL is fixed,
-    so with BRIDGE_URL set this returns None. Remote sources are read at most every BRIDGE_REDISCOVER_INTERVAL_S.
+    so with BRIDGE_URL set this returns None. Remote sources are read at most every `interval_s`
+    (ClientOptions.rediscover_interval_s, from BRIDGE_REDISCOVER_INTERVAL_S).
     """
     if not token or os.environ.get(URL_ENV, "").strip():
         return None
+    if interval_s is None:
+        try:
+            interval_s = ClientOptions.from_env().rediscover_interval_s
+        except ConfigError as exc:  # re-discovery runs in the sender's thread: a typo must not stop delivery
+            log.debug("%s; using %s s", exc, DEFAULT_REDISCOVER_INTERVAL_S)
+            interval_s = DEFAULT_REDISCOVER_INTERVAL_S
     try:
         sources = _record_sources()
     except ConfigError as exc:
@@ -395,7 +381,7 @@ def rediscover(token: str | None, current_url: str | None = None, *,
             with _rediscover_lock:
                 now = time.monotonic()
                 last = _last_remote_fetch.get(key)
-                if last is not None and now - last < _rediscover_interval():
+                if last is not None and now - last < interval_s:
                     return None  # asked too recently; a lower-priority source must not answer instead
                 _last_remote_fetch[key] = now
         try:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import math
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -31,35 +31,47 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-from bridge import config
+from bridge.client import forksafe
 from bridge.client import intake as _intake
-from bridge.errors import ConfigError, JournalCorruptError, JournalError, JournalFullError
+from bridge.client.options import JOURNAL_LIMIT_ENV, ClientOptions
+from bridge.client.spool import Spool
+from bridge.errors import JournalCorruptError, JournalError, JournalFullError
 
 log = logging.getLogger(__name__)
 
-JOURNAL_ENV = "BRIDGE_JOURNAL"
-JOURNAL_LIMIT_ENV = "BRIDGE_JOURNAL_LIMIT"
 
 PENDING, IN_FLIGHT, DEAD = 0, 1, 3
 STATE_NAMES = {PENDING: "pending", IN_FLIGHT: "in-flight", DEAD: "dead"}
+#: The states as SQL conditions, so no query spells a state by its number.
+_IS_PENDING = f"state={PENDING}"
+_IS_IN_FLIGHT = f"state={IN_FLIGHT}"
+_IS_DEAD = f"state={DEAD}"
+_IS_UNDELIVERED = f"state in ({PENDING},{IN_FLIGHT})"
 
 #: Operation kinds. Metrics, params and tags coalesce into log_batch; the rest are sent one by one.
 METRIC, PARAM, TAG = "metric", "param", "tag"
 CREATE_EXPERIMENT, SET_EXPERIMENT_TAG = "create_experiment", "set_experiment_tag"
+DELETE_EXPERIMENT_TAG = "delete_experiment_tag"
 CREATE_RUN, UPDATE_RUN, DELETE_TAG = "create_run", "update_run", "delete_tag"
 LOG_INPUTS, ARTIFACT = "log_inputs", "artifact"
+#: Kinds whose repetition from an old copy of the journal would overwrite something newer (marks.py).
+MARKED_RUN_KINDS = frozenset({TAG, DELETE_TAG, UPDATE_RUN, ARTIFACT})
+MARKED_EXPERIMENT_KINDS = frozenset({SET_EXPERIMENT_TAG, DELETE_EXPERIMENT_TAG})
+#: Kinds of the `entities` table (their operation kinds live in models.py and registry.py).
+LOGGED_MODEL, MODEL_VERSION = "logged_model", "model_version"
 
 #: Bytes a row costs beyond its payload (row header, index entry), for the cheap running size estimate.
 _ROW_OVERHEAD = 64
 _BUSY_TIMEOUT_MS = 30_000
 
 _INSERT_METRIC = "insert into ops(run, kind, key, value, ts, step, created) values(?,'metric',?,?,?,?,?)"
-_INSERT_ENTRY = "insert into ops(run, kind, key, value, created) values(?,?,?,?,?)"
+_INSERT_ENTRY = "insert into ops(run, kind, key, value, created, epoch) values(?,?,?,?,?,?)"
 
 _SCHEMA = (
     """create table if not exists ops (
-        id integer primary key,       -- max+1: newer rows always sort after every live row
+        id integer primary key autoincrement,  -- never reused: newer rows sort after every row ever written
         run text not null,            -- local run id; '' for experiment operations
         kind text not null,
         key text,
@@ -67,10 +79,31 @@ _SCHEMA = (
         ts integer,
         step integer,
         body text,                    -- JSON for the other kinds
-        state integer not null default 0,
+        state integer not null default 0,   -- PENDING
         attempts integer not null default 0,
-        error text,
+        error text,                   -- a dead letter's message (the server's, or the local problem)
+        reason text,                  -- a dead letter's reason: operations.SERVER_REFUSED or a local one
+        created real not null,
+        epoch integer)                -- lineage.n of the Journal that wrote it (not for metric points)""",
+    # Who wrote which rows, for the delivery marks (marks.py): a row per opening of the file. A copy of the
+    # file shares the rows written before it was taken and gets rows of its own afterwards.
+    """create table if not exists lineage (
+        n integer primary key autoincrement,
+        uid text not null,            -- random, never reused: names this opening's mark on the server
         created real not null)""",
+    # Delivery marks owed to the server (marks.py): per scope ('run:<local id>' or 'experiment:<local id>') and
+    # lineage, the highest row delivered or set aside there. Kept until the server holds it, so a sender stopped
+    # or killed first leaves it to the next one.
+    """create table if not exists owed_marks (
+        scope text not null,
+        uid text not null,
+        done integer not null,
+        primary key (scope, uid))""",
+    # How many times rows left the undelivered set (delivered, or set aside as dead letters): a read that finds
+    # it unchanged after asking the server knows no write reached the server meanwhile (store.py's overlay).
+    """create table if not exists settled (
+        id integer primary key check (id = 0),
+        n integer not null)""",
     # No secondary index: it would cost every log_metric ~3 µs (a quarter of the hot path), while the
     # sender's scans of the rows still undelivered stay cheap at the sizes the journal limit allows.
     """create table if not exists intake (
@@ -91,7 +124,18 @@ _SCHEMA = (
         end_time integer,
         status text not null default 'RUNNING',
         artifact_uri text,            -- the server's artifact root for the run, once created there
+        owner_pid integer,            -- the process that created it, on host owner_host: while that process
+        owner_host text,              -- lives, whichever sender delivers this journal keeps the run beating
         created real not null)""",
+    # Logged models (models.py) and model versions (registry.py) created here: local id -> server id.
+    """create table if not exists entities (
+        kind text not null,           -- LOGGED_MODEL or MODEL_VERSION
+        local_id text not null,       -- the id MLflow was given here
+        remote_id text,               -- the server's id, once created there
+        location text,                -- the server's artifact location (logged models)
+        body text not null,           -- what is known here (JSON), for reads while offline
+        created real not null,
+        primary key (kind, local_id))""",
 )
 
 
@@ -108,9 +152,19 @@ class Op:
     step: int | None
     body: str | None
     attempts: int
+    #: The `lineage` row of the Journal that wrote it; None for metric points and rows of older journals.
+    epoch: int | None = None
 
     def json(self) -> dict:
         return json.loads(self.body) if self.body else {}
+
+
+class DeadLetter(NamedTuple):
+    """An entry that will not be delivered as it is: why (`reason`) and the message that said so."""
+
+    op: Op
+    error: str | None
+    reason: str | None
 
 
 @dataclass(frozen=True)
@@ -124,6 +178,19 @@ class RunRecord:
     end_time: int | None
     status: str
     artifact_uri: str | None
+
+
+@dataclass(frozen=True)
+class EntityRecord:
+    """A logged model or model version created here; `body` is what is known of it locally (JSON)."""
+
+    local_id: str
+    remote_id: str | None
+    location: str | None
+    body: str
+
+    def json(self) -> dict:
+        return json.loads(self.body)
 
 
 @dataclass(frozen=True)
@@ -162,21 +229,13 @@ class Backlog:
 
 
 def journal_path(path: str | os.PathLike | None = None) -> Path:
-    """The journal file: argument → BRIDGE_JOURNAL → the platform data folder."""
-    if path:
-        return Path(path).expanduser()
-    env = os.environ.get(JOURNAL_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-    return config.paths().journal_file
+    """The journal file: argument → BRIDGE_JOURNAL → the platform data folder (ClientOptions)."""
+    return ClientOptions.from_env(journal=path or None).journal_path
 
 
 def journal_limit(limit: int | None = None) -> int:
     """The size limit in bytes: argument → BRIDGE_JOURNAL_LIMIT → config.DEFAULT_JOURNAL_LIMIT_BYTES."""
-    value = limit if limit is not None else config.env_int(JOURNAL_LIMIT_ENV, config.DEFAULT_JOURNAL_LIMIT_BYTES)
-    if value <= 0:
-        raise ConfigError(f"journal limit must be a positive number of bytes, got {value}")
-    return value
+    return ClientOptions.from_env(journal_limit=limit).journal_limit
 
 
 def _encode_value(value: float) -> object:
@@ -195,7 +254,6 @@ class Journal:
                  repair: bool = True) -> None:
         self.path = journal_path(path)
         self.limit_bytes = journal_limit(limit_bytes)
-        self.spool_dir = self.path.with_name(self.path.name + ".spool")
         self.repair_report: RepairReport | None = None
         self._local = threading.local()
         # (pid, thread, connection) for every connection opened; those of ended threads are closed.
@@ -204,11 +262,12 @@ class Journal:
         self._writes = 0         # write transactions committed by this process …
         self._synced_writes = 0  # … and how many of them the last sync() made durable
         self._move_lock = threading.Lock()
+        forksafe.renew_after_fork(self)
         self._intake: _intake.Intake | None = None
         self._moved = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self.spool = Spool(self.path.with_name(self.path.name + ".spool"))
         except OSError as exc:
             raise JournalError(f"cannot create the journal folder {self.path.parent}: {exc}") from None
         problem = self._check_integrity()
@@ -220,9 +279,14 @@ class Journal:
         with self.db() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
+            _migrate(conn)
+            # Every opening writes under a lineage of its own: a copy of this file opened elsewhere never
+            # shares it with what is written here from now on (marks.py).
+            self.epoch = conn.execute("insert into lineage(uid, created) values(?,?)",
+                                      (uuid.uuid4().hex, time.time())).lastrowid
+        self._epoch_uids: dict[int, str | None] = {}
         self.adopt_orphans()
         self.sweep_spool()
-        self._spool_bytes = sum(p.stat().st_size for p in self.spool_dir.iterdir() if p.is_file())
         self._used_bytes = self.measure_bytes()
 
     # ------------------------------------------------------------------------------------- sqlite
@@ -259,7 +323,9 @@ class Journal:
             thread = thread_ref()
             if owner_pid != pid:
                 continue  # inherited over fork(): never touched here, the parent closes its own
-            if thread is None or not thread.is_alive():
+            # At interpreter exit the main thread already counts as not alive while its atexit handlers
+            # (the exit flush) still use its connection.
+            if thread is None or (not thread.is_alive() and thread is not threading.main_thread()):
                 ended.append(conn)
             else:
                 keep.append(entry)
@@ -296,6 +362,12 @@ class Journal:
             if "malformed" in str(exc) or "not a database" in str(exc):
                 raise JournalCorruptError(f"journal {self.path} is damaged: {exc}") from None
             raise JournalError(f"journal {self.path}: {exc}") from None
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's journal-sync thread may have held these at fork(); the child starts with its own.
+        self._lock = threading.Lock()
+        self._move_lock = threading.Lock()
+        self.spool._after_fork_in_child()
 
     def close(self) -> None:
         intake = self._intake
@@ -375,7 +447,8 @@ class Journal:
                 return RepairReport(damaged, problem, 0, None)
             try:
                 fresh.execute("begin")
-                for table in ("experiments", "runs", "ops"):
+                _salvage_table(old, fresh, "lineage")  # bookkeeping, not counted: a lost row only costs a skip
+                for table in ("experiments", "runs", "entities", "ops"):
                     got, missing, exact = _salvage_table(old, fresh, table)
                     recovered += got
                     lost += missing
@@ -396,7 +469,7 @@ class Journal:
             page_size = conn.execute("pragma page_size").fetchone()[0]
             pages = conn.execute("pragma page_count").fetchone()[0]
             free = conn.execute("pragma freelist_count").fetchone()[0]
-        return (pages - free) * page_size + self._spool_bytes
+        return (pages - free) * page_size + self.spool.bytes
 
     def _reserve(self, nbytes: int) -> None:
         # The running estimate only over-counts (deleted rows free pages it does not subtract), so it is
@@ -438,12 +511,13 @@ class Journal:
                     raise JournalFullError(f"the disk holding {self.path} is full") from None
                 raise JournalError(f"cannot append to the journal intake {intake.path}: {exc}") from None
         if params or tags:
+            self.move_intake()  # rows written straight to SQLite must sort after every point logged before them
             now = time.time()
             with self.db() as conn:
                 if params:
-                    conn.executemany(_INSERT_ENTRY, [(run, PARAM, k, v, now) for k, v in params])
+                    conn.executemany(_INSERT_ENTRY, [(run, PARAM, k, v, now, self.epoch) for k, v in params])
                 if tags:
-                    conn.executemany(_INSERT_ENTRY, [(run, TAG, k, v, now) for k, v in tags])
+                    conn.executemany(_INSERT_ENTRY, [(run, TAG, k, v, now, self.epoch) for k, v in tags])
 
     def _open_intake(self) -> _intake.Intake:
         with self._move_lock:
@@ -514,20 +588,24 @@ class Journal:
         """Journal any other operation, its arguments as JSON."""
         text = json.dumps(body, separators=(",", ":"))
         self._reserve(len(text) + _ROW_OVERHEAD)
+        self.move_intake()  # in call order: points logged before this call get their journal order first
         with self.db() as conn:
-            conn.execute("insert into ops(run, kind, key, body, created) values(?,?,?,?,?)",
-                         (run, kind, key, text, time.time()))
+            conn.execute("insert into ops(run, kind, key, body, created, epoch) values(?,?,?,?,?,?)",
+                         (run, kind, key, text, time.time(), self.epoch))
 
-    def add_experiment(self, name: str, tags: dict[str, str]) -> str:
+    def add_experiment(self, name: str, tags: dict[str, str], artifact_location: str | None = None) -> str:
         """Record an experiment created offline and journal its get-or-create; returns the local id."""
         local_id = "bridge-" + uuid.uuid4().hex[:16]
-        body = json.dumps({"name": name, "tags": tags}, separators=(",", ":"))
+        spec = {"name": name, "tags": tags}
+        if artifact_location:
+            spec["artifact_location"] = artifact_location
+        body = json.dumps(spec, separators=(",", ":"))
         self._reserve(len(body) + 2 * _ROW_OVERHEAD)
         with self.db() as conn:
             conn.execute("insert into experiments(local_id, name, created) values(?,?,?)",
                          (local_id, name, time.time()))
-            conn.execute("insert into ops(run, kind, key, body, created) values('',?,?,?,?)",
-                         (CREATE_EXPERIMENT, local_id, body, time.time()))
+            conn.execute("insert into ops(run, kind, key, body, created, epoch) values('',?,?,?,?,?)",
+                         (CREATE_EXPERIMENT, local_id, body, time.time(), self.epoch))
         return local_id
 
     def add_run(self, *, experiment_id: str, user_id: str | None, start_time: int, name: str | None,
@@ -538,94 +616,50 @@ class Journal:
         self._reserve(len(body) + 2 * _ROW_OVERHEAD)
         now = time.time()
         with self.db() as conn:
-            conn.execute("insert into runs(local_id, experiment_id, name, user_id, start_time, created) "
-                         "values(?,?,?,?,?,?)", (local_id, experiment_id, name, user_id, start_time, now))
-            conn.execute("insert into ops(run, kind, body, created) values(?,?,?,?)",
-                         (local_id, CREATE_RUN, body, now))
+            conn.execute("insert into runs(local_id, experiment_id, name, user_id, start_time, owner_pid, owner_host, "
+                         "created) values(?,?,?,?,?,?,?,?)",
+                         (local_id, experiment_id, name, user_id, start_time, os.getpid(), _HOST, now))
+            conn.execute("insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
+                         (local_id, CREATE_RUN, body, now, self.epoch))
         return local_id
 
     def update_run(self, run: str, *, status: str | None, end_time: int | None, name: str | None) -> None:
         body = {"status": status, "end_time": end_time, "run_name": name}
         text = json.dumps(body, separators=(",", ":"))
         self._reserve(len(text) + _ROW_OVERHEAD)
+        self.move_intake()  # an end status must never reach the server before the run's last points
         with self.db() as conn:
             conn.execute("update runs set status=coalesce(?, status), end_time=coalesce(?, end_time), "
                          "name=coalesce(?, name) where local_id=?", (status, end_time, name, run))
-            conn.execute("insert into ops(run, kind, body, created) values(?,?,?,?)",
-                         (run, UPDATE_RUN, text, time.time()))
+            conn.execute("insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
+                         (run, UPDATE_RUN, text, time.time(), self.epoch))
 
     def spool_artifact(self, run: str, source: Path, artifact_path: str) -> dict:
         """Copy `source` into the spool now (hashing as it goes) and journal its upload."""
         size = source.stat().st_size
         self._reserve(size + _ROW_OVERHEAD)
-        digest = hashlib.sha256()
-        counted = False
-        name = None
         try:
-            with open(source, "rb") as src, _new_spool_file(self.spool_dir) as (name, dst):
-                while chunk := src.read(1 << 20):
-                    digest.update(chunk)
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())  # the row below must never point at a file that is not on disk
-                size = os.fstat(dst.fileno()).st_size
-                with self._lock:
-                    self._spool_bytes += size
-                counted = True
-                body = {"spool": name, "path": artifact_path, "size": size, "sha256": digest.hexdigest()}
+            with self.spool.copy_in(source) as copied:
+                body = {"spool": copied.name, "path": artifact_path, "size": copied.size, "sha256": copied.sha256}
                 self.append(run, ARTIFACT, body, key=artifact_path)
         except BaseException:
-            # No row points at the copy: it would only count against the limit, for ever.
-            if name is not None:
-                if counted:
-                    self.discard_spool(name)
-                else:
-                    (self.spool_dir / name).unlink(missing_ok=True)
             self._used_bytes -= size + _ROW_OVERHEAD
             raise
         return body
 
-    def discard_spool(self, name: str) -> None:
-        target = self.spool_dir / name
-        with contextlib.suppress(FileNotFoundError):
-            size = target.stat().st_size
-            target.unlink()
-            with self._lock:
-                self._spool_bytes -= size
-
     def sweep_spool(self) -> int:
-        """Delete spool files no undelivered row refers to (left by a kill mid-call, or dead letters)."""
-        removed = 0
-        referenced = self._spool_names()
-        for path in self.spool_dir.iterdir():
-            if not path.is_file() or path.name in referenced:
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                if not _intake.try_lock(fd):
-                    continue  # another process is spooling it right now
-                # Asked under the lock: a writer commits its row before it lets go of the file.
-                if not self._spool_referenced(path.name):
-                    path.unlink(missing_ok=True)
-                    removed += 1
-            finally:
-                os.close(fd)
-        if removed:
-            log.info("journal %s: removed %d spooled file(s) nothing refers to any more", self.path, removed)
-        return removed
+        """Delete spooled files no undelivered row refers to."""
+        return self.spool.sweep(self._spool_names(), self._spool_referenced)
 
     def _spool_names(self) -> set[str]:
         """Spool files that undelivered rows refer to."""
         with self.db(write=False) as conn:
-            rows = conn.execute("select body from ops where kind=? and state in (0,1)", (ARTIFACT,)).fetchall()
+            rows = conn.execute(f"select body from ops where kind=? and {_IS_UNDELIVERED}", (ARTIFACT,)).fetchall()
         return {json.loads(body).get("spool") for (body,) in rows if body}
 
     def _spool_referenced(self, name: str) -> bool:
         with self.db(write=False) as conn:
-            rows = conn.execute("select body from ops where kind=? and state in (0,1) and body like ?",
+            rows = conn.execute(f"select body from ops where kind=? and {_IS_UNDELIVERED} and body like ?",
                                 (ARTIFACT, f'%"{name}"%')).fetchall()
         return any(json.loads(body).get("spool") == name for (body,) in rows)
 
@@ -660,19 +694,120 @@ class Journal:
                                "status, artifact_uri from runs where remote_id=?", (remote_id,)).fetchone()
         return RunRecord(*row) if row else None
 
+    # ------------------------------------------------------------- ids: local <-> server, in one place
+
+    def server_experiment_id(self, experiment_id: str) -> str | None:
+        """The server's id of `experiment_id`: its mapping when local (None until created there), else itself."""
+        record = self.experiment(experiment_id)
+        return experiment_id if record is None else record.remote_id
+
+    def server_run(self, run_id: str) -> tuple[str | None, str | None]:
+        """(server run id, server artifact root) of `run_id`; a run not created here is the server's own.
+
+        A logged model created here answers too: its artifacts are journaled under its local id (models.py).
+        """
+        record = self.run(run_id)
+        if record is None and run_id.startswith("m-"):
+            model = self.entity(LOGGED_MODEL, run_id)
+            if model is not None:
+                return model.remote_id, model.location
+        return (run_id, None) if record is None else (record.remote_id, record.artifact_uri)
+
+    def local_experiment_id(self, server_id: str) -> str:
+        """The id this process knows a server experiment by: the local id it was created under, else the server's."""
+        record = self.experiment_for_remote(server_id)
+        return server_id if record is None else record.local_id
+
+    def local_run_id(self, server_id: str) -> str:
+        record = self.run_for_remote(server_id)
+        return server_id if record is None else record.local_id
+
+    def runs_of_live_processes(self) -> set[str]:
+        """RUNNING runs created by other processes of this machine that are still alive (DataLoader workers,
+        DDP children): whoever delivers this journal keeps them beating."""
+        with self.db(write=False) as conn:
+            rows = conn.execute("select local_id, owner_pid from runs where status='RUNNING' and owner_host=? "
+                                "and owner_pid is not null and owner_pid != ?", (_HOST, os.getpid())).fetchall()
+        return {run for run, pid in rows if _process_alive(pid)}
+
+    def run_created_at(self, local_id: str) -> float | None:
+        """When the run was journaled (seconds since the epoch)."""
+        with self.db(write=False) as conn:
+            row = conn.execute("select created from runs where local_id=?", (local_id,)).fetchone()
+        return row[0] if row else None
+
     def runs(self) -> list[RunRecord]:
         with self.db(write=False) as conn:
             rows = conn.execute("select local_id, remote_id, experiment_id, name, user_id, start_time, end_time, "
                                 "status, artifact_uri from runs order by created").fetchall()
         return [RunRecord(*row) for row in rows]
 
+    # ------------------------------------------- logged models and model versions (models.py, registry.py)
+
+    def add_entity(self, kind: str, local_id: str, body: dict, *, op: tuple[str, str, dict]) -> None:
+        """Record an entity created here and journal its creation `op` (run key, op kind, op body) in one commit."""
+        text, op_text = json.dumps(body, separators=(",", ":")), json.dumps(op[2], separators=(",", ":"))
+        self._reserve(len(text) + len(op_text) + 2 * _ROW_OVERHEAD)
+        self.move_intake()
+        now = time.time()
+        with self.db() as conn:
+            conn.execute("insert into entities(kind, local_id, body, created) values(?,?,?,?)",
+                         (kind, local_id, text, now))
+            conn.execute("insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
+                         (op[0], op[1], op_text, now, self.epoch))
+
+    def entity(self, kind: str, local_id: str) -> EntityRecord | None:
+        with self.db(write=False) as conn:
+            row = conn.execute("select local_id, remote_id, location, body from entities where kind=? and local_id=?",
+                               (kind, local_id)).fetchone()
+        return EntityRecord(*row) if row else None
+
+    def entity_for_remote(self, kind: str, remote_id: str) -> EntityRecord | None:
+        with self.db(write=False) as conn:
+            row = conn.execute("select local_id, remote_id, location, body from entities where kind=? and remote_id=?",
+                               (kind, remote_id)).fetchone()
+        return EntityRecord(*row) if row else None
+
+    def entities(self, kind: str) -> list[EntityRecord]:
+        with self.db(write=False) as conn:
+            rows = conn.execute("select local_id, remote_id, location, body from entities where kind=? order by created",
+                                (kind,)).fetchall()
+        return [EntityRecord(*row) for row in rows]
+
+    def update_entity(self, kind: str, local_id: str, body: dict) -> None:
+        with self.db() as conn:
+            conn.execute("update entities set body=? where kind=? and local_id=?",
+                         (json.dumps(body, separators=(",", ":")), kind, local_id))
+
+    def map_entity(self, kind: str, local_id: str, remote_id: str, location: str | None = None) -> None:
+        with self.db() as conn:
+            conn.execute("update entities set remote_id=?, location=coalesce(?, location) where kind=? and local_id=?",
+                         (remote_id, location, kind, local_id))
+
+    def epoch_uid(self, epoch: int | None) -> str | None:
+        """The lineage uid of rows written with `epoch` (Op.epoch); None when unknown (a repaired journal)."""
+        if epoch is None:
+            return None
+        if epoch not in self._epoch_uids:
+            with self.db(write=False) as conn:
+                row = conn.execute("select uid from lineage where n=?", (epoch,)).fetchone()
+            self._epoch_uids[epoch] = row[0] if row else None
+        return self._epoch_uids[epoch]
+
+    def requeue(self, op_id: int) -> None:
+        """Move an op to the end of the journal, pending: it waits for something journaled after it."""
+        with self.db() as conn:
+            # Past every id ever used (the table's AUTOINCREMENT sequence), not only the live ones.
+            conn.execute(f"update ops set id=(select max(coalesce(max(id), 0), coalesce((select seq from "
+                         f"sqlite_sequence where name='ops'), 0)) + 1 from ops), {_IS_PENDING} where id=?", (op_id,))
+
     def undelivered(self, run: str, kinds: tuple[str, ...]) -> list[Op]:
         """Ops of `run` not yet delivered (pending or in-flight), oldest first."""
         self.move_intake()
         marks = ",".join("?" * len(kinds))
         with self.db(write=False) as conn:
-            rows = conn.execute(f"select id, run, kind, key, value, ts, step, body, attempts from ops "
-                                f"where run=? and state in (0,1) and kind in ({marks}) order by id",
+            rows = conn.execute(f"select id, run, kind, key, value, ts, step, body, attempts, epoch from ops "
+                                f"where run=? and {_IS_UNDELIVERED} and kind in ({marks}) order by id",
                                 (run, *kinds)).fetchall()
         return [Op(*row) for row in rows]
 
@@ -682,23 +817,31 @@ class Journal:
         """Return in-flight rows to pending: a sender starting now cannot know whether they arrived."""
         with self.db() as conn:
             # Counted as an attempt: the server may have applied them, which the next try must check.
-            return conn.execute("update ops set state=0, attempts=attempts+1 where state=1").rowcount
+            return conn.execute(f"update ops set {_IS_PENDING}, attempts=attempts+1 where {_IS_IN_FLIGHT}").rowcount
 
     def last_id(self) -> int:
         with self.db(write=False) as conn:
             return conn.execute("select coalesce(max(id), 0) from ops").fetchone()[0]
 
+    def runs_with_undelivered(self, kinds: tuple[str, ...]) -> set[str]:
+        """Runs with rows of these kinds not delivered yet."""
+        self.move_intake()
+        with self.db(write=False) as conn:
+            rows = conn.execute(f"select distinct run from ops where {_IS_UNDELIVERED} and kind in "
+                                f"({','.join('?' * len(kinds))})", kinds).fetchall()
+        return {row[0] for row in rows}
+
     def runs_with_pending(self) -> list[str]:
         with self.db(write=False) as conn:
-            rows = conn.execute("select run, min(id) m from ops where state=0 group by run "
+            rows = conn.execute(f"select run, min(id) m from ops where {_IS_PENDING} group by run "
                                 "order by run != '', m").fetchall()
         return [r[0] for r in rows]
 
     def pending_ops(self, run: str, limit: int, upto: int | None = None) -> list[Op]:
         """Pending ops of `run`, oldest first, with ids up to `upto` (the end of a delivery round)."""
         with self.db(write=False) as conn:
-            rows = conn.execute("select id, run, kind, key, value, ts, step, body, attempts from ops "
-                                "where state=0 and run=? and id<=? order by id limit ?",
+            rows = conn.execute("select id, run, kind, key, value, ts, step, body, attempts, epoch from ops "
+                                f"where {_IS_PENDING} and run=? and id<=? order by id limit ?",
                                 (run, upto if upto is not None else 2**62, limit)).fetchall()
         return [Op(*row) for row in rows]
 
@@ -711,9 +854,9 @@ class Journal:
         if op.kind != ARTIFACT:
             return False
         with self.db(write=False) as conn:
-            rows = conn.execute("select body from ops where id>? and run=? and kind=? and key=? and state in (0,1)",
+            rows = conn.execute(f"select body from ops where id>? and run=? and kind=? and key=? and {_IS_UNDELIVERED}",
                                 (op.id, op.run, ARTIFACT, op.key)).fetchall()
-        return any((self.spool_dir / json.loads(body)["spool"]).is_file() for (body,) in rows)
+        return any(self.spool.path(json.loads(body)["spool"]).is_file() for (body,) in rows)
 
     def claim(self, ids: list[int]) -> bool:
         """Mark `ids` in-flight, all or nothing: False when another sender took any of them."""
@@ -722,7 +865,7 @@ class Journal:
                 changed = 0
                 for chunk in _chunks(ids, 500):
                     marks = ",".join("?" * len(chunk))
-                    changed += conn.execute(f"update ops set state=1 where state=0 and id in ({marks})",
+                    changed += conn.execute(f"update ops set {_IS_IN_FLIGHT} where {_IS_PENDING} and id in ({marks})",
                                             chunk).rowcount
                 if changed != len(ids):
                     raise _ClaimLost()
@@ -735,17 +878,65 @@ class Journal:
         with self.db() as conn:
             for chunk in _chunks(ids, 500):
                 conn.execute(f"delete from ops where id in ({','.join('?' * len(chunk))})", chunk)
+            _count_settled(conn)
         for name in spool:
-            self.discard_spool(name)
+            self.spool.discard(name)
+
+    def settled(self) -> int:
+        """A counter that moves whenever rows leave the undelivered set (see the `settled` table)."""
+        with self.db(write=False) as conn:
+            row = conn.execute("select n from settled").fetchone()
+        return row[0] if row else 0
+
+    # ------------------------------------------------------------------------ delivery marks (marks.py)
+
+    def owe_marks(self, done: dict[tuple[str, str], int]) -> None:
+        """Rows up to these ids, per (scope, lineage uid), were delivered or set aside: their marks are owed."""
+        with self.db() as conn:
+            conn.executemany("insert into owed_marks(scope, uid, done) values(?,?,?) on conflict(scope, uid) "
+                             "do update set done=max(done, excluded.done)",
+                             [(scope, uid, n) for (scope, uid), n in done.items()])
+
+    def owed_marks(self, scope: str | None = None) -> dict[str, dict[str, int]]:
+        """{scope: {uid: mark}}: what may be sent now — each owed mark kept below the first row of its scope and
+        lineage that is not done yet (a batch split by a pause can deliver rows past one still waiting)."""
+        with self.db(write=False) as conn:
+            rows = conn.execute("select scope, uid, done from owed_marks" + (" where scope=?" if scope else ""),
+                                (scope,) if scope else ()).fetchall()
+            result: dict[str, dict[str, int]] = {}
+            for owner, uid, done in rows:
+                kind, _, local_id = owner.partition(":")
+                if kind == "run":
+                    where, args = "run=? and kind in ({})".format(",".join("?" * len(MARKED_RUN_KINDS))), \
+                        (local_id, *sorted(MARKED_RUN_KINDS))
+                else:
+                    where, args = ("run='' and kind in ({}) and json_extract(body, '$.experiment_id')=?".format(
+                        ",".join("?" * len(MARKED_EXPERIMENT_KINDS))), (*sorted(MARKED_EXPERIMENT_KINDS), local_id))
+                (first,) = conn.execute(f"select min(id) from ops where {_IS_UNDELIVERED} and {where} and "
+                                        "epoch in (select n from lineage where uid=?)", (*args, uid)).fetchone()
+                mark = done if first is None else min(done, first - 1)
+                if mark > 0:
+                    result.setdefault(owner, {})[uid] = mark
+        return result
+
+    def marks_sent(self, scope: str, marks: dict[str, int]) -> None:
+        """The server holds these marks of `scope`: what they cover is owed no more."""
+        with self.db() as conn:
+            conn.executemany("delete from owed_marks where scope=? and uid=? and done<=?",
+                             [(scope, uid, n) for uid, n in marks.items()])
+
+    def drop_owed_marks(self, scope: str) -> None:
+        with self.db() as conn:
+            conn.execute("delete from owed_marks where scope=?", (scope,))
 
     def release(self, ids: list[int]) -> None:
         """Not delivered this time: back to pending, one more attempt counted."""
         with self.db() as conn:
             for chunk in _chunks(ids, 500):
-                conn.execute("update ops set state=0, attempts=attempts+1 "
-                             f"where state=1 and id in ({','.join('?' * len(chunk))})", chunk)
+                conn.execute(f"update ops set {_IS_PENDING}, attempts=attempts+1 "
+                             f"where {_IS_IN_FLIGHT} and id in ({','.join('?' * len(chunk))})", chunk)
 
-    def bury(self, ids: list[int], error: str) -> None:
+    def bury(self, ids: list[int], error: str, *, reason: str) -> None:
         """The server refused this entry for good: keep it as a dead letter with the server's message.
 
         A dead artifact's spooled copy is deleted: nothing will upload it, and it counts against the limit.
@@ -756,10 +947,12 @@ class Journal:
                 rows = conn.execute(f"select body from ops where kind=? and id in ({','.join('?' * len(chunk))})",
                                     (ARTIFACT, *chunk)).fetchall()
                 spool.extend(json.loads(body).get("spool") for (body,) in rows if body)
-            conn.executemany("update ops set state=3, error=? where id=?", [(error[:2000], i) for i in ids])
+            conn.executemany(f"update ops set {_IS_DEAD}, error=?, reason=? where id=?",
+                             [(error[:2000], reason, i) for i in ids])
+            _count_settled(conn)
         for name in spool:
             if name:
-                self.discard_spool(name)
+                self.spool.discard(name)
 
     def map_experiment(self, local_id: str, remote_id: str) -> None:
         with self.db() as conn:
@@ -774,34 +967,79 @@ class Journal:
         self.move_intake()
         with self.db(write=False) as conn:
             rows = conn.execute("select run, state, count(*) from ops group by run, state").fetchall()
-            oldest = conn.execute("select min(created) from ops where state in (0,1)").fetchone()[0]
+            oldest = conn.execute(f"select min(created) from ops where {_IS_UNDELIVERED}").fetchone()[0]
         result = Backlog(oldest_created=oldest)
         for run, state, count in rows:
             bucket = result.dead if state == DEAD else result.pending
             bucket[run] = bucket.get(run, 0) + count
         return result
 
-    def dead_letters(self) -> list[tuple[Op, str]]:
+    def retry_dead(self, ids: list[int] | None = None) -> int:
+        """Dead letters (all, or `ids`) back to pending with their tries reset; how many."""
+        where, args = _ids_clause(ids)
+        with self.db() as conn:
+            # Its lineage's mark may already be past it (a dead letter counts as done for the marks, marks.py):
+            # without one it is sent, never taken for a row a copy delivered.
+            return conn.execute(f"update ops set {_IS_PENDING}, attempts=0, error=null, reason=null, epoch=null "
+                                f"where {_IS_DEAD}{where}", args).rowcount
+
+    def drop_dead(self, ids: list[int] | None = None) -> int:
+        """Delete dead letters (all, or `ids`) for good; how many."""
+        where, args = _ids_clause(ids)
+        with self.db() as conn:
+            return conn.execute(f"delete from ops where {_IS_DEAD}{where}", args).rowcount
+
+    def dead_letters(self) -> list[DeadLetter]:
         with self.db(write=False) as conn:
-            rows = conn.execute("select id, run, kind, key, value, ts, step, body, attempts, error from ops "
-                                "where state=3 order by id").fetchall()
-        return [(Op(*row[:9]), row[9]) for row in rows]
+            rows = conn.execute("select id, run, kind, key, value, ts, step, body, attempts, error, reason from ops "
+                                f"where {_IS_DEAD} order by id").fetchall()
+        return [DeadLetter(Op(*row[:9]), row[9], row[10]) for row in rows]
 
 
-@contextlib.contextmanager
-def _new_spool_file(folder: Path) -> Iterator[tuple[str, object]]:
-    """(name, file) of a new spool file, flock'ed until the block ends: `sweep_spool` leaves it alone."""
-    for _ in range(5):
-        name = uuid.uuid4().hex
-        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        # A sweep in another process may have locked or removed it between create and lock: take another name.
-        if _intake.try_lock(fd) and os.fstat(fd).st_nlink > 0:
-            break
-        os.close(fd)
-    else:
-        raise OSError(errno.EAGAIN, f"cannot create a spool file in {folder}")
-    with os.fdopen(fd, "wb") as fh:
-        yield name, fh
+_HOST = socket.gethostname()
+
+
+def _count_settled(conn: sqlite3.Connection) -> None:
+    conn.execute("insert into settled(id, n) values(0, 1) on conflict(id) do update set n = n + 1")
+
+
+def _ids_clause(ids: list[int] | None) -> tuple[str, list[int]]:
+    if ids is None:
+        return "", []
+    return f" and id in ({','.join('?' * len(ids))})", list(ids)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a journal written by an older bridge up to this schema (columns added since)."""
+    (ops_sql,) = conn.execute("select sql from sqlite_master where type='table' and name='ops'").fetchone()
+    if "autoincrement" not in ops_sql.lower():
+        # Row ids used to restart at 1 once every row was delivered; the delivery marks (marks.py) need them
+        # never reused. Rebuilt once, in the transaction of the journal's opening (a copy of what it holds).
+        log.info("bridge: updating the journal's table of entries to this version (once; %d entries)",
+                 conn.execute("select count(*) from ops").fetchone()[0])
+        columns = ",".join(r[1] for r in conn.execute("pragma table_info(ops)"))
+        conn.execute("alter table ops rename to ops_before_autoincrement")
+        conn.execute(_SCHEMA[0])
+        conn.execute(f"insert into ops({columns}) select {columns} from ops_before_autoincrement")
+        conn.execute("drop table ops_before_autoincrement")
+    columns = {row[1] for row in conn.execute("pragma table_info(ops)")}
+    for column, kind in (("reason", "text"), ("epoch", "integer")):
+        if column not in columns:
+            conn.execute(f"alter table ops add column {column} {kind}")
+    columns = {row[1] for row in conn.execute("pragma table_info(runs)")}
+    for column, kind in (("owner_pid", "integer"), ("owner_host", "text")):
+        if column not in columns:
+            conn.execute(f"alter table runs add column {column} {kind}")
 
 
 class _ClaimLost(Exception):

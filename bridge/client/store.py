@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
+import math
 import time
-
-import requests
 
 from mlflow.entities import (
     Experiment, ExperimentTag, LifecycleStage, Metric, Param, Run, RunData, RunInfo, RunStatus, RunTag, ViewType,
@@ -28,17 +26,27 @@ from mlflow.store.entities.paged_list import PagedList
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
 from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow.store.tracking.rest_store import RestStore
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
-from mlflow.utils.proto_json_utils import message_to_json, parse_dict
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from mlflow.utils.proto_json_utils import message_to_json
+from mlflow.utils.search_utils import SearchUtils
+from mlflow.utils.validation import (  # private: see bridge/mlflow_internals.py
+    _validate_batch_log_data, _validate_metric, _validate_param_keys_unique,
+)
 from mlflow.utils.rest_utils import MlflowHostCreds
 
+from bridge import config
 from bridge.client import journal as J
-from bridge.client.sender import HttpFailure, TransportFailure
+from bridge.client import rest
+from bridge.client.link import Link
+from bridge.client.models import LoggedModelStoreMixin
+from bridge.client.operations import RUN_ID_TAGS
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_SCHEME = "bridge-artifacts"
-READ_TIMEOUT = (3.0, 30.0)
+#: What a read merges from the journal into the server's answer: what it has not delivered yet.
+_OVERLAY_KINDS = (J.METRIC, J.PARAM, J.TAG, J.DELETE_TAG, J.UPDATE_RUN)
+_EXPERIMENT_OVERLAY_KINDS = (J.CREATE_EXPERIMENT, J.SET_EXPERIMENT_TAG, J.DELETE_EXPERIMENT_TAG)
 
 
 def artifact_uri_for(run_id: str) -> str:
@@ -46,60 +54,28 @@ def artifact_uri_for(run_id: str) -> str:
     return f"{ARTIFACT_SCHEME}://{run_id}"
 
 
-class _Offline(Exception):
-    """The server did not answer a read; answer from the journal instead."""
+_Offline = rest.Offline
 
 
 class _ServerReads(RestStore):
-    """MLflow's RestStore, but one try per call, the sender's URL and token, and errors bridge understands."""
+    """MLflow's RestStore, but one try per call, through the connection's `Link`, with errors MLflow understands.
 
-    def __init__(self, connection) -> None:
-        self._connection = connection
-        self._sessions = threading.local()  # requests' sessions are not thread-safe; the sender has its own
-        super().__init__(lambda: MlflowHostCreds(host=connection.sender.url, token=connection.sender.token))
+    Relies on MLflow internals (listed in bridge/mlflow_internals.py): `RestStore._call_endpoint`, `_METHOD_TO_INFO`,
+    `_V3_METHOD_TO_INFO` and `_V3_APIS` — the one place each REST API's endpoint and method are known.
+    """
 
-    def session(self) -> requests.Session:
-        """This thread's session (reads come from the training thread, DataLoader workers, callbacks …)."""
-        session = getattr(self._sessions, "session", None)
-        if session is None:
-            session = self._sessions.session = requests.Session()
-        return session
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        super().__init__(lambda: MlflowHostCreds(host=link.url, token=link.token))
 
     def _call_endpoint(self, api, json_body=None, endpoint=None, retry_timeout_seconds=None, response_proto=None):
         method_to_info = self._V3_METHOD_TO_INFO if api in self._V3_APIS else self._METHOD_TO_INFO
         default_endpoint, method = method_to_info[api]
-        endpoint = endpoint or default_endpoint
-        body = json.loads(json_body) if json_body else None
-        sender = self._connection.sender
-        session = self.session()
-        try:
-            if method == "GET":
-                resp = sender.request("GET", endpoint, params=body, timeout=READ_TIMEOUT, session=session)
-            else:
-                resp = sender.request(method, endpoint, json_body=body, timeout=READ_TIMEOUT, session=session)
-        except TransportFailure as exc:
-            raise _Offline(str(exc)) from None
-        except HttpFailure as exc:
-            if exc.error_code is None and exc.status not in (401, 403):
-                raise _Offline(str(exc)) from None
-            code = exc.error_code or "PERMISSION_DENIED"
-            if exc.status in (401, 403):
-                message = f"the bridge server rejected the access token (HTTP {exc.status})"
-            else:
-                message = exc.message
-            raise MlflowException(message, error_code=_error_code(code)) from None
-        response_proto = response_proto or api.Response()
-        parse_dict(js_dict=resp.json() if resp.content else {}, message=response_proto)
-        return response_proto
+        return rest.call_endpoint(self._link, endpoint or default_endpoint, method, json_body,
+                                  response_proto or api.Response())
 
 
-def _error_code(name: str) -> int:
-    from mlflow.protos import databricks_pb2
-
-    return getattr(databricks_pb2, name, databricks_pb2.INTERNAL_ERROR)
-
-
-class JournalStore(AbstractStore):
+class JournalStore(LoggedModelStoreMixin, AbstractStore):
     """The `bridge+http(s)` tracking store (registered through the `mlflow.tracking_store` entry point)."""
 
     def __init__(self, store_uri: str | None = None, artifact_uri: str | None = None) -> None:
@@ -118,36 +94,39 @@ class JournalStore(AbstractStore):
     def _server(conn) -> _ServerReads:
         reads = getattr(conn, "_server_reads", None)
         if reads is None:
-            reads = conn._server_reads = _ServerReads(conn)
+            reads = conn._server_reads = _ServerReads(conn.link)
         return reads
 
     def _online(self, conn) -> bool:
         # Known down: do not make the training thread wait for a timeout; the sender notices recovery.
-        return conn.sender.online is not False
+        return conn.link.online is not False
 
     # ------------------------------------------------------------------------ id translation
-
-    def _remote_experiment(self, conn, experiment_id: str) -> str | None:
-        record = conn.journal.experiment(experiment_id)
-        return experiment_id if record is None else record.remote_id
-
-    def _local_experiment(self, conn, remote_id: str) -> str:
-        record = conn.journal.experiment_for_remote(remote_id)
-        return remote_id if record is None else record.local_id
 
     def _local_run(self, conn, run: Run) -> Run:
         """The server's run, relabelled with local ids and the journal's artifact scheme."""
         info = run.info
-        record = conn.journal.run_for_remote(info.run_id)
-        run_id = record.local_id if record is not None else info.run_id
-        new_info = RunInfo(run_id=run_id, experiment_id=self._local_experiment(conn, info.experiment_id),
+        run_id = conn.journal.local_run_id(info.run_id)
+        data = run.data
+        key = data.tags.get(config.RUN_KEY_TAG)
+        if run_id == info.run_id and key and key != run_id and conn.journal.run(key) is not None:
+            # Created on the server by this journal, the answer not back yet (lost, or slow): the same run, not
+            # a second one beside the journal's (harness H10's read).
+            run_id = key
+        if any(key in data.tags for key in RUN_ID_TAGS):  # a nested run's parent, by the id this process knows
+            proto = data.to_proto()
+            for tag in proto.tags:
+                if tag.key in RUN_ID_TAGS:
+                    tag.value = conn.journal.local_run_id(tag.value)
+            data = RunData.from_proto(proto)
+        new_info = RunInfo(run_id=run_id, experiment_id=conn.journal.local_experiment_id(info.experiment_id),
                            user_id=info.user_id, status=info.status, start_time=info.start_time,
                            end_time=info.end_time, lifecycle_stage=info.lifecycle_stage,
                            artifact_uri=artifact_uri_for(run_id), run_name=info.run_name)
-        return Run(new_info, run.data, run.inputs, getattr(run, "outputs", None))
+        return Run(new_info, data, run.inputs, getattr(run, "outputs", None))
 
     def _local_experiment_entity(self, conn, experiment: Experiment) -> Experiment:
-        local = self._local_experiment(conn, experiment.experiment_id)
+        local = conn.journal.local_experiment_id(experiment.experiment_id)
         if local == experiment.experiment_id:
             return experiment
         return Experiment(local, experiment.name, experiment.artifact_location, experiment.lifecycle_stage,
@@ -162,22 +141,67 @@ class JournalStore(AbstractStore):
             raise MlflowException("experiment name must not be empty", INVALID_PARAMETER_VALUE)
         if conn.journal.experiment_by_name(name) is not None:
             raise MlflowException(f"Experiment '{name}' already exists.", RESOURCE_ALREADY_EXISTS)
-        return conn.journal.add_experiment(name, {t.key: t.value for t in tags or []})
+        if self._online(conn):
+            # As MLflow would: a name the server already has is refused now. Offline this cannot be known;
+            # the journaled create then joins the server's experiment of that name (README, "The journal").
+            try:
+                found = self._server(conn).get_experiment_by_name(name)
+            except _Offline:
+                found = None
+            if found is not None:
+                raise MlflowException(f"Experiment(name={name}) already exists. Error: the server has it as "
+                                      f"experiment {found.experiment_id}", RESOURCE_ALREADY_EXISTS)
+        return conn.journal.add_experiment(name, {t.key: t.value for t in tags or []}, artifact_location)
 
     def get_experiment(self, experiment_id):
         conn = self.connection
         experiment_id = str(experiment_id)
         record = conn.journal.experiment(experiment_id)
-        remote = experiment_id if record is None else record.remote_id
+        remote = conn.journal.server_experiment_id(experiment_id)
+        waiting = _Waiting.read(conn, lambda: self._experiment_writes_waiting(conn, experiment_id))  # _server_run
         if remote is not None and self._online(conn):
             try:
-                return self._local_experiment_entity(conn, self._server(conn).get_experiment(remote))
+                return self._experiment_with_undelivered(
+                    conn, self._local_experiment_entity(conn, self._server(conn).get_experiment(remote)), waiting)
             except _Offline:
                 pass
         if record is not None:
-            return self._offline_experiment(record)
+            return self._experiment_with_undelivered(conn, self._offline_experiment(record), waiting)
         raise MlflowException(f"Experiment {experiment_id} is not known locally and the server "
-                              f"({conn.sender.url}) does not answer", TEMPORARILY_UNAVAILABLE)
+                              f"({conn.link.url}) does not answer", TEMPORARILY_UNAVAILABLE)
+
+    @staticmethod
+    def _experiment_writes_waiting(conn, experiment_id: str) -> list[J.Op]:
+        """The experiment's creation and tag writes not delivered yet, oldest first, whichever of its ids
+        (local or the server's) they were written under."""
+        journal = conn.journal
+        wanted = {experiment_id, journal.server_experiment_id(experiment_id)} - {None}
+        ops = []
+        for op in journal.undelivered("", _EXPERIMENT_OVERLAY_KINDS):
+            written = op.key if op.kind == J.CREATE_EXPERIMENT else str(op.json().get("experiment_id"))
+            if written in wanted or journal.server_experiment_id(written) in wanted:
+                ops.append(op)
+        return ops
+
+    def _experiment_with_undelivered(self, conn, experiment: Experiment, earlier: _Waiting | None) -> Experiment:
+        """The experiment with its tag writes still on their way (read-your-writes, as for runs)."""
+        def read() -> list[J.Op]:
+            return self._experiment_writes_waiting(conn, experiment.experiment_id)
+
+        ops = earlier.now(read) if earlier is not None else read()
+        if not ops:
+            return experiment
+        tags = dict(experiment.tags)
+        for op in ops:
+            if op.kind == J.CREATE_EXPERIMENT:
+                tags.update(op.json().get("tags") or {})
+            elif op.kind == J.SET_EXPERIMENT_TAG:
+                tags[op.key] = op.json()["value"]
+            else:
+                tags.pop(op.key, None)
+        return Experiment(experiment.experiment_id, experiment.name, experiment.artifact_location,
+                          experiment.lifecycle_stage, [ExperimentTag(k, v) for k, v in tags.items()],
+                          experiment.creation_time, experiment.last_update_time)
 
     @staticmethod
     def _offline_experiment(record: J.ExperimentRecord) -> Experiment:
@@ -194,7 +218,10 @@ class JournalStore(AbstractStore):
                 found = self._server(conn).get_experiment_by_name(experiment_name)
             except _Offline:
                 return None
-            return None if found is None else self._local_experiment_entity(conn, found)
+            if found is None:
+                return None
+            found = self._local_experiment_entity(conn, found)
+            return self._experiment_with_undelivered(conn, found, None)
         return None
 
     def search_experiments(self, view_type=ViewType.ACTIVE_ONLY, max_results=SEARCH_MAX_RESULTS_DEFAULT,
@@ -215,10 +242,13 @@ class JournalStore(AbstractStore):
         self.connection.journal.append("", J.SET_EXPERIMENT_TAG, {"experiment_id": str(experiment_id),
                                                                    "value": tag.value}, key=tag.key)
 
+    def delete_experiment_tag(self, experiment_id, key):
+        self.connection.journal.append("", J.DELETE_EXPERIMENT_TAG, {"experiment_id": str(experiment_id)}, key=key)
+
     def _online_only(self, what: str):
         conn = self.connection
         if not self._online(conn):
-            raise MlflowException(f"{what} needs the server, and {conn.sender.url} does not answer right now",
+            raise MlflowException(f"{what} needs the server, and {conn.link.url} does not answer right now",
                                   TEMPORARILY_UNAVAILABLE)
         return conn, self._server(conn)
 
@@ -227,20 +257,20 @@ class JournalStore(AbstractStore):
         try:
             return fn(conn, server)
         except _Offline:
-            raise MlflowException(f"{what} needs the server, and {conn.sender.url} does not answer right now",
+            raise MlflowException(f"{what} needs the server, and {conn.link.url} does not answer right now",
                                   TEMPORARILY_UNAVAILABLE) from None
 
     def delete_experiment(self, experiment_id):
         self._call_online("delete_experiment", lambda c, s: s.delete_experiment(
-            self._require(self._remote_experiment(c, str(experiment_id)), experiment_id)))
+            self._require(c.journal.server_experiment_id(str(experiment_id)), experiment_id)))
 
     def restore_experiment(self, experiment_id):
         self._call_online("restore_experiment", lambda c, s: s.restore_experiment(
-            self._require(self._remote_experiment(c, str(experiment_id)), experiment_id)))
+            self._require(c.journal.server_experiment_id(str(experiment_id)), experiment_id)))
 
     def rename_experiment(self, experiment_id, new_name):
         self._call_online("rename_experiment", lambda c, s: s.rename_experiment(
-            self._require(self._remote_experiment(c, str(experiment_id)), experiment_id), new_name))
+            self._require(c.journal.server_experiment_id(str(experiment_id)), experiment_id), new_name))
 
     @staticmethod
     def _require(remote_id, local_id):
@@ -251,7 +281,7 @@ class JournalStore(AbstractStore):
     # ------------------------------------------------------------------------------------- runs
 
     def create_run(self, experiment_id, user_id, start_time, tags, run_name):
-        from mlflow.utils.name_utils import _generate_random_name
+        from mlflow.utils.name_utils import _generate_random_name  # private: see bridge/mlflow_internals.py
 
         conn = self.connection
         tag_map = {t.key: t.value for t in tags or []}
@@ -273,6 +303,12 @@ class JournalStore(AbstractStore):
             conn.summary(run_id).tags[MLFLOW_RUN_NAME] = run_name
         if status and RunStatus.is_terminated(RunStatus.from_string(status)):
             conn.sender.unwatch_run(run_id)
+        elif status == "RUNNING":
+            # Resumed (`start_run(run_id=…)`): it beats again, and a reaper's verdict from while it was
+            # gone no longer stands. The tag may be absent: its delete is allowed to find nothing.
+            conn.journal.append(run_id, J.DELETE_TAG, {"missing_ok": True}, key=config.KILLED_REASON_TAG)
+            conn.sender.watch_run(run_id)
+            self._learn_params(conn, run_id)
         record = conn.journal.run(run_id)
         if record is not None:
             return self._offline_run(conn, record).info
@@ -280,19 +316,78 @@ class JournalStore(AbstractStore):
                        end_time=end_time, lifecycle_stage=LifecycleStage.ACTIVE,
                        artifact_uri=artifact_uri_for(run_id), run_name=run_name)
 
+    def _learn_params(self, conn, run_id: str) -> None:
+        """Remember a resumed run's params, so changing one is refused at once, as MLflow would."""
+        remote = conn.journal.server_run(run_id)[0]
+        if remote is None or not self._online(conn):
+            return
+        try:
+            params = self._server(conn).get_run(remote).data.params
+        except (_Offline, MlflowException):
+            return
+        for key, value in params.items():
+            conn.summary(run_id).params.setdefault(key, value)
+
     def get_run(self, run_id):
         conn = self.connection
         record = conn.journal.run(run_id)
-        remote = run_id if record is None else record.remote_id
+        remote = conn.journal.server_run(run_id)[0]
         if remote is not None and self._online(conn):
             try:
-                return self._local_run(conn, self._server(conn).get_run(remote))
+                return self._server_run(conn, run_id, remote)
             except _Offline:
                 pass
         if record is not None:
             return self._offline_run(conn, record)
-        raise MlflowException(f"Run {run_id} is not known locally and the server ({conn.sender.url}) "
+        raise MlflowException(f"Run {run_id} is not known locally and the server ({conn.link.url}) "
                               "does not answer", TEMPORARILY_UNAVAILABLE)
+
+    def _server_run(self, conn, run_id: str, remote: str) -> Run:
+        """The server's run `remote` (local `run_id`) with the writes still on their way to it."""
+        # Read before the server is asked: a write delivered while the answer is on its way back is in neither
+        # the answer nor the journal's waiting rows afterwards (a deleted tag showed; a second `log_table`
+        # dropped the first from `mlflow.loggedArtifacts`: harness H16, H17). Applied again, it changes nothing.
+        earlier = _Waiting.read(conn, lambda: conn.journal.undelivered(run_id, _OVERLAY_KINDS))
+        run = self._local_run(conn, self._server(conn).get_run(remote))
+        # Asked for by another of its ids (the server's): the journal keeps its rows under the local one.
+        return self._with_undelivered(conn, run, earlier if run.info.run_id == run_id else None)
+
+    def _with_undelivered(self, conn, run: Run, earlier: _Waiting | None = None) -> Run:
+        """The server's run with what this journal has not delivered to it yet (read-your-writes); `earlier`:
+        what was waiting before the server was asked."""
+        if earlier is not None:
+            ops = earlier.now(lambda: conn.journal.undelivered(run.info.run_id, _OVERLAY_KINDS))
+        else:
+            ops = conn.journal.undelivered(run.info.run_id, _OVERLAY_KINDS)
+        if not ops:
+            return run
+        metrics = {m.key: Metric.from_proto(m) for m in run.data.to_proto().metrics}
+        params = dict(run.data.params)
+        tags = dict(run.data.tags)
+        info = run.info
+        status, end_time, name = info.status, info.end_time, info.run_name
+        for op in ops:
+            if op.kind == J.METRIC:
+                _keep_latest(metrics, Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0))
+            elif op.kind == J.PARAM:
+                params.setdefault(op.key, op.value)
+            elif op.kind == J.TAG:
+                tags[op.key] = op.value
+            elif op.kind == J.DELETE_TAG:
+                tags.pop(op.key, None)
+            else:  # UPDATE_RUN
+                body = op.json()
+                status = body.get("status") or status
+                end_time = body.get("end_time") if body.get("end_time") is not None else end_time
+                name = body.get("run_name") or name
+        if name:
+            tags[MLFLOW_RUN_NAME] = name
+        new_info = RunInfo(run_id=info.run_id, experiment_id=info.experiment_id, user_id=info.user_id,
+                           status=status, start_time=info.start_time, end_time=end_time,
+                           lifecycle_stage=info.lifecycle_stage, artifact_uri=info.artifact_uri, run_name=name)
+        data = RunData(metrics=list(metrics.values()), params=[Param(k, v) for k, v in params.items()],
+                       tags=[RunTag(k, v) for k, v in tags.items()])
+        return Run(new_info, data, run.inputs, getattr(run, "outputs", None))
 
     def _offline_run(self, conn, record: J.RunRecord) -> Run:
         """The run as the journal knows it: this process's view plus anything still undelivered."""
@@ -311,8 +406,6 @@ class JournalStore(AbstractStore):
                 else:
                     tags.update(op.json().get("tags") or {})
         tags.setdefault(MLFLOW_RUN_NAME, record.name or "")
-        if record.user_id:
-            tags.setdefault(MLFLOW_USER, record.user_id)
         info = RunInfo(run_id=record.local_id, experiment_id=record.experiment_id, user_id=record.user_id or "",
                        status=record.status, start_time=record.start_time, end_time=record.end_time,
                        lifecycle_stage=LifecycleStage.ACTIVE, artifact_uri=artifact_uri_for(record.local_id),
@@ -322,49 +415,107 @@ class JournalStore(AbstractStore):
         return Run(info, data)
 
     def delete_run(self, run_id):
-        self._call_online("delete_run", lambda c, s: s.delete_run(self._require(self._remote_run(c, run_id), run_id)))
+        self._call_online("delete_run", lambda c, s: s.delete_run(self._require(c.journal.server_run(run_id)[0], run_id)))
 
     def restore_run(self, run_id):
         self._call_online("restore_run",
-                          lambda c, s: s.restore_run(self._require(self._remote_run(c, run_id), run_id)))
-
-    def _remote_run(self, conn, run_id: str) -> str | None:
-        record = conn.journal.run(run_id)
-        return run_id if record is None else record.remote_id
+                          lambda c, s: s.restore_run(self._require(c.journal.server_run(run_id)[0], run_id)))
 
     def get_metric_history(self, run_id, metric_key, max_results=None, page_token=None):
         conn = self.connection
-        remote = self._remote_run(conn, run_id)
-        if remote is not None and self._online(conn):
+        remote = conn.journal.server_run(run_id)[0]
+        waiting = [_as_stored(Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0))
+                   for op in conn.journal.undelivered(run_id, (J.METRIC,)) if op.key == metric_key]
+        # MLflow keeps one of identical points (same step, timestamp and value): so does this view.
+        waiting = _distinct_points(waiting)
+        # Asked even when the link is known to be failing (only delivery may be refused): the alternative for a
+        # history partly on the server is an error, not a faster answer.
+        if remote is not None:
             try:
-                return self._server(conn).get_metric_history(remote, metric_key, max_results, page_token)
+                page = self._server(conn).get_metric_history(remote, metric_key, max_results, page_token)
             except _Offline:
                 pass
-        points = [Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0)
-                  for op in conn.journal.undelivered(run_id, (J.METRIC,)) if op.key == metric_key]
-        return PagedList(points[:max_results] if max_results else points, None)
+            else:
+                if page.token or not waiting:
+                    return page  # the points still waiting come after the server's last page
+                points = _distinct_points(list(page) + waiting)
+                return PagedList(points[:max_results] if max_results else points, None)
+        if remote is not None:
+            # Some of this history is on the server, which does not answer: a part would pass for the whole.
+            raise MlflowException(f"get_metric_history({run_id!r}, {metric_key!r}): part of this history is on "
+                                  f"the server ({conn.link.url}), which does not answer right now; "
+                                  f"{len(waiting)} points are still waiting in the journal", TEMPORARILY_UNAVAILABLE)
+        return PagedList(waiting[:max_results] if max_results else waiting, None)
 
     def _search_runs(self, experiment_ids, filter_string, run_view_type, max_results, order_by, page_token):
         conn = self.connection
         if self._online(conn):
-            remote_ids = [r for r in (self._remote_experiment(conn, str(e)) for e in experiment_ids) if r]
+            remote_ids = [r for r in (conn.journal.server_experiment_id(str(e)) for e in experiment_ids) if r]
+            changing = None if page_token else _Waiting.read(  # before the search: see _server_run
+                conn, lambda: conn.journal.runs_with_undelivered(_OVERLAY_KINDS))
+            # So are the runs not created on the server yet: one created during the search is in neither the
+            # page nor, having a server id now, the journal's runs still to be created (harness H19).
+            unsent = set() if page_token else {r.local_id for r in conn.journal.runs() if not r.remote_id}
             try:
+                runs, token = [], None
                 if remote_ids:
                     page = self._server(conn).search_runs(remote_ids, filter_string, run_view_type, max_results,
                                                           order_by, page_token)
-                    return [self._local_run(conn, run) for run in page], page.token
-                if not any(conn.journal.experiment(str(e)) for e in experiment_ids):
-                    return [], None
+                    runs = [self._with_undelivered(conn, self._local_run(conn, run)) for run in page]
+                    token = page.token
+                if page_token is None:
+                    runs = self._with_changes_waiting(conn, runs, changing, unsent, experiment_ids,
+                                                      filter_string, run_view_type, max_results, order_by)
+                return runs, token
             except _Offline:
                 pass
+        # Offline: MLflow's own filter and sort over what the journal knows (README, "The journal").
+        return self._journal_runs(conn, experiment_ids, filter_string, order_by)[:max_results], None
+
+    def _with_changes_waiting(self, conn, runs, changing, unsent, experiment_ids, filter_string, run_view_type,
+                              max_results, order_by):
+        """The server's page of runs corrected by what the journal has not delivered (read-your-writes).
+
+        The server filtered what it holds: a run whose status, tags, params or metrics are still on their way
+        may pass the filter only with them (a `set_terminated` then a search for FINISHED, harness H13) or no
+        longer pass it. Such runs are read again, with their waiting writes, and filtered here; runs that have
+        not reached the server at all are added from the journal. `changing` and `unsent`: the runs with writes
+        waiting, and those not created on the server, before it was asked — one delivered since is in neither
+        the page nor the journal.
+        """
         wanted = {str(e) for e in experiment_ids}
-        runs = [self._offline_run(conn, r) for r in conn.journal.runs() if r.experiment_id in wanted]
-        return runs[:max_results], None
+        changing = changing.now(lambda: conn.journal.runs_with_undelivered(_OVERLAY_KINDS)) | unsent
+        # One look at the journal's runs for both lists below: a create delivered while the stale runs are read
+        # again would leave its run out of both (it was not on the server for the first, is for the second).
+        records = conn.journal.runs()
+        stale = [r for r in records if r.experiment_id in wanted and r.remote_id and r.local_id in changing]
+        if stale:
+            ids = {r.local_id for r in stale}
+            runs = [run for run in runs if run.info.run_id not in ids]
+            reread = [self._server_run(conn, r.local_id, r.remote_id) for r in stale]
+            runs += [run for run in SearchUtils.filter(reread, filter_string)
+                     if LifecycleStage.matches_view_type(run_view_type, run.info.lifecycle_stage)]
+        seen = {run.info.run_id for run in runs}
+        waiting = [run for run in self._journal_runs(conn, experiment_ids, filter_string, order_by, records=records,
+                                                     only_undelivered=True) if run.info.run_id not in seen]
+        if stale or waiting:
+            runs = SearchUtils.sort(runs + waiting, order_by)[:max_results]
+        return runs
+
+    def _journal_runs(self, conn, experiment_ids, filter_string, order_by, *, records=None,
+                      only_undelivered: bool = False):
+        wanted = {str(e) for e in experiment_ids}
+        runs = [self._offline_run(conn, r) for r in (conn.journal.runs() if records is None else records)
+                if r.experiment_id in wanted and not (only_undelivered and r.remote_id)]
+        return SearchUtils.sort(SearchUtils.filter(runs, filter_string), order_by)
 
     # ------------------------------------------------------------------------------ run writes
 
     def log_metric(self, run_id, metric):
         conn = self.connection
+        if metric.key not in conn.valid_metric_keys or not isinstance(metric.value, (float, int)):
+            _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)  # what the server checks
+            conn.valid_metric_keys.add(metric.key)
         conn.journal.append_batch(run_id, [(metric.key, metric.value, metric.timestamp, metric.step)])
         summary = conn.summaries.get(run_id) or conn.summary(run_id)
         _keep_latest(summary.metrics, metric)
@@ -377,6 +528,17 @@ class JournalStore(AbstractStore):
 
     def log_batch(self, run_id, metrics, params, tags):
         conn = self.connection
+        # Refused now, as the server would refuse it, rather than accepted and dead-lettered later.
+        metrics, params, tags = _validate_batch_log_data(metrics, params, tags)
+        _validate_param_keys_unique(params)
+        known = conn.summary(run_id).params
+        for param in params:
+            before = known.get(param.key)
+            if before is not None and before != str(param.value):
+                raise MlflowException(
+                    f"Changing param values is not allowed. Param with key='{param.key}' was already logged with "
+                    f"value='{before}' for run ID='{run_id}'. Attempted logging new value '{param.value}'.",
+                    INVALID_PARAMETER_VALUE)
         conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in metrics],
                                   [(p.key, str(p.value)) for p in params], [(t.key, str(t.value)) for t in tags])
         summary = conn.summary(run_id)
@@ -414,31 +576,76 @@ class JournalStore(AbstractStore):
 
     def search_logged_models(self, experiment_ids, filter_string=None, datasets=None, max_results=None,
                              order_by=None, page_token=None):
-        # Logged models are not journaled; MLflow asks for them when listing a run's artifacts, so an
-        # unreachable server simply means "none".
-        conn = self.connection
-        remote_ids = [r for r in (self._remote_experiment(conn, str(e)) for e in experiment_ids) if r]
-        if remote_ids and self._online(conn):
-            try:
-                return self._server(conn).search_logged_models(remote_ids, filter_string, datasets, max_results,
-                                                               order_by, page_token)
-            except _Offline:
-                pass
-        return PagedList([], None)
+        # Logged models are journaled: models.py answers, with ids translated (and offline from the journal).
+        return LoggedModelStoreMixin.search_logged_models(self, experiment_ids, filter_string, datasets, max_results,
+                                                          order_by, page_token)
 
     def link_traces_to_run(self, trace_ids, run_id):
         self._call_online("link_traces_to_run", lambda c, s: s.link_traces_to_run(
-            trace_ids, self._require(self._remote_run(c, run_id), run_id)))
+            trace_ids, self._require(c.journal.server_run(run_id)[0], run_id)))
 
     def __repr__(self) -> str:
         return f"JournalStore({self.store_uri!r})"
 
 
+#: What MLflow's SQL store keeps for ±inf (it cannot store infinities): the largest finite double.
+_STORED_INF = 1.7976931348623157e308
+
+
+class _Waiting:
+    """What the journal held undelivered before a server read, to be joined with what it holds after.
+
+    A write delivered while the server's answer was on its way back is in neither that answer nor the journal
+    afterwards, so the overlay keeps it from before (applied again, it sets what it set). The journal's
+    `settled` counter says whether any row left the undelivered set meanwhile; when none did, the rows read
+    before are still the ones waiting and the journal is not read twice.
+    """
+
+    def __init__(self, journal: J.Journal, settled: int, items) -> None:
+        self.journal, self.settled, self.items = journal, settled, items
+
+    @classmethod
+    def read(cls, conn, read) -> "_Waiting":
+        return cls(conn.journal, conn.journal.settled(), read())
+
+    def now(self, read):
+        """The rows (a list of ops, oldest first) or runs (a set) to overlay after the server has answered."""
+        if self.journal.settled() == self.settled:
+            return self.items
+        later = read()
+        if isinstance(self.items, set):
+            return self.items | later
+        return sorted({op.id: op for op in (*self.items, *later)}.values(), key=lambda op: op.id)
+
+
+def _as_stored(metric: Metric) -> Metric:
+    """`metric` as the server will hold it (±inf become ±the largest double), so local views agree with it."""
+    if math.isinf(metric.value):
+        return Metric(metric.key, math.copysign(_STORED_INF, metric.value), metric.timestamp, metric.step)
+    return metric
+
+
 def _keep_latest(metrics: dict, metric: Metric) -> None:
-    """MLflow's "latest" metric: highest step, then latest timestamp."""
+    """MLflow's "latest" metric: the greatest (step, timestamp, value), NaN compared as the 0 it is stored as."""
+    metric = _as_stored(metric)
     seen = metrics.get(metric.key)
-    if seen is None or (metric.step, metric.timestamp) >= (seen.step, seen.timestamp):
+    if seen is None or _recency(metric) > _recency(seen):
         metrics[metric.key] = metric
+
+
+def _distinct_points(points: list[Metric]) -> list[Metric]:
+    """`points` without repeats of a (step, timestamp, value) — NaN equal to NaN — first ones kept."""
+    seen, kept = set(), []
+    for m in points:
+        key = (m.step, m.timestamp, "nan" if math.isnan(m.value) else m.value)
+        if key not in seen:
+            seen.add(key)
+            kept.append(m)
+    return kept
+
+
+def _recency(metric: Metric) -> tuple:
+    return metric.step, metric.timestamp, 0.0 if math.isnan(metric.value) else metric.value
 
 
 __all__ = ["JournalStore", "ARTIFACT_SCHEME", "artifact_uri_for"]

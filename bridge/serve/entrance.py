@@ -5,6 +5,9 @@ Every request must carry the access token, as HTTP Basic (any user name, passwor
 prompts. Repeated failures from one client get 429. Forwarded requests look local to MLflow
 (Host rewritten to MLflow's own address, credentials stripped), so MLflow's Host-header and
 cross-origin protection stay on, unchanged, for everything else.
+
+Responses go back compressed when the client accepts it (bridge/serve/compression.py), and every response to a
+tunnel client is counted in the month's tunnel usage (bridge/serve/usage.py), which `bridge status` shows.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from yarl import URL
 from bridge import config, secrets
 from bridge.errors import ConfigError, ServeError
 from bridge.record import LOOPBACK_HOSTS
+from bridge.serve import compression
+from bridge.serve.usage import TunnelUsage
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,11 @@ BUFFER_LIMIT_BYTES = 256 * 1024
 STREAM_CHUNK_BYTES = 256 * 1024
 #: Below uvicorn's 5 s keep-alive, so the proxy never reuses a connection MLflow is closing.
 UPSTREAM_KEEPALIVE_S = 3.5
+#: Bodies compressed on the fly above this size go to a worker thread, so the event loop keeps serving.
+COMPRESS_IN_THREAD_BYTES = 64 * 1024
+#: The header in which each tunnel's edge names the client it saw: ngrok appends it to X-Forwarded-For, Cloudflare
+#: sets Cf-Connecting-Ip (replacing any a client sent). The entrance throttles failed logins per that address.
+CLIENT_HEADERS = {"ngrok": "X-Forwarded-For", "cloudflared": "Cf-Connecting-Ip"}
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) are for one connection only; `Expect` is answered here.
 _HOP_BY_HOP = frozenset(
@@ -185,6 +195,26 @@ def _is_loopback(address: str | None) -> bool:
     return (mapped or ip).is_loopback
 
 
+def _mark_compressed(headers: CIMultiDict[str], coding: str) -> None:
+    headers["Content-Encoding"] = coding
+    headers["Vary"] = compression.add_vary(headers.get("Vary"))
+    headers.popall("Content-Length", None)
+    etag = compression.weak_etag(headers.get("ETag"))
+    if etag:
+        headers["ETag"] = etag
+
+
+def _bytes_out(response: web.StreamResponse) -> int:
+    """Bytes a response put on the wire: its body (compressed, as sent) and, approximately, its head."""
+    if isinstance(response, web.Response) and not response.prepared:
+        body = response.body
+        size = len(body) if isinstance(body, (bytes, bytearray)) else (response.content_length or 0)
+    else:
+        size = response.body_length
+    head = 17 + sum(len(k) + len(v) + 4 for k, v in response.headers.items()) + 2
+    return size + head + 64  # + Date, Server and Content-Length, which aiohttp adds while sending
+
+
 def _from_this_machine(request: web.BaseRequest) -> bool:
     """True for a peer on this machine: loopback, or the very address the entrance listens on.
 
@@ -209,6 +239,9 @@ class Entrance:
         port: int | None = None,
         tokens: TokenSource | None = None,
         throttle: AuthThrottle | None = None,
+        client_header: str = CLIENT_HEADERS["ngrok"],
+        usage: TunnelUsage | None = None,
+        compress: bool = True,
     ) -> None:
         self.upstream_port = upstream_port
         self.host = host
@@ -217,6 +250,11 @@ class Entrance:
             raise ConfigError(f"entrance port {self.port} is not in 0..65535")
         self.tokens = tokens or TokenSource()
         self.throttle = throttle or AuthThrottle()
+        self.client_header = client_header
+        self._client_header_is_list = client_header.lower() == "x-forwarded-for"
+        self.usage = usage if usage is not None else TunnelUsage(None)
+        self.compress = compress
+        self.static_cache = compression.StaticCache()
         self._upstream = f"http://127.0.0.1:{upstream_port}"
         self._upstream_host = f"127.0.0.1:{upstream_port}"
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -311,15 +349,18 @@ class Entrance:
     def client_of(self, request: web.BaseRequest) -> str | None:
         """Who is knocking, for the throttle; None for a local process talking to the entrance directly.
 
-        The tunnel's agent is a loopback peer and names the real client last in X-Forwarded-For (the entry
-        ngrok itself appended). A loopback peer without that header is a process on this machine, which can
-        reach MLflow's own port without any login: throttling it would protect nothing and only lock out
-        the workstation's own tools after a few typos.
+        The tunnel's agent is a loopback peer and names the real client in its `client_header`: last in
+        X-Forwarded-For (the entry ngrok itself appended), or Cf-Connecting-Ip (set by Cloudflare's edge). A
+        loopback peer without that header is a process on this machine, which can reach MLflow's own port
+        without any login: throttling it would protect nothing and only lock out the workstation's own tools
+        after a few typos.
         """
         peer = request.remote or ""
         if _from_this_machine(request):
-            forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
-            return forwarded or None
+            forwarded = request.headers.get(self.client_header, "")
+            if self._client_header_is_list:
+                forwarded = forwarded.rsplit(",", 1)[-1]
+            return forwarded.strip() or None
         return peer
 
     def own_origin(self, request: web.BaseRequest) -> str:
@@ -332,6 +373,12 @@ class Entrance:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         client = self.client_of(request)
+        response = await self._answer(request, client)
+        if client is not None and _from_this_machine(request):  # it came through the tunnel: it costs
+            self.usage.add(_bytes_out(response))
+        return response
+
+    async def _answer(self, request: web.Request, client: str | None) -> web.StreamResponse:
         retry_after = self.throttle.retry_after_s(client) if client is not None else None
         if retry_after is not None:
             self.rejected += 1
@@ -407,9 +454,19 @@ class Entrance:
         async with upstream:
             headers = self._response_headers(upstream, request)
             length = upstream.content_length
+            coding = self._coding_for(request, upstream)
+            if coding is not None and request.path.startswith(compression.STATIC_PREFIXES) and upstream.status == 200:
+                return await self._static_compressed(request, upstream, headers, coding)
             if request.method != "HEAD" and length is not None and length <= BUFFER_LIMIT_BYTES:
                 payload = await upstream.read()
+                if coding is not None and len(payload) >= compression.MIN_COMPRESS_BYTES:
+                    packed = await self._compress(payload, coding)
+                    if len(packed) < len(payload):
+                        _mark_compressed(headers, coding)
+                        payload = packed
                 return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=payload)
+            if coding is not None and request.method != "HEAD":
+                return await self._stream_compressed(request, upstream, headers, coding)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             if length is not None:
                 response.content_length = length
@@ -420,3 +477,62 @@ class Entrance:
                     await response.write(chunk)
             await response.write_eof()
             return response
+
+    # --- compression -----------------------------------------------------------------------------
+
+    def _coding_for(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> str | None:
+        """The coding to send this response in, or None to send MLflow's bytes unchanged."""
+        if not self.compress or request.method not in ("GET", "POST"):
+            return None
+        if upstream.status in (204, 206, 304) or upstream.status < 200:
+            return None
+        headers = upstream.headers
+        if "Content-Encoding" in headers or "Content-Range" in headers:
+            return None  # MLflow (or an artifact's own type) encoded it already
+        if "no-transform" in headers.get("Cache-Control", "").lower():
+            return None
+        if not compression.is_compressible(headers.get("Content-Type")):
+            return None
+        if upstream.content_length is not None and upstream.content_length < compression.MIN_COMPRESS_BYTES:
+            return None
+        return compression.choose_encoding(request.headers.get("Accept-Encoding"))
+
+    async def _compress(self, payload: bytes, coding: str, *, static: bool = False) -> bytes:
+        if len(payload) < COMPRESS_IN_THREAD_BYTES and not static:
+            return compression.compress(payload, coding)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(compression.compress, payload, coding, static=static))
+
+    async def _static_compressed(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                                 headers: CIMultiDict[str], coding: str) -> web.StreamResponse:
+        """A UI file, compressed once at the best level and served from the cache after that."""
+        validator = upstream.headers.get("ETag") or upstream.headers.get("Last-Modified") or ""
+        key = (request.raw_path, f"{validator}|{upstream.content_length}", coding)
+        packed = self.static_cache.get(key) if validator else None
+        if packed is None:
+            payload = await upstream.read()
+            packed = await self._compress(payload, coding, static=True)
+            if len(packed) >= len(payload):  # nothing gained: send it as it is
+                return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=payload)
+            if validator:
+                self.static_cache.put(key, packed)
+        # A hit leaves MLflow's bytes unread: the connection is dropped rather than reused, which is cheaper.
+        _mark_compressed(headers, coding)
+        body = b"" if request.method == "HEAD" else packed
+        return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+
+    async def _stream_compressed(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                                 headers: CIMultiDict[str], coding: str) -> web.StreamResponse:
+        """A large compressible body (a big search result, a text artifact) compressed chunk by chunk."""
+        _mark_compressed(headers, coding)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        await response.prepare(request)
+        packer = compression.StreamCompressor(coding)
+        loop = asyncio.get_running_loop()
+        async for chunk in upstream.content.iter_chunked(STREAM_CHUNK_BYTES):
+            out = await loop.run_in_executor(None, packer.compress, chunk)  # 256 kB at a time, off the loop
+            if out:
+                await response.write(out)
+        await response.write(packer.finish())
+        await response.write_eof()
+        return response

@@ -50,7 +50,7 @@ DEFAULT_HEALTH_TIMEOUT_S = 5.0
 #: A restart that then stays up this long resets the backoff.
 STABLE_AFTER_S = 60.0
 #: The private MLflow name `_main` replaces to run MLflow as one process (see the module docstring).
-EXEC_HOOK = "_exec_cmd"
+EXEC_HOOK = "_exec_cmd"  # private: see bridge/mlflow_internals.py
 
 
 #: Query parameters that carry secrets in database URIs (libpq's `password`, `sslpassword`, …).

@@ -4,6 +4,14 @@ Only runs that carry `config.HEARTBEAT_TAG` are ever touched: a run without it w
 bridge client, and its silence means nothing. The run's end time is its last heartbeat. A client that
 comes back later may still finish the run; MLflow accepts the later status update.
 
+A silent run may not be a dead training but a duplicate: a `runs/create` held up in the network past the
+client's timeout and applied after the client had created the run again (MLflow has no idempotent create). The
+client deletes such twins when its run ends; one that lands later, or beside a run that never ends, is deleted
+here (tagged `config.DUPLICATE_OF_TAG`) instead of showing as an empty KILLED run — but only when another
+active run with its `config.RUN_KEY_TAG` shows that it is the one the client uses (it holds data the twin does
+not, it was ended by its client, or it beat later). When that cannot be told, both are marked KILLED as any
+silent run: deleting the run a client logs to would turn its later writes into dead letters.
+
 It speaks MLflow's REST API with `requests` instead of importing `MlflowClient`: that import alone
 costs the long-running `bridge serve` process ~190 MiB and a ~3 s CPU burst.
 """
@@ -49,6 +57,18 @@ def reap_stale_runs(tracking_uri: str, timeout_s: float, now: float | None = Non
                 if silent_s <= timeout_s:
                     continue
                 run_id = run["info"]["run_id"]
+                try:
+                    original = _original_of_twin(api, run, tags, beat)
+                    if original is not None:
+                        api.post("runs/set-tag", {"run_id": run_id, "key": config.DUPLICATE_OF_TAG,
+                                                  "value": original})
+                        api.post("runs/delete", {"run_id": run_id})
+                        log.warning("Run %s: an empty duplicate of run %s (a create that arrived late); deleted",
+                                    run_id, original)
+                        continue
+                except ServeError as exc:  # the client removed it first, say: the other silent runs still count
+                    log.warning("Run %s: could not remove it as a duplicate: %s", run_id, exc)
+                    continue
                 reason = f"no heartbeat for {silent_s:.0f} s; marked KILLED by bridge serve"
                 api.post("runs/set-tag", {"run_id": run_id, "key": KILLED_REASON_TAG, "value": reason})
                 api.post("runs/update", {"run_id": run_id, "status": "KILLED", "end_time": int(beat * 1000)})
@@ -57,6 +77,37 @@ def reap_stale_runs(tracking_uri: str, timeout_s: float, now: float | None = Non
     finally:
         api.close()
     return reaped
+
+
+def _original_of_twin(api: "_MlflowApi", run: dict[str, Any], tags: dict[str, Any], beat: float) -> str | None:
+    """The run that `run` (silent, last beat `beat`) duplicates, when it is an empty twin; else None.
+
+    A twin is what a late create leaves: no metric, no param, and only tags its original carries too. The
+    original must show it is the run in use: a metric, param or tag the twin lacks, an end set by its client
+    (not the reaper's KILLED), or a later heartbeat.
+    """
+    key = tags.get(config.RUN_KEY_TAG)
+    data = run.get("data", {})
+    if not key or "'" in key or data.get("metrics") or data.get("params"):
+        return None
+    found = api.post("runs/search", {
+        "experiment_ids": [run["info"]["experiment_id"]], "run_view_type": "ACTIVE_ONLY", "max_results": 10,
+        "filter": f"tags.`{config.RUN_KEY_TAG}` = '{key}'"}).get("runs", [])
+    for other in found:
+        if other["info"]["run_id"] == run["info"]["run_id"]:
+            continue
+        other_data = other.get("data", {})
+        other_tags = {t.get("key"): t.get("value") for t in other_data.get("tags", [])}
+        if not set(tags) <= set(other_tags):
+            continue  # the silent run holds a tag the other lacks: written to it, so it is in use
+        other_beat = _heartbeat(other_tags.get(config.HEARTBEAT_TAG))
+        in_use = (other_data.get("metrics") or other_data.get("params")
+                  or set(other_tags) - set(tags) - {KILLED_REASON_TAG}  # the reaper's own, this very round too
+                  or (other["info"].get("status") != "RUNNING" and KILLED_REASON_TAG not in other_tags)
+                  or (other_beat is not None and other_beat > beat))
+        if in_use:
+            return other["info"]["run_id"]
+    return None
 
 
 class _MlflowApi:

@@ -2,6 +2,9 @@
 
     access token ──▶ MlflowProcess.start() ──▶ Entrance ──▶ Tunnel (optional) ──▶ Publisher (signed record)
 
+The tunnel is ngrok's (bridge/serve/tunnel.py) or a Cloudflare quick tunnel (bridge/serve/tunnel_cloudflared.py);
+`--tunnel auto` picks ngrok when an authtoken is configured, else cloudflared when its binary is there, else none.
+
 While it runs, the supervisor restarts MLflow when it dies (without touching the entrance or the
 tunnel), reopens the tunnel and republishes its new URL when the agent dies, republishes before the
 record expires and after the token rotates, reaps runs whose client stopped sending heartbeats, and
@@ -27,13 +30,16 @@ from bridge import config, secrets
 from bridge.errors import BridgeError, ConfigError, PublishError, ServeError, TunnelError
 from bridge.record import make_record
 from bridge.retry import compute_backoff_ms
-from bridge.serve.entrance import Entrance
+from bridge.serve.entrance import CLIENT_HEADERS, Entrance
+from bridge.serve.usage import TunnelUsage, budget_warning
 from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
 from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
 
 log = logging.getLogger(__name__)
 
-TUNNEL_MODES = ("ngrok", "none")
+TUNNEL_MODES = ("auto", "ngrok", "cloudflared", "none")
+#: `bridge serve`'s default: ngrok with an authtoken, else a Cloudflare quick tunnel, else the entrance alone.
+DEFAULT_TUNNEL = "auto"
 #: `--host` values that bind every address: never a URL anyone can use.
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 #: Signals that stop `bridge serve` cleanly. SIGHUP (the terminal closed) and SIGQUIT (Ctrl-\) matter as much as
@@ -41,6 +47,8 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 #: How often the tunnel's health is checked, in seconds.
 TUNNEL_CHECK_INTERVAL_S = 5.0
+#: How often the month's tunnel usage is saved, in seconds.
+USAGE_SAVE_INTERVAL_S = 5.0
 #: The main loop's tick.
 TICK_S = 0.5
 #: The user name ngrok's edge basic auth (--edge-auth) expects; the password is the access token.
@@ -54,7 +62,7 @@ class ServeOptions:
     port: int = config.DEFAULT_MLFLOW_PORT
     entrance_port: int | None = None
     host: str = config.DEFAULT_HOST
-    tunnel: str = "ngrok"
+    tunnel: str = DEFAULT_TUNNEL
     domain: str | None = None
     edge_auth: bool = False
     publish: str | None = None
@@ -64,6 +72,8 @@ class ServeOptions:
     heartbeat_timeout_s: float = config.DEFAULT_HEARTBEAT_TIMEOUT_S
     record_ttl_s: float = config.DEFAULT_RECORD_TTL_S
     mlflow_start_timeout_s: float = 90.0
+    bytes_budget: float = config.DEFAULT_TUNNEL_BYTES_BUDGET
+    requests_budget: int = config.DEFAULT_TUNNEL_REQUESTS_BUDGET
 
     def __post_init__(self) -> None:
         if self.tunnel not in TUNNEL_MODES:
@@ -72,9 +82,11 @@ class ServeOptions:
             raise ConfigError(f"--entrance-port {self.entrance_port} is the MLflow port; choose another")
         if self.heartbeat_timeout_s <= 0:
             raise ConfigError(f"--heartbeat-timeout must be positive, got {self.heartbeat_timeout_s}")
+        if self.bytes_budget < 0 or self.requests_budget < 0:
+            raise ConfigError("--tunnel-budget-gb and --tunnel-budget-requests must be 0 (no budget) or positive")
         if self.record_ttl_s < 60:
             raise ConfigError(f"record TTL must be at least 60 s, got {self.record_ttl_s}")
-        if (self.domain or self.edge_auth) and self.tunnel == "none":
+        if (self.domain or self.edge_auth) and self.tunnel in ("none", "cloudflared"):
             raise ConfigError("--domain and --edge-auth need the ngrok tunnel; drop them or use --tunnel ngrok")
 
     @property
@@ -126,7 +138,8 @@ class Supervisor:
         # `bridge url` reads the local record, so it is written even when the record goes elsewhere too.
         self._local_publisher = FilePublisher(config.paths().record_file) if options.publish else None
         self.entrance: Entrance | None = None
-        self.tunnel: Any = None  # bridge.serve.tunnel.Tunnel, imported only when used
+        self.tunnel: Any = None  # an ngrok Tunnel or a CloudflaredTunnel, imported only when used
+        self.tunnel_mode = "none"  # what --tunnel resolved to: ngrok, cloudflared or none
         self.tunnel_status = "disabled"
         self.tunnel_error: str | None = None
         self.public_url: str | None = None
@@ -141,6 +154,9 @@ class Supervisor:
         self._tunnel_failures = 0
         self._next_tunnel_check = 0.0
         self._state_lock = threading.Lock()
+        self._next_usage_save = 0.0
+        self.secrets_store = secrets.describe_store()
+        self._budget_warned_month: str | None = None
         self._stopped = False
         self.stop_requested = False
 
@@ -158,18 +174,20 @@ class Supervisor:
         opts = self.options
         config.paths().ensure()
         secrets.access_token(create=True)  # generated on first use, before anything can ask for it
-        tunnel_config = self._tunnel_config()
+        make_tunnel = self._choose_tunnel()
         _check_bindable(opts.host, opts.resolved_entrance_port)  # say so now, not after MLflow's start-up
         self._check_interrupt()
         self.mlflow.start()
         self._check_interrupt()
-        self.entrance = Entrance(opts.port, host=opts.host, port=opts.resolved_entrance_port)
+        self.entrance = Entrance(
+            opts.port, host=opts.host, port=opts.resolved_entrance_port,
+            client_header=CLIENT_HEADERS.get(self.tunnel_mode, CLIENT_HEADERS["ngrok"]),
+            usage=TunnelUsage.load(config.paths().tunnel_usage_file),
+        )  # fmt: skip
         self.entrance.start()
         self._check_interrupt()
-        if tunnel_config is not None:
-            from bridge.serve.tunnel import Tunnel
-
-            self.tunnel = Tunnel(self._tunnel_target(), tunnel_config)
+        if make_tunnel is not None:
+            self.tunnel = make_tunnel()
             self.tunnel_status = "opening"
             self.public_url = self.tunnel.open()
             self.tunnel_status = "open"
@@ -188,10 +206,40 @@ class Supervisor:
             notes=list(self.notes),
         )
 
-    def _tunnel_config(self):
-        """The tunnel's config, or None (with a note saying why) when serving the entrance alone."""
-        if self.options.tunnel == "none":
+    def _choose_tunnel(self):
+        """Resolve `--tunnel` now: a factory for the tunnel, or None (with a note saying why) for the entrance alone."""
+        mode = self.options.tunnel
+        if mode == "none":
             return None
+        if mode == "cloudflared" or (mode == "auto" and not self.options.domain and not self.options.edge_auth
+                                      and not secrets.ngrok_authtoken()):
+            from bridge.serve.tunnel_cloudflared import CloudflaredConfig, CloudflaredTunnel, install_help
+
+            cf_config = CloudflaredConfig.from_environment()
+            if cf_config.binary is None and mode == "auto":
+                self.notes.append(
+                    "No ngrok authtoken is configured and no cloudflared is installed, so there is no public tunnel: "
+                    "serving the entrance alone. For a public URL without an account, " + install_help() + "; or run "
+                    "`bridge login` (or set NGROK_AUTHTOKEN) for ngrok. Then restart."
+                )
+                return None
+            if mode == "auto":
+                self.notes.append(
+                    "No ngrok authtoken is configured: opening a Cloudflare quick tunnel (no account needed; a new URL "
+                    "at every start, which the signed record follows). `bridge login` makes ngrok the tunnel instead."
+                )
+            self.tunnel_mode = "cloudflared"
+            return lambda: CloudflaredTunnel(self._tunnel_target(), cf_config)
+        tunnel_config = self._tunnel_config()
+        if tunnel_config is None:
+            return None
+        from bridge.serve.tunnel import Tunnel
+
+        self.tunnel_mode = "ngrok"
+        return lambda: Tunnel(self._tunnel_target(), tunnel_config)
+
+    def _tunnel_config(self):
+        """The ngrok tunnel's config, or None (with a note saying why) when there is no authtoken."""
         from bridge.serve.tunnel import TunnelConfig
 
         edge = (EDGE_AUTH_USER, secrets.access_token(create=True)) if self.options.edge_auth else None
@@ -262,6 +310,7 @@ class Supervisor:
             self.tunnel_status = "closed"
         if self.entrance is not None:
             self.entrance.stop()
+            self.entrance.usage.save()
         self.mlflow.stop()
         for thread in self._threads:
             thread.join(timeout=15)
@@ -295,12 +344,26 @@ class Supervisor:
         revision = self.entrance.tokens.revision
         if revision != self._published_revision:
             self._event("access token changed; republishing the record under the new key")
-            if self.tunnel is not None and self.options.edge_auth:
+            if self.tunnel is not None and self.options.edge_auth and self.tunnel_mode == "ngrok":
                 self._reopen_tunnel("the edge password follows the access token")
             self._publish()
         elif now >= self._next_publish_at:
             self._publish()
+        if now >= self._next_usage_save:
+            self._save_usage()
+            self._next_usage_save = now + USAGE_SAVE_INTERVAL_S
         self._write_state()
+
+    def _save_usage(self) -> None:
+        """Persist this month's tunnel usage and log once a month when it nears the budget."""
+        assert self.entrance is not None
+        usage = self.entrance.usage
+        usage.save()
+        snapshot = usage.snapshot()
+        warning = budget_warning(snapshot, self.options.bytes_budget, self.options.requests_budget)
+        if warning and self._budget_warned_month != snapshot["month"]:
+            self._budget_warned_month = snapshot["month"]
+            log.warning("Tunnel budget: %s.", warning)
 
     def _check_tunnel(self, now: float) -> None:
         if self.tunnel_status == "open" and self.tunnel.healthy():
@@ -313,7 +376,7 @@ class Supervisor:
     def _reopen_tunnel(self, why: str) -> None:
         self.tunnel_status = "reopening"
         try:
-            if self.options.edge_auth:
+            if self.options.edge_auth and self.tunnel_mode == "ngrok":
                 # A new Tunnel, so its log redaction knows the new password too.
                 from bridge.serve.tunnel import Tunnel
 
@@ -416,11 +479,15 @@ class Supervisor:
             },
             "entrance": {"url": self.entrance.url if self.entrance else None},
             "tunnel": {
-                "mode": self.options.tunnel if self.tunnel is not None else "none",
+                "mode": self.tunnel_mode,
+                "requested": self.options.tunnel,
                 "public_url": self.public_url,
                 "status": self.tunnel_status,
                 "error": self.tunnel_error,
             },
+            "usage": self.entrance.usage.snapshot() if self.entrance else None,
+            "budget": {"bytes": self.options.bytes_budget, "requests": self.options.requests_budget},
+            "secrets_store": self.secrets_store,
             "record_url": self.record_url,
             "last_publish": self.last_publish,
             "heartbeat_timeout_s": self.options.heartbeat_timeout_s,

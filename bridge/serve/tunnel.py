@@ -1,5 +1,7 @@
 """The ngrok tunnel to the entrance, opened through pyngrok; pyngrok's errors become bridge's here.
 
+(The other tunnel, a Cloudflare quick tunnel, is bridge/serve/tunnel_cloudflared.py: same open/healthy/close.)
+
     TunnelConfig ──▶ Tunnel.open() ──▶ pyngrok ──▶ ngrok agent (`ngrok start --none`) ──▶ public URL
                      Tunnel.healthy()   agent alive and the tunnel still listed by its local API
                      Tunnel.close()     tunnel disconnected, agent killed
@@ -209,14 +211,23 @@ def _redact(text: str) -> str:
     return _redactor.redact(text)
 
 
+def tunnel_target(target_url: str) -> str:
+    """`target_url` (the entrance) without a trailing slash; a ConfigError unless it is http(s) with a port."""
+    parts = urlsplit(target_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+        raise ConfigError(f"tunnel target {target_url!r} must be an http(s) URL with a port")
+    return target_url.rstrip("/")
+
+
 class Tunnel:
     """An ngrok tunnel from a public URL to `target_url` (the entrance), run by an agent pyngrok starts."""
 
+    kind = "ngrok"
+    #: The header in which ngrok's edge names the client it saw (last entry); the entrance throttles by it.
+    client_header = "X-Forwarded-For"
+
     def __init__(self, target_url: str, config: TunnelConfig) -> None:
-        parts = urlsplit(target_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
-            raise ConfigError(f"tunnel target {target_url!r} must be an http(s) URL with a port")
-        self.target_url = target_url.rstrip("/")
+        self.target_url = tunnel_target(target_url)
         self.config = config
         self.public_url: str | None = None
         self._tunnel: ngrok.NgrokTunnel | None = None

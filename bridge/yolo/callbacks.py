@@ -34,9 +34,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bridge.yolo import metadata
+from bridge import ui
+from bridge.yolo import metadata, resume as resume_mod
 from bridge.yolo.console import ConsoleCapture, ConsoleLog
 from bridge.yolo.dataset import summarize_dataset
+from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S as DEFAULT_SYSTEM_METRICS_EVERY_S
+from bridge.yolo.system_metrics import SystemMetricsSampler
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +172,10 @@ class YoloTracker:
         console: bool = True,
         refresh_every_s: float = DEFAULT_REFRESH_EVERY_S,
         end_timeout_s: float = DEFAULT_END_TIMEOUT_S,
+        run_key: str | None = None,
+        resume: resume_mod.ResumePlan | None = None,
+        system_metrics: bool = True,
+        system_metrics_every_s: float = DEFAULT_SYSTEM_METRICS_EVERY_S,
     ) -> None:
         self.model = model
         self.experiment = experiment
@@ -178,6 +185,11 @@ class YoloTracker:
         self.console = console
         self.refresh_every_s = refresh_every_s
         self.end_timeout_s = end_timeout_s
+        self.run_key = run_key
+        self.resume = resume  # used by the next training only
+        self.system_metrics = system_metrics
+        self.system_metrics_every_s = system_metrics_every_s
+        self.experiment_id: str | None = None
         self.report = _Reporter()
         self.run_id: str | None = None
         self.save_dir: Path | None = None
@@ -224,6 +236,7 @@ class YoloTracker:
         self._console_version = -1
         self._capture: ConsoleCapture | None = None
         self._tmp: Path | None = None
+        self._sampler: SystemMetricsSampler | None = None
 
     def _guard(self, event: str, fn: Callable) -> Callable:
         def callback(trainer: Any) -> None:
@@ -245,7 +258,10 @@ class YoloTracker:
         self._reset()
         _remove_builtin_mlflow(trainer)
         if self.console:
-            self._capture = ConsoleCapture(ConsoleLog())
+            log = ConsoleLog()
+            if self.resume is not None:  # console.log goes on where the interrupted training's ended
+                log.write(self.resume.console_prefix)
+            self._capture = ConsoleCapture(log)
             self._capture.start()
 
     def _on_pretrain_routine_end(self, trainer: Any) -> None:
@@ -254,39 +270,62 @@ class YoloTracker:
 
         _remove_builtin_mlflow(trainer)  # in case it was added after our start hook
         self.save_dir = Path(trainer.save_dir)
-        identity = self._model_identity(trainer)
         run_name = self.run_name or Path(str(trainer.args.model)).stem
+        resume, self.resume = self.resume, None
+        resuming = resume is not None and resume.run_id is not None
+        run_key = resume_mod.run_key_for(self.save_dir, self.run_key)
         active = mlflow.active_run()
-        if active is not None:
-            self.run_id, self._owns_run = active.info.run_id, False
+        # Our sampler replaces MLflow's, whose status read after every sample costs a request each.
+        if resuming:
+            if active is not None and active.info.run_id != resume.run_id:
+                raise RuntimeError(f"resuming run {resume.run_id}, but run {active.info.run_id} is active: "
+                                   "end it first (mlflow.end_run())")
+            run = active or mlflow.start_run(run_id=resume.run_id, log_system_metrics=False)
+            self._owns_run = active is None
+        elif active is not None:
+            run, self._owns_run = active, False
         else:
-            kwargs: dict[str, Any] = {"run_name": run_name, "tags": {**self.user_tags}}
+            tags = {**metadata.mlflow_source_tags(), resume_mod.RUN_KEY_TAG: run_key, **self.user_tags}
+            kwargs: dict[str, Any] = {"run_name": run_name, "tags": tags, "log_system_metrics": False}
             if self.experiment:
                 kwargs["experiment_id"] = _experiment_id(self.experiment)
-            self.run_id, self._owns_run = mlflow.start_run(**kwargs).info.run_id, True
+            run, self._owns_run = mlflow.start_run(**kwargs), True
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self._open = True
         self._client = MlflowClient()
+        try:
+            resume_mod.write_run_file(self.save_dir, self.run_id, run_key, self.experiment_id,
+                                      self.experiment or "")
+        except OSError as exc:
+            self.report("write bridge_run.json", exc)
         self._tmp = Path(tempfile.mkdtemp(prefix="bridge-yolo-"))
         self._worker = _Worker(self.report, self._sync_console, self.refresh_every_s)
         self._seen_metrics_obj = trainer.metrics  # the placeholder zeros, not results: never logged
 
-        params = {k: _param_value(v) for k, v in vars(trainer.args).items()}
-        params.update(identity)
         data = getattr(trainer, "data", None) or {}
-        names = data.get("names") or {}
-        names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
-        params.update({
-            "data.name": Path(str(data.get("yaml_file") or trainer.args.data)).stem,
-            "data.nc": str(data.get("nc", len(names))),
-            "data.classes": _param_value(names),
-        })
-        tags = {"time.start": metadata.utc_now(), "bridge.tracker": "bridge.yolo", **self.user_tags}
-        self._worker.submit_many([
-            ("log params", self._log_params_and_tags, (params, tags)),
-            ("log metadata tags", self._log_metadata, ()),
-            ("log dataset", self._log_dataset, (dict(data), str(trainer.args.data))),
-            ("log args.yaml", self._upload, (self.save_dir / "args.yaml", None)),
-        ])
+        jobs = [("mark the experiment as model training", self._mark_experiment, ())]
+        if resuming:  # params are set once per run (MLflow refuses a changed value): the resume goes in tags
+            tags = {"bridge.tracker": "bridge.yolo", resume_mod.RUN_KEY_TAG: run_key, **resume.tags,
+                    **self.user_tags}
+            jobs += [("log resume tags", self._set_tags, (tags,)), ("log metadata tags", self._log_metadata, ())]
+        else:
+            params = {k: _param_value(v) for k, v in vars(trainer.args).items()}
+            params.update(self._model_identity(trainer))  # GFLOPs take a model pass: not again on a resume
+            names = data.get("names") or {}
+            names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+            params.update({
+                "data.name": Path(str(data.get("yaml_file") or trainer.args.data)).stem,
+                "data.nc": str(data.get("nc", len(names))),
+                "data.classes": _param_value(names),
+            })
+            tags = {"time.start": metadata.utc_now(), "bridge.tracker": "bridge.yolo", **self.user_tags}
+            jobs += [("log params", self._log_params_and_tags, (params, tags)),
+                     ("log metadata tags", self._log_metadata, ()),
+                     ("log dataset", self._log_dataset, (dict(data), str(trainer.args.data)))]
+        jobs.append(("log args.yaml", self._upload, (self.save_dir / "args.yaml", None)))
+        if self.system_metrics:
+            jobs.append(("start system metrics", self._start_system_metrics, (run.info.start_time,)))
+        self._worker.submit_many(jobs)
 
     def _on_train_epoch_end(self, trainer: Any) -> None:
         losses = trainer.tloss
@@ -385,6 +424,7 @@ class YoloTracker:
         import mlflow
 
         self._stop_console()
+        self._submit("stop system metrics", self._stop_system_metrics)
         self._submit("log end tag", self._set_tags, {"time.end": metadata.utc_now(), "bridge.status": status})
         self._submit("upload console.log", self._sync_console)
         worker, self._worker = self._worker, None
@@ -430,6 +470,18 @@ class YoloTracker:
 
     def _log_metadata(self) -> None:
         self._set_tags(metadata.run_tags())
+
+    def _mark_experiment(self) -> None:
+        mark_training_experiment(self._client, self.experiment_id)
+
+    def _start_system_metrics(self, run_start_ms: int | None) -> None:
+        self._sampler = SystemMetricsSampler(self._client, self.run_id, run_start_ms=run_start_ms or 0,
+                                             log_every_s=self.system_metrics_every_s).start()
+
+    def _stop_system_metrics(self) -> None:
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.stop()
 
     def _log_metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -491,7 +543,13 @@ class YoloTracker:
         if log.version == self._console_version:
             return
         version = log.version
-        self._client.log_text(self.run_id, log.text(), "console.log")
+        text = log.text()
+        if self.save_dir is not None and self.save_dir.is_dir():  # a resumed training appends to it
+            try:
+                (self.save_dir / resume_mod.CONSOLE_FILE).write_text(text)
+            except OSError as exc:
+                self.report("write console.log", exc)
+        self._client.log_text(self.run_id, text, "console.log")
         self._console_version = version
 
 
@@ -508,6 +566,18 @@ def _remove_builtin_mlflow(trainer: Any) -> None:
             lst.remove(fn)
 
 
+def mark_training_experiment(client: Any, experiment_id: str | None) -> None:
+    """Tag an experiment as model training (the MLflow UI then opens it on its runs), unless it has a kind."""
+    if not experiment_id:
+        return
+    try:
+        tags = client.get_experiment(experiment_id).tags
+    except Exception:  # unknown offline: the tag is idempotent, set it
+        tags = {}
+    if not tags.get(ui.EXPERIMENT_KIND_TAG):
+        client.set_experiment_tag(experiment_id, ui.EXPERIMENT_KIND_TAG, ui.MODEL_TRAINING_KIND)
+
+
 def _experiment_id(name: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -517,7 +587,7 @@ def _experiment_id(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={ui.EXPERIMENT_KIND_TAG: ui.MODEL_TRAINING_KIND})
     except MlflowException:  # created meanwhile by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:

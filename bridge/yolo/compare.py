@@ -114,11 +114,11 @@ def _weights_bytes(client, run_id: str) -> int | None:
     return None
 
 
-def compare(experiment: str) -> Comparison:
+def compare(experiment: str, *, tracking_uri: str | None = None) -> Comparison:
     """Read every YOLO run of `experiment` (name or id) through MLflow's API, best mAP50-95 first."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None and experiment.isdigit():
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import socket
@@ -13,6 +14,9 @@ from pathlib import Path
 import bridge
 
 GIT_TIMEOUT_S = 5.0
+#: Colab's kernel lists its notebook session (with the notebook's title) on this port of the VM.
+COLAB_SESSIONS_PORT = 9000
+COLAB_TIMEOUT_S = 1.0
 
 
 def utc_now() -> str:
@@ -29,6 +33,22 @@ def detect_platform() -> str:
     return "local"
 
 
+@functools.lru_cache(maxsize=1)
+def colab_notebook_name() -> str:
+    """The title of the Colab notebook this kernel runs ('' when it cannot be told within a second)."""
+    import json
+    import urllib.request
+
+    host = os.environ.get("COLAB_JUPYTER_IP") or socket.gethostbyname(socket.gethostname())
+    port = os.environ.get("KMP_TARGET_PORT") or COLAB_SESSIONS_PORT
+    try:  # the VM's own Jupyter server, not the internet: nothing leaves the runtime
+        with urllib.request.urlopen(f"http://{host}:{port}/api/sessions", timeout=COLAB_TIMEOUT_S) as resp:
+            sessions = json.loads(resp.read())
+        return str(sessions[0].get("name") or "") if sessions else ""
+    except Exception:
+        return ""
+
+
 def source_of_training() -> tuple[str, str]:
     """(kind, path) of the code that runs the training: ('script', file), ('notebook', path) or ('interactive', '')."""
     main = sys.modules.get("__main__")
@@ -37,7 +57,9 @@ def source_of_training() -> tuple[str, str]:
         return "notebook", str(vsc)
     if os.environ.get("JPY_SESSION_NAME"):  # Jupyter server >= 2 names the notebook here
         return "notebook", os.environ["JPY_SESSION_NAME"]
-    if "ipykernel" in sys.modules or detect_platform() == "colab":
+    if detect_platform() == "colab":
+        return "notebook", colab_notebook_name()
+    if "ipykernel" in sys.modules:
         return "notebook", ""
     file = getattr(main, "__file__", None)
     if file:
@@ -45,6 +67,21 @@ def source_of_training() -> tuple[str, str]:
         # `python -m pkg` runs <pkg>/__main__.py: name the module, the file is still the code that ran
         return "script", str(path)
     return "interactive", ""
+
+
+def mlflow_source_tags() -> dict[str, str]:
+    """MLflow's `mlflow.source.name/type` (the UI's Source column): the notebook or script that trains.
+
+    MLflow would name `sys.argv[0]`, which is `bridge` for the CLI and the kernel launcher in a notebook.
+    """
+    kind, path = source_of_training()
+    if kind == "notebook":
+        return {"mlflow.source.name": path or "notebook", "mlflow.source.type": "NOTEBOOK"}
+    if kind == "script" and Path(path).name == "bridge" and len(sys.argv) > 1:  # the `bridge` console script
+        return {"mlflow.source.name": f"bridge {sys.argv[1]}", "mlflow.source.type": "LOCAL"}
+    if kind == "script":
+        return {"mlflow.source.name": path, "mlflow.source.type": "LOCAL"}
+    return {"mlflow.source.name": "interactive", "mlflow.source.type": "LOCAL"}
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -123,7 +160,7 @@ def run_tags() -> dict[str, str]:
     }
     if path:
         tags["source.file"] = path
-        tags["mlflow.source.name"] = path
+    tags.update(mlflow_source_tags())
     try:
         import mlflow
         tags["version.mlflow"] = mlflow.__version__

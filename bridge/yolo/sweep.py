@@ -63,6 +63,15 @@ class _ProgressHooks:
         self.on_batch_end(self.label, self.batch, len(loader) if loader is not None else 0)
 
 
+def _track_options(experiment: str | None, run_name: str, tags: dict[str, str]) -> dict[str, Any]:
+    from bridge.yolo.callbacks import DEFAULT_LOG_BEST_EVERY_S, DEFAULT_REFRESH_EVERY_S
+    from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S
+
+    return dict(experiment=experiment, run_name=run_name, tags=tags, log_best_every_s=DEFAULT_LOG_BEST_EVERY_S,
+                refresh_every_s=DEFAULT_REFRESH_EVERY_S, run_key=None, system_metrics=True,
+                system_metrics_every_s=DEFAULT_LOG_EVERY_S)
+
+
 @dataclass
 class SweepResult:
     """One model's outcome in a sweep."""
@@ -83,13 +92,15 @@ def sweep(
     on_epoch_end: Callable[[str, int, int], None] | None = None,
     on_batch_end: Callable[[str, int, int], None] | None = None,
     stop_on_error: bool = False,
+    resume: bool = False,
     **overrides: Any,
 ) -> list[SweepResult]:
     """Train each model with `overrides` (epochs, imgsz, batch, device, …) as one run in `experiment`.
 
     A model that fails is recorded (its run is marked FAILED) and the sweep goes on unless `stop_on_error`.
     `on_model_start(model, index)`, `on_epoch_end(model, epoch, epochs)` and `on_batch_end(model, batch,
-    batches)` feed a progress display.
+    batches)` feed a progress display. With `resume`, each model's interrupted training in
+    `<project>/<model>` continues into its run (see `bridge.yolo.train`); a finished one is left as it is.
     """
     from ultralytics import YOLO
 
@@ -107,10 +118,21 @@ def sweep(
             on_model_start(label, i)
         result = SweepResult(model=label)
         tracker = None
+        run_tags = {"sweep.models": ",".join(Path(s).stem for s in specs), **(tags or {})}
         try:
+            if resume:
+                from bridge.yolo import _resume
+
+                hooks = _ProgressHooks(label, on_epoch_end, on_batch_end)
+                tracker = _resume(spec, data=data, options=_track_options(experiment, label, run_tags),
+                                  overrides={"name": label, **overrides}, prepare=hooks.attach)
+                if tracker is not None:
+                    result.run_id, result.final_metrics = tracker.run_id, dict(tracker.final_metrics)
+                    results.append(result)
+                    continue
+                overrides = {"exist_ok": True, **overrides}
             model = YOLO(spec)
-            tracker = YoloTracker(model, experiment=experiment, run_name=label,
-                                  tags={"sweep.models": ",".join(Path(s).stem for s in specs), **(tags or {})})
+            tracker = YoloTracker(model, experiment=experiment, run_name=label, tags=run_tags)
             _ProgressHooks(label, on_epoch_end, on_batch_end).attach(model)
             model.train(data=str(data), **{"name": label, **overrides})
         except Exception as exc:

@@ -183,6 +183,8 @@ class FlakyProxy:
     #: Requests seen per mode, and per (mode, "METHOD /path") — the query string is dropped.
     requests: collections.Counter = field(default_factory=collections.Counter)
     lines: collections.Counter = field(default_factory=collections.Counter)
+    #: Every request in the order the proxy read it: (mode, "METHOD /path"), the query string dropped.
+    history: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port()
@@ -241,6 +243,7 @@ class FlakyProxy:
         with self._lock:
             self.requests.clear()
             self.lines.clear()
+            self.history.clear()
 
     def close(self) -> None:
         """Stop listening, cut every connection, and wait (bounded) for the threads to end."""
@@ -381,6 +384,7 @@ class FlakyProxy:
         with self._lock:
             self.requests[mode] += 1
             self.lines[(mode, f"{method} {path}")] += 1
+            self.history.append((mode, f"{method} {path}"))
 
     def _serve(self, client: socket.socket) -> None:
         self._track(client)

@@ -159,7 +159,9 @@ def assert_complete_yolo_run(client, run_id: str, *, family: str, save_dir: Path
     per_epoch = {metric_name(c) for c in columns} | {"epoch_time_s"}
     final = {"final/precision", "final/recall", "final/mAP50", "final/mAP50-95", "final/train_time_s",
              "final/best_epoch"}
-    assert set(run.data.metrics) == per_epoch | final, "unexpected or missing metric keys (double logging?)"
+    system = {k for k in run.data.metrics if k.startswith("system/")}  # CPU/RAM averages, at the end at least
+    assert "system/cpu_utilization_percentage" in system
+    assert set(run.data.metrics) - system == per_epoch | final, "unexpected or missing metric keys (double logging?)"
     assert not any("(" in k or k.startswith("metrics/") for k in run.data.metrics)
     for col in columns:
         history = client.get_metric_history(run_id, metric_name(col))
@@ -206,6 +208,7 @@ def assert_complete_yolo_run(client, run_id: str, *, family: str, save_dir: Path
     assert tags["version.ultralytics"] == ultralytics.__version__ and tags["version.torch"] == torch.__version__
     assert tags["gpu.name"] == "none" and tags["version.cuda"]
     assert tags["source.kind"] == "script" and tags["source.file"]
+    assert tags["mlflow.source.name"] == "bridge train" and tags["mlflow.source.type"] == "LOCAL"  # not `bridge`
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path.cwd())
     if head.returncode == 0:
         assert tags["git.commit"] == head.stdout.strip() and tags["git.dirty"] in ("true", "false")

@@ -1,0 +1,494 @@
+"""MLflow 3 logged models through the journal: `log_model` (pytorch, pyfunc, autolog) works offline too.
+
+A logged model created here gets a local id (`m-<hex>`, like the server's) and the artifact location
+`bridge-artifacts://<local id>`, so its files go through the spool like a run's. Everything about the model
+is journaled under its local id as the run key, in call order:
+
+    create ──▶ params / tags ──▶ artifacts (models/<id>/artifacts on the server) ──▶ finalize (READY)
+
+so the server sees READY only after the last file arrived. The run↔model link (`log_outputs`) is sent under
+the model's key too: by then the run (created earlier) and the model exist on the server. Ids are
+translated both ways: the sender maps the local id to the server's; reads relabel the server's ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import re
+import time
+import uuid
+from urllib.parse import quote
+
+from mlflow.entities import LoggedModel, LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import NOT_IMPLEMENTED, TEMPORARILY_UNAVAILABLE
+from mlflow.store.entities.paged_list import PagedList
+from mlflow.store.tracking.abstract_store import AbstractStore
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+from bridge.client import journal as J
+from bridge.client import operations
+from bridge.errors import HttpError, UndeliverableError
+
+#: Operation kinds (applied by the functions registered at the end of this module).
+CREATE_LOGGED_MODEL = "create_logged_model"
+LOG_LOGGED_MODEL_PARAMS = "log_logged_model_params"
+SET_LOGGED_MODEL_TAGS = "set_logged_model_tags"
+DELETE_LOGGED_MODEL_TAG = "delete_logged_model_tag"
+FINALIZE_LOGGED_MODEL = "finalize_logged_model"
+LOG_OUTPUTS = "log_outputs"
+RECORD_LOGGED_MODEL = "record_logged_model"
+
+#: The tag that finds a model again after a lost answer (like the run key of a run).
+MODEL_KEY_TAG = "bridge.modelKey"
+#: A logged model this side never heard of (its creation became a dead letter).
+MODEL_NOT_CREATED = "model-not-created"
+
+LOGGED_MODELS_API = "/api/2.0/mlflow/logged-models"
+_PARAMS_PER_REQUEST = 100
+
+_NEVER_JOURNALED = ("start_trace", "log_spans", "log_spans_async", "get_trace_info", "get_trace", "search_traces",
+                    "set_trace_tag", "delete_trace_tag", "delete_traces", "batch_get_traces", "batch_get_trace_infos",
+                    "create_assessment", "update_assessment", "delete_assessment", "get_assessment",
+                    "link_prompts_to_trace", "unlink_traces_from_run", "calculate_trace_filter_correlation")
+
+
+def model_artifact_uri(model_id: str) -> str:
+    from bridge.client.store import artifact_uri_for
+
+    return artifact_uri_for(model_id)
+
+
+def new_model_id() -> str:
+    return "m-" + uuid.uuid4().hex
+
+
+class LoggedModelStoreMixin:
+    """The LoggedModel half of JournalStore (which provides `connection`, `_online`, `_server`, `_call_online`)."""
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    def _from_server(self, conn, fn):
+        """`fn(server reads)` when the server answers; None when it does not (or is known down)."""
+        from bridge.client.store import _Offline
+
+        if not self._online(conn):
+            return None
+        try:
+            return fn(self._server(conn))
+        except _Offline:
+            return None
+
+    def _model_record(self, conn, model_id: str) -> J.EntityRecord | None:
+        return conn.journal.entity(J.LOGGED_MODEL, model_id) if model_id.startswith("m-") else None
+
+    def _local_model(self, conn, model: LoggedModel) -> LoggedModel:
+        """The server's model, relabelled with local ids; a model created here keeps what this process set."""
+        journal = conn.journal
+        record = journal.entity_for_remote(J.LOGGED_MODEL, model.model_id)
+        tags, params, status = dict(model.tags), dict(model.params), model.status
+        model_id = model.model_id
+        if record is not None:
+            known = record.json()
+            model_id = record.local_id
+            tags.update(known.get("tags") or {})
+            for key in known.get("deleted_tags") or ():
+                tags.pop(key, None)
+            params.update(known.get("params") or {})
+            status = LoggedModelStatus(known["status"])
+        tags.pop(MODEL_KEY_TAG, None)
+        source_run = journal.local_run_id(model.source_run_id) if model.source_run_id else None
+        location = model_artifact_uri(model_id) if record is not None else model.artifact_location
+        return LoggedModel(experiment_id=journal.local_experiment_id(model.experiment_id), model_id=model_id,
+                           name=model.name, artifact_location=location, creation_timestamp=model.creation_timestamp,
+                           last_updated_timestamp=model.last_updated_timestamp, model_type=model.model_type,
+                           source_run_id=source_run, status=status, status_message=model.status_message,
+                           tags=tags, params=params, metrics=model.metrics)
+
+    @staticmethod
+    def _offline_model(record: J.EntityRecord) -> LoggedModel:
+        known = record.json()
+        return LoggedModel(experiment_id=known["experiment_id"], model_id=record.local_id, name=known["name"],
+                           artifact_location=model_artifact_uri(record.local_id),
+                           creation_timestamp=known["creation_timestamp"],
+                           last_updated_timestamp=known.get("last_updated_timestamp"),
+                           model_type=known.get("model_type"), source_run_id=known.get("source_run_id"),
+                           status=LoggedModelStatus(known["status"]), tags=known.get("tags") or {},
+                           params=known.get("params") or {})
+
+    def _change_model(self, conn, model_id: str, change) -> None:
+        """Apply `change(known)` to what this process knows of a model it created (for reads while offline)."""
+        record = self._model_record(conn, model_id)
+        if record is not None:
+            known = record.json()
+            change(known)
+            known["last_updated_timestamp"] = int(time.time() * 1000)
+            conn.journal.update_entity(J.LOGGED_MODEL, model_id, known)
+
+    # ------------------------------------------------------------------------------ writes
+
+    def create_logged_model(self, experiment_id, name=None, source_run_id=None, tags=None, params=None,
+                            model_type=None) -> LoggedModel:
+        from mlflow.utils.name_utils import _generate_random_name  # private: see bridge/mlflow_internals.py
+
+        conn = self.connection
+        local_id = new_model_id()
+        now = int(time.time() * 1000)
+        spec = {"experiment_id": str(experiment_id), "name": name or _generate_random_name(),
+                "source_run_id": source_run_id, "model_type": model_type,
+                "tags": {t.key: str(t.value) for t in tags or []},
+                "params": {p.key: str(p.value) for p in params or []}}
+        known = {**spec, "status": str(LoggedModelStatus.PENDING), "creation_timestamp": now,
+                 "last_updated_timestamp": now}
+        conn.journal.add_entity(J.LOGGED_MODEL, local_id, known,
+                                op=(local_id, CREATE_LOGGED_MODEL, {"model": local_id, **spec}))
+        return self._offline_model(conn.journal.entity(J.LOGGED_MODEL, local_id))
+
+    def log_logged_model_params(self, model_id, params) -> None:
+        conn = self.connection
+        values = {p.key: str(p.value) for p in params}
+        self._change_model(conn, model_id, lambda known: known["params"].update(values))
+        conn.journal.append(model_id, LOG_LOGGED_MODEL_PARAMS, {"model": model_id, "params": values})
+
+    def set_logged_model_tags(self, model_id, tags) -> None:
+        from bridge.client.registry import REGISTRY_KEY
+
+        conn = self.connection
+        values = {t.key: str(t.value) for t in tags}
+
+        def change(known):
+            known["tags"].update(values)
+            known["deleted_tags"] = [k for k in known.get("deleted_tags") or () if k not in values]
+
+        self._change_model(conn, model_id, change)
+        # The model-versions tag names versions registered here: send it after them, in the registry's order.
+        if MLFLOW_MODEL_VERSIONS in values:
+            conn.journal.append(REGISTRY_KEY, SET_LOGGED_MODEL_TAGS,
+                                {"model": model_id, "tags": values, "seq": time.time_ns()})
+        else:
+            conn.journal.append(model_id, SET_LOGGED_MODEL_TAGS, {"model": model_id, "tags": values})
+
+    def delete_logged_model_tag(self, model_id, key) -> None:
+        conn = self.connection
+
+        def change(known):
+            known["tags"].pop(key, None)
+            known["deleted_tags"] = sorted({*(known.get("deleted_tags") or ()), key})
+
+        self._change_model(conn, model_id, change)
+        conn.journal.append(model_id, DELETE_LOGGED_MODEL_TAG, {"model": model_id}, key=key)
+
+    def finalize_logged_model(self, model_id, status) -> LoggedModel:
+        conn = self.connection
+        status = LoggedModelStatus(status)
+        self._change_model(conn, model_id, lambda known: known.update(status=str(status)))
+        # Journaled after every artifact of the model (same run key, later id): READY arrives after the files.
+        conn.journal.append(model_id, FINALIZE_LOGGED_MODEL, {"model": model_id, "status": str(status)})
+        record = self._model_record(conn, model_id)
+        return self._offline_model(record) if record is not None else self.get_logged_model(model_id)
+
+    def log_outputs(self, run_id, models) -> None:
+        conn = self.connection
+        for output in models:
+            conn.journal.append(output.model_id, LOG_OUTPUTS,
+                                {"run": run_id, "model": output.model_id, "step": output.step})
+
+    def record_logged_model(self, run_id, mlflow_model) -> None:
+        self.connection.journal.append(run_id, RECORD_LOGGED_MODEL,
+                                       {"run": run_id, "model_json": mlflow_model.get_tags_dict()})
+
+    def delete_logged_model(self, model_id) -> None:
+        def delete(conn, server):
+            record = self._model_record(conn, model_id)
+            remote = record.remote_id if record is not None else model_id
+            if remote is None:
+                raise MlflowException(f"logged model {model_id} has not reached the server yet",
+                                      TEMPORARILY_UNAVAILABLE)
+            server.delete_logged_model(remote)
+
+        self._call_online("delete_logged_model", delete)
+
+    # ------------------------------------------------------------------------------- reads
+
+    def get_logged_model(self, model_id, allow_deleted=False) -> LoggedModel:
+        conn = self.connection
+        record = self._model_record(conn, model_id)
+        remote = model_id if record is None else record.remote_id
+        if remote is not None:
+            try:
+                found = self._from_server(conn, lambda s: s.get_logged_model(remote, allow_deleted))
+            except MlflowException as exc:
+                if record is None or exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                found = None
+            if found is not None:
+                return self._local_model(conn, found)
+        if record is not None:
+            return self._offline_model(record)
+        raise MlflowException(f"get_logged_model({model_id!r}): the model is not in the journal and the server "
+                              f"({conn.link.url}) does not answer", TEMPORARILY_UNAVAILABLE)
+
+    def search_logged_models(self, experiment_ids, filter_string=None, datasets=None, max_results=None,
+                             order_by=None, page_token=None) -> PagedList:
+        conn = self.connection
+        journal = conn.journal
+        wanted = {str(e) for e in experiment_ids}
+        match = _simple_filter(filter_string)
+        remote_ids = [r for r in (journal.server_experiment_id(str(e)) for e in experiment_ids) if r]
+        page = None
+        if remote_ids:
+            page = self._from_server(conn, lambda s: s.search_logged_models(
+                remote_ids, _to_server_ids(journal, filter_string), datasets, max_results, order_by, page_token))
+        elif not any(journal.experiment(e) for e in wanted) and self._online(conn):
+            page = PagedList([], None)  # experiments the server does not have: nothing there
+        if page is None and match is None:
+            raise MlflowException(f"search_logged_models(filter_string={filter_string!r}) needs the server, and "
+                                  f"{conn.link.url} does not answer right now (offline, only `field = 'value'` "
+                                  "conditions joined by AND are answered from the journal)", TEMPORARILY_UNAVAILABLE)
+        models = [] if page is None else [self._local_model(conn, m) for m in page]
+        if page_token is None and match is not None:
+            # Models created here and not on the server yet (all of them, offline) are part of the answer.
+            delivered = {m.model_id for m in models}
+            for record in journal.entities(J.LOGGED_MODEL):
+                if record.local_id in delivered or (page is not None and record.remote_id is not None):
+                    continue
+                model = self._offline_model(record)
+                if model.experiment_id in wanted and match(model):
+                    models.append(model)
+        if max_results:
+            models = models[:max_results]
+        return PagedList(models, None if page is None else page.token)
+
+    # ------------------------------------------------------------------------------ tracing
+
+    def _tracing_not_journaled(self, call: str):
+        raise MlflowException(f"{call}: bridge does not journal MLflow tracing yet (traces and spans); log traces to "
+                              "the workstation's server directly (mlflow.set_tracking_uri('http://…'))",
+                              NOT_IMPLEMENTED)
+
+
+def _make_refusal(call: str):
+    def refuse(self, *args, **kwargs):
+        self._tracing_not_journaled(call)
+
+    refuse.__name__ = call
+    refuse.__doc__ = f"Not journaled: raises MlflowException naming `{call}`."
+    return refuse
+
+
+for _call in _NEVER_JOURNALED:
+    setattr(LoggedModelStoreMixin, _call, _make_refusal(_call))
+
+
+def name_unsupported_calls(cls: type, base: type) -> None:
+    """Make every call of `base` that `cls` leaves unimplemented raise an MlflowException naming the call.
+
+    MLflow's abstract stores raise a bare `NotImplementedError(<store class>)`, which does not say what failed.
+    """
+    for name, fn in list(vars(base).items()):
+        if name.startswith("_") or name in vars(cls) or not inspect.isfunction(fn) or inspect.iscoroutinefunction(fn):
+            continue
+        setattr(cls, name, _translated(name, fn))
+
+
+def _translated(call: str, fn):
+    @functools.wraps(fn)
+    def translated(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except NotImplementedError:
+            raise MlflowException(f"{call}: not supported through bridge's journal (bridge+ URIs); call it with "
+                                  "MLflow pointed straight at the workstation's server", NOT_IMPLEMENTED) from None
+
+    return translated
+
+
+name_unsupported_calls(LoggedModelStoreMixin, AbstractStore)
+
+
+_CONDITION = re.compile(r"\s*(?P<field>[\w.`]+)\s*=\s*'(?P<value>(?:[^']|'')*)'\s*")
+
+
+def _simple_filter(filter_string: str | None):
+    """A predicate for `a = 'x' AND b = 'y'` over name/model_type/status/source_run_id/tags./params.; else None."""
+    if not filter_string or not filter_string.strip():
+        return lambda model: True
+    conditions = []
+    for part in re.split(r"\s+(?i:and)\s+", filter_string.strip()):
+        found = _CONDITION.fullmatch(part)
+        if found is None:
+            return None
+        field, value = found["field"].replace("`", ""), found["value"].replace("''", "'")
+        conditions.append((field, value))
+
+    def value_of(model: LoggedModel, field: str):
+        if field.startswith("tags."):
+            return model.tags.get(field[5:])
+        if field.startswith("params."):
+            return model.params.get(field[7:])
+        if field in ("name", "model_type", "source_run_id", "model_id"):
+            return getattr(model, field)
+        if field == "status":
+            return str(model.status)
+        return object()  # an unknown field never matches
+
+    return lambda model: all(value_of(model, f) == v for f, v in conditions)
+
+
+def _to_server_ids(journal: J.Journal, filter_string: str | None) -> str | None:
+    """`filter_string` with quoted local run and model ids replaced by the server's."""
+    if not filter_string:
+        return filter_string
+
+    def swap(found: re.Match) -> str:
+        text = found.group(1)
+        if text.startswith("m-"):
+            record = journal.entity(J.LOGGED_MODEL, text)
+            remote = record.remote_id if record is not None else None
+        else:
+            record = journal.run(text)
+            remote = record.remote_id if record is not None else None
+        return f"'{remote}'" if remote else found.group(0)
+
+    return re.sub(r"'([0-9a-zA-Z-]{16,40})'", swap, filter_string)
+
+
+# ------------------------------------------------------------------------------ delivery (sender thread)
+
+
+def server_model_id(journal: J.Journal, model_id: str) -> str:
+    """The server's id of a model: its mapping when created here, else the id itself."""
+    record = journal.entity(J.LOGGED_MODEL, model_id) if model_id.startswith("m-") else None
+    if record is None:
+        return model_id
+    if record.remote_id is None:
+        raise UndeliverableError(MODEL_NOT_CREATED, f"logged model {model_id} was never created on the server")
+    return record.remote_id
+
+
+def _server_run_id(journal: J.Journal, run_id: str) -> str:
+    remote = journal.server_run(run_id)[0]
+    if remote is None:
+        raise UndeliverableError(operations.RUN_NOT_CREATED, f"run {run_id} was never created on the server")
+    return remote
+
+
+def _model_url(model_id: str, tail: str = "") -> str:
+    return f"{LOGGED_MODELS_API}/{quote(model_id, safe='')}{tail}"
+
+
+def _find_model(ops: operations.Operations, experiment: str, local_id: str) -> dict | None:
+    """The model an earlier try (or a copy of this journal) already created, found by its model key tag."""
+    found = ops.link.request("POST", f"{LOGGED_MODELS_API}/search", json_body={
+        "experiment_ids": [experiment], "max_results": 1,
+        "filter": f"tags.`{MODEL_KEY_TAG}` = '{local_id}'"}).json()
+    models = found.get("models") or []
+    return models[0]["info"] if models else None
+
+
+def _apply_create(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
+    journal = ops.journal
+    local_id = body["model"]
+    record = journal.entity(J.LOGGED_MODEL, local_id)
+    if record is not None and record.remote_id is not None:
+        return []
+    experiment = ops._server_experiment(body["experiment_id"], f"logged model {local_id}")
+    source_run = _server_run_id(journal, body["source_run_id"]) if body.get("source_run_id") else None
+    # Always looked for first (one request per model): a lost answer or a second copy of the journal must
+    # not make a second model.
+    info = _find_model(ops, experiment, local_id)
+    params = [{"key": k, "value": v} for k, v in (body.get("params") or {}).items()]
+    if info is None:
+        payload = {"experiment_id": experiment, "name": body["name"],
+                   "tags": [{"key": k, "value": v} for k, v in {**(body.get("tags") or {}),
+                                                                 MODEL_KEY_TAG: local_id}.items()],
+                   "params": params[:_PARAMS_PER_REQUEST]}
+        if source_run:
+            payload["source_run_id"] = source_run
+        if body.get("model_type"):
+            payload["model_type"] = body["model_type"]
+        info = ops.link.request("POST", LOGGED_MODELS_API, json_body=payload).json()["model"]["info"]
+        rest = params[_PARAMS_PER_REQUEST:]
+    else:
+        rest = params  # params are idempotent: re-send them all
+    _send_params(ops, info["model_id"], rest)
+    journal.map_entity(J.LOGGED_MODEL, local_id, info["model_id"], info.get("artifact_uri"))
+    return []
+
+
+def _send_params(ops: operations.Operations, remote: str, params: list[dict]) -> None:
+    for start in range(0, len(params), _PARAMS_PER_REQUEST):
+        ops.link.request("POST", _model_url(remote, "/params"),
+                         json_body={"model_id": remote, "params": params[start:start + _PARAMS_PER_REQUEST]})
+
+
+def _apply_params(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
+    _send_params(ops, server_model_id(ops.journal, body["model"]),
+                 [{"key": k, "value": v} for k, v in body["params"].items()])
+    return []
+
+
+def _apply_tags(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
+    from bridge.client.registry import server_versions_tag, wait_turn
+
+    if not wait_turn(ops, op, body):
+        return []
+    remote = server_model_id(ops.journal, body["model"])
+    tags = dict(body["tags"])
+    if MLFLOW_MODEL_VERSIONS in tags:
+        tags[MLFLOW_MODEL_VERSIONS] = server_versions_tag(ops.journal, tags[MLFLOW_MODEL_VERSIONS])
+    ops.link.request("PATCH", _model_url(remote, "/tags"),
+                     json_body={"model_id": remote, "tags": [{"key": k, "value": v} for k, v in tags.items()]})
+    return []
+
+
+def _apply_delete_tag(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
+    remote = server_model_id(ops.journal, body["model"])
+    try:
+        ops.link.request("DELETE", _model_url(remote, "/tags/" + quote(op.key, safe="")))
+    except HttpError as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" or op.attempts == 0:
+            raise  # gone already after an earlier, unacknowledged delete: that is the goal
+    return []
+
+
+def _apply_finalize(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
+    remote = server_model_id(ops.journal, body["model"])
+    status = LoggedModelStatus(body["status"]).to_proto()
+    from mlflow.protos.service_pb2 import LoggedModelStatus as StatusProto
+
+    ops.link.request("PATCH", _model_url(remote), json_body={"model_id": remote,
+                                                             "status": StatusProto.Name(status)})
+    return []
+
+
+def _apply_outputs(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
+    payload = {"run_id": _server_run_id(ops.journal, body["run"]),
+               "models": [{"model_id": server_model_id(ops.journal, body["model"]), "step": body.get("step") or 0}]}
+    ops.link.call("/runs/outputs", payload)
+    return []
+
+
+def _apply_record(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
+    journal = ops.journal
+    run = _server_run_id(journal, body["run"])
+    model_json = dict(body["model_json"])
+    model_json["run_id"] = run
+    for key in ("model_id", "model_uuid"):
+        if isinstance(model_json.get(key), str) and model_json[key].startswith("m-"):
+            record = journal.entity(J.LOGGED_MODEL, model_json[key])
+            if record is not None and record.remote_id:
+                model_json[key] = record.remote_id
+    ops.link.call("/runs/log-model", {"run_id": run, "model_json": json.dumps(model_json)})
+    return []
+
+
+for _kind, _apply in ((CREATE_LOGGED_MODEL, _apply_create), (LOG_LOGGED_MODEL_PARAMS, _apply_params),
+                      (SET_LOGGED_MODEL_TAGS, _apply_tags), (DELETE_LOGGED_MODEL_TAG, _apply_delete_tag),
+                      (FINALIZE_LOGGED_MODEL, _apply_finalize), (LOG_OUTPUTS, _apply_outputs),
+                      (RECORD_LOGGED_MODEL, _apply_record)):
+    operations.register_kind(_kind, _apply)
+
+__all__ = ["LoggedModelStoreMixin", "MODEL_KEY_TAG", "server_model_id"]

@@ -1,0 +1,141 @@
+"""Every knob of the client side, read from the environment once, in one place, and validated there.
+
+`ClientOptions.from_env(**overrides)` is what `connect()`, `bridge sync` and child processes use; an argument
+given to `connect()` wins over its environment variable. `bridge queue --config` prints the effective values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bridge import config
+from bridge.errors import ConfigError
+
+HEARTBEAT_ENV = "BRIDGE_HEARTBEAT_S"
+SEND_INTERVAL_ENV = "BRIDGE_SEND_INTERVAL_S"
+HTTP_TIMEOUT_ENV = "BRIDGE_HTTP_TIMEOUT_S"
+EXIT_FLUSH_ENV = "BRIDGE_EXIT_FLUSH_S"
+PROBE_TIMEOUT_ENV = "BRIDGE_PROBE_TIMEOUT_S"
+JOURNAL_ENV = "BRIDGE_JOURNAL"
+JOURNAL_LIMIT_ENV = "BRIDGE_JOURNAL_LIMIT"
+REDISCOVER_INTERVAL_ENV = "BRIDGE_REDISCOVER_INTERVAL_S"
+POISON_ATTEMPTS_ENV = "BRIDGE_POISON_ATTEMPTS"
+
+#: A live run's heartbeat period. `bridge serve` reaps after 300 s without one by default: five missed beats.
+#: Every request counts against ngrok's free plan (20,000 a month), and a batch of metrics carries the beat.
+DEFAULT_HEARTBEAT_S = 60.0
+#: How long new entries wait to be coalesced (a flush does not wait): at 1 s a training loop logging
+#: 1,000 points/s costs one request per 1,000 points.
+DEFAULT_SEND_INTERVAL_S = 1.0
+DEFAULT_HTTP_TIMEOUT_S = 20.0
+#: How long the interpreter's exit waits for the journal to be delivered before saying what is left.
+DEFAULT_EXIT_FLUSH_S = 10.0
+DEFAULT_PROBE_TIMEOUT_S = 3.0
+#: Remote record sources are re-read at most this often (GitHub allows 60 anonymous calls an hour).
+DEFAULT_REDISCOVER_INTERVAL_S = 20.0
+#: An entry the server keeps answering 5xx for is moved aside as a dead letter after this many tries,
+#: so one poison entry never stalls every run behind it (`bridge queue --retry` sends it again).
+DEFAULT_POISON_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """The client's settings; each field's environment variable is in `ENV` below."""
+
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    send_interval_s: float = DEFAULT_SEND_INTERVAL_S
+    http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S
+    exit_flush_s: float = DEFAULT_EXIT_FLUSH_S
+    probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
+    journal: Path | None = None  # None: the platform data folder (config.paths().journal_file)
+    journal_limit: int = config.DEFAULT_JOURNAL_LIMIT_BYTES
+    rediscover_interval_s: float = DEFAULT_REDISCOVER_INTERVAL_S
+    poison_attempts: int = DEFAULT_POISON_ATTEMPTS
+    #: Where each value came from: "default", "environment" or "argument" (for `bridge queue --config`).
+    sources: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_s", "send_interval_s", "http_timeout_s", "probe_timeout_s"):
+            value = getattr(self, name)
+            if not value > 0:  # also refuses NaN
+                raise ConfigError(f"{_label(name)} must be a positive number of seconds, got {value!r}")
+        for name in ("exit_flush_s", "rediscover_interval_s"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ConfigError(f"{_label(name)} must be 0 or more seconds, got {value!r}")
+        if self.journal_limit <= 0:
+            raise ConfigError(f"{_label('journal_limit')} must be a positive number of bytes, "
+                              f"got {self.journal_limit!r}")
+        if self.poison_attempts < 1:
+            raise ConfigError(f"{_label('poison_attempts')} must be at least 1, got {self.poison_attempts!r}")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "ClientOptions":
+        """Defaults, then the environment, then `overrides` (None means "not given")."""
+        values: dict = {}
+        sources: dict = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "sources":
+                continue
+            env = ENV[f.name]
+            raw = os.environ.get(env, "").strip()
+            given = overrides.pop(f.name, None)
+            if given is not None:
+                values[f.name], sources[f.name] = given, "argument"
+            elif raw:
+                values[f.name], sources[f.name] = _parse(f.name, env, raw), "environment"
+            else:
+                sources[f.name] = "default"
+        if overrides:
+            raise ConfigError(f"unknown client option(s): {', '.join(sorted(overrides))}")
+        if values.get("journal") is not None:
+            values["journal"] = Path(values["journal"]).expanduser()
+        return cls(**values, sources=sources)
+
+    @property
+    def journal_path(self) -> Path:
+        return self.journal if self.journal is not None else config.paths().journal_file
+
+    def replace(self, **changes) -> "ClientOptions":
+        sources = dict(self.sources)
+        sources.update({name: "argument" for name in changes})
+        return dataclasses.replace(self, **changes, sources=sources)
+
+    def describe(self) -> list[tuple[str, str, str, str]]:
+        """(option, value, environment variable, where the value came from) for every option."""
+        rows = []
+        for f in dataclasses.fields(self):
+            if f.name == "sources":
+                continue
+            value = self.journal_path if f.name == "journal" else getattr(self, f.name)
+            rows.append((f.name, str(value), ENV[f.name], self.sources.get(f.name, "default")))
+        return rows
+
+
+#: The environment variable of each option.
+ENV = {
+    "heartbeat_s": HEARTBEAT_ENV,
+    "send_interval_s": SEND_INTERVAL_ENV,
+    "http_timeout_s": HTTP_TIMEOUT_ENV,
+    "exit_flush_s": EXIT_FLUSH_ENV,
+    "probe_timeout_s": PROBE_TIMEOUT_ENV,
+    "journal": JOURNAL_ENV,
+    "journal_limit": JOURNAL_LIMIT_ENV,
+    "rediscover_interval_s": REDISCOVER_INTERVAL_ENV,
+    "poison_attempts": POISON_ATTEMPTS_ENV,
+}
+
+
+def _label(name: str) -> str:
+    return f"{name} ({ENV[name]})"
+
+
+def _parse(name: str, env: str, raw: str):
+    if name == "journal":
+        return Path(raw)
+    if name in ("journal_limit", "poison_attempts"):
+        return config.env_int(env, 0)
+    return config.env_float(env, 0.0)

@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""A stand-in `cloudflared` for tests: the process bridge runs for `--tunnel cloudflared`.
+
+It speaks what bridge uses of the real binary:
+  * `cloudflared --version` → `cloudflared version 2025.11.1 (built 2025-11-12-1200 UTC)`;
+  * `cloudflared tunnel [--no-autoupdate] [--metrics HOST:PORT] --url http://127.0.0.1:PORT`, a quick tunnel: it
+    logs to stderr in cloudflared's format (`2026-11-28T21:00:00Z INF …`), prints the account-less notice,
+    `Requesting new quick Tunnel on trycloudflare.com...`, the box
+
+        INF +--------------------------------------------------------------------------------------------+
+        INF |  Your quick Tunnel has been created! Visit it at (it may take some time to be reachable):  |
+        INF |  https://<four>-<random>-<words>-<here>.trycloudflare.com                                 |
+        INF +--------------------------------------------------------------------------------------------+
+
+    then `Registered tunnel connection connIndex=0 …`; the metrics server answers `GET /ready` (200 once a
+    connection is registered, with `readyConnections`) and `GET /quicktunnel` (`{"hostname": …}`), as cloudflared's
+    does. SIGTERM/SIGINT end it (`Initiating graceful shutdown`), exit 0.
+The edge is a real HTTP forwarder on 127.0.0.1 inside this process (killing the process kills it). Its public URL
+cannot resolve here, so the forwarder's real address is published in the JSON map `{public_url: local_url}` in the
+file named by `FAKE_CLOUDFLARED_STATE` (the same side channel as the stand-in ngrok's).
+
+The forwarder behaves like Cloudflare's edge: `Host` is the public host; `Cf-Connecting-Ip` is the address the edge
+saw (a client-sent one is replaced), `X-Forwarded-For` gains that address, `X-Forwarded-Proto: https`, `Cf-Ray`,
+`Cf-Visitor`; bodies stream both ways. Tests name the address "the edge saw" with `X-Stand-In-Peer` (removed
+before forwarding), since every test client connects from 127.0.0.1.
+
+Test switches (environment):
+  FAKE_CLOUDFLARED_STATE    file that receives the public→local URL map
+  FAKE_CLOUDFLARED_OFFLINE  "1": the quick-tunnel request fails (`failed to request quick Tunnel`), exit 1
+  FAKE_CLOUDFLARED_HANG     "1": never get a URL; keep logging retries until killed (for start-up deadlines)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import fcntl
+import json
+import os
+import random
+import secrets
+import signal
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+VERSION = "2025.11.1"
+SMALL_BODY = 256 * 1024
+NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length",
+}
+# Headers the edge sets itself: a client's own copies never reach the origin.
+EDGE_HEADERS = {"cf-connecting-ip", "cf-ray", "cf-visitor", "cf-ipcountry", "x-forwarded-proto", "x-stand-in-peer"}
+WORDS = (
+    "alpha", "bridge", "carol", "delta", "ember", "forest", "granite", "harbor", "island", "jacket", "kernel",
+    "lantern", "meadow", "nickel", "orbit", "pepper", "quartz", "river", "saddle", "timber", "umbrella", "velvet",
+    "willow", "yellow", "zenith", "shows", "bahamas", "victorian", "colleges", "mesh", "stages", "gentle",
+)  # fmt: skip
+NOTICE = (
+    "Thank you for trying Cloudflare Tunnel. Doing so, without a Cloudflare account, is a quick way to experiment "
+    "and try it out. However, be aware that these account-less Tunnels have no uptime guarantee, are subject to "
+    "the Cloudflare Online Services Terms of Use (https://www.cloudflare.com/website-terms/), and Cloudflare "
+    "reserves the right to investigate your use of Tunnels for violations of such terms. If you intend to use "
+    "Tunnels in production you should use a pre-created named tunnel by following: "
+    "https://developers.cloudflare.com/cloudflare-one/connections/connect-apps"
+)
+
+
+def log(level: str, message: str) -> None:
+    """One line of cloudflared's console log (to stderr, as the real binary writes it)."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    sys.stderr.write(f"{now} {level} {message}\n")
+    sys.stderr.flush()
+
+
+def box(url: str) -> None:
+    """The quick-tunnel box, each line its own log entry, padded like cloudflared's."""
+    lines = ["Your quick Tunnel has been created! Visit it at (it may take some time to be reachable):", url]
+    width = max(len(line) for line in lines) + 4
+    log("INF", "+" + "-" * width + "+")
+    for line in lines:
+        log("INF", "|  " + line.ljust(width - 2) + "|")
+    log("INF", "+" + "-" * width + "+")
+
+
+def parse_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    words: list[str] = []
+    flags: dict[str, str] = {}
+    valueless = {"--no-autoupdate", "--version", "-v"}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            if "=" in arg:
+                key, value = arg.split("=", 1)
+                flags[key] = value
+            elif arg in valueless or i + 1 >= len(argv):
+                flags[arg] = ""
+            else:
+                flags[arg] = argv[i + 1]
+                i += 1
+        else:
+            words.append(arg)
+        i += 1
+    return words, flags
+
+
+def update_state(path: str | None, add: dict[str, str] | None = None, remove: list[str] | None = None) -> None:
+    """Read-modify-write the shared public→local map under an flock (several agents may share it)."""
+    if not path:
+        return
+    state = Path(path)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(state) + ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = json.loads(state.read_text() or "{}")
+        except (FileNotFoundError, ValueError):
+            data = {}
+        data.update(add or {})
+        for key in remove or []:
+            data.pop(key, None)
+        tmp = state.with_name(state.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, state)
+
+
+class Edge:
+    """Cloudflare's edge for one quick tunnel: an HTTP server on 127.0.0.1 forwarding to the origin URL."""
+
+    def __init__(self, public_url: str, origin: str) -> None:
+        self.public_url = public_url
+        self.public_host = urlsplit(public_url).netloc
+        self.origin = origin.rstrip("/")
+        self.local_url = ""
+        self._runner = None
+        self._session = None
+
+    async def start(self) -> None:
+        from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+        self._session = ClientSession(
+            connector=TCPConnector(limit=0), timeout=ClientTimeout(total=None, sock_connect=5), auto_decompress=False
+        )
+        app = web.Application(client_max_size=0)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.local_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def handle(self, request):
+        from aiohttp import ClientError, web
+        from multidict import CIMultiDict
+        from yarl import URL
+
+        seen = request.headers.get("X-Stand-In-Peer") or request.remote or "127.0.0.1"
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | EDGE_HEADERS
+        )
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {seen}" if prior else seen
+        headers["Cf-Connecting-Ip"] = seen
+        headers["X-Forwarded-Proto"] = "https"
+        headers["Cf-Visitor"] = '{"scheme":"https"}'
+        headers["Cf-Ray"] = f"{secrets.token_hex(8)}-AMS"
+        headers["Host"] = self.public_host
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        if not request.body_exists:
+            body = None
+        elif request.content_length is not None and request.content_length <= SMALL_BODY:
+            body = await request.read()
+        else:
+            body = request.content.iter_chunked(64 * 1024)
+        try:
+            target = URL(self.origin + request.raw_path, encoded=True)
+            async with self._session.request(
+                request.method, target, headers=headers, data=body, allow_redirects=False,
+                skip_auto_headers=NO_AUTO_HEADERS,
+            ) as upstream:
+                if upstream.content_length is not None and upstream.content_length <= SMALL_BODY \
+                        and request.method != "HEAD":
+                    small = web.Response(status=upstream.status, reason=upstream.reason, body=await upstream.read())
+                    for key, value in upstream.headers.items():
+                        if key.lower() not in HOP_BY_HOP:
+                            small.headers.add(key, value)
+                    return small
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for key, value in upstream.headers.items():
+                    if key.lower() not in HOP_BY_HOP or key.lower() == "content-length":
+                        response.headers.add(key, value)
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_chunked(64 * 1024):
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (ClientError, OSError) as exc:
+            log("ERR", f'Request failed error="{exc}" connIndex=0 dest={self.public_url}{request.path} '
+                       "type=http")
+            # What Cloudflare answers when the tunnel's origin refuses: error 502 (Bad Gateway).
+            return web.Response(status=502, text="Bad gateway: the origin could not be reached (cloudflared)\n")
+
+
+async def metrics_server(address: str, edge_holder: dict):
+    """cloudflared's metrics listener: /ready and /quicktunnel, the endpoints bridge reads."""
+    from aiohttp import web
+
+    async def ready(_request):
+        connections = 1 if edge_holder.get("edge") else 0
+        return web.json_response(
+            {"status": 200 if connections else 503, "readyConnections": connections, "connectorId": edge_holder["id"]},
+            status=200 if connections else 503,
+        )
+
+    async def quicktunnel(_request):
+        edge = edge_holder.get("edge")
+        return web.json_response({"hostname": edge.public_host if edge else ""})
+
+    app = web.Application()
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/quicktunnel", quicktunnel)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = address.rpartition(":")
+    site = web.TCPSite(runner, host or "127.0.0.1", int(port or 0))
+    await site.start()
+    bound = site._server.sockets[0].getsockname()
+    log("INF", f"Starting metrics server on {bound[0]}:{bound[1]}/metrics")
+    return runner
+
+
+async def run_quick_tunnel(flags: dict[str, str]) -> int:
+    origin = flags.get("--url", "")
+    if not origin:
+        log("ERR", "a quick tunnel needs --url (the stand-in supports only quick tunnels)")
+        return 1
+    if "://" not in origin:
+        origin = "http://" + origin
+    log("INF", NOTICE)
+    log("INF", "Requesting new quick Tunnel on trycloudflare.com...")
+    if os.environ.get("FAKE_CLOUDFLARED_OFFLINE") == "1":
+        log("ERR", 'failed to request quick Tunnel: Post "https://api.trycloudflare.com/tunnel": dial tcp: lookup '
+                   "api.trycloudflare.com on 127.0.0.53:53: no such host")
+        return 1
+    if os.environ.get("FAKE_CLOUDFLARED_HANG") == "1":
+        while True:  # the line first: a start deadline that ends early still has the reason to report
+            log("INF", "Retrying quick Tunnel request in 1s")
+            await asyncio.sleep(0.5)
+
+    holder: dict = {"id": str(uuid.uuid4())}
+    runner = await metrics_server(flags.get("--metrics", "127.0.0.1:0"), holder)
+    words = "-".join(random.choice(WORDS) for _ in range(4))
+    edge = Edge(f"https://{words}.trycloudflare.com", origin)
+    await edge.start()
+    state = os.environ.get("FAKE_CLOUDFLARED_STATE")
+    update_state(state, add={edge.public_url: edge.local_url})
+    box(edge.public_url)
+    log("INF", "Cannot determine default configuration path. No file [config.yml config.yaml] in "
+               "[~/.cloudflared ~/.cloudflare-warp ~/cloudflare-warp /etc/cloudflared /usr/local/etc/cloudflared]")
+    log("INF", f"Version {VERSION} (Checksum 0000000000000000000000000000000000000000000000000000000000000000)")
+    log("INF", f"Generated Connector ID: {holder['id']}")
+    holder["edge"] = edge
+    log("INF", f"Registered tunnel connection connIndex=0 connection={uuid.uuid4()} event=0 ip=198.41.200.13 "
+               "location=ams01 protocol=quic")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log("INF", "Initiating graceful shutdown due to signal terminated ...")
+    update_state(state, remove=[edge.public_url])
+    await edge.stop()
+    await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    words, flags = parse_args(argv)
+    if "--version" in flags or "-v" in flags or words[:1] == ["version"]:
+        print(f"cloudflared version {VERSION} (built 2025-11-12-1200 UTC)")
+        return 0
+    if words[:1] == ["tunnel"] and len(words) == 1:
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(run_quick_tunnel(flags))
+        return uvloop.run(run_quick_tunnel(flags))
+    log("ERR", f"unknown command {' '.join(words)!r} (stand-in cloudflared: quick tunnels only)")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
