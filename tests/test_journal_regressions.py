@@ -645,6 +645,68 @@ def test_h11_a_create_that_lands_after_the_retry_leaves_no_second_run(link, mlfl
     assert gone.data.tags["bridge.duplicate_of"] == active[0].info.run_id
 
 
+def _late_twin(conn, transport, mlflow_server, experiment: str) -> tuple[str, str, MlflowClient]:
+    """A run whose first create timed out and was created again; then the first try lands on the server (as
+    a request held up in the network, or cut by a stopping sender after it was sent, does). (local id, the
+    late twin's server id, a client of the server itself)."""
+    experiment_id = MlflowClient().create_experiment(experiment)
+    assert conn.flush(30) == 0
+    transport.fail("timeout", path="runs/create", times=1)
+    run_id = MlflowClient().create_run(experiment_id, run_name="r").info.run_id
+    MlflowClient().log_param(run_id, "lr", "0.1")
+    assert conn.flush(30) == 0
+    assert run_id in conn.journal.twin_watches()  # the retry's fate of its first try is unknown
+    server = MlflowClient(mlflow_server.url)
+    server_experiment = server.get_experiment_by_name(experiment).experiment_id
+    late = server.create_run(server_experiment, run_name="r", tags={"bridge.run_key": run_id})
+    return run_id, late.info.run_id, server
+
+
+def _only_the_run_is_left(server: MlflowClient, experiment: str, late: str) -> None:
+    active = server.search_runs([server.get_experiment_by_name(experiment).experiment_id])
+    assert [(r.info.run_name, r.data.params) for r in active] == [("r", {"lr": "0.1"})]
+    gone = server.get_run(late)
+    assert gone.info.lifecycle_stage == "deleted"
+    assert gone.data.tags["bridge.duplicate_of"] == active[0].info.run_id
+
+
+def test_h21_a_late_twin_of_a_run_that_never_ends_is_removed_by_a_flush(link, mlflow_server):
+    """H11's clean-up ran only when the run ended: a twin beside a run created with `MlflowClient.create_run`
+    and never ended stayed (CI, seed 37 of test_programs_under_proxy_faults). A flush now looks for it; the
+    watch goes on until it is due, so a twin landing after this flush is still found."""
+    conn, transport = link
+    experiment = _name("late-create-no-end")
+    run_id, late, server = _late_twin(conn, transport, mlflow_server, experiment)
+    assert conn.flush(30) == 0
+    _only_the_run_is_left(server, experiment, late)
+    assert run_id in conn.journal.twin_watches()
+
+
+def test_h21_a_second_connect_removes_the_twin_the_first_sender_watched(link, bridge_connect, mlflow_server):
+    """The watch lived in the first sender's memory: a second `connect()` (a notebook cell run again, as the
+    harness's `reconnect` does) forgot it, and a stopping sender's cut create is exactly such a late try
+    (CI, seed 37). The watch is in the journal now."""
+    conn, transport = link
+    experiment = _name("late-create-reconnect")
+    run_id, late, server = _late_twin(conn, transport, mlflow_server, experiment)
+    again = bridge_connect(mlflow_server.url, transport=transport)  # closes `conn`
+    assert again.flush(30) == 0
+    _only_the_run_is_left(server, experiment, late)
+
+
+def test_h21_a_watch_ends_once_it_is_due(link, mlflow_server):
+    """Past its due time (two HTTP timeouts after the retry) a watch is looked at once more and ended: a
+    try held up longer is left to `bridge serve`'s reaper, and no run is searched for ever."""
+    conn, transport = link
+    experiment = _name("late-create-due")
+    run_id, late, server = _late_twin(conn, transport, mlflow_server, experiment)
+    with conn.journal.db() as db:  # as if its due time had passed
+        db.execute("update twin_watch set due=0 where run=?", (run_id,))
+    assert conn.sender.wait_rounds(2, 30)
+    assert conn.journal.twin_watches() == {}
+    _only_the_run_is_left(server, experiment, late)
+
+
 def test_h13_search_runs_filters_on_writes_still_waiting(link, mlflow_server):
     """A search right after `set_terminated` (the status still on its way) missed the run when filtering on
     the new status, and listed it under the old one (seed 70328, no fault needed)."""

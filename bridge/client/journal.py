@@ -104,6 +104,12 @@ _SCHEMA = (
     """create table if not exists settled (
         id integer primary key check (id = 0),
         n integer not null)""",
+    # Runs created again after a try whose fate is unknown (a timeout, or a request cut by a stopping sender):
+    # that try may still land and make an empty second run. Looked for (operations.remove_twins) when the run
+    # ends, on a flush or a sender's stop, and at `due` (wall clock), by whichever sender delivers this journal.
+    """create table if not exists twin_watch (
+        run text primary key,
+        due real not null)""",
     # No secondary index: it would cost every log_metric ~3 µs (a quarter of the hot path), while the
     # sender's scans of the rows still undelivered stay cheap at the sizes the journal limit allows.
     """create table if not exists intake (
@@ -928,6 +934,22 @@ class Journal:
     def drop_owed_marks(self, scope: str) -> None:
         with self.db() as conn:
             conn.execute("delete from owed_marks where scope=?", (scope,))
+
+    # ------------------------------------------------------------- late creates (operations.remove_twins)
+
+    def watch_twins(self, run: str, due: float) -> None:
+        with self.db() as conn:
+            conn.execute("insert into twin_watch(run, due) values(?,?) on conflict(run) do update set "
+                         "due=max(due, excluded.due)", (run, due))
+
+    def twin_watches(self) -> dict[str, float]:
+        """{local run id: when its watch may end (time.time())}."""
+        with self.db(write=False) as conn:
+            return dict(conn.execute("select run, due from twin_watch").fetchall())
+
+    def unwatch_twins(self, run: str) -> None:
+        with self.db() as conn:
+            conn.execute("delete from twin_watch where run=?", (run,))
 
     def release(self, ids: list[int]) -> None:
         """Not delivered this time: back to pending, one more attempt counted."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +41,9 @@ SERVER_REFUSED = "server-refused"
 SERVER_FAILS_ON_IT = "server-fails-on-it"
 #: Run tags whose value is a run id: a local id is translated to the server's before it leaves.
 RUN_ID_TAGS = frozenset({"mlflow.parentRunId"})
+#: A create tried again after an unknown outcome is watched for a late twin this many HTTP timeouts (connect +
+#: read) after the retry; a try held up in the network longer than that is left to the reaper.
+TWIN_WATCH_TIMEOUTS = 2
 
 
 #: Appliers of operation kinds defined outside this module (logged models, the registry: models.py,
@@ -77,9 +81,6 @@ class Operations:
         self.journal = journal
         self.heartbeats = heartbeats
         self.marks = marks if marks is not None else DeliveryMarks(link, journal)
-        # Runs created again after a try whose fate is unknown (a timeout): that try may still land and make an
-        # empty second run; looked for when the run ends (remove_twins).
-        self._twin_watch: set[str] = set()
 
     def apply(self, op: Op) -> list[str]:
         """Apply one op on the server; returns spool files that can go once it is done.
@@ -116,8 +117,9 @@ class Operations:
             payload = {"run_id": remote, "run_uuid": remote}
             payload.update({k: v for k, v in body.items() if v is not None})
             self.link.call("/runs/update", payload)
-            if op.run in self._twin_watch and body.get("status") in TERMINAL_STATUSES:
-                self.remove_twins(op.run, remote)
+            due = self.journal.twin_watches().get(op.run) if body.get("status") in TERMINAL_STATUSES else None
+            if due is not None:
+                self.remove_twins(op.run, final=time.time() >= due)
         elif op.kind == DELETE_TAG:
             try:
                 self.link.call("/runs/delete-tag", {"run_id": remote, "key": op.key})
@@ -217,17 +219,24 @@ class Operations:
                 payload["run_name"] = record.name
             found = self.link.call("/runs/create", payload)["run"]["info"]
             self.marks.none_there(("run", op.run))
-            if op.attempts:
-                self._twin_watch.add(op.run)
+            if op.attempts:  # an earlier try may still land (journal.twin_watch)
+                self.journal.watch_twins(op.run, time.time() + TWIN_WATCH_TIMEOUTS * sum(self.link.timeout))
         self.journal.map_run(op.run, found["run_id"], found.get("artifact_uri"))
 
-    def remove_twins(self, run: str, remote: str) -> None:
-        """Delete empty runs carrying `run`'s key beside `remote`: an earlier try of its create, held up in the
-        network past the client's timeout, applied after the retry had looked for it and created the run again
-        (harness H11). MLflow has no idempotent create; this is the clean-up. A twin holding any metric or param
-        is left alone (it cannot be such a try) and said so. One landing later is deleted by `bridge serve`'s
-        reaper when its birth heartbeat goes stale (bridge/serve/reaper.py)."""
+    def remove_twins(self, run: str, *, final: bool = True) -> None:
+        """Delete empty runs carrying `run`'s key beside the one it maps to: an earlier try of its create, held
+        up in the network past the client's timeout or cut by a stopping sender, applied after the retry had
+        looked for it and created the run again (harness H11, H21). MLflow has no idempotent create; this is the
+        clean-up. A twin holding any metric or param is left alone (it cannot be such a try) and said so.
+
+        Looked for when the run ends, on a flush or a stop, and once its watch is due; `final` ends the watch.
+        One landing after that is deleted by `bridge serve`'s reaper once it is silent (bridge/serve/reaper.py).
+        """
         record = self.journal.run(run)
+        remote = record and record.remote_id
+        if not remote:
+            self.journal.unwatch_twins(run)
+            return
         experiment = record and self.journal.server_experiment_id(record.experiment_id)
         found = []
         try:
@@ -257,7 +266,8 @@ class Operations:
                 continue
             log.info("bridge: removed run %s, an empty duplicate of run %s left by a create that arrived late",
                      twin_id, remote)
-        self._twin_watch.discard(run)
+        if final:
+            self.journal.unwatch_twins(run)
 
     # ------------------------------------------------------------------------------- artifacts
 

@@ -85,6 +85,7 @@ class Sender:
         self._on_stopped: list[Callable[[], None]] = []
         self._lock_file = None
         self._last_adopt = time.monotonic()
+        self._twins_looked_at = -1  # the last round of a flush that looked for late twins (_look_for_twins)
 
     # ---------------------------------------------------------------------------------- control
 
@@ -157,11 +158,13 @@ class Sender:
         """Wait until the journal is delivered or `timeout` passes; the number of entries left."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._flushing += 1
+        since_round = self._rounds
         last_wake = 0.0
         try:
             while True:
                 left = self.journal.backlog().total
-                if (left == 0 and not self._owes_marks_now()) or self._thread is None:
+                if (left == 0 and not self._owes_marks_now() and not self._owes_twin_look(since_round)) \
+                        or self._thread is None:
                     return left
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
@@ -292,7 +295,24 @@ class Sender:
         for scope in self.marks.owing_scopes():
             if self._pays_now(scope):
                 self._checked(lambda scope=scope: self.marks.pay(scope))
+        self._look_for_twins()
         return delivered
+
+    def _look_for_twins(self) -> None:
+        """Remove a late create's empty twin of a watched run (operations.remove_twins) once its watch is due,
+        and on every round of a flush: a flush returns only after a round that looked (`flush`)."""
+        flushing = bool(self._flushing)
+        now = time.time()
+        for run, due in self.journal.twin_watches().items():
+            if due <= now or flushing:
+                self._checked(lambda run=run, due=due: self.operations.remove_twins(run, final=due <= now))
+        if flushing:
+            self._twins_looked_at = self._rounds + 1  # this round's number, once it is counted
+
+    def _owes_twin_look(self, since_round: int) -> bool:
+        """Whether a flush begun at round `since_round` still waits for a round that looked for late twins."""
+        return (self.link.online is not False and self._twins_looked_at <= since_round
+                and bool(self.journal.twin_watches()))
 
     def _owes_marks_now(self) -> bool:
         """Whether a flush still waits for delivery marks (only while the server answers: see marks.py)."""
