@@ -694,6 +694,38 @@ def test_h21_a_second_connect_removes_the_twin_the_first_sender_watched(link, br
     _only_the_run_is_left(server, experiment, late)
 
 
+def test_h21_a_create_cut_by_a_stopping_sender_leaves_no_second_run(bridge_connect, make_flaky_proxy,
+                                                                   mlflow_server):
+    """The mechanism of CI seed 37, made exact: a second `connect()` stops the first sender, which cuts its
+    `runs/create` in flight — but the request had left, and the proxy (the network) applies it 3 s later, after
+    the next sender looked for the run and created it again. The twin is removed by the next flush."""
+    proxy = make_flaky_proxy("127.0.0.1", mlflow_server.port)
+    conn = bridge_connect(proxy.url)
+    client = MlflowClient()
+    experiment = _name("cut-create")
+    experiment_id = client.create_experiment(experiment)
+    assert conn.flush(30) == 0
+    proxy.set_mode("slow", path="runs/create", times=1, delay_s=3.0, chunk_size=1 << 20)
+    run_id = client.create_run(experiment_id, run_name="r").info.run_id
+    deadline = time.monotonic() + 10
+    while proxy.requests["slow"] < 1 and time.monotonic() < deadline:  # the proxy holds the first create
+        time.sleep(0.02)
+    again = bridge_connect(proxy.url)  # stops `conn`: its create is cut on the client's side only
+    client.log_param(run_id, "lr", "0.1")
+    assert again.flush(30) == 0
+    server = MlflowClient(mlflow_server.url)
+    server_experiment = server.get_experiment_by_name(experiment).experiment_id
+    both = []
+    while len(both) < 2 and time.monotonic() < deadline + 10:  # the held try lands
+        both = server.search_runs([server_experiment], f"tags.`bridge.run_key` = '{run_id}'",
+                                  run_view_type=3)
+        time.sleep(0.05)
+    assert len(both) == 2, "the cut create never landed: this test did not make the crossing it is about"
+    assert again.flush(30) == 0
+    late = next(r.info.run_id for r in both if not r.data.params)
+    _only_the_run_is_left(server, experiment, late)
+
+
 def test_h21_a_watch_ends_once_it_is_due(link, mlflow_server):
     """Past its due time (two HTTP timeouts after the retry) a watch is looked at once more and ended: a
     try held up longer is left to `bridge serve`'s reaper, and no run is searched for ever."""
