@@ -636,8 +636,14 @@ def test_h11_a_create_that_lands_after_the_retry_leaves_no_second_run(link, mlfl
     server = MlflowClient(mlflow_server.url)
     server_experiment = server.get_experiment_by_name(experiment).experiment_id
     late = server.create_run(server_experiment, run_name="r", tags={"bridge.run_key": run_id})  # the first try
+    ended_at = len(transport.requests)
     MlflowClient().set_terminated(run_id)
     assert conn.flush(30) == 0
+    # Removed by the end's own look: the requests right after the FINISHED update, before any flush's look.
+    sent = [(r.path.rsplit("/", 2)[-2:], r.json or {}) for r in transport.requests[ended_at:] if r.fault is None]
+    end = next(i for i, (path, body) in enumerate(sent) if path == ["runs", "update"]
+               and body.get("status") == "FINISHED")
+    assert [path for path, _ in sent[end + 1:end + 4]] == [["runs", "search"], ["runs", "set-tag"], ["runs", "delete"]]
     active = server.search_runs([server_experiment])
     assert [(r.info.run_name, r.data.params) for r in active] == [("r", {"lr": "0.1"})]
     gone = server.get_run(late.info.run_id)
@@ -724,6 +730,29 @@ def test_h21_a_create_cut_by_a_stopping_sender_leaves_no_second_run(bridge_conne
     assert again.flush(30) == 0
     late = next(r.info.run_id for r in both if not r.data.params)
     _only_the_run_is_left(server, experiment, late)
+
+
+def test_h21_a_run_key_search_picks_the_run_in_use():
+    """A create finding several runs with its key (a twin, removed or not yet) takes the one in use: a copy of
+    a journal must land where its original writes, not on an empty twin about to be removed (review of H21:
+    MLflow orders both tries' runs, which share a start time, by id — either could come first)."""
+    from bridge.client.operations import _empty_twin, _the_run_in_use
+
+    def run(run_id, stage="active", tags=(), params=0):
+        return {"info": {"run_id": run_id, "lifecycle_stage": stage},
+                "data": {"tags": [{"key": k, "value": "v"} for k in ("bridge.run_key", *tags)],
+                         "params": [{"key": f"p{i}", "value": "1"} for i in range(params)]}}
+
+    used, twin = run("used", tags=("mlflow.runName", "bridge.delivered.x.r"), params=1), run("twin")
+    removed = run("removed", stage="deleted", tags=("bridge.duplicate_of",))
+    assert _the_run_in_use([twin, used])["info"]["run_id"] == "used"
+    assert _the_run_in_use([removed, twin])["info"]["run_id"] == "twin"
+    assert _the_run_in_use([run("gone", stage="deleted"), twin])["info"]["run_id"] == "twin"
+    assert _the_run_in_use([run("gone", stage="deleted")])["info"]["run_id"] == "gone"  # the user deleted it
+    assert _the_run_in_use([]) is None
+    assert _empty_twin(twin, used)
+    assert not _empty_twin(run("tagged", tags=("note",)), used)  # written to: a tag the run in use lacks
+    assert not _empty_twin(run("with-a-param", params=1), used)
 
 
 def test_h21_a_watch_ends_once_it_is_due(link, mlflow_server):

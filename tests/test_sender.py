@@ -11,6 +11,7 @@ import pytest
 
 from bridge import config
 from bridge.client.heartbeat import REVIVE_CHECK_EVERY_BEATS
+from bridge.client.intake import try_lock
 from bridge.client.journal import Journal
 from bridge.client.link import Link, Verdict, classify_failure, retry_when
 from bridge.client.options import ClientOptions
@@ -412,3 +413,26 @@ def test_the_journal_is_made_durable_while_a_delivery_round_is_stuck(tmp_path, m
     finally:
         release.set()
         sender.stop()
+
+
+def test_a_flush_waits_for_a_look_for_late_twins_only_while_this_sender_delivers(tmp_path):
+    """A flush waits for a look for late twins (H21) — but not while another process holds the journal's
+    delivery lock: that process looks, and this flush would sit out its whole timeout (review of H21)."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.map_run("r1", "server-run", None, watch_twins_until=time.time() + 50)
+    other = open(str(journal.path) + ".lock", "a+")  # another process delivers this journal
+    assert try_lock(other.fileno())
+    transport = FaultTransport()
+    sender = Sender(journal, Link("http://127.0.0.1:9", "t", transport=transport),
+                    ClientOptions.from_env().replace(send_interval_s=0.05))
+    sender.start()
+    try:
+        started = time.monotonic()
+        assert sender.flush(30) == 0
+        assert time.monotonic() - started < 10, "the flush sat out a look only the other process can make"
+        assert transport.requests == []
+        assert journal.twin_watches() == {"r1": pytest.approx(time.time() + 50, abs=15)}
+    finally:
+        other.close()
+        sender.stop()
+        journal.close()

@@ -387,6 +387,8 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
             left = sender.flush(min(0.5, max(0.0, deadline - time.monotonic())))
             if on_progress is not None:
                 on_progress(total - left, total)
+        if not left:  # what a flush does after delivering (marks, a look for late twins), unhurried
+            sender.flush(max(0.0, deadline - time.monotonic()))
         sender.stop()
         after = store.backlog()
         return SyncReport(journal=store.path, url=found_url, before=before.pending, after=after.pending,

@@ -453,7 +453,8 @@ class Journal:
                 return RepairReport(damaged, problem, 0, None)
             try:
                 fresh.execute("begin")
-                _salvage_table(old, fresh, "lineage")  # bookkeeping, not counted: a lost row only costs a skip
+                for table in ("lineage", "owed_marks", "twin_watch"):  # bookkeeping, not counted
+                    _salvage_table(old, fresh, table)
                 for table in ("experiments", "runs", "entities", "ops"):
                     got, missing, exact = _salvage_table(old, fresh, table)
                     recovered += got
@@ -937,11 +938,6 @@ class Journal:
 
     # ------------------------------------------------------------- late creates (operations.remove_twins)
 
-    def watch_twins(self, run: str, due: float) -> None:
-        with self.db() as conn:
-            conn.execute("insert into twin_watch(run, due) values(?,?) on conflict(run) do update set "
-                         "due=max(due, excluded.due)", (run, due))
-
     def twin_watches(self) -> dict[str, float]:
         """{local run id: when its watch may end (time.time())}."""
         with self.db(write=False) as conn:
@@ -980,10 +976,16 @@ class Journal:
         with self.db() as conn:
             conn.execute("update experiments set remote_id=? where local_id=?", (remote_id, local_id))
 
-    def map_run(self, local_id: str, remote_id: str, artifact_uri: str | None) -> None:
+    def map_run(self, local_id: str, remote_id: str, artifact_uri: str | None, *,
+                watch_twins_until: float | None = None) -> None:
+        """`local_id` is `remote_id` on the server; with `watch_twins_until`, in the same transaction, a late
+        try of its create may still land (twin_watch)."""
         with self.db() as conn:
             conn.execute("update runs set remote_id=?, artifact_uri=? where local_id=?",
                          (remote_id, artifact_uri, local_id))
+            if watch_twins_until is not None:
+                conn.execute("insert into twin_watch(run, due) values(?,?) on conflict(run) do update set "
+                             "due=max(due, excluded.due)", (local_id, watch_twins_until))
 
     def backlog(self) -> Backlog:
         self.move_intake()

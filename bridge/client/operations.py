@@ -195,13 +195,13 @@ class Operations:
         # Always looked for first, by its run key: an earlier try whose answer was lost, or a copy of this
         # journal delivered before (Drive sync lag, a copied folder), may have created it. One request per run.
         result = self.link.call("/runs/search", {
-            "experiment_ids": [experiment], "run_view_type": "ALL", "max_results": 1,
+            "experiment_ids": [experiment], "run_view_type": "ALL", "max_results": 10,
             "filter": f"tags.`{config.RUN_KEY_TAG}` = '{op.run}'"})
-        runs = result.get("runs") or []
-        found = runs[0]["info"] if runs else None
+        chosen = _the_run_in_use(result.get("runs") or [])
+        found = chosen["info"] if chosen else None
         if found is not None:  # its delivery marks come with it (marks.py)
             self.marks.learn(("run", op.run), ((t["key"], t.get("value"))
-                                               for t in runs[0].get("data", {}).get("tags", [])))
+                                               for t in chosen.get("data", {}).get("tags", [])))
         else:
             tags = {}
             for key, value in (body.get("tags") or {}).items():
@@ -219,9 +219,9 @@ class Operations:
                 payload["run_name"] = record.name
             found = self.link.call("/runs/create", payload)["run"]["info"]
             self.marks.none_there(("run", op.run))
-            if op.attempts:  # an earlier try may still land (journal.twin_watch)
-                self.journal.watch_twins(op.run, time.time() + TWIN_WATCH_TIMEOUTS * sum(self.link.timeout))
-        self.journal.map_run(op.run, found["run_id"], found.get("artifact_uri"))
+        # After a try whose fate is unknown, an earlier try may still land, whichever try made the run.
+        watch = time.time() + TWIN_WATCH_TIMEOUTS * sum(self.link.timeout) if op.attempts else None
+        self.journal.map_run(op.run, found["run_id"], found.get("artifact_uri"), watch_twins_until=watch)
 
     def remove_twins(self, run: str, *, final: bool = True) -> None:
         """Delete empty runs carrying `run`'s key beside the one it maps to: an earlier try of its create, held
@@ -249,13 +249,13 @@ class Operations:
                 raise  # the link: the run's end is sent again, and this looked for again
             log.debug("bridge: could not look for duplicates of run %s: %s", run, exc)
             found = []
+        ours = next((r for r in found if r["info"]["run_id"] == remote), None)
         for twin in found:
             twin_id = twin["info"]["run_id"]
-            if twin_id == remote:
+            if twin_id == remote or ours is None:
                 continue
-            data = twin.get("data") or {}
-            if data.get("metrics") or data.get("params"):
-                log.warning("bridge: run %s has a second run %s with its key that holds data; left as it is", run,
+            if not _empty_twin(twin, ours) or self.journal.run_for_remote(twin_id) is not None:
+                log.warning("bridge: run %s has a second run %s with its key that is in use; left as it is", run,
                             twin_id)
                 continue
             try:
@@ -296,6 +296,28 @@ class Operations:
         with open(spool_file, "rb") as fh:
             read_s = upload_read_timeout(spool_file.stat().st_size, self.link.timeout[1])
             self.link.request("PUT", url, data=fh, timeout=(self.link.timeout[0], read_s))
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t.get("value") for t in (run.get("data") or {}).get("tags", [])}
+
+
+def _empty_twin(twin: dict, ours: dict) -> bool:
+    """Whether `twin` can be what a late try of `ours`'s create left: no metric, no param, and no tag that
+    `ours` lacks (the reaper's rule, bridge/serve/reaper.py). Anything else was written to it: it is in use."""
+    data = twin.get("data") or {}
+    return not data.get("metrics") and not data.get("params") and set(_tags(twin)) <= set(_tags(ours))
+
+
+def _the_run_in_use(runs: list[dict]) -> dict | None:
+    """Of the runs carrying one run key, the one to deliver to: never a twin bridge removed while another is
+    there, an active one before a deleted one, then the one holding the most (a copy of a journal must land
+    on the run its original writes to, not on an empty twin about to be removed)."""
+    def rank(run: dict) -> tuple:
+        data = run.get("data") or {}
+        return (config.DUPLICATE_OF_TAG not in _tags(run), run["info"].get("lifecycle_stage") != "deleted",
+                len(data.get("metrics") or []) + len(data.get("params") or []) + len(data.get("tags") or []))
+    return max(runs, key=rank) if runs else None
 
 
 def sha256_of(path: Path) -> str:

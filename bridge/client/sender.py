@@ -84,8 +84,9 @@ class Sender:
         self._threads_alive = 0
         self._on_stopped: list[Callable[[], None]] = []
         self._lock_file = None
+        self._lock_elsewhere = False  # another process holds the journal's delivery lock (_loop)
         self._last_adopt = time.monotonic()
-        self._twins_looked_at = -1  # the last round of a flush that looked for late twins (_look_for_twins)
+        self._looks_begun = self._looks_done = 0  # looks for late twins made for a flush (_look_for_twins)
 
     # ---------------------------------------------------------------------------------- control
 
@@ -158,12 +159,12 @@ class Sender:
         """Wait until the journal is delivered or `timeout` passes; the number of entries left."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._flushing += 1
-        since_round = self._rounds
+        since_look = self._looks_begun
         last_wake = 0.0
         try:
             while True:
                 left = self.journal.backlog().total
-                if (left == 0 and not self._owes_marks_now() and not self._owes_twin_look(since_round)) \
+                if (left == 0 and not self._owes_marks_now() and not self._owes_twin_look(since_look)) \
                         or self._thread is None:
                     return left
                 now = time.monotonic()
@@ -218,11 +219,13 @@ class Sender:
 
     def _loop(self) -> None:
         while not self._acquire_lock():
+            self._lock_elsewhere = True
             self.link.last_error = f"another process is delivering journal {self.journal.path}; waiting for it"
             with contextlib.suppress(Exception):
                 self.journal.move_intake()  # so that process's sender sees this one's points
             if self._stop.wait(0.5):
                 return
+        self._lock_elsewhere = False
         self.journal.reset_in_flight()
         attempts = 0
         while not self._stop.is_set():
@@ -302,21 +305,27 @@ class Sender:
         """Remove a late create's empty twin of a watched run (operations.remove_twins) once its watch is due,
         and on every round of a flush: a flush returns only after a round that looked (`flush`)."""
         flushing = bool(self._flushing)
+        if flushing:
+            self._looks_begun += 1
+            look = self._looks_begun
         now = time.time()
         for run, due in self.journal.twin_watches().items():
             if due <= now or flushing:
                 self._checked(lambda run=run, due=due: self.operations.remove_twins(run, final=due <= now))
         if flushing:
-            self._twins_looked_at = self._rounds + 1  # this round's number, once it is counted
+            self._looks_done = look
 
-    def _owes_twin_look(self, since_round: int) -> bool:
-        """Whether a flush begun at round `since_round` still waits for a round that looked for late twins."""
-        return (self.link.online is not False and self._twins_looked_at <= since_round
-                and bool(self.journal.twin_watches()))
+    def _owes_twin_look(self, since_look: int) -> bool:
+        """Whether a flush, begun when `since_look` looks had begun, still waits for one begun after it — only
+        while this sender delivers (holds the journal) and the server answers."""
+        return (self._looks_done <= since_look and self.link.online is not False and not self._lock_elsewhere
+                and not self._stop.is_set() and bool(self.journal.twin_watches()))
 
     def _owes_marks_now(self) -> bool:
-        """Whether a flush still waits for delivery marks (only while the server answers: see marks.py)."""
-        return self.link.online is not False and any(self._pays_now(s) for s in self.marks.owing_scopes())
+        """Whether a flush still waits for delivery marks (only while the server answers: see marks.py, and
+        while this sender delivers: the process holding the journal pays them)."""
+        return (self.link.online is not False and not self._lock_elsewhere
+                and any(self._pays_now(s) for s in self.marks.owing_scopes()))
 
     def _pays_now(self, scope: Scope) -> bool:
         """Whether `scope`'s owed marks go at the end of this round: a live run's ride in its next request."""
