@@ -621,36 +621,6 @@ def test_h5_h6_the_local_view_of_the_latest_metric_is_the_servers(link, mlflow_s
     assert repr(local) == repr(served)
 
 
-def test_h11_a_create_that_lands_after_the_retry_leaves_no_second_run(link, mlflow_server):
-    """A runs/create held up in the network past the client's timeout, applied after the retry looked for the
-    run and created it again, made an empty second run (seed 40025). The client removes it when the run ends:
-    deleted, tagged with the real run's id; a second run holding data would be left alone."""
-    conn, transport = link
-    experiment = _name("late-create")
-    experiment_id = MlflowClient().create_experiment(experiment)
-    assert conn.flush(30) == 0
-    transport.fail("timeout", path="runs/create", times=1)
-    run_id = MlflowClient().create_run(experiment_id, run_name="r").info.run_id
-    MlflowClient().log_param(run_id, "lr", "0.1")
-    assert conn.flush(30) == 0
-    server = MlflowClient(mlflow_server.url)
-    server_experiment = server.get_experiment_by_name(experiment).experiment_id
-    late = server.create_run(server_experiment, run_name="r", tags={"bridge.run_key": run_id})  # the first try
-    ended_at = len(transport.requests)
-    MlflowClient().set_terminated(run_id)
-    assert conn.flush(30) == 0
-    # Removed by the end's own look: the requests right after the FINISHED update, before any flush's look.
-    sent = [(r.path.rsplit("/", 2)[-2:], r.json or {}) for r in transport.requests[ended_at:] if r.fault is None]
-    end = next(i for i, (path, body) in enumerate(sent) if path == ["runs", "update"]
-               and body.get("status") == "FINISHED")
-    assert [path for path, _ in sent[end + 1:end + 4]] == [["runs", "search"], ["runs", "set-tag"], ["runs", "delete"]]
-    active = server.search_runs([server_experiment])
-    assert [(r.info.run_name, r.data.params) for r in active] == [("r", {"lr": "0.1"})]
-    gone = server.get_run(late.info.run_id)
-    assert gone.info.lifecycle_stage == "deleted"
-    assert gone.data.tags["bridge.duplicate_of"] == active[0].info.run_id
-
-
 def _late_twin(conn, transport, mlflow_server, experiment: str) -> tuple[str, str, MlflowClient]:
     """A run whose first create timed out and was created again; then the first try lands on the server (as
     a request held up in the network, or cut by a stopping sender after it was sent, does). (local id, the
@@ -674,6 +644,24 @@ def _only_the_run_is_left(server: MlflowClient, experiment: str, late: str) -> N
     gone = server.get_run(late)
     assert gone.info.lifecycle_stage == "deleted"
     assert gone.data.tags["bridge.duplicate_of"] == active[0].info.run_id
+
+
+def test_h11_a_create_that_lands_after_the_retry_leaves_no_second_run(link, mlflow_server):
+    """A runs/create held up in the network past the client's timeout, applied after the retry looked for the
+    run and created it again, made an empty second run (seed 40025). The client removes it when the run ends:
+    deleted, tagged with the real run's id; a second run holding data would be left alone."""
+    conn, transport = link
+    experiment = _name("late-create")
+    run_id, late, server = _late_twin(conn, transport, mlflow_server, experiment)
+    ended_at = len(transport.requests)
+    MlflowClient().set_terminated(run_id)
+    assert conn.flush(30) == 0
+    # Removed by the end's own look: the requests right after the FINISHED update, before any flush's look.
+    sent = [(r.path.rsplit("/", 2)[-2:], r.json or {}) for r in transport.requests[ended_at:] if r.fault is None]
+    end = next(i for i, (path, body) in enumerate(sent) if path == ["runs", "update"]
+               and body.get("status") == "FINISHED")
+    assert [path for path, _ in sent[end + 1:end + 4]] == [["runs", "search"], ["runs", "set-tag"], ["runs", "delete"]]
+    _only_the_run_is_left(server, experiment, late)
 
 
 def test_h21_a_late_twin_of_a_run_that_never_ends_is_removed_by_a_flush(link, mlflow_server):
