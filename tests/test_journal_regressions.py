@@ -688,31 +688,52 @@ def test_h21_a_second_connect_removes_the_twin_the_first_sender_watched(link, br
     _only_the_run_is_left(server, experiment, late)
 
 
-def test_h21_a_create_cut_by_a_stopping_sender_leaves_no_second_run(bridge_connect, make_flaky_proxy,
-                                                                   mlflow_server):
-    """The mechanism of CI seed 37, made exact: a second `connect()` stops the first sender, which cuts its
-    `runs/create` in flight — but the request had left, and the proxy (the network) applies it 3 s later, after
-    the next sender looked for the run and created it again. The twin is removed by the next flush."""
-    proxy = make_flaky_proxy("127.0.0.1", mlflow_server.port)
+def _create_held_across_a_second_connect(bridge_connect, proxy, held_s: float, experiment: str):
+    """The proxy (the network) holds the first sender's `runs/create` for `held_s` after it left, while a
+    second `connect()` stops that sender; a param is logged and flushed by the second. (local run id, the
+    second connection)."""
     conn = bridge_connect(proxy.url)
     client = MlflowClient()
-    experiment = _name("cut-create")
     experiment_id = client.create_experiment(experiment)
     assert conn.flush(30) == 0
-    proxy.set_mode("slow", path="runs/create", times=1, delay_s=3.0, chunk_size=1 << 20)
+    # Held under the MLflow server's 5 s keep-alive: the proxy's upstream connection waits with the request.
+    proxy.set_mode("slow", path="runs/create", times=1, delay_s=held_s, chunk_size=1 << 20, response=False)
     run_id = client.create_run(experiment_id, run_name="r").info.run_id
     deadline = time.monotonic() + 10
     while proxy.requests["slow"] < 1 and time.monotonic() < deadline:  # the proxy holds the first create
         time.sleep(0.02)
-    again = bridge_connect(proxy.url)  # stops `conn`: its create is cut on the client's side only
+    again = bridge_connect(proxy.url)  # stops `conn`
     client.log_param(run_id, "lr", "0.1")
     assert again.flush(30) == 0
+    return run_id, again
+
+
+def test_h21_a_second_connect_lets_a_create_in_flight_finish(bridge_connect, make_flaky_proxy, mlflow_server):
+    """CI seed 37's cause, avoided: a stopping sender lets a run create in flight finish (up to
+    CREATE_GRACE_S) before it cuts requests, so the next sender finds the run — no second run is ever made."""
+    proxy = make_flaky_proxy("127.0.0.1", mlflow_server.port)
+    experiment = _name("create-finishes")
+    run_id, _ = _create_held_across_a_second_connect(bridge_connect, proxy, 1.5, experiment)
+    assert proxy.count("runs/create") == 1, "the second sender created the run again"
+    server = MlflowClient(mlflow_server.url)
+    runs = server.search_runs([server.get_experiment_by_name(experiment).experiment_id],
+                              f"tags.`bridge.run_key` = '{run_id}'", run_view_type=3)
+    assert [(r.info.lifecycle_stage, r.data.params) for r in runs] == [("active", {"lr": "0.1"})]
+
+
+def test_h21_a_create_cut_by_a_stopping_sender_leaves_no_second_run(bridge_connect, make_flaky_proxy,
+                                                                   mlflow_server):
+    """The mechanism of CI seed 37, made exact: a create held longer than the stopping sender waits is cut on
+    the client's side only — the request had left, and the proxy (the network) applies it 4 s later, after
+    the next sender looked for the run and created it again. The twin is removed by the next flush."""
+    proxy = make_flaky_proxy("127.0.0.1", mlflow_server.port)
+    experiment = _name("cut-create")
+    run_id, again = _create_held_across_a_second_connect(bridge_connect, proxy, 4.0, experiment)
     server = MlflowClient(mlflow_server.url)
     server_experiment = server.get_experiment_by_name(experiment).experiment_id
-    both = []
-    while len(both) < 2 and time.monotonic() < deadline + 10:  # the held try lands
-        both = server.search_runs([server_experiment], f"tags.`bridge.run_key` = '{run_id}'",
-                                  run_view_type=3)
+    both, deadline = [], time.monotonic() + 15
+    while len(both) < 2 and time.monotonic() < deadline:  # the held try lands
+        both = server.search_runs([server_experiment], f"tags.`bridge.run_key` = '{run_id}'", run_view_type=3)
         time.sleep(0.05)
     assert len(both) == 2, "the cut create never landed: this test did not make the crossing it is about"
     assert again.flush(30) == 0

@@ -409,7 +409,8 @@ def _apply_create(ops: operations.Operations, op: J.Op, body: dict) -> list[str]
             payload["source_run_id"] = source_run
         if body.get("model_type"):
             payload["model_type"] = body["model_type"]
-        info = ops.link.request("POST", LOGGED_MODELS_API, json_body=payload).json()["model"]["info"]
+        with ops.creating():
+            info = ops.link.request("POST", LOGGED_MODELS_API, json_body=payload).json()["model"]["info"]
         rest = params[_PARAMS_PER_REQUEST:]
     else:
         rest = params  # params are idempotent: re-send them all

@@ -8,10 +8,12 @@ Local reasons an entry can never be delivered raise `UndeliverableError` with a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bridge import config
@@ -81,6 +83,22 @@ class Operations:
         self.journal = journal
         self.heartbeats = heartbeats
         self.marks = marks if marks is not None else DeliveryMarks(link, journal)
+        self._no_create = threading.Event()  # set while no create without a key of its own is in flight
+        self._no_create.set()
+
+    @contextlib.contextmanager
+    def creating(self) -> Iterator[None]:
+        """Around a create MLflow cannot make idempotent (a run, a logged model, a model version): a stopping
+        sender lets it finish before cutting requests (`wait_for_creates`) — cut after it left, it may land
+        after the next sender looked for it, and make a second one (H21)."""
+        self._no_create.clear()
+        try:
+            yield
+        finally:
+            self._no_create.set()
+
+    def wait_for_creates(self, timeout: float) -> bool:
+        return self._no_create.wait(timeout)
 
     def apply(self, op: Op) -> list[str]:
         """Apply one op on the server; returns spool files that can go once it is done.
@@ -217,7 +235,8 @@ class Operations:
                 payload["user_id"] = record.user_id
             if record.name:
                 payload["run_name"] = record.name
-            found = self.link.call("/runs/create", payload)["run"]["info"]
+            with self.creating():
+                found = self.link.call("/runs/create", payload)["run"]["info"]
             self.marks.none_there(("run", op.run))
         # After a try whose fate is unknown, an earlier try may still land, whichever try made the run.
         watch = time.time() + TWIN_WATCH_TIMEOUTS * sum(self.link.timeout) if op.attempts else None

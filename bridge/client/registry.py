@@ -567,7 +567,8 @@ def _apply_create_version(ops: operations.Operations, op: J.Op, body: dict) -> l
         for field in ("description", "run_link"):
             if body.get(field):
                 payload[field] = body[field]
-        found = _call(ops, "POST", "/model-versions/create", payload)["model_version"]
+        with ops.creating():
+            found = _call(ops, "POST", "/model-versions/create", payload)["model_version"]
     journal.map_entity(J.MODEL_VERSION, key, version_key(body["name"], found["version"]))
     return []
 

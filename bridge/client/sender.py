@@ -45,6 +45,8 @@ TOKEN_RETRY_MIN_MS = 5_000
 #: How often the intake is moved into SQLite and the journal fsynced, whatever delivery is doing: the most
 #: an OS crash or power cut can take of what calls had already returned.
 DURABLE_EVERY_S = 1.0
+#: How long `stop()` lets a run/model/version create in flight finish before cutting it (H21).
+CREATE_GRACE_S = 2.0
 #: How often the intake files of ended processes (killed children) are looked for.
 ADOPT_EVERY_S = 5.0
 _READ_BATCH = 5000
@@ -113,8 +115,11 @@ class Sender:
         """
         self._stop.set()
         self._wake.set()
-        self.link.abort()  # a request in flight fails now (its rows go back to pending) instead of timing out
         deadline = time.monotonic() + timeout
+        # A create in flight may finish first (a cut one can land late and make a twin: operations.creating);
+        # any other request in flight fails now (its rows go back to pending) instead of timing out.
+        self.operations.wait_for_creates(min(CREATE_GRACE_S, timeout))
+        self.link.abort()
         for thread in (self._thread, self._durable_thread):
             if thread is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))

@@ -9,7 +9,8 @@ then acts by the mode current at that moment:
     reset       RST the client: at="request" after forwarding half the request (server never applies it),
                 at="response" after relaying half of the server's response (server applied it)
     http_5xx    answer `status` (503) itself, forward nothing
-    slow        forward and relay in `chunk_size` pieces, `delay_s` before each piece
+    slow        forward and relay in `chunk_size` pieces, `delay_s` before each piece (response=False: only
+                the request is slowed, the answer relayed at once)
     lost_ack    forward the request, read the server's whole response, close the client without sending it
 
 Every mode but `refuse` also takes `path` (only requests whose path contains it are affected; others pass)
@@ -40,7 +41,7 @@ _MODE_OPTIONS = {
     "blackhole": {},
     "reset": {"at": "request"},
     "http_5xx": {"status": 503},
-    "slow": {"delay_s": 0.05, "chunk_size": 4096},
+    "slow": {"delay_s": 0.05, "chunk_size": 4096, "response": True},
     "lost_ack": {},
 }
 _REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -443,7 +444,7 @@ class FlakyProxy:
                     reset_client = True
                     return
 
-                self._send(client, response.raw, options if mode == "slow" else None)
+                self._send(client, response.raw, options if mode == "slow" and options["response"] else None)
                 if response.close:
                     return
                 if request.close:
