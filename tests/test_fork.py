@@ -4,6 +4,7 @@ creates keep beating while it lives (issue 8, defect 11)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 import uuid
@@ -96,3 +97,24 @@ def test_a_run_created_by_a_live_child_keeps_beating(bridge_connect, mlflow_serv
     finally:
         stop.set()
         child.join(60)
+
+
+def test_a_child_forked_during_a_create_does_not_wait_for_it(tmp_path):
+    """A stopping sender waits for a create in flight (H21's grace); a child forked while its parent's sender
+    was creating has no such create, and its own stop must not wait for one."""
+    from bridge.client.heartbeat import Heartbeats
+    from bridge.client.journal import Journal
+    from bridge.client.link import Link
+    from bridge.client.operations import Operations
+
+    journal = Journal(tmp_path / "journal.sqlite")
+    link = Link("http://127.0.0.1:9", "t")
+    operations = Operations(link, journal, Heartbeats(link, journal, 60.0))
+    with operations.creating():
+        pid = os.fork()
+        if pid == 0:  # the child: no create of its own is in flight
+            os._exit(0 if operations.wait_for_creates(0.0) else 1)
+        assert not operations.wait_for_creates(0.0)  # the parent's is
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    journal.close()

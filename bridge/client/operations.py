@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bridge import config
+from bridge.client import forksafe
 from bridge.client.heartbeat import Heartbeats
 from bridge.client.journal import (
     ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN, DELETE_EXPERIMENT_TAG, DELETE_TAG, LOG_INPUTS, SET_EXPERIMENT_TAG,
@@ -84,6 +85,11 @@ class Operations:
         self.heartbeats = heartbeats
         self.marks = marks if marks is not None else DeliveryMarks(link, journal)
         self._no_create = threading.Event()  # set while no create without a key of its own is in flight
+        self._no_create.set()
+        forksafe.renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._no_create = threading.Event()  # the parent's sender may have been creating; the child's is not
         self._no_create.set()
 
     @contextlib.contextmanager
