@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tests.support.client import server_run
+from bridge.client import sender as sender_module
 from bridge.client.link import RequestsTransport
 from tests.support.transport import FaultTransport
 
@@ -708,9 +709,11 @@ def _create_held_across_a_second_connect(bridge_connect, proxy, held_s: float, e
     return run_id, again
 
 
-def test_h21_a_second_connect_lets_a_create_in_flight_finish(bridge_connect, make_flaky_proxy, mlflow_server):
+def test_h21_a_second_connect_lets_a_create_in_flight_finish(bridge_connect, make_flaky_proxy, mlflow_server,
+                                                             monkeypatch):
     """CI seed 37's cause, avoided: a stopping sender lets a run create in flight finish (up to
     CREATE_GRACE_S) before it cuts requests, so the next sender finds the run — no second run is ever made."""
+    monkeypatch.setattr(sender_module, "CREATE_GRACE_S", 5.0)  # wide of the 1.5 s hold on a loaded machine
     proxy = make_flaky_proxy("127.0.0.1", mlflow_server.port)
     experiment = _name("create-finishes")
     run_id, _ = _create_held_across_a_second_connect(bridge_connect, proxy, 1.5, experiment)
@@ -722,13 +725,14 @@ def test_h21_a_second_connect_lets_a_create_in_flight_finish(bridge_connect, mak
 
 
 def test_h21_a_create_cut_by_a_stopping_sender_leaves_no_second_run(bridge_connect, make_flaky_proxy,
-                                                                   mlflow_server):
+                                                                   mlflow_server, monkeypatch):
     """The mechanism of CI seed 37, made exact: a create held longer than the stopping sender waits is cut on
-    the client's side only — the request had left, and the proxy (the network) applies it 4 s later, after
+    the client's side only — the request had left, and the proxy (the network) applies it 2.5 s later, after
     the next sender looked for the run and created it again. The twin is removed by the next flush."""
+    monkeypatch.setattr(sender_module, "CREATE_GRACE_S", 0.5)  # 2 s before the held try lands
     proxy = make_flaky_proxy("127.0.0.1", mlflow_server.port)
     experiment = _name("cut-create")
-    run_id, again = _create_held_across_a_second_connect(bridge_connect, proxy, 4.0, experiment)
+    run_id, again = _create_held_across_a_second_connect(bridge_connect, proxy, 2.5, experiment)
     server = MlflowClient(mlflow_server.url)
     server_experiment = server.get_experiment_by_name(experiment).experiment_id
     both, deadline = [], time.monotonic() + 15

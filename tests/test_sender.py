@@ -10,10 +10,11 @@ import uuid
 import pytest
 
 from bridge import config
-from bridge.client.heartbeat import REVIVE_CHECK_EVERY_BEATS
+from bridge.client.heartbeat import REVIVE_CHECK_EVERY_BEATS, Heartbeats
 from bridge.client.intake import try_lock
 from bridge.client.journal import Journal
 from bridge.client.link import Link, Verdict, classify_failure, retry_when
+from bridge.client.operations import Operations
 from bridge.client.options import ClientOptions
 from bridge.client.sender import Sender
 from bridge.errors import HttpError, TokenRejectedError, TransportError
@@ -436,3 +437,21 @@ def test_a_flush_waits_for_a_look_for_late_twins_only_while_this_sender_delivers
         other.close()
         sender.stop()
         journal.close()
+
+
+def test_no_create_begins_once_the_sender_is_stopping(tmp_path):
+    """A stopping sender waits for creates in flight (H21's grace); one that would begin after the stop looked
+    would be cut after it left — it does not begin, and its op goes back to the next sender (review of H21)."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    link = Link("http://127.0.0.1:9", "t", transport=FaultTransport())
+    operations = Operations(link, journal, Heartbeats(link, journal, 60.0))
+    with operations.creating():
+        with operations.creating():  # counted, not a flag: the inner one ending leaves the outer in flight
+            pass
+        assert not operations.wait_for_creates(0.0)
+    assert operations.wait_for_creates(0.0)
+    with pytest.raises(TransportError, match="stopping"):
+        with operations.creating():
+            pytest.fail("a create began after the sender stopped waiting for creates")
+    assert operations.wait_for_creates(0.0)  # the refused one is not left counted
+    journal.close()

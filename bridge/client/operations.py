@@ -25,7 +25,7 @@ from bridge.client.journal import (
 )
 from bridge.client.link import Link, Verdict, classify_failure, upload_read_timeout
 from bridge.client.marks import TERMINAL_STATUSES, DeliveryMarks
-from bridge.errors import HttpError, UndeliverableError
+from bridge.errors import HttpError, TransportError, UndeliverableError
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +84,43 @@ class Operations:
         self.journal = journal
         self.heartbeats = heartbeats
         self.marks = marks if marks is not None else DeliveryMarks(link, journal)
-        self._no_create = threading.Event()  # set while no create without a key of its own is in flight
-        self._no_create.set()
+        self._renew_create_state()
         forksafe.renew_after_fork(self)
 
-    def _after_fork_in_child(self) -> None:
-        self._no_create = threading.Event()  # the parent's sender may have been creating; the child's is not
+    def _renew_create_state(self) -> None:
+        self._creates = 0  # creates without a key of their own in flight (`creating`)
+        self._creates_lock = threading.Lock()
+        self._no_create = threading.Event()  # set while `_creates` is 0
         self._no_create.set()
+        self._stopping = False
+
+    def _after_fork_in_child(self) -> None:
+        self._renew_create_state()  # the parent's sender may have been creating; the child's is not
 
     @contextlib.contextmanager
     def creating(self) -> Iterator[None]:
         """Around a create MLflow cannot make idempotent (a run, a logged model, a model version): a stopping
         sender lets it finish before cutting requests (`wait_for_creates`) — cut after it left, it may land
-        after the next sender looked for it, and make a second one (H21)."""
-        self._no_create.clear()
+        after the next sender looked for it, and make a second one (H21). Once the sender is stopping, none
+        begins: the op goes back to pending for the next sender, which looks for the run first."""
+        with self._creates_lock:
+            self._creates += 1
+            self._no_create.clear()
         try:
+            # Counted first, then the flag read; `wait_for_creates` sets the flag, then reads the count: one of
+            # the two sees the other.
+            if self._stopping:
+                raise TransportError("the sender is stopping; the create is left to the next one")
             yield
         finally:
-            self._no_create.set()
+            with self._creates_lock:
+                self._creates -= 1
+                if not self._creates:
+                    self._no_create.set()
 
     def wait_for_creates(self, timeout: float) -> bool:
+        """Stop beginning creates; wait up to `timeout` for those in flight. True when none is left."""
+        self._stopping = True
         return self._no_create.wait(timeout)
 
     def apply(self, op: Op) -> list[str]:
