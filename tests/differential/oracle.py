@@ -95,7 +95,8 @@ def _capture_models(client: MlflowClient, server_url: str, state: State, server_
                 "run": server_index.get(model.source_run_id, f"unknown id {model.source_run_id}"),
                 "status": str(model.status),
                 "params": dict(sorted((model.params or {}).items())),
-                "tags": {k: v for k, v in sorted((model.tags or {}).items()) if not k.startswith("mlflow.")},
+                "tags": {k: v for k, v in sorted((model.tags or {}).items())
+                         if not k.startswith("mlflow.") and not allowances.ignored_tag(k)},  # bridge.modelKey
                 # MLmodel holds the model's id, time and uuid: file names only, not bytes.
                 "files": sorted(_artifacts(session, server_url, model.artifact_location)),
             }
