@@ -106,7 +106,7 @@ _SCHEMA = (
         n integer not null)""",
     # Runs created again after a try whose fate is unknown (a timeout, or a request cut by a stopping sender):
     # that try may still land and make an empty second run. Looked for (operations.remove_twins) when the run
-    # ends, on a flush or a sender's stop, and at `due` (wall clock), by whichever sender delivers this journal.
+    # ends, on a flush, and at `due` (wall clock), by whichever sender delivers this journal.
     """create table if not exists twin_watch (
         run text primary key,
         due real not null)""",

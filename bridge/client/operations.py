@@ -269,9 +269,10 @@ class Operations:
         """Delete empty runs carrying `run`'s key beside the one it maps to: an earlier try of its create, held
         up in the network past the client's timeout or cut by a stopping sender, applied after the retry had
         looked for it and created the run again (harness H11, H21). MLflow has no idempotent create; this is the
-        clean-up. A twin holding any metric or param is left alone (it cannot be such a try) and said so.
+        clean-up. A run holding anything the mapped run lacks (`_empty_twin`), or mapped by another local run, is
+        left alone (it cannot be such a try) and said so.
 
-        Looked for when the run ends, on a flush or a stop, and once its watch is due; `final` ends the watch.
+        Looked for when the run ends, on a flush, and once its watch is due; `final` ends the watch.
         One landing after that is deleted by `bridge serve`'s reaper once it is silent (bridge/serve/reaper.py).
         """
         record = self.journal.run(run)
@@ -279,7 +280,7 @@ class Operations:
         if not remote:
             self.journal.unwatch_twins(run)
             return
-        experiment = record and self.journal.server_experiment_id(record.experiment_id)
+        experiment = self.journal.server_experiment_id(record.experiment_id)
         found = []
         try:
             if experiment:
