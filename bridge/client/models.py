@@ -9,6 +9,12 @@ is journaled under its local id as the run key, in call order:
 so the server sees READY only after the last file arrived. The run↔model link (`log_outputs`) is sent under
 the model's key too: by then the run (created earlier) and the model exist on the server. Ids are
 translated both ways: the sender maps the local id to the server's; reads relabel the server's ids.
+
+Metrics that name a model (or a dataset) are the run's: journaled under the run, in call order with its other
+writes, and sent once the model they name exists on the server (the run's delivery waits a round for it).
+`log_model` copies the run's metrics at its step to the new model by reading them back; while the server
+does not answer, that copy is journaled instead (`STEP_METRICS_TO_MODEL`) and read on the server at delivery,
+when every earlier point of the run is there — the model gets what stock MLflow would have given it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import functools
 import inspect
 import json
 import re
+import sys
 import time
 import uuid
 from urllib.parse import quote
@@ -40,6 +47,10 @@ DELETE_LOGGED_MODEL_TAG = "delete_logged_model_tag"
 FINALIZE_LOGGED_MODEL = "finalize_logged_model"
 LOG_OUTPUTS = "log_outputs"
 RECORD_LOGGED_MODEL = "record_logged_model"
+#: Metric points that name a logged model or a dataset (MLflow 3), journaled under their run.
+MODEL_METRICS = "model_metrics"
+#: `log_model`'s copy of the run's metrics at one step to the model, made at delivery (see the module doc).
+STEP_METRICS_TO_MODEL = "step_metrics_to_model"
 
 #: The tag that finds a model again after a lost answer (like the run key of a run).
 MODEL_KEY_TAG = "bridge.modelKey"
@@ -48,6 +59,11 @@ MODEL_NOT_CREATED = "model-not-created"
 
 LOGGED_MODELS_API = "/api/2.0/mlflow/logged-models"
 _PARAMS_PER_REQUEST = 100
+_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
+
+#: Where `Model.log` defines the helper that copies a step's metrics to the model (bridge/mlflow_internals.py).
+_MODEL_LOG_FILE = "/".join(("mlflow", "models", "model.py"))
+_MODEL_LOG_HELPER = "log_model_metrics_for_step"
 
 _NEVER_JOURNALED = ("start_trace", "log_spans", "log_spans_async", "get_trace_info", "get_trace", "search_traces",
                     "set_trace_tag", "delete_trace_tag", "delete_traces", "batch_get_traces", "batch_get_trace_infos",
@@ -63,6 +79,58 @@ def model_artifact_uri(model_id: str) -> str:
 
 def new_model_id() -> str:
     return "m-" + uuid.uuid4().hex
+
+
+def names_a_model(metric) -> bool:
+    """Whether a metric carries more than a run's point: a logged model or a dataset it belongs to."""
+    return bool(metric.model_id or metric.dataset_name or metric.dataset_digest)
+
+
+def journal_model_metrics(journal: J.Journal, run_id: str, metrics: list) -> None:
+    """Journal metric points that name a model or dataset (`names_a_model`) under their run, in call order."""
+    from bridge.client.batch import json_number
+
+    points = []
+    for m in metrics:
+        point = {"key": m.key, "value": json_number(float(m.value)), "timestamp": m.timestamp, "step": m.step or 0}
+        point.update((k, v) for k, v in (("model_id", m.model_id), ("dataset_name", m.dataset_name),
+                                         ("dataset_digest", m.dataset_digest)) if v)
+        points.append(point)
+    journal.append(run_id, MODEL_METRICS, {"metrics": points})
+
+
+def model_metric_points(op: J.Op) -> list[tuple[str, float, int, int]]:
+    """(key, value, timestamp, step) of a MODEL_METRICS op, for the reads that merge what is still waiting."""
+    return [(p["key"], float(p["value"]), p["timestamp"], p.get("step") or 0) for p in op.json()["metrics"]]
+
+
+def asked_by_log_model() -> tuple[str, int] | None:
+    """(model id, step) when MLflow's `log_model` is reading the run's metrics to copy them to a new model.
+
+    `Model.log` does that in a nested helper (`log_model_metrics_for_step`, a private MLflow name: see
+    bridge/mlflow_internals.py), reading `get_run` and `get_metric_history`; a frame of it up the stack is
+    the only sign of who is asking. Cheap enough for the reads it is used on: those the server cannot answer.
+    """
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_name == _MODEL_LOG_HELPER and code.co_filename.replace("\\", "/").endswith(_MODEL_LOG_FILE):
+            found = frame.f_locals
+            model_id, step = found.get("model_id"), found.get("step")
+            return (model_id, int(step or 0)) if isinstance(model_id, str) else None
+        frame = frame.f_back
+    return None
+
+
+def journal_step_metrics_to_model(journal: J.Journal, run_id: str, model_id: str, step: int,
+                                  key: str | None = None) -> None:
+    """Journal `log_model`'s copy of run `run_id`'s metrics at `step` (all, or only `key`) to model `model_id`."""
+    body = {"model": model_id, "step": step}
+    if key is not None:
+        body["key"] = key
+    journal.append(run_id, STEP_METRICS_TO_MODEL, body)
 
 
 class LoggedModelStoreMixin:
@@ -486,10 +554,72 @@ def _apply_record(ops: operations.Operations, op: J.Op, body: dict) -> list[str]
     return []
 
 
+def _waits_for_model(ops: operations.Operations, op: J.Op, body: dict) -> bool:
+    """Whether a model this op names was created here and its creation is still on its way to the server."""
+    if op.kind == STEP_METRICS_TO_MODEL:
+        named = {body["model"]}
+    else:
+        named = {p["model_id"] for p in body["metrics"] if p.get("model_id")}
+    for model_id in named:
+        record = ops.journal.entity(J.LOGGED_MODEL, model_id) if model_id.startswith("m-") else None
+        if (record is not None and record.remote_id is None
+                and ops.journal.undelivered(model_id, (CREATE_LOGGED_MODEL,))):
+            return True
+    return False
+
+
+def _log_batch_metrics(ops: operations.Operations, run: str, points: list[dict]) -> None:
+    for start in range(0, len(points), _METRICS_PER_REQUEST):
+        ops.link.call("/runs/log-batch", {"run_id": run, "metrics": points[start:start + _METRICS_PER_REQUEST],
+                                          "params": [], "tags": []})
+
+
+def _apply_model_metrics(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
+    journal = ops.journal
+    points = [dict(p, model_id=server_model_id(journal, p["model_id"])) if p.get("model_id") else p
+              for p in body["metrics"]]
+    _log_batch_metrics(ops, _server_run_id(journal, op.run), points)  # the server keeps one of each point
+    return []
+
+
+def _apply_step_metrics(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
+    """What `log_model` does online (mlflow/models/model.py), on the server's data: every point of the run at
+    the step that names no model yet, again with the model's id. The run's earlier writes are there by now."""
+    journal = ops.journal
+    run = _server_run_id(journal, op.run)
+    model = server_model_id(journal, body["model"])
+    step = body.get("step") or 0
+    if body.get("key") is not None:
+        keys = [body["key"]]
+    else:
+        found = ops.link.call("/runs/get", {"run_id": run}, method="GET")
+        keys = sorted({m["key"] for m in (found.get("run", {}).get("data", {}).get("metrics") or [])})
+    points = []
+    for key in keys:
+        token = None
+        while True:
+            query = {"run_id": run, "metric_key": key}
+            if token:
+                query["page_token"] = token
+            page = ops.link.call("/metrics/get-history", query, method="GET")
+            points.extend({**{k: p[k] for k in ("key", "value", "timestamp", "step", "dataset_name",
+                                                   "dataset_digest") if k in p}, "model_id": model}
+                          for p in page.get("metrics") or () if int(p.get("step") or 0) == step and not p.get("model_id"))
+            token = page.get("next_page_token")
+            if not token:
+                break
+    for point in points:
+        point.setdefault("step", 0)
+    _log_batch_metrics(ops, run, points)
+    return []
+
+
 for _kind, _apply in ((CREATE_LOGGED_MODEL, _apply_create), (LOG_LOGGED_MODEL_PARAMS, _apply_params),
                       (SET_LOGGED_MODEL_TAGS, _apply_tags), (DELETE_LOGGED_MODEL_TAG, _apply_delete_tag),
                       (FINALIZE_LOGGED_MODEL, _apply_finalize), (LOG_OUTPUTS, _apply_outputs),
                       (RECORD_LOGGED_MODEL, _apply_record)):
     operations.register_kind(_kind, _apply)
+operations.register_kind(MODEL_METRICS, _apply_model_metrics, waits=_waits_for_model)
+operations.register_kind(STEP_METRICS_TO_MODEL, _apply_step_metrics, waits=_waits_for_model)
 
 __all__ = ["LoggedModelStoreMixin", "MODEL_KEY_TAG", "server_model_id"]

@@ -52,11 +52,16 @@ TWIN_WATCH_TIMEOUTS = 2
 #: Appliers of operation kinds defined outside this module (logged models, the registry: models.py,
 #: registry.py), registered with `register_kind`: `apply(operations, op, body) -> spool files to discard`.
 _EXTRA_KINDS: dict[str, Callable[..., list[str]]] = {}
+#: For some of them, `waits(operations, op, body) -> bool`: whether the op must wait for something journaled
+#: under another key (a logged model's creation) before it can be sent; its run waits with it.
+_WAITS: dict[str, Callable[..., bool]] = {}
 
 
-def register_kind(kind: str, apply: Callable[..., list[str]]) -> None:
+def register_kind(kind: str, apply: Callable[..., list[str]], waits: Callable[..., bool] | None = None) -> None:
     """Teach the sender a new journal operation kind."""
     _EXTRA_KINDS[kind] = apply
+    if waits is not None:
+        _WAITS[kind] = waits
 
 
 _BUILTIN_KINDS = frozenset({ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN, DELETE_EXPERIMENT_TAG, DELETE_TAG, LOG_INPUTS,
@@ -122,6 +127,13 @@ class Operations:
         """Stop beginning creates; wait up to `timeout` for those in flight. True when none is left."""
         self._stopping = True
         return self._no_create.wait(timeout)
+
+    def must_wait(self, op: Op) -> bool:
+        """Whether `op` waits for an op of another key not delivered yet (see `register_kind`)."""
+        if op.kind in _BUILTIN_KINDS or _extra_kind(op.kind) is None:  # imports the modules that register waits
+            return False
+        waits = _WAITS.get(op.kind)
+        return waits is not None and waits(self, op, op.json())
 
     def apply(self, op: Op) -> list[str]:
         """Apply one op on the server; returns spool files that can go once it is done.

@@ -339,7 +339,8 @@ class Sender:
                 or bool(self._flushing) or self._stop.is_set())
 
     def _deliver_ops(self, run: str, ops: list[Op], *, hold_tail: bool = False) -> tuple[int, bool]:
-        """Send `ops` in order; (rows delivered, whether a small trailing batch was held for the next round).
+        """Send `ops` in order; (rows delivered, whether the rest was held for the next round: a small trailing
+        batch, or an op that waits for another key's — `Operations.must_wait`).
 
         A steady stream would otherwise cost two requests a round (a full batch and a sliver): the sliver
         waits one round and rides in a full batch instead.
@@ -364,6 +365,8 @@ class Sender:
             if batch:
                 count += self._send_batch(run, batch, in_batch)
                 batch, in_batch = Batch(), []
+            if self.operations.must_wait(op):
+                return count, True  # the run waits a round for what it needs (a logged model's creation)
             count += self._send_single(op)
         if batch:
             if hold_tail and sent_full and batch.metrics == len(batch.entries):

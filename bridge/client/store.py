@@ -38,6 +38,7 @@ from bridge import config
 from bridge.client import journal as J
 from bridge.client import rest
 from bridge.client.link import Link
+from bridge.client import models
 from bridge.client.models import LoggedModelStoreMixin
 from bridge.client.operations import RUN_ID_TAGS
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_SCHEME = "bridge-artifacts"
 #: What a read merges from the journal into the server's answer: what it has not delivered yet.
-_OVERLAY_KINDS = (J.METRIC, J.PARAM, J.TAG, J.DELETE_TAG, J.UPDATE_RUN)
+_OVERLAY_KINDS = (J.METRIC, models.MODEL_METRICS, J.PARAM, J.TAG, J.DELETE_TAG, J.UPDATE_RUN)
 _EXPERIMENT_OVERLAY_KINDS = (J.CREATE_EXPERIMENT, J.SET_EXPERIMENT_TAG, J.DELETE_EXPERIMENT_TAG)
 
 
@@ -337,6 +338,14 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                 return self._server_run(conn, run_id, remote)
             except _Offline:
                 pass
+        if remote is not None and (asker := models.asked_by_log_model()) is not None:
+            # log_model asks for the run's metric names to copy the step's points to its new model; part of them
+            # is on the server, which does not answer: the whole copy is made at delivery instead (models.py).
+            models.journal_step_metrics_to_model(conn.journal, run_id, asker[0], asker[1])
+            known = self._offline_run(conn, record) if record is not None else None
+            return Run(known.info if known else RunInfo(
+                run_id=run_id, experiment_id="", user_id="", status="RUNNING", start_time=None, end_time=None,
+                lifecycle_stage=LifecycleStage.ACTIVE), RunData(params=[Param(k, v) for k, v in known.data.params.items()] if known else []))
         if record is not None:
             return self._offline_run(conn, record)
         raise MlflowException(f"Run {run_id} is not known locally and the server ({conn.link.url}) "
@@ -369,6 +378,9 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         for op in ops:
             if op.kind == J.METRIC:
                 _keep_latest(metrics, Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0))
+            elif op.kind == models.MODEL_METRICS:
+                for point in models.model_metric_points(op):
+                    _keep_latest(metrics, Metric(*point))
             elif op.kind == J.PARAM:
                 params.setdefault(op.key, op.value)
             elif op.kind == J.TAG:
@@ -396,9 +408,13 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         params = dict(summary.params) if summary else {}
         tags = dict(summary.tags) if summary else {}
         if summary is None:  # a run from an earlier process: what it left undelivered
-            for op in conn.journal.undelivered(record.local_id, (J.METRIC, J.PARAM, J.TAG, J.CREATE_RUN)):
+            for op in conn.journal.undelivered(record.local_id, (J.METRIC, models.MODEL_METRICS, J.PARAM, J.TAG,
+                                                                 J.CREATE_RUN)):
                 if op.kind == J.METRIC:
                     _keep_latest(metrics, Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0))
+                elif op.kind == models.MODEL_METRICS:
+                    for point in models.model_metric_points(op):
+                        _keep_latest(metrics, Metric(*point))
                 elif op.kind == J.PARAM:
                     params[op.key] = op.value
                 elif op.kind == J.TAG:
@@ -424,8 +440,13 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
     def get_metric_history(self, run_id, metric_key, max_results=None, page_token=None):
         conn = self.connection
         remote = conn.journal.server_run(run_id)[0]
-        waiting = [_as_stored(Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0))
-                   for op in conn.journal.undelivered(run_id, (J.METRIC,)) if op.key == metric_key]
+        waiting = []
+        for op in conn.journal.undelivered(run_id, (J.METRIC, models.MODEL_METRICS)):
+            if op.kind == J.METRIC:
+                if op.key == metric_key:
+                    waiting.append(_as_stored(Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0)))
+            else:
+                waiting.extend(_as_stored(Metric(*p)) for p in models.model_metric_points(op) if p[0] == metric_key)
         # MLflow keeps one of identical points (same step, timestamp and value): so does this view.
         waiting = _distinct_points(waiting)
         # Asked even when the link is known to be failing (only delivery may be refused): the alternative for a
@@ -441,6 +462,11 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                 points = _distinct_points(list(page) + waiting)
                 return PagedList(points[:max_results] if max_results else points, None)
         if remote is not None:
+            asker = models.asked_by_log_model()
+            if asker is not None:
+                # log_model copying the step's points to its new model: the copy is made at delivery instead.
+                models.journal_step_metrics_to_model(conn.journal, run_id, asker[0], asker[1], metric_key)
+                return PagedList([], None)
             # Some of this history is on the server, which does not answer: a part would pass for the whole.
             raise MlflowException(f"get_metric_history({run_id!r}, {metric_key!r}): part of this history is on "
                                   f"the server ({conn.link.url}), which does not answer right now; "
@@ -512,6 +538,8 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
     # ------------------------------------------------------------------------------ run writes
 
     def log_metric(self, run_id, metric):
+        if models.names_a_model(metric):
+            return self.log_batch(run_id, [metric], [], [])
         conn = self.connection
         if metric.key not in conn.valid_metric_keys or not isinstance(metric.value, (float, int)):
             _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)  # what the server checks
@@ -539,8 +567,12 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                     f"Changing param values is not allowed. Param with key='{param.key}' was already logged with "
                     f"value='{before}' for run ID='{run_id}'. Attempted logging new value '{param.value}'.",
                     INVALID_PARAMETER_VALUE)
-        conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in metrics],
+        linked = [m for m in metrics if models.names_a_model(m)]
+        conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in metrics
+                                           if not models.names_a_model(m)],
                                   [(p.key, str(p.value)) for p in params], [(t.key, str(t.value)) for t in tags])
+        if linked:  # after the batch's plain points, in the run's order (journal.append moves the intake first)
+            models.journal_model_metrics(conn.journal, run_id, linked)
         summary = conn.summary(run_id)
         for metric in metrics:
             _keep_latest(summary.metrics, metric)

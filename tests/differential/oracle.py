@@ -95,6 +95,8 @@ def _capture_models(client: MlflowClient, server_url: str, state: State, server_
                 "run": server_index.get(model.source_run_id, f"unknown id {model.source_run_id}"),
                 "status": str(model.status),
                 "params": dict(sorted((model.params or {}).items())),
+                # What log_model copied from the run at its step (or logged with model_id): key, value, step, time.
+                "metrics": sorted((m.key, repr(m.value), m.step, m.timestamp) for m in model.metrics or ()),
                 "tags": {k: v for k, v in sorted((model.tags or {}).items())
                          if not k.startswith("mlflow.") and not allowances.ignored_tag(k)},  # bridge.modelKey
                 # MLmodel holds the model's id, time and uuid: file names only, not bytes.
