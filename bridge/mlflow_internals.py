@@ -8,6 +8,7 @@ breaking a Colab session. Where a fallback exists the code using the name says s
 from __future__ import annotations
 
 import importlib
+import inspect
 
 #: (module, attribute path, who uses it and why)
 INTERNALS: tuple[tuple[str, str, str], ...] = (
@@ -41,6 +42,16 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: Private code inside public MLflow functions that bridge recognises: (module, function, text its source must
+#: hold, who relies on it and why). A nested function is no attribute, so its definition is looked for.
+SOURCES: tuple[tuple[str, str, str, str], ...] = (
+    ("mlflow.models.model", "Model.log", "def log_model_metrics_for_step(client, model_id, run_id, step):",
+     "client/models.py (asked_by_log_model): log_model reads the run back (get_run, get_metric_history) to copy "
+     "its metrics at the step to the new model; while the server is away bridge recognises this helper's frame "
+     "by name and locals (model_id, step) and makes the copy at delivery instead of failing the model."),
+)
+
+
 def resolve(module: str, attribute: str):
     """The object at `module`.`attribute` (a dotted path); AttributeError/ImportError when it is gone."""
     target = importlib.import_module(module)
@@ -57,4 +68,11 @@ def missing() -> list[str]:
             resolve(module, attribute)
         except (ImportError, AttributeError):
             gone.append(f"{module}.{attribute}: {why}")
+    for module, function, text, why in SOURCES:
+        try:
+            source = inspect.getsource(resolve(module, function))
+        except (ImportError, AttributeError, OSError, TypeError):
+            source = ""
+        if text not in source:
+            gone.append(f"{module}.{function} defining {text!r}: {why}")
     return gone

@@ -26,3 +26,9 @@ def test_a_removed_internal_is_reported_with_why(monkeypatch):
     monkeypatch.setattr(mlflow_internals, "INTERNALS",
                         (("mlflow.utils.name_utils", "_no_such_name", "a test entry"),))
     assert mlflow_internals.missing() == ["mlflow.utils.name_utils._no_such_name: a test entry"]
+
+
+def test_a_helper_gone_from_an_mlflow_function_is_reported_with_why(monkeypatch):
+    monkeypatch.setattr(mlflow_internals, "SOURCES",
+                        (("mlflow.models.model", "Model.log", "def no_such_helper(", "a test entry"),))
+    assert mlflow_internals.missing() == ["mlflow.models.model.Model.log defining 'def no_such_helper(': a test entry"]

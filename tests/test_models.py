@@ -154,3 +154,136 @@ def test_autolog_model_is_not_silently_missing(mlflow_server, bridge_connect, se
     with on_the_workstation(mlflow_server.url):
         predicted = mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(np.array([[3.0]]))
     assert np.allclose(predicted, [6.0])
+
+
+# ------------------------------------------------------------------ metrics of a logged model (harness H22)
+
+T0 = 1_700_000_000_000  # explicit timestamps: bridge's and stock MLflow's points compare exactly
+
+
+def model_metrics(server_client: MlflowClient, experiment: str) -> tuple[list, dict]:
+    """(metrics, params) of the one READY logged model in `experiment` on the server, metrics as
+    sorted (key, value, step, timestamp) tuples."""
+    models = server_client.search_logged_models([server_client.get_experiment_by_name(experiment).experiment_id])
+    assert [str(m.status) for m in models] == ["READY"], f"expected one READY model, found {models}"
+    return sorted((m.key, m.value, m.step, m.timestamp) for m in models[0].metrics), dict(models[0].params)
+
+
+def stock(url: str, experiment: str, program) -> None:
+    """`program()` through stock MLflow straight to the server: the oracle."""
+    with on_the_workstation(url):
+        mlflow.set_experiment(experiment)
+        program()
+        mlflow.end_run()
+
+
+def test_h22_log_model_while_the_server_is_away_gets_the_runs_metrics_at_its_step(mlflow_server, bridge_connect,
+                                                                                  server_client):
+    """Soak seeds 170013 (pyfunc) and 170066 (pytorch): `log_model` reads the run back to copy its metrics at
+    the step to the new model; part of them was on the server, which did not answer, so the read raised and
+    MLflow marked the model FAILED (stock MLflow: READY). The copy is now made at delivery."""
+    transport = FaultTransport()
+
+    def program(going_away=lambda: None):
+        with mlflow.start_run():
+            mlflow.log_param("lr", "0.1")
+            mlflow.log_metric("loss", 0.5, step=0, timestamp=T0)
+            mlflow.log_metric("loss", 0.4, step=1, timestamp=T0 + 1)
+            going_away()
+            mlflow.log_metric("acc", 0.7, step=0, timestamp=T0 + 2)  # still in the journal
+            mlflow.pyfunc.log_model(name="double", python_model=Double(), params={"factor": "2"})
+
+    stock(mlflow_server.url, "h22-stock", program)
+    conn = bridge_connect(mlflow_server.url, experiment="h22-bridge", transport=transport, probe_timeout=0.5)
+
+    def going_away():
+        assert conn.flush(30) == 0  # `loss` is on the server
+        transport.fail("refuse")
+
+    program(going_away)
+    transport.clear()
+    assert conn.flush(60) == 0
+    assert conn.journal.dead_letters() == []
+    want = model_metrics(server_client, "h22-stock")
+    assert want[0] == [("acc", 0.7, 0, T0 + 2), ("loss", 0.5, 0, T0)]  # the oracle copied step 0 only
+    assert model_metrics(server_client, "h22-bridge") == want
+    # Copied on the server, at delivery: the run's history was read there.
+    assert transport.count("/metrics/get-history", method="GET") >= 1
+
+
+def test_h22_a_history_the_server_does_not_answer_is_copied_at_delivery_key_by_key(mlflow_server, bridge_connect,
+                                                                                     server_client):
+    """The run was read, then its histories were not: only the keys that could not be read are left to
+    delivery, and the model still gets every point of the step exactly once."""
+    transport = FaultTransport()
+
+    def program(histories_away=lambda: None):
+        with mlflow.start_run():
+            mlflow.log_metric("loss", 0.5, step=0, timestamp=T0)
+            mlflow.log_metric("acc", 0.6, step=0, timestamp=T0 + 1)
+            mlflow.log_metric("acc", 0.8, step=3, timestamp=T0 + 2)
+            histories_away()
+            try:
+                mlflow.pyfunc.log_model(name="double", python_model=Double())
+            finally:
+                transport.clear()
+
+    stock(mlflow_server.url, "h22-keys-stock", program)
+    conn = bridge_connect(mlflow_server.url, experiment="h22-keys-bridge", transport=transport)
+
+    def histories_away():
+        assert conn.flush(30) == 0  # the run and its points are on the server: its reads ask the server
+        transport.fail("refuse", path="/metrics/get-history")
+
+    program(histories_away)
+    assert conn.flush(60) == 0
+    assert conn.journal.dead_letters() == []
+    assert model_metrics(server_client, "h22-keys-bridge") == model_metrics(server_client, "h22-keys-stock")
+    refused = [r for r in transport.requests if r.fault == "refuse" and "/metrics/get-history" in r.path]
+    assert refused, "the histories were never refused: the test did not test the deferral"
+
+
+def test_h22_log_model_online_gives_the_model_the_runs_metrics_at_its_step(mlflow_server, bridge_connect,
+                                                                          server_client):
+    """Before: bridge dropped a metric's model_id, so a model logged through it had no metrics at all."""
+    def program():
+        with mlflow.start_run():
+            mlflow.log_metric("loss", 0.5, step=0, timestamp=T0)
+            mlflow.log_metric("loss", 0.4, step=1, timestamp=T0 + 1)
+            mlflow.pyfunc.log_model(name="double", python_model=Double(), step=1)
+
+    stock(mlflow_server.url, "h22-online-stock", program)
+    conn = bridge_connect(mlflow_server.url, experiment="h22-online-bridge")
+    program()
+    assert conn.flush(60) == 0
+    want = model_metrics(server_client, "h22-online-stock")
+    assert want[0] == [("loss", 0.4, 1, T0 + 1)]
+    assert model_metrics(server_client, "h22-online-bridge") == want
+
+
+def test_h22_a_metric_logged_for_a_model_created_offline_waits_for_the_model_and_keeps_the_runs_order(
+        mlflow_server, bridge_connect, server_client):
+    """`log_metric(model_id=…)` names a model the server does not have yet: the run's delivery waits a round
+    for the model's creation (its run comes first in the round), and FINISHED still comes after the point."""
+    transport = FaultTransport()
+    transport.fail("refuse")
+    conn = bridge_connect(mlflow_server.url, experiment="h22-wait", transport=transport, probe_timeout=0.5)
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+        mlflow.log_metric("val_acc", 0.9, step=5, timestamp=T0, model_id=info.model_id)
+    transport.clear()
+    assert conn.flush(60) == 0
+    assert conn.journal.dead_letters() == []  # before the wait: buried as "model-not-created"
+    models = server_client.search_logged_models(
+        [server_client.get_experiment_by_name("h22-wait").experiment_id])
+    assert [(m.key, m.value, m.step) for m in models[0].metrics] == [("val_acc", 0.9, 5)]
+    remote = conn.journal.run(run.info.run_id).remote_id
+    assert [(m.value, m.step) for m in server_client.get_metric_history(remote, "val_acc")] == [(0.9, 5)]
+    sent = [r for r in transport.requests if r.fault is None]
+    point = next(i for i, r in enumerate(sent) if r.path.endswith("/runs/log-batch")
+                 and any(m.get("model_id") for m in (r.json or {}).get("metrics", [])))
+    finished = next(i for i, r in enumerate(sent) if r.path.endswith("/runs/update")
+                    and (r.json or {}).get("status") == "FINISHED")
+    assert point < finished
+    # Offline reads see the point too (read-your-writes).
+    assert mlflow.get_run(run.info.run_id).data.metrics["val_acc"] == 0.9
