@@ -13,8 +13,10 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from bridge.client import journal as J
 from bridge.client.models import MODEL_KEY_TAG
 from tests.support.client import server_run
 from tests.support.transport import FaultTransport
@@ -287,3 +289,189 @@ def test_h22_a_metric_logged_for_a_model_created_offline_waits_for_the_model_and
     assert point < finished
     # Offline reads see the point too (read-your-writes).
     assert mlflow.get_run(run.info.run_id).data.metrics["val_acc"] == 0.9
+
+
+def test_h22_numpy_steps_and_timestamps_of_model_metrics_are_taken_as_numbers(mlflow_server, bridge_connect,
+                                                                             server_client):
+    """numpy's int64 is no JSON number: the first version of the model-metric journal raised TypeError where
+    stock MLflow logs the point (a `log_model(step=epoch)` over `np.arange` would have stopped training)."""
+    def program():
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+            mlflow.log_metric("k", 1.0, step=np.int64(3), timestamp=T0, model_id=info.model_id)
+            MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=[
+                Metric("k2", np.float32(2.0), np.int64(T0), np.int64(4), model_id=info.model_id)])
+
+    stock(mlflow_server.url, "h22-numpy-stock", program)
+    conn = bridge_connect(mlflow_server.url, experiment="h22-numpy-bridge")
+    program()
+    assert conn.flush(60) == 0
+    want = model_metrics(server_client, "h22-numpy-stock")
+    assert want[0] == [("k", 1.0, 3, T0), ("k2", 2.0, 4, T0)]
+    assert model_metrics(server_client, "h22-numpy-bridge") == want
+
+
+def test_h22_points_mlflow_links_to_a_model_after_log_model_go_in_one_request(mlflow_server, bridge_connect,
+                                                                               server_client):
+    """MLflow 3's fluent log_metric names the model logged at the point's step (step 0 when none is given): each
+    such point is an op of its own in the journal, and consecutive ones travel in one log-batch."""
+    def program():
+        with mlflow.start_run():
+            mlflow.pyfunc.log_model(name="double", python_model=Double())
+            for i in range(300):
+                mlflow.log_metric("loss", float(i), timestamp=T0 + i)  # step 0: linked to the model
+
+    stock(mlflow_server.url, "h22-linked-stock", program)
+    transport = FaultTransport()
+    conn = bridge_connect(mlflow_server.url, experiment="h22-linked-bridge", transport=transport)
+    transport.fail("refuse", path="/runs/log-batch")  # the points pile up in the journal meanwhile
+    program()
+    transport.clear()
+    assert conn.flush(60) == 0
+    assert conn.journal.dead_letters() == []
+    linked = [r for r in transport.requests if r.fault is None and r.path.endswith("/runs/log-batch")
+              and any(m.get("model_id") for m in (r.json or {}).get("metrics", []))]
+    assert sum(len(r.json["metrics"]) for r in linked) == 300
+    assert len(linked) <= 2, f"{len(linked)} requests for 300 points"
+    want = model_metrics(server_client, "h22-linked-stock")
+    assert len(want[0]) == 300
+    assert model_metrics(server_client, "h22-linked-bridge") == want
+
+
+def test_h22_a_second_point_in_the_same_millisecond_stays_on_the_run(mlflow_server, bridge_connect,
+                                                                     server_client):
+    """MLflow keeps one model point per key, step and millisecond and refuses a request holding a second (stock
+    MLflow's own call raises). Before: the run's points went to the dead letters with the request. Now the run
+    keeps every point and the model the first, within a request and across requests."""
+    transport = FaultTransport()
+    conn = bridge_connect(mlflow_server.url, experiment="h22-same-ms", transport=transport)
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+        mlflow.log_metric("acc", 0.5, timestamp=T0)  # step 0: linked to the model
+        assert conn.flush(30) == 0
+        mlflow.log_metric("acc", 0.6, timestamp=T0)  # the model has acc at T0 already: refused, then sent again
+        mlflow.log_metric("acc", 0.7, timestamp=T0 + 1)
+        mlflow.log_metric("acc", 0.8, timestamp=T0 + 1)  # a second one in the same request
+    assert conn.flush(60) == 0
+    assert conn.journal.dead_letters() == []
+    remote = conn.journal.run(run.info.run_id).remote_id
+    assert sorted(m.value for m in server_client.get_metric_history(remote, "acc")) == [0.5, 0.6, 0.7, 0.8]
+    model = server_client.get_logged_model(server_model_id_of(conn, info.model_id))
+    assert sorted((m.value, m.timestamp) for m in model.metrics) == [(0.5, T0), (0.7, T0 + 1)]
+    refused = [r for r in transport.requests if r.path.endswith("/runs/log-batch")]
+    assert any("0.6" in str(r.json) for r in refused[:-1]), "the collision across requests was not tried"
+
+
+def server_model_id_of(conn, local_id: str) -> str:
+    return conn.journal.entity(J.LOGGED_MODEL, local_id).remote_id
+
+
+def test_h22_a_model_never_created_leaves_the_run_its_points(mlflow_server, bridge_connect, server_client):
+    """The model's creation refused for good (a dead letter): a point logged for it still reaches its run."""
+    transport = FaultTransport()
+    conn = bridge_connect(mlflow_server.url, experiment="h22-no-model", transport=transport, probe_timeout=0.5)
+    with mlflow.start_run() as run:
+        mlflow.log_metric("x", 1.0, step=0, timestamp=T0)
+        assert conn.flush(30) == 0
+        transport.fail("status", path="/logged-models", status=400,
+                       body=b'{"error_code":"INVALID_PARAMETER_VALUE","message":"no"}')
+        model = mlflow.initialize_logged_model(name="ckpt")
+        mlflow.log_metric("val", 0.9, step=7, timestamp=T0, model_id=model.model_id)
+    assert conn.flush(30) == 0
+    transport.clear()
+    assert [d.op.kind for d in conn.journal.dead_letters()] == ["create_logged_model"]
+    remote = conn.journal.run(run.info.run_id).remote_id
+    assert server_client.get_run(remote).data.metrics == {"x": 1.0, "val": 0.9}
+
+
+def test_h22_model_reads_show_local_ids_and_the_points_still_waiting(mlflow_server, bridge_connect):
+    """`get_logged_model` right after `log_metric(model_id=…)` lists the point (read-your-writes), and its
+    metrics name the model and run by the ids this process was given, before and after delivery."""
+    transport = FaultTransport()
+    conn = bridge_connect(mlflow_server.url, experiment="h22-reads", transport=transport)
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+        assert conn.flush(30) == 0
+        transport.fail("refuse", path="/runs/log-batch")
+        mlflow.log_metric("val", 0.9, step=2, timestamp=T0, model_id=info.model_id)
+        seen = mlflow.get_logged_model(info.model_id)
+        assert [(m.key, m.value, m.model_id, m.run_id) for m in seen.metrics] == [
+            ("val", 0.9, info.model_id, run.info.run_id)]
+        transport.clear()
+    assert conn.flush(60) == 0
+    seen = mlflow.get_logged_model(info.model_id)
+    assert [(m.key, m.value, m.model_id, m.run_id) for m in seen.metrics] == [
+        ("val", 0.9, info.model_id, run.info.run_id)]
+
+
+def test_h22_a_stale_copy_of_the_journal_does_not_make_the_step_copy_again(mlflow_server, bridge_connect,
+                                                                          server_client, tmp_path, monkeypatch):
+    """The step copy reads the server when it is made: made again from an old copy of the journal, it would give
+    the model points logged since. It carries a delivery mark like the other writes an old copy must not repeat."""
+    from bridge.client.connect import sync
+    from tests.test_journal_regressions import _copy_journal
+
+    transport = FaultTransport()
+    box = {}
+
+    def program(away=lambda: None, snapshot=lambda: None):
+        with mlflow.start_run():
+            mlflow.log_metric("acc", 0.5, step=0, timestamp=T0)
+            away()
+            mlflow.pyfunc.log_model(name="double", python_model=Double())
+            snapshot()
+            transport.clear()
+            MlflowClient().log_metric(mlflow.active_run().info.run_id, "acc", 0.9, timestamp=T0 + 5, step=0)
+
+    stock(mlflow_server.url, "h22-copy-stock", program)
+    conn = bridge_connect(mlflow_server.url, experiment="h22-copy-bridge", transport=transport, probe_timeout=0.5)
+
+    def away():
+        assert conn.flush(30) == 0
+        transport.fail("refuse")
+
+    program(away, lambda: box.update(copy=_copy_journal(conn.journal.path, tmp_path / "drive")))
+    assert conn.flush(60) == 0
+    conn.close()
+    monkeypatch.setenv("BRIDGE_TOKEN", "test-token")
+    assert sync(box["copy"], mlflow_server.url, timeout=60).left == 0
+    want = model_metrics(server_client, "h22-copy-stock")
+    assert want[0] == [("acc", 0.5, 0, T0)]
+    assert model_metrics(server_client, "h22-copy-bridge") == want
+
+
+class _DropsEveryNthHistoryRead(FaultTransport):
+    """A link that loses one metric-history read in `n` (refused) once armed."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.armed, self.reads = n, False, 0
+
+    def _take(self, request):
+        fault = super()._take(request)
+        if fault is None and self.armed and "/metrics/get-history" in request.path:
+            self.reads += 1
+            if self.reads % self.n == 0:
+                from tests.support.transport import _Fault
+                return _Fault("refuse", None, None, 503, b"")
+        return fault
+
+
+def test_h22_the_step_copy_carries_on_over_a_link_that_drops_reads(mlflow_server, bridge_connect, server_client):
+    """One history read per metric key: begun again from the first key after every lost request, 120 keys over a
+    link losing one read in 10 never finished (the run's FINISHED waiting behind it); it now keeps how far it got."""
+    transport = _DropsEveryNthHistoryRead(10)
+    conn = bridge_connect(mlflow_server.url, experiment="h22-lossy", transport=transport, probe_timeout=0.5)
+    with mlflow.start_run() as run:
+        mlflow.log_metrics({f"m{i:03d}": float(i) for i in range(120)}, step=0, timestamp=T0)
+        assert conn.flush(30) == 0
+        transport.fail("refuse")
+        mlflow.pyfunc.log_model(name="double", python_model=Double())
+        transport.clear()
+    transport.armed = True
+    assert conn.flush(60) == 0
+    reads = transport.count("/metrics/get-history")
+    assert reads <= 120 + 120 // 10 + 2, f"{reads} history reads for 120 keys: the copy started over"
+    remote = conn.journal.run(run.info.run_id).remote_id
+    assert server_client.get_run(remote).info.status == "FINISHED"
+    assert len(model_metrics(server_client, "h22-lossy")[0]) == 120

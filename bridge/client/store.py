@@ -539,7 +539,12 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     def log_metric(self, run_id, metric):
         if models.names_a_model(metric):
-            return self.log_batch(run_id, [metric], [], [])
+            # MLflow 3's fluent log_metric names the model logged at the point's step: every such point, a row.
+            _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)
+            conn = self.connection
+            conn.journal.append(run_id, models.MODEL_METRICS, models.model_metrics_body([metric]))
+            _keep_latest(conn.summary(run_id).metrics, metric)
+            return
         conn = self.connection
         if metric.key not in conn.valid_metric_keys or not isinstance(metric.value, (float, int)):
             _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)  # what the server checks
@@ -568,11 +573,12 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                     f"value='{before}' for run ID='{run_id}'. Attempted logging new value '{param.value}'.",
                     INVALID_PARAMETER_VALUE)
         linked = [m for m in metrics if models.names_a_model(m)]
+        linked_body = models.model_metrics_body(linked) if linked else None  # may raise: before anything is kept
         conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in metrics
                                            if not models.names_a_model(m)],
                                   [(p.key, str(p.value)) for p in params], [(t.key, str(t.value)) for t in tags])
-        if linked:  # after the batch's plain points, in the run's order (journal.append moves the intake first)
-            models.journal_model_metrics(conn.journal, run_id, linked)
+        if linked_body:  # after the batch's plain points, in the run's order (journal.append moves the intake first)
+            conn.journal.append(run_id, models.MODEL_METRICS, linked_body)
         summary = conn.summary(run_id)
         for metric in metrics:
             _keep_latest(summary.metrics, metric)

@@ -95,8 +95,7 @@ def _capture_models(client: MlflowClient, server_url: str, state: State, server_
                 "run": server_index.get(model.source_run_id, f"unknown id {model.source_run_id}"),
                 "status": str(model.status),
                 "params": dict(sorted((model.params or {}).items())),
-                # What log_model copied from the run at its step (or logged with model_id): key, value, step, time.
-                "metrics": sorted((m.key, repr(m.value), m.step, m.timestamp) for m in model.metrics or ()),
+                "metrics": _model_metrics(model.metrics),
                 "tags": {k: v for k, v in sorted((model.tags or {}).items())
                          if not k.startswith("mlflow.") and not allowances.ignored_tag(k)},  # bridge.modelKey
                 # MLmodel holds the model's id, time and uuid: file names only, not bytes.
@@ -129,6 +128,17 @@ class _metrics_db:
 
     def __exit__(self, *exc) -> None:
         self.conn.close()
+
+
+def _model_metrics(metrics) -> list[tuple]:
+    """A logged model's metrics (what log_model copied from its run at its step, and the points MLflow links to
+    it afterwards): sorted (key, value, step, timestamp); clock-stamped keys a set without the time, as in
+    `_histories`."""
+    out = set()
+    for m in metrics or ():
+        stamped = m.key.startswith(allowances.CLOCK_STAMPED_PREFIX)
+        out.add((m.key, repr(m.value), m.step, 0 if stamped else m.timestamp))
+    return sorted(out)
 
 
 def _histories(db: sqlite3.Connection, run_id: str) -> dict[str, list]:
