@@ -56,8 +56,11 @@ CREATE_EXPERIMENT, SET_EXPERIMENT_TAG = "create_experiment", "set_experiment_tag
 DELETE_EXPERIMENT_TAG = "delete_experiment_tag"
 CREATE_RUN, UPDATE_RUN, DELETE_TAG = "create_run", "update_run", "delete_tag"
 LOG_INPUTS, ARTIFACT = "log_inputs", "artifact"
-#: Kinds whose repetition from an old copy of the journal would overwrite something newer (marks.py).
-MARKED_RUN_KINDS = frozenset({TAG, DELETE_TAG, UPDATE_RUN, ARTIFACT})
+#: Metric points that name a logged model or a dataset, and log_model's copy of a step's points (models.py).
+MODEL_METRICS, STEP_METRICS_TO_MODEL = "model_metrics", "step_metrics_to_model"
+#: Kinds whose repetition from an old copy of the journal would overwrite something newer (marks.py); the step
+#: copy reads the server when it is made, so made again later it would copy points logged since.
+MARKED_RUN_KINDS = frozenset({TAG, DELETE_TAG, UPDATE_RUN, ARTIFACT, STEP_METRICS_TO_MODEL})
 MARKED_EXPERIMENT_KINDS = frozenset({SET_EXPERIMENT_TAG, DELETE_EXPERIMENT_TAG})
 #: Kinds of the `entities` table (their operation kinds live in models.py and registry.py).
 LOGGED_MODEL, MODEL_VERSION = "logged_model", "model_version"
@@ -800,6 +803,11 @@ class Journal:
                 row = conn.execute("select uid from lineage where n=?", (epoch,)).fetchone()
             self._epoch_uids[epoch] = row[0] if row else None
         return self._epoch_uids[epoch]
+
+    def update_body(self, op_id: int, body: dict) -> None:
+        """Keep how far a long op got (models.py's step copy), so a try after a failure carries on from there."""
+        with self.db() as conn:
+            conn.execute("update ops set body=? where id=?", (json.dumps(body, separators=(",", ":")), op_id))
 
     def requeue(self, op_id: int) -> None:
         """Move an op to the end of the journal, pending: it waits for something journaled after it."""

@@ -22,13 +22,14 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import re
 import sys
 import time
 import uuid
 from urllib.parse import quote
 
-from mlflow.entities import LoggedModel, LoggedModelStatus
+from mlflow.entities import LoggedModel, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import NOT_IMPLEMENTED, TEMPORARILY_UNAVAILABLE
 from mlflow.store.entities.paged_list import PagedList
@@ -39,6 +40,8 @@ from bridge.client import journal as J
 from bridge.client import operations
 from bridge.errors import HttpError, UndeliverableError
 
+log = logging.getLogger(__name__)
+
 #: Operation kinds (applied by the functions registered at the end of this module).
 CREATE_LOGGED_MODEL = "create_logged_model"
 LOG_LOGGED_MODEL_PARAMS = "log_logged_model_params"
@@ -47,10 +50,9 @@ DELETE_LOGGED_MODEL_TAG = "delete_logged_model_tag"
 FINALIZE_LOGGED_MODEL = "finalize_logged_model"
 LOG_OUTPUTS = "log_outputs"
 RECORD_LOGGED_MODEL = "record_logged_model"
-#: Metric points that name a logged model or a dataset (MLflow 3), journaled under their run.
-MODEL_METRICS = "model_metrics"
-#: `log_model`'s copy of the run's metrics at one step to the model, made at delivery (see the module doc).
-STEP_METRICS_TO_MODEL = "step_metrics_to_model"
+#: Metric points that name a logged model or a dataset (MLflow 3), journaled under their run; and `log_model`'s
+#: copy of the run's metrics at one step to the model, made at delivery (see the module doc).
+MODEL_METRICS, STEP_METRICS_TO_MODEL = J.MODEL_METRICS, J.STEP_METRICS_TO_MODEL
 
 #: The tag that finds a model again after a lost answer (like the run key of a run).
 MODEL_KEY_TAG = "bridge.modelKey"
@@ -86,17 +88,19 @@ def names_a_model(metric) -> bool:
     return bool(metric.model_id or metric.dataset_name or metric.dataset_digest)
 
 
-def journal_model_metrics(journal: J.Journal, run_id: str, metrics: list) -> None:
-    """Journal metric points that name a model or dataset (`names_a_model`) under their run, in call order."""
+def model_metrics_body(metrics: list) -> dict:
+    """The journal body of metric points that name a model or dataset (`names_a_model`); plain numbers only
+    (numpy's int64 steps and timestamps included), so it is built before anything of the call is journaled."""
     from bridge.client.batch import json_number
 
     points = []
     for m in metrics:
-        point = {"key": m.key, "value": json_number(float(m.value)), "timestamp": m.timestamp, "step": m.step or 0}
-        point.update((k, v) for k, v in (("model_id", m.model_id), ("dataset_name", m.dataset_name),
-                                         ("dataset_digest", m.dataset_digest)) if v)
+        point = {"key": m.key, "value": json_number(float(m.value)), "timestamp": int(m.timestamp),
+                 "step": int(m.step or 0)}
+        point.update((k, str(v)) for k, v in (("model_id", m.model_id), ("dataset_name", m.dataset_name),
+                                              ("dataset_digest", m.dataset_digest)) if v)
         points.append(point)
-    journal.append(run_id, MODEL_METRICS, {"metrics": points})
+    return {"metrics": points}
 
 
 def model_metric_points(op: J.Op) -> list[tuple[str, float, int, int]]:
@@ -131,6 +135,23 @@ def journal_step_metrics_to_model(journal: J.Journal, run_id: str, model_id: str
     if key is not None:
         body["key"] = key
     journal.append(run_id, STEP_METRICS_TO_MODEL, body)
+
+
+def _with_waiting_metrics(journal: J.Journal, metrics: list[Metric], model_id: str,
+                          run_id: str | None) -> list[Metric]:
+    """A model's metrics (local ids) with the points naming it that its run has not delivered yet. Points that
+    log_model's copy will take from the server at delivery show once it is made."""
+    if not run_id:
+        return metrics
+    seen = {(m.key, m.timestamp, m.step) for m in metrics}
+    for op in journal.undelivered(run_id, (MODEL_METRICS,)):
+        for point in op.json()["metrics"]:
+            if point.get("model_id") == model_id and (point["key"], point["timestamp"], point["step"]) not in seen:
+                seen.add((point["key"], point["timestamp"], point["step"]))
+                metrics.append(Metric(point["key"], float(point["value"]), point["timestamp"], point["step"],
+                                      dataset_name=point.get("dataset_name"),
+                                      dataset_digest=point.get("dataset_digest"), run_id=run_id, model_id=model_id))
+    return metrics
 
 
 class LoggedModelStoreMixin:
@@ -168,23 +189,28 @@ class LoggedModelStoreMixin:
             status = LoggedModelStatus(known["status"])
         tags.pop(MODEL_KEY_TAG, None)
         source_run = journal.local_run_id(model.source_run_id) if model.source_run_id else None
+        metrics = [Metric(m.key, m.value, m.timestamp, m.step, dataset_name=m.dataset_name,
+                          dataset_digest=m.dataset_digest, run_id=journal.local_run_id(m.run_id) if m.run_id else None,
+                          model_id=model_id) for m in model.metrics or ()]
+        if record is not None:
+            metrics = _with_waiting_metrics(journal, metrics, model_id, source_run)
         location = model_artifact_uri(model_id) if record is not None else model.artifact_location
         return LoggedModel(experiment_id=journal.local_experiment_id(model.experiment_id), model_id=model_id,
                            name=model.name, artifact_location=location, creation_timestamp=model.creation_timestamp,
                            last_updated_timestamp=model.last_updated_timestamp, model_type=model.model_type,
                            source_run_id=source_run, status=status, status_message=model.status_message,
-                           tags=tags, params=params, metrics=model.metrics)
+                           tags=tags, params=params, metrics=metrics)
 
-    @staticmethod
-    def _offline_model(record: J.EntityRecord) -> LoggedModel:
+    def _offline_model(self, record: J.EntityRecord) -> LoggedModel:
         known = record.json()
+        metrics = _with_waiting_metrics(self.connection.journal, [], record.local_id, known.get("source_run_id"))
         return LoggedModel(experiment_id=known["experiment_id"], model_id=record.local_id, name=known["name"],
                            artifact_location=model_artifact_uri(record.local_id),
                            creation_timestamp=known["creation_timestamp"],
                            last_updated_timestamp=known.get("last_updated_timestamp"),
                            model_type=known.get("model_type"), source_run_id=known.get("source_run_id"),
                            status=LoggedModelStatus(known["status"]), tags=known.get("tags") or {},
-                           params=known.get("params") or {})
+                           params=known.get("params") or {}, metrics=metrics)
 
     def _change_model(self, conn, model_id: str, change) -> None:
         """Apply `change(known)` to what this process knows of a model it created (for reads while offline)."""
@@ -534,9 +560,16 @@ def _apply_finalize(ops: operations.Operations, op: J.Op, body: dict) -> list[st
 
 
 def _apply_outputs(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
-    payload = {"run_id": _server_run_id(ops.journal, body["run"]),
-               "models": [{"model_id": server_model_id(ops.journal, body["model"]), "step": body.get("step") or 0}]}
-    ops.link.call("/runs/outputs", payload)
+    run, model, step = _server_run_id(ops.journal, body["run"]), server_model_id(ops.journal, body["model"]), \
+        body.get("step") or 0
+    try:
+        ops.link.call("/runs/outputs", {"run_id": run, "models": [{"model_id": model, "step": step}]})
+    except HttpError:
+        # Linked already (an unacknowledged try, or a copy of this journal): MLflow refuses the second link.
+        found = ops.link.call("/runs/get", {"run_id": run}, method="GET").get("run", {}).get("outputs") or {}
+        if not any(o.get("model_id") == model and int(o.get("step") or 0) == step
+                   for o in found.get("model_outputs") or ()):
+            raise
     return []
 
 
@@ -575,42 +608,100 @@ def _log_batch_metrics(ops: operations.Operations, run: str, points: list[dict])
 
 
 def _apply_model_metrics(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
+    """Several consecutive ops of a run arrive merged into one (sender.py): one request for up to 1,000 points."""
     journal = ops.journal
-    points = [dict(p, model_id=server_model_id(journal, p["model_id"])) if p.get("model_id") else p
-              for p in body["metrics"]]
-    _log_batch_metrics(ops, _server_run_id(journal, op.run), points)  # the server keeps one of each point
+    run = _server_run_id(journal, op.run)
+    points = []
+    for point in body["metrics"]:
+        if point.get("model_id"):
+            try:
+                point = dict(point, model_id=server_model_id(journal, point["model_id"]))
+            except UndeliverableError as exc:
+                # The run's own point is not lost with the model: it goes to the run alone.
+                log.warning("bridge: metric %r of run %s goes to the run only: %s", point["key"], op.run, exc.message)
+                point = {k: v for k, v in point.items() if k != "model_id"}
+        points.append(point)
+    points = _first_of_each(points, set())
+    try:
+        _log_batch_metrics(ops, run, points)  # the server keeps one of each point: a try again changes nothing
+    except HttpError as exc:
+        # MLflow's store keeps one model point per key, step and millisecond (the value is not in its key) and
+        # refuses the whole request for a second one — what the model holds already wins, as it does in stock
+        # MLflow, whose own call raises instead. The run keeps every point: they go to it alone.
+        if exc.status != 400 or not any(p.get("model_id") for p in points):
+            raise
+        held = _model_points_on_server(ops, {p["model_id"] for p in points if p.get("model_id")})
+        again = _first_of_each(points, held)
+        if again == points:
+            raise
+        _log_batch_metrics(ops, run, again)
     return []
+
+
+def _point_key(point: dict) -> tuple:
+    return point.get("model_id"), point["key"], int(point.get("step") or 0), int(point["timestamp"])
+
+
+def _first_of_each(points: list[dict], held: set[tuple]) -> list[dict]:
+    """`points` with the model's id kept only on the first point of each key, step and millisecond of a model
+    (and on none `held` by the model already); the others go to the run alone."""
+    seen, out = set(held), []
+    for point in points:
+        if point.get("model_id"):
+            found = _point_key(point)
+            if found in seen:
+                point = {k: v for k, v in point.items() if k != "model_id"}
+            seen.add(found)
+        out.append(point)
+    return out
+
+
+def _model_points_on_server(ops: operations.Operations, models: set[str]) -> set[tuple]:
+    held = set()
+    for model in models:
+        found = ops.link.request("GET", _model_url(model)).json().get("model", {}).get("data", {})
+        held.update(_point_key(dict(m, model_id=model)) for m in found.get("metrics") or ())
+    return held
 
 
 def _apply_step_metrics(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
     """What `log_model` does online (mlflow/models/model.py), on the server's data: every point of the run at
-    the step that names no model yet, again with the model's id. The run's earlier writes are there by now."""
+    the step that names no model yet, again with the model's id. The run's earlier writes are there by now.
+
+    One read per metric key, as MLflow makes them; how far it got is kept in the op (`update_body`), so on a
+    link that drops now and then it carries on instead of starting again.
+    """
     journal = ops.journal
     run = _server_run_id(journal, op.run)
     model = server_model_id(journal, body["model"])
     step = body.get("step") or 0
-    if body.get("key") is not None:
-        keys = [body["key"]]
-    else:
-        found = ops.link.call("/runs/get", {"run_id": run}, method="GET")
-        keys = sorted({m["key"] for m in (found.get("run", {}).get("data", {}).get("metrics") or [])})
-    points = []
-    for key in keys:
-        token = None
+    progress = dict(body)
+    if "keys" not in progress:
+        if body.get("key") is not None:
+            keys = [body["key"]]
+        else:
+            found = ops.link.call("/runs/get", {"run_id": run}, method="GET")
+            keys = sorted({m["key"] for m in (found.get("run", {}).get("data", {}).get("metrics") or [])})
+        progress.update(keys=keys, read=0, points=[])
+        journal.update_body(op.id, progress)
+    keys, points = progress["keys"], progress["points"]
+    for index in range(progress["read"], len(keys)):
+        token, found = None, []
         while True:
-            query = {"run_id": run, "metric_key": key}
+            query = {"run_id": run, "metric_key": keys[index]}
             if token:
                 query["page_token"] = token
             page = ops.link.call("/metrics/get-history", query, method="GET")
-            points.extend({**{k: p[k] for k in ("key", "value", "timestamp", "step", "dataset_name",
-                                                   "dataset_digest") if k in p}, "model_id": model}
-                          for p in page.get("metrics") or () if int(p.get("step") or 0) == step and not p.get("model_id"))
+            found.extend({**{k: p[k] for k in ("key", "value", "timestamp", "dataset_name", "dataset_digest")
+                             if k in p}, "step": step}
+                         for p in page.get("metrics") or () if int(p.get("step") or 0) == step and not p.get("model_id"))
             token = page.get("next_page_token")
             if not token:
                 break
-    for point in points:
-        point.setdefault("step", 0)
-    _log_batch_metrics(ops, run, points)
+        points.extend(found)
+        progress["read"] = index + 1
+        journal.update_body(op.id, progress)
+    _log_batch_metrics(ops, run, [dict(p, model_id=model) for p in points])
     return []
 
 

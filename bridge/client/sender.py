@@ -20,6 +20,7 @@ delivered for a local reason (operations.UndeliverableError) become dead letters
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from bridge.client.batch import BATCH_KINDS, Batch, Entry, batch_body
 from bridge.client.heartbeat import Heartbeats
 from bridge.client.intake import try_lock
-from bridge.client.journal import ARTIFACT, TAG, Journal, Op
+from bridge.client.journal import ARTIFACT, MODEL_METRICS, TAG, Journal, Op
 from bridge.client.link import Link, Verdict, classify_failure
 from bridge.client.marks import DeliveryMarks, Scope, scope_of
 from bridge.client.operations import RUN_ID_TAGS, RUN_NOT_CREATED, SERVER_FAILS_ON_IT, SERVER_REFUSED, Operations
@@ -346,6 +347,7 @@ class Sender:
         waits one round and rides in a full batch instead.
         """
         batch, in_batch = Batch(), []
+        merged, merged_points = [], 0  # consecutive model-metric ops: one request (_send_merged)
         count = 0
         sent_full = False
         for op in ops:
@@ -354,6 +356,9 @@ class Sender:
             if op.epoch is not None and self._done_already(op):
                 count += self._skip(op)
                 continue
+            if merged and (op.kind != MODEL_METRICS or merged_points + len(op.json()["metrics"]) > _MERGED_POINTS):
+                count += self._send_merged(merged)
+                merged, merged_points = [], 0
             if op.kind in BATCH_KINDS:
                 if not batch.add(op):
                     count += self._send_batch(run, batch, in_batch)
@@ -366,8 +371,16 @@ class Sender:
                 count += self._send_batch(run, batch, in_batch)
                 batch, in_batch = Batch(), []
             if self.operations.must_wait(op):
+                if merged:
+                    count += self._send_merged(merged)
                 return count, True  # the run waits a round for what it needs (a logged model's creation)
+            if op.kind == MODEL_METRICS:
+                merged.append(op)
+                merged_points += len(op.json()["metrics"])
+                continue
             count += self._send_single(op)
+        if merged:
+            count += self._send_merged(merged)
         if batch:
             if hold_tail and sent_full and batch.metrics == len(batch.entries):
                 return count, True
@@ -490,6 +503,32 @@ class Sender:
             self.heartbeats.delivered(beat_run, remote)
         return len(ids), True
 
+    def _send_merged(self, ops: list[Op]) -> int:
+        """Consecutive model-metric ops of one run (MLflow links every point logged at a logged model's step to
+        it) in one request; refused, they are sent one by one, so only the op at fault is set aside."""
+        if len(ops) == 1:
+            return self._send_single(ops[0])
+        ids = [op.id for op in ops]
+        if not self.journal.claim(ids):
+            raise _Pause(RuntimeError("another sender claimed these entries"), Verdict.RETRY)
+        first = ops[0]
+        whole = Op(first.id, first.run, first.kind, None, None, None, None,
+                   json.dumps({"metrics": [p for op in ops for p in op.json()["metrics"]]}),
+                   max(op.attempts for op in ops))
+        try:
+            try:
+                self._checked(lambda: self.operations.apply(whole), poison=whole.attempts)
+            except (HttpError, UndeliverableError):
+                refused = True
+            else:
+                refused = False
+                self.journal.complete(ids, spool=[])
+                self.marks.done(ops)
+                self.delivered += len(ops)
+        finally:
+            self.journal.release(ids)
+        return sum(self._send_single(op) for op in ops) if refused else len(ops)
+
     def _send_single(self, op: Op) -> int:
         if not self.journal.claim([op.id]):
             raise _Pause(RuntimeError("another sender claimed this entry"), Verdict.RETRY)
@@ -515,6 +554,10 @@ class Sender:
             return 1
         finally:
             self.journal.release([op.id])
+
+
+#: Model-metric points sent in one request at most (MLflow's log_batch limit).
+_MERGED_POINTS = 1000
 
 
 class _ServerFailsOnIt(HttpError):
