@@ -475,3 +475,58 @@ def test_h22_the_step_copy_carries_on_over_a_link_that_drops_reads(mlflow_server
     remote = conn.journal.run(run.info.run_id).remote_id
     assert server_client.get_run(remote).info.status == "FINISHED"
     assert len(model_metrics(server_client, "h22-lossy")[0]) == 120
+
+
+def test_h22_the_step_copy_keeps_the_first_of_two_points_in_one_millisecond(mlflow_server, bridge_connect,
+                                                                            server_client):
+    """Two values of `loss` at step 0 in one millisecond: the copy made at delivery held both and was refused
+    whole (a dead letter; the model got no metric at all, `acc` included). Online, the same log_model gives
+    the model the first; so does the copy now, and nothing is set aside."""
+    transport = FaultTransport()
+    conn = bridge_connect(mlflow_server.url, experiment="h22-copy-same-ms", transport=transport, probe_timeout=0.5)
+    with mlflow.start_run() as run:
+        MlflowClient().log_batch(run.info.run_id, metrics=[Metric("loss", 1.0, T0, 0), Metric("loss", 2.0, T0, 0),
+                                                           Metric("acc", 0.5, T0, 0)])
+        assert conn.flush(30) == 0
+        transport.fail("refuse")
+        mlflow.pyfunc.log_model(name="double", python_model=Double())
+        transport.clear()
+    assert conn.flush(60) == 0
+    assert conn.journal.dead_letters() == []
+    found, _ = model_metrics(server_client, "h22-copy-same-ms")
+    assert [(k, s, t) for k, _, s, t in found] == [("acc", 0, T0), ("loss", 0, T0)]
+
+
+def test_h22_a_point_for_a_model_deleted_on_the_server_stays_on_the_run(mlflow_server, bridge_connect,
+                                                                       server_client):
+    """Refused for a second point in a millisecond, the model's points are read — and the model is gone (404):
+    the points go to the run alone, rather than a dead letter naming the missing model."""
+    conn = bridge_connect(mlflow_server.url, experiment="h22-deleted-model")
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+        mlflow.log_metric("acc", 0.5, step=1, timestamp=T0, model_id=info.model_id)
+        assert conn.flush(30) == 0
+        server_client.delete_logged_model(server_model_id_of(conn, info.model_id))
+        mlflow.log_metric("acc", 0.6, step=1, timestamp=T0, model_id=info.model_id)
+    assert conn.flush(60) == 0
+    assert conn.journal.dead_letters() == []
+    remote = conn.journal.run(run.info.run_id).remote_id
+    assert sorted(m.value for m in server_client.get_metric_history(remote, "acc")) == [0.5, 0.6]
+
+
+def test_h22_a_model_read_shows_waiting_points_logged_from_another_run(mlflow_server, bridge_connect):
+    transport = FaultTransport()
+    conn = bridge_connect(mlflow_server.url, experiment="h22-eval-run", transport=transport)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+    assert conn.flush(30) == 0
+    transport.fail("refuse", path="/runs/log-batch")
+    with mlflow.start_run() as evaluation:
+        mlflow.log_metric("eval_acc", 0.8, step=0, timestamp=T0, model_id=info.model_id)
+        seen = mlflow.get_logged_model(info.model_id)
+    assert [(m.key, m.run_id) for m in seen.metrics] == [("eval_acc", evaluation.info.run_id)]
+    transport.clear()
+    assert conn.flush(60) == 0
+    seen = mlflow.get_logged_model(info.model_id)
+    assert [(m.key, m.run_id, m.model_id) for m in seen.metrics] == [("eval_acc", evaluation.info.run_id,
+                                                                      info.model_id)]

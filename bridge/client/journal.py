@@ -826,6 +826,15 @@ class Journal:
                                 (run, *kinds)).fetchall()
         return [Op(*row) for row in rows]
 
+    def undelivered_naming(self, kind: str, text: str) -> list[Op]:
+        """Undelivered ops of `kind`, of any run, whose body holds `text` as a JSON string, oldest first."""
+        self.move_intake()
+        with self.db(write=False) as conn:
+            rows = conn.execute(f"select id, run, kind, key, value, ts, step, body, attempts, epoch from ops where "
+                                f"kind=? and {_IS_UNDELIVERED} and body like ? order by id",
+                                (kind, f'%{json.dumps(text)}%')).fetchall()
+        return [Op(*row) for row in rows]
+
     # ------------------------------------------------------------------------------ sender side
 
     def reset_in_flight(self) -> int:

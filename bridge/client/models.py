@@ -137,20 +137,18 @@ def journal_step_metrics_to_model(journal: J.Journal, run_id: str, model_id: str
     journal.append(run_id, STEP_METRICS_TO_MODEL, body)
 
 
-def _with_waiting_metrics(journal: J.Journal, metrics: list[Metric], model_id: str,
-                          run_id: str | None) -> list[Metric]:
-    """A model's metrics (local ids) with the points naming it that its run has not delivered yet. Points that
+def _with_waiting_metrics(journal: J.Journal, metrics: list[Metric], model_id: str) -> list[Metric]:
+    """A model's metrics (local ids) with the points naming it that any run has not delivered yet. Points that
     log_model's copy will take from the server at delivery show once it is made."""
-    if not run_id:
-        return metrics
-    seen = {(m.key, m.timestamp, m.step) for m in metrics}
-    for op in journal.undelivered(run_id, (MODEL_METRICS,)):
+    seen = {(m.key, m.timestamp, m.step, m.run_id) for m in metrics}
+    for op in journal.undelivered_naming(MODEL_METRICS, model_id):
         for point in op.json()["metrics"]:
-            if point.get("model_id") == model_id and (point["key"], point["timestamp"], point["step"]) not in seen:
-                seen.add((point["key"], point["timestamp"], point["step"]))
+            found = (point["key"], point["timestamp"], point["step"], op.run)
+            if point.get("model_id") == model_id and found not in seen:
+                seen.add(found)
                 metrics.append(Metric(point["key"], float(point["value"]), point["timestamp"], point["step"],
                                       dataset_name=point.get("dataset_name"),
-                                      dataset_digest=point.get("dataset_digest"), run_id=run_id, model_id=model_id))
+                                      dataset_digest=point.get("dataset_digest"), run_id=op.run, model_id=model_id))
     return metrics
 
 
@@ -193,7 +191,7 @@ class LoggedModelStoreMixin:
                           dataset_digest=m.dataset_digest, run_id=journal.local_run_id(m.run_id) if m.run_id else None,
                           model_id=model_id) for m in model.metrics or ()]
         if record is not None:
-            metrics = _with_waiting_metrics(journal, metrics, model_id, source_run)
+            metrics = _with_waiting_metrics(journal, metrics, model_id)
         location = model_artifact_uri(model_id) if record is not None else model.artifact_location
         return LoggedModel(experiment_id=journal.local_experiment_id(model.experiment_id), model_id=model_id,
                            name=model.name, artifact_location=location, creation_timestamp=model.creation_timestamp,
@@ -203,7 +201,8 @@ class LoggedModelStoreMixin:
 
     def _offline_model(self, record: J.EntityRecord) -> LoggedModel:
         known = record.json()
-        metrics = _with_waiting_metrics(self.connection.journal, [], record.local_id, known.get("source_run_id"))
+        # Offline: the points still waiting only (those delivered are on the server).
+        metrics = _with_waiting_metrics(self.connection.journal, [], record.local_id)
         return LoggedModel(experiment_id=known["experiment_id"], model_id=record.local_id, name=known["name"],
                            artifact_location=model_artifact_uri(record.local_id),
                            creation_timestamp=known["creation_timestamp"],
@@ -621,47 +620,64 @@ def _apply_model_metrics(ops: operations.Operations, op: J.Op, body: dict) -> li
                 log.warning("bridge: metric %r of run %s goes to the run only: %s", point["key"], op.run, exc.message)
                 point = {k: v for k, v in point.items() if k != "model_id"}
         points.append(point)
-    points = _first_of_each(points, set())
+    _send_model_points(ops, run, points)
+    return []
+
+
+def _send_model_points(ops: operations.Operations, run: str, points: list[dict]) -> None:
+    """log-batch `points` of server run `run` (server model ids): the run keeps every point, each model the
+    first of each key, step and millisecond.
+
+    MLflow's store keeps one model point per key, step, millisecond and run (the value is not in its key) and
+    refuses a whole request holding a second one (stock MLflow's own call raises then). So a second one in
+    the request goes to the run alone; refused (400) for one the model holds already, the model's points are
+    read and those go to the run alone too; a model the server no longer has takes none (its points go to the run).
+    """
+    points = _first_of_each(points, set(), set())
     try:
         _log_batch_metrics(ops, run, points)  # the server keeps one of each point: a try again changes nothing
     except HttpError as exc:
-        # MLflow's store keeps one model point per key, step and millisecond (the value is not in its key) and
-        # refuses the whole request for a second one — what the model holds already wins, as it does in stock
-        # MLflow, whose own call raises instead. The run keeps every point: they go to it alone.
         if exc.status != 400 or not any(p.get("model_id") for p in points):
             raise
-        held = _model_points_on_server(ops, {p["model_id"] for p in points if p.get("model_id")})
-        again = _first_of_each(points, held)
+        held, gone = _model_points_on_server(ops, run, {p["model_id"] for p in points if p.get("model_id")})
+        again = _first_of_each(points, held, gone)
         if again == points:
             raise
         _log_batch_metrics(ops, run, again)
-    return []
 
 
 def _point_key(point: dict) -> tuple:
     return point.get("model_id"), point["key"], int(point.get("step") or 0), int(point["timestamp"])
 
 
-def _first_of_each(points: list[dict], held: set[tuple]) -> list[dict]:
+def _first_of_each(points: list[dict], held: set[tuple], gone: set[str]) -> list[dict]:
     """`points` with the model's id kept only on the first point of each key, step and millisecond of a model
-    (and on none `held` by the model already); the others go to the run alone."""
+    (on none `held` by the model already, on none of a model `gone`); the others go to the run alone."""
     seen, out = set(held), []
     for point in points:
         if point.get("model_id"):
             found = _point_key(point)
-            if found in seen:
+            if found in seen or point["model_id"] in gone:
                 point = {k: v for k, v in point.items() if k != "model_id"}
             seen.add(found)
         out.append(point)
     return out
 
 
-def _model_points_on_server(ops: operations.Operations, models: set[str]) -> set[tuple]:
-    held = set()
+def _model_points_on_server(ops: operations.Operations, run: str, models: set[str]) -> tuple[set[tuple], set[str]]:
+    """(the points of `run` each model holds, the models the server does not have)."""
+    held, gone = set(), set()
     for model in models:
-        found = ops.link.request("GET", _model_url(model)).json().get("model", {}).get("data", {})
-        held.update(_point_key(dict(m, model_id=model)) for m in found.get("metrics") or ())
-    return held
+        try:
+            found = ops.link.request("GET", _model_url(model)).json().get("model", {}).get("data", {})
+        except HttpError as exc:
+            if exc.status != 404:
+                raise
+            gone.add(model)
+            continue
+        held.update(_point_key(dict(m, model_id=model)) for m in found.get("metrics") or ()
+                    if not m.get("run_id") or m["run_id"] == run)
+    return held, gone
 
 
 def _apply_step_metrics(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
@@ -701,7 +717,7 @@ def _apply_step_metrics(ops: operations.Operations, op: J.Op, body: dict) -> lis
         points.extend(found)
         progress["read"] = index + 1
         journal.update_body(op.id, progress)
-    _log_batch_metrics(ops, run, [dict(p, model_id=model) for p in points])
+    _send_model_points(ops, run, [dict(p, model_id=model) for p in points])
     return []
 
 
