@@ -530,3 +530,32 @@ def test_h22_a_model_read_shows_waiting_points_logged_from_another_run(mlflow_se
     seen = mlflow.get_logged_model(info.model_id)
     assert [(m.key, m.run_id, m.model_id) for m in seen.metrics] == [("eval_acc", evaluation.info.run_id,
                                                                       info.model_id)]
+
+
+def test_h22_seed_180093_log_model_raises_like_stock_for_two_values_in_one_millisecond(
+        mlflow_server, bridge_connect, server_client):
+    """Soak seed 180093: the run held two values of `loss` at step 0 in one millisecond. Stock log_model sends
+    both to the model in one log_batch; the server refuses it (one model point per key, step and millisecond),
+    log_model raises BAD_REQUEST and the model is FAILED. bridge accepted the batch and the model was READY.
+    Where MLflow raises at once, so does bridge now — and the run keeps both points, as there."""
+    outcome = {}
+
+    def program(name):
+        with mlflow.start_run() as run:
+            MlflowClient().log_batch(run.info.run_id, metrics=[Metric("loss", 0.0, T0, 0), Metric("loss", 0.0, T0, 0)])
+            MlflowClient().log_batch(run.info.run_id, metrics=[Metric("loss", -1.5, T0, 0)])
+            with pytest.raises(MlflowException) as raised:
+                mlflow.pyfunc.log_model(name="double", python_model=Double())
+            outcome[name] = (raised.value.error_code, run.info.run_id)
+
+    stock(mlflow_server.url, "h22-180093-stock", lambda: program("stock"))
+    conn = bridge_connect(mlflow_server.url, experiment="h22-180093-bridge")
+    program("bridge")
+    assert conn.flush(60) == 0
+    assert outcome["bridge"][0] == outcome["stock"][0] == "BAD_REQUEST"
+    for experiment in ("h22-180093-stock", "h22-180093-bridge"):
+        found = server_client.search_logged_models([server_client.get_experiment_by_name(experiment).experiment_id])
+        assert [(str(m.status), m.metrics) for m in found] == [("FAILED", [])], experiment
+    remote = conn.journal.run(outcome["bridge"][1]).remote_id
+    history = lambda run: sorted(m.value for m in server_client.get_metric_history(run, "loss"))  # noqa: E731
+    assert history(remote) == history(outcome["stock"][1]) == [-1.5, 0.0]

@@ -103,6 +103,21 @@ def model_metrics_body(metrics: list) -> dict:
     return {"metrics": points}
 
 
+def model_point_clash(metrics: list):
+    """The point of one log_batch that MLflow's store refuses it for, or None: a second value for one model's
+    key, step and millisecond (identical points count once, as there)."""
+    seen, taken = set(), set()
+    for m in metrics:
+        if not m.model_id or m in seen:
+            continue
+        seen.add(m)
+        found = (m.model_id, m.key, int(m.step or 0), int(m.timestamp))
+        if found in taken:
+            return m
+        taken.add(found)
+    return None
+
+
 def model_metric_points(op: J.Op) -> list[tuple[str, float, int, int]]:
     """(key, value, timestamp, step) of a MODEL_METRICS op, for the reads that merge what is still waiting."""
     return [(p["key"], float(p["value"]), p["timestamp"], p.get("step") or 0) for p in op.json()["metrics"]]

@@ -19,7 +19,7 @@ from mlflow.entities import (
 )
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
-    INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, TEMPORARILY_UNAVAILABLE,
+    BAD_REQUEST, INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, TEMPORARILY_UNAVAILABLE,
 )
 from mlflow.protos.service_pb2 import LogInputs
 from mlflow.store.entities.paged_list import PagedList
@@ -573,6 +573,20 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                     f"value='{before}' for run ID='{run_id}'. Attempted logging new value '{param.value}'.",
                     INVALID_PARAMETER_VALUE)
         linked = [m for m in metrics if models.names_a_model(m)]
+        clash = models.model_point_clash(linked)
+        if clash is not None:
+            # Refused by the server as MLflow's own call would be — after the params and the run's points,
+            # which its store keeps (the tags it never reaches). log_model's copy of a step raises here too.
+            conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in metrics],
+                                      [(p.key, str(p.value)) for p in params])
+            summary = conn.summary(run_id)
+            for metric in metrics:
+                _keep_latest(summary.metrics, metric)
+            summary.params.update((p.key, str(p.value)) for p in params)
+            raise MlflowException(
+                f"log_batch: metric {clash.key!r} at step {clash.step} and timestamp {clash.timestamp} is given twice "
+                f"with different values for logged model {clash.model_id}, which keeps one point per key, step and "
+                "millisecond (the run keeps both)", BAD_REQUEST)
         linked_body = models.model_metrics_body(linked) if linked else None  # may raise: before anything is kept
         conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in metrics
                                            if not models.names_a_model(m)],
