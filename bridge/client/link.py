@@ -183,6 +183,10 @@ class _AbortableAdapter(requests.adapters.HTTPAdapter):
 _SENT_AGAIN_ON_A_DEAD_CONNECTION = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 
+def _failure(request: Request, exc: Exception) -> TransportError:
+    return TransportError(f"{type(exc).__name__} talking to {describe_url(request.url)}")
+
+
 class RequestsTransport(Transport):
     """The real transport: one requests session per thread (sessions are not shared safely), all abortable."""
 
@@ -218,20 +222,19 @@ class RequestsTransport(Transport):
         aborts = self._aborts
         try:
             return self._send(request)
-        except requests.ConnectionError as exc:
+        except requests.RequestException as exc:
             # A keep-alive connection the server closed while it sat idle in the pool (uvicorn closes after 5 s)
             # fails the next request sent on it: an idempotent one goes once more, on a new connection. Seen as
             # reads failing with no fault at all (harness: `log_table` raising after a slow `log_model`).
-            if (request.method not in _SENT_AGAIN_ON_A_DEAD_CONNECTION or isinstance(exc, requests.Timeout)
+            if (not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.Timeout)
+                    or request.method not in _SENT_AGAIN_ON_A_DEAD_CONNECTION
                     or not isinstance(request.data, (bytes, str, type(None)))  # a file read once: not again
                     or aborts != self._aborts):
-                raise TransportError(f"{type(exc).__name__} talking to {describe_url(request.url)}") from None
-        except requests.RequestException as exc:
-            raise TransportError(f"{type(exc).__name__} talking to {describe_url(request.url)}") from None
+                raise _failure(request, exc) from None
         try:
             return self._send(request)
         except requests.RequestException as exc:
-            raise TransportError(f"{type(exc).__name__} talking to {describe_url(request.url)}") from None
+            raise _failure(request, exc) from None
 
     def _send(self, request: Request) -> Response:
         resp = self._session().request(request.method, request.url, params=request.params, json=request.json,

@@ -38,6 +38,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from bridge.client import journal as J
 from bridge.client import operations
+from bridge.client.batch import MAX_METRICS_PER_BATCH, json_number
 from bridge.errors import HttpError, UndeliverableError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ MODEL_NOT_CREATED = "model-not-created"
 
 LOGGED_MODELS_API = "/api/2.0/mlflow/logged-models"
 _PARAMS_PER_REQUEST = 100
-_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 
 #: Where `Model.log` defines the helper that copies a step's metrics to the model (bridge/mlflow_internals.py).
 _MODEL_LOG_FILE = "/".join(("mlflow", "models", "model.py"))
@@ -91,8 +91,6 @@ def names_a_model(metric) -> bool:
 def model_metrics_body(metrics: list) -> dict:
     """The journal body of metric points that name a model or dataset (`names_a_model`); plain numbers only
     (numpy's int64 steps and timestamps included), so it is built before anything of the call is journaled."""
-    from bridge.client.batch import json_number
-
     points = []
     for m in metrics:
         point = {"key": m.key, "value": json_number(float(m.value)), "timestamp": int(m.timestamp),
@@ -616,8 +614,8 @@ def _waits_for_model(ops: operations.Operations, op: J.Op, body: dict) -> bool:
 
 
 def _log_batch_metrics(ops: operations.Operations, run: str, points: list[dict]) -> None:
-    for start in range(0, len(points), _METRICS_PER_REQUEST):
-        ops.link.call("/runs/log-batch", {"run_id": run, "metrics": points[start:start + _METRICS_PER_REQUEST],
+    for start in range(0, len(points), MAX_METRICS_PER_BATCH):
+        ops.link.call("/runs/log-batch", {"run_id": run, "metrics": points[start:start + MAX_METRICS_PER_BATCH],
                                           "params": [], "tags": []})
 
 

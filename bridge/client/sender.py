@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from bridge.client.batch import BATCH_KINDS, Batch, Entry, batch_body
+from bridge.client.batch import BATCH_KINDS, MAX_METRICS_PER_BATCH, Batch, Entry, batch_body
 from bridge.client.heartbeat import Heartbeats
 from bridge.client.intake import try_lock
 from bridge.client.journal import ARTIFACT, MODEL_METRICS, TAG, Journal, Op
@@ -356,7 +356,8 @@ class Sender:
             if op.epoch is not None and self._done_already(op):
                 count += self._skip(op)
                 continue
-            if merged and (op.kind != MODEL_METRICS or merged_points + len(op.json()["metrics"]) > _MERGED_POINTS):
+            points = len(op.json()["metrics"]) if op.kind == MODEL_METRICS else 0
+            if merged and (not points or merged_points + points > MAX_METRICS_PER_BATCH):
                 count += self._send_merged(merged)
                 merged, merged_points = [], 0
             if op.kind in BATCH_KINDS:
@@ -376,7 +377,7 @@ class Sender:
                 return count, True  # the run waits a round for what it needs (a logged model's creation)
             if op.kind == MODEL_METRICS:
                 merged.append(op)
-                merged_points += len(op.json()["metrics"])
+                merged_points += points
                 continue
             count += self._send_single(op)
         if merged:
@@ -554,10 +555,6 @@ class Sender:
             return 1
         finally:
             self.journal.release([op.id])
-
-
-#: Model-metric points sent in one request at most (MLflow's log_batch limit).
-_MERGED_POINTS = 1000
 
 
 class _ServerFailsOnIt(HttpError):

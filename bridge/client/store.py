@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_SCHEME = "bridge-artifacts"
 #: What a read merges from the journal into the server's answer: what it has not delivered yet.
-_OVERLAY_KINDS = (J.METRIC, models.MODEL_METRICS, J.PARAM, J.TAG, J.DELETE_TAG, J.UPDATE_RUN)
+#: Ops holding metric points of a run (`_points`).
+_POINT_KINDS = (J.METRIC, models.MODEL_METRICS)
+_OVERLAY_KINDS = (*_POINT_KINDS, J.PARAM, J.TAG, J.DELETE_TAG, J.UPDATE_RUN)
 _EXPERIMENT_OVERLAY_KINDS = (J.CREATE_EXPERIMENT, J.SET_EXPERIMENT_TAG, J.DELETE_EXPERIMENT_TAG)
 
 
@@ -341,11 +343,13 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         if remote is not None and (asker := models.asked_by_log_model()) is not None:
             # log_model asks for the run's metric names to copy the step's points to its new model; part of them
             # is on the server, which does not answer: the whole copy is made at delivery instead (models.py).
+            # Answered without metrics, so log_model reads no history; its params are what the journal knows.
             models.journal_step_metrics_to_model(conn.journal, run_id, asker[0], asker[1])
-            known = self._offline_run(conn, record) if record is not None else None
-            return Run(known.info if known else RunInfo(
-                run_id=run_id, experiment_id="", user_id="", status="RUNNING", start_time=None, end_time=None,
-                lifecycle_stage=LifecycleStage.ACTIVE), RunData(params=[Param(k, v) for k, v in known.data.params.items()] if known else []))
+            if record is not None:
+                known = self._offline_run(conn, record)
+                return Run(known.info, RunData(params=[Param(k, v) for k, v in known.data.params.items()]))
+            return Run(RunInfo(run_id=run_id, experiment_id="", user_id="", status="RUNNING", start_time=None,
+                               end_time=None, lifecycle_stage=LifecycleStage.ACTIVE), RunData())
         if record is not None:
             return self._offline_run(conn, record)
         raise MlflowException(f"Run {run_id} is not known locally and the server ({conn.link.url}) "
@@ -376,11 +380,9 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         info = run.info
         status, end_time, name = info.status, info.end_time, info.run_name
         for op in ops:
-            if op.kind == J.METRIC:
-                _keep_latest(metrics, Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0))
-            elif op.kind == models.MODEL_METRICS:
-                for point in models.model_metric_points(op):
-                    _keep_latest(metrics, Metric(*point))
+            if op.kind in _POINT_KINDS:
+                for metric in _points(op):
+                    _keep_latest(metrics, metric)
             elif op.kind == J.PARAM:
                 params.setdefault(op.key, op.value)
             elif op.kind == J.TAG:
@@ -408,13 +410,10 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         params = dict(summary.params) if summary else {}
         tags = dict(summary.tags) if summary else {}
         if summary is None:  # a run from an earlier process: what it left undelivered
-            for op in conn.journal.undelivered(record.local_id, (J.METRIC, models.MODEL_METRICS, J.PARAM, J.TAG,
-                                                                 J.CREATE_RUN)):
-                if op.kind == J.METRIC:
-                    _keep_latest(metrics, Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0))
-                elif op.kind == models.MODEL_METRICS:
-                    for point in models.model_metric_points(op):
-                        _keep_latest(metrics, Metric(*point))
+            for op in conn.journal.undelivered(record.local_id, (*_POINT_KINDS, J.PARAM, J.TAG, J.CREATE_RUN)):
+                if op.kind in _POINT_KINDS:
+                    for metric in _points(op):
+                        _keep_latest(metrics, metric)
                 elif op.kind == J.PARAM:
                     params[op.key] = op.value
                 elif op.kind == J.TAG:
@@ -440,13 +439,8 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
     def get_metric_history(self, run_id, metric_key, max_results=None, page_token=None):
         conn = self.connection
         remote = conn.journal.server_run(run_id)[0]
-        waiting = []
-        for op in conn.journal.undelivered(run_id, (J.METRIC, models.MODEL_METRICS)):
-            if op.kind == J.METRIC:
-                if op.key == metric_key:
-                    waiting.append(_as_stored(Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0)))
-            else:
-                waiting.extend(_as_stored(Metric(*p)) for p in models.model_metric_points(op) if p[0] == metric_key)
+        waiting = [_as_stored(m) for op in conn.journal.undelivered(run_id, _POINT_KINDS) for m in _points(op)
+                   if m.key == metric_key]
         # MLflow keeps one of identical points (same step, timestamp and value): so does this view.
         waiting = _distinct_points(waiting)
         # Asked even when the link is known to be failing (only delivery may be refused): the alternative for a
@@ -539,12 +533,8 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     def log_metric(self, run_id, metric):
         if models.names_a_model(metric):
-            # MLflow 3's fluent log_metric names the model logged at the point's step: every such point, a row.
-            _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)
-            conn = self.connection
-            conn.journal.append(run_id, models.MODEL_METRICS, models.model_metrics_body([metric]))
-            _keep_latest(conn.summary(run_id).metrics, metric)
-            return
+            # MLflow 3's fluent log_metric names the model logged at the point's step: journaled as log_batch does.
+            return self.log_batch(run_id, [metric], [], [])
         conn = self.connection
         if metric.key not in conn.valid_metric_keys or not isinstance(metric.value, (float, int)):
             _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)  # what the server checks
@@ -572,24 +562,17 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                     f"Changing param values is not allowed. Param with key='{param.key}' was already logged with "
                     f"value='{before}' for run ID='{run_id}'. Attempted logging new value '{param.value}'.",
                     INVALID_PARAMETER_VALUE)
-        linked = [m for m in metrics if models.names_a_model(m)]
+        plain, linked = [], []
+        for metric in metrics:
+            (linked if models.names_a_model(metric) else plain).append(metric)
+        # Two values for one model's key, step and millisecond: the server refuses the batch, as MLflow's own call
+        # would be refused — after the params and the run's points, which its store keeps (it never reaches the
+        # tags). So does log_model's copy of a step (MLflow marks the model FAILED).
         clash = models.model_point_clash(linked)
         if clash is not None:
-            # Refused by the server as MLflow's own call would be — after the params and the run's points,
-            # which its store keeps (the tags it never reaches). log_model's copy of a step raises here too.
-            conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in metrics],
-                                      [(p.key, str(p.value)) for p in params])
-            summary = conn.summary(run_id)
-            for metric in metrics:
-                _keep_latest(summary.metrics, metric)
-            summary.params.update((p.key, str(p.value)) for p in params)
-            raise MlflowException(
-                f"log_batch: metric {clash.key!r} at step {clash.step} and timestamp {clash.timestamp} is given twice "
-                f"with different values for logged model {clash.model_id}, which keeps one point per key, step and "
-                "millisecond (the run keeps both)", BAD_REQUEST)
+            plain, linked, tags = metrics, [], []
         linked_body = models.model_metrics_body(linked) if linked else None  # may raise: before anything is kept
-        conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in metrics
-                                           if not models.names_a_model(m)],
+        conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in plain],
                                   [(p.key, str(p.value)) for p in params], [(t.key, str(t.value)) for t in tags])
         if linked_body:  # after the batch's plain points, in the run's order (journal.append moves the intake first)
             conn.journal.append(run_id, models.MODEL_METRICS, linked_body)
@@ -598,6 +581,11 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             _keep_latest(summary.metrics, metric)
         summary.params.update((p.key, str(p.value)) for p in params)
         summary.tags.update((t.key, str(t.value)) for t in tags)
+        if clash is not None:
+            raise MlflowException(
+                f"log_batch: metric {clash.key!r} at step {clash.step} and timestamp {clash.timestamp} is given twice "
+                f"with different values for logged model {clash.model_id}, which keeps one point per key, step and "
+                "millisecond (the run keeps both)", BAD_REQUEST)
 
     def log_batch_async(self, run_id, metrics, params, tags):
         # Journaling is as fast as queueing; MLflow's own async queue would only add a second buffer.
@@ -668,6 +656,13 @@ class _Waiting:
         if isinstance(self.items, set):
             return self.items | later
         return sorted({op.id: op for op in (*self.items, *later)}.values(), key=lambda op: op.id)
+
+
+def _points(op: J.Op) -> list[Metric]:
+    """The metric points of an op of `_POINT_KINDS`: a metric row's one, or those naming a model."""
+    if op.kind == J.METRIC:
+        return [Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0)]
+    return [Metric(*point) for point in models.model_metric_points(op)]
 
 
 def _as_stored(metric: Metric) -> Metric:
