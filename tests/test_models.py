@@ -559,3 +559,44 @@ def test_h22_seed_180093_log_model_raises_like_stock_for_two_values_in_one_milli
     remote = conn.journal.run(outcome["bridge"][1]).remote_id
     history = lambda run: sorted(m.value for m in server_client.get_metric_history(run, "loss"))  # noqa: E731
     assert history(remote) == history(outcome["stock"][1]) == [-1.5, 0.0]
+
+
+def test_h22_seed_210095_a_later_call_giving_a_model_a_second_value_raises_like_stock(
+        mlflow_server, bridge_connect, server_client):
+    """Soak seed 210095: after two `log_model`s at step 0 had copied the run's step-0 points (408 keys at T0) to
+    both models, fluent `log_metrics` logged 626 keys at step 0 at the same millisecond with other values.
+    MLflow links each point to both models (1,252 points, sent 1,000 + 252); the server refuses the first
+    request (a model keeps one point per key, step and millisecond), keeping its run points, and the client
+    raises BAD_REQUEST without sending the rest. bridge returned and the run got all 626 points. It now knows
+    the points it gave each model and raises at the same request, keeping what stock keeps."""
+    outcome = {}
+
+    def program(name):
+        with mlflow.start_run() as run:
+            mlflow.log_metrics({f"m{i:04d}": 20.0 + i for i in range(408)}, step=0, timestamp=T0)
+            mlflow.pyfunc.log_model(name="first", python_model=Double())
+            mlflow.pyfunc.log_model(name="second", python_model=Double())
+            with pytest.raises(MlflowException) as raised:
+                mlflow.log_metrics({f"m{i:04d}": -5.0 + i for i in range(626)}, step=0, timestamp=T0)
+            mlflow.log_metric("after", 1.0, step=2, timestamp=T0)  # the run carries on after the refused call
+            outcome[name] = (raised.value.error_code, run.info.run_id)
+
+    def state(experiment, run_id):
+        found = server_client.search_logged_models([server_client.get_experiment_by_name(experiment).experiment_id])
+        logged = sorted((str(m.status), sorted((p.key, p.value, p.step, p.timestamp) for p in m.metrics))
+                        for m in found)
+        run = server_client.get_run(run_id)
+        histories = {key: sorted((p.step, p.value, p.timestamp) for p in server_client.get_metric_history(run_id, key))
+                     for key in run.data.metrics}
+        return logged, histories
+
+    stock(mlflow_server.url, "h22-210095-stock", lambda: program("stock"))
+    conn = bridge_connect(mlflow_server.url, experiment="h22-210095-bridge")
+    program("bridge")
+    assert conn.flush(60) == 0
+    assert outcome["bridge"][0] == outcome["stock"][0] == "BAD_REQUEST"
+    want = state("h22-210095-stock", outcome["stock"][1])
+    got = state("h22-210095-bridge", conn.journal.run(outcome["bridge"][1]).remote_id)
+    assert len(want[1]) == 501 and len(want[1]["m0000"]) == 2 and "m0500" not in want[1]  # what stock keeps
+    assert [len(points) for _, points in want[0]] == [408, 408]
+    assert got == want

@@ -72,6 +72,9 @@ class RunSummary:
     metrics: dict = field(default_factory=dict)   # key -> mlflow Metric (latest by step, then timestamp)
     params: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
+    #: (model id, key, step, timestamp) -> value of the points naming a model that this process journaled for
+    #: the run: the server keeps one per run, model, key, step and millisecond and refuses a second value.
+    model_points: dict = field(default_factory=dict)
 
 
 class Connection:

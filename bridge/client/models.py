@@ -23,6 +23,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -101,19 +102,36 @@ def model_metrics_body(metrics: list) -> dict:
     return {"metrics": points}
 
 
-def model_point_clash(metrics: list):
+def model_point_clash(metrics: list, known: dict):
     """The point of one log_batch that MLflow's store refuses it for, or None: a second value for one model's
-    key, step and millisecond (identical points count once, as there)."""
-    seen, taken = set(), set()
+    key, step and millisecond, in the batch or in `known` (the run's points already naming a model,
+    `RunSummary.model_points`); identical points count once, as there."""
+    seen, taken = set(), {}
     for m in metrics:
         if not m.model_id or m in seen:
             continue
         seen.add(m)
         found = (m.model_id, m.key, int(m.step or 0), int(m.timestamp))
-        if found in taken:
+        value = stored_value(m.value)
+        if found in taken or known.get(found, value) != value:
             return m
-        taken.add(found)
+        taken[found] = value
     return None
+
+
+def remember_model_points(metrics: list, known: dict) -> None:
+    """Add the points of a journaled batch that name a model to `known` (see `model_point_clash`)."""
+    for m in metrics:
+        if m.model_id:
+            known.setdefault((m.model_id, m.key, int(m.step or 0), int(m.timestamp)), stored_value(m.value))
+
+
+def stored_value(value) -> float | str:
+    """A metric value as MLflow's SQL store keeps it: ±inf as the largest float, NaN as one value."""
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    return math.copysign(sys.float_info.max, value) if math.isinf(value) else value
 
 
 def model_metric_points(op: J.Op) -> list[tuple[str, float, int, int]]:

@@ -565,10 +565,12 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         plain, linked = [], []
         for metric in metrics:
             (linked if models.names_a_model(metric) else plain).append(metric)
-        # Two values for one model's key, step and millisecond: the server refuses the batch, as MLflow's own call
-        # would be refused — after the params and the run's points, which its store keeps (it never reaches the
-        # tags). So does log_model's copy of a step (MLflow marks the model FAILED).
-        clash = models.model_point_clash(linked)
+        # Two values for one model's key, step and millisecond, in the batch or with a point this process gave the
+        # model before: the server refuses the batch, as MLflow's own call would be refused — after the params and
+        # the run's points, which its store keeps (it never reaches the tags). So does log_model's copy of a step
+        # (MLflow marks the model FAILED). MLflow's client sends 1,000 points a call and stops at the first refused.
+        known = conn.summary(run_id).model_points
+        clash = models.model_point_clash(linked, known)
         if clash is not None:
             plain, linked, tags = metrics, [], []
         linked_body = models.model_metrics_body(linked) if linked else None  # may raise: before anything is kept
@@ -576,6 +578,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                                   [(p.key, str(p.value)) for p in params], [(t.key, str(t.value)) for t in tags])
         if linked_body:  # after the batch's plain points, in the run's order (journal.append moves the intake first)
             conn.journal.append(run_id, models.MODEL_METRICS, linked_body)
+            models.remember_model_points(linked, known)
         summary = conn.summary(run_id)
         for metric in metrics:
             _keep_latest(summary.metrics, metric)
@@ -585,7 +588,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             raise MlflowException(
                 f"log_batch: metric {clash.key!r} at step {clash.step} and timestamp {clash.timestamp} is given twice "
                 f"with different values for logged model {clash.model_id}, which keeps one point per key, step and "
-                "millisecond (the run keeps both)", BAD_REQUEST)
+                "millisecond (the run keeps the points of this call, the model none of them)", BAD_REQUEST)
 
     def log_batch_async(self, run_id, metrics, params, tags):
         # Journaling is as fast as queueing; MLflow's own async queue would only add a second buffer.
