@@ -600,3 +600,28 @@ def test_h22_seed_210095_a_later_call_giving_a_model_a_second_value_raises_like_
     assert len(want[1]) == 501 and len(want[1]["m0000"]) == 2 and "m0500" not in want[1]  # what stock keeps
     assert [len(points) for _, points in want[0]] == [408, 408]
     assert got == want
+
+
+def test_h22_seed_210095_the_same_value_again_is_not_a_second_value(mlflow_server, bridge_connect, server_client):
+    """The other side of seed 210095's fix: logging a point the model already holds again, value and all, is
+    accepted by MLflow's server (it keeps one) — bridge must not raise for it either."""
+    outcome = {}
+
+    def program(name):
+        with mlflow.start_run() as run:
+            mlflow.log_metrics({"loss": 0.5, "acc": 0.25}, step=0, timestamp=T0)
+            mlflow.pyfunc.log_model(name="again", python_model=Double())
+            mlflow.log_metrics({"loss": 0.5, "acc": 0.25}, step=0, timestamp=T0)
+            mlflow.log_metric("loss", 0.5, step=0, timestamp=T0)
+            outcome[name] = run.info.run_id
+
+    stock(mlflow_server.url, "h22-210095-again-stock", lambda: program("stock"))
+    conn = bridge_connect(mlflow_server.url, experiment="h22-210095-again-bridge")
+    program("bridge")
+    assert conn.flush(60) == 0
+    assert conn.status().dead_letters == 0
+    want = model_metrics(server_client, "h22-210095-again-stock")
+    assert want == ([("acc", 0.25, 0, T0), ("loss", 0.5, 0, T0)], {})
+    assert model_metrics(server_client, "h22-210095-again-bridge") == want
+    history = lambda run: [(m.step, m.value) for m in server_client.get_metric_history(run, "loss")]  # noqa: E731
+    assert history(conn.journal.run(outcome["bridge"]).remote_id) == history(outcome["stock"]) == [(0, 0.5)]
