@@ -341,22 +341,27 @@ def test_h22_points_mlflow_links_to_a_model_after_log_model_go_in_one_request(ml
 def test_h22_a_second_point_in_the_same_millisecond_stays_on_the_run(mlflow_server, bridge_connect,
                                                                      server_client):
     """MLflow keeps one model point per key, step and millisecond and refuses a request holding a second (stock
-    MLflow's own call raises). Before: the run's points went to the dead letters with the request. Now the run
-    keeps every point and the model the first, within a request and across requests."""
+    MLflow's own call raises). A second value against a point this process gave the model raises at the call
+    (seed 210095); one against a point the model got elsewhere (here another client's) bridge learns of only at
+    delivery. Before: the run's points went to the dead letters with the request. Now the run keeps every point
+    and the model the first."""
     transport = FaultTransport()
     conn = bridge_connect(mlflow_server.url, experiment="h22-same-ms", transport=transport)
     with mlflow.start_run() as run:
         info = mlflow.pyfunc.log_model(name="double", python_model=Double())
-        mlflow.log_metric("acc", 0.5, timestamp=T0)  # step 0: linked to the model
         assert conn.flush(30) == 0
-        mlflow.log_metric("acc", 0.6, timestamp=T0)  # the model has acc at T0 already: refused, then sent again
+        remote = conn.journal.run(run.info.run_id).remote_id
+        server_model = server_model_id_of(conn, info.model_id)
+        server_client.log_batch(remote, metrics=[Metric("acc", 0.5, T0, 0, model_id=server_model)])  # elsewhere
+        mlflow.log_metric("acc", 0.6, timestamp=T0)  # step 0: linked; the model has acc at T0 already: refused
         mlflow.log_metric("acc", 0.7, timestamp=T0 + 1)
-        mlflow.log_metric("acc", 0.8, timestamp=T0 + 1)  # a second one in the same request
+        with pytest.raises(MlflowException, match="given twice") as raised:
+            mlflow.log_metric("acc", 0.8, timestamp=T0 + 1)  # a second value this process gave: raised now
+        assert raised.value.error_code == "BAD_REQUEST"
     assert conn.flush(60) == 0
     assert conn.journal.dead_letters() == []
-    remote = conn.journal.run(run.info.run_id).remote_id
     assert sorted(m.value for m in server_client.get_metric_history(remote, "acc")) == [0.5, 0.6, 0.7, 0.8]
-    model = server_client.get_logged_model(server_model_id_of(conn, info.model_id))
+    model = server_client.get_logged_model(server_model)
     assert sorted((m.value, m.timestamp) for m in model.metrics) == [(0.5, T0), (0.7, T0 + 1)]
     refused = [r for r in transport.requests if r.path.endswith("/runs/log-batch")]
     assert any("0.6" in str(r.json) for r in refused[:-1]), "the collision across requests was not tried"
@@ -499,18 +504,20 @@ def test_h22_the_step_copy_keeps_the_first_of_two_points_in_one_millisecond(mlfl
 
 def test_h22_a_point_for_a_model_deleted_on_the_server_stays_on_the_run(mlflow_server, bridge_connect,
                                                                        server_client):
-    """Refused for a second point in a millisecond, the model's points are read — and the model is gone (404):
-    the points go to the run alone, rather than a dead letter naming the missing model."""
+    """Refused for a second point in a millisecond (the first from another client), the model's points are read
+    — and the model is gone (404): the points go to the run alone, rather than a dead letter naming the missing
+    model."""
     conn = bridge_connect(mlflow_server.url, experiment="h22-deleted-model")
     with mlflow.start_run() as run:
         info = mlflow.pyfunc.log_model(name="double", python_model=Double())
-        mlflow.log_metric("acc", 0.5, step=1, timestamp=T0, model_id=info.model_id)
         assert conn.flush(30) == 0
-        server_client.delete_logged_model(server_model_id_of(conn, info.model_id))
+        remote = conn.journal.run(run.info.run_id).remote_id
+        server_model = server_model_id_of(conn, info.model_id)
+        server_client.log_batch(remote, metrics=[Metric("acc", 0.5, T0, 1, model_id=server_model)])
+        server_client.delete_logged_model(server_model)
         mlflow.log_metric("acc", 0.6, step=1, timestamp=T0, model_id=info.model_id)
     assert conn.flush(60) == 0
     assert conn.journal.dead_letters() == []
-    remote = conn.journal.run(run.info.run_id).remote_id
     assert sorted(m.value for m in server_client.get_metric_history(remote, "acc")) == [0.5, 0.6]
 
 
