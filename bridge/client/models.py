@@ -126,11 +126,11 @@ def remember_model_points(metrics: list, known: dict) -> None:
             known.setdefault((m.model_id, m.key, int(m.step or 0), int(m.timestamp)), stored_value(m.value))
 
 
-def stored_value(value) -> float | str:
-    """A metric value as MLflow's SQL store keeps it: ±inf as the largest float, NaN as one value."""
+def stored_value(value) -> float:
+    """A model point's value as MLflow's SQL store keeps and compares it: ±inf as the largest float, NaN as 0."""
     value = float(value)
     if math.isnan(value):
-        return "nan"
+        return 0.0
     return math.copysign(sys.float_info.max, value) if math.isinf(value) else value
 
 
