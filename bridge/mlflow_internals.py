@@ -49,6 +49,12 @@ SOURCES: tuple[tuple[str, str, str, str], ...] = (
      "client/models.py (asked_by_log_model): log_model reads the run back (get_run, get_metric_history) to copy "
      "its metrics at the step to the new model; while the server is away bridge recognises this helper's frame "
      "by name and locals (model_id, step) and makes the copy at delivery instead of failing the model."),
+    ("mlflow.store.tracking.sqlalchemy_store", "SqlAlchemyStore._log_model_metrics",
+     "metric_keys[i : i + 100] for i in range(0, len(metric_keys), 100)",
+     "client/models.py (model_point_clash, _RECHECK_NAMES): which log_batch the server refuses for a logged "
+     "model's points, raised at the call as there; its recovery re-checks a request in groups of 100 entries "
+     "and refuses a point held already when a group lacks its key. Changed: compare with the differential "
+     "tests (tests/test_models.py::test_h24_…) and follow."),
 )
 
 

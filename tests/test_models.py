@@ -344,7 +344,7 @@ def test_h22_a_second_point_in_the_same_millisecond_stays_on_the_run(mlflow_serv
                                                                      server_client):
     """MLflow keeps one model point per key, step and millisecond and refuses a request holding a second (stock
     MLflow's own call raises). A second value against a point this process gave the model raises at the call
-    (seed 210095); one against a point the model got elsewhere (here another client's) bridge learns of only at
+    (H24); one against a point the model got elsewhere (here another client's) bridge learns of only at
     delivery. Before: the run's points went to the dead letters with the request. Now the run keeps every point
     and the model the first."""
     transport = FaultTransport()
@@ -357,12 +357,13 @@ def test_h22_a_second_point_in_the_same_millisecond_stays_on_the_run(mlflow_serv
         server_client.log_batch(remote, metrics=[Metric("acc", 0.5, T0, 0, model_id=server_model)])  # elsewhere
         mlflow.log_metric("acc", 0.6, timestamp=T0)  # step 0: linked; the model has acc at T0 already: refused
         mlflow.log_metric("acc", 0.7, timestamp=T0 + 1)
-        with pytest.raises(MlflowException, match="given twice") as raised:
+        with pytest.raises(MlflowException, match="one point per key") as raised:
             mlflow.log_metric("acc", 0.8, timestamp=T0 + 1)  # a second value this process gave: raised now
         assert raised.value.error_code == "BAD_REQUEST"
     assert conn.flush(60) == 0
     assert conn.journal.dead_letters() == []
-    assert sorted(m.value for m in server_client.get_metric_history(remote, "acc")) == [0.5, 0.6, 0.7, 0.8]
+    # 0.8 is on neither: MLflow's LogMetric writes the model's point first, so a refused one leaves the run alone
+    assert sorted(m.value for m in server_client.get_metric_history(remote, "acc")) == [0.5, 0.6, 0.7]
     model = server_client.get_logged_model(server_model)
     assert sorted((m.value, m.timestamp) for m in model.metrics) == [(0.5, T0), (0.7, T0 + 1)]
     refused = [r for r in transport.requests if r.path.endswith("/runs/log-batch")]
@@ -570,7 +571,7 @@ def test_h22_seed_180093_log_model_raises_like_stock_for_two_values_in_one_milli
     assert history(remote) == history(outcome["stock"][1]) == [-1.5, 0.0]
 
 
-def test_h22_seed_210095_a_later_call_giving_a_model_a_second_value_raises_like_stock(
+def test_h24_seed_210095_a_later_call_giving_a_model_a_second_value_raises_like_stock(
         mlflow_server, bridge_connect, server_client):
     """Soak seed 210095: after two `log_model`s at step 0 had copied the run's step-0 points (408 keys at T0) to
     both models, fluent `log_metrics` logged 626 keys at step 0 at the same millisecond with other values.
@@ -611,7 +612,7 @@ def test_h22_seed_210095_a_later_call_giving_a_model_a_second_value_raises_like_
     assert got == want
 
 
-def test_h22_seed_210095_the_same_value_again_is_not_a_second_value(mlflow_server, bridge_connect, server_client):
+def test_h24_seed_210095_the_same_value_again_is_not_a_second_value(mlflow_server, bridge_connect, server_client):
     """The other side of seed 210095's fix: logging a point the model already holds again, value and all, is
     accepted by MLflow's server (it keeps one) — bridge must not raise for it either. The value as the server
     compares it: NaN is kept as 0 for a model, inf as the largest float."""
@@ -638,3 +639,85 @@ def test_h22_seed_210095_the_same_value_again_is_not_a_second_value(mlflow_serve
     for key in ("loss", "gap"):
         history = lambda run: sorted(str((m.step, m.value)) for m in server_client.get_metric_history(run, key))  # noqa: E731
         assert history(conn.journal.run(outcome["bridge"]).remote_id) == history(outcome["stock"]), key
+
+
+def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_server, bridge_connect, server_client):
+    """Each way MLflow's server refuses a point for a logged model (a review of H24's fix, every case checked
+    against stock MLflow on the same server): which calls raise, and what the run and the model keep.
+    A second value through `log_metric` keeps nothing (the model's point is written first); another dataset is
+    another point; NaN is kept as 0 but two NaNs in one request are two points; a request of more than 100
+    model points is refused for a point the model holds already, even an identical one (the server's
+    recovery re-checks 100 entries at a time); async logging logs the refusal instead of raising; a resumed
+    run, whose reads name the model by the server's id, still knows what the model holds."""
+    train = mlflow.data.from_numpy(np.arange(3.0), name="train")
+    evaluation = mlflow.data.from_numpy(np.arange(4.0), name="eval")
+    outcome, deliver = {}, {"now": lambda: None}
+
+    def program(side):
+        calls = []
+
+        def attempt(label, call):
+            try:
+                call()
+            except MlflowException as exc:
+                calls.append((label, exc.error_code))
+            else:
+                calls.append((label, "ok"))
+
+        with mlflow.start_run() as run:
+            run_id = run.info.run_id
+            info = mlflow.pyfunc.log_model(name="refuses", python_model=Double())  # step 0: later points link to it
+            attempt("first", lambda: mlflow.log_metric("acc", 0.5, timestamp=T0))
+            attempt("second value", lambda: mlflow.log_metric("acc", 0.6, timestamp=T0))
+            attempt("train", lambda: mlflow.log_metric("d", 0.5, timestamp=T0, dataset=train))
+            attempt("same value, other dataset", lambda: mlflow.log_metric("d", 0.5, timestamp=T0, dataset=evaluation))
+            attempt("nan", lambda: mlflow.log_metric("gap", math.nan, timestamp=T0))
+            attempt("nan again", lambda: mlflow.log_metric("gap", float("nan"), timestamp=T0))
+            attempt("zero", lambda: mlflow.log_metric("z", 0.0, timestamp=T0))
+            attempt("minus zero", lambda: mlflow.log_metric("z", -0.0, timestamp=T0))
+            attempt("float32", lambda: mlflow.log_metric("f", np.float32(0.1), timestamp=T0))
+            attempt("float64", lambda: mlflow.log_metric("f", 0.1, timestamp=T0))
+            nan = math.nan
+            attempt("one nan twice in a request", lambda: MlflowClient().log_batch(
+                run_id, metrics=[Metric("twice", nan, T0, 3, model_id=info.model_id),
+                                 Metric("twice", nan, T0, 3, model_id=info.model_id)]))
+            fifty = {f"a{i:03d}": float(i) for i in range(50)}
+            attempt("50 points", lambda: mlflow.log_metrics(fifty, timestamp=T0 + 1))
+            attempt("50 again", lambda: mlflow.log_metrics(fifty, timestamp=T0 + 1))
+            many = {f"b{i:03d}": float(i) for i in range(150)}
+            attempt("150 points", lambda: mlflow.log_metrics(many, timestamp=T0 + 2))
+            attempt("150 again", lambda: mlflow.log_metrics(many, timestamp=T0 + 2))
+            attempt("150 new and one held", lambda: mlflow.log_metrics(
+                {**{f"c{i:03d}": float(i) for i in range(150)}, "acc": 0.5}, timestamp=T0))
+            attempt("async first", lambda: mlflow.log_metric("s", 0.5, timestamp=T0, synchronous=False))
+            attempt("async second value", lambda: mlflow.log_metric("s", 0.6, timestamp=T0, synchronous=False))
+            attempt("async flush", mlflow.flush_async_logging)
+            attempt("tag after", lambda: mlflow.set_tag("after", "1"))
+        deliver["now"]()  # bridge: the model and the run reach the server, so reads name the server's ids
+        with mlflow.start_run(run_id=run_id):
+            attempt("resumed, second value", lambda: mlflow.log_metric("acc", 0.7, timestamp=T0))
+            attempt("resumed, new point", lambda: mlflow.log_metric("acc", 0.8, timestamp=T0 + 9))
+        outcome[side] = (calls, run_id)
+
+    def state(experiment, run_id):
+        found = server_client.search_logged_models([server_client.get_experiment_by_name(experiment).experiment_id])
+        logged = sorted((str(m.status), sorted((p.key, str(p.value), p.step, p.timestamp, p.dataset_name)
+                                               for p in m.metrics)) for m in found)
+        run = server_client.get_run(run_id)
+        histories = {key: sorted(str((p.step, p.value, p.timestamp)) for p in server_client.get_metric_history(
+            run_id, key)) for key in run.data.metrics}
+        return logged, histories, sorted(k for k in run.data.tags if not k.startswith(("mlflow.", "bridge.")))
+
+    stock(mlflow_server.url, "h24-refuses-stock", lambda: program("stock"))
+    conn = bridge_connect(mlflow_server.url, experiment="h24-refuses-bridge")
+    deliver["now"] = lambda: conn.flush(60)
+    program("bridge")
+    assert conn.flush(60) == 0
+    assert conn.journal.dead_letters() == []
+    want_calls, got_calls = outcome["stock"][0], outcome["bridge"][0]
+    assert [label for label, answer in want_calls if answer != "ok"] == [
+        "second value", "same value, other dataset", "float64", "one nan twice in a request", "150 again",
+        "150 new and one held", "resumed, second value"]  # what stock MLflow refuses, as this test knows it
+    assert got_calls == want_calls
+    want = state("h24-refuses-stock", outcome["stock"][1])
+    assert state("h24-refuses-bridge", conn.journal.run(outcome["bridge"][1]).remote_id) == want

@@ -88,6 +88,8 @@ class Connection:
         self.summaries: dict[str, RunSummary] = {}
         #: Metric names already checked the way the server checks them (log_metric's hot path skips them).
         self.valid_metric_keys: set[str] = set()
+        #: Logged-model id (the server's or this side's) -> this side's, for `RunSummary.model_points`.
+        self.local_model_ids: dict[str, str] = {}
         self._closed = False
 
     @property

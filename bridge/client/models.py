@@ -67,6 +67,9 @@ _PARAMS_PER_REQUEST = 100
 #: Where `Model.log` defines the helper that copies a step's metrics to the model (bridge/mlflow_internals.py).
 _MODEL_LOG_FILE = "/".join(("mlflow", "models", "model.py"))
 _MODEL_LOG_HELPER = "log_model_metrics_for_step"
+#: How many entries of a refused request MLflow's store re-checks at a time (`_log_model_metrics`; see
+#: `model_point_clash` and bridge/mlflow_internals.py).
+_RECHECK_NAMES = 100
 
 _NEVER_JOURNALED = ("start_trace", "log_spans", "log_spans_async", "get_trace_info", "get_trace", "search_traces",
                     "set_trace_tag", "delete_trace_tag", "delete_traces", "batch_get_traces", "batch_get_trace_infos",
@@ -102,28 +105,68 @@ def model_metrics_body(metrics: list) -> dict:
     return {"metrics": points}
 
 
-def model_point_clash(metrics: list, known: dict):
-    """The point of one log_batch that MLflow's store refuses it for, or None: a second value for one model's
-    key, step and millisecond, in the batch or in `known` (the run's points already naming a model,
-    `RunSummary.model_points`); identical points count once, as there."""
-    seen, taken = set(), {}
+def model_point_clash(metrics: list, known: dict, canonical=lambda model_id: model_id) -> tuple | None:
+    """(the point, why) that MLflow's store refuses one log_batch request for, or None.
+
+    The server keeps one point per model, key, step, millisecond and run (logged_model_metrics' key) and refuses
+    a second in the request, or one the model holds already as another point (value as the store keeps it, or
+    dataset). Its recovery re-checks a request against the run's points in groups of `_RECHECK_NAMES` entries
+    and refuses a point held already, identical or not, when a group without its key comes first or after
+    (sqlalchemy_store.py `_log_model_metrics`, bridge/mlflow_internals.py). `known`: the run's model points
+    (`RunSummary.model_points`), keyed by `canonical` model id.
+    """
+    seen, taken, instances, held = set(), set(), [], []
     for m in metrics:
-        if not m.model_id or m in seen:
+        if not m.model_id:
+            continue
+        if m in seen and not math.isnan(m.value):  # the server parses two NaNs apart: never equal there
             continue
         seen.add(m)
-        found = (m.model_id, m.key, int(m.step or 0), int(m.timestamp))
-        value = stored_value(m.value)
-        if found in taken or known.get(found, value) != value:
-            return m
-        taken[found] = value
+        instances.append(m)
+        found = model_point_key(m, canonical)
+        if found in taken:
+            return m, "is given twice in this call"
+        taken.add(found)
+        before = known.get(found)
+        if before is not None:
+            if before != model_point_row(m):
+                return m, "already holds another point there"
+            held.append(m)
+    if held and len(instances) > _RECHECK_NAMES:
+        groups = [{m.key for m in instances[i:i + _RECHECK_NAMES]} for i in range(0, len(instances), _RECHECK_NAMES)]
+        for m in held:
+            if any(m.key not in names for names in groups):
+                return m, (f"already holds it, and MLflow's server refuses a point held already in a request of more "
+                           f"than {_RECHECK_NAMES} model points")
     return None
 
 
-def remember_model_points(metrics: list, known: dict) -> None:
+def remember_model_points(metrics: list, known: dict, canonical=lambda model_id: model_id) -> None:
     """Add the points of a journaled batch that name a model to `known` (see `model_point_clash`)."""
     for m in metrics:
         if m.model_id:
-            known.setdefault((m.model_id, m.key, int(m.step or 0), int(m.timestamp)), stored_value(m.value))
+            known.setdefault(model_point_key(m, canonical), model_point_row(m))
+
+
+def local_model_id(journal: J.Journal, cache: dict):
+    """A function giving this side's id of a logged model named by its server id (a read after delivery
+    answers those), or the id itself; answers are kept in `cache`."""
+    def local(model_id: str) -> str:
+        found = cache.get(model_id)
+        if found is None:
+            record = journal.entity_for_remote(J.LOGGED_MODEL, model_id)
+            found = cache[model_id] = model_id if record is None else record.local_id
+        return found
+    return local
+
+
+def model_point_key(m, canonical) -> tuple:
+    return canonical(m.model_id), m.key, int(m.step or 0), int(m.timestamp)
+
+
+def model_point_row(m) -> tuple:
+    """What MLflow's store compares a model point by besides its key: value as kept, dataset."""
+    return stored_value(m.value), m.dataset_name or None, m.dataset_digest or None
 
 
 def stored_value(value) -> float:

@@ -534,6 +534,8 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
     def log_metric(self, run_id, metric):
         if models.names_a_model(metric):
             # MLflow 3's fluent log_metric names the model logged at the point's step: journaled as log_batch does.
+            # Refused, nothing is kept: MLflow's store writes a LogMetric's model point before its run point.
+            self._refuse_model_clash(self.connection, run_id, [metric], kept="nothing of this call is kept")
             return self.log_batch(run_id, [metric], [], [])
         conn = self.connection
         if metric.key not in conn.valid_metric_keys or not isinstance(metric.value, (float, int)):
@@ -565,36 +567,57 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         plain, linked = [], []
         for metric in metrics:
             (linked if models.names_a_model(metric) else plain).append(metric)
-        # Two values for one model's key, step and millisecond, in the batch or with a point this process gave the
-        # model before: the server refuses the batch, as MLflow's own call would be refused — after the params and
-        # the run's points, which its store keeps (it never reaches the tags). So does log_model's copy of a step
-        # (MLflow marks the model FAILED). MLflow's client sends 1,000 points a call and stops at the first refused.
-        known = conn.summary(run_id).model_points
-        clash = models.model_point_clash(linked, known)
-        if clash is not None:
+        # A point a logged model cannot take (model_point_clash): the server refuses the request, as MLflow's own
+        # call would be refused — after the params and the run's points, which its store keeps (it never reaches
+        # the tags). So does log_model's copy of a step (MLflow marks the model FAILED). MLflow's client sends
+        # 1,000 points a request and stops at the first refused; its async queue logs the error instead.
+        refused = self._model_clash(conn, run_id, linked)
+        if refused is not None:
             plain, linked, tags = metrics, [], []
         linked_body = models.model_metrics_body(linked) if linked else None  # may raise: before anything is kept
         conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in plain],
                                   [(p.key, str(p.value)) for p in params], [(t.key, str(t.value)) for t in tags])
+        summary = conn.summary(run_id)
         if linked_body:  # after the batch's plain points, in the run's order (journal.append moves the intake first)
             conn.journal.append(run_id, models.MODEL_METRICS, linked_body)
-            models.remember_model_points(linked, known)
-        summary = conn.summary(run_id)
+            models.remember_model_points(linked, summary.model_points,
+                                         models.local_model_id(conn.journal, conn.local_model_ids))
         for metric in metrics:
             _keep_latest(summary.metrics, metric)
         summary.params.update((p.key, str(p.value)) for p in params)
         summary.tags.update((t.key, str(t.value)) for t in tags)
-        if clash is not None:
-            raise MlflowException(
-                f"log_batch: metric {clash.key!r} at step {clash.step} and timestamp {clash.timestamp} is given twice "
-                f"with different values for logged model {clash.model_id}, which keeps one point per key, step and "
-                "millisecond (the run keeps the points of this call, the model none of them)", BAD_REQUEST)
+        if refused is not None:
+            raise refused
+
+    def _model_clash(self, conn, run_id: str, linked: list,
+                     kept: str = "the run keeps this call's points, the model none") -> MlflowException | None:
+        """The error MLflow's server answers a request giving `linked` to their models with, or None."""
+        if not linked:
+            return None
+        found = models.model_point_clash(linked, conn.summary(run_id).model_points,
+                                         models.local_model_id(conn.journal, conn.local_model_ids))
+        if found is None:
+            return None
+        point, why = found
+        return _ModelPointRefused(
+            f"metric {point.key!r} at step {point.step} and timestamp {point.timestamp} for logged model "
+            f"{point.model_id}: a model keeps one point per key, step and millisecond, and this one {why} ({kept})",
+            BAD_REQUEST)
+
+    def _refuse_model_clash(self, conn, run_id: str, linked: list, kept: str) -> None:
+        refused = self._model_clash(conn, run_id, linked, kept)
+        if refused is not None:
+            raise refused
 
     def log_batch_async(self, run_id, metrics, params, tags):
         # Journaling is as fast as queueing; MLflow's own async queue would only add a second buffer.
         from mlflow.utils.async_logging.run_operations import RunOperations
 
-        self.log_batch(run_id, metrics, params, tags)
+        try:
+            self.log_batch(run_id, metrics, params, tags)
+        except _ModelPointRefused as exc:
+            # What MLflow's async queue does with a request the server refused: its call has returned already.
+            log.error("Run Id %s: Failed to log run data: Exception: %s", run_id, exc.message)
         return RunOperations(operation_futures=[])
 
     def log_metric_async(self, run_id, metric):
@@ -659,6 +682,10 @@ class _Waiting:
         if isinstance(self.items, set):
             return self.items | later
         return sorted({op.id: op for op in (*self.items, *later)}.values(), key=lambda op: op.id)
+
+
+class _ModelPointRefused(MlflowException):
+    """A point a logged model cannot take (models.model_point_clash), refused at the call as the server would."""
 
 
 def _points(op: J.Op) -> list[Metric]:
