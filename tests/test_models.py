@@ -721,3 +721,22 @@ def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_serv
     assert got_calls == want_calls
     want = state("h24-refuses-stock", outcome["stock"][1])
     assert state("h24-refuses-bridge", conn.journal.run(outcome["bridge"][1]).remote_id) == want
+
+
+def test_h24_the_model_points_a_run_remembers_are_bounded(monkeypatch):
+    """A run that links every point to a model (`set_active_model`, an explicit model_id) must not grow the
+    memory of what its models hold without end: the newest points are kept, between half and all of the bound;
+    a second value against a forgotten one is left to delivery (README), never a wrong refusal."""
+    from bridge.client import models
+
+    monkeypatch.setattr(models, "MODEL_POINTS_KEPT", 10)
+    known: dict = {}
+    for i in range(25):
+        models.remember_model_points([Metric("loss", float(i), T0 + i, 0, model_id="m-1")], known)
+        assert len(known) <= 10
+    assert len(known) >= 5
+    newest = [(point, value) for point, value in known.items()]
+    assert newest[-1] == (("m-1", "loss", 0, T0 + 24), 24.0)
+    assert models.model_point_clash([Metric("loss", 99.0, T0 + 24, 0, model_id="m-1")], known) is not None
+    assert models.model_point_clash([Metric("loss", 99.0, T0, 0, model_id="m-1")], known) is None  # forgotten
+    assert models.model_point_clash([Metric("loss", 24.0, T0 + 24, 0, model_id="m-1")], known) is None  # the same

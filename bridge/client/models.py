@@ -70,6 +70,9 @@ _MODEL_LOG_HELPER = "log_model_metrics_for_step"
 #: How many entries of a refused request MLflow's store re-checks at a time (`_log_model_metrics`; see
 #: `model_point_clash` and bridge/mlflow_internals.py).
 _RECHECK_NAMES = 100
+#: Model points of a run remembered for `model_point_clash` (the newest; between half and all of this many): a
+#: second value against an older one is met at delivery instead, as one from another process (README).
+MODEL_POINTS_KEPT = 20_000
 
 _NEVER_JOURNALED = ("start_trace", "log_spans", "log_spans_async", "get_trace_info", "get_trace", "search_traces",
                     "set_trace_tag", "delete_trace_tag", "delete_traces", "batch_get_traces", "batch_get_trace_infos",
@@ -125,27 +128,32 @@ def model_point_clash(metrics: list, known: dict, canonical=lambda model_id: mod
         instances.append(m)
         found = model_point_key(m, canonical)
         if found in taken:
-            return m, "is given twice in this call"
+            return m, "this request gives it twice"
         taken.add(found)
         before = known.get(found)
         if before is not None:
             if before != model_point_row(m):
-                return m, "already holds another point there"
+                return m, "the model holds another point there already"
             held.append(m)
     if held and len(instances) > _RECHECK_NAMES:
         groups = [{m.key for m in instances[i:i + _RECHECK_NAMES]} for i in range(0, len(instances), _RECHECK_NAMES)]
         for m in held:
             if any(m.key not in names for names in groups):
-                return m, (f"already holds it, and MLflow's server refuses a point held already in a request of more "
-                           f"than {_RECHECK_NAMES} model points")
+                return m, (f"the model holds it already, which MLflow's server refuses in a request of more than "
+                           f"{_RECHECK_NAMES} model points")
     return None
 
 
 def remember_model_points(metrics: list, known: dict, canonical=lambda model_id: model_id) -> None:
-    """Add the points of a journaled batch that name a model to `known` (see `model_point_clash`)."""
+    """Add the points of a journaled batch that name a model to `known` (see `model_point_clash`), keeping the
+    newest `MODEL_POINTS_KEPT` at most: a run linking every point (`set_active_model`) must not grow without end."""
     for m in metrics:
         if m.model_id:
             known.setdefault(model_point_key(m, canonical), model_point_row(m))
+    if len(known) > MODEL_POINTS_KEPT:  # the older half goes at once: O(1) a point, amortised
+        newer = list(known.items())[len(known) // 2:]
+        known.clear()
+        known.update(newer)
 
 
 def local_model_id(journal: J.Journal, cache: dict):
@@ -164,9 +172,11 @@ def model_point_key(m, canonical) -> tuple:
     return canonical(m.model_id), m.key, int(m.step or 0), int(m.timestamp)
 
 
-def model_point_row(m) -> tuple:
-    """What MLflow's store compares a model point by besides its key: value as kept, dataset."""
-    return stored_value(m.value), m.dataset_name or None, m.dataset_digest or None
+def model_point_row(m) -> float | tuple:
+    """What MLflow's store compares a model point by besides its key: the value as kept (and dataset)."""
+    if m.dataset_name or m.dataset_digest:
+        return stored_value(m.value), m.dataset_name or None, m.dataset_digest or None
+    return stored_value(m.value)
 
 
 def stored_value(value) -> float:

@@ -535,8 +535,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         if models.names_a_model(metric):
             # MLflow 3's fluent log_metric names the model logged at the point's step: journaled as log_batch does.
             # Refused, nothing is kept: MLflow's store writes a LogMetric's model point before its run point.
-            self._refuse_model_clash(self.connection, run_id, [metric], kept="nothing of this call is kept")
-            return self.log_batch(run_id, [metric], [], [])
+            return self._log_batch(run_id, [metric], [], [], refused_keeps_points=False)
         conn = self.connection
         if metric.key not in conn.valid_metric_keys or not isinstance(metric.value, (float, int)):
             _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)  # what the server checks
@@ -552,6 +551,9 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         self.log_batch(run_id, [], [], [tag])
 
     def log_batch(self, run_id, metrics, params, tags):
+        self._log_batch(run_id, metrics, params, tags)
+
+    def _log_batch(self, run_id, metrics, params, tags, *, refused_keeps_points: bool = True) -> None:
         conn = self.connection
         # Refused now, as the server would refuse it, rather than accepted and dead-lettered later.
         metrics, params, tags = _validate_batch_log_data(metrics, params, tags)
@@ -571,8 +573,10 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         # call would be refused — after the params and the run's points, which its store keeps (it never reaches
         # the tags). So does log_model's copy of a step (MLflow marks the model FAILED). MLflow's client sends
         # 1,000 points a request and stops at the first refused; its async queue logs the error instead.
-        refused = self._model_clash(conn, run_id, linked)
+        refused = self._model_clash(conn, run_id, linked, refused_keeps_points)
         if refused is not None:
+            if not refused_keeps_points:
+                raise refused
             plain, linked, tags = metrics, [], []
         linked_body = models.model_metrics_body(linked) if linked else None  # may raise: before anything is kept
         conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in plain],
@@ -589,8 +593,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         if refused is not None:
             raise refused
 
-    def _model_clash(self, conn, run_id: str, linked: list,
-                     kept: str = "the run keeps this call's points, the model none") -> MlflowException | None:
+    def _model_clash(self, conn, run_id: str, linked: list, keeps_points: bool) -> MlflowException | None:
         """The error MLflow's server answers a request giving `linked` to their models with, or None."""
         if not linked:
             return None
@@ -599,15 +602,12 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         if found is None:
             return None
         point, why = found
+        kept = ("the run keeps this request's points, the model none of them; MLflow sends a call's metrics "
+                "1,000 a request") if keeps_points else "nothing of it is kept"
         return _ModelPointRefused(
             f"metric {point.key!r} at step {point.step} and timestamp {point.timestamp} for logged model "
-            f"{point.model_id}: a model keeps one point per key, step and millisecond, and this one {why} ({kept})",
+            f"{point.model_id}: a model keeps one point per key, step and millisecond, and {why} ({kept})",
             BAD_REQUEST)
-
-    def _refuse_model_clash(self, conn, run_id: str, linked: list, kept: str) -> None:
-        refused = self._model_clash(conn, run_id, linked, kept)
-        if refused is not None:
-            raise refused
 
     def log_batch_async(self, run_id, metrics, params, tags):
         # Journaling is as fast as queueing; MLflow's own async queue would only add a second buffer.
