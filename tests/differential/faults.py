@@ -224,7 +224,7 @@ class BridgeWorld:
             _, dead, _, _ = queue(self.journal)
         except Exception as exc:  # the count is the finding; the details are a courtesy
             return f"(could not list them: {exc})"
-        return "; ".join(f"{op.kind} {op.key or ''}: {error}"[:160] for op, error in dead[:5])
+        return "; ".join(f"{d.op.kind} {d.op.key or ''} ({d.reason}): {d.error}"[:200] for d in dead[:5])
 
     def _deliver_copy(self, copy: Path) -> None:
         from bridge.client.connect import sync

@@ -37,7 +37,8 @@ class State:
 def capture(server_url: str, db_path: Path, nonce: str, experiments: int, trace: Trace,
             key_of: Callable[[object], str | None]) -> State:
     """The server's state for the program's experiments; `key_of(run)` gives the id the trace knows it by."""
-    client = MlflowClient(server_url)
+    # The registry too: a bridge connect() of the other world points the process's registry URI at bridge's.
+    client = MlflowClient(server_url, registry_uri=server_url)
     index_of = {run_id: r for r, run_id in trace.runs.items()}
     state = State()
     found: list[tuple[int, object, int]] = []
@@ -103,10 +104,7 @@ def _capture_models(client: MlflowClient, server_url: str, state: State, server_
             }
     for registered in range(2):
         name = registered_name(nonce, registered)
-        try:
-            versions = client.search_model_versions(f"name='{name}'")
-        except Exception:  # not registered in this program
-            continue
+        versions = client.search_model_versions(f"name='{name}'")  # [] when the program did not register it
         if not versions:
             continue
         # A version made from models:/<id> names its model in `source` (model_id is not always filled in).
