@@ -1047,3 +1047,65 @@ def test_h20_a_table_delivered_while_the_second_log_table_lists_it_is_appended_t
     got = json.loads(open(server.download_artifacts(conn.journal.server_run(run_id)[0], "t.json",
                                                     str(tmp_path / "got"))).read())
     assert [row[0] for row in got["data"]] == [1, 2, 3]
+
+
+# The answers a real `mlflow server` (SQLite) gives the later of two identical upserts racing (measured: 2 at
+# once, set-experiment-tag refused 24 of 400, registered-models/set-tag 26 of 400).
+_RACE_EXPERIMENT_TAG = (b'{"error_code": "BAD_REQUEST", "message": "(sqlite3.IntegrityError) UNIQUE constraint failed: '
+                        b'experiment_tags.key, experiment_tags.experiment_id"}')
+_RACE_MODEL_TAG = (b'{"error_code": "BAD_REQUEST", "message": "(sqlite3.IntegrityError) UNIQUE constraint failed: '
+                   b'registered_model_tags.workspace, registered_model_tags.key, registered_model_tags.name"}')
+
+
+def test_h25_an_upsert_refused_because_an_earlier_try_wrote_it_is_tried_again(bridge_connect, mlflow_server):
+    """Soak seed 230079 (under load, 1 replay in 12): a dead letter "set_experiment_tag: UNIQUE constraint
+    failed" although the tag was on the server. MLflow writes an experiment tag with SQLAlchemy's merge (read,
+    then insert); a try the sender had given up on, still running on a slow server, and the next try met there,
+    and the later was refused on the unique key. The race at the HTTP boundary: the first try is applied and its
+    answer lost, the next gets the server's race answer. Now tried again (bounded), it updates."""
+    transport = FaultTransport()
+    experiment = _name("upsert-race")
+    conn = bridge_connect(mlflow_server.url, experiment=experiment, transport=transport)
+    client = MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    client.create_registered_model(experiment)
+    assert conn.flush(30) == 0
+    for path, answer in (("set-experiment-tag", _RACE_EXPERIMENT_TAG), ("registered-models/set-tag", _RACE_MODEL_TAG)):
+        transport.fail("lost_answer", path=path, times=1)
+        transport.fail("status", path=path, times=1, status=400, body=answer)
+    client.set_experiment_tag(experiment_id, "stage", "train")
+    client.set_registered_model_tag(experiment, "owner", "vision")
+    assert conn.flush(60) == 0
+    assert conn.journal.dead_letters() == []
+    server = MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
+    assert server.get_experiment_by_name(experiment).tags["stage"] == "train"
+    assert server.get_registered_model(experiment).tags == {"owner": "vision"}
+    for path, key in (("set-experiment-tag", "stage"), ("registered-models/set-tag", "owner")):
+        tries = [r.fault for r in transport.requests if path in r.path and (r.json or {}).get("key") == key]
+        assert tries == ["lost_answer", "status", None], path
+
+
+def test_h25_a_unique_key_refusal_of_an_insert_is_not_tried_again(bridge_connect, mlflow_server, monkeypatch):
+    """The other side of H25: only an upsert's refusal is a lost race. A metric point a logged model cannot take
+    (the same words, a real clash) or a refusal of an experiment tag that keeps coming goes to the dead letters
+    after the bound, as before — never tried for ever."""
+    from bridge.client.operations import lost_upsert_race
+    from bridge.errors import HttpError
+
+    race = HttpError(400, "BAD_REQUEST", "(sqlite3.IntegrityError) UNIQUE constraint failed: experiment_tags.key")
+    assert lost_upsert_race(("set_experiment_tag",), race)
+    assert not lost_upsert_race(("model_metrics",), race)
+    assert not lost_upsert_race(("tag", "metric"), race)  # a run's tags: a true upsert on the server
+    assert not lost_upsert_race(("set_experiment_tag",), HttpError(400, "INVALID_PARAMETER_VALUE", "too long"))
+    monkeypatch.setenv("BRIDGE_POISON_ATTEMPTS", "3")
+    transport = FaultTransport()
+    experiment = _name("upsert-race-bound")
+    conn = bridge_connect(mlflow_server.url, experiment=experiment, transport=transport)
+    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    assert conn.flush(30) == 0
+    transport.fail("status", path="set-experiment-tag", status=400, body=_RACE_EXPERIMENT_TAG)
+    MlflowClient().set_experiment_tag(experiment_id, "stage", "train")
+    assert conn.flush(60) == 0
+    assert [d.reason for d in conn.journal.dead_letters()] == ["server-refused"]
+    assert len([r for r in transport.requests if "set-experiment-tag" in r.path
+                and (r.json or {}).get("key") == "stage"]) == 3  # the bound, then a dead letter

@@ -57,11 +57,32 @@ _EXTRA_KINDS: dict[str, Callable[..., list[str]]] = {}
 _WAITS: dict[str, Callable[..., bool]] = {}
 
 
-def register_kind(kind: str, apply: Callable[..., list[str]], waits: Callable[..., bool] | None = None) -> None:
-    """Teach the sender a new journal operation kind."""
+#: Kinds MLflow's server writes with SQLAlchemy's `merge` (read, then insert or update). Two tries of one op can
+#: meet there — one the client gave up on (a timeout, a stopping sender's cut) still running, and the next — and
+#: the later is refused on the table's unique key although the earlier wrote the row. Measured on a real server
+#: (SQLite, 2 workers), 2 identical requests at once: set-experiment-tag refused 24 of 400, registered-models
+#: set-tag 26 of 400; a run's tags (log-batch) and a logged model's (a true upsert) never. Such a refusal is tried
+#: again (the sender bounds how often); the merge then updates.
+_UPSERTS: set[str] = {SET_EXPERIMENT_TAG}
+#: How the databases MLflow runs on word a unique-key violation (SQLite, PostgreSQL, MySQL).
+_UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def register_kind(kind: str, apply: Callable[..., list[str]], waits: Callable[..., bool] | None = None, *,
+                  upsert: bool = False) -> None:
+    """Teach the sender a new journal operation kind (`upsert`: the server writes it with `merge`, see _UPSERTS)."""
     _EXTRA_KINDS[kind] = apply
     if waits is not None:
         _WAITS[kind] = waits
+    if upsert:
+        _UPSERTS.add(kind)
+
+
+def lost_upsert_race(kinds, exc: BaseException) -> bool:
+    """Whether `exc`, the answer to a request writing ops of `kinds`, is an upsert refused on its unique key
+    because another try of it got there first (_UPSERTS): worth another try."""
+    return (isinstance(exc, HttpError) and exc.status == 400 and any(kind in _UPSERTS for kind in kinds)
+            and any(text in (exc.message or "") for text in _UNIQUE_VIOLATIONS))
 
 
 _BUILTIN_KINDS = frozenset({ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN, DELETE_EXPERIMENT_TAG, DELETE_TAG, LOG_INPUTS,

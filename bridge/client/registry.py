@@ -617,6 +617,6 @@ def wait_turn(ops: operations.Operations, op: J.Op, body: dict) -> bool:
 
 
 for _kind in _KINDS[:-1]:
-    operations.register_kind(_kind, _apply_registry)
+    operations.register_kind(_kind, _apply_registry, upsert=_kind in (SET_ALIAS, SET_MODEL_TAG, SET_VERSION_TAG))
 
 __all__ = ["JournalRegistryStore", "REGISTRY_KEY", "server_versions_tag"]

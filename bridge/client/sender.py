@@ -32,7 +32,9 @@ from bridge.client.intake import try_lock
 from bridge.client.journal import ARTIFACT, MODEL_METRICS, TAG, Journal, Op
 from bridge.client.link import Link, Verdict, classify_failure
 from bridge.client.marks import DeliveryMarks, Scope, scope_of
-from bridge.client.operations import RUN_ID_TAGS, RUN_NOT_CREATED, SERVER_FAILS_ON_IT, SERVER_REFUSED, Operations
+from bridge.client.operations import (
+    RUN_ID_TAGS, RUN_NOT_CREATED, SERVER_FAILS_ON_IT, SERVER_REFUSED, Operations, lost_upsert_race,
+)
 from bridge.client.options import ClientOptions
 from bridge.errors import HttpError, LinkError, UndeliverableError
 from bridge.retry import compute_backoff_ms
@@ -413,18 +415,23 @@ class Sender:
 
     # ----------------------------------------------------------------------------- deliveries
 
-    def _checked(self, fn: Callable[[], object], *, poison: int | None = None) -> object:
+    def _checked(self, fn: Callable[[], object], *, poison: int | None = None, kinds: tuple = ()) -> object:
         """Run one request; a failure that is not the content's fault pauses the round.
 
         With `poison` (how often the entries in it have failed already): a server error that has come back
         for them `poison_attempts` times while the server answers a probe is treated as the entries' fault —
-        raised like a refusal, so they are isolated and moved aside while the rest keeps flowing.
+        raised like a refusal, so they are isolated and moved aside while the rest keeps flowing. So is an
+        upsert of ops of `kinds` refused because an earlier try of it got there first (lost_upsert_race): tried
+        again until then, as the server has written it.
         """
         try:
             return fn()
         except LinkError as exc:
             verdict = classify_failure(exc)
             if verdict is Verdict.REJECT:
+                if (poison is not None and poison + 1 < self.options.poison_attempts
+                        and lost_upsert_race(kinds, exc)):
+                    raise _Pause(exc, Verdict.RETRY) from None
                 raise
             if (poison is not None and isinstance(exc, HttpError) and exc.status >= 500
                     and poison + 1 >= self.options.poison_attempts and self.link.probe()):
@@ -535,7 +542,7 @@ class Sender:
             raise _Pause(RuntimeError("another sender claimed this entry"), Verdict.RETRY)
         try:
             try:
-                spool = self._checked(lambda: self.operations.apply(op), poison=op.attempts)
+                spool = self._checked(lambda: self.operations.apply(op), poison=op.attempts, kinds=(op.kind,))
             except HttpError as exc:
                 reason = _dead_letter_reason(exc)
                 log.warning("bridge: server refused %s of run %s: %s (kept as a dead letter, %s)", op.kind,
