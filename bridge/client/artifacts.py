@@ -92,9 +92,10 @@ class JournalArtifactRepository(ArtifactRepository):
             return None
 
     def _unavailable(self) -> MlflowException:
+        last = self.connection.link.last_error
         return MlflowException(f"the artifacts of run {self.run_id} cannot be listed: the server cannot be reached "
-                               "(the journal holds only the files not delivered yet); try again once it is back",
-                               TEMPORARILY_UNAVAILABLE)
+                               f"{f'(last error: {last}) ' if last else ''}(the journal holds only the files not "
+                               "delivered yet); try again once it is back", TEMPORARILY_UNAVAILABLE)
 
     def _is_directory(self, artifact_path):
         """A file still in the spool is a file, whatever the server can say (MLflow asks before downloading)."""

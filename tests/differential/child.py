@@ -28,6 +28,7 @@ def trace_json(trace: Trace) -> dict:
         "experiments": {str(k): v for k, v in trace.experiments.items()},
         "runs": {str(k): v for k, v in trace.runs.items()},
         "errors": {str(k): v for k, v in trace.errors.items()},
+        "said": {str(k): v for k, v in trace.said.items()},
         "reads": [[r.step, r.call, r.result, r.online, r.reconnected] for r in trace.reads],
     }))
 

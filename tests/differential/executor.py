@@ -50,6 +50,7 @@ class Trace:
     runs: dict[int, str] = field(default_factory=dict)          # index -> this world's run id
     reads: list[Read] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)        # step -> error of a call that raised
+    said: dict[int, str] = field(default_factory=dict)          # step -> its message (reported, never compared)
     models: dict[str, str] = field(default_factory=dict)        # program's model name -> this world's model id
     seconds: float = 0.0
 
@@ -131,6 +132,7 @@ class Executor:
             if not (call.op in allowances.RETRIED_ONCE_ONLINE and not self.online
                     and _error(exc) == allowances.OFFLINE_READ_ANSWERS[0][1]):
                 self.trace.errors[step] = _error(exc)
+                self.trace.said[step] = str(exc)[:400]
                 return
             # Documented: a write that must read the server first raises while it is unreachable; the
             # person tries again once it is back — so does the program.
@@ -140,6 +142,7 @@ class Executor:
                 getattr(self, call.op)(**call.args)
             except Exception as again:
                 self.trace.errors[step] = _error(again)
+                self.trace.said[step] = str(again)[:400]
 
     # ---------------------------------------------------------------------------- experiments
 

@@ -123,7 +123,8 @@ class Harness:
             data = json.loads(trace_path.read_text())
             bridge_trace = Trace({int(k): v for k, v in data["experiments"].items()},
                                  {int(k): v for k, v in data["runs"].items()},
-                                 [Read(*r) for r in data["reads"]], {int(k): v for k, v in data["errors"].items()})
+                                 [Read(*r) for r in data["reads"]], {int(k): v for k, v in data["errors"].items()},
+                                 said={int(k): v for k, v in data.get("said", {}).items()})
         else:
             problems.append("the child wrote no trace")
             bridge_trace = Trace()

@@ -210,7 +210,9 @@ def compare(program: list[Call], oracle: tuple[State, Trace], bridge: tuple[Stat
     for step in sorted(set(want_trace.errors) | set(got_trace.errors)):
         a, b = want_trace.errors.get(step), got_trace.errors.get(step)
         if a != b:
-            out.append(f"step {step} {program[step]}: oracle {_outcome(a)}, bridge {_outcome(b)}")
+            said = got_trace.said.get(step) or want_trace.said.get(step)
+            out.append(f"step {step} {program[step]}: oracle {_outcome(a)}, bridge {_outcome(b)}"
+                       + (f" ({_short(said, 300)})" if said else ""))
     for a, b in zip(want_trace.reads, got_trace.reads):
         if a.result == b.result or (not b.online and b.result in allowances.OFFLINE_READ_ANSWERS):
             continue
