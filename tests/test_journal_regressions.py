@@ -1109,3 +1109,40 @@ def test_h25_a_unique_key_refusal_of_an_insert_is_not_tried_again(bridge_connect
     assert [d.reason for d in conn.journal.dead_letters()] == ["server-refused"]
     assert len([r for r in transport.requests if "set-experiment-tag" in r.path
                 and (r.json or {}).get("key") == "stage"]) == 3  # the bound, then a dead letter
+
+
+def test_h26_a_busy_server_is_asked_by_reads_a_gone_one_is_not(bridge_connect, mlflow_server):
+    """Soak seed 240127 (under load, no fault injected): `log_table` raised TEMPORARILY_UNAVAILABLE. A read on
+    the training thread did not ask the server while the sender's last request had failed — also when that
+    failure was the server's own answer (MLflow's 503 "database is locked" on a loaded SQLite server): busy,
+    not gone. Such a read now asks (one round trip); after a failure with no answer (refused, timed out) it
+    still raises at once rather than wait out a timeout."""
+    transport = FaultTransport()
+    conn = bridge_connect(mlflow_server.url, experiment=_name("busy"), transport=transport)
+
+    def sender_failed(answered: bool):
+        deadline = time.monotonic() + 15
+        while (conn.link.online is not False or conn.link.answers != answered) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert conn.link.online is False, "the sender never met the fault: this test did not make its case"
+
+    with mlflow.start_run() as run:
+        mlflow.log_text("a", "notes.txt")
+        assert conn.flush(30) == 0
+        transport.fail("status", path="runs/log-batch", status=503, body=b'{"error_code": "TEMPORARILY_UNAVAILABLE", '
+                       b'"message": "(sqlite3.OperationalError) database is locked"}')
+        mlflow.log_metric("loss", 0.5, step=1)
+        sender_failed(answered=True)
+        assert [f.path for f in MlflowClient().list_artifacts(run.info.run_id)] == ["notes.txt"]
+        transport.clear()
+        transport.fail("refuse", path="runs/log-batch")
+        mlflow.log_metric("loss", 0.25, step=2)
+        sender_failed(answered=False)
+        asked = transport.count("/artifacts")
+        with pytest.raises(MlflowException, match="cannot be listed") as gone:
+            MlflowClient().list_artifacts(run.info.run_id)
+        assert transport.count("/artifacts") == asked  # not asked: it would only have waited
+        assert gone.value.error_code == "TEMPORARILY_UNAVAILABLE"
+        assert "refused by the test transport" in gone.value.message  # says why
+        transport.clear()
+    assert conn.flush(30) == 0

@@ -77,7 +77,7 @@ class JournalArtifactRepository(ArtifactRepository):
         if remote is None:
             return None
         try:
-            if conn.link.online is False:
+            if not conn.link.answers:
                 raise LinkError("the server cannot be reached")
             if root is None:
                 root = conn.link.call("/runs/get", {"run_id": remote}, method="GET")["run"]["info"]["artifact_uri"]

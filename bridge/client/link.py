@@ -279,6 +279,7 @@ class Link:
         self.url_listeners: list[Callable[[str], None]] = []
         self._failures = 0
         self._failing_since: float | None = None
+        self._last_failure_answered = False
 
     @property
     def token(self) -> str | None:
@@ -313,7 +314,7 @@ class Link:
             cls = TokenRejectedError if resp.status in (401, 403) else HttpError
             failure = cls(resp.status, error_code, message)
             if classify_failure(failure) is not Verdict.REJECT:
-                self._note_failure(str(failure))
+                self._note_failure(str(failure), answered=failure.error_code is not None)
             if isinstance(failure, TokenRejectedError):
                 self._note_token_rejected(resp.status)
             raise failure
@@ -354,8 +355,16 @@ class Link:
 
     # ---------------------------------------------------------------------------------- state
 
-    def _note_failure(self, message: str) -> None:
+    @property
+    def answers(self) -> bool:
+        """Whether a read on the training thread should ask the server: it is not known down, or its last
+        failure was an answer (a 5xx, a 429: busy, not gone — a read costs one round trip and may well succeed).
+        Known unreachable, a read would only wait out a timeout; the sender notices recovery."""
+        return self.online is not False or self._last_failure_answered
+
+    def _note_failure(self, message: str, *, answered: bool = False) -> None:
         self.online = False
+        self._last_failure_answered = answered
         self.last_error = message
         self._failures += 1
         if self._failing_since is None:

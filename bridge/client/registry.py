@@ -100,7 +100,7 @@ class JournalRegistryStore(AbstractStore):
             answer = offline(conn)
             if answer is not None:
                 return answer
-        if conn.link.online is not False:
+        if conn.link.answers:
             reads = getattr(conn, "_registry_reads", None)
             if reads is None:
                 reads = conn._registry_reads = _RegistryReads(conn.link)
@@ -215,7 +215,7 @@ class JournalRegistryStore(AbstractStore):
         conn = self.connection
         if self._known_model(conn, name) is not None:
             raise MlflowException(f"Registered Model (name={name}) already exists.", RESOURCE_ALREADY_EXISTS)
-        if conn.link.online is not False:  # MLflow refuses an existing name: say so now when the server answers
+        if conn.link.answers:  # MLflow refuses an existing name: say so now when the server answers
             try:
                 self._read("create_registered_model", lambda c, s: s.get_registered_model(name))
             except MlflowException as exc:

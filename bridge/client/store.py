@@ -102,7 +102,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     def _online(self, conn) -> bool:
         # Known down: do not make the training thread wait for a timeout; the sender notices recovery.
-        return conn.link.online is not False
+        return conn.link.answers
 
     # ------------------------------------------------------------------------ id translation
 
