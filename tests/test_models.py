@@ -181,6 +181,19 @@ def stock(url: str, experiment: str, program) -> None:
         mlflow.end_run()
 
 
+def server_state(server_client: MlflowClient, experiment: str, run_id: str) -> tuple:
+    """(each logged model's status and points, the run's metric histories, its own tag keys) on the server:
+    what a program through stock MLflow and the same through bridge must both leave. Values as text, so NaN
+    compares equal to NaN."""
+    found = server_client.search_logged_models([server_client.get_experiment_by_name(experiment).experiment_id])
+    logged = sorted((str(m.status), sorted((p.key, str(p.value), p.step, p.timestamp, p.dataset_name)
+                                           for p in m.metrics)) for m in found)
+    run = server_client.get_run(run_id)
+    histories = {key: sorted(str((p.step, p.value, p.timestamp)) for p in server_client.get_metric_history(
+        run_id, key)) for key in run.data.metrics}
+    return logged, histories, sorted(k for k in run.data.tags if not k.startswith(("mlflow.", "bridge.")))
+
+
 def test_h22_log_model_while_the_server_is_away_gets_the_runs_metrics_at_its_step(mlflow_server, bridge_connect,
                                                                                   server_client):
     """Soak seeds 170013 (pyfunc) and 170066 (pytorch): `log_model` reads the run back to copy its metrics at
@@ -591,22 +604,13 @@ def test_h24_seed_210095_a_later_call_giving_a_model_a_second_value_raises_like_
             mlflow.log_metric("after", 1.0, step=2, timestamp=T0)  # the run carries on after the refused call
             outcome[name] = (raised.value.error_code, run.info.run_id)
 
-    def state(experiment, run_id):
-        found = server_client.search_logged_models([server_client.get_experiment_by_name(experiment).experiment_id])
-        logged = sorted((str(m.status), sorted((p.key, p.value, p.step, p.timestamp) for p in m.metrics))
-                        for m in found)
-        run = server_client.get_run(run_id)
-        histories = {key: sorted((p.step, p.value, p.timestamp) for p in server_client.get_metric_history(run_id, key))
-                     for key in run.data.metrics}
-        return logged, histories
-
     stock(mlflow_server.url, "h22-210095-stock", lambda: program("stock"))
     conn = bridge_connect(mlflow_server.url, experiment="h22-210095-bridge")
     program("bridge")
     assert conn.flush(60) == 0
     assert outcome["bridge"][0] == outcome["stock"][0] == "BAD_REQUEST"
-    want = state("h22-210095-stock", outcome["stock"][1])
-    got = state("h22-210095-bridge", conn.journal.run(outcome["bridge"][1]).remote_id)
+    want = server_state(server_client, "h22-210095-stock", outcome["stock"][1])
+    got = server_state(server_client, "h22-210095-bridge", conn.journal.run(outcome["bridge"][1]).remote_id)
     assert len(want[1]) == 501 and len(want[1]["m0000"]) == 2 and "m0500" not in want[1]  # what stock keeps
     assert [len(points) for _, points in want[0]] == [408, 408]
     assert got == want
@@ -636,9 +640,11 @@ def test_h24_seed_210095_the_same_value_again_is_not_a_second_value(mlflow_serve
     assert [(key, value) for key, value, _, _ in want[0]] == [("acc", 0.25), ("big", sys.float_info.max),
                                                               ("gap", 0.0), ("loss", 0.5)]
     assert model_metrics(server_client, "h22-210095-again-bridge") == want
+    def history(run, key):
+        return sorted(str((m.step, m.value)) for m in server_client.get_metric_history(run, key))
+
     for key in ("loss", "gap"):
-        history = lambda run: sorted(str((m.step, m.value)) for m in server_client.get_metric_history(run, key))  # noqa: E731
-        assert history(conn.journal.run(outcome["bridge"]).remote_id) == history(outcome["stock"]), key
+        assert history(conn.journal.run(outcome["bridge"]).remote_id, key) == history(outcome["stock"], key), key
 
 
 def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_server, bridge_connect, server_client):
@@ -690,6 +696,8 @@ def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_serv
             attempt("150 new and one held", lambda: mlflow.log_metrics(
                 {**{f"c{i:03d}": float(i) for i in range(150)}, "acc": 0.5}, timestamp=T0))
             attempt("async first", lambda: mlflow.log_metric("s", 0.5, timestamp=T0, synchronous=False))
+            # MLflow's async queue sends from a thread pool: without this, stock may land the second value first
+            attempt("async first landed", mlflow.flush_async_logging)
             attempt("async second value", lambda: mlflow.log_metric("s", 0.6, timestamp=T0, synchronous=False))
             attempt("async flush", mlflow.flush_async_logging)
             attempt("tag after", lambda: mlflow.set_tag("after", "1"))
@@ -698,15 +706,6 @@ def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_serv
             attempt("resumed, second value", lambda: mlflow.log_metric("acc", 0.7, timestamp=T0))
             attempt("resumed, new point", lambda: mlflow.log_metric("acc", 0.8, timestamp=T0 + 9))
         outcome[side] = (calls, run_id)
-
-    def state(experiment, run_id):
-        found = server_client.search_logged_models([server_client.get_experiment_by_name(experiment).experiment_id])
-        logged = sorted((str(m.status), sorted((p.key, str(p.value), p.step, p.timestamp, p.dataset_name)
-                                               for p in m.metrics)) for m in found)
-        run = server_client.get_run(run_id)
-        histories = {key: sorted(str((p.step, p.value, p.timestamp)) for p in server_client.get_metric_history(
-            run_id, key)) for key in run.data.metrics}
-        return logged, histories, sorted(k for k in run.data.tags if not k.startswith(("mlflow.", "bridge.")))
 
     stock(mlflow_server.url, "h24-refuses-stock", lambda: program("stock"))
     conn = bridge_connect(mlflow_server.url, experiment="h24-refuses-bridge")
@@ -719,8 +718,8 @@ def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_serv
         "second value", "same value, other dataset", "float64", "one nan twice in a request", "150 again",
         "150 new and one held", "resumed, second value"]  # what stock MLflow refuses, as this test knows it
     assert got_calls == want_calls
-    want = state("h24-refuses-stock", outcome["stock"][1])
-    assert state("h24-refuses-bridge", conn.journal.run(outcome["bridge"][1]).remote_id) == want
+    want = server_state(server_client, "h24-refuses-stock", outcome["stock"][1])
+    assert server_state(server_client, "h24-refuses-bridge", conn.journal.run(outcome["bridge"][1]).remote_id) == want
 
 
 def test_h24_the_model_points_a_run_remembers_are_bounded(monkeypatch):
