@@ -141,7 +141,7 @@ def test_offline_listing_and_download_come_from_the_spool(bridge_connect, tmp_pa
 def test_a_spooled_copy_changed_on_disk_is_refused_not_uploaded(mlflow_server, server_client, tmp_path):
     from bridge.client.journal import Journal
     from bridge.client.link import Link
-    from bridge.client.sender import Sender
+    from bridge.client.delivery.sender import Sender
 
     journal = Journal(tmp_path / "j.sqlite")
     name = f"art-damaged-{uuid.uuid4().hex[:6]}"
@@ -153,7 +153,7 @@ def test_a_spooled_copy_changed_on_disk_is_refused_not_uploaded(mlflow_server, s
     journal.spool.path(body["spool"]).write_bytes(b"tampered")
     sender = Sender(journal, Link(mlflow_server.url, None))
     sender.deliver_round()
-    (dead, message, reason), = journal.dead_letters()
+    (dead, message, reason), = journal.queue.dead_letters()
     assert dead.key == "f.bin" and "sha256" in message and reason == "spool-file-damaged"
     remote = server_run(server_client, name)
     assert server_client.list_artifacts(remote.info.run_id) == []

@@ -32,8 +32,8 @@ def test_queue_shows_backlog_and_dead_letters(tmp_path):
     path = tmp_path / "j.sqlite"
     run = _left_behind(path, "q")
     journal = Journal(path)
-    (op,) = journal.pending_ops(run, 1)[:1]
-    journal.bury([op.id], "the run was never created: nope", reason="run-not-created")
+    (op,) = journal.queue.pending_ops(run, 1)[:1]
+    journal.queue.bury([op.id], "the run was never created: nope", reason="run-not-created")
     journal.close()
     result = runner.invoke(app, ["queue", "--journal", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
@@ -50,7 +50,7 @@ def test_sync_with_the_server_down_fails_and_keeps_everything(tmp_path):
                                  "--timeout", "1.5"], env={"COLUMNS": "200"})
     assert result.exit_code == 1
     assert "still in the journal" in result.output
-    assert Journal(path).backlog().total == 303
+    assert Journal(path).queue.backlog().total == 303
 
 
 def test_sync_delivers_a_left_journal_with_counts_per_run(tmp_path, mlflow_server):
@@ -79,24 +79,24 @@ def test_queue_retry_and_drop_act_on_dead_letters_by_id(tmp_path):
     path = tmp_path / "j.sqlite"
     run = _left_behind(path, "retry")
     journal = Journal(path)
-    first, second = journal.pending_ops(run, 2)
-    journal.bury([first.id], "the run was never created", reason="run-not-created")
-    journal.bury([second.id], "HTTP 500: boom", reason="server-fails-on-it")
+    first, second = journal.queue.pending_ops(run, 2)
+    journal.queue.bury([first.id], "the run was never created", reason="run-not-created")
+    journal.queue.bury([second.id], "HTTP 500: boom", reason="server-fails-on-it")
     journal.close()
     result = runner.invoke(app, ["queue", "--journal", str(path), "--retry", "--id", str(second.id)],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "1 dead letter(s) will be sent again" in result.output
     journal = Journal(path)
-    assert [letter.op.id for letter in journal.dead_letters()] == [first.id]
-    (again,) = [op for op in journal.pending_ops(run, 1000) if op.id == second.id]
+    assert [letter.op.id for letter in journal.queue.dead_letters()] == [first.id]
+    (again,) = [op for op in journal.queue.pending_ops(run, 1000) if op.id == second.id]
     assert again.attempts == 0
     journal.close()
     result = runner.invoke(app, ["queue", "--journal", str(path), "--drop"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "1 dead letter(s) deleted" in result.output
     journal = Journal(path)
     # The experiment, 300 points (one of them the retried letter) and the status update; the dropped create is gone.
-    assert journal.dead_letters() == [] and journal.backlog().total == 302
+    assert journal.queue.dead_letters() == [] and journal.queue.backlog().total == 302
     journal.close()
     result = runner.invoke(app, ["queue", "--journal", str(path), "--drop", "--id", "999999"])
     assert result.exit_code == 2 and "no dead letter with id [999999]" in result.output

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from bridge.client.store import JournalStore
+from bridge.client.plugins.store import JournalStore
 from tests.support.client import server_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_full_journal_raises_from_mlflow_and_keeps_what_was_accepted(bridge_conn
         assert "is full" in str(exc) and "BRIDGE_JOURNAL_LIMIT" in str(exc)
     else:
         raise AssertionError("the journal never filled up")
-    points = conn.journal.undelivered(run.info.run_id, ("metric",))
+    points = conn.journal.queue.undelivered(run.info.run_id, ("metric",))
     assert len(points) == accepted > 100
     assert [op.step for op in points] == list(range(accepted))
     conn.journal.limit_bytes = 10**9  # room again: the run can end normally

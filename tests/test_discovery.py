@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from bridge import config, secrets
-from bridge.client import discovery
-from bridge.client.discovery import Endpoint, fetch_record, find_endpoint, find_token, rediscover
+from bridge.client.link import discovery
+from bridge.client.link.discovery import Endpoint, fetch_record, find_endpoint, find_token, rediscover
 from bridge.errors import ConfigError, DiscoveryError, RecordExpiredError, RecordSignatureError
 from bridge.record import make_record
 from tests.support.mlflow_server import free_port
@@ -382,7 +382,7 @@ def test_rediscover_warns_once_about_a_bad_signature(tmp_path, monkeypatch, capl
     published = tmp_path / "tampered.json"
     published.write_text(json.dumps(data))
     monkeypatch.setenv("BRIDGE_DISCOVERY", f"file:{published}")
-    with caplog.at_level(logging.DEBUG, logger="bridge.client.discovery"):
+    with caplog.at_level(logging.DEBUG, logger="bridge.client.link.discovery"):
         for _ in range(3):
             assert rediscover(TOKEN, "https://good.example") is None
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

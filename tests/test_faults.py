@@ -233,7 +233,7 @@ def test_a_tampered_record_never_redirects_delivery(mlflow_server, make_flaky_pr
         record.write_text(json.dumps(data))
         _log_points(range(STEPS))
     # The sender re-reads the record after 3 failures over 5 s, and refuses it.
-    with caplog.at_level(logging.WARNING, logger="bridge.client.discovery"):
+    with caplog.at_level(logging.WARNING, logger="bridge.client.link.discovery"):
         # flush() wakes the sender every 50 ms, so the failures needed come quickly.
         _wait_until(lambda: conn.flush(0.1) > 0 and any("signature" in r.getMessage() for r in caplog.records),
                     60, "re-discovery to reject the tampered record")

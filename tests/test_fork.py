@@ -34,7 +34,7 @@ def test_a_child_forked_while_the_journal_locks_are_held_can_still_log(bridge_co
         release = threading.Event()
 
         def hold() -> None:
-            with journal._lock, journal._move_lock, journal.spool._lock, conn.link.transport._lock:
+            with journal.database._lock, journal._move_lock, journal.spool._lock, conn.link.transport._lock:
                 held.set()
                 release.wait(30)
 
@@ -102,10 +102,10 @@ def test_a_run_created_by_a_live_child_keeps_beating(bridge_connect, mlflow_serv
 def test_a_child_forked_during_a_create_does_not_wait_for_it(tmp_path):
     """A stopping sender waits for a create in flight (H21's grace); a child forked while its parent's sender
     was creating has no such create, and its own stop must not wait for one."""
-    from bridge.client.heartbeat import Heartbeats
+    from bridge.client.delivery.heartbeat import Heartbeats
     from bridge.client.journal import Journal
     from bridge.client.link import Link
-    from bridge.client.operations import Operations
+    from bridge.client.delivery.operations import Operations
 
     journal = Journal(tmp_path / "journal.sqlite")
     link = Link("http://127.0.0.1:9", "t")

@@ -19,13 +19,13 @@ from bridge.errors import JournalCorruptError, JournalError, JournalFullError
 
 
 def _states(journal: Journal) -> dict[int, int]:
-    with journal.db(write=False) as conn:
+    with journal.database.db(write=False) as conn:
         return dict(conn.execute("select state, count(*) from ops group by state").fetchall())
 
 
 def test_pragmas_wal_and_normal_sync(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
-    with journal.db(write=False) as conn:
+    with journal.database.db(write=False) as conn:
         assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
         assert conn.execute("pragma synchronous").fetchone()[0] == 1  # NORMAL: see the module docstring
 
@@ -43,7 +43,7 @@ def test_appends_keep_order_values_and_original_timestamps(tmp_path):
     journal.append_batch("run1", [("loss", math.nan, 2222, 1), ("acc", math.inf, 3333, 1)],
                          [("lr", "0.1")], [("t", "v")])
     journal.move_intake()  # what the sender does at the start of each round
-    ops = journal.pending_ops("run1", 100)
+    ops = journal.queue.pending_ops("run1", 100)
     # Points come through the intake, so they may follow params/tags; among themselves they keep their order.
     assert sorted((o.kind, o.key) for o in ops if o.kind != METRIC) == [(PARAM, "lr"), (TAG, "t")]
     ops = [o for o in ops if o.kind == METRIC]
@@ -52,35 +52,35 @@ def test_appends_keep_order_values_and_original_timestamps(tmp_path):
     assert decode_value(ops[0].value) == 0.5
     assert math.isnan(decode_value(ops[1].value))  # SQLite would turn a bare NaN into NULL
     assert decode_value(ops[2].value) == math.inf
-    assert journal.backlog().pending == {"run1": 5}
+    assert journal.queue.backlog().pending == {"run1": 5}
 
 
 def test_row_states_claim_complete_release_bury(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
     journal.append_batch("r", [("m", float(i), i, i) for i in range(4)])
     journal.move_intake()
-    ids = [op.id for op in journal.pending_ops("r", 10)]
-    assert journal.claim(ids[:3])
-    assert not journal.claim(ids[:1]), "a row already in flight must not be claimed twice"
+    ids = [op.id for op in journal.queue.pending_ops("r", 10)]
+    assert journal.queue.claim(ids[:3])
+    assert not journal.queue.claim(ids[:1]), "a row already in flight must not be claimed twice"
     assert _states(journal) == {PENDING: 1, IN_FLIGHT: 3}
-    journal.complete(ids[:1])
-    journal.bury(ids[1:2], "INVALID_PARAMETER_VALUE: nope", reason="server-refused")
-    journal.release(ids[1:3])  # only the row still in flight goes back
+    journal.queue.complete(ids[:1])
+    journal.queue.bury(ids[1:2], "INVALID_PARAMETER_VALUE: nope", reason="server-refused")
+    journal.queue.release(ids[1:3])  # only the row still in flight goes back
     assert _states(journal) == {PENDING: 2, DEAD: 1}
-    (dead, message, reason), = journal.dead_letters()
+    (dead, message, reason), = journal.queue.dead_letters()
     assert dead.id == ids[1] and message == "INVALID_PARAMETER_VALUE: nope" and reason == "server-refused"
-    assert [op.attempts for op in journal.pending_ops("r", 10)] == [1, 0]
+    assert [op.attempts for op in journal.queue.pending_ops("r", 10)] == [1, 0]
 
 
 def test_in_flight_rows_return_to_pending_at_start_up(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
     journal.append_batch("r", [("m", 1.0, 1, 0), ("m", 2.0, 2, 1)])
     journal.move_intake()
-    assert journal.claim([op.id for op in journal.pending_ops("r", 10)])
+    assert journal.queue.claim([op.id for op in journal.queue.pending_ops("r", 10)])
     journal.close()
     reopened = Journal(tmp_path / "j.sqlite")
-    assert reopened.reset_in_flight() == 2
-    ops = reopened.pending_ops("r", 10)
+    assert reopened.queue.reset_in_flight() == 2
+    ops = reopened.queue.pending_ops("r", 10)
     assert len(ops) == 2 and all(op.attempts == 1 for op in ops), "attempts>0 makes the sender check the server"
 
 
@@ -94,11 +94,11 @@ def test_full_journal_refuses_clearly_and_keeps_everything_accepted(tmp_path):
     assert "BRIDGE_JOURNAL_LIMIT" in str(info.value)
     assert 100 < accepted < 100_000
     journal.move_intake()
-    ops = journal.pending_ops("r", 200_000)
+    ops = journal.queue.pending_ops("r", 200_000)
     assert len(ops) == accepted
     assert [decode_value(op.value) for op in ops] == [float(i) for i in range(accepted)]
     # Delivering frees space: the journal accepts again.
-    journal.complete([op.id for op in ops])
+    journal.queue.complete([op.id for op in ops])
     journal.append_batch("r", [("loss", -1.0, 1, 0)])
 
 
@@ -112,7 +112,7 @@ def test_spool_copies_now_and_records_size_and_sha256(tmp_path):
     spooled = journal.spool.path(body["spool"])
     assert spooled.read_bytes() == data
     assert body["size"] == len(data) and body["sha256"] == hashlib.sha256(data).hexdigest()
-    (op,) = journal.pending_ops("r", 10)
+    (op,) = journal.queue.pending_ops("r", 10)
     assert op.kind == ARTIFACT and op.key == "weights/best.bin"
     assert journal.measure_bytes() >= len(data), "spooled files count against the journal limit"
 
@@ -132,7 +132,7 @@ def test_garbage_file_is_moved_aside_and_reported(tmp_path):
     assert report is not None and report.rows_recovered == 0
     assert report.damaged_file.exists() and report.damaged_file.read_bytes().startswith(b"this is not")
     journal.append_batch("r", [("m", 1.0, 1, 0)])  # a fresh journal works
-    assert journal.backlog().total == 1
+    assert journal.queue.backlog().total == 1
 
 
 def test_damaged_pages_intact_rows_recovered_rest_reported(tmp_path):
@@ -140,7 +140,7 @@ def test_damaged_pages_intact_rows_recovered_rest_reported(tmp_path):
     journal = Journal(path)
     for chunk in range(20):
         journal.append_batch("r", [("loss", float(i), i, i) for i in range(chunk * 500, chunk * 500 + 500)])
-    journal.checkpoint()
+    journal.database.checkpoint()
     journal.close()
     with sqlite3.connect(path) as conn:
         conn.execute("pragma wal_checkpoint(TRUNCATE)")
@@ -155,16 +155,16 @@ def test_damaged_pages_intact_rows_recovered_rest_reported(tmp_path):
     repaired = Journal(path)
     report = repaired.repair_report
     assert report is not None
-    total = repaired.backlog().total
+    total = repaired.queue.backlog().total
     assert 5_000 < total < 10_000, "rows on intact pages survive, rows on damaged pages are gone"
     assert report.rows_recovered >= total
     assert "recovered" in str(report) and str(report.damaged_file) in str(report)
-    values = sorted(decode_value(op.value) for op in repaired.pending_ops("r", 20_000))
+    values = sorted(decode_value(op.value) for op in repaired.queue.pending_ops("r", 20_000))
     assert len(set(values)) == len(values), "no row recovered twice"
 
 
 def test_intake_points_reach_sqlite_in_order_and_once(tmp_path, monkeypatch):
-    from bridge.client import intake
+    from bridge.client.journal import intake
 
     monkeypatch.setattr(intake, "ROTATE_BYTES", 2_000)  # rotate often
     journal = Journal(tmp_path / "j.sqlite")
@@ -175,7 +175,7 @@ def test_intake_points_reach_sqlite_in_order_and_once(tmp_path, monkeypatch):
         if step % 97 == 0:
             journal.move_intake()
     journal.move_intake()
-    ops = journal.pending_ops("r", 10_000)
+    ops = journal.queue.pending_ops("r", 10_000)
     assert [op.step for op in ops] == expected
     assert [decode_value(op.value) for op in ops] == [s / 7 for s in expected]
     assert journal._intake.size < 4_000, "the intake file was emptied as it was moved"
@@ -191,15 +191,15 @@ def test_intake_left_by_an_ended_process_is_replayed_once(tmp_path, caplog):
     intake_file = first._intake.path
     with open(intake_file, "ab") as fh:
         fh.write(b"\x01\x02torn")  # what a machine crash could leave at the end
-    assert Journal(path).backlog().total == 50, "a live process's intake is not touched"
+    assert Journal(path).queue.backlog().total == 50, "a live process's intake is not touched"
     first._intake.close()  # the process dies: its lock is released, nothing else happens
 
     second = Journal(path)
-    steps = [op.step for op in second.pending_ops("r", 1000)]
+    steps = [op.step for op in second.queue.pending_ops("r", 1000)]
     assert steps == list(range(120))
     assert not intake_file.exists()
     assert "not a whole record" in caplog.text
-    assert Journal(path).backlog().total == 120, "replayed exactly once"
+    assert Journal(path).queue.backlog().total == 120, "replayed exactly once"
 
 
 def _spool_files(journal: Journal) -> list[str]:
@@ -232,8 +232,8 @@ def test_spool_files_no_row_refers_to_are_removed_and_dead_artifacts_free_theirs
     kept = journal.spool_artifact("r", source, "kept.bin")["spool"]
     refused = journal.spool_artifact("r", source, "refused.bin")["spool"]
     assert _spool_files(journal) == sorted([kept, refused])
-    (refused_op,) = [op for op in journal.pending_ops("r", 10) if op.key == "refused.bin"]
-    journal.bury([refused_op.id], "INVALID_PARAMETER_VALUE: nope", reason="server-refused")
+    (refused_op,) = [op for op in journal.queue.pending_ops("r", 10) if op.key == "refused.bin"]
+    journal.queue.bury([refused_op.id], "INVALID_PARAMETER_VALUE: nope", reason="server-refused")
     assert _spool_files(journal) == [kept], "a dead letter's copy is never uploaded: it goes at once"
     (journal.spool.folder / ("0" * 32)).write_bytes(b"x" * 5_000)  # killed between the copy and its row
     busy = journal.spool.folder / ("1" * 32)  # being spooled by a live process right now
@@ -267,7 +267,7 @@ class _OsWithShortWrites:
 
 
 def test_a_short_intake_write_is_completed_not_torn(tmp_path, monkeypatch):
-    from bridge.client import intake
+    from bridge.client.journal import intake
 
     journal = Journal(tmp_path / "j.sqlite")
     journal.append_batch("r", [("m", 0.0, 1000, 0)])
@@ -275,11 +275,11 @@ def test_a_short_intake_write_is_completed_not_torn(tmp_path, monkeypatch):
     for step in range(1, 50):
         journal.append_batch("r", [("m", float(step), 1000 + step, step)])
     journal.move_intake()
-    assert [op.step for op in journal.pending_ops("r", 100)] == list(range(50))
+    assert [op.step for op in journal.queue.pending_ops("r", 100)] == list(range(50))
 
 
 def test_a_failed_intake_write_raises_and_leaves_nothing_torn(tmp_path, monkeypatch):
-    from bridge.client import intake
+    from bridge.client.journal import intake
 
     journal = Journal(tmp_path / "j.sqlite")
     journal.append_batch("r", [("m", 0.0, 1000, 0)])
@@ -289,11 +289,11 @@ def test_a_failed_intake_write_raises_and_leaves_nothing_torn(tmp_path, monkeypa
     for step in range(1, 30):
         journal.append_batch("r", [("m", float(step), 1000 + step, step)])
     journal.move_intake()
-    assert [op.step for op in journal.pending_ops("r", 100)] == list(range(30))
+    assert [op.step for op in journal.queue.pending_ops("r", 100)] == list(range(30))
 
 
 def test_damage_in_the_middle_of_an_intake_is_skipped_and_later_points_kept(tmp_path, caplog):
-    from bridge.client import intake
+    from bridge.client.journal import intake
 
     path = tmp_path / "j.sqlite"
     first = Journal(path)
@@ -307,26 +307,26 @@ def test_damage_in_the_middle_of_an_intake_is_skipped_and_later_points_kept(tmp_
     first._intake.close()  # the process ends
 
     second = Journal(path)
-    steps = [op.step for op in second.pending_ops("r", 1000)]
+    steps = [op.step for op in second.queue.pending_ops("r", 1000)]
     assert steps == [s for s in range(60) if s != 20]
     assert "damaged" in caplog.text
 
 
 def test_a_failed_commit_is_rolled_back_and_the_connection_stays_usable(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
-    with journal.db() as conn:
+    with journal.database.db() as conn:
         conn.execute("create table parent(id integer primary key)")
         conn.execute("create table child(id integer primary key, parent integer "
                      "references parent(id) deferrable initially deferred)")
-    with journal.db(write=False) as conn:
+    with journal.database.db(write=False) as conn:
         pass
     conn.execute("pragma foreign_keys=on")  # a deferred violation makes COMMIT itself fail
     with pytest.raises(JournalError):
-        with journal.db() as conn:
+        with journal.database.db() as conn:
             conn.execute("insert into child values(1, 42)")
     assert not conn.in_transaction
     journal.append_batch("r", [], [("p", "1")])  # this thread's connection still works
-    assert journal.backlog().pending == {"r": 1}
+    assert journal.queue.backlog().pending == {"r": 1}
 
 
 def _open_fds(path) -> int:
@@ -346,5 +346,5 @@ def test_connections_of_ended_threads_are_closed(tmp_path):
         worker = threading.Thread(target=journal.append_batch, args=("r", [], [(f"p{i}", "1")]))
         worker.start()
         worker.join()
-    assert journal.backlog().pending == {"r": 31}
+    assert journal.queue.backlog().pending == {"r": 31}
     assert _open_fds(path) <= before + 3, "one worker's connection (db, wal, shm) at most"

@@ -27,7 +27,6 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tests.support.client import server_run
-from bridge.client import sender as sender_module
 from bridge.client.link import RequestsTransport
 from tests.support.transport import FaultTransport
 
@@ -566,7 +565,7 @@ def test_h9_log_table_offline_raises_rather_than_replace_the_servers_rows(link, 
         with pytest.raises(MlflowException, match="cannot be listed") as offline:
             mlflow.log_table({"x": [3]}, "eval/t.json")
         assert offline.value.error_code == "TEMPORARILY_UNAVAILABLE"
-        assert conn.journal.backlog().total == 0  # nothing was accepted, so nothing can be lost later
+        assert conn.journal.queue.backlog().total == 0  # nothing was accepted, so nothing can be lost later
         transport.clear()
         _wait_until(lambda: conn.status().online, 30, "the sender to find the server back")
         mlflow.log_table({"x": [3]}, "eval/t.json")
@@ -632,7 +631,7 @@ def _late_twin(conn, transport, mlflow_server, experiment: str) -> tuple[str, st
     run_id = MlflowClient().create_run(experiment_id, run_name="r").info.run_id
     MlflowClient().log_param(run_id, "lr", "0.1")
     assert conn.flush(30) == 0
-    assert run_id in conn.journal.twin_watches()  # the retry's fate of its first try is unknown
+    assert run_id in conn.journal.book.twin_watches()  # the retry's fate of its first try is unknown
     server = MlflowClient(mlflow_server.url)
     server_experiment = server.get_experiment_by_name(experiment).experiment_id
     late = server.create_run(server_experiment, run_name="r", tags={"bridge.run_key": run_id})
@@ -674,7 +673,7 @@ def test_h21_a_late_twin_of_a_run_that_never_ends_is_removed_by_a_flush(link, ml
     run_id, late, server = _late_twin(conn, transport, mlflow_server, experiment)
     assert conn.flush(30) == 0
     _only_the_run_is_left(server, experiment, late)
-    assert run_id in conn.journal.twin_watches()
+    assert run_id in conn.journal.book.twin_watches()
 
 
 def test_h21_a_second_connect_removes_the_twin_the_first_sender_watched(link, bridge_connect, mlflow_server):
@@ -712,8 +711,8 @@ def _create_held_across_a_second_connect(bridge_connect, proxy, held_s: float, e
 def test_h21_a_second_connect_lets_a_create_in_flight_finish(bridge_connect, make_flaky_proxy, mlflow_server,
                                                              monkeypatch):
     """CI seed 37's cause, avoided: a stopping sender lets a run create in flight finish (up to
-    CREATE_GRACE_S) before it cuts requests, so the next sender finds the run — no second run is ever made."""
-    monkeypatch.setattr(sender_module, "CREATE_GRACE_S", 5.0)  # wide of the 1.5 s hold on a loaded machine
+    ClientOptions.create_grace_s) before it cuts requests, so the next sender finds the run — no second run is ever made."""
+    monkeypatch.setenv("BRIDGE_CREATE_GRACE_S", "5.0")  # wide of the 1.5 s hold on a loaded machine
     proxy = make_flaky_proxy("127.0.0.1", mlflow_server.port)
     experiment = _name("create-finishes")
     run_id, _ = _create_held_across_a_second_connect(bridge_connect, proxy, 1.5, experiment)
@@ -729,7 +728,7 @@ def test_h21_a_create_cut_by_a_stopping_sender_leaves_no_second_run(bridge_conne
     """The mechanism of CI seed 37, made exact: a create held longer than the stopping sender waits is cut on
     the client's side only — the request had left, and the proxy (the network) applies it 2.5 s later, after
     the next sender looked for the run and created it again. The twin is removed by the next flush."""
-    monkeypatch.setattr(sender_module, "CREATE_GRACE_S", 0.5)  # 2 s before the held try lands
+    monkeypatch.setenv("BRIDGE_CREATE_GRACE_S", "0.5")  # 2 s before the held try lands
     proxy = make_flaky_proxy("127.0.0.1", mlflow_server.port)
     experiment = _name("cut-create")
     run_id, again = _create_held_across_a_second_connect(bridge_connect, proxy, 2.5, experiment)
@@ -749,7 +748,7 @@ def test_h21_a_run_key_search_picks_the_run_in_use():
     """A create finding several runs with its key (a twin, removed or not yet) takes the one in use: a copy of
     a journal must land where its original writes, not on an empty twin about to be removed (review of H21:
     MLflow orders both tries' runs, which share a start time, by id — either could come first)."""
-    from bridge.client.operations import _empty_twin, _the_run_in_use
+    from bridge.client.delivery.operations import _empty_twin, _the_run_in_use
 
     def run(run_id, stage="active", tags=(), params=0):
         return {"info": {"run_id": run_id, "lifecycle_stage": stage},
@@ -774,10 +773,10 @@ def test_h21_a_watch_ends_once_it_is_due(link, mlflow_server):
     conn, transport = link
     experiment = _name("late-create-due")
     run_id, late, server = _late_twin(conn, transport, mlflow_server, experiment)
-    with conn.journal.db() as db:  # as if its due time had passed
+    with conn.journal.database.db() as db:  # as if its due time had passed
         db.execute("update twin_watch set due=0 where run=?", (run_id,))
     assert conn.sender.wait_rounds(2, 30)
-    assert conn.journal.twin_watches() == {}
+    assert conn.journal.book.twin_watches() == {}
     _only_the_run_is_left(server, experiment, late)
 
 
@@ -822,7 +821,7 @@ def test_h15_metric_history_shows_an_identical_point_once(link, mlflow_server):
     transport.clear()
     assert conn.flush(30) == 0
     served = sorted((m.step, m.timestamp, repr(m.value)) for m in
-                    MlflowClient(mlflow_server.url).get_metric_history(conn.journal.server_run(run_id)[0], "loss"))
+                    MlflowClient(mlflow_server.url).get_metric_history(conn.journal.ids.server_run(run_id)[0], "loss"))
     assert local == served
 
 
@@ -868,14 +867,14 @@ def test_h16_get_run_right_after_delete_tag_does_not_show_the_tag(bridge_connect
     run_id = client.create_run(client.create_experiment(_name("delete-read"))).info.run_id
     client.set_tag(run_id, "stage", "a")
     assert conn.flush(30) == 0
-    transport.delivered = lambda: not conn.journal.undelivered(run_id, ("delete_tag",))
+    transport.delivered = lambda: not conn.journal.queue.undelivered(run_id, ("delete_tag",))
     transport.armed = True
     client.delete_tag(run_id, "stage")
     _wait_until(transport.write_held.is_set, 30, "the delete to be on its way")
     tags = client.get_run(run_id).data.tags
     assert transport.read_answered.is_set()  # the read did cross the write
     assert "stage" not in tags
-    assert "stage" not in MlflowClient(mlflow_server.url).get_run(conn.journal.server_run(run_id)[0]).data.tags
+    assert "stage" not in MlflowClient(mlflow_server.url).get_run(conn.journal.ids.server_run(run_id)[0]).data.tags
 
 
 def test_h17_a_second_table_logged_while_the_first_is_delivered_lists_both(bridge_connect, mlflow_server):
@@ -886,14 +885,14 @@ def test_h17_a_second_table_logged_while_the_first_is_delivered_lists_both(bridg
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment(_name("tables-read"))).info.run_id
     assert conn.flush(30) == 0
-    transport.delivered = lambda: not conn.journal.undelivered(run_id, ("tag",))
+    transport.delivered = lambda: not conn.journal.queue.undelivered(run_id, ("tag",))
     transport.armed = True
     client.log_table(run_id, {"x": [1, 2]}, "a.json")
     _wait_until(transport.write_held.is_set, 30, "the first table's tag to be on its way")
     client.log_table(run_id, {"x": [3, 4]}, "b.json")
     assert transport.read_answered.is_set()
     assert conn.flush(30) == 0
-    tag = MlflowClient(mlflow_server.url).get_run(conn.journal.server_run(run_id)[0]).data.tags
+    tag = MlflowClient(mlflow_server.url).get_run(conn.journal.ids.server_run(run_id)[0]).data.tags
     assert sorted(item["path"] for item in json.loads(tag["mlflow.loggedArtifacts"])) == ["a.json", "b.json"]
 
 
@@ -909,7 +908,7 @@ def test_h16_experiment_tags_read_your_writes_even_when_delivered_during_the_rea
     client.set_experiment_tag(experiment_id, "gone", "x")
     assert conn.flush(30) == 0
     inner = transport.inner
-    inner.delivered = lambda: not conn.journal.undelivered("", ("set_experiment_tag",))
+    inner.delivered = lambda: not conn.journal.queue.undelivered("", ("set_experiment_tag",))
     inner.armed = True
     client.set_experiment_tag(experiment_id, "kind", "training")
     _wait_until(inner.write_held.is_set, 30, "the tag to be on its way")
@@ -945,7 +944,7 @@ def test_a_read_that_no_delivery_crossed_reads_the_journal_once(link, mlflow_ser
     transport.fail("refuse", path="runs/log-batch")  # the param waits; reads still answer
     client.log_param(run_id, "lr", "0.1")
     scans, real = [], conn.journal.undelivered
-    monkeypatch.setattr(conn.journal, "undelivered", lambda *args: scans.append(args) or real(*args))
+    monkeypatch.setattr(conn.journal.queue, "undelivered", lambda *args: scans.append(args) or real(*args))
     asked = transport.count("runs/get")
     assert client.get_run(run_id).data.params == {"lr": "0.1"}
     assert transport.count("runs/get") == asked + 1  # from the server, with the journal's overlay
@@ -969,7 +968,7 @@ def test_h18_a_copy_paying_an_old_mark_does_not_let_an_older_artifact_win(link, 
     assert conn.flush(30) == 0
     transport.fail("refuse", path="runs/log-batch")  # a live run's mark rides in a batch: it stays owed
     client.log_text(run_id, "first", "first.txt")
-    _wait_until(lambda: not conn.journal.undelivered(run_id, ("artifact",)) and conn.journal.owed_marks(), 30,
+    _wait_until(lambda: not conn.journal.queue.undelivered(run_id, ("artifact",)) and conn.journal.book.owed_marks(), 30,
                 "the upload to be delivered and its mark owed")
     owes = _copy_journal(conn.journal.path, tmp_path / "owes")
     transport.fail("refuse", path="mlflow-artifacts")
@@ -996,7 +995,7 @@ def test_h19_a_run_created_on_the_server_during_a_search_is_listed(bridge_connec
     experiment_id = client.create_experiment(_name("created-during-search"))
     first = client.create_run(experiment_id).info.run_id
     assert conn.flush(30) == 0
-    transport.delivered = lambda: all(r.remote_id for r in conn.journal.runs())
+    transport.delivered = lambda: all(r.remote_id for r in conn.journal.ids.runs())
     transport.armed = True
     second = client.create_run(experiment_id).info.run_id
     _wait_until(transport.write_held.is_set, 30, "the create to be on its way")
@@ -1016,7 +1015,7 @@ def test_h19_a_run_created_while_a_search_reads_runs_again_is_listed(bridge_conn
     experiment_id = client.create_experiment(_name("created-during-reread"))
     first = client.create_run(experiment_id).info.run_id
     assert conn.flush(30) == 0
-    transport.delivered = lambda: all(r.remote_id for r in conn.journal.runs())
+    transport.delivered = lambda: all(r.remote_id for r in conn.journal.ids.runs())
     transport.armed = True
     second = client.create_run(experiment_id).info.run_id
     _wait_until(transport.write_held.is_set, 30, "the create to be on its way")
@@ -1036,7 +1035,7 @@ def test_h20_a_table_delivered_while_the_second_log_table_lists_it_is_appended_t
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment(_name("table-during-listing"))).info.run_id
     assert conn.flush(30) == 0
-    transport.delivered = lambda: not conn.journal.undelivered(run_id, ("artifact",))
+    transport.delivered = lambda: not conn.journal.queue.undelivered(run_id, ("artifact",))
     transport.armed = True
     client.log_table(run_id, {"x": [1]}, "t.json")
     _wait_until(transport.write_held.is_set, 30, "the first table's upload to be on its way")
@@ -1044,7 +1043,7 @@ def test_h20_a_table_delivered_while_the_second_log_table_lists_it_is_appended_t
     assert transport.read_answered.is_set()
     assert conn.flush(30) == 0
     server = MlflowClient(mlflow_server.url)
-    got = json.loads(open(server.download_artifacts(conn.journal.server_run(run_id)[0], "t.json",
+    got = json.loads(open(server.download_artifacts(conn.journal.ids.server_run(run_id)[0], "t.json",
                                                     str(tmp_path / "got"))).read())
     assert [row[0] for row in got["data"]] == [1, 2, 3]
 
@@ -1076,7 +1075,7 @@ def test_h25_an_upsert_refused_because_an_earlier_try_wrote_it_is_tried_again(br
     client.set_experiment_tag(experiment_id, "stage", "train")
     client.set_registered_model_tag(experiment, "owner", "vision")
     assert conn.flush(60) == 0
-    assert conn.journal.dead_letters() == []
+    assert conn.journal.queue.dead_letters() == []
     server = MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
     assert server.get_experiment_by_name(experiment).tags["stage"] == "train"
     assert server.get_registered_model(experiment).tags == {"owner": "vision"}
@@ -1089,7 +1088,7 @@ def test_h25_a_unique_key_refusal_of_an_insert_is_not_tried_again(bridge_connect
     """The other side of H25: only an upsert's refusal is a lost race. A metric point a logged model cannot take
     (the same words, a real clash) or a refusal of an experiment tag that keeps coming goes to the dead letters
     after the bound, as before — never tried for ever."""
-    from bridge.client.operations import lost_upsert_race
+    from bridge.client.delivery.operations import lost_upsert_race
     from bridge.errors import HttpError
 
     race = HttpError(400, "BAD_REQUEST", "(sqlite3.IntegrityError) UNIQUE constraint failed: experiment_tags.key")
@@ -1106,7 +1105,7 @@ def test_h25_a_unique_key_refusal_of_an_insert_is_not_tried_again(bridge_connect
     transport.fail("status", path="set-experiment-tag", status=400, body=_RACE_EXPERIMENT_TAG)
     MlflowClient().set_experiment_tag(experiment_id, "stage", "train")
     assert conn.flush(60) == 0
-    assert [d.reason for d in conn.journal.dead_letters()] == ["server-refused"]
+    assert [d.reason for d in conn.journal.queue.dead_letters()] == ["server-refused"]
     assert len([r for r in transport.requests if "set-experiment-tag" in r.path
                 and (r.json or {}).get("key") == "stage"]) == 3  # the bound, then a dead letter
 

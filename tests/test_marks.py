@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from bridge.client.journal import Journal
-from bridge.client.marks import MARK_TAG_PREFIX
+from bridge.client.delivery.marks import MARK_TAG_PREFIX
 from tests.support.client import server_run
 from tests.support.transport import FaultTransport
 from tests.test_journal_regressions import _copy_journal
@@ -119,9 +119,9 @@ def test_a_live_runs_mark_rides_in_its_heartbeat_not_in_a_request_of_its_own(bri
     with mlflow.start_run():
         mlflow.log_text("x", "a.txt")  # a single upload: its mark is owed after it
         deadline = time.monotonic() + 30
-        while conn.journal.backlog().total and time.monotonic() < deadline:
+        while conn.journal.queue.backlog().total and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert conn.journal.backlog().total == 0
+        assert conn.journal.queue.backlog().total == 0
         # From the upload on (its mark can ride in the very next request already, on a slow machine).
         uploaded = 1 + max(i for i, r in enumerate(transport.requests)
                            if r.method == "PUT" and "/mlflow-artifacts/" in r.path)
@@ -157,13 +157,13 @@ def test_a_journal_of_an_older_bridge_is_migrated_and_row_ids_are_never_reused(t
 
     journal = Journal(path)
     try:
-        ops = journal.pending_ops("r", 10)
+        ops = journal.queue.pending_ops("r", 10)
         assert [(op.id, op.key, op.epoch) for op in ops] == [(41, "k", None), (42, "k2", None)]
-        journal.complete([41, 42])  # everything delivered: the table is empty
+        journal.queue.complete([41, 42])  # everything delivered: the table is empty
         journal.append_batch("r", tags=[("k3", "v3")])
-        (op,) = journal.pending_ops("r", 10)
+        (op,) = journal.queue.pending_ops("r", 10)
         assert op.id == 43 and op.epoch == journal.epoch  # not 1 again, as before the migration
-        assert journal.epoch_uid(op.epoch) is not None
+        assert journal.book.epoch_uid(op.epoch) is not None
     finally:
         journal.close()
     # Reopened: a lineage of its own; the schema is not rebuilt again.
@@ -173,7 +173,7 @@ def test_a_journal_of_an_older_bridge_is_migrated_and_row_ids_are_never_reused(t
         with sqlite3.connect(path) as db:
             (sql,) = db.execute("select sql from sqlite_master where name='ops'").fetchone()
         assert "autoincrement" in sql.lower()
-        assert json.dumps([op.id for op in again.pending_ops("r", 10)]) == "[43]"
+        assert json.dumps([op.id for op in again.queue.pending_ops("r", 10)]) == "[43]"
     finally:
         again.close()
 
@@ -229,12 +229,12 @@ def test_a_dead_letter_retried_after_its_mark_moved_past_it_is_sent(bridge_conne
     assert conn.flush(30) == 0
     transport.fail("status", path="runs/log-batch", status=400, body=_REFUSED)
     client.set_tag(run_id, "t", "1")
-    assert conn.flush(30) == 0 and [d.op.key for d in conn.journal.dead_letters()] == ["t"]
+    assert conn.flush(30) == 0 and [d.op.key for d in conn.journal.queue.dead_letters()] == ["t"]
     transport.clear()
     client.set_tag(run_id, "u", "2")  # its batch carries the lineage's mark, past the dead letter
     client.set_terminated(run_id)
     assert conn.flush(30) == 0
-    assert conn.journal.retry_dead() == 1
+    assert conn.journal.queue.retry_dead() == 1
     assert conn.flush(30) == 0
     tags = server_run(MlflowClient(mlflow_server.url), experiment).data.tags
     assert (tags.get("t"), tags.get("u")) == ("1", "2")
@@ -251,7 +251,7 @@ def test_marks_the_server_refuses_to_read_never_stop_delivery(bridge_connect, ml
     run_id = client.create_run(client.create_experiment(experiment)).info.run_id
     client.set_tag(run_id, "after", "yes")
     assert conn.flush(30) == 0
-    assert [d.op.kind for d in conn.journal.dead_letters()] == ["set_experiment_tag"]
+    assert [d.op.kind for d in conn.journal.queue.dead_letters()] == ["set_experiment_tag"]
     assert server_run(MlflowClient(mlflow_server.url), experiment).data.tags["after"] == "yes"
 
 
@@ -261,21 +261,21 @@ def test_an_owed_mark_stays_below_a_row_still_waiting(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
     try:
         journal.append_batch("r", tags=[("a", "1"), ("b", "2"), ("a", "3")])
-        first, waiting, third = journal.pending_ops("r", 10)
-        uid = journal.epoch_uid(first.epoch)
-        journal.complete([first.id, third.id])
-        journal.owe_marks({("run:r", uid): third.id})
-        assert journal.owed_marks() == {"run:r": {uid: first.id}}
-        journal.complete([waiting.id])
-        assert journal.owed_marks() == {"run:r": {uid: third.id}}
-        journal.marks_sent("run:r", {uid: third.id})
-        assert journal.owed_marks() == {}
+        first, waiting, third = journal.queue.pending_ops("r", 10)
+        uid = journal.book.epoch_uid(first.epoch)
+        journal.queue.complete([first.id, third.id])
+        journal.book.owe_marks({("run:r", uid): third.id})
+        assert journal.book.owed_marks() == {"run:r": {uid: first.id}}
+        journal.queue.complete([waiting.id])
+        assert journal.book.owed_marks() == {"run:r": {uid: third.id}}
+        journal.book.marks_sent("run:r", {uid: third.id})
+        assert journal.book.owed_marks() == {}
     finally:
         journal.close()
 
 
 def test_marks_are_per_local_id_so_two_names_of_one_run_do_not_cover_each_other():
-    from bridge.client.marks import mark_tags, parse_marks
+    from bridge.client.delivery.marks import mark_tags, parse_marks
 
     tags = mark_tags(("run", "serverid"), {"u1": 50}) + mark_tags(("run", "localkey"), {"u1": 7})
     pairs = [(t["key"], t["value"]) for t in tags]

@@ -19,7 +19,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from bridge.client import journal as J
-from bridge.client.models import MODEL_KEY_TAG
+from bridge.client.plugins.models import MODEL_KEY_TAG
 from tests.support.client import server_run
 from tests.support.transport import FaultTransport
 
@@ -78,7 +78,7 @@ def test_pytorch_log_model_online(mlflow_server, bridge_connect, server_client):
     assert conn.flush(60) == 0
     server_side, model = server_model(server_client, experiment, params={"hidden": "3", "lr": "0.1"},
                                       tags={"kind": "tiny", MODEL_KEY_TAG: local_id})
-    assert server_side.info.run_id == conn.journal.run(run.info.run_id).remote_id
+    assert server_side.info.run_id == conn.journal.ids.run(run.info.run_id).remote_id
     # Reads through bridge answer with local ids.
     seen = mlflow.get_logged_model(local_id)
     assert (seen.model_id, seen.source_run_id, str(seen.status)) == (local_id, run.info.run_id, "READY")
@@ -220,7 +220,7 @@ def test_h22_log_model_while_the_server_is_away_gets_the_runs_metrics_at_its_ste
     program(going_away)
     transport.clear()
     assert conn.flush(60) == 0
-    assert conn.journal.dead_letters() == []
+    assert conn.journal.queue.dead_letters() == []
     want = model_metrics(server_client, "h22-stock")
     assert want[0] == [("acc", 0.7, 0, T0 + 2), ("loss", 0.5, 0, T0)]  # the oracle copied step 0 only
     assert model_metrics(server_client, "h22-bridge") == want
@@ -254,7 +254,7 @@ def test_h22_a_history_the_server_does_not_answer_is_copied_at_delivery_key_by_k
 
     program(histories_away)
     assert conn.flush(60) == 0
-    assert conn.journal.dead_letters() == []
+    assert conn.journal.queue.dead_letters() == []
     assert model_metrics(server_client, "h22-keys-bridge") == model_metrics(server_client, "h22-keys-stock")
     refused = [r for r in transport.requests if r.fault == "refuse" and "/metrics/get-history" in r.path]
     assert refused, "the histories were never refused: the test did not test the deferral"
@@ -290,11 +290,11 @@ def test_h22_a_metric_logged_for_a_model_created_offline_waits_for_the_model_and
         mlflow.log_metric("val_acc", 0.9, step=5, timestamp=T0, model_id=info.model_id)
     transport.clear()
     assert conn.flush(60) == 0
-    assert conn.journal.dead_letters() == []  # before the wait: buried as "model-not-created"
+    assert conn.journal.queue.dead_letters() == []  # before the wait: buried as "model-not-created"
     models = server_client.search_logged_models(
         [server_client.get_experiment_by_name("h22-wait").experiment_id])
     assert [(m.key, m.value, m.step) for m in models[0].metrics] == [("val_acc", 0.9, 5)]
-    remote = conn.journal.run(run.info.run_id).remote_id
+    remote = conn.journal.ids.run(run.info.run_id).remote_id
     assert [(m.value, m.step) for m in server_client.get_metric_history(remote, "val_acc")] == [(0.9, 5)]
     sent = [r for r in transport.requests if r.fault is None]
     point = next(i for i, r in enumerate(sent) if r.path.endswith("/runs/log-batch")
@@ -343,7 +343,7 @@ def test_h22_points_mlflow_links_to_a_model_after_log_model_go_in_one_request(ml
     program()
     transport.clear()
     assert conn.flush(60) == 0
-    assert conn.journal.dead_letters() == []
+    assert conn.journal.queue.dead_letters() == []
     linked = [r for r in transport.requests if r.fault is None and r.path.endswith("/runs/log-batch")
               and any(m.get("model_id") for m in (r.json or {}).get("metrics", []))]
     assert sum(len(r.json["metrics"]) for r in linked) == 300
@@ -365,7 +365,7 @@ def test_h22_a_second_point_in_the_same_millisecond_stays_on_the_run(mlflow_serv
     with mlflow.start_run() as run:
         info = mlflow.pyfunc.log_model(name="double", python_model=Double())
         assert conn.flush(30) == 0
-        remote = conn.journal.run(run.info.run_id).remote_id
+        remote = conn.journal.ids.run(run.info.run_id).remote_id
         server_model = server_model_id_of(conn, info.model_id)
         server_client.log_batch(remote, metrics=[Metric("acc", 0.5, T0, 0, model_id=server_model)])  # elsewhere
         mlflow.log_metric("acc", 0.6, timestamp=T0)  # step 0: linked; the model has acc at T0 already: refused
@@ -374,7 +374,7 @@ def test_h22_a_second_point_in_the_same_millisecond_stays_on_the_run(mlflow_serv
             mlflow.log_metric("acc", 0.8, timestamp=T0 + 1)  # a second value this process gave: raised now
         assert raised.value.error_code == "BAD_REQUEST"
     assert conn.flush(60) == 0
-    assert conn.journal.dead_letters() == []
+    assert conn.journal.queue.dead_letters() == []
     # 0.8 is on neither: MLflow's LogMetric writes the model's point first, so a refused one leaves the run alone
     assert sorted(m.value for m in server_client.get_metric_history(remote, "acc")) == [0.5, 0.6, 0.7]
     model = server_client.get_logged_model(server_model)
@@ -384,7 +384,7 @@ def test_h22_a_second_point_in_the_same_millisecond_stays_on_the_run(mlflow_serv
 
 
 def server_model_id_of(conn, local_id: str) -> str:
-    return conn.journal.entity(J.LOGGED_MODEL, local_id).remote_id
+    return conn.journal.ids.entity(J.LOGGED_MODEL, local_id).remote_id
 
 
 def test_h22_a_model_never_created_leaves_the_run_its_points(mlflow_server, bridge_connect, server_client):
@@ -400,8 +400,8 @@ def test_h22_a_model_never_created_leaves_the_run_its_points(mlflow_server, brid
         mlflow.log_metric("val", 0.9, step=7, timestamp=T0, model_id=model.model_id)
     assert conn.flush(30) == 0
     transport.clear()
-    assert [d.op.kind for d in conn.journal.dead_letters()] == ["create_logged_model"]
-    remote = conn.journal.run(run.info.run_id).remote_id
+    assert [d.op.kind for d in conn.journal.queue.dead_letters()] == ["create_logged_model"]
+    remote = conn.journal.ids.run(run.info.run_id).remote_id
     assert server_client.get_run(remote).data.metrics == {"x": 1.0, "val": 0.9}
 
 
@@ -493,7 +493,7 @@ def test_h22_the_step_copy_carries_on_over_a_link_that_drops_reads(mlflow_server
     assert conn.flush(60) == 0
     reads = transport.count("/metrics/get-history")
     assert reads <= 120 + 120 // 10 + 2, f"{reads} history reads for 120 keys: the copy started over"
-    remote = conn.journal.run(run.info.run_id).remote_id
+    remote = conn.journal.ids.run(run.info.run_id).remote_id
     assert server_client.get_run(remote).info.status == "FINISHED"
     assert len(model_metrics(server_client, "h22-lossy")[0]) == 120
 
@@ -513,7 +513,7 @@ def test_h22_the_step_copy_keeps_the_first_of_two_points_in_one_millisecond(mlfl
         mlflow.pyfunc.log_model(name="double", python_model=Double())
         transport.clear()
     assert conn.flush(60) == 0
-    assert conn.journal.dead_letters() == []
+    assert conn.journal.queue.dead_letters() == []
     found, _ = model_metrics(server_client, "h22-copy-same-ms")
     assert [(k, s, t) for k, _, s, t in found] == [("acc", 0, T0), ("loss", 0, T0)]
 
@@ -527,13 +527,13 @@ def test_h22_a_point_for_a_model_deleted_on_the_server_stays_on_the_run(mlflow_s
     with mlflow.start_run() as run:
         info = mlflow.pyfunc.log_model(name="double", python_model=Double())
         assert conn.flush(30) == 0
-        remote = conn.journal.run(run.info.run_id).remote_id
+        remote = conn.journal.ids.run(run.info.run_id).remote_id
         server_model = server_model_id_of(conn, info.model_id)
         server_client.log_batch(remote, metrics=[Metric("acc", 0.5, T0, 1, model_id=server_model)])
         server_client.delete_logged_model(server_model)
         mlflow.log_metric("acc", 0.6, step=1, timestamp=T0, model_id=info.model_id)
     assert conn.flush(60) == 0
-    assert conn.journal.dead_letters() == []
+    assert conn.journal.queue.dead_letters() == []
     assert sorted(m.value for m in server_client.get_metric_history(remote, "acc")) == [0.5, 0.6]
 
 
@@ -579,7 +579,7 @@ def test_h22_seed_180093_log_model_raises_like_stock_for_two_values_in_one_milli
     for experiment in ("h22-180093-stock", "h22-180093-bridge"):
         found = server_client.search_logged_models([server_client.get_experiment_by_name(experiment).experiment_id])
         assert [(str(m.status), m.metrics) for m in found] == [("FAILED", [])], experiment
-    remote = conn.journal.run(outcome["bridge"][1]).remote_id
+    remote = conn.journal.ids.run(outcome["bridge"][1]).remote_id
     history = lambda run: sorted(m.value for m in server_client.get_metric_history(run, "loss"))  # noqa: E731
     assert history(remote) == history(outcome["stock"][1]) == [-1.5, 0.0]
 
@@ -610,7 +610,7 @@ def test_h24_seed_210095_a_later_call_giving_a_model_a_second_value_raises_like_
     assert conn.flush(60) == 0
     assert outcome["bridge"][0] == outcome["stock"][0] == "BAD_REQUEST"
     want = server_state(server_client, "h22-210095-stock", outcome["stock"][1])
-    got = server_state(server_client, "h22-210095-bridge", conn.journal.run(outcome["bridge"][1]).remote_id)
+    got = server_state(server_client, "h22-210095-bridge", conn.journal.ids.run(outcome["bridge"][1]).remote_id)
     assert len(want[1]) == 501 and len(want[1]["m0000"]) == 2 and "m0500" not in want[1]  # what stock keeps
     assert [len(points) for _, points in want[0]] == [408, 408]
     assert got == want
@@ -644,7 +644,7 @@ def test_h24_seed_210095_the_same_value_again_is_not_a_second_value(mlflow_serve
         return sorted(str((m.step, m.value)) for m in server_client.get_metric_history(run, key))
 
     for key in ("loss", "gap"):
-        assert history(conn.journal.run(outcome["bridge"]).remote_id, key) == history(outcome["stock"], key), key
+        assert history(conn.journal.ids.run(outcome["bridge"]).remote_id, key) == history(outcome["stock"], key), key
 
 
 def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_server, bridge_connect, server_client):
@@ -712,21 +712,21 @@ def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_serv
     deliver["now"] = lambda: conn.flush(60)
     program("bridge")
     assert conn.flush(60) == 0
-    assert conn.journal.dead_letters() == []
+    assert conn.journal.queue.dead_letters() == []
     want_calls, got_calls = outcome["stock"][0], outcome["bridge"][0]
     assert [label for label, answer in want_calls if answer != "ok"] == [
         "second value", "same value, other dataset", "float64", "one nan twice in a request", "150 again",
         "150 new and one held", "resumed, second value"]  # what stock MLflow refuses, as this test knows it
     assert got_calls == want_calls
     want = server_state(server_client, "h24-refuses-stock", outcome["stock"][1])
-    assert server_state(server_client, "h24-refuses-bridge", conn.journal.run(outcome["bridge"][1]).remote_id) == want
+    assert server_state(server_client, "h24-refuses-bridge", conn.journal.ids.run(outcome["bridge"][1]).remote_id) == want
 
 
 def test_h24_the_model_points_a_run_remembers_are_bounded(monkeypatch):
     """A run that links every point to a model (`set_active_model`, an explicit model_id) must not grow the
     memory of what its models hold without end: the newest points are kept, between half and all of the bound;
     a second value against a forgotten one is left to delivery (README), never a wrong refusal."""
-    from bridge.client import models
+    from bridge.client.plugins import models
 
     monkeypatch.setattr(models, "MODEL_POINTS_KEPT", 10)
     known: dict = {}

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from bridge import secrets
-from bridge.client.discovery import fetch_record
+from bridge.client.link.discovery import fetch_record
 from bridge.errors import ConfigError, DiscoveryError
 from bridge.serve.publisher import GistPublisher
 from tests.support.leak_scan import files_with_tokens, planted

@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from bridge.client.registry import VERSION_KEY_TAG
+from bridge.client.plugins.registry import VERSION_KEY_TAG
 from tests.support.client import server_run
 from tests.support.transport import FaultTransport
 from tests.test_models import Double, on_the_workstation
@@ -87,7 +87,7 @@ def test_registry_offline_returns_at_once_then_is_delivered(mlflow_server, bridg
     assert conn.flush(1) > 0
     transport.clear()
     assert conn.flush(60) == 0
-    assert not conn.journal.dead_letters()
+    assert not conn.journal.queue.dead_letters()
     assert_registered(workstation, mlflow_server, experiment, name, mv.version)
     assert np.allclose(mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(np.array([[1.0]])), [[2.0]])
 

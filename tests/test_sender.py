@@ -10,13 +10,13 @@ import uuid
 import pytest
 
 from bridge import config
-from bridge.client.heartbeat import REVIVE_CHECK_EVERY_BEATS, Heartbeats
-from bridge.client.intake import try_lock
+from bridge.client.delivery.heartbeat import REVIVE_CHECK_EVERY_BEATS, Heartbeats
+from bridge.client.journal.intake import try_lock
 from bridge.client.journal import Journal
-from bridge.client.link import Link, Verdict, classify_failure, retry_when
-from bridge.client.operations import Operations
+from bridge.client.link import Link, Verdict, classify_failure
+from bridge.client.delivery.operations import Operations
 from bridge.client.options import ClientOptions
-from bridge.client.sender import Sender
+from bridge.client.delivery.sender import Sender
 from bridge.errors import HttpError, TokenRejectedError, TransportError
 from tests.support.client import server_run
 from tests.support.transport import FaultTransport
@@ -42,7 +42,6 @@ def _sender(journal: Journal, url: str, token: str | None = None, *, transport=N
 ])
 def test_failure_classification(failure, verdict):
     assert classify_failure(failure) is verdict
-    assert retry_when(7, failure) is (verdict is not Verdict.REJECT)
 
 
 def _journal_run(tmp_path, name: str, *, journal: Journal | None = None) -> tuple[Journal, str]:
@@ -59,9 +58,9 @@ def _deliver(sender: Sender, rounds: int = 50) -> None:
             sender.deliver_round()
         except Exception:  # _Pause: the test's proxy is failing on purpose
             time.sleep(0.05)
-        if sender.journal.backlog().total == 0:
+        if sender.journal.queue.backlog().total == 0:
             return
-    raise AssertionError(f"not delivered: {sender.journal.backlog()}; last error {sender.link.last_error}")
+    raise AssertionError(f"not delivered: {sender.journal.queue.backlog()}; last error {sender.link.last_error}")
 
 
 def test_batches_stay_within_two_requests_per_thousand_points(tmp_path, flaky_proxy, server_client):
@@ -108,7 +107,7 @@ def test_lost_answers_never_duplicate_points_or_runs(tmp_path, flaky_proxy, serv
     journal.append_batch(run, [("loss", float(s), base + s, s) for s in range(500)], [("lr", "0.1")])
     _deliver(sender)
     assert len(server_client.get_metric_history(remote.info.run_id, "loss")) == 500
-    assert journal.dead_letters() == []
+    assert journal.queue.dead_letters() == []
 
 
 @pytest.mark.parametrize("mode, options", [
@@ -234,7 +233,7 @@ def test_a_refused_heartbeat_waits_a_period_and_does_not_stop_the_other_runs_bea
     for run in runs:
         sender.watch_run(run)
     _deliver(sender)
-    remote = {run: journal.server_run(run)[0] for run in runs}
+    remote = {run: journal.ids.server_run(run)[0] for run in runs}
     server_client.delete_run(remote[runs[0]])
     for run in runs:
         beats._beats[run] -= 2 * beats.heartbeat_s  # a period has passed since they were born beating
@@ -260,7 +259,7 @@ def test_a_batch_for_a_run_deleted_on_the_server_is_set_aside_whole_in_one_reque
     flaky_proxy.reset_counts()
     _deliver(sender)
     assert flaky_proxy.count("/runs/log-batch") == 1, "not split entry by entry: the run, not an entry, is refused"
-    dead = journal.dead_letters()
+    dead = journal.queue.dead_letters()
     assert len(dead) == 500 and "active" in dead[0].error and dead[0].reason == "server-refused"
     journal.close()
 
@@ -321,7 +320,7 @@ def test_stop_cuts_a_request_in_flight_instead_of_waiting_for_its_timeout(tmp_pa
     assert time.monotonic() - began < 15, "stop() waited for the request's 60 s timeout"
     assert stopped is True
     assert _lock_free(journal)
-    assert journal.backlog().total == 2, "the cut request's rows are pending again"
+    assert journal.queue.backlog().total == 2, "the cut request's rows are pending again"
     journal.close()
 
 
@@ -377,11 +376,8 @@ def test_the_journal_is_made_durable_while_a_delivery_round_is_stuck(tmp_path, m
     import os
     import sqlite3
 
-    from bridge.client import sender as sender_module
-
-    monkeypatch.setattr(sender_module, "DURABLE_EVERY_S", 0.1, raising=False)
     journal, run = _journal_run(tmp_path, "durable")
-    sender = _sender(journal, "http://127.0.0.1:9", send_interval_s=0.05)
+    sender = _sender(journal, "http://127.0.0.1:9", send_interval_s=0.05, durable_every_s=0.1)
     entered, release = threading.Event(), threading.Event()
 
     def stuck_round() -> int:  # a long upload, or timeouts during an outage
@@ -420,7 +416,7 @@ def test_a_flush_waits_for_a_look_for_late_twins_only_while_this_sender_delivers
     """A flush waits for a look for late twins (H21) — but not while another process holds the journal's
     delivery lock: that process looks, and this flush would sit out its whole timeout (review of H21)."""
     journal = Journal(tmp_path / "journal.sqlite")
-    journal.map_run("r1", "server-run", None, watch_twins_until=time.time() + 50)
+    journal.ids.map_run("r1", "server-run", None, watch_twins_until=time.time() + 50)
     other = open(str(journal.path) + ".lock", "a+")  # another process delivers this journal
     assert try_lock(other.fileno())
     transport = FaultTransport()
@@ -432,7 +428,7 @@ def test_a_flush_waits_for_a_look_for_late_twins_only_while_this_sender_delivers
         assert sender.flush(30) == 0
         assert time.monotonic() - started < 10, "the flush sat out a look only the other process can make"
         assert transport.requests == []
-        assert journal.twin_watches() == {"r1": pytest.approx(time.time() + 50, abs=15)}
+        assert journal.book.twin_watches() == {"r1": pytest.approx(time.time() + 50, abs=15)}
     finally:
         other.close()
         sender.stop()

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from bridge.client.store import JournalStore
+from bridge.client.plugins.store import JournalStore
 from tests.support.client import server_run
 
 
@@ -158,7 +158,7 @@ def test_bad_values_raise_at_the_call_as_mlflow_would_and_the_rest_arrives(mlflo
     assert len(server_client.get_metric_history(remote.info.run_id, "good")) == 50
     assert math.isnan(remote.data.metrics["nan"])
     assert remote.data.metrics["inf"] > 1e300  # MLflow's SQL store stores +inf as the largest float
-    assert conn.journal.dead_letters() == [] and conn.status().dead_letters == 0
+    assert conn.journal.queue.dead_letters() == [] and conn.status().dead_letters == 0
 
 
 def test_dataset_inputs_are_journaled_and_delivered(mlflow_server, server_client, bridge_connect):

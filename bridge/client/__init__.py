@@ -1,14 +1,10 @@
-"""The Colab side: discovery, the durable journal, the sender, and MLflow's store/artifact/registry/auth plugins.
+"""The Colab side, in five layers; each imports only the ones below it (tests/test_layers.py):
 
-    training thread ──▶ store.py · artifacts.py · models.py · registry.py   (MLflow plugins)
-                          │
-                          ▼
-                        journal.py (+ intake.py for metric points, spool.py for files)   SQLite, durable
-                          │
-                          ▼
-                        sender.py ── batch.py, operations.py, heartbeat.py ──▶ link.py ──▶ server
-                                                                                 ▲
-    store/registry reads, auth, connect() ─────────────────────────────────────┘
-    connect.py wires it up: secrets ──▶ discovery.py ──▶ Link.probe ──▶ MLFLOW_TRACKING_URI=bridge+https://…
-    options.py holds every client setting; errors are bridge.errors (LinkError, UndeliverableError, …).
+    plugins/    what MLflow sees: tracking, artifact, logged-model, registry and auth plugins
+    connect.py  bridge.connect(), sync, queue: one journal, one link and one sender for the process
+    delivery/   the sender loop and the table of what each journaled op becomes on the server
+    journal/    SQLite (durable), the intake of metric points, the spool of files: where everything waits
+    link/       the one way to the server (Link over a Transport), and discovery of its URL
+
+options.py holds every client setting; errors are bridge.errors (LinkError, UndeliverableError, …).
 """

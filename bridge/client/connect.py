@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bridge.client import discovery
+from bridge.client.link import discovery
 from bridge.client.journal import Journal, RunRecord
 from bridge.client.link import Link, Transport
 from bridge.client.options import EXIT_FLUSH_ENV, JOURNAL_ENV, JOURNAL_LIMIT_ENV, ClientOptions
-from bridge.client.sender import Sender
+from bridge.client.delivery.sender import Sender
 from bridge.errors import ConfigError
 from bridge.ui import ui_link
 
@@ -101,7 +101,7 @@ class Connection:
         return SCHEME_PREFIX + self.link.url
 
     def status(self) -> Status:
-        backlog = self.journal.backlog()
+        backlog = self.journal.queue.backlog()
         pending = {("experiments" if run == "" else run): n for run, n in backlog.pending.items()}
         oldest = None if backlog.oldest_created is None else max(0.0, time.time() - backlog.oldest_created)
         return Status(online=self.link.online, url=self.link.url, journal=self.journal.path, backlog=pending,
@@ -138,7 +138,7 @@ class Connection:
         return found
 
     def run_record(self, run_id: str) -> RunRecord | None:
-        return self.journal.run(run_id)
+        return self.journal.ids.run(run_id)
 
     def _at_exit(self) -> None:
         global _closed_at_exit
@@ -245,7 +245,7 @@ def _carry_live_runs(old: Connection, new: Connection) -> None:
         if same_journal:
             new.sender.watch_run(run)
         else:
-            remote, _ = old.journal.server_run(run)
+            remote, _ = old.journal.ids.server_run(run)
             if remote is not None:
                 new.sender.watch_run(remote)
 
@@ -383,7 +383,7 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
                 rediscover=source not in PINNED_SOURCES)
     sender = Sender(store, link, options)
     try:
-        before = store.backlog()
+        before = store.queue.backlog()
         total = before.total
         sender.start()
         deadline = time.monotonic() + timeout
@@ -395,7 +395,7 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
         if not left:  # what a flush does after delivering (marks, a look for late twins), unhurried
             sender.flush(max(0.0, deadline - time.monotonic()))
         sender.stop()
-        after = store.backlog()
+        after = store.queue.backlog()
         return SyncReport(journal=store.path, url=found_url, before=before.pending, after=after.pending,
                           dead=after.dead, last_error=link.last_error if after.total else None,
                           repair=None if store.repair_report is None else str(store.repair_report))
@@ -416,9 +416,9 @@ def queue(journal: str | os.PathLike | None = None, *, retry: list[int] | bool =
     store = Journal(journal)
     try:
         if retry:
-            store.retry_dead(None if retry is True else list(retry))
+            store.queue.retry_dead(None if retry is True else list(retry))
         if drop:
-            store.drop_dead(None if drop is True else list(drop))
-        return store.backlog(), store.dead_letters(), {r.local_id: r for r in store.runs()}, store.path
+            store.queue.drop_dead(None if drop is True else list(drop))
+        return store.queue.backlog(), store.queue.dead_letters(), {r.local_id: r for r in store.ids.runs()}, store.path
     finally:
         store.close()

@@ -23,6 +23,11 @@ JOURNAL_ENV = "BRIDGE_JOURNAL"
 JOURNAL_LIMIT_ENV = "BRIDGE_JOURNAL_LIMIT"
 REDISCOVER_INTERVAL_ENV = "BRIDGE_REDISCOVER_INTERVAL_S"
 POISON_ATTEMPTS_ENV = "BRIDGE_POISON_ATTEMPTS"
+TOKEN_RETRY_MIN_ENV = "BRIDGE_TOKEN_RETRY_MIN_S"
+FLUSH_RETRY_ENV = "BRIDGE_FLUSH_RETRY_S"
+DURABLE_EVERY_ENV = "BRIDGE_DURABLE_EVERY_S"
+CREATE_GRACE_ENV = "BRIDGE_CREATE_GRACE_S"
+ADOPT_EVERY_ENV = "BRIDGE_ADOPT_EVERY_S"
 
 #: A live run's heartbeat period. `bridge serve` reaps after 300 s without one by default: five missed beats.
 #: Every request counts against ngrok's free plan (20,000 a month), and a batch of metrics carries the beat.
@@ -39,6 +44,17 @@ DEFAULT_REDISCOVER_INTERVAL_S = 20.0
 #: An entry the server keeps answering 5xx for is moved aside as a dead letter after this many tries,
 #: so one poison entry never stalls every run behind it (`bridge queue --retry` sends it again).
 DEFAULT_POISON_ATTEMPTS = 8
+#: While the token is rejected, delivery is retried no faster than this (a re-read token may have been fixed).
+DEFAULT_TOKEN_RETRY_MIN_S = 5.0
+#: While `flush()` waits, a failing link is retried this often instead of after the full backoff.
+DEFAULT_FLUSH_RETRY_S = 1.0
+#: How often the intake is moved into SQLite and the journal fsynced, whatever delivery is doing: the most
+#: an OS crash or power cut can take of what calls had already returned.
+DEFAULT_DURABLE_EVERY_S = 1.0
+#: How long stopping the sender lets a run/model/version create in flight finish before cutting it (H21).
+DEFAULT_CREATE_GRACE_S = 2.0
+#: How often the intake files of ended processes (killed children) are looked for.
+DEFAULT_ADOPT_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -54,15 +70,21 @@ class ClientOptions:
     journal_limit: int = config.DEFAULT_JOURNAL_LIMIT_BYTES
     rediscover_interval_s: float = DEFAULT_REDISCOVER_INTERVAL_S
     poison_attempts: int = DEFAULT_POISON_ATTEMPTS
+    token_retry_min_s: float = DEFAULT_TOKEN_RETRY_MIN_S
+    flush_retry_s: float = DEFAULT_FLUSH_RETRY_S
+    durable_every_s: float = DEFAULT_DURABLE_EVERY_S
+    create_grace_s: float = DEFAULT_CREATE_GRACE_S
+    adopt_every_s: float = DEFAULT_ADOPT_EVERY_S
     #: Where each value came from: "default", "environment" or "argument" (for `bridge queue --config`).
     sources: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_s", "send_interval_s", "http_timeout_s", "probe_timeout_s"):
+        for name in ("heartbeat_s", "send_interval_s", "http_timeout_s", "probe_timeout_s", "token_retry_min_s",
+                     "flush_retry_s", "durable_every_s", "adopt_every_s"):
             value = getattr(self, name)
             if not value > 0:  # also refuses NaN
                 raise ConfigError(f"{_label(name)} must be a positive number of seconds, got {value!r}")
-        for name in ("exit_flush_s", "rediscover_interval_s"):
+        for name in ("exit_flush_s", "rediscover_interval_s", "create_grace_s"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ConfigError(f"{_label(name)} must be 0 or more seconds, got {value!r}")
@@ -126,6 +148,11 @@ ENV = {
     "journal_limit": JOURNAL_LIMIT_ENV,
     "rediscover_interval_s": REDISCOVER_INTERVAL_ENV,
     "poison_attempts": POISON_ATTEMPTS_ENV,
+    "token_retry_min_s": TOKEN_RETRY_MIN_ENV,
+    "flush_retry_s": FLUSH_RETRY_ENV,
+    "durable_every_s": DURABLE_EVERY_ENV,
+    "create_grace_s": CREATE_GRACE_ENV,
+    "adopt_every_s": ADOPT_EVERY_ENV,
 }
 
 

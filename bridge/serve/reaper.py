@@ -27,6 +27,7 @@ import requests
 
 from bridge import config
 from bridge.errors import ServeError
+from bridge.twins import empty_twin, run_key_search, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def reap_stale_runs(tracking_uri: str, timeout_s: float, now: float | None = Non
     try:
         for experiment_ids in _active_experiment_batches(api):
             for run in _running_runs(api, experiment_ids):
-                tags = {t.get("key"): t.get("value") for t in run.get("data", {}).get("tags", [])}
+                tags = run_tags(run)
                 beat = _heartbeat(tags.get(config.HEARTBEAT_TAG))
                 if beat is None:
                     continue
@@ -82,24 +83,20 @@ def reap_stale_runs(tracking_uri: str, timeout_s: float, now: float | None = Non
 def _original_of_twin(api: "_MlflowApi", run: dict[str, Any], tags: dict[str, Any], beat: float) -> str | None:
     """The run that `run` (silent, last beat `beat`) duplicates, when it is an empty twin; else None.
 
-    A twin is what a late create leaves: no metric, no param, and only tags its original carries too. The
-    original must show it is the run in use: a metric, param or tag the twin lacks, an end set by its client
-    (not the reaper's KILLED), or a later heartbeat.
+    A twin is what a late create leaves (`bridge.twins.empty_twin`, the client's rule too). The original must
+    show it is the run in use: a metric, param or tag the twin lacks, an end set by its client (not the reaper's
+    KILLED), or a later heartbeat.
     """
     key = tags.get(config.RUN_KEY_TAG)
-    data = run.get("data", {})
+    data = run.get("data") or {}
     if not key or "'" in key or data.get("metrics") or data.get("params"):
-        return None
-    found = api.post("runs/search", {
-        "experiment_ids": [run["info"]["experiment_id"]], "run_view_type": "ACTIVE_ONLY", "max_results": 10,
-        "filter": f"tags.`{config.RUN_KEY_TAG}` = '{key}'"}).get("runs", [])
+        return None  # written to: no twin, whatever the search would find (and no request made)
+    found = api.post("runs/search", run_key_search(run["info"]["experiment_id"], key)).get("runs", [])
     for other in found:
-        if other["info"]["run_id"] == run["info"]["run_id"]:
-            continue
+        if other["info"]["run_id"] == run["info"]["run_id"] or not empty_twin(run, other):
+            continue  # the silent run holds something the other lacks: written to it, so it is in use
         other_data = other.get("data", {})
-        other_tags = {t.get("key"): t.get("value") for t in other_data.get("tags", [])}
-        if not set(tags) <= set(other_tags):
-            continue  # the silent run holds a tag the other lacks: written to it, so it is in use
+        other_tags = run_tags(other)
         other_beat = _heartbeat(other_tags.get(config.HEARTBEAT_TAG))
         in_use = (other_data.get("metrics") or other_data.get("params")
                   or set(other_tags) - set(tags) - {KILLED_REASON_TAG}  # the reaper's own, this very round too

@@ -16,7 +16,7 @@ import time
 from bridge import config
 from bridge.client.journal import Journal
 from bridge.client.link import Link
-from bridge.client.marks import TERMINAL_STATUSES, DeliveryMarks
+from bridge.client.delivery.marks import TERMINAL_STATUSES, DeliveryMarks
 from bridge.errors import HttpError, LinkError, TransportError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Heartbeats:
             return
         self._others_read = now
         try:
-            self._others = self.journal.runs_of_live_processes() - self.live
+            self._others = self.journal.ids.runs_of_live_processes() - self.live
         except Exception as exc:  # a busy journal: ask again next time
             log.debug("bridge: could not list other processes' runs: %s", exc)
 
@@ -81,7 +81,7 @@ class Heartbeats:
             now = time.time()
             self._beats[run] = now
             return {config.HEARTBEAT_TAG: str(int(now))}
-        created = self.journal.run_created_at(run)
+        created = self.journal.ids.run_created_at(run)
         return {config.HEARTBEAT_TAG: str(int(created if created is not None else time.time()))}
 
     @staticmethod
@@ -97,7 +97,7 @@ class Heartbeats:
             now = time.time()
             if not self.due(run, self.heartbeat_s) or now - self._tried.get(run, 0.0) < self.heartbeat_s:
                 continue  # a batch carried one, or this run's own beat was tried (and perhaps refused) lately
-            remote, _ = self.journal.server_run(run)
+            remote, _ = self.journal.ids.server_run(run)
             if remote is None:
                 continue
             self._tried[run] = now
@@ -144,7 +144,7 @@ class Heartbeats:
         info = self.link.call("/runs/get", {"run_id": remote}, method="GET")["run"]["info"]
         if info.get("status") == "RUNNING" or not self.is_live(run):
             return
-        record = self.journal.run(run)
+        record = self.journal.ids.run(run)
         if record is not None and record.status in TERMINAL_STATUSES:
             return  # this process ended it: its final status is journaled, on its way
         # The reason goes first, so a run seen RUNNING again never still carries why it was killed.

@@ -29,7 +29,8 @@ from urllib.parse import quote
 import requests
 import urllib3
 
-from bridge.client import discovery, forksafe
+from bridge.client import forksafe
+from bridge.client.link import discovery
 from bridge.errors import HttpError, LinkError, TokenRejectedError, TransportError
 from bridge.record import describe_url
 
@@ -78,11 +79,6 @@ def classify_failure(exc: BaseException) -> Verdict:
             return Verdict.RETRY
         return Verdict.REJECT
     return Verdict.RETRY
-
-
-def retry_when(attempts: int, exc: BaseException) -> bool:
-    """Whether to send again after `attempts` failures ending in `exc` (dramatiq's predicate shape)."""
-    return classify_failure(exc) is not Verdict.REJECT
 
 
 # ------------------------------------------------------------------------------------------ transport

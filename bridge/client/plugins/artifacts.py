@@ -20,6 +20,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.store.artifact.artifact_repo import ArtifactRepository
 
 from bridge.client import journal as J
+from bridge.client.connect import active_connection, connection_for
 from bridge.client.link import ARTIFACTS_API
 from bridge.errors import LinkError
 
@@ -39,8 +40,6 @@ class JournalArtifactRepository(ArtifactRepository):
 
     @property
     def connection(self):
-        from bridge.client.connect import active_connection, connection_for
-
         if self.tracking_uri and self.tracking_uri.startswith("bridge+"):
             return connection_for(self.tracking_uri)
         conn = active_connection()
@@ -73,7 +72,7 @@ class JournalArtifactRepository(ArtifactRepository):
         _NotProxied for an artifact root the proxy does not serve, instead of None.
         """
         conn = self.connection
-        remote, root = conn.journal.server_run(self.run_id)
+        remote, root = conn.journal.ids.server_run(self.run_id)
         if remote is None:
             return None
         try:
@@ -109,7 +108,7 @@ class JournalArtifactRepository(ArtifactRepository):
 
     def _spooled(self) -> dict[str, dict]:
         """Files of this run still waiting in the spool, by artifact path."""
-        return {op.key: op.json() for op in self.connection.journal.undelivered(self.run_id, (J.ARTIFACT,))}
+        return {op.key: op.json() for op in self.connection.journal.queue.undelivered(self.run_id, (J.ARTIFACT,))}
 
     def list_artifacts(self, path=None):
         """The server's files of the run plus those still in the spool.
@@ -123,7 +122,7 @@ class JournalArtifactRepository(ArtifactRepository):
         # Read before the server is asked: a file delivered while the listing is on its way back is in neither
         # the listing nor the spool afterwards (a second `log_table` replaced the first's rows: harness H20).
         spooled_before = self._spooled()
-        remote, _ = self.connection.journal.server_run(self.run_id)
+        remote, _ = self.connection.journal.ids.server_run(self.run_id)
         if remote is not None:
             try:
                 base = self._server_base(strict=True)

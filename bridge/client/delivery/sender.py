@@ -26,32 +26,22 @@ import threading
 import time
 from collections.abc import Callable
 
-from bridge.client.batch import BATCH_KINDS, MAX_METRICS_PER_BATCH, Batch, Entry, batch_body
-from bridge.client.heartbeat import Heartbeats
-from bridge.client.intake import try_lock
-from bridge.client.journal import ARTIFACT, MODEL_METRICS, TAG, Journal, Op
+from bridge.client.delivery import handlers
+from bridge.client.delivery.batch import BATCH_KINDS, MAX_METRICS_PER_BATCH, Batch, Entry, batch_body
+from bridge.client.delivery.handlers import lost_upsert_race
+from bridge.client.delivery.heartbeat import Heartbeats
+from bridge.client.delivery.marks import DeliveryMarks, Scope, scope_of
+from bridge.client.delivery.operations import RUN_NOT_CREATED, SERVER_FAILS_ON_IT, SERVER_REFUSED, Operations
+from bridge.client.journal import Journal, Op
+from bridge.client.journal.intake import try_lock
+from bridge.client.journal.kinds import ARTIFACT, MODEL_METRICS, RUN_ID_TAGS, TAG
 from bridge.client.link import Link, Verdict, classify_failure
-from bridge.client.marks import DeliveryMarks, Scope, scope_of
-from bridge.client.operations import (
-    RUN_ID_TAGS, RUN_NOT_CREATED, SERVER_FAILS_ON_IT, SERVER_REFUSED, Operations, lost_upsert_race,
-)
 from bridge.client.options import ClientOptions
 from bridge.errors import HttpError, LinkError, UndeliverableError
 from bridge.retry import compute_backoff_ms
 
 log = logging.getLogger(__name__)
 
-#: While `flush()` waits, a failing link is retried this often instead of after the full backoff.
-FLUSH_RETRY_S = 1.0
-#: While the token is rejected, retry no faster than this.
-TOKEN_RETRY_MIN_MS = 5_000
-#: How often the intake is moved into SQLite and the journal fsynced, whatever delivery is doing: the most
-#: an OS crash or power cut can take of what calls had already returned.
-DURABLE_EVERY_S = 1.0
-#: How long `stop()` lets a run/model/version create in flight finish before cutting it (H21).
-CREATE_GRACE_S = 2.0
-#: How often the intake files of ended processes (killed children) are looked for.
-ADOPT_EVERY_S = 5.0
 _READ_BATCH = 5000
 
 
@@ -67,8 +57,11 @@ class _Pause(Exception):
 class Sender:
     """Delivers `journal` through `link`, in a daemon thread started by `start()`."""
 
-    def __init__(self, journal: Journal, link: Link, options: ClientOptions | None = None) -> None:
+    def __init__(self, journal: Journal, link: Link, options: ClientOptions | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`options` hold every timing (ClientOptions); `clock` is the monotonic clock its deadlines read."""
         self.journal = journal
+        self._clock = clock
         self.link = link
         self.options = options or ClientOptions.from_env()
         self.send_interval_s = self.options.send_interval_s
@@ -90,7 +83,7 @@ class Sender:
         self._on_stopped: list[Callable[[], None]] = []
         self._lock_file = None
         self._lock_elsewhere = False  # another process holds the journal's delivery lock (_loop)
-        self._last_adopt = time.monotonic()
+        self._last_adopt = self._clock()
         self._looks_begun = self._looks_done = 0  # looks for late twins made for a flush (_look_for_twins)
 
     # ---------------------------------------------------------------------------------- control
@@ -118,14 +111,14 @@ class Sender:
         """
         self._stop.set()
         self._wake.set()
-        deadline = time.monotonic() + timeout
+        deadline = self._clock() + timeout
         # A create in flight may finish first (a cut one can land late and make a twin: operations.creating);
         # any other request in flight fails now (its rows go back to pending) instead of timing out.
-        self.operations.wait_for_creates(min(CREATE_GRACE_S, timeout))
+        self.operations.wait_for_creates(min(self.options.create_grace_s, timeout))
         self.link.abort()
         for thread in (self._thread, self._durable_thread):
             if thread is not None:
-                thread.join(max(0.0, deadline - time.monotonic()))
+                thread.join(max(0.0, deadline - self._clock()))
         if any(t is not None and t.is_alive() for t in (self._thread, self._durable_thread)):
             log.warning("bridge: the sender did not stop within %.0f s; it keeps journal %s until it ends",
                         timeout, self.journal.path)
@@ -165,27 +158,27 @@ class Sender:
 
     def flush(self, timeout: float | None = None) -> int:
         """Wait until the journal is delivered or `timeout` passes; the number of entries left."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else self._clock() + timeout
         self._flushing += 1
         since_look = self._looks_begun
         last_wake = 0.0
         try:
             while True:
-                left = self.journal.backlog().total
+                left = self.journal.queue.backlog().total
                 if (left == 0 and not self._owes_marks_now() and not self._owes_twin_look(since_look)) \
                         or self._thread is None:
                     return left
-                now = time.monotonic()
+                now = self._clock()
                 if deadline is not None and now >= deadline:
                     return left
                 # Someone is waiting: don't sleep out a backoff of up to 30 s once the link may be back, but
                 # retry at most once a second so a flush never turns the backoff into a tight loop.
-                if not self._backing_off or now - last_wake >= FLUSH_RETRY_S:
+                if not self._backing_off or now - last_wake >= self.options.flush_retry_s:
                     self._wake.set()
                     last_wake = now
                 # Counting the backlog scans the journal: poll less often while it is large.
                 poll = 0.05 if left < 5_000 else 0.25
-                self._idle.wait(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+                self._idle.wait(poll if deadline is None else max(0.0, min(poll, deadline - self._clock())))
                 self._idle.clear()
         finally:
             self._flushing -= 1
@@ -234,7 +227,7 @@ class Sender:
             if self._stop.wait(0.5):
                 return
         self._lock_elsewhere = False
-        self.journal.reset_in_flight()
+        self.journal.queue.reset_in_flight()
         attempts = 0
         while not self._stop.is_set():
             try:
@@ -247,7 +240,7 @@ class Sender:
                 attempts += 1
                 wait = compute_backoff_ms(attempts) / 1000
                 if pause.verdict is Verdict.TOKEN:
-                    wait = max(wait, compute_backoff_ms(attempts, min_backoff_ms=TOKEN_RETRY_MIN_MS) / 1000)
+                    wait = max(wait, compute_backoff_ms(attempts, min_backoff_ms=int(self.options.token_retry_min_s * 1000)) / 1000)
                     self.link.refresh_token()
                 elif not self._stop.is_set():
                     self.link.maybe_rediscover(interval_s=self.options.rediscover_interval_s)
@@ -256,10 +249,10 @@ class Sender:
                 self.link.last_error = f"{type(exc).__name__}: {exc}"
                 attempts += 1
                 wait = compute_backoff_ms(attempts) / 1000
-            if time.monotonic() - self._last_adopt > ADOPT_EVERY_S:
+            if self._clock() - self._last_adopt > self.options.adopt_every_s:
                 with contextlib.suppress(Exception):
                     self.journal.adopt_orphans()  # points of a child process that was killed meanwhile
-                self._last_adopt = time.monotonic()
+                self._last_adopt = self._clock()
             self._backing_off = attempts > 0
             with self._rounds_changed:
                 self._rounds += 1
@@ -273,8 +266,8 @@ class Sender:
                     self.marks.pay(scope)
 
     def _durable_loop(self) -> None:
-        """Every DURABLE_EVERY_S, `journal.sync()`: not tied to delivery rounds, which can take minutes."""
-        while not self._stop.wait(DURABLE_EVERY_S):
+        """Every `options.durable_every_s`, `journal.sync()`: not tied to delivery rounds, which can take minutes."""
+        while not self._stop.wait(self.options.durable_every_s):
             try:
                 self.journal.sync()
             except Exception as exc:  # the disk is full or busy: say so, keep trying
@@ -288,12 +281,12 @@ class Sender:
         # A round delivers what was logged before it began; points logged meanwhile wait for the next one,
         # so a steady trickle is coalesced instead of chased in tiny batches.
         self.journal.move_intake()
-        upto = self.journal.last_id()
-        for run in self.journal.runs_with_pending():
+        upto = self.journal.queue.last_id()
+        for run in self.journal.queue.runs_with_pending():
             if self._stop.is_set():
                 break
             while True:
-                ops = self.journal.pending_ops(run, _READ_BATCH, upto)
+                ops = self.journal.queue.pending_ops(run, _READ_BATCH, upto)
                 if not ops:
                     break
                 last = len(ops) < _READ_BATCH
@@ -317,7 +310,7 @@ class Sender:
             self._looks_begun += 1
             look = self._looks_begun
         now = time.time()
-        for run, due in self.journal.twin_watches().items():
+        for run, due in self.journal.book.twin_watches().items():
             if due <= now or flushing:
                 self._checked(lambda run=run, due=due: self.operations.remove_twins(run, final=due <= now))
         if flushing:
@@ -327,7 +320,7 @@ class Sender:
         """Whether a flush, begun when `since_look` looks had begun, still waits for one begun after it — only
         while this sender delivers (holds the journal) and the server answers."""
         return (self._looks_done <= since_look and self.link.online is not False and not self._lock_elsewhere
-                and not self._stop.is_set() and bool(self.journal.twin_watches()))
+                and not self._stop.is_set() and bool(self.journal.book.twin_watches()))
 
     def _owes_marks_now(self) -> bool:
         """Whether a flush still waits for delivery marks (only while the server answers: see marks.py, and
@@ -373,7 +366,7 @@ class Sender:
             if batch:
                 count += self._send_batch(run, batch, in_batch)
                 batch, in_batch = Batch(), []
-            if self.operations.must_wait(op):
+            if handlers.must_wait(self.operations, op):
                 if merged:
                     count += self._send_merged(merged)
                 return count, True  # the run waits a round for what it needs (a logged model's creation)
@@ -397,8 +390,8 @@ class Sender:
         try:
             return self._checked(lambda: self.marks.done_already(op), poison=op.attempts)
         except _Pause:
-            if self.journal.claim([op.id]):
-                self.journal.release([op.id])  # counted as a try of the op, for the poison rule above
+            if self.journal.queue.claim([op.id]):
+                self.journal.queue.release([op.id])  # counted as a try of the op, for the poison rule above
             raise
         except HttpError:
             scope = scope_of(op)
@@ -410,7 +403,7 @@ class Sender:
         """`op` was delivered before, from a copy of this journal (marks.py): done without sending."""
         log.info("bridge: %s of run %s was delivered already from a copy of this journal; not sent again", op.kind,
                  op.run or "-")
-        self.journal.complete([op.id], spool=[op.json()["spool"]] if op.kind == ARTIFACT else [])
+        self.journal.queue.complete([op.id], spool=[op.json()["spool"]] if op.kind == ARTIFACT else [])
         return 1
 
     # ----------------------------------------------------------------------------- deliveries
@@ -439,14 +432,14 @@ class Sender:
             raise _Pause(exc, verdict) from None
 
     def _send_batch(self, run: str, batch: Batch, ops: list[Op]) -> int:
-        remote, _ = self.journal.server_run(run)
+        remote, _ = self.journal.ids.server_run(run)
         ids = batch.ids
         if remote is None:
-            self.journal.bury(ids, f"run {run} was never created on the server (its creation failed; see above)",
+            self.journal.queue.bury(ids, f"run {run} was never created on the server (its creation failed; see above)",
                               reason=RUN_NOT_CREATED)
             self.marks.done(ops)
             return 0
-        if not self.journal.claim(ids):
+        if not self.journal.queue.claim(ids):
             raise _Pause(RuntimeError("another sender claimed these entries"), Verdict.RETRY)
         entries = self._server_values(batch.entries)
         # A live run's heartbeat rides along when half its period has passed: no request of its own then.
@@ -467,7 +460,7 @@ class Sender:
                 self.marks.sent(scope, marks)
             return count
         finally:
-            self.journal.release(ids)  # only rows still in flight (a pause mid-way) go back to pending
+            self.journal.queue.release(ids)  # only rows still in flight (a pause mid-way) go back to pending
 
     def _server_values(self, entries: list[Entry]) -> list[Entry]:
         """`entries` with run-id tag values translated to server ids; one that cannot be is set aside."""
@@ -477,7 +470,7 @@ class Sender:
                 try:
                     entry.value = self.operations.server_tag_value(entry.key, entry.value)
                 except UndeliverableError as exc:
-                    self.journal.bury(entry.ids, exc.message, reason=exc.reason)
+                    self.journal.queue.bury(entry.ids, exc.message, reason=exc.reason)
                     continue
             kept.append(entry)
         return kept
@@ -500,12 +493,12 @@ class Sender:
                 what = f"{entries[0].kind} {entries[0].key!r}" if len(entries) == 1 else f"{len(ids)} entries"
                 reason = _dead_letter_reason(exc)
                 log.warning("bridge: server refused %s: %s (kept as dead letters, %s)", what, exc.message, reason)
-                self.journal.bury(ids, exc.message, reason=reason)
+                self.journal.queue.bury(ids, exc.message, reason=reason)
                 return 0, False
             mid = len(entries) // 2
             return self._deliver_entries(remote, entries[:mid])[0] + self._deliver_entries(remote, entries[mid:])[0], \
                 False
-        self.journal.complete(ids)
+        self.journal.queue.complete(ids)
         self.delivered += len(ids)
         if beat_run is not None:
             self.heartbeats.delivered(beat_run, remote)
@@ -517,7 +510,7 @@ class Sender:
         if len(ops) == 1:
             return self._send_single(ops[0])
         ids = [op.id for op in ops]
-        if not self.journal.claim(ids):
+        if not self.journal.queue.claim(ids):
             raise _Pause(RuntimeError("another sender claimed these entries"), Verdict.RETRY)
         first = ops[0]
         whole = Op(first.id, first.run, first.kind, None, None, None, None,
@@ -525,43 +518,43 @@ class Sender:
                    max(op.attempts for op in ops))
         try:
             try:
-                self._checked(lambda: self.operations.apply(whole), poison=whole.attempts)
+                self._checked(lambda: handlers.apply(self.operations, whole), poison=whole.attempts)
             except (HttpError, UndeliverableError):
                 refused = True
             else:
                 refused = False
-                self.journal.complete(ids, spool=[])
+                self.journal.queue.complete(ids, spool=[])
                 self.marks.done(ops)
                 self.delivered += len(ops)
         finally:
-            self.journal.release(ids)
+            self.journal.queue.release(ids)
         return sum(self._send_single(op) for op in ops) if refused else len(ops)
 
     def _send_single(self, op: Op) -> int:
-        if not self.journal.claim([op.id]):
+        if not self.journal.queue.claim([op.id]):
             raise _Pause(RuntimeError("another sender claimed this entry"), Verdict.RETRY)
         try:
             try:
-                spool = self._checked(lambda: self.operations.apply(op), poison=op.attempts, kinds=(op.kind,))
+                spool = self._checked(lambda: handlers.apply(self.operations, op), poison=op.attempts, kinds=(op.kind,))
             except HttpError as exc:
                 reason = _dead_letter_reason(exc)
                 log.warning("bridge: server refused %s of run %s: %s (kept as a dead letter, %s)", op.kind,
                             op.run or "-", exc.message, reason)
-                self.journal.bury([op.id], exc.message, reason=reason)
+                self.journal.queue.bury([op.id], exc.message, reason=reason)
                 self.marks.done([op])
                 return 0
             except UndeliverableError as exc:
                 log.warning("bridge: %s of run %s cannot be delivered: %s (kept as a dead letter)", op.kind,
                             op.run or "-", exc.message)
-                self.journal.bury([op.id], exc.message, reason=exc.reason)
+                self.journal.queue.bury([op.id], exc.message, reason=exc.reason)
                 self.marks.done([op])
                 return 0
-            self.journal.complete([op.id], spool=spool)
+            self.journal.queue.complete([op.id], spool=spool)
             self.marks.done([op])
             self.delivered += 1
             return 1
         finally:
-            self.journal.release([op.id])
+            self.journal.queue.release([op.id])
 
 
 class _ServerFailsOnIt(HttpError):

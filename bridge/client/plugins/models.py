@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import math
 import re
 import sys
 import time
 import uuid
-from urllib.parse import quote
 
 from mlflow.entities import LoggedModel, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
@@ -38,31 +36,15 @@ from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from bridge.client import journal as J
-from bridge.client import operations
-from bridge.client.batch import MAX_METRICS_PER_BATCH, json_number
-from bridge.errors import HttpError, UndeliverableError
+from bridge.client.delivery.batch import json_number
+from bridge.client.journal.kinds import (
+    CREATE_LOGGED_MODEL, DELETE_LOGGED_MODEL_TAG, FINALIZE_LOGGED_MODEL, LOG_LOGGED_MODEL_PARAMS, LOG_OUTPUTS,
+    MODEL_KEY_TAG, MODEL_METRICS, RECORD_LOGGED_MODEL, REGISTRY_KEY, SET_LOGGED_MODEL_TAGS, STEP_METRICS_TO_MODEL,
+    artifact_uri_for,
+)
+from bridge.client.plugins.server_reads import Offline
 
 log = logging.getLogger(__name__)
-
-#: Operation kinds (applied by the functions registered at the end of this module).
-CREATE_LOGGED_MODEL = "create_logged_model"
-LOG_LOGGED_MODEL_PARAMS = "log_logged_model_params"
-SET_LOGGED_MODEL_TAGS = "set_logged_model_tags"
-DELETE_LOGGED_MODEL_TAG = "delete_logged_model_tag"
-FINALIZE_LOGGED_MODEL = "finalize_logged_model"
-LOG_OUTPUTS = "log_outputs"
-RECORD_LOGGED_MODEL = "record_logged_model"
-#: Metric points that name a logged model or a dataset (MLflow 3), journaled under their run; and `log_model`'s
-#: copy of the run's metrics at one step to the model, made at delivery (see the module doc).
-MODEL_METRICS, STEP_METRICS_TO_MODEL = J.MODEL_METRICS, J.STEP_METRICS_TO_MODEL
-
-#: The tag that finds a model again after a lost answer (like the run key of a run).
-MODEL_KEY_TAG = "bridge.modelKey"
-#: A logged model this side never heard of (its creation became a dead letter).
-MODEL_NOT_CREATED = "model-not-created"
-
-LOGGED_MODELS_API = "/api/2.0/mlflow/logged-models"
-_PARAMS_PER_REQUEST = 100
 
 #: Where `Model.log` defines the helper that copies a step's metrics to the model (bridge/mlflow_internals.py).
 _MODEL_LOG_FILE = "/".join(("mlflow", "models", "model.py"))
@@ -81,8 +63,6 @@ _NEVER_JOURNALED = ("start_trace", "log_spans", "log_spans_async", "get_trace_in
 
 
 def model_artifact_uri(model_id: str) -> str:
-    from bridge.client.store import artifact_uri_for
-
     return artifact_uri_for(model_id)
 
 
@@ -162,7 +142,7 @@ def local_model_id(journal: J.Journal, cache: dict):
     def local(model_id: str) -> str:
         found = cache.get(model_id)
         if found is None:
-            record = journal.entity_for_remote(J.LOGGED_MODEL, model_id)
+            record = journal.ids.entity_for_remote(J.LOGGED_MODEL, model_id)
             found = cache[model_id] = model_id if record is None else record.local_id
         return found
     return local
@@ -225,7 +205,7 @@ def _with_waiting_metrics(journal: J.Journal, metrics: list[Metric], model_id: s
     """A model's metrics (local ids) with the points naming it that any run has not delivered yet. Points that
     log_model's copy will take from the server at delivery show once it is made."""
     seen = {(m.key, m.timestamp, m.step, m.run_id) for m in metrics}
-    for op in journal.undelivered_naming(MODEL_METRICS, model_id):
+    for op in journal.queue.undelivered_naming(MODEL_METRICS, model_id):
         for point in op.json()["metrics"]:
             found = (point["key"], point["timestamp"], point["step"], op.run)
             if point.get("model_id") == model_id and found not in seen:
@@ -243,22 +223,20 @@ class LoggedModelStoreMixin:
 
     def _from_server(self, conn, fn):
         """`fn(server reads)` when the server answers; None when it does not (or is known down)."""
-        from bridge.client.store import _Offline
-
         if not self._online(conn):
             return None
         try:
             return fn(self._server(conn))
-        except _Offline:
+        except Offline:
             return None
 
     def _model_record(self, conn, model_id: str) -> J.EntityRecord | None:
-        return conn.journal.entity(J.LOGGED_MODEL, model_id) if model_id.startswith("m-") else None
+        return conn.journal.ids.entity(J.LOGGED_MODEL, model_id) if model_id.startswith("m-") else None
 
     def _local_model(self, conn, model: LoggedModel) -> LoggedModel:
         """The server's model, relabelled with local ids; a model created here keeps what this process set."""
         journal = conn.journal
-        record = journal.entity_for_remote(J.LOGGED_MODEL, model.model_id)
+        record = journal.ids.entity_for_remote(J.LOGGED_MODEL, model.model_id)
         tags, params, status = dict(model.tags), dict(model.params), model.status
         model_id = model.model_id
         if record is not None:
@@ -270,14 +248,14 @@ class LoggedModelStoreMixin:
             params.update(known.get("params") or {})
             status = LoggedModelStatus(known["status"])
         tags.pop(MODEL_KEY_TAG, None)
-        source_run = journal.local_run_id(model.source_run_id) if model.source_run_id else None
+        source_run = journal.ids.local_run_id(model.source_run_id) if model.source_run_id else None
         metrics = [Metric(m.key, m.value, m.timestamp, m.step, dataset_name=m.dataset_name,
-                          dataset_digest=m.dataset_digest, run_id=journal.local_run_id(m.run_id) if m.run_id else None,
+                          dataset_digest=m.dataset_digest, run_id=journal.ids.local_run_id(m.run_id) if m.run_id else None,
                           model_id=model_id) for m in model.metrics or ()]
         if record is not None:
             metrics = _with_waiting_metrics(journal, metrics, model_id)
         location = model_artifact_uri(model_id) if record is not None else model.artifact_location
-        return LoggedModel(experiment_id=journal.local_experiment_id(model.experiment_id), model_id=model_id,
+        return LoggedModel(experiment_id=journal.ids.local_experiment_id(model.experiment_id), model_id=model_id,
                            name=model.name, artifact_location=location, creation_timestamp=model.creation_timestamp,
                            last_updated_timestamp=model.last_updated_timestamp, model_type=model.model_type,
                            source_run_id=source_run, status=status, status_message=model.status_message,
@@ -321,7 +299,7 @@ class LoggedModelStoreMixin:
                  "last_updated_timestamp": now}
         conn.journal.add_entity(J.LOGGED_MODEL, local_id, known,
                                 op=(local_id, CREATE_LOGGED_MODEL, {"model": local_id, **spec}))
-        return self._offline_model(conn.journal.entity(J.LOGGED_MODEL, local_id))
+        return self._offline_model(conn.journal.ids.entity(J.LOGGED_MODEL, local_id))
 
     def log_logged_model_params(self, model_id, params) -> None:
         conn = self.connection
@@ -330,8 +308,6 @@ class LoggedModelStoreMixin:
         conn.journal.append(model_id, LOG_LOGGED_MODEL_PARAMS, {"model": model_id, "params": values})
 
     def set_logged_model_tags(self, model_id, tags) -> None:
-        from bridge.client.registry import REGISTRY_KEY
-
         conn = self.connection
         values = {t.key: str(t.value) for t in tags}
 
@@ -413,12 +389,12 @@ class LoggedModelStoreMixin:
         journal = conn.journal
         wanted = {str(e) for e in experiment_ids}
         match = _simple_filter(filter_string)
-        remote_ids = [r for r in (journal.server_experiment_id(str(e)) for e in experiment_ids) if r]
+        remote_ids = [r for r in (journal.ids.server_experiment_id(str(e)) for e in experiment_ids) if r]
         page = None
         if remote_ids:
             page = self._from_server(conn, lambda s: s.search_logged_models(
                 remote_ids, _to_server_ids(journal, filter_string), datasets, max_results, order_by, page_token))
-        elif not any(journal.experiment(e) for e in wanted) and self._online(conn):
+        elif not any(journal.ids.experiment(e) for e in wanted) and self._online(conn):
             page = PagedList([], None)  # experiments the server does not have: nothing there
         if page is None and match is None:
             raise MlflowException(f"search_logged_models(filter_string={filter_string!r}) needs the server, and "
@@ -428,7 +404,7 @@ class LoggedModelStoreMixin:
         if page_token is None and match is not None:
             # Models created here and not on the server yet (all of them, offline) are part of the answer.
             delivered = {m.model_id for m in models}
-            for record in journal.entities(J.LOGGED_MODEL):
+            for record in journal.ids.entities(J.LOGGED_MODEL):
                 if record.local_id in delivered or (page is not None and record.remote_id is not None):
                     continue
                 model = self._offline_model(record)
@@ -522,295 +498,11 @@ def _to_server_ids(journal: J.Journal, filter_string: str | None) -> str | None:
     def swap(found: re.Match) -> str:
         text = found.group(1)
         if text.startswith("m-"):
-            record = journal.entity(J.LOGGED_MODEL, text)
+            record = journal.ids.entity(J.LOGGED_MODEL, text)
             remote = record.remote_id if record is not None else None
         else:
-            record = journal.run(text)
+            record = journal.ids.run(text)
             remote = record.remote_id if record is not None else None
         return f"'{remote}'" if remote else found.group(0)
 
     return re.sub(r"'([0-9a-zA-Z-]{16,40})'", swap, filter_string)
-
-
-# ------------------------------------------------------------------------------ delivery (sender thread)
-
-
-def server_model_id(journal: J.Journal, model_id: str) -> str:
-    """The server's id of a model: its mapping when created here, else the id itself."""
-    record = journal.entity(J.LOGGED_MODEL, model_id) if model_id.startswith("m-") else None
-    if record is None:
-        return model_id
-    if record.remote_id is None:
-        raise UndeliverableError(MODEL_NOT_CREATED, f"logged model {model_id} was never created on the server")
-    return record.remote_id
-
-
-def _server_run_id(journal: J.Journal, run_id: str) -> str:
-    remote = journal.server_run(run_id)[0]
-    if remote is None:
-        raise UndeliverableError(operations.RUN_NOT_CREATED, f"run {run_id} was never created on the server")
-    return remote
-
-
-def _model_url(model_id: str, tail: str = "") -> str:
-    return f"{LOGGED_MODELS_API}/{quote(model_id, safe='')}{tail}"
-
-
-def _find_model(ops: operations.Operations, experiment: str, local_id: str) -> dict | None:
-    """The model an earlier try (or a copy of this journal) already created, found by its model key tag."""
-    found = ops.link.request("POST", f"{LOGGED_MODELS_API}/search", json_body={
-        "experiment_ids": [experiment], "max_results": 1,
-        "filter": f"tags.`{MODEL_KEY_TAG}` = '{local_id}'"}).json()
-    models = found.get("models") or []
-    return models[0]["info"] if models else None
-
-
-def _apply_create(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
-    journal = ops.journal
-    local_id = body["model"]
-    record = journal.entity(J.LOGGED_MODEL, local_id)
-    if record is not None and record.remote_id is not None:
-        return []
-    experiment = ops._server_experiment(body["experiment_id"], f"logged model {local_id}")
-    source_run = _server_run_id(journal, body["source_run_id"]) if body.get("source_run_id") else None
-    # Always looked for first (one request per model): a lost answer or a second copy of the journal must
-    # not make a second model.
-    info = _find_model(ops, experiment, local_id)
-    params = [{"key": k, "value": v} for k, v in (body.get("params") or {}).items()]
-    if info is None:
-        payload = {"experiment_id": experiment, "name": body["name"],
-                   "tags": [{"key": k, "value": v} for k, v in {**(body.get("tags") or {}),
-                                                                 MODEL_KEY_TAG: local_id}.items()],
-                   "params": params[:_PARAMS_PER_REQUEST]}
-        if source_run:
-            payload["source_run_id"] = source_run
-        if body.get("model_type"):
-            payload["model_type"] = body["model_type"]
-        with ops.creating():
-            info = ops.link.request("POST", LOGGED_MODELS_API, json_body=payload).json()["model"]["info"]
-        rest = params[_PARAMS_PER_REQUEST:]
-    else:
-        rest = params  # params are idempotent: re-send them all
-    _send_params(ops, info["model_id"], rest)
-    journal.map_entity(J.LOGGED_MODEL, local_id, info["model_id"], info.get("artifact_uri"))
-    return []
-
-
-def _send_params(ops: operations.Operations, remote: str, params: list[dict]) -> None:
-    for start in range(0, len(params), _PARAMS_PER_REQUEST):
-        ops.link.request("POST", _model_url(remote, "/params"),
-                         json_body={"model_id": remote, "params": params[start:start + _PARAMS_PER_REQUEST]})
-
-
-def _apply_params(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
-    _send_params(ops, server_model_id(ops.journal, body["model"]),
-                 [{"key": k, "value": v} for k, v in body["params"].items()])
-    return []
-
-
-def _apply_tags(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
-    from bridge.client.registry import server_versions_tag, wait_turn
-
-    if not wait_turn(ops, op, body):
-        return []
-    remote = server_model_id(ops.journal, body["model"])
-    tags = dict(body["tags"])
-    if MLFLOW_MODEL_VERSIONS in tags:
-        tags[MLFLOW_MODEL_VERSIONS] = server_versions_tag(ops.journal, tags[MLFLOW_MODEL_VERSIONS])
-    ops.link.request("PATCH", _model_url(remote, "/tags"),
-                     json_body={"model_id": remote, "tags": [{"key": k, "value": v} for k, v in tags.items()]})
-    return []
-
-
-def _apply_delete_tag(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
-    remote = server_model_id(ops.journal, body["model"])
-    try:
-        ops.link.request("DELETE", _model_url(remote, "/tags/" + quote(op.key, safe="")))
-    except HttpError as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" or op.attempts == 0:
-            raise  # gone already after an earlier, unacknowledged delete: that is the goal
-    return []
-
-
-def _apply_finalize(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
-    remote = server_model_id(ops.journal, body["model"])
-    status = LoggedModelStatus(body["status"]).to_proto()
-    from mlflow.protos.service_pb2 import LoggedModelStatus as StatusProto
-
-    ops.link.request("PATCH", _model_url(remote), json_body={"model_id": remote,
-                                                             "status": StatusProto.Name(status)})
-    return []
-
-
-def _apply_outputs(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
-    run, model, step = _server_run_id(ops.journal, body["run"]), server_model_id(ops.journal, body["model"]), \
-        body.get("step") or 0
-    try:
-        ops.link.call("/runs/outputs", {"run_id": run, "models": [{"model_id": model, "step": step}]})
-    except HttpError:
-        # Linked already (an unacknowledged try, or a copy of this journal): MLflow refuses the second link.
-        found = ops.link.call("/runs/get", {"run_id": run}, method="GET").get("run", {}).get("outputs") or {}
-        if not any(o.get("model_id") == model and int(o.get("step") or 0) == step
-                   for o in found.get("model_outputs") or ()):
-            raise
-    return []
-
-
-def _apply_record(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
-    journal = ops.journal
-    run = _server_run_id(journal, body["run"])
-    model_json = dict(body["model_json"])
-    model_json["run_id"] = run
-    for key in ("model_id", "model_uuid"):
-        if isinstance(model_json.get(key), str) and model_json[key].startswith("m-"):
-            record = journal.entity(J.LOGGED_MODEL, model_json[key])
-            if record is not None and record.remote_id:
-                model_json[key] = record.remote_id
-    ops.link.call("/runs/log-model", {"run_id": run, "model_json": json.dumps(model_json)})
-    return []
-
-
-def _waits_for_model(ops: operations.Operations, op: J.Op, body: dict) -> bool:
-    """Whether a model this op names was created here and its creation is still on its way to the server."""
-    if op.kind == STEP_METRICS_TO_MODEL:
-        named = {body["model"]}
-    else:
-        named = {p["model_id"] for p in body["metrics"] if p.get("model_id")}
-    for model_id in named:
-        record = ops.journal.entity(J.LOGGED_MODEL, model_id) if model_id.startswith("m-") else None
-        if (record is not None and record.remote_id is None
-                and ops.journal.undelivered(model_id, (CREATE_LOGGED_MODEL,))):
-            return True
-    return False
-
-
-def _log_batch_metrics(ops: operations.Operations, run: str, points: list[dict]) -> None:
-    for start in range(0, len(points), MAX_METRICS_PER_BATCH):
-        ops.link.call("/runs/log-batch", {"run_id": run, "metrics": points[start:start + MAX_METRICS_PER_BATCH],
-                                          "params": [], "tags": []})
-
-
-def _apply_model_metrics(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
-    """Several consecutive ops of a run arrive merged into one (sender.py): one request for up to 1,000 points."""
-    journal = ops.journal
-    run = _server_run_id(journal, op.run)
-    points = []
-    for point in body["metrics"]:
-        if point.get("model_id"):
-            try:
-                point = dict(point, model_id=server_model_id(journal, point["model_id"]))
-            except UndeliverableError as exc:
-                # The run's own point is not lost with the model: it goes to the run alone.
-                log.warning("bridge: metric %r of run %s goes to the run only: %s", point["key"], op.run, exc.message)
-                point = {k: v for k, v in point.items() if k != "model_id"}
-        points.append(point)
-    _send_model_points(ops, run, points)
-    return []
-
-
-def _send_model_points(ops: operations.Operations, run: str, points: list[dict]) -> None:
-    """log-batch `points` of server run `run` (server model ids): the run keeps every point, each model the
-    first of each key, step and millisecond.
-
-    MLflow's store keeps one model point per key, step, millisecond and run (the value is not in its key) and
-    refuses a whole request holding a second one (stock MLflow's own call raises then). So a second one in
-    the request goes to the run alone; refused (400) for one the model holds already, the model's points are
-    read and those go to the run alone too; a model the server no longer has takes none (its points go to the run).
-    """
-    points = _first_of_each(points, set(), set())
-    try:
-        _log_batch_metrics(ops, run, points)  # the server keeps one of each point: a try again changes nothing
-    except HttpError as exc:
-        if exc.status != 400 or not any(p.get("model_id") for p in points):
-            raise
-        held, gone = _model_points_on_server(ops, run, {p["model_id"] for p in points if p.get("model_id")})
-        again = _first_of_each(points, held, gone)
-        if again == points:
-            raise
-        _log_batch_metrics(ops, run, again)
-
-
-def _point_key(point: dict) -> tuple:
-    return point.get("model_id"), point["key"], int(point.get("step") or 0), int(point["timestamp"])
-
-
-def _first_of_each(points: list[dict], held: set[tuple], gone: set[str]) -> list[dict]:
-    """`points` with the model's id kept only on the first point of each key, step and millisecond of a model
-    (on none `held` by the model already, on none of a model `gone`); the others go to the run alone."""
-    seen, out = set(held), []
-    for point in points:
-        if point.get("model_id"):
-            found = _point_key(point)
-            if found in seen or point["model_id"] in gone:
-                point = {k: v for k, v in point.items() if k != "model_id"}
-            seen.add(found)
-        out.append(point)
-    return out
-
-
-def _model_points_on_server(ops: operations.Operations, run: str, models: set[str]) -> tuple[set[tuple], set[str]]:
-    """(the points of `run` each model holds, the models the server does not have)."""
-    held, gone = set(), set()
-    for model in models:
-        try:
-            found = ops.link.request("GET", _model_url(model)).json().get("model", {}).get("data", {})
-        except HttpError as exc:
-            if exc.status != 404:
-                raise
-            gone.add(model)
-            continue
-        held.update(_point_key(dict(m, model_id=model)) for m in found.get("metrics") or ()
-                    if not m.get("run_id") or m["run_id"] == run)
-    return held, gone
-
-
-def _apply_step_metrics(ops: operations.Operations, op: J.Op, body: dict) -> list[str]:
-    """What `log_model` does online (mlflow/models/model.py), on the server's data: every point of the run at
-    the step that names no model yet, again with the model's id. The run's earlier writes are there by now.
-
-    One read per metric key, as MLflow makes them; how far it got is kept in the op (`update_body`), so on a
-    link that drops now and then it carries on instead of starting again.
-    """
-    journal = ops.journal
-    run = _server_run_id(journal, op.run)
-    model = server_model_id(journal, body["model"])
-    step = body.get("step") or 0
-    progress = dict(body)
-    if "keys" not in progress:
-        if body.get("key") is not None:
-            keys = [body["key"]]
-        else:
-            found = ops.link.call("/runs/get", {"run_id": run}, method="GET")
-            keys = sorted({m["key"] for m in (found.get("run", {}).get("data", {}).get("metrics") or [])})
-        progress.update(keys=keys, read=0, points=[])
-        journal.update_body(op.id, progress)
-    keys, points = progress["keys"], progress["points"]
-    for index in range(progress["read"], len(keys)):
-        token, found = None, []
-        while True:
-            query = {"run_id": run, "metric_key": keys[index]}
-            if token:
-                query["page_token"] = token
-            page = ops.link.call("/metrics/get-history", query, method="GET")
-            found.extend({**{k: p[k] for k in ("key", "value", "timestamp", "dataset_name", "dataset_digest")
-                             if k in p}, "step": step}
-                         for p in page.get("metrics") or () if int(p.get("step") or 0) == step and not p.get("model_id"))
-            token = page.get("next_page_token")
-            if not token:
-                break
-        points.extend(found)
-        progress["read"] = index + 1
-        journal.update_body(op.id, progress)
-    _send_model_points(ops, run, [dict(p, model_id=model) for p in points])
-    return []
-
-
-for _kind, _apply in ((CREATE_LOGGED_MODEL, _apply_create), (LOG_LOGGED_MODEL_PARAMS, _apply_params),
-                      (SET_LOGGED_MODEL_TAGS, _apply_tags), (DELETE_LOGGED_MODEL_TAG, _apply_delete_tag),
-                      (FINALIZE_LOGGED_MODEL, _apply_finalize), (LOG_OUTPUTS, _apply_outputs),
-                      (RECORD_LOGGED_MODEL, _apply_record)):
-    operations.register_kind(_kind, _apply)
-operations.register_kind(MODEL_METRICS, _apply_model_metrics, waits=_waits_for_model)
-operations.register_kind(STEP_METRICS_TO_MODEL, _apply_step_metrics, waits=_waits_for_model)
-
-__all__ = ["LoggedModelStoreMixin", "MODEL_KEY_TAG", "server_model_id"]

@@ -14,6 +14,7 @@ import requests
 from mlflow.tracking.request_auth.abstract_request_auth_provider import RequestAuthProvider
 from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
 
+from bridge.client.connect import active_connection
 from bridge.client.link import NGROK_SKIP_WARNING
 
 PROVIDER_NAME = "bridge"
@@ -52,8 +53,6 @@ class BearerAuth(requests.auth.AuthBase):
 
 def current_auth() -> BearerAuth:
     """The token and current server URL of this process's connection; no token without a connection."""
-    from bridge.client.connect import active_connection
-
     conn = active_connection()
     if conn is None or not conn.link.token:
         return BearerAuth(None)
@@ -64,9 +63,7 @@ class BridgeHeaderProvider(RequestHeaderProvider):
     """While connected, MLflow's own requests (registry, model loading) skip ngrok's browser-warning page too."""
 
     def in_context(self) -> bool:
-        from bridge.client.connect import active_connection
-
-        return active_connection() is not None
+            return active_connection() is not None
 
     def request_headers(self) -> dict[str, str]:
         return dict(NGROK_SKIP_WARNING)

@@ -109,12 +109,12 @@ class DeliveryMarks:
         kind, local_id = scope
         try:
             if kind == "run":
-                remote, _ = self.journal.server_run(local_id)
+                remote, _ = self.journal.ids.server_run(local_id)
                 if remote is None:
                     return None  # not created yet: its creation (ahead of it in the journal) tells
                 tags = self.link.call("/runs/get", {"run_id": remote}, method="GET")["run"]["data"].get("tags", [])
             else:
-                remote = self.journal.server_experiment_id(local_id)
+                remote = self.journal.ids.server_experiment_id(local_id)
                 if remote is None:
                     return None
                 tags = self.link.call("/experiments/get", {"experiment_id": remote},
@@ -131,7 +131,7 @@ class DeliveryMarks:
     def done_already(self, op: Op) -> bool:
         """Whether `op` was delivered before, from this journal or a copy of it (raises LinkError)."""
         scope = scope_of(op)
-        uid = self.journal.epoch_uid(op.epoch) if scope is not None else None
+        uid = self.journal.book.epoch_uid(op.epoch) if scope is not None else None
         if uid is None:
             return False
         marks = self._server_marks(scope)
@@ -144,7 +144,7 @@ class DeliveryMarks:
         found: dict[tuple[Scope, str], int] = {}
         for op in ops:
             scope = scope_of(op)
-            uid = self.journal.epoch_uid(op.epoch) if scope is not None else None
+            uid = self.journal.book.epoch_uid(op.epoch) if scope is not None else None
             if uid is not None:
                 found[(scope, uid)] = max(found.get((scope, uid), 0), op.id)
         return found
@@ -157,7 +157,7 @@ class DeliveryMarks:
             if op.kind == UPDATE_RUN and op.json().get("status") in TERMINAL_STATUSES and scope_of(op) is not None:
                 self._urgent.add(scope_of(op))
         if owed:
-            self.journal.owe_marks({(_key(scope), uid): n for (scope, uid), n in owed.items()})
+            self.journal.book.owe_marks({(_key(scope), uid): n for (scope, uid), n in owed.items()})
 
     def owed_tags(self, scope: Scope, extra: dict[str, int] | None = None) -> list[dict[str, str]]:
         """Mark tags for `scope`: what it is owed, raised by `extra` (a batch's own rows, sent with it), each
@@ -165,7 +165,7 @@ class DeliveryMarks:
         first when this sender has not seen them (raises LinkError): a copy of the journal owes what the
         original owed when it was taken, and paying that blindly lowered the original's later mark — the
         copy's older artifact then went up over the newer one (harness H18)."""
-        marks = self.journal.owed_marks(_key(scope)).get(_key(scope), {})
+        marks = self.journal.book.owed_marks(_key(scope)).get(_key(scope), {})
         for uid, n in (extra or {}).items():
             marks[uid] = max(marks.get(uid, 0), n)
         if not marks:
@@ -181,13 +181,13 @@ class DeliveryMarks:
         known = self._known.setdefault(scope, {})
         for uid, n in delivered.items():
             known[uid] = max(known.get(uid, 0), n)
-        self.journal.marks_sent(_key(scope), delivered)
-        if not self.journal.owed_marks(_key(scope)):
+        self.journal.book.marks_sent(_key(scope), delivered)
+        if not self.journal.book.owed_marks(_key(scope)):
             self._urgent.discard(scope)
 
     def forget(self, scope: Scope) -> None:
         """The server refused the marks (the run was deleted there): nothing to keep owing."""
-        self.journal.drop_owed_marks(_key(scope))
+        self.journal.book.drop_owed_marks(_key(scope))
         self._urgent.discard(scope)
 
     def urgent(self, scope: Scope) -> bool:
@@ -196,13 +196,13 @@ class DeliveryMarks:
     def owing_scopes(self) -> list[Scope]:
         """Scopes with a mark that may be sent now (past what the server is known to hold)."""
         scopes = []
-        for owner, marks in self.journal.owed_marks().items():
+        for owner, marks in self.journal.book.owed_marks().items():
             kind, _, local_id = owner.partition(":")
             scope = (kind, local_id)
             known = self._known.get(scope, {})
             covered = {uid: n for uid, n in marks.items() if n <= known.get(uid, 0)}
             if covered:  # the server holds as much already (a copy delivered further): owed no more
-                self.journal.marks_sent(owner, known)
+                self.journal.book.marks_sent(owner, known)
             if len(covered) < len(marks):
                 scopes.append(scope)
         return scopes
@@ -215,12 +215,12 @@ class DeliveryMarks:
         kind, local_id = scope
         try:
             if kind == "run":
-                remote, _ = self.journal.server_run(local_id)
+                remote, _ = self.journal.ids.server_run(local_id)
                 if remote is None:
                     return self.forget(scope)
                 self.link.call("/runs/log-batch", {"run_id": remote, "metrics": [], "params": [], "tags": tags})
             else:
-                remote = self.journal.server_experiment_id(local_id)
+                remote = self.journal.ids.server_experiment_id(local_id)
                 if remote is None:
                     return self.forget(scope)
                 for tag in tags:  # experiments have no batch call; a round rarely owes more than one

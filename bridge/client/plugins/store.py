@@ -36,25 +36,20 @@ from mlflow.utils.rest_utils import MlflowHostCreds
 
 from bridge import config
 from bridge.client import journal as J
-from bridge.client import rest
+from bridge.client.connect import connection_for
+from bridge.client.journal.kinds import ARTIFACT_SCHEME, MODEL_METRICS, RUN_ID_TAGS, artifact_uri_for
 from bridge.client.link import Link
-from bridge.client import models
-from bridge.client.models import LoggedModelStoreMixin
-from bridge.client.operations import RUN_ID_TAGS
+from bridge.client.plugins import models
+from bridge.client.plugins import server_reads as rest
+from bridge.client.plugins.models import LoggedModelStoreMixin
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_SCHEME = "bridge-artifacts"
 #: What a read merges from the journal into the server's answer: what it has not delivered yet.
 #: Ops holding metric points of a run (`_points`).
-_POINT_KINDS = (J.METRIC, models.MODEL_METRICS)
+_POINT_KINDS = (J.METRIC, MODEL_METRICS)
 _OVERLAY_KINDS = (*_POINT_KINDS, J.PARAM, J.TAG, J.DELETE_TAG, J.UPDATE_RUN)
 _EXPERIMENT_OVERLAY_KINDS = (J.CREATE_EXPERIMENT, J.SET_EXPERIMENT_TAG, J.DELETE_EXPERIMENT_TAG)
-
-
-def artifact_uri_for(run_id: str) -> str:
-    """The artifact URI MLflow sees for a run: it routes log_artifact & co. to JournalArtifactRepository."""
-    return f"{ARTIFACT_SCHEME}://{run_id}"
 
 
 _Offline = rest.Offline
@@ -89,8 +84,6 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     @property
     def connection(self):
-        from bridge.client.connect import connection_for
-
         return connection_for(self.store_uri)
 
     @staticmethod
@@ -109,10 +102,10 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
     def _local_run(self, conn, run: Run) -> Run:
         """The server's run, relabelled with local ids and the journal's artifact scheme."""
         info = run.info
-        run_id = conn.journal.local_run_id(info.run_id)
+        run_id = conn.journal.ids.local_run_id(info.run_id)
         data = run.data
         key = data.tags.get(config.RUN_KEY_TAG)
-        if run_id == info.run_id and key and key != run_id and conn.journal.run(key) is not None:
+        if run_id == info.run_id and key and key != run_id and conn.journal.ids.run(key) is not None:
             # Created on the server by this journal, the answer not back yet (lost, or slow): the same run, not
             # a second one beside the journal's (harness H10's read).
             run_id = key
@@ -120,16 +113,16 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             proto = data.to_proto()
             for tag in proto.tags:
                 if tag.key in RUN_ID_TAGS:
-                    tag.value = conn.journal.local_run_id(tag.value)
+                    tag.value = conn.journal.ids.local_run_id(tag.value)
             data = RunData.from_proto(proto)
-        new_info = RunInfo(run_id=run_id, experiment_id=conn.journal.local_experiment_id(info.experiment_id),
+        new_info = RunInfo(run_id=run_id, experiment_id=conn.journal.ids.local_experiment_id(info.experiment_id),
                            user_id=info.user_id, status=info.status, start_time=info.start_time,
                            end_time=info.end_time, lifecycle_stage=info.lifecycle_stage,
                            artifact_uri=artifact_uri_for(run_id), run_name=info.run_name)
         return Run(new_info, data, run.inputs, getattr(run, "outputs", None))
 
     def _local_experiment_entity(self, conn, experiment: Experiment) -> Experiment:
-        local = conn.journal.local_experiment_id(experiment.experiment_id)
+        local = conn.journal.ids.local_experiment_id(experiment.experiment_id)
         if local == experiment.experiment_id:
             return experiment
         return Experiment(local, experiment.name, experiment.artifact_location, experiment.lifecycle_stage,
@@ -142,7 +135,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         conn = self.connection
         if not name:
             raise MlflowException("experiment name must not be empty", INVALID_PARAMETER_VALUE)
-        if conn.journal.experiment_by_name(name) is not None:
+        if conn.journal.ids.experiment_by_name(name) is not None:
             raise MlflowException(f"Experiment '{name}' already exists.", RESOURCE_ALREADY_EXISTS)
         if self._online(conn):
             # As MLflow would: a name the server already has is refused now. Offline this cannot be known;
@@ -159,8 +152,8 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
     def get_experiment(self, experiment_id):
         conn = self.connection
         experiment_id = str(experiment_id)
-        record = conn.journal.experiment(experiment_id)
-        remote = conn.journal.server_experiment_id(experiment_id)
+        record = conn.journal.ids.experiment(experiment_id)
+        remote = conn.journal.ids.server_experiment_id(experiment_id)
         waiting = _Waiting.read(conn, lambda: self._experiment_writes_waiting(conn, experiment_id))  # _server_run
         if remote is not None and self._online(conn):
             try:
@@ -178,11 +171,11 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         """The experiment's creation and tag writes not delivered yet, oldest first, whichever of its ids
         (local or the server's) they were written under."""
         journal = conn.journal
-        wanted = {experiment_id, journal.server_experiment_id(experiment_id)} - {None}
+        wanted = {experiment_id, journal.ids.server_experiment_id(experiment_id)} - {None}
         ops = []
-        for op in journal.undelivered("", _EXPERIMENT_OVERLAY_KINDS):
+        for op in journal.queue.undelivered("", _EXPERIMENT_OVERLAY_KINDS):
             written = op.key if op.kind == J.CREATE_EXPERIMENT else str(op.json().get("experiment_id"))
-            if written in wanted or journal.server_experiment_id(written) in wanted:
+            if written in wanted or journal.ids.server_experiment_id(written) in wanted:
                 ops.append(op)
         return ops
 
@@ -213,7 +206,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     def get_experiment_by_name(self, experiment_name):
         conn = self.connection
-        record = conn.journal.experiment_by_name(experiment_name)
+        record = conn.journal.ids.experiment_by_name(experiment_name)
         if record is not None:
             return self.get_experiment(record.local_id)
         if self._online(conn):
@@ -237,9 +230,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                 return PagedList([self._local_experiment_entity(conn, e) for e in page], page.token)
             except _Offline:
                 pass
-        with conn.journal.db(write=False) as db:
-            rows = db.execute("select local_id, name, remote_id from experiments order by created").fetchall()
-        return PagedList([self._offline_experiment(J.ExperimentRecord(*row)) for row in rows], None)
+        return PagedList([self._offline_experiment(record) for record in conn.journal.ids.experiments()], None)
 
     def set_experiment_tag(self, experiment_id, tag):
         self.connection.journal.append("", J.SET_EXPERIMENT_TAG, {"experiment_id": str(experiment_id),
@@ -265,15 +256,15 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     def delete_experiment(self, experiment_id):
         self._call_online("delete_experiment", lambda c, s: s.delete_experiment(
-            self._require(c.journal.server_experiment_id(str(experiment_id)), experiment_id)))
+            self._require(c.journal.ids.server_experiment_id(str(experiment_id)), experiment_id)))
 
     def restore_experiment(self, experiment_id):
         self._call_online("restore_experiment", lambda c, s: s.restore_experiment(
-            self._require(c.journal.server_experiment_id(str(experiment_id)), experiment_id)))
+            self._require(c.journal.ids.server_experiment_id(str(experiment_id)), experiment_id)))
 
     def rename_experiment(self, experiment_id, new_name):
         self._call_online("rename_experiment", lambda c, s: s.rename_experiment(
-            self._require(c.journal.server_experiment_id(str(experiment_id)), experiment_id), new_name))
+            self._require(c.journal.ids.server_experiment_id(str(experiment_id)), experiment_id), new_name))
 
     @staticmethod
     def _require(remote_id, local_id):
@@ -296,7 +287,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                                         name=run_name, tags=tag_map)
         conn.summary(local_id).tags.update(tag_map)
         conn.sender.watch_run(local_id)
-        return self._offline_run(conn, conn.journal.run(local_id))
+        return self._offline_run(conn, conn.journal.ids.run(local_id))
 
     def update_run_info(self, run_id, run_status, end_time, run_name):
         conn = self.connection
@@ -312,7 +303,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             conn.journal.append(run_id, J.DELETE_TAG, {"missing_ok": True}, key=config.KILLED_REASON_TAG)
             conn.sender.watch_run(run_id)
             self._learn_params(conn, run_id)
-        record = conn.journal.run(run_id)
+        record = conn.journal.ids.run(run_id)
         if record is not None:
             return self._offline_run(conn, record).info
         return RunInfo(run_id=run_id, experiment_id="", user_id="", status=status, start_time=0,
@@ -321,7 +312,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     def _learn_params(self, conn, run_id: str) -> None:
         """Remember a resumed run's params, so changing one is refused at once, as MLflow would."""
-        remote = conn.journal.server_run(run_id)[0]
+        remote = conn.journal.ids.server_run(run_id)[0]
         if remote is None or not self._online(conn):
             return
         try:
@@ -333,8 +324,8 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     def get_run(self, run_id):
         conn = self.connection
-        record = conn.journal.run(run_id)
-        remote = conn.journal.server_run(run_id)[0]
+        record = conn.journal.ids.run(run_id)
+        remote = conn.journal.ids.server_run(run_id)[0]
         if remote is not None and self._online(conn):
             try:
                 return self._server_run(conn, run_id, remote)
@@ -360,7 +351,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         # Read before the server is asked: a write delivered while the answer is on its way back is in neither
         # the answer nor the journal's waiting rows afterwards (a deleted tag showed; a second `log_table`
         # dropped the first from `mlflow.loggedArtifacts`: harness H16, H17). Applied again, it changes nothing.
-        earlier = _Waiting.read(conn, lambda: conn.journal.undelivered(run_id, _OVERLAY_KINDS))
+        earlier = _Waiting.read(conn, lambda: conn.journal.queue.undelivered(run_id, _OVERLAY_KINDS))
         run = self._local_run(conn, self._server(conn).get_run(remote))
         # Asked for by another of its ids (the server's): the journal keeps its rows under the local one.
         return self._with_undelivered(conn, run, earlier if run.info.run_id == run_id else None)
@@ -369,9 +360,9 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         """The server's run with what this journal has not delivered to it yet (read-your-writes); `earlier`:
         what was waiting before the server was asked."""
         if earlier is not None:
-            ops = earlier.now(lambda: conn.journal.undelivered(run.info.run_id, _OVERLAY_KINDS))
+            ops = earlier.now(lambda: conn.journal.queue.undelivered(run.info.run_id, _OVERLAY_KINDS))
         else:
-            ops = conn.journal.undelivered(run.info.run_id, _OVERLAY_KINDS)
+            ops = conn.journal.queue.undelivered(run.info.run_id, _OVERLAY_KINDS)
         if not ops:
             return run
         metrics = {m.key: Metric.from_proto(m) for m in run.data.to_proto().metrics}
@@ -410,7 +401,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         params = dict(summary.params) if summary else {}
         tags = dict(summary.tags) if summary else {}
         if summary is None:  # a run from an earlier process: what it left undelivered
-            for op in conn.journal.undelivered(record.local_id, (*_POINT_KINDS, J.PARAM, J.TAG, J.CREATE_RUN)):
+            for op in conn.journal.queue.undelivered(record.local_id, (*_POINT_KINDS, J.PARAM, J.TAG, J.CREATE_RUN)):
                 if op.kind in _POINT_KINDS:
                     for metric in _points(op):
                         _keep_latest(metrics, metric)
@@ -430,16 +421,16 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         return Run(info, data)
 
     def delete_run(self, run_id):
-        self._call_online("delete_run", lambda c, s: s.delete_run(self._require(c.journal.server_run(run_id)[0], run_id)))
+        self._call_online("delete_run", lambda c, s: s.delete_run(self._require(c.journal.ids.server_run(run_id)[0], run_id)))
 
     def restore_run(self, run_id):
         self._call_online("restore_run",
-                          lambda c, s: s.restore_run(self._require(c.journal.server_run(run_id)[0], run_id)))
+                          lambda c, s: s.restore_run(self._require(c.journal.ids.server_run(run_id)[0], run_id)))
 
     def get_metric_history(self, run_id, metric_key, max_results=None, page_token=None):
         conn = self.connection
-        remote = conn.journal.server_run(run_id)[0]
-        waiting = [_as_stored(m) for op in conn.journal.undelivered(run_id, _POINT_KINDS) for m in _points(op)
+        remote = conn.journal.ids.server_run(run_id)[0]
+        waiting = [_as_stored(m) for op in conn.journal.queue.undelivered(run_id, _POINT_KINDS) for m in _points(op)
                    if m.key == metric_key]
         # MLflow keeps one of identical points (same step, timestamp and value): so does this view.
         waiting = _distinct_points(waiting)
@@ -470,12 +461,12 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
     def _search_runs(self, experiment_ids, filter_string, run_view_type, max_results, order_by, page_token):
         conn = self.connection
         if self._online(conn):
-            remote_ids = [r for r in (conn.journal.server_experiment_id(str(e)) for e in experiment_ids) if r]
+            remote_ids = [r for r in (conn.journal.ids.server_experiment_id(str(e)) for e in experiment_ids) if r]
             changing = None if page_token else _Waiting.read(  # before the search: see _server_run
-                conn, lambda: conn.journal.runs_with_undelivered(_OVERLAY_KINDS))
+                conn, lambda: conn.journal.queue.runs_with_undelivered(_OVERLAY_KINDS))
             # So are the runs not created on the server yet: one created during the search is in neither the
             # page nor, having a server id now, the journal's runs still to be created (harness H19).
-            unsent = set() if page_token else {r.local_id for r in conn.journal.runs() if not r.remote_id}
+            unsent = set() if page_token else {r.local_id for r in conn.journal.ids.runs() if not r.remote_id}
             try:
                 runs, token = [], None
                 if remote_ids:
@@ -504,10 +495,10 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         the page nor the journal.
         """
         wanted = {str(e) for e in experiment_ids}
-        changing = changing.now(lambda: conn.journal.runs_with_undelivered(_OVERLAY_KINDS)) | unsent
+        changing = changing.now(lambda: conn.journal.queue.runs_with_undelivered(_OVERLAY_KINDS)) | unsent
         # One look at the journal's runs for both lists below: a create delivered while the stale runs are read
         # again would leave its run out of both (it was not on the server for the first, is for the second).
-        records = conn.journal.runs()
+        records = conn.journal.ids.runs()
         stale = [r for r in records if r.experiment_id in wanted and r.remote_id and r.local_id in changing]
         if stale:
             ids = {r.local_id for r in stale}
@@ -525,7 +516,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
     def _journal_runs(self, conn, experiment_ids, filter_string, order_by, *, records=None,
                       only_undelivered: bool = False):
         wanted = {str(e) for e in experiment_ids}
-        runs = [self._offline_run(conn, r) for r in (conn.journal.runs() if records is None else records)
+        runs = [self._offline_run(conn, r) for r in (conn.journal.ids.runs() if records is None else records)
                 if r.experiment_id in wanted and not (only_undelivered and r.remote_id)]
         return SearchUtils.sort(SearchUtils.filter(runs, filter_string), order_by)
 
@@ -583,7 +574,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                                   [(p.key, str(p.value)) for p in params], [(t.key, str(t.value)) for t in tags])
         summary = conn.summary(run_id)
         if linked_body:  # after the batch's plain points, in the run's order (journal.append moves the intake first)
-            conn.journal.append(run_id, models.MODEL_METRICS, linked_body)
+            conn.journal.append(run_id, MODEL_METRICS, linked_body)
             models.remember_model_points(linked, summary.model_points,
                                          models.local_model_id(conn.journal, conn.local_model_ids))
         for metric in metrics:
@@ -648,7 +639,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     def link_traces_to_run(self, trace_ids, run_id):
         self._call_online("link_traces_to_run", lambda c, s: s.link_traces_to_run(
-            trace_ids, self._require(c.journal.server_run(run_id)[0], run_id)))
+            trace_ids, self._require(c.journal.ids.server_run(run_id)[0], run_id)))
 
     def __repr__(self) -> str:
         return f"JournalStore({self.store_uri!r})"
@@ -672,11 +663,11 @@ class _Waiting:
 
     @classmethod
     def read(cls, conn, read) -> "_Waiting":
-        return cls(conn.journal, conn.journal.settled(), read())
+        return cls(conn.journal, conn.journal.queue.settled(), read())
 
     def now(self, read):
         """The rows (a list of ops, oldest first) or runs (a set) to overlay after the server has answered."""
-        if self.journal.settled() == self.settled:
+        if self.journal.queue.settled() == self.settled:
             return self.items
         later = read()
         if isinstance(self.items, set):

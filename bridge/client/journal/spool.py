@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge.client.intake import try_lock
+from bridge.client.journal.intake import try_lock
 
 log = logging.getLogger(__name__)
 

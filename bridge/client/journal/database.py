@@ -1,0 +1,344 @@
+"""The journal's SQLite file: one connection per thread, every transaction through `db()`, the schema, and the
+integrity check and repair at opening (huey's storage is the model: pragmas in one place, one transaction helper).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+from bridge.client import forksafe
+from bridge.client.journal.records import RepairReport
+from bridge.errors import JournalCorruptError, JournalError, JournalFullError
+
+log = logging.getLogger(__name__)
+
+_BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = (
+    """create table if not exists ops (
+        id integer primary key autoincrement,  -- never reused: newer rows sort after every row ever written
+        run text not null,            -- local run id; '' for experiment operations
+        kind text not null,
+        key text,
+        value,                        -- metric value (REAL, or 'NaN'), param/tag value (TEXT)
+        ts integer,
+        step integer,
+        body text,                    -- JSON for the other kinds
+        state integer not null default 0,   -- PENDING
+        attempts integer not null default 0,
+        error text,                   -- a dead letter's message (the server's, or the local problem)
+        reason text,                  -- a dead letter's reason: operations.SERVER_REFUSED or a local one
+        created real not null,
+        epoch integer)                -- lineage.n of the Journal that wrote it (not for metric points)""",
+    # Who wrote which rows, for the delivery marks (marks.py): a row per opening of the file. A copy of the
+    # file shares the rows written before it was taken and gets rows of its own afterwards.
+    """create table if not exists lineage (
+        n integer primary key autoincrement,
+        uid text not null,            -- random, never reused: names this opening's mark on the server
+        created real not null)""",
+    # Delivery marks owed to the server (marks.py): per scope ('run:<local id>' or 'experiment:<local id>') and
+    # lineage, the highest row delivered or set aside there. Kept until the server holds it, so a sender stopped
+    # or killed first leaves it to the next one.
+    """create table if not exists owed_marks (
+        scope text not null,
+        uid text not null,
+        done integer not null,
+        primary key (scope, uid))""",
+    # How many times rows left the undelivered set (delivered, or set aside as dead letters): a read that finds
+    # it unchanged after asking the server knows no write reached the server meanwhile (store.py's overlay).
+    """create table if not exists settled (
+        id integer primary key check (id = 0),
+        n integer not null)""",
+    # Runs created again after a try whose fate is unknown (a timeout, or a request cut by a stopping sender):
+    # that try may still land and make an empty second run. Looked for (operations.remove_twins) when the run
+    # ends, on a flush, and at `due` (wall clock), by whichever sender delivers this journal.
+    """create table if not exists twin_watch (
+        run text primary key,
+        due real not null)""",
+    # No secondary index: it would cost every log_metric ~3 µs (a quarter of the hot path), while the
+    # sender's scans of the rows still undelivered stay cheap at the sizes the journal limit allows.
+    """create table if not exists intake (
+        name text primary key,        -- an intake file (intake.py) and how far it has been moved in here
+        moved integer not null)""",
+    """create table if not exists experiments (
+        local_id text primary key,
+        name text not null unique,
+        remote_id text,
+        created real not null)""",
+    """create table if not exists runs (
+        local_id text primary key,
+        remote_id text,
+        experiment_id text not null,
+        name text,
+        user_id text,
+        start_time integer,
+        end_time integer,
+        status text not null default 'RUNNING',
+        artifact_uri text,            -- the server's artifact root for the run, once created there
+        owner_pid integer,            -- the process that created it, on host owner_host: while that process
+        owner_host text,              -- lives, whichever sender delivers this journal keeps the run beating
+        created real not null)""",
+    # Logged models (models.py) and model versions (registry.py) created here: local id -> server id.
+    """create table if not exists entities (
+        kind text not null,           -- LOGGED_MODEL or MODEL_VERSION
+        local_id text not null,       -- the id MLflow was given here
+        remote_id text,               -- the server's id, once created there
+        location text,                -- the server's artifact location (logged models)
+        body text not null,           -- what is known here (JSON), for reads while offline
+        created real not null,
+        primary key (kind, local_id))""",
+)
+
+
+class Database:
+    """The SQLite file at `path`, checked (and repaired unless `repair` is False) and brought to this schema."""
+
+    def __init__(self, path: Path, *, repair: bool = True) -> None:
+        self.path = path
+        self.repair_report: RepairReport | None = None
+        self._local = threading.local()
+        # (pid, thread, connection) for every connection opened; those of ended threads are closed.
+        self._connections: list[tuple[int, weakref.ref, sqlite3.Connection]] = []
+        self._lock = threading.Lock()
+        self.writes = 0  # write transactions committed by this process
+        forksafe.renew_after_fork(self)
+        problem = self._check_integrity()
+        if problem is not None:
+            if not repair:
+                raise JournalCorruptError(f"journal {self.path} is damaged: {problem}")
+            self.repair_report = self._repair(problem)
+            log.warning("%s", self.repair_report)
+        with self.db() as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            _migrate(conn)
+
+    def _create_connection(self) -> sqlite3.Connection:
+        """Open a connection with every pragma bridge relies on; one per thread."""
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                               timeout=_BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"pragma busy_timeout={_BUSY_TIMEOUT_MS}")
+        conn.execute("pragma journal_mode=wal")
+        conn.execute("pragma synchronous=NORMAL")  # see the module docstring for why not FULL
+        conn.execute("pragma foreign_keys=off")
+        return conn
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():  # never use a connection across fork()
+            conn = self._create_connection()
+            self._local.conn, self._local.pid = conn, os.getpid()
+            with self._lock:
+                ended = self._prune_connections()
+                self._connections.append((os.getpid(), weakref.ref(threading.current_thread()), conn))
+            for old in ended:
+                with contextlib.suppress(sqlite3.Error):
+                    old.close()
+        return conn
+
+    def _prune_connections(self) -> list[sqlite3.Connection]:
+        """Forget the connections of threads that have ended (a thread pool would otherwise leak them)."""
+        pid = os.getpid()
+        keep, ended = [], []
+        for entry in self._connections:
+            owner_pid, thread_ref, conn = entry
+            thread = thread_ref()
+            if owner_pid != pid:
+                continue  # inherited over fork(): never touched here, the parent closes its own
+            # At interpreter exit the main thread already counts as not alive while its atexit handlers
+            # (the exit flush) still use its connection.
+            if thread is None or (not thread.is_alive() and thread is not threading.main_thread()):
+                ended.append(conn)
+            else:
+                keep.append(entry)
+        self._connections = keep
+        return ended
+
+    @contextlib.contextmanager
+    def db(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction on this thread's connection; committed on success, rolled back on error."""
+        conn = self._connection()
+        try:
+            conn.execute("begin immediate" if write else "begin")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # keep the error that got us here
+                        conn.execute("rollback")
+                raise
+            try:
+                conn.execute("commit")
+            except sqlite3.Error:
+                # A failed COMMIT (busy, disk full, a deferred constraint) can leave the transaction open:
+                # end it, or this thread's connection refuses every later "begin".
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("rollback")
+                raise
+            if write:
+                self.writes += 1
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
+                raise JournalFullError(f"the disk holding {self.path} is full: {exc}") from None
+            if "malformed" in str(exc) or "not a database" in str(exc):
+                raise JournalCorruptError(f"journal {self.path} is damaged: {exc}") from None
+            raise JournalError(f"journal {self.path}: {exc}") from None
+
+    def checkpoint(self) -> None:
+        """Copy what it can of the WAL into the main file (SQLite fsyncs both as it does)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._connection().execute("pragma wal_checkpoint(PASSIVE)")
+
+    def _check_integrity(self) -> str | None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return None
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None)
+            try:
+                rows = conn.execute("pragma quick_check").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        messages = [r[0] for r in rows]
+        return None if messages == ["ok"] else "; ".join(messages[:3])
+
+    def _repair(self, problem: str) -> RepairReport:
+        """Move the damaged file aside and copy every row that can still be read into a fresh journal."""
+        damaged = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        os.replace(self.path, damaged)
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(self.path) + suffix)
+            if side.exists():
+                os.replace(side, Path(str(damaged) + suffix))
+        recovered, lost, known = 0, 0, True
+        fresh = sqlite3.connect(str(self.path), isolation_level=None)
+        try:
+            for statement in _SCHEMA:
+                fresh.execute(statement)
+            try:
+                old = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True, isolation_level=None)
+            except sqlite3.DatabaseError:
+                return RepairReport(damaged, problem, 0, None)
+            try:
+                fresh.execute("begin")
+                for table in ("lineage", "owed_marks", "twin_watch"):  # bookkeeping, not counted
+                    _salvage_table(old, fresh, table)
+                for table in ("experiments", "runs", "entities", "ops"):
+                    got, missing, exact = _salvage_table(old, fresh, table)
+                    recovered += got
+                    lost += missing
+                    known = known and exact
+                fresh.execute("commit")
+            finally:
+                old.close()
+        finally:
+            fresh.close()
+        return RepairReport(damaged, problem, recovered, lost if known else None)
+
+    def fsync_wal(self) -> None:
+        """fsync the WAL file: a PASSIVE checkpoint syncs only the frames it could copy."""
+        try:
+            fd = os.open(str(self.path) + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def live_bytes(self) -> int:
+        """Bytes of live database pages."""
+        with self.db(write=False) as conn:
+            page_size = conn.execute("pragma page_size").fetchone()[0]
+            pages = conn.execute("pragma page_count").fetchone()[0]
+            free = conn.execute("pragma freelist_count").fetchone()[0]
+        return (pages - free) * page_size
+
+    def close(self) -> None:
+        """Close this process's connections (a forked child's inherited ones are the parent's to close)."""
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for owner_pid, _, conn in connections:
+            if owner_pid == os.getpid():
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        self._local = threading.local()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's journal-sync thread may have held it at fork(); the child starts with its own.
+        self._lock = threading.Lock()
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a journal written by an older bridge up to this schema (columns added since)."""
+    (ops_sql,) = conn.execute("select sql from sqlite_master where type='table' and name='ops'").fetchone()
+    if "autoincrement" not in ops_sql.lower():
+        # Row ids used to restart at 1 once every row was delivered; the delivery marks (marks.py) need them
+        # never reused. Rebuilt once, in the transaction of the journal's opening (a copy of what it holds).
+        log.info("bridge: updating the journal's table of entries to this version (once; %d entries)",
+                 conn.execute("select count(*) from ops").fetchone()[0])
+        columns = ",".join(r[1] for r in conn.execute("pragma table_info(ops)"))
+        conn.execute("alter table ops rename to ops_before_autoincrement")
+        conn.execute(_SCHEMA[0])
+        conn.execute(f"insert into ops({columns}) select {columns} from ops_before_autoincrement")
+        conn.execute("drop table ops_before_autoincrement")
+    columns = {row[1] for row in conn.execute("pragma table_info(ops)")}
+    for column, kind in (("reason", "text"), ("epoch", "integer")):
+        if column not in columns:
+            conn.execute(f"alter table ops add column {column} {kind}")
+    columns = {row[1] for row in conn.execute("pragma table_info(runs)")}
+    for column, kind in (("owner_pid", "integer"), ("owner_host", "text")):
+        if column not in columns:
+            conn.execute(f"alter table runs add column {column} {kind}")
+
+
+def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: str) -> tuple[int, int, bool]:
+    """Copy readable rows of `table`; returns (copied, known lost, whether the lost count is exact)."""
+    try:
+        columns = [r[1] for r in old.execute(f"pragma table_info({table})").fetchall()]
+        if not columns:
+            return 0, 0, False
+        top = old.execute(f"select max(rowid) from {table}").fetchone()[0] or 0
+    except sqlite3.DatabaseError:
+        return 0, 0, False
+    names = ",".join(columns)
+    marks = ",".join("?" * len(columns))
+    copied = lost = 0
+    exact = True
+    rowid = 0
+    while rowid < top:
+        try:
+            rows = old.execute(f"select rowid, {names} from {table} where rowid > ? order by rowid limit 256",
+                               (rowid,)).fetchall()
+        except sqlite3.DatabaseError:
+            rows = None
+        if rows is None:
+            # A damaged page: step over it one row id at a time.
+            rowid += 1
+            try:
+                row = old.execute(f"select {names} from {table} where rowid=?", (rowid,)).fetchone()
+            except sqlite3.DatabaseError:
+                lost += 1
+                exact = False
+                continue
+            if row is not None:
+                fresh.execute(f"insert or ignore into {table}({names}) values({marks})", row)
+                copied += 1
+            continue
+        if not rows:
+            break
+        for row in rows:
+            fresh.execute(f"insert or ignore into {table}({names}) values({marks})", row[1:])
+            copied += 1
+        rowid = rows[-1][0]
+    return copied, lost, exact

@@ -1,0 +1,107 @@
+"""The journal's records as its readers see them: an op, a dead letter, a run, an entity, the backlog."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+
+@dataclass(frozen=True)
+class Op:
+    """One journaled write, as the sender sees it."""
+
+    id: int
+    run: str
+    kind: str
+    key: str | None
+    value: object
+    ts: int | None
+    step: int | None
+    body: str | None
+    attempts: int
+    #: The `lineage` row of the Journal that wrote it; None for metric points and rows of older journals.
+    epoch: int | None = None
+
+    def json(self) -> dict:
+        return json.loads(self.body) if self.body else {}
+
+
+class DeadLetter(NamedTuple):
+    """An entry that will not be delivered as it is: why (`reason`) and the message that said so."""
+
+    op: Op
+    error: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    local_id: str
+    remote_id: str | None
+    experiment_id: str
+    name: str | None
+    user_id: str | None
+    start_time: int | None
+    end_time: int | None
+    status: str
+    artifact_uri: str | None
+
+
+@dataclass(frozen=True)
+class EntityRecord:
+    """A logged model or model version created here; `body` is what is known of it locally (JSON)."""
+
+    local_id: str
+    remote_id: str | None
+    location: str | None
+    body: str
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass(frozen=True)
+class ExperimentRecord:
+    local_id: str
+    name: str
+    remote_id: str | None
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    """What opening a damaged journal did: where the damaged file went and how much was saved."""
+
+    damaged_file: Path
+    problem: str
+    rows_recovered: int
+    rows_lost: int | None  # None when the damage hides how many rows there were
+
+    def __str__(self) -> str:
+        lost = "an unknown number of" if self.rows_lost is None else str(self.rows_lost)
+        return (f"journal was damaged ({self.problem}); recovered {self.rows_recovered} entries, "
+                f"lost {lost}; the damaged file was kept as {self.damaged_file}")
+
+
+@dataclass
+class Backlog:
+    """What is waiting in the journal, per run (local id, '' for experiment operations)."""
+
+    pending: dict[str, int] = field(default_factory=dict)
+    dead: dict[str, int] = field(default_factory=dict)
+    oldest_created: float | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.pending.values())
+
+
+def encode_value(value: float) -> object:
+    # SQLite stores a float NaN as NULL; keep it recognisable instead.
+    return "NaN" if value != value else value
+
+
+def decode_value(value: object) -> float:
+    return math.nan if value == "NaN" or value is None else float(value)
