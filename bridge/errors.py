@@ -19,7 +19,7 @@
     │   ├── JournalFullError         the configured size limit is reached
     │   └── JournalCorruptError      the journal file is damaged
     ├── UndeliverableError       a journal entry can never be delivered, for a local reason (named in `reason`)
-    └── LinkError                the client's link to its server failed (bridge/client/link.py)
+    └── LinkError                the client's link to its server failed (bridge/client/link/)
         ├── TransportError           no usable HTTP answer: refused, reset, timed out, cut mid-response
         └── HttpError                the server answered with an error status
             └── TokenRejectedError       401/403: the access token was refused

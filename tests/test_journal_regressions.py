@@ -319,7 +319,7 @@ def test_defect_7_h7_metric_history_is_whole_while_points_wait(link, fault):
 
 
 def test_defect_7_offline_metric_history_never_passes_a_part_for_the_whole(link):
-    """Documented behaviour (README, "The journal"): a history partly on the unreachable server raises, naming
+    """Documented behaviour (docs/journal.md): a history partly on the unreachable server raises, naming
     how many points wait locally; a run that never reached the server answers wholly from the journal."""
     conn, transport = link
     mlflow.set_experiment(_name("history-offline"))
@@ -748,7 +748,8 @@ def test_h21_a_run_key_search_picks_the_run_in_use():
     """A create finding several runs with its key (a twin, removed or not yet) takes the one in use: a copy of
     a journal must land where its original writes, not on an empty twin about to be removed (review of H21:
     MLflow orders both tries' runs, which share a start time, by id — either could come first)."""
-    from bridge.client.delivery.operations import _empty_twin, _the_run_in_use
+    from bridge.client.delivery.operations import _the_run_in_use
+    from bridge.twins import empty_twin as _empty_twin
 
     def run(run_id, stage="active", tags=(), params=0):
         return {"info": {"run_id": run_id, "lifecycle_stage": stage},
@@ -1088,7 +1089,7 @@ def test_h25_a_unique_key_refusal_of_an_insert_is_not_tried_again(bridge_connect
     """The other side of H25: only an upsert's refusal is a lost race. A metric point a logged model cannot take
     (the same words, a real clash) or a refusal of an experiment tag that keeps coming goes to the dead letters
     after the bound, as before — never tried for ever."""
-    from bridge.client.delivery.operations import lost_upsert_race
+    from bridge.client.delivery.handlers import lost_upsert_race
     from bridge.errors import HttpError
 
     race = HttpError(400, "BAD_REQUEST", "(sqlite3.IntegrityError) UNIQUE constraint failed: experiment_tags.key")

@@ -1,4 +1,4 @@
-"""Delivery marks (bridge/client/marks.py): a stale copy of a journal never undoes newer writes on the server,
+"""Delivery marks (bridge/client/delivery/marks.py): a stale copy of a journal never undoes newer writes on the server,
 and a copy that goes on logging (a new Colab runtime resumed from a Drive snapshot) keeps every new write.
 
 The found-by-chance version of the first promise is test_journal_regressions.py::test_h2_…; the differential

@@ -32,3 +32,12 @@ def test_a_helper_gone_from_an_mlflow_function_is_reported_with_why(monkeypatch)
     monkeypatch.setattr(mlflow_internals, "SOURCES",
                         (("mlflow.models.model", "Model.log", "def no_such_helper(", "a test entry"),))
     assert mlflow_internals.missing() == ["mlflow.models.model.Model.log defining 'def no_such_helper(': a test entry"]
+
+
+def test_the_tag_names_the_sender_spells_out_are_mlflow_s():
+    """The sender never imports mlflow (tests/test_layers.py), so it spells MLflow's tag names itself."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    from bridge.client.delivery import logged_models
+
+    assert logged_models.MLFLOW_MODEL_VERSIONS == MLFLOW_MODEL_VERSIONS

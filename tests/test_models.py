@@ -19,7 +19,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from bridge.client import journal as J
-from bridge.client.plugins.models import MODEL_KEY_TAG
+from bridge.client.journal.kinds import MODEL_KEY_TAG
 from tests.support.client import server_run
 from tests.support.transport import FaultTransport
 
@@ -725,7 +725,7 @@ def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_serv
 def test_h24_the_model_points_a_run_remembers_are_bounded(monkeypatch):
     """A run that links every point to a model (`set_active_model`, an explicit model_id) must not grow the
     memory of what its models hold without end: the newest points are kept, between half and all of the bound;
-    a second value against a forgotten one is left to delivery (README), never a wrong refusal."""
+    a second value against a forgotten one is left to delivery (docs/journal.md), never a wrong refusal."""
     from bridge.client.plugins import models
 
     monkeypatch.setattr(models, "MODEL_POINTS_KEPT", 10)

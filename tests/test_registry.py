@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from bridge.client.plugins.registry import VERSION_KEY_TAG
+from bridge.client.journal.kinds import VERSION_KEY_TAG
 from tests.support.client import server_run
 from tests.support.transport import FaultTransport
 from tests.test_models import Double, on_the_workstation

@@ -1,4 +1,4 @@
-"""The real HTTP transport (bridge/client/link.py, RequestsTransport) against a server that closes a pooled
+"""The real HTTP transport (bridge/client/link/, RequestsTransport) against a server that closes a pooled
 keep-alive connection just as the next request arrives — what uvicorn does to a connection idle for 5 s.
 
 Harness seed 190213 (logged models on): after a slow `log_model` (a pytorch export), the next read went out on

@@ -28,6 +28,7 @@ FLUSH_RETRY_ENV = "BRIDGE_FLUSH_RETRY_S"
 DURABLE_EVERY_ENV = "BRIDGE_DURABLE_EVERY_S"
 CREATE_GRACE_ENV = "BRIDGE_CREATE_GRACE_S"
 ADOPT_EVERY_ENV = "BRIDGE_ADOPT_EVERY_S"
+OTHER_RUNS_EVERY_ENV = "BRIDGE_OTHER_RUNS_EVERY_S"
 
 #: A live run's heartbeat period. `bridge serve` reaps after 300 s without one by default: five missed beats.
 #: Every request counts against ngrok's free plan (20,000 a month), and a batch of metrics carries the beat.
@@ -55,6 +56,8 @@ DEFAULT_DURABLE_EVERY_S = 1.0
 DEFAULT_CREATE_GRACE_S = 2.0
 #: How often the intake files of ended processes (killed children) are looked for.
 DEFAULT_ADOPT_EVERY_S = 5.0
+#: How often the journal is asked which runs other live processes (DataLoader workers) created, to keep them beating.
+DEFAULT_OTHER_RUNS_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -75,12 +78,13 @@ class ClientOptions:
     durable_every_s: float = DEFAULT_DURABLE_EVERY_S
     create_grace_s: float = DEFAULT_CREATE_GRACE_S
     adopt_every_s: float = DEFAULT_ADOPT_EVERY_S
+    other_runs_every_s: float = DEFAULT_OTHER_RUNS_EVERY_S
     #: Where each value came from: "default", "environment" or "argument" (for `bridge queue --config`).
     sources: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "send_interval_s", "http_timeout_s", "probe_timeout_s", "token_retry_min_s",
-                     "flush_retry_s", "durable_every_s", "adopt_every_s"):
+                     "flush_retry_s", "durable_every_s", "adopt_every_s", "other_runs_every_s"):
             value = getattr(self, name)
             if not value > 0:  # also refuses NaN
                 raise ConfigError(f"{_label(name)} must be a positive number of seconds, got {value!r}")
@@ -153,6 +157,7 @@ ENV = {
     "durable_every_s": DURABLE_EVERY_ENV,
     "create_grace_s": CREATE_GRACE_ENV,
     "adopt_every_s": ADOPT_EVERY_ENV,
+    "other_runs_every_s": OTHER_RUNS_EVERY_ENV,
 }
 
 

@@ -34,7 +34,7 @@ IGNORED_TAGS = frozenset({
 #: logged with an explicit timestamp and compared exactly, as a multiset of (step, value, timestamp).
 CLOCK_STAMPED_PREFIX = "n_"
 
-#: Reads are read-your-writes (README, "The journal": Reads), online and offline, with one documented
+#: Reads are read-your-writes (docs/journal.md: Reads), online and offline, with one documented
 #: exception: offline, a read that needs the server (a metric history partly delivered, a run or experiment
 #: the journal does not know) raises TEMPORARILY_UNAVAILABLE instead of passing a part for the whole. The
 #: harness accepts that answer for a read made after a fault (before the next flush, which heals the link and
@@ -42,7 +42,7 @@ CLOCK_STAMPED_PREFIX = "n_"
 OFFLINE_READ_ANSWERS = (("raised", "MlflowException TEMPORARILY_UNAVAILABLE"),)
 
 #: Writes that must read the server first (MLflow's `log_table` appends to the table it finds listed) raise
-#: TEMPORARILY_UNAVAILABLE while the server cannot be reached (README, "The journal": Reads) rather than
+#: TEMPORARILY_UNAVAILABLE while the server cannot be reached (docs/journal.md: Reads) rather than
 #: replace the server's rows with the new ones alone (H9). The harness does what the person would: it tries
 #: the call again after the next flush.
 RETRIED_ONCE_ONLINE = frozenset({"log_table"})
@@ -53,7 +53,7 @@ KNOWN_DEFECTS: dict[str, tuple[int | str, str]] = {
     # Fixed by 333299c and switched on for good (kept here as the record): read_your_writes (7),
     # change_param (8), delete_experiment_tag (9), table_twice (7), nested_runs (6); defect 4 (a journal
     # delivered twice makes one run); and copy_journal, fixed by the delivery marks (H2: a stale journal copy
-    # delivered again re-applied its old writes over newer ones; bridge/client/marks.py).
+    # delivered again re-applied its old writes over newer ones; bridge/client/delivery/marks.py).
     # H3 (offline get_run after a second connect()) is fixed and switched on for good.
     # Journaled now (defects 12, 13; tests/test_models.py, tests/test_registry.py), but off in the CI seeds for
     # time: every log_model spawns MLflow's capture-modules subprocess. `BRIDGE_DIFF_ENABLE=models,registry`.
@@ -71,7 +71,7 @@ def enabled(name: str) -> bool:
 
 
 def removed_twin(run) -> bool:
-    """An empty second run a late-landing create left, which bridge deleted and tagged (README, H11): not a
+    """An empty second run a late-landing create left, which bridge deleted and tagged (docs/journal.md, H11): not a
     ghost of the program — the oracle never had a create arrive after its client gave up."""
     return run.info.lifecycle_stage == "deleted" and "bridge.duplicate_of" in run.data.tags
 

@@ -11,7 +11,7 @@
         copy_journal()            a copy of the journal now, delivered again by `sync` after the program
         restart_server()          the bridge world's MLflow server stops and starts on the same port and store
         link_fault(kind, path, times, status)
-                                  the client's own transport (bridge/client/link.py's seam, driven by
+                                  the client's own transport (bridge/client/link/'s seam, driven by
                                   tests/support/transport.py's FaultTransport): refuse · timeout ·
                                   lost_answer (the server applied it) · status — exact, no proxy timing
 

@@ -16,6 +16,7 @@ import time
 from bridge import config
 from bridge.client.journal import Journal
 from bridge.client.link import Link
+from bridge.client.options import DEFAULT_OTHER_RUNS_EVERY_S
 from bridge.client.delivery.marks import TERMINAL_STATUSES, DeliveryMarks
 from bridge.errors import HttpError, LinkError, TransportError
 
@@ -24,15 +25,15 @@ log = logging.getLogger(__name__)
 #: Whether the server still has a live run RUNNING is read after a gap in its heartbeats (what the reaper acts
 #: on) and otherwise only every this many beats.
 REVIVE_CHECK_EVERY_BEATS = 10
-#: How often the journal is asked which runs other live processes (DataLoader workers) created.
-OTHERS_EVERY_S = 5.0
 
 
 class Heartbeats:
     """The live runs of this process and when each last beat on the server."""
 
-    def __init__(self, link: Link, journal: Journal, heartbeat_s: float, *, marks: DeliveryMarks | None = None) -> None:
+    def __init__(self, link: Link, journal: Journal, heartbeat_s: float, *, marks: DeliveryMarks | None = None,
+                 other_runs_every_s: float = DEFAULT_OTHER_RUNS_EVERY_S) -> None:
         self.link = link
+        self.other_runs_every_s = other_runs_every_s
         self.journal = journal
         self.heartbeat_s = heartbeat_s
         self.marks = marks  # a live run's owed delivery marks ride in its heartbeat request
@@ -60,7 +61,7 @@ class Heartbeats:
 
     def _read_others(self) -> None:
         now = time.monotonic()
-        if now - self._others_read < OTHERS_EVERY_S:
+        if now - self._others_read < self.other_runs_every_s:
             return
         self._others_read = now
         try:

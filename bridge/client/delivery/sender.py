@@ -66,7 +66,8 @@ class Sender:
         self.options = options or ClientOptions.from_env()
         self.send_interval_s = self.options.send_interval_s
         self.marks = DeliveryMarks(link, journal)
-        self.heartbeats = Heartbeats(link, journal, self.options.heartbeat_s, marks=self.marks)
+        self.heartbeats = Heartbeats(link, journal, self.options.heartbeat_s, marks=self.marks,
+                                     other_runs_every_s=self.options.other_runs_every_s)
         self.operations = Operations(link, journal, self.heartbeats, self.marks)
         self.delivered = 0
         self._wake = threading.Event()

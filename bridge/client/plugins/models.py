@@ -53,7 +53,7 @@ _MODEL_LOG_HELPER = "log_model_metrics_for_step"
 #: `model_point_clash` and bridge/mlflow_internals.py).
 _RECHECK_NAMES = 100
 #: Model points of a run remembered for `model_point_clash` (the newest; between half and all of this many): a
-#: second value against an older one is met at delivery instead, as one from another process (README).
+#: second value against an older one is met at delivery instead, as one from another process (docs/journal.md).
 MODEL_POINTS_KEPT = 20_000
 
 _NEVER_JOURNALED = ("start_trace", "log_spans", "log_spans_async", "get_trace_info", "get_trace", "search_traces",

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 
 from mlflow.entities import (
-    Experiment, ExperimentTag, LifecycleStage, Metric, Param, Run, RunData, RunInfo, RunStatus, RunTag, ViewType,
+    Experiment, ExperimentTag, LifecycleStage, Param, Run, RunData, RunInfo, RunStatus, ViewType,
 )
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
@@ -42,15 +41,12 @@ from bridge.client.link import Link
 from bridge.client.plugins import models
 from bridge.client.plugins import server_reads as rest
 from bridge.client.plugins.models import LoggedModelStoreMixin
+from bridge.client.plugins.read_model import (
+    EXPERIMENT_OVERLAY_KINDS, OVERLAY_KINDS, POINT_KINDS, Waiting, as_stored, distinct_points, journal_run,
+    keep_latest, points_of, run_with_waiting, waiting_run_data,
+)
 
 log = logging.getLogger(__name__)
-
-#: What a read merges from the journal into the server's answer: what it has not delivered yet.
-#: Ops holding metric points of a run (`_points`).
-_POINT_KINDS = (J.METRIC, MODEL_METRICS)
-_OVERLAY_KINDS = (*_POINT_KINDS, J.PARAM, J.TAG, J.DELETE_TAG, J.UPDATE_RUN)
-_EXPERIMENT_OVERLAY_KINDS = (J.CREATE_EXPERIMENT, J.SET_EXPERIMENT_TAG, J.DELETE_EXPERIMENT_TAG)
-
 
 _Offline = rest.Offline
 
@@ -139,7 +135,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             raise MlflowException(f"Experiment '{name}' already exists.", RESOURCE_ALREADY_EXISTS)
         if self._online(conn):
             # As MLflow would: a name the server already has is refused now. Offline this cannot be known;
-            # the journaled create then joins the server's experiment of that name (README, "The journal").
+            # the journaled create then joins the server's experiment of that name (docs/journal.md).
             try:
                 found = self._server(conn).get_experiment_by_name(name)
             except _Offline:
@@ -154,7 +150,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         experiment_id = str(experiment_id)
         record = conn.journal.ids.experiment(experiment_id)
         remote = conn.journal.ids.server_experiment_id(experiment_id)
-        waiting = _Waiting.read(conn, lambda: self._experiment_writes_waiting(conn, experiment_id))  # _server_run
+        waiting = Waiting.read(conn, lambda: self._experiment_writes_waiting(conn, experiment_id))  # _server_run
         if remote is not None and self._online(conn):
             try:
                 return self._experiment_with_undelivered(
@@ -173,13 +169,13 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         journal = conn.journal
         wanted = {experiment_id, journal.ids.server_experiment_id(experiment_id)} - {None}
         ops = []
-        for op in journal.queue.undelivered("", _EXPERIMENT_OVERLAY_KINDS):
+        for op in journal.queue.undelivered("", EXPERIMENT_OVERLAY_KINDS):
             written = op.key if op.kind == J.CREATE_EXPERIMENT else str(op.json().get("experiment_id"))
             if written in wanted or journal.ids.server_experiment_id(written) in wanted:
                 ops.append(op)
         return ops
 
-    def _experiment_with_undelivered(self, conn, experiment: Experiment, earlier: _Waiting | None) -> Experiment:
+    def _experiment_with_undelivered(self, conn, experiment: Experiment, earlier: Waiting | None) -> Experiment:
         """The experiment with its tag writes still on their way (read-your-writes, as for runs)."""
         def read() -> list[J.Op]:
             return self._experiment_writes_waiting(conn, experiment.experiment_id)
@@ -351,74 +347,28 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         # Read before the server is asked: a write delivered while the answer is on its way back is in neither
         # the answer nor the journal's waiting rows afterwards (a deleted tag showed; a second `log_table`
         # dropped the first from `mlflow.loggedArtifacts`: harness H16, H17). Applied again, it changes nothing.
-        earlier = _Waiting.read(conn, lambda: conn.journal.queue.undelivered(run_id, _OVERLAY_KINDS))
+        earlier = Waiting.read(conn, lambda: conn.journal.queue.undelivered(run_id, OVERLAY_KINDS))
         run = self._local_run(conn, self._server(conn).get_run(remote))
         # Asked for by another of its ids (the server's): the journal keeps its rows under the local one.
         return self._with_undelivered(conn, run, earlier if run.info.run_id == run_id else None)
 
-    def _with_undelivered(self, conn, run: Run, earlier: _Waiting | None = None) -> Run:
+    def _with_undelivered(self, conn, run: Run, earlier: Waiting | None = None) -> Run:
         """The server's run with what this journal has not delivered to it yet (read-your-writes); `earlier`:
         what was waiting before the server was asked."""
         if earlier is not None:
-            ops = earlier.now(lambda: conn.journal.queue.undelivered(run.info.run_id, _OVERLAY_KINDS))
+            ops = earlier.now(lambda: conn.journal.queue.undelivered(run.info.run_id, OVERLAY_KINDS))
         else:
-            ops = conn.journal.queue.undelivered(run.info.run_id, _OVERLAY_KINDS)
-        if not ops:
-            return run
-        metrics = {m.key: Metric.from_proto(m) for m in run.data.to_proto().metrics}
-        params = dict(run.data.params)
-        tags = dict(run.data.tags)
-        info = run.info
-        status, end_time, name = info.status, info.end_time, info.run_name
-        for op in ops:
-            if op.kind in _POINT_KINDS:
-                for metric in _points(op):
-                    _keep_latest(metrics, metric)
-            elif op.kind == J.PARAM:
-                params.setdefault(op.key, op.value)
-            elif op.kind == J.TAG:
-                tags[op.key] = op.value
-            elif op.kind == J.DELETE_TAG:
-                tags.pop(op.key, None)
-            else:  # UPDATE_RUN
-                body = op.json()
-                status = body.get("status") or status
-                end_time = body.get("end_time") if body.get("end_time") is not None else end_time
-                name = body.get("run_name") or name
-        if name:
-            tags[MLFLOW_RUN_NAME] = name
-        new_info = RunInfo(run_id=info.run_id, experiment_id=info.experiment_id, user_id=info.user_id,
-                           status=status, start_time=info.start_time, end_time=end_time,
-                           lifecycle_stage=info.lifecycle_stage, artifact_uri=info.artifact_uri, run_name=name)
-        data = RunData(metrics=list(metrics.values()), params=[Param(k, v) for k, v in params.items()],
-                       tags=[RunTag(k, v) for k, v in tags.items()])
-        return Run(new_info, data, run.inputs, getattr(run, "outputs", None))
+            ops = conn.journal.queue.undelivered(run.info.run_id, OVERLAY_KINDS)
+        return run_with_waiting(run, ops)
 
     def _offline_run(self, conn, record: J.RunRecord) -> Run:
         """The run as the journal knows it: this process's view plus anything still undelivered."""
         summary = conn.summaries.get(record.local_id)
-        metrics = dict(summary.metrics) if summary else {}
-        params = dict(summary.params) if summary else {}
-        tags = dict(summary.tags) if summary else {}
-        if summary is None:  # a run from an earlier process: what it left undelivered
-            for op in conn.journal.queue.undelivered(record.local_id, (*_POINT_KINDS, J.PARAM, J.TAG, J.CREATE_RUN)):
-                if op.kind in _POINT_KINDS:
-                    for metric in _points(op):
-                        _keep_latest(metrics, metric)
-                elif op.kind == J.PARAM:
-                    params[op.key] = op.value
-                elif op.kind == J.TAG:
-                    tags[op.key] = op.value
-                else:
-                    tags.update(op.json().get("tags") or {})
-        tags.setdefault(MLFLOW_RUN_NAME, record.name or "")
-        info = RunInfo(run_id=record.local_id, experiment_id=record.experiment_id, user_id=record.user_id or "",
-                       status=record.status, start_time=record.start_time, end_time=record.end_time,
-                       lifecycle_stage=LifecycleStage.ACTIVE, artifact_uri=artifact_uri_for(record.local_id),
-                       run_name=record.name)
-        data = RunData(metrics=list(metrics.values()), params=[Param(k, v) for k, v in params.items()],
-                       tags=[RunTag(k, v) for k, v in tags.items()])
-        return Run(info, data)
+        if summary is not None:
+            return journal_run(record, summary.metrics, summary.params, summary.tags)
+        # A run from an earlier process: what it left undelivered.
+        return journal_run(record, *waiting_run_data(
+            conn.journal.queue.undelivered(record.local_id, (*POINT_KINDS, J.PARAM, J.TAG, J.CREATE_RUN))))
 
     def delete_run(self, run_id):
         self._call_online("delete_run", lambda c, s: s.delete_run(self._require(c.journal.ids.server_run(run_id)[0], run_id)))
@@ -430,10 +380,10 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
     def get_metric_history(self, run_id, metric_key, max_results=None, page_token=None):
         conn = self.connection
         remote = conn.journal.ids.server_run(run_id)[0]
-        waiting = [_as_stored(m) for op in conn.journal.queue.undelivered(run_id, _POINT_KINDS) for m in _points(op)
+        waiting = [as_stored(m) for op in conn.journal.queue.undelivered(run_id, POINT_KINDS) for m in points_of(op)
                    if m.key == metric_key]
         # MLflow keeps one of identical points (same step, timestamp and value): so does this view.
-        waiting = _distinct_points(waiting)
+        waiting = distinct_points(waiting)
         # Asked even when the link is known to be failing (only delivery may be refused): the alternative for a
         # history partly on the server is an error, not a faster answer.
         if remote is not None:
@@ -444,7 +394,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             else:
                 if page.token or not waiting:
                     return page  # the points still waiting come after the server's last page
-                points = _distinct_points(list(page) + waiting)
+                points = distinct_points(list(page) + waiting)
                 return PagedList(points[:max_results] if max_results else points, None)
         if remote is not None:
             asker = models.asked_by_log_model()
@@ -462,8 +412,8 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         conn = self.connection
         if self._online(conn):
             remote_ids = [r for r in (conn.journal.ids.server_experiment_id(str(e)) for e in experiment_ids) if r]
-            changing = None if page_token else _Waiting.read(  # before the search: see _server_run
-                conn, lambda: conn.journal.queue.runs_with_undelivered(_OVERLAY_KINDS))
+            changing = None if page_token else Waiting.read(  # before the search: see _server_run
+                conn, lambda: conn.journal.queue.runs_with_undelivered(OVERLAY_KINDS))
             # So are the runs not created on the server yet: one created during the search is in neither the
             # page nor, having a server id now, the journal's runs still to be created (harness H19).
             unsent = set() if page_token else {r.local_id for r in conn.journal.ids.runs() if not r.remote_id}
@@ -480,7 +430,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                 return runs, token
             except _Offline:
                 pass
-        # Offline: MLflow's own filter and sort over what the journal knows (README, "The journal").
+        # Offline: MLflow's own filter and sort over what the journal knows (docs/journal.md).
         return self._journal_runs(conn, experiment_ids, filter_string, order_by)[:max_results], None
 
     def _with_changes_waiting(self, conn, runs, changing, unsent, experiment_ids, filter_string, run_view_type,
@@ -495,7 +445,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         the page nor the journal.
         """
         wanted = {str(e) for e in experiment_ids}
-        changing = changing.now(lambda: conn.journal.queue.runs_with_undelivered(_OVERLAY_KINDS)) | unsent
+        changing = changing.now(lambda: conn.journal.queue.runs_with_undelivered(OVERLAY_KINDS)) | unsent
         # One look at the journal's runs for both lists below: a create delivered while the stale runs are read
         # again would leave its run out of both (it was not on the server for the first, is for the second).
         records = conn.journal.ids.runs()
@@ -533,7 +483,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             conn.valid_metric_keys.add(metric.key)
         conn.journal.append_batch(run_id, [(metric.key, metric.value, metric.timestamp, metric.step)])
         summary = conn.summaries.get(run_id) or conn.summary(run_id)
-        _keep_latest(summary.metrics, metric)
+        keep_latest(summary.metrics, metric)
 
     def log_param(self, run_id, param):
         self.log_batch(run_id, [], [param], [])
@@ -578,7 +528,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             models.remember_model_points(linked, summary.model_points,
                                          models.local_model_id(conn.journal, conn.local_model_ids))
         for metric in metrics:
-            _keep_latest(summary.metrics, metric)
+            keep_latest(summary.metrics, metric)
         summary.params.update((p.key, str(p.value)) for p in params)
         summary.tags.update((t.key, str(t.value)) for t in tags)
         if refused is not None:
@@ -645,75 +595,8 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         return f"JournalStore({self.store_uri!r})"
 
 
-#: What MLflow's SQL store keeps for ±inf (it cannot store infinities): the largest finite double.
-_STORED_INF = 1.7976931348623157e308
-
-
-class _Waiting:
-    """What the journal held undelivered before a server read, to be joined with what it holds after.
-
-    A write delivered while the server's answer was on its way back is in neither that answer nor the journal
-    afterwards, so the overlay keeps it from before (applied again, it sets what it set). The journal's
-    `settled` counter says whether any row left the undelivered set meanwhile; when none did, the rows read
-    before are still the ones waiting and the journal is not read twice.
-    """
-
-    def __init__(self, journal: J.Journal, settled: int, items) -> None:
-        self.journal, self.settled, self.items = journal, settled, items
-
-    @classmethod
-    def read(cls, conn, read) -> "_Waiting":
-        return cls(conn.journal, conn.journal.queue.settled(), read())
-
-    def now(self, read):
-        """The rows (a list of ops, oldest first) or runs (a set) to overlay after the server has answered."""
-        if self.journal.queue.settled() == self.settled:
-            return self.items
-        later = read()
-        if isinstance(self.items, set):
-            return self.items | later
-        return sorted({op.id: op for op in (*self.items, *later)}.values(), key=lambda op: op.id)
-
-
 class _ModelPointRefused(MlflowException):
     """A point a logged model cannot take (models.model_point_clash), refused at the call as the server would."""
-
-
-def _points(op: J.Op) -> list[Metric]:
-    """The metric points of an op of `_POINT_KINDS`: a metric row's one, or those naming a model."""
-    if op.kind == J.METRIC:
-        return [Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0)]
-    return [Metric(*point) for point in models.model_metric_points(op)]
-
-
-def _as_stored(metric: Metric) -> Metric:
-    """`metric` as the server will hold it (±inf become ±the largest double), so local views agree with it."""
-    if math.isinf(metric.value):
-        return Metric(metric.key, math.copysign(_STORED_INF, metric.value), metric.timestamp, metric.step)
-    return metric
-
-
-def _keep_latest(metrics: dict, metric: Metric) -> None:
-    """MLflow's "latest" metric: the greatest (step, timestamp, value), NaN compared as the 0 it is stored as."""
-    metric = _as_stored(metric)
-    seen = metrics.get(metric.key)
-    if seen is None or _recency(metric) > _recency(seen):
-        metrics[metric.key] = metric
-
-
-def _distinct_points(points: list[Metric]) -> list[Metric]:
-    """`points` without repeats of a (step, timestamp, value) — NaN equal to NaN — first ones kept."""
-    seen, kept = set(), []
-    for m in points:
-        key = (m.step, m.timestamp, "nan" if math.isnan(m.value) else m.value)
-        if key not in seen:
-            seen.add(key)
-            kept.append(m)
-    return kept
-
-
-def _recency(metric: Metric) -> tuple:
-    return metric.step, metric.timestamp, 0.0 if math.isnan(metric.value) else metric.value
 
 
 __all__ = ["JournalStore", "ARTIFACT_SCHEME", "artifact_uri_for"]
