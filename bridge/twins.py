@@ -27,5 +27,9 @@ def empty_twin(twin: dict[str, Any], original: dict[str, Any]) -> bool:
 
 def run_key_search(experiment_id: str, key: str, *, view: str = "ACTIVE_ONLY", max_results: int = 10) -> dict:
     """The `runs/search` body that finds every run carrying run key `key` (config.RUN_KEY_TAG) in one experiment."""
-    return {"experiment_ids": [experiment_id], "run_view_type": view, "max_results": max_results,
-            "filter": f"tags.`{config.RUN_KEY_TAG}` = '{key}'"}
+    return {
+        "experiment_ids": [experiment_id],
+        "run_view_type": view,
+        "max_results": max_results,
+        "filter": f"tags.`{config.RUN_KEY_TAG}` = '{key}'",
+    }

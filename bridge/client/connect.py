@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bridge.client.link import discovery
-from bridge.client.journal import Journal, RunRecord
-from bridge.client.link import Link, Transport
-from bridge.client.options import EXIT_FLUSH_ENV, JOURNAL_ENV, JOURNAL_LIMIT_ENV, ClientOptions
 from bridge.client.delivery.sender import Sender
+from bridge.client.journal import Journal, RunRecord
+from bridge.client.link import Link, Transport, discovery
+from bridge.client.options import EXIT_FLUSH_ENV, JOURNAL_ENV, JOURNAL_LIMIT_ENV, ClientOptions
 from bridge.errors import ConfigError
 from bridge.ui import ui_link
 
@@ -39,7 +38,7 @@ def _renew_registry_lock() -> None:
 
 
 os.register_at_fork(after_in_child=_renew_registry_lock)
-_connections: dict[str, "Connection"] = {}
+_connections: dict[str, Connection] = {}
 _registry_uri_set: str | None = None
 #: The journal (path, size limit) of the connection closed by the interpreter-exit handler, once it ran.
 _closed_at_exit: tuple[Path, int] | None = None
@@ -69,7 +68,7 @@ class Status:
 class RunSummary:
     """What this process logged to a run, kept in memory so `get_run` can answer while offline."""
 
-    metrics: dict = field(default_factory=dict)   # key -> mlflow Metric (latest by step, then timestamp)
+    metrics: dict = field(default_factory=dict)  # key -> mlflow Metric (latest by step, then timestamp)
     params: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
     #: (model id, key, step, timestamp) -> value of the points naming a model that this process journaled for
@@ -104,9 +103,16 @@ class Connection:
         backlog = self.journal.queue.backlog()
         pending = {("experiments" if run == "" else run): n for run, n in backlog.pending.items()}
         oldest = None if backlog.oldest_created is None else max(0.0, time.time() - backlog.oldest_created)
-        return Status(online=self.link.online, url=self.link.url, journal=self.journal.path, backlog=pending,
-                      oldest_undelivered_s=oldest, dead_letters=sum(backlog.dead.values()),
-                      last_error=self.link.last_error, token_rejected=self.link.token_rejected)
+        return Status(
+            online=self.link.online,
+            url=self.link.url,
+            journal=self.journal.path,
+            backlog=pending,
+            oldest_undelivered_s=oldest,
+            dead_letters=sum(backlog.dead.values()),
+            last_error=self.link.last_error,
+            token_rejected=self.link.token_rejected,
+        )
 
     def flush(self, timeout: float | None = None) -> int:
         """Block until everything is delivered or `timeout` seconds pass; returns the entries left."""
@@ -127,8 +133,9 @@ class Connection:
         else:
             # The sender thread is still inside a request: closing the journal under it would break it, and
             # it still holds the journal's delivery lock, so no other sender can re-send what it is sending.
-            log.warning("bridge: the sender is still finishing a request; journal %s is closed when it ends",
-                        self.journal.path)
+            log.warning(
+                "bridge: the sender is still finishing a request; journal %s is closed when it ends", self.journal.path
+            )
             self.sender.when_stopped(self.journal.close)
 
     def summary(self, run_id: str) -> RunSummary:
@@ -154,13 +161,18 @@ class Connection:
         try:
             left = self.flush(self.options.exit_flush_s)
         except Exception as exc:  # a plugin never breaks the user's exit, but it says what it could not do
-            print(f"bridge: the exit flush failed ({type(exc).__name__}: {exc}); what was not delivered is kept "
-                  f"in journal {self.journal.path}. {sync_hint(self.journal.path)}", file=sys.stderr)
+            print(
+                f"bridge: the exit flush failed ({type(exc).__name__}: {exc}); what was not delivered is kept "
+                f"in journal {self.journal.path}. {sync_hint(self.journal.path)}",
+                file=sys.stderr,
+            )
             left = 0
         if left:
-            print(f"bridge: {left} entries not delivered yet (the exit waited {self.options.exit_flush_s:g} s, "
-                  f"{EXIT_FLUSH_ENV}) are kept in journal {self.journal.path}. {sync_hint(self.journal.path)}",
-                  file=sys.stderr)
+            print(
+                f"bridge: {left} entries not delivered yet (the exit waited {self.options.exit_flush_s:g} s, "
+                f"{EXIT_FLUSH_ENV}) are kept in journal {self.journal.path}. {sync_hint(self.journal.path)}",
+                file=sys.stderr,
+            )
         try:
             self.close()
         except Exception as exc:
@@ -202,15 +214,28 @@ def _token_source(explicit: str | None):
     return lambda: discovery.find_token(None)
 
 
-def _open(url: str, token: str | None, options: ClientOptions, *, explicit_token: str | None,
-          rediscover: bool = True, transport: Transport | None = None) -> Connection:
+def _open(
+    url: str,
+    token: str | None,
+    options: ClientOptions,
+    *,
+    explicit_token: str | None,
+    rediscover: bool = True,
+    transport: Transport | None = None,
+) -> Connection:
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"server URL must start with http:// or https://, got {url[:60]!r}")
     store = Journal(options.journal_path, limit_bytes=options.journal_limit)
     if store.repair_report is not None:
         print(f"bridge: {store.repair_report}", file=sys.stderr)
-    link = Link(url, token, transport=transport, token_source=_token_source(explicit_token),
-                http_timeout_s=options.http_timeout_s, rediscover=rediscover)
+    link = Link(
+        url,
+        token,
+        transport=transport,
+        token_source=_token_source(explicit_token),
+        http_timeout_s=options.http_timeout_s,
+        rediscover=rediscover,
+    )
     return Connection(store, link, Sender(store, link, options), options)
 
 
@@ -268,7 +293,7 @@ def connection_for(store_uri: str) -> Connection:
             return next(iter(_connections.values()))
         if not store_uri.startswith(SCHEME_PREFIX):
             raise ConfigError(f"{store_uri!r} is not a bridge tracking URI")
-        url = store_uri[len(SCHEME_PREFIX):]
+        url = store_uri[len(SCHEME_PREFIX) :]
         if _closed_at_exit is not None:
             return _open_after_exit(store_uri, url)
         token = discovery.find_token(None)
@@ -289,15 +314,26 @@ def _open_after_exit(store_uri: str, url: str) -> Connection:
     options = ClientOptions.from_env(journal=path, journal_limit=limit, exit_flush_s=0.0)
     conn = _open(url, discovery.find_token(None), options, explicit_token=None, rediscover=False)
     _connections[store_uri] = conn  # its sender is never started: the interpreter is exiting
-    print(f"bridge: an MLflow call after bridge's exit handler was kept in journal {path}; the next "
-          "bridge.connect() or `bridge sync` delivers it.", file=sys.stderr)
+    print(
+        f"bridge: an MLflow call after bridge's exit handler was kept in journal {path}; the next "
+        "bridge.connect() or `bridge sync` delivers it.",
+        file=sys.stderr,
+    )
     return conn
 
 
-def connect(url: str | None = None, token: str | None = None, *, experiment: str | None = None,
-            journal: str | os.PathLike | None = None, journal_limit: int | None = None,
-            probe_timeout: float | None = None, flush_at_exit: float | None = None,
-            options: ClientOptions | None = None, transport: Transport | None = None) -> Connection:
+def connect(
+    url: str | None = None,
+    token: str | None = None,
+    *,
+    experiment: str | None = None,
+    journal: str | os.PathLike | None = None,
+    journal_limit: int | None = None,
+    probe_timeout: float | None = None,
+    flush_at_exit: float | None = None,
+    options: ClientOptions | None = None,
+    transport: Transport | None = None,
+) -> Connection:
     """Route this process's MLflow calls through a durable journal delivered to the bridge server.
 
     `url`/`token` default to discovery (BRIDGE_URL, BRIDGE_TOKEN, the published record); every other knob
@@ -309,15 +345,25 @@ def connect(url: str | None = None, token: str | None = None, *, experiment: str
     """
     import mlflow
 
-    overrides = {"journal": journal, "journal_limit": journal_limit, "probe_timeout_s": probe_timeout,
-                 "exit_flush_s": flush_at_exit}
+    overrides = {
+        "journal": journal,
+        "journal_limit": journal_limit,
+        "probe_timeout_s": probe_timeout,
+        "exit_flush_s": flush_at_exit,
+    }
     if options is None:
         options = ClientOptions.from_env(**overrides)
     else:
         options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
     found_url, found_token, source = _resolve(url, token)
-    conn = _open(found_url, found_token, options, explicit_token=token, transport=transport,
-                 rediscover=source not in PINNED_SOURCES)
+    conn = _open(
+        found_url,
+        found_token,
+        options,
+        explicit_token=token,
+        transport=transport,
+        rediscover=source not in PINNED_SOURCES,
+    )
     online = conn.link.probe(options.probe_timeout_s)
     _register(conn)
     os.environ["MLFLOW_TRACKING_URI"] = conn.tracking_uri
@@ -340,14 +386,17 @@ def connect(url: str | None = None, token: str | None = None, *, experiment: str
     if experiment:
         mlflow.set_experiment(experiment)
     if online:
-        message = (f"bridge: logging to {found_url} (from {source}) through journal {conn.journal.path}; "
-                   f"MLflow UI: {ui_link(found_url)}")
+        message = (
+            f"bridge: logging to {found_url} (from {source}) through journal {conn.journal.path}; "
+            f"MLflow UI: {ui_link(found_url)}"
+        )
     elif conn.link.token_rejected:
-        message = (f"bridge: {found_url} rejected the access token; logging to journal {conn.journal.path} "
-                   "and delivery is paused until a valid token is found")
+        message = (
+            f"bridge: {found_url} rejected the access token; logging to journal {conn.journal.path} "
+            "and delivery is paused until a valid token is found"
+        )
     else:
-        message = (f"bridge: offline mode: logging to journal {conn.journal.path}, "
-                   f"will deliver when {found_url} answers")
+        message = f"bridge: offline mode: logging to journal {conn.journal.path}, will deliver when {found_url} answers"
     log.info("%s", message)
     print(message, file=sys.stderr)
     return conn
@@ -370,8 +419,9 @@ class SyncReport:
         return sum(self.after.values())
 
 
-def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, timeout: float = 300.0,
-         on_progress=None) -> SyncReport:
+def sync(
+    journal: str | os.PathLike | None = None, url: str | None = None, *, timeout: float = 300.0, on_progress=None
+) -> SyncReport:
     """Deliver a journal left by an earlier process, for at most `timeout` seconds.
 
     `on_progress(done, total)` is called as entries are delivered.
@@ -379,8 +429,13 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
     found_url, token, source = _resolve(url, None)
     options = ClientOptions.from_env(journal=journal).replace(heartbeat_s=float("inf"), send_interval_s=0.2)
     store = Journal(options.journal_path, limit_bytes=options.journal_limit)
-    link = Link(found_url, token, token_source=_token_source(None), http_timeout_s=options.http_timeout_s,
-                rediscover=source not in PINNED_SOURCES)
+    link = Link(
+        found_url,
+        token,
+        token_source=_token_source(None),
+        http_timeout_s=options.http_timeout_s,
+        rediscover=source not in PINNED_SOURCES,
+    )
     sender = Sender(store, link, options)
     try:
         before = store.queue.backlog()
@@ -396,9 +451,15 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
             sender.flush(max(0.0, deadline - time.monotonic()))
         sender.stop()
         after = store.queue.backlog()
-        return SyncReport(journal=store.path, url=found_url, before=before.pending, after=after.pending,
-                          dead=after.dead, last_error=link.last_error if after.total else None,
-                          repair=None if store.repair_report is None else str(store.repair_report))
+        return SyncReport(
+            journal=store.path,
+            url=found_url,
+            before=before.pending,
+            after=after.pending,
+            dead=after.dead,
+            last_error=link.last_error if after.total else None,
+            repair=None if store.repair_report is None else str(store.repair_report),
+        )
     finally:
         if sender.stop():
             store.close()
@@ -406,8 +467,7 @@ def sync(journal: str | os.PathLike | None = None, url: str | None = None, *, ti
             sender.when_stopped(store.close)
 
 
-def queue(journal: str | os.PathLike | None = None, *, retry: list[int] | bool = False,
-          drop: list[int] | bool = False):
+def queue(journal: str | os.PathLike | None = None, *, retry: list[int] | bool = False, drop: list[int] | bool = False):
     """(backlog, dead letters, run records, path) of a journal, for `bridge queue`.
 
     `retry`/`drop`: True for every dead letter, or a list of their ids — sent again by the next sender

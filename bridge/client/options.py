@@ -83,8 +83,17 @@ class ClientOptions:
     sources: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_s", "send_interval_s", "http_timeout_s", "probe_timeout_s", "token_retry_min_s",
-                     "flush_retry_s", "durable_every_s", "adopt_every_s", "other_runs_every_s"):
+        for name in (
+            "heartbeat_s",
+            "send_interval_s",
+            "http_timeout_s",
+            "probe_timeout_s",
+            "token_retry_min_s",
+            "flush_retry_s",
+            "durable_every_s",
+            "adopt_every_s",
+            "other_runs_every_s",
+        ):
             value = getattr(self, name)
             if not value > 0:  # also refuses NaN
                 raise ConfigError(f"{_label(name)} must be a positive number of seconds, got {value!r}")
@@ -93,13 +102,14 @@ class ClientOptions:
             if not value >= 0:
                 raise ConfigError(f"{_label(name)} must be 0 or more seconds, got {value!r}")
         if self.journal_limit <= 0:
-            raise ConfigError(f"{_label('journal_limit')} must be a positive number of bytes, "
-                              f"got {self.journal_limit!r}")
+            raise ConfigError(
+                f"{_label('journal_limit')} must be a positive number of bytes, got {self.journal_limit!r}"
+            )
         if self.poison_attempts < 1:
             raise ConfigError(f"{_label('poison_attempts')} must be at least 1, got {self.poison_attempts!r}")
 
     @classmethod
-    def from_env(cls, **overrides) -> "ClientOptions":
+    def from_env(cls, **overrides) -> ClientOptions:
         """Defaults, then the environment, then `overrides` (None means "not given")."""
         values: dict = {}
         sources: dict = {}
@@ -125,9 +135,9 @@ class ClientOptions:
     def journal_path(self) -> Path:
         return self.journal if self.journal is not None else config.paths().journal_file
 
-    def replace(self, **changes) -> "ClientOptions":
+    def replace(self, **changes) -> ClientOptions:
         sources = dict(self.sources)
-        sources.update({name: "argument" for name in changes})
+        sources.update(dict.fromkeys(changes, "argument"))
         return dataclasses.replace(self, **changes, sources=sources)
 
     def describe(self) -> list[tuple[str, str, str, str]]:

@@ -39,17 +39,23 @@ class Entry:
 
     def payload(self) -> dict:
         if self.kind == METRIC:
-            return {"key": self.key, "value": json_number(decode_value(self.value)),
-                    "timestamp": self.ts, "step": self.step or 0}
+            return {
+                "key": self.key,
+                "value": json_number(decode_value(self.value)),
+                "timestamp": self.ts,
+                "step": self.step or 0,
+            }
         return {"key": self.key, "value": self.value}
 
 
 def batch_body(server_run_id: str, entries: list[Entry]) -> dict:
     """The log_batch request body for `entries` of one run."""
-    return {"run_id": server_run_id,
-            "metrics": [e.payload() for e in entries if e.kind == METRIC],
-            "params": [e.payload() for e in entries if e.kind == PARAM],
-            "tags": [e.payload() for e in entries if e.kind == TAG]}
+    return {
+        "run_id": server_run_id,
+        "metrics": [e.payload() for e in entries if e.kind == METRIC],
+        "params": [e.payload() for e in entries if e.kind == PARAM],
+        "tags": [e.payload() for e in entries if e.kind == TAG],
+    }
 
 
 class Batch:
@@ -70,8 +76,11 @@ class Batch:
 
     def has_room_for_tags(self, keys: list[str]) -> bool:
         """Whether more tags `keys` fit MLflow's limits without touching what the batch already says."""
-        return (len(self.entries) + len(keys) <= MAX_ENTRIES_PER_BATCH
-                and len(self.tags) + len(keys) <= MAX_TAGS_PER_BATCH and not any(k in self.tags for k in keys))
+        return (
+            len(self.entries) + len(keys) <= MAX_ENTRIES_PER_BATCH
+            and len(self.tags) + len(keys) <= MAX_TAGS_PER_BATCH
+            and not any(k in self.tags for k in keys)
+        )
 
     def add(self, op: Op) -> bool:
         """Take `op` if it fits MLflow's limits and keeps the batch's meaning; False means send first."""

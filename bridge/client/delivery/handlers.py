@@ -90,6 +90,9 @@ def must_wait(ops: Operations, op: Op) -> bool:
 def lost_upsert_race(kinds: Iterable[str], exc: BaseException) -> bool:
     """Whether `exc`, the answer to a request writing ops of `kinds`, is an upsert refused on its unique key
     because another try of it got there first (`Handler.upsert`): worth another try."""
-    return (isinstance(exc, HttpError) and exc.status == 400
-            and any(kind in HANDLERS and HANDLERS[kind].upsert for kind in kinds)
-            and any(text in (exc.message or "") for text in _UNIQUE_VIOLATIONS))
+    return (
+        isinstance(exc, HttpError)
+        and exc.status == 400
+        and any(kind in HANDLERS and HANDLERS[kind].upsert for kind in kinds)
+        and any(text in (exc.message or "") for text in _UNIQUE_VIOLATIONS)
+    )

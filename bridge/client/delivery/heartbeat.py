@@ -14,10 +14,10 @@ import logging
 import time
 
 from bridge import config
+from bridge.client.delivery.marks import TERMINAL_STATUSES, DeliveryMarks
 from bridge.client.journal import Journal
 from bridge.client.link import Link
 from bridge.client.options import DEFAULT_OTHER_RUNS_EVERY_S
-from bridge.client.delivery.marks import TERMINAL_STATUSES, DeliveryMarks
 from bridge.errors import HttpError, LinkError, TransportError
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,15 @@ REVIVE_CHECK_EVERY_BEATS = 10
 class Heartbeats:
     """The live runs of this process and when each last beat on the server."""
 
-    def __init__(self, link: Link, journal: Journal, heartbeat_s: float, *, marks: DeliveryMarks | None = None,
-                 other_runs_every_s: float = DEFAULT_OTHER_RUNS_EVERY_S) -> None:
+    def __init__(
+        self,
+        link: Link,
+        journal: Journal,
+        heartbeat_s: float,
+        *,
+        marks: DeliveryMarks | None = None,
+        other_runs_every_s: float = DEFAULT_OTHER_RUNS_EVERY_S,
+    ) -> None:
         self.link = link
         self.other_runs_every_s = other_runs_every_s
         self.journal = journal
@@ -106,8 +113,9 @@ class Heartbeats:
             try:
                 marks = self.marks.owed_tags(("run", run)) if self.marks is not None else []
                 if marks:
-                    self.link.call("/runs/log-batch", {"run_id": remote, "metrics": [], "params": [],
-                                                       "tags": [beat, *marks]})
+                    self.link.call(
+                        "/runs/log-batch", {"run_id": remote, "metrics": [], "params": [], "tags": [beat, *marks]}
+                    )
                     self.marks.sent(("run", run), marks)
                 else:
                     self.link.call("/runs/set-tag", {"run_id": remote, **beat})
@@ -152,5 +160,9 @@ class Heartbeats:
         with contextlib.suppress(HttpError):  # absent when someone else ended it: nothing to remove
             self.link.call("/runs/delete-tag", {"run_id": remote, "key": config.KILLED_REASON_TAG})
         self.link.call("/runs/update", {"run_id": remote, "run_uuid": remote, "status": "RUNNING"})
-        log.warning("bridge: the server had marked run %s %s while it was still logging (no heartbeat got through); "
-                    "it is RUNNING again", run, info.get("status"))
+        log.warning(
+            "bridge: the server had marked run %s %s while it was still logging (no heartbeat got through); "
+            "it is RUNNING again",
+            run,
+            info.get("status"),
+        )

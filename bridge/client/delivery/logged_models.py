@@ -16,7 +16,10 @@ from bridge.client.delivery.operations import RUN_NOT_CREATED, Operations, serve
 from bridge.client.delivery.registry import server_versions_tag, wait_turn
 from bridge.client.journal import Journal, Op
 from bridge.client.journal.kinds import (
-    CREATE_LOGGED_MODEL, LOGGED_MODEL, MODEL_KEY_TAG, STEP_METRICS_TO_MODEL,
+    CREATE_LOGGED_MODEL,
+    LOGGED_MODEL,
+    MODEL_KEY_TAG,
+    STEP_METRICS_TO_MODEL,
 )
 from bridge.errors import HttpError, UndeliverableError
 
@@ -42,9 +45,15 @@ def _model_url(model_id: str, tail: str = "") -> str:
 
 def _find_model(ops: Operations, experiment: str, local_id: str) -> dict | None:
     """The model an earlier try (or a copy of this journal) already created, found by its model key tag."""
-    found = ops.link.request("POST", f"{LOGGED_MODELS_API}/search", json_body={
-        "experiment_ids": [experiment], "max_results": 1,
-        "filter": f"tags.`{MODEL_KEY_TAG}` = '{local_id}'"}).json()
+    found = ops.link.request(
+        "POST",
+        f"{LOGGED_MODELS_API}/search",
+        json_body={
+            "experiment_ids": [experiment],
+            "max_results": 1,
+            "filter": f"tags.`{MODEL_KEY_TAG}` = '{local_id}'",
+        },
+    ).json()
     models = found.get("models") or []
     return models[0]["info"] if models else None
 
@@ -62,10 +71,12 @@ def apply_create(ops: Operations, op: Op, body: dict) -> list[str]:
     info = _find_model(ops, experiment, local_id)
     params = [{"key": k, "value": v} for k, v in (body.get("params") or {}).items()]
     if info is None:
-        payload = {"experiment_id": experiment, "name": body["name"],
-                   "tags": [{"key": k, "value": v} for k, v in {**(body.get("tags") or {}),
-                                                                 MODEL_KEY_TAG: local_id}.items()],
-                   "params": params[:_PARAMS_PER_REQUEST]}
+        payload = {
+            "experiment_id": experiment,
+            "name": body["name"],
+            "tags": [{"key": k, "value": v} for k, v in {**(body.get("tags") or {}), MODEL_KEY_TAG: local_id}.items()],
+            "params": params[:_PARAMS_PER_REQUEST],
+        }
         if source_run:
             payload["source_run_id"] = source_run
         if body.get("model_type"):
@@ -82,13 +93,17 @@ def apply_create(ops: Operations, op: Op, body: dict) -> list[str]:
 
 def _send_params(ops: Operations, remote: str, params: list[dict]) -> None:
     for start in range(0, len(params), _PARAMS_PER_REQUEST):
-        ops.link.request("POST", _model_url(remote, "/params"),
-                         json_body={"model_id": remote, "params": params[start:start + _PARAMS_PER_REQUEST]})
+        ops.link.request(
+            "POST",
+            _model_url(remote, "/params"),
+            json_body={"model_id": remote, "params": params[start : start + _PARAMS_PER_REQUEST]},
+        )
 
 
 def apply_params(ops: Operations, op: Op, body: dict) -> list[str]:
-    _send_params(ops, server_model_id(ops.journal, body["model"]),
-                 [{"key": k, "value": v} for k, v in body["params"].items()])
+    _send_params(
+        ops, server_model_id(ops.journal, body["model"]), [{"key": k, "value": v} for k, v in body["params"].items()]
+    )
     return []
 
 
@@ -99,8 +114,11 @@ def apply_tags(ops: Operations, op: Op, body: dict) -> list[str]:
     tags = dict(body["tags"])
     if MLFLOW_MODEL_VERSIONS in tags:
         tags[MLFLOW_MODEL_VERSIONS] = server_versions_tag(ops.journal, tags[MLFLOW_MODEL_VERSIONS])
-    ops.link.request("PATCH", _model_url(remote, "/tags"),
-                     json_body={"model_id": remote, "tags": [{"key": k, "value": v} for k, v in tags.items()]})
+    ops.link.request(
+        "PATCH",
+        _model_url(remote, "/tags"),
+        json_body={"model_id": remote, "tags": [{"key": k, "value": v} for k, v in tags.items()]},
+    )
     return []
 
 
@@ -122,21 +140,24 @@ def apply_finalize(ops: Operations, op: Op, body: dict) -> list[str]:
 
     status = LoggedModelStatus(body["status"]).to_proto()
 
-    ops.link.request("PATCH", _model_url(remote), json_body={"model_id": remote,
-                                                             "status": StatusProto.Name(status)})
+    ops.link.request("PATCH", _model_url(remote), json_body={"model_id": remote, "status": StatusProto.Name(status)})
     return []
 
 
 def apply_outputs(ops: Operations, op: Op, body: dict) -> list[str]:
-    run, model, step = _server_run_id(ops.journal, body["run"]), server_model_id(ops.journal, body["model"]), \
-        body.get("step") or 0
+    run, model, step = (
+        _server_run_id(ops.journal, body["run"]),
+        server_model_id(ops.journal, body["model"]),
+        body.get("step") or 0,
+    )
     try:
         ops.link.call("/runs/outputs", {"run_id": run, "models": [{"model_id": model, "step": step}]})
     except HttpError:
         # Linked already (an unacknowledged try, or a copy of this journal): MLflow refuses the second link.
         found = ops.link.call("/runs/get", {"run_id": run}, method="GET").get("run", {}).get("outputs") or {}
-        if not any(o.get("model_id") == model and int(o.get("step") or 0) == step
-                   for o in found.get("model_outputs") or ()):
+        if not any(
+            o.get("model_id") == model and int(o.get("step") or 0) == step for o in found.get("model_outputs") or ()
+        ):
             raise
     return []
 
@@ -163,16 +184,21 @@ def waits_for_model(ops: Operations, op: Op, body: dict) -> bool:
         named = {p["model_id"] for p in body["metrics"] if p.get("model_id")}
     for model_id in named:
         record = ops.journal.ids.entity(LOGGED_MODEL, model_id) if model_id.startswith("m-") else None
-        if (record is not None and record.remote_id is None
-                and ops.journal.queue.undelivered(model_id, (CREATE_LOGGED_MODEL,))):
+        if (
+            record is not None
+            and record.remote_id is None
+            and ops.journal.queue.undelivered(model_id, (CREATE_LOGGED_MODEL,))
+        ):
             return True
     return False
 
 
 def _log_batch_metrics(ops: Operations, run: str, points: list[dict]) -> None:
     for start in range(0, len(points), MAX_METRICS_PER_BATCH):
-        ops.link.call("/runs/log-batch", {"run_id": run, "metrics": points[start:start + MAX_METRICS_PER_BATCH],
-                                          "params": [], "tags": []})
+        ops.link.call(
+            "/runs/log-batch",
+            {"run_id": run, "metrics": points[start : start + MAX_METRICS_PER_BATCH], "params": [], "tags": []},
+        )
 
 
 def apply_model_metrics(ops: Operations, op: Op, body: dict) -> list[str]:
@@ -244,8 +270,11 @@ def _model_points_on_server(ops: Operations, run: str, models: set[str]) -> tupl
                 raise
             gone.add(model)
             continue
-        held.update(_point_key(dict(m, model_id=model)) for m in found.get("metrics") or ()
-                    if not m.get("run_id") or m["run_id"] == run)
+        held.update(
+            _point_key(dict(m, model_id=model))
+            for m in found.get("metrics") or ()
+            if not m.get("run_id") or m["run_id"] == run
+        )
     return held, gone
 
 
@@ -277,9 +306,14 @@ def apply_step_metrics(ops: Operations, op: Op, body: dict) -> list[str]:
             if token:
                 query["page_token"] = token
             page = ops.link.call("/metrics/get-history", query, method="GET")
-            found.extend({**{k: p[k] for k in ("key", "value", "timestamp", "dataset_name", "dataset_digest")
-                             if k in p}, "step": step}
-                         for p in page.get("metrics") or () if int(p.get("step") or 0) == step and not p.get("model_id"))
+            found.extend(
+                {
+                    **{k: p[k] for k in ("key", "value", "timestamp", "dataset_name", "dataset_digest") if k in p},
+                    "step": step,
+                }
+                for p in page.get("metrics") or ()
+                if int(p.get("step") or 0) == step and not p.get("model_id")
+            )
             token = page.get("next_page_token")
             if not token:
                 break

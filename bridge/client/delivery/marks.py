@@ -72,7 +72,7 @@ def parse_marks(scope: Scope, tags: Iterable[tuple[str, str]]) -> dict[str, int]
     for key, value in tags:
         if key.startswith(MARK_TAG_PREFIX) and key.endswith(suffix):
             try:
-                marks[key[len(MARK_TAG_PREFIX):-len(suffix)]] = int(value)
+                marks[key[len(MARK_TAG_PREFIX) : -len(suffix)]] = int(value)
             except (TypeError, ValueError):
                 continue
     return marks
@@ -89,7 +89,7 @@ class DeliveryMarks:
         self.link = link
         self.journal = journal
         self._known: dict[Scope, dict[str, int]] = {}  # what the server holds (read once, then kept up to date)
-        self._urgent: set[Scope] = set()               # owed by a run that has ended: sent at the round's end
+        self._urgent: set[Scope] = set()  # owed by a run that has ended: sent at the round's end
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -117,8 +117,9 @@ class DeliveryMarks:
                 remote = self.journal.ids.server_experiment_id(local_id)
                 if remote is None:
                     return None
-                tags = self.link.call("/experiments/get", {"experiment_id": remote},
-                                      method="GET")["experiment"].get("tags", [])
+                tags = self.link.call("/experiments/get", {"experiment_id": remote}, method="GET")["experiment"].get(
+                    "tags", []
+                )
         except HttpError as exc:
             if classify_failure(exc) is not Verdict.REJECT:
                 raise

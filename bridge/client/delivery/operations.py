@@ -52,8 +52,9 @@ class Operations:
     """What every delivery handler (delivery/handlers.py) works with: the link, the journal, heartbeats, marks,
     the creates in flight; and the applications of the run and experiment kinds."""
 
-    def __init__(self, link: Link, journal: Journal, heartbeats: Heartbeats,
-                 marks: DeliveryMarks | None = None) -> None:
+    def __init__(
+        self, link: Link, journal: Journal, heartbeats: Heartbeats, marks: DeliveryMarks | None = None
+    ) -> None:
         self.link = link
         self.journal = journal
         self.heartbeats = heartbeats
@@ -103,20 +104,24 @@ class Operations:
             return value
         remote, _ = self.journal.ids.server_run(value)
         if remote is None:
-            raise UndeliverableError(PARENT_NOT_CREATED, f"tag {key} names run {value}, which was never created "
-                                                         "on the server")
+            raise UndeliverableError(
+                PARENT_NOT_CREATED, f"tag {key} names run {value}, which was never created on the server"
+            )
         return remote
 
     def _server_experiment(self, experiment_id: str, what: str) -> str:
         remote = self.journal.ids.server_experiment_id(experiment_id)
         if remote is None:
-            raise UndeliverableError(EXPERIMENT_NOT_CREATED,
-                                     f"experiment {experiment_id} of {what} was never created on the server")
+            raise UndeliverableError(
+                EXPERIMENT_NOT_CREATED, f"experiment {experiment_id} of {what} was never created on the server"
+            )
         return remote
 
-    def create_experiment(self, local_id: str, name: str, tags: dict[str, str],
-                          artifact_location: str | None = None) -> str:
+    def create_experiment(
+        self, local_id: str, name: str, tags: dict[str, str], artifact_location: str | None = None
+    ) -> str:
         """Get-or-create by name, so every process and every retry lands on one server experiment."""
+
         def lookup() -> str | None:
             try:
                 found = self.link.call("/experiments/get-by-name", {"experiment_name": name}, method="GET")
@@ -125,8 +130,9 @@ class Operations:
                     return None
                 raise
             # Its delivery marks come with it (a copy of this journal may have delivered to it: marks.py).
-            self.marks.learn(("experiment", local_id), ((t["key"], t.get("value"))
-                                                        for t in found["experiment"].get("tags", [])))
+            self.marks.learn(
+                ("experiment", local_id), ((t["key"], t.get("value")) for t in found["experiment"].get("tags", []))
+            )
             return found["experiment"]["experiment_id"]
 
         remote = lookup()
@@ -158,8 +164,9 @@ class Operations:
         chosen = _the_run_in_use(result.get("runs") or [])
         found = chosen["info"] if chosen else None
         if found is not None:  # its delivery marks come with it (marks.py)
-            self.marks.learn(("run", op.run), ((t["key"], t.get("value"))
-                                               for t in chosen.get("data", {}).get("tags", [])))
+            self.marks.learn(
+                ("run", op.run), ((t["key"], t.get("value")) for t in chosen.get("data", {}).get("tags", []))
+            )
         else:
             tags = {}
             for key, value in (body.get("tags") or {}).items():
@@ -169,8 +176,11 @@ class Operations:
                     log.warning("bridge: run %s is created without tag %s: %s", op.run, key, exc.message)
             tags[config.RUN_KEY_TAG] = op.run
             tags.update(self.heartbeats.birth_tags(op.run))
-            payload = {"experiment_id": experiment, "start_time": record.start_time,
-                       "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+            payload = {
+                "experiment_id": experiment,
+                "start_time": record.start_time,
+                "tags": [{"key": k, "value": v} for k, v in tags.items()],
+            }
             if record.user_id:
                 payload["user_id"] = record.user_id
             if record.name:
@@ -186,8 +196,8 @@ class Operations:
         """Delete empty runs carrying `run`'s key beside the one it maps to: an earlier try of its create, held
         up in the network past the client's timeout or cut by a stopping sender, applied after the retry had
         looked for it and created the run again (harness H11, H21). MLflow has no idempotent create; this is the
-        clean-up. A run holding anything the mapped run lacks (`bridge.twins.empty_twin`), or mapped by another local run, is
-        left alone (it cannot be such a try) and said so.
+        clean-up. A run holding anything the mapped run lacks (`bridge.twins.empty_twin`), or mapped by another
+        local run, is left alone (it cannot be such a try) and said so.
 
         Looked for when the run ends, on a flush, and once its watch is due; `final` ends the watch.
         One landing after that is deleted by `bridge serve`'s reaper once it is silent (bridge/serve/reaper.py).
@@ -213,8 +223,9 @@ class Operations:
             if twin_id == remote or ours is None:
                 continue
             if not empty_twin(twin, ours) or self.journal.ids.run_for_remote(twin_id) is not None:
-                log.warning("bridge: run %s has a second run %s with its key that is in use; left as it is", run,
-                            twin_id)
+                log.warning(
+                    "bridge: run %s has a second run %s with its key that is in use; left as it is", run, twin_id
+                )
                 continue
             try:
                 self.link.call("/runs/set-tag", {"run_id": twin_id, "key": config.DUPLICATE_OF_TAG, "value": remote})
@@ -222,8 +233,11 @@ class Operations:
             except HttpError as exc:
                 log.debug("bridge: could not remove the duplicate run %s: %s", twin_id, exc)
                 continue
-            log.info("bridge: removed run %s, an empty duplicate of run %s left by a create that arrived late",
-                     twin_id, remote)
+            log.info(
+                "bridge: removed run %s, an empty duplicate of run %s left by a create that arrived late",
+                twin_id,
+                remote,
+            )
         if final:
             self.journal.book.unwatch_twins(run)
 
@@ -240,11 +254,14 @@ class Operations:
             artifact_root = self.link.call("/runs/get", {"run_id": remote}, method="GET")["run"]["info"]["artifact_uri"]
         spool_file: Path = self.journal.spool.path(body["spool"])
         if not spool_file.exists():
-            raise UndeliverableError(SPOOL_FILE_MISSING, f"spooled copy of {body['path']} is missing from "
-                                                         f"{self.journal.spool.folder}")
+            raise UndeliverableError(
+                SPOOL_FILE_MISSING, f"spooled copy of {body['path']} is missing from {self.journal.spool.folder}"
+            )
         if sha256_of(spool_file) != body["sha256"]:
-            raise UndeliverableError(SPOOL_FILE_DAMAGED, f"the spooled copy of {body['path']} no longer matches "
-                                                         "the sha256 recorded when it was logged")
+            raise UndeliverableError(
+                SPOOL_FILE_DAMAGED,
+                f"the spooled copy of {body['path']} no longer matches the sha256 recorded when it was logged",
+            )
         self._artifact_path(artifact_root, body["path"])  # an artifact root bridge cannot upload to: say why
         url = self.link.artifact_url(artifact_root, body["path"])
         # Always uploaded again after a failed try, never "checked" first: a listing shows only sizes, so an
@@ -260,10 +277,15 @@ def _the_run_in_use(runs: list[dict]) -> dict | None:
     """Of the runs carrying one run key, the one to deliver to: never a twin bridge removed while another is
     there, an active one before a deleted one, then the one holding the most (a copy of a journal must land
     on the run its original writes to, not on an empty twin about to be removed)."""
+
     def rank(run: dict) -> tuple:
         data = run.get("data") or {}
-        return (config.DUPLICATE_OF_TAG not in run_tags(run), run["info"].get("lifecycle_stage") != "deleted",
-                len(data.get("metrics") or []) + len(data.get("params") or []) + len(data.get("tags") or []))
+        return (
+            config.DUPLICATE_OF_TAG not in run_tags(run),
+            run["info"].get("lifecycle_stage") != "deleted",
+            len(data.get("metrics") or []) + len(data.get("params") or []) + len(data.get("tags") or []),
+        )
+
     return max(runs, key=rank) if runs else None
 
 

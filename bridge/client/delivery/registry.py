@@ -13,9 +13,25 @@ import json
 from bridge.client.delivery.operations import MODEL_NOT_CREATED, RUN_NOT_CREATED, Operations, server_model_id
 from bridge.client.journal import Journal, Op
 from bridge.client.journal.kinds import (
-    ARTIFACT, CREATE_LOGGED_MODEL, CREATE_MODEL_VERSION, CREATE_REGISTERED_MODEL, CREATE_RUN, DELETE_ALIAS,
-    DELETE_MODEL_TAG, DELETE_VERSION_TAG, FINALIZE_LOGGED_MODEL, LOGGED_MODEL, MODEL_VERSION, REGISTRY_KEY,
-    REGISTRY_KINDS, SET_ALIAS, SET_MODEL_TAG, SET_VERSION_TAG, VERSION_KEY_TAG, version_key, version_number,
+    ARTIFACT,
+    CREATE_LOGGED_MODEL,
+    CREATE_MODEL_VERSION,
+    CREATE_REGISTERED_MODEL,
+    CREATE_RUN,
+    DELETE_ALIAS,
+    DELETE_MODEL_TAG,
+    DELETE_VERSION_TAG,
+    FINALIZE_LOGGED_MODEL,
+    LOGGED_MODEL,
+    MODEL_VERSION,
+    REGISTRY_KEY,
+    REGISTRY_KINDS,
+    SET_ALIAS,
+    SET_MODEL_TAG,
+    SET_VERSION_TAG,
+    VERSION_KEY_TAG,
+    version_key,
+    version_number,
 )
 from bridge.client.link import API
 from bridge.errors import HttpError, UndeliverableError
@@ -69,6 +85,7 @@ def _call(ops: Operations, method: str, endpoint: str, body: dict, *, missing_ok
 
 def _not_ready(journal: Journal, key: str, kinds: tuple[str, ...], prefix: str | None = None) -> bool:
     """Whether `key` (a run or a logged model) still has undelivered ops of `kinds` (artifacts under `prefix`)."""
+
     def under(path: str) -> bool:
         return not prefix or path == prefix or path.startswith(prefix + "/")
 
@@ -79,14 +96,14 @@ def _source_on_server(ops: Operations, source: str) -> tuple[str, bool]:
     """(the server's form of `source`, whether what it names is still on its way)."""
     journal = ops.journal
     if source.startswith("models:/m-"):
-        local = source[len("models:/"):].split("/", 1)[0]
+        local = source[len("models:/") :].split("/", 1)[0]
         if journal.ids.entity(LOGGED_MODEL, local) is None:
             return source, False
         waiting = _model_waiting(journal, local)
         return ("models:/" + (server_model_id(journal, local) if not waiting else local)), waiting
     for scheme in ("bridge-artifacts://", "runs:/"):
         if source.startswith(scheme):
-            owner, _, path = source[len(scheme):].partition("/")
+            owner, _, path = source[len(scheme) :].partition("/")
             if owner.startswith("m-") and scheme == "bridge-artifacts://":
                 waiting = _model_waiting(journal, owner)
             else:
@@ -109,8 +126,7 @@ def _model_waiting(journal: Journal, model_id: str) -> bool:
         return False
     if record.remote_id is None:
         if not journal.queue.undelivered(model_id, (CREATE_LOGGED_MODEL,)):
-            raise UndeliverableError(MODEL_NOT_CREATED, f"logged model {model_id} was never created on the "
-                                                               "server")
+            raise UndeliverableError(MODEL_NOT_CREATED, f"logged model {model_id} was never created on the server")
         return True
     return _not_ready(journal, model_id, (ARTIFACT, FINALIZE_LOGGED_MODEL))
 
@@ -135,22 +151,32 @@ def _apply_create_version(ops: Operations, op: Op, body: dict) -> list[str]:
         return []
     run_id, model_id = body.get("run_id"), body.get("model_id")
     waiting = (run_id is not None and _run_waiting(journal, run_id)) or (
-        model_id is not None and _model_waiting(journal, model_id))
+        model_id is not None and _model_waiting(journal, model_id)
+    )
     source, source_waiting = _source_on_server(ops, body["source"])
     if waiting or source_waiting:
         journal.queue.requeue(op.id)  # what it names is still on its way: after it, and everything behind this waits
         return []
     # Always looked for first (one request per version): a lost answer must not register it twice.
-    result = ops.link.request("GET", API + "/model-versions/search", params={
-        "filter": f"name = '{quote_name(body['name'])}' and tags.`{VERSION_KEY_TAG}` = '{body['key']}'",
-        "max_results": 1}).json()
+    result = ops.link.request(
+        "GET",
+        API + "/model-versions/search",
+        params={
+            "filter": f"name = '{quote_name(body['name'])}' and tags.`{VERSION_KEY_TAG}` = '{body['key']}'",
+            "max_results": 1,
+        },
+    ).json()
     versions = result.get("model_versions") or []
     if versions:
         found = versions[0]
     else:
-        payload = {"name": body["name"], "source": source,
-                   "tags": [{"key": k, "value": v} for k, v in {**(body.get("tags") or {}),
-                                                                VERSION_KEY_TAG: body["key"]}.items()]}
+        payload = {
+            "name": body["name"],
+            "source": source,
+            "tags": [
+                {"key": k, "value": v} for k, v in {**(body.get("tags") or {}), VERSION_KEY_TAG: body["key"]}.items()
+            ],
+        }
         if run_id:
             payload["run_id"] = journal.ids.server_run(run_id)[0]
         if model_id:
@@ -181,8 +207,12 @@ def apply_registry(ops: Operations, op: Op, body: dict) -> list[str]:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise  # else: created by an earlier, unacknowledged try (or someone else): get-or-create
     elif op.kind == SET_ALIAS:
-        _call(ops, "POST", "/registered-models/alias",
-              {"name": name, "alias": body["alias"], "version": _server_version(journal, name, body["version"])})
+        _call(
+            ops,
+            "POST",
+            "/registered-models/alias",
+            {"name": name, "alias": body["alias"], "version": _server_version(journal, name, body["version"])},
+        )
     elif op.kind == DELETE_ALIAS:
         _call(ops, "DELETE", "/registered-models/alias", {"name": name, "alias": body["alias"]}, missing_ok=True)
     elif op.kind == SET_MODEL_TAG:
@@ -190,11 +220,25 @@ def apply_registry(ops: Operations, op: Op, body: dict) -> list[str]:
     elif op.kind == DELETE_MODEL_TAG:
         _call(ops, "DELETE", "/registered-models/delete-tag", {"name": name, "key": op.key}, missing_ok=True)
     elif op.kind == SET_VERSION_TAG:
-        _call(ops, "POST", "/model-versions/set-tag", {"name": name, "version": _server_version(
-            journal, name, body["version"]), "key": op.key, "value": body["value"]})
+        _call(
+            ops,
+            "POST",
+            "/model-versions/set-tag",
+            {
+                "name": name,
+                "version": _server_version(journal, name, body["version"]),
+                "key": op.key,
+                "value": body["value"],
+            },
+        )
     elif op.kind == DELETE_VERSION_TAG:
-        _call(ops, "DELETE", "/model-versions/delete-tag", {"name": name, "version": _server_version(
-            journal, name, body["version"]), "key": op.key}, missing_ok=True)
+        _call(
+            ops,
+            "DELETE",
+            "/model-versions/delete-tag",
+            {"name": name, "version": _server_version(journal, name, body["version"]), "key": op.key},
+            missing_ok=True,
+        )
     return []
 
 

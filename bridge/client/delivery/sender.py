@@ -57,8 +57,14 @@ class _Pause(Exception):
 class Sender:
     """Delivers `journal` through `link`, in a daemon thread started by `start()`."""
 
-    def __init__(self, journal: Journal, link: Link, options: ClientOptions | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        link: Link,
+        options: ClientOptions | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """`options` hold every timing (ClientOptions); `clock` is the monotonic clock its deadlines read."""
         self.journal = journal
         self._clock = clock
@@ -66,8 +72,13 @@ class Sender:
         self.options = options or ClientOptions.from_env()
         self.send_interval_s = self.options.send_interval_s
         self.marks = DeliveryMarks(link, journal)
-        self.heartbeats = Heartbeats(link, journal, self.options.heartbeat_s, marks=self.marks,
-                                     other_runs_every_s=self.options.other_runs_every_s)
+        self.heartbeats = Heartbeats(
+            link,
+            journal,
+            self.options.heartbeat_s,
+            marks=self.marks,
+            other_runs_every_s=self.options.other_runs_every_s,
+        )
         self.operations = Operations(link, journal, self.heartbeats, self.marks)
         self.delivered = 0
         self._wake = threading.Event()
@@ -91,10 +102,10 @@ class Sender:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, args=(self._loop,), name="bridge-sender",
-                                            daemon=True)
-            self._durable_thread = threading.Thread(target=self._run, args=(self._durable_loop,),
-                                                    name="bridge-journal-sync", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(self._loop,), name="bridge-sender", daemon=True)
+            self._durable_thread = threading.Thread(
+                target=self._run, args=(self._durable_loop,), name="bridge-journal-sync", daemon=True
+            )
             with self._state_lock:
                 self._threads_alive = 2
             self._thread.start()
@@ -121,8 +132,11 @@ class Sender:
             if thread is not None:
                 thread.join(max(0.0, deadline - self._clock()))
         if any(t is not None and t.is_alive() for t in (self._thread, self._durable_thread)):
-            log.warning("bridge: the sender did not stop within %.0f s; it keeps journal %s until it ends",
-                        timeout, self.journal.path)
+            log.warning(
+                "bridge: the sender did not stop within %.0f s; it keeps journal %s until it ends",
+                timeout,
+                self.journal.path,
+            )
             return False
         self._thread = self._durable_thread = None
         self.link.close()
@@ -166,8 +180,9 @@ class Sender:
         try:
             while True:
                 left = self.journal.queue.backlog().total
-                if (left == 0 and not self._owes_marks_now() and not self._owes_twin_look(since_look)) \
-                        or self._thread is None:
+                if (
+                    left == 0 and not self._owes_marks_now() and not self._owes_twin_look(since_look)
+                ) or self._thread is None:
                     return left
                 now = self._clock()
                 if deadline is not None and now >= deadline:
@@ -207,7 +222,8 @@ class Sender:
 
     def _acquire_lock(self) -> bool:
         """One sender per journal at a time, across processes (a live process and `bridge sync`)."""
-        handle = open(str(self.journal.path) + ".lock", "a+")
+        # Kept open while this sender lives: the flock is held as long as the handle is (closed in _release_lock).
+        handle = open(str(self.journal.path) + ".lock", "a+")  # noqa: SIM115
         if not try_lock(handle.fileno()):
             handle.close()
             return False
@@ -241,7 +257,10 @@ class Sender:
                 attempts += 1
                 wait = compute_backoff_ms(attempts) / 1000
                 if pause.verdict is Verdict.TOKEN:
-                    wait = max(wait, compute_backoff_ms(attempts, min_backoff_ms=int(self.options.token_retry_min_s * 1000)) / 1000)
+                    wait = max(
+                        wait,
+                        compute_backoff_ms(attempts, min_backoff_ms=int(self.options.token_retry_min_s * 1000)) / 1000,
+                    )
                     self.link.refresh_token()
                 elif not self._stop.is_set():
                     self.link.maybe_rediscover(interval_s=self.options.rediscover_interval_s)
@@ -320,20 +339,33 @@ class Sender:
     def _owes_twin_look(self, since_look: int) -> bool:
         """Whether a flush, begun when `since_look` looks had begun, still waits for one begun after it — only
         while this sender delivers (holds the journal) and the server answers."""
-        return (self._looks_done <= since_look and self.link.online is not False and not self._lock_elsewhere
-                and not self._stop.is_set() and bool(self.journal.book.twin_watches()))
+        return (
+            self._looks_done <= since_look
+            and self.link.online is not False
+            and not self._lock_elsewhere
+            and not self._stop.is_set()
+            and bool(self.journal.book.twin_watches())
+        )
 
     def _owes_marks_now(self) -> bool:
         """Whether a flush still waits for delivery marks (only while the server answers: see marks.py, and
         while this sender delivers: the process holding the journal pays them)."""
-        return (self.link.online is not False and not self._lock_elsewhere
-                and any(self._pays_now(s) for s in self.marks.owing_scopes()))
+        return (
+            self.link.online is not False
+            and not self._lock_elsewhere
+            and any(self._pays_now(s) for s in self.marks.owing_scopes())
+        )
 
     def _pays_now(self, scope: Scope) -> bool:
         """Whether `scope`'s owed marks go at the end of this round: a live run's ride in its next request."""
         kind, local_id = scope
-        return (kind == "experiment" or self.marks.urgent(scope) or not self.heartbeats.is_live(local_id)
-                or bool(self._flushing) or self._stop.is_set())
+        return (
+            kind == "experiment"
+            or self.marks.urgent(scope)
+            or not self.heartbeats.is_live(local_id)
+            or bool(self._flushing)
+            or self._stop.is_set()
+        )
 
     def _deliver_ops(self, run: str, ops: list[Op], *, hold_tail: bool = False) -> tuple[int, bool]:
         """Send `ops` in order; (rows delivered, whether the rest was held for the next round: a small trailing
@@ -402,8 +434,11 @@ class Sender:
 
     def _skip(self, op: Op) -> int:
         """`op` was delivered before, from a copy of this journal (marks.py): done without sending."""
-        log.info("bridge: %s of run %s was delivered already from a copy of this journal; not sent again", op.kind,
-                 op.run or "-")
+        log.info(
+            "bridge: %s of run %s was delivered already from a copy of this journal; not sent again",
+            op.kind,
+            op.run or "-",
+        )
         self.journal.queue.complete([op.id], spool=[op.json()["spool"]] if op.kind == ARTIFACT else [])
         return 1
 
@@ -423,12 +458,16 @@ class Sender:
         except LinkError as exc:
             verdict = classify_failure(exc)
             if verdict is Verdict.REJECT:
-                if (poison is not None and poison + 1 < self.options.poison_attempts
-                        and lost_upsert_race(kinds, exc)):
+                if poison is not None and poison + 1 < self.options.poison_attempts and lost_upsert_race(kinds, exc):
                     raise _Pause(exc, Verdict.RETRY) from None
                 raise
-            if (poison is not None and isinstance(exc, HttpError) and exc.status >= 500
-                    and poison + 1 >= self.options.poison_attempts and self.link.probe()):
+            if (
+                poison is not None
+                and isinstance(exc, HttpError)
+                and exc.status >= 500
+                and poison + 1 >= self.options.poison_attempts
+                and self.link.probe()
+            ):
                 raise _ServerFailsOnIt(exc.status, exc.error_code, exc.message) from None
             raise _Pause(exc, verdict) from None
 
@@ -436,26 +475,30 @@ class Sender:
         remote, _ = self.journal.ids.server_run(run)
         ids = batch.ids
         if remote is None:
-            self.journal.queue.bury(ids, f"run {run} was never created on the server (its creation failed; see above)",
-                              reason=RUN_NOT_CREATED)
+            self.journal.queue.bury(
+                ids,
+                f"run {run} was never created on the server (its creation failed; see above)",
+                reason=RUN_NOT_CREATED,
+            )
             self.marks.done(ops)
             return 0
         if not self.journal.queue.claim(ids):
             raise _Pause(RuntimeError("another sender claimed these entries"), Verdict.RETRY)
         entries = self._server_values(batch.entries)
         # A live run's heartbeat rides along when half its period has passed: no request of its own then.
-        beat_run = run if self.heartbeats.due_in_batch(run) and batch.has_room_for_tags(
-            [Heartbeats.tag()["key"]]) else None
+        beat_run = (
+            run if self.heartbeats.due_in_batch(run) and batch.has_room_for_tags([Heartbeats.tag()["key"]]) else None
+        )
         # So do the run's delivery marks, this batch's own rows included (applied with them, or not at all).
         scope = ("run", run)
         own = {uid: n for (of, uid), n in self.marks.highest(ops).items() if of == scope}
         try:
             marks = self._checked(lambda: self.marks.owed_tags(scope, own))
-            if not batch.has_room_for_tags([t["key"] for t in marks]
-                                           + ([Heartbeats.tag()["key"]] if beat_run else [])):
+            if not batch.has_room_for_tags([t["key"] for t in marks] + ([Heartbeats.tag()["key"]] if beat_run else [])):
                 marks = []
-            count, carried = self._deliver_entries(remote, entries, beat_run=beat_run, marks=marks) if entries \
-                else (0, False)
+            count, carried = (
+                self._deliver_entries(remote, entries, beat_run=beat_run, marks=marks) if entries else (0, False)
+            )
             self.marks.done(ops)  # delivered or set aside, every one of them
             if carried:
                 self.marks.sent(scope, marks)
@@ -476,8 +519,9 @@ class Sender:
             kept.append(entry)
         return kept
 
-    def _deliver_entries(self, remote: str, entries: list[Entry], *, beat_run: str | None = None,
-                         marks: list[dict] = ()) -> tuple[int, bool]:
+    def _deliver_entries(
+        self, remote: str, entries: list[Entry], *, beat_run: str | None = None, marks: list[dict] = ()
+    ) -> tuple[int, bool]:
         """Send `entries` (split on a refusal); (rows delivered, whether the beat and `marks` went with them)."""
         body = batch_body(remote, entries)
         if beat_run is not None:
@@ -485,8 +529,7 @@ class Sender:
         body["tags"].extend(marks)
         ids = [i for e in entries for i in e.ids]
         try:
-            self._checked(lambda: self.link.call("/runs/log-batch", body),
-                          poison=max(e.attempts for e in entries))
+            self._checked(lambda: self.link.call("/runs/log-batch", body), poison=max(e.attempts for e in entries))
         except HttpError as exc:  # REJECT (or a poison entry): find the one entry the server objects to
             if beat_run is not None or marks:
                 return self._deliver_entries(remote, entries)[0], False  # the same again without beat and marks
@@ -497,8 +540,9 @@ class Sender:
                 self.journal.queue.bury(ids, exc.message, reason=reason)
                 return 0, False
             mid = len(entries) // 2
-            return self._deliver_entries(remote, entries[:mid])[0] + self._deliver_entries(remote, entries[mid:])[0], \
-                False
+            return self._deliver_entries(remote, entries[:mid])[0] + self._deliver_entries(remote, entries[mid:])[
+                0
+            ], False
         self.journal.queue.complete(ids)
         self.delivered += len(ids)
         if beat_run is not None:
@@ -514,9 +558,17 @@ class Sender:
         if not self.journal.queue.claim(ids):
             raise _Pause(RuntimeError("another sender claimed these entries"), Verdict.RETRY)
         first = ops[0]
-        whole = Op(first.id, first.run, first.kind, None, None, None, None,
-                   json.dumps({"metrics": [p for op in ops for p in op.json()["metrics"]]}),
-                   max(op.attempts for op in ops))
+        whole = Op(
+            first.id,
+            first.run,
+            first.kind,
+            None,
+            None,
+            None,
+            None,
+            json.dumps({"metrics": [p for op in ops for p in op.json()["metrics"]]}),
+            max(op.attempts for op in ops),
+        )
         try:
             try:
                 self._checked(lambda: handlers.apply(self.operations, whole), poison=whole.attempts)
@@ -539,14 +591,23 @@ class Sender:
                 spool = self._checked(lambda: handlers.apply(self.operations, op), poison=op.attempts, kinds=(op.kind,))
             except HttpError as exc:
                 reason = _dead_letter_reason(exc)
-                log.warning("bridge: server refused %s of run %s: %s (kept as a dead letter, %s)", op.kind,
-                            op.run or "-", exc.message, reason)
+                log.warning(
+                    "bridge: server refused %s of run %s: %s (kept as a dead letter, %s)",
+                    op.kind,
+                    op.run or "-",
+                    exc.message,
+                    reason,
+                )
                 self.journal.queue.bury([op.id], exc.message, reason=reason)
                 self.marks.done([op])
                 return 0
             except UndeliverableError as exc:
-                log.warning("bridge: %s of run %s cannot be delivered: %s (kept as a dead letter)", op.kind,
-                            op.run or "-", exc.message)
+                log.warning(
+                    "bridge: %s of run %s cannot be delivered: %s (kept as a dead letter)",
+                    op.kind,
+                    op.run or "-",
+                    exc.message,
+                )
                 self.journal.queue.bury([op.id], exc.message, reason=exc.reason)
                 self.marks.done([op])
                 return 0

@@ -23,8 +23,9 @@ class Bookkeeping:
         """A lineage for this opening: a copy of the file opened elsewhere never shares it with what is written
         here from now on (delivery/marks.py). Its number is the `epoch` of every row this opening writes."""
         with self._db.db() as conn:
-            return conn.execute("insert into lineage(uid, created) values(?,?)",
-                                (uuid.uuid4().hex, time.time())).lastrowid
+            return conn.execute(
+                "insert into lineage(uid, created) values(?,?)", (uuid.uuid4().hex, time.time())
+            ).lastrowid
 
     def epoch_uid(self, epoch: int | None) -> str | None:
         """The lineage uid of rows written with `epoch` (Op.epoch); None when unknown (a repaired journal)."""
@@ -39,27 +40,40 @@ class Bookkeeping:
     def owe_marks(self, done: dict[tuple[str, str], int]) -> None:
         """Rows up to these ids, per (scope, lineage uid), were delivered or set aside: their marks are owed."""
         with self._db.db() as conn:
-            conn.executemany("insert into owed_marks(scope, uid, done) values(?,?,?) on conflict(scope, uid) "
-                             "do update set done=max(done, excluded.done)",
-                             [(scope, uid, n) for (scope, uid), n in done.items()])
+            conn.executemany(
+                "insert into owed_marks(scope, uid, done) values(?,?,?) on conflict(scope, uid) "
+                "do update set done=max(done, excluded.done)",
+                [(scope, uid, n) for (scope, uid), n in done.items()],
+            )
 
     def owed_marks(self, scope: str | None = None) -> dict[str, dict[str, int]]:
         """{scope: {uid: mark}}: what may be sent now — each owed mark kept below the first row of its scope and
         lineage that is not done yet (a batch split by a pause can deliver rows past one still waiting)."""
         with self._db.db(write=False) as conn:
-            rows = conn.execute("select scope, uid, done from owed_marks" + (" where scope=?" if scope else ""),
-                                (scope,) if scope else ()).fetchall()
+            rows = conn.execute(
+                "select scope, uid, done from owed_marks" + (" where scope=?" if scope else ""),
+                (scope,) if scope else (),
+            ).fetchall()
             result: dict[str, dict[str, int]] = {}
             for owner, uid, done in rows:
                 kind, _, local_id = owner.partition(":")
                 if kind == "run":
-                    where, args = "run=? and kind in ({})".format(",".join("?" * len(MARKED_RUN_KINDS))), \
-                        (local_id, *sorted(MARKED_RUN_KINDS))
+                    where, args = (
+                        "run=? and kind in ({})".format(",".join("?" * len(MARKED_RUN_KINDS))),
+                        (local_id, *sorted(MARKED_RUN_KINDS)),
+                    )
                 else:
-                    where, args = ("run='' and kind in ({}) and json_extract(body, '$.experiment_id')=?".format(
-                        ",".join("?" * len(MARKED_EXPERIMENT_KINDS))), (*sorted(MARKED_EXPERIMENT_KINDS), local_id))
-                (first,) = conn.execute(f"select min(id) from ops where {IS_UNDELIVERED} and {where} and "
-                                        "epoch in (select n from lineage where uid=?)", (*args, uid)).fetchone()
+                    where, args = (
+                        "run='' and kind in ({}) and json_extract(body, '$.experiment_id')=?".format(
+                            ",".join("?" * len(MARKED_EXPERIMENT_KINDS))
+                        ),
+                        (*sorted(MARKED_EXPERIMENT_KINDS), local_id),
+                    )
+                (first,) = conn.execute(
+                    f"select min(id) from ops where {IS_UNDELIVERED} and {where} and "
+                    "epoch in (select n from lineage where uid=?)",
+                    (*args, uid),
+                ).fetchone()
                 mark = done if first is None else min(done, first - 1)
                 if mark > 0:
                     result.setdefault(owner, {})[uid] = mark
@@ -68,8 +82,10 @@ class Bookkeeping:
     def marks_sent(self, scope: str, marks: dict[str, int]) -> None:
         """The server holds these marks of `scope`: what they cover is owed no more."""
         with self._db.db() as conn:
-            conn.executemany("delete from owed_marks where scope=? and uid=? and done<=?",
-                             [(scope, uid, n) for uid, n in marks.items()])
+            conn.executemany(
+                "delete from owed_marks where scope=? and uid=? and done<=?",
+                [(scope, uid, n) for uid, n in marks.items()],
+            )
 
     def drop_owed_marks(self, scope: str) -> None:
         with self._db.db() as conn:

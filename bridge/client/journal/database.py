@@ -123,8 +123,9 @@ class Database:
 
     def _create_connection(self) -> sqlite3.Connection:
         """Open a connection with every pragma bridge relies on; one per thread."""
-        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                               timeout=_BUSY_TIMEOUT_MS / 1000)
+        conn = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
+        )
         conn.execute(f"pragma busy_timeout={_BUSY_TIMEOUT_MS}")
         conn.execute("pragma journal_mode=wal")
         conn.execute("pragma synchronous=NORMAL")  # see the module docstring for why not FULL
@@ -285,8 +286,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
     if "autoincrement" not in ops_sql.lower():
         # Row ids used to restart at 1 once every row was delivered; the delivery marks (marks.py) need them
         # never reused. Rebuilt once, in the transaction of the journal's opening (a copy of what it holds).
-        log.info("bridge: updating the journal's table of entries to this version (once; %d entries)",
-                 conn.execute("select count(*) from ops").fetchone()[0])
+        log.info(
+            "bridge: updating the journal's table of entries to this version (once; %d entries)",
+            conn.execute("select count(*) from ops").fetchone()[0],
+        )
         columns = ",".join(r[1] for r in conn.execute("pragma table_info(ops)"))
         conn.execute("alter table ops rename to ops_before_autoincrement")
         conn.execute(_SCHEMA[0])
@@ -318,8 +321,9 @@ def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: st
     rowid = 0
     while rowid < top:
         try:
-            rows = old.execute(f"select rowid, {names} from {table} where rowid > ? order by rowid limit 256",
-                               (rowid,)).fetchall()
+            rows = old.execute(
+                f"select rowid, {names} from {table} where rowid > ? order by rowid limit 256", (rowid,)
+            ).fetchall()
         except sqlite3.DatabaseError:
             rows = None
         if rows is None:

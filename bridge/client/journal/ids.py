@@ -28,26 +28,34 @@ class IdMaps:
 
     def experiment(self, local_id: str) -> ExperimentRecord | None:
         with self._db.db(write=False) as conn:
-            row = conn.execute("select local_id, name, remote_id from experiments where local_id=?",
-                               (local_id,)).fetchone()
+            row = conn.execute(
+                "select local_id, name, remote_id from experiments where local_id=?", (local_id,)
+            ).fetchone()
         return ExperimentRecord(*row) if row else None
 
     def experiment_for_remote(self, remote_id: str) -> ExperimentRecord | None:
         with self._db.db(write=False) as conn:
-            row = conn.execute("select local_id, name, remote_id from experiments where remote_id=?",
-                               (remote_id,)).fetchone()
+            row = conn.execute(
+                "select local_id, name, remote_id from experiments where remote_id=?", (remote_id,)
+            ).fetchone()
         return ExperimentRecord(*row) if row else None
 
     def run(self, local_id: str) -> RunRecord | None:
         with self._db.db(write=False) as conn:
-            row = conn.execute("select local_id, remote_id, experiment_id, name, user_id, start_time, end_time, "
-                               "status, artifact_uri from runs where local_id=?", (local_id,)).fetchone()
+            row = conn.execute(
+                "select local_id, remote_id, experiment_id, name, user_id, start_time, end_time, "
+                "status, artifact_uri from runs where local_id=?",
+                (local_id,),
+            ).fetchone()
         return RunRecord(*row) if row else None
 
     def run_for_remote(self, remote_id: str) -> RunRecord | None:
         with self._db.db(write=False) as conn:
-            row = conn.execute("select local_id, remote_id, experiment_id, name, user_id, start_time, end_time, "
-                               "status, artifact_uri from runs where remote_id=?", (remote_id,)).fetchone()
+            row = conn.execute(
+                "select local_id, remote_id, experiment_id, name, user_id, start_time, end_time, "
+                "status, artifact_uri from runs where remote_id=?",
+                (remote_id,),
+            ).fetchone()
         return RunRecord(*row) if row else None
 
     def server_experiment_id(self, experiment_id: str) -> str | None:
@@ -80,8 +88,11 @@ class IdMaps:
         """RUNNING runs created by other processes of this machine that are still alive (DataLoader workers,
         DDP children): whoever delivers this journal keeps them beating."""
         with self._db.db(write=False) as conn:
-            rows = conn.execute("select local_id, owner_pid from runs where status='RUNNING' and owner_host=? "
-                                "and owner_pid is not null and owner_pid != ?", (HOST, os.getpid())).fetchall()
+            rows = conn.execute(
+                "select local_id, owner_pid from runs where status='RUNNING' and owner_host=? "
+                "and owner_pid is not null and owner_pid != ?",
+                (HOST, os.getpid()),
+            ).fetchall()
         return {run for run, pid in rows if _process_alive(pid)}
 
     def run_created_at(self, local_id: str) -> float | None:
@@ -92,47 +103,60 @@ class IdMaps:
 
     def runs(self) -> list[RunRecord]:
         with self._db.db(write=False) as conn:
-            rows = conn.execute("select local_id, remote_id, experiment_id, name, user_id, start_time, end_time, "
-                                "status, artifact_uri from runs order by created").fetchall()
+            rows = conn.execute(
+                "select local_id, remote_id, experiment_id, name, user_id, start_time, end_time, "
+                "status, artifact_uri from runs order by created"
+            ).fetchall()
         return [RunRecord(*row) for row in rows]
 
     def entity(self, kind: str, local_id: str) -> EntityRecord | None:
         with self._db.db(write=False) as conn:
-            row = conn.execute("select local_id, remote_id, location, body from entities where kind=? and local_id=?",
-                               (kind, local_id)).fetchone()
+            row = conn.execute(
+                "select local_id, remote_id, location, body from entities where kind=? and local_id=?", (kind, local_id)
+            ).fetchone()
         return EntityRecord(*row) if row else None
 
     def entity_for_remote(self, kind: str, remote_id: str) -> EntityRecord | None:
         with self._db.db(write=False) as conn:
-            row = conn.execute("select local_id, remote_id, location, body from entities where kind=? and remote_id=?",
-                               (kind, remote_id)).fetchone()
+            row = conn.execute(
+                "select local_id, remote_id, location, body from entities where kind=? and remote_id=?",
+                (kind, remote_id),
+            ).fetchone()
         return EntityRecord(*row) if row else None
 
     def entities(self, kind: str) -> list[EntityRecord]:
         with self._db.db(write=False) as conn:
-            rows = conn.execute("select local_id, remote_id, location, body from entities where kind=? order by created",
-                                (kind,)).fetchall()
+            rows = conn.execute(
+                "select local_id, remote_id, location, body from entities where kind=? order by created", (kind,)
+            ).fetchall()
         return [EntityRecord(*row) for row in rows]
 
     def map_experiment(self, local_id: str, remote_id: str) -> None:
         with self._db.db() as conn:
             conn.execute("update experiments set remote_id=? where local_id=?", (remote_id, local_id))
 
-    def map_run(self, local_id: str, remote_id: str, artifact_uri: str | None, *,
-                watch_twins_until: float | None = None) -> None:
+    def map_run(
+        self, local_id: str, remote_id: str, artifact_uri: str | None, *, watch_twins_until: float | None = None
+    ) -> None:
         """`local_id` is `remote_id` on the server; with `watch_twins_until`, in the same transaction, a late
         try of its create may still land (twin_watch)."""
         with self._db.db() as conn:
-            conn.execute("update runs set remote_id=?, artifact_uri=? where local_id=?",
-                         (remote_id, artifact_uri, local_id))
+            conn.execute(
+                "update runs set remote_id=?, artifact_uri=? where local_id=?", (remote_id, artifact_uri, local_id)
+            )
             if watch_twins_until is not None:
-                conn.execute("insert into twin_watch(run, due) values(?,?) on conflict(run) do update set "
-                             "due=max(due, excluded.due)", (local_id, watch_twins_until))
+                conn.execute(
+                    "insert into twin_watch(run, due) values(?,?) on conflict(run) do update set "
+                    "due=max(due, excluded.due)",
+                    (local_id, watch_twins_until),
+                )
 
     def map_entity(self, kind: str, local_id: str, remote_id: str, location: str | None = None) -> None:
         with self._db.db() as conn:
-            conn.execute("update entities set remote_id=?, location=coalesce(?, location) where kind=? and local_id=?",
-                         (remote_id, location, kind, local_id))
+            conn.execute(
+                "update entities set remote_id=?, location=coalesce(?, location) where kind=? and local_id=?",
+                (remote_id, location, kind, local_id),
+            )
 
     def experiments(self) -> list[ExperimentRecord]:
         """Every experiment created here, oldest first."""

@@ -52,11 +52,11 @@ def decode(data: bytes, start: int = 0) -> tuple[list[Point], int]:
     while pos + size <= len(data):
         crc, run_len, key_len, value, ts, step = _HEADER.unpack_from(data, pos)
         end = pos + size + run_len + key_len
-        if end > len(data) or zlib.crc32(data[pos + 4:end]) != crc:
+        if end > len(data) or zlib.crc32(data[pos + 4 : end]) != crc:
             break
         try:
-            run = data[pos + size:pos + size + run_len].decode()
-            key = data[pos + size + run_len:end].decode()
+            run = data[pos + size : pos + size + run_len].decode()
+            key = data[pos + size + run_len : end].decode()
         except UnicodeDecodeError:
             break
         points.append((run, key, value, ts, step))
@@ -87,7 +87,7 @@ def _next_record(data: bytes, start: int) -> int | None:
         if run_len > _MAX_FIELD_BYTES or key_len > _MAX_FIELD_BYTES:
             continue
         end = pos + size + run_len + key_len
-        if end <= len(data) and zlib.crc32(data[pos + 4:end]) == crc:
+        if end <= len(data) and zlib.crc32(data[pos + 4 : end]) == crc:
             return pos
     return None
 

@@ -63,8 +63,9 @@ class Journal:
     """The journal at `path`: its SQLite `database`, the `ids`, the op `queue`, the delivery `book`, and beside
     the file the intake of metric points and the `spool` of logged files."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, limit_bytes: int | None = None,
-                 repair: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike | None = None, *, limit_bytes: int | None = None, repair: bool = True
+    ) -> None:
         self.path = journal_path(path)
         self.limit_bytes = journal_limit(limit_bytes)
         self._synced_writes = 0  # write transactions the last sync() made durable (database.writes)
@@ -141,8 +142,13 @@ class Journal:
                 )
         self._used_bytes += nbytes
 
-    def append_batch(self, run: str, metrics: list[tuple[str, float, int, int]] = (),
-                     params: list[tuple[str, str]] = (), tags: list[tuple[str, str]] = ()) -> None:
+    def append_batch(
+        self,
+        run: str,
+        metrics: list[tuple[str, float, int, int]] = (),
+        params: list[tuple[str, str]] = (),
+        tags: list[tuple[str, str]] = (),
+    ) -> None:
         """Journal metric points (key, value, timestamp ms, step) and params/tags (key, value) in one commit.
 
         Each point keeps the timestamp of the original call: that is what makes a re-send a no-op.
@@ -187,14 +193,19 @@ class Journal:
         if intake is None or intake.pid != os.getpid() or intake.size == self._moved:
             return 0
         with self._move_lock:
-            data, end = intake.read(self._moved)
+            data, _end = intake.read(self._moved)
             points, used, skipped = _intake.scan(data)
             if skipped or used < len(data):
                 # Every byte up to `end` was a whole append: anything unreadable here is damage, not a write
                 # in progress. Step over it; the records after it are kept.
-                log.error("journal intake %s is damaged: %d bytes at offset %d could not be read and were "
-                          "skipped; %d points around them were kept", intake.path, skipped + len(data) - used,
-                          self._moved, len(points))
+                log.error(
+                    "journal intake %s is damaged: %d bytes at offset %d could not be read and were "
+                    "skipped; %d points around them were kept",
+                    intake.path,
+                    skipped + len(data) - used,
+                    self._moved,
+                    len(points),
+                )
             used = len(data)
             if used:
                 self._insert_points(points, intake.name, self._moved + used)
@@ -208,8 +219,9 @@ class Journal:
     def _insert_points(self, points: list, intake_name: str, moved: int | None) -> None:
         now = time.time()
         with self.database.db() as conn:
-            conn.executemany(_INSERT_METRIC, [(run, key, encode_value(value), ts, step, now)
-                                              for run, key, value, ts, step in points])
+            conn.executemany(
+                _INSERT_METRIC, [(run, key, encode_value(value), ts, step, now) for run, key, value, ts, step in points]
+            )
             if moved is None:
                 conn.execute("delete from intake where name=?", (intake_name,))
             else:
@@ -228,11 +240,19 @@ class Journal:
                 points, used, skipped = _intake.scan(data[moved:])
                 self._insert_points(points, path.name, None)
                 if skipped:
-                    log.error("journal intake %s is damaged: %d bytes in its middle could not be read and were "
-                              "skipped; the records after them were kept", path.name, skipped)
+                    log.error(
+                        "journal intake %s is damaged: %d bytes in its middle could not be read and were "
+                        "skipped; the records after them were kept",
+                        path.name,
+                        skipped,
+                    )
                 if moved + used < len(data):
-                    log.warning("journal intake %s: %d bytes at its end are not a whole record (cut by a crash "
-                                "of the machine?) and were dropped", path.name, len(data) - moved - used)
+                    log.warning(
+                        "journal intake %s: %d bytes at its end are not a whole record (cut by a crash "
+                        "of the machine?) and were dropped",
+                        path.name,
+                        len(data) - moved - used,
+                    )
                 path.unlink(missing_ok=True)
                 adopted += len(points)
             finally:
@@ -245,8 +265,10 @@ class Journal:
         self._reserve(len(text) + _ROW_OVERHEAD)
         self.move_intake()  # in call order: points logged before this call get their journal order first
         with self.database.db() as conn:
-            conn.execute("insert into ops(run, kind, key, body, created, epoch) values(?,?,?,?,?,?)",
-                         (run, kind, key, text, time.time(), self.epoch))
+            conn.execute(
+                "insert into ops(run, kind, key, body, created, epoch) values(?,?,?,?,?,?)",
+                (run, kind, key, text, time.time(), self.epoch),
+            )
 
     def add_experiment(self, name: str, tags: dict[str, str], artifact_location: str | None = None) -> str:
         """Record an experiment created offline and journal its get-or-create; returns the local id."""
@@ -257,25 +279,33 @@ class Journal:
         body = json.dumps(spec, separators=(",", ":"))
         self._reserve(len(body) + 2 * _ROW_OVERHEAD)
         with self.database.db() as conn:
-            conn.execute("insert into experiments(local_id, name, created) values(?,?,?)",
-                         (local_id, name, time.time()))
-            conn.execute("insert into ops(run, kind, key, body, created, epoch) values('',?,?,?,?,?)",
-                         (CREATE_EXPERIMENT, local_id, body, time.time(), self.epoch))
+            conn.execute(
+                "insert into experiments(local_id, name, created) values(?,?,?)", (local_id, name, time.time())
+            )
+            conn.execute(
+                "insert into ops(run, kind, key, body, created, epoch) values('',?,?,?,?,?)",
+                (CREATE_EXPERIMENT, local_id, body, time.time(), self.epoch),
+            )
         return local_id
 
-    def add_run(self, *, experiment_id: str, user_id: str | None, start_time: int, name: str | None,
-                tags: dict[str, str]) -> str:
+    def add_run(
+        self, *, experiment_id: str, user_id: str | None, start_time: int, name: str | None, tags: dict[str, str]
+    ) -> str:
         """Record a run created here and journal its creation; returns the local run id (the run key)."""
         local_id = uuid.uuid4().hex
         body = json.dumps({"tags": tags}, separators=(",", ":"))
         self._reserve(len(body) + 2 * _ROW_OVERHEAD)
         now = time.time()
         with self.database.db() as conn:
-            conn.execute("insert into runs(local_id, experiment_id, name, user_id, start_time, owner_pid, owner_host, "
-                         "created) values(?,?,?,?,?,?,?,?)",
-                         (local_id, experiment_id, name, user_id, start_time, os.getpid(), HOST, now))
-            conn.execute("insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
-                         (local_id, CREATE_RUN, body, now, self.epoch))
+            conn.execute(
+                "insert into runs(local_id, experiment_id, name, user_id, start_time, owner_pid, owner_host, "
+                "created) values(?,?,?,?,?,?,?,?)",
+                (local_id, experiment_id, name, user_id, start_time, os.getpid(), HOST, now),
+            )
+            conn.execute(
+                "insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
+                (local_id, CREATE_RUN, body, now, self.epoch),
+            )
         return local_id
 
     def update_run(self, run: str, *, status: str | None, end_time: int | None, name: str | None) -> None:
@@ -284,10 +314,15 @@ class Journal:
         self._reserve(len(text) + _ROW_OVERHEAD)
         self.move_intake()  # an end status must never reach the server before the run's last points
         with self.database.db() as conn:
-            conn.execute("update runs set status=coalesce(?, status), end_time=coalesce(?, end_time), "
-                         "name=coalesce(?, name) where local_id=?", (status, end_time, name, run))
-            conn.execute("insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
-                         (run, UPDATE_RUN, text, time.time(), self.epoch))
+            conn.execute(
+                "update runs set status=coalesce(?, status), end_time=coalesce(?, end_time), "
+                "name=coalesce(?, name) where local_id=?",
+                (status, end_time, name, run),
+            )
+            conn.execute(
+                "insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
+                (run, UPDATE_RUN, text, time.time(), self.epoch),
+            )
 
     def spool_artifact(self, run: str, source: Path, artifact_path: str) -> dict:
         """Copy `source` into the spool now (hashing as it goes) and journal its upload."""
@@ -309,15 +344,20 @@ class Journal:
         self.move_intake()
         now = time.time()
         with self.database.db() as conn:
-            conn.execute("insert into entities(kind, local_id, body, created) values(?,?,?,?)",
-                         (kind, local_id, text, now))
-            conn.execute("insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
-                         (op[0], op[1], op_text, now, self.epoch))
+            conn.execute(
+                "insert into entities(kind, local_id, body, created) values(?,?,?,?)", (kind, local_id, text, now)
+            )
+            conn.execute(
+                "insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
+                (op[0], op[1], op_text, now, self.epoch),
+            )
 
     def update_entity(self, kind: str, local_id: str, body: dict) -> None:
         with self.database.db() as conn:
-            conn.execute("update entities set body=? where kind=? and local_id=?",
-                         (json.dumps(body, separators=(",", ":")), kind, local_id))
+            conn.execute(
+                "update entities set body=? where kind=? and local_id=?",
+                (json.dumps(body, separators=(",", ":")), kind, local_id),
+            )
 
     def sweep_spool(self) -> int:
         """Delete spooled files no undelivered row refers to."""

@@ -38,18 +38,22 @@ class OpQueue:
         self._move_intake()
         marks = ",".join("?" * len(kinds))
         with self._db.db(write=False) as conn:
-            rows = conn.execute(f"select id, run, kind, key, value, ts, step, body, attempts, epoch from ops "
-                                f"where run=? and {IS_UNDELIVERED} and kind in ({marks}) order by id",
-                                (run, *kinds)).fetchall()
+            rows = conn.execute(
+                f"select id, run, kind, key, value, ts, step, body, attempts, epoch from ops "
+                f"where run=? and {IS_UNDELIVERED} and kind in ({marks}) order by id",
+                (run, *kinds),
+            ).fetchall()
         return [Op(*row) for row in rows]
 
     def undelivered_naming(self, kind: str, text: str) -> list[Op]:
         """Undelivered ops of `kind`, of any run, whose body holds `text` as a JSON string, oldest first."""
         self._move_intake()
         with self._db.db(write=False) as conn:
-            rows = conn.execute(f"select id, run, kind, key, value, ts, step, body, attempts, epoch from ops where "
-                                f"kind=? and {IS_UNDELIVERED} and body like ? order by id",
-                                (kind, f'%{json.dumps(text)}%')).fetchall()
+            rows = conn.execute(
+                f"select id, run, kind, key, value, ts, step, body, attempts, epoch from ops where "
+                f"kind=? and {IS_UNDELIVERED} and body like ? order by id",
+                (kind, f"%{json.dumps(text)}%"),
+            ).fetchall()
         return [Op(*row) for row in rows]
 
     def update_body(self, op_id: int, body: dict) -> None:
@@ -61,8 +65,11 @@ class OpQueue:
         """Move an op to the end of the journal, pending: it waits for something journaled after it."""
         with self._db.db() as conn:
             # Past every id ever used (the table's AUTOINCREMENT sequence), not only the live ones.
-            conn.execute(f"update ops set id=(select max(coalesce(max(id), 0), coalesce((select seq from "
-                         f"sqlite_sequence where name='ops'), 0)) + 1 from ops), {IS_PENDING} where id=?", (op_id,))
+            conn.execute(
+                f"update ops set id=(select max(coalesce(max(id), 0), coalesce((select seq from "
+                f"sqlite_sequence where name='ops'), 0)) + 1 from ops), {IS_PENDING} where id=?",
+                (op_id,),
+            )
 
     def reset_in_flight(self) -> int:
         """Return in-flight rows to pending: a sender starting now cannot know whether they arrived."""
@@ -78,22 +85,26 @@ class OpQueue:
         """Runs with rows of these kinds not delivered yet."""
         self._move_intake()
         with self._db.db(write=False) as conn:
-            rows = conn.execute(f"select distinct run from ops where {IS_UNDELIVERED} and kind in "
-                                f"({','.join('?' * len(kinds))})", kinds).fetchall()
+            rows = conn.execute(
+                f"select distinct run from ops where {IS_UNDELIVERED} and kind in ({','.join('?' * len(kinds))})", kinds
+            ).fetchall()
         return {row[0] for row in rows}
 
     def runs_with_pending(self) -> list[str]:
         with self._db.db(write=False) as conn:
-            rows = conn.execute(f"select run, min(id) m from ops where {IS_PENDING} group by run "
-                                "order by run != '', m").fetchall()
+            rows = conn.execute(
+                f"select run, min(id) m from ops where {IS_PENDING} group by run order by run != '', m"
+            ).fetchall()
         return [r[0] for r in rows]
 
     def pending_ops(self, run: str, limit: int, upto: int | None = None) -> list[Op]:
         """Pending ops of `run`, oldest first, with ids up to `upto` (the end of a delivery round)."""
         with self._db.db(write=False) as conn:
-            rows = conn.execute("select id, run, kind, key, value, ts, step, body, attempts, epoch from ops "
-                                f"where {IS_PENDING} and run=? and id<=? order by id limit ?",
-                                (run, upto if upto is not None else 2**62, limit)).fetchall()
+            rows = conn.execute(
+                "select id, run, kind, key, value, ts, step, body, attempts, epoch from ops "
+                f"where {IS_PENDING} and run=? and id<=? order by id limit ?",
+                (run, upto if upto is not None else 2**62, limit),
+            ).fetchall()
         return [Op(*row) for row in rows]
 
     def superseded(self, op: Op) -> bool:
@@ -105,8 +116,10 @@ class OpQueue:
         if op.kind != ARTIFACT:
             return False
         with self._db.db(write=False) as conn:
-            rows = conn.execute(f"select body from ops where id>? and run=? and kind=? and key=? and {IS_UNDELIVERED}",
-                                (op.id, op.run, ARTIFACT, op.key)).fetchall()
+            rows = conn.execute(
+                f"select body from ops where id>? and run=? and kind=? and key=? and {IS_UNDELIVERED}",
+                (op.id, op.run, ARTIFACT, op.key),
+            ).fetchall()
         return any(self._spool.path(json.loads(body)["spool"]).is_file() for (body,) in rows)
 
     def claim(self, ids: list[int]) -> bool:
@@ -116,8 +129,9 @@ class OpQueue:
                 changed = 0
                 for chunk in _chunks(ids, 500):
                     marks = ",".join("?" * len(chunk))
-                    changed += conn.execute(f"update ops set {IS_IN_FLIGHT} where {IS_PENDING} and id in ({marks})",
-                                            chunk).rowcount
+                    changed += conn.execute(
+                        f"update ops set {IS_IN_FLIGHT} where {IS_PENDING} and id in ({marks})", chunk
+                    ).rowcount
                 if changed != len(ids):
                     raise _ClaimLost()
         except _ClaimLost:
@@ -143,8 +157,11 @@ class OpQueue:
         """Not delivered this time: back to pending, one more attempt counted."""
         with self._db.db() as conn:
             for chunk in _chunks(ids, 500):
-                conn.execute(f"update ops set {IS_PENDING}, attempts=attempts+1 "
-                             f"where {IS_IN_FLIGHT} and id in ({','.join('?' * len(chunk))})", chunk)
+                conn.execute(
+                    f"update ops set {IS_PENDING}, attempts=attempts+1 "
+                    f"where {IS_IN_FLIGHT} and id in ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
 
     def bury(self, ids: list[int], error: str, *, reason: str) -> None:
         """The server refused this entry for good: keep it as a dead letter with the server's message.
@@ -154,11 +171,13 @@ class OpQueue:
         spool = []
         with self._db.db() as conn:
             for chunk in _chunks(ids, 500):
-                rows = conn.execute(f"select body from ops where kind=? and id in ({','.join('?' * len(chunk))})",
-                                    (ARTIFACT, *chunk)).fetchall()
+                rows = conn.execute(
+                    f"select body from ops where kind=? and id in ({','.join('?' * len(chunk))})", (ARTIFACT, *chunk)
+                ).fetchall()
                 spool.extend(json.loads(body).get("spool") for (body,) in rows if body)
-            conn.executemany(f"update ops set {IS_DEAD}, error=?, reason=? where id=?",
-                             [(error[:2000], reason, i) for i in ids])
+            conn.executemany(
+                f"update ops set {IS_DEAD}, error=?, reason=? where id=?", [(error[:2000], reason, i) for i in ids]
+            )
             _count_settled(conn)
         for name in spool:
             if name:
@@ -181,8 +200,10 @@ class OpQueue:
         with self._db.db() as conn:
             # Its lineage's mark may already be past it (a dead letter counts as done for the marks, marks.py):
             # without one it is sent, never taken for a row a copy delivered.
-            return conn.execute(f"update ops set {IS_PENDING}, attempts=0, error=null, reason=null, epoch=null "
-                                f"where {IS_DEAD}{where}", args).rowcount
+            return conn.execute(
+                f"update ops set {IS_PENDING}, attempts=0, error=null, reason=null, epoch=null where {IS_DEAD}{where}",
+                args,
+            ).rowcount
 
     def drop_dead(self, ids: list[int] | None = None) -> int:
         """Delete dead letters (all, or `ids`) for good; how many."""
@@ -192,8 +213,10 @@ class OpQueue:
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._db.db(write=False) as conn:
-            rows = conn.execute("select id, run, kind, key, value, ts, step, body, attempts, error, reason from ops "
-                                f"where {IS_DEAD} order by id").fetchall()
+            rows = conn.execute(
+                "select id, run, kind, key, value, ts, step, body, attempts, error, reason from ops "
+                f"where {IS_DEAD} order by id"
+            ).fetchall()
         return [DeadLetter(Op(*row[:9]), row[9], row[10]) for row in rows]
 
     def spool_names(self) -> set[str]:
@@ -204,8 +227,9 @@ class OpQueue:
 
     def spool_referenced(self, name: str) -> bool:
         with self._db.db(write=False) as conn:
-            rows = conn.execute(f"select body from ops where kind=? and {IS_UNDELIVERED} and body like ?",
-                                (ARTIFACT, f'%"{name}"%')).fetchall()
+            rows = conn.execute(
+                f"select body from ops where kind=? and {IS_UNDELIVERED} and body like ?", (ARTIFACT, f'%"{name}"%')
+            ).fetchall()
         return any(json.loads(body).get("spool") == name for (body,) in rows)
 
 
@@ -225,4 +249,4 @@ class _ClaimLost(Exception):
 
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]

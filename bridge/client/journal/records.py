@@ -81,8 +81,10 @@ class RepairReport:
 
     def __str__(self) -> str:
         lost = "an unknown number of" if self.rows_lost is None else str(self.rows_lost)
-        return (f"journal was damaged ({self.problem}); recovered {self.rows_recovered} entries, "
-                f"lost {lost}; the damaged file was kept as {self.damaged_file}")
+        return (
+            f"journal was damaged ({self.problem}); recovered {self.rows_recovered} entries, "
+            f"lost {lost}; the damaged file was kept as {self.damaged_file}"
+        )
 
 
 @dataclass

@@ -62,9 +62,9 @@ def upload_read_timeout(size_bytes: int, read_timeout_s: float) -> float:
 
 
 class Verdict(enum.Enum):
-    RETRY = "retry"          # try the same request again later
-    TOKEN = "token"          # the token was refused: pause, re-read it, retry slowly
-    REJECT = "reject"        # the server refuses this content: isolate the entry, dead-letter it
+    RETRY = "retry"  # try the same request again later
+    TOKEN = "token"  # the token was refused: pause, re-read it, retry slowly
+    REJECT = "reject"  # the server refuses this content: isolate the entry, dead-letter it
 
 
 def classify_failure(exc: BaseException) -> Verdict:
@@ -122,10 +122,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def send(self, request: Request) -> Response: ...
 
-    def abort(self) -> None:
+    # Optional: a transport with no requests to cut, or nothing to release, keeps these as they are.
+    def abort(self) -> None:  # noqa: B027
         """Cut requests in flight from another thread (they fail with TransportError)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027
         """Release connections."""
 
 
@@ -222,10 +223,13 @@ class RequestsTransport(Transport):
             # A keep-alive connection the server closed while it sat idle in the pool (uvicorn closes after 5 s)
             # fails the next request sent on it: an idempotent one goes once more, on a new connection. Seen as
             # reads failing with no fault at all (harness: `log_table` raising after a slow `log_model`).
-            if (not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.Timeout)
-                    or request.method not in _SENT_AGAIN_ON_A_DEAD_CONNECTION
-                    or not isinstance(request.data, (bytes, str, type(None)))  # a file read once: not again
-                    or aborts != self._aborts):
+            if (
+                not isinstance(exc, requests.ConnectionError)
+                or isinstance(exc, requests.Timeout)
+                or request.method not in _SENT_AGAIN_ON_A_DEAD_CONNECTION
+                or not isinstance(request.data, (bytes, str, type(None)))  # a file read once: not again
+                or aborts != self._aborts
+            ):
                 raise _failure(request, exc) from None
         try:
             return self._send(request)
@@ -233,8 +237,15 @@ class RequestsTransport(Transport):
             raise _failure(request, exc) from None
 
     def _send(self, request: Request) -> Response:
-        resp = self._session().request(request.method, request.url, params=request.params, json=request.json,
-                                       data=request.data, headers=request.headers, timeout=request.timeout)
+        resp = self._session().request(
+            request.method,
+            request.url,
+            params=request.params,
+            json=request.json,
+            data=request.data,
+            headers=request.headers,
+            timeout=request.timeout,
+        )
         return Response(resp.status_code, resp.content, dict(resp.headers))
 
     def abort(self) -> None:
@@ -259,9 +270,16 @@ class RequestsTransport(Transport):
 class Link:
     """The client's connection to one bridge server (which may move: see `maybe_rediscover`)."""
 
-    def __init__(self, url: str, token: str | None, *, transport: Transport | None = None,
-                 token_source: Callable[[], str | None] | None = None, http_timeout_s: float = 20.0,
-                 rediscover: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        transport: Transport | None = None,
+        token_source: Callable[[], str | None] | None = None,
+        http_timeout_s: float = 20.0,
+        rediscover: bool = True,
+    ) -> None:
         self.url = url.rstrip("/")
         self._token = token
         self._token_source = token_source
@@ -292,8 +310,16 @@ class Link:
             headers["Authorization"] = f"Bearer {self._token}"
         return headers
 
-    def request(self, method: str, path: str, *, json_body: dict | None = None, params: dict | None = None,
-                data=None, timeout: tuple[float, float] | None = None) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: dict | None = None,
+        params: dict | None = None,
+        data=None,
+        timeout: tuple[float, float] | None = None,
+    ) -> Response:
         """One HTTP request to the server; errors as TransportError / HttpError, never with the token."""
         self.requests += 1
         request = Request(method, self.url + path, self._headers(), params, json_body, data, timeout or self.timeout)
@@ -317,8 +343,9 @@ class Link:
         self._note_success()
         return resp
 
-    def call(self, endpoint: str, body: dict, *, method: str = "POST",
-             timeout: tuple[float, float] | None = None) -> dict:
+    def call(
+        self, endpoint: str, body: dict, *, method: str = "POST", timeout: tuple[float, float] | None = None
+    ) -> dict:
         """An MLflow REST call (`endpoint` under /api/2.0/mlflow); the answer's JSON."""
         if method == "GET":
             resp = self.request("GET", API + endpoint, params=body, timeout=timeout)
@@ -327,13 +354,15 @@ class Link:
         try:
             return resp.json()
         except ValueError:
-            raise TransportError(f"{describe_url(self.url)}{API}{endpoint} answered with something that is "
-                                 "not JSON") from None
+            raise TransportError(
+                f"{describe_url(self.url)}{API}{endpoint} answered with something that is not JSON"
+            ) from None
 
     def check(self, timeout: float | None = None) -> None:
         """One cheap authenticated request; raises LinkError when the server is not usable."""
-        self.call(PROBE_ENDPOINT, {"max_results": 1}, method="GET",
-                  timeout=None if timeout is None else (timeout, timeout))
+        self.call(
+            PROBE_ENDPOINT, {"max_results": 1}, method="GET", timeout=None if timeout is None else (timeout, timeout)
+        )
 
     def probe(self, timeout: float | None = None) -> bool:
         """True when the server answers and takes the token (`check` without the error)."""
@@ -368,8 +397,11 @@ class Link:
 
     def _note_token_rejected(self, status: int) -> None:
         if not self.token_rejected:
-            log.warning("bridge: the server rejected the access token (HTTP %d) — delivery paused; the journal "
-                        "keeps everything", status)
+            log.warning(
+                "bridge: the server rejected the access token (HTTP %d) — delivery paused; the journal "
+                "keeps everything",
+                status,
+            )
         self.token_rejected = True
         self.last_error = f"token rejected (HTTP {status}); delivery paused, retrying slowly"
 
@@ -408,8 +440,9 @@ class Link:
             return False
         if endpoint is None or endpoint.url.rstrip("/") == self.url:
             return False
-        log.warning("bridge: the server moved to %s (%s); delivering there", describe_url(endpoint.url),
-                    endpoint.source)
+        log.warning(
+            "bridge: the server moved to %s (%s); delivering there", describe_url(endpoint.url), endpoint.source
+        )
         self.url = endpoint.url.rstrip("/")
         self._failures = 0
         self._failing_since = None
@@ -424,9 +457,11 @@ class Link:
     def artifact_path(artifact_root: str, path: str = "") -> str:
         """`path` under a run's server artifact root, as the mlflow-artifacts proxy names it (no leading /)."""
         if not artifact_root or not artifact_root.startswith("mlflow-artifacts:"):
-            raise ValueError(f"the server's artifact root for this run is {artifact_root!r}; bridge uploads only "
-                             "through the server's artifact proxy (mlflow server --serve-artifacts)")
-        rest = artifact_root[len("mlflow-artifacts:"):]
+            raise ValueError(
+                f"the server's artifact root for this run is {artifact_root!r}; bridge uploads only "
+                "through the server's artifact proxy (mlflow server --serve-artifacts)"
+            )
+        rest = artifact_root[len("mlflow-artifacts:") :]
         if rest.startswith("//"):
             rest = rest[2:].split("/", 1)[1] if "/" in rest[2:] else ""
         return f"{rest.strip('/')}/{path}".strip("/")

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import requests
 
 from bridge import config, secrets
+from bridge.client.options import DEFAULT_REDISCOVER_INTERVAL_S, ClientOptions
 from bridge.errors import BridgeError, ConfigError, DiscoveryError, RecordError, SecretError
 from bridge.record import (
     GIST_FILE_NAME,
@@ -35,7 +36,6 @@ from bridge.record import (
     verify_record,
 )
 from bridge.record import GITHUB_API as DEFAULT_GITHUB_API
-from bridge.client.options import DEFAULT_REDISCOVER_INTERVAL_S, ClientOptions
 from bridge.secrets import GITHUB_TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class _Spec:
 def _parse_spec(spec: str) -> _Spec:
     text = spec.strip()
     if text.startswith("file:"):
-        path = text[len("file:"):]
+        path = text[len("file:") :]
         if path.startswith("//"):  # file:///abs/path
             path = urlsplit(text).path
         if not path:
@@ -153,7 +153,7 @@ def _parse_spec(spec: str) -> _Spec:
         return _Spec("file", str(Path(path).expanduser()))
     if text.startswith("gist:"):
         # Accept a pasted gist URL or owner/ID as well: the ID is the last path segment.
-        gist_id = text[len("gist:"):].rstrip("/").rsplit("/", 1)[-1]
+        gist_id = text[len("gist:") :].rstrip("/").rsplit("/", 1)[-1]
         if not gist_id or not gist_id.isalnum():
             raise ConfigError(f"discovery source {spec!r} has no valid gist ID; accepted forms: {ACCEPTED_FORMS}")
         return _Spec("gist", gist_id)
@@ -172,7 +172,8 @@ def _read_limited(resp: requests.Response, source: str) -> str:
         body += chunk
         if len(body) > MAX_RECORD_BYTES:
             raise DiscoveryError(
-                f"{source} returned more than {MAX_RECORD_BYTES} bytes; that is not an endpoint record")
+                f"{source} returned more than {MAX_RECORD_BYTES} bytes; that is not an endpoint record"
+            )
     return body.decode(resp.encoding or "utf-8", errors="replace")
 
 
@@ -224,7 +225,8 @@ def _fetch_gist(gist_id: str, *, timeout: float) -> str:
     if not isinstance(entry, dict):
         names = ", ".join(sorted(files)) or "none"
         raise DiscoveryError(
-            f"{source} has no file {GIST_FILE_NAME!r} (files: {names}); was it published by `bridge serve`?")
+            f"{source} has no file {GIST_FILE_NAME!r} (files: {names}); was it published by `bridge serve`?"
+        )
     content = entry.get("content")
     if entry.get("truncated") or content is None:
         raw_url = entry.get("raw_url")
@@ -304,8 +306,9 @@ def _verified_endpoint(spec: _Spec, token: str, *, timeout: float) -> Endpoint:
     return Endpoint(url=record.url.rstrip("/"), source=spec.describe(), record=record)
 
 
-def find_endpoint(url: str | None = None, token: str | None = None, *,
-                  timeout: float = DEFAULT_FETCH_TIMEOUT_S) -> Endpoint:
+def find_endpoint(
+    url: str | None = None, token: str | None = None, *, timeout: float = DEFAULT_FETCH_TIMEOUT_S
+) -> Endpoint:
     """Where to log: argument → BRIDGE_URL → verified record from BRIDGE_DISCOVERY → verified local record."""
     if url:
         return Endpoint(url=normalize_url(url), source="argument")
@@ -353,8 +356,13 @@ _last_remote_fetch: dict[str, float] = {}
 _warned_records: set[tuple[str, str]] = set()
 
 
-def rediscover(token: str | None, current_url: str | None = None, *, interval_s: float | None = None,
-               timeout: float = DEFAULT_FETCH_TIMEOUT_S) -> Endpoint | None:
+def rediscover(
+    token: str | None,
+    current_url: str | None = None,
+    *,
+    interval_s: float | None = None,
+    timeout: float = DEFAULT_FETCH_TIMEOUT_S,
+) -> Endpoint | None:
     """A newly published endpoint whose URL differs from `current_url`, else None; never raises on fetch errors.
 
     Only the published record is re-read (BRIDGE_DISCOVERY, else the local record): an explicit URL is fixed,

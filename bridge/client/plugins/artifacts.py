@@ -60,8 +60,9 @@ class JournalArtifactRepository(ArtifactRepository):
         for folder, _, files in os.walk(root):
             rel = Path(folder).relative_to(root).as_posix()
             for name in sorted(files):
-                journal.spool_artifact(self.run_id, Path(folder) / name,
-                                       self._path(artifact_path, "" if rel == "." else rel, name))
+                journal.spool_artifact(
+                    self.run_id, Path(folder) / name, self._path(artifact_path, "" if rel == "." else rel, name)
+                )
 
     # ---------------------------------------------------------------------------------- reads
 
@@ -92,9 +93,12 @@ class JournalArtifactRepository(ArtifactRepository):
 
     def _unavailable(self) -> MlflowException:
         last = self.connection.link.last_error
-        return MlflowException(f"the artifacts of run {self.run_id} cannot be listed: the server cannot be reached "
-                               f"{f'(last error: {last}) ' if last else ''}(the journal holds only the files not "
-                               "delivered yet); try again once it is back", TEMPORARILY_UNAVAILABLE)
+        return MlflowException(
+            f"the artifacts of run {self.run_id} cannot be listed: the server cannot be reached "
+            f"{f'(last error: {last}) ' if last else ''}(the journal holds only the files not "
+            "delivered yet); try again once it is back",
+            TEMPORARILY_UNAVAILABLE,
+        )
 
     def _is_directory(self, artifact_path):
         """A file still in the spool is a file, whatever the server can say (MLflow asks before downloading)."""
@@ -132,13 +136,14 @@ class JournalArtifactRepository(ArtifactRepository):
             try:
                 for item in self.connection.link.list_artifacts(posixpath.join(base, wanted) if wanted else base):
                     rel = posixpath.join(path or "", item["path"]) if path else item["path"]
-                    found[rel] = FileInfo(rel, item.get("is_dir", False),
-                                          None if item.get("is_dir") else int(item.get("file_size") or 0))
+                    found[rel] = FileInfo(
+                        rel, item.get("is_dir", False), None if item.get("is_dir") else int(item.get("file_size") or 0)
+                    )
             except LinkError:
                 raise self._unavailable() from None
         for artifact_path, body in {**spooled_before, **self._spooled()}.items():
-            rel = artifact_path[len(self.prefix):].strip("/") if self.prefix else artifact_path
-            head = rel[len(path.strip("/")):].strip("/") if path else rel
+            rel = artifact_path[len(self.prefix) :].strip("/") if self.prefix else artifact_path
+            head = rel[len(path.strip("/")) :].strip("/") if path else rel
             if path and not rel.startswith(path.strip("/") + "/"):
                 continue
             first, _, rest = head.partition("/")
@@ -158,8 +163,11 @@ class JournalArtifactRepository(ArtifactRepository):
                 pass  # delivered (and discarded) since it was looked up: the server has it now
         base = self._server_base()
         if base is None:
-            raise MlflowException(f"artifact {remote_file_path} of run {self.run_id} is not in the journal and the "
-                                  "server cannot be reached", TEMPORARILY_UNAVAILABLE)
+            raise MlflowException(
+                f"artifact {remote_file_path} of run {self.run_id} is not in the journal and the "
+                "server cannot be reached",
+                TEMPORARILY_UNAVAILABLE,
+            )
         from urllib.parse import quote
 
         resp = self.connection.link.request("GET", f"{ARTIFACTS_API}/{quote(posixpath.join(base, target))}")

@@ -63,7 +63,7 @@ class BridgeHeaderProvider(RequestHeaderProvider):
     """While connected, MLflow's own requests (registry, model loading) skip ngrok's browser-warning page too."""
 
     def in_context(self) -> bool:
-            return active_connection() is not None
+        return active_connection() is not None
 
     def request_headers(self) -> dict[str, str]:
         return dict(NGROK_SKIP_WARNING)

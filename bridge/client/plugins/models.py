@@ -38,8 +38,17 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from bridge.client import journal as J
 from bridge.client.delivery.batch import json_number
 from bridge.client.journal.kinds import (
-    CREATE_LOGGED_MODEL, DELETE_LOGGED_MODEL_TAG, FINALIZE_LOGGED_MODEL, LOG_LOGGED_MODEL_PARAMS, LOG_OUTPUTS,
-    MODEL_KEY_TAG, MODEL_METRICS, RECORD_LOGGED_MODEL, REGISTRY_KEY, SET_LOGGED_MODEL_TAGS, STEP_METRICS_TO_MODEL,
+    CREATE_LOGGED_MODEL,
+    DELETE_LOGGED_MODEL_TAG,
+    FINALIZE_LOGGED_MODEL,
+    LOG_LOGGED_MODEL_PARAMS,
+    LOG_OUTPUTS,
+    MODEL_KEY_TAG,
+    MODEL_METRICS,
+    RECORD_LOGGED_MODEL,
+    REGISTRY_KEY,
+    SET_LOGGED_MODEL_TAGS,
+    STEP_METRICS_TO_MODEL,
     artifact_uri_for,
 )
 from bridge.client.plugins.server_reads import Offline
@@ -56,10 +65,26 @@ _RECHECK_NAMES = 100
 #: second value against an older one is met at delivery instead, as one from another process (docs/journal.md).
 MODEL_POINTS_KEPT = 20_000
 
-_NEVER_JOURNALED = ("start_trace", "log_spans", "log_spans_async", "get_trace_info", "get_trace", "search_traces",
-                    "set_trace_tag", "delete_trace_tag", "delete_traces", "batch_get_traces", "batch_get_trace_infos",
-                    "create_assessment", "update_assessment", "delete_assessment", "get_assessment",
-                    "link_prompts_to_trace", "unlink_traces_from_run", "calculate_trace_filter_correlation")
+_NEVER_JOURNALED = (
+    "start_trace",
+    "log_spans",
+    "log_spans_async",
+    "get_trace_info",
+    "get_trace",
+    "search_traces",
+    "set_trace_tag",
+    "delete_trace_tag",
+    "delete_traces",
+    "batch_get_traces",
+    "batch_get_trace_infos",
+    "create_assessment",
+    "update_assessment",
+    "delete_assessment",
+    "get_assessment",
+    "link_prompts_to_trace",
+    "unlink_traces_from_run",
+    "calculate_trace_filter_correlation",
+)
 
 
 def model_artifact_uri(model_id: str) -> str:
@@ -80,10 +105,21 @@ def model_metrics_body(metrics: list) -> dict:
     (numpy's int64 steps and timestamps included), so it is built before anything of the call is journaled."""
     points = []
     for m in metrics:
-        point = {"key": m.key, "value": json_number(float(m.value)), "timestamp": int(m.timestamp),
-                 "step": int(m.step or 0)}
-        point.update((k, str(v)) for k, v in (("model_id", m.model_id), ("dataset_name", m.dataset_name),
-                                              ("dataset_digest", m.dataset_digest)) if v)
+        point = {
+            "key": m.key,
+            "value": json_number(float(m.value)),
+            "timestamp": int(m.timestamp),
+            "step": int(m.step or 0),
+        }
+        point.update(
+            (k, str(v))
+            for k, v in (
+                ("model_id", m.model_id),
+                ("dataset_name", m.dataset_name),
+                ("dataset_digest", m.dataset_digest),
+            )
+            if v
+        )
         points.append(point)
     return {"metrics": points}
 
@@ -116,11 +152,13 @@ def model_point_clash(metrics: list, known: dict, canonical=lambda model_id: mod
                 return m, "the model holds another point there already"
             held.append(m)
     if held and len(instances) > _RECHECK_NAMES:
-        groups = [{m.key for m in instances[i:i + _RECHECK_NAMES]} for i in range(0, len(instances), _RECHECK_NAMES)]
+        groups = [{m.key for m in instances[i : i + _RECHECK_NAMES]} for i in range(0, len(instances), _RECHECK_NAMES)]
         for m in held:
             if any(m.key not in names for names in groups):
-                return m, (f"the model holds it already, which MLflow's server refuses in a request of more than "
-                           f"{_RECHECK_NAMES} model points")
+                return m, (
+                    f"the model holds it already, which MLflow's server refuses in a request of more than "
+                    f"{_RECHECK_NAMES} model points"
+                )
     return None
 
 
@@ -131,7 +169,7 @@ def remember_model_points(metrics: list, known: dict, canonical=lambda model_id:
         if m.model_id:
             known.setdefault(model_point_key(m, canonical), model_point_row(m))
     if len(known) > MODEL_POINTS_KEPT:  # the older half goes at once: O(1) a point, amortised
-        newer = list(known.items())[len(known) // 2:]
+        newer = list(known.items())[len(known) // 2 :]
         known.clear()
         known.update(newer)
 
@@ -139,12 +177,14 @@ def remember_model_points(metrics: list, known: dict, canonical=lambda model_id:
 def local_model_id(journal: J.Journal, cache: dict):
     """A function giving this side's id of a logged model named by its server id (a read after delivery
     answers those), or the id itself; answers are kept in `cache`."""
+
     def local(model_id: str) -> str:
         found = cache.get(model_id)
         if found is None:
             record = journal.ids.entity_for_remote(J.LOGGED_MODEL, model_id)
             found = cache[model_id] = model_id if record is None else record.local_id
         return found
+
     return local
 
 
@@ -192,8 +232,9 @@ def asked_by_log_model() -> tuple[str, int] | None:
     return None
 
 
-def journal_step_metrics_to_model(journal: J.Journal, run_id: str, model_id: str, step: int,
-                                  key: str | None = None) -> None:
+def journal_step_metrics_to_model(
+    journal: J.Journal, run_id: str, model_id: str, step: int, key: str | None = None
+) -> None:
     """Journal `log_model`'s copy of run `run_id`'s metrics at `step` (all, or only `key`) to model `model_id`."""
     body = {"model": model_id, "step": step}
     if key is not None:
@@ -210,9 +251,18 @@ def _with_waiting_metrics(journal: J.Journal, metrics: list[Metric], model_id: s
             found = (point["key"], point["timestamp"], point["step"], op.run)
             if point.get("model_id") == model_id and found not in seen:
                 seen.add(found)
-                metrics.append(Metric(point["key"], float(point["value"]), point["timestamp"], point["step"],
-                                      dataset_name=point.get("dataset_name"),
-                                      dataset_digest=point.get("dataset_digest"), run_id=op.run, model_id=model_id))
+                metrics.append(
+                    Metric(
+                        point["key"],
+                        float(point["value"]),
+                        point["timestamp"],
+                        point["step"],
+                        dataset_name=point.get("dataset_name"),
+                        dataset_digest=point.get("dataset_digest"),
+                        run_id=op.run,
+                        model_id=model_id,
+                    )
+                )
     return metrics
 
 
@@ -249,29 +299,56 @@ class LoggedModelStoreMixin:
             status = LoggedModelStatus(known["status"])
         tags.pop(MODEL_KEY_TAG, None)
         source_run = journal.ids.local_run_id(model.source_run_id) if model.source_run_id else None
-        metrics = [Metric(m.key, m.value, m.timestamp, m.step, dataset_name=m.dataset_name,
-                          dataset_digest=m.dataset_digest, run_id=journal.ids.local_run_id(m.run_id) if m.run_id else None,
-                          model_id=model_id) for m in model.metrics or ()]
+        metrics = [
+            Metric(
+                m.key,
+                m.value,
+                m.timestamp,
+                m.step,
+                dataset_name=m.dataset_name,
+                dataset_digest=m.dataset_digest,
+                run_id=journal.ids.local_run_id(m.run_id) if m.run_id else None,
+                model_id=model_id,
+            )
+            for m in model.metrics or ()
+        ]
         if record is not None:
             metrics = _with_waiting_metrics(journal, metrics, model_id)
         location = model_artifact_uri(model_id) if record is not None else model.artifact_location
-        return LoggedModel(experiment_id=journal.ids.local_experiment_id(model.experiment_id), model_id=model_id,
-                           name=model.name, artifact_location=location, creation_timestamp=model.creation_timestamp,
-                           last_updated_timestamp=model.last_updated_timestamp, model_type=model.model_type,
-                           source_run_id=source_run, status=status, status_message=model.status_message,
-                           tags=tags, params=params, metrics=metrics)
+        return LoggedModel(
+            experiment_id=journal.ids.local_experiment_id(model.experiment_id),
+            model_id=model_id,
+            name=model.name,
+            artifact_location=location,
+            creation_timestamp=model.creation_timestamp,
+            last_updated_timestamp=model.last_updated_timestamp,
+            model_type=model.model_type,
+            source_run_id=source_run,
+            status=status,
+            status_message=model.status_message,
+            tags=tags,
+            params=params,
+            metrics=metrics,
+        )
 
     def _offline_model(self, record: J.EntityRecord) -> LoggedModel:
         known = record.json()
         # Offline: the points still waiting only (those delivered are on the server).
         metrics = _with_waiting_metrics(self.connection.journal, [], record.local_id)
-        return LoggedModel(experiment_id=known["experiment_id"], model_id=record.local_id, name=known["name"],
-                           artifact_location=model_artifact_uri(record.local_id),
-                           creation_timestamp=known["creation_timestamp"],
-                           last_updated_timestamp=known.get("last_updated_timestamp"),
-                           model_type=known.get("model_type"), source_run_id=known.get("source_run_id"),
-                           status=LoggedModelStatus(known["status"]), tags=known.get("tags") or {},
-                           params=known.get("params") or {}, metrics=metrics)
+        return LoggedModel(
+            experiment_id=known["experiment_id"],
+            model_id=record.local_id,
+            name=known["name"],
+            artifact_location=model_artifact_uri(record.local_id),
+            creation_timestamp=known["creation_timestamp"],
+            last_updated_timestamp=known.get("last_updated_timestamp"),
+            model_type=known.get("model_type"),
+            source_run_id=known.get("source_run_id"),
+            status=LoggedModelStatus(known["status"]),
+            tags=known.get("tags") or {},
+            params=known.get("params") or {},
+            metrics=metrics,
+        )
 
     def _change_model(self, conn, model_id: str, change) -> None:
         """Apply `change(known)` to what this process knows of a model it created (for reads while offline)."""
@@ -284,21 +361,31 @@ class LoggedModelStoreMixin:
 
     # ------------------------------------------------------------------------------ writes
 
-    def create_logged_model(self, experiment_id, name=None, source_run_id=None, tags=None, params=None,
-                            model_type=None) -> LoggedModel:
+    def create_logged_model(
+        self, experiment_id, name=None, source_run_id=None, tags=None, params=None, model_type=None
+    ) -> LoggedModel:
         from mlflow.utils.name_utils import _generate_random_name  # private: see bridge/mlflow_internals.py
 
         conn = self.connection
         local_id = new_model_id()
         now = int(time.time() * 1000)
-        spec = {"experiment_id": str(experiment_id), "name": name or _generate_random_name(),
-                "source_run_id": source_run_id, "model_type": model_type,
-                "tags": {t.key: str(t.value) for t in tags or []},
-                "params": {p.key: str(p.value) for p in params or []}}
-        known = {**spec, "status": str(LoggedModelStatus.PENDING), "creation_timestamp": now,
-                 "last_updated_timestamp": now}
-        conn.journal.add_entity(J.LOGGED_MODEL, local_id, known,
-                                op=(local_id, CREATE_LOGGED_MODEL, {"model": local_id, **spec}))
+        spec = {
+            "experiment_id": str(experiment_id),
+            "name": name or _generate_random_name(),
+            "source_run_id": source_run_id,
+            "model_type": model_type,
+            "tags": {t.key: str(t.value) for t in tags or []},
+            "params": {p.key: str(p.value) for p in params or []},
+        }
+        known = {
+            **spec,
+            "status": str(LoggedModelStatus.PENDING),
+            "creation_timestamp": now,
+            "last_updated_timestamp": now,
+        }
+        conn.journal.add_entity(
+            J.LOGGED_MODEL, local_id, known, op=(local_id, CREATE_LOGGED_MODEL, {"model": local_id, **spec})
+        )
         return self._offline_model(conn.journal.ids.entity(J.LOGGED_MODEL, local_id))
 
     def log_logged_model_params(self, model_id, params) -> None:
@@ -318,8 +405,9 @@ class LoggedModelStoreMixin:
         self._change_model(conn, model_id, change)
         # The model-versions tag names versions registered here: send it after them, in the registry's order.
         if MLFLOW_MODEL_VERSIONS in values:
-            conn.journal.append(REGISTRY_KEY, SET_LOGGED_MODEL_TAGS,
-                                {"model": model_id, "tags": values, "seq": time.time_ns()})
+            conn.journal.append(
+                REGISTRY_KEY, SET_LOGGED_MODEL_TAGS, {"model": model_id, "tags": values, "seq": time.time_ns()}
+            )
         else:
             conn.journal.append(model_id, SET_LOGGED_MODEL_TAGS, {"model": model_id, "tags": values})
 
@@ -345,20 +433,23 @@ class LoggedModelStoreMixin:
     def log_outputs(self, run_id, models) -> None:
         conn = self.connection
         for output in models:
-            conn.journal.append(output.model_id, LOG_OUTPUTS,
-                                {"run": run_id, "model": output.model_id, "step": output.step})
+            conn.journal.append(
+                output.model_id, LOG_OUTPUTS, {"run": run_id, "model": output.model_id, "step": output.step}
+            )
 
     def record_logged_model(self, run_id, mlflow_model) -> None:
-        self.connection.journal.append(run_id, RECORD_LOGGED_MODEL,
-                                       {"run": run_id, "model_json": mlflow_model.get_tags_dict()})
+        self.connection.journal.append(
+            run_id, RECORD_LOGGED_MODEL, {"run": run_id, "model_json": mlflow_model.get_tags_dict()}
+        )
 
     def delete_logged_model(self, model_id) -> None:
         def delete(conn, server):
             record = self._model_record(conn, model_id)
             remote = record.remote_id if record is not None else model_id
             if remote is None:
-                raise MlflowException(f"logged model {model_id} has not reached the server yet",
-                                      TEMPORARILY_UNAVAILABLE)
+                raise MlflowException(
+                    f"logged model {model_id} has not reached the server yet", TEMPORARILY_UNAVAILABLE
+                )
             server.delete_logged_model(remote)
 
         self._call_online("delete_logged_model", delete)
@@ -380,11 +471,15 @@ class LoggedModelStoreMixin:
                 return self._local_model(conn, found)
         if record is not None:
             return self._offline_model(record)
-        raise MlflowException(f"get_logged_model({model_id!r}): the model is not in the journal and the server "
-                              f"({conn.link.url}) does not answer", TEMPORARILY_UNAVAILABLE)
+        raise MlflowException(
+            f"get_logged_model({model_id!r}): the model is not in the journal and the server "
+            f"({conn.link.url}) does not answer",
+            TEMPORARILY_UNAVAILABLE,
+        )
 
-    def search_logged_models(self, experiment_ids, filter_string=None, datasets=None, max_results=None,
-                             order_by=None, page_token=None) -> PagedList:
+    def search_logged_models(
+        self, experiment_ids, filter_string=None, datasets=None, max_results=None, order_by=None, page_token=None
+    ) -> PagedList:
         conn = self.connection
         journal = conn.journal
         wanted = {str(e) for e in experiment_ids}
@@ -392,14 +487,21 @@ class LoggedModelStoreMixin:
         remote_ids = [r for r in (journal.ids.server_experiment_id(str(e)) for e in experiment_ids) if r]
         page = None
         if remote_ids:
-            page = self._from_server(conn, lambda s: s.search_logged_models(
-                remote_ids, _to_server_ids(journal, filter_string), datasets, max_results, order_by, page_token))
+            page = self._from_server(
+                conn,
+                lambda s: s.search_logged_models(
+                    remote_ids, _to_server_ids(journal, filter_string), datasets, max_results, order_by, page_token
+                ),
+            )
         elif not any(journal.ids.experiment(e) for e in wanted) and self._online(conn):
             page = PagedList([], None)  # experiments the server does not have: nothing there
         if page is None and match is None:
-            raise MlflowException(f"search_logged_models(filter_string={filter_string!r}) needs the server, and "
-                                  f"{conn.link.url} does not answer right now (offline, only `field = 'value'` "
-                                  "conditions joined by AND are answered from the journal)", TEMPORARILY_UNAVAILABLE)
+            raise MlflowException(
+                f"search_logged_models(filter_string={filter_string!r}) needs the server, and "
+                f"{conn.link.url} does not answer right now (offline, only `field = 'value'` "
+                "conditions joined by AND are answered from the journal)",
+                TEMPORARILY_UNAVAILABLE,
+            )
         models = [] if page is None else [self._local_model(conn, m) for m in page]
         if page_token is None and match is not None:
             # Models created here and not on the server yet (all of them, offline) are part of the answer.
@@ -417,9 +519,11 @@ class LoggedModelStoreMixin:
     # ------------------------------------------------------------------------------ tracing
 
     def _tracing_not_journaled(self, call: str):
-        raise MlflowException(f"{call}: bridge does not journal MLflow tracing yet (traces and spans); log traces to "
-                              "the workstation's server directly (mlflow.set_tracking_uri('http://…'))",
-                              NOT_IMPLEMENTED)
+        raise MlflowException(
+            f"{call}: bridge does not journal MLflow tracing yet (traces and spans); log traces to "
+            "the workstation's server directly (mlflow.set_tracking_uri('http://…'))",
+            NOT_IMPLEMENTED,
+        )
 
 
 def _make_refusal(call: str):
@@ -452,8 +556,11 @@ def _translated(call: str, fn):
         try:
             return fn(self, *args, **kwargs)
         except NotImplementedError:
-            raise MlflowException(f"{call}: not supported through bridge's journal (bridge+ URIs); call it with "
-                                  "MLflow pointed straight at the workstation's server", NOT_IMPLEMENTED) from None
+            raise MlflowException(
+                f"{call}: not supported through bridge's journal (bridge+ URIs); call it with "
+                "MLflow pointed straight at the workstation's server",
+                NOT_IMPLEMENTED,
+            ) from None
 
     return translated
 

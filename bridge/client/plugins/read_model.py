@@ -48,11 +48,22 @@ def run_with_waiting(run: Run, ops: list[J.Op]) -> Run:
             name = body.get("run_name") or name
     if name:
         tags[MLFLOW_RUN_NAME] = name
-    new_info = RunInfo(run_id=info.run_id, experiment_id=info.experiment_id, user_id=info.user_id,
-                       status=status, start_time=info.start_time, end_time=end_time,
-                       lifecycle_stage=info.lifecycle_stage, artifact_uri=info.artifact_uri, run_name=name)
-    data = RunData(metrics=list(metrics.values()), params=[Param(k, v) for k, v in params.items()],
-                   tags=[RunTag(k, v) for k, v in tags.items()])
+    new_info = RunInfo(
+        run_id=info.run_id,
+        experiment_id=info.experiment_id,
+        user_id=info.user_id,
+        status=status,
+        start_time=info.start_time,
+        end_time=end_time,
+        lifecycle_stage=info.lifecycle_stage,
+        artifact_uri=info.artifact_uri,
+        run_name=name,
+    )
+    data = RunData(
+        metrics=list(metrics.values()),
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
     return Run(new_info, data, run.inputs, getattr(run, "outputs", None))
 
 
@@ -78,12 +89,22 @@ def journal_run(record: J.RunRecord, metrics: dict, params: dict, tags: dict) ->
     """A run created here as the journal knows it: its record with these latest metrics, params and tags."""
     tags = dict(tags)
     tags.setdefault(MLFLOW_RUN_NAME, record.name or "")
-    info = RunInfo(run_id=record.local_id, experiment_id=record.experiment_id, user_id=record.user_id or "",
-                   status=record.status, start_time=record.start_time, end_time=record.end_time,
-                   lifecycle_stage=LifecycleStage.ACTIVE, artifact_uri=artifact_uri_for(record.local_id),
-                   run_name=record.name)
-    data = RunData(metrics=list(metrics.values()), params=[Param(k, v) for k, v in params.items()],
-                   tags=[RunTag(k, v) for k, v in tags.items()])
+    info = RunInfo(
+        run_id=record.local_id,
+        experiment_id=record.experiment_id,
+        user_id=record.user_id or "",
+        status=record.status,
+        start_time=record.start_time,
+        end_time=record.end_time,
+        lifecycle_stage=LifecycleStage.ACTIVE,
+        artifact_uri=artifact_uri_for(record.local_id),
+        run_name=record.name,
+    )
+    data = RunData(
+        metrics=list(metrics.values()),
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
     return Run(info, data)
 
 
@@ -104,7 +125,7 @@ class Waiting:
         self.journal, self.settled, self.items = journal, settled, items
 
     @classmethod
-    def read(cls, conn, read) -> "Waiting":
+    def read(cls, conn, read) -> Waiting:
         return cls(conn.journal, conn.journal.queue.settled(), read())
 
     def now(self, read):

@@ -21,7 +21,11 @@ import time
 import uuid
 
 from mlflow.entities.model_registry import (
-    ModelVersion, ModelVersionTag, RegisteredModel, RegisteredModelAlias, RegisteredModelTag,
+    ModelVersion,
+    ModelVersionTag,
+    RegisteredModel,
+    RegisteredModelAlias,
+    RegisteredModelTag,
 )
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, TEMPORARILY_UNAVAILABLE
@@ -33,13 +37,26 @@ from bridge.client import journal as J
 from bridge.client.connect import connection_for
 from bridge.client.delivery.registry import quote_name
 from bridge.client.journal.kinds import (
-    CREATE_MODEL_VERSION, CREATE_REGISTERED_MODEL, DELETE_ALIAS, DELETE_MODEL_TAG, DELETE_VERSION_TAG,
-    REGISTERED_MODEL, REGISTRY_KEY, REGISTRY_KINDS, SET_ALIAS, SET_MODEL_TAG, SET_VERSION_TAG, VERSION_KEY_TAG,
-    artifact_uri_for, version_key, version_number,
+    CREATE_MODEL_VERSION,
+    CREATE_REGISTERED_MODEL,
+    DELETE_ALIAS,
+    DELETE_MODEL_TAG,
+    DELETE_VERSION_TAG,
+    REGISTERED_MODEL,
+    REGISTRY_KEY,
+    REGISTRY_KINDS,
+    SET_ALIAS,
+    SET_MODEL_TAG,
+    SET_VERSION_TAG,
+    VERSION_KEY_TAG,
+    artifact_uri_for,
+    version_key,
+    version_number,
 )
 from bridge.client.link import Link
 from bridge.client.plugins import models
 from bridge.client.plugins import server_reads as rest
+
 
 def _seq() -> int:
     # Registry writes keep their call order even when one waits (moved to the journal's end): by this number.
@@ -106,8 +123,11 @@ class JournalRegistryStore(AbstractStore):
             answer = offline(conn)
             if answer is not None:
                 return answer
-        raise MlflowException(f"{call} needs the server, and {conn.link.url} does not answer right now (registry "
-                              "writes are journaled; this read is not known locally)", TEMPORARILY_UNAVAILABLE)
+        raise MlflowException(
+            f"{call} needs the server, and {conn.link.url} does not answer right now (registry "
+            "writes are journaled; this read is not known locally)",
+            TEMPORARILY_UNAVAILABLE,
+        )
 
     def _journal(self, conn, kind: str, body: dict, key: str | None = None) -> None:
         conn.journal.append(REGISTRY_KEY, kind, {**body, "seq": _seq()}, key=key)
@@ -138,8 +158,13 @@ class JournalRegistryStore(AbstractStore):
 
     def _predict_version(self, conn, name: str) -> int:
         """The number the server will most likely give the next version of `name`."""
-        known = [int(version_number(k)) for r in conn.journal.ids.entities(J.MODEL_VERSION) if r.json()["name"] == name
-                 for k in (r.local_id, r.remote_id) if k]
+        known = [
+            int(version_number(k))
+            for r in conn.journal.ids.entities(J.MODEL_VERSION)
+            if r.json()["name"] == name
+            for k in (r.local_id, r.remote_id)
+            if k
+        ]
 
         def newest(c, server):
             found = server.search_model_versions(f"name = '{quote_name(name)}'", 1, ["version_number DESC"], None)
@@ -160,41 +185,78 @@ class JournalRegistryStore(AbstractStore):
             record = journal.ids.entity_for_remote(J.LOGGED_MODEL, model_id)
             model_id = model_id if record is None else record.local_id
         if source and source.startswith("models:/m-"):
-            record = journal.ids.entity_for_remote(J.LOGGED_MODEL, source[len("models:/"):].split("/", 1)[0])
+            record = journal.ids.entity_for_remote(J.LOGGED_MODEL, source[len("models:/") :].split("/", 1)[0])
             if record is not None:
                 source = f"models:/{record.local_id}"
         tags = [ModelVersionTag(k, v) for k, v in (mv.tags or {}).items() if k != VERSION_KEY_TAG]
         mine = journal.ids.entity_for_remote(J.MODEL_VERSION, version_key(mv.name, mv.version))
         version = mv.version if mine is None else version_number(mine.local_id)
-        return ModelVersion(mv.name, version, mv.creation_timestamp, mv.last_updated_timestamp, mv.description,
-                            mv.user_id, mv.current_stage, source,
-                            journal.ids.local_run_id(mv.run_id) if mv.run_id else mv.run_id, mv.status,
-                            mv.status_message, tags, mv.run_link, mv.aliases, model_id=model_id)
+        return ModelVersion(
+            mv.name,
+            version,
+            mv.creation_timestamp,
+            mv.last_updated_timestamp,
+            mv.description,
+            mv.user_id,
+            mv.current_stage,
+            source,
+            journal.ids.local_run_id(mv.run_id) if mv.run_id else mv.run_id,
+            mv.status,
+            mv.status_message,
+            tags,
+            mv.run_link,
+            mv.aliases,
+            model_id=model_id,
+        )
 
     def _local_registered_model(self, conn, model: RegisteredModel) -> RegisteredModel:
-        return RegisteredModel(model.name, model.creation_timestamp, model.last_updated_timestamp, model.description,
-                               [self._local_version(conn, v) for v in model.latest_versions or []],
-                               [RegisteredModelTag(k, v) for k, v in (model.tags or {}).items()],
-                               [RegisteredModelAlias(a, v) for a, v in (model.aliases or {}).items()])
+        return RegisteredModel(
+            model.name,
+            model.creation_timestamp,
+            model.last_updated_timestamp,
+            model.description,
+            [self._local_version(conn, v) for v in model.latest_versions or []],
+            [RegisteredModelTag(k, v) for k, v in (model.tags or {}).items()],
+            [RegisteredModelAlias(a, v) for a, v in (model.aliases or {}).items()],
+        )
 
     def _offline_version(self, conn, record: J.EntityRecord) -> ModelVersion:
         known = record.json()
         version = version_number(record.local_id)
-        aliases = [a for a, v in ((self._known_model(conn, known["name"]) or {}).get("aliases") or {}).items()
-                   if v == version]
-        return ModelVersion(known["name"], version, known["creation_timestamp"], known.get("last_updated_timestamp"),
-                            known.get("description"), None, "None", known["source"], known.get("run_id"), "READY",
-                            None, [ModelVersionTag(k, v) for k, v in (known.get("tags") or {}).items()],
-                            known.get("run_link"), aliases, model_id=known.get("model_id"))
+        aliases = [
+            a for a, v in ((self._known_model(conn, known["name"]) or {}).get("aliases") or {}).items() if v == version
+        ]
+        return ModelVersion(
+            known["name"],
+            version,
+            known["creation_timestamp"],
+            known.get("last_updated_timestamp"),
+            known.get("description"),
+            None,
+            "None",
+            known["source"],
+            known.get("run_id"),
+            "READY",
+            None,
+            [ModelVersionTag(k, v) for k, v in (known.get("tags") or {}).items()],
+            known.get("run_link"),
+            aliases,
+            model_id=known.get("model_id"),
+        )
 
     def _offline_registered_model(self, conn, name: str) -> RegisteredModel | None:
         known = self._known_model(conn, name)
         if known is None:
             return None
-        return RegisteredModel(name, known["creation_timestamp"], known.get("last_updated_timestamp"),
-                               known.get("description"), [],
-                               [RegisteredModelTag(k, v) for k, v in (known.get("tags") or {}).items()],
-                               [RegisteredModelAlias(a, v) for a, v in (known.get("aliases") or {}).items()])
+        return RegisteredModel(
+            name,
+            known["creation_timestamp"],
+            known.get("last_updated_timestamp"),
+            known.get("description"),
+            [],
+            [RegisteredModelTag(k, v) for k, v in (known.get("tags") or {}).items()],
+            [RegisteredModelAlias(a, v) for a, v in (known.get("aliases") or {}).items()],
+        )
 
     # ------------------------------------------------------------------------------ writes
 
@@ -212,24 +274,58 @@ class JournalRegistryStore(AbstractStore):
                 raise MlflowException(f"Registered Model (name={name}) already exists.", RESOURCE_ALREADY_EXISTS)
         now = _now()
         tag_map = {t.key: str(t.value) for t in tags or []}
-        conn.journal.add_entity(REGISTERED_MODEL, name, {"tags": tag_map, "description": description, "aliases": {},
-                                                         "creation_timestamp": now, "last_updated_timestamp": now},
-                                op=(REGISTRY_KEY, CREATE_REGISTERED_MODEL,
-                                    {"name": name, "tags": tag_map, "description": description, "seq": _seq()}))
+        conn.journal.add_entity(
+            REGISTERED_MODEL,
+            name,
+            {
+                "tags": tag_map,
+                "description": description,
+                "aliases": {},
+                "creation_timestamp": now,
+                "last_updated_timestamp": now,
+            },
+            op=(
+                REGISTRY_KEY,
+                CREATE_REGISTERED_MODEL,
+                {"name": name, "tags": tag_map, "description": description, "seq": _seq()},
+            ),
+        )
         return RegisteredModel(name, now, now, description, [], [RegisteredModelTag(k, v) for k, v in tag_map.items()])
 
-    def create_model_version(self, name, source, run_id=None, tags=None, run_link=None, description=None,
-                             local_model_path=None, model_id=None):
+    def create_model_version(
+        self,
+        name,
+        source,
+        run_id=None,
+        tags=None,
+        run_link=None,
+        description=None,
+        local_model_path=None,
+        model_id=None,
+    ):
         conn = self.connection
         local_version = str(self._predict_version(conn, name))
         now = _now()
         tag_map = {t.key: str(t.value) for t in tags or []}
-        spec = {"name": name, "source": source, "run_id": run_id, "model_id": model_id, "tags": tag_map,
-                "description": description, "run_link": run_link}
-        conn.journal.add_entity(J.MODEL_VERSION, version_key(name, local_version),
-                                {**spec, "creation_timestamp": now, "last_updated_timestamp": now},
-                                op=(REGISTRY_KEY, CREATE_MODEL_VERSION, {**spec, "version": local_version,
-                                                                         "key": uuid.uuid4().hex, "seq": _seq()}))
+        spec = {
+            "name": name,
+            "source": source,
+            "run_id": run_id,
+            "model_id": model_id,
+            "tags": tag_map,
+            "description": description,
+            "run_link": run_link,
+        }
+        conn.journal.add_entity(
+            J.MODEL_VERSION,
+            version_key(name, local_version),
+            {**spec, "creation_timestamp": now, "last_updated_timestamp": now},
+            op=(
+                REGISTRY_KEY,
+                CREATE_MODEL_VERSION,
+                {**spec, "version": local_version, "key": uuid.uuid4().hex, "seq": _seq()},
+            ),
+        )
         return self._offline_version(conn, conn.journal.ids.entity(J.MODEL_VERSION, version_key(name, local_version)))
 
     def set_registered_model_alias(self, name, alias, version):
@@ -259,8 +355,9 @@ class JournalRegistryStore(AbstractStore):
             known = record.json()
             known["tags"][tag.key] = str(tag.value)
             conn.journal.update_entity(J.MODEL_VERSION, record.local_id, known)
-        self._journal(conn, SET_VERSION_TAG, {"name": name, "version": str(version), "value": str(tag.value)},
-                      key=tag.key)
+        self._journal(
+            conn, SET_VERSION_TAG, {"name": name, "version": str(version), "value": str(tag.value)}, key=tag.key
+        )
 
     def delete_model_version_tag(self, name, version, key):
         conn = self.connection
@@ -277,41 +374,59 @@ class JournalRegistryStore(AbstractStore):
         def run(conn, server):
             remote = self._server_version(conn, name, version)
             if remote is None:
-                raise MlflowException(f"{call}: version {version} of {name!r} has not reached the server yet",
-                                      TEMPORARILY_UNAVAILABLE)
+                raise MlflowException(
+                    f"{call}: version {version} of {name!r} has not reached the server yet", TEMPORARILY_UNAVAILABLE
+                )
             return fn(conn, server, remote)
 
         return self._read(call, run)
 
     def update_registered_model(self, name, description, deployment_job_id=None):
-        return self._read("update_registered_model", lambda c, s: self._local_registered_model(
-            c, s.update_registered_model(name, description)))
+        return self._read(
+            "update_registered_model",
+            lambda c, s: self._local_registered_model(c, s.update_registered_model(name, description)),
+        )
 
     def rename_registered_model(self, name, new_name):
-        return self._read("rename_registered_model", lambda c, s: self._local_registered_model(
-            c, s.rename_registered_model(name, new_name)))
+        return self._read(
+            "rename_registered_model",
+            lambda c, s: self._local_registered_model(c, s.rename_registered_model(name, new_name)),
+        )
 
     def delete_registered_model(self, name):
         return self._read("delete_registered_model", lambda c, s: s.delete_registered_model(name))
 
     def update_model_version(self, name, version, description):
-        return self._online_version("update_model_version", name, version, lambda c, s, v: self._local_version(
-            c, s.update_model_version(name, v, description)))
+        return self._online_version(
+            "update_model_version",
+            name,
+            version,
+            lambda c, s, v: self._local_version(c, s.update_model_version(name, v, description)),
+        )
 
     def transition_model_version_stage(self, name, version, stage, archive_existing_versions):
-        return self._online_version("transition_model_version_stage", name, version,
-                                    lambda c, s, v: self._local_version(c, s.transition_model_version_stage(
-                                        name, v, stage, archive_existing_versions)))
+        return self._online_version(
+            "transition_model_version_stage",
+            name,
+            version,
+            lambda c, s, v: self._local_version(
+                c, s.transition_model_version_stage(name, v, stage, archive_existing_versions)
+            ),
+        )
 
     def delete_model_version(self, name, version):
-        return self._online_version("delete_model_version", name, version,
-                                    lambda c, s, v: s.delete_model_version(name, v))
+        return self._online_version(
+            "delete_model_version", name, version, lambda c, s, v: s.delete_model_version(name, v)
+        )
 
     # ------------------------------------------------------------------------------- reads
 
     def get_registered_model(self, name):
-        return self._read("get_registered_model", lambda c, s: self._local_registered_model(
-            c, s.get_registered_model(name)), lambda c: self._offline_registered_model(c, name))
+        return self._read(
+            "get_registered_model",
+            lambda c, s: self._local_registered_model(c, s.get_registered_model(name)),
+            lambda c: self._offline_registered_model(c, name),
+        )
 
     def search_registered_models(self, filter_string=None, max_results=None, order_by=None, page_token=None):
         from mlflow.store.entities.paged_list import PagedList
@@ -323,8 +438,9 @@ class JournalRegistryStore(AbstractStore):
         return self._read("search_registered_models", search)
 
     def get_latest_versions(self, name, stages=None):
-        return self._read("get_latest_versions", lambda c, s: [self._local_version(c, v)
-                                                               for v in s.get_latest_versions(name, stages)])
+        return self._read(
+            "get_latest_versions", lambda c, s: [self._local_version(c, v) for v in s.get_latest_versions(name, stages)]
+        )
 
     def get_model_version(self, name, version):
         conn = self.connection
@@ -332,8 +448,11 @@ class JournalRegistryStore(AbstractStore):
         if record is not None and record.remote_id is None:
             return self._offline_version(conn, record)  # not on the server yet, online or not
         remote = str(version) if record is None else version_number(record.remote_id)
-        return self._read("get_model_version", lambda c, s: self._local_version(c, s.get_model_version(name, remote)),
-                          lambda c: None if record is None else self._offline_version(c, record))
+        return self._read(
+            "get_model_version",
+            lambda c, s: self._local_version(c, s.get_model_version(name, remote)),
+            lambda c: None if record is None else self._offline_version(c, record),
+        )
 
     def get_model_version_download_uri(self, name, version):
         # `models:/NAME@alias` loads through this: the files of a version registered here are read through the
@@ -344,8 +463,12 @@ class JournalRegistryStore(AbstractStore):
             local = _journal_uri(conn.journal, record.json())
             if local is not None:
                 return local
-        return self._online_version("get_model_version_download_uri", name, version,
-                                    lambda c, s, v: _local_location(c.journal, s.get_model_version_download_uri(name, v)))
+        return self._online_version(
+            "get_model_version_download_uri",
+            name,
+            version,
+            lambda c, s, v: _local_location(c.journal, s.get_model_version_download_uri(name, v)),
+        )
 
     def search_model_versions(self, filter_string=None, max_results=None, order_by=None, page_token=None):
         from mlflow.store.entities.paged_list import PagedList
@@ -362,8 +485,11 @@ class JournalRegistryStore(AbstractStore):
             record = self._version_record(conn, name, version) if version else None
             return None if record is None else self._offline_version(conn, record)
 
-        return self._read("get_model_version_by_alias", lambda c, s: self._local_version(
-            c, s.get_model_version_by_alias(name, alias)), offline)
+        return self._read(
+            "get_model_version_by_alias",
+            lambda c, s: self._local_version(c, s.get_model_version_by_alias(name, alias)),
+            offline,
+        )
 
     def __repr__(self) -> str:
         return f"JournalRegistryStore({self.store_uri!r})"
@@ -381,13 +507,13 @@ def _journal_uri(journal: J.Journal, known: dict) -> str | None:
     source = known.get("source") or ""
     model_id = known.get("model_id")
     if not model_id and source.startswith("models:/m-"):
-        model_id = source[len("models:/"):].split("/", 1)[0]
+        model_id = source[len("models:/") :].split("/", 1)[0]
     if model_id and journal.ids.entity(J.LOGGED_MODEL, model_id) is not None:
         return models.model_artifact_uri(model_id)
     if source.startswith("bridge-artifacts://"):
         return source
-    if source.startswith("runs:/") and journal.ids.run(source[len("runs:/"):].split("/", 1)[0]) is not None:
-        run, _, path = source[len("runs:/"):].partition("/")
+    if source.startswith("runs:/") and journal.ids.run(source[len("runs:/") :].split("/", 1)[0]) is not None:
+        run, _, path = source[len("runs:/") :].partition("/")
         return f"{artifact_uri_for(run)}/{path}".rstrip("/")
     return None
 
@@ -396,8 +522,8 @@ def _local_location(journal: J.Journal, location: str) -> str:
     """A server artifact location under a model or run created here, as the journal's artifact plugin reads it."""
     for record in journal.ids.entities(J.LOGGED_MODEL):
         if record.location and (location == record.location or location.startswith(record.location + "/")):
-            return models.model_artifact_uri(record.local_id) + location[len(record.location):]
+            return models.model_artifact_uri(record.local_id) + location[len(record.location) :]
     for run in journal.ids.runs():
         if run.artifact_uri and (location == run.artifact_uri or location.startswith(run.artifact_uri + "/")):
-            return artifact_uri_for(run.local_id) + location[len(run.artifact_uri):]
+            return artifact_uri_for(run.local_id) + location[len(run.artifact_uri) :]
     return location

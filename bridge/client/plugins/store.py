@@ -14,11 +14,22 @@ import logging
 import time
 
 from mlflow.entities import (
-    Experiment, ExperimentTag, LifecycleStage, Param, Run, RunData, RunInfo, RunStatus, ViewType,
+    Experiment,
+    ExperimentTag,
+    LifecycleStage,
+    Param,
+    Run,
+    RunData,
+    RunInfo,
+    RunStatus,
+    ViewType,
 )
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
-    BAD_REQUEST, INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, TEMPORARILY_UNAVAILABLE,
+    BAD_REQUEST,
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_ALREADY_EXISTS,
+    TEMPORARILY_UNAVAILABLE,
 )
 from mlflow.protos.service_pb2 import LogInputs
 from mlflow.store.entities.paged_list import PagedList
@@ -27,11 +38,13 @@ from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from mlflow.utils.proto_json_utils import message_to_json
+from mlflow.utils.rest_utils import MlflowHostCreds
 from mlflow.utils.search_utils import SearchUtils
 from mlflow.utils.validation import (  # private: see bridge/mlflow_internals.py
-    _validate_batch_log_data, _validate_metric, _validate_param_keys_unique,
+    _validate_batch_log_data,
+    _validate_metric,
+    _validate_param_keys_unique,
 )
-from mlflow.utils.rest_utils import MlflowHostCreds
 
 from bridge import config
 from bridge.client import journal as J
@@ -42,8 +55,17 @@ from bridge.client.plugins import models
 from bridge.client.plugins import server_reads as rest
 from bridge.client.plugins.models import LoggedModelStoreMixin
 from bridge.client.plugins.read_model import (
-    EXPERIMENT_OVERLAY_KINDS, OVERLAY_KINDS, POINT_KINDS, Waiting, as_stored, distinct_points, journal_run,
-    keep_latest, points_of, run_with_waiting, waiting_run_data,
+    EXPERIMENT_OVERLAY_KINDS,
+    OVERLAY_KINDS,
+    POINT_KINDS,
+    Waiting,
+    as_stored,
+    distinct_points,
+    journal_run,
+    keep_latest,
+    points_of,
+    run_with_waiting,
+    waiting_run_data,
 )
 
 log = logging.getLogger(__name__)
@@ -65,8 +87,9 @@ class _ServerReads(RestStore):
     def _call_endpoint(self, api, json_body=None, endpoint=None, retry_timeout_seconds=None, response_proto=None):
         method_to_info = self._V3_METHOD_TO_INFO if api in self._V3_APIS else self._METHOD_TO_INFO
         default_endpoint, method = method_to_info[api]
-        return rest.call_endpoint(self._link, endpoint or default_endpoint, method, json_body,
-                                  response_proto or api.Response())
+        return rest.call_endpoint(
+            self._link, endpoint or default_endpoint, method, json_body, response_proto or api.Response()
+        )
 
 
 class JournalStore(LoggedModelStoreMixin, AbstractStore):
@@ -111,19 +134,32 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                 if tag.key in RUN_ID_TAGS:
                     tag.value = conn.journal.ids.local_run_id(tag.value)
             data = RunData.from_proto(proto)
-        new_info = RunInfo(run_id=run_id, experiment_id=conn.journal.ids.local_experiment_id(info.experiment_id),
-                           user_id=info.user_id, status=info.status, start_time=info.start_time,
-                           end_time=info.end_time, lifecycle_stage=info.lifecycle_stage,
-                           artifact_uri=artifact_uri_for(run_id), run_name=info.run_name)
+        new_info = RunInfo(
+            run_id=run_id,
+            experiment_id=conn.journal.ids.local_experiment_id(info.experiment_id),
+            user_id=info.user_id,
+            status=info.status,
+            start_time=info.start_time,
+            end_time=info.end_time,
+            lifecycle_stage=info.lifecycle_stage,
+            artifact_uri=artifact_uri_for(run_id),
+            run_name=info.run_name,
+        )
         return Run(new_info, data, run.inputs, getattr(run, "outputs", None))
 
     def _local_experiment_entity(self, conn, experiment: Experiment) -> Experiment:
         local = conn.journal.ids.local_experiment_id(experiment.experiment_id)
         if local == experiment.experiment_id:
             return experiment
-        return Experiment(local, experiment.name, experiment.artifact_location, experiment.lifecycle_stage,
-                          [ExperimentTag(k, v) for k, v in experiment.tags.items()],
-                          experiment.creation_time, experiment.last_update_time)
+        return Experiment(
+            local,
+            experiment.name,
+            experiment.artifact_location,
+            experiment.lifecycle_stage,
+            [ExperimentTag(k, v) for k, v in experiment.tags.items()],
+            experiment.creation_time,
+            experiment.last_update_time,
+        )
 
     # ------------------------------------------------------------------------------ experiments
 
@@ -141,8 +177,11 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             except _Offline:
                 found = None
             if found is not None:
-                raise MlflowException(f"Experiment(name={name}) already exists. Error: the server has it as "
-                                      f"experiment {found.experiment_id}", RESOURCE_ALREADY_EXISTS)
+                raise MlflowException(
+                    f"Experiment(name={name}) already exists. Error: the server has it as "
+                    f"experiment {found.experiment_id}",
+                    RESOURCE_ALREADY_EXISTS,
+                )
         return conn.journal.add_experiment(name, {t.key: t.value for t in tags or []}, artifact_location)
 
     def get_experiment(self, experiment_id):
@@ -154,13 +193,16 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         if remote is not None and self._online(conn):
             try:
                 return self._experiment_with_undelivered(
-                    conn, self._local_experiment_entity(conn, self._server(conn).get_experiment(remote)), waiting)
+                    conn, self._local_experiment_entity(conn, self._server(conn).get_experiment(remote)), waiting
+                )
             except _Offline:
                 pass
         if record is not None:
             return self._experiment_with_undelivered(conn, self._offline_experiment(record), waiting)
-        raise MlflowException(f"Experiment {experiment_id} is not known locally and the server "
-                              f"({conn.link.url}) does not answer", TEMPORARILY_UNAVAILABLE)
+        raise MlflowException(
+            f"Experiment {experiment_id} is not known locally and the server ({conn.link.url}) does not answer",
+            TEMPORARILY_UNAVAILABLE,
+        )
 
     @staticmethod
     def _experiment_writes_waiting(conn, experiment_id: str) -> list[J.Op]:
@@ -177,6 +219,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     def _experiment_with_undelivered(self, conn, experiment: Experiment, earlier: Waiting | None) -> Experiment:
         """The experiment with its tag writes still on their way (read-your-writes, as for runs)."""
+
         def read() -> list[J.Op]:
             return self._experiment_writes_waiting(conn, experiment.experiment_id)
 
@@ -191,14 +234,21 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                 tags[op.key] = op.json()["value"]
             else:
                 tags.pop(op.key, None)
-        return Experiment(experiment.experiment_id, experiment.name, experiment.artifact_location,
-                          experiment.lifecycle_stage, [ExperimentTag(k, v) for k, v in tags.items()],
-                          experiment.creation_time, experiment.last_update_time)
+        return Experiment(
+            experiment.experiment_id,
+            experiment.name,
+            experiment.artifact_location,
+            experiment.lifecycle_stage,
+            [ExperimentTag(k, v) for k, v in tags.items()],
+            experiment.creation_time,
+            experiment.last_update_time,
+        )
 
     @staticmethod
     def _offline_experiment(record: J.ExperimentRecord) -> Experiment:
-        return Experiment(record.local_id, record.name, f"{ARTIFACT_SCHEME}://experiment-{record.local_id}",
-                          LifecycleStage.ACTIVE, [])
+        return Experiment(
+            record.local_id, record.name, f"{ARTIFACT_SCHEME}://experiment-{record.local_id}", LifecycleStage.ACTIVE, []
+        )
 
     def get_experiment_by_name(self, experiment_name):
         conn = self.connection
@@ -216,21 +266,29 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             return self._experiment_with_undelivered(conn, found, None)
         return None
 
-    def search_experiments(self, view_type=ViewType.ACTIVE_ONLY, max_results=SEARCH_MAX_RESULTS_DEFAULT,
-                           filter_string=None, order_by=None, page_token=None):
+    def search_experiments(
+        self,
+        view_type=ViewType.ACTIVE_ONLY,
+        max_results=SEARCH_MAX_RESULTS_DEFAULT,
+        filter_string=None,
+        order_by=None,
+        page_token=None,
+    ):
         conn = self.connection
         if self._online(conn):
             try:
-                page = self._server(conn).search_experiments(view_type, max_results, filter_string, order_by,
-                                                             page_token)
+                page = self._server(conn).search_experiments(
+                    view_type, max_results, filter_string, order_by, page_token
+                )
                 return PagedList([self._local_experiment_entity(conn, e) for e in page], page.token)
             except _Offline:
                 pass
         return PagedList([self._offline_experiment(record) for record in conn.journal.ids.experiments()], None)
 
     def set_experiment_tag(self, experiment_id, tag):
-        self.connection.journal.append("", J.SET_EXPERIMENT_TAG, {"experiment_id": str(experiment_id),
-                                                                   "value": tag.value}, key=tag.key)
+        self.connection.journal.append(
+            "", J.SET_EXPERIMENT_TAG, {"experiment_id": str(experiment_id), "value": tag.value}, key=tag.key
+        )
 
     def delete_experiment_tag(self, experiment_id, key):
         self.connection.journal.append("", J.DELETE_EXPERIMENT_TAG, {"experiment_id": str(experiment_id)}, key=key)
@@ -238,8 +296,9 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
     def _online_only(self, what: str):
         conn = self.connection
         if not self._online(conn):
-            raise MlflowException(f"{what} needs the server, and {conn.link.url} does not answer right now",
-                                  TEMPORARILY_UNAVAILABLE)
+            raise MlflowException(
+                f"{what} needs the server, and {conn.link.url} does not answer right now", TEMPORARILY_UNAVAILABLE
+            )
         return conn, self._server(conn)
 
     def _call_online(self, what: str, fn):
@@ -247,20 +306,33 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         try:
             return fn(conn, server)
         except _Offline:
-            raise MlflowException(f"{what} needs the server, and {conn.link.url} does not answer right now",
-                                  TEMPORARILY_UNAVAILABLE) from None
+            raise MlflowException(
+                f"{what} needs the server, and {conn.link.url} does not answer right now", TEMPORARILY_UNAVAILABLE
+            ) from None
 
     def delete_experiment(self, experiment_id):
-        self._call_online("delete_experiment", lambda c, s: s.delete_experiment(
-            self._require(c.journal.ids.server_experiment_id(str(experiment_id)), experiment_id)))
+        self._call_online(
+            "delete_experiment",
+            lambda c, s: s.delete_experiment(
+                self._require(c.journal.ids.server_experiment_id(str(experiment_id)), experiment_id)
+            ),
+        )
 
     def restore_experiment(self, experiment_id):
-        self._call_online("restore_experiment", lambda c, s: s.restore_experiment(
-            self._require(c.journal.ids.server_experiment_id(str(experiment_id)), experiment_id)))
+        self._call_online(
+            "restore_experiment",
+            lambda c, s: s.restore_experiment(
+                self._require(c.journal.ids.server_experiment_id(str(experiment_id)), experiment_id)
+            ),
+        )
 
     def rename_experiment(self, experiment_id, new_name):
-        self._call_online("rename_experiment", lambda c, s: s.rename_experiment(
-            self._require(c.journal.ids.server_experiment_id(str(experiment_id)), experiment_id), new_name))
+        self._call_online(
+            "rename_experiment",
+            lambda c, s: s.rename_experiment(
+                self._require(c.journal.ids.server_experiment_id(str(experiment_id)), experiment_id), new_name
+            ),
+        )
 
     @staticmethod
     def _require(remote_id, local_id):
@@ -279,8 +351,9 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         run_name = run_name or tag_map.get(MLFLOW_RUN_NAME) or _generate_random_name()
         tag_map[MLFLOW_RUN_NAME] = run_name
         start_time = int(start_time if start_time is not None else time.time() * 1000)
-        local_id = conn.journal.add_run(experiment_id=str(experiment_id), user_id=user_id, start_time=start_time,
-                                        name=run_name, tags=tag_map)
+        local_id = conn.journal.add_run(
+            experiment_id=str(experiment_id), user_id=user_id, start_time=start_time, name=run_name, tags=tag_map
+        )
         conn.summary(local_id).tags.update(tag_map)
         conn.sender.watch_run(local_id)
         return self._offline_run(conn, conn.journal.ids.run(local_id))
@@ -302,9 +375,17 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         record = conn.journal.ids.run(run_id)
         if record is not None:
             return self._offline_run(conn, record).info
-        return RunInfo(run_id=run_id, experiment_id="", user_id="", status=status, start_time=0,
-                       end_time=end_time, lifecycle_stage=LifecycleStage.ACTIVE,
-                       artifact_uri=artifact_uri_for(run_id), run_name=run_name)
+        return RunInfo(
+            run_id=run_id,
+            experiment_id="",
+            user_id="",
+            status=status,
+            start_time=0,
+            end_time=end_time,
+            lifecycle_stage=LifecycleStage.ACTIVE,
+            artifact_uri=artifact_uri_for(run_id),
+            run_name=run_name,
+        )
 
     def _learn_params(self, conn, run_id: str) -> None:
         """Remember a resumed run's params, so changing one is refused at once, as MLflow would."""
@@ -335,12 +416,24 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             if record is not None:
                 known = self._offline_run(conn, record)
                 return Run(known.info, RunData(params=[Param(k, v) for k, v in known.data.params.items()]))
-            return Run(RunInfo(run_id=run_id, experiment_id="", user_id="", status="RUNNING", start_time=None,
-                               end_time=None, lifecycle_stage=LifecycleStage.ACTIVE), RunData())
+            return Run(
+                RunInfo(
+                    run_id=run_id,
+                    experiment_id="",
+                    user_id="",
+                    status="RUNNING",
+                    start_time=None,
+                    end_time=None,
+                    lifecycle_stage=LifecycleStage.ACTIVE,
+                ),
+                RunData(),
+            )
         if record is not None:
             return self._offline_run(conn, record)
-        raise MlflowException(f"Run {run_id} is not known locally and the server ({conn.link.url}) "
-                              "does not answer", TEMPORARILY_UNAVAILABLE)
+        raise MlflowException(
+            f"Run {run_id} is not known locally and the server ({conn.link.url}) does not answer",
+            TEMPORARILY_UNAVAILABLE,
+        )
 
     def _server_run(self, conn, run_id: str, remote: str) -> Run:
         """The server's run `remote` (local `run_id`) with the writes still on their way to it."""
@@ -367,21 +460,32 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         if summary is not None:
             return journal_run(record, summary.metrics, summary.params, summary.tags)
         # A run from an earlier process: what it left undelivered.
-        return journal_run(record, *waiting_run_data(
-            conn.journal.queue.undelivered(record.local_id, (*POINT_KINDS, J.PARAM, J.TAG, J.CREATE_RUN))))
+        return journal_run(
+            record,
+            *waiting_run_data(
+                conn.journal.queue.undelivered(record.local_id, (*POINT_KINDS, J.PARAM, J.TAG, J.CREATE_RUN))
+            ),
+        )
 
     def delete_run(self, run_id):
-        self._call_online("delete_run", lambda c, s: s.delete_run(self._require(c.journal.ids.server_run(run_id)[0], run_id)))
+        self._call_online(
+            "delete_run", lambda c, s: s.delete_run(self._require(c.journal.ids.server_run(run_id)[0], run_id))
+        )
 
     def restore_run(self, run_id):
-        self._call_online("restore_run",
-                          lambda c, s: s.restore_run(self._require(c.journal.ids.server_run(run_id)[0], run_id)))
+        self._call_online(
+            "restore_run", lambda c, s: s.restore_run(self._require(c.journal.ids.server_run(run_id)[0], run_id))
+        )
 
     def get_metric_history(self, run_id, metric_key, max_results=None, page_token=None):
         conn = self.connection
         remote = conn.journal.ids.server_run(run_id)[0]
-        waiting = [as_stored(m) for op in conn.journal.queue.undelivered(run_id, POINT_KINDS) for m in points_of(op)
-                   if m.key == metric_key]
+        waiting = [
+            as_stored(m)
+            for op in conn.journal.queue.undelivered(run_id, POINT_KINDS)
+            for m in points_of(op)
+            if m.key == metric_key
+        ]
         # MLflow keeps one of identical points (same step, timestamp and value): so does this view.
         waiting = distinct_points(waiting)
         # Asked even when the link is known to be failing (only delivery may be refused): the alternative for a
@@ -403,38 +507,57 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                 models.journal_step_metrics_to_model(conn.journal, run_id, asker[0], asker[1], metric_key)
                 return PagedList([], None)
             # Some of this history is on the server, which does not answer: a part would pass for the whole.
-            raise MlflowException(f"get_metric_history({run_id!r}, {metric_key!r}): part of this history is on "
-                                  f"the server ({conn.link.url}), which does not answer right now; "
-                                  f"{len(waiting)} points are still waiting in the journal", TEMPORARILY_UNAVAILABLE)
+            raise MlflowException(
+                f"get_metric_history({run_id!r}, {metric_key!r}): part of this history is on "
+                f"the server ({conn.link.url}), which does not answer right now; "
+                f"{len(waiting)} points are still waiting in the journal",
+                TEMPORARILY_UNAVAILABLE,
+            )
         return PagedList(waiting[:max_results] if max_results else waiting, None)
 
     def _search_runs(self, experiment_ids, filter_string, run_view_type, max_results, order_by, page_token):
         conn = self.connection
         if self._online(conn):
             remote_ids = [r for r in (conn.journal.ids.server_experiment_id(str(e)) for e in experiment_ids) if r]
-            changing = None if page_token else Waiting.read(  # before the search: see _server_run
-                conn, lambda: conn.journal.queue.runs_with_undelivered(OVERLAY_KINDS))
+            changing = (
+                None
+                if page_token
+                else Waiting.read(  # before the search: see _server_run
+                    conn, lambda: conn.journal.queue.runs_with_undelivered(OVERLAY_KINDS)
+                )
+            )
             # So are the runs not created on the server yet: one created during the search is in neither the
             # page nor, having a server id now, the journal's runs still to be created (harness H19).
             unsent = set() if page_token else {r.local_id for r in conn.journal.ids.runs() if not r.remote_id}
             try:
                 runs, token = [], None
                 if remote_ids:
-                    page = self._server(conn).search_runs(remote_ids, filter_string, run_view_type, max_results,
-                                                          order_by, page_token)
+                    page = self._server(conn).search_runs(
+                        remote_ids, filter_string, run_view_type, max_results, order_by, page_token
+                    )
                     runs = [self._with_undelivered(conn, self._local_run(conn, run)) for run in page]
                     token = page.token
                 if page_token is None:
-                    runs = self._with_changes_waiting(conn, runs, changing, unsent, experiment_ids,
-                                                      filter_string, run_view_type, max_results, order_by)
+                    runs = self._with_changes_waiting(
+                        conn,
+                        runs,
+                        changing,
+                        unsent,
+                        experiment_ids,
+                        filter_string,
+                        run_view_type,
+                        max_results,
+                        order_by,
+                    )
                 return runs, token
             except _Offline:
                 pass
         # Offline: MLflow's own filter and sort over what the journal knows (docs/journal.md).
         return self._journal_runs(conn, experiment_ids, filter_string, order_by)[:max_results], None
 
-    def _with_changes_waiting(self, conn, runs, changing, unsent, experiment_ids, filter_string, run_view_type,
-                              max_results, order_by):
+    def _with_changes_waiting(
+        self, conn, runs, changing, unsent, experiment_ids, filter_string, run_view_type, max_results, order_by
+    ):
         """The server's page of runs corrected by what the journal has not delivered (read-your-writes).
 
         The server filtered what it holds: a run whose status, tags, params or metrics are still on their way
@@ -454,20 +577,32 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             ids = {r.local_id for r in stale}
             runs = [run for run in runs if run.info.run_id not in ids]
             reread = [self._server_run(conn, r.local_id, r.remote_id) for r in stale]
-            runs += [run for run in SearchUtils.filter(reread, filter_string)
-                     if LifecycleStage.matches_view_type(run_view_type, run.info.lifecycle_stage)]
+            runs += [
+                run
+                for run in SearchUtils.filter(reread, filter_string)
+                if LifecycleStage.matches_view_type(run_view_type, run.info.lifecycle_stage)
+            ]
         seen = {run.info.run_id for run in runs}
-        waiting = [run for run in self._journal_runs(conn, experiment_ids, filter_string, order_by, records=records,
-                                                     only_undelivered=True) if run.info.run_id not in seen]
+        waiting = [
+            run
+            for run in self._journal_runs(
+                conn, experiment_ids, filter_string, order_by, records=records, only_undelivered=True
+            )
+            if run.info.run_id not in seen
+        ]
         if stale or waiting:
             runs = SearchUtils.sort(runs + waiting, order_by)[:max_results]
         return runs
 
-    def _journal_runs(self, conn, experiment_ids, filter_string, order_by, *, records=None,
-                      only_undelivered: bool = False):
+    def _journal_runs(
+        self, conn, experiment_ids, filter_string, order_by, *, records=None, only_undelivered: bool = False
+    ):
         wanted = {str(e) for e in experiment_ids}
-        runs = [self._offline_run(conn, r) for r in (conn.journal.ids.runs() if records is None else records)
-                if r.experiment_id in wanted and not (only_undelivered and r.remote_id)]
+        runs = [
+            self._offline_run(conn, r)
+            for r in (conn.journal.ids.runs() if records is None else records)
+            if r.experiment_id in wanted and not (only_undelivered and r.remote_id)
+        ]
         return SearchUtils.sort(SearchUtils.filter(runs, filter_string), order_by)
 
     # ------------------------------------------------------------------------------ run writes
@@ -506,7 +641,8 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                 raise MlflowException(
                     f"Changing param values is not allowed. Param with key='{param.key}' was already logged with "
                     f"value='{before}' for run ID='{run_id}'. Attempted logging new value '{param.value}'.",
-                    INVALID_PARAMETER_VALUE)
+                    INVALID_PARAMETER_VALUE,
+                )
         plain, linked = [], []
         for metric in metrics:
             (linked if models.names_a_model(metric) else plain).append(metric)
@@ -520,13 +656,18 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                 raise refused
             plain, linked, tags = metrics, [], []
         linked_body = models.model_metrics_body(linked) if linked else None  # may raise: before anything is kept
-        conn.journal.append_batch(run_id, [(m.key, m.value, m.timestamp, m.step) for m in plain],
-                                  [(p.key, str(p.value)) for p in params], [(t.key, str(t.value)) for t in tags])
+        conn.journal.append_batch(
+            run_id,
+            [(m.key, m.value, m.timestamp, m.step) for m in plain],
+            [(p.key, str(p.value)) for p in params],
+            [(t.key, str(t.value)) for t in tags],
+        )
         summary = conn.summary(run_id)
         if linked_body:  # after the batch's plain points, in the run's order (journal.append moves the intake first)
             conn.journal.append(run_id, MODEL_METRICS, linked_body)
-            models.remember_model_points(linked, summary.model_points,
-                                         models.local_model_id(conn.journal, conn.local_model_ids))
+            models.remember_model_points(
+                linked, summary.model_points, models.local_model_id(conn.journal, conn.local_model_ids)
+            )
         for metric in metrics:
             keep_latest(summary.metrics, metric)
         summary.params.update((p.key, str(p.value)) for p in params)
@@ -538,17 +679,25 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         """The error MLflow's server answers a request giving `linked` to their models with, or None."""
         if not linked:
             return None
-        found = models.model_point_clash(linked, conn.summary(run_id).model_points,
-                                         models.local_model_id(conn.journal, conn.local_model_ids))
+        found = models.model_point_clash(
+            linked, conn.summary(run_id).model_points, models.local_model_id(conn.journal, conn.local_model_ids)
+        )
         if found is None:
             return None
         point, why = found
-        kept = ("the run keeps this request's points, the model none of them; MLflow sends a call's metrics "
-                "1,000 a request") if keeps_points else "nothing of it is kept"
+        kept = (
+            (
+                "the run keeps this request's points, the model none of them; MLflow sends a call's metrics "
+                "1,000 a request"
+            )
+            if keeps_points
+            else "nothing of it is kept"
+        )
         return _ModelPointRefused(
             f"metric {point.key!r} at step {point.step} and timestamp {point.timestamp} for logged model "
             f"{point.model_id}: a model keeps one point per key, step and millisecond, and {why} ({kept})",
-            BAD_REQUEST)
+            BAD_REQUEST,
+        )
 
     def log_batch_async(self, run_id, metrics, params, tags):
         # Journaling is as fast as queueing; MLflow's own async queue would only add a second buffer.
@@ -576,20 +725,30 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         conn.summary(run_id).tags.pop(key, None)
 
     def log_inputs(self, run_id, datasets=None, models=None):
-        body = json.loads(message_to_json(LogInputs(
-            run_id=run_id, datasets=[d.to_proto() for d in datasets or []],
-            models=[m.to_proto() for m in models or []])))
+        body = json.loads(
+            message_to_json(
+                LogInputs(
+                    run_id=run_id,
+                    datasets=[d.to_proto() for d in datasets or []],
+                    models=[m.to_proto() for m in models or []],
+                )
+            )
+        )
         self.connection.journal.append(run_id, J.LOG_INPUTS, body)
 
-    def search_logged_models(self, experiment_ids, filter_string=None, datasets=None, max_results=None,
-                             order_by=None, page_token=None):
+    def search_logged_models(
+        self, experiment_ids, filter_string=None, datasets=None, max_results=None, order_by=None, page_token=None
+    ):
         # Logged models are journaled: models.py answers, with ids translated (and offline from the journal).
-        return LoggedModelStoreMixin.search_logged_models(self, experiment_ids, filter_string, datasets, max_results,
-                                                          order_by, page_token)
+        return LoggedModelStoreMixin.search_logged_models(
+            self, experiment_ids, filter_string, datasets, max_results, order_by, page_token
+        )
 
     def link_traces_to_run(self, trace_ids, run_id):
-        self._call_online("link_traces_to_run", lambda c, s: s.link_traces_to_run(
-            trace_ids, self._require(c.journal.ids.server_run(run_id)[0], run_id)))
+        self._call_online(
+            "link_traces_to_run",
+            lambda c, s: s.link_traces_to_run(trace_ids, self._require(c.journal.ids.server_run(run_id)[0], run_id)),
+        )
 
     def __repr__(self) -> str:
         return f"JournalStore({self.store_uri!r})"
@@ -599,4 +758,4 @@ class _ModelPointRefused(MlflowException):
     """A point a logged model cannot take (models.model_point_clash), refused at the call as the server would."""
 
 
-__all__ = ["JournalStore", "ARTIFACT_SCHEME", "artifact_uri_for"]
+__all__ = ["ARTIFACT_SCHEME", "JournalStore", "artifact_uri_for"]
