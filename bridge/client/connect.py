@@ -310,6 +310,7 @@ def _open_after_exit(store_uri: str, url: str) -> Connection:
 
     Nothing delivers it in this process any more; the next `connect()` or `bridge sync` on that journal does.
     """
+    assert _closed_at_exit is not None  # the caller saw it set; it is never unset
     path, limit = _closed_at_exit
     options = ClientOptions.from_env(journal=path, journal_limit=limit, exit_flush_s=0.0)
     conn = _open(url, discovery.find_token(None), options, explicit_token=None, rediscover=False)

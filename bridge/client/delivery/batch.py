@@ -31,7 +31,7 @@ class Entry:
 
     kind: str
     key: str
-    value: object
+    value: str | float | None  # as Op.value
     ts: int | None = None
     step: int | None = None
     ids: list[int] = field(default_factory=list)
@@ -86,13 +86,14 @@ class Batch:
         """Take `op` if it fits MLflow's limits and keeps the batch's meaning; False means send first."""
         if len(self.entries) >= MAX_ENTRIES_PER_BATCH:
             return False
+        key = op.named()  # every kind that travels in log_batch has one
         if op.kind == METRIC:
             if self.metrics >= MAX_METRICS_PER_BATCH:
                 return False
             self.metrics += 1
-            self.entries.append(Entry(METRIC, op.key, op.value, op.ts, op.step, [op.id], op.attempts))
+            self.entries.append(Entry(METRIC, key, op.value, op.ts, op.step, [op.id], op.attempts))
         elif op.kind == PARAM:
-            seen = self.params.get(op.key)
+            seen = self.params.get(key)
             if seen is not None:
                 if seen.value != op.value:
                     return False  # a changed value must reach the server on its own (and be refused there)
@@ -101,10 +102,10 @@ class Batch:
                 return True
             if len(self.params) >= MAX_PARAMS_PER_BATCH:
                 return False
-            self.params[op.key] = entry = Entry(PARAM, op.key, op.value, ids=[op.id], attempts=op.attempts)
+            self.params[key] = entry = Entry(PARAM, key, op.value, ids=[op.id], attempts=op.attempts)
             self.entries.append(entry)
         else:
-            seen = self.tags.get(op.key)
+            seen = self.tags.get(key)
             if seen is not None:
                 seen.value = op.value  # tags overwrite: only the last value matters
                 seen.ids.append(op.id)
@@ -112,6 +113,6 @@ class Batch:
                 return True
             if len(self.tags) >= MAX_TAGS_PER_BATCH:
                 return False
-            self.tags[op.key] = entry = Entry(TAG, op.key, op.value, ids=[op.id], attempts=op.attempts)
+            self.tags[key] = entry = Entry(TAG, key, op.value, ids=[op.id], attempts=op.attempts)
             self.entries.append(entry)
         return True

@@ -116,6 +116,7 @@ class Heartbeats:
                     self.link.call(
                         "/runs/log-batch", {"run_id": remote, "metrics": [], "params": [], "tags": [beat, *marks]}
                     )
+                    assert self.marks is not None  # the marks came from it
                     self.marks.sent(("run", run), marks)
                 else:
                     self.link.call("/runs/set-tag", {"run_id": remote, **beat})

@@ -125,7 +125,7 @@ def apply_tags(ops: Operations, op: Op, body: dict) -> list[str]:
 def apply_delete_tag(ops: Operations, op: Op, body: dict) -> list[str]:
     remote = server_model_id(ops.journal, body["model"])
     try:
-        ops.link.request("DELETE", _model_url(remote, "/tags/" + quote(op.key, safe="")))
+        ops.link.request("DELETE", _model_url(remote, "/tags/" + quote(op.named(), safe="")))
     except HttpError as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST" or op.attempts == 0:
             raise  # gone already after an earlier, unacknowledged delete: that is the goal
@@ -261,7 +261,8 @@ def _first_of_each(points: list[dict], held: set[tuple], gone: set[str]) -> list
 
 def _model_points_on_server(ops: Operations, run: str, models: set[str]) -> tuple[set[tuple], set[str]]:
     """(the points of `run` each model holds, the models the server does not have)."""
-    held, gone = set(), set()
+    held: set[tuple] = set()
+    gone: set[str] = set()
     for model in models:
         try:
             found = ops.link.request("GET", _model_url(model)).json().get("model", {}).get("data", {})
@@ -294,13 +295,14 @@ def apply_step_metrics(ops: Operations, op: Op, body: dict) -> list[str]:
         if body.get("key") is not None:
             keys = [body["key"]]
         else:
-            found = ops.link.call("/runs/get", {"run_id": run}, method="GET")
-            keys = sorted({m["key"] for m in (found.get("run", {}).get("data", {}).get("metrics") or [])})
+            answer = ops.link.call("/runs/get", {"run_id": run}, method="GET")
+            keys = sorted({m["key"] for m in (answer.get("run", {}).get("data", {}).get("metrics") or [])})
         progress.update(keys=keys, read=0, points=[])
         journal.queue.update_body(op.id, progress)
     keys, points = progress["keys"], progress["points"]
     for index in range(progress["read"], len(keys)):
-        token, found = None, []
+        token = None
+        found: list[dict] = []
         while True:
             query = {"run_id": run, "metric_key": keys[index]}
             if token:

@@ -132,7 +132,9 @@ class DeliveryMarks:
     def done_already(self, op: Op) -> bool:
         """Whether `op` was delivered before, from this journal or a copy of it (raises LinkError)."""
         scope = scope_of(op)
-        uid = self.journal.book.epoch_uid(op.epoch) if scope is not None else None
+        if scope is None:
+            return False
+        uid = self.journal.book.epoch_uid(op.epoch)
         if uid is None:
             return False
         marks = self._server_marks(scope)
@@ -145,7 +147,9 @@ class DeliveryMarks:
         found: dict[tuple[Scope, str], int] = {}
         for op in ops:
             scope = scope_of(op)
-            uid = self.journal.book.epoch_uid(op.epoch) if scope is not None else None
+            if scope is None:
+                continue
+            uid = self.journal.book.epoch_uid(op.epoch)
             if uid is not None:
                 found[(scope, uid)] = max(found.get((scope, uid), 0), op.id)
         return found
@@ -155,8 +159,10 @@ class DeliveryMarks:
         ops = list(ops)
         owed = self.highest(ops)
         for op in ops:
-            if op.kind == UPDATE_RUN and op.json().get("status") in TERMINAL_STATUSES and scope_of(op) is not None:
-                self._urgent.add(scope_of(op))
+            if op.kind == UPDATE_RUN and op.json().get("status") in TERMINAL_STATUSES:
+                scope = scope_of(op)
+                if scope is not None:
+                    self._urgent.add(scope)
         if owed:
             self.journal.book.owe_marks({(_key(scope), uid): n for (scope, uid), n in owed.items()})
 

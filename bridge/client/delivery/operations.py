@@ -164,6 +164,7 @@ class Operations:
         chosen = _the_run_in_use(result.get("runs") or [])
         found = chosen["info"] if chosen else None
         if found is not None:  # its delivery marks come with it (marks.py)
+            assert chosen is not None  # what it was found in
             self.marks.learn(
                 ("run", op.run), ((t["key"], t.get("value")) for t in chosen.get("data", {}).get("tags", []))
             )
@@ -203,12 +204,12 @@ class Operations:
         One landing after that is deleted by `bridge serve`'s reaper once it is silent (bridge/serve/reaper.py).
         """
         record = self.journal.ids.run(run)
-        remote = record and record.remote_id
-        if not remote:
+        if record is None or not record.remote_id:
             self.journal.book.unwatch_twins(run)
             return
+        remote = record.remote_id
         experiment = self.journal.ids.server_experiment_id(record.experiment_id)
-        found = []
+        found: list[dict] = []
         try:
             if experiment:
                 found = self.link.call("/runs/search", run_key_search(experiment, run)).get("runs") or []
@@ -311,7 +312,7 @@ def server_model_id(journal: Journal, model_id: str) -> str:
 
 
 def apply_create_experiment(ops: Operations, op: Op, body: dict) -> list[str]:
-    ops.create_experiment(op.key, body["name"], body.get("tags") or {}, body.get("artifact_location"))
+    ops.create_experiment(op.named(), body["name"], body.get("tags") or {}, body.get("artifact_location"))
     return []
 
 

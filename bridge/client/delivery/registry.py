@@ -197,6 +197,7 @@ def apply_registry(ops: Operations, op: Op, body: dict) -> list[str]:
     if op.kind == CREATE_MODEL_VERSION:
         return _apply_create_version(ops, op, body)
     name = body.get("name")
+    assert name is not None  # every registry write names its model (plugins/registry.py)
     if op.kind == CREATE_REGISTERED_MODEL:
         payload = {"name": name, "tags": [{"key": k, "value": v} for k, v in (body.get("tags") or {}).items()]}
         if body.get("description"):

@@ -20,11 +20,13 @@ delivered for a local reason (operations.UndeliverableError) become dead letters
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TextIO, TypeVar
 
 from bridge.client.delivery import handlers
 from bridge.client.delivery.batch import BATCH_KINDS, MAX_METRICS_PER_BATCH, Batch, Entry, batch_body
@@ -41,6 +43,8 @@ from bridge.errors import HttpError, LinkError, UndeliverableError
 from bridge.retry import compute_backoff_ms
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 _READ_BATCH = 5000
 
@@ -93,7 +97,7 @@ class Sender:
         self._state_lock = threading.Lock()
         self._threads_alive = 0
         self._on_stopped: list[Callable[[], None]] = []
-        self._lock_file = None
+        self._lock_file: TextIO | None = None
         self._lock_elsewhere = False  # another process holds the journal's delivery lock (_loop)
         self._last_adopt = self._clock()
         self._looks_begun = self._looks_done = 0  # looks for late twins made for a flush (_look_for_twins)
@@ -318,7 +322,7 @@ class Sender:
         # that paused before paying them.
         for scope in self.marks.owing_scopes():
             if self._pays_now(scope):
-                self._checked(lambda scope=scope: self.marks.pay(scope))
+                self._checked(functools.partial(self.marks.pay, scope))
         self._look_for_twins()
         return delivered
 
@@ -332,7 +336,7 @@ class Sender:
         now = time.time()
         for run, due in self.journal.book.twin_watches().items():
             if due <= now or flushing:
-                self._checked(lambda run=run, due=due: self.operations.remove_twins(run, final=due <= now))
+                self._checked(functools.partial(self.operations.remove_twins, run, final=due <= now))
         if flushing:
             self._looks_done = look
 
@@ -374,8 +378,10 @@ class Sender:
         A steady stream would otherwise cost two requests a round (a full batch and a sliver): the sliver
         waits one round and rides in a full batch instead.
         """
-        batch, in_batch = Batch(), []
-        merged, merged_points = [], 0  # consecutive model-metric ops: one request (_send_merged)
+        batch = Batch()
+        in_batch: list[Op] = []
+        merged: list[Op] = []  # consecutive model-metric ops: one request (_send_merged)
+        merged_points = 0
         count = 0
         sent_full = False
         for op in ops:
@@ -444,7 +450,7 @@ class Sender:
 
     # ----------------------------------------------------------------------------- deliveries
 
-    def _checked(self, fn: Callable[[], object], *, poison: int | None = None, kinds: tuple = ()) -> object:
+    def _checked(self, fn: Callable[[], _T], *, poison: int | None = None, kinds: tuple = ()) -> _T:
         """Run one request; a failure that is not the content's fault pauses the round.
 
         With `poison` (how often the entries in it have failed already): a server error that has come back
@@ -511,6 +517,7 @@ class Sender:
         kept = []
         for entry in entries:
             if entry.kind == TAG and entry.key in RUN_ID_TAGS:
+                assert isinstance(entry.value, str)  # a tag's value is text (Journal.append_batch)
                 try:
                     entry.value = self.operations.server_tag_value(entry.key, entry.value)
                 except UndeliverableError as exc:
@@ -520,7 +527,7 @@ class Sender:
         return kept
 
     def _deliver_entries(
-        self, remote: str, entries: list[Entry], *, beat_run: str | None = None, marks: list[dict] = ()
+        self, remote: str, entries: list[Entry], *, beat_run: str | None = None, marks: Sequence[dict[str, str]] = ()
     ) -> tuple[int, bool]:
         """Send `entries` (split on a refusal); (rows delivered, whether the beat and `marks` went with them)."""
         body = batch_body(remote, entries)

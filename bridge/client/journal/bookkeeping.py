@@ -23,9 +23,11 @@ class Bookkeeping:
         """A lineage for this opening: a copy of the file opened elsewhere never shares it with what is written
         here from now on (delivery/marks.py). Its number is the `epoch` of every row this opening writes."""
         with self._db.db() as conn:
-            return conn.execute(
+            epoch = conn.execute(
                 "insert into lineage(uid, created) values(?,?)", (uuid.uuid4().hex, time.time())
             ).lastrowid
+            assert epoch is not None  # the row the insert made
+            return epoch
 
     def epoch_uid(self, epoch: int | None) -> str | None:
         """The lineage uid of rows written with `epoch` (Op.epoch); None when unknown (a repaired journal)."""

@@ -290,10 +290,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
             "bridge: updating the journal's table of entries to this version (once; %d entries)",
             conn.execute("select count(*) from ops").fetchone()[0],
         )
-        columns = ",".join(r[1] for r in conn.execute("pragma table_info(ops)"))
+        copied = ",".join(r[1] for r in conn.execute("pragma table_info(ops)"))
         conn.execute("alter table ops rename to ops_before_autoincrement")
         conn.execute(_SCHEMA[0])
-        conn.execute(f"insert into ops({columns}) select {columns} from ops_before_autoincrement")
+        conn.execute(f"insert into ops({copied}) select {copied} from ops_before_autoincrement")
         conn.execute("drop table ops_before_autoincrement")
     columns = {row[1] for row in conn.execute("pragma table_info(ops)")}
     for column, kind in (("reason", "text"), ("epoch", "integer")):

@@ -27,6 +27,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from bridge.client import forksafe
@@ -145,9 +146,9 @@ class Journal:
     def append_batch(
         self,
         run: str,
-        metrics: list[tuple[str, float, int, int]] = (),
-        params: list[tuple[str, str]] = (),
-        tags: list[tuple[str, str]] = (),
+        metrics: Sequence[tuple[str, float, int, int]] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
     ) -> None:
         """Journal metric points (key, value, timestamp ms, step) and params/tags (key, value) in one commit.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from bridge.client.journal.database import Database
 from bridge.client.journal.kinds import ARTIFACT
@@ -138,7 +138,7 @@ class OpQueue:
             return False
         return True
 
-    def complete(self, ids: list[int], *, spool: list[str] = ()) -> None:
+    def complete(self, ids: list[int], *, spool: Iterable[str] = ()) -> None:
         """The server has these: forget them (done), and their spooled files."""
         with self._db.db() as conn:
             for chunk in _chunks(ids, 500):
@@ -168,7 +168,7 @@ class OpQueue:
 
         A dead artifact's spooled copy is deleted: nothing will upload it, and it counts against the limit.
         """
-        spool = []
+        spool: list[str | None] = []  # the copies the artifact rows name (None: a body naming none)
         with self._db.db() as conn:
             for chunk in _chunks(ids, 500):
                 rows = conn.execute(

@@ -17,7 +17,8 @@ class Op:
     run: str
     kind: str
     key: str | None
-    value: object
+    #: A metric's number (REAL, or INTEGER as logged; 'NaN' for NaN), a param's or tag's text; None for the rest.
+    value: str | float | None
     ts: int | None
     step: int | None
     body: str | None
@@ -27,6 +28,17 @@ class Op:
 
     def json(self) -> dict:
         return json.loads(self.body) if self.body else {}
+
+    def named(self) -> str:
+        """`key`, of an op of a kind that is always journaled with one (a metric, param or tag, a tag deletion, an
+        experiment's creation, ...)."""
+        assert self.key is not None, f"{self.kind} entry {self.id} has no key"
+        return self.key
+
+    def text(self) -> str:
+        """`value`, of a param or tag op: always journaled as text (Journal.append_batch)."""
+        assert isinstance(self.value, str), f"{self.kind} entry {self.id} has no text value"
+        return self.value
 
 
 class DeadLetter(NamedTuple):
@@ -44,7 +56,7 @@ class RunRecord:
     experiment_id: str
     name: str | None
     user_id: str | None
-    start_time: int | None
+    start_time: int  # always written (Journal.add_run)
     end_time: int | None
     status: str
     artifact_uri: str | None
@@ -100,10 +112,10 @@ class Backlog:
         return sum(self.pending.values())
 
 
-def encode_value(value: float) -> object:
+def encode_value(value: float) -> str | float:
     # SQLite stores a float NaN as NULL; keep it recognisable instead.
     return "NaN" if value != value else value
 
 
-def decode_value(value: object) -> float:
+def decode_value(value: str | float | None) -> float:
     return math.nan if value == "NaN" or value is None else float(value)

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from bridge.client.journal.intake import try_lock
 
@@ -110,7 +111,7 @@ class Spool:
 
 
 @contextlib.contextmanager
-def _new_file(folder: Path) -> Iterator[tuple[str, object]]:
+def _new_file(folder: Path) -> Iterator[tuple[str, BinaryIO]]:
     """(name, file) of a new spool file, flock'ed until the block ends: `Spool.sweep` leaves it alone."""
     for _ in range(5):
         name = uuid.uuid4().hex

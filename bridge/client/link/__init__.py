@@ -24,6 +24,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 from urllib.parse import quote
 
 import requests
@@ -93,7 +94,7 @@ class Request:
     headers: dict = field(default_factory=dict)
     params: dict | None = None
     json: dict | None = None
-    data: object = None
+    data: bytes | str | BinaryIO | None = None
     timeout: tuple[float, float] = (5.0, 20.0)
 
     @property
@@ -317,7 +318,7 @@ class Link:
         *,
         json_body: dict | None = None,
         params: dict | None = None,
-        data=None,
+        data: bytes | str | BinaryIO | None = None,
         timeout: tuple[float, float] | None = None,
     ) -> Response:
         """One HTTP request to the server; errors as TransportError / HttpError, never with the token."""

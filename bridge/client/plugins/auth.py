@@ -27,12 +27,12 @@ def origin(url: str) -> tuple[str, str, int] | None:
     try:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
-        port = parts.port or _DEFAULT_PORTS.get(scheme)
+        port = parts.port
     except ValueError:
         return None
     if scheme not in _DEFAULT_PORTS or not parts.hostname:
         return None
-    return scheme, parts.hostname.lower(), port
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
 
 
 class BearerAuth(requests.auth.AuthBase):

@@ -27,6 +27,8 @@ import re
 import sys
 import time
 import uuid
+from types import FrameType
+from typing import TYPE_CHECKING, Any, cast
 
 from mlflow.entities import LoggedModel, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
@@ -52,6 +54,11 @@ from bridge.client.journal.kinds import (
     artifact_uri_for,
 )
 from bridge.client.plugins.server_reads import Offline
+
+if TYPE_CHECKING:
+    from mlflow.store.tracking.rest_store import RestStore
+
+    from bridge.client.connect import Connection
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +226,7 @@ def asked_by_log_model() -> tuple[str, int] | None:
     bridge/mlflow_internals.py), reading `get_run` and `get_metric_history`; a frame of it up the stack is
     the only sign of who is asking. Cheap enough for the reads it is used on: those the server cannot answer.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(16):
         if frame is None:
             return None
@@ -268,6 +275,18 @@ def _with_waiting_metrics(journal: J.Journal, metrics: list[Metric], model_id: s
 
 class LoggedModelStoreMixin:
     """The LoggedModel half of JournalStore (which provides `connection`, `_online`, `_server`, `_call_online`)."""
+
+    if TYPE_CHECKING:  # what JournalStore provides (plugins/store.py)
+
+        @property
+        def connection(self) -> Connection: ...
+
+        def _online(self, conn: Connection) -> bool: ...
+
+        @staticmethod
+        def _server(conn: Connection) -> RestStore: ...
+
+        def _call_online(self, what: str, fn) -> Any: ...
 
     # ------------------------------------------------------------------------------ plumbing
 
@@ -341,7 +360,8 @@ class LoggedModelStoreMixin:
             name=known["name"],
             artifact_location=model_artifact_uri(record.local_id),
             creation_timestamp=known["creation_timestamp"],
-            last_updated_timestamp=known.get("last_updated_timestamp"),
+            # always written with the model (create_logged_model, _change_model)
+            last_updated_timestamp=cast(int, known.get("last_updated_timestamp")),
             model_type=known.get("model_type"),
             source_run_id=known.get("source_run_id"),
             status=LoggedModelStatus(known["status"]),
@@ -386,7 +406,9 @@ class LoggedModelStoreMixin:
         conn.journal.add_entity(
             J.LOGGED_MODEL, local_id, known, op=(local_id, CREATE_LOGGED_MODEL, {"model": local_id, **spec})
         )
-        return self._offline_model(conn.journal.ids.entity(J.LOGGED_MODEL, local_id))
+        record = conn.journal.ids.entity(J.LOGGED_MODEL, local_id)
+        assert record is not None  # added just now
+        return self._offline_model(record)
 
     def log_logged_model_params(self, model_id, params) -> None:
         conn = self.connection
@@ -605,7 +627,7 @@ def _to_server_ids(journal: J.Journal, filter_string: str | None) -> str | None:
     def swap(found: re.Match) -> str:
         text = found.group(1)
         if text.startswith("m-"):
-            record = journal.ids.entity(J.LOGGED_MODEL, text)
+            record: J.EntityRecord | J.RunRecord | None = journal.ids.entity(J.LOGGED_MODEL, text)
             remote = record.remote_id if record is not None else None
         else:
             record = journal.ids.run(text)

@@ -36,11 +36,11 @@ def run_with_waiting(run: Run, ops: list[J.Op]) -> Run:
             for metric in points_of(op):
                 keep_latest(metrics, metric)
         elif op.kind == J.PARAM:
-            params.setdefault(op.key, op.value)
+            params.setdefault(op.named(), op.text())
         elif op.kind == J.TAG:
-            tags[op.key] = op.value
+            tags[op.named()] = op.text()
         elif op.kind == J.DELETE_TAG:
-            tags.pop(op.key, None)
+            tags.pop(op.named(), None)
         else:  # UPDATE_RUN
             body = op.json()
             status = body.get("status") or status
@@ -141,7 +141,8 @@ class Waiting:
 def points_of(op: J.Op) -> list[Metric]:
     """The metric points of an op of `POINT_KINDS`: a metric row's one, or those naming a model."""
     if op.kind == J.METRIC:
-        return [Metric(op.key, J.decode_value(op.value), op.ts, op.step or 0)]
+        assert op.ts is not None  # a metric row always has its timestamp (journal/intake.py)
+        return [Metric(op.named(), J.decode_value(op.value), op.ts, op.step or 0)]
     return [Metric(*point) for point in models.model_metric_points(op)]
 
 

@@ -91,7 +91,9 @@ class JournalRegistryStore(AbstractStore):
 
     @property
     def connection(self):
-        return connection_for(self.store_uri)
+        # MLflow always builds a store with its URI; one built by hand without it (None) gets the only open
+        # connection, or fails as it always has
+        return connection_for(self.store_uri)  # type: ignore[arg-type]
 
     def _read(self, call: str, fn, offline=None):
         """`fn(server reads)` online; offline `offline()` (None: raise TEMPORARILY_UNAVAILABLE naming `call`).
@@ -445,9 +447,12 @@ class JournalRegistryStore(AbstractStore):
     def get_model_version(self, name, version):
         conn = self.connection
         record = self._version_record(conn, name, version)
-        if record is not None and record.remote_id is None:
+        if record is None:
+            remote = str(version)
+        elif record.remote_id is None:
             return self._offline_version(conn, record)  # not on the server yet, online or not
-        remote = str(version) if record is None else version_number(record.remote_id)
+        else:
+            remote = version_number(record.remote_id)
         return self._read(
             "get_model_version",
             lambda c, s: self._local_version(c, s.get_model_version(name, remote)),

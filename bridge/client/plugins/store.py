@@ -17,6 +17,7 @@ from mlflow.entities import (
     Experiment,
     ExperimentTag,
     LifecycleStage,
+    Metric,
     Param,
     Run,
     RunData,
@@ -103,7 +104,9 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
 
     @property
     def connection(self):
-        return connection_for(self.store_uri)
+        # MLflow always builds a store with its URI; one built by hand without it (None) gets the only open
+        # connection, or fails as it always has
+        return connection_for(self.store_uri)  # type: ignore[arg-type]
 
     @staticmethod
     def _server(conn) -> _ServerReads:
@@ -231,9 +234,9 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
             if op.kind == J.CREATE_EXPERIMENT:
                 tags.update(op.json().get("tags") or {})
             elif op.kind == J.SET_EXPERIMENT_TAG:
-                tags[op.key] = op.json()["value"]
+                tags[op.named()] = op.json()["value"]
             else:
-                tags.pop(op.key, None)
+                tags.pop(op.named(), None)
         return Experiment(
             experiment.experiment_id,
             experiment.name,
@@ -422,7 +425,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                     experiment_id="",
                     user_id="",
                     status="RUNNING",
-                    start_time=None,
+                    start_time=None,  # type: ignore[arg-type]  # as found; MLflow's RunInfo refuses None (reported)
                     end_time=None,
                     lifecycle_stage=LifecycleStage.ACTIVE,
                 ),
@@ -643,7 +646,8 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                     f"value='{before}' for run ID='{run_id}'. Attempted logging new value '{param.value}'.",
                     INVALID_PARAMETER_VALUE,
                 )
-        plain, linked = [], []
+        plain: list[Metric] = []
+        linked: list[Metric] = []
         for metric in metrics:
             (linked if models.names_a_model(metric) else plain).append(metric)
         # A point a logged model cannot take (model_point_clash): the server refuses the request, as MLflow's own
