@@ -47,7 +47,7 @@ def _stop_leftovers() -> None:
     for server in list(_live):
         try:
             server.stop()
-        except Exception:  # noqa: BLE001 - best effort at exit
+        except Exception:  # best effort at exit
             pass
 
 

@@ -24,9 +24,23 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (MlflowServer, child_env, child_process, client_argument_parser, connect_client, expect_line,
-                     lean_server_behind_proxy, lean_server_caption, print_table, read_result, report_result,
-                     scratch_dir, server_points, tell_child, verdict)
+from _common import (
+    MlflowServer,
+    child_env,
+    child_process,
+    client_argument_parser,
+    connect_client,
+    expect_line,
+    lean_server_behind_proxy,
+    lean_server_caption,
+    print_table,
+    read_result,
+    report_result,
+    scratch_dir,
+    server_points,
+    tell_child,
+    verdict,
+)
 
 GOAL_POINTS_PER_S = 20_000
 

@@ -25,12 +25,19 @@ import time
 from dataclasses import dataclass, field
 
 import requests
-from mlflow import MlflowClient
-
 from _common import (
-    BridgeServe, StandInNgrok, argument_parser, machine_summary, percentile, print_table, scratch_dir,
-    tree_cpu_seconds, verdict, wait_cpu_quiet,
+    BridgeServe,
+    StandInNgrok,
+    argument_parser,
+    machine_summary,
+    percentile,
+    print_table,
+    scratch_dir,
+    tree_cpu_seconds,
+    verdict,
+    wait_cpu_quiet,
 )  # fmt: skip
+from mlflow import MlflowClient
 
 GOAL_THROUGHPUT_RATIO = 0.9
 GOAL_P50_ADDED_MS = 2.0

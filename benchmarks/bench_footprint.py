@@ -16,12 +16,20 @@ from __future__ import annotations
 import time
 
 import psutil
-from mlflow import MlflowClient
-
 from _common import (
-    BridgeServe, MlflowServer, argument_parser, machine_summary, mib, percentile, print_table, scratch_dir,
-    tree_memory, verdict, wait_memory_settled,
+    BridgeServe,
+    MlflowServer,
+    argument_parser,
+    machine_summary,
+    mib,
+    percentile,
+    print_table,
+    scratch_dir,
+    tree_memory,
+    verdict,
+    wait_memory_settled,
 )  # fmt: skip
+from mlflow import MlflowClient
 
 GOAL_RSS_BYTES = 600 * 10**6
 GOAL_P50_MS = 10.0

@@ -23,9 +23,23 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (REPO, MlflowServer, bridge_cli, child_env, child_process, client_argument_parser, connect_client,
-                     lean_server_behind_proxy, lean_server_caption, print_table, scratch_dir, server_points,
-                     server_points_and_steps, tell_child, verdict)
+from _common import (
+    REPO,
+    MlflowServer,
+    bridge_cli,
+    child_env,
+    child_process,
+    client_argument_parser,
+    connect_client,
+    lean_server_behind_proxy,
+    lean_server_caption,
+    print_table,
+    scratch_dir,
+    server_points,
+    server_points_and_steps,
+    tell_child,
+    verdict,
+)
 
 PAUSE_S = 0.0005  # between points, as a training loop would; gives MLflow's queue its chance to send
 

@@ -19,8 +19,20 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (child_env, client_argument_parser, connect_client, lean_server_caption, percentile, print_table,
-                     report_result, run_child, scratch_dir, server_points, start_lean_mlflow_server, verdict)
+from _common import (
+    child_env,
+    client_argument_parser,
+    connect_client,
+    lean_server_caption,
+    percentile,
+    print_table,
+    report_result,
+    run_child,
+    scratch_dir,
+    server_points,
+    start_lean_mlflow_server,
+    verdict,
+)
 
 GOAL_P50_US = 20.0
 GOAL_RATIO_VS_SYNC = 100.0

@@ -36,9 +36,22 @@ import threading
 import time
 from pathlib import Path
 
-from _common import (MlflowServer, child_env, child_process, client_argument_parser, connect_client, expect_line,
-                     lean_server_behind_proxy, lean_server_caption, print_table, read_result, report_result,
-                     scratch_dir, server_points, verdict)
+from _common import (
+    MlflowServer,
+    child_env,
+    child_process,
+    client_argument_parser,
+    connect_client,
+    expect_line,
+    lean_server_behind_proxy,
+    lean_server_caption,
+    print_table,
+    read_result,
+    report_result,
+    scratch_dir,
+    server_points,
+    verdict,
+)
 
 GOAL_SLOWDOWN = 0.05
 STEP_S = 0.01

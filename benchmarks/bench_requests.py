@@ -18,8 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (MlflowServer, child_env, client_argument_parser, connect_client, lean_server_behind_proxy,
-                     lean_server_caption, print_table, report_result, run_child, scratch_dir, server_points, verdict)
+from _common import (
+    MlflowServer,
+    child_env,
+    client_argument_parser,
+    connect_client,
+    lean_server_behind_proxy,
+    lean_server_caption,
+    print_table,
+    report_result,
+    run_child,
+    scratch_dir,
+    server_points,
+    verdict,
+)
 
 GOAL_PER_1000 = 2.0
 STEP_S = 0.001

@@ -19,8 +19,16 @@ import re
 import time
 
 from _common import (
-    BridgeServe, MlflowServer, StandInNgrok, argument_parser, http_status, machine_summary, median,
-    print_table, scratch_dir, verdict,
+    BridgeServe,
+    MlflowServer,
+    StandInNgrok,
+    argument_parser,
+    http_status,
+    machine_summary,
+    median,
+    print_table,
+    scratch_dir,
+    verdict,
 )  # fmt: skip
 
 GOAL_EXTRA_S = 2.0

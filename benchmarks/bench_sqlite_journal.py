@@ -17,9 +17,8 @@ import sqlite3
 import time
 
 import requests
-from mlflow import MlflowClient
-
 from _common import MlflowServer, argument_parser, machine_summary, percentile, print_table, scratch_dir
+from mlflow import MlflowClient
 
 from bridge.serve.mlflow_process import enable_wal
 

@@ -27,14 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-
 from _common import BridgeServe, MlflowServer, argument_parser, machine_summary, mib, print_table, scratch_dir, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.team_load import (  # noqa: E402
-    METRIC_KEYS, Plan, S3Server, delivered, expected_points, fresh_database, prime_database, run_load, summary,
+    METRIC_KEYS,
+    Plan,
+    S3Server,
+    delivered,
+    expected_points,
+    fresh_database,
+    prime_database,
+    run_load,
+    summary,
 )  # fmt: skip
 from tests.support.tunnel import make_fake_cloudflared  # noqa: E402
 

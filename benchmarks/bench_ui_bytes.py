@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from _common import MlflowServer, argument_parser, machine_summary, percentile, print_table, scratch_dir, verdict
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
-
-from _common import MlflowServer, argument_parser, machine_summary, percentile, print_table, scratch_dir, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_BYTES_RATIO = 0.30

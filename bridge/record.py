@@ -91,7 +91,7 @@ class EndpointRecord:
         fields.pop("signature")
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
-    def signed(self, token: str) -> "EndpointRecord":
+    def signed(self, token: str) -> EndpointRecord:
         sig = hmac.new(signing_key(token), self._payload(), hashlib.sha256).hexdigest()
         return EndpointRecord(**{**asdict(self), "signature": sig})
 

@@ -111,7 +111,7 @@ def _plaintext_keyring():
     try:
         backend = PlaintextKeyring()
         return backend if Path(backend.file_path).exists() else None
-    except Exception:  # noqa: BLE001 - a broken legacy store must not stop bridge
+    except Exception:  # a broken legacy store must not stop bridge
         return None
 
 
@@ -124,7 +124,7 @@ def _take_from_plaintext(name: str) -> str | None:
         value = legacy.get_password(service_name(), name)
         if value:
             legacy.delete_password(service_name(), name)
-    except Exception:  # noqa: BLE001 - a broken legacy store must not stop bridge
+    except Exception:  # a broken legacy store must not stop bridge
         return None
     if value:
         log.warning("Moved %r from keyrings.alt's plaintext file %s into %s.", name, legacy.file_path,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,8 +29,8 @@ def _run_label(run: str, runs: dict) -> str:
 
 @handles_errors
 def sync_command(
-    journal: Annotated[Optional[Path], typer.Option(help=JOURNAL_HELP, envvar="BRIDGE_JOURNAL")] = None,
-    url: Annotated[Optional[str], typer.Option(
+    journal: Annotated[Path | None, typer.Option(help=JOURNAL_HELP, envvar="BRIDGE_JOURNAL")] = None,
+    url: Annotated[str | None, typer.Option(
         help="Server URL. Default: discovery (BRIDGE_URL, then the published record).")] = None,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
 ) -> None:
@@ -66,12 +66,12 @@ def sync_command(
 
 @handles_errors
 def queue_command(
-    journal: Annotated[Optional[Path], typer.Option(help=JOURNAL_HELP, envvar="BRIDGE_JOURNAL")] = None,
+    journal: Annotated[Path | None, typer.Option(help=JOURNAL_HELP, envvar="BRIDGE_JOURNAL")] = None,
     retry: Annotated[bool, typer.Option("--retry", help="Send the dead letters again (all, or those named "
                                         "with --id) with the next `bridge sync` or bridge.connect().")] = False,
     drop: Annotated[bool, typer.Option("--drop", help="Delete the dead letters (all, or those named with "
                                        "--id) for good.")] = False,
-    ids: Annotated[Optional[list[int]], typer.Option("--id", help="A dead letter's id (the first column); "
+    ids: Annotated[list[int] | None, typer.Option("--id", help="A dead letter's id (the first column); "
                                                      "repeat for several.")] = None,
     show_config: Annotated[bool, typer.Option("--config", help="Print the client's effective settings and "
                                               "where each came from, then exit.")] = False,
@@ -124,7 +124,7 @@ def queue_command(
         console.print("`bridge queue --retry` sends them again, `--drop` deletes them (add --id N for one).")
 
 
-def _print_config(journal: Optional[Path]) -> None:
+def _print_config(journal: Path | None) -> None:
     from bridge.client.options import ClientOptions
 
     options = ClientOptions.from_env(journal=journal)

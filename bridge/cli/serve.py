@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
 def serve_command(
     port: Annotated[int, typer.Option(help="Port of the MLflow server and its local UI (127.0.0.1 only).",
                                       envvar="BRIDGE_PORT")] = config.DEFAULT_MLFLOW_PORT,
-    entrance_port: Annotated[Optional[int], typer.Option(
+    entrance_port: Annotated[int | None, typer.Option(
         help="Port of the authenticated entrance the tunnel points at. Default: --port + 1.",
         envvar="BRIDGE_ENTRANCE_PORT")] = None,
     host: Annotated[str, typer.Option(
@@ -53,18 +53,18 @@ def serve_command(
              "bridge serves the entrance alone). cloudflared: a Cloudflare quick tunnel (no account; a new "
              "*.trycloudflare.com URL each start, which the signed record follows; binary from PATH or "
              "BRIDGE_CLOUDFLARED_PATH). none: no tunnel.", envvar="BRIDGE_TUNNEL")] = "auto",
-    domain: Annotated[Optional[str], typer.Option(
+    domain: Annotated[str | None, typer.Option(
         help="A reserved/static ngrok domain, so the public URL survives restarts.",
         envvar="BRIDGE_NGROK_DOMAIN")] = None,
     edge_auth: Annotated[bool, typer.Option(
         "--edge-auth", help="Also make ngrok's edge demand HTTP Basic (user `bridge`, password = access token, "
                             "which ngrok then holds). Off by default: Bearer-token clients are refused at the edge.",
     )] = False,
-    publish: Annotated[Optional[str], typer.Option(help=PUBLISH_HELP, envvar="BRIDGE_PUBLISH")] = None,
-    backend_store_uri: Annotated[Optional[str], typer.Option(
+    publish: Annotated[str | None, typer.Option(help=PUBLISH_HELP, envvar="BRIDGE_PUBLISH")] = None,
+    backend_store_uri: Annotated[str | None, typer.Option(
         help="MLflow backend store, e.g. postgresql://user@host/db. Default: SQLite in the bridge data folder.",
         envvar="BRIDGE_BACKEND_STORE_URI")] = None,
-    artifacts_destination: Annotated[Optional[str], typer.Option(
+    artifacts_destination: Annotated[str | None, typer.Option(
         help="Where MLflow stores artifacts it serves, e.g. s3://bucket/path. Default: the bridge data folder.",
         envvar="BRIDGE_ARTIFACTS_DESTINATION")] = None,
     workers: Annotated[int, typer.Option(help="MLflow uvicorn workers (1 is lean and fast; raise for teams).",
@@ -167,12 +167,12 @@ def token_command(
 
 @handles_errors
 def login_command(
-    authtoken: Annotated[Optional[str], typer.Argument(
+    authtoken: Annotated[str | None, typer.Argument(
         help="Your ngrok authtoken (https://dashboard.ngrok.com/get-started/your-authtoken). Best omitted: "
              "you are then prompted for it (hidden). '-' reads it from stdin (e.g. from a password manager). "
              "Given as text here it lands in your shell history and the process list; meant for scripts only.",
         show_default=False)] = None,
-    github_token: Annotated[Optional[str], typer.Option(
+    github_token: Annotated[str | None, typer.Option(
         "--github-token", help="Also store a GitHub token (gist scope) for --publish gist:ID; '-' prompts for it "
                                "(hidden) or reads it from stdin when that is not a terminal. Given as text it "
                                "lands in your shell history.", show_default=False)] = None,
@@ -208,7 +208,7 @@ def _store(name: str, value: str, what: str) -> None:
 
 @handles_errors
 def url_command(
-    record: Annotated[Optional[Path], typer.Option(
+    record: Annotated[Path | None, typer.Option(
         help="The record file to read. Default: endpoint.json in the bridge data folder.")] = None,
 ) -> None:
     """Print the URL of the running `bridge serve`, from its local record once the signature verifies."""

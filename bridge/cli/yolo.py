@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -86,14 +86,14 @@ def train_command(
     batch: Annotated[int, typer.Option(help="Batch size (-1: Ultralytics' AutoBatch on GPU).")] = 16,
     experiment: Annotated[str, typer.Option(help="MLflow experiment that gets one run per model.",
                                             envvar="MLFLOW_EXPERIMENT_NAME")] = "yolo",
-    device: Annotated[Optional[str], typer.Option(help="'cpu', '0', '0,1' … (default: Ultralytics picks).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data loader workers.")] = None,
-    project: Annotated[Optional[Path], typer.Option(help="Folder for Ultralytics' run outputs.")] = None,
-    arg: Annotated[Optional[list[str]], typer.Option(
+    device: Annotated[str | None, typer.Option(help="'cpu', '0', '0,1' … (default: Ultralytics picks).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data loader workers.")] = None,
+    project: Annotated[Path | None, typer.Option(help="Folder for Ultralytics' run outputs.")] = None,
+    arg: Annotated[list[str] | None, typer.Option(
         "--arg", help="Any other Ultralytics training argument as KEY=VALUE (repeatable), e.g. --arg nbs=4.")] = None,
-    tag: Annotated[Optional[list[str]], typer.Option(
+    tag: Annotated[list[str] | None, typer.Option(
         "--tag", help="A tag for every run of the sweep as KEY=VALUE (repeatable).")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help=TRACKING_URI_HELP)] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help=TRACKING_URI_HELP)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue each model's interrupted training from "
                                          "<project>/<model>/weights/last.pt into its MLflow run (a model "
                                          "without last.pt starts afresh, a finished one is left alone).")] = False,
@@ -102,11 +102,9 @@ def train_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from bridge.yolo.console import collapsed_output
-    from bridge.yolo.sweep import sweep
-
     from bridge.errors import ConfigError
-    from bridge.yolo.sweep import resolve_model
+    from bridge.yolo.console import collapsed_output
+    from bridge.yolo.sweep import resolve_model, sweep
 
     extra = _parse_args(arg or [])
     tags = {k: str(v) for k, v in _parse_args(tag or []).items()}
@@ -188,8 +186,8 @@ def compare_command(
     out: Annotated[Path, typer.Option(help="Where to write the PNG of the curves.")] = Path("compare.png"),
     log: Annotated[bool, typer.Option("--log", help="Attach the PNG and a CSV of the table to a summary run "
                                       "in the experiment.")] = False,
-    tracking_uri: Annotated[Optional[str], typer.Option(help=TRACKING_URI_HELP)] = None,
-    register: Annotated[Optional[str], typer.Option(
+    tracking_uri: Annotated[str | None, typer.Option(help=TRACKING_URI_HELP)] = None,
+    register: Annotated[str | None, typer.Option(
         help="Register the best run's best.pt as a version of this MLflow model (a pyfunc around Ultralytics' "
              "predictor); alias 'champion' moves to it only when it beats the current champion on --metric.")] = None,
     metric: Annotated[str, typer.Option(help="The metric that picks the best run and the champion (higher is "

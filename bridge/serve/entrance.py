@@ -334,7 +334,7 @@ class Entrance:
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         if self.port == 0:
-            server = site._server  # noqa: SLF001 - aiohttp exposes the bound port nowhere else
+            server = site._server  # aiohttp exposes the bound port nowhere else
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("Entrance listening on %s, forwarding to %s", self.url, self._upstream)
 

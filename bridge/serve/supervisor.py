@@ -31,9 +31,9 @@ from bridge.errors import BridgeError, ConfigError, PublishError, ServeError, Tu
 from bridge.record import make_record
 from bridge.retry import compute_backoff_ms
 from bridge.serve.entrance import CLIENT_HEADERS, Entrance
-from bridge.serve.usage import TunnelUsage, budget_warning
 from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
 from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
+from bridge.serve.usage import TunnelUsage, budget_warning
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class Supervisor:
             thread.join(timeout=15)
         try:
             self.publisher.close()
-        except Exception:  # noqa: BLE001 - closing a session cannot matter now
+        except Exception:  # closing a session cannot matter now
             pass
         self._write_state(stopped=True)
 

@@ -129,7 +129,7 @@ class TunnelConfig:
         self.startup_timeout_s = float(startup_timeout_s)
 
     @classmethod
-    def from_environment(cls, domain: str | None = None, edge_auth: tuple[str, str] | None = None) -> "TunnelConfig":
+    def from_environment(cls, domain: str | None = None, edge_auth: tuple[str, str] | None = None) -> TunnelConfig:
         """A config with the authtoken and agent binary resolved from the keyring, environment and PATH now."""
         return cls(resolve_authtoken(), domain=domain, edge_auth=edge_auth, ngrok_path=resolve_ngrok_path())
 
@@ -321,7 +321,7 @@ class Tunnel:
             self._tunnel = None
             self.public_url = None
 
-    def __enter__(self) -> "Tunnel":
+    def __enter__(self) -> Tunnel:
         self.open()
         return self
 

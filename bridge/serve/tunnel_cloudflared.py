@@ -77,7 +77,7 @@ class CloudflaredConfig:
         self.startup_timeout_s = float(startup_timeout_s)
 
     @classmethod
-    def from_environment(cls) -> "CloudflaredConfig":
+    def from_environment(cls) -> CloudflaredConfig:
         return cls(resolve_cloudflared_path())
 
     def __repr__(self) -> str:
@@ -187,7 +187,7 @@ class CloudflaredTunnel:
                 self._reader = None
             self.public_url = None
 
-    def __enter__(self) -> "CloudflaredTunnel":
+    def __enter__(self) -> CloudflaredTunnel:
         self.open()
         return self
 

@@ -41,7 +41,7 @@ class TunnelUsage:
         self._dirty = False
 
     @classmethod
-    def load(cls, path: Path, clock: Callable[[], float] = time.time) -> "TunnelUsage":
+    def load(cls, path: Path, clock: Callable[[], float] = time.time) -> TunnelUsage:
         """This month's count from `path`; a missing, unreadable or last month's file starts at zero."""
         data = read_usage(path) or {}
         usage = cls(path, clock=clock)

@@ -21,10 +21,10 @@ from bridge.yolo.callbacks import (
     model_identity,
 )
 from bridge.yolo.compare import Comparison, compare
-from bridge.yolo.resume import ResumePlan
-from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S as DEFAULT_SYSTEM_METRICS_EVERY_S
 from bridge.yolo.dataset import DatasetSummary, make_synthetic_dataset, summarize_dataset
+from bridge.yolo.resume import ResumePlan
 from bridge.yolo.sweep import resolve_model, sweep
+from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S as DEFAULT_SYSTEM_METRICS_EVERY_S
 
 __all__ = [
     "Comparison", "DatasetSummary", "YoloTracker", "compare", "make_synthetic_dataset", "metric_name",

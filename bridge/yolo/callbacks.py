@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge import ui
-from bridge.yolo import metadata, resume as resume_mod
+from bridge.yolo import metadata
+from bridge.yolo import resume as resume_mod
 from bridge.yolo.console import ConsoleCapture, ConsoleLog
 from bridge.yolo.dataset import summarize_dataset
 from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S as DEFAULT_SYSTEM_METRICS_EVERY_S

@@ -17,7 +17,6 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bridge.errors import ConfigError
 from bridge.yolo.compare import compare

@@ -207,7 +207,7 @@ def summarize_dataset(data: str | Path | dict) -> DatasetSummary:
     digest.update(repr(cfg.names).encode())
     splits = []
     for split, sources in cfg.splits.items():
-        summary = SplitSummary(split=split, instances_per_class={n: 0 for n in cfg.names})
+        summary = SplitSummary(split=split, instances_per_class=dict.fromkeys(cfg.names, 0))
         widths: list[float] = []
         heights: list[float] = []
         digest.update(f"\0split:{split}".encode())

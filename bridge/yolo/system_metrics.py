@@ -59,7 +59,7 @@ class SystemMetricsSampler:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="bridge-system-metrics", daemon=True)
 
-    def start(self) -> "SystemMetricsSampler":
+    def start(self) -> SystemMetricsSampler:
         self._sample()  # psutil's first cpu_percent() call only sets its reference point
         self._thread.start()
         return self
