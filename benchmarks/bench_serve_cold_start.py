@@ -111,7 +111,7 @@ def main() -> int:
     milestones: list[dict[str, float]] = []
     kinds = list(times)
     for i in range(repeat):
-        for which in kinds[i % 3:] + kinds[: i % 3]:
+        for which in kinds[i % 3 :] + kinds[: i % 3]:
             if which == "bridge":
                 seconds, marks = time_bridge(work / f"bridge-{i}")
                 milestones.append(marks)

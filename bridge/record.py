@@ -165,7 +165,8 @@ def verify_record(record: EndpointRecord | str | bytes, token: str, *, now: floa
     if record.expires_at <= now:
         age = now - record.expires_at
         raise RecordExpiredError(
-            f"endpoint record for {record.url} expired {age:.0f} s ago; is `bridge serve` running?")
+            f"endpoint record for {record.url} expired {age:.0f} s ago; is `bridge serve` running?"
+        )
     if record.issued_at > now + CLOCK_SKEW_S:
         raise RecordError(f"endpoint record was issued {record.issued_at - now:.0f} s in the future; check the clocks")
     return record

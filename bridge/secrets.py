@@ -73,8 +73,11 @@ def os_keyring():
     is used directly, so a plaintext backend chained behind it never receives a secret.
     """
     backend = keyring.get_keyring()
-    candidates = list(getattr(backend, "backends", None) or []) if type(backend).__module__.startswith(
-        "keyring.backends.chainer") else [backend]
+    candidates = (
+        list(getattr(backend, "backends", None) or [])
+        if type(backend).__module__.startswith("keyring.backends.chainer")
+        else [backend]
+    )
     usable = [b for b in candidates if _is_os_keyring(b)]
     if not usable:
         return None
@@ -97,8 +100,11 @@ def describe_store() -> str:
 def _warn_fallback(path: Path) -> None:
     global _warned_fallback
     if not _warned_fallback:
-        log.warning("No OS keyring available (keyring offers %s); keeping secrets in %s (mode 0600).",
-                    _backend_name(keyring.get_keyring()), path)
+        log.warning(
+            "No OS keyring available (keyring offers %s); keeping secrets in %s (mode 0600).",
+            _backend_name(keyring.get_keyring()),
+            path,
+        )
         _warned_fallback = True
 
 
@@ -127,8 +133,12 @@ def _take_from_plaintext(name: str) -> str | None:
     except Exception:  # a broken legacy store must not stop bridge
         return None
     if value:
-        log.warning("Moved %r from keyrings.alt's plaintext file %s into %s.", name, legacy.file_path,
-                    config.paths().secrets_file)
+        log.warning(
+            "Moved %r from keyrings.alt's plaintext file %s into %s.",
+            name,
+            legacy.file_path,
+            config.paths().secrets_file,
+        )
     return value or None
 
 

@@ -391,8 +391,12 @@ class Entrance:
             self.rejected += 1
             if client is not None:
                 self.throttle.failed(client)
-            log.info("Refused %s %s from %s: missing or wrong access token", request.method, request.path,
-                     client or "this machine")
+            log.info(
+                "Refused %s %s from %s: missing or wrong access token",
+                request.method,
+                request.path,
+                client or "this machine",
+            )
             return web.Response(
                 status=401,
                 text="This MLflow is behind bridge's entrance: log in with the access token (`bridge token`).\n",
@@ -503,8 +507,9 @@ class Entrance:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, functools.partial(compression.compress, payload, coding, static=static))
 
-    async def _static_compressed(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                                 headers: CIMultiDict[str], coding: str) -> web.StreamResponse:
+    async def _static_compressed(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], coding: str
+    ) -> web.StreamResponse:
         """A UI file, compressed once at the best level and served from the cache after that."""
         validator = upstream.headers.get("ETag") or upstream.headers.get("Last-Modified") or ""
         key = (request.raw_path, f"{validator}|{upstream.content_length}", coding)
@@ -521,8 +526,9 @@ class Entrance:
         body = b"" if request.method == "HEAD" else packed
         return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
 
-    async def _stream_compressed(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                                 headers: CIMultiDict[str], coding: str) -> web.StreamResponse:
+    async def _stream_compressed(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], coding: str
+    ) -> web.StreamResponse:
         """A large compressible body (a big search result, a text artifact) compressed chunk by chunk."""
         _mark_compressed(headers, coding)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)

@@ -391,8 +391,11 @@ class MlflowProcess:
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 if hung:
                     self.status.last_exit = f"stopped answering /health at {stamp}"
-                    self._report(on_event, f"MLflow (pid {proc.pid}) stopped answering /health "
-                                           f"({missed_probes} probes missed); restarting")
+                    self._report(
+                        on_event,
+                        f"MLflow (pid {proc.pid}) stopped answering /health "
+                        f"({missed_probes} probes missed); restarting",
+                    )
                 else:
                     self.status.last_exit = f"code {proc.returncode} at {stamp}"
                     self._report(on_event, f"MLflow (pid {proc.pid}) exited with code {proc.returncode}; restarting")

@@ -211,8 +211,9 @@ class Supervisor:
         mode = self.options.tunnel
         if mode == "none":
             return None
-        if mode == "cloudflared" or (mode == "auto" and not self.options.domain and not self.options.edge_auth
-                                      and not secrets.ngrok_authtoken()):
+        if mode == "cloudflared" or (
+            mode == "auto" and not self.options.domain and not self.options.edge_auth and not secrets.ngrok_authtoken()
+        ):
             from bridge.serve.tunnel_cloudflared import CloudflaredConfig, CloudflaredTunnel, install_help
 
             cf_config = CloudflaredConfig.from_environment()
@@ -266,11 +267,15 @@ class Supervisor:
             return self.entrance.url
         address = primary_address()
         if address is None:
-            self.notes.append("--host binds every address, but this machine has no network route: "
-                              "publishing the loopback URL; name the address to publish with --host.")
+            self.notes.append(
+                "--host binds every address, but this machine has no network route: "
+                "publishing the loopback URL; name the address to publish with --host."
+            )
             return f"http://127.0.0.1:{self.entrance.port}"
-        self.notes.append(f"--host {self.options.host} binds every address; publishing {address}, this "
-                          "machine's address on its default route (name another with --host).")
+        self.notes.append(
+            f"--host {self.options.host} binds every address; publishing {address}, this "
+            "machine's address on its default route (name another with --host)."
+        )
         return f"http://{address}:{self.entrance.port}"
 
     def _check_interrupt(self) -> None:
@@ -528,8 +533,9 @@ def _check_bindable(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise ServeError(f"the entrance port {port} on {host} is already in use; "
-                                 "choose another with --entrance-port") from None
+                raise ServeError(
+                    f"the entrance port {port} on {host} is already in use; choose another with --entrance-port"
+                ) from None
             raise ServeError(f"the entrance cannot listen on {host}:{port} ({exc.strerror}); check --host") from None
 
 

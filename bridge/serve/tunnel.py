@@ -303,8 +303,9 @@ class Tunnel:
             if self._tunnel is None or not process.is_process_running(self.ngrok_path):
                 return False
             try:
-                ngrok.api_request(f"{self._tunnel.api_url}{self._tunnel.uri}", method="GET",
-                                  timeout=DEFAULT_API_TIMEOUT_S)
+                ngrok.api_request(
+                    f"{self._tunnel.api_url}{self._tunnel.uri}", method="GET", timeout=DEFAULT_API_TIMEOUT_S
+                )
             except (PyngrokError, OSError, ValueError):  # OSError: a reset from an agent that is dying
                 return False
             return True

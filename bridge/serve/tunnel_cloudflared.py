@@ -149,8 +149,9 @@ class CloudflaredTunnel:
                     f"{install_help()}"
                 ) from None
             # Drained for the life of the process, so its log pipe never fills and blocks it.
-            self._reader = threading.Thread(target=self._read_output, args=(self._proc,), name="bridge-cloudflared-log",
-                                            daemon=True)
+            self._reader = threading.Thread(
+                target=self._read_output, args=(self._proc,), name="bridge-cloudflared-log", daemon=True
+            )
             self._reader.start()
             try:
                 url = self._wait_until_ready()

@@ -55,8 +55,13 @@ DEFAULT_REFRESH_EVERY_S = 30.0
 #: best.pt goes up when it improves, at most this often.
 DEFAULT_LOG_BEST_EVERY_S = 60.0
 EVENTS = (
-    "on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_epoch_end", "on_fit_epoch_end",
-    "on_model_save", "on_train_end", "teardown",
+    "on_pretrain_routine_start",
+    "on_pretrain_routine_end",
+    "on_train_epoch_end",
+    "on_fit_epoch_end",
+    "on_model_save",
+    "on_train_end",
+    "teardown",
 )
 _UNSAFE = re.compile(r"[^\w./\- ]")
 _MODEL_NAME = re.compile(r"^(?P<family>yolo[a-z]*?v?\d+|yolo[a-z]*)(?P<scale>[nsmlx])(?:-(?P<variant>[\w-]+))?$")
@@ -102,8 +107,12 @@ class _Reporter:
             first = what not in self._seen
             self._seen.add(what)
         if first:
-            logger.warning("bridge.yolo: %s failed (%s: %s); training goes on, tracking continues where it can",
-                           what, type(exc).__name__, exc)
+            logger.warning(
+                "bridge.yolo: %s failed (%s: %s); training goes on, tracking continues where it can",
+                what,
+                type(exc).__name__,
+                exc,
+            )
         else:
             logger.debug("bridge.yolo: %s failed again: %s", what, exc)
 
@@ -279,8 +288,10 @@ class YoloTracker:
         # Our sampler replaces MLflow's, whose status read after every sample costs a request each.
         if resuming:
             if active is not None and active.info.run_id != resume.run_id:
-                raise RuntimeError(f"resuming run {resume.run_id}, but run {active.info.run_id} is active: "
-                                   "end it first (mlflow.end_run())")
+                raise RuntimeError(
+                    f"resuming run {resume.run_id}, but run {active.info.run_id} is active: "
+                    "end it first (mlflow.end_run())"
+                )
             run = active or mlflow.start_run(run_id=resume.run_id, log_system_metrics=False)
             self._owns_run = active is None
         elif active is not None:
@@ -295,8 +306,7 @@ class YoloTracker:
         self._open = True
         self._client = MlflowClient()
         try:
-            resume_mod.write_run_file(self.save_dir, self.run_id, run_key, self.experiment_id,
-                                      self.experiment or "")
+            resume_mod.write_run_file(self.save_dir, self.run_id, run_key, self.experiment_id, self.experiment or "")
         except OSError as exc:
             self.report("write bridge_run.json", exc)
         self._tmp = Path(tempfile.mkdtemp(prefix="bridge-yolo-"))
@@ -306,23 +316,26 @@ class YoloTracker:
         data = getattr(trainer, "data", None) or {}
         jobs = [("mark the experiment as model training", self._mark_experiment, ())]
         if resuming:  # params are set once per run (MLflow refuses a changed value): the resume goes in tags
-            tags = {"bridge.tracker": "bridge.yolo", resume_mod.RUN_KEY_TAG: run_key, **resume.tags,
-                    **self.user_tags}
+            tags = {"bridge.tracker": "bridge.yolo", resume_mod.RUN_KEY_TAG: run_key, **resume.tags, **self.user_tags}
             jobs += [("log resume tags", self._set_tags, (tags,)), ("log metadata tags", self._log_metadata, ())]
         else:
             params = {k: _param_value(v) for k, v in vars(trainer.args).items()}
             params.update(self._model_identity(trainer))  # GFLOPs take a model pass: not again on a resume
             names = data.get("names") or {}
             names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
-            params.update({
-                "data.name": Path(str(data.get("yaml_file") or trainer.args.data)).stem,
-                "data.nc": str(data.get("nc", len(names))),
-                "data.classes": _param_value(names),
-            })
+            params.update(
+                {
+                    "data.name": Path(str(data.get("yaml_file") or trainer.args.data)).stem,
+                    "data.nc": str(data.get("nc", len(names))),
+                    "data.classes": _param_value(names),
+                }
+            )
             tags = {"time.start": metadata.utc_now(), "bridge.tracker": "bridge.yolo", **self.user_tags}
-            jobs += [("log params", self._log_params_and_tags, (params, tags)),
-                     ("log metadata tags", self._log_metadata, ()),
-                     ("log dataset", self._log_dataset, (dict(data), str(trainer.args.data)))]
+            jobs += [
+                ("log params", self._log_params_and_tags, (params, tags)),
+                ("log metadata tags", self._log_metadata, ()),
+                ("log dataset", self._log_dataset, (dict(data), str(trainer.args.data))),
+            ]
         jobs.append(("log args.yaml", self._upload, (self.save_dir / "args.yaml", None)))
         if self.system_metrics:
             jobs.append(("start system metrics", self._start_system_metrics, (run.info.start_time,)))
@@ -346,8 +359,7 @@ class YoloTracker:
             return
         if self._train_stash is None:
             # No training epoch since the last call: this is final_eval() validating best.pt.
-            final = {metric_name(k).replace("val/", "final/", 1): float(v)
-                     for k, v in (trainer.metrics or {}).items()}
+            final = {metric_name(k).replace("val/", "final/", 1): float(v) for k, v in (trainer.metrics or {}).items()}
             final = {k if k.startswith("final/") else f"final/{k}": v for k, v in final.items()}
             self.final_metrics.update(final)
             self._submit("log final metrics", self._log_metrics, final, trainer.epoch)
@@ -373,9 +385,11 @@ class YoloTracker:
             jobs.append(("upload best.pt", self._upload, (Path(trainer.best), "weights")))
         if now - self._last_refresh >= self.refresh_every_s:
             self._last_refresh = now
-            jobs += [("upload results.csv", self._upload, (Path(trainer.csv), None)),
-                     ("upload plots", self._sync_plots, ()),
-                     ("upload console.log", self._sync_console, ())]
+            jobs += [
+                ("upload results.csv", self._upload, (Path(trainer.csv), None)),
+                ("upload plots", self._sync_plots, ()),
+                ("upload console.log", self._sync_console, ()),
+            ]
         self._worker.submit_many(jobs)
 
     def _on_train_end(self, trainer: Any) -> None:
@@ -476,8 +490,9 @@ class YoloTracker:
         mark_training_experiment(self._client, self.experiment_id)
 
     def _start_system_metrics(self, run_start_ms: int | None) -> None:
-        self._sampler = SystemMetricsSampler(self._client, self.run_id, run_start_ms=run_start_ms or 0,
-                                             log_every_s=self.system_metrics_every_s).start()
+        self._sampler = SystemMetricsSampler(
+            self._client, self.run_id, run_start_ms=run_start_ms or 0, log_every_s=self.system_metrics_every_s
+        ).start()
 
     def _stop_system_metrics(self) -> None:
         sampler, self._sampler = self._sampler, None
@@ -509,8 +524,11 @@ class YoloTracker:
             before = path.stat()
             data = path.read_bytes()
             after = path.stat()
-            steady = (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size) == (
-                after.st_mtime_ns, len(data))
+            steady = (
+                (before.st_mtime_ns, before.st_size)
+                == (after.st_mtime_ns, after.st_size)
+                == (after.st_mtime_ns, len(data))
+            )
             if steady and (path.suffix != ".pt" or zipfile.is_zipfile(io.BytesIO(data))):
                 break
             time.sleep(0.2)

@@ -54,7 +54,7 @@ class ConsoleLog:
                     self._partial += chunk
             if len(self._lines) > self._max_lines:
                 cut = len(self._lines) - self._max_lines
-                del self._lines[HEAD_LINES:HEAD_LINES + cut]
+                del self._lines[HEAD_LINES : HEAD_LINES + cut]
                 self._dropped += cut
 
     def text(self) -> str:
@@ -140,8 +140,11 @@ class ConsoleCapture:
 def logger_follows_stdout(logger_name: str = "ultralytics") -> Iterator[None]:
     """Point the logger's stream handlers at the current `sys.stdout` for a while (e.g. a rich live display's
     proxy, so log lines print above the progress bars instead of through them)."""
-    saved = [(h, h.stream) for h in logging.getLogger(logger_name).handlers
-             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    saved = [
+        (h, h.stream)
+        for h in logging.getLogger(logger_name).handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
     for h, _ in saved:
         _swap_stream(h, sys.stdout)
     try:

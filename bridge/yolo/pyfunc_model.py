@@ -41,8 +41,9 @@ class YoloDetector(mlflow.pyfunc.PythonModel):
         images = [decode_image(v) for v in model_input["image"]]
         rows = []
         if images:
-            results = self.model.predict(images, conf=float(params.get("conf", 0.25)),
-                                         imgsz=int(params.get("imgsz", 640)), verbose=False)
+            results = self.model.predict(
+                images, conf=float(params.get("conf", 0.25)), imgsz=int(params.get("imgsz", 640)), verbose=False
+            )
             for i, result in enumerate(results):
                 names = result.names
                 for box in result.boxes:
@@ -50,8 +51,17 @@ class YoloDetector(mlflow.pyfunc.PythonModel):
                     x1, y1, x2, y2 = (float(v) for v in box.xyxy[0].tolist())
                     rows.append((i, cls, str(names[cls]), float(box.conf.item()), x1, y1, x2, y2))
         frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
-        return frame.astype({"image": "int64", "class_id": "int64", "confidence": "float64", "x1": "float64",
-                             "y1": "float64", "x2": "float64", "y2": "float64"})
+        return frame.astype(
+            {
+                "image": "int64",
+                "class_id": "int64",
+                "confidence": "float64",
+                "x1": "float64",
+                "y1": "float64",
+                "x2": "float64",
+                "y2": "float64",
+            }
+        )
 
 
 mlflow.models.set_model(YoloDetector())
