@@ -220,10 +220,10 @@ def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]
     widths = [max(len(h), *(len(r[i]) for r in text_rows)) if text_rows else len(h) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
     print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     print(line)
     for row in text_rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)))
     sys.stdout.flush()
 
 
@@ -302,12 +302,13 @@ class MlflowServer:
         """Launch it (returns at once; `wait_healthy()` waits)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        log = open(self.root / "mlflow-server.log", "ab")
         self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(
-            self.command(), cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=clean_env(**self.env), start_new_session=True,
-        )  # fmt: skip
+        # The child holds its own copy of the log's descriptor; ours is closed once it has started.
+        with open(self.root / "mlflow-server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=clean_env(**self.env), start_new_session=True,
+            )  # fmt: skip
         _live.append(self)
 
     def wait_healthy(self, timeout_s: float = 120.0) -> float:

@@ -272,7 +272,7 @@ def main() -> int:
         # Idle rates (the supervisor's ticks, MLflow's housekeeping), subtracted so only request work remains.
         t0, idle0 = time.perf_counter(), [probe() for probe in probes]
         time.sleep(3.0)
-        idle_rate = [(probe() - c) / (time.perf_counter() - t0) for probe, c in zip(probes, idle0)]
+        idle_rate = [(probe() - c) / (time.perf_counter() - t0) for probe, c in zip(probes, idle0, strict=True)]
         for work in workloads:
             t0, before = time.perf_counter(), [probe() for probe in probes]
             if work.clients == 1:
@@ -280,7 +280,7 @@ def main() -> int:
             else:
                 results = measure_concurrent(work, targets, steps, rounds)
             elapsed = time.perf_counter() - t0
-            used = [probe() - b - rate * elapsed for probe, b, rate in zip(probes, before, idle_rate)]
+            used = [probe() - b - rate * elapsed for probe, b, rate in zip(probes, before, idle_rate, strict=True)]
             sent = {path: r.requests + WARMUP_PER_CLIENT * work.clients for path, r in results.items()}
             cpu_rows.append([
                 work.name,

@@ -87,7 +87,7 @@ else:  # callback cost
     print("CALLBACK_MS", per_epoch * 1000, flush=True)
 if conn is not None:
     conn.flush(120)
-""" % (PER_EPOCH_EVENTS,)
+""" % (PER_EPOCH_EVENTS,)  # noqa: UP031 - a source template: its braces are code, so not str.format
 
 
 def _env(work: Path) -> dict[str, str]:
@@ -174,7 +174,7 @@ def main() -> None:
     anchor = median(resume["ultralytics"])
     ours = median(resume["bridge"])
     print_table(
-        "resume: train(resume=True) → first resumed epoch starts (median of %d)" % opts.repeats,
+        f"resume: train(resume=True) → first resumed epoch starts (median of {opts.repeats})",
         ["variant", "seconds", "runs", "vs anchor"],
         [
             [

@@ -440,7 +440,7 @@ class MlflowProcess:
 
     def _report(self, on_event: Callable[[str], None] | None, event: str, *, error: bool = False) -> None:
         (log.error if error else log.warning)(event)
-        self.status.events = (self.status.events + [event])[-10:]
+        self.status.events = [*self.status.events, event][-10:]
         if on_event is not None:
             on_event(event)
 

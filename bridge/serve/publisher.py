@@ -46,7 +46,7 @@ class Publisher(abc.ABC):
     def describe(self) -> str:
         """Where records go, in words fit for `bridge status` (never a secret)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: most publishers hold nothing to release
         """Release what the publisher holds (sessions); publishing after close is an error."""
 
     def __repr__(self) -> str:

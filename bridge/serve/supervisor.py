@@ -337,7 +337,7 @@ class Supervisor:
 
     def _event(self, message: str) -> None:
         with self._state_lock:
-            self.events = (self.events + [{"at": time.time(), "event": message}])[-20:]
+            self.events = [*self.events, {"at": time.time(), "event": message}][-20:]
         self._write_state()
 
     def _tick(self) -> None:

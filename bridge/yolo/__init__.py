@@ -16,6 +16,7 @@ from typing import Any
 from bridge.yolo.callbacks import (
     DEFAULT_LOG_BEST_EVERY_S,
     DEFAULT_REFRESH_EVERY_S,
+    TrackOptions,
     YoloTracker,
     metric_name,
     model_identity,
@@ -102,7 +103,7 @@ def train(
     """
     from ultralytics import YOLO
 
-    options = dict(
+    options = TrackOptions(
         experiment=experiment,
         run_name=run_name,
         tags=tags,
@@ -128,7 +129,12 @@ def train(
 
 
 def _resume(
-    model: Any, *, data: str | Path, options: dict, overrides: dict, prepare: Callable[[Any], None] | None = None
+    model: Any,
+    *,
+    data: str | Path,
+    options: TrackOptions,
+    overrides: dict,
+    prepare: Callable[[Any], None] | None = None,
 ) -> YoloTracker | None:
     """Continue `<project>/<name>`'s training; None when there is no last.pt to continue (start afresh)."""
     import sys

@@ -32,7 +32,7 @@ import time
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from bridge import ui
 from bridge.yolo import metadata
@@ -66,6 +66,19 @@ EVENTS = (
 _UNSAFE = re.compile(r"[^\w./\- ]")
 _MODEL_NAME = re.compile(r"^(?P<family>yolo[a-z]*?v?\d+|yolo[a-z]*)(?P<scale>[nsmlx])(?:-(?P<variant>[\w-]+))?$")
 _SUFFIXES = {"B": "", "M": "_mask", "P": "_pose", "S": "_semantic"}
+
+
+class TrackOptions(TypedDict):
+    """The keyword options `bridge.yolo.train()` and `sweep()` hand on to `bridge.yolo.track()`."""
+
+    experiment: str | None
+    run_name: str | None
+    tags: Mapping[str, str] | None
+    log_best_every_s: float
+    refresh_every_s: float
+    run_key: str | None
+    system_metrics: bool
+    system_metrics_every_s: float
 
 
 @functools.lru_cache(maxsize=4096)

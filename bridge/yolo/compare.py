@@ -74,7 +74,7 @@ class Comparison:
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
 
-        keys = ["val/mAP50-95"] + sorted({k for r in self.rows for k in r.curves if k.startswith("train/")})
+        keys = ["val/mAP50-95", *sorted({k for r in self.rows for k in r.curves if k.startswith("train/")})]
         ncols = min(len(keys), 3)
         nrows = -(-len(keys) // ncols)
         from matplotlib.ticker import MaxNLocator
@@ -82,7 +82,7 @@ class Comparison:
         fig = Figure(figsize=(5 * ncols, 3.6 * nrows))
         axes = fig.subplots(nrows, ncols, squeeze=False)
         colours = {r.run_id: f"C{i % 10}" for i, r in enumerate(self.rows)}  # one colour per run in every panel
-        for ax, key in zip(axes.flat, keys):
+        for ax, key in zip(axes.flat, keys, strict=False):  # a grid has spare panels
             for r in self.rows:
                 pts = r.curves.get(key)
                 if pts:
