@@ -126,8 +126,10 @@ def parse_record(text: str | bytes) -> EndpointRecord:
     """Parse a record's JSON without trusting it yet; see `verify_record`."""
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise RecordError(f"endpoint record is not valid JSON ({exc.msg} at position {exc.pos})") from None
+    except UnicodeDecodeError:  # bytes that are not UTF-8/16/32 (a ValueError without .msg and .pos)
+        raise RecordError("endpoint record is not valid JSON (not UTF-8 text)") from None
     if not isinstance(data, dict):
         raise RecordError("endpoint record must be a JSON object")
     required = ("url", "issued_at", "expires_at", "instance", "mlflow_version", "signature")

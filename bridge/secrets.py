@@ -25,6 +25,7 @@ import os
 import secrets as _random
 import threading
 from pathlib import Path
+from typing import Literal, overload
 
 import keyring
 import keyring.errors
@@ -243,6 +244,10 @@ def new_token() -> str:
     return _random.token_urlsafe(TOKEN_BYTES)
 
 
+@overload
+def access_token(*, create: Literal[True] = True) -> str: ...
+@overload
+def access_token(*, create: bool) -> str | None: ...
 def access_token(*, create: bool = True) -> str | None:
     """The access token clients present; generated and stored on first use when `create`."""
     token = get_secret(ACCESS_TOKEN)

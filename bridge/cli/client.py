@@ -118,7 +118,7 @@ def queue_command(
     backlog, dead, runs, path = queue(journal, retry=chosen if retry else False, drop=chosen if drop else False)
     console.print(f"Journal {path}", highlight=False, soft_wrap=True)
     if retry or drop:
-        done = len(before) if chosen is True else len(chosen)
+        done = len(chosen) if isinstance(chosen, list) else len(before)
         console.print(
             f"{done} dead letter(s) "
             + ("will be sent again by the next `bridge sync` or bridge.connect()." if retry else "deleted.")

@@ -309,7 +309,8 @@ def demo_command(
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            result.server.proc.wait()
+            if result.server.proc is not None:  # always, once demo() has returned
+                result.server.proc.wait()
             err_console.print("The demo server exited by itself.")
             raise typer.Exit(1)
         except KeyboardInterrupt:

@@ -74,7 +74,7 @@ class TokenSource:
     """The current access token, re-read whenever `bridge token --rotate` touches the revision file."""
 
     def __init__(self, load: Callable[[], str] | None = None, revision_file: Path | None = None) -> None:
-        self._load = load or (lambda: secrets.access_token(create=True))  # type: ignore[return-value]
+        self._load = load or (lambda: secrets.access_token(create=True))
         self._revision_file = revision_file or config.paths().token_revision_file
         self._reload_lock = threading.Lock()
         self._stamp = self._revision_stamp()
@@ -225,7 +225,7 @@ def _from_this_machine(request: web.BaseRequest) -> bool:
     if _is_loopback(peer):
         return True
     sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
-    return bool(peer) and bool(sockname) and peer == sockname[0]
+    return bool(peer and sockname and peer == sockname[0])
 
 
 class Entrance:

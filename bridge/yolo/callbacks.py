@@ -32,7 +32,7 @@ import time
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from bridge import ui
 from bridge.yolo import metadata
@@ -41,6 +41,9 @@ from bridge.yolo.console import ConsoleCapture, ConsoleLog
 from bridge.yolo.dataset import summarize_dataset
 from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S as DEFAULT_SYSTEM_METRICS_EVERY_S
 from bridge.yolo.system_metrics import SystemMetricsSampler
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ EVENTS = (
 _UNSAFE = re.compile(r"[^\w./\- ]")
 _MODEL_NAME = re.compile(r"^(?P<family>yolo[a-z]*?v?\d+|yolo[a-z]*)(?P<scale>[nsmlx])(?:-(?P<variant>[\w-]+))?$")
 _SUFFIXES = {"B": "", "M": "_mask", "P": "_pose", "S": "_semantic"}
+#: A queued MLflow call: what it does (for the report when it fails), the function, its arguments.
+_Job = tuple[str, Callable[..., Any], tuple[Any, ...]]
 
 
 class TrackOptions(TypedDict):
@@ -138,7 +143,7 @@ class _Worker:
     """One daemon thread running queued MLflow calls in order; `idle` runs when nothing came for a while."""
 
     def __init__(self, report: _Reporter, idle: Callable[[], None] | None, idle_every_s: float) -> None:
-        self._q: queue.Queue = queue.Queue()
+        self._q: queue.Queue[list[_Job] | None] = queue.Queue()
         self._report = report
         self._idle = idle
         self._idle_every_s = idle_every_s
@@ -148,7 +153,7 @@ class _Worker:
     def submit(self, what: str, fn: Callable, *args: Any) -> None:
         self._q.put([(what, fn, args)])
 
-    def submit_many(self, jobs: list[tuple[str, Callable, tuple]]) -> None:
+    def submit_many(self, jobs: list[_Job]) -> None:
         """Queue several jobs with one wake-up of the thread, so it does not compete with the caller meanwhile."""
         if jobs:
             self._q.put(jobs)
@@ -248,7 +253,7 @@ class YoloTracker:
         self.final_metrics = {}
         self._owns_run = False
         self._open = False
-        self._client = None
+        self._client: MlflowClient | None = None
         self._worker: _Worker | None = None
         self._train_stash: dict[str, float] | None = None
         self._seen_metrics_obj: Any = None
@@ -295,11 +300,12 @@ class YoloTracker:
         self.save_dir = Path(trainer.save_dir)
         run_name = self.run_name or Path(str(trainer.args.model)).stem
         resume, self.resume = self.resume, None
-        resuming = resume is not None and resume.run_id is not None
+        if resume is not None and resume.run_id is None:
+            resume = None  # no run to go on with: a new run, whose params are logged as usual
         run_key = resume_mod.run_key_for(self.save_dir, self.run_key)
         active = mlflow.active_run()
         # Our sampler replaces MLflow's, whose status read after every sample costs a request each.
-        if resuming:
+        if resume is not None:
             if active is not None and active.info.run_id != resume.run_id:
                 raise RuntimeError(
                     f"resuming run {resume.run_id}, but run {active.info.run_id} is active: "
@@ -323,12 +329,12 @@ class YoloTracker:
         except OSError as exc:
             self.report("write bridge_run.json", exc)
         self._tmp = Path(tempfile.mkdtemp(prefix="bridge-yolo-"))
-        self._worker = _Worker(self.report, self._sync_console, self.refresh_every_s)
+        self._worker = worker = _Worker(self.report, self._sync_console, self.refresh_every_s)
         self._seen_metrics_obj = trainer.metrics  # the placeholder zeros, not results: never logged
 
         data = getattr(trainer, "data", None) or {}
-        jobs = [("mark the experiment as model training", self._mark_experiment, ())]
-        if resuming:  # params are set once per run (MLflow refuses a changed value): the resume goes in tags
+        jobs: list[_Job] = [("mark the experiment as model training", self._mark_experiment, ())]
+        if resume is not None:  # params are set once per run (MLflow refuses a changed value): the resume goes in tags
             tags = {"bridge.tracker": "bridge.yolo", resume_mod.RUN_KEY_TAG: run_key, **resume.tags, **self.user_tags}
             jobs += [("log resume tags", self._set_tags, (tags,)), ("log metadata tags", self._log_metadata, ())]
         else:
@@ -352,7 +358,7 @@ class YoloTracker:
         jobs.append(("log args.yaml", self._upload, (self.save_dir / "args.yaml", None)))
         if self.system_metrics:
             jobs.append(("start system metrics", self._start_system_metrics, (run.info.start_time,)))
-        self._worker.submit_many(jobs)
+        worker.submit_many(jobs)
 
     def _on_train_epoch_end(self, trainer: Any) -> None:
         losses = trainer.tloss
@@ -390,7 +396,7 @@ class YoloTracker:
                 values["gpu_mem_gb"] = float(trainer._get_memory())  # what Ultralytics shows as GPU_mem
             except Exception as exc:  # never lose the epoch's metrics over it
                 self.report("GPU memory", exc)
-        jobs = [("log epoch metrics", self._log_metrics, (values, step))]
+        jobs: list[_Job] = [("log epoch metrics", self._log_metrics, (values, step))]
         now = time.monotonic()
         if self._best_dirty and now - self._last_best_upload >= self.log_best_every_s:
             self._best_dirty = False
@@ -403,7 +409,8 @@ class YoloTracker:
                 ("upload plots", self._sync_plots, ()),
                 ("upload console.log", self._sync_console, ()),
             ]
-        self._worker.submit_many(jobs)
+        if self._worker is not None:  # set while a run is open
+            self._worker.submit_many(jobs)
 
     def _on_train_end(self, trainer: Any) -> None:
         if not self._open:
@@ -470,11 +477,18 @@ class YoloTracker:
                 if active is not None and active.info.run_id == self.run_id:
                     mlflow.end_run(status=status)
                 else:
-                    self._client.set_terminated(self.run_id, status=status)
+                    client, run_id = self._run()
+                    client.set_terminated(run_id, status=status)
             except Exception as exc:
                 self.report("end run", exc)
         if self._tmp is not None and drained:  # undrained uploads still read their snapshots from there
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _run(self) -> tuple[MlflowClient, str]:
+        """The client and run the worker's jobs log to; they exist from the run's start hook on."""
+        if self._client is None or self.run_id is None:
+            raise RuntimeError("no MLflow run is open")
+        return self._client, self.run_id
 
     def _stop_console(self) -> None:
         if self._capture is not None:
@@ -485,8 +499,9 @@ class YoloTracker:
     def _log_params_and_tags(self, params: dict[str, str], tags: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
 
-        self._client.log_batch(
-            self.run_id,
+        client, run_id = self._run()
+        client.log_batch(
+            run_id,
             params=[Param(k, v) for k, v in params.items()],
             tags=[RunTag(k, v[:MAX_TAG_VALUE_CHARS]) for k, v in tags.items()],
         )
@@ -494,17 +509,19 @@ class YoloTracker:
     def _set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:MAX_TAG_VALUE_CHARS]) for k, v in tags.items()])
+        client, run_id = self._run()
+        client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_TAG_VALUE_CHARS]) for k, v in tags.items()])
 
     def _log_metadata(self) -> None:
         self._set_tags(metadata.run_tags())
 
     def _mark_experiment(self) -> None:
-        mark_training_experiment(self._client, self.experiment_id)
+        mark_training_experiment(self._run()[0], self.experiment_id)
 
     def _start_system_metrics(self, run_start_ms: int | None) -> None:
+        client, run_id = self._run()
         self._sampler = SystemMetricsSampler(
-            self._client, self.run_id, run_start_ms=run_start_ms or 0, log_every_s=self.system_metrics_every_s
+            client, run_id, run_start_ms=run_start_ms or 0, log_every_s=self.system_metrics_every_s
         ).start()
 
     def _stop_system_metrics(self) -> None:
@@ -517,17 +534,19 @@ class YoloTracker:
 
         ts = int(time.time() * 1000)
         metrics = [Metric(k, v, ts, step) for k, v in values.items() if v is not None]
-        self._client.log_batch(self.run_id, metrics=metrics)
+        client, run_id = self._run()
+        client.log_batch(run_id, metrics=metrics)
 
     def _log_dataset(self, data: dict, data_arg: str) -> None:
         from mlflow.entities import Param
 
+        client, run_id = self._run()
         yaml_file = data.get("yaml_file") or data_arg
         if yaml_file and Path(yaml_file).is_file():
-            self._client.log_artifact(self.run_id, str(yaml_file), "data")
+            client.log_artifact(run_id, str(yaml_file), "data")
         summary = summarize_dataset(data)
-        self._client.log_text(self.run_id, summary.to_csv(), "data/dataset_summary.csv")
-        self._client.log_batch(self.run_id, params=[Param("data.hash", summary.content_hash)])
+        client.log_text(run_id, summary.to_csv(), "data/dataset_summary.csv")
+        client.log_batch(run_id, params=[Param("data.hash", summary.content_hash)])
 
     def _upload(self, path: Path, artifact_dir: str | None) -> None:
         """Upload a consistent copy of a file the training may rewrite at any moment."""
@@ -547,12 +566,15 @@ class YoloTracker:
             time.sleep(0.2)
         else:
             raise OSError(f"{path.name} kept changing while being read")
+        if self._tmp is None:
+            raise RuntimeError("no MLflow run is open")
         snap_dir = self._tmp / (artifact_dir or "_root")
         snap_dir.mkdir(parents=True, exist_ok=True)
         snap = snap_dir / path.name
         snap.write_bytes(data)
         try:
-            self._client.log_artifact(self.run_id, str(snap), artifact_dir)
+            client, run_id = self._run()
+            client.log_artifact(run_id, str(snap), artifact_dir)
         finally:
             snap.unlink(missing_ok=True)
         self._uploaded[str(path)] = (after.st_mtime_ns, after.st_size)

@@ -162,7 +162,7 @@ def register_champion(
         TAG + "run_id": best.run_id,
         TAG + "run_name": best.name,
         TAG + "experiment": comparison.experiment,
-        TAG + "decision": "promoted" if promoted else f"kept v{current.version}",
+        TAG + "decision": "promoted" if promoted or current is None else f"kept v{current.version}",
         TAG + "reason": reason,
     }
     if current is not None:
@@ -177,7 +177,7 @@ def register_champion(
         client.set_model_version_tag(name, version, key, val)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-    champion_version = str(version) if promoted else str(current.version)
+    champion_version = str(version) if promoted or current is None else str(current.version)
     logger.info("registered %s v%s (%s); champion: v%s", name, version, reason, champion_version)
     return ChampionResult(
         name=name,

@@ -14,7 +14,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterator
-from typing import TextIO
+from typing import TextIO, cast
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 #: Lines kept; past this the oldest are dropped (the head is kept: it holds the set-up summary).
@@ -113,7 +113,8 @@ class ConsoleCapture:
             return
         out, err = sys.stdout, sys.stderr
         self._saved = (out, err)
-        tee_out = _Tee(out, self.log)
+        # A stand-in for a TextIO: whatever it does not define itself is delegated to the wrapped stream.
+        tee_out = cast(TextIO, _Tee(out, self.log))
         sys.stdout = tee_out
         sys.stderr = _Tee(err, self.log)
         # Ultralytics' logger holds the stdout of its import time; send it through the tee too.

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bridge import config
 from bridge.errors import ServeError
@@ -23,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 DEMO_EXPERIMENT = "bridge-demo"
 #: The generated data and the training schedule that make learning visible within the demo's minute.
-DEMO_DATA = {"n_train": 64, "n_val": 16, "classes": ("square",), "seed": 1}
-DEMO_TRAIN = {
+DEMO_DATA: dict[str, Any] = {"n_train": 64, "n_val": 16, "classes": ("square",), "seed": 1}
+DEMO_TRAIN: dict[str, Any] = {
     "batch": 4,
     "nbs": 4,
     "mosaic": 0.0,

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import mlflow
+from mlflow.pyfunc import PythonModel
 
 WEIGHTS = "weights"  # the artifact key of best.pt
 OUTPUT_COLUMNS = ("image", "class_id", "class_name", "confidence", "x1", "y1", "x2", "y2")
@@ -26,13 +28,15 @@ def decode_image(value):
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[:, :, ::-1]  # Ultralytics takes BGR arrays
 
 
-class YoloDetector(mlflow.pyfunc.PythonModel):
+class YoloDetector(PythonModel):
     """best.pt behind MLflow's pyfunc interface."""
 
     def load_context(self, context) -> None:
         from ultralytics import YOLO
 
-        self.model = YOLO(context.artifacts[WEIGHTS])
+        # Any: Ultralytics annotates predict() with every shape it can return (a stream, tensors); here it
+        # always returns a list of Results.
+        self.model: Any = YOLO(context.artifacts[WEIGHTS])
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

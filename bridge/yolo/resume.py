@@ -113,14 +113,14 @@ def find_run(
         experiment_ids.append(experiment_id_hint)
     if not experiment_ids:
         return None
-    runs = client.search_runs(
+    found = client.search_runs(
         experiment_ids,
         filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(run_key)}'",
         order_by=["attributes.start_time DESC"],
         max_results=50,
     )
     # Offline the journal answers without applying the filter: apply it here as well.
-    runs = [r for r in runs if r.data.tags.get(RUN_KEY_TAG) == run_key]
+    runs = [r for r in found if r.data.tags.get(RUN_KEY_TAG) == run_key]
     return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
 
 
@@ -177,4 +177,6 @@ def plan(ckpt: dict, *, save_dir: Path, run_key: str, experiment: str | None) ->
 
 def is_resumable(ckpt: dict | None) -> bool:
     """Ultralytics' own test: an unfinished training's last.pt keeps its epoch and optimizer state."""
-    return bool(ckpt) and int(ckpt.get("epoch", -1)) >= 0 and ckpt.get("optimizer") is not None
+    if not ckpt:
+        return False
+    return int(ckpt.get("epoch", -1)) >= 0 and ckpt.get("optimizer") is not None
