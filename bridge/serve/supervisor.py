@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import config, secrets
 from bridge.errors import BridgeError, ConfigError, PublishError, ServeError, TunnelError
@@ -34,6 +34,12 @@ from bridge.serve.entrance import CLIENT_HEADERS, Entrance
 from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
 from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
 from bridge.serve.usage import TunnelUsage, budget_warning
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from bridge.serve.public_tunnel import PublicTunnel
+    from bridge.serve.tunnel import TunnelConfig
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +144,7 @@ class Supervisor:
         # `bridge url` reads the local record, so it is written even when the record goes elsewhere too.
         self._local_publisher = FilePublisher(config.paths().record_file) if options.publish else None
         self.entrance: Entrance | None = None
-        self.tunnel: Any = None  # an ngrok Tunnel or a CloudflaredTunnel, imported only when used
+        self.tunnel: PublicTunnel | None = None  # ngrok's or cloudflared's, imported only when used
         self.tunnel_mode = "none"  # what --tunnel resolved to: ngrok, cloudflared or none
         self.tunnel_status = "disabled"
         self.tunnel_error: str | None = None
@@ -187,9 +193,9 @@ class Supervisor:
         self.entrance.start()
         self._check_interrupt()
         if make_tunnel is not None:
-            self.tunnel = make_tunnel()
+            self.tunnel = tunnel = make_tunnel()
             self.tunnel_status = "opening"
-            self.public_url = self.tunnel.open()
+            self.public_url = tunnel.open()
             self.tunnel_status = "open"
         self.record_url = self.public_url or self._advertised_entrance_url()
         self._publish()
@@ -206,7 +212,7 @@ class Supervisor:
             notes=list(self.notes),
         )
 
-    def _choose_tunnel(self):
+    def _choose_tunnel(self) -> Callable[[], PublicTunnel] | None:
         """Resolve `--tunnel` now: a factory for the tunnel, or None (with a note saying why) for the entrance alone."""
         mode = self.options.tunnel
         if mode == "none":
@@ -239,7 +245,7 @@ class Supervisor:
         self.tunnel_mode = "ngrok"
         return lambda: Tunnel(self._tunnel_target(), tunnel_config)
 
-    def _tunnel_config(self):
+    def _tunnel_config(self) -> TunnelConfig | None:
         """The ngrok tunnel's config, or None (with a note saying why) when there is no authtoken."""
         from bridge.serve.tunnel import TunnelConfig
 
@@ -343,7 +349,7 @@ class Supervisor:
     def _tick(self) -> None:
         now = time.time()
         if self.tunnel is not None and now >= self._next_tunnel_check:
-            self._check_tunnel(now)
+            self._check_tunnel(self.tunnel, now)
         assert self.entrance is not None
         self.entrance.tokens.current()  # notices a rotation even when no request has come in since
         revision = self.entrance.tokens.revision
@@ -370,8 +376,8 @@ class Supervisor:
             self._budget_warned_month = snapshot["month"]
             log.warning("Tunnel budget: %s.", warning)
 
-    def _check_tunnel(self, now: float) -> None:
-        if self.tunnel_status == "open" and self.tunnel.healthy():
+    def _check_tunnel(self, tunnel: PublicTunnel, now: float) -> None:
+        if self.tunnel_status == "open" and tunnel.healthy():
             self._next_tunnel_check = now + TUNNEL_CHECK_INTERVAL_S
             return
         if self.tunnel_status == "open":
@@ -379,6 +385,8 @@ class Supervisor:
         self._reopen_tunnel("the agent died or the tunnel closed")
 
     def _reopen_tunnel(self, why: str) -> None:
+        if self.tunnel is None:  # no tunnel was asked for: nothing to reopen
+            return
         self.tunnel_status = "reopening"
         try:
             if self.options.edge_auth and self.tunnel_mode == "ngrok":

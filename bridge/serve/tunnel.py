@@ -1,6 +1,7 @@
 """The ngrok tunnel to the entrance, opened through pyngrok; pyngrok's errors become bridge's here.
 
-(The other tunnel, a Cloudflare quick tunnel, is bridge/serve/tunnel_cloudflared.py: same open/healthy/close.)
+(The other tunnel, a Cloudflare quick tunnel, is bridge/serve/tunnel_cloudflared.py; both implement `PublicTunnel`,
+bridge/serve/public_tunnel.py: open/healthy/close.)
 
     TunnelConfig ──▶ Tunnel.open() ──▶ pyngrok ──▶ ngrok agent (`ngrok start --none`) ──▶ public URL
                      Tunnel.healthy()   agent alive and the tunnel still listed by its local API
@@ -36,6 +37,7 @@ from bridge.errors import (
     NgrokBinaryError,
     TunnelError,
 )
+from bridge.serve.public_tunnel import PublicTunnel, tunnel_target
 
 log = logging.getLogger(__name__)
 
@@ -211,15 +213,7 @@ def _redact(text: str) -> str:
     return _redactor.redact(text)
 
 
-def tunnel_target(target_url: str) -> str:
-    """`target_url` (the entrance) without a trailing slash; a ConfigError unless it is http(s) with a port."""
-    parts = urlsplit(target_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
-        raise ConfigError(f"tunnel target {target_url!r} must be an http(s) URL with a port")
-    return target_url.rstrip("/")
-
-
-class Tunnel:
+class Tunnel(PublicTunnel):
     """An ngrok tunnel from a public URL to `target_url` (the entrance), run by an agent pyngrok starts."""
 
     kind = "ngrok"

@@ -6,9 +6,10 @@
                           CloudflaredTunnel.healthy()  process alive and /ready still 200
                           CloudflaredTunnel.close()    SIGTERM, then SIGKILL after a grace period
 
-The same three calls as the ngrok `Tunnel` (bridge/serve/tunnel.py), so the supervisor restarts either one with
-backoff and republishes its new URL. A quick tunnel needs no secret: nothing here can leak one. Cloudflare's limits
-for quick tunnels (200 requests in flight, no server-sent events, for testing) are far above one workstation's use.
+The same `PublicTunnel` (bridge/serve/public_tunnel.py) as the ngrok `Tunnel` (bridge/serve/tunnel.py), so the
+supervisor restarts either one with backoff and republishes its new URL. A quick tunnel needs no secret: nothing here
+can leak one. Cloudflare's limits for quick tunnels (200 requests in flight, no server-sent events, for testing) are
+far above one workstation's use.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from bridge.errors import CloudflaredBinaryError, ConfigError, TunnelError
-from bridge.serve.tunnel import tunnel_target
+from bridge.serve.public_tunnel import PublicTunnel, tunnel_target
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
 
 
-class CloudflaredTunnel:
+class CloudflaredTunnel(PublicTunnel):
     """A quick tunnel from a random `https://….trycloudflare.com` to `target_url` (the entrance)."""
 
     kind = "cloudflared"
