@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from rich.table import Table
 from bridge import config, secrets, ui
 from bridge.cli.output import console, err_console, handles_errors
 from bridge.errors import ConfigError, RecordError, ServeError
+from bridge.processes import pid_alive
 from bridge.record import LOOPBACK_HOSTS
 
 PUBLISH_HELP = (
@@ -290,18 +290,6 @@ def url_command(
     typer.echo(f"MLflow UI (any user name, the token as password): {ui.ui_link(url)}", err=True)
 
 
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _probe(url: str | None, path: str = "/health") -> int | None:
     if not url:
         return None
@@ -362,7 +350,7 @@ def status_command() -> None:
         console.print(f"bridge serve has not run here (no {config.paths().state_file}).")
         console.print(f"Secrets: {secrets.describe_store()}", highlight=False)
         raise typer.Exit(1)
-    running = _pid_alive(state.get("pid")) and not state.get("stopped_at")
+    running = pid_alive(state.get("pid")) and not state.get("stopped_at")
     mlflow_state = state.get("mlflow") or {}
     entrance = state.get("entrance") or {}
     tunnel = state.get("tunnel") or {}
