@@ -47,7 +47,7 @@ def _stop_leftovers() -> None:
     for server in list(_live):
         try:
             server.stop()
-        except Exception:  # noqa: BLE001 - best effort at exit
+        except Exception:  # best effort at exit
             pass
 
 
@@ -167,8 +167,9 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def wait_cpu_quiet(pid: int, below: float = 0.05, window_s: float = 1.0, windows: int = 2,
-                   timeout_s: float = 60.0) -> bool:
+def wait_cpu_quiet(
+    pid: int, below: float = 0.05, window_s: float = 1.0, windows: int = 2, timeout_s: float = 60.0
+) -> bool:
     """Wait until the tree at `pid` used < `below` of a core for `windows` windows in a row (False at timeout).
 
     Start-up work that runs late (a background import, a first housekeeping round) then stays out of a measurement.
@@ -219,10 +220,10 @@ def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]
     widths = [max(len(h), *(len(r[i]) for r in text_rows)) if text_rows else len(h) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
     print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     print(line)
     for row in text_rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)))
     sys.stdout.flush()
 
 
@@ -240,8 +241,9 @@ def machine_summary() -> str:
     )
 
 
-def argument_parser(description: str,
-                    quick_help: str = "fewer repetitions: a smoke run, not a measurement") -> argparse.ArgumentParser:
+def argument_parser(
+    description: str, quick_help: str = "fewer repetitions: a smoke run, not a measurement"
+) -> argparse.ArgumentParser:
     """An argparse parser with the `--quick` switch every benchmark accepts."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help=quick_help)
@@ -300,12 +302,13 @@ class MlflowServer:
         """Launch it (returns at once; `wait_healthy()` waits)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        log = open(self.root / "mlflow-server.log", "ab")
         self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(
-            self.command(), cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=clean_env(**self.env), start_new_session=True,
-        )  # fmt: skip
+        # The child holds its own copy of the log's descriptor; ours is closed once it has started.
+        with open(self.root / "mlflow-server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=clean_env(**self.env), start_new_session=True,
+            )  # fmt: skip
         _live.append(self)
 
     def wait_healthy(self, timeout_s: float = 120.0) -> float:
@@ -389,8 +392,15 @@ class BridgeServe(ServeChild):
 def child_env(home: Path, **extra: str) -> dict[str, str]:
     """A clean environment for a measured child: its own BRIDGE_HOME, no keyring, no inherited MLflow settings."""
     env = {k: v for k, v in clean_env().items() if not k.startswith(("MLFLOW_", "BRIDGE_"))}
-    env.update({"PYTHONPATH": str(REPO), "BRIDGE_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true",
-                "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring", **extra})
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "BRIDGE_HOME": str(home),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring",
+            **extra,
+        }
+    )
     return env
 
 
@@ -428,7 +438,7 @@ def report_result(result: dict) -> None:
 
 
 def _result_from(line: str) -> dict | None:
-    return json.loads(line[len("RESULT "):]) if line.startswith("RESULT ") else None
+    return json.loads(line[len("RESULT ") :]) if line.startswith("RESULT ") else None
 
 
 def run_child(cmd: Sequence[str], env: dict[str, str], what: str, timeout_s: float) -> dict:
@@ -443,8 +453,15 @@ def run_child(cmd: Sequence[str], env: dict[str, str], what: str, timeout_s: flo
 @contextmanager
 def child_process(cmd: Sequence[str], env: dict[str, str], stdin: bool = False) -> Iterator[subprocess.Popen]:
     """A child talking over text pipes (stdin too if `stdin`), killed if still running when the block ends."""
-    proc = subprocess.Popen(list(cmd), env=env, stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        list(cmd),
+        env=env,
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         yield proc
     finally:
@@ -515,10 +532,13 @@ def server_points_and_steps(server: MlflowServer, experiment: str, key: str = "l
 
     conn = sqlite3.connect(f"file:{server.root / 'mlflow.db'}?mode=ro", uri=True)
     try:
-        return conn.execute("select count(*), count(distinct m.step) from metrics m "
-                            "join runs r on m.run_uuid = r.run_uuid "
-                            "join experiments e on r.experiment_id = e.experiment_id "
-                            "where e.name = ? and m.key = ?", (experiment, key)).fetchone()
+        return conn.execute(
+            "select count(*), count(distinct m.step) from metrics m "
+            "join runs r on m.run_uuid = r.run_uuid "
+            "join experiments e on r.experiment_id = e.experiment_id "
+            "where e.name = ? and m.key = ?",
+            (experiment, key),
+        ).fetchone()
     finally:
         conn.close()
 

@@ -24,14 +24,29 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (MlflowServer, child_env, child_process, client_argument_parser, connect_client, expect_line,
-                     lean_server_behind_proxy, lean_server_caption, print_table, read_result, report_result,
-                     scratch_dir, server_points, tell_child, verdict)
+from _common import (
+    MlflowServer,
+    child_env,
+    child_process,
+    client_argument_parser,
+    connect_client,
+    expect_line,
+    lean_server_behind_proxy,
+    lean_server_caption,
+    print_table,
+    read_result,
+    report_result,
+    scratch_dir,
+    server_points,
+    tell_child,
+    verdict,
+)
 
 GOAL_POINTS_PER_S = 20_000
 
 
 # ------------------------------------------------------------------------------------------ child side
+
 
 def _child(client: str, url: str, journal: str, n: int, timeout_s: float) -> dict:
     import mlflow
@@ -65,6 +80,7 @@ def _child(client: str, url: str, journal: str, n: int, timeout_s: float) -> dic
 
 # ----------------------------------------------------------------------------------------- parent side
 
+
 def _server_ceiling(proxy, n: int) -> dict:
     """Raw sequential `log-batch` requests of 1,000 points through the same proxy: what the server can take."""
     import requests
@@ -73,27 +89,51 @@ def _server_ceiling(proxy, n: int) -> dict:
     experiment = f"bench-drain-ceiling-{time.time_ns()}"
     with requests.Session() as http:
         experiment_id = http.post(api + "/experiments/create", json={"name": experiment}, timeout=60).json()[
-            "experiment_id"]
+            "experiment_id"
+        ]
         run_id = http.post(api + "/runs/create", json={"experiment_id": experiment_id}, timeout=60).json()["run"][
-            "info"]["run_id"]
+            "info"
+        ]["run_id"]
         now = int(time.time() * 1000)
         started = time.perf_counter()
         for first in range(0, n, 1000):
-            metrics = [{"key": "loss", "value": 1.0 / (step + 1), "timestamp": now, "step": step}
-                       for step in range(first, min(n, first + 1000))]
-            http.post(api + "/runs/log-batch", json={"run_id": run_id, "metrics": metrics},
-                      timeout=120).raise_for_status()
+            metrics = [
+                {"key": "loss", "value": 1.0 / (step + 1), "timestamp": now, "step": step}
+                for step in range(first, min(n, first + 1000))
+            ]
+            http.post(
+                api + "/runs/log-batch", json={"run_id": run_id, "metrics": metrics}, timeout=120
+            ).raise_for_status()
         took = time.perf_counter() - started
-    return {"name": "server ceiling (raw log-batch)", "n": n, "logging_s": 0.0, "drain_s": took, "left": 0,
-            "experiment": experiment}
+    return {
+        "name": "server ceiling (raw log-batch)",
+        "n": n,
+        "logging_s": 0.0,
+        "drain_s": took,
+        "left": 0,
+        "experiment": experiment,
+    }
 
 
-def _measure(name: str, client: str, n: int, proxy, server: MlflowServer, work: Path, extra_env: dict,
-             timeout_s: float) -> dict:
+def _measure(
+    name: str, client: str, n: int, proxy, server: MlflowServer, work: Path, extra_env: dict, timeout_s: float
+) -> dict:
     home = work / f"home-{len(list(work.iterdir()))}"
     home.mkdir()
-    cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url,
-           "--journal", str(work / f"{home.name}.sqlite"), "-n", str(n), "--timeout", str(timeout_s)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        client,
+        "--url",
+        proxy.url,
+        "--journal",
+        str(work / f"{home.name}.sqlite"),
+        "-n",
+        str(n),
+        "--timeout",
+        str(timeout_s),
+    ]
     try:
         with child_process(cmd, child_env(home, **extra_env), stdin=True) as proc:
             expect_line(proc, "READY")
@@ -127,26 +167,39 @@ def main() -> int:
     ]
     work = scratch_dir("drain")
     with lean_server_behind_proxy(work) as (server, proxy):
-        results = [_measure(name, client, n, proxy, server, work, env, timeout_s=300)
-                   for name, client, n, env in variants]
+        results = [
+            _measure(name, client, n, proxy, server, work, env, timeout_s=300) for name, client, n, env in variants
+        ]
         ceiling = _server_ceiling(proxy, big)
         ceiling["stored"] = server_points(server, ceiling["experiment"])
         results.append(ceiling)
 
     rate = {r["name"]: r["stored"] / r["drain_s"] for r in results}
     bridge_rate = rate["bridge"]
-    rows = [(r["name"], f"{r['n']:,}", f"{r['logging_s']:.1f}", f"{r['drain_s']:.2f}", f"{rate[r['name']]:,.0f}",
-             f"{bridge_rate / rate[r['name']]:.1f}x" if rate[r["name"]] else "-", f"{r['stored']:,}/{r['n']:,}")
-            for r in results]
-    print_table(f"Drain after an outage (proxy refused while the backlog was logged) — "
-                f"{lean_server_caption(args.quick)}",
-                ["variant", "backlog", "logging s", "drain s", "points/s", "bridge faster by", "points on server"],
-                rows)
+    rows = [
+        (
+            r["name"],
+            f"{r['n']:,}",
+            f"{r['logging_s']:.1f}",
+            f"{r['drain_s']:.2f}",
+            f"{rate[r['name']]:,.0f}",
+            f"{bridge_rate / rate[r['name']]:.1f}x" if rate[r["name"]] else "-",
+            f"{r['stored']:,}/{r['n']:,}",
+        )
+        for r in results
+    ]
+    print_table(
+        f"Drain after an outage (proxy refused while the backlog was logged) — {lean_server_caption(args.quick)}",
+        ["variant", "backlog", "logging s", "drain s", "points/s", "bridge faster by", "points on server"],
+        rows,
+    )
     bridge = results[0]
     ok = bridge_rate >= GOAL_POINTS_PER_S and bridge["stored"] == bridge["n"]
-    print(f"bridge drained {bridge['stored']:,} of {bridge['n']:,} at {bridge_rate:,.0f} points/s "
-          f"(goal >= {GOAL_POINTS_PER_S:,}), {bridge_rate / rate[ceiling['name']]:.0%} of what the server took "
-          f"from raw sequential 1,000-point log-batch requests: {verdict(ok)}")
+    print(
+        f"bridge drained {bridge['stored']:,} of {bridge['n']:,} at {bridge_rate:,.0f} points/s "
+        f"(goal >= {GOAL_POINTS_PER_S:,}), {bridge_rate / rate[ceiling['name']]:.0%} of what the server took "
+        f"from raw sequential 1,000-point log-batch requests: {verdict(ok)}"
+    )
     return 0 if ok else 1
 
 

@@ -25,12 +25,19 @@ import time
 from dataclasses import dataclass, field
 
 import requests
-from mlflow import MlflowClient
-
 from _common import (
-    BridgeServe, StandInNgrok, argument_parser, machine_summary, percentile, print_table, scratch_dir,
-    tree_cpu_seconds, verdict, wait_cpu_quiet,
+    BridgeServe,
+    StandInNgrok,
+    argument_parser,
+    machine_summary,
+    percentile,
+    print_table,
+    scratch_dir,
+    tree_cpu_seconds,
+    verdict,
+    wait_cpu_quiet,
 )  # fmt: skip
+from mlflow import MlflowClient
 
 GOAL_THROUGHPUT_RATIO = 0.9
 GOAL_P50_ADDED_MS = 2.0
@@ -146,18 +153,20 @@ def run_chunk(base_url: str, headers: dict[str, str], work: Workload, steps: Ste
     return samples
 
 
-def measure_sequential(work: Workload, targets: dict[str, tuple[str, dict]], steps: StepCounter,
-                       count: int) -> dict[str, Samples]:
+def measure_sequential(
+    work: Workload, targets: dict[str, tuple[str, dict]], steps: StepCounter, count: int
+) -> dict[str, Samples]:
     """One client: requests alternate between the paths one by one, so each path sees the same load."""
     sessions = {path: [requests.Session()] for path in PATHS}
-    single = Workload(work.name, work.endpoint, 1, 1, work.make_body, work.steps_per_request, work.in_goal,
-                      work.expect_status)
+    single = Workload(
+        work.name, work.endpoint, 1, 1, work.make_body, work.steps_per_request, work.in_goal, work.expect_status
+    )
     for path in PATHS:  # warm-up: open the keep-alive connections, unmeasured
         for _ in range(WARMUP_PER_CLIENT):
             run_chunk(*targets[path], single, steps, sessions[path])
     totals = {path: Samples() for path in PATHS}
     for i in range(count):
-        order = PATHS[i % len(PATHS):] + PATHS[: i % len(PATHS)]
+        order = PATHS[i % len(PATHS) :] + PATHS[: i % len(PATHS)]
         this_round: dict[str, list[float]] = {}
         for path in order:
             got = run_chunk(*targets[path], single, steps, sessions[path])
@@ -175,17 +184,26 @@ def measure_sequential(work: Workload, targets: dict[str, tuple[str, dict]], ste
     return totals
 
 
-def measure_concurrent(work: Workload, targets: dict[str, tuple[str, dict]], steps: StepCounter,
-                       rounds: int) -> dict[str, Samples]:
+def measure_concurrent(
+    work: Workload, targets: dict[str, tuple[str, dict]], steps: StepCounter, rounds: int
+) -> dict[str, Samples]:
     """Several clients at once on one path at a time; the paths take turns in short rounds."""
     sessions = {path: [requests.Session() for _ in range(work.clients)] for path in PATHS}
-    warm = Workload(work.name, work.endpoint, work.clients, WARMUP_PER_CLIENT, work.make_body,
-                    work.steps_per_request, work.in_goal, work.expect_status)
+    warm = Workload(
+        work.name,
+        work.endpoint,
+        work.clients,
+        WARMUP_PER_CLIENT,
+        work.make_body,
+        work.steps_per_request,
+        work.in_goal,
+        work.expect_status,
+    )
     for path in PATHS:
         run_chunk(*targets[path], warm, steps, sessions[path])
     totals = {path: Samples() for path in PATHS}
     for r in range(rounds):
-        order = PATHS[r % len(PATHS):] + PATHS[: r % len(PATHS)]
+        order = PATHS[r % len(PATHS) :] + PATHS[: r % len(PATHS)]
         for path in order:
             got = run_chunk(*targets[path], work, steps, sessions[path])
             total = totals[path]
@@ -254,7 +272,7 @@ def main() -> int:
         # Idle rates (the supervisor's ticks, MLflow's housekeeping), subtracted so only request work remains.
         t0, idle0 = time.perf_counter(), [probe() for probe in probes]
         time.sleep(3.0)
-        idle_rate = [(probe() - c) / (time.perf_counter() - t0) for probe, c in zip(probes, idle0)]
+        idle_rate = [(probe() - c) / (time.perf_counter() - t0) for probe, c in zip(probes, idle0, strict=True)]
         for work in workloads:
             t0, before = time.perf_counter(), [probe() for probe in probes]
             if work.clients == 1:
@@ -262,7 +280,7 @@ def main() -> int:
             else:
                 results = measure_concurrent(work, targets, steps, rounds)
             elapsed = time.perf_counter() - t0
-            used = [probe() - b - rate * elapsed for probe, b, rate in zip(probes, before, idle_rate)]
+            used = [probe() - b - rate * elapsed for probe, b, rate in zip(probes, before, idle_rate, strict=True)]
             sent = {path: r.requests + WARMUP_PER_CLIENT * work.clients for path, r in results.items()}
             cpu_rows.append([
                 work.name,
@@ -304,8 +322,7 @@ def main() -> int:
                 ])  # fmt: skip
         print_table(
             f"Entrance cost (1 client: paths alternate per request; 4 clients: {rounds} rounds per path; ms)",
-            ["workload", "path", "requests", "throughput", "ratio", "p50", "p99", "p50 added", "paired added",
-             "goal"],
+            ["workload", "path", "requests", "throughput", "ratio", "p50", "p99", "p50 added", "paired added", "goal"],
             rows,
         )
         print_table(

@@ -16,12 +16,20 @@ from __future__ import annotations
 import time
 
 import psutil
-from mlflow import MlflowClient
-
 from _common import (
-    BridgeServe, MlflowServer, argument_parser, machine_summary, mib, percentile, print_table, scratch_dir,
-    tree_memory, verdict, wait_memory_settled,
+    BridgeServe,
+    MlflowServer,
+    argument_parser,
+    machine_summary,
+    mib,
+    percentile,
+    print_table,
+    scratch_dir,
+    tree_memory,
+    verdict,
+    wait_memory_settled,
 )  # fmt: skip
+from mlflow import MlflowClient
 
 GOAL_RSS_BYTES = 600 * 10**6
 GOAL_P50_MS = 10.0
@@ -90,10 +98,14 @@ def main() -> int:
              f"{sum(latencies['bridge']) / sum(latencies['stock']):.2f}"],
         ],
     )  # fmt: skip
-    print(f"\nbridge's tree after the calls: bridge process (entrance, supervisor, reaper) {mib(own_rss)}, "
-          f"MLflow child {mib(loaded['bridge'][0] - own_rss)}")
-    print(f"bridge RSS {mib(max(idle['bridge'][0], loaded['bridge'][0]))} (goal <= {GOAL_RSS_BYTES / 1e6:.0f} MB): "
-          f"{verdict(rss_ok)}")
+    print(
+        f"\nbridge's tree after the calls: bridge process (entrance, supervisor, reaper) {mib(own_rss)}, "
+        f"MLflow child {mib(loaded['bridge'][0] - own_rss)}"
+    )
+    print(
+        f"bridge RSS {mib(max(idle['bridge'][0], loaded['bridge'][0]))} (goal <= {GOAL_RSS_BYTES / 1e6:.0f} MB): "
+        f"{verdict(rss_ok)}"
+    )
     print(f"bridge log_metric p50 {p50['bridge']:.1f} ms (goal <= {GOAL_P50_MS:.0f} ms): {verdict(p50_ok)}")
     return 0 if rss_ok and p50_ok else 1
 

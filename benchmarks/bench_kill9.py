@@ -23,14 +23,29 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (REPO, MlflowServer, bridge_cli, child_env, child_process, client_argument_parser, connect_client,
-                     lean_server_behind_proxy, lean_server_caption, print_table, scratch_dir, server_points,
-                     server_points_and_steps, tell_child, verdict)
+from _common import (
+    REPO,
+    MlflowServer,
+    bridge_cli,
+    child_env,
+    child_process,
+    client_argument_parser,
+    connect_client,
+    lean_server_behind_proxy,
+    lean_server_caption,
+    print_table,
+    scratch_dir,
+    server_points,
+    server_points_and_steps,
+    tell_child,
+    verdict,
+)
 
 PAUSE_S = 0.0005  # between points, as a training loop would; gives MLflow's queue its chance to send
 
 
 # ------------------------------------------------------------------------------------------ child side
+
 
 def _logger(client: str, url: str, journal: str, experiment: str, before: int, during: int) -> None:
     """Log `before` points, wait for the outage, log `during` more, acknowledging each; then wait to be killed."""
@@ -63,16 +78,40 @@ def _recover_with_connect(url: str, journal: str) -> None:
 
 # ----------------------------------------------------------------------------------------- parent side
 
-def _measure(name: str, client: str, recover: str | None, before: int, during: int, proxy, server: MlflowServer,
-             work: Path, settle_s: float) -> dict:
+
+def _measure(
+    name: str,
+    client: str,
+    recover: str | None,
+    before: int,
+    during: int,
+    proxy,
+    server: MlflowServer,
+    work: Path,
+    settle_s: float,
+) -> dict:
     tag = f"{len(list(work.iterdir()))}"
     home = work / f"home-{tag}"
     home.mkdir()
     journal = work / f"journal-{tag}.sqlite"
     experiment = f"bench-kill9-{client}-{time.time_ns()}"
     env = child_env(home)
-    cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url, "--journal", str(journal),
-           "--experiment", experiment, "--before", str(before), "--during", str(during)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        client,
+        "--url",
+        proxy.url,
+        "--journal",
+        str(journal),
+        "--experiment",
+        experiment,
+        "--before",
+        str(before),
+        "--during",
+        str(during),
+    ]
     acked = 0
     with child_process(cmd, env, stdin=True) as proc:
         deadline = time.monotonic() + 300
@@ -100,21 +139,40 @@ def _measure(name: str, client: str, recover: str | None, before: int, during: i
     started = time.perf_counter()
     note = ""
     if recover == "bridge sync":
-        out = subprocess.run([*bridge_cli(), "sync", "--journal", str(journal), "--url", proxy.url, "--timeout", "120"],
-                             env={**env, "BRIDGE_TOKEN": "bench-token"}, capture_output=True, text=True, timeout=180,
-                             cwd=REPO)
+        out = subprocess.run(
+            [*bridge_cli(), "sync", "--journal", str(journal), "--url", proxy.url, "--timeout", "120"],
+            env={**env, "BRIDGE_TOKEN": "bench-token"},
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=REPO,
+        )
         note = f"exit {out.returncode}"
     elif recover == "connect()":
-        out = subprocess.run([sys.executable, __file__, "--recover", "--url", proxy.url, "--journal", str(journal)],
-                             env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
+        out = subprocess.run(
+            [sys.executable, __file__, "--recover", "--url", proxy.url, "--journal", str(journal)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=REPO,
+        )
         left = [line for line in out.stdout.splitlines() if line.startswith("LEFT ")]
         note = f"{left[-1].lower() if left else 'failed: ' + out.stderr[-300:]}"
     else:
         time.sleep(settle_s)  # nothing to run: give anything still in flight its chance
     recovery_s = time.perf_counter() - started
     stored, distinct = server_points_and_steps(server, experiment)
-    return {"name": name, "acked": acked, "killed": killed, "stranded": stranded, "stored": stored,
-            "distinct": distinct, "recovery_s": recovery_s, "note": note}
+    return {
+        "name": name,
+        "acked": acked,
+        "killed": killed,
+        "stranded": stranded,
+        "stored": stored,
+        "distinct": distinct,
+        "recovery_s": recovery_s,
+        "note": note,
+    }
 
 
 def main() -> int:
@@ -133,28 +191,58 @@ def main() -> int:
 
     total = 600 if args.quick else 2_000
     before, during = total // 2, total - total // 2
-    variants = [("bridge → bridge sync", "bridge", "bridge sync"), ("bridge → connect()", "bridge", "connect()"),
-                ("mlflow-async", "mlflow-async", None)]
+    variants = [
+        ("bridge → bridge sync", "bridge", "bridge sync"),
+        ("bridge → connect()", "bridge", "connect()"),
+        ("mlflow-async", "mlflow-async", None),
+    ]
     work = scratch_dir("kill9")
     with lean_server_behind_proxy(work) as (server, proxy):
-        results = [_measure(name, client, recover, before, during, proxy, server, work, settle_s=10)
-                   for name, client, recover in variants]
+        results = [
+            _measure(name, client, recover, before, during, proxy, server, work, settle_s=10)
+            for name, client, recover in variants
+        ]
 
-    rows = [(r["name"], f"{r['acked']:,}", "yes" if r["killed"] else "NO", f"{r['stranded']:,}", f"{r['stored']:,}",
-             f"{r['stored'] / r['acked']:.1%}", f"{r['stored'] - r['distinct']}", f"{r['recovery_s']:.1f}", r["note"])
-            for r in results]
-    print_table(f"kill -9 during an outage ({before:,} points logged with the link up, {during:,} during the outage) — "
-                f"{lean_server_caption(args.quick)}",
-                ["variant", "acknowledged", "killed -9", "on server at kill", "on server after", "delivered",
-                 "duplicates", "recovery s", "recovery"], rows)
+    rows = [
+        (
+            r["name"],
+            f"{r['acked']:,}",
+            "yes" if r["killed"] else "NO",
+            f"{r['stranded']:,}",
+            f"{r['stored']:,}",
+            f"{r['stored'] / r['acked']:.1%}",
+            f"{r['stored'] - r['distinct']}",
+            f"{r['recovery_s']:.1f}",
+            r["note"],
+        )
+        for r in results
+    ]
+    print_table(
+        f"kill -9 during an outage ({before:,} points logged with the link up, {during:,} during the outage) — "
+        f"{lean_server_caption(args.quick)}",
+        [
+            "variant",
+            "acknowledged",
+            "killed -9",
+            "on server at kill",
+            "on server after",
+            "delivered",
+            "duplicates",
+            "recovery s",
+            "recovery",
+        ],
+        rows,
+    )
     anchor = results[-1]
     ok = True
     for r in results[:-1]:
         good = r["killed"] and r["stored"] == r["acked"] == r["distinct"]
         ok &= good
-        print(f"{r['name']}: {r['stored']:,} of {r['acked']:,} acknowledged points delivered "
-              f"({r['stored'] / r['acked']:.1%}; MLflow async {anchor['stored'] / anchor['acked']:.1%}), "
-              f"no duplicates: {'yes' if r['stored'] == r['distinct'] else 'NO'} (goal 100 %): {verdict(good)}")
+        print(
+            f"{r['name']}: {r['stored']:,} of {r['acked']:,} acknowledged points delivered "
+            f"({r['stored'] / r['acked']:.1%}; MLflow async {anchor['stored'] / anchor['acked']:.1%}), "
+            f"no duplicates: {'yes' if r['stored'] == r['distinct'] else 'NO'} (goal 100 %): {verdict(good)}"
+        )
     return 0 if ok else 1
 
 

@@ -36,14 +36,30 @@ import threading
 import time
 from pathlib import Path
 
-from _common import (MlflowServer, child_env, child_process, client_argument_parser, connect_client, expect_line,
-                     lean_server_behind_proxy, lean_server_caption, print_table, read_result, report_result,
-                     scratch_dir, server_points, verdict)
+from _common import (
+    MlflowServer,
+    child_env,
+    child_process,
+    client_argument_parser,
+    connect_client,
+    expect_line,
+    lean_server_behind_proxy,
+    lean_server_caption,
+    print_table,
+    read_result,
+    report_result,
+    scratch_dir,
+    server_points,
+    verdict,
+)
 
 GOAL_SLOWDOWN = 0.05
 STEP_S = 0.01
-SYNC_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+SYNC_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
 
 
 def work(k: int) -> int:
@@ -71,6 +87,7 @@ def _timed(fn, *args) -> float:
 
 
 # ------------------------------------------------------------------------------------------ child side
+
 
 def _process_cpu_s() -> float:
     """CPU seconds of this whole process (every thread)."""
@@ -147,30 +164,63 @@ def _child(client: str, url: str, journal: str, steps: int, k: int, drain_s: flo
     flushed_at = time.monotonic()  # CLOCK_MONOTONIC is machine-wide: the parent compares it with the outage's end
     if conn is not None:
         conn.close()
-    return {"loop_s": loop_s, "cpu_s": cpu_s, "in_calls_s": in_calls, "background_s": background_s,
-            "own_s": loop_s - os_wait_s, "os_wait_s": os_wait_s, "flushed_at": flushed_at,
-            "failed": failed, "worst_call_s": worst, "left": left, "experiment": experiment}
+    return {
+        "loop_s": loop_s,
+        "cpu_s": cpu_s,
+        "in_calls_s": in_calls,
+        "background_s": background_s,
+        "own_s": loop_s - os_wait_s,
+        "os_wait_s": os_wait_s,
+        "flushed_at": flushed_at,
+        "failed": failed,
+        "worst_call_s": worst,
+        "left": left,
+        "experiment": experiment,
+    }
 
 
 # ----------------------------------------------------------------------------------------- parent side
 
-def _measure(client: str, mode: str | None, steps: int, k: int, outage: tuple[float, float], proxy,
-             server: MlflowServer, work_dir: Path) -> dict:
+
+def _measure(
+    client: str,
+    mode: str | None,
+    steps: int,
+    k: int,
+    outage: tuple[float, float],
+    proxy,
+    server: MlflowServer,
+    work_dir: Path,
+) -> dict:
     """Run one loop; with `mode`, the proxy is broken from outage[0] to outage[0]+outage[1] s after START."""
     name = f"{client}-{mode or 'no-outage'}-{time.time_ns()}"
     home = work_dir / f"home-{name}"
     home.mkdir()
     extra = SYNC_BOUNDS if client == "mlflow-sync" else {}
     drain_s = outage[0] + outage[1] + 180
-    cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url,
-           "--journal", str(work_dir / f"{name}.sqlite"), "--steps", str(steps), "-k", str(k),
-           "--drain", str(drain_s)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        client,
+        "--url",
+        proxy.url,
+        "--journal",
+        str(work_dir / f"{name}.sqlite"),
+        "--steps",
+        str(steps),
+        "-k",
+        str(k),
+        "--drain",
+        str(drain_s),
+    ]
     timer = None
     outage_seen = {"start": None, "end": None}
     try:
         with child_process(cmd, child_env(home, **extra)) as proc:
             expect_line(proc, "START")
             if mode is not None:
+
                 def outage_timeline() -> None:
                     time.sleep(outage[0])
                     proxy.set_mode(mode)
@@ -190,8 +240,13 @@ def _measure(client: str, mode: str | None, steps: int, k: int, outage: tuple[fl
     caught_up = None
     if client == "bridge" and outage_seen["end"] is not None and result["left"] == 0:
         caught_up = max(0.0, result["flushed_at"] - outage_seen["end"])
-    result.update(client=client, mode=mode, steps=steps, caught_up_s=caught_up,
-                  stored=server_points(server, result["experiment"]) if client != "none" else None)
+    result.update(
+        client=client,
+        mode=mode,
+        steps=steps,
+        caught_up_s=caught_up,
+        stored=server_points(server, result["experiment"]) if client != "none" else None,
+    )
     return result
 
 
@@ -225,24 +280,65 @@ def main() -> int:
     own_anchor = min(b["own_s"] for b in baselines)
     spread = max(b["loop_s"] for b in baselines) / anchor - 1
     own_spread = max(b["own_s"] for b in baselines) / own_anchor - 1
-    rows = [(f"no logging #{i + 1}", "-", f"{b['loop_s']:.2f}", f"{b['loop_s'] / anchor - 1:+.1%}",
-             f"{b['os_wait_s']:.2f}", f"{b['own_s'] / own_anchor - 1:+.1%}", "-", "-", "-", "-", "-", "-")
-            for i, b in enumerate(baselines)]
+    rows = [
+        (
+            f"no logging #{i + 1}",
+            "-",
+            f"{b['loop_s']:.2f}",
+            f"{b['loop_s'] / anchor - 1:+.1%}",
+            f"{b['os_wait_s']:.2f}",
+            f"{b['own_s'] / own_anchor - 1:+.1%}",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+        )
+        for i, b in enumerate(baselines)
+    ]
     for r in runs:
-        rows.append((r["client"], r["mode"], f"{r['loop_s']:.2f}", f"{r['loop_s'] / anchor - 1:+.1%}",
-                     f"{r['os_wait_s']:.2f}", f"{r['own_s'] / own_anchor - 1:+.1%}", f"{r['in_calls_s']:.3f}",
-                     f"{r['background_s']:.3f}", f"{r['worst_call_s'] * 1000:,.1f}", f"{r['failed']}",
-                     f"{r['stored']}/{steps}", "-" if r["caught_up_s"] is None else f"{r['caught_up_s']:.1f}"))
-    print_table(f"{steps:,}-step loop ({STEP_S * 1000:.0f} ms pure-Python steps, 1 log_metric each), "
-                f"{outage[1]:.0f} s outage from t={outage[0]:.0f} s — {lean_server_caption(args.quick)}",
-                ["client", "outage", "loop s", "slowdown", "OS wait s", "slowdown excl. OS wait", "in log calls s",
-                 "background CPU s", "slowest call ms", "calls raised", "points on server",
-                 "all delivered s after link back"],
-                rows)
-    print(f"anchor: the fastest no-logging loop, {anchor:.2f} s ({anchor / steps * 1000:.1f} ms per step), "
-          f"{own_anchor:.2f} s excluding OS wait; the anchors spread {spread:.1%} on the wall clock, "
-          f"{own_spread:.1%} excluding OS wait. OS wait: time the loop's thread was ready but the OS ran other "
-          "processes (/proc schedstat); waiting for the GIL or the network is not in it and counts as slowdown.")
+        rows.append(
+            (
+                r["client"],
+                r["mode"],
+                f"{r['loop_s']:.2f}",
+                f"{r['loop_s'] / anchor - 1:+.1%}",
+                f"{r['os_wait_s']:.2f}",
+                f"{r['own_s'] / own_anchor - 1:+.1%}",
+                f"{r['in_calls_s']:.3f}",
+                f"{r['background_s']:.3f}",
+                f"{r['worst_call_s'] * 1000:,.1f}",
+                f"{r['failed']}",
+                f"{r['stored']}/{steps}",
+                "-" if r["caught_up_s"] is None else f"{r['caught_up_s']:.1f}",
+            )
+        )
+    print_table(
+        f"{steps:,}-step loop ({STEP_S * 1000:.0f} ms pure-Python steps, 1 log_metric each), "
+        f"{outage[1]:.0f} s outage from t={outage[0]:.0f} s — {lean_server_caption(args.quick)}",
+        [
+            "client",
+            "outage",
+            "loop s",
+            "slowdown",
+            "OS wait s",
+            "slowdown excl. OS wait",
+            "in log calls s",
+            "background CPU s",
+            "slowest call ms",
+            "calls raised",
+            "points on server",
+            "all delivered s after link back",
+        ],
+        rows,
+    )
+    print(
+        f"anchor: the fastest no-logging loop, {anchor:.2f} s ({anchor / steps * 1000:.1f} ms per step), "
+        f"{own_anchor:.2f} s excluding OS wait; the anchors spread {spread:.1%} on the wall clock, "
+        f"{own_spread:.1%} excluding OS wait. OS wait: time the loop's thread was ready but the OS ran other "
+        "processes (/proc schedstat); waiting for the GIL or the network is not in it and counts as slowdown."
+    )
     print("MLflow sync bounded by " + ", ".join(f"{k}={v}" for k, v in SYNC_BOUNDS.items()))
     ok = True
     for r in runs:
@@ -257,13 +353,17 @@ def main() -> int:
             basis = f"slowdown {slowdown:+.1%} excluding OS wait ({r['loop_s'] / anchor - 1:+.1%} on the wall clock)"
         else:  # the machine moves even the no-logging loop by more than the goal: judge what logging itself took
             good = attributable <= GOAL_SLOWDOWN and delivered
-            basis = (f"logging itself took {attributable:+.1%} of the loop ({r['in_calls_s']:.2f} s inside the calls + "
-                     f"{r['background_s']:.2f} s background CPU); the loop's slowdown, {slowdown:+.1%} excluding OS "
-                     f"wait, is not conclusive: the no-logging anchors alone spread {own_spread:.0%}")
+            basis = (
+                f"logging itself took {attributable:+.1%} of the loop ({r['in_calls_s']:.2f} s inside the calls + "
+                f"{r['background_s']:.2f} s background CPU); the loop's slowdown, {slowdown:+.1%} excluding OS "
+                f"wait, is not conclusive: the no-logging anchors alone spread {own_spread:.0%}"
+            )
         ok &= good
-        print(f"{r['mode']}: bridge {basis} (goal <= {GOAL_SLOWDOWN:.0%}); every point delivered: "
-              f"{'yes' if delivered else 'NO'}; MLflow sync {sync['own_s'] / own_anchor - 1:+.0%} and "
-              f"{steps - sync['stored']} points lost: {verdict(good)}")
+        print(
+            f"{r['mode']}: bridge {basis} (goal <= {GOAL_SLOWDOWN:.0%}); every point delivered: "
+            f"{'yes' if delivered else 'NO'}; MLflow sync {sync['own_s'] / own_anchor - 1:+.0%} and "
+            f"{steps - sync['stored']} points lost: {verdict(good)}"
+        )
     return 0 if ok else 1
 
 

@@ -18,14 +18,27 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (MlflowServer, child_env, client_argument_parser, connect_client, lean_server_behind_proxy,
-                     lean_server_caption, print_table, report_result, run_child, scratch_dir, server_points, verdict)
+from _common import (
+    MlflowServer,
+    child_env,
+    client_argument_parser,
+    connect_client,
+    lean_server_behind_proxy,
+    lean_server_caption,
+    print_table,
+    report_result,
+    run_child,
+    scratch_dir,
+    server_points,
+    verdict,
+)
 
 GOAL_PER_1000 = 2.0
 STEP_S = 0.001
 
 
 # ------------------------------------------------------------------------------------------ child side
+
 
 def _child(client: str, url: str, journal: str, n: int, paced: bool) -> dict:
     import mlflow
@@ -52,20 +65,40 @@ def _child(client: str, url: str, journal: str, n: int, paced: bool) -> dict:
 
 # ----------------------------------------------------------------------------------------- parent side
 
-def _measure(name: str, client: str, n: int, paced: bool, proxy, server: MlflowServer, work: Path,
-             extra_env: dict[str, str]) -> dict:
+
+def _measure(
+    name: str, client: str, n: int, paced: bool, proxy, server: MlflowServer, work: Path, extra_env: dict[str, str]
+) -> dict:
     home = work / f"home-{name}"
     home.mkdir()
     proxy.reset_counts()
-    cmd = [sys.executable, __file__, "--child", client, "--url", proxy.url, "--journal", str(work / f"{name}.sqlite"),
-           "-n", str(n)] + (["--paced"] if paced else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        client,
+        "--url",
+        proxy.url,
+        "--journal",
+        str(work / f"{name}.sqlite"),
+        "-n",
+        str(n),
+    ] + (["--paced"] if paced else [])
     result = run_child(cmd, child_env(home, **extra_env), name, timeout_s=900)
     seen = {line: count for (_, line), count in proxy.lines.items()}  # per "METHOD /path"; the child has ended
-    others = {line.replace("/api/2.0/mlflow/", ""): count for line, count in sorted(seen.items())
-              if "/runs/log-batch" not in line and "/runs/log-metric" not in line}
-    result.update(name=name, n=n, total=proxy.count(), others=others,
-                  logging=proxy.count("/runs/log-batch") + proxy.count("/runs/log-metric"),
-                  stored=server_points(server, result["experiment"]))
+    others = {
+        line.replace("/api/2.0/mlflow/", ""): count
+        for line, count in sorted(seen.items())
+        if "/runs/log-batch" not in line and "/runs/log-metric" not in line
+    }
+    result.update(
+        name=name,
+        n=n,
+        total=proxy.count(),
+        others=others,
+        logging=proxy.count("/runs/log-batch") + proxy.count("/runs/log-metric"),
+        stored=server_points(server, result["experiment"]),
+    )
     return result
 
 
@@ -91,20 +124,43 @@ def main() -> int:
     ]
     work = scratch_dir("requests")
     with lean_server_behind_proxy(work) as (server, proxy):
-        results = [_measure(name, client, n, paced, proxy, server, work, env)
-                   for name, client, n, paced, env in variants]
+        results = [
+            _measure(name, client, n, paced, proxy, server, work, env) for name, client, n, paced, env in variants
+        ]
 
     rows = []
     for r in results:
-        rows.append((r["name"], r["n"], f"{r['n'] / r['logging_s']:,.0f}/s", r["total"], r["logging"],
-                     f"{1000 * r['total'] / r['n']:.1f}", f"{1000 * r['logging'] / r['n']:.1f}",
-                     f"{r['stored']}/{r['n']}"))
-    print_table(f"HTTP requests per 1,000 logged points, counted by the proxy — {lean_server_caption(args.quick)}",
-                ["variant", "points", "log rate", "requests", "log requests", "all / 1,000 pts",
-                 "log / 1,000 pts", "points on server"], rows)
+        rows.append(
+            (
+                r["name"],
+                r["n"],
+                f"{r['n'] / r['logging_s']:,.0f}/s",
+                r["total"],
+                r["logging"],
+                f"{1000 * r['total'] / r['n']:.1f}",
+                f"{1000 * r['logging'] / r['n']:.1f}",
+                f"{r['stored']}/{r['n']}",
+            )
+        )
+    print_table(
+        f"HTTP requests per 1,000 logged points, counted by the proxy — {lean_server_caption(args.quick)}",
+        [
+            "variant",
+            "points",
+            "log rate",
+            "requests",
+            "log requests",
+            "all / 1,000 pts",
+            "log / 1,000 pts",
+            "points on server",
+        ],
+        rows,
+    )
     for r in results:
-        print(f"{r['name']}: requests other than logging: "
-              + ", ".join(f"{line} x{count}" for line, count in r["others"].items()))
+        print(
+            f"{r['name']}: requests other than logging: "
+            + ", ".join(f"{line} x{count}" for line, count in r["others"].items())
+        )
     ok = True
     for r in results:
         if r["name"].startswith("bridge"):
@@ -112,9 +168,11 @@ def main() -> int:
             good = per_1000 <= GOAL_PER_1000 and r["stored"] == r["n"]
             ok &= good
             anchor = next(x for x in results if x["name"] == "mlflow-sync")
-            print(f"{r['name']}: {per_1000:.1f} requests per 1,000 points, all requests counted (goal <= "
-                  f"{GOAL_PER_1000:.0f}), {1000 * anchor['total'] / anchor['n'] / per_1000:.0f}x fewer than MLflow "
-                  f"sync: {verdict(good)}")
+            print(
+                f"{r['name']}: {per_1000:.1f} requests per 1,000 points, all requests counted (goal <= "
+                f"{GOAL_PER_1000:.0f}), {1000 * anchor['total'] / anchor['n'] / per_1000:.0f}x fewer than MLflow "
+                f"sync: {verdict(good)}"
+            )
     return 0 if ok else 1
 
 

@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +29,7 @@ from benchmarks._common import machine_summary, median, print_table, scratch_dir
 
 PER_EPOCH_EVENTS = ("on_train_epoch_end", "on_fit_epoch_end", "on_model_save")
 
-CHILD = r'''
+CHILD = r"""
 import json, os, signal, sys, time
 cfg = json.loads(sys.argv[1])
 from ultralytics import YOLO
@@ -88,7 +87,7 @@ else:  # callback cost
     print("CALLBACK_MS", per_epoch * 1000, flush=True)
 if conn is not None:
     conn.flush(120)
-''' % (PER_EPOCH_EVENTS,)
+""" % (PER_EPOCH_EVENTS,)  # noqa: UP031 - a source template: its braces are code, so not str.format
 
 
 def _env(work: Path) -> dict[str, str]:
@@ -99,13 +98,22 @@ def _env(work: Path) -> dict[str, str]:
     font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):
         shutil.copy(font, cfg / name)
-    return {"YOLO_CONFIG_DIR": str(cfg), "YOLO_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-            "PYTHONPATH": str(REPO)}
+    return {
+        "YOLO_CONFIG_DIR": str(cfg),
+        "YOLO_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def _child(script: Path, cfg: dict, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), json.dumps(cfg)], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(script), json.dumps(cfg)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _value(out: subprocess.CompletedProcess, key: str) -> float:
@@ -132,8 +140,12 @@ def main() -> None:
     server = ServeChild(home=work / "serve", args=["--tunnel", "none"])
     server.start()
     try:
-        bridge_env = {**env, "BRIDGE_URL": server.entrance_url, "BRIDGE_TOKEN": server.token(),
-                      "BRIDGE_JOURNAL": str(work / "journal.sqlite")}
+        bridge_env = {
+            **env,
+            "BRIDGE_URL": server.entrance_url,
+            "BRIDGE_TOKEN": server.token(),
+            "BRIDGE_JOURNAL": str(work / "journal.sqlite"),
+        }
         resume: dict[str, list[float]] = {"ultralytics": [], "bridge": []}
         for i in range(opts.repeats):
             for variant in ("ultralytics", "bridge"):
@@ -146,8 +158,14 @@ def main() -> None:
                 resume[variant].append(_value(_child(script, {**base, "phase": "resume"}, venv), "RESUME_S"))
         cost: dict[str, float] = {}
         for label, on in (("system metrics off", False), ("system metrics on (1 s)", True)):
-            cfg = {"variant": "bridge", "phase": "callbacks", "data": str(data), "epochs": opts.epochs,
-                   "project": str(work / "cb"), "system_metrics": on}
+            cfg = {
+                "variant": "bridge",
+                "phase": "callbacks",
+                "data": str(data),
+                "epochs": opts.epochs,
+                "project": str(work / "cb"),
+                "system_metrics": on,
+            }
             cost[label] = _value(_child(script, cfg, bridge_env), "CALLBACK_MS")
     finally:
         server.stop()
@@ -155,17 +173,30 @@ def main() -> None:
     print(machine_summary())
     anchor = median(resume["ultralytics"])
     ours = median(resume["bridge"])
-    print_table("resume: train(resume=True) → first resumed epoch starts (median of %d)" % opts.repeats,
-                ["variant", "seconds", "runs", "vs anchor"],
-                [["Ultralytics' own resume, no tracking (anchor)", f"{anchor:.2f}",
-                  " ".join(f"{v:.2f}" for v in resume["ultralytics"]), "1.00×"],
-                 ["bridge.yolo.train(resume=True) via bridge.connect()", f"{ours:.2f}",
-                  " ".join(f"{v:.2f}" for v in resume["bridge"]), f"{ours / anchor:.2f}× (+{ours - anchor:.2f} s)"]])
+    print_table(
+        f"resume: train(resume=True) → first resumed epoch starts (median of {opts.repeats})",
+        ["variant", "seconds", "runs", "vs anchor"],
+        [
+            [
+                "Ultralytics' own resume, no tracking (anchor)",
+                f"{anchor:.2f}",
+                " ".join(f"{v:.2f}" for v in resume["ultralytics"]),
+                "1.00×",
+            ],
+            [
+                "bridge.yolo.train(resume=True) via bridge.connect()",
+                f"{ours:.2f}",
+                " ".join(f"{v:.2f}" for v in resume["bridge"]),
+                f"{ours / anchor:.2f}× (+{ours - anchor:.2f} s)",
+            ],
+        ],
+    )
     off = cost["system metrics off"]
-    print_table("bridge.yolo callback time on the training thread, per epoch", ["variant", "ms/epoch", "vs off",
-                                                                                "goal ≤ 5 ms"],
-                [[k, f"{v:.2f}", f"{v / off:.2f}×" if off else "-", "ok" if v <= 5 else "OVER"]
-                 for k, v in cost.items()])
+    print_table(
+        "bridge.yolo callback time on the training thread, per epoch",
+        ["variant", "ms/epoch", "vs off", "goal ≤ 5 ms"],
+        [[k, f"{v:.2f}", f"{v / off:.2f}×" if off else "-", "ok" if v <= 5 else "OVER"] for k, v in cost.items()],
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

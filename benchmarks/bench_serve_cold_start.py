@@ -19,8 +19,16 @@ import re
 import time
 
 from _common import (
-    BridgeServe, MlflowServer, StandInNgrok, argument_parser, http_status, machine_summary, median,
-    print_table, scratch_dir, verdict,
+    BridgeServe,
+    MlflowServer,
+    StandInNgrok,
+    argument_parser,
+    http_status,
+    machine_summary,
+    median,
+    print_table,
+    scratch_dir,
+    verdict,
 )  # fmt: skip
 
 GOAL_EXTRA_S = 2.0
@@ -103,7 +111,7 @@ def main() -> int:
     milestones: list[dict[str, float]] = []
     kinds = list(times)
     for i in range(repeat):
-        for which in kinds[i % 3:] + kinds[: i % 3]:
+        for which in kinds[i % 3 :] + kinds[: i % 3]:
             if which == "bridge":
                 seconds, marks = time_bridge(work / f"bridge-{i}")
                 milestones.append(marks)

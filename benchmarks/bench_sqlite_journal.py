@@ -17,9 +17,8 @@ import sqlite3
 import time
 
 import requests
-from mlflow import MlflowClient
-
 from _common import MlflowServer, argument_parser, machine_summary, percentile, print_table, scratch_dir
+from mlflow import MlflowClient
 
 from bridge.serve.mlflow_process import enable_wal
 
@@ -61,20 +60,24 @@ def main() -> int:
                 client.log_metric(runs[name], "warmup", float(i), step=i)
 
         for i in range(calls):
-            for name in (("rollback", "wal") if i % 2 == 0 else ("wal", "rollback")):
+            for name in ("rollback", "wal") if i % 2 == 0 else ("wal", "rollback"):
                 t0 = time.perf_counter()
                 clients[name].log_metric(runs[name], "loss", 1.0 / (i + 1), step=i)
                 metric_s[name].append(time.perf_counter() - t0)
 
         for b in range(-1, batches):  # batch -1 is an unmeasured warm-up
             now = int(time.time() * 1000)
-            for name in (("rollback", "wal") if b % 2 == 0 else ("wal", "rollback")):
+            for name in ("rollback", "wal") if b % 2 == 0 else ("wal", "rollback"):
                 body = json.dumps({"run_id": runs[name], "metrics": [
                     {"key": f"m{k % 10}", "value": float(k), "timestamp": now, "step": (b + 1) * 1000 + k}
                     for k in range(METRICS_PER_BATCH)]})  # fmt: skip
                 t0 = time.perf_counter()
-                resp = sessions[name].post(servers[name].url + "/api/2.0/mlflow/runs/log-batch", data=body,
-                                           headers={"Content-Type": "application/json"}, timeout=60)
+                resp = sessions[name].post(
+                    servers[name].url + "/api/2.0/mlflow/runs/log-batch",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=60,
+                )
                 elapsed = time.perf_counter() - t0
                 resp.raise_for_status()
                 if b >= 0:
@@ -94,7 +97,12 @@ def main() -> int:
                 f"{METRICS_PER_BATCH / percentile(b, 50):,.0f}"]  # fmt: skip
 
     ratio = [
-        "ratio WAL / rollback", "", "", "", "", "",
+        "ratio WAL / rollback",
+        "",
+        "",
+        "",
+        "",
+        "",
     ]
     ratio[1] = f"{percentile(metric_s['wal'], 50) / percentile(metric_s['rollback'], 50):.2f}"
     ratio[3] = f"{percentile(batch_s['wal'], 50) / percentile(batch_s['rollback'], 50):.2f}"

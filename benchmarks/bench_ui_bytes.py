@@ -24,16 +24,23 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from _common import MlflowServer, argument_parser, machine_summary, percentile, print_table, scratch_dir, verdict
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
-
-from _common import MlflowServer, argument_parser, machine_summary, percentile, print_table, scratch_dir, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_BYTES_RATIO = 0.30
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def seed(mlflow_url: str) -> str:
@@ -43,8 +50,11 @@ def seed(mlflow_url: str) -> str:
     for r in range(5):
         run = client.create_run(exp, run_name=f"yolo-run-{r}")
         params = [Param(f"train.arg{i}", str(i * r)) for i in range(40)]
-        metrics = [Metric(k, 1.0 / (e + 1 + r), int(time.time() * 1000), e)
-                   for e in range(50) for k in ("val/mAP50-95", "train/box_loss", "lr/pg0")]
+        metrics = [
+            Metric(k, 1.0 / (e + 1 + r), int(time.time() * 1000), e)
+            for e in range(50)
+            for k in ("val/mAP50-95", "train/box_loss", "lr/pg0")
+        ]
         client.log_batch(run.info.run_id, params=params, metrics=metrics)
         client.set_terminated(run.info.run_id)
     return exp
@@ -53,9 +63,12 @@ def seed(mlflow_url: str) -> str:
 def cold_load(browser, url: str, token: str, accept_encoding: str | None = None) -> tuple[int, float, set[str]]:
     """Load `url` in a fresh context until the network is idle; (responses, seconds, content codings seen)."""
     extra = {"Accept-Encoding": accept_encoding} if accept_encoding else None
-    context = browser.new_context(http_credentials={"username": "bridge", "password": token},
-                                  ignore_https_errors=True, viewport={"width": 1400, "height": 900},
-                                  extra_http_headers=extra)
+    context = browser.new_context(
+        http_credentials={"username": "bridge", "password": token},
+        ignore_https_errors=True,
+        viewport={"width": 1400, "height": 900},
+        extra_http_headers=extra,
+    )
     page = context.new_page()
     seen: list[tuple[int, str]] = []
     codings: set[str] = set()
@@ -105,8 +118,12 @@ def main() -> int:
     server.wait_healthy()
     experiment = seed(server.url)
     token = "bench-token-" + "0123456789abcdef" * 2
-    entrance = Entrance(server.port, port=0, tokens=TokenSource(load=lambda: token, revision_file=work / "rev"),
-                        client_header=CLIENT_HEADERS["cloudflared"])
+    entrance = Entrance(
+        server.port,
+        port=0,
+        tokens=TokenSource(load=lambda: token, revision_file=work / "rev"),
+        client_header=CLIENT_HEADERS["cloudflared"],
+    )
     entrance.start()
     agent = make_fake_cloudflared(work / "cloudflared")
     os.environ["FAKE_CLOUDFLARED_STATE"] = str(agent.state_file)
@@ -130,8 +147,9 @@ def main() -> int:
                     entrance.static_cache = type(entrance.static_cache)()  # a cold cache each time: the worst case
                     entrance.usage = TunnelUsage(None)
                     cpu = time.process_time()
-                    responses, seconds, codings = cold_load(browser, public + page_path, token,
-                                                            "gzip, deflate" if way == "gzip" else None)
+                    responses, seconds, codings = cold_load(
+                        browser, public + page_path, token, "gzip, deflate" if way == "gzip" else None
+                    )
                     print(f"{way}: {responses} responses, codings {sorted(codings)}", flush=True)
                     cpu = time.process_time() - cpu
                     usage = entrance.usage.snapshot()
@@ -157,18 +175,39 @@ def main() -> int:
         sent = percentile([r[1] for r in samples], 50)
         secs = percentile([r[2] for r in samples], 50)
         cpu_ms = percentile([r[3] * 1000 / max(1, r[0]) for r in samples], 50)
-        rows.append((way, f"{reqs:.0f}", f"{sent / 1e6:.2f} MB", f"{sent / anchor_bytes:.0%}", f"{secs:.1f} s",
-                     f"{cpu_ms:.1f} ms", f"{1e9 / sent:,.0f}"))
-    rows.append(("br, warm cache", str(warm["requests"]), f"{warm['bytes_out'] / 1e6:.2f} MB",
-                 f"{warm['bytes_out'] / anchor_bytes:.0%}", f"{warm_seconds:.1f} s",
-                 f"{warm_cpu * 1000 / max(1, warm['requests']):.1f} ms", f"{1e9 / warm['bytes_out']:,.0f}"))
+        rows.append(
+            (
+                way,
+                f"{reqs:.0f}",
+                f"{sent / 1e6:.2f} MB",
+                f"{sent / anchor_bytes:.0%}",
+                f"{secs:.1f} s",
+                f"{cpu_ms:.1f} ms",
+                f"{1e9 / sent:,.0f}",
+            )
+        )
+    rows.append(
+        (
+            "br, warm cache",
+            str(warm["requests"]),
+            f"{warm['bytes_out'] / 1e6:.2f} MB",
+            f"{warm['bytes_out'] / anchor_bytes:.0%}",
+            f"{warm_seconds:.1f} s",
+            f"{warm_cpu * 1000 / max(1, warm['requests']):.1f} ms",
+            f"{1e9 / warm['bytes_out']:,.0f}",
+        )
+    )
     print(f"\n{machine_summary()}; {rounds} round(s), median of each")
-    print_table("Cold load of the MLflow UI's experiment page through the entrance and the stand-in tunnel",
-                ["way", "responses", "bytes out", "vs off", "to idle", "CPU/request (bench process)",
-                 "loads per 1 GB"], rows)
+    print_table(
+        "Cold load of the MLflow UI's experiment page through the entrance and the stand-in tunnel",
+        ["way", "responses", "bytes out", "vs off", "to idle", "CPU/request (bench process)", "loads per 1 GB"],
+        rows,
+    )
     best = min(percentile([r[1] for r in results[w]], 50) for w in ("gzip", "br"))
-    ok = best <= GOAL_BYTES_RATIO * anchor_bytes and percentile([r[1] for r in results["gzip"]], 50) <= \
-        GOAL_BYTES_RATIO * anchor_bytes
+    ok = (
+        best <= GOAL_BYTES_RATIO * anchor_bytes
+        and percentile([r[1] for r in results["gzip"]], 50) <= GOAL_BYTES_RATIO * anchor_bytes
+    )
     print(f"\ngoal: compressed bytes <= {GOAL_BYTES_RATIO:.0%} of uncompressed (gzip and br): {verdict(ok)}")
     return 0 if ok else 1
 

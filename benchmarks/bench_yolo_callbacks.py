@@ -36,8 +36,13 @@ def _prepare_env(work: Path) -> dict[str, str]:
     font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):
         shutil.copy(font, cfg / name)
-    return {"YOLO_CONFIG_DIR": str(cfg), "YOLO_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-            "MLFLOW_EXPERIMENT_NAME": "bench-yolo-callbacks", "PYTHONPATH": str(REPO)}
+    return {
+        "YOLO_CONFIG_DIR": str(cfg),
+        "YOLO_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_EXPERIMENT_NAME": "bench-yolo-callbacks",
+        "PYTHONPATH": str(REPO),
+    }
 
 
 class Timings:
@@ -74,7 +79,7 @@ def _child(variant: str, tracking: str, data: str, epochs: int, project: str) ->
     if tracking.startswith("bridge:"):
         import bridge
 
-        url, token = tracking[len("bridge:"):].split("|", 1)
+        url, token = tracking[len("bridge:") :].split("|", 1)
         conn = bridge.connect(url=url, token=token)
     else:
         conn = None
@@ -111,8 +116,20 @@ def _child(variant: str, tracking: str, data: str, epochs: int, project: str) ->
         for event, fn in list(builtin.callbacks.items()):
             builtin.callbacks[event] = timings.wrap(event, fn)
     t0 = time.perf_counter()
-    model.train(data=data, epochs=epochs, imgsz=64, batch=4, nbs=4, workers=0, device="cpu", project=project,
-                name=variant, exist_ok=True, plots=True, verbose=True)
+    model.train(
+        data=data,
+        epochs=epochs,
+        imgsz=64,
+        batch=4,
+        nbs=4,
+        workers=0,
+        device="cpu",
+        project=project,
+        name=variant,
+        exist_ok=True,
+        plots=True,
+        verbose=True,
+    )
     wall = time.perf_counter() - t0
     # A variant that failed to track would time nothing: refuse to report it.
     if variant == "bridge":
@@ -126,20 +143,40 @@ def _child(variant: str, tracking: str, data: str, epochs: int, project: str) ->
             raise SystemExit(f"{left} journal entries were not delivered")
     per_epoch = sum(v for k, v in timings.per_event.items() if k in PER_EPOCH_EVENTS)
     once = sum(v for k, v in timings.per_event.items() if k not in PER_EPOCH_EVENTS)
-    return {"variant": variant, "epochs": epochs, "wall_s": wall,
-            "per_epoch_ms": 1000 * (per_epoch + tee_time[0]) / epochs,
-            "callbacks_per_epoch_ms": 1000 * per_epoch / epochs,
-            "tee_per_epoch_ms": 1000 * tee_time[0] / epochs,
-            "once_ms": 1000 * once, "events_ms": {k: 1000 * v for k, v in timings.per_event.items()},
-            "by_epoch_ms": {e: round(1000 * v, 3) for e, v in sorted(timings.per_epoch_calls.items())}}
+    return {
+        "variant": variant,
+        "epochs": epochs,
+        "wall_s": wall,
+        "per_epoch_ms": 1000 * (per_epoch + tee_time[0]) / epochs,
+        "callbacks_per_epoch_ms": 1000 * per_epoch / epochs,
+        "tee_per_epoch_ms": 1000 * tee_time[0] / epochs,
+        "once_ms": 1000 * once,
+        "events_ms": {k: 1000 * v for k, v in timings.per_event.items()},
+        "by_epoch_ms": {e: round(1000 * v, 3) for e, v in sorted(timings.per_epoch_calls.items())},
+    }
 
 
 def _run_variant(variant: str, tracking: str, data: Path, epochs: int, work: Path, env: dict) -> dict:
     env = {k: v.replace("{variant}", variant) for k, v in env.items()}  # one journal per variant
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--tracking", tracking, "--data", str(data),
-         "--epochs", str(epochs), "--project", str(work / "runs")],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--tracking",
+            tracking,
+            "--data",
+            str(data),
+            "--epochs",
+            str(epochs),
+            "--project",
+            str(work / "runs"),
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     for line in out.stdout.splitlines()[::-1]:
         if line.startswith("BENCH "):
@@ -226,20 +263,30 @@ def main() -> None:
             b, u = results["bridge"], results["builtin"]
             print(f"\n[{backend}] training-thread time in tracking callbacks, per epoch (ms/epoch):")
             print(f"  ultralytics built-in mlflow : {u['per_epoch_ms']:8.3f}   once per run: {u['once_ms']:8.1f} ms")
-            print(f"  bridge.yolo                 : {b['per_epoch_ms']:8.3f}   once per run: {b['once_ms']:8.1f} ms"
-                  f"   (callbacks {b['callbacks_per_epoch_ms']:.3f} + console tee {b['tee_per_epoch_ms']:.3f})")
+            print(
+                f"  bridge.yolo                 : {b['per_epoch_ms']:8.3f}   once per run: {b['once_ms']:8.1f} ms"
+                f"   (callbacks {b['callbacks_per_epoch_ms']:.3f} + console tee {b['tee_per_epoch_ms']:.3f})"
+            )
             ratio = b["per_epoch_ms"] / u["per_epoch_ms"] if u["per_epoch_ms"] else float("inf")
-            print(f"  ratio bridge / built-in     : {ratio:8.3f}   goal: <= 5 ms/epoch and < 1.0 -> "
-                  f"{'OK' if b['per_epoch_ms'] <= 5 and ratio < 1 else 'MISSED'}")
-            print(f"  events (ms, whole run): builtin {json.dumps({k: round(v, 2) for k, v in u['events_ms'].items()})}")
-            print(f"                          bridge  {json.dumps({k: round(v, 2) for k, v in b['events_ms'].items()})}")
+            print(
+                f"  ratio bridge / built-in     : {ratio:8.3f}   goal: <= 5 ms/epoch and < 1.0 -> "
+                f"{'OK' if b['per_epoch_ms'] <= 5 and ratio < 1 else 'MISSED'}"
+            )
+            print(
+                f"  events (ms, whole run): builtin {json.dumps({k: round(v, 2) for k, v in u['events_ms'].items()})}"
+            )
+            print(
+                f"                          bridge  {json.dumps({k: round(v, 2) for k, v in b['events_ms'].items()})}"
+            )
             print(f"  callbacks per epoch (ms): builtin {u['by_epoch_ms']}")
             print(f"                            bridge  {b['by_epoch_ms']}")
             for v, label in (("builtin", "built-in"), ("bridge", "bridge  ")):
                 total = sum(sent[v].values())
                 top = ", ".join(f"{k} x{n}" for k, n in sent[v].most_common(6))
-                print(f"  HTTP requests, {label}: {total:5d} ({total / args.epochs:.1f} per epoch, "
-                      f"{results[v]['wall_s']:.0f} s of training): {top}")
+                print(
+                    f"  HTTP requests, {label}: {total:5d} ({total / args.epochs:.1f} per epoch, "
+                    f"{results[v]['wall_s']:.0f} s of training): {top}"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

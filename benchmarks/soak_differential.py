@@ -37,8 +37,12 @@ def main() -> int:
     parser.add_argument("--restart", action="store_true", help="also restart the bridge server mid-program")
     parser.add_argument("--no-copy-journal", action="store_true", help="never deliver a stale journal copy again")
     parser.add_argument("--no-faults", action="store_true", help="no proxy or link faults (a plain differential run)")
-    parser.add_argument("--child", choices=("kill", "slow-exit"), help="the subprocess scenarios: the program runs "
-                        "in a child killed with SIGKILL (or exiting over a slow link), then `bridge sync`")
+    parser.add_argument(
+        "--child",
+        choices=("kill", "slow-exit"),
+        help="the subprocess scenarios: the program runs "
+        "in a child killed with SIGKILL (or exiting over a slow link), then `bridge sync`",
+    )
     parser.add_argument("--no-shrink", action="store_true", help="report a failing seed's first program as is")
     parser.add_argument("--replay", type=Path, help="run this program (the JSON a difference prints) and stop")
     parser.add_argument("--repeat", type=int, default=1, help="with --replay: how many times")
@@ -55,13 +59,20 @@ def main() -> int:
     from tests.differential.programs import FAULTS, KILL9, SLOW_EXIT, Features
     from tests.support.flaky_proxy import FlakyProxy
 
-    features = Features(proxy_faults=not args.no_faults, link_faults=not args.no_faults, restart=args.restart,
-                        copy_journal=not args.no_copy_journal)
+    features = Features(
+        proxy_faults=not args.no_faults,
+        link_faults=not args.no_faults,
+        restart=args.restart,
+        copy_journal=not args.no_copy_journal,
+    )
     if args.child:
         features = KILL9 if args.child == "kill" else SLOW_EXIT
     root = Path(tempfile.mkdtemp(prefix="soak-differential-"))
-    print(f"soak: {args.seeds} seeds from {args.first_seed}, {args.examples} programs each, ≤ {args.steps} calls; "
-          f"{features}\nallowances:\n{allowances.describe()}\nwork folder {root}", flush=True)
+    print(
+        f"soak: {args.seeds} seeds from {args.first_seed}, {args.examples} programs each, ≤ {args.steps} calls; "
+        f"{features}\nallowances:\n{allowances.describe()}\nwork folder {root}",
+        flush=True,
+    )
     oracle, target = start_servers(root)
     proxy = FlakyProxy("127.0.0.1", target.port, io_timeout=10.0)
     harness = Harness(oracle, target, proxy, root / "programs")
@@ -91,8 +102,14 @@ def main() -> int:
                 break
             proxy.set_mode("pass")
             try:
-                run_seed(harness, seed, features=features, max_examples=args.examples, steps=args.steps,
-                         shrink=not args.no_shrink)
+                run_seed(
+                    harness,
+                    seed,
+                    features=features,
+                    max_examples=args.examples,
+                    steps=args.steps,
+                    shrink=not args.no_shrink,
+                )
                 verdict = "clean"
             except Difference as exc:
                 failed.append((seed, str(exc)))
@@ -100,18 +117,25 @@ def main() -> int:
                 print(f"\n===== seed {seed} differs =====\n{exc}\n", flush=True)
             done += 1
             minutes = (time.monotonic() - started) / 60
-            print(f"seed {seed}: {verdict}  ({done} seeds, {harness.programs} programs in {minutes:.1f} min: "
-                  f"{done / minutes:.1f} seeds/min, {harness.programs / minutes:.1f} programs/min)", flush=True)
+            print(
+                f"seed {seed}: {verdict}  ({done} seeds, {harness.programs} programs in {minutes:.1f} min: "
+                f"{done / minutes:.1f} seeds/min, {harness.programs / minutes:.1f} programs/min)",
+                flush=True,
+            )
     finally:
         proxy.close()
         target.stop()
         oracle.stop()
     minutes = (time.monotonic() - started) / 60
-    print(f"\nsoak done: {done} seeds ({harness.programs} programs, {harness.calls} calls) in {minutes:.1f} min; "
-          f"{done - len(failed)} clean, {len(failed)} differ"
-          + (f"; failing seeds: {', '.join(str(s) for s, _ in failed)}" if failed else ""))
-    print("faults injected: " + (", ".join(f"{op} {n}" for op, n in sorted(harness.op_counts.items())
-                                          if op in FAULTS) or "none"))
+    print(
+        f"\nsoak done: {done} seeds ({harness.programs} programs, {harness.calls} calls) in {minutes:.1f} min; "
+        f"{done - len(failed)} clean, {len(failed)} differ"
+        + (f"; failing seeds: {', '.join(str(s) for s, _ in failed)}" if failed else "")
+    )
+    print(
+        "faults injected: "
+        + (", ".join(f"{op} {n}" for op, n in sorted(harness.op_counts.items()) if op in FAULTS) or "none")
+    )
     return 1 if failed else 0
 
 

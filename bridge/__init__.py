@@ -1,7 +1,7 @@
 """bridge: one durable MLflow history on your workstation, fed from Colab through an authenticated tunnel.
 
-    import bridge
-    bridge.connect()   # then log with MLflow as usual
+import bridge
+bridge.connect()   # then log with MLflow as usual
 """
 
 from __future__ import annotations

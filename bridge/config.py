@@ -91,7 +91,7 @@ class Paths:
     def ngrok_config(self) -> Path:
         return self.config_dir / "ngrok.yml"
 
-    def ensure(self) -> "Paths":
+    def ensure(self) -> Paths:
         for folder in (self.data_dir, self.config_dir, self.logs_dir):
             folder.mkdir(parents=True, exist_ok=True)
         return self

@@ -91,7 +91,7 @@ class EndpointRecord:
         fields.pop("signature")
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
-    def signed(self, token: str) -> "EndpointRecord":
+    def signed(self, token: str) -> EndpointRecord:
         sig = hmac.new(signing_key(token), self._payload(), hashlib.sha256).hexdigest()
         return EndpointRecord(**{**asdict(self), "signature": sig})
 
@@ -126,8 +126,10 @@ def parse_record(text: str | bytes) -> EndpointRecord:
     """Parse a record's JSON without trusting it yet; see `verify_record`."""
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise RecordError(f"endpoint record is not valid JSON ({exc.msg} at position {exc.pos})") from None
+    except UnicodeDecodeError:  # bytes that are not UTF-8/16/32 (a ValueError without .msg and .pos)
+        raise RecordError("endpoint record is not valid JSON (not UTF-8 text)") from None
     if not isinstance(data, dict):
         raise RecordError("endpoint record must be a JSON object")
     required = ("url", "issued_at", "expires_at", "instance", "mlflow_version", "signature")
@@ -165,7 +167,8 @@ def verify_record(record: EndpointRecord | str | bytes, token: str, *, now: floa
     if record.expires_at <= now:
         age = now - record.expires_at
         raise RecordExpiredError(
-            f"endpoint record for {record.url} expired {age:.0f} s ago; is `bridge serve` running?")
+            f"endpoint record for {record.url} expired {age:.0f} s ago; is `bridge serve` running?"
+        )
     if record.issued_at > now + CLOCK_SKEW_S:
         raise RecordError(f"endpoint record was issued {record.issued_at - now:.0f} s in the future; check the clocks")
     return record

@@ -25,6 +25,7 @@ import os
 import secrets as _random
 import threading
 from pathlib import Path
+from typing import Literal, overload
 
 import keyring
 import keyring.errors
@@ -73,8 +74,11 @@ def os_keyring():
     is used directly, so a plaintext backend chained behind it never receives a secret.
     """
     backend = keyring.get_keyring()
-    candidates = list(getattr(backend, "backends", None) or []) if type(backend).__module__.startswith(
-        "keyring.backends.chainer") else [backend]
+    candidates = (
+        list(getattr(backend, "backends", None) or [])
+        if type(backend).__module__.startswith("keyring.backends.chainer")
+        else [backend]
+    )
     usable = [b for b in candidates if _is_os_keyring(b)]
     if not usable:
         return None
@@ -97,8 +101,11 @@ def describe_store() -> str:
 def _warn_fallback(path: Path) -> None:
     global _warned_fallback
     if not _warned_fallback:
-        log.warning("No OS keyring available (keyring offers %s); keeping secrets in %s (mode 0600).",
-                    _backend_name(keyring.get_keyring()), path)
+        log.warning(
+            "No OS keyring available (keyring offers %s); keeping secrets in %s (mode 0600).",
+            _backend_name(keyring.get_keyring()),
+            path,
+        )
         _warned_fallback = True
 
 
@@ -111,7 +118,7 @@ def _plaintext_keyring():
     try:
         backend = PlaintextKeyring()
         return backend if Path(backend.file_path).exists() else None
-    except Exception:  # noqa: BLE001 - a broken legacy store must not stop bridge
+    except Exception:  # a broken legacy store must not stop bridge
         return None
 
 
@@ -124,11 +131,15 @@ def _take_from_plaintext(name: str) -> str | None:
         value = legacy.get_password(service_name(), name)
         if value:
             legacy.delete_password(service_name(), name)
-    except Exception:  # noqa: BLE001 - a broken legacy store must not stop bridge
+    except Exception:  # a broken legacy store must not stop bridge
         return None
     if value:
-        log.warning("Moved %r from keyrings.alt's plaintext file %s into %s.", name, legacy.file_path,
-                    config.paths().secrets_file)
+        log.warning(
+            "Moved %r from keyrings.alt's plaintext file %s into %s.",
+            name,
+            legacy.file_path,
+            config.paths().secrets_file,
+        )
     return value or None
 
 
@@ -233,6 +244,10 @@ def new_token() -> str:
     return _random.token_urlsafe(TOKEN_BYTES)
 
 
+@overload
+def access_token(*, create: Literal[True] = True) -> str: ...
+@overload
+def access_token(*, create: bool) -> str | None: ...
 def access_token(*, create: bool = True) -> str | None:
     """The access token clients present; generated and stored on first use when `create`."""
     token = get_secret(ACCESS_TOKEN)

@@ -19,8 +19,7 @@ WORKFLOW_PARAM = "workflowType"
 MODEL_TRAINING_WORKFLOW = "machine_learning"
 
 
-def ui_link(base_url: str, experiment_id: str | None = None, run_id: str | None = None, *,
-            charts: bool = False) -> str:
+def ui_link(base_url: str, experiment_id: str | None = None, run_id: str | None = None, *, charts: bool = False) -> str:
     """The MLflow UI at `base_url`, on the model-training view of an experiment (its runs) or of one run.
 
     `charts` opens an experiment on its chart view (metric curves of all runs) instead of the table.

@@ -41,7 +41,8 @@ def test_expired_record_names_the_url_and_age():
 
 @pytest.mark.parametrize(
     "text, message",
-    [("not json", "not valid JSON"), ("[1]", "JSON object"), ('{"url": "x"}', "lacks issued_at")],
+    [("not json", "not valid JSON"), (b"\xff\xfe\xfd", "not valid JSON"), ("[1]", "JSON object"),
+     ('{"url": "x"}', "lacks issued_at")],
 )
 def test_malformed_records_say_what_is_wrong(text, message):
     with pytest.raises(RecordError, match=message):

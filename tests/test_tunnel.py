@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import requests
 
 from bridge import secrets
 from bridge.errors import ConfigError, NgrokAgentRunningError, NgrokAuthtokenError, NgrokBinaryError, TunnelError
+from bridge.serve.public_tunnel import PublicTunnel
 from bridge.serve.tunnel import (
     Tunnel,
     TunnelConfig,
@@ -480,3 +482,18 @@ def test_missing_cloudflared_says_how_to_install_it(monkeypatch, tmp_path):
         CloudflaredTunnel("http://127.0.0.1", CloudflaredConfig("x"))
     with pytest.raises(ConfigError, match="positive"):
         CloudflaredConfig("x", startup_timeout_s=0)
+
+
+def test_both_tunnel_kinds_are_public_tunnels(tmp_path):
+    """The supervisor holds either kind as a `PublicTunnel`: both have its attributes and its calls, as declared."""
+    tunnels = [
+        Tunnel("http://127.0.0.1:9", TunnelConfig("tok-abcdef-123456", ngrok_path=str(tmp_path / "ngrok"))),
+        CloudflaredTunnel("http://127.0.0.1:9", CloudflaredConfig(str(tmp_path / "cloudflared"))),
+    ]
+    for tunnel in tunnels:
+        assert isinstance(tunnel, PublicTunnel)
+        assert tunnel.public_url is None and tunnel.target_url == "http://127.0.0.1:9"
+        for call in ("open", "healthy", "close"):
+            assert inspect.signature(getattr(type(tunnel), call)) == inspect.signature(getattr(PublicTunnel, call))
+    assert [t.kind for t in tunnels] == ["ngrok", "cloudflared"]
+    assert not isinstance(object(), PublicTunnel)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,17 +29,24 @@ def _run_label(run: str, runs: dict) -> str:
 
 @handles_errors
 def sync_command(
-    journal: Annotated[Optional[Path], typer.Option(help=JOURNAL_HELP, envvar="BRIDGE_JOURNAL")] = None,
-    url: Annotated[Optional[str], typer.Option(
-        help="Server URL. Default: discovery (BRIDGE_URL, then the published record).")] = None,
+    journal: Annotated[Path | None, typer.Option(help=JOURNAL_HELP, envvar="BRIDGE_JOURNAL")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Server URL. Default: discovery (BRIDGE_URL, then the published record).")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
 ) -> None:
     """Deliver what an earlier process left in the journal; exit code 1 if anything remains."""
     from bridge.client.connect import queue, sync
 
     _, _, runs, path = queue(journal)
-    with Progress(TextColumn("[bold]Delivering[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
+    with Progress(
+        TextColumn("[bold]Delivering[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("sync", total=None)
 
         def on_progress(done: int, total: int) -> None:
@@ -58,23 +65,36 @@ def sync_command(
         table.add_row(_run_label(run, runs), str(max(0, before - after)), str(after), str(report.dead.get(run, 0)))
     console.print(table)
     if report.left:
-        err_console.print(f"[bold red]{report.left} entries are still in the journal[/]"
-                          + (f" (last error: {report.last_error})" if report.last_error else ""), highlight=False)
+        err_console.print(
+            f"[bold red]{report.left} entries are still in the journal[/]"
+            + (f" (last error: {report.last_error})" if report.last_error else ""),
+            highlight=False,
+        )
         raise typer.Exit(1)
     console.print(f"Delivered everything in {path}.")
 
 
 @handles_errors
 def queue_command(
-    journal: Annotated[Optional[Path], typer.Option(help=JOURNAL_HELP, envvar="BRIDGE_JOURNAL")] = None,
-    retry: Annotated[bool, typer.Option("--retry", help="Send the dead letters again (all, or those named "
-                                        "with --id) with the next `bridge sync` or bridge.connect().")] = False,
-    drop: Annotated[bool, typer.Option("--drop", help="Delete the dead letters (all, or those named with "
-                                       "--id) for good.")] = False,
-    ids: Annotated[Optional[list[int]], typer.Option("--id", help="A dead letter's id (the first column); "
-                                                     "repeat for several.")] = None,
-    show_config: Annotated[bool, typer.Option("--config", help="Print the client's effective settings and "
-                                              "where each came from, then exit.")] = False,
+    journal: Annotated[Path | None, typer.Option(help=JOURNAL_HELP, envvar="BRIDGE_JOURNAL")] = None,
+    retry: Annotated[
+        bool,
+        typer.Option(
+            "--retry",
+            help="Send the dead letters again (all, or those named "
+            "with --id) with the next `bridge sync` or bridge.connect().",
+        ),
+    ] = False,
+    drop: Annotated[
+        bool, typer.Option("--drop", help="Delete the dead letters (all, or those named with --id) for good.")
+    ] = False,
+    ids: Annotated[
+        list[int] | None, typer.Option("--id", help="A dead letter's id (the first column); repeat for several.")
+    ] = None,
+    show_config: Annotated[
+        bool,
+        typer.Option("--config", help="Print the client's effective settings and where each came from, then exit."),
+    ] = False,
 ) -> None:
     """Show what waits in the journal and the dead letters (with why), per run; retry or drop dead letters."""
     from bridge.client.connect import queue
@@ -91,15 +111,18 @@ def queue_command(
     chosen = list(ids) if ids else True
     before = {letter.op.id for letter in queue(journal)[1]} if (retry or drop) else set()
     if ids and not set(ids) <= before:
-        err_console.print(f"[bold red]Error:[/] no dead letter with id {sorted(set(ids) - before)} in this journal",
-                          highlight=False)
+        err_console.print(
+            f"[bold red]Error:[/] no dead letter with id {sorted(set(ids) - before)} in this journal", highlight=False
+        )
         raise typer.Exit(2)
     backlog, dead, runs, path = queue(journal, retry=chosen if retry else False, drop=chosen if drop else False)
     console.print(f"Journal {path}", highlight=False, soft_wrap=True)
     if retry or drop:
-        done = len(before) if chosen is True else len(chosen)
-        console.print(f"{done} dead letter(s) " + ("will be sent again by the next `bridge sync` or "
-                                                   "bridge.connect()." if retry else "deleted."))
+        done = len(chosen) if isinstance(chosen, list) else len(before)
+        console.print(
+            f"{done} dead letter(s) "
+            + ("will be sent again by the next `bridge sync` or bridge.connect()." if retry else "deleted.")
+        )
     table = Table()
     table.add_column("run", no_wrap=True)
     for column in ("waiting", "dead letters"):
@@ -124,7 +147,7 @@ def queue_command(
         console.print("`bridge queue --retry` sends them again, `--drop` deletes them (add --id N for one).")
 
 
-def _print_config(journal: Optional[Path]) -> None:
+def _print_config(journal: Path | None) -> None:
     from bridge.client.options import ClientOptions
 
     options = ClientOptions.from_env(journal=journal)

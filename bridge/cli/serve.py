@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -17,6 +16,7 @@ from rich.table import Table
 from bridge import config, secrets, ui
 from bridge.cli.output import console, err_console, handles_errors
 from bridge.errors import ConfigError, RecordError, ServeError
+from bridge.processes import pid_alive
 from bridge.record import LOOPBACK_HOSTS
 
 PUBLISH_HELP = (
@@ -37,49 +37,96 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def serve_command(
-    port: Annotated[int, typer.Option(help="Port of the MLflow server and its local UI (127.0.0.1 only).",
-                                      envvar="BRIDGE_PORT")] = config.DEFAULT_MLFLOW_PORT,
-    entrance_port: Annotated[Optional[int], typer.Option(
-        help="Port of the authenticated entrance the tunnel points at. Default: --port + 1.",
-        envvar="BRIDGE_ENTRANCE_PORT")] = None,
-    host: Annotated[str, typer.Option(
-        help="Address the entrance binds. Keep 127.0.0.1 behind ngrok; name a LAN/VPN address "
-             "(e.g. a Tailscale IP) to serve it there with --tunnel none; 0.0.0.0 binds every address and "
-             "publishes this machine's default-route address.",
-        envvar="BRIDGE_HOST")] = config.DEFAULT_HOST,
-    tunnel: Annotated[str, typer.Option(
-        help="auto: ngrok when an authtoken is configured, else a Cloudflare quick tunnel when cloudflared is "
-             "installed, else none. ngrok: an ngrok tunnel (needs `bridge login` or NGROK_AUTHTOKEN; without one "
-             "bridge serves the entrance alone). cloudflared: a Cloudflare quick tunnel (no account; a new "
-             "*.trycloudflare.com URL each start, which the signed record follows; binary from PATH or "
-             "BRIDGE_CLOUDFLARED_PATH). none: no tunnel.", envvar="BRIDGE_TUNNEL")] = "auto",
-    domain: Annotated[Optional[str], typer.Option(
-        help="A reserved/static ngrok domain, so the public URL survives restarts.",
-        envvar="BRIDGE_NGROK_DOMAIN")] = None,
-    edge_auth: Annotated[bool, typer.Option(
-        "--edge-auth", help="Also make ngrok's edge demand HTTP Basic (user `bridge`, password = access token, "
-                            "which ngrok then holds). Off by default: Bearer-token clients are refused at the edge.",
-    )] = False,
-    publish: Annotated[Optional[str], typer.Option(help=PUBLISH_HELP, envvar="BRIDGE_PUBLISH")] = None,
-    backend_store_uri: Annotated[Optional[str], typer.Option(
-        help="MLflow backend store, e.g. postgresql://user@host/db. Default: SQLite in the bridge data folder.",
-        envvar="BRIDGE_BACKEND_STORE_URI")] = None,
-    artifacts_destination: Annotated[Optional[str], typer.Option(
-        help="Where MLflow stores artifacts it serves, e.g. s3://bucket/path. Default: the bridge data folder.",
-        envvar="BRIDGE_ARTIFACTS_DESTINATION")] = None,
-    workers: Annotated[int, typer.Option(help="MLflow uvicorn workers (1 is lean and fast; raise for teams).",
-                                         envvar="BRIDGE_WORKERS", min=1)] = config.DEFAULT_WORKERS,
-    heartbeat_timeout: Annotated[float, typer.Option(
-        help="Seconds without a client heartbeat after which a RUNNING run is marked KILLED. Clients beat "
-             "every 60 s (BRIDGE_HEARTBEAT_S on their side): keep this several times longer.",
-        envvar="BRIDGE_HEARTBEAT_TIMEOUT")] = float(config.DEFAULT_HEARTBEAT_TIMEOUT_S),
-    tunnel_budget_gb: Annotated[float, typer.Option(
-        help="Monthly budget of bytes sent out through the tunnel, in GB (ngrok's free plan: 1); `bridge status` "
-             "shows this month's use and warns at 80 %. 0: no budget.", envvar="BRIDGE_TUNNEL_BUDGET_GB",
-        min=0)] = config.DEFAULT_TUNNEL_BYTES_BUDGET / 1e9,
-    tunnel_budget_requests: Annotated[int, typer.Option(
-        help="Monthly budget of HTTP requests through the tunnel (ngrok's free plan: 20000). 0: no budget.",
-        envvar="BRIDGE_TUNNEL_BUDGET_REQUESTS", min=0)] = config.DEFAULT_TUNNEL_REQUESTS_BUDGET,
+    port: Annotated[
+        int, typer.Option(help="Port of the MLflow server and its local UI (127.0.0.1 only).", envvar="BRIDGE_PORT")
+    ] = config.DEFAULT_MLFLOW_PORT,
+    entrance_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of the authenticated entrance the tunnel points at. Default: --port + 1.",
+            envvar="BRIDGE_ENTRANCE_PORT",
+        ),
+    ] = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address the entrance binds. Keep 127.0.0.1 behind ngrok; name a LAN/VPN address "
+            "(e.g. a Tailscale IP) to serve it there with --tunnel none; 0.0.0.0 binds every address and "
+            "publishes this machine's default-route address.",
+            envvar="BRIDGE_HOST",
+        ),
+    ] = config.DEFAULT_HOST,
+    tunnel: Annotated[
+        str,
+        typer.Option(
+            help="auto: ngrok when an authtoken is configured, else a Cloudflare quick tunnel when cloudflared is "
+            "installed, else none. ngrok: an ngrok tunnel (needs `bridge login` or NGROK_AUTHTOKEN; without one "
+            "bridge serves the entrance alone). cloudflared: a Cloudflare quick tunnel (no account; a new "
+            "*.trycloudflare.com URL each start, which the signed record follows; binary from PATH or "
+            "BRIDGE_CLOUDFLARED_PATH). none: no tunnel.",
+            envvar="BRIDGE_TUNNEL",
+        ),
+    ] = "auto",
+    domain: Annotated[
+        str | None,
+        typer.Option(
+            help="A reserved/static ngrok domain, so the public URL survives restarts.", envvar="BRIDGE_NGROK_DOMAIN"
+        ),
+    ] = None,
+    edge_auth: Annotated[
+        bool,
+        typer.Option(
+            "--edge-auth",
+            help="Also make ngrok's edge demand HTTP Basic (user `bridge`, password = access token, "
+            "which ngrok then holds). Off by default: Bearer-token clients are refused at the edge.",
+        ),
+    ] = False,
+    publish: Annotated[str | None, typer.Option(help=PUBLISH_HELP, envvar="BRIDGE_PUBLISH")] = None,
+    backend_store_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow backend store, e.g. postgresql://user@host/db. Default: SQLite in the bridge data folder.",
+            envvar="BRIDGE_BACKEND_STORE_URI",
+        ),
+    ] = None,
+    artifacts_destination: Annotated[
+        str | None,
+        typer.Option(
+            help="Where MLflow stores artifacts it serves, e.g. s3://bucket/path. Default: the bridge data folder.",
+            envvar="BRIDGE_ARTIFACTS_DESTINATION",
+        ),
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="MLflow uvicorn workers (1 is lean and fast; raise for teams).", envvar="BRIDGE_WORKERS", min=1
+        ),
+    ] = config.DEFAULT_WORKERS,
+    heartbeat_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds without a client heartbeat after which a RUNNING run is marked KILLED. Clients beat "
+            "every 60 s (BRIDGE_HEARTBEAT_S on their side): keep this several times longer.",
+            envvar="BRIDGE_HEARTBEAT_TIMEOUT",
+        ),
+    ] = float(config.DEFAULT_HEARTBEAT_TIMEOUT_S),
+    tunnel_budget_gb: Annotated[
+        float,
+        typer.Option(
+            help="Monthly budget of bytes sent out through the tunnel, in GB (ngrok's free plan: 1); `bridge status` "
+            "shows this month's use and warns at 80 %. 0: no budget.",
+            envvar="BRIDGE_TUNNEL_BUDGET_GB",
+            min=0,
+        ),
+    ] = config.DEFAULT_TUNNEL_BYTES_BUDGET / 1e9,
+    tunnel_budget_requests: Annotated[
+        int,
+        typer.Option(
+            help="Monthly budget of HTTP requests through the tunnel (ngrok's free plan: 20000). 0: no budget.",
+            envvar="BRIDGE_TUNNEL_BUDGET_REQUESTS",
+            min=0,
+        ),
+    ] = config.DEFAULT_TUNNEL_REQUESTS_BUDGET,
 ) -> None:
     """Run MLflow, the authenticated entrance and the ngrok tunnel; publish the signed URL. Ctrl-C stops all."""
     from bridge.serve.supervisor import ServeOptions, serve
@@ -124,8 +171,10 @@ def colab_snippet(url: str, publish_spec: str | None) -> str:
         bare = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
         where = f'os.environ["BRIDGE_DISCOVERY"] = "{bare}"  # signed record: follows URL changes'
         if parts.query or parts.username or parts.password:
-            where += ("\n# left out: the key (query or user info) of your --publish URL; if reading needs it, add it from a "
-                      "Colab secret, not as text in the notebook")
+            where += (
+                "\n# left out: the key (query or user info) of your --publish URL; if reading needs it, add it from a "
+                "Colab secret, not as text in the notebook"
+            )
     elif publish_spec and publish_spec.startswith("gist:"):
         where = f'os.environ["BRIDGE_DISCOVERY"] = "{publish_spec}"  # signed record: follows URL changes'
     elif publish_spec and publish_spec.startswith("file:"):
@@ -150,8 +199,9 @@ def colab_snippet(url: str, publish_spec: str | None) -> str:
 
 @handles_errors
 def token_command(
-    rotate: Annotated[bool, typer.Option(
-        "--rotate", help="Replace the token; the old one stops working at once.")] = False,
+    rotate: Annotated[
+        bool, typer.Option("--rotate", help="Replace the token; the old one stops working at once.")
+    ] = False,
 ) -> None:
     """Print the access token alone on stdout (create it on first use), for Colab's BRIDGE_TOKEN secret."""
     if rotate:
@@ -167,15 +217,25 @@ def token_command(
 
 @handles_errors
 def login_command(
-    authtoken: Annotated[Optional[str], typer.Argument(
-        help="Your ngrok authtoken (https://dashboard.ngrok.com/get-started/your-authtoken). Best omitted: "
-             "you are then prompted for it (hidden). '-' reads it from stdin (e.g. from a password manager). "
-             "Given as text here it lands in your shell history and the process list; meant for scripts only.",
-        show_default=False)] = None,
-    github_token: Annotated[Optional[str], typer.Option(
-        "--github-token", help="Also store a GitHub token (gist scope) for --publish gist:ID; '-' prompts for it "
-                               "(hidden) or reads it from stdin when that is not a terminal. Given as text it "
-                               "lands in your shell history.", show_default=False)] = None,
+    authtoken: Annotated[
+        str | None,
+        typer.Argument(
+            help="Your ngrok authtoken (https://dashboard.ngrok.com/get-started/your-authtoken). Best omitted: "
+            "you are then prompted for it (hidden). '-' reads it from stdin (e.g. from a password manager). "
+            "Given as text here it lands in your shell history and the process list; meant for scripts only.",
+            show_default=False,
+        ),
+    ] = None,
+    github_token: Annotated[
+        str | None,
+        typer.Option(
+            "--github-token",
+            help="Also store a GitHub token (gist scope) for --publish gist:ID; '-' prompts for it "
+            "(hidden) or reads it from stdin when that is not a terminal. Given as text it "
+            "lands in your shell history.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Store the ngrok authtoken (and optionally a GitHub token) in the OS keyring; prompts (hidden) by default."""
     if github_token is not None:
@@ -208,8 +268,9 @@ def _store(name: str, value: str, what: str) -> None:
 
 @handles_errors
 def url_command(
-    record: Annotated[Optional[Path], typer.Option(
-        help="The record file to read. Default: endpoint.json in the bridge data folder.")] = None,
+    record: Annotated[
+        Path | None, typer.Option(help="The record file to read. Default: endpoint.json in the bridge data folder.")
+    ] = None,
 ) -> None:
     """Print the URL of the running `bridge serve`, from its local record once the signature verifies."""
     from bridge.record import verify_record
@@ -227,18 +288,6 @@ def url_command(
     url = verify_record(text, token).url
     typer.echo(url)
     typer.echo(f"MLflow UI (any user name, the token as password): {ui.ui_link(url)}", err=True)
-
-
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _probe(url: str | None, path: str = "/health") -> int | None:
@@ -277,8 +326,9 @@ def _usage_row(table: Table, state: dict, running: bool) -> str | None:
     requests_text = f"{usage['requests']:,} requests" + (f" of {int(requests_budget):,}" if requests_budget else "")
     bytes_text = format_bytes(usage["bytes_out"]) + (f" of {format_bytes(bytes_budget)}" if bytes_budget else "")
     warning = budget_warning(usage, bytes_budget, requests_budget)
-    table.add_row(f"Tunnel use {month}", "[yellow]near budget[/]" if warning else "ok",
-                  f"{requests_text} · {bytes_text} sent out")
+    table.add_row(
+        f"Tunnel use {month}", "[yellow]near budget[/]" if warning else "ok", f"{requests_text} · {bytes_text} sent out"
+    )
     return warning
 
 
@@ -300,7 +350,7 @@ def status_command() -> None:
         console.print(f"bridge serve has not run here (no {config.paths().state_file}).")
         console.print(f"Secrets: {secrets.describe_store()}", highlight=False)
         raise typer.Exit(1)
-    running = _pid_alive(state.get("pid")) and not state.get("stopped_at")
+    running = pid_alive(state.get("pid")) and not state.get("stopped_at")
     mlflow_state = state.get("mlflow") or {}
     entrance = state.get("entrance") or {}
     tunnel = state.get("tunnel") or {}

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from bridge.cli.output import console, err_console, handles_errors
 
-TRACKING_URI_HELP = ("Log straight to this MLflow tracking URI (e.g. sqlite:///mlflow.db) instead of going "
-                     "through bridge.connect().")
+TRACKING_URI_HELP = (
+    "Log straight to this MLflow tracking URI (e.g. sqlite:///mlflow.db) instead of going through bridge.connect()."
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -46,8 +47,9 @@ def _server_reader(conn, tracking_uri: str | None):
     return url, MlflowClient(tracking_uri=url)
 
 
-def _print_ui_link(conn, tracking_uri: str | None, experiment: str, *, charts: bool = False,
-                   label: str = "MLflow UI") -> str | None:
+def _print_ui_link(
+    conn, tracking_uri: str | None, experiment: str, *, charts: bool = False, label: str = "MLflow UI"
+) -> str | None:
     """Print (and return) the link to `experiment`'s runs in the MLflow UI's model-training view."""
     from bridge.ui import ui_link
 
@@ -71,42 +73,59 @@ def _deliver(conn, timeout_s: float = 120.0) -> None:
         return
     left = conn.flush(timeout_s)
     if left:
-        err_console.print(f"{left} entries not delivered yet; they stay in the journal for the next connect "
-                          "or `bridge sync`.")
+        err_console.print(
+            f"{left} entries not delivered yet; they stay in the journal for the next connect or `bridge sync`."
+        )
 
 
 @handles_errors
 def train_command(
-    model: Annotated[list[str], typer.Option(
-        "--model", "-m", help="Model to train; repeat for a sweep. 'yolo11n' means yolo11n.pt (or yolo11n.yaml "
-        "when offline with YOLO_OFFLINE=1); a .pt or .yaml path is used as given.")],
+    model: Annotated[
+        list[str],
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model to train; repeat for a sweep. 'yolo11n' means yolo11n.pt (or yolo11n.yaml "
+            "when offline with YOLO_OFFLINE=1); a .pt or .yaml path is used as given.",
+        ),
+    ],
     data: Annotated[Path, typer.Option(help="Dataset YAML (Ultralytics format).")],
     epochs: Annotated[int, typer.Option(min=1, help="Epochs per model.")] = 10,
     imgsz: Annotated[int, typer.Option(min=32, help="Training image size.")] = 640,
     batch: Annotated[int, typer.Option(help="Batch size (-1: Ultralytics' AutoBatch on GPU).")] = 16,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment that gets one run per model.",
-                                            envvar="MLFLOW_EXPERIMENT_NAME")] = "yolo",
-    device: Annotated[Optional[str], typer.Option(help="'cpu', '0', '0,1' … (default: Ultralytics picks).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data loader workers.")] = None,
-    project: Annotated[Optional[Path], typer.Option(help="Folder for Ultralytics' run outputs.")] = None,
-    arg: Annotated[Optional[list[str]], typer.Option(
-        "--arg", help="Any other Ultralytics training argument as KEY=VALUE (repeatable), e.g. --arg nbs=4.")] = None,
-    tag: Annotated[Optional[list[str]], typer.Option(
-        "--tag", help="A tag for every run of the sweep as KEY=VALUE (repeatable).")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help=TRACKING_URI_HELP)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue each model's interrupted training from "
-                                         "<project>/<model>/weights/last.pt into its MLflow run (a model "
-                                         "without last.pt starts afresh, a finished one is left alone).")] = False,
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment that gets one run per model.", envvar="MLFLOW_EXPERIMENT_NAME")
+    ] = "yolo",
+    device: Annotated[str | None, typer.Option(help="'cpu', '0', '0,1' … (default: Ultralytics picks).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data loader workers.")] = None,
+    project: Annotated[Path | None, typer.Option(help="Folder for Ultralytics' run outputs.")] = None,
+    arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--arg", help="Any other Ultralytics training argument as KEY=VALUE (repeatable), e.g. --arg nbs=4."
+        ),
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="A tag for every run of the sweep as KEY=VALUE (repeatable).")
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help=TRACKING_URI_HELP)] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue each model's interrupted training from "
+            "<project>/<model>/weights/last.pt into its MLflow run (a model "
+            "without last.pt starts afresh, a finished one is left alone).",
+        ),
+    ] = False,
 ) -> None:
     """Train one or more YOLO models one after another, each as a run of one MLflow experiment."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from bridge.yolo.console import collapsed_output
-    from bridge.yolo.sweep import sweep
-
     from bridge.errors import ConfigError
-    from bridge.yolo.sweep import resolve_model
+    from bridge.yolo.console import collapsed_output
+    from bridge.yolo.sweep import resolve_model, sweep
 
     extra = _parse_args(arg or [])
     tags = {k: str(v) for k, v in _parse_args(tag or []).items()}
@@ -124,8 +143,15 @@ def train_command(
         overrides["project"] = str(project)
     # Rich's live display takes over stdout: Ultralytics' lines print above the bars, its own progress bars
     # collapse to their final frame, and rich's bars below show models, epochs and this epoch's batches.
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, redirect_stdout=True, redirect_stderr=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        redirect_stdout=True,
+        redirect_stderr=True,
+    )
     overall = progress.add_task("models", total=len(model))
     epoch_task = progress.add_task("epochs", total=epochs)
     batch_task = progress.add_task("batches", total=None)
@@ -142,8 +168,17 @@ def train_command(
         progress.update(batch_task, completed=batch, total=total, description=f"{name} batches")
 
     with progress, collapsed_output():
-        results = sweep(model, data=data, experiment=experiment, tags=tags, on_model_start=on_model_start,
-                        on_epoch_end=on_epoch_end, on_batch_end=on_batch_end, resume=resume, **overrides)
+        results = sweep(
+            model,
+            data=data,
+            experiment=experiment,
+            tags=tags,
+            on_model_start=on_model_start,
+            on_epoch_end=on_epoch_end,
+            on_batch_end=on_batch_end,
+            resume=resume,
+            **overrides,
+        )
         progress.update(overall, completed=len(model))
     _deliver(conn)
     table = Table(title=f"Sweep into experiment '{experiment}'")
@@ -151,8 +186,13 @@ def train_command(
         table.add_column(col)
     for r in results:
         m = r.final_metrics
-        table.add_row(r.model, r.run_id or "-", _num(m.get("final/mAP50-95")), _num(m.get("final/mAP50")),
-                      "[green]ok[/]" if r.error is None else f"[red]{r.error}[/]")
+        table.add_row(
+            r.model,
+            r.run_id or "-",
+            _num(m.get("final/mAP50-95")),
+            _num(m.get("final/mAP50")),
+            "[green]ok[/]" if r.error is None else f"[red]{r.error}[/]",
+        )
     console.print(table)
     _print_ui_link(conn, tracking_uri, experiment, label="Runs in the MLflow UI")
     console.print(f"Compare them: [bold]bridge compare {experiment}[/]")
@@ -186,14 +226,20 @@ def _num(v: float | None) -> str:
 def compare_command(
     experiment: Annotated[str, typer.Argument(help="MLflow experiment name (or id).")],
     out: Annotated[Path, typer.Option(help="Where to write the PNG of the curves.")] = Path("compare.png"),
-    log: Annotated[bool, typer.Option("--log", help="Attach the PNG and a CSV of the table to a summary run "
-                                      "in the experiment.")] = False,
-    tracking_uri: Annotated[Optional[str], typer.Option(help=TRACKING_URI_HELP)] = None,
-    register: Annotated[Optional[str], typer.Option(
-        help="Register the best run's best.pt as a version of this MLflow model (a pyfunc around Ultralytics' "
-             "predictor); alias 'champion' moves to it only when it beats the current champion on --metric.")] = None,
-    metric: Annotated[str, typer.Option(help="The metric that picks the best run and the champion (higher is "
-                                        "better).")] = "final/mAP50-95",
+    log: Annotated[
+        bool, typer.Option("--log", help="Attach the PNG and a CSV of the table to a summary run in the experiment.")
+    ] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help=TRACKING_URI_HELP)] = None,
+    register: Annotated[
+        str | None,
+        typer.Option(
+            help="Register the best run's best.pt as a version of this MLflow model (a pyfunc around Ultralytics' "
+            "predictor); alias 'champion' moves to it only when it beats the current champion on --metric."
+        ),
+    ] = None,
+    metric: Annotated[
+        str, typer.Option(help="The metric that picks the best run and the champion (higher is better).")
+    ] = "final/mAP50-95",
 ) -> None:
     """Table of each run's final metrics, training time and size (best first), and a PNG of their curves."""
     from bridge.yolo.compare import compare, log_comparison
@@ -213,10 +259,13 @@ def compare_command(
         _deliver(conn)  # the runs' last entries (best.pt, final metrics) must be on the server first
         champion = register_champion(result.experiment, register, metric=metric, tracking_uri=tracking_uri)
         verdict = "[green]now the champion[/]" if champion.promoted else f"champion stays v{champion.champion_version}"
-        console.print(f"Registered [bold]{champion.name}[/] v{champion.version} from run {champion.run_name} "
-                      f"({champion.metric} {champion.value:.4f}): {verdict} — {champion.reason}")
-        console.print(f'Load it with: mlflow.pyfunc.load_model("models:/{champion.name}@champion")',
-                      highlight=False, markup=False)
+        console.print(
+            f"Registered [bold]{champion.name}[/] v{champion.version} from run {champion.run_name} "
+            f"({champion.metric} {champion.value:.4f}): {verdict} — {champion.reason}"
+        )
+        console.print(
+            f'Load it with: mlflow.pyfunc.load_model("models:/{champion.name}@champion")', highlight=False, markup=False
+        )
     if log:
         run_id = log_comparison(result, png)
         _deliver(conn)
@@ -226,30 +275,42 @@ def compare_command(
 @handles_errors
 def demo_command(
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs of the demo model.")] = 8,
-    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Keep serving the UI after the training, "
-                                        "until Ctrl-C (--no-serve: stop the server and exit).")] = True,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve/--no-serve",
+            help="Keep serving the UI after the training, until Ctrl-C (--no-serve: stop the server and exit).",
+        ),
+    ] = True,
 ) -> None:
     """Serve, connect and train a tiny YOLOv8n on a generated dataset, all on this machine, offline."""
     from bridge.yolo.compare import compare
     from bridge.yolo.demo import run_demo
 
     console.print("Starting [bold]bridge serve --tunnel none[/] and training a tiny YOLOv8n …")
-    result = run_demo(epochs=epochs, keep=True,
-                      on_experiment=lambda link: console.print(f"Watch the curves live: {link}", soft_wrap=True,
-                                                               highlight=False))
+    result = run_demo(
+        epochs=epochs,
+        keep=True,
+        on_experiment=lambda link: console.print(f"Watch the curves live: {link}", soft_wrap=True, highlight=False),
+    )
     try:
         console.print(f"[green]Done.[/] The run in the MLflow UI: {result.run_url}", soft_wrap=True, highlight=False)
         _print_comparison(compare(str(result.experiment_id), tracking_uri=result.ui_url))
         if not serve:
             console.print(f"The demo server was stopped; its data stays in {result.home}.")
             return
-        console.print(f"bridge serve keeps running so these links work (UI at {result.ui_url}); "
-                      "press [bold]Ctrl-C[/] to stop it.", soft_wrap=True, highlight=False)
+        console.print(
+            f"bridge serve keeps running so these links work (UI at {result.ui_url}); "
+            "press [bold]Ctrl-C[/] to stop it.",
+            soft_wrap=True,
+            highlight=False,
+        )
         # Ctrl-C must work even when started with SIGINT ignored (a background job); SIGTERM stops it the same way.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            result.server.proc.wait()
+            if result.server.proc is not None:  # always, once demo() has returned
+                result.server.proc.wait()
             err_console.print("The demo server exited by itself.")
             raise typer.Exit(1)
         except KeyboardInterrupt:

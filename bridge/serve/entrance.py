@@ -74,7 +74,7 @@ class TokenSource:
     """The current access token, re-read whenever `bridge token --rotate` touches the revision file."""
 
     def __init__(self, load: Callable[[], str] | None = None, revision_file: Path | None = None) -> None:
-        self._load = load or (lambda: secrets.access_token(create=True))  # type: ignore[return-value]
+        self._load = load or (lambda: secrets.access_token(create=True))
         self._revision_file = revision_file or config.paths().token_revision_file
         self._reload_lock = threading.Lock()
         self._stamp = self._revision_stamp()
@@ -225,7 +225,7 @@ def _from_this_machine(request: web.BaseRequest) -> bool:
     if _is_loopback(peer):
         return True
     sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
-    return bool(peer) and bool(sockname) and peer == sockname[0]
+    return bool(peer and sockname and peer == sockname[0])
 
 
 class Entrance:
@@ -334,7 +334,7 @@ class Entrance:
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         if self.port == 0:
-            server = site._server  # noqa: SLF001 - aiohttp exposes the bound port nowhere else
+            server = site._server  # aiohttp exposes the bound port nowhere else
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("Entrance listening on %s, forwarding to %s", self.url, self._upstream)
 
@@ -391,8 +391,12 @@ class Entrance:
             self.rejected += 1
             if client is not None:
                 self.throttle.failed(client)
-            log.info("Refused %s %s from %s: missing or wrong access token", request.method, request.path,
-                     client or "this machine")
+            log.info(
+                "Refused %s %s from %s: missing or wrong access token",
+                request.method,
+                request.path,
+                client or "this machine",
+            )
             return web.Response(
                 status=401,
                 text="This MLflow is behind bridge's entrance: log in with the access token (`bridge token`).\n",
@@ -503,8 +507,9 @@ class Entrance:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, functools.partial(compression.compress, payload, coding, static=static))
 
-    async def _static_compressed(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                                 headers: CIMultiDict[str], coding: str) -> web.StreamResponse:
+    async def _static_compressed(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], coding: str
+    ) -> web.StreamResponse:
         """A UI file, compressed once at the best level and served from the cache after that."""
         validator = upstream.headers.get("ETag") or upstream.headers.get("Last-Modified") or ""
         key = (request.raw_path, f"{validator}|{upstream.content_length}", coding)
@@ -521,8 +526,9 @@ class Entrance:
         body = b"" if request.method == "HEAD" else packed
         return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
 
-    async def _stream_compressed(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                                 headers: CIMultiDict[str], coding: str) -> web.StreamResponse:
+    async def _stream_compressed(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], coding: str
+    ) -> web.StreamResponse:
         """A large compressible body (a big search result, a text artifact) compressed chunk by chunk."""
         _mark_compressed(headers, coding)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)

@@ -36,6 +36,7 @@ import requests
 
 from bridge import config
 from bridge.errors import ConfigError, MlflowStartError
+from bridge.processes import process_group_alive
 from bridge.retry import compute_backoff_ms
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,7 @@ class MlflowProcess:
             pass
         # The leader may be gone while its uvicorn child still holds the port: wait for the group to empty.
         deadline = time.monotonic() + self.options.stop_grace_s
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while process_group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
         try:
             os.killpg(pgid, signal.SIGKILL)
@@ -391,8 +392,11 @@ class MlflowProcess:
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 if hung:
                     self.status.last_exit = f"stopped answering /health at {stamp}"
-                    self._report(on_event, f"MLflow (pid {proc.pid}) stopped answering /health "
-                                           f"({missed_probes} probes missed); restarting")
+                    self._report(
+                        on_event,
+                        f"MLflow (pid {proc.pid}) stopped answering /health "
+                        f"({missed_probes} probes missed); restarting",
+                    )
                 else:
                     self.status.last_exit = f"code {proc.returncode} at {stamp}"
                     self._report(on_event, f"MLflow (pid {proc.pid}) exited with code {proc.returncode}; restarting")
@@ -437,19 +441,9 @@ class MlflowProcess:
 
     def _report(self, on_event: Callable[[str], None] | None, event: str, *, error: bool = False) -> None:
         (log.error if error else log.warning)(event)
-        self.status.events = (self.status.events + [event])[-10:]
+        self.status.events = [*self.status.events, event][-10:]
         if on_event is not None:
             on_event(event)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 PARENT_PID_ENV = "BRIDGE_PARENT_PID"

@@ -46,7 +46,7 @@ class Publisher(abc.ABC):
     def describe(self) -> str:
         """Where records go, in words fit for `bridge status` (never a secret)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: most publishers hold nothing to release
         """Release what the publisher holds (sessions); publishing after close is an error."""
 
     def __repr__(self) -> str:
@@ -105,7 +105,11 @@ def _send(session: requests.Session, method: str, url: str, where: str, *, timeo
     """One publish request; any failure becomes a PublishError naming `where` and the status, never a header."""
     try:
         response = session.request(
-            method, url, timeout=timeout, allow_redirects=False, **kwargs  # type: ignore[arg-type]
+            method,
+            url,
+            timeout=timeout,
+            allow_redirects=False,
+            **kwargs,  # type: ignore[arg-type]
         )
     except requests.RequestException as exc:
         raise PublishError(f"could not reach {where}: {type(exc).__name__}") from exc
@@ -152,8 +156,15 @@ class GistPublisher(Publisher):
             "X-GitHub-Api-Version": "2022-11-28",
         }
         body = {"files": {GIST_FILE_NAME: {"content": record.to_json()}}}
-        _send(self._session, "PATCH", self.api_url, f"GitHub gist {self.gist_id}", timeout=self._timeout_s,
-              headers=headers, json=body)
+        _send(
+            self._session,
+            "PATCH",
+            self.api_url,
+            f"GitHub gist {self.gist_id}",
+            timeout=self._timeout_s,
+            headers=headers,
+            json=body,
+        )
         log.info("Published endpoint record to gist %s", self.gist_id)
 
     def describe(self) -> str:
@@ -177,8 +188,15 @@ class HttpPublisher(Publisher):
         self._session = requests.Session()
 
     def publish(self, record: EndpointRecord) -> None:
-        _send(self._session, self.method, self.url, self.describe(), timeout=self._timeout_s,
-              data=record.to_json().encode(), headers={"Content-Type": "application/json"})
+        _send(
+            self._session,
+            self.method,
+            self.url,
+            self.describe(),
+            timeout=self._timeout_s,
+            data=record.to_json().encode(),
+            headers={"Content-Type": "application/json"},
+        )
         log.info("Published endpoint record to %s", self.describe())
 
     def describe(self) -> str:
@@ -194,14 +212,14 @@ def publisher_for(spec: str | None) -> Publisher:
         return FilePublisher(paths().record_file)
     value = spec.strip()
     if value.startswith("file:"):
-        path = value[len("file:"):]
+        path = value[len("file:") :]
         if path.startswith("//"):  # file:///abs/path
             path = path[2:]
         if not path:
             raise ConfigError(f"--publish {spec!r} names no file; accepted: {SPEC_FORMS}")
         return FilePublisher(path)
     if value.startswith("gist:"):
-        return GistPublisher(value[len("gist:"):])
+        return GistPublisher(value[len("gist:") :])
     if value.startswith(("https://", "http://")):
         return HttpPublisher(value)
     raise ConfigError(f"--publish {spec!r} is not understood; accepted: {SPEC_FORMS}")

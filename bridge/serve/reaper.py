@@ -61,11 +61,13 @@ def reap_stale_runs(tracking_uri: str, timeout_s: float, now: float | None = Non
                 try:
                     original = _original_of_twin(api, run, tags, beat)
                     if original is not None:
-                        api.post("runs/set-tag", {"run_id": run_id, "key": config.DUPLICATE_OF_TAG,
-                                                  "value": original})
+                        api.post("runs/set-tag", {"run_id": run_id, "key": config.DUPLICATE_OF_TAG, "value": original})
                         api.post("runs/delete", {"run_id": run_id})
-                        log.warning("Run %s: an empty duplicate of run %s (a create that arrived late); deleted",
-                                    run_id, original)
+                        log.warning(
+                            "Run %s: an empty duplicate of run %s (a create that arrived late); deleted",
+                            run_id,
+                            original,
+                        )
                         continue
                 except ServeError as exc:  # the client removed it first, say: the other silent runs still count
                     log.warning("Run %s: could not remove it as a duplicate: %s", run_id, exc)
@@ -80,7 +82,7 @@ def reap_stale_runs(tracking_uri: str, timeout_s: float, now: float | None = Non
     return reaped
 
 
-def _original_of_twin(api: "_MlflowApi", run: dict[str, Any], tags: dict[str, Any], beat: float) -> str | None:
+def _original_of_twin(api: _MlflowApi, run: dict[str, Any], tags: dict[str, Any], beat: float) -> str | None:
     """The run that `run` (silent, last beat `beat`) duplicates, when it is an empty twin; else None.
 
     A twin is what a late create leaves (`bridge.twins.empty_twin`, the client's rule too). The original must
@@ -98,10 +100,13 @@ def _original_of_twin(api: "_MlflowApi", run: dict[str, Any], tags: dict[str, An
         other_data = other.get("data", {})
         other_tags = run_tags(other)
         other_beat = _heartbeat(other_tags.get(config.HEARTBEAT_TAG))
-        in_use = (other_data.get("metrics") or other_data.get("params")
-                  or set(other_tags) - set(tags) - {KILLED_REASON_TAG}  # the reaper's own, this very round too
-                  or (other["info"].get("status") != "RUNNING" and KILLED_REASON_TAG not in other_tags)
-                  or (other_beat is not None and other_beat > beat))
+        in_use = (
+            other_data.get("metrics")
+            or other_data.get("params")
+            or set(other_tags) - set(tags) - {KILLED_REASON_TAG}  # the reaper's own, this very round too
+            or (other["info"].get("status") != "RUNNING" and KILLED_REASON_TAG not in other_tags)
+            or (other_beat is not None and other_beat > beat)
+        )
         if in_use:
             return other["info"]["run_id"]
     return None

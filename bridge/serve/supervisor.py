@@ -24,16 +24,22 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import config, secrets
 from bridge.errors import BridgeError, ConfigError, PublishError, ServeError, TunnelError
 from bridge.record import make_record
 from bridge.retry import compute_backoff_ms
 from bridge.serve.entrance import CLIENT_HEADERS, Entrance
-from bridge.serve.usage import TunnelUsage, budget_warning
 from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
 from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
+from bridge.serve.usage import TunnelUsage, budget_warning
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from bridge.serve.public_tunnel import PublicTunnel
+    from bridge.serve.tunnel import TunnelConfig
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +144,7 @@ class Supervisor:
         # `bridge url` reads the local record, so it is written even when the record goes elsewhere too.
         self._local_publisher = FilePublisher(config.paths().record_file) if options.publish else None
         self.entrance: Entrance | None = None
-        self.tunnel: Any = None  # an ngrok Tunnel or a CloudflaredTunnel, imported only when used
+        self.tunnel: PublicTunnel | None = None  # ngrok's or cloudflared's, imported only when used
         self.tunnel_mode = "none"  # what --tunnel resolved to: ngrok, cloudflared or none
         self.tunnel_status = "disabled"
         self.tunnel_error: str | None = None
@@ -187,9 +193,9 @@ class Supervisor:
         self.entrance.start()
         self._check_interrupt()
         if make_tunnel is not None:
-            self.tunnel = make_tunnel()
+            self.tunnel = tunnel = make_tunnel()
             self.tunnel_status = "opening"
-            self.public_url = self.tunnel.open()
+            self.public_url = tunnel.open()
             self.tunnel_status = "open"
         self.record_url = self.public_url or self._advertised_entrance_url()
         self._publish()
@@ -206,13 +212,14 @@ class Supervisor:
             notes=list(self.notes),
         )
 
-    def _choose_tunnel(self):
+    def _choose_tunnel(self) -> Callable[[], PublicTunnel] | None:
         """Resolve `--tunnel` now: a factory for the tunnel, or None (with a note saying why) for the entrance alone."""
         mode = self.options.tunnel
         if mode == "none":
             return None
-        if mode == "cloudflared" or (mode == "auto" and not self.options.domain and not self.options.edge_auth
-                                      and not secrets.ngrok_authtoken()):
+        if mode == "cloudflared" or (
+            mode == "auto" and not self.options.domain and not self.options.edge_auth and not secrets.ngrok_authtoken()
+        ):
             from bridge.serve.tunnel_cloudflared import CloudflaredConfig, CloudflaredTunnel, install_help
 
             cf_config = CloudflaredConfig.from_environment()
@@ -238,7 +245,7 @@ class Supervisor:
         self.tunnel_mode = "ngrok"
         return lambda: Tunnel(self._tunnel_target(), tunnel_config)
 
-    def _tunnel_config(self):
+    def _tunnel_config(self) -> TunnelConfig | None:
         """The ngrok tunnel's config, or None (with a note saying why) when there is no authtoken."""
         from bridge.serve.tunnel import TunnelConfig
 
@@ -266,11 +273,15 @@ class Supervisor:
             return self.entrance.url
         address = primary_address()
         if address is None:
-            self.notes.append("--host binds every address, but this machine has no network route: "
-                              "publishing the loopback URL; name the address to publish with --host.")
+            self.notes.append(
+                "--host binds every address, but this machine has no network route: "
+                "publishing the loopback URL; name the address to publish with --host."
+            )
             return f"http://127.0.0.1:{self.entrance.port}"
-        self.notes.append(f"--host {self.options.host} binds every address; publishing {address}, this "
-                          "machine's address on its default route (name another with --host).")
+        self.notes.append(
+            f"--host {self.options.host} binds every address; publishing {address}, this "
+            "machine's address on its default route (name another with --host)."
+        )
         return f"http://{address}:{self.entrance.port}"
 
     def _check_interrupt(self) -> None:
@@ -316,7 +327,7 @@ class Supervisor:
             thread.join(timeout=15)
         try:
             self.publisher.close()
-        except Exception:  # noqa: BLE001 - closing a session cannot matter now
+        except Exception:  # closing a session cannot matter now
             pass
         self._write_state(stopped=True)
 
@@ -332,13 +343,13 @@ class Supervisor:
 
     def _event(self, message: str) -> None:
         with self._state_lock:
-            self.events = (self.events + [{"at": time.time(), "event": message}])[-20:]
+            self.events = [*self.events, {"at": time.time(), "event": message}][-20:]
         self._write_state()
 
     def _tick(self) -> None:
         now = time.time()
         if self.tunnel is not None and now >= self._next_tunnel_check:
-            self._check_tunnel(now)
+            self._check_tunnel(self.tunnel, now)
         assert self.entrance is not None
         self.entrance.tokens.current()  # notices a rotation even when no request has come in since
         revision = self.entrance.tokens.revision
@@ -365,8 +376,8 @@ class Supervisor:
             self._budget_warned_month = snapshot["month"]
             log.warning("Tunnel budget: %s.", warning)
 
-    def _check_tunnel(self, now: float) -> None:
-        if self.tunnel_status == "open" and self.tunnel.healthy():
+    def _check_tunnel(self, tunnel: PublicTunnel, now: float) -> None:
+        if self.tunnel_status == "open" and tunnel.healthy():
             self._next_tunnel_check = now + TUNNEL_CHECK_INTERVAL_S
             return
         if self.tunnel_status == "open":
@@ -374,6 +385,8 @@ class Supervisor:
         self._reopen_tunnel("the agent died or the tunnel closed")
 
     def _reopen_tunnel(self, why: str) -> None:
+        if self.tunnel is None:  # no tunnel was asked for: nothing to reopen
+            return
         self.tunnel_status = "reopening"
         try:
             if self.options.edge_auth and self.tunnel_mode == "ngrok":
@@ -528,8 +541,9 @@ def _check_bindable(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise ServeError(f"the entrance port {port} on {host} is already in use; "
-                                 "choose another with --entrance-port") from None
+                raise ServeError(
+                    f"the entrance port {port} on {host} is already in use; choose another with --entrance-port"
+                ) from None
             raise ServeError(f"the entrance cannot listen on {host}:{port} ({exc.strerror}); check --host") from None
 
 

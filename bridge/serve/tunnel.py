@@ -1,6 +1,7 @@
 """The ngrok tunnel to the entrance, opened through pyngrok; pyngrok's errors become bridge's here.
 
-(The other tunnel, a Cloudflare quick tunnel, is bridge/serve/tunnel_cloudflared.py: same open/healthy/close.)
+(The other tunnel, a Cloudflare quick tunnel, is bridge/serve/tunnel_cloudflared.py; both implement `PublicTunnel`,
+bridge/serve/public_tunnel.py: open/healthy/close.)
 
     TunnelConfig ──▶ Tunnel.open() ──▶ pyngrok ──▶ ngrok agent (`ngrok start --none`) ──▶ public URL
                      Tunnel.healthy()   agent alive and the tunnel still listed by its local API
@@ -36,6 +37,7 @@ from bridge.errors import (
     NgrokBinaryError,
     TunnelError,
 )
+from bridge.serve.public_tunnel import PublicTunnel, tunnel_target
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ class TunnelConfig:
         self.startup_timeout_s = float(startup_timeout_s)
 
     @classmethod
-    def from_environment(cls, domain: str | None = None, edge_auth: tuple[str, str] | None = None) -> "TunnelConfig":
+    def from_environment(cls, domain: str | None = None, edge_auth: tuple[str, str] | None = None) -> TunnelConfig:
         """A config with the authtoken and agent binary resolved from the keyring, environment and PATH now."""
         return cls(resolve_authtoken(), domain=domain, edge_auth=edge_auth, ngrok_path=resolve_ngrok_path())
 
@@ -211,15 +213,7 @@ def _redact(text: str) -> str:
     return _redactor.redact(text)
 
 
-def tunnel_target(target_url: str) -> str:
-    """`target_url` (the entrance) without a trailing slash; a ConfigError unless it is http(s) with a port."""
-    parts = urlsplit(target_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
-        raise ConfigError(f"tunnel target {target_url!r} must be an http(s) URL with a port")
-    return target_url.rstrip("/")
-
-
-class Tunnel:
+class Tunnel(PublicTunnel):
     """An ngrok tunnel from a public URL to `target_url` (the entrance), run by an agent pyngrok starts."""
 
     kind = "ngrok"
@@ -303,8 +297,9 @@ class Tunnel:
             if self._tunnel is None or not process.is_process_running(self.ngrok_path):
                 return False
             try:
-                ngrok.api_request(f"{self._tunnel.api_url}{self._tunnel.uri}", method="GET",
-                                  timeout=DEFAULT_API_TIMEOUT_S)
+                ngrok.api_request(
+                    f"{self._tunnel.api_url}{self._tunnel.uri}", method="GET", timeout=DEFAULT_API_TIMEOUT_S
+                )
             except (PyngrokError, OSError, ValueError):  # OSError: a reset from an agent that is dying
                 return False
             return True
@@ -321,7 +316,7 @@ class Tunnel:
             self._tunnel = None
             self.public_url = None
 
-    def __enter__(self) -> "Tunnel":
+    def __enter__(self) -> Tunnel:
         self.open()
         return self
 

@@ -6,9 +6,10 @@
                           CloudflaredTunnel.healthy()  process alive and /ready still 200
                           CloudflaredTunnel.close()    SIGTERM, then SIGKILL after a grace period
 
-The same three calls as the ngrok `Tunnel` (bridge/serve/tunnel.py), so the supervisor restarts either one with
-backoff and republishes its new URL. A quick tunnel needs no secret: nothing here can leak one. Cloudflare's limits
-for quick tunnels (200 requests in flight, no server-sent events, for testing) are far above one workstation's use.
+The same `PublicTunnel` (bridge/serve/public_tunnel.py) as the ngrok `Tunnel` (bridge/serve/tunnel.py), so the
+supervisor restarts either one with backoff and republishes its new URL. A quick tunnel needs no secret: nothing here
+can leak one. Cloudflare's limits for quick tunnels (200 requests in flight, no server-sent events, for testing) are
+far above one workstation's use.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from bridge.errors import CloudflaredBinaryError, ConfigError, TunnelError
-from bridge.serve.tunnel import tunnel_target
+from bridge.serve.public_tunnel import PublicTunnel, tunnel_target
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class CloudflaredConfig:
         self.startup_timeout_s = float(startup_timeout_s)
 
     @classmethod
-    def from_environment(cls) -> "CloudflaredConfig":
+    def from_environment(cls) -> CloudflaredConfig:
         return cls(resolve_cloudflared_path())
 
     def __repr__(self) -> str:
@@ -100,7 +101,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
 
 
-class CloudflaredTunnel:
+class CloudflaredTunnel(PublicTunnel):
     """A quick tunnel from a random `https://….trycloudflare.com` to `target_url` (the entrance)."""
 
     kind = "cloudflared"
@@ -149,8 +150,9 @@ class CloudflaredTunnel:
                     f"{install_help()}"
                 ) from None
             # Drained for the life of the process, so its log pipe never fills and blocks it.
-            self._reader = threading.Thread(target=self._read_output, args=(self._proc,), name="bridge-cloudflared-log",
-                                            daemon=True)
+            self._reader = threading.Thread(
+                target=self._read_output, args=(self._proc,), name="bridge-cloudflared-log", daemon=True
+            )
             self._reader.start()
             try:
                 url = self._wait_until_ready()
@@ -187,7 +189,7 @@ class CloudflaredTunnel:
                 self._reader = None
             self.public_url = None
 
-    def __enter__(self) -> "CloudflaredTunnel":
+    def __enter__(self) -> CloudflaredTunnel:
         self.open()
         return self
 

@@ -30,8 +30,15 @@ def month_of(when: float) -> str:
 class TunnelUsage:
     """This month's tunnel requests and bytes out; `add()` from the entrance's loop, `save()` from anywhere."""
 
-    def __init__(self, path: Path | None, *, month: str | None = None, requests: int = 0, bytes_out: int = 0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        month: str | None = None,
+        requests: int = 0,
+        bytes_out: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
         self._clock = clock
         self.month = month or month_of(clock())
@@ -41,7 +48,7 @@ class TunnelUsage:
         self._dirty = False
 
     @classmethod
-    def load(cls, path: Path, clock: Callable[[], float] = time.time) -> "TunnelUsage":
+    def load(cls, path: Path, clock: Callable[[], float] = time.time) -> TunnelUsage:
         """This month's count from `path`; a missing, unreadable or last month's file starts at zero."""
         data = read_usage(path) or {}
         usage = cls(path, clock=clock)
@@ -92,8 +99,12 @@ def read_usage(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def budget_warning(usage: dict[str, Any], bytes_budget: float, requests_budget: float,
-                   warn_fraction: float = config.TUNNEL_BUDGET_WARN_FRACTION) -> str | None:
+def budget_warning(
+    usage: dict[str, Any],
+    bytes_budget: float,
+    requests_budget: float,
+    warn_fraction: float = config.TUNNEL_BUDGET_WARN_FRACTION,
+) -> str | None:
     """A sentence when this month's use passed `warn_fraction` of either budget, else None."""
     parts = []
     if bytes_budget > 0 and usage.get("bytes_out", 0) >= warn_fraction * bytes_budget:
@@ -102,8 +113,10 @@ def budget_warning(usage: dict[str, Any], bytes_budget: float, requests_budget: 
         parts.append(f"{usage['requests'] / requests_budget:.0%} of the {int(requests_budget):,} request budget")
     if not parts:
         return None
-    return ("this month the tunnel has used " + " and ".join(parts) + "; ngrok's free plan stops serving at the "
-            "limit (a Cloudflare quick tunnel, `--tunnel cloudflared`, has no such monthly cap)")
+    return (
+        "this month the tunnel has used " + " and ".join(parts) + "; ngrok's free plan stops serving at the "
+        "limit (a Cloudflare quick tunnel, `--tunnel cloudflared`, has no such monthly cap)"
+    )
 
 
 def format_bytes(n: float) -> str:

@@ -16,19 +16,30 @@ from typing import Any
 from bridge.yolo.callbacks import (
     DEFAULT_LOG_BEST_EVERY_S,
     DEFAULT_REFRESH_EVERY_S,
+    TrackOptions,
     YoloTracker,
     metric_name,
     model_identity,
 )
 from bridge.yolo.compare import Comparison, compare
-from bridge.yolo.resume import ResumePlan
-from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S as DEFAULT_SYSTEM_METRICS_EVERY_S
 from bridge.yolo.dataset import DatasetSummary, make_synthetic_dataset, summarize_dataset
+from bridge.yolo.resume import ResumePlan
 from bridge.yolo.sweep import resolve_model, sweep
+from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S as DEFAULT_SYSTEM_METRICS_EVERY_S
 
 __all__ = [
-    "Comparison", "DatasetSummary", "YoloTracker", "compare", "make_synthetic_dataset", "metric_name",
-    "model_identity", "resolve_model", "summarize_dataset", "sweep", "track", "train",
+    "Comparison",
+    "DatasetSummary",
+    "YoloTracker",
+    "compare",
+    "make_synthetic_dataset",
+    "metric_name",
+    "model_identity",
+    "resolve_model",
+    "summarize_dataset",
+    "sweep",
+    "track",
+    "train",
 ]
 
 
@@ -55,9 +66,17 @@ def track(
     `train(resume=True)` finds the run again. `tracker.detach()` removes the callbacks again.
     """
     return YoloTracker(
-        model, experiment=experiment, run_name=run_name, tags=tags,
-        log_best_every_s=log_best_every_s, console=console, refresh_every_s=refresh_every_s, run_key=run_key,
-        system_metrics=system_metrics, system_metrics_every_s=system_metrics_every_s, resume=resume,
+        model,
+        experiment=experiment,
+        run_name=run_name,
+        tags=tags,
+        log_best_every_s=log_best_every_s,
+        console=console,
+        refresh_every_s=refresh_every_s,
+        run_key=run_key,
+        system_metrics=system_metrics,
+        system_metrics_every_s=system_metrics_every_s,
+        resume=resume,
     )
 
 
@@ -84,9 +103,16 @@ def train(
     """
     from ultralytics import YOLO
 
-    options = dict(experiment=experiment, run_name=run_name, tags=tags, log_best_every_s=log_best_every_s,
-                   refresh_every_s=refresh_every_s, run_key=run_key, system_metrics=system_metrics,
-                   system_metrics_every_s=system_metrics_every_s)
+    options = TrackOptions(
+        experiment=experiment,
+        run_name=run_name,
+        tags=tags,
+        log_best_every_s=log_best_every_s,
+        refresh_every_s=refresh_every_s,
+        run_key=run_key,
+        system_metrics=system_metrics,
+        system_metrics_every_s=system_metrics_every_s,
+    )
     if resume:
         resumed = _resume(model, data=data, options=options, overrides=overrides)
         if resumed is not None:
@@ -102,8 +128,14 @@ def train(
     return tracker
 
 
-def _resume(model: Any, *, data: str | Path, options: dict, overrides: dict,
-            prepare: Callable[[Any], None] | None = None) -> YoloTracker | None:
+def _resume(
+    model: Any,
+    *,
+    data: str | Path,
+    options: TrackOptions,
+    overrides: dict,
+    prepare: Callable[[Any], None] | None = None,
+) -> YoloTracker | None:
     """Continue `<project>/<name>`'s training; None when there is no last.pt to continue (start afresh)."""
     import sys
 
@@ -116,8 +148,10 @@ def _resume(model: Any, *, data: str | Path, options: dict, overrides: dict,
     save_dir = resume_mod.save_dir_for(overrides.get("project"), overrides.get("name"), task)
     last = save_dir / "weights" / "last.pt"
     if not last.is_file():
-        print(f"bridge: nothing to resume in {save_dir} (no weights/last.pt yet): starting a fresh training",
-              file=sys.stderr)
+        print(
+            f"bridge: nothing to resume in {save_dir} (no weights/last.pt yet): starting a fresh training",
+            file=sys.stderr,
+        )
         return None
     yolo = YOLO(str(last))
     run_key = resume_mod.run_key_for(save_dir, options["run_key"])
@@ -126,15 +160,21 @@ def _resume(model: Any, *, data: str | Path, options: dict, overrides: dict,
         tracker = track(yolo, **options)
         tracker.detach()
         noted = resume_mod.read_run_file(save_dir)
-        run = resume_mod.find_run(run_key, run_id_hint=noted.get("run_id"),
-                                  experiment=options["experiment"] or noted.get("experiment_name"),
-                                  experiment_id_hint=noted.get("experiment_id"))
+        run = resume_mod.find_run(
+            run_key,
+            run_id_hint=noted.get("run_id"),
+            experiment=options["experiment"] or noted.get("experiment_name"),
+            experiment_id_hint=noted.get("experiment_id"),
+        )
         tracker.run_id, tracker.save_dir = (run.info.run_id if run else None), save_dir
         return tracker
     plan = resume_mod.plan(yolo.ckpt, save_dir=save_dir, run_key=run_key, experiment=options["experiment"])
     if plan.run_id is None:
-        print(f"bridge: no MLflow run tagged {resume_mod.RUN_KEY_TAG}={run_key!r} found; the resumed training "
-              "is logged as a new run", file=sys.stderr)
+        print(
+            f"bridge: no MLflow run tagged {resume_mod.RUN_KEY_TAG}={run_key!r} found; the resumed training "
+            "is logged as a new run",
+            file=sys.stderr,
+        )
     tracker = track(yolo, **options, resume=plan)
     if prepare is not None:
         prepare(yolo)

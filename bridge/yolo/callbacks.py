@@ -32,14 +32,18 @@ import time
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from bridge import ui
-from bridge.yolo import metadata, resume as resume_mod
+from bridge.yolo import metadata
+from bridge.yolo import resume as resume_mod
 from bridge.yolo.console import ConsoleCapture, ConsoleLog
 from bridge.yolo.dataset import summarize_dataset
 from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S as DEFAULT_SYSTEM_METRICS_EVERY_S
 from bridge.yolo.system_metrics import SystemMetricsSampler
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +58,32 @@ DEFAULT_REFRESH_EVERY_S = 30.0
 #: best.pt goes up when it improves, at most this often.
 DEFAULT_LOG_BEST_EVERY_S = 60.0
 EVENTS = (
-    "on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_epoch_end", "on_fit_epoch_end",
-    "on_model_save", "on_train_end", "teardown",
+    "on_pretrain_routine_start",
+    "on_pretrain_routine_end",
+    "on_train_epoch_end",
+    "on_fit_epoch_end",
+    "on_model_save",
+    "on_train_end",
+    "teardown",
 )
 _UNSAFE = re.compile(r"[^\w./\- ]")
 _MODEL_NAME = re.compile(r"^(?P<family>yolo[a-z]*?v?\d+|yolo[a-z]*)(?P<scale>[nsmlx])(?:-(?P<variant>[\w-]+))?$")
 _SUFFIXES = {"B": "", "M": "_mask", "P": "_pose", "S": "_semantic"}
+#: A queued MLflow call: what it does (for the report when it fails), the function, its arguments.
+_Job = tuple[str, Callable[..., Any], tuple[Any, ...]]
+
+
+class TrackOptions(TypedDict):
+    """The keyword options `bridge.yolo.train()` and `sweep()` hand on to `bridge.yolo.track()`."""
+
+    experiment: str | None
+    run_name: str | None
+    tags: Mapping[str, str] | None
+    log_best_every_s: float
+    refresh_every_s: float
+    run_key: str | None
+    system_metrics: bool
+    system_metrics_every_s: float
 
 
 @functools.lru_cache(maxsize=4096)
@@ -101,8 +125,12 @@ class _Reporter:
             first = what not in self._seen
             self._seen.add(what)
         if first:
-            logger.warning("bridge.yolo: %s failed (%s: %s); training goes on, tracking continues where it can",
-                           what, type(exc).__name__, exc)
+            logger.warning(
+                "bridge.yolo: %s failed (%s: %s); training goes on, tracking continues where it can",
+                what,
+                type(exc).__name__,
+                exc,
+            )
         else:
             logger.debug("bridge.yolo: %s failed again: %s", what, exc)
 
@@ -115,7 +143,7 @@ class _Worker:
     """One daemon thread running queued MLflow calls in order; `idle` runs when nothing came for a while."""
 
     def __init__(self, report: _Reporter, idle: Callable[[], None] | None, idle_every_s: float) -> None:
-        self._q: queue.Queue = queue.Queue()
+        self._q: queue.Queue[list[_Job] | None] = queue.Queue()
         self._report = report
         self._idle = idle
         self._idle_every_s = idle_every_s
@@ -125,7 +153,7 @@ class _Worker:
     def submit(self, what: str, fn: Callable, *args: Any) -> None:
         self._q.put([(what, fn, args)])
 
-    def submit_many(self, jobs: list[tuple[str, Callable, tuple]]) -> None:
+    def submit_many(self, jobs: list[_Job]) -> None:
         """Queue several jobs with one wake-up of the thread, so it does not compete with the caller meanwhile."""
         if jobs:
             self._q.put(jobs)
@@ -225,7 +253,7 @@ class YoloTracker:
         self.final_metrics = {}
         self._owns_run = False
         self._open = False
-        self._client = None
+        self._client: MlflowClient | None = None
         self._worker: _Worker | None = None
         self._train_stash: dict[str, float] | None = None
         self._seen_metrics_obj: Any = None
@@ -272,14 +300,17 @@ class YoloTracker:
         self.save_dir = Path(trainer.save_dir)
         run_name = self.run_name or Path(str(trainer.args.model)).stem
         resume, self.resume = self.resume, None
-        resuming = resume is not None and resume.run_id is not None
+        if resume is not None and resume.run_id is None:
+            resume = None  # no run to go on with: a new run, whose params are logged as usual
         run_key = resume_mod.run_key_for(self.save_dir, self.run_key)
         active = mlflow.active_run()
         # Our sampler replaces MLflow's, whose status read after every sample costs a request each.
-        if resuming:
+        if resume is not None:
             if active is not None and active.info.run_id != resume.run_id:
-                raise RuntimeError(f"resuming run {resume.run_id}, but run {active.info.run_id} is active: "
-                                   "end it first (mlflow.end_run())")
+                raise RuntimeError(
+                    f"resuming run {resume.run_id}, but run {active.info.run_id} is active: "
+                    "end it first (mlflow.end_run())"
+                )
             run = active or mlflow.start_run(run_id=resume.run_id, log_system_metrics=False)
             self._owns_run = active is None
         elif active is not None:
@@ -294,38 +325,40 @@ class YoloTracker:
         self._open = True
         self._client = MlflowClient()
         try:
-            resume_mod.write_run_file(self.save_dir, self.run_id, run_key, self.experiment_id,
-                                      self.experiment or "")
+            resume_mod.write_run_file(self.save_dir, self.run_id, run_key, self.experiment_id, self.experiment or "")
         except OSError as exc:
             self.report("write bridge_run.json", exc)
         self._tmp = Path(tempfile.mkdtemp(prefix="bridge-yolo-"))
-        self._worker = _Worker(self.report, self._sync_console, self.refresh_every_s)
+        self._worker = worker = _Worker(self.report, self._sync_console, self.refresh_every_s)
         self._seen_metrics_obj = trainer.metrics  # the placeholder zeros, not results: never logged
 
         data = getattr(trainer, "data", None) or {}
-        jobs = [("mark the experiment as model training", self._mark_experiment, ())]
-        if resuming:  # params are set once per run (MLflow refuses a changed value): the resume goes in tags
-            tags = {"bridge.tracker": "bridge.yolo", resume_mod.RUN_KEY_TAG: run_key, **resume.tags,
-                    **self.user_tags}
+        jobs: list[_Job] = [("mark the experiment as model training", self._mark_experiment, ())]
+        if resume is not None:  # params are set once per run (MLflow refuses a changed value): the resume goes in tags
+            tags = {"bridge.tracker": "bridge.yolo", resume_mod.RUN_KEY_TAG: run_key, **resume.tags, **self.user_tags}
             jobs += [("log resume tags", self._set_tags, (tags,)), ("log metadata tags", self._log_metadata, ())]
         else:
             params = {k: _param_value(v) for k, v in vars(trainer.args).items()}
             params.update(self._model_identity(trainer))  # GFLOPs take a model pass: not again on a resume
             names = data.get("names") or {}
             names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
-            params.update({
-                "data.name": Path(str(data.get("yaml_file") or trainer.args.data)).stem,
-                "data.nc": str(data.get("nc", len(names))),
-                "data.classes": _param_value(names),
-            })
+            params.update(
+                {
+                    "data.name": Path(str(data.get("yaml_file") or trainer.args.data)).stem,
+                    "data.nc": str(data.get("nc", len(names))),
+                    "data.classes": _param_value(names),
+                }
+            )
             tags = {"time.start": metadata.utc_now(), "bridge.tracker": "bridge.yolo", **self.user_tags}
-            jobs += [("log params", self._log_params_and_tags, (params, tags)),
-                     ("log metadata tags", self._log_metadata, ()),
-                     ("log dataset", self._log_dataset, (dict(data), str(trainer.args.data)))]
+            jobs += [
+                ("log params", self._log_params_and_tags, (params, tags)),
+                ("log metadata tags", self._log_metadata, ()),
+                ("log dataset", self._log_dataset, (dict(data), str(trainer.args.data))),
+            ]
         jobs.append(("log args.yaml", self._upload, (self.save_dir / "args.yaml", None)))
         if self.system_metrics:
             jobs.append(("start system metrics", self._start_system_metrics, (run.info.start_time,)))
-        self._worker.submit_many(jobs)
+        worker.submit_many(jobs)
 
     def _on_train_epoch_end(self, trainer: Any) -> None:
         losses = trainer.tloss
@@ -345,8 +378,7 @@ class YoloTracker:
             return
         if self._train_stash is None:
             # No training epoch since the last call: this is final_eval() validating best.pt.
-            final = {metric_name(k).replace("val/", "final/", 1): float(v)
-                     for k, v in (trainer.metrics or {}).items()}
+            final = {metric_name(k).replace("val/", "final/", 1): float(v) for k, v in (trainer.metrics or {}).items()}
             final = {k if k.startswith("final/") else f"final/{k}": v for k, v in final.items()}
             self.final_metrics.update(final)
             self._submit("log final metrics", self._log_metrics, final, trainer.epoch)
@@ -364,7 +396,7 @@ class YoloTracker:
                 values["gpu_mem_gb"] = float(trainer._get_memory())  # what Ultralytics shows as GPU_mem
             except Exception as exc:  # never lose the epoch's metrics over it
                 self.report("GPU memory", exc)
-        jobs = [("log epoch metrics", self._log_metrics, (values, step))]
+        jobs: list[_Job] = [("log epoch metrics", self._log_metrics, (values, step))]
         now = time.monotonic()
         if self._best_dirty and now - self._last_best_upload >= self.log_best_every_s:
             self._best_dirty = False
@@ -372,10 +404,13 @@ class YoloTracker:
             jobs.append(("upload best.pt", self._upload, (Path(trainer.best), "weights")))
         if now - self._last_refresh >= self.refresh_every_s:
             self._last_refresh = now
-            jobs += [("upload results.csv", self._upload, (Path(trainer.csv), None)),
-                     ("upload plots", self._sync_plots, ()),
-                     ("upload console.log", self._sync_console, ())]
-        self._worker.submit_many(jobs)
+            jobs += [
+                ("upload results.csv", self._upload, (Path(trainer.csv), None)),
+                ("upload plots", self._sync_plots, ()),
+                ("upload console.log", self._sync_console, ()),
+            ]
+        if self._worker is not None:  # set while a run is open
+            self._worker.submit_many(jobs)
 
     def _on_train_end(self, trainer: Any) -> None:
         if not self._open:
@@ -442,11 +477,18 @@ class YoloTracker:
                 if active is not None and active.info.run_id == self.run_id:
                     mlflow.end_run(status=status)
                 else:
-                    self._client.set_terminated(self.run_id, status=status)
+                    client, run_id = self._run()
+                    client.set_terminated(run_id, status=status)
             except Exception as exc:
                 self.report("end run", exc)
         if self._tmp is not None and drained:  # undrained uploads still read their snapshots from there
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _run(self) -> tuple[MlflowClient, str]:
+        """The client and run the worker's jobs log to; they exist from the run's start hook on."""
+        if self._client is None or self.run_id is None:
+            raise RuntimeError("no MLflow run is open")
+        return self._client, self.run_id
 
     def _stop_console(self) -> None:
         if self._capture is not None:
@@ -457,8 +499,9 @@ class YoloTracker:
     def _log_params_and_tags(self, params: dict[str, str], tags: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
 
-        self._client.log_batch(
-            self.run_id,
+        client, run_id = self._run()
+        client.log_batch(
+            run_id,
             params=[Param(k, v) for k, v in params.items()],
             tags=[RunTag(k, v[:MAX_TAG_VALUE_CHARS]) for k, v in tags.items()],
         )
@@ -466,17 +509,20 @@ class YoloTracker:
     def _set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:MAX_TAG_VALUE_CHARS]) for k, v in tags.items()])
+        client, run_id = self._run()
+        client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_TAG_VALUE_CHARS]) for k, v in tags.items()])
 
     def _log_metadata(self) -> None:
         self._set_tags(metadata.run_tags())
 
     def _mark_experiment(self) -> None:
-        mark_training_experiment(self._client, self.experiment_id)
+        mark_training_experiment(self._run()[0], self.experiment_id)
 
     def _start_system_metrics(self, run_start_ms: int | None) -> None:
-        self._sampler = SystemMetricsSampler(self._client, self.run_id, run_start_ms=run_start_ms or 0,
-                                             log_every_s=self.system_metrics_every_s).start()
+        client, run_id = self._run()
+        self._sampler = SystemMetricsSampler(
+            client, run_id, run_start_ms=run_start_ms or 0, log_every_s=self.system_metrics_every_s
+        ).start()
 
     def _stop_system_metrics(self) -> None:
         sampler, self._sampler = self._sampler, None
@@ -488,17 +534,19 @@ class YoloTracker:
 
         ts = int(time.time() * 1000)
         metrics = [Metric(k, v, ts, step) for k, v in values.items() if v is not None]
-        self._client.log_batch(self.run_id, metrics=metrics)
+        client, run_id = self._run()
+        client.log_batch(run_id, metrics=metrics)
 
     def _log_dataset(self, data: dict, data_arg: str) -> None:
         from mlflow.entities import Param
 
+        client, run_id = self._run()
         yaml_file = data.get("yaml_file") or data_arg
         if yaml_file and Path(yaml_file).is_file():
-            self._client.log_artifact(self.run_id, str(yaml_file), "data")
+            client.log_artifact(run_id, str(yaml_file), "data")
         summary = summarize_dataset(data)
-        self._client.log_text(self.run_id, summary.to_csv(), "data/dataset_summary.csv")
-        self._client.log_batch(self.run_id, params=[Param("data.hash", summary.content_hash)])
+        client.log_text(run_id, summary.to_csv(), "data/dataset_summary.csv")
+        client.log_batch(run_id, params=[Param("data.hash", summary.content_hash)])
 
     def _upload(self, path: Path, artifact_dir: str | None) -> None:
         """Upload a consistent copy of a file the training may rewrite at any moment."""
@@ -508,19 +556,25 @@ class YoloTracker:
             before = path.stat()
             data = path.read_bytes()
             after = path.stat()
-            steady = (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size) == (
-                after.st_mtime_ns, len(data))
+            steady = (
+                (before.st_mtime_ns, before.st_size)
+                == (after.st_mtime_ns, after.st_size)
+                == (after.st_mtime_ns, len(data))
+            )
             if steady and (path.suffix != ".pt" or zipfile.is_zipfile(io.BytesIO(data))):
                 break
             time.sleep(0.2)
         else:
             raise OSError(f"{path.name} kept changing while being read")
+        if self._tmp is None:
+            raise RuntimeError("no MLflow run is open")
         snap_dir = self._tmp / (artifact_dir or "_root")
         snap_dir.mkdir(parents=True, exist_ok=True)
         snap = snap_dir / path.name
         snap.write_bytes(data)
         try:
-            self._client.log_artifact(self.run_id, str(snap), artifact_dir)
+            client, run_id = self._run()
+            client.log_artifact(run_id, str(snap), artifact_dir)
         finally:
             snap.unlink(missing_ok=True)
         self._uploaded[str(path)] = (after.st_mtime_ns, after.st_size)

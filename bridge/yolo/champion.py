@@ -17,7 +17,6 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bridge.errors import ConfigError
 from bridge.yolo.compare import compare
@@ -51,7 +50,7 @@ def server_uri(tracking_uri: str | None = None) -> str:
     import mlflow
 
     uri = tracking_uri or mlflow.get_tracking_uri()
-    return uri[len(BRIDGE_TRACKING_PREFIX):] if uri.startswith(BRIDGE_TRACKING_PREFIX) else uri
+    return uri[len(BRIDGE_TRACKING_PREFIX) :] if uri.startswith(BRIDGE_TRACKING_PREFIX) else uri
 
 
 def _example_image(imgsz: int) -> str:
@@ -61,7 +60,7 @@ def _example_image(imgsz: int) -> str:
 
     size = max(32, min(int(imgsz), 128))
     img = np.full((size, size, 3), 114, dtype=np.uint8)
-    img[size // 4: size // 2, size // 4: size // 2] = 255
+    img[size // 4 : size // 2, size // 4 : size // 2] = 255
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
@@ -86,15 +85,24 @@ def build_model(best_pt: Path, out_dir: Path, *, imgsz: int) -> Path:
     signature = infer_signature(example, output, params=params)
     path = out_dir / MODEL_ARTIFACT_PATH
     mlflow.pyfunc.save_model(
-        path=str(path), python_model=pyfunc_model.__file__, artifacts={pyfunc_model.WEIGHTS: str(best_pt)},
-        signature=signature, input_example=example,
+        path=str(path),
+        python_model=pyfunc_model.__file__,
+        artifacts={pyfunc_model.WEIGHTS: str(best_pt)},
+        signature=signature,
+        input_example=example,
         pip_requirements=[f"ultralytics=={ultralytics.__version__}", f"mlflow=={mlflow.__version__}", "pandas"],
     )
     return path
 
 
-def register_champion(experiment: str, name: str, *, metric: str = DEFAULT_METRIC, greater_is_better: bool = True,
-                      tracking_uri: str | None = None) -> ChampionResult:
+def register_champion(
+    experiment: str,
+    name: str,
+    *,
+    metric: str = DEFAULT_METRIC,
+    greater_is_better: bool = True,
+    tracking_uri: str | None = None,
+) -> ChampionResult:
     """Register `experiment`'s best run by `metric` as a version of `name`; move `champion` if it is better."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -112,8 +120,9 @@ def register_champion(experiment: str, name: str, *, metric: str = DEFAULT_METRI
         if value is not None and not math.isnan(value):
             scored.append((value, row))
     if not scored:
-        raise ConfigError(f"no finished run in experiment {comparison.experiment!r} has metric {metric!r} "
-                          f"(e.g. {DEFAULT_METRIC})")
+        raise ConfigError(
+            f"no finished run in experiment {comparison.experiment!r} has metric {metric!r} (e.g. {DEFAULT_METRIC})"
+        )
     value, best = (max if greater_is_better else min)(scored, key=lambda vr: vr[0])
     run = client.get_run(best.run_id)
 
@@ -146,21 +155,38 @@ def register_champion(experiment: str, name: str, *, metric: str = DEFAULT_METRI
         better = value > previous_value if greater_is_better else value < previous_value
         sign = (">" if better else "<=") if greater_is_better else ("<" if better else ">=")
         promoted = better
-        reason = (f"{metric} {value:.4f} {sign} {previous_value:.4f} of v{current.version} "
-                  f"(run {current.run_id})")
+        reason = f"{metric} {value:.4f} {sign} {previous_value:.4f} of v{current.version} (run {current.run_id})"
     tags = {
-        TAG + "metric": metric, TAG + "value": repr(float(value)), TAG + "run_id": best.run_id,
-        TAG + "run_name": best.name, TAG + "experiment": comparison.experiment,
-        TAG + "decision": "promoted" if promoted else f"kept v{current.version}", TAG + "reason": reason,
+        TAG + "metric": metric,
+        TAG + "value": repr(float(value)),
+        TAG + "run_id": best.run_id,
+        TAG + "run_name": best.name,
+        TAG + "experiment": comparison.experiment,
+        TAG + "decision": "promoted" if promoted or current is None else f"kept v{current.version}",
+        TAG + "reason": reason,
     }
     if current is not None:
-        tags.update({TAG + "previous_version": str(current.version), TAG + "previous_run_id": current.run_id or "",
-                     TAG + "previous_value": "" if previous_value is None else repr(previous_value)})
+        tags.update(
+            {
+                TAG + "previous_version": str(current.version),
+                TAG + "previous_run_id": current.run_id or "",
+                TAG + "previous_value": "" if previous_value is None else repr(previous_value),
+            }
+        )
     for key, val in tags.items():
         client.set_model_version_tag(name, version, key, val)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-    champion_version = str(version) if promoted else str(current.version)
+    champion_version = str(version) if promoted or current is None else str(current.version)
     logger.info("registered %s v%s (%s); champion: v%s", name, version, reason, champion_version)
-    return ChampionResult(name=name, version=str(version), run_id=best.run_id, run_name=best.name, metric=metric,
-                          value=float(value), champion_version=champion_version, promoted=promoted, reason=reason)
+    return ChampionResult(
+        name=name,
+        version=str(version),
+        run_id=best.run_id,
+        run_name=best.name,
+        metric=metric,
+        value=float(value),
+        champion_version=champion_version,
+        promoted=promoted,
+        reason=reason,
+    )

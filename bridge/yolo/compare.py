@@ -74,7 +74,7 @@ class Comparison:
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
 
-        keys = ["val/mAP50-95"] + sorted({k for r in self.rows for k in r.curves if k.startswith("train/")})
+        keys = ["val/mAP50-95", *sorted({k for r in self.rows for k in r.curves if k.startswith("train/")})]
         ncols = min(len(keys), 3)
         nrows = -(-len(keys) // ncols)
         from matplotlib.ticker import MaxNLocator
@@ -82,17 +82,23 @@ class Comparison:
         fig = Figure(figsize=(5 * ncols, 3.6 * nrows))
         axes = fig.subplots(nrows, ncols, squeeze=False)
         colours = {r.run_id: f"C{i % 10}" for i, r in enumerate(self.rows)}  # one colour per run in every panel
-        for ax, key in zip(axes.flat, keys):
+        for ax, key in zip(axes.flat, keys, strict=False):  # a grid has spare panels
             for r in self.rows:
                 pts = r.curves.get(key)
                 if pts:
-                    ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", markersize=3, label=r.name,
-                            color=colours[r.run_id])
+                    ax.plot(
+                        [s for s, _ in pts],
+                        [v for _, v in pts],
+                        marker="o",
+                        markersize=3,
+                        label=r.name,
+                        color=colours[r.run_id],
+                    )
             ax.set_title(key)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(keys):]:
+        for ax in list(axes.flat)[len(keys) :]:
             ax.set_visible(False)
         handles = [Line2D([], [], color=colours[r.run_id], marker="o", label=r.name) for r in self.rows]
         fig.legend(handles=handles, loc="upper right", fontsize=8)
@@ -128,7 +134,9 @@ def compare(experiment: str, *, tracking_uri: str | None = None) -> Comparison:
     if exp is None:
         raise ConfigError(f"no MLflow experiment named {experiment!r}")
     runs = client.search_runs(
-        [exp.experiment_id], filter_string="tags.`bridge.tracker` = 'bridge.yolo'", max_results=1000,
+        [exp.experiment_id],
+        filter_string="tags.`bridge.tracker` = 'bridge.yolo'",
+        max_results=1000,
     )
     rows = []
     for run in runs:
@@ -142,17 +150,19 @@ def compare(experiment: str, *, tracking_uri: str | None = None) -> Comparison:
         if train_time is None and run.info.end_time and run.info.start_time:
             train_time = (run.info.end_time - run.info.start_time) / 1000
         params_n = params.get("model.parameters")
-        rows.append(RunRow(
-            run_id=run.info.run_id,
-            name=run.info.run_name or run.info.run_id[:8],
-            model=Path(params.get("model", "")).name,
-            status=run.info.status,
-            final={key: metrics.get(key) for key, _ in FINAL_COLUMNS},
-            train_time_s=train_time,
-            weights_bytes=_weights_bytes(client, run.info.run_id),
-            parameters=int(params_n) if params_n and params_n.isdigit() else None,
-            curves=curves,
-        ))
+        rows.append(
+            RunRow(
+                run_id=run.info.run_id,
+                name=run.info.run_name or run.info.run_id[:8],
+                model=Path(params.get("model", "")).name,
+                status=run.info.status,
+                final={key: metrics.get(key) for key, _ in FINAL_COLUMNS},
+                train_time_s=train_time,
+                weights_bytes=_weights_bytes(client, run.info.run_id),
+                parameters=int(params_n) if params_n and params_n.isdigit() else None,
+                curves=curves,
+            )
+        )
     rows.sort(key=lambda r: (r.final.get("final/mAP50-95") is None, -(r.final.get("final/mAP50-95") or 0.0), r.name))
     return Comparison(experiment=exp.name, experiment_id=exp.experiment_id, rows=rows)
 
@@ -163,7 +173,8 @@ def log_comparison(comparison: Comparison, png: str | Path) -> str:
 
     client = MlflowClient()
     run = client.create_run(
-        comparison.experiment_id, run_name="comparison",
+        comparison.experiment_id,
+        run_name="comparison",
         tags={SUMMARY_KIND_TAG: SUMMARY_KIND, "comparison.runs": ",".join(r.run_id for r in comparison.rows)},
     )
     run_id = run.info.run_id

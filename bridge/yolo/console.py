@@ -14,7 +14,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterator
-from typing import TextIO
+from typing import TextIO, cast
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 #: Lines kept; past this the oldest are dropped (the head is kept: it holds the set-up summary).
@@ -54,7 +54,7 @@ class ConsoleLog:
                     self._partial += chunk
             if len(self._lines) > self._max_lines:
                 cut = len(self._lines) - self._max_lines
-                del self._lines[HEAD_LINES:HEAD_LINES + cut]
+                del self._lines[HEAD_LINES : HEAD_LINES + cut]
                 self._dropped += cut
 
     def text(self) -> str:
@@ -113,7 +113,8 @@ class ConsoleCapture:
             return
         out, err = sys.stdout, sys.stderr
         self._saved = (out, err)
-        tee_out = _Tee(out, self.log)
+        # A stand-in for a TextIO: whatever it does not define itself is delegated to the wrapped stream.
+        tee_out = cast(TextIO, _Tee(out, self.log))
         sys.stdout = tee_out
         sys.stderr = _Tee(err, self.log)
         # Ultralytics' logger holds the stdout of its import time; send it through the tee too.
@@ -140,8 +141,11 @@ class ConsoleCapture:
 def logger_follows_stdout(logger_name: str = "ultralytics") -> Iterator[None]:
     """Point the logger's stream handlers at the current `sys.stdout` for a while (e.g. a rich live display's
     proxy, so log lines print above the progress bars instead of through them)."""
-    saved = [(h, h.stream) for h in logging.getLogger(logger_name).handlers
-             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    saved = [
+        (h, h.stream)
+        for h in logging.getLogger(logger_name).handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
     for h, _ in saved:
         _swap_stream(h, sys.stdout)
     try:

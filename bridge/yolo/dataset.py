@@ -78,8 +78,11 @@ class DatasetSummary:
         out = []
         for s in self.splits:
             row: dict[str, Any] = {
-                "split": s.split, "images": s.images, "labelled_images": s.labelled_images,
-                "empty_images": s.empty_images, "instances": s.instances,
+                "split": s.split,
+                "images": s.images,
+                "labelled_images": s.labelled_images,
+                "empty_images": s.empty_images,
+                "instances": s.instances,
             }
             row.update({f"instances/{n}": s.instances_per_class.get(n, 0) for n in self.names})
             row.update({f"box_width_{k}": _fmt(s.box_width.get(k)) for k in BOX_STATS})
@@ -207,7 +210,7 @@ def summarize_dataset(data: str | Path | dict) -> DatasetSummary:
     digest.update(repr(cfg.names).encode())
     splits = []
     for split, sources in cfg.splits.items():
-        summary = SplitSummary(split=split, instances_per_class={n: 0 for n in cfg.names})
+        summary = SplitSummary(split=split, instances_per_class=dict.fromkeys(cfg.names, 0))
         widths: list[float] = []
         heights: list[float] = []
         digest.update(f"\0split:{split}".encode())
@@ -278,15 +281,21 @@ def make_synthetic_dataset(
                 x0, y0 = rng.uniform(0, imgsz - w), rng.uniform(0, imgsz - h)
                 colour = ((60 + 90 * cls) % 256, 200, (220 - 70 * cls) % 256)
                 draw.rectangle((x0, y0, x0 + w, y0 + h), fill=colour)
-                lines.append(f"{cls} {(x0 + w / 2) / imgsz:.6f} {(y0 + h / 2) / imgsz:.6f} {w / imgsz:.6f} {h / imgsz:.6f}")
+                lines.append(
+                    f"{cls} {(x0 + w / 2) / imgsz:.6f} {(y0 + h / 2) / imgsz:.6f} {w / imgsz:.6f} {h / imgsz:.6f}"
+                )
             im.save(img_dir / f"{split}_{i:04d}.png")
             if lines or i % 8 == 3:  # some empty images have an empty label file, others none at all
                 (lbl_dir / f"{split}_{i:04d}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
     data_yaml = root / "data.yaml"
     data_yaml.write_text(
         yaml.safe_dump(
-            {"path": str(root.resolve()), "train": "images/train", "val": "images/val",
-             "names": {i: str(n) for i, n in enumerate(classes)}},
+            {
+                "path": str(root.resolve()),
+                "train": "images/train",
+                "val": "images/val",
+                "names": {i: str(n) for i, n in enumerate(classes)},
+            },
             sort_keys=False,
         )
     )

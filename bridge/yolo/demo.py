@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bridge import config
 from bridge.errors import ServeError
@@ -23,9 +24,17 @@ logger = logging.getLogger(__name__)
 
 DEMO_EXPERIMENT = "bridge-demo"
 #: The generated data and the training schedule that make learning visible within the demo's minute.
-DEMO_DATA = {"n_train": 64, "n_val": 16, "classes": ("square",), "seed": 1}
-DEMO_TRAIN = {"batch": 4, "nbs": 4, "mosaic": 0.0, "warmup_epochs": 0, "optimizer": "AdamW", "lr0": 0.004,
-              "workers": 0, "plots": False}
+DEMO_DATA: dict[str, Any] = {"n_train": 64, "n_val": 16, "classes": ("square",), "seed": 1}
+DEMO_TRAIN: dict[str, Any] = {
+    "batch": 4,
+    "nbs": 4,
+    "mosaic": 0.0,
+    "warmup_epochs": 0,
+    "optimizer": "AdamW",
+    "lr0": 0.004,
+    "workers": 0,
+    "plots": False,
+}
 DEFAULT_EPOCHS = 8
 
 
@@ -47,8 +56,15 @@ def demo_home() -> Path:
     return home if home is not None else config.paths().data_dir / "demo"
 
 
-def run_demo(*, epochs: int = DEFAULT_EPOCHS, imgsz: int = 64, keep: bool = False, home: Path | None = None,
-             device: str = "cpu", on_experiment: Callable[[str], None] | None = None) -> DemoResult:
+def run_demo(
+    *,
+    epochs: int = DEFAULT_EPOCHS,
+    imgsz: int = 64,
+    keep: bool = False,
+    home: Path | None = None,
+    device: str = "cpu",
+    on_experiment: Callable[[str], None] | None = None,
+) -> DemoResult:
     """Serve, connect, train a tiny YOLOv8n and wait until the run is on the server; stop the server unless `keep`.
 
     `on_experiment(link)` gets the experiment's chart view as soon as it exists, before training starts.
@@ -69,15 +85,28 @@ def run_demo(*, epochs: int = DEFAULT_EPOCHS, imgsz: int = 64, keep: bool = Fals
         conn = bridge.connect(url=server.entrance_url, token=server.token(), journal=home / "demo-journal.sqlite")
         client = mlflow.MlflowClient(tracking_uri=server.mlflow_url)  # the server's own ids, for the links
         exp = client.get_experiment_by_name(DEMO_EXPERIMENT)
-        experiment_id = exp.experiment_id if exp is not None else client.create_experiment(
-            DEMO_EXPERIMENT, tags={ui.EXPERIMENT_KIND_TAG: ui.MODEL_TRAINING_KIND})
+        experiment_id = (
+            exp.experiment_id
+            if exp is not None
+            else client.create_experiment(DEMO_EXPERIMENT, tags={ui.EXPERIMENT_KIND_TAG: ui.MODEL_TRAINING_KIND})
+        )
         if on_experiment is not None:
             on_experiment(ui.ui_link(server.mlflow_url, experiment_id, charts=True))
         data = make_synthetic_dataset(home / "demo-data-v2", imgsz=imgsz, **DEMO_DATA)
         tracker = bridge.yolo.train(
-            "yolov8n.yaml", data=data, experiment=DEMO_EXPERIMENT, run_name="yolov8n-demo",
-            tags={"bridge.demo": "true"}, epochs=epochs, imgsz=imgsz, device=device, system_metrics_every_s=10.0,
-            project=str(home / "demo-runs"), name="yolov8n", exist_ok=True, **DEMO_TRAIN,
+            "yolov8n.yaml",
+            data=data,
+            experiment=DEMO_EXPERIMENT,
+            run_name="yolov8n-demo",
+            tags={"bridge.demo": "true"},
+            epochs=epochs,
+            imgsz=imgsz,
+            device=device,
+            system_metrics_every_s=10.0,
+            project=str(home / "demo-runs"),
+            name="yolov8n",
+            exist_ok=True,
+            **DEMO_TRAIN,
         )
         left = conn.flush(120)
         if left:
@@ -88,8 +117,14 @@ def run_demo(*, epochs: int = DEFAULT_EPOCHS, imgsz: int = 64, keep: bool = Fals
             raise ServeError("the demo run did not reach the server")
         run = runs[0]
         logger.debug("demo run: local %s, server %s", local_run_id, run.info.run_id)
-        return DemoResult(ui_url=server.mlflow_url, run_url=ui.ui_link(server.mlflow_url, experiment_id, run.info.run_id),
-                          run_id=run.info.run_id, experiment_id=experiment_id, home=home, server=server)
+        return DemoResult(
+            ui_url=server.mlflow_url,
+            run_url=ui.ui_link(server.mlflow_url, experiment_id, run.info.run_id),
+            run_id=run.info.run_id,
+            experiment_id=experiment_id,
+            home=home,
+            server=server,
+        )
     finally:
         if not keep:
             server.stop()

@@ -87,7 +87,11 @@ def mlflow_source_tags() -> dict[str, str]:
 def _git(args: list[str], cwd: Path) -> str | None:
     try:
         proc = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=GIT_TIMEOUT_S,
+            ["git", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
             env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},  # a status check must not take the index lock
         )
     except (OSError, subprocess.SubprocessError):
@@ -163,11 +167,13 @@ def run_tags() -> dict[str, str]:
     tags.update(mlflow_source_tags())
     try:
         import mlflow
+
         tags["version.mlflow"] = mlflow.__version__
     except ImportError:
         pass
     try:
         import ultralytics
+
         tags["version.ultralytics"] = ultralytics.__version__
     except ImportError:
         pass

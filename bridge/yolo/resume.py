@@ -48,8 +48,18 @@ def save_dir_for(project: str | Path | None, name: str | None, task: str = "dete
 
     if not name:
         raise ConfigError("resume=True needs name= (and project=): it resumes <project>/<name>/weights/last.pt")
-    return Path(get_save_dir(SimpleNamespace(project=str(project) if project else None, name=name, task=task,
-                                             mode="train", exist_ok=True, save_dir=None))).resolve()
+    return Path(
+        get_save_dir(
+            SimpleNamespace(
+                project=str(project) if project else None,
+                name=name,
+                task=task,
+                mode="train",
+                exist_ok=True,
+                save_dir=None,
+            )
+        )
+    ).resolve()
 
 
 def run_key_for(save_dir: Path, run_key: str | None) -> str:
@@ -60,8 +70,11 @@ def write_run_file(save_dir: Path, run_id: str, run_key: str, experiment_id: str
     """Note the run next to the weights, atomically (the folder may be on a Drive that syncs any moment)."""
     path = Path(save_dir) / RUN_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "run_key": run_key, "experiment_id": experiment_id,
-                               "experiment_name": experiment_name}))
+    tmp.write_text(
+        json.dumps(
+            {"run_id": run_id, "run_key": run_key, "experiment_id": experiment_id, "experiment_name": experiment_name}
+        )
+    )
     os.replace(tmp, path)
 
 
@@ -73,8 +86,13 @@ def read_run_file(save_dir: Path) -> dict[str, str]:
         return {}
 
 
-def find_run(run_key: str, *, run_id_hint: str | None = None, experiment: str | None = None,
-             experiment_id_hint: str | None = None) -> Any | None:
+def find_run(
+    run_key: str,
+    *,
+    run_id_hint: str | None = None,
+    experiment: str | None = None,
+    experiment_id_hint: str | None = None,
+) -> Any | None:
     """The newest run tagged `run_key`: the id noted in the save dir first, else a search by the tag."""
     from mlflow import MlflowClient
 
@@ -95,10 +113,14 @@ def find_run(run_key: str, *, run_id_hint: str | None = None, experiment: str | 
         experiment_ids.append(experiment_id_hint)
     if not experiment_ids:
         return None
-    runs = client.search_runs(experiment_ids, filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(run_key)}'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
+    found = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(run_key)}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
     # Offline the journal answers without applying the filter: apply it here as well.
-    runs = [r for r in runs if r.data.tags.get(RUN_KEY_TAG) == run_key]
+    runs = [r for r in found if r.data.tags.get(RUN_KEY_TAG) == run_key]
     return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
 
 
@@ -114,8 +136,12 @@ def plan(ckpt: dict, *, save_dir: Path, run_key: str, experiment: str | None) ->
     done = int(ckpt.get("epoch", -1)) + 1  # epochs completed and checkpointed
     epochs = int((ckpt.get("train_args") or {}).get("epochs") or 0)
     noted = read_run_file(save_dir)
-    run = find_run(run_key, run_id_hint=noted.get("run_id"), experiment=experiment or noted.get("experiment_name"),
-                   experiment_id_hint=noted.get("experiment_id"))
+    run = find_run(
+        run_key,
+        run_id_hint=noted.get("run_id"),
+        experiment=experiment or noted.get("experiment_name"),
+        experiment_id_hint=noted.get("experiment_id"),
+    )
     checkpoint_at = datetime.fromtimestamp(last.stat().st_mtime, timezone.utc).replace(microsecond=0).isoformat()
     tags = {}
     if run is not None:
@@ -135,11 +161,22 @@ def plan(ckpt: dict, *, save_dir: Path, run_key: str, experiment: str | None) ->
         console = local_console.read_text(errors="replace")
     if console and not console.endswith("\n"):
         console += "\n"
-    console += f"---- bridge: resumed {metadata.utc_now()} at epoch {done + 1} from {last} (checkpoint {checkpoint_at}) ----\n"
-    return ResumePlan(run_id=run.info.run_id if run is not None else None, save_dir=save_dir, last=last,
-                      start_epoch=done + 1, epochs=epochs, tags=tags, console_prefix=console)
+    console += (
+        f"---- bridge: resumed {metadata.utc_now()} at epoch {done + 1} from {last} (checkpoint {checkpoint_at}) ----\n"
+    )
+    return ResumePlan(
+        run_id=run.info.run_id if run is not None else None,
+        save_dir=save_dir,
+        last=last,
+        start_epoch=done + 1,
+        epochs=epochs,
+        tags=tags,
+        console_prefix=console,
+    )
 
 
 def is_resumable(ckpt: dict | None) -> bool:
     """Ultralytics' own test: an unfinished training's last.pt keeps its epoch and optimizer state."""
-    return bool(ckpt) and int(ckpt.get("epoch", -1)) >= 0 and ckpt.get("optimizer") is not None
+    if not ckpt:
+        return False
+    return int(ckpt.get("epoch", -1)) >= 0 and ckpt.get("optimizer") is not None

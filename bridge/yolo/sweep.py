@@ -7,9 +7,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bridge.yolo.callbacks import TrackOptions
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +66,20 @@ class _ProgressHooks:
         self.on_batch_end(self.label, self.batch, len(loader) if loader is not None else 0)
 
 
-def _track_options(experiment: str | None, run_name: str, tags: dict[str, str]) -> dict[str, Any]:
-    from bridge.yolo.callbacks import DEFAULT_LOG_BEST_EVERY_S, DEFAULT_REFRESH_EVERY_S
+def _track_options(experiment: str | None, run_name: str, tags: dict[str, str]) -> TrackOptions:
+    from bridge.yolo.callbacks import DEFAULT_LOG_BEST_EVERY_S, DEFAULT_REFRESH_EVERY_S, TrackOptions
     from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S
 
-    return dict(experiment=experiment, run_name=run_name, tags=tags, log_best_every_s=DEFAULT_LOG_BEST_EVERY_S,
-                refresh_every_s=DEFAULT_REFRESH_EVERY_S, run_key=None, system_metrics=True,
-                system_metrics_every_s=DEFAULT_LOG_EVERY_S)
+    return TrackOptions(
+        experiment=experiment,
+        run_name=run_name,
+        tags=tags,
+        log_best_every_s=DEFAULT_LOG_BEST_EVERY_S,
+        refresh_every_s=DEFAULT_REFRESH_EVERY_S,
+        run_key=None,
+        system_metrics=True,
+        system_metrics_every_s=DEFAULT_LOG_EVERY_S,
+    )
 
 
 @dataclass
@@ -124,8 +134,13 @@ def sweep(
                 from bridge.yolo import _resume
 
                 hooks = _ProgressHooks(label, on_epoch_end, on_batch_end)
-                tracker = _resume(spec, data=data, options=_track_options(experiment, label, run_tags),
-                                  overrides={"name": label, **overrides}, prepare=hooks.attach)
+                tracker = _resume(
+                    spec,
+                    data=data,
+                    options=_track_options(experiment, label, run_tags),
+                    overrides={"name": label, **overrides},
+                    prepare=hooks.attach,
+                )
                 if tracker is not None:
                     result.run_id, result.final_metrics = tracker.run_id, dict(tracker.final_metrics)
                     results.append(result)

@@ -42,11 +42,19 @@ def make_monitors() -> list[Any]:
 class SystemMetricsSampler:
     """A daemon thread sampling the machine and logging averages to one run through `client.log_batch`."""
 
-    def __init__(self, client: Any, run_id: str, *, run_start_ms: int,
-                 sample_every_s: float = DEFAULT_SAMPLE_EVERY_S, log_every_s: float = DEFAULT_LOG_EVERY_S) -> None:
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        *,
+        run_start_ms: int,
+        sample_every_s: float = DEFAULT_SAMPLE_EVERY_S,
+        log_every_s: float = DEFAULT_LOG_EVERY_S,
+    ) -> None:
         if sample_every_s <= 0 or log_every_s <= 0:
-            raise ValueError(f"system metrics: sample_every_s ({sample_every_s}) and log_every_s ({log_every_s}) "
-                             "must be > 0")
+            raise ValueError(
+                f"system metrics: sample_every_s ({sample_every_s}) and log_every_s ({log_every_s}) must be > 0"
+            )
         self.client, self.run_id = client, run_id
         self.run_start_ms = run_start_ms
         self._last_step = -1
@@ -59,7 +67,7 @@ class SystemMetricsSampler:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="bridge-system-metrics", daemon=True)
 
-    def start(self) -> "SystemMetricsSampler":
+    def start(self) -> SystemMetricsSampler:
         self._sample()  # psutil's first cpu_percent() call only sets its reference point
         self._thread.start()
         return self
@@ -101,8 +109,9 @@ class SystemMetricsSampler:
             ts = int(time.time() * 1000)
             step = self._last_step = max((ts - self.run_start_ms) // 1000, self._last_step + 1)
         try:
-            self.client.log_batch(self.run_id, metrics=[Metric(PREFIX + k, float(v), ts, step)
-                                                        for k, v in values.items()])
+            self.client.log_batch(
+                self.run_id, metrics=[Metric(PREFIX + k, float(v), ts, step) for k, v in values.items()]
+            )
             self.logged += 1
         except Exception as exc:
             logger.warning("bridge.yolo: logging system metrics failed (%s); training goes on", exc)

@@ -10,6 +10,7 @@ import socket
 from bridge.client.journal.database import Database
 from bridge.client.journal.kinds import LOGGED_MODEL
 from bridge.client.journal.records import EntityRecord, ExperimentRecord, RunRecord
+from bridge.processes import pid_alive
 
 #: This machine: a run's owner process is looked for only on the host that created it.
 HOST = socket.gethostname()
@@ -93,7 +94,7 @@ class IdMaps:
                 "and owner_pid is not null and owner_pid != ?",
                 (HOST, os.getpid()),
             ).fetchall()
-        return {run for run, pid in rows if _process_alive(pid)}
+        return {run for run, pid in rows if pid_alive(pid)}
 
     def run_created_at(self, local_id: str) -> float | None:
         """When the run was journaled (seconds since the epoch)."""
@@ -163,13 +164,3 @@ class IdMaps:
         with self._db.db(write=False) as conn:
             rows = conn.execute("select local_id, name, remote_id from experiments order by created").fetchall()
         return [ExperimentRecord(*row) for row in rows]
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return True
