@@ -739,3 +739,43 @@ def test_h24_the_model_points_a_run_remembers_are_bounded(monkeypatch):
     assert models.model_point_clash([Metric("loss", 99.0, T0 + 24, 0, model_id="m-1")], known) is not None
     assert models.model_point_clash([Metric("loss", 99.0, T0, 0, model_id="m-1")], known) is None  # forgotten
     assert models.model_point_clash([Metric("loss", 24.0, T0 + 24, 0, model_id="m-1")], known) is None  # the same
+
+
+class _RefusedAfterReads(FaultTransport):
+    """Refuses everything once `reads` more reads of a run (`runs/get`) have gone through."""
+
+    reads: int | None = None
+
+    def send(self, request):
+        if self.reads is not None and "/runs/get" in request.path:
+            self.reads -= 1
+            if self.reads < 0:
+                self.reads = None
+                self.fail("refuse")
+        return super().send(request)
+
+
+def test_log_model_on_a_server_run_this_journal_did_not_create_when_the_server_goes_away_during_it(
+    mlflow_server, bridge_connect, server_client
+):
+    """A run resumed from the server (created by another process); the link drops inside `log_model`, after
+    its first read of the run and before the read that copies the step's metrics to the model. That read is
+    answered empty and the copy made at delivery — it used to raise MLflow's "start_time cannot be None", and
+    the model was never logged. Found by the type check of bridge/client."""
+    experiment = server_client.create_experiment("resumed-offline")
+    remote = server_client.create_run(experiment).info.run_id
+    transport = _RefusedAfterReads()
+    conn = bridge_connect(mlflow_server.url, experiment="resumed-offline", transport=transport)
+    with mlflow.start_run(run_id=remote):  # online: the server's run, resumed
+        mlflow.log_metric("loss", 0.5, step=0, timestamp=T0)
+        assert conn.flush(30) == 0
+        transport.reads = 1
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
+    assert transport.reads is None, "the link never dropped inside log_model"
+    transport.clear()
+    assert conn.flush(60) == 0
+    assert conn.journal.queue.dead_letters() == []
+    model = server_client.get_logged_model(conn.journal.ids.entity(J.LOGGED_MODEL, info.model_id).remote_id)
+    assert model.source_run_id == remote
+    assert str(model.status) == "READY"
+    assert [(m.key, m.value, m.step) for m in model.metrics] == [("loss", 0.5, 0)]

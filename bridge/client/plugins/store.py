@@ -425,7 +425,7 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                     experiment_id="",
                     user_id="",
                     status="RUNNING",
-                    start_time=None,  # type: ignore[arg-type]  # as found; MLflow's RunInfo refuses None (reported)
+                    start_time=0,  # not known here; log_model reads only the metric names (MLflow refuses None)
                     end_time=None,
                     lifecycle_stage=LifecycleStage.ACTIVE,
                 ),
