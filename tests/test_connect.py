@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import mlflow
-import pytest
 from mlflow import MlflowClient
 
 from bridge.client import sender as sender_module
