@@ -6,6 +6,7 @@ Fixtures of each area live in tests/support/ and are loaded as plugins below.
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -31,3 +32,61 @@ def bridge_home(tmp_path, monkeypatch):
                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(name, raising=False)
     return home
+
+
+# ---------------------------------------------------------------------------------------------- tiers
+#
+#   pytest -m "not integration and not slow"   the fast tier: no server, no subprocess, no training
+#   pytest                                     everything (what CI runs)
+#
+# `integration` is given here to every test that requests one of the fixtures below (directly or through
+# another fixture): each starts a real server or process. Tests that start processes without such a
+# fixture carry the mark themselves (`pytestmark` or `@pytest.mark.integration`).
+
+#: Fixtures that start a real `mlflow server`, `bridge serve`, a proxy in front of one, or a stand-in agent.
+INTEGRATION_FIXTURES = frozenset({
+    "mlflow_server", "own_mlflow_server", "server_client", "flaky_proxy", "make_flaky_proxy",
+    "bridge_serve", "own_bridge_serve", "fake_ngrok", "fake_cloudflared", "tunnel_agent",
+    "differential_servers", "bridge_sweep",
+})
+#: Fixtures of the slow tier: a YOLO dataset means a training; a browser.
+SLOW_FIXTURES = frozenset({"yolo_dataset", "bridge_sweep", "chromium_path"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & INTEGRATION_FIXTURES:
+            item.add_marker(pytest.mark.integration)
+        if used & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.integration)
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+
+POSTGRES_ADDRESS = ("127.0.0.1", 5432)
+_postgres_answer: list[str | None] = []
+
+
+def _postgres_unreachable() -> str | None:
+    """None when something accepts connections on 127.0.0.1:5432, else why not (asked once per session)."""
+    if not _postgres_answer:
+        try:
+            socket.create_connection(POSTGRES_ADDRESS, timeout=2).close()
+            _postgres_answer.append(None)
+        except OSError as exc:
+            _postgres_answer.append(f"nothing answers on {POSTGRES_ADDRESS[0]}:{POSTGRES_ADDRESS[1]} ({exc})")
+    return _postgres_answer[0]
+
+
+def pytest_runtest_setup(item):
+    """`postgres` tests skip without PostgreSQL on this machine, except under CI (CI=…), where they fail."""
+    if item.get_closest_marker("postgres") is None:
+        return
+    why = _postgres_unreachable()
+    if why is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"PostgreSQL is required under CI: {why}", pytrace=False)
+    pytest.skip(f"PostgreSQL not available: {why} (under CI=true this fails instead)")

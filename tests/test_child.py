@@ -21,6 +21,7 @@ def _processes_under(home) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_a_child_that_exits_at_once_is_reported_with_its_own_message(tmp_path):
     child = ServeChild(tmp_path / "home", args=["--tunnel", "carrier-pigeon"])
     with pytest.raises(ServeError, match="exited with 1") as caught:
@@ -28,6 +29,7 @@ def test_a_child_that_exits_at_once_is_reported_with_its_own_message(tmp_path):
     assert "--tunnel 'carrier-pigeon' is not one of" in str(caught.value)
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_start_waits_for_the_entrance_and_stop_leaves_nothing_of_the_tree(tmp_path, monkeypatch):
     monkeypatch.setenv("BRIDGE_TOKEN", "never-passed-on")  # the caller's settings stay out of the child
     child = ServeChild(tmp_path / "home", args=["--tunnel", "none"])

@@ -166,6 +166,7 @@ def test_help_texts_describe_the_options():
         assert option in result.output
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_serve_start_failure_shows_mlflow_log_lines_and_exits_1():
     from bridge.serve.child import free_ports
 

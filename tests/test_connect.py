@@ -80,7 +80,8 @@ def test_through_the_bridge_serve_entrance_with_the_right_token(bridge_serve, br
     assert len(client.get_metric_history(remote.info.run_id, "loss")) == 30 and remote.data.params == {"p": "1"}
 
 
-def test_wrong_token_pauses_delivery_and_keeps_everything(bridge_serve, bridge_connect):
+def test_wrong_token_pauses_delivery_and_keeps_everything(bridge_serve, bridge_connect, monkeypatch):
+    monkeypatch.setenv("BRIDGE_TOKEN_RETRY_MIN_S", "0.05")  # two refused rounds, without the 5 s floor
     conn = bridge_connect(bridge_serve.entrance_url, token="wrong-" + uuid.uuid4().hex)
     status = conn.status()
     assert status.token_rejected is True and status.online is not True
@@ -93,7 +94,9 @@ def test_wrong_token_pauses_delivery_and_keeps_everything(bridge_serve, bridge_c
     assert status.token_rejected and status.pending >= 4 and status.dead_letters == 0
 
 
-def test_token_rejected_by_a_401_entrance(fixed_status_server, bridge_connect):
+def test_token_rejected_by_a_401_entrance(fixed_status_server, bridge_connect, monkeypatch):
+    # The 5 s floor between retries of a refused token is not what this test is about: two rounds, quickly.
+    monkeypatch.setenv("BRIDGE_TOKEN_RETRY_MIN_S", "0.05")
     conn = bridge_connect(fixed_status_server.url, token="bad-token")
     conn.journal.add_experiment("x", {})
     assert conn.sender.wait_rounds(2, 30), "the sender tried (and was refused) after the entry was journaled"

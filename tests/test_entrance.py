@@ -330,7 +330,7 @@ class _RecordingUpstream(http.server.BaseHTTPRequestHandler):
 def test_entrance_reuses_one_upstream_connection_and_drops_hop_by_hop_headers(bridge_home):
     _RecordingUpstream.seen = []
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingUpstream)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    threading.Thread(target=upstream.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     entrance = Entrance(upstream.server_address[1], port=0)
     entrance.start()
     try:

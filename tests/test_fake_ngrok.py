@@ -54,6 +54,7 @@ def test_basic_auth_password_too_short_is_refused_like_ngrok(fake_ngrok, pyngrok
     assert info.value.status_code == 400
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_version_and_config_subcommands():
     out = subprocess.run([sys.executable, str(FAKE_AGENT), "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("ngrok version 3.")

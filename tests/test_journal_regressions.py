@@ -454,7 +454,7 @@ def test_defect_12_a_pyfunc_model_reaches_the_server(bridge_connect, mlflow_serv
     experiment = _name("model")
     mlflow.set_experiment(experiment)
     with mlflow.start_run():
-        mlflow.pyfunc.log_model(name="model", python_model=AddOne())
+        mlflow.pyfunc.log_model(name="model", python_model=AddOne(), pip_requirements=[])
     assert conn.flush(60) == 0
     server = MlflowClient(mlflow_server.url)
     eid = server.get_experiment_by_name(experiment).experiment_id

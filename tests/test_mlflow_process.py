@@ -32,6 +32,7 @@ def _journal_mode(path) -> str:
         return conn.execute("PRAGMA journal_mode").fetchone()[0]
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_lean_mlflow_starts_healthy_serves_artifacts_and_stops_without_orphans(bridge_home):
     proc = MlflowProcess(MlflowOptions(port=free_port()))
     proc.start()
@@ -150,6 +151,7 @@ def test_redact_uri_hides_passwords_only():
     assert "s3cret" not in redact_uri("postgresql://u:s3cret@h/db?sslpassword=s3cret")
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_start_failure_raises_with_mlflow_log_lines_and_no_leftovers(bridge_home):
     port = free_port()
     proc = MlflowProcess(MlflowOptions(port=port, backend_store_uri="bogus://bridge:s3cretpw@nowhere/x"))
@@ -166,6 +168,7 @@ def test_start_failure_raises_with_mlflow_log_lines_and_no_leftovers(bridge_home
     assert port_is_free("127.0.0.1", port)
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_start_deadline_shows_why_mlflow_is_not_ready(bridge_home):
     port = free_port()
     # MLflow keeps retrying an unreachable database, so this is the deadline path. (20 s leaves a loaded
@@ -191,6 +194,7 @@ def test_port_in_use_is_refused_before_starting(bridge_home):
             MlflowProcess(MlflowOptions(port=port)).start()
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_watch_restarts_mlflow_after_kill_9_and_reports_it(bridge_home):
     proc = MlflowProcess(MlflowOptions(port=free_port()))
     proc.start()
@@ -223,6 +227,7 @@ def test_watch_restarts_mlflow_after_kill_9_and_reports_it(bridge_home):
     assert not watcher.is_alive()
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_watch_restarts_mlflow_that_stops_answering(bridge_home):
     proc = MlflowProcess(MlflowOptions(port=free_port(), health_interval_s=0.5, health_failures=2,
                                        health_timeout_s=1.0, stop_grace_s=3))

@@ -71,7 +71,7 @@ def test_pytorch_log_model_online(mlflow_server, bridge_connect, server_client):
     module = tiny_torch()
     with mlflow.start_run() as run:
         mlflow.log_param("lr", "0.1")
-        info = mlflow.pytorch.log_model(module, name="net", params={"hidden": "3"}, tags={"kind": "tiny"},
+        info = mlflow.pytorch.log_model(module, name="net", params={"hidden": "3"}, tags={"kind": "tiny"}, pip_requirements=[],
                                         input_example=np.ones((1, 3), dtype=np.float32))
     local_id = info.model_id
     assert mlflow.get_logged_model(local_id).model_id == local_id  # the id MLflow was given stays valid
@@ -95,7 +95,7 @@ def test_pyfunc_log_model_offline_then_online(mlflow_server, bridge_connect, ser
     transport.fail("refuse")
     conn = bridge_connect(mlflow_server.url, experiment=experiment, transport=transport, probe_timeout=0.5)
     with mlflow.start_run() as run:
-        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), params={"factor": "2"})
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[], params={"factor": "2"})
     local = mlflow.get_logged_model(info.model_id)  # offline: from the journal
     assert (local.model_id, local.source_run_id, str(local.status)) == (info.model_id, run.info.run_id, "READY")
     assert local.params["factor"] == "2"
@@ -121,7 +121,7 @@ def test_lost_answer_on_the_create_makes_one_model(mlflow_server, bridge_connect
     transport.fail("lost_answer", path="/api/2.0/mlflow/logged-models", times=2)
     conn = bridge_connect(mlflow_server.url, experiment=experiment, transport=transport)
     with mlflow.start_run():
-        mlflow.pyfunc.log_model(name="double", python_model=Double())
+        mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
     assert conn.flush(60) == 0
     assert any(r.fault == "lost_answer" for r in transport.requests)
     server_model(server_client, experiment, params={}, tags={})  # exactly one model, complete
@@ -208,7 +208,7 @@ def test_h22_log_model_while_the_server_is_away_gets_the_runs_metrics_at_its_ste
             mlflow.log_metric("loss", 0.4, step=1, timestamp=T0 + 1)
             going_away()
             mlflow.log_metric("acc", 0.7, step=0, timestamp=T0 + 2)  # still in the journal
-            mlflow.pyfunc.log_model(name="double", python_model=Double(), params={"factor": "2"})
+            mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[], params={"factor": "2"})
 
     stock(mlflow_server.url, "h22-stock", program)
     conn = bridge_connect(mlflow_server.url, experiment="h22-bridge", transport=transport, probe_timeout=0.5)
@@ -241,7 +241,7 @@ def test_h22_a_history_the_server_does_not_answer_is_copied_at_delivery_key_by_k
             mlflow.log_metric("acc", 0.8, step=3, timestamp=T0 + 2)
             histories_away()
             try:
-                mlflow.pyfunc.log_model(name="double", python_model=Double())
+                mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
             finally:
                 transport.clear()
 
@@ -267,7 +267,7 @@ def test_h22_log_model_online_gives_the_model_the_runs_metrics_at_its_step(mlflo
         with mlflow.start_run():
             mlflow.log_metric("loss", 0.5, step=0, timestamp=T0)
             mlflow.log_metric("loss", 0.4, step=1, timestamp=T0 + 1)
-            mlflow.pyfunc.log_model(name="double", python_model=Double(), step=1)
+            mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[], step=1)
 
     stock(mlflow_server.url, "h22-online-stock", program)
     conn = bridge_connect(mlflow_server.url, experiment="h22-online-bridge")
@@ -286,7 +286,7 @@ def test_h22_a_metric_logged_for_a_model_created_offline_waits_for_the_model_and
     transport.fail("refuse")
     conn = bridge_connect(mlflow_server.url, experiment="h22-wait", transport=transport, probe_timeout=0.5)
     with mlflow.start_run() as run:
-        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
         mlflow.log_metric("val_acc", 0.9, step=5, timestamp=T0, model_id=info.model_id)
     transport.clear()
     assert conn.flush(60) == 0
@@ -312,7 +312,7 @@ def test_h22_numpy_steps_and_timestamps_of_model_metrics_are_taken_as_numbers(ml
     stock MLflow logs the point (a `log_model(step=epoch)` over `np.arange` would have stopped training)."""
     def program():
         with mlflow.start_run():
-            info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+            info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
             mlflow.log_metric("k", 1.0, step=np.int64(3), timestamp=T0, model_id=info.model_id)
             MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=[
                 Metric("k2", np.float32(2.0), np.int64(T0), np.int64(4), model_id=info.model_id)])
@@ -332,7 +332,7 @@ def test_h22_points_mlflow_links_to_a_model_after_log_model_go_in_one_request(ml
     such point is an op of its own in the journal, and consecutive ones travel in one log-batch."""
     def program():
         with mlflow.start_run():
-            mlflow.pyfunc.log_model(name="double", python_model=Double())
+            mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
             for i in range(300):
                 mlflow.log_metric("loss", float(i), timestamp=T0 + i)  # step 0: linked to the model
 
@@ -363,7 +363,7 @@ def test_h22_a_second_point_in_the_same_millisecond_stays_on_the_run(mlflow_serv
     transport = FaultTransport()
     conn = bridge_connect(mlflow_server.url, experiment="h22-same-ms", transport=transport)
     with mlflow.start_run() as run:
-        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
         assert conn.flush(30) == 0
         remote = conn.journal.ids.run(run.info.run_id).remote_id
         server_model = server_model_id_of(conn, info.model_id)
@@ -411,7 +411,7 @@ def test_h22_model_reads_show_local_ids_and_the_points_still_waiting(mlflow_serv
     transport = FaultTransport()
     conn = bridge_connect(mlflow_server.url, experiment="h22-reads", transport=transport)
     with mlflow.start_run() as run:
-        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
         assert conn.flush(30) == 0
         transport.fail("refuse", path="/runs/log-batch")
         mlflow.log_metric("val", 0.9, step=2, timestamp=T0, model_id=info.model_id)
@@ -439,7 +439,7 @@ def test_h22_a_stale_copy_of_the_journal_does_not_make_the_step_copy_again(mlflo
         with mlflow.start_run():
             mlflow.log_metric("acc", 0.5, step=0, timestamp=T0)
             away()
-            mlflow.pyfunc.log_model(name="double", python_model=Double())
+            mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
             snapshot()
             transport.clear()
             MlflowClient().log_metric(mlflow.active_run().info.run_id, "acc", 0.9, timestamp=T0 + 5, step=0)
@@ -487,7 +487,7 @@ def test_h22_the_step_copy_carries_on_over_a_link_that_drops_reads(mlflow_server
         mlflow.log_metrics({f"m{i:03d}": float(i) for i in range(120)}, step=0, timestamp=T0)
         assert conn.flush(30) == 0
         transport.fail("refuse")
-        mlflow.pyfunc.log_model(name="double", python_model=Double())
+        mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
         transport.clear()
     transport.armed = True
     assert conn.flush(60) == 0
@@ -510,7 +510,7 @@ def test_h22_the_step_copy_keeps_the_first_of_two_points_in_one_millisecond(mlfl
                                                            Metric("acc", 0.5, T0, 0)])
         assert conn.flush(30) == 0
         transport.fail("refuse")
-        mlflow.pyfunc.log_model(name="double", python_model=Double())
+        mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
         transport.clear()
     assert conn.flush(60) == 0
     assert conn.journal.queue.dead_letters() == []
@@ -525,7 +525,7 @@ def test_h22_a_point_for_a_model_deleted_on_the_server_stays_on_the_run(mlflow_s
     model."""
     conn = bridge_connect(mlflow_server.url, experiment="h22-deleted-model")
     with mlflow.start_run() as run:
-        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
         assert conn.flush(30) == 0
         remote = conn.journal.ids.run(run.info.run_id).remote_id
         server_model = server_model_id_of(conn, info.model_id)
@@ -541,7 +541,7 @@ def test_h22_a_model_read_shows_waiting_points_logged_from_another_run(mlflow_se
     transport = FaultTransport()
     conn = bridge_connect(mlflow_server.url, experiment="h22-eval-run", transport=transport)
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
     assert conn.flush(30) == 0
     transport.fail("refuse", path="/runs/log-batch")
     with mlflow.start_run() as evaluation:
@@ -568,7 +568,7 @@ def test_h22_seed_180093_log_model_raises_like_stock_for_two_values_in_one_milli
             MlflowClient().log_batch(run.info.run_id, metrics=[Metric("loss", 0.0, T0, 0), Metric("loss", 0.0, T0, 0)])
             MlflowClient().log_batch(run.info.run_id, metrics=[Metric("loss", -1.5, T0, 0)])
             with pytest.raises(MlflowException) as raised:
-                mlflow.pyfunc.log_model(name="double", python_model=Double())
+                mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
             outcome[name] = (raised.value.error_code, run.info.run_id)
 
     stock(mlflow_server.url, "h22-180093-stock", lambda: program("stock"))
@@ -597,8 +597,8 @@ def test_h24_seed_210095_a_later_call_giving_a_model_a_second_value_raises_like_
     def program(name):
         with mlflow.start_run() as run:
             mlflow.log_metrics({f"m{i:04d}": 20.0 + i for i in range(408)}, step=0, timestamp=T0)
-            mlflow.pyfunc.log_model(name="first", python_model=Double())
-            mlflow.pyfunc.log_model(name="second", python_model=Double())
+            mlflow.pyfunc.log_model(name="first", python_model=Double(), pip_requirements=[])
+            mlflow.pyfunc.log_model(name="second", python_model=Double(), pip_requirements=[])
             with pytest.raises(MlflowException) as raised:
                 mlflow.log_metrics({f"m{i:04d}": -5.0 + i for i in range(626)}, step=0, timestamp=T0)
             mlflow.log_metric("after", 1.0, step=2, timestamp=T0)  # the run carries on after the refused call
@@ -625,7 +625,7 @@ def test_h24_seed_210095_the_same_value_again_is_not_a_second_value(mlflow_serve
     def program(name):
         with mlflow.start_run() as run:
             mlflow.log_metrics({"loss": 0.5, "acc": 0.25, "gap": math.nan, "big": math.inf}, step=0, timestamp=T0)
-            mlflow.pyfunc.log_model(name="again", python_model=Double())
+            mlflow.pyfunc.log_model(name="again", python_model=Double(), pip_requirements=[])
             mlflow.log_metrics({"loss": 0.5, "acc": 0.25}, step=0, timestamp=T0)
             mlflow.log_metric("loss", 0.5, step=0, timestamp=T0)
             mlflow.log_metrics({"gap": 0.0, "big": sys.float_info.max}, step=0, timestamp=T0)
@@ -672,7 +672,7 @@ def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_serv
 
         with mlflow.start_run() as run:
             run_id = run.info.run_id
-            info = mlflow.pyfunc.log_model(name="refuses", python_model=Double())  # step 0: later points link to it
+            info = mlflow.pyfunc.log_model(name="refuses", python_model=Double(), pip_requirements=[])  # step 0: later points link to it
             attempt("first", lambda: mlflow.log_metric("acc", 0.5, timestamp=T0))
             attempt("second value", lambda: mlflow.log_metric("acc", 0.6, timestamp=T0))
             attempt("train", lambda: mlflow.log_metric("d", 0.5, timestamp=T0, dataset=train))

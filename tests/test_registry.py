@@ -45,7 +45,7 @@ def test_log_model_registered_online_loads_by_alias_on_the_workstation(mlflow_se
     experiment, name = "registry-online", "reg-online"
     conn = bridge_connect(mlflow_server.url, experiment=experiment)
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), registered_model_name=name)
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[], registered_model_name=name)
     assert info.registered_model_version == "1"  # the number the server gives it
     client = MlflowClient()
     client.set_registered_model_alias(name, "champion", info.registered_model_version)
@@ -73,7 +73,7 @@ def test_registry_offline_returns_at_once_then_is_delivered(mlflow_server, bridg
     client.create_registered_model(name)  # before the model exists: its version must still wait for it
     registry_s = time.monotonic() - started
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="double", python_model=Double())
+        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
     started = time.monotonic()
     mv = mlflow.register_model(f"models:/{info.model_id}", name)
     client.set_registered_model_alias(name, "champion", mv.version)
@@ -98,7 +98,7 @@ def test_run_artifact_source_is_translated(mlflow_server, bridge_connect, workst
     transport = FaultTransport()
     conn = bridge_connect(mlflow_server.url, experiment=experiment, transport=transport)
     saved = tmp_path / "saved"
-    mlflow.pyfunc.save_model(saved, python_model=Double())
+    mlflow.pyfunc.save_model(saved, python_model=Double(), pip_requirements=[])
     transport.fail("refuse", path="/mlflow-artifacts/")  # the files wait in the spool: the version waits for them
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(saved), "exported")
@@ -124,7 +124,7 @@ from tests.test_models import Double
 bridge.connect({url!r}, "test-token", journal={journal!r}, experiment={experiment!r}, probe_timeout=0.5,
                flush_at_exit=0.5)
 with mlflow.start_run():
-    info = mlflow.pyfunc.log_model(name="double", python_model=Double(), registered_model_name={name!r})
+    info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[], registered_model_name={name!r})
 mlflow.MlflowClient().set_registered_model_alias({name!r}, "champion", info.registered_model_version)
 print("VERSION", info.registered_model_version)
 """

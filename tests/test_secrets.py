@@ -82,6 +82,7 @@ def fresh_machine(tmp_path, bridge_home):
     return env
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_headless_machine_keeps_the_token_in_the_documented_0600_file_and_says_so(fresh_machine, bridge_home):
     # keyrings.alt is installed (as on the machine where the README's promise was broken): its plaintext keyring
     # must not count as an OS keyring.
@@ -133,6 +134,7 @@ def test_a_token_an_earlier_bridge_left_in_the_plaintext_keyring_is_moved_into_t
     assert b"token-from-an-earlier" not in Path(legacy.file_path).read_bytes()
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_a_real_os_keyring_is_preferred_and_no_file_is_written(fresh_machine, bridge_home, tmp_path):
     env = {**fresh_machine, "PYTHON_KEYRING_BACKEND": "tests.support.keyring_backend.StandInOsKeyring",
            "BRIDGE_TEST_KEYRING_FILE": str(tmp_path / "os-keyring.json"),

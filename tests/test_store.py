@@ -75,9 +75,9 @@ def test_mlflow_client_api_and_original_timestamps(mlflow_server, server_client,
     assert client.get_run(run.info.run_id).info.status == "FAILED"
 
 
-def test_offline_start_then_server_up_delivers_everything_once(own_mlflow_server, bridge_connect):
-    own_mlflow_server.stop()
-    conn = bridge_connect(own_mlflow_server.url)
+def test_offline_start_then_server_up_delivers_everything_once(flaky_proxy, server_client, bridge_connect):
+    flaky_proxy.set_mode("refuse")  # the server's port is closed: connection refused, as with a stopped server
+    conn = bridge_connect(flaky_proxy.url)
     assert conn.status().online is False
     experiment = _name("offline")
     mlflow.set_experiment(experiment)
@@ -94,9 +94,9 @@ def test_offline_start_then_server_up_delivers_everything_once(own_mlflow_server
     assert conn.flush(0.5) > 0
     status = conn.status()
     assert status.pending >= 123 and status.online is False and status.oldest_undelivered_s is not None
-    own_mlflow_server.start()
+    flaky_proxy.set_mode("pass")  # the server is back
     assert conn.flush(60) == 0
-    client = MlflowClient(own_mlflow_server.url)
+    client = server_client
     remote = server_run(client, experiment)
     assert remote.info.status == "FINISHED"
     assert started - 1000 <= remote.info.start_time <= started + 5000, "the original start time, not delivery time"
@@ -106,22 +106,24 @@ def test_offline_start_then_server_up_delivers_everything_once(own_mlflow_server
     assert all(m.timestamp <= remote.info.end_time for m in history)
 
 
-def test_same_experiment_name_from_two_journals_is_one_experiment(own_mlflow_server, bridge_connect, tmp_path):
-    own_mlflow_server.stop()
+def test_same_experiment_name_from_two_journals_is_one_experiment(flaky_proxy, server_client, bridge_connect,
+                                                                  tmp_path):
+    flaky_proxy.set_mode("refuse")  # the server's port is closed
     name = _name("shared")
     for i in range(2):  # two "processes" (journals) both create the experiment while offline
-        conn = bridge_connect(own_mlflow_server.url, journal=tmp_path / f"j{i}.sqlite")
+        conn = bridge_connect(flaky_proxy.url, journal=tmp_path / f"j{i}.sqlite")
         mlflow.set_experiment(name)
         with mlflow.start_run():
             mlflow.log_metric("x", float(i))
         mlflow.tracking.fluent._active_experiment_id = None
         conn.close()  # the process ends; its journal stays behind
-    own_mlflow_server.start()
+    assert server_client.get_experiment_by_name(name) is None  # nothing got through while offline
+    flaky_proxy.set_mode("pass")  # the server is back
     from bridge.client.connect import sync
 
     for i in range(2):
-        assert sync(tmp_path / f"j{i}.sqlite", own_mlflow_server.url, timeout=60).left == 0
-    client = MlflowClient(own_mlflow_server.url)
+        assert sync(tmp_path / f"j{i}.sqlite", flaky_proxy.url, timeout=60).left == 0
+    client = server_client
     experiments = [e for e in client.search_experiments() if e.name == name]
     assert len(experiments) == 1
     runs = client.search_runs([experiments[0].experiment_id])

@@ -215,6 +215,7 @@ def test_sigkill_of_bridge_serve_still_takes_mlflow_down(own_bridge_serve):
     assert alive == [], [p.cmdline() for p in alive]
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_sigterm_during_start_up_stops_cleanly(tmp_path):
     from tests.support.serve import new_bridge_serve
 
@@ -245,6 +246,7 @@ def test_bad_serve_options_are_refused_before_anything_starts(kwargs, message):
         ServeOptions(**kwargs)
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_supervisor_reaps_silent_runs_and_republishes_when_due(bridge_home):
     port = free_port()
     supervisor = Supervisor(ServeOptions(port=port, entrance_port=free_port(), tunnel="none", heartbeat_timeout_s=2))
@@ -286,6 +288,7 @@ def test_supervisor_reaps_silent_runs_and_republishes_when_due(bridge_home):
     assert json.loads(config.paths().state_file.read_text())["stopped_at"] is not None
 
 
+@pytest.mark.integration  # starts a process of its own
 def test_a_wildcard_host_publishes_this_machines_address_not_0_0_0_0(bridge_home):
     supervisor = Supervisor(ServeOptions(host="0.0.0.0", port=free_port(), entrance_port=free_port(), tunnel="none"))
     info = supervisor.start()

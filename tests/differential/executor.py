@@ -250,7 +250,7 @@ class Executor:
 
     def log_model(self, r: int, flavor: str, name: str, params: dict) -> None:
         if flavor == "pyfunc":
-            info = mlflow.pyfunc.log_model(name=name, python_model=AddN(), params=params or None)
+            info = mlflow.pyfunc.log_model(name=name, python_model=AddN(), pip_requirements=[], params=params or None)
         else:
             import numpy as np
             import torch
@@ -258,7 +258,7 @@ class Executor:
 
             torch.manual_seed(0)
             # MLflow 3's default pt2 format traces the model: it needs an input example.
-            info = mlflow_pytorch.log_model(torch.nn.Linear(2, 1), name=name, params=params or None,
+            info = mlflow_pytorch.log_model(torch.nn.Linear(2, 1), name=name, params=params or None, pip_requirements=[],
                                             input_example=np.zeros((1, 2), dtype=np.float32))
         self.trace.models[name] = info.model_id
 
