@@ -14,10 +14,16 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-pytest_plugins = ["tests.support.mlflow_server", "tests.support.client", "tests.support.flaky_proxy", "tests.support.tunnel", "tests.support.serve",
-                  "tests.support.yolo",
-                  # Its autouse session fixture is set up before, so torn down after, the session's servers.
-                  "tests.support.leak_scan"]
+pytest_plugins = [
+    "tests.support.mlflow_server",
+    "tests.support.client",
+    "tests.support.flaky_proxy",
+    "tests.support.tunnel",
+    "tests.support.serve",
+    "tests.support.yolo",
+    # Its autouse session fixture is set up before, so torn down after, the session's servers.
+    "tests.support.leak_scan",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -27,9 +33,20 @@ def bridge_home(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("BRIDGE_HOME", str(home))
     monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.null.Keyring")
-    for name in ("BRIDGE_URL", "BRIDGE_TOKEN", "BRIDGE_DISCOVERY", "BRIDGE_JOURNAL", "NGROK_AUTHTOKEN", "GITHUB_TOKEN",
-                 "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-                 "MLFLOW_TRACKING_PASSWORD", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+    for name in (
+        "BRIDGE_URL",
+        "BRIDGE_TOKEN",
+        "BRIDGE_DISCOVERY",
+        "BRIDGE_JOURNAL",
+        "NGROK_AUTHTOKEN",
+        "GITHUB_TOKEN",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_EXPERIMENT_NAME",
+        "MLFLOW_EXPERIMENT_ID",
+    ):
         monkeypatch.delenv(name, raising=False)
     return home
 
@@ -44,11 +61,22 @@ def bridge_home(tmp_path, monkeypatch):
 # fixture carry the mark themselves (`pytestmark` or `@pytest.mark.integration`).
 
 #: Fixtures that start a real `mlflow server`, `bridge serve`, a proxy in front of one, or a stand-in agent.
-INTEGRATION_FIXTURES = frozenset({
-    "mlflow_server", "own_mlflow_server", "server_client", "flaky_proxy", "make_flaky_proxy",
-    "bridge_serve", "own_bridge_serve", "fake_ngrok", "fake_cloudflared", "tunnel_agent",
-    "differential_servers", "bridge_sweep",
-})
+INTEGRATION_FIXTURES = frozenset(
+    {
+        "mlflow_server",
+        "own_mlflow_server",
+        "server_client",
+        "flaky_proxy",
+        "make_flaky_proxy",
+        "bridge_serve",
+        "own_bridge_serve",
+        "fake_ngrok",
+        "fake_cloudflared",
+        "tunnel_agent",
+        "differential_servers",
+        "bridge_sweep",
+    }
+)
 #: Fixtures of the slow tier: a YOLO dataset means a training; a browser.
 SLOW_FIXTURES = frozenset({"yolo_dataset", "bridge_sweep", "chromium_path"})
 

@@ -7,6 +7,7 @@ import json
 import os
 import time
 import uuid
+from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
@@ -18,8 +19,9 @@ def _sha256(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_artifact_copied_at_call_time_uploaded_and_identical_on_the_server(mlflow_server, server_client,
-                                                                           bridge_connect, tmp_path):
+def test_artifact_copied_at_call_time_uploaded_and_identical_on_the_server(
+    mlflow_server, server_client, bridge_connect, tmp_path
+):
     conn = bridge_connect(mlflow_server.url)
     name = f"art-{uuid.uuid4().hex[:6]}"
     mlflow.set_experiment(name)
@@ -42,19 +44,19 @@ def test_artifact_copied_at_call_time_uploaded_and_identical_on_the_server(mlflo
     got = server_client.download_artifacts(remote.info.run_id, "weights/best.pt", str(tmp_path / "down"))
     assert _sha256(got) == expected
     args = server_client.download_artifacts(remote.info.run_id, "config/args.json", str(tmp_path / "down"))
-    assert json.load(open(args)) == {"epochs": 3, "imgsz": 64}
+    assert json.loads(Path(args).read_text()) == {"epochs": 3, "imgsz": 64}
     listed = {f.path for f in server_client.list_artifacts(remote.info.run_id, "plots")}
     assert listed == {"plots/a.txt", "plots/sub"}
     # Through bridge, with the local run id.
     client = MlflowClient()
     assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"weights", "config", "notes", "plots"}
     local = client.download_artifacts(run.info.run_id, "notes/readme.txt", str(tmp_path / "via-bridge"))
-    assert open(local).read() == "hello"
+    assert Path(local).read_text() == "hello"
 
 
-def test_upload_whose_answer_was_lost_is_uploaded_again_whole_without_a_listing(flaky_proxy, mlflow_server,
-                                                                                 server_client, bridge_connect,
-                                                                                 tmp_path):
+def test_upload_whose_answer_was_lost_is_uploaded_again_whole_without_a_listing(
+    flaky_proxy, mlflow_server, server_client, bridge_connect, tmp_path
+):
     # A listing shows only sizes, so "did it arrive?" cannot be told from it (issue 8, defect 2): the file is
     # sent again (one request, as the listing was; inbound bytes are free on ngrok) and replaces itself.
     conn = bridge_connect(flaky_proxy.url)
@@ -77,8 +79,9 @@ def test_upload_whose_answer_was_lost_is_uploaded_again_whole_without_a_listing(
     assert _sha256(got) == _sha256(source)
 
 
-def test_a_newer_copy_of_the_same_length_is_never_taken_for_the_older_one(mlflow_server, server_client,
-                                                                        bridge_connect, tmp_path):
+def test_a_newer_copy_of_the_same_length_is_never_taken_for_the_older_one(
+    mlflow_server, server_client, bridge_connect, tmp_path
+):
     """Issue 8, defect 2: v1 delivered, v2 of the same size fails once (nothing sent) — the server must end with v2."""
     from tests.support.transport import FaultTransport
 
@@ -96,13 +99,15 @@ def test_a_newer_copy_of_the_same_length_is_never_taken_for_the_older_one(mlflow
         mlflow.log_artifact(str(source))
     assert conn.flush(60) == 0
     assert transport.count("/mlflow-artifacts/", method="PUT") == 3, "v1, the refused v2, v2 again"
-    got = server_client.download_artifacts(server_run(server_client, name).info.run_id, "weights.bin",
-                                           str(tmp_path / "down"))
-    assert open(got, "rb").read() == b"2" * 50_000
+    got = server_client.download_artifacts(
+        server_run(server_client, name).info.run_id, "weights.bin", str(tmp_path / "down")
+    )
+    assert Path(got).read_bytes() == b"2" * 50_000
 
 
-def test_refreshes_of_one_file_during_an_outage_go_up_once_as_the_last_version(flaky_proxy, server_client,
-                                                                               bridge_connect, tmp_path):
+def test_refreshes_of_one_file_during_an_outage_go_up_once_as_the_last_version(
+    flaky_proxy, server_client, bridge_connect, tmp_path
+):
     conn = bridge_connect(flaky_proxy.url)
     name = f"art-refresh-{uuid.uuid4().hex[:6]}"
     mlflow.set_experiment(name)
@@ -120,7 +125,7 @@ def test_refreshes_of_one_file_during_an_outage_go_up_once_as_the_last_version(f
     assert list(conn.journal.spool.folder.iterdir()) == [], "superseded copies are removed too"
     remote = server_run(server_client, name).info.run_id
     got = server_client.download_artifacts(remote, "console.log", str(tmp_path / "down"))
-    assert open(got).read() == "epoch 19\n" * 20
+    assert Path(got).read_text() == "epoch 19\n" * 20
 
 
 def test_offline_listing_and_download_come_from_the_spool(bridge_connect, tmp_path):
@@ -134,26 +139,31 @@ def test_offline_listing_and_download_come_from_the_spool(bridge_connect, tmp_pa
     assert [(f.path, f.is_dir) for f in client.list_artifacts(run.info.run_id)] == [("deep", True)]
     assert [(f.path, f.file_size) for f in client.list_artifacts(run.info.run_id, "deep")] == [("deep/x.txt", 7)]
     path = client.download_artifacts(run.info.run_id, "deep/x.txt", str(tmp_path / "d"))
-    assert open(path).read() == "spooled"
+    assert Path(path).read_text() == "spooled"
     assert conn.status().pending >= 1
 
 
 def test_a_spooled_copy_changed_on_disk_is_refused_not_uploaded(mlflow_server, server_client, tmp_path):
+    from bridge.client.delivery.sender import Sender
     from bridge.client.journal import Journal
     from bridge.client.link import Link
-    from bridge.client.delivery.sender import Sender
 
     journal = Journal(tmp_path / "j.sqlite")
     name = f"art-damaged-{uuid.uuid4().hex[:6]}"
-    run = journal.add_run(experiment_id=journal.add_experiment(name, {}), user_id="u",
-                          start_time=int(time.time() * 1000), name="r", tags={})
+    run = journal.add_run(
+        experiment_id=journal.add_experiment(name, {}),
+        user_id="u",
+        start_time=int(time.time() * 1000),
+        name="r",
+        tags={},
+    )
     source = tmp_path / "f.bin"
     source.write_bytes(b"original")
     body = journal.spool_artifact(run, source, "f.bin")
     journal.spool.path(body["spool"]).write_bytes(b"tampered")
     sender = Sender(journal, Link(mlflow_server.url, None))
     sender.deliver_round()
-    (dead, message, reason), = journal.queue.dead_letters()
+    ((dead, message, reason),) = journal.queue.dead_letters()
     assert dead.key == "f.bin" and "sha256" in message and reason == "spool-file-damaged"
     remote = server_run(server_client, name)
     assert server_client.list_artifacts(remote.info.run_id) == []

@@ -13,8 +13,8 @@ import asyncio
 import datetime
 import os
 import shutil
-import subprocess
 import ssl
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -139,7 +139,8 @@ def tunnelled_bridge(own_bridge_serve, fake_ngrok, tmp_path):
 
 @pytest.mark.timeout(300)  # `bridge serve` and the tunnel (up to 90 s), then Chromium's page loads (up to 60 s each)
 def test_mlflow_ui_through_the_tunnel_needs_login_then_shows_the_runs(tunnelled_bridge, chromium_path, tmp_path):
-    from playwright.sync_api import Error as PlaywrightError, sync_playwright
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
 
     server, public_url, relay = tunnelled_bridge
     token = server.token()
@@ -249,8 +250,7 @@ def _see(page, tmp_path: Path, name: str, texts: list) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_printed_links_open_the_model_training_view_of_a_sweep(tunnelled_bridge, chromium_path, yolo_dataset,
-                                                               tmp_path):
+def test_printed_links_open_the_model_training_view_of_a_sweep(tunnelled_bridge, chromium_path, yolo_dataset, tmp_path):
     """`bridge train`, `bridge compare` and `bridge url` print links; through the tunnel they show the runs
     table and the mAP50-95 curves of a 3-model sweep, not MLflow 3's GenAI view."""
     import re
@@ -265,24 +265,33 @@ def test_printed_links_open_the_model_training_view_of_a_sweep(tunnelled_bridge,
     env = connect_env(server, tmp_path / "journal.sqlite")
     trained = run_bridge_train(list(MODEL_FAMILIES), yolo_dataset, tmp_path / "runs", experiment, env=env, epochs=3)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    compared = subprocess.run([*bridge_cli(), "compare", experiment, "--out", str(tmp_path / "compare.png")],
-                              env={**os.environ, "COLUMNS": "300", **env}, capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path)
+    compared = subprocess.run(
+        [*bridge_cli(), "compare", experiment, "--out", str(tmp_path / "compare.png")],
+        env={**os.environ, "COLUMNS": "300", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert compared.returncode == 0, compared.stdout[-3000:] + compared.stderr[-3000:]
     served_url = server.cli("url")
     assert served_url.returncode == 0, served_url.stderr
 
     exp = MlflowClient(server.mlflow_url).get_experiment_by_name(experiment)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    links = dict(re.findall(r"^(Runs in the MLflow UI|Curves in the MLflow UI): (\S+)$",
-                            trained.stdout + compared.stdout, re.M))
+    links = dict(
+        re.findall(r"^(Runs in the MLflow UI|Curves in the MLflow UI): (\S+)$", trained.stdout + compared.stdout, re.M)
+    )
     assert links["Runs in the MLflow UI"] == (
-        f"{server.entrance_url}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
+        f"{server.entrance_url}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    )
     assert links["Curves in the MLflow UI"] == links["Runs in the MLflow UI"] + "&compareRunsMode=CHART"
     home = re.search(r"MLflow UI \(any user name, the token as password\): (\S+)", served_url.stderr).group(1)
     assert home == f"{public_url}/#/experiments?workflowType=machine_learning"
     connect_line = re.search(r"MLflow UI: (\S+)", trained.stderr)
-    assert connect_line and connect_line.group(1) == f"{server.entrance_url}/#/experiments?workflowType=machine_learning"
+    assert (
+        connect_line and connect_line.group(1) == f"{server.entrance_url}/#/experiments?workflowType=machine_learning"
+    )
 
     host = urlsplit(public_url).hostname
     resolver = f"--host-resolver-rules=MAP {host} 127.0.0.1:{relay.port}, EXCLUDE 127.0.0.1"
@@ -290,8 +299,11 @@ def test_printed_links_open_the_model_training_view_of_a_sweep(tunnelled_bridge,
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_path, args=[*CHROMIUM_ARGS, resolver])
         try:
-            context = browser.new_context(ignore_https_errors=True, viewport={"width": 1600, "height": 1000},
-                                          http_credentials={"username": "bridge", "password": token})
+            context = browser.new_context(
+                ignore_https_errors=True,
+                viewport={"width": 1600, "height": 1000},
+                http_credentials={"username": "bridge", "password": token},
+            )
             page = context.new_page()
             # `bridge url`'s link: the experiments list in the model-training view. (MLflow 3.17's list links
             # drop `workflowType`, so a click there falls back to the browser's last view: bridge prints direct

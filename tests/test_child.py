@@ -14,7 +14,9 @@ def _processes_under(home) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline", "environ"]):
         try:
-            if str(home) in " ".join(proc.info["cmdline"] or []) or (proc.info["environ"] or {}).get("BRIDGE_HOME") == str(home):
+            if str(home) in " ".join(proc.info["cmdline"] or []) or (proc.info["environ"] or {}).get(
+                "BRIDGE_HOME"
+            ) == str(home):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

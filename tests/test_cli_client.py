@@ -20,8 +20,9 @@ def _left_behind(path, name: str, points: int = 300) -> str:
     """A journal as an earlier process leaves it: an experiment, a run, metrics, a refused entry."""
     journal = Journal(path)
     experiment = journal.add_experiment(name, {})
-    run = journal.add_run(experiment_id=experiment, user_id="u", start_time=int(time.time() * 1000), name="left",
-                          tags={})
+    run = journal.add_run(
+        experiment_id=experiment, user_id="u", start_time=int(time.time() * 1000), name="left", tags={}
+    )
     journal.append_batch(run, [("loss", float(s), 1_700_000_000_000 + s, s) for s in range(points)])
     journal.update_run(run, status="FINISHED", end_time=int(time.time() * 1000), name=None)
     journal.close()
@@ -46,8 +47,11 @@ def test_queue_shows_backlog_and_dead_letters(tmp_path):
 def test_sync_with_the_server_down_fails_and_keeps_everything(tmp_path):
     path = tmp_path / "j.sqlite"
     _left_behind(path, "down")
-    result = runner.invoke(app, ["sync", "--journal", str(path), "--url", f"http://127.0.0.1:{free_port()}",
-                                 "--timeout", "1.5"], env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app,
+        ["sync", "--journal", str(path), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "1.5"],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 1
     assert "still in the journal" in result.output
     assert Journal(path).queue.backlog().total == 303
@@ -57,8 +61,7 @@ def test_sync_delivers_a_left_journal_with_counts_per_run(tmp_path, mlflow_serve
     path = tmp_path / "j.sqlite"
     name = f"sync-{uuid.uuid4().hex[:6]}"
     run = _left_behind(path, name)
-    result = runner.invoke(app, ["sync", "--journal", str(path), "--url", mlflow_server.url],
-                           env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["sync", "--journal", str(path), "--url", mlflow_server.url], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert run[:12] in result.output and "302" in result.output and "Delivered everything" in result.output
     client = MlflowClient(mlflow_server.url)
@@ -83,8 +86,9 @@ def test_queue_retry_and_drop_act_on_dead_letters_by_id(tmp_path):
     journal.queue.bury([first.id], "the run was never created", reason="run-not-created")
     journal.queue.bury([second.id], "HTTP 500: boom", reason="server-fails-on-it")
     journal.close()
-    result = runner.invoke(app, ["queue", "--journal", str(path), "--retry", "--id", str(second.id)],
-                           env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app, ["queue", "--journal", str(path), "--retry", "--id", str(second.id)], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 0, result.output
     assert "1 dead letter(s) will be sent again" in result.output
     journal = Journal(path)
@@ -104,8 +108,7 @@ def test_queue_retry_and_drop_act_on_dead_letters_by_id(tmp_path):
 
 def test_queue_config_prints_each_setting_with_its_source(tmp_path, monkeypatch):
     monkeypatch.setenv("BRIDGE_HEARTBEAT_S", "42")
-    result = runner.invoke(app, ["queue", "--config", "--journal", str(tmp_path / "j.sqlite")],
-                           env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["queue", "--config", "--journal", str(tmp_path / "j.sqlite")], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     line = next(row for row in result.output.splitlines() if "heartbeat_s" in row)
     assert "42.0" in line and "BRIDGE_HEARTBEAT_S" in line and "environment" in line

@@ -93,9 +93,24 @@ def test_status_of_a_running_serve_shows_parts_and_no_secret(bridge_serve):
     result = bridge_serve.cli("status")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for expected in ("running", "MLflow", "healthy", bridge_serve.mlflow_url, "Entrance", "up, locked",
-                     bridge_serve.entrance_url, "Tunnel (none)", "disabled", "Last publish", "ok",
-                     "Tunnel use", "requests of 20,000", "of 1.0 GB sent out", "Secrets", "0600 file"):
+    for expected in (
+        "running",
+        "MLflow",
+        "healthy",
+        bridge_serve.mlflow_url,
+        "Entrance",
+        "up, locked",
+        bridge_serve.entrance_url,
+        "Tunnel (none)",
+        "disabled",
+        "Last publish",
+        "ok",
+        "Tunnel use",
+        "requests of 20,000",
+        "of 1.0 GB sent out",
+        "Secrets",
+        "0600 file",
+    ):
         assert expected in out, expected
     assert token not in out + result.stderr
     state_text = (bridge_serve.home / "serve-state.json").read_text()
@@ -116,12 +131,17 @@ def test_colab_snippet_names_where_to_look_never_a_secret():
         compile(colab_snippet("https://abc.ngrok-free.app", spec), "<colab>", "exec")
 
 
-@pytest.mark.parametrize("spec", ["https://ntfy.sh/bridge-topic?auth=tk_topickey0123456789",
-                                  "https://u:tk_topickey0123456789@relay.example:8443/bridge-topic"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "https://ntfy.sh/bridge-topic?auth=tk_topickey0123456789",
+        "https://u:tk_topickey0123456789@relay.example:8443/bridge-topic",
+    ],
+)
 def test_colab_snippet_drops_the_publish_urls_query_and_user_info(spec):
     snippet = colab_snippet("https://abc.ngrok-free.app", spec)
     assert "tk_topickey0123456789" not in snippet and "auth=" not in snippet
-    assert "BRIDGE_DISCOVERY" in snippet and "/bridge-topic\"" in snippet
+    assert "BRIDGE_DISCOVERY" in snippet and '/bridge-topic"' in snippet
     assert "left out" in snippet  # says the key was dropped, so a failing fetch is not a mystery
     compile(snippet, "<colab>", "exec")
 
@@ -160,9 +180,24 @@ def test_serve_refuses_bad_options_with_a_clear_error(args, message):
 def test_help_texts_describe_the_options():
     result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for option in ("--port", "--entrance-port", "--host", "--tunnel", "--domain", "--edge-auth", "--publish",
-                   "--backend-store-uri", "--artifacts-destination", "--workers", "--heartbeat-timeout",
-                   "--tunnel-budget-gb", "--tunnel-budget-requests", "cloudflared", "auto", "BRIDGE_CLOUDFLARED_PATH"):
+    for option in (
+        "--port",
+        "--entrance-port",
+        "--host",
+        "--tunnel",
+        "--domain",
+        "--edge-auth",
+        "--publish",
+        "--backend-store-uri",
+        "--artifacts-destination",
+        "--workers",
+        "--heartbeat-timeout",
+        "--tunnel-budget-gb",
+        "--tunnel-budget-requests",
+        "cloudflared",
+        "auto",
+        "BRIDGE_CLOUDFLARED_PATH",
+    ):
         assert option in result.output
 
 
@@ -171,8 +206,21 @@ def test_serve_start_failure_shows_mlflow_log_lines_and_exits_1():
     from bridge.serve.child import free_ports
 
     port, entrance = free_ports(2)  # the entrance's default (port + 1) may be someone else's: seen in CI
-    result = runner.invoke(app, ["serve", "--tunnel", "none", "--port", str(port), "--entrance-port", str(entrance),
-                                 "--backend-store-uri", "bogus:///nowhere"], env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app,
+        [
+            "serve",
+            "--tunnel",
+            "none",
+            "--port",
+            str(port),
+            "--entrance-port",
+            str(entrance),
+            "--backend-store-uri",
+            "bogus:///nowhere",
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 1, result.output
     assert "mlflow server exited with code 1" in result.stderr
     assert "unsupported URI" in result.stderr  # MLflow's own last log lines
@@ -186,8 +234,9 @@ def test_serve_refuses_a_taken_entrance_port_or_a_foreign_host_before_starting_m
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
-        result = runner.invoke(app, ["serve", "--tunnel", "none", "--port", "5999", "--entrance-port", str(port)],
-                               env={"COLUMNS": "200"})
+        result = runner.invoke(
+            app, ["serve", "--tunnel", "none", "--port", "5999", "--entrance-port", str(port)], env={"COLUMNS": "200"}
+        )
     assert result.exit_code == 1
     assert f"entrance port {port} on 127.0.0.1 is already in use" in result.stderr
     foreign = runner.invoke(app, ["serve", "--tunnel", "none", "--host", "192.0.2.55"], env={"COLUMNS": "200"})

@@ -39,8 +39,11 @@ def test_bad_model_name_and_bad_arg_are_clear_errors(runner, yolo_dataset):
 def test_a_model_that_cannot_load_is_reported_and_the_exit_code_says_so(runner, yolo_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/m.db"
-    result = runner.invoke(app, ["train", "-m", str(tmp_path / "missing.yaml"), "--data", str(yolo_dataset),
-                                 "--tracking-uri", uri], env={"COLUMNS": "250"})
+    result = runner.invoke(
+        app,
+        ["train", "-m", str(tmp_path / "missing.yaml"), "--data", str(yolo_dataset), "--tracking-uri", uri],
+        env={"COLUMNS": "250"},
+    )
     assert result.exit_code == 1
     assert "missing" in flat(result.output) and "FileNotFoundError" in flat(result.output)
     exp = MlflowClient(uri).get_experiment_by_name("yolo")
@@ -57,7 +60,7 @@ def test_model_names_resolve_to_weights_or_yaml(tmp_path, monkeypatch):
     assert resolve_model("yolo11n") == "yolo11n.pt"  # weights on disk are preferred
     monkeypatch.setenv("YOLO_OFFLINE", "0")
     assert resolve_model("yolo26n") == "yolo26n.pt"  # Ultralytics downloads them
-    with pytest.raises(ConfigError, match="yolo26n.onnx"):
+    with pytest.raises(ConfigError, match=r"yolo26n.onnx"):
         resolve_model("yolo26n.onnx")
     with pytest.raises(ConfigError):
         resolve_model("  ")

@@ -61,8 +61,9 @@ def test_explicit_arguments_work_without_discovery_records(mlflow_server, server
     with mlflow.start_run():
         mlflow.log_metric("m", 2.0)
     assert conn.flush(30) == 0
-    assert server_run(server_client, mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id()).name
-                      ).data.metrics == {"m": 2.0}
+    assert server_run(
+        server_client, mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id()).name
+    ).data.metrics == {"m": 2.0}
 
 
 def test_through_the_bridge_serve_entrance_with_the_right_token(bridge_serve, bridge_connect):
@@ -120,8 +121,13 @@ def test_kill_9_during_an_outage_then_bridge_sync_delivers_every_acknowledged_po
     own_mlflow_server.stop()
     journal = tmp_path / "crash.sqlite"
     name = f"crash-{uuid.uuid4().hex[:6]}"
-    proc = subprocess.Popen([sys.executable, "-c", _LOGGER, own_mlflow_server.url, str(journal), name],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(), text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOGGER, own_mlflow_server.url, str(journal), name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        text=True,
+    )
     acknowledged = -1
     try:
         deadline = time.monotonic() + 60
@@ -139,9 +145,24 @@ def test_kill_9_during_an_outage_then_bridge_sync_delivers_every_acknowledged_po
     assert acknowledged >= 1500
 
     own_mlflow_server.start()
-    out = subprocess.run([sys.executable, "-c", "from bridge.cli import main; main()", "sync", "--journal",
-                          str(journal), "--url", own_mlflow_server.url, "--timeout", "120"],
-                         env=_env(COLUMNS="200"), capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from bridge.cli import main; main()",
+            "sync",
+            "--journal",
+            str(journal),
+            "--url",
+            own_mlflow_server.url,
+            "--timeout",
+            "120",
+        ],
+        env=_env(COLUMNS="200"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     client = MlflowClient(own_mlflow_server.url)
     remote = server_run(client, name)
@@ -163,9 +184,17 @@ def test_plain_mlflow_code_in_a_child_process_goes_through_the_journal(mlflow_se
     """Only MLFLOW_TRACKING_URI=bridge+… is inherited: the child builds its own connection, delivers at exit."""
     name = f"child-{uuid.uuid4().hex[:6]}"
     journal = tmp_path / "child.sqlite"
-    out = subprocess.run([sys.executable, "-c", _PLAIN, name], capture_output=True, text=True, timeout=120,
-                         env=_env(MLFLOW_TRACKING_URI="bridge+" + mlflow_server.url, BRIDGE_JOURNAL=str(journal),
-                                  BRIDGE_SEND_INTERVAL_S="0.05"))
+    out = subprocess.run(
+        [sys.executable, "-c", _PLAIN, name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(
+            MLFLOW_TRACKING_URI="bridge+" + mlflow_server.url,
+            BRIDGE_JOURNAL=str(journal),
+            BRIDGE_SEND_INTERVAL_S="0.05",
+        ),
+    )
     assert out.returncode == 0, out.stderr
     assert journal.exists()
     remote = server_run(server_client, name)
@@ -234,8 +263,9 @@ def test_connect_on_a_damaged_journal_repairs_it_and_reports(bridge_connect, tmp
     assert conn.status().pending >= 3
 
 
-def test_the_token_goes_only_to_the_connected_server_never_to_another_mlflow(make_status_server, bridge_connect,
-                                                                          monkeypatch):
+def test_the_token_goes_only_to_the_connected_server_never_to_another_mlflow(
+    make_status_server, bridge_connect, monkeypatch
+):
     import requests
     from mlflow.tracking.request_auth.registry import fetch_auth
 
@@ -267,13 +297,18 @@ _EXIT_WITHOUT_END_RUN = textwrap.dedent("""
 """)
 
 
-def test_a_run_left_open_at_exit_ends_finished_through_the_same_journal(mlflow_server, server_client, tmp_path,
-                                                                       bridge_home):
+def test_a_run_left_open_at_exit_ends_finished_through_the_same_journal(
+    mlflow_server, server_client, tmp_path, bridge_home
+):
     name = f"exit-{uuid.uuid4().hex[:6]}"
     journal = tmp_path / "exit.sqlite"
-    out = subprocess.run([sys.executable, "-c", _EXIT_WITHOUT_END_RUN, mlflow_server.url, str(journal), name],
-                         capture_output=True, text=True, timeout=120,
-                         env=_env(BRIDGE_SEND_INTERVAL_S="0.05"))
+    out = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITHOUT_END_RUN, mlflow_server.url, str(journal), name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(BRIDGE_SEND_INTERVAL_S="0.05"),
+    )
     assert out.returncode == 0, out.stderr
     assert "not delivered yet" not in out.stderr, out.stderr
     remote = server_run(server_client, name)
@@ -282,15 +317,15 @@ def test_a_run_left_open_at_exit_ends_finished_through_the_same_journal(mlflow_s
     assert not (bridge_home / "journal.sqlite").exists(), "nothing went to the default journal"
 
 
-def test_journal_arguments_are_exported_and_calls_after_exit_stay_in_that_journal(bridge_connect, tmp_path,
-                                                                                 monkeypatch, capsys):
+def test_journal_arguments_are_exported_and_calls_after_exit_stay_in_that_journal(
+    bridge_connect, tmp_path, monkeypatch, capsys
+):
     from bridge.client import connect as connect_module
     from tests.support.mlflow_server import free_port
 
     monkeypatch.setattr(connect_module, "_closed_at_exit", None, raising=False)
     journal = tmp_path / "mine.sqlite"
-    conn = bridge_connect(f"http://127.0.0.1:{free_port()}", journal=journal, journal_limit=50_000_000,
-                          flush_at_exit=0)
+    conn = bridge_connect(f"http://127.0.0.1:{free_port()}", journal=journal, journal_limit=50_000_000, flush_at_exit=0)
     assert os.environ["BRIDGE_JOURNAL"] == str(journal) and os.environ["BRIDGE_JOURNAL_LIMIT"] == "50000000"
     conn._at_exit()  # the interpreter is exiting …
     late = connect_module.connection_for(conn.tracking_uri)  # … and an exit hook still logs something
@@ -300,8 +335,9 @@ def test_journal_arguments_are_exported_and_calls_after_exit_stay_in_that_journa
     late.close()
 
 
-def test_an_explicit_url_is_pinned_and_never_replaced_by_rediscovery(make_status_server, bridge_connect,
-                                                                   monkeypatch, tmp_path):
+def test_an_explicit_url_is_pinned_and_never_replaced_by_rediscovery(
+    make_status_server, bridge_connect, monkeypatch, tmp_path
+):
     from bridge.record import make_record
     from tests.support.mlflow_server import free_port
 

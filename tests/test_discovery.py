@@ -52,15 +52,15 @@ class GitHubStandIn:
                 stand_in.seen.append((self.path, self.headers.get("Authorization")))
                 path = self.path.split("?", 1)[0]
                 if path.startswith("/gists/"):
-                    gist = stand_in.gists.get(path[len("/gists/"):])
+                    gist = stand_in.gists.get(path[len("/gists/") :])
                     if gist is None:
                         self._answer(404, '{"message": "Not Found"}')
                     else:
                         self._answer(200, json.dumps(gist))
-                elif path.startswith("/raw/") and path[len("/raw/"):] in stand_in.raw:
-                    self._answer(200, stand_in.raw[path[len("/raw/"):]], "text/plain")
-                elif path.startswith("/topic/") and path[len("/topic/"):] in stand_in.topics:
-                    status, body = stand_in.topics[path[len("/topic/"):]]
+                elif path.startswith("/raw/") and path[len("/raw/") :] in stand_in.raw:
+                    self._answer(200, stand_in.raw[path[len("/raw/") :]], "text/plain")
+                elif path.startswith("/topic/") and path[len("/topic/") :] in stand_in.topics:
+                    status, body = stand_in.topics[path[len("/topic/") :]]
                     self._answer(status, body)
                 else:
                     self._answer(404, "{}")
@@ -72,8 +72,12 @@ class GitHubStandIn:
 
     def put_gist(self, gist_id: str, content: str, *, truncated: bool = False, name: str = "bridge-endpoint.json"):
         self.raw[gist_id] = content
-        entry = {"filename": name, "truncated": truncated, "raw_url": f"{self.base}/raw/{gist_id}",
-                 "content": content[:20] if truncated else content}
+        entry = {
+            "filename": name,
+            "truncated": truncated,
+            "raw_url": f"{self.base}/raw/{gist_id}",
+            "content": content[:20] if truncated else content,
+        }
         self.gists[gist_id] = {"id": gist_id, "files": {name: entry}}
 
     def close(self) -> None:
@@ -275,8 +279,11 @@ def test_plain_http_to_a_remote_host_is_refused():
 
 
 def test_endpoint_repr_is_safe():
-    endpoint = Endpoint("https://x.example", "gist:abc", make_record(
-        "https://x.example", token=TOKEN, instance="i", mlflow_version="3", ttl_s=60))
+    endpoint = Endpoint(
+        "https://x.example",
+        "gist:abc",
+        make_record("https://x.example", token=TOKEN, instance="i", mlflow_version="3", ttl_s=60),
+    )
     text = repr(endpoint)
     assert "x.example" in text and "gist:abc" in text
     assert endpoint.record.signature not in text
@@ -410,10 +417,15 @@ def test_an_older_record_of_the_same_server_is_refused_as_a_replay(tmp_path, mon
     token = "replay-token-" + "x" * 30
     path = tmp_path / "endpoint.json"
     monkeypatch.setenv("BRIDGE_DISCOVERY", f"file:{path}")
-    new = make_record("https://new.ngrok-free.app", token=token, instance="replay-inst", mlflow_version="3",
-                      ttl_s=3600)
-    old = make_record("https://old.ngrok-free.app", token=token, instance="replay-inst", mlflow_version="3",
-                      ttl_s=3600, now=new.issued_at - 600)
+    new = make_record("https://new.ngrok-free.app", token=token, instance="replay-inst", mlflow_version="3", ttl_s=3600)
+    old = make_record(
+        "https://old.ngrok-free.app",
+        token=token,
+        instance="replay-inst",
+        mlflow_version="3",
+        ttl_s=3600,
+        now=new.issued_at - 600,
+    )
     path.write_text(new.to_json())
     assert discovery.find_endpoint(None, token).url == "https://new.ngrok-free.app"
     path.write_text(old.to_json())  # still signed and unexpired, but older: someone put it back

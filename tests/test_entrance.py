@@ -12,9 +12,9 @@ import re
 import threading
 import time
 import uuid
+from typing import ClassVar
 
 import brotli
-
 import pytest
 import requests
 
@@ -34,8 +34,17 @@ def test_presented_token_reads_basic_password_and_bearer():
     assert presented_token("Basic " + base64.b64encode(b"bridge:a:b").decode()) == b"a:b"
     assert presented_token("Bearer tok-123") == b"tok-123"
     assert presented_token("bearer   tok-123 ") == b"tok-123"
-    for bad in (None, "", "Basic", "Basic !!!", "Basic " + base64.b64encode(b"nopassword").decode(),
-                "Basic " + base64.b64encode(b"user:").decode(), "Bearer ", "Digest abc", "tok-123"):
+    for bad in (
+        None,
+        "",
+        "Basic",
+        "Basic !!!",
+        "Basic " + base64.b64encode(b"nopassword").decode(),
+        "Basic " + base64.b64encode(b"user:").decode(),
+        "Bearer ",
+        "Digest abc",
+        "tok-123",
+    ):
         assert presented_token(bad) is None, bad
 
 
@@ -86,15 +95,20 @@ def served(bridge_serve):
     token = bridge_serve.token()
     auth = {"Authorization": f"Bearer {token}", **unique_client()}
     base = bridge_serve.entrance_url
-    exp = requests.post(base + "/api/2.0/mlflow/experiments/create", json={"name": f"sec-{uuid.uuid4().hex}"},
-                        headers=auth, timeout=10)
+    exp = requests.post(
+        base + "/api/2.0/mlflow/experiments/create", json={"name": f"sec-{uuid.uuid4().hex}"}, headers=auth, timeout=10
+    )
     assert exp.status_code == 200, exp.text
     exp_id = exp.json()["experiment_id"]
     run = requests.post(base + "/api/2.0/mlflow/runs/create", json={"experiment_id": exp_id}, headers=auth, timeout=10)
     run_id = run.json()["run"]["info"]["run_id"]
     payload = os.urandom(3 * 1024 * 1024 + 17)  # above the entrance's buffer limit: streamed both ways
-    put = requests.put(f"{base}/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/blob.bin",
-                       data=payload, headers=auth, timeout=30)
+    put = requests.put(
+        f"{base}/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/blob.bin",
+        data=payload,
+        headers=auth,
+        timeout=30,
+    )
     assert put.status_code == 200, put.text
     return {"server": bridge_serve, "token": token, "exp_id": exp_id, "run_id": run_id, "payload": payload}
 
@@ -106,12 +120,22 @@ def _routes(served) -> dict[str, tuple[str, str, dict]]:
         "rest-post": ("POST", "/api/2.0/mlflow/runs/search", {"json": {"experiment_ids": [e]}}),
         "ajax": ("GET", f"/ajax-api/2.0/mlflow/runs/get?run_id={r}", {}),
         "artifact-download": ("GET", f"/api/2.0/mlflow-artifacts/artifacts/{e}/{r}/artifacts/blob.bin", {}),
-        "artifact-upload": ("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{e}/{r}/artifacts/up.txt",
-                            {"data": b"uploaded through the entrance"}),
+        "artifact-upload": (
+            "PUT",
+            f"/api/2.0/mlflow-artifacts/artifacts/{e}/{r}/artifacts/up.txt",
+            {"data": b"uploaded through the entrance"},
+        ),
         "get-artifact": ("GET", f"/get-artifact?path=blob.bin&run_uuid={r}", {}),
-        "graphql": ("POST", "/graphql",
-                    {"json": {"query": f'{{ mlflowGetExperiment(input: {{experimentId: "{e}"}}) '
-                                       "{ experiment { experimentId } } }"}}),
+        "graphql": (
+            "POST",
+            "/graphql",
+            {
+                "json": {
+                    "query": f'{{ mlflowGetExperiment(input: {{experimentId: "{e}"}}) '
+                    "{ experiment { experimentId } } }"
+                }
+            },
+        ),
         "ui": ("GET", "/", {}),
         "health": ("GET", "/health", {}),
     }
@@ -136,8 +160,17 @@ def _check_ok(family: str, resp: requests.Response, served) -> None:
         assert resp.text.strip() == "OK"
 
 
-FAMILIES = ["rest", "rest-post", "ajax", "artifact-download", "artifact-upload", "get-artifact", "graphql", "ui",
-            "health"]
+FAMILIES = [
+    "rest",
+    "rest-post",
+    "ajax",
+    "artifact-download",
+    "artifact-upload",
+    "get-artifact",
+    "graphql",
+    "ui",
+    "health",
+]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -154,14 +187,14 @@ def test_every_route_family_needs_the_token(served, family):
 
     wrong_basic = requests.request(method, url, headers=client, auth=("bridge", token[:-1] + "x"), timeout=30, **kwargs)
     assert wrong_basic.status_code == 401
-    wrong_bearer = requests.request(method, url, headers={**client, "Authorization": "Bearer nope"}, timeout=30,
-                                    **kwargs)
+    wrong_bearer = requests.request(
+        method, url, headers={**client, "Authorization": "Bearer nope"}, timeout=30, **kwargs
+    )
     assert wrong_bearer.status_code == 401
 
     basic = requests.request(method, url, headers=client, auth=("any-user", token), timeout=30, **kwargs)
     _check_ok(family, basic, served)
-    bearer = requests.request(method, url, headers={**client, "Authorization": f"Bearer {token}"}, timeout=30,
-                              **kwargs)
+    bearer = requests.request(method, url, headers={**client, "Authorization": f"Bearer {token}"}, timeout=30, **kwargs)
     _check_ok(family, bearer, served)
 
 
@@ -192,8 +225,9 @@ def test_upload_through_the_entrance_lands_byte_for_byte(served):
     path = f"/api/2.0/mlflow-artifacts/artifacts/{served['exp_id']}/{served['run_id']}/artifacts/chunked.bin"
     payload = os.urandom(2 * 1024 * 1024)
     # A generator body goes out with chunked transfer encoding: no Content-Length for the entrance to trust.
-    put = requests.put(base + path, data=(payload[i : i + 65536] for i in range(0, len(payload), 65536)),
-                       headers=auth, timeout=30)
+    put = requests.put(
+        base + path, data=(payload[i : i + 65536] for i in range(0, len(payload), 65536)), headers=auth, timeout=30
+    )
     assert put.status_code == 200, put.text
     assert requests.get(served["server"].mlflow_url + path, timeout=30).content == payload
     head = requests.head(base + path, headers=auth, timeout=10)
@@ -215,12 +249,19 @@ def test_tunnelled_host_is_accepted_through_the_entrance_only(served):
     auth = ("u", served["token"])
     ui = requests.get(server.entrance_url + "/", headers=_tunnelled(served), auth=auth, timeout=10)
     assert ui.status_code == 200
-    api = requests.get(server.entrance_url + f"/ajax-api/2.0/mlflow/experiments/get?experiment_id={served['exp_id']}",
-                       headers=_tunnelled(served), auth=auth, timeout=10)
+    api = requests.get(
+        server.entrance_url + f"/ajax-api/2.0/mlflow/experiments/get?experiment_id={served['exp_id']}",
+        headers=_tunnelled(served),
+        auth=auth,
+        timeout=10,
+    )
     assert api.status_code == 200
     # MLflow's own protection is still on: the same Host sent straight to it is refused.
-    direct = requests.get(server.mlflow_url + "/ajax-api/2.0/mlflow/experiments/search",
-                          headers={"Host": "abc123.ngrok-free.app"}, timeout=10)
+    direct = requests.get(
+        server.mlflow_url + "/ajax-api/2.0/mlflow/experiments/search",
+        headers={"Host": "abc123.ngrok-free.app"},
+        timeout=10,
+    )
     assert direct.status_code == 403
     assert "Invalid Host header" in direct.text
 
@@ -230,22 +271,43 @@ def test_same_origin_ui_post_works_and_foreign_origins_stay_blocked(served):
     auth = ("u", served["token"])
     url = server.entrance_url + "/ajax-api/2.0/mlflow/experiments/create"
 
-    same = requests.post(url, json={"name": f"ui-{uuid.uuid4().hex}"}, auth=auth,
-                         headers=_tunnelled(served, "https://abc123.ngrok-free.app"), timeout=10)
+    same = requests.post(
+        url,
+        json={"name": f"ui-{uuid.uuid4().hex}"},
+        auth=auth,
+        headers=_tunnelled(served, "https://abc123.ngrok-free.app"),
+        timeout=10,
+    )
     assert same.status_code == 200, same.text
-    assert requests.get(server.mlflow_url + "/api/2.0/mlflow/experiments/get",
-                        params={"experiment_id": same.json()["experiment_id"]}, timeout=10).status_code == 200
+    assert (
+        requests.get(
+            server.mlflow_url + "/api/2.0/mlflow/experiments/get",
+            params={"experiment_id": same.json()["experiment_id"]},
+            timeout=10,
+        ).status_code
+        == 200
+    )
 
-    for origin in ("https://evil.example", "http://abc123.ngrok-free.app", "http://localhost:3000",
-                   "http://127.0.0.1:9999"):
-        foreign = requests.post(url, json={"name": f"x-{uuid.uuid4().hex}"}, auth=auth,
-                                headers=_tunnelled(served, origin), timeout=10)
+    for origin in (
+        "https://evil.example",
+        "http://abc123.ngrok-free.app",
+        "http://localhost:3000",
+        "http://127.0.0.1:9999",
+    ):
+        foreign = requests.post(
+            url, json={"name": f"x-{uuid.uuid4().hex}"}, auth=auth, headers=_tunnelled(served, origin), timeout=10
+        )
         assert foreign.status_code == 403, origin
         assert "Cross-origin request blocked" in foreign.text
 
     # Opened locally (no tunnel), the entrance's own origin is same-origin too.
-    local = requests.post(url, json={"name": f"local-{uuid.uuid4().hex}"}, auth=auth,
-                          headers={"Origin": server.entrance_url, **unique_client()}, timeout=10)
+    local = requests.post(
+        url,
+        json={"name": f"local-{uuid.uuid4().hex}"},
+        auth=auth,
+        headers={"Origin": server.entrance_url, **unique_client()},
+        timeout=10,
+    )
     assert local.status_code == 200, local.text
 
 
@@ -264,8 +326,12 @@ def test_brute_force_from_one_client_gets_429_others_unaffected(served):
     assert codes[:10] == [401] * 10
     assert codes[10:] == [429] * 20
     # While throttled even a right guess is not checked: that is what makes the throttle hold.
-    assert requests.get(server.entrance_url + "/health", auth=("u", served["token"]), headers=attacker,
-                        timeout=10).status_code == 429
+    assert (
+        requests.get(
+            server.entrance_url + "/health", auth=("u", served["token"]), headers=attacker, timeout=10
+        ).status_code
+        == 429
+    )
     # Another client, with the token, is not affected.
     ok = requests.get(server.entrance_url + "/health", auth=("u", served["token"]), headers=unique_client(), timeout=10)
     assert ok.status_code == 200
@@ -274,8 +340,10 @@ def test_brute_force_from_one_client_gets_429_others_unaffected(served):
 def test_local_processes_are_not_throttled(served):
     """A process on this machine can reach MLflow's own port without login, so typos there never lock it out."""
     server = served["server"]
-    codes = {requests.get(server.entrance_url + "/health", auth=("u", f"typo-{n}"), timeout=10).status_code
-             for n in range(15)}
+    codes = {
+        requests.get(server.entrance_url + "/health", auth=("u", f"typo-{n}"), timeout=10).status_code
+        for n in range(15)
+    }
     assert codes == {401}
     assert requests.get(server.entrance_url + "/health", auth=("u", served["token"]), timeout=10).status_code == 200
 
@@ -308,7 +376,7 @@ class _RecordingUpstream(http.server.BaseHTTPRequestHandler):
     """Answers every request with a small JSON body over HTTP/1.1 keep-alive; records peers and headers."""
 
     protocol_version = "HTTP/1.1"
-    seen: list[tuple[int, dict[str, str]]] = []
+    seen: ClassVar[list[tuple[int, dict[str, str]]]] = []  # shared by every handler of the test's server
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -340,11 +408,15 @@ def test_entrance_reuses_one_upstream_connection_and_drops_hop_by_hop_headers(br
         for _ in range(3):  # three clients, one after another, each with its own connection
             with requests.Session() as session:
                 for n in range(10):
-                    resp = session.post(entrance.url + "/api/2.0/mlflow/runs/log-metric", json={"n": n},
-                                        headers=auth, timeout=10)
+                    resp = session.post(
+                        entrance.url + "/api/2.0/mlflow/runs/log-metric", json={"n": n}, headers=auth, timeout=10
+                    )
                     assert resp.status_code == 200 and resp.json() == {"ok": True}
-        resp = requests.get(entrance.url + "/health", timeout=10,
-                            headers={**auth, "Connection": "keep-alive, X-Hop", "X-Hop": "1", "X-End": "2"})
+        resp = requests.get(
+            entrance.url + "/health",
+            timeout=10,
+            headers={**auth, "Connection": "keep-alive, X-Hop", "X-Hop": "1", "X-End": "2"},
+        )
         assert resp.status_code == 200
     finally:
         entrance.stop()
@@ -363,8 +435,9 @@ def _stub_request(peer: str, listening_on: str, forwarded_for: str = ""):
     from types import SimpleNamespace
 
     headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
-    return SimpleNamespace(remote=peer, headers=headers,
-                           transport=SimpleNamespace(get_extra_info=lambda key: (listening_on, 5001)))
+    return SimpleNamespace(
+        remote=peer, headers=headers, transport=SimpleNamespace(get_extra_info=lambda key: (listening_on, 5001))
+    )
 
 
 def test_an_agent_on_this_machine_behind_a_lan_address_still_names_each_client(bridge_home):
@@ -383,8 +456,10 @@ def test_an_absolute_form_request_target_gets_400_not_500(served):
     server = served["server"]
     host, port = server.entrance_url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"GET http://elsewhere.example/x HTTP/1.1\r\nHost: elsewhere.example\r\n"
-                     b"Authorization: Bearer " + served["token"].encode() + b"\r\nConnection: close\r\n\r\n")
+        sock.sendall(
+            b"GET http://elsewhere.example/x HTTP/1.1\r\nHost: elsewhere.example\r\n"
+            b"Authorization: Bearer " + served["token"].encode() + b"\r\nConnection: close\r\n\r\n"
+        )
         reply = b""
         while chunk := sock.recv(4096):
             reply += chunk
@@ -421,8 +496,9 @@ def _largest_script(served) -> str:
 def test_ui_files_are_compressed_once_cached_and_keep_mlflows_cache_headers(served, local_entrance, coding):
     auth = ("u", served["token"])
     script = _largest_script(served)
-    original = requests.get(f"{served['server'].mlflow_url}/{script}", headers={"Accept-Encoding": "identity"},
-                            timeout=30)
+    original = requests.get(
+        f"{served['server'].mlflow_url}/{script}", headers={"Accept-Encoding": "identity"}, timeout=30
+    )
     resp, sent = _raw(f"{local_entrance.url}/{script}", auth=auth, headers={"Accept-Encoding": f"{coding}, deflate"})
     assert resp.status_code == 200
     assert resp.headers["Content-Encoding"] == coding
@@ -435,11 +511,15 @@ def test_ui_files_are_compressed_once_cached_and_keep_mlflows_cache_headers(serv
     if original.headers.get("ETag"):
         assert resp.headers["ETag"] == "W/" + original.headers["ETag"].removeprefix("W/")
         # The browser's revalidation with the weak validator still gets MLflow's 304.
-        again = requests.get(f"{local_entrance.url}/{script}", auth=auth, timeout=30,
-                             headers={"Accept-Encoding": coding, "If-None-Match": resp.headers["ETag"]})
+        again = requests.get(
+            f"{local_entrance.url}/{script}",
+            auth=auth,
+            timeout=30,
+            headers={"Accept-Encoding": coding, "If-None-Match": resp.headers["ETag"]},
+        )
         assert again.status_code == 304
     assert local_entrance.static_cache.misses == 1 and local_entrance.static_cache.hits == 0
-    resp2, sent2 = _raw(f"{local_entrance.url}/{script}", auth=auth, headers={"Accept-Encoding": coding})
+    _resp2, sent2 = _raw(f"{local_entrance.url}/{script}", auth=auth, headers={"Accept-Encoding": coding})
     assert sent2 == sent and local_entrance.static_cache.hits == 1  # compressed once, then served from memory
 
 
@@ -448,8 +528,9 @@ def test_json_is_compressed_on_the_fly_and_other_bodies_pass_unchanged(served, l
     base, mlflow = local_entrance.url, served["server"].mlflow_url
     run_id = served["run_id"]
     params = [{"key": f"p{i:03d}", "value": f"value-{i}-" + "x" * 20} for i in range(100)]
-    logged = requests.post(f"{mlflow}/api/2.0/mlflow/runs/log-batch", json={"run_id": run_id, "params": params},
-                           timeout=10)
+    logged = requests.post(
+        f"{mlflow}/api/2.0/mlflow/runs/log-batch", json={"run_id": run_id, "params": params}, timeout=10
+    )
     assert logged.status_code == 200 or "already logged" in logged.text
     path = f"/api/2.0/mlflow/runs/get?run_id={run_id}"
     plain = requests.get(mlflow + path, headers={"Accept-Encoding": "identity"}, timeout=10).content
@@ -462,12 +543,18 @@ def test_json_is_compressed_on_the_fly_and_other_bodies_pass_unchanged(served, l
     assert "Content-Encoding" not in resp.headers and sent == plain
     # Already-compressed and opaque types, and tiny bodies, are never compressed.
     png = b"\x89PNG\r\n\x1a\n" + os.urandom(5000)
-    put = requests.put(f"{base}/api/2.0/mlflow-artifacts/artifacts/{served['exp_id']}/{run_id}/artifacts/plot.png",
-                       data=png, headers=auth, timeout=10)
+    put = requests.put(
+        f"{base}/api/2.0/mlflow-artifacts/artifacts/{served['exp_id']}/{run_id}/artifacts/plot.png",
+        data=png,
+        headers=auth,
+        timeout=10,
+    )
     assert put.status_code == 200
-    for path, body in ((f"/get-artifact?path=plot.png&run_uuid={run_id}", png),
-                       (f"/get-artifact?path=blob.bin&run_uuid={run_id}", served["payload"]),
-                       ("/health", b"OK")):
+    for path, body in (
+        (f"/get-artifact?path=plot.png&run_uuid={run_id}", png),
+        (f"/get-artifact?path=blob.bin&run_uuid={run_id}", served["payload"]),
+        ("/health", b"OK"),
+    ):
         resp, sent = _raw(base + path, headers={**auth, "Accept-Encoding": "gzip, br"})
         assert resp.status_code == 200 and "Content-Encoding" not in resp.headers, path
         assert sent == body, path
@@ -484,7 +571,7 @@ def test_requests_through_the_tunnel_are_counted_for_the_month(served, local_ent
     tunnel = {"X-Forwarded-For": "203.0.113.50"}
     sizes = []
     for _ in range(3):
-        resp, sent = _raw(base + f"/api/2.0/mlflow/runs/get?run_id={served['run_id']}", headers={**auth, **tunnel})
+        _resp, sent = _raw(base + f"/api/2.0/mlflow/runs/get?run_id={served['run_id']}", headers={**auth, **tunnel})
         sizes.append(len(sent))
     refused = requests.get(base + "/health", headers={**tunnel, "Accept-Encoding": "gzip"}, timeout=10)
     assert refused.status_code == 401
@@ -539,15 +626,21 @@ def test_the_throttle_reads_the_client_from_the_tunnel_in_use(bridge_home):
 @pytest.mark.parametrize("coding", ["gzip", "br"])
 def test_a_large_text_body_streams_through_compressed(served, local_entrance, coding):
     auth = {"Authorization": f"Bearer {served['token']}"}
-    text = "".join(f"epoch {i}: box_loss 0.{i % 97:02d} cls_loss 0.{i % 89:02d} mAP50-95 0.{i % 83:02d}\n"
-                   for i in range(12_000)).encode()
+    text = "".join(
+        f"epoch {i}: box_loss 0.{i % 97:02d} cls_loss 0.{i % 89:02d} mAP50-95 0.{i % 83:02d}\n" for i in range(12_000)
+    ).encode()
     assert len(text) > 512 * 1024  # above the entrance's buffer limit: streamed, not read whole
     base, run_id = local_entrance.url, served["run_id"]
-    put = requests.put(f"{base}/api/2.0/mlflow-artifacts/artifacts/{served['exp_id']}/{run_id}/artifacts/console.txt",
-                       data=text, headers=auth, timeout=30)
+    put = requests.put(
+        f"{base}/api/2.0/mlflow-artifacts/artifacts/{served['exp_id']}/{run_id}/artifacts/console.txt",
+        data=text,
+        headers=auth,
+        timeout=30,
+    )
     assert put.status_code == 200
-    resp, sent = _raw(f"{base}/get-artifact?path=console.txt&run_uuid={run_id}",
-                      headers={**auth, "Accept-Encoding": coding})
+    resp, sent = _raw(
+        f"{base}/get-artifact?path=console.txt&run_uuid={run_id}", headers={**auth, "Accept-Encoding": coding}
+    )
     assert resp.status_code == 200 and resp.headers["Content-Encoding"] == coding
     assert (gzip.decompress(sent) if coding == "gzip" else brotli.decompress(sent)) == text
     assert len(sent) < len(text) / 4

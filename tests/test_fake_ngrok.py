@@ -37,8 +37,7 @@ def test_pyngrok_default_v3_endpoints_mode_works(fake_ngrok, pyngrok_config):
 
 
 def test_v3_traffic_policy_basic_auth_is_enforced(fake_ngrok, pyngrok_config):
-    policy = {"on_http_request": [{"actions": [{"type": "basic-auth",
-                                                "config": {"credentials": ["u:password-123"]}}]}]}
+    policy = {"on_http_request": [{"actions": [{"type": "basic-auth", "config": {"credentials": ["u:password-123"]}}]}]}
     tunnel = ngrok.connect("9", pyngrok_config=pyngrok_config, traffic_policy=policy)
     local = fake_ngrok.local_url(tunnel.public_url)
     assert requests.get(local, timeout=5).status_code == 401

@@ -59,9 +59,16 @@ def _wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _assert_server_holds_exactly(server_client, experiment: str, local_id: str, *, steps: int = STEPS,
-                                 params: dict | None = None, tags: dict | None = None,
-                                 status: str = "FINISHED"):
+def _assert_server_holds_exactly(
+    server_client,
+    experiment: str,
+    local_id: str,
+    *,
+    steps: int = STEPS,
+    params: dict | None = None,
+    tags: dict | None = None,
+    status: str = "FINISHED",
+):
     """Exactly one run (no ghost), its status, the params and tags, and every point once with its value."""
     run = server_run(server_client, experiment)
     assert run.info.status == status
@@ -78,7 +85,9 @@ def _assert_server_holds_exactly(server_client, experiment: str, local_id: str, 
 
 def _why_not_delivered(conn, proxy) -> str:
     status = conn.status()
-    return f"online={status.online} last_error={status.last_error!r} pending={status.pending} requests={dict(proxy.lines)}"
+    return (
+        f"online={status.online} last_error={status.last_error!r} pending={status.pending} requests={dict(proxy.lines)}"
+    )
 
 
 def _fault_bit(conn, proxy, mode: str) -> bool:
@@ -103,8 +112,9 @@ FAULTS = [
 
 
 @pytest.mark.parametrize("mode, options", FAULTS)
-def test_fault_mid_run_then_recovery_delivers_every_point_once(mode, options, flaky_proxy, bridge_connect,
-                                                               server_client, monkeypatch):
+def test_fault_mid_run_then_recovery_delivers_every_point_once(
+    mode, options, flaky_proxy, bridge_connect, server_client, monkeypatch
+):
     monkeypatch.setenv("BRIDGE_HTTP_TIMEOUT_S", "1")
     experiment = _name(mode)
     conn = bridge_connect(flaky_proxy.url, experiment=experiment)
@@ -112,7 +122,7 @@ def test_fault_mid_run_then_recovery_delivers_every_point_once(mode, options, fl
     with mlflow.start_run(run_name=f"under-{mode}") as run:
         mlflow.log_params(PARAMS)
         mlflow.set_tags(TAGS)
-        _log_points(range(0, 100))
+        _log_points(range(100))
         assert conn.flush(20) == 0  # the run exists on the server before the link goes bad
 
         flaky_proxy.set_mode(mode, **options)
@@ -135,10 +145,12 @@ def test_fault_mid_run_then_recovery_delivers_every_point_once(mode, options, fl
 
 # A lost create is not sent again blindly: the sender first looks for what it may have made, so one loss is
 # all a create meets; batches and status updates are simply re-sent, so they lose two answers in a row.
-@pytest.mark.parametrize("path, losses", [("experiments/create", 1), ("runs/create", 1), ("runs/log-batch", 2),
-                                          ("runs/update", 2)])
-def test_lost_acknowledgement_of_each_write_kind_makes_no_duplicate(path, losses, flaky_proxy, bridge_connect,
-                                                                     server_client, monkeypatch):
+@pytest.mark.parametrize(
+    "path, losses", [("experiments/create", 1), ("runs/create", 1), ("runs/log-batch", 2), ("runs/update", 2)]
+)
+def test_lost_acknowledgement_of_each_write_kind_makes_no_duplicate(
+    path, losses, flaky_proxy, bridge_connect, server_client, monkeypatch
+):
     """The server applied the request, the answer was cut: the retry finds what it made, adds nothing."""
     monkeypatch.setenv("BRIDGE_HTTP_TIMEOUT_S", "1")
     flaky_proxy.set_mode("lost_ack", path=path, times=losses)
@@ -152,12 +164,11 @@ def test_lost_acknowledgement_of_each_write_kind_makes_no_duplicate(path, losses
     assert flaky_proxy.count(path, mode="lost_ack") == losses  # the answers really were lost
     assert flaky_proxy.mode == "pass"
     _assert_server_holds_exactly(server_client, experiment, run.info.run_id)
-    experiments = [e for e in server_client.search_experiments(filter_string=f"name = '{experiment}'")]
+    experiments = list(server_client.search_experiments(filter_string=f"name = '{experiment}'"))
     assert len(experiments) == 1
 
 
-def test_offline_from_the_start_then_the_link_comes_back(flaky_proxy, bridge_connect, server_client,
-                                                         monkeypatch):
+def test_offline_from_the_start_then_the_link_comes_back(flaky_proxy, bridge_connect, server_client, monkeypatch):
     monkeypatch.setenv("BRIDGE_HTTP_TIMEOUT_S", "1")
     flaky_proxy.set_mode("refuse")
     experiment = _name("offline")
@@ -173,8 +184,9 @@ def test_offline_from_the_start_then_the_link_comes_back(flaky_proxy, bridge_con
     _assert_server_holds_exactly(server_client, experiment, run.info.run_id)
 
 
-def test_tunnel_url_change_mid_run_follows_the_new_record(mlflow_server, make_flaky_proxy, bridge_connect,
-                                                          server_client, monkeypatch, tmp_path):
+def test_tunnel_url_change_mid_run_follows_the_new_record(
+    mlflow_server, make_flaky_proxy, bridge_connect, server_client, monkeypatch, tmp_path
+):
     """The tunnel restarts with a new URL: the sender re-reads the published record and carries on."""
     monkeypatch.setenv("BRIDGE_HTTP_TIMEOUT_S", "1")
     old = make_flaky_proxy("127.0.0.1", mlflow_server.port)
@@ -183,8 +195,7 @@ def test_tunnel_url_change_mid_run_follows_the_new_record(mlflow_server, make_fl
     record.parent.mkdir()
 
     def publish(url: str) -> None:
-        text = make_record(url, token=TOKEN, instance="serve-1", mlflow_version=mlflow.__version__,
-                           ttl_s=600).to_json()
+        text = make_record(url, token=TOKEN, instance="serve-1", mlflow_version=mlflow.__version__, ttl_s=600).to_json()
         tmp = record.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, record)
@@ -197,10 +208,10 @@ def test_tunnel_url_change_mid_run_follows_the_new_record(mlflow_server, make_fl
     with mlflow.start_run(run_name="moved") as run:
         mlflow.log_params(PARAMS)
         mlflow.set_tags(TAGS)
-        _log_points(range(0, 300))
+        _log_points(range(300))
         assert conn.flush(20) == 0
         old.set_mode("refuse")  # the old tunnel is gone…
-        publish(new.url)        # …and `bridge serve` published the new one
+        publish(new.url)  # …and `bridge serve` published the new one
         _log_points(range(300, STEPS))
         mlflow.log_params(LATE_PARAMS)
         mlflow.set_tags(LATE_TAGS)
@@ -211,8 +222,9 @@ def test_tunnel_url_change_mid_run_follows_the_new_record(mlflow_server, make_fl
     _assert_server_holds_exactly(server_client, experiment, run.info.run_id)
 
 
-def test_a_tampered_record_never_redirects_delivery(mlflow_server, make_flaky_proxy, bridge_connect,
-                                                    server_client, monkeypatch, tmp_path, caplog):
+def test_a_tampered_record_never_redirects_delivery(
+    mlflow_server, make_flaky_proxy, bridge_connect, server_client, monkeypatch, tmp_path, caplog
+):
     """A record naming another URL but not signed with our token is ignored; delivery resumes on the old URL."""
     import json
 
@@ -235,8 +247,11 @@ def test_a_tampered_record_never_redirects_delivery(mlflow_server, make_flaky_pr
     # The sender re-reads the record after 3 failures over 5 s, and refuses it.
     with caplog.at_level(logging.WARNING, logger="bridge.client.link.discovery"):
         # flush() wakes the sender every 50 ms, so the failures needed come quickly.
-        _wait_until(lambda: conn.flush(0.1) > 0 and any("signature" in r.getMessage() for r in caplog.records),
-                    60, "re-discovery to reject the tampered record")
+        _wait_until(
+            lambda: conn.flush(0.1) > 0 and any("signature" in r.getMessage() for r in caplog.records),
+            60,
+            "re-discovery to reject the tampered record",
+        )
     assert conn.status().pending > 0
     old.set_mode("pass")
     assert conn.flush(40) == 0
@@ -265,9 +280,9 @@ _KILLED_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("recover_with", ["bridge-sync", "connect"])
-def test_kill_9_during_an_outage_then_everything_acknowledged_is_delivered(recover_with, flaky_proxy,
-                                                                           bridge_connect, server_client,
-                                                                           tmp_path, monkeypatch):
+def test_kill_9_during_an_outage_then_everything_acknowledged_is_delivered(
+    recover_with, flaky_proxy, bridge_connect, server_client, tmp_path, monkeypatch
+):
     monkeypatch.setenv("BRIDGE_HTTP_TIMEOUT_S", "1")
     monkeypatch.setenv("BRIDGE_SEND_INTERVAL_S", "0.05")
     flaky_proxy.set_mode("refuse")
@@ -275,8 +290,13 @@ def test_kill_9_during_an_outage_then_everything_acknowledged_is_delivered(recov
     experiment = _name("kill9")
     script = tmp_path / "train.py"
     script.write_text(_KILLED_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), flaky_proxy.url, str(journal), experiment, "5000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path.cwd())
+    proc = subprocess.Popen(
+        [sys.executable, str(script), flaky_proxy.url, str(journal), experiment, "5000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path.cwd(),
+    )
     acked = -1
     local_id = None
     try:
@@ -305,9 +325,21 @@ def test_kill_9_during_an_outage_then_everything_acknowledged_is_delivered(recov
 
     flaky_proxy.set_mode("pass")
     if recover_with == "bridge-sync":
-        result = subprocess.run([str(Path(sys.executable).with_name("bridge")), "sync", "--journal", str(journal),
-                                 "--url", flaky_proxy.url, "--timeout", "60"],
-                                capture_output=True, text=True, timeout=90)
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("bridge")),
+                "sync",
+                "--journal",
+                str(journal),
+                "--url",
+                flaky_proxy.url,
+                "--timeout",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "test-token" not in result.stdout + result.stderr
     else:

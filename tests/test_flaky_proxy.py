@@ -171,7 +171,9 @@ def test_path_and_times_limit_a_fault_to_chosen_requests(flaky_proxy, mlflow_ser
     name = _name()
     with requests.Session() as session:
         # Other paths pass untouched while the fault waits for its request.
-        assert session.get(flaky_proxy.url + GET_BY_NAME, params={"experiment_name": name}, timeout=5).status_code == 404
+        assert (
+            session.get(flaky_proxy.url + GET_BY_NAME, params={"experiment_name": name}, timeout=5).status_code == 404
+        )
     with pytest.raises(requests.ConnectionError):
         _create(flaky_proxy.url, name)
     assert flaky_proxy.mode == "pass"  # spent: back to pass by itself

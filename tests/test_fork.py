@@ -103,9 +103,9 @@ def test_a_child_forked_during_a_create_does_not_wait_for_it(tmp_path):
     """A stopping sender waits for a create in flight (H21's grace); a child forked while its parent's sender
     was creating has no such create, and its own stop must not wait for one."""
     from bridge.client.delivery.heartbeat import Heartbeats
+    from bridge.client.delivery.operations import Operations
     from bridge.client.journal import Journal
     from bridge.client.link import Link
-    from bridge.client.delivery.operations import Operations
 
     journal = Journal(tmp_path / "journal.sqlite")
     link = Link("http://127.0.0.1:9", "t")

@@ -16,8 +16,19 @@ from bridge.errors import HttpError, UndeliverableError
 from tests.support.transport import FaultTransport
 
 #: Names in kinds.py that are not op kinds.
-_NOT_OP_KINDS = {"LOGGED_MODEL", "MODEL_VERSION", "REGISTERED_MODEL", "REGISTRY_KEY", "MODEL_KEY_TAG", "VERSION_KEY_TAG",
-                 "ARTIFACT_SCHEME", "RUN_ID_TAGS", "MARKED_RUN_KINDS", "MARKED_EXPERIMENT_KINDS", "REGISTRY_KINDS"}
+_NOT_OP_KINDS = {
+    "LOGGED_MODEL",
+    "MODEL_VERSION",
+    "REGISTERED_MODEL",
+    "REGISTRY_KEY",
+    "MODEL_KEY_TAG",
+    "VERSION_KEY_TAG",
+    "ARTIFACT_SCHEME",
+    "RUN_ID_TAGS",
+    "MARKED_RUN_KINDS",
+    "MARKED_EXPERIMENT_KINDS",
+    "REGISTRY_KINDS",
+}
 
 
 def _op_kinds() -> set[str]:

@@ -13,7 +13,16 @@ import threading
 import pytest
 
 from bridge.client.journal import (
-    ARTIFACT, DEAD, IN_FLIGHT, METRIC, PARAM, PENDING, TAG, Journal, decode_value, journal_path,
+    ARTIFACT,
+    DEAD,
+    IN_FLIGHT,
+    METRIC,
+    PARAM,
+    PENDING,
+    TAG,
+    Journal,
+    decode_value,
+    journal_path,
 )
 from bridge.errors import JournalCorruptError, JournalError, JournalFullError
 
@@ -40,8 +49,9 @@ def test_path_resolution_argument_then_env_then_data_folder(tmp_path, monkeypatc
 def test_appends_keep_order_values_and_original_timestamps(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
     journal.append_batch("run1", [("loss", 0.5, 1111, 0)])
-    journal.append_batch("run1", [("loss", math.nan, 2222, 1), ("acc", math.inf, 3333, 1)],
-                         [("lr", "0.1")], [("t", "v")])
+    journal.append_batch(
+        "run1", [("loss", math.nan, 2222, 1), ("acc", math.inf, 3333, 1)], [("lr", "0.1")], [("t", "v")]
+    )
     journal.move_intake()  # what the sender does at the start of each round
     ops = journal.queue.pending_ops("run1", 100)
     # Points come through the intake, so they may follow params/tags; among themselves they keep their order.
@@ -67,7 +77,7 @@ def test_row_states_claim_complete_release_bury(tmp_path):
     journal.queue.bury(ids[1:2], "INVALID_PARAMETER_VALUE: nope", reason="server-refused")
     journal.queue.release(ids[1:3])  # only the row still in flight goes back
     assert _states(journal) == {PENDING: 2, DEAD: 1}
-    (dead, message, reason), = journal.queue.dead_letters()
+    ((dead, message, reason),) = journal.queue.dead_letters()
     assert dead.id == ids[1] and message == "INVALID_PARAMETER_VALUE: nope" and reason == "server-refused"
     assert [op.attempts for op in journal.queue.pending_ops("r", 10)] == [1, 0]
 
@@ -147,7 +157,7 @@ def test_damaged_pages_intact_rows_recovered_rest_reported(tmp_path):
     raw = bytearray(path.read_bytes())
     page = 4096
     middle = len(raw) // page // 2
-    raw[middle * page:(middle + 3) * page] = b"\xff" * (3 * page)  # three pages of the ops table overwritten
+    raw[middle * page : (middle + 3) * page] = b"\xff" * (3 * page)  # three pages of the ops table overwritten
     path.write_bytes(bytes(raw))
 
     with pytest.raises(JournalCorruptError):
@@ -316,14 +326,15 @@ def test_a_failed_commit_is_rolled_back_and_the_connection_stays_usable(tmp_path
     journal = Journal(tmp_path / "j.sqlite")
     with journal.database.db() as conn:
         conn.execute("create table parent(id integer primary key)")
-        conn.execute("create table child(id integer primary key, parent integer "
-                     "references parent(id) deferrable initially deferred)")
+        conn.execute(
+            "create table child(id integer primary key, parent integer "
+            "references parent(id) deferrable initially deferred)"
+        )
     with journal.database.db(write=False) as conn:
         pass
     conn.execute("pragma foreign_keys=on")  # a deferred violation makes COMMIT itself fail
-    with pytest.raises(JournalError):
-        with journal.database.db() as conn:
-            conn.execute("insert into child values(1, 42)")
+    with pytest.raises(JournalError), journal.database.db() as conn:
+        conn.execute("insert into child values(1, 42)")
     assert not conn.in_transaction
     journal.append_batch("r", [], [("p", "1")])  # this thread's connection still works
     assert journal.queue.backlog().pending == {"r": 1}

@@ -3,16 +3,17 @@
 Each test is the smallest program that shows one defect against a real `mlflow server`, asserting what stock
 MLflow (or bridge's documented behaviour) gives. A defect still open is marked
 `xfail(strict=True, reason="defect N: …")`, so the test turns into a failure the moment it is fixed — then the
-mark is removed and the test keeps it fixed (20 of them were removed at 333299c, where they pass). Harness findings are numbered H1, H2, … in the order
-the differential harness found them; benchmarks/README.md ("Differential harness") lists them with their fixes.
+mark is removed and the test keeps it fixed (20 of them were removed at 333299c, where they pass). Harness
+findings are numbered H1, H2, … in the order the differential harness found them; benchmarks/README.md
+("Differential harness") lists them with their fixes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -20,14 +21,15 @@ import threading
 import time
 import traceback
 import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tests.support.client import server_run
 from bridge.client.link import RequestsTransport
+from tests.support.client import server_run
 from tests.support.transport import FaultTransport
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,6 +75,7 @@ def link(bridge_connect, mlflow_server):
 
 # ------------------------------------------------------------------------------------ defect 1
 
+
 def test_defect_1_end_status_arrives_after_the_last_metrics(link, mlflow_server):
     conn, transport = link
     mlflow.set_experiment(_name("order"))
@@ -82,13 +85,15 @@ def test_defect_1_end_status_arrives_after_the_last_metrics(link, mlflow_server)
     assert conn.flush(30) == 0
     sent = [(r.path, r.json or {}) for r in transport.requests if r.fault is None]
     batches = [i for i, (path, body) in enumerate(sent) if path.endswith("/runs/log-batch") and body.get("metrics")]
-    finished = [i for i, (path, body) in enumerate(sent) if path.endswith("/runs/update")
-                and body.get("status") == "FINISHED"]
+    finished = [
+        i for i, (path, body) in enumerate(sent) if path.endswith("/runs/update") and body.get("status") == "FINISHED"
+    ]
     assert batches and finished
     assert max(batches) < min(finished), "the server saw the run FINISHED before its last metrics"
 
 
 # ------------------------------------------------------------------------------------ defect 2
+
 
 def test_defect_2_newer_artifact_of_the_same_size_replaces_the_older(link, mlflow_server):
     conn, transport = link
@@ -101,8 +106,9 @@ def test_defect_2_newer_artifact_of_the_same_size_replaces_the_older(link, mlflo
         assert conn.flush(30) == 0
     server = MlflowClient(mlflow_server.url)
     remote = server_run(server, mlflow.get_experiment(run.info.experiment_id).name)
-    path = mlflow.artifacts.download_artifacts(run_id=remote.info.run_id, artifact_path="notes.txt",
-                                               tracking_uri=mlflow_server.url)
+    path = mlflow.artifacts.download_artifacts(
+        run_id=remote.info.run_id, artifact_path="notes.txt", tracking_uri=mlflow_server.url
+    )
     with open(path) as fh:
         assert fh.read() == "version-2"
 
@@ -130,8 +136,13 @@ def test_defect_3_exit_over_a_slow_link_is_never_silent(tmp_path, make_flaky_pro
     for attempt in range(3):  # the shutdown race does not show every time
         journal = tmp_path / f"journal{attempt}.sqlite"
         env = {**os.environ, "BRIDGE_SEND_INTERVAL_S": "0.05", "MLFLOW_DISABLE_TELEMETRY": "true"}
-        done = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, proxy.url, str(journal), "1.0", _name("exit")],
-                              capture_output=True, text=True, timeout=90, env=env)
+        done = subprocess.run(
+            [sys.executable, "-c", _EXIT_SCRIPT, proxy.url, str(journal), "1.0", _name("exit")],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=env,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         backlog, _, _, _ = queue(journal)
         if backlog.total and "not delivered yet" not in done.stderr:
@@ -140,6 +151,7 @@ def test_defect_3_exit_over_a_slow_link_is_never_silent(tmp_path, make_flaky_pro
 
 
 # ------------------------------------------------------------------------------------ defect 4
+
 
 def test_defect_4_a_journal_delivered_twice_makes_one_run(link, mlflow_server, tmp_path, monkeypatch):
     from bridge.client.connect import sync
@@ -160,6 +172,7 @@ def test_defect_4_a_journal_delivered_twice_makes_one_run(link, mlflow_server, t
 
 
 # ------------------------------------------------------------------------------------ defect 5
+
 
 def _heartbeat(server: MlflowClient, experiment: str) -> int:
     return int(server_run(server, experiment).data.tags.get("bridge.heartbeat", "0"))
@@ -209,13 +222,13 @@ def test_defect_5_a_second_connect_keeps_the_live_run_beating(bridge_connect, ml
 
 # ------------------------------------------------------------------------------------ defect 6
 
+
 def test_defect_6_a_nested_run_names_its_parent_by_server_id(bridge_connect, mlflow_server):
     conn = bridge_connect(mlflow_server.url)
     experiment = _name("nested")
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name="parent"):
-        with mlflow.start_run(run_name="child", nested=True):
-            mlflow.log_param("x", "1")
+    with mlflow.start_run(run_name="parent"), mlflow.start_run(run_name="child", nested=True):
+        mlflow.log_param("x", "1")
     assert conn.flush(30) == 0
     server = MlflowClient(mlflow_server.url)
     eid = server.get_experiment_by_name(experiment).experiment_id
@@ -244,6 +257,7 @@ def test_defect_6_a_model_version_names_its_run_by_server_id(bridge_connect, mlf
 
 
 # ------------------------------------------------------------------------------------ defect 7
+
 
 def test_defect_7_get_run_reads_your_param(bridge_connect, mlflow_server):
     conn = bridge_connect(mlflow_server.url)
@@ -294,11 +308,14 @@ def test_defect_7_offline_search_runs_honours_order_by(link):
     assert [r.info.run_name for r in found] == ["r1", "r2", "r0"]
 
 
-@pytest.mark.parametrize("fault", [
-    "refuse",  # defect 7: the history was partial while points waited
-    # H7: delivery answered 503 until the link counted as failing, and the read then raised instead of asking
-    "status",
-])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "refuse",  # defect 7: the history was partial while points waited
+        # H7: delivery answered 503 until the link counted as failing, and the read then raised instead of asking
+        "status",
+    ],
+)
 def test_defect_7_h7_metric_history_is_whole_while_points_wait(link, fault):
     """Reads still answer while only delivery fails: the server's part comes from it, the waiting part from the
     journal."""
@@ -344,6 +361,7 @@ def test_defect_7_offline_metric_history_never_passes_a_part_for_the_whole(link)
 
 # ------------------------------------------------------------------------------------ defect 8
 
+
 def test_defect_8_changing_a_param_raises_like_mlflow(bridge_connect, mlflow_server):
     conn = bridge_connect(mlflow_server.url)
     mlflow.set_experiment(_name("param"))
@@ -357,6 +375,7 @@ def test_defect_8_changing_a_param_raises_like_mlflow(bridge_connect, mlflow_ser
 
 
 # ------------------------------------------------------------------------------------ defect 9
+
 
 def test_defect_9_delete_experiment_tag_reaches_the_server(bridge_connect, mlflow_server):
     conn = bridge_connect(mlflow_server.url)
@@ -390,6 +409,7 @@ def test_defect_9_artifact_location_is_kept_or_refused(bridge_connect, mlflow_se
 
 # ----------------------------------------------------------------------------------- defect 10
 
+
 def test_defect_10_a_poison_entry_does_not_stall_other_runs(bridge_connect, mlflow_server, monkeypatch):
     """One entry that gets a repeatable 500 is set aside after a bounded number of tries; others flow."""
     monkeypatch.setenv("BRIDGE_POISON_ATTEMPTS", "3")
@@ -417,6 +437,7 @@ def test_defect_10_a_poison_entry_does_not_stall_other_runs(bridge_connect, mlfl
 
 # ----------------------------------------------------------------------------------- defect 11
 
+
 def test_defect_11_a_run_delivered_by_sync_can_be_reaped(link, mlflow_server, monkeypatch):
     """A crashed process's RUNNING run, delivered by sync, carries a heartbeat so the reaper can end it."""
     from bridge.client.connect import sync
@@ -429,9 +450,10 @@ def test_defect_11_a_run_delivered_by_sync_can_be_reaped(link, mlflow_server, mo
     mlflow.log_param("lr", "0.1")
     path = conn.journal.path
     conn.close()  # the process "crashed": the run never ended
+    from mlflow.tracking import fluent
+
     from tests.support.client import _reset_mlflow
 
-    from mlflow.tracking import fluent
     fluent._active_run_stack.get().clear()  # forget it without ending it, like a killed process
     _reset_mlflow()
     monkeypatch.setenv("BRIDGE_TOKEN", "test-token")
@@ -442,6 +464,7 @@ def test_defect_11_a_run_delivered_by_sync_can_be_reaped(link, mlflow_server, mo
 
 
 # ----------------------------------------------------------------------------------- defect 12
+
 
 def test_defect_12_a_pyfunc_model_reaches_the_server(bridge_connect, mlflow_server):
     import mlflow.pyfunc
@@ -464,6 +487,7 @@ def test_defect_12_a_pyfunc_model_reaches_the_server(bridge_connect, mlflow_serv
 
 
 # ----------------------------------------------------------------------------------- defect 13
+
 
 def test_defect_13_a_registry_call_offline_does_not_block(bridge_connect, make_flaky_proxy, mlflow_server):
     proxy = make_flaky_proxy("127.0.0.1", mlflow_server.port)
@@ -571,8 +595,9 @@ def test_h9_log_table_offline_raises_rather_than_replace_the_servers_rows(link, 
         mlflow.log_table({"x": [3]}, "eval/t.json")
         assert conn.flush(30) == 0
     remote = server_run(MlflowClient(mlflow_server.url), experiment)
-    path = mlflow.artifacts.download_artifacts(run_id=remote.info.run_id, artifact_path="eval/t.json",
-                                               tracking_uri=mlflow_server.url)
+    path = mlflow.artifacts.download_artifacts(
+        run_id=remote.info.run_id, artifact_path="eval/t.json", tracking_uri=mlflow_server.url
+    )
     with open(path) as fh:
         assert json.load(fh)["data"] == [[1], [2], [3]]
 
@@ -596,15 +621,19 @@ def test_h10_a_run_created_on_the_server_whose_answer_is_lost_is_listed_once(lin
     assert [(r.info.run_id, r.info.run_name) for r in runs] == [(run_id, "r1")]
 
 
-@pytest.mark.parametrize("points", [
-    # H5: one step, one timestamp, two values: MLflow keeps the greatest value as the run's latest.
-    [(0.9, 1_700_000_000_000, 3), (0.1, 1_700_000_000_000, 3)],
-    # H5: NaN is stored as 0 and compared as 0 in that choice (here the 0.5 wins over the NaN).
-    [(0.5, 1_700_000_000_000, 2), (float("nan"), 1_700_000_000_000, 2)],
-    # H6: ±inf are stored as ±the largest double; the local view shows what the server will.
-    [(float("inf"), 1_700_000_000_000, 1)],
-    [(float("-inf"), 1_700_000_000_000, 1), (-2.0, 1_700_000_000_000, 0)],
-], ids=["same-step-and-time", "nan-as-zero", "inf", "minus-inf"])
+@pytest.mark.parametrize(
+    "points",
+    [
+        # H5: one step, one timestamp, two values: MLflow keeps the greatest value as the run's latest.
+        [(0.9, 1_700_000_000_000, 3), (0.1, 1_700_000_000_000, 3)],
+        # H5: NaN is stored as 0 and compared as 0 in that choice (here the 0.5 wins over the NaN).
+        [(0.5, 1_700_000_000_000, 2), (float("nan"), 1_700_000_000_000, 2)],
+        # H6: ±inf are stored as ±the largest double; the local view shows what the server will.
+        [(float("inf"), 1_700_000_000_000, 1)],
+        [(float("-inf"), 1_700_000_000_000, 1), (-2.0, 1_700_000_000_000, 0)],
+    ],
+    ids=["same-step-and-time", "nan-as-zero", "inf", "minus-inf"],
+)
 def test_h5_h6_the_local_view_of_the_latest_metric_is_the_servers(link, mlflow_server, points):
     """The offline view of run.data.metrics (the journal's) agrees with what the server shows once delivered."""
     conn, transport = link
@@ -658,9 +687,14 @@ def test_h11_a_create_that_lands_after_the_retry_leaves_no_second_run(link, mlfl
     assert conn.flush(30) == 0
     # Removed by the end's own look: the requests right after the FINISHED update, before any flush's look.
     sent = [(r.path.rsplit("/", 2)[-2:], r.json or {}) for r in transport.requests[ended_at:] if r.fault is None]
-    end = next(i for i, (path, body) in enumerate(sent) if path == ["runs", "update"]
-               and body.get("status") == "FINISHED")
-    assert [path for path, _ in sent[end + 1:end + 4]] == [["runs", "search"], ["runs", "set-tag"], ["runs", "delete"]]
+    end = next(
+        i for i, (path, body) in enumerate(sent) if path == ["runs", "update"] and body.get("status") == "FINISHED"
+    )
+    assert [path for path, _ in sent[end + 1 : end + 4]] == [
+        ["runs", "search"],
+        ["runs", "set-tag"],
+        ["runs", "delete"],
+    ]
     _only_the_run_is_left(server, experiment, late)
 
 
@@ -682,7 +716,7 @@ def test_h21_a_second_connect_removes_the_twin_the_first_sender_watched(link, br
     (CI, seed 37). The watch is in the journal now."""
     conn, transport = link
     experiment = _name("late-create-reconnect")
-    run_id, late, server = _late_twin(conn, transport, mlflow_server, experiment)
+    _run_id, late, server = _late_twin(conn, transport, mlflow_server, experiment)
     again = bridge_connect(mlflow_server.url, transport=transport)  # closes `conn`
     assert again.flush(30) == 0
     _only_the_run_is_left(server, experiment, late)
@@ -708,23 +742,29 @@ def _create_held_across_a_second_connect(bridge_connect, proxy, held_s: float, e
     return run_id, again
 
 
-def test_h21_a_second_connect_lets_a_create_in_flight_finish(bridge_connect, make_flaky_proxy, mlflow_server,
-                                                             monkeypatch):
+def test_h21_a_second_connect_lets_a_create_in_flight_finish(
+    bridge_connect, make_flaky_proxy, mlflow_server, monkeypatch
+):
     """CI seed 37's cause, avoided: a stopping sender lets a run create in flight finish (up to
-    ClientOptions.create_grace_s) before it cuts requests, so the next sender finds the run — no second run is ever made."""
+    ClientOptions.create_grace_s) before it cuts requests, so the next sender finds the run — no second run is
+    ever made."""
     monkeypatch.setenv("BRIDGE_CREATE_GRACE_S", "5.0")  # wide of the 1.5 s hold on a loaded machine
     proxy = make_flaky_proxy("127.0.0.1", mlflow_server.port)
     experiment = _name("create-finishes")
     run_id, _ = _create_held_across_a_second_connect(bridge_connect, proxy, 1.5, experiment)
     assert proxy.count("runs/create") == 1, "the second sender created the run again"
     server = MlflowClient(mlflow_server.url)
-    runs = server.search_runs([server.get_experiment_by_name(experiment).experiment_id],
-                              f"tags.`bridge.run_key` = '{run_id}'", run_view_type=3)
+    runs = server.search_runs(
+        [server.get_experiment_by_name(experiment).experiment_id],
+        f"tags.`bridge.run_key` = '{run_id}'",
+        run_view_type=3,
+    )
     assert [(r.info.lifecycle_stage, r.data.params) for r in runs] == [("active", {"lr": "0.1"})]
 
 
-def test_h21_a_create_cut_by_a_stopping_sender_leaves_no_second_run(bridge_connect, make_flaky_proxy,
-                                                                   mlflow_server, monkeypatch):
+def test_h21_a_create_cut_by_a_stopping_sender_leaves_no_second_run(
+    bridge_connect, make_flaky_proxy, mlflow_server, monkeypatch
+):
     """The mechanism of CI seed 37, made exact: a create held longer than the stopping sender waits is cut on
     the client's side only — the request had left, and the proxy (the network) applies it 2.5 s later, after
     the next sender looked for the run and created it again. The twin is removed by the next flush."""
@@ -752,9 +792,13 @@ def test_h21_a_run_key_search_picks_the_run_in_use():
     from bridge.twins import empty_twin as _empty_twin
 
     def run(run_id, stage="active", tags=(), params=0):
-        return {"info": {"run_id": run_id, "lifecycle_stage": stage},
-                "data": {"tags": [{"key": k, "value": "v"} for k in ("bridge.run_key", *tags)],
-                         "params": [{"key": f"p{i}", "value": "1"} for i in range(params)]}}
+        return {
+            "info": {"run_id": run_id, "lifecycle_stage": stage},
+            "data": {
+                "tags": [{"key": k, "value": "v"} for k in ("bridge.run_key", *tags)],
+                "params": [{"key": f"p{i}", "value": "1"} for i in range(params)],
+            },
+        }
 
     used, twin = run("used", tags=("mlflow.runName", "bridge.delivered.x.r"), params=1), run("twin")
     removed = run("removed", stage="deleted", tags=("bridge.duplicate_of",))
@@ -815,14 +859,17 @@ def test_h15_metric_history_shows_an_identical_point_once(link, mlflow_server):
     assert conn.flush(30) == 0
     transport.fail("refuse", path="runs/log-batch")
     for value in (-1.5, -1.5, float("nan"), float("nan"), 0.5):
-        client.log_metric(run_id, "loss", value, timestamp=1_700_000_000_003 if value == value else 1_700_000_000_004,
-                          step=3)
+        client.log_metric(
+            run_id, "loss", value, timestamp=1_700_000_000_003 if value == value else 1_700_000_000_004, step=3
+        )
     client.log_metric(run_id, "loss", 0.5, timestamp=1_700_000_000_000, step=1)  # on the server already
     local = sorted((m.step, m.timestamp, repr(m.value)) for m in client.get_metric_history(run_id, "loss"))
     transport.clear()
     assert conn.flush(30) == 0
-    served = sorted((m.step, m.timestamp, repr(m.value)) for m in
-                    MlflowClient(mlflow_server.url).get_metric_history(conn.journal.ids.server_run(run_id)[0], "loss"))
+    served = sorted(
+        (m.step, m.timestamp, repr(m.value))
+        for m in MlflowClient(mlflow_server.url).get_metric_history(conn.journal.ids.server_run(run_id)[0], "loss")
+    )
     assert local == served
 
 
@@ -844,16 +891,27 @@ class _WriteDuringRead(RequestsTransport):
         self.write_held, self.read_answered = threading.Event(), threading.Event()
 
     def send(self, request):
-        if (self.armed and self.write_path in request.path and self.write_has in json.dumps(request.json)
-                and not self.write_held.is_set()):
+        if (
+            self.armed
+            and self.write_path in request.path
+            and self.write_has in json.dumps(request.json)
+            and not self.write_held.is_set()
+        ):
             self.write_held.set()
             assert self.read_answered.wait(30), "the read never came"
             return super().send(request)
         response = super().send(request)
-        if (self.armed and self.read_path in request.path and self.write_held.is_set()
-                and threading.current_thread() is threading.main_thread() and not self.read_answered.is_set()
-                and any(f.name == self.read_via and f.filename.endswith(os.path.join("mlflow", "tracking", "client.py"))
-                        for f in traceback.extract_stack())):
+        if (
+            self.armed
+            and self.read_path in request.path
+            and self.write_held.is_set()
+            and threading.current_thread() is threading.main_thread()
+            and not self.read_answered.is_set()
+            and any(
+                f.name == self.read_via and f.filename.endswith(os.path.join("mlflow", "tracking", "client.py"))
+                for f in traceback.extract_stack()
+            )
+        ):
             self.read_answered.set()
             _wait_until(self.delivered, 30, "the held write to be delivered")
         return response
@@ -900,8 +958,11 @@ def test_h17_a_second_table_logged_while_the_first_is_delivered_lists_both(bridg
 def test_h16_experiment_tags_read_your_writes_even_when_delivered_during_the_read(bridge_connect, mlflow_server):
     """`get_experiment` showed the server's tags only: a tag set (or deleted) and not yet delivered was missing
     online, and offline an experiment showed no tags at all — the family of H16 for experiments."""
-    transport = FaultTransport(_WriteDuringRead("experiments/set-experiment-tag", "experiments/get",
-                                                write_has="kind", read_via="get_experiment"))
+    transport = FaultTransport(
+        _WriteDuringRead(
+            "experiments/set-experiment-tag", "experiments/get", write_has="kind", read_via="get_experiment"
+        )
+    )
     conn = bridge_connect(mlflow_server.url, transport=transport)
     client = MlflowClient()
     name = _name("exp-tags")
@@ -954,8 +1015,7 @@ def test_a_read_that_no_delivery_crossed_reads_the_journal_once(link, mlflow_ser
     assert conn.flush(30) == 0
 
 
-def test_h18_a_copy_paying_an_old_mark_does_not_let_an_older_artifact_win(link, mlflow_server, tmp_path,
-                                                                          monkeypatch):
+def test_h18_a_copy_paying_an_old_mark_does_not_let_an_older_artifact_win(link, mlflow_server, tmp_path, monkeypatch):
     """A copy owes the marks its original owed when it was taken. Its sync paid them without reading the
     server's first, lowering the original's later mark; a second copy's older `a.txt` then counted as not
     delivered and went up over the newer one (seed 100416, 6 replays in 6)."""
@@ -969,8 +1029,11 @@ def test_h18_a_copy_paying_an_old_mark_does_not_let_an_older_artifact_win(link, 
     assert conn.flush(30) == 0
     transport.fail("refuse", path="runs/log-batch")  # a live run's mark rides in a batch: it stays owed
     client.log_text(run_id, "first", "first.txt")
-    _wait_until(lambda: not conn.journal.queue.undelivered(run_id, ("artifact",)) and conn.journal.book.owed_marks(), 30,
-                "the upload to be delivered and its mark owed")
+    _wait_until(
+        lambda: not conn.journal.queue.undelivered(run_id, ("artifact",)) and conn.journal.book.owed_marks(),
+        30,
+        "the upload to be delivered and its mark owed",
+    )
     owes = _copy_journal(conn.journal.path, tmp_path / "owes")
     transport.fail("refuse", path="mlflow-artifacts")
     client.log_text(run_id, "old", "a.txt")
@@ -983,7 +1046,7 @@ def test_h18_a_copy_paying_an_old_mark_does_not_let_an_older_artifact_win(link, 
         assert sync(copy, mlflow_server.url, timeout=30).left == 0
     server = MlflowClient(mlflow_server.url)
     remote = server_run(server, experiment).info.run_id
-    assert open(server.download_artifacts(remote, "a.txt", str(tmp_path / "got"))).read() == "new"
+    assert Path(server.download_artifacts(remote, "a.txt", str(tmp_path / "got"))).read_text() == "new"
 
 
 def test_h19_a_run_created_on_the_server_during_a_search_is_listed(bridge_connect, mlflow_server):
@@ -1027,8 +1090,9 @@ def test_h19_a_run_created_while_a_search_reads_runs_again_is_listed(bridge_conn
     assert conn.flush(30) == 0
 
 
-def test_h20_a_table_delivered_while_the_second_log_table_lists_it_is_appended_to(bridge_connect, mlflow_server,
-                                                                                     tmp_path):
+def test_h20_a_table_delivered_while_the_second_log_table_lists_it_is_appended_to(
+    bridge_connect, mlflow_server, tmp_path
+):
     """`log_table` appends to a table it finds listed. The listing asked the server, then the spool: a first
     table uploaded in between was in neither, and the second call replaced its rows (seed 120061)."""
     transport = _WriteDuringRead("mlflow-artifacts/artifacts/", "mlflow-artifacts/artifacts", read_via="list_artifacts")
@@ -1044,17 +1108,21 @@ def test_h20_a_table_delivered_while_the_second_log_table_lists_it_is_appended_t
     assert transport.read_answered.is_set()
     assert conn.flush(30) == 0
     server = MlflowClient(mlflow_server.url)
-    got = json.loads(open(server.download_artifacts(conn.journal.ids.server_run(run_id)[0], "t.json",
-                                                    str(tmp_path / "got"))).read())
+    remote = conn.journal.ids.server_run(run_id)[0]
+    got = json.loads(Path(server.download_artifacts(remote, "t.json", str(tmp_path / "got"))).read_text())
     assert [row[0] for row in got["data"]] == [1, 2, 3]
 
 
 # The answers a real `mlflow server` (SQLite) gives the later of two identical upserts racing (measured: 2 at
 # once, set-experiment-tag refused 24 of 400, registered-models/set-tag 26 of 400).
-_RACE_EXPERIMENT_TAG = (b'{"error_code": "BAD_REQUEST", "message": "(sqlite3.IntegrityError) UNIQUE constraint failed: '
-                        b'experiment_tags.key, experiment_tags.experiment_id"}')
-_RACE_MODEL_TAG = (b'{"error_code": "BAD_REQUEST", "message": "(sqlite3.IntegrityError) UNIQUE constraint failed: '
-                   b'registered_model_tags.workspace, registered_model_tags.key, registered_model_tags.name"}')
+_RACE_EXPERIMENT_TAG = (
+    b'{"error_code": "BAD_REQUEST", "message": "(sqlite3.IntegrityError) UNIQUE constraint failed: '
+    b'experiment_tags.key, experiment_tags.experiment_id"}'
+)
+_RACE_MODEL_TAG = (
+    b'{"error_code": "BAD_REQUEST", "message": "(sqlite3.IntegrityError) UNIQUE constraint failed: '
+    b'registered_model_tags.workspace, registered_model_tags.key, registered_model_tags.name"}'
+)
 
 
 def test_h25_an_upsert_refused_because_an_earlier_try_wrote_it_is_tried_again(bridge_connect, mlflow_server):
@@ -1107,8 +1175,10 @@ def test_h25_a_unique_key_refusal_of_an_insert_is_not_tried_again(bridge_connect
     MlflowClient().set_experiment_tag(experiment_id, "stage", "train")
     assert conn.flush(60) == 0
     assert [d.reason for d in conn.journal.queue.dead_letters()] == ["server-refused"]
-    assert len([r for r in transport.requests if "set-experiment-tag" in r.path
-                and (r.json or {}).get("key") == "stage"]) == 3  # the bound, then a dead letter
+    assert (
+        len([r for r in transport.requests if "set-experiment-tag" in r.path and (r.json or {}).get("key") == "stage"])
+        == 3
+    )  # the bound, then a dead letter
 
 
 def test_h26_a_busy_server_is_asked_by_reads_a_gone_one_is_not(bridge_connect, mlflow_server):
@@ -1129,8 +1199,13 @@ def test_h26_a_busy_server_is_asked_by_reads_a_gone_one_is_not(bridge_connect, m
     with mlflow.start_run() as run:
         mlflow.log_text("a", "notes.txt")
         assert conn.flush(30) == 0
-        transport.fail("status", path="runs/log-batch", status=503, body=b'{"error_code": "TEMPORARILY_UNAVAILABLE", '
-                       b'"message": "(sqlite3.OperationalError) database is locked"}')
+        transport.fail(
+            "status",
+            path="runs/log-batch",
+            status=503,
+            body=b'{"error_code": "TEMPORARILY_UNAVAILABLE", '
+            b'"message": "(sqlite3.OperationalError) database is locked"}',
+        )
         mlflow.log_metric("loss", 0.5, step=1)
         sender_failed(answered=True)
         assert [f.path for f in MlflowClient().list_artifacts(run.info.run_id)] == ["notes.txt"]

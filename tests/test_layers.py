@@ -17,9 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Bottom first. A module may import its own layer or any layer below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
     # shared leaves, written by one side and read by the other
-    ("bridge.config", "bridge.errors", "bridge.retry", "bridge.record", "bridge.secrets", "bridge.ui",
-     "bridge.twins", "bridge.processes", "bridge.mlflow_internals",
-     "bridge"),  # the package itself: __version__, and connect() loading the client on first use
+    (
+        "bridge.config",
+        "bridge.errors",
+        "bridge.retry",
+        "bridge.record",
+        "bridge.secrets",
+        "bridge.ui",
+        "bridge.twins",
+        "bridge.processes",
+        "bridge.mlflow_internals",
+        "bridge",
+    ),  # the package itself: __version__, and connect() loading the client on first use
     ("bridge.client.options", "bridge.client.forksafe"),
     ("bridge.client.link",),  # Link over a Transport, discovery
     ("bridge.client.journal",),  # SQLite, intake, spool; kinds and records
@@ -45,7 +54,7 @@ LAZY = {
 
 
 def _lazy_allowed(name: str) -> bool:
-    return name in LAZY or name.rpartition(".")[0] in LAZY and name.rpartition(".")[0] != "bridge"
+    return name in LAZY or (name.rpartition(".")[0] in LAZY and name.rpartition(".")[0] != "bridge")
 
 
 def _module_name(path: Path) -> str:
@@ -69,7 +78,9 @@ def _imports(path: Path, name: str) -> list[tuple[str, bool]]:
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else [])
+                    )
                 if base.split(".")[0] != "bridge":
                     continue
                 for alias in child.names:
@@ -121,10 +132,15 @@ def test_imports_point_downward():
 
 
 def test_no_function_level_import_of_bridge_but_the_listed_ones():
-    lazy = sorted(f"{name} -> {target}" for name, imports in _graph().items() for target, nested in imports
-                  if nested and not _lazy_allowed(name) and not target.startswith(name + "."))
-    assert not lazy, "function-level imports of bridge modules (import at the top, or list in LAZY with why):\n" + \
-        "\n".join(lazy)
+    lazy = sorted(
+        f"{name} -> {target}"
+        for name, imports in _graph().items()
+        for target, nested in imports
+        if nested and not _lazy_allowed(name) and not target.startswith(name + ".")
+    )
+    assert not lazy, (
+        "function-level imports of bridge modules (import at the top, or list in LAZY with why):\n" + "\n".join(lazy)
+    )
 
 
 def test_no_import_circle():
@@ -143,7 +159,7 @@ def test_no_import_circle():
             if target not in graph:
                 continue
             if state.get(target) == 1:
-                circles.append(stack[stack.index(target):] + [target])
+                circles.append([*stack[stack.index(target) :], target])
             elif target not in state:
                 walk(target)
         stack.pop()
@@ -168,7 +184,8 @@ def test_the_sender_side_never_imports_mlflow_at_the_top(module):
         path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
         tree = ast.parse(path.read_text())
         for node in tree.body:
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mlflow" or \
-                    isinstance(node, ast.Import) and any(a.name.split(".")[0] == "mlflow" for a in node.names):
+            if (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mlflow") or (
+                isinstance(node, ast.Import) and any(a.name.split(".")[0] == "mlflow" for a in node.names)
+            ):
                 raise AssertionError(f"{name} imports mlflow at the top (reached from {module})")
         todo.extend(t for t, nested in _imports(path, name) if not nested)

@@ -16,8 +16,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from bridge.client.journal import Journal
 from bridge.client.delivery.marks import MARK_TAG_PREFIX
+from bridge.client.journal import Journal
 from tests.support.client import server_run
 from tests.support.transport import FaultTransport
 from tests.test_journal_regressions import _copy_journal
@@ -36,7 +36,8 @@ def _download(server_url: str, run_id: str, path: str) -> str:
 
 
 def test_a_resumed_copy_keeps_its_new_writes_and_skips_only_what_the_original_delivered(
-        bridge_connect, mlflow_server, tmp_path):
+    bridge_connect, mlflow_server, tmp_path
+):
     # The original runtime logs offline; Drive holds a snapshot of its journal from then.
     transport = FaultTransport()
     conn = bridge_connect(mlflow_server.url, transport=transport)
@@ -75,8 +76,9 @@ def test_a_resumed_copy_keeps_its_new_writes_and_skips_only_what_the_original_de
     assert len([k for k in run.data.tags if k.startswith(MARK_TAG_PREFIX)]) == 2
 
 
-def test_a_stale_copy_does_not_bring_back_an_older_status_or_artifact(bridge_connect, mlflow_server, tmp_path,
-                                                                      monkeypatch):
+def test_a_stale_copy_does_not_bring_back_an_older_status_or_artifact(
+    bridge_connect, mlflow_server, tmp_path, monkeypatch
+):
     from bridge.client.connect import sync
 
     transport = FaultTransport()
@@ -110,8 +112,9 @@ def test_a_stale_copy_does_not_bring_back_an_older_status_or_artifact(bridge_con
     assert "owner" not in server.get_experiment_by_name(experiment).tags
 
 
-def test_a_live_runs_mark_rides_in_its_heartbeat_not_in_a_request_of_its_own(bridge_connect, mlflow_server,
-                                                                            monkeypatch):
+def test_a_live_runs_mark_rides_in_its_heartbeat_not_in_a_request_of_its_own(
+    bridge_connect, mlflow_server, monkeypatch
+):
     monkeypatch.setenv("BRIDGE_HEARTBEAT_S", "1")
     transport = FaultTransport()
     conn = bridge_connect(mlflow_server.url, transport=transport)
@@ -123,20 +126,29 @@ def test_a_live_runs_mark_rides_in_its_heartbeat_not_in_a_request_of_its_own(bri
             time.sleep(0.05)
         assert conn.journal.queue.backlog().total == 0
         # From the upload on (its mark can ride in the very next request already, on a slow machine).
-        uploaded = 1 + max(i for i, r in enumerate(transport.requests)
-                           if r.method == "PUT" and "/mlflow-artifacts/" in r.path)
+        uploaded = 1 + max(
+            i for i, r in enumerate(transport.requests) if r.method == "PUT" and "/mlflow-artifacts/" in r.path
+        )
         # The next heartbeat (1 s) carries the mark: a log_batch of two tags, and no set-tag of its own.
         deadline = time.monotonic() + 10
         carried = []
         while not carried and time.monotonic() < deadline:
-            carried = [r for r in transport.requests[uploaded:] if r.fault is None and r.path.endswith("/runs/log-batch")
-                       and any(t["key"].startswith(MARK_TAG_PREFIX) for t in r.json["tags"])]
+            carried = [
+                r
+                for r in transport.requests[uploaded:]
+                if r.fault is None
+                and r.path.endswith("/runs/log-batch")
+                and any(t["key"].startswith(MARK_TAG_PREFIX) for t in r.json["tags"])
+            ]
             time.sleep(0.05)
         assert carried, [r.path for r in transport.requests[uploaded:]]
         assert {t["key"].split(".")[1] for t in carried[0].json["tags"]} == {"heartbeat", "delivered"}
         assert not [r for r in transport.requests[uploaded:] if r.path.endswith("/runs/set-tag")]
-        marks_only = [r for r in transport.requests[uploaded:] if r.path.endswith("/runs/log-batch")
-                      and all(t["key"].startswith(MARK_TAG_PREFIX) for t in r.json["tags"])]
+        marks_only = [
+            r
+            for r in transport.requests[uploaded:]
+            if r.path.endswith("/runs/log-batch") and all(t["key"].startswith(MARK_TAG_PREFIX) for t in r.json["tags"])
+        ]
         assert marks_only == []
 
 
@@ -286,7 +298,7 @@ def test_marks_are_per_local_id_so_two_names_of_one_run_do_not_cover_each_other(
 def test_a_spooled_file_of_a_run_on_the_server_downloads_offline(link_offline_run):
     """MLflow asks whether a path is a folder before downloading it: for a file still in the spool the answer
     comes from the spool, so an offline read of it works (review finding)."""
-    conn, transport, run_id = link_offline_run
+    _conn, _transport, run_id = link_offline_run
     MlflowClient().log_dict(run_id, {"lr": 0.1}, "cfg.json")
     assert mlflow.artifacts.load_dict(f"runs:/{run_id}/cfg.json") == {"lr": 0.1}
 

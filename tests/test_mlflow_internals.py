@@ -12,8 +12,9 @@ def test_every_mlflow_internal_bridge_relies_on_still_exists():
     assert gone == [], "this MLflow lacks internals bridge relies on — update bridge for it:\n" + "\n".join(gone)
 
 
-@pytest.mark.parametrize("module,attribute,why", mlflow_internals.INTERNALS,
-                         ids=[f"{m}.{a}" for m, a, _ in mlflow_internals.INTERNALS])
+@pytest.mark.parametrize(
+    "module,attribute,why", mlflow_internals.INTERNALS, ids=[f"{m}.{a}" for m, a, _ in mlflow_internals.INTERNALS]
+)
 def test_each_internal_is_the_kind_of_object_bridge_uses(module, attribute, why):
     target = mlflow_internals.resolve(module, attribute)
     if attribute.endswith(("_METHOD_TO_INFO", "_V3_APIS")):
@@ -23,14 +24,14 @@ def test_each_internal_is_the_kind_of_object_bridge_uses(module, attribute, why)
 
 
 def test_a_removed_internal_is_reported_with_why(monkeypatch):
-    monkeypatch.setattr(mlflow_internals, "INTERNALS",
-                        (("mlflow.utils.name_utils", "_no_such_name", "a test entry"),))
+    monkeypatch.setattr(mlflow_internals, "INTERNALS", (("mlflow.utils.name_utils", "_no_such_name", "a test entry"),))
     assert mlflow_internals.missing() == ["mlflow.utils.name_utils._no_such_name: a test entry"]
 
 
 def test_a_helper_gone_from_an_mlflow_function_is_reported_with_why(monkeypatch):
-    monkeypatch.setattr(mlflow_internals, "SOURCES",
-                        (("mlflow.models.model", "Model.log", "def no_such_helper(", "a test entry"),))
+    monkeypatch.setattr(
+        mlflow_internals, "SOURCES", (("mlflow.models.model", "Model.log", "def no_such_helper(", "a test entry"),)
+    )
     assert mlflow_internals.missing() == ["mlflow.models.model.Model.log defining 'def no_such_helper(': a test entry"]
 
 

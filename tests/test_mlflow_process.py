@@ -17,7 +17,12 @@ import requests
 
 from bridge.errors import ConfigError, MlflowStartError
 from bridge.serve.mlflow_process import (
-    MlflowOptions, MlflowProcess, enable_wal, port_is_free, redact_uri, sqlite_database_path,
+    MlflowOptions,
+    MlflowProcess,
+    enable_wal,
+    port_is_free,
+    redact_uri,
+    sqlite_database_path,
 )  # fmt: skip
 from tests.support.mlflow_server import free_port
 
@@ -49,19 +54,23 @@ def test_lean_mlflow_starts_healthy_serves_artifacts_and_stops_without_orphans(b
         assert _journal_mode(bridge_home / "mlflow.db") == "wal"
         exp = requests.post(proc.url + "/api/2.0/mlflow/experiments/create", json={"name": "lean"}, timeout=10)
         assert exp.status_code == 200
-        run = requests.post(proc.url + "/api/2.0/mlflow/runs/create",
-                            json={"experiment_id": exp.json()["experiment_id"]}, timeout=10).json()["run"]["info"]
-        put = requests.put(f"{proc.url}/api/2.0/mlflow-artifacts/artifacts/{run['experiment_id']}/{run['run_id']}"
-                           "/artifacts/hello.txt", data=b"hello", timeout=10)
+        run = requests.post(
+            proc.url + "/api/2.0/mlflow/runs/create", json={"experiment_id": exp.json()["experiment_id"]}, timeout=10
+        ).json()["run"]["info"]
+        put = requests.put(
+            f"{proc.url}/api/2.0/mlflow-artifacts/artifacts/{run['experiment_id']}/{run['run_id']}/artifacts/hello.txt",
+            data=b"hello",
+            timeout=10,
+        )
         assert put.status_code == 200
-        assert list((bridge_home / "artifacts").rglob("hello.txt"))[0].read_bytes() == b"hello"
+        assert next(iter((bridge_home / "artifacts").rglob("hello.txt"))).read_bytes() == b"hello"
         with sqlite3.connect(bridge_home / "mlflow.db") as conn:
             assert conn.execute("select count(*) from experiments where name = 'lean'").fetchone() == (1,)
         assert (bridge_home / "logs" / "mlflow.log").stat().st_size > 0
     finally:
         tree = _tree(proc.pid)
         proc.stop()
-    gone, alive = psutil.wait_procs(tree, timeout=5)
+    _gone, alive = psutil.wait_procs(tree, timeout=5)
     assert alive == []
     assert port_is_free("127.0.0.1", proc.options.port)
 
@@ -76,8 +85,9 @@ class _WithoutExecHook(MlflowProcess):
 
 def test_existing_sqlite_store_goes_wal_and_two_process_fallback_works(bridge_home, tmp_path, mlflow_server):
     # An existing store in MLflow's own (rollback-journal) mode: a consistent copy of the shared server's.
-    exp = requests.post(mlflow_server.url + "/api/2.0/mlflow/experiments/create", json={"name": "before-wal"},
-                        timeout=10).json()["experiment_id"]
+    exp = requests.post(
+        mlflow_server.url + "/api/2.0/mlflow/experiments/create", json={"name": "before-wal"}, timeout=10
+    ).json()["experiment_id"]
     db = tmp_path / "existing.db"
     source = sqlite_database_path(mlflow_server.backend_store_uri)
     with sqlite3.connect(source) as src, sqlite3.connect(db) as dst:
@@ -89,8 +99,7 @@ def test_existing_sqlite_store_goes_wal_and_two_process_fallback_works(bridge_ho
         assert _journal_mode(db) == "wal"
         got = requests.get(proc.url + "/api/2.0/mlflow/experiments/get", params={"experiment_id": exp}, timeout=10)
         assert got.status_code == 200 and got.json()["experiment"]["name"] == "before-wal"
-        created = requests.post(proc.url + "/api/2.0/mlflow/experiments/create", json={"name": "after-wal"},
-                                timeout=10)
+        created = requests.post(proc.url + "/api/2.0/mlflow/experiments/create", json={"name": "after-wal"}, timeout=10)
         assert created.status_code == 200
         # No private name to replace: MLflow's plain layout, the CLI waiting on its uvicorn child.
         tree = _tree(proc.pid)
@@ -118,8 +127,12 @@ def test_sqlite_paths_and_wal_switch(tmp_path):
 
 
 def test_scale_out_options_pass_through_unchanged(bridge_home):
-    opts = MlflowOptions(port=free_port(), backend_store_uri="postgresql://u:pw@db.example/mlflow",
-                         artifacts_destination="s3://bucket/mlflow", workers=4)
+    opts = MlflowOptions(
+        port=free_port(),
+        backend_store_uri="postgresql://u:pw@db.example/mlflow",
+        artifacts_destination="s3://bucket/mlflow",
+        workers=4,
+    )
     proc = MlflowProcess(opts)
     cmd = proc.command()
     assert cmd[cmd.index("--artifacts-destination") + 1] == "s3://bucket/mlflow"
@@ -146,8 +159,10 @@ def test_redact_uri_hides_passwords_only():
     assert redact_uri("postgresql://user@host/db") == "postgresql://user@host/db"
     assert redact_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
     # libpq also takes the password as a query parameter
-    assert (redact_uri("postgresql://u@h/db?password=s3cret&sslmode=require")
-            == "postgresql://u@h/db?password=***&sslmode=require")
+    assert (
+        redact_uri("postgresql://u@h/db?password=s3cret&sslmode=require")
+        == "postgresql://u@h/db?password=***&sslmode=require"
+    )
     assert "s3cret" not in redact_uri("postgresql://u:s3cret@h/db?sslpassword=s3cret")
 
 
@@ -173,8 +188,9 @@ def test_start_deadline_shows_why_mlflow_is_not_ready(bridge_home):
     port = free_port()
     # MLflow keeps retrying an unreachable database, so this is the deadline path. (20 s leaves a loaded
     # machine time to import MLflow and log its first refused connection: about 4 s on an idle one.)
-    proc = MlflowProcess(MlflowOptions(port=port, backend_store_uri="postgresql://bridge:s3cretpw@127.0.0.1:1/nodb",
-                                       start_timeout_s=20))
+    proc = MlflowProcess(
+        MlflowOptions(port=port, backend_store_uri="postgresql://bridge:s3cretpw@127.0.0.1:1/nodb", start_timeout_s=20)
+    )
     with pytest.raises(MlflowStartError) as info:
         proc.start()
     message = str(info.value)
@@ -229,8 +245,9 @@ def test_watch_restarts_mlflow_after_kill_9_and_reports_it(bridge_home):
 
 @pytest.mark.integration  # starts a process of its own
 def test_watch_restarts_mlflow_that_stops_answering(bridge_home):
-    proc = MlflowProcess(MlflowOptions(port=free_port(), health_interval_s=0.5, health_failures=2,
-                                       health_timeout_s=1.0, stop_grace_s=3))
+    proc = MlflowProcess(
+        MlflowOptions(port=free_port(), health_interval_s=0.5, health_failures=2, health_timeout_s=1.0, stop_grace_s=3)
+    )
     proc.start()
     stop = threading.Event()
     events: list[str] = []

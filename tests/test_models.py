@@ -71,13 +71,20 @@ def test_pytorch_log_model_online(mlflow_server, bridge_connect, server_client):
     module = tiny_torch()
     with mlflow.start_run() as run:
         mlflow.log_param("lr", "0.1")
-        info = mlflow.pytorch.log_model(module, name="net", params={"hidden": "3"}, tags={"kind": "tiny"}, pip_requirements=[],
-                                        input_example=np.ones((1, 3), dtype=np.float32))
+        info = mlflow.pytorch.log_model(
+            module,
+            name="net",
+            params={"hidden": "3"},
+            tags={"kind": "tiny"},
+            pip_requirements=[],
+            input_example=np.ones((1, 3), dtype=np.float32),
+        )
     local_id = info.model_id
     assert mlflow.get_logged_model(local_id).model_id == local_id  # the id MLflow was given stays valid
     assert conn.flush(60) == 0
-    server_side, model = server_model(server_client, experiment, params={"hidden": "3", "lr": "0.1"},
-                                      tags={"kind": "tiny", MODEL_KEY_TAG: local_id})
+    server_side, model = server_model(
+        server_client, experiment, params={"hidden": "3", "lr": "0.1"}, tags={"kind": "tiny", MODEL_KEY_TAG: local_id}
+    )
     assert server_side.info.run_id == conn.journal.ids.run(run.info.run_id).remote_id
     # Reads through bridge answer with local ids.
     seen = mlflow.get_logged_model(local_id)
@@ -95,7 +102,9 @@ def test_pyfunc_log_model_offline_then_online(mlflow_server, bridge_connect, ser
     transport.fail("refuse")
     conn = bridge_connect(mlflow_server.url, experiment=experiment, transport=transport, probe_timeout=0.5)
     with mlflow.start_run() as run:
-        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[], params={"factor": "2"})
+        info = mlflow.pyfunc.log_model(
+            name="double", python_model=Double(), pip_requirements=[], params={"factor": "2"}
+        )
     local = mlflow.get_logged_model(info.model_id)  # offline: from the journal
     assert (local.model_id, local.source_run_id, str(local.status)) == (info.model_id, run.info.run_id, "READY")
     assert local.params["factor"] == "2"
@@ -186,16 +195,21 @@ def server_state(server_client: MlflowClient, experiment: str, run_id: str) -> t
     what a program through stock MLflow and the same through bridge must both leave. Values as text, so NaN
     compares equal to NaN."""
     found = server_client.search_logged_models([server_client.get_experiment_by_name(experiment).experiment_id])
-    logged = sorted((str(m.status), sorted((p.key, str(p.value), p.step, p.timestamp, p.dataset_name)
-                                           for p in m.metrics)) for m in found)
+    logged = sorted(
+        (str(m.status), sorted((p.key, str(p.value), p.step, p.timestamp, p.dataset_name) for p in m.metrics))
+        for m in found
+    )
     run = server_client.get_run(run_id)
-    histories = {key: sorted(str((p.step, p.value, p.timestamp)) for p in server_client.get_metric_history(
-        run_id, key)) for key in run.data.metrics}
+    histories = {
+        key: sorted(str((p.step, p.value, p.timestamp)) for p in server_client.get_metric_history(run_id, key))
+        for key in run.data.metrics
+    }
     return logged, histories, sorted(k for k in run.data.tags if not k.startswith(("mlflow.", "bridge.")))
 
 
-def test_h22_log_model_while_the_server_is_away_gets_the_runs_metrics_at_its_step(mlflow_server, bridge_connect,
-                                                                                  server_client):
+def test_h22_log_model_while_the_server_is_away_gets_the_runs_metrics_at_its_step(
+    mlflow_server, bridge_connect, server_client
+):
     """Soak seeds 170013 (pyfunc) and 170066 (pytorch): `log_model` reads the run back to copy its metrics at
     the step to the new model; part of them was on the server, which did not answer, so the read raised and
     MLflow marked the model FAILED (stock MLflow: READY). The copy is now made at delivery."""
@@ -228,8 +242,9 @@ def test_h22_log_model_while_the_server_is_away_gets_the_runs_metrics_at_its_ste
     assert transport.count("/metrics/get-history", method="GET") >= 1
 
 
-def test_h22_a_history_the_server_does_not_answer_is_copied_at_delivery_key_by_key(mlflow_server, bridge_connect,
-                                                                                     server_client):
+def test_h22_a_history_the_server_does_not_answer_is_copied_at_delivery_key_by_key(
+    mlflow_server, bridge_connect, server_client
+):
     """The run was read, then its histories were not: only the keys that could not be read are left to
     delivery, and the model still gets every point of the step exactly once."""
     transport = FaultTransport()
@@ -260,9 +275,11 @@ def test_h22_a_history_the_server_does_not_answer_is_copied_at_delivery_key_by_k
     assert refused, "the histories were never refused: the test did not test the deferral"
 
 
-def test_h22_log_model_online_gives_the_model_the_runs_metrics_at_its_step(mlflow_server, bridge_connect,
-                                                                          server_client):
+def test_h22_log_model_online_gives_the_model_the_runs_metrics_at_its_step(
+    mlflow_server, bridge_connect, server_client
+):
     """Before: bridge dropped a metric's model_id, so a model logged through it had no metrics at all."""
+
     def program():
         with mlflow.start_run():
             mlflow.log_metric("loss", 0.5, step=0, timestamp=T0)
@@ -279,7 +296,8 @@ def test_h22_log_model_online_gives_the_model_the_runs_metrics_at_its_step(mlflo
 
 
 def test_h22_a_metric_logged_for_a_model_created_offline_waits_for_the_model_and_keeps_the_runs_order(
-        mlflow_server, bridge_connect, server_client):
+    mlflow_server, bridge_connect, server_client
+):
     """`log_metric(model_id=…)` names a model the server does not have yet: the run's delivery waits a round
     for the model's creation (its run comes first in the round), and FINISHED still comes after the point."""
     transport = FaultTransport()
@@ -291,31 +309,38 @@ def test_h22_a_metric_logged_for_a_model_created_offline_waits_for_the_model_and
     transport.clear()
     assert conn.flush(60) == 0
     assert conn.journal.queue.dead_letters() == []  # before the wait: buried as "model-not-created"
-    models = server_client.search_logged_models(
-        [server_client.get_experiment_by_name("h22-wait").experiment_id])
+    models = server_client.search_logged_models([server_client.get_experiment_by_name("h22-wait").experiment_id])
     assert [(m.key, m.value, m.step) for m in models[0].metrics] == [("val_acc", 0.9, 5)]
     remote = conn.journal.ids.run(run.info.run_id).remote_id
     assert [(m.value, m.step) for m in server_client.get_metric_history(remote, "val_acc")] == [(0.9, 5)]
     sent = [r for r in transport.requests if r.fault is None]
-    point = next(i for i, r in enumerate(sent) if r.path.endswith("/runs/log-batch")
-                 and any(m.get("model_id") for m in (r.json or {}).get("metrics", [])))
-    finished = next(i for i, r in enumerate(sent) if r.path.endswith("/runs/update")
-                    and (r.json or {}).get("status") == "FINISHED")
+    point = next(
+        i
+        for i, r in enumerate(sent)
+        if r.path.endswith("/runs/log-batch") and any(m.get("model_id") for m in (r.json or {}).get("metrics", []))
+    )
+    finished = next(
+        i for i, r in enumerate(sent) if r.path.endswith("/runs/update") and (r.json or {}).get("status") == "FINISHED"
+    )
     assert point < finished
     # Offline reads see the point too (read-your-writes).
     assert mlflow.get_run(run.info.run_id).data.metrics["val_acc"] == 0.9
 
 
-def test_h22_numpy_steps_and_timestamps_of_model_metrics_are_taken_as_numbers(mlflow_server, bridge_connect,
-                                                                             server_client):
+def test_h22_numpy_steps_and_timestamps_of_model_metrics_are_taken_as_numbers(
+    mlflow_server, bridge_connect, server_client
+):
     """numpy's int64 is no JSON number: the first version of the model-metric journal raised TypeError where
     stock MLflow logs the point (a `log_model(step=epoch)` over `np.arange` would have stopped training)."""
+
     def program():
         with mlflow.start_run():
             info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
             mlflow.log_metric("k", 1.0, step=np.int64(3), timestamp=T0, model_id=info.model_id)
-            MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=[
-                Metric("k2", np.float32(2.0), np.int64(T0), np.int64(4), model_id=info.model_id)])
+            MlflowClient().log_batch(
+                mlflow.active_run().info.run_id,
+                metrics=[Metric("k2", np.float32(2.0), np.int64(T0), np.int64(4), model_id=info.model_id)],
+            )
 
     stock(mlflow_server.url, "h22-numpy-stock", program)
     conn = bridge_connect(mlflow_server.url, experiment="h22-numpy-bridge")
@@ -326,10 +351,12 @@ def test_h22_numpy_steps_and_timestamps_of_model_metrics_are_taken_as_numbers(ml
     assert model_metrics(server_client, "h22-numpy-bridge") == want
 
 
-def test_h22_points_mlflow_links_to_a_model_after_log_model_go_in_one_request(mlflow_server, bridge_connect,
-                                                                               server_client):
+def test_h22_points_mlflow_links_to_a_model_after_log_model_go_in_one_request(
+    mlflow_server, bridge_connect, server_client
+):
     """MLflow 3's fluent log_metric names the model logged at the point's step (step 0 when none is given): each
     such point is an op of its own in the journal, and consecutive ones travel in one log-batch."""
+
     def program():
         with mlflow.start_run():
             mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
@@ -344,8 +371,13 @@ def test_h22_points_mlflow_links_to_a_model_after_log_model_go_in_one_request(ml
     transport.clear()
     assert conn.flush(60) == 0
     assert conn.journal.queue.dead_letters() == []
-    linked = [r for r in transport.requests if r.fault is None and r.path.endswith("/runs/log-batch")
-              and any(m.get("model_id") for m in (r.json or {}).get("metrics", []))]
+    linked = [
+        r
+        for r in transport.requests
+        if r.fault is None
+        and r.path.endswith("/runs/log-batch")
+        and any(m.get("model_id") for m in (r.json or {}).get("metrics", []))
+    ]
     assert sum(len(r.json["metrics"]) for r in linked) == 300
     assert len(linked) <= 2, f"{len(linked)} requests for 300 points"
     want = model_metrics(server_client, "h22-linked-stock")
@@ -353,8 +385,7 @@ def test_h22_points_mlflow_links_to_a_model_after_log_model_go_in_one_request(ml
     assert model_metrics(server_client, "h22-linked-bridge") == want
 
 
-def test_h22_a_second_point_in_the_same_millisecond_stays_on_the_run(mlflow_server, bridge_connect,
-                                                                     server_client):
+def test_h22_a_second_point_in_the_same_millisecond_stays_on_the_run(mlflow_server, bridge_connect, server_client):
     """MLflow keeps one model point per key, step and millisecond and refuses a request holding a second (stock
     MLflow's own call raises). A second value against a point this process gave the model raises at the call
     (H24); one against a point the model got elsewhere (here another client's) bridge learns of only at
@@ -394,8 +425,9 @@ def test_h22_a_model_never_created_leaves_the_run_its_points(mlflow_server, brid
     with mlflow.start_run() as run:
         mlflow.log_metric("x", 1.0, step=0, timestamp=T0)
         assert conn.flush(30) == 0
-        transport.fail("status", path="/logged-models", status=400,
-                       body=b'{"error_code":"INVALID_PARAMETER_VALUE","message":"no"}')
+        transport.fail(
+            "status", path="/logged-models", status=400, body=b'{"error_code":"INVALID_PARAMETER_VALUE","message":"no"}'
+        )
         model = mlflow.initialize_logged_model(name="ckpt")
         mlflow.log_metric("val", 0.9, step=7, timestamp=T0, model_id=model.model_id)
     assert conn.flush(30) == 0
@@ -417,16 +449,19 @@ def test_h22_model_reads_show_local_ids_and_the_points_still_waiting(mlflow_serv
         mlflow.log_metric("val", 0.9, step=2, timestamp=T0, model_id=info.model_id)
         seen = mlflow.get_logged_model(info.model_id)
         assert [(m.key, m.value, m.model_id, m.run_id) for m in seen.metrics] == [
-            ("val", 0.9, info.model_id, run.info.run_id)]
+            ("val", 0.9, info.model_id, run.info.run_id)
+        ]
         transport.clear()
     assert conn.flush(60) == 0
     seen = mlflow.get_logged_model(info.model_id)
     assert [(m.key, m.value, m.model_id, m.run_id) for m in seen.metrics] == [
-        ("val", 0.9, info.model_id, run.info.run_id)]
+        ("val", 0.9, info.model_id, run.info.run_id)
+    ]
 
 
-def test_h22_a_stale_copy_of_the_journal_does_not_make_the_step_copy_again(mlflow_server, bridge_connect,
-                                                                          server_client, tmp_path, monkeypatch):
+def test_h22_a_stale_copy_of_the_journal_does_not_make_the_step_copy_again(
+    mlflow_server, bridge_connect, server_client, tmp_path, monkeypatch
+):
     """The step copy reads the server when it is made: made again from an old copy of the journal, it would give
     the model points logged since. It carries a delivery mark like the other writes an old copy must not repeat."""
     from bridge.client.connect import sync
@@ -474,6 +509,7 @@ class _DropsEveryNthHistoryRead(FaultTransport):
             self.reads += 1
             if self.reads % self.n == 0:
                 from tests.support.transport import _Fault
+
                 return _Fault("refuse", None, None, 503, b"")
         return fault
 
@@ -498,16 +534,18 @@ def test_h22_the_step_copy_carries_on_over_a_link_that_drops_reads(mlflow_server
     assert len(model_metrics(server_client, "h22-lossy")[0]) == 120
 
 
-def test_h22_the_step_copy_keeps_the_first_of_two_points_in_one_millisecond(mlflow_server, bridge_connect,
-                                                                            server_client):
+def test_h22_the_step_copy_keeps_the_first_of_two_points_in_one_millisecond(
+    mlflow_server, bridge_connect, server_client
+):
     """Two values of `loss` at step 0 in one millisecond: the copy made at delivery held both and was refused
     whole (a dead letter; the model got no metric at all, `acc` included). Online, the same log_model gives
     the model the first; so does the copy now, and nothing is set aside."""
     transport = FaultTransport()
     conn = bridge_connect(mlflow_server.url, experiment="h22-copy-same-ms", transport=transport, probe_timeout=0.5)
     with mlflow.start_run() as run:
-        MlflowClient().log_batch(run.info.run_id, metrics=[Metric("loss", 1.0, T0, 0), Metric("loss", 2.0, T0, 0),
-                                                           Metric("acc", 0.5, T0, 0)])
+        MlflowClient().log_batch(
+            run.info.run_id, metrics=[Metric("loss", 1.0, T0, 0), Metric("loss", 2.0, T0, 0), Metric("acc", 0.5, T0, 0)]
+        )
         assert conn.flush(30) == 0
         transport.fail("refuse")
         mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[])
@@ -518,8 +556,7 @@ def test_h22_the_step_copy_keeps_the_first_of_two_points_in_one_millisecond(mlfl
     assert [(k, s, t) for k, _, s, t in found] == [("acc", 0, T0), ("loss", 0, T0)]
 
 
-def test_h22_a_point_for_a_model_deleted_on_the_server_stays_on_the_run(mlflow_server, bridge_connect,
-                                                                       server_client):
+def test_h22_a_point_for_a_model_deleted_on_the_server_stays_on_the_run(mlflow_server, bridge_connect, server_client):
     """Refused for a second point in a millisecond (the first from another client), the model's points are read
     — and the model is gone (404): the points go to the run alone, rather than a dead letter naming the missing
     model."""
@@ -551,12 +588,14 @@ def test_h22_a_model_read_shows_waiting_points_logged_from_another_run(mlflow_se
     transport.clear()
     assert conn.flush(60) == 0
     seen = mlflow.get_logged_model(info.model_id)
-    assert [(m.key, m.run_id, m.model_id) for m in seen.metrics] == [("eval_acc", evaluation.info.run_id,
-                                                                      info.model_id)]
+    assert [(m.key, m.run_id, m.model_id) for m in seen.metrics] == [
+        ("eval_acc", evaluation.info.run_id, info.model_id)
+    ]
 
 
 def test_h22_seed_180093_log_model_raises_like_stock_for_two_values_in_one_millisecond(
-        mlflow_server, bridge_connect, server_client):
+    mlflow_server, bridge_connect, server_client
+):
     """Soak seed 180093: the run held two values of `loss` at step 0 in one millisecond. Stock log_model sends
     both to the model in one log_batch; the server refuses it (one model point per key, step and millisecond),
     log_model raises BAD_REQUEST and the model is FAILED. bridge accepted the batch and the model was READY.
@@ -585,7 +624,8 @@ def test_h22_seed_180093_log_model_raises_like_stock_for_two_values_in_one_milli
 
 
 def test_h24_seed_210095_a_later_call_giving_a_model_a_second_value_raises_like_stock(
-        mlflow_server, bridge_connect, server_client):
+    mlflow_server, bridge_connect, server_client
+):
     """Soak seed 210095: after two `log_model`s at step 0 had copied the run's step-0 points (408 keys at T0) to
     both models, fluent `log_metrics` logged 626 keys at step 0 at the same millisecond with other values.
     MLflow links each point to both models (1,252 points, sent 1,000 + 252); the server refuses the first
@@ -637,9 +677,14 @@ def test_h24_seed_210095_the_same_value_again_is_not_a_second_value(mlflow_serve
     assert conn.flush(60) == 0
     assert conn.status().dead_letters == 0
     want = model_metrics(server_client, "h22-210095-again-stock")
-    assert [(key, value) for key, value, _, _ in want[0]] == [("acc", 0.25), ("big", sys.float_info.max),
-                                                              ("gap", 0.0), ("loss", 0.5)]
+    assert [(key, value) for key, value, _, _ in want[0]] == [
+        ("acc", 0.25),
+        ("big", sys.float_info.max),
+        ("gap", 0.0),
+        ("loss", 0.5),
+    ]
     assert model_metrics(server_client, "h22-210095-again-bridge") == want
+
     def history(run, key):
         return sorted(str((m.step, m.value)) for m in server_client.get_metric_history(run, key))
 
@@ -672,7 +717,9 @@ def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_serv
 
         with mlflow.start_run() as run:
             run_id = run.info.run_id
-            info = mlflow.pyfunc.log_model(name="refuses", python_model=Double(), pip_requirements=[])  # step 0: later points link to it
+            info = mlflow.pyfunc.log_model(
+                name="refuses", python_model=Double(), pip_requirements=[]
+            )  # step 0: later points link to it
             attempt("first", lambda: mlflow.log_metric("acc", 0.5, timestamp=T0))
             attempt("second value", lambda: mlflow.log_metric("acc", 0.6, timestamp=T0))
             attempt("train", lambda: mlflow.log_metric("d", 0.5, timestamp=T0, dataset=train))
@@ -684,17 +731,26 @@ def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_serv
             attempt("float32", lambda: mlflow.log_metric("f", np.float32(0.1), timestamp=T0))
             attempt("float64", lambda: mlflow.log_metric("f", 0.1, timestamp=T0))
             nan = math.nan
-            attempt("one nan twice in a request", lambda: MlflowClient().log_batch(
-                run_id, metrics=[Metric("twice", nan, T0, 3, model_id=info.model_id),
-                                 Metric("twice", nan, T0, 3, model_id=info.model_id)]))
+            attempt(
+                "one nan twice in a request",
+                lambda: MlflowClient().log_batch(
+                    run_id,
+                    metrics=[
+                        Metric("twice", nan, T0, 3, model_id=info.model_id),
+                        Metric("twice", nan, T0, 3, model_id=info.model_id),
+                    ],
+                ),
+            )
             fifty = {f"a{i:03d}": float(i) for i in range(50)}
             attempt("50 points", lambda: mlflow.log_metrics(fifty, timestamp=T0 + 1))
             attempt("50 again", lambda: mlflow.log_metrics(fifty, timestamp=T0 + 1))
             many = {f"b{i:03d}": float(i) for i in range(150)}
             attempt("150 points", lambda: mlflow.log_metrics(many, timestamp=T0 + 2))
             attempt("150 again", lambda: mlflow.log_metrics(many, timestamp=T0 + 2))
-            attempt("150 new and one held", lambda: mlflow.log_metrics(
-                {**{f"c{i:03d}": float(i) for i in range(150)}, "acc": 0.5}, timestamp=T0))
+            attempt(
+                "150 new and one held",
+                lambda: mlflow.log_metrics({**{f"c{i:03d}": float(i) for i in range(150)}, "acc": 0.5}, timestamp=T0),
+            )
             attempt("async first", lambda: mlflow.log_metric("s", 0.5, timestamp=T0, synchronous=False))
             # MLflow's async queue sends from a thread pool: without this, stock may land the second value first
             attempt("async first landed", mlflow.flush_async_logging)
@@ -715,11 +771,19 @@ def test_h24_what_a_model_refuses_is_refused_at_the_call_as_by_stock(mlflow_serv
     assert conn.journal.queue.dead_letters() == []
     want_calls, got_calls = outcome["stock"][0], outcome["bridge"][0]
     assert [label for label, answer in want_calls if answer != "ok"] == [
-        "second value", "same value, other dataset", "float64", "one nan twice in a request", "150 again",
-        "150 new and one held", "resumed, second value"]  # what stock MLflow refuses, as this test knows it
+        "second value",
+        "same value, other dataset",
+        "float64",
+        "one nan twice in a request",
+        "150 again",
+        "150 new and one held",
+        "resumed, second value",
+    ]  # what stock MLflow refuses, as this test knows it
     assert got_calls == want_calls
     want = server_state(server_client, "h24-refuses-stock", outcome["stock"][1])
-    assert server_state(server_client, "h24-refuses-bridge", conn.journal.ids.run(outcome["bridge"][1]).remote_id) == want
+    assert (
+        server_state(server_client, "h24-refuses-bridge", conn.journal.ids.run(outcome["bridge"][1]).remote_id) == want
+    )
 
 
 def test_h24_the_model_points_a_run_remembers_are_bounded(monkeypatch):
@@ -734,7 +798,7 @@ def test_h24_the_model_points_a_run_remembers_are_bounded(monkeypatch):
         models.remember_model_points([Metric("loss", float(i), T0 + i, 0, model_id="m-1")], known)
         assert len(known) <= 10
     assert len(known) >= 5
-    newest = [(point, value) for point, value in known.items()]
+    newest = list(known.items())
     assert newest[-1] == (("m-1", "loss", 0, T0 + 24), 24.0)
     assert models.model_point_clash([Metric("loss", 99.0, T0 + 24, 0, model_id="m-1")], known) is not None
     assert models.model_point_clash([Metric("loss", 99.0, T0, 0, model_id="m-1")], known) is None  # forgotten

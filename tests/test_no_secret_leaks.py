@@ -92,8 +92,8 @@ def test_github_token_is_never_sent_over_plain_http_to_a_remote_api(monkeypatch)
     monkeypatch.setenv("GITHUB_TOKEN", github_token)
     monkeypatch.setenv("BRIDGE_GITHUB_API", "http://github-proxy.example")
     # Discovery refuses before any request; so does the publisher.
-    with pytest.raises(DiscoveryError, match="BRIDGE_GITHUB_API.*plain http is allowed only") as info:
+    with pytest.raises(DiscoveryError, match=r"BRIDGE_GITHUB_API.*plain http is allowed only") as info:
         fetch_record("gist:abc123", timeout=1)
     assert github_token not in str(info.value)
     with pytest.raises(ConfigError, match="plain http is allowed only"):
-        GistPublisher("abc123").api_url
+        _ = GistPublisher("abc123").api_url  # the property refuses the URL

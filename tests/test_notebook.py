@@ -24,13 +24,19 @@ def test_notebook_trains_three_models_and_compares_them(bridge_serve, yolo_datas
     monkeypatch.setenv("BRIDGE_NOTEBOOK_IMGSZ", "64")
     monkeypatch.setenv("BRIDGE_NOTEBOOK_BATCH", "4")
     monkeypatch.setenv("BRIDGE_NOTEBOOK_EXPERIMENT", "notebook")
-    monkeypatch.setenv("BRIDGE_NOTEBOOK_TRAIN_ARGS", json.dumps(
-        {"nbs": 4, "workers": 0, "device": "cpu", "amp": False, "project": str(tmp_path / "runs")}))
+    monkeypatch.setenv(
+        "BRIDGE_NOTEBOOK_TRAIN_ARGS",
+        json.dumps({"nbs": 4, "workers": 0, "device": "cpu", "amp": False, "project": str(tmp_path / "runs")}),
+    )
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
 
-    outputs = "\n".join(o.get("text", "") or json.dumps(o.get("data", {})) for c in nb.cells
-                        if c.cell_type == "code" for o in c.get("outputs", []))
+    outputs = "\n".join(
+        o.get("text", "") or json.dumps(o.get("data", {}))
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+    )
     assert "not Colab: Colab-only cells are skipped" in outputs
     assert "all delivered" in outputs
     # The resume cell, run after a finished sweep, trains nothing and names each model's run.
@@ -49,6 +55,8 @@ def test_notebook_trains_three_models_and_compares_them(bridge_serve, yolo_datas
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mAP50-95")] == [1]
         assert "final/mAP50-95" in run.data.metrics and run.data.tags["source.kind"] == "notebook"
         assert run.data.tags["mlflow.source.type"] == "NOTEBOOK" and run.data.tags["mlflow.source.name"]
-        assert run.data.tags["mlflow.source.name"] != "bridge" and "ipykernel" not in run.data.tags["mlflow.source.name"]
+        assert (
+            run.data.tags["mlflow.source.name"] != "bridge" and "ipykernel" not in run.data.tags["mlflow.source.name"]
+        )
         assert "bridge.resume.count" not in run.data.tags
         assert {"weights", "console.log", "data", "plots"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

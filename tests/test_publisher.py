@@ -134,7 +134,7 @@ def test_gist_publisher_without_a_github_token_sends_nothing(stand_in, monkeypat
 def test_gist_api_base_must_not_send_the_token_in_clear_off_this_machine(monkeypatch):
     monkeypatch.setenv("BRIDGE_GITHUB_API", "http://api.example.com")
     secrets.set_secret(secrets.GITHUB_TOKEN, GITHUB_TOKEN)
-    with pytest.raises(ConfigError, match="only to 127.0.0.1"):
+    with pytest.raises(ConfigError, match=r"only to 127.0.0.1"):
         GistPublisher("abc123").publish(_record())
 
 
@@ -202,10 +202,13 @@ def test_bad_spec_is_a_config_error_naming_it_and_the_accepted_forms(spec):
     assert repr(spec) in message and "file:PATH" in message and "gist:" in message and "https://" in message
 
 
-@pytest.mark.parametrize("url, reason", [
-    ("http://ntfy.example.com/topic", "only to 127.0.0.1"),
-    ("https://user:pass@ntfy.example.com/topic", "credentials"),
-])
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("http://ntfy.example.com/topic", "only to 127.0.0.1"),
+        ("https://user:pass@ntfy.example.com/topic", "credentials"),
+    ],
+)
 def test_unsafe_https_specs_are_refused(url, reason):
     with pytest.raises(ConfigError, match=reason) as info:
         publisher_for(url)

@@ -79,7 +79,7 @@ def test_unreachable_server_and_bad_timeout_are_clear_errors():
 
 
 def test_mlflow_error_answer_is_a_clear_error(mlflow_server):
-    with pytest.raises(ServeError, match="heartbeats.*404"):
+    with pytest.raises(ServeError, match=r"heartbeats.*404"):
         reap_stale_runs(mlflow_server.url + "/no-such-prefix", timeout_s=60)
 
 

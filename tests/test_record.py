@@ -9,7 +9,7 @@ TOKEN = "t" * 43
 
 
 def _record(**kw):
-    args = dict(token=TOKEN, instance="inst-1", mlflow_version="3.17.2", ttl_s=60, now=1_000_000.0)
+    args = {"token": TOKEN, "instance": "inst-1", "mlflow_version": "3.17.2", "ttl_s": 60, "now": 1_000_000.0}
     args.update(kw)
     return make_record("https://abc.ngrok-free.app/", **args)
 
@@ -41,8 +41,12 @@ def test_expired_record_names_the_url_and_age():
 
 @pytest.mark.parametrize(
     "text, message",
-    [("not json", "not valid JSON"), (b"\xff\xfe\xfd", "not valid JSON"), ("[1]", "JSON object"),
-     ('{"url": "x"}', "lacks issued_at")],
+    [
+        ("not json", "not valid JSON"),
+        (b"\xff\xfe\xfd", "not valid JSON"),
+        ("[1]", "JSON object"),
+        ('{"url": "x"}', "lacks issued_at"),
+    ],
 )
 def test_malformed_records_say_what_is_wrong(text, message):
     with pytest.raises(RecordError, match=message):
@@ -59,8 +63,14 @@ def test_freshness_refuses_an_older_record_of_the_same_instance():
 
     seen = RecordFreshness()
     old = _record(now=1_000_000.0)
-    new = make_record("https://new.ngrok-free.app", token=TOKEN, instance="inst-1", mlflow_version="3.17.2",
-                      ttl_s=600, now=1_000_100.0)
+    new = make_record(
+        "https://new.ngrok-free.app",
+        token=TOKEN,
+        instance="inst-1",
+        mlflow_version="3.17.2",
+        ttl_s=600,
+        now=1_000_100.0,
+    )
     assert seen.check(verify_record(old.to_json(), TOKEN, now=1_000_030.0)) == old
     seen.check(new)
     seen.check(new)  # the same record again (a re-read of an unchanged file) is fine
@@ -68,8 +78,9 @@ def test_freshness_refuses_an_older_record_of_the_same_instance():
     with pytest.raises(RecordError, match="older record"):
         seen.check(old)
     # Another instance (bridge serve restarted) has its own history.
-    other = make_record("https://other.ngrok-free.app", token=TOKEN, instance="inst-2", mlflow_version="3.17.2",
-                        ttl_s=60, now=999_000.0)
+    other = make_record(
+        "https://other.ngrok-free.app", token=TOKEN, instance="inst-2", mlflow_version="3.17.2", ttl_s=60, now=999_000.0
+    )
     assert seen.check(other) == other
 
 
@@ -81,7 +92,7 @@ def test_check_http_url_is_the_one_url_rule():
     assert check_http_url("https://api.github.com") == "https://api.github.com"
     assert check_http_url("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080/x"
     assert check_http_url("http://100.64.1.2:5001", allow_plain_http_loopback_only=False)
-    with pytest.raises(ConfigError, match="only to 127.0.0.1"):
+    with pytest.raises(ConfigError, match=r"only to 127.0.0.1"):
         check_http_url("http://100.64.1.2:5001", what="BRIDGE_GITHUB_API")
     with pytest.raises(ConfigError, match="credentials") as info:
         check_http_url("https://u:hunter2pass@x.example/")

@@ -27,8 +27,9 @@ def workstation(mlflow_server) -> MlflowClient:
     return MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
 
 
-def assert_registered(workstation: MlflowClient, mlflow_server, experiment: str, name: str, version: str,
-                      alias: str = "champion") -> None:
+def assert_registered(
+    workstation: MlflowClient, mlflow_server, experiment: str, name: str, version: str, alias: str = "champion"
+) -> None:
     run = server_run(workstation, experiment)
     mv = workstation.get_model_version_by_alias(name, alias)
     assert mv.version == version
@@ -45,7 +46,9 @@ def test_log_model_registered_online_loads_by_alias_on_the_workstation(mlflow_se
     experiment, name = "registry-online", "reg-online"
     conn = bridge_connect(mlflow_server.url, experiment=experiment)
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[], registered_model_name=name)
+        info = mlflow.pyfunc.log_model(
+            name="double", python_model=Double(), pip_requirements=[], registered_model_name=name
+        )
     assert info.registered_model_version == "1"  # the number the server gives it
     client = MlflowClient()
     client.set_registered_model_alias(name, "champion", info.registered_model_version)
@@ -124,7 +127,8 @@ from tests.test_models import Double
 bridge.connect({url!r}, "test-token", journal={journal!r}, experiment={experiment!r}, probe_timeout=0.5,
                flush_at_exit=0.5)
 with mlflow.start_run():
-    info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[], registered_model_name={name!r})
+    info = mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[],
+                                   registered_model_name={name!r})
 mlflow.MlflowClient().set_registered_model_alias({name!r}, "champion", info.registered_model_version)
 print("VERSION", info.registered_model_version)
 """
@@ -147,16 +151,34 @@ def test_a_journal_left_offline_is_delivered_by_bridge_sync(mlflow_server, works
     from tests.support.mlflow_server import free_port
 
     experiment, name, journal = "registry-sync", "reg-sync", str(tmp_path / "journal.sqlite")
-    env = {**os.environ, "BRIDGE_TOKEN": "test-token", "BRIDGE_SEND_INTERVAL_S": "0.05",
-           "BRIDGE_HTTP_TIMEOUT_S": "5", "PYTHONPATH": os.getcwd()}
+    env = {
+        **os.environ,
+        "BRIDGE_TOKEN": "test-token",
+        "BRIDGE_SEND_INTERVAL_S": "0.05",
+        "BRIDGE_HTTP_TIMEOUT_S": "5",
+        "PYTHONPATH": os.getcwd(),
+    }
     closed = f"http://127.0.0.1:{free_port()}"
-    logged = subprocess.run([sys.executable, "-c", _LOG_WHILE_UNREACHABLE.format(
-        url=closed, journal=journal, experiment=experiment, name=name)], env=env, capture_output=True, text=True,
-        timeout=240)
+    logged = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _LOG_WHILE_UNREACHABLE.format(url=closed, journal=journal, experiment=experiment, name=name),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert logged.returncode == 0, logged.stderr[-3000:]
     version = logged.stdout.split("VERSION", 1)[1].split()[0]
-    synced = subprocess.run([sys.executable, "-c", _SYNC.format(journal=journal, url=mlflow_server.url)], env=env,
-                            capture_output=True, text=True, timeout=240)
+    synced = subprocess.run(
+        [sys.executable, "-c", _SYNC.format(journal=journal, url=mlflow_server.url)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert synced.returncode == 0, synced.stderr[-3000:]
     assert "LEFT 0 DEAD 0" in synced.stdout, synced.stdout + synced.stderr[-3000:]
     assert_registered(workstation, mlflow_server, experiment, name, version)

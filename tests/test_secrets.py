@@ -49,8 +49,10 @@ def test_mask_never_reveals_more_than_four_characters():
 
 @pytest.mark.parametrize(
     ("lookup", "env_name", "secret_name"),
-    [(secrets.github_token, "GITHUB_TOKEN", secrets.GITHUB_TOKEN),
-     (secrets.ngrok_authtoken, "NGROK_AUTHTOKEN", secrets.NGROK_AUTHTOKEN)],
+    [
+        (secrets.github_token, "GITHUB_TOKEN", secrets.GITHUB_TOKEN),
+        (secrets.ngrok_authtoken, "NGROK_AUTHTOKEN", secrets.NGROK_AUTHTOKEN),
+    ],
 )
 def test_service_tokens_share_one_order_environment_then_keyring(monkeypatch, lookup, env_name, secret_name):
     monkeypatch.delenv(env_name, raising=False)
@@ -67,18 +69,33 @@ def test_service_tokens_share_one_order_environment_then_keyring(monkeypatch, lo
 
 
 def _bridge(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from bridge.cli import main; main()", *args], env=env,
-                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-c", "from bridge.cli import main; main()", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 @pytest.fixture
 def fresh_machine(tmp_path, bridge_home):
     """The environment of a headless machine with no keyring configured: keyring chooses for itself."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHON_KEYRING_BACKEND", "DBUS_SESSION_BUS_ADDRESS", "DISPLAY", "WAYLAND_DISPLAY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHON_KEYRING_BACKEND", "DBUS_SESSION_BUS_ADDRESS", "DISPLAY", "WAYLAND_DISPLAY")
+    }
     home = tmp_path / "user"
-    env.update(HOME=str(home), XDG_DATA_HOME=str(home / ".local/share"), XDG_CONFIG_HOME=str(home / ".config"),
-               BRIDGE_HOME=str(bridge_home), MLFLOW_DISABLE_TELEMETRY="true", COLUMNS="400")
+    env.update(
+        HOME=str(home),
+        XDG_DATA_HOME=str(home / ".local/share"),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        BRIDGE_HOME=str(bridge_home),
+        MLFLOW_DISABLE_TELEMETRY="true",
+        COLUMNS="400",
+    )
     return env
 
 
@@ -121,8 +138,9 @@ def test_an_explicitly_chosen_plaintext_keyring_is_refused_too(bridge_home, tmp_
         keyring.set_keyring(previous)
 
 
-def test_a_token_an_earlier_bridge_left_in_the_plaintext_keyring_is_moved_into_the_file(bridge_home, tmp_path,
-                                                                                       monkeypatch):
+def test_a_token_an_earlier_bridge_left_in_the_plaintext_keyring_is_moved_into_the_file(
+    bridge_home, tmp_path, monkeypatch
+):
     from keyrings.alt.file import PlaintextKeyring
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
@@ -136,9 +154,12 @@ def test_a_token_an_earlier_bridge_left_in_the_plaintext_keyring_is_moved_into_t
 
 @pytest.mark.integration  # starts a process of its own
 def test_a_real_os_keyring_is_preferred_and_no_file_is_written(fresh_machine, bridge_home, tmp_path):
-    env = {**fresh_machine, "PYTHON_KEYRING_BACKEND": "tests.support.keyring_backend.StandInOsKeyring",
-           "BRIDGE_TEST_KEYRING_FILE": str(tmp_path / "os-keyring.json"),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {
+        **fresh_machine,
+        "PYTHON_KEYRING_BACKEND": "tests.support.keyring_backend.StandInOsKeyring",
+        "BRIDGE_TEST_KEYRING_FILE": str(tmp_path / "os-keyring.json"),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     out = _bridge(env, "token")
     assert out.returncode == 0, out.stderr
     token = out.stdout.strip()

@@ -11,35 +11,39 @@ import pytest
 
 from bridge import config
 from bridge.client.delivery.heartbeat import REVIVE_CHECK_EVERY_BEATS, Heartbeats
-from bridge.client.journal.intake import try_lock
-from bridge.client.journal import Journal
-from bridge.client.link import Link, Verdict, classify_failure
 from bridge.client.delivery.operations import Operations
-from bridge.client.options import ClientOptions
 from bridge.client.delivery.sender import Sender
+from bridge.client.journal import Journal
+from bridge.client.journal.intake import try_lock
+from bridge.client.link import Link, Verdict, classify_failure
+from bridge.client.options import ClientOptions
 from bridge.errors import HttpError, TokenRejectedError, TransportError
 from tests.support.client import server_run
 from tests.support.transport import FaultTransport
 
 
-def _sender(journal: Journal, url: str, token: str | None = None, *, transport=None, http_timeout_s: float = 20.0,
-            **options) -> Sender:
+def _sender(
+    journal: Journal, url: str, token: str | None = None, *, transport=None, http_timeout_s: float = 20.0, **options
+) -> Sender:
     """A sender over a real `Link` (real HTTP unless `transport` is given) with `options` over the defaults."""
     link = Link(url, token, transport=transport, http_timeout_s=http_timeout_s)
     return Sender(journal, link, ClientOptions(**options))
 
 
-@pytest.mark.parametrize("failure, verdict", [
-    (TransportError("ConnectionError"), Verdict.RETRY),
-    (HttpError(503, None, "Service Unavailable"), Verdict.RETRY),
-    (HttpError(500, "INTERNAL_ERROR", "db locked"), Verdict.RETRY),
-    (HttpError(429, None, "slow down"), Verdict.RETRY),
-    (HttpError(404, None, "ERR_NGROK_3200 endpoint offline"), Verdict.RETRY),
-    (TokenRejectedError(401, None, "unauthorized"), Verdict.TOKEN),
-    (HttpError(403, None, "forbidden"), Verdict.TOKEN),
-    (HttpError(400, "INVALID_PARAMETER_VALUE", "Changing param values is not allowed"), Verdict.REJECT),
-    (HttpError(404, "RESOURCE_DOES_NOT_EXIST", "run not found"), Verdict.REJECT),
-])
+@pytest.mark.parametrize(
+    "failure, verdict",
+    [
+        (TransportError("ConnectionError"), Verdict.RETRY),
+        (HttpError(503, None, "Service Unavailable"), Verdict.RETRY),
+        (HttpError(500, "INTERNAL_ERROR", "db locked"), Verdict.RETRY),
+        (HttpError(429, None, "slow down"), Verdict.RETRY),
+        (HttpError(404, None, "ERR_NGROK_3200 endpoint offline"), Verdict.RETRY),
+        (TokenRejectedError(401, None, "unauthorized"), Verdict.TOKEN),
+        (HttpError(403, None, "forbidden"), Verdict.TOKEN),
+        (HttpError(400, "INVALID_PARAMETER_VALUE", "Changing param values is not allowed"), Verdict.REJECT),
+        (HttpError(404, "RESOURCE_DOES_NOT_EXIST", "run not found"), Verdict.REJECT),
+    ],
+)
 def test_failure_classification(failure, verdict):
     assert classify_failure(failure) is verdict
 
@@ -47,8 +51,9 @@ def test_failure_classification(failure, verdict):
 def _journal_run(tmp_path, name: str, *, journal: Journal | None = None) -> tuple[Journal, str]:
     journal = journal or Journal(tmp_path / "j.sqlite")
     experiment = journal.add_experiment(name, {})
-    run = journal.add_run(experiment_id=experiment, user_id="tester", start_time=int(time.time() * 1000) - 5000,
-                          name="run", tags={})
+    run = journal.add_run(
+        experiment_id=experiment, user_id="tester", start_time=int(time.time() * 1000) - 5000, name="run", tags={}
+    )
     return journal, run
 
 
@@ -91,7 +96,7 @@ def test_lost_answers_never_duplicate_points_or_runs(tmp_path, flaky_proxy, serv
     # creation and the first batch are all applied without the sender knowing.
     flaky_proxy.set_mode("lost_ack")
     for _ in range(4):
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 - the round pauses (the sender's private _Pause)
             sender.deliver_round()
     assert flaky_proxy.count(mode="lost_ack") >= 4
     flaky_proxy.set_mode("pass")
@@ -110,9 +115,15 @@ def test_lost_answers_never_duplicate_points_or_runs(tmp_path, flaky_proxy, serv
     assert journal.queue.dead_letters() == []
 
 
-@pytest.mark.parametrize("mode, options", [
-    ("refuse", {}), ("http_5xx", {"status": 503}), ("reset", {"at": "request"}), ("reset", {"at": "response"}),
-])
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("refuse", {}),
+        ("http_5xx", {"status": 503}),
+        ("reset", {"at": "request"}),
+        ("reset", {"at": "response"}),
+    ],
+)
 def test_link_failures_are_retried_until_delivered_exactly(tmp_path, flaky_proxy, server_client, mode, options):
     name = f"{mode}-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
@@ -155,8 +166,9 @@ def test_heartbeat_tag_is_set_while_the_run_is_live(tmp_path, mlflow_server, ser
         sender.stop()
 
 
-def test_a_live_run_is_created_with_a_heartbeat_before_the_first_heartbeat_round(tmp_path, mlflow_server,
-                                                                                 server_client):
+def test_a_live_run_is_created_with_a_heartbeat_before_the_first_heartbeat_round(
+    tmp_path, mlflow_server, server_client
+):
     # A process killed before its first heartbeat round must still leave a tag the reaper can judge.
     name = f"born-beating-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
@@ -193,8 +205,9 @@ def test_a_live_run_that_keeps_logging_sends_its_heartbeat_inside_its_batches(tm
     assert int(remote.data.tags[config.HEARTBEAT_TAG]) >= started + 3, "batches after the first carried the beat"
 
 
-def test_the_server_status_of_a_live_run_is_read_every_tenth_beat_and_after_a_gap(tmp_path, mlflow_server,
-                                                                                  server_client):
+def test_the_server_status_of_a_live_run_is_read_every_tenth_beat_and_after_a_gap(
+    tmp_path, mlflow_server, server_client
+):
     name = f"beat-reads-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
     transport = FaultTransport()
@@ -218,15 +231,20 @@ def test_the_server_status_of_a_live_run_is_read_every_tenth_beat_and_after_a_ga
     journal.close()
 
 
-def test_a_refused_heartbeat_waits_a_period_and_does_not_stop_the_other_runs_beats(tmp_path, mlflow_server,
-                                                                                    server_client):
+def test_a_refused_heartbeat_waits_a_period_and_does_not_stop_the_other_runs_beats(
+    tmp_path, mlflow_server, server_client
+):
     # A live run deleted on the server (from the UI): MLflow refuses its heartbeat with a 400 and the link stays
     # online. Retried every round (each second) that one run would use up ngrok's monthly requests in hours.
     journal = Journal(tmp_path / "j.sqlite")
     name = f"deleted-live-{uuid.uuid4().hex[:8]}"
     experiment = journal.add_experiment(name, {})
-    runs = [journal.add_run(experiment_id=experiment, user_id="tester", start_time=int(time.time() * 1000),
-                            name=f"run{i}", tags={}) for i in range(2)]
+    runs = [
+        journal.add_run(
+            experiment_id=experiment, user_id="tester", start_time=int(time.time() * 1000), name=f"run{i}", tags={}
+        )
+        for i in range(2)
+    ]
     transport = FaultTransport()
     sender = _sender(journal, mlflow_server.url, transport=transport, heartbeat_s=60)
     beats = sender.heartbeats
@@ -247,8 +265,9 @@ def test_a_refused_heartbeat_waits_a_period_and_does_not_stop_the_other_runs_bea
     journal.close()
 
 
-def test_a_batch_for_a_run_deleted_on_the_server_is_set_aside_whole_in_one_request(tmp_path, flaky_proxy,
-                                                                                    server_client):
+def test_a_batch_for_a_run_deleted_on_the_server_is_set_aside_whole_in_one_request(
+    tmp_path, flaky_proxy, server_client
+):
     name = f"deleted-batch-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
     sender = _sender(journal, flaky_proxy.url)
@@ -264,8 +283,9 @@ def test_a_batch_for_a_run_deleted_on_the_server_is_set_aside_whole_in_one_reque
     journal.close()
 
 
-def test_rediscovery_switches_to_the_newly_published_url(tmp_path, monkeypatch, flaky_proxy, mlflow_server,
-                                                         server_client):
+def test_rediscovery_switches_to_the_newly_published_url(
+    tmp_path, monkeypatch, flaky_proxy, mlflow_server, server_client
+):
     from bridge.record import make_record
 
     token = "rediscovery-token-" + uuid.uuid4().hex
@@ -309,7 +329,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def test_stop_cuts_a_request_in_flight_instead_of_waiting_for_its_timeout(tmp_path, flaky_proxy):
-    journal, run = _journal_run(tmp_path, f"cut-{uuid.uuid4().hex[:8]}")
+    journal, _run = _journal_run(tmp_path, f"cut-{uuid.uuid4().hex[:8]}")
     flaky_proxy.set_mode("blackhole")
     sender = _sender(journal, flaky_proxy.url, http_timeout_s=60, send_interval_s=0.05)
     sender.start()
@@ -346,9 +366,10 @@ def test_a_sender_still_busy_after_stop_keeps_the_journal_until_it_ends(tmp_path
     _wait_for(lambda: closed and _lock_free(journal), 30, "the sender to end and let go")
 
 
-def test_a_run_marked_killed_while_still_logging_is_running_again_and_still_finishes(tmp_path, mlflow_server,
-                                                                                     server_client):
-    KILLED_REASON_TAG = config.KILLED_REASON_TAG  # noqa: N806
+def test_a_run_marked_killed_while_still_logging_is_running_again_and_still_finishes(
+    tmp_path, mlflow_server, server_client
+):
+    KILLED_REASON_TAG = config.KILLED_REASON_TAG
 
     name = f"revived-{uuid.uuid4().hex[:8]}"
     journal, run = _journal_run(tmp_path, name)
@@ -417,11 +438,14 @@ def test_a_flush_waits_for_a_look_for_late_twins_only_while_this_sender_delivers
     delivery lock: that process looks, and this flush would sit out its whole timeout (review of H21)."""
     journal = Journal(tmp_path / "journal.sqlite")
     journal.ids.map_run("r1", "server-run", None, watch_twins_until=time.time() + 50)
-    other = open(str(journal.path) + ".lock", "a+")  # another process delivers this journal
+    other = open(str(journal.path) + ".lock", "a+")  # noqa: SIM115 - held: another process delivers this journal
     assert try_lock(other.fileno())
     transport = FaultTransport()
-    sender = Sender(journal, Link("http://127.0.0.1:9", "t", transport=transport),
-                    ClientOptions.from_env().replace(send_interval_s=0.05))
+    sender = Sender(
+        journal,
+        Link("http://127.0.0.1:9", "t", transport=transport),
+        ClientOptions.from_env().replace(send_interval_s=0.05),
+    )
     sender.start()
     try:
         started = time.monotonic()
@@ -446,8 +470,7 @@ def test_no_create_begins_once_the_sender_is_stopping(tmp_path):
             pass
         assert not operations.wait_for_creates(0.0)
     assert operations.wait_for_creates(0.0)
-    with pytest.raises(TransportError, match="stopping"):
-        with operations.creating():
-            pytest.fail("a create began after the sender stopped waiting for creates")
+    with pytest.raises(TransportError, match="stopping"), operations.creating():
+        pytest.fail("a create began after the sender stopped waiting for creates")
     assert operations.wait_for_creates(0.0)  # the refused one is not left counted
     journal.close()

@@ -11,9 +11,9 @@ import shlex
 from pathlib import Path
 
 import yaml
+from typer.testing import CliRunner
 
 from bridge.cli import app
-from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = REPO / "server"
@@ -34,18 +34,24 @@ def test_compose_services_listen_on_loopback_and_need_the_env_files_variables():
     for name in ("postgres", "minio"):
         assert all(port.startswith("127.0.0.1:") for port in services[name]["ports"]), name
     required = set(re.findall(r"\$\{(\w+)(?::\?[^}]*)?\}", (SERVER / "compose.yaml").read_text()))
-    example = dict(line.split("=", 1) for line in (SERVER / ".env.example").read_text().splitlines()
-                   if line and not line.startswith("#"))
+    example = dict(
+        line.split("=", 1)
+        for line in (SERVER / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert required <= set(example), required - set(example)
     assert services["postgres"]["environment"]["POSTGRES_DB"] == "mlflow"
     assert "local/mlflow" in services["create-bucket"]["entrypoint"]
 
 
 def test_readme_server_readme_and_unit_give_the_same_team_command_and_it_parses():
-    commands = [_team_command((REPO / "README.md").read_text()), _team_command((SERVER / "README.md").read_text()),
-                _team_command((SERVER / "bridge.service").read_text())]
+    commands = [
+        _team_command((REPO / "README.md").read_text()),
+        _team_command((SERVER / "README.md").read_text()),
+        _team_command((SERVER / "bridge.service").read_text()),
+    ]
     assert commands[0] == commands[1] == commands[2]
-    options = dict(zip(commands[0][::2], commands[0][1::2]))
+    options = dict(zip(commands[0][::2], commands[0][1::2], strict=False))
     assert options["--backend-store-uri"] == "postgresql://bridge@127.0.0.1:5433/mlflow"  # compose's port and db
     compose = yaml.safe_load((SERVER / "compose.yaml").read_text())
     assert "127.0.0.1:5433:5432" in compose["services"]["postgres"]["ports"]

@@ -7,10 +7,10 @@ import time
 import uuid
 
 import mlflow
-from mlflow.exceptions import MlflowException
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from bridge.client.plugins.store import JournalStore
 from tests.support.client import server_run
@@ -57,8 +57,12 @@ def test_mlflow_client_api_and_original_timestamps(mlflow_server, server_client,
     start = int(time.time() * 1000) - 3_600_000  # an hour ago: the server must keep it
     run = client.create_run(experiment_id, start_time=start, tags={"who": "test"})
     stamps = [start + 1000 * i for i in range(5)]
-    client.log_batch(run.info.run_id, metrics=[Metric("acc", i / 10, stamps[i], i) for i in range(5)],
-                     params=[Param("p", "1")], tags=[RunTag("k", "v")])
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric("acc", i / 10, stamps[i], i) for i in range(5)],
+        params=[Param("p", "1")],
+        tags=[RunTag("k", "v")],
+    )
     client.log_metric(run.info.run_id, "single", 3.5, timestamp=stamps[0], step=9)
     client.set_terminated(run.info.run_id, "FAILED", end_time=start + 60_000)
     assert conn.flush(30) == 0
@@ -66,9 +70,10 @@ def test_mlflow_client_api_and_original_timestamps(mlflow_server, server_client,
     remote = server_run(server_client, name)
     assert remote.info.start_time == start and remote.info.end_time == start + 60_000
     assert remote.info.status == "FAILED"
-    assert [(m.timestamp, m.value) for m in server_client.get_metric_history(remote.info.run_id, "acc")] == \
-        [(stamps[i], i / 10) for i in range(5)]
-    single, = server_client.get_metric_history(remote.info.run_id, "single")
+    assert [(m.timestamp, m.value) for m in server_client.get_metric_history(remote.info.run_id, "acc")] == [
+        (stamps[i], i / 10) for i in range(5)
+    ]
+    (single,) = server_client.get_metric_history(remote.info.run_id, "single")
     assert (single.timestamp, single.step, single.value) == (stamps[0], 9, 3.5)
     # The local experiment id keeps working after the server mapped it.
     assert client.get_experiment(experiment_id).name == name
@@ -106,8 +111,7 @@ def test_offline_start_then_server_up_delivers_everything_once(flaky_proxy, serv
     assert all(m.timestamp <= remote.info.end_time for m in history)
 
 
-def test_same_experiment_name_from_two_journals_is_one_experiment(flaky_proxy, server_client, bridge_connect,
-                                                                  tmp_path):
+def test_same_experiment_name_from_two_journals_is_one_experiment(flaky_proxy, server_client, bridge_connect, tmp_path):
     flaky_proxy.set_mode("refuse")  # the server's port is closed
     name = _name("shared")
     for i in range(2):  # two "processes" (journals) both create the experiment while offline
@@ -130,8 +134,9 @@ def test_same_experiment_name_from_two_journals_is_one_experiment(flaky_proxy, s
     assert sorted(r.data.metrics["x"] for r in runs) == [0.0, 1.0]
 
 
-def test_bad_values_raise_at_the_call_as_mlflow_would_and_the_rest_arrives(mlflow_server, server_client,
-                                                                          bridge_connect):
+def test_bad_values_raise_at_the_call_as_mlflow_would_and_the_rest_arrives(
+    mlflow_server, server_client, bridge_connect
+):
     # Issue 8, defect 8: what the server would refuse is refused at the call, never accepted and dropped later.
     conn = bridge_connect(mlflow_server.url)
     experiment = _name("bad")
@@ -142,13 +147,13 @@ def test_bad_values_raise_at_the_call_as_mlflow_would_and_the_rest_arrives(mlflo
         mlflow.log_param("lr", "0.1")
         mlflow.log_metric("good", 1.0, step=0)
         with pytest.raises(MlflowException, match="Changing param values is not allowed") as changed:
-            mlflow.log_param("lr", "0.2")                   # conflicting value
+            mlflow.log_param("lr", "0.2")  # conflicting value
         assert changed.value.error_code == "INVALID_PARAMETER_VALUE"
         with pytest.raises(MlflowException, match="Names may only contain"):
             client.log_batch(run_id, metrics=[Metric("bad name!?*", 1.0, 1, 0)])
         with pytest.raises(MlflowException, match="exceeds the maximum length of 250"):
-            mlflow.log_param("k" * 300, "v")               # over MLflow's 250-char key limit
-        mlflow.log_param("huge", "x" * 10_000)             # MLflow truncates long values to 6000 chars
+            mlflow.log_param("k" * 300, "v")  # over MLflow's 250-char key limit
+        mlflow.log_param("huge", "x" * 10_000)  # MLflow truncates long values to 6000 chars
         mlflow.log_metric("nan", math.nan, step=1)
         mlflow.log_metric("inf", math.inf, step=1)
         for step in range(1, 50):
@@ -179,8 +184,7 @@ def test_dataset_inputs_are_journaled_and_delivered(mlflow_server, server_client
     assert [t.value for t in logged.tags if t.key == "mlflow.data.context"] == ["train"]
 
 
-def test_reads_from_several_threads_each_use_their_own_http_session(fixed_status_server, bridge_connect,
-                                                                    monkeypatch):
+def test_reads_from_several_threads_each_use_their_own_http_session(fixed_status_server, bridge_connect, monkeypatch):
     import threading
 
     fixed_status_server.status = 200

@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 import requests
-
 from mlflow.tracking import MlflowClient
 
 from bridge import config, secrets
@@ -52,12 +51,18 @@ def test_killed_mlflow_is_restarted_and_requests_succeed_again(own_bridge_serve)
 
     os.kill(first["pid"], signal.SIGKILL)
 
-    state = _wait_for(lambda: (s := server.state()) and s["mlflow"]["restarts"] == 1 and s["mlflow"]["healthy"] and s,
-                      what="MLflow restart in the state file")
+    state = _wait_for(
+        lambda: (s := server.state()) and s["mlflow"]["restarts"] == 1 and s["mlflow"]["healthy"] and s,
+        what="MLflow restart in the state file",
+    )
     assert state["mlflow"]["pid"] != first["pid"]
     assert any("exited with code -9" in e["event"] for e in state["events"])
-    resp = requests.post(server.entrance_url + "/api/2.0/mlflow/experiments/create", json={"name": "after-restart"},
-                         headers=auth, timeout=10)
+    resp = requests.post(
+        server.entrance_url + "/api/2.0/mlflow/experiments/create",
+        json={"name": "after-restart"},
+        headers=auth,
+        timeout=10,
+    )
     assert resp.status_code == 200, resp.text
     # The whole old group is gone (its uvicorn too), and the entrance never restarted: same process, same URL.
     _, alive = psutil.wait_procs(old_tree, timeout=5)
@@ -159,24 +164,29 @@ def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve,
     assert record.url == new_url
     assert state["mlflow"]["pid"] == mlflow_pid and state["mlflow"]["restarts"] == 0  # MLflow untouched
     new_public = tunnel_agent.local_url(new_url)
-    resp = requests.get(new_public + "/api/2.0/mlflow/experiments/search?max_results=1", auth=("u", token),
-                        timeout=10)
+    resp = requests.get(new_public + "/api/2.0/mlflow/experiments/search?max_results=1", auth=("u", token), timeout=10)
     assert resp.status_code == 200
 
     # Guessing through the tunnel is throttled per client, as the edge names it (X-Forwarded-For's last entry for
     # ngrok, Cf-Connecting-Ip for Cloudflare; the stand-ins take the address they "saw" from X-Stand-In-Peer).
     guesser = {"X-Stand-In-Peer": "198.51.100.66"}
-    codes = [requests.get(new_public + "/health", auth=("u", f"guess-{n}"), headers=guesser, timeout=10).status_code
-             for n in range(12)]
+    codes = [
+        requests.get(new_public + "/health", auth=("u", f"guess-{n}"), headers=guesser, timeout=10).status_code
+        for n in range(12)
+    ]
     assert codes == [401] * 10 + [429] * 2
-    other = requests.get(new_public + "/health", auth=("u", token), headers={"X-Stand-In-Peer": "198.51.100.77"},
-                         timeout=10)
+    other = requests.get(
+        new_public + "/health", auth=("u", token), headers={"X-Stand-In-Peer": "198.51.100.77"}, timeout=10
+    )
     # Cloudflare names each client apart; every ngrok client here connects from 127.0.0.1, so it shares the bucket.
     assert other.status_code == (200 if tunnel_agent.kind == "cloudflared" else 429)
 
     # What went out through the tunnel is counted for the month (saved every few seconds).
-    usage = _wait_for(lambda: (server.state().get("usage") or {}).get("requests", 0) >= 16 and server.state()["usage"],
-                      timeout=30, what="tunnel usage counted")
+    usage = _wait_for(
+        lambda: (server.state().get("usage") or {}).get("requests", 0) >= 16 and server.state()["usage"],
+        timeout=30,
+        what="tunnel usage counted",
+    )
     assert usage["bytes_out"] > 16 * 100
     status = server.cli("status")
     assert "Tunnel use" in status.stdout and "requests of 20,000" in status.stdout, status.stdout
@@ -188,7 +198,8 @@ def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve,
     assert saved["requests"] >= usage["requests"]
     if tunnel_agent.kind == "ngrok":
         assert _files_containing(server.home, tunnel_agent.authtoken) == [
-            str(p) for p in server.home.rglob("ngrok.yml")]
+            str(p) for p in server.home.rglob("ngrok.yml")
+        ]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
@@ -267,8 +278,9 @@ def test_supervisor_reaps_silent_runs_and_republishes_when_due(bridge_home):
         # The reaper marks the run KILLED on the server first, and records that in the state file afterwards.
         def reap_recorded() -> dict | None:
             s = json.loads(config.paths().state_file.read_text())
-            recorded = s["last_reap"] and (silent in s["last_reap"]["killed"]
-                                           or any(silent in e["event"] for e in s["events"]))
+            recorded = s["last_reap"] and (
+                silent in s["last_reap"]["killed"] or any(silent in e["event"] for e in s["events"])
+            )
             return s if recorded else None
 
         _wait_for(reap_recorded, what="the reap in the state file")
@@ -277,8 +289,11 @@ def test_supervisor_reaps_silent_runs_and_republishes_when_due(bridge_home):
         first = verify_record(config.paths().record_file.read_text(), token)
         supervisor._next_publish_at = 0
         second = _wait_for(
-            lambda: (r := verify_record(config.paths().record_file.read_text(), token)).issued_at > first.issued_at
-            and r, what="a republished record")
+            lambda: (
+                (r := verify_record(config.paths().record_file.read_text(), token)).issued_at > first.issued_at and r
+            ),
+            what="a republished record",
+        )
         assert second.expires_at > first.expires_at
         assert second.instance == first.instance
     finally:

@@ -13,8 +13,17 @@ import time
 import pytest
 import requests
 
-from tests.support.team_load import METRIC_KEYS, Plan, S3Server, delivered, expected_points, fresh_database, \
-    prime_database, run_load, summary
+from tests.support.team_load import (
+    METRIC_KEYS,
+    Plan,
+    S3Server,
+    delivered,
+    expected_points,
+    fresh_database,
+    prime_database,
+    run_load,
+    summary,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -39,8 +48,12 @@ def test_twenty_trainings_at_once_on_postgres_four_workers_and_s3(own_bridge_ser
             )  # fmt: skip
             token = server.token()
             public = fake_cloudflared.local_url(server.state()["tunnel"]["public_url"])
-            created = requests.post(public + "/api/2.0/mlflow/experiments/create", json={"name": "team-load"},
-                                    auth=("bridge", token), timeout=30)
+            created = requests.post(
+                public + "/api/2.0/mlflow/experiments/create",
+                json={"name": "team-load"},
+                auth=("bridge", token),
+                timeout=30,
+            )
             assert created.status_code == 200, created.text
             experiment_id = created.json()["experiment_id"]
 
@@ -64,8 +77,11 @@ def test_twenty_trainings_at_once_on_postgres_four_workers_and_s3(own_bridge_ser
             while delivered(database, s3, "s3://mlflow/bridge", report)[silent.run_id]["status"] != "KILLED":
                 assert time.monotonic() < deadline, "the silent run was never reaped"
                 time.sleep(0.5)
-            statuses = {c.name: s["status"] for c in report.clients
-                        for s in [delivered(database, s3, "s3://mlflow/bridge", report)[c.run_id]]}
+            statuses = {
+                c.name: s["status"]
+                for c in report.clients
+                for s in [delivered(database, s3, "s3://mlflow/bridge", report)[c.run_id]]
+            }
             assert {name: s for name, s in statuses.items() if s != "FINISHED"} == {"client-silent": "KILLED"}
             events = " ".join(e["event"] for e in server.state()["events"])
             assert "marked 1 run(s) KILLED" in events and silent.run_id in events

@@ -58,8 +58,12 @@ class DropsSecondRequest:
                 self.seen.append((number, method, path, length))
                 if answered:
                     body = b'{"ok": true}'
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                                 + str(len(body)).encode() + b"\r\nConnection: keep-alive\r\n\r\n" + body)
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                        + str(len(body)).encode()
+                        + b"\r\nConnection: keep-alive\r\n\r\n"
+                        + body
+                    )
 
     def close(self) -> None:
         self._stop = True

@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -21,8 +22,6 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
-
-import re
 
 import pytest
 import requests
@@ -64,10 +63,15 @@ class _Echo(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(payload)
             return
-        payload = json.dumps({
-            "method": self.command, "path": self.path, "headers": dict(self.headers.items()),
-            "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
-        }).encode()
+        payload = json.dumps(
+            {
+                "method": self.command,
+                "path": self.path,
+                "headers": dict(self.headers.items()),
+                "body_len": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -113,8 +117,12 @@ def test_request_through_tunnel_arrives_with_public_host_and_forwarded_headers(f
     local = fake_ngrok.local_url(url)
 
     body = os.urandom(1_500_000)
-    reply = requests.post(f"{local}/api/2.0/mlflow/runs/log-batch?a=1&b=%2F", data=body,
-                          headers={"X-Forwarded-For": "203.0.113.7"}, timeout=10)
+    reply = requests.post(
+        f"{local}/api/2.0/mlflow/runs/log-batch?a=1&b=%2F",
+        data=body,
+        headers={"X-Forwarded-For": "203.0.113.7"},
+        timeout=10,
+    )
 
     assert reply.status_code == 200
     seen = reply.json()
@@ -236,7 +244,8 @@ def test_another_running_agent_raises_err_108(fake_ngrok, tunnel_factory, monkey
     other_config.write_text(f'version: "2"\nauthtoken: {fake_ngrok.authtoken}\nweb_addr: 127.0.0.1:{free_port()}\n')
     other = subprocess.Popen(
         [str(fake_ngrok.path), "start", "--none", "--log", "stdout", "--config", str(other_config)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         for line in other.stdout:
@@ -381,8 +390,9 @@ def test_every_tunnel_forwards_with_the_public_host_and_names_the_client(tunnel_
 
     body = os.urandom(1_200_000)  # streamed both ways
     headers = {"X-Forwarded-For": "203.0.113.7", "X-Stand-In-Peer": "198.51.100.9"}
-    seen = requests.post(f"{local}/api/2.0/mlflow/runs/log-batch?a=1&b=%2F", data=body, headers=headers,
-                         timeout=10).json()
+    seen = requests.post(
+        f"{local}/api/2.0/mlflow/runs/log-batch?a=1&b=%2F", data=body, headers=headers, timeout=10
+    ).json()
     assert seen["path"] == "/api/2.0/mlflow/runs/log-batch?a=1&b=%2F"
     assert seen["headers"]["Host"] == host
     assert seen["headers"]["X-Forwarded-Proto"] == "https"
@@ -432,8 +442,7 @@ def test_every_tunnel_leaves_nothing_running_after_close(tunnel_agent, kind_tunn
     tunnel.close()  # idempotent
 
 
-def test_every_tunnel_that_cannot_reach_its_cloud_fails_with_the_agents_reason(tunnel_agent, kind_tunnels,
-                                                                                monkeypatch):
+def test_every_tunnel_that_cannot_reach_its_cloud_fails_with_the_agents_reason(tunnel_agent, kind_tunnels, monkeypatch):
     monkeypatch.setenv("FAKE_NGROK_OFFLINE" if tunnel_agent.kind == "ngrok" else "FAKE_CLOUDFLARED_OFFLINE", "1")
     tunnel = kind_tunnels(startup_timeout_s=6)
     started = time.monotonic()
@@ -450,7 +459,7 @@ def test_every_tunnel_gives_up_at_its_start_deadline(fake_cloudflared, monkeypat
     monkeypatch.setenv("FAKE_CLOUDFLARED_HANG", "1")
     tunnel = open_tunnel(fake_cloudflared, "http://127.0.0.1:9", startup_timeout_s=4)
     started = time.monotonic()
-    with pytest.raises(TunnelError, match="no working quick tunnel within 4 s.*Retrying quick Tunnel"):
+    with pytest.raises(TunnelError, match=r"no working quick tunnel within 4 s.*Retrying quick Tunnel"):
         tunnel.open()
     assert 3.5 < time.monotonic() - started < 15
     assert fake_cloudflared.agent_pids() == []

@@ -12,11 +12,14 @@ from bridge import ui
 def test_links_open_the_model_training_view():
     assert ui.ui_link("http://127.0.0.1:5000") == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
     assert ui.ui_link("https://x.ngrok-free.app/", "7") == (
-        "https://x.ngrok-free.app/#/experiments/7/runs?workflowType=machine_learning")
+        "https://x.ngrok-free.app/#/experiments/7/runs?workflowType=machine_learning"
+    )
     assert ui.ui_link("https://x.ngrok-free.app", "7", charts=True).endswith(
-        "#/experiments/7/runs?workflowType=machine_learning&compareRunsMode=CHART")
+        "#/experiments/7/runs?workflowType=machine_learning&compareRunsMode=CHART"
+    )
     assert ui.ui_link("http://h:1/mlflow", "3", "ab12") == (
-        "http://h:1/mlflow/#/experiments/3/runs/ab12?workflowType=machine_learning")
+        "http://h:1/mlflow/#/experiments/3/runs/ab12?workflowType=machine_learning"
+    )
 
 
 def test_links_never_carry_credentials_and_bad_input_is_named():
@@ -37,4 +40,4 @@ def test_the_installed_mlflow_ui_still_reads_what_the_links_set():
     assert '.get("workflowType")' in text, "the UI no longer reads ?workflowType="
     assert 'MACHINE_LEARNING="machine_learning"' in text
     assert '"compareRunsMode"' in text and '"mlflow.experimentKind"' in text
-    assert "CUSTOM_MODEL_DEVELOPMENT=\"custom_model_development\"" in text
+    assert 'CUSTOM_MODEL_DEVELOPMENT="custom_model_development"' in text

@@ -15,6 +15,7 @@ from bridge.yolo.callbacks import metric_name, model_identity
 from bridge.yolo.console import ConsoleCapture, ConsoleLog
 from tests.support.yolo import tiny_train_args
 
+
 def test_metric_names_are_stable_and_mlflow_safe():
     assert metric_name("metrics/mAP50-95(B)") == "val/mAP50-95"
     assert metric_name("metrics/precision(B)") == "val/precision"
@@ -26,10 +27,16 @@ def test_metric_names_are_stable_and_mlflow_safe():
     assert metric_name("odd(key)%") == "odd_key__"
 
 
-@pytest.mark.parametrize("name, family, scale", [
-    ("yolov8n.yaml", "yolov8", "n"), ("yolo11s.pt", "yolo11", "s"), ("/x/yolo26m.yaml", "yolo26", "m"),
-    ("yolov10x", "yolov10", "x"), ("yolo11n-seg.pt", "yolo11", "n"),
-])
+@pytest.mark.parametrize(
+    "name, family, scale",
+    [
+        ("yolov8n.yaml", "yolov8", "n"),
+        ("yolo11s.pt", "yolo11", "s"),
+        ("/x/yolo26m.yaml", "yolo26", "m"),
+        ("yolov10x", "yolov10", "x"),
+        ("yolo11n-seg.pt", "yolo11", "n"),
+    ],
+)
 def test_model_family_and_scale_from_name(name, family, scale):
     ident = model_identity(name)
     assert (ident["model.family"], ident["model.scale"]) == (family, scale)
@@ -41,8 +48,16 @@ def test_model_identity_falls_back_to_the_name():
 
 def test_console_log_collapses_progress_redraws():
     log = ConsoleLog()
-    for chunk in ["Epoch 1/2\n", "\r\x1b[K  1/2 10%", "\r\x1b[K  1/2 50%", "\r\x1b[K  1/2 100%", "\n",
-                  "val all 0.5\r\n", "\x1b[1mbold\x1b[0m line\n", "partial"]:
+    for chunk in [
+        "Epoch 1/2\n",
+        "\r\x1b[K  1/2 10%",
+        "\r\x1b[K  1/2 50%",
+        "\r\x1b[K  1/2 100%",
+        "\n",
+        "val all 0.5\r\n",
+        "\x1b[1mbold\x1b[0m line\n",
+        "partial",
+    ]:
         log.write(chunk)
     assert log.text() == "Epoch 1/2\n  1/2 100%\nval all 0.5\nbold line\npartial"
 
@@ -80,8 +95,9 @@ def test_unusable_store_is_reported_once_and_training_finishes(yolo_dataset, tmp
     mlflow.set_tracking_uri("nope://nowhere")  # MLflow has no store for this scheme: every call fails
     try:
         with caplog.at_level(logging.WARNING, logger="bridge.yolo"):
-            tracker = bridge.yolo.train("yolov8n.yaml", data=yolo_dataset, experiment="x", name="broken",
-                                        **tiny_train_args(tmp_path, epochs=1))
+            tracker = bridge.yolo.train(
+                "yolov8n.yaml", data=yolo_dataset, experiment="x", name="broken", **tiny_train_args(tmp_path, epochs=1)
+            )
     finally:
         mlflow.set_tracking_uri("")
     assert (tracker.save_dir / "weights" / "best.pt").exists()
@@ -92,8 +108,9 @@ def test_unusable_store_is_reported_once_and_training_finishes(yolo_dataset, tmp
 
 @pytest.mark.slow
 def test_training_that_raises_ends_its_run_failed_with_what_it_logged(yolo_dataset, tmp_path, monkeypatch):
-    import bridge.yolo
     from ultralytics import YOLO
+
+    import bridge.yolo
 
     monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts in ./mlruns
 
@@ -122,7 +139,7 @@ def test_training_that_raises_ends_its_run_failed_with_what_it_logged(yolo_datas
     assert "console.log" in {a.path for a in client.list_artifacts(tracker.run_id)}
     import sys
 
-    assert not type(sys.stdout).__name__ == "_Tee"  # the console capture was removed
+    assert type(sys.stdout).__name__ != "_Tee"  # the console capture was removed
 
 
 @pytest.mark.slow
@@ -135,8 +152,9 @@ def test_an_active_run_of_the_caller_is_used_and_left_open(yolo_dataset, tmp_pat
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_name="mine") as mine:
-            tracker = bridge.yolo.train("yolov8n.yaml", data=yolo_dataset, name="inner",
-                                        **tiny_train_args(tmp_path, epochs=1))
+            tracker = bridge.yolo.train(
+                "yolov8n.yaml", data=yolo_dataset, name="inner", **tiny_train_args(tmp_path, epochs=1)
+            )
             assert tracker.run_id == mine.info.run_id
             assert mlflow.active_run().info.run_id == mine.info.run_id
             assert MlflowClient(uri).get_run(mine.info.run_id).info.status == "RUNNING"
@@ -149,8 +167,9 @@ def test_an_active_run_of_the_caller_is_used_and_left_open(yolo_dataset, tmp_pat
 
 
 def test_tracking_a_model_again_replaces_the_first_tracker():
-    import bridge.yolo
     from ultralytics import YOLO
+
+    import bridge.yolo
 
     model = YOLO("yolov8n.yaml")
     before = {event: len(fns) for event, fns in model.callbacks.items()}

@@ -27,16 +27,20 @@ def _set_final(client: MlflowClient, run_id: str, value: float, step: int) -> No
 
 
 def _register(experiment: str, name: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    out = subprocess.run([*bridge_cli(), "compare", experiment, "--register", name, "--out", str(cwd / "c.png")],
-                         env={**os.environ, "COLUMNS": "300", **env}, capture_output=True, text=True, timeout=300,
-                         cwd=cwd)
+    out = subprocess.run(
+        [*bridge_cli(), "compare", experiment, "--register", name, "--out", str(cwd / "c.png")],
+        env={**os.environ, "COLUMNS": "300", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
 @pytest.mark.timeout(900)
-def test_the_champion_alias_moves_only_to_a_better_run_and_the_model_predicts(bridge_serve, yolo_dataset,
-                                                                             tmp_path):
+def test_the_champion_alias_moves_only_to_a_better_run_and_the_model_predicts(bridge_serve, yolo_dataset, tmp_path):
     import mlflow
     from ultralytics import YOLO
 
@@ -52,7 +56,7 @@ def test_the_champion_alias_moves_only_to_a_better_run_and_the_model_predicts(br
     client = MlflowClient(bridge_serve.mlflow_url, registry_uri=bridge_serve.mlflow_url)
 
     def run_of(label: str):
-        experiment, model = sweeps[label]
+        experiment, _model = sweeps[label]
         exp = client.get_experiment_by_name(experiment)
         (run,) = client.search_runs([exp.experiment_id])
         return run

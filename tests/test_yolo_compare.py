@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -45,8 +46,13 @@ def handmade_experiment(tmp_path):
             client.log_metric(rid, "val/mAP50-95", (final or 0.1) * step / 3, step=step)
             client.log_metric(rid, "train/box_loss", 3.0 - step * 0.5, step=step)
         if final is not None:
-            for key, value in {"final/mAP50-95": final, "final/mAP50": final + 0.2, "final/precision": 0.7,
-                               "final/recall": 0.6, "final/train_time_s": 12.5}.items():
+            for key, value in {
+                "final/mAP50-95": final,
+                "final/mAP50": final + 0.2,
+                "final/precision": 0.7,
+                "final/recall": 0.6,
+                "final/train_time_s": 12.5,
+            }.items():
                 client.log_metric(rid, key, value, step=3)
         client.set_terminated(rid, "FINISHED" if final is not None else "FAILED")
     weights = tmp_path / "weights"
@@ -88,8 +94,19 @@ def test_cli_compare_on_a_real_sweep_logs_a_summary_run(bridge_sweep, tmp_path):
     out_png = tmp_path / "cmp.png"
     runner = CliRunner()
     try:
-        result = runner.invoke(app, ["compare", bridge_sweep.experiment, "--out", str(out_png), "--log",
-                                     "--tracking-uri", bridge_sweep.read_uri], env={"COLUMNS": "220"})
+        result = runner.invoke(
+            app,
+            [
+                "compare",
+                bridge_sweep.experiment,
+                "--out",
+                str(out_png),
+                "--log",
+                "--tracking-uri",
+                bridge_sweep.read_uri,
+            ],
+            env={"COLUMNS": "220"},
+        )
     finally:
         mlflow.set_tracking_uri("")
     assert result.exit_code == 0, result.output
@@ -111,7 +128,9 @@ def test_cli_compare_on_a_real_sweep_logs_a_summary_run(bridge_sweep, tmp_path):
     assert mine.info.status == "FINISHED"
     sid = mine.info.run_id
     assert {a.path for a in client.list_artifacts(sid)} == {"cmp.png", "comparison.csv"}
-    table = list(csv.DictReader(io.StringIO(open(client.download_artifacts(sid, "comparison.csv", str(tmp_path))).read())))
+    table = list(
+        csv.DictReader(io.StringIO(Path(client.download_artifacts(sid, "comparison.csv", str(tmp_path))).read_text()))
+    )
     assert sorted(r["run id"] for r in table) == sorted(bridge_sweep.run_ids.values())
     assert {r["run"] for r in table} == set(MODEL_FAMILIES)
     # a second comparison leaves the summary run out

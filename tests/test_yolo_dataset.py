@@ -33,8 +33,9 @@ def hand_made(tmp_path) -> Path:
     _write(root / "images" / "val" / "e.png", b"z" * 5)
     _write(root / "labels" / "val" / "d.txt", "0 0.1 0.1 0.8 0.6\n")
     data = root / "data.yaml"
-    data.write_text(yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val",
-                                    "names": {0: "cat", 1: "dog"}}))
+    data.write_text(
+        yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val", "names": {0: "cat", 1: "dog"}})
+    )
     return data
 
 
@@ -90,7 +91,7 @@ def test_bad_data_yaml_is_named_in_the_error(tmp_path):
         summarize_dataset(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: images\n")
-    with pytest.raises(ConfigError, match="bad.yaml.*names"):
+    with pytest.raises(ConfigError, match=r"bad.yaml.*names"):
         summarize_dataset(bad)
     missing = tmp_path / "missing.yaml"
     missing.write_text(yaml.safe_dump({"train": "nowhere", "names": ["a"]}))

@@ -32,10 +32,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("name", list(MODEL_FAMILIES))
 def test_run_on_the_server_is_complete(bridge_sweep, name):
-    assert_complete_yolo_run(MlflowClient(bridge_sweep.read_uri), bridge_sweep.run_ids[name],
-                             family=MODEL_FAMILIES[name], save_dir=bridge_sweep.save_dir(name),
-                             data_yaml=bridge_sweep.data, epochs=2,
-                             user_tags={**SWEEP_TAGS, "sweep.models": "yolov8n,yolo11n,yolo26n"})
+    assert_complete_yolo_run(
+        MlflowClient(bridge_sweep.read_uri),
+        bridge_sweep.run_ids[name],
+        family=MODEL_FAMILIES[name],
+        save_dir=bridge_sweep.save_dir(name),
+        data_yaml=bridge_sweep.data,
+        epochs=2,
+        user_tags={**SWEEP_TAGS, "sweep.models": "yolov8n,yolo11n,yolo26n"},
+    )
 
 
 def test_sweep_made_one_finished_run_per_model(bridge_sweep):
@@ -49,8 +54,14 @@ def test_sweep_made_one_finished_run_per_model(bridge_sweep):
 
 def test_compare_through_connect_reads_the_server_and_logs_a_summary(bridge_sweep, bridge_serve, tmp_path):
     env = {**os.environ, **connect_env(bridge_serve, tmp_path / "journal.sqlite"), "COLUMNS": "220"}
-    out = subprocess.run([*bridge_cli(), "compare", bridge_sweep.experiment, "--out", str(tmp_path / "c.png"), "--log"],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = subprocess.run(
+        [*bridge_cli(), "compare", bridge_sweep.experiment, "--out", str(tmp_path / "c.png"), "--log"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     for name in MODEL_FAMILIES:
         assert f" {name} " in out.stdout
@@ -79,10 +90,12 @@ def connected(url: str, token: str, journal: Path, monkeypatch):
         mlflow.set_registry_uri("")
 
 
-def test_training_outlives_a_server_outage_and_the_data_arrives_later(own_mlflow_server, yolo_dataset, tmp_path,
-                                                                      monkeypatch):
-    import bridge.yolo
+def test_training_outlives_a_server_outage_and_the_data_arrives_later(
+    own_mlflow_server, yolo_dataset, tmp_path, monkeypatch
+):
     from ultralytics import YOLO
+
+    import bridge.yolo
 
     epochs_while_down = []
     with connected(own_mlflow_server.url, "plain-mlflow-ignores-it", tmp_path / "journal.sqlite", monkeypatch) as conn:
@@ -155,8 +168,13 @@ def test_console_is_live_and_a_killed_process_gets_its_run_marked_killed(own_bri
     script = tmp_path / "train_forever.py"
     script.write_text(CHILD)
     env = {**os.environ, **connect_env(serve, tmp_path / "journal.sqlite"), "BRIDGE_HEARTBEAT_S": "0.5"}
-    child = subprocess.Popen([sys.executable, str(script), str(yolo_dataset), str(tmp_path / "runs")], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(yolo_dataset), str(tmp_path / "runs")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     client = MlflowClient(serve.mlflow_url)
     try:
         deadline = time.monotonic() + 180
@@ -210,8 +228,14 @@ def test_bridge_demo_shows_learning_keeps_serving_until_ctrl_c(tmp_path):
     env = {**os.environ, "BRIDGE_HOME": str(home), "COLUMNS": "250"}
     for name in ("BRIDGE_URL", "BRIDGE_TOKEN", "BRIDGE_JOURNAL", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
-    proc = subprocess.Popen([*bridge_cli(), "demo", "--epochs", "5"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [*bridge_cli(), "demo", "--epochs", "5"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     lines: list[str] = []
     ready = threading.Event()
 
@@ -226,11 +250,17 @@ def test_bridge_demo_shows_learning_keeps_serving_until_ctrl_c(tmp_path):
     try:
         assert ready.wait(480), "".join(lines)[-3000:]
         out = "".join(lines)
-        live = re.search(r"Watch the curves live: (http://127\.0\.0\.1:\d+)/#/experiments/(\d+)/runs"
-                         r"\?workflowType=machine_learning&compareRunsMode=CHART", out)
+        live = re.search(
+            r"Watch the curves live: (http://127\.0\.0\.1:\d+)/#/experiments/(\d+)/runs"
+            r"\?workflowType=machine_learning&compareRunsMode=CHART",
+            out,
+        )
         assert live, out[-2000:]
-        match = re.search(r"The run in the MLflow UI: (http://127\.0\.0\.1:\d+)/#/experiments/(\d+)/runs/"
-                          r"([0-9a-f]{32})\?workflowType=machine_learning", out)
+        match = re.search(
+            r"The run in the MLflow UI: (http://127\.0\.0\.1:\d+)/#/experiments/(\d+)/runs/"
+            r"([0-9a-f]{32})\?workflowType=machine_learning",
+            out,
+        )
         assert match, out[-2000:]
         ui, experiment_id, run_id = match.groups()
         assert (ui, experiment_id) == live.groups()

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 EPOCHS = 5
 KILL_IN_EPOCH = 3  # counted from 1, as Ultralytics prints it
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, os, signal, sys, time
 import bridge, bridge.yolo
 from ultralytics import YOLO
@@ -71,17 +71,28 @@ tracker = bridge.yolo.train(model, data=cfg["data"], experiment=cfg["experiment"
 print("RUN", tracker.run_id, flush=True)
 left = conn.flush(120)
 print("LEFT", left, flush=True)
-'''
+"""
 
 
 def _run(script: Path, cfg: dict, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), json.dumps(cfg)], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=420, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, str(script), json.dumps(cfg)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=420,
+        cwd=cwd,
+    )
 
 
-def _train_kill_resume(tmp_path: Path, yolo_dataset: Path, env_first: dict, env_second: dict,
-                       between=lambda: None, hold_until: Path | None = None
-                       ) -> tuple[str, Path, subprocess.CompletedProcess]:
+def _train_kill_resume(
+    tmp_path: Path,
+    yolo_dataset: Path,
+    env_first: dict,
+    env_second: dict,
+    between=lambda: None,
+    hold_until: Path | None = None,
+) -> tuple[str, Path, subprocess.CompletedProcess]:
     experiment = f"resume-{uuid.uuid4().hex[:8]}"
     project = tmp_path / "drive" / "runs"  # stands for a Google Drive folder: kept across runtimes
     script = tmp_path / "train_on_colab.py"
@@ -95,8 +106,12 @@ def _train_kill_resume(tmp_path: Path, yolo_dataset: Path, env_first: dict, env_
     with open(save_dir / "results.csv") as f:
         assert [int(float(r["epoch"])) for r in csv.DictReader(f)] == list(range(1, KILL_IN_EPOCH))
     between()
-    second = _run(script, {**cfg, "resume": True, "kill_in_epoch": 0, "hold_until": hold_until and str(hold_until)},
-                  env_second, tmp_path)
+    second = _run(
+        script,
+        {**cfg, "resume": True, "kill_in_epoch": 0, "hold_until": hold_until and str(hold_until)},
+        env_second,
+        tmp_path,
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "LEFT 0" in second.stdout, second.stdout[-2000:]
     return experiment, save_dir, second
@@ -148,19 +163,21 @@ def _assert_one_resumed_run(read_uri: str, experiment: str, save_dir: Path) -> N
 @pytest.mark.timeout(900)
 def test_a_killed_training_resumes_into_the_same_run(bridge_serve, yolo_dataset, tmp_path):
     env = connect_env(bridge_serve, tmp_path / "drive" / "journal.sqlite")
-    experiment, save_dir, second = _train_kill_resume(tmp_path, yolo_dataset, env, env)
+    experiment, save_dir, _second = _train_kill_resume(tmp_path, yolo_dataset, env, env)
     _assert_one_resumed_run(bridge_serve.mlflow_url, experiment, save_dir)
 
 
 @pytest.mark.timeout(900)
 def test_resume_delivers_what_the_first_runtime_logged_while_the_server_was_unreachable(
-        bridge_serve, yolo_dataset, tmp_path, make_flaky_proxy):
+    bridge_serve, yolo_dataset, tmp_path, make_flaky_proxy
+):
     entrance = urlsplit(bridge_serve.entrance_url)
     proxy = make_flaky_proxy(entrance.hostname, entrance.port)
     proxy.set_mode("refuse")
     env = {**connect_env(bridge_serve, tmp_path / "drive" / "journal.sqlite"), "BRIDGE_URL": proxy.url}
-    experiment, save_dir, _ = _train_kill_resume(tmp_path, yolo_dataset, env, env,
-                                                 between=lambda: proxy.set_mode("pass"))
+    experiment, save_dir, _ = _train_kill_resume(
+        tmp_path, yolo_dataset, env, env, between=lambda: proxy.set_mode("pass")
+    )
     _assert_one_resumed_run(bridge_serve.mlflow_url, experiment, save_dir)
 
 
@@ -171,16 +188,28 @@ def test_resume_without_last_pt_starts_fresh_with_a_note(tmp_path, yolo_dataset,
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        tracker = bridge.yolo.train("yolov8n.yaml", data=yolo_dataset, experiment="fresh", resume=True,
-                                    system_metrics=False, name="y8",
-                                    **{**tiny_train_args(tmp_path / "runs", epochs=1), "plots": False})
+        tracker = bridge.yolo.train(
+            "yolov8n.yaml",
+            data=yolo_dataset,
+            experiment="fresh",
+            resume=True,
+            system_metrics=False,
+            name="y8",
+            **{**tiny_train_args(tmp_path / "runs", epochs=1), "plots": False},
+        )
         assert "nothing to resume" in capfd.readouterr().err
         assert tracker.save_dir == tmp_path / "runs" / "y8"
         run = MlflowClient().get_run(tracker.run_id)
         assert run.info.status == "FINISHED" and "bridge.resume.count" not in run.data.tags
         # Finished now: resuming again trains nothing and names the same run.
-        again = bridge.yolo.train("yolov8n.yaml", data=yolo_dataset, experiment="fresh", resume=True,
-                                  name="y8", **tiny_train_args(tmp_path / "runs", epochs=1))
+        again = bridge.yolo.train(
+            "yolov8n.yaml",
+            data=yolo_dataset,
+            experiment="fresh",
+            resume=True,
+            name="y8",
+            **tiny_train_args(tmp_path / "runs", epochs=1),
+        )
         assert "already finished" in capfd.readouterr().err
         assert again.run_id == tracker.run_id
         assert len(MlflowClient().search_runs([run.info.experiment_id])) == 1
@@ -197,8 +226,7 @@ def test_resume_needs_a_name():
 
 
 @pytest.mark.timeout(900)
-def test_a_run_reaped_after_the_kill_is_revived_by_the_resume_and_kept_alive(own_bridge_serve, yolo_dataset,
-                                                                               tmp_path):
+def test_a_run_reaped_after_the_kill_is_revived_by_the_resume_and_kept_alive(own_bridge_serve, yolo_dataset, tmp_path):
     """The server marks the dead runtime's run KILLED (no heartbeat); the resume makes it RUNNING again and its
     heartbeats keep it so until it ends FINISHED — the reaper never takes a resumed training."""
     import threading
@@ -231,11 +259,12 @@ def test_a_run_reaped_after_the_kill_is_revived_by_the_resume_and_kept_alive(own
         threading.Thread(target=watch, daemon=True).start()
 
     try:
-        experiment, save_dir, _ = _train_kill_resume(tmp_path, yolo_dataset, env, env, between=reaped_then_watch,
-                                                     hold_until=seen_running)
+        experiment, save_dir, _ = _train_kill_resume(
+            tmp_path, yolo_dataset, env, env, between=reaped_then_watch, hold_until=seen_running
+        )
     finally:
         stop.set()
-    revived = seen[seen.index("RUNNING"):] if "RUNNING" in seen else []
+    revived = seen[seen.index("RUNNING") :] if "RUNNING" in seen else []
     assert revived and "KILLED" not in revived, seen
     run = client.get_run(only_run().info.run_id)
     assert run.data.tags["bridge.resume.1.previous_status"] == "KILLED"

@@ -18,8 +18,9 @@ def test_mlflow_samplers_bridge_relies_on_are_still_there():
     cpu.collect_metrics()
     cpu.collect_metrics()
     averaged = cpu.aggregate_metrics()
-    assert {"cpu_utilization_percentage", "system_memory_usage_megabytes",
-            "system_memory_usage_percentage"} <= set(averaged)
+    assert {"cpu_utilization_percentage", "system_memory_usage_megabytes", "system_memory_usage_percentage"} <= set(
+        averaged
+    )
     cpu.clear_metrics()
     assert not cpu.metrics
 
@@ -40,8 +41,9 @@ def test_samples_are_averaged_and_logged_once_per_period_with_increasing_steps(t
     real = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     run = real.create_run(real.create_experiment("sys"))
     client = CountingClient(real)
-    sampler = system_metrics.SystemMetricsSampler(client, run.info.run_id, run_start_ms=run.info.start_time,
-                                                  sample_every_s=0.1, log_every_s=0.5).start()
+    sampler = system_metrics.SystemMetricsSampler(
+        client, run.info.run_id, run_start_ms=run.info.start_time, sample_every_s=0.1, log_every_s=0.5
+    ).start()
     deadline = time.monotonic() + 30
     while client.calls < 3 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -15,18 +15,20 @@ import os
 #: Tags that bridge adds for its own bookkeeping (run key, heartbeat, killed reason): never on the oracle.
 IGNORED_TAG_PREFIXES = ("bridge.",)
 #: System tags whose value depends on when or where a call ran, not on what the program said.
-IGNORED_TAGS = frozenset({
-    # A run started without a name gets a random one from the server (oracle) or from the client (bridge):
-    # compared only for named runs, see `compare_run_name`.
-    "mlflow.runName",
-    # The script that logged: pytest for the oracle, tests/differential/child.py in the subprocess scenarios.
-    "mlflow.source.name",
-    # MLflow's git context of the process that started the run: the subprocess scenarios run in a checkout,
-    # the oracle's run may not see one (seed 17 with offline_reads_after_reconnect on).
-    "mlflow.source.git.branch",
-    "mlflow.source.git.commit",
-    "mlflow.source.git.repoURL",
-})
+IGNORED_TAGS = frozenset(
+    {
+        # A run started without a name gets a random one from the server (oracle) or from the client (bridge):
+        # compared only for named runs, see `compare_run_name`.
+        "mlflow.runName",
+        # The script that logged: pytest for the oracle, tests/differential/child.py in the subprocess scenarios.
+        "mlflow.source.name",
+        # MLflow's git context of the process that started the run: the subprocess scenarios run in a checkout,
+        # the oracle's run may not see one (seed 17 with offline_reads_after_reconnect on).
+        "mlflow.source.git.branch",
+        "mlflow.source.git.commit",
+        "mlflow.source.git.repoURL",
+    }
+)
 
 #: Metric keys starting with this prefix are logged without a timestamp: MLflow stamps them with the wall
 #: clock of the call, which differs between the two executions (and two calls within one millisecond are
@@ -82,5 +84,7 @@ def ignored_tag(key: str) -> bool:
 
 def describe() -> str:
     """One line per switched-off rule or check, for the test report and the soak's header."""
-    return "\n".join(f"  {name:<22} {'on ' if enabled(name) else 'off'} defect {n}: {why}"
-                     for name, (n, why) in KNOWN_DEFECTS.items())
+    return "\n".join(
+        f"  {name:<22} {'on ' if enabled(name) else 'off'} defect {n}: {why}"
+        for name, (n, why) in KNOWN_DEFECTS.items()
+    )

@@ -24,13 +24,17 @@ from tests.differential.programs import Call
 
 def trace_json(trace: Trace) -> dict:
     """The parts of a trace the parent compares; JSON round-tripped on both sides so tuples read alike."""
-    return json.loads(json.dumps({
-        "experiments": {str(k): v for k, v in trace.experiments.items()},
-        "runs": {str(k): v for k, v in trace.runs.items()},
-        "errors": {str(k): v for k, v in trace.errors.items()},
-        "said": {str(k): v for k, v in trace.said.items()},
-        "reads": [[r.step, r.call, r.result, r.online, r.reconnected] for r in trace.reads],
-    }))
+    return json.loads(
+        json.dumps(
+            {
+                "experiments": {str(k): v for k, v in trace.experiments.items()},
+                "runs": {str(k): v for k, v in trace.runs.items()},
+                "errors": {str(k): v for k, v in trace.errors.items()},
+                "said": {str(k): v for k, v in trace.said.items()},
+                "reads": [[r.step, r.call, r.result, r.online, r.reconnected] for r in trace.reads],
+            }
+        )
+    )
 
 
 class ChildWorld:
@@ -49,8 +53,14 @@ class ChildWorld:
     def begin(self) -> None:
         from bridge.client.connect import connect
 
-        self.conn = connect(self.url, os.environ["BRIDGE_TOKEN"], journal=self.journal, probe_timeout=2.0,
-                            flush_at_exit=self.exit_flush_s, transport=self.transport)
+        self.conn = connect(
+            self.url,
+            os.environ["BRIDGE_TOKEN"],
+            journal=self.journal,
+            probe_timeout=2.0,
+            flush_at_exit=self.exit_flush_s,
+            transport=self.transport,
+        )
 
     def fault(self, call: Call) -> None:
         if call.op == "link_fault":

@@ -47,11 +47,11 @@ class Trace:
     """What executing a program in one world left behind, besides the server's state."""
 
     experiments: dict[int, str] = field(default_factory=dict)  # index -> this world's experiment id
-    runs: dict[int, str] = field(default_factory=dict)          # index -> this world's run id
+    runs: dict[int, str] = field(default_factory=dict)  # index -> this world's run id
     reads: list[Read] = field(default_factory=list)
-    errors: dict[int, str] = field(default_factory=dict)        # step -> error of a call that raised
-    said: dict[int, str] = field(default_factory=dict)          # step -> its message (reported, never compared)
-    models: dict[str, str] = field(default_factory=dict)        # program's model name -> this world's model id
+    errors: dict[int, str] = field(default_factory=dict)  # step -> error of a call that raised
+    said: dict[int, str] = field(default_factory=dict)  # step -> its message (reported, never compared)
+    models: dict[str, str] = field(default_factory=dict)  # program's model name -> this world's model id
     seconds: float = 0.0
 
 
@@ -129,8 +129,11 @@ class Executor:
         try:
             getattr(self, call.op)(**call.args)
         except Exception as exc:
-            if not (call.op in allowances.RETRIED_ONCE_ONLINE and not self.online
-                    and _error(exc) == allowances.OFFLINE_READ_ANSWERS[0][1]):
+            if not (
+                call.op in allowances.RETRIED_ONCE_ONLINE
+                and not self.online
+                and _error(exc) == allowances.OFFLINE_READ_ANSWERS[0][1]
+            ):
                 self.trace.errors[step] = _error(exc)
                 self.trace.said[step] = str(exc)[:400]
                 return
@@ -167,14 +170,12 @@ class Executor:
         return self.trace.runs[r]
 
     def start_run(self, r: int, e: int, name: str | None, nested: bool, tags: dict) -> None:
-        run = mlflow.start_run(experiment_id=self.trace.experiments[e], run_name=name, nested=nested,
-                               tags=tags or None)
+        run = mlflow.start_run(experiment_id=self.trace.experiments[e], run_name=name, nested=nested, tags=tags or None)
         self.trace.runs[r] = run.info.run_id
 
     def create_run(self, r: int, e: int, name: str, parent: int | None) -> None:
         tags = {"mlflow.parentRunId": self._id(parent)} if parent is not None else None
-        self.trace.runs[r] = self.client.create_run(self.trace.experiments[e], run_name=name,
-                                                    tags=tags).info.run_id
+        self.trace.runs[r] = self.client.create_run(self.trace.experiments[e], run_name=name, tags=tags).info.run_id
 
     def end_run(self, r: int, status: str) -> None:
         mlflow.end_run(status)
@@ -209,9 +210,12 @@ class Executor:
             self.client.log_batch(self._id(r), metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
 
     def log_batch(self, r: int, metrics: list, params: dict, tags: dict) -> None:
-        self.client.log_batch(self._id(r), metrics=[Metric(k, v, ts, s) for k, v, s, ts in metrics],
-                              params=[Param(k, v) for k, v in params.items()],
-                              tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.log_batch(
+            self._id(r),
+            metrics=[Metric(k, v, ts, s) for k, v, s, ts in metrics],
+            params=[Param(k, v) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
 
     def set_tag(self, r: int, key: str, value: str, via: str) -> None:
         if via == "fluent":
@@ -232,8 +236,9 @@ class Executor:
         self.client.log_dict(self._id(r), data, path)
 
     def log_table(self, r: int, rows: int, path: str) -> None:
-        self.client.log_table(self._id(r), data={"x": list(range(rows)), "y": [i * 0.5 for i in range(rows)]},
-                              artifact_file=path)
+        self.client.log_table(
+            self._id(r), data={"x": list(range(rows)), "y": [i * 0.5 for i in range(rows)]}, artifact_file=path
+        )
 
     def log_image(self, r: int, shade: int, path: str) -> None:
         import numpy as np
@@ -242,8 +247,14 @@ class Executor:
 
     def log_input(self, r: int, rows: int, context: str) -> None:
         # A dataset entity built directly: its source and digest do not depend on the process that logs it.
-        dataset = Dataset(name=f"ds{rows}", digest=f"d{rows:04d}", source_type="local",
-                          source=f'{{"uri": "/data/ds{rows}.npy"}}', schema=None, profile=f'{{"rows": {rows}}}')
+        dataset = Dataset(
+            name=f"ds{rows}",
+            digest=f"d{rows:04d}",
+            source_type="local",
+            source=f'{{"uri": "/data/ds{rows}.npy"}}',
+            schema=None,
+            profile=f'{{"rows": {rows}}}',
+        )
         self.client.log_inputs(self._id(r), [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     # ------------------------------------------------------------------------ models, registry
@@ -258,8 +269,13 @@ class Executor:
 
             torch.manual_seed(0)
             # MLflow 3's default pt2 format traces the model: it needs an input example.
-            info = mlflow_pytorch.log_model(torch.nn.Linear(2, 1), name=name, params=params or None, pip_requirements=[],
-                                            input_example=np.zeros((1, 2), dtype=np.float32))
+            info = mlflow_pytorch.log_model(
+                torch.nn.Linear(2, 1),
+                name=name,
+                params=params or None,
+                pip_requirements=[],
+                input_example=np.zeros((1, 2), dtype=np.float32),
+            )
         self.trace.models[name] = info.model_id
 
     def register_model(self, model: str, registered: int) -> None:
@@ -287,14 +303,15 @@ class Executor:
         return sorted(((m.step, number(m.value), m.timestamp) for m in points), key=sort_key)
 
     def search_runs(self, e: int, filter_string: str | None, order_by: str | None) -> dict:
-        runs = self.client.search_runs([self.trace.experiments[e]], filter_string or "", run_view_type=3,
-                                       order_by=[order_by] if order_by else None)
+        runs = self.client.search_runs(
+            [self.trace.experiments[e]], filter_string or "", run_view_type=3, order_by=[order_by] if order_by else None
+        )
         found = [self._index(run.info.run_id) for run in runs]
         order = []
         if order_by:
             field_, _, _ = order_by.partition(" ")
             kind, _, key = field_.partition(".")
-            for run, r in zip(runs, found):
+            for run, r in zip(runs, found, strict=False):
                 if kind == "metrics":
                     order.append(number(run.data.metrics[key]) if key in run.data.metrics else None)
                 elif kind == "params":
@@ -318,11 +335,14 @@ def normalize_run(run, r: int) -> dict:
         "status": run.info.status,
         "name": run.info.run_name if run.info.run_name == f"run{r}" else "*",
         "params": dict(sorted(data.params.items())),
-        "tags": {k: v for k, v in sorted(data.tags.items()) if not allowances.ignored_tag(k)
-                 and k != "mlflow.parentRunId"},
+        "tags": {
+            k: v for k, v in sorted(data.tags.items()) if not allowances.ignored_tag(k) and k != "mlflow.parentRunId"
+        },
         # The latest value of a clock-stamped key depends on the clock: only its presence is compared.
-        "metrics": {k: ("*" if k.startswith(allowances.CLOCK_STAMPED_PREFIX) else number(v))
-                    for k, v in sorted(data.metrics.items())},
+        "metrics": {
+            k: ("*" if k.startswith(allowances.CLOCK_STAMPED_PREFIX) else number(v))
+            for k, v in sorted(data.metrics.items())
+        },
     }
 
 

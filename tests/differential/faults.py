@@ -51,8 +51,17 @@ _PROXY_MODES = {
 
 #: Environment bridge reads (sender tempo) and what connect() exports; set for the bridge world only.
 SENDER_ENV = {**FAST_SENDER_ENV, "BRIDGE_HTTP_TIMEOUT_S": HTTP_TIMEOUT_S}
-_EXPORTED = ("BRIDGE_JOURNAL", "BRIDGE_JOURNAL_LIMIT", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_AUTH",
-             "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "BRIDGE_TOKEN", "BRIDGE_URL")
+_EXPORTED = (
+    "BRIDGE_JOURNAL",
+    "BRIDGE_JOURNAL_LIMIT",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_AUTH",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_EXPERIMENT_NAME",
+    "BRIDGE_TOKEN",
+    "BRIDGE_URL",
+)
 
 
 class _Environment:
@@ -137,8 +146,9 @@ class BridgeWorld:
     def _connect(self):
         from bridge.client.connect import connect
 
-        self.conn = connect(self.proxy.url, TOKEN, journal=self.journal, probe_timeout=2.0, flush_at_exit=0.0,
-                            transport=self.transport)
+        self.conn = connect(
+            self.proxy.url, TOKEN, journal=self.journal, probe_timeout=2.0, flush_at_exit=0.0, transport=self.transport
+        )
 
     def begin(self) -> None:
         self._env.__enter__()
@@ -192,8 +202,10 @@ class BridgeWorld:
         self.transport.clear()
         left = self.conn.flush(FLUSH_TIMEOUT_S)
         if left:
-            self.problems.append(f"flush left {left} entries {FLUSH_TIMEOUT_S:.0f} s after the link healed: "
-                                 f"{self.conn.status().last_error}")
+            self.problems.append(
+                f"flush left {left} entries {FLUSH_TIMEOUT_S:.0f} s after the link healed: "
+                f"{self.conn.status().last_error}"
+            )
             return
         # Reads ask the server only while the sender believes it is online; after a fault it probes again soon.
         deadline = time.monotonic() + FLUSH_TIMEOUT_S

@@ -6,6 +6,7 @@ Used by the CI test (test_differential.py, with pytest's session servers) and th
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -31,7 +32,6 @@ from tests.differential.programs import Call, Features, ProgramMachine, listing
 from tests.support.flaky_proxy import FlakyProxy
 from tests.support.mlflow_server import PlainMlflowServer, free_port
 
-
 #: Quiet what both worlds print per run and experiment; a difference report is what matters.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -54,7 +54,7 @@ class Harness:
     op_counts: Counter = field(default_factory=Counter)  # calls run, by operation (the faults too)
 
     def db(self, server: PlainMlflowServer) -> Path:
-        return Path(server.backend_store_uri[len("sqlite:///"):])
+        return Path(server.backend_store_uri[len("sqlite:///") :])
 
     def check(self, program: list[Call]) -> None:
         """Run `program` against the oracle and through bridge; raise Difference listing what differs."""
@@ -63,18 +63,20 @@ class Harness:
         experiments = sum(1 for call in program if call.op == "create_experiment")
         oracle_world = OracleWorld(self.oracle)
         oracle_trace = Executor(program, oracle_world, nonce).run()
-        oracle_state = capture(self.oracle.url, self.db(self.oracle), nonce, experiments, oracle_trace,
-                               OracleWorld.key_of)
+        oracle_state = capture(
+            self.oracle.url, self.db(self.oracle), nonce, experiments, oracle_trace, OracleWorld.key_of
+        )
         workdir = self.workdir / nonce
         workdir.mkdir(parents=True)
         bridge_world = BridgeWorld(self.target, self.proxy, workdir)
         bridge_trace = Executor(program, bridge_world, nonce).run()
-        bridge_state = capture(self.target.url, self.db(self.target), nonce, experiments, bridge_trace,
-                               BridgeWorld.key_of)
-        differences = compare(program, (oracle_state, oracle_trace), (bridge_state, bridge_trace),
-                              bridge_world.problems)
+        bridge_state = capture(
+            self.target.url, self.db(self.target), nonce, experiments, bridge_trace, BridgeWorld.key_of
+        )
+        differences = compare(
+            program, (oracle_state, oracle_trace), (bridge_state, bridge_trace), bridge_world.problems
+        )
         self._finish(program, differences, started, workdir)
-
 
     def check_in_child(self, program: list[Call], *, slow_link: bool = False) -> None:
         """The program through bridge in a child process: killed with SIGKILL at its `kill` call, or exiting
@@ -83,25 +85,45 @@ class Harness:
         nonce = uuid.uuid4().hex[:10]
         killed = any(call.op == "kill" for call in program)
         experiments = sum(1 for call in program if call.op == "create_experiment")
-        oracle_trace = Executor(program, OracleWorld(self.oracle, abandon_runs=killed), nonce,
-                                end_runs=not killed).run(stop_at_kill=True)
-        oracle_state = capture(self.oracle.url, self.db(self.oracle), nonce, experiments, oracle_trace,
-                               OracleWorld.key_of)
+        oracle_trace = Executor(program, OracleWorld(self.oracle, abandon_runs=killed), nonce, end_runs=not killed).run(
+            stop_at_kill=True
+        )
+        oracle_state = capture(
+            self.oracle.url, self.db(self.oracle), nonce, experiments, oracle_trace, OracleWorld.key_of
+        )
         workdir = self.workdir / nonce
         workdir.mkdir(parents=True)
         (workdir / "program.json").write_text(json.dumps([c.to_json() for c in program]))
         journal, trace_path = workdir / "journal.sqlite", workdir / "trace.json"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY",
-                                                                         "BRIDGE_JOURNAL", "MLFLOW_EXPERIMENT"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "BRIDGE_JOURNAL", "MLFLOW_EXPERIMENT"))
+        }
         env.update(SENDER_ENV, BRIDGE_TOKEN=TOKEN, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true")
         root = Path(__file__).resolve().parents[2]
         problems: list[str] = []
         if slow_link:
             self.proxy.set_mode("slow", delay_s=0.05, chunk_size=1024)
         try:
-            child = subprocess.run([sys.executable, "-m", "tests.differential.child", str(workdir / "program.json"),
-                                    self.proxy.url, str(journal), str(trace_path), nonce, "1.0"],
-                                   cwd=root, env=env, capture_output=True, text=True, timeout=300)
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.differential.child",
+                    str(workdir / "program.json"),
+                    self.proxy.url,
+                    str(journal),
+                    str(trace_path),
+                    nonce,
+                    "1.0",
+                ],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
         finally:
             self.proxy.set_mode("pass")
         want_rc = -9 if killed else 0
@@ -112,24 +134,43 @@ class Harness:
 
             backlog, _, _, _ = queue(journal)
             if backlog.total and "not delivered yet" not in child.stderr:
-                problems.append(f"the child exited leaving {backlog.total} entries in its journal without a word "
-                                f"(stderr: {child.stderr[-600:]!r})")
-        sync = subprocess.run([str(Path(sys.executable).with_name("bridge")), "sync", "--journal", str(journal),
-                               "--url", self.proxy.url, "--timeout", "120"],
-                              env=env, capture_output=True, text=True, timeout=200)
+                problems.append(
+                    f"the child exited leaving {backlog.total} entries in its journal without a word "
+                    f"(stderr: {child.stderr[-600:]!r})"
+                )
+        sync = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("bridge")),
+                "sync",
+                "--journal",
+                str(journal),
+                "--url",
+                self.proxy.url,
+                "--timeout",
+                "120",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
         if sync.returncode != 0:
             problems.append(f"bridge sync exited {sync.returncode}: {(sync.stdout + sync.stderr)[-1500:]}")
         if trace_path.exists():
             data = json.loads(trace_path.read_text())
-            bridge_trace = Trace({int(k): v for k, v in data["experiments"].items()},
-                                 {int(k): v for k, v in data["runs"].items()},
-                                 [Read(*r) for r in data["reads"]], {int(k): v for k, v in data["errors"].items()},
-                                 said={int(k): v for k, v in data.get("said", {}).items()})
+            bridge_trace = Trace(
+                {int(k): v for k, v in data["experiments"].items()},
+                {int(k): v for k, v in data["runs"].items()},
+                [Read(*r) for r in data["reads"]],
+                {int(k): v for k, v in data["errors"].items()},
+                said={int(k): v for k, v in data.get("said", {}).items()},
+            )
         else:
             problems.append("the child wrote no trace")
             bridge_trace = Trace()
-        bridge_state = capture(self.target.url, self.db(self.target), nonce, experiments, bridge_trace,
-                               BridgeWorld.key_of)
+        bridge_state = capture(
+            self.target.url, self.db(self.target), nonce, experiments, bridge_trace, BridgeWorld.key_of
+        )
         plain = trace_json(oracle_trace)
         oracle_trace.reads = [Read(*r) for r in plain["reads"]]
         differences = compare(program, (oracle_state, oracle_trace), (bridge_state, bridge_trace), problems)
@@ -149,16 +190,21 @@ class Harness:
 
 
 def report(program: list[Call], differences: list[str]) -> str:
-    return ("bridge's server differs from stock MLflow's after this program:\n" + listing(program)
-            + "\ndifferences:\n" + "\n".join(f"  - {d}" for d in differences[:40])
-            + (f"\n  … {len(differences) - 40} more" if len(differences) > 40 else "")
-            + "\nprogram as JSON (for a regression test):\n  "
-            + json.dumps([c.to_json() for c in program]))
+    return (
+        "bridge's server differs from stock MLflow's after this program:\n"
+        + listing(program)
+        + "\ndifferences:\n"
+        + "\n".join(f"  - {d}" for d in differences[:40])
+        + (f"\n  … {len(differences) - 40} more" if len(differences) > 40 else "")
+        + "\nprogram as JSON (for a regression test):\n  "
+        + json.dumps([c.to_json() for c in program])
+    )
 
 
 def machine_for(harness: Harness, features: Features) -> type[ProgramMachine]:
     """A ProgramMachine subclass whose teardown checks with `harness` and whose rules follow `features`."""
     if features.child:
+
         def check(program: list[Call]) -> None:
             harness.check_in_child(program, slow_link=features.slow_exit)
     else:
@@ -166,28 +212,46 @@ def machine_for(harness: Harness, features: Features) -> type[ProgramMachine]:
     return type("DifferentialProgram", (ProgramMachine,), {"check": staticmethod(check), "features": features})
 
 
-def run_seed(harness: Harness, seed: int, *, features: Features = Features(), max_examples: int = 5,
-             steps: int = 20, shrink: bool = True) -> None:
+def run_seed(
+    harness: Harness,
+    seed: int,
+    *,
+    features: Features = Features(),  # noqa: B008 - a frozen dataclass: one shared default is safe
+    max_examples: int = 5,
+    steps: int = 20,
+    shrink: bool = True,
+) -> None:
     """Hypothesis's stateful run of `max_examples` programs from `seed`; a difference raises with the seed."""
     machine = machine_for(harness, features)
     machine._hypothesis_internal_use_seed = seed  # what @seed(...) sets; run_state_machine_as_test reads it
     phases = [Phase.generate, Phase.shrink] if shrink else [Phase.generate]
-    config = settings(max_examples=max_examples, stateful_step_count=steps, deadline=None, database=None,
-                      derandomize=False, phases=phases, print_blob=True, report_multiple_bugs=False,
-                      suppress_health_check=list(HealthCheck))
+    config = settings(
+        max_examples=max_examples,
+        stateful_step_count=steps,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        phases=phases,
+        print_blob=True,
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+    )
     try:
         run_state_machine_as_test(machine, settings=config)
     except Exception as exc:
         # Anything else that escapes (connect() failing, a capture error) also fails the seed, named as such.
         kind = "" if isinstance(exc, Difference) else f"{type(exc).__name__} (not a state difference): "
-        raise Difference(f"seed {seed} ({features}): {kind}{exc}{_inner_failures(exc)}\n"
-                         f"(allowances:\n{allowances.describe()})") from exc
+        raise Difference(
+            f"seed {seed} ({features}): {kind}{exc}{_inner_failures(exc)}\n(allowances:\n{allowances.describe()})"
+        ) from exc
 
 
 def _inner_failures(exc: BaseException) -> str:
     """What a group (Hypothesis's FlakyFailure: a failure its replay did not repeat) holds: each failure's
     message and where it was raised — else the report says only "Inconsistent results"."""
-    if not isinstance(exc, BaseExceptionGroup):
+    # BaseExceptionGroup is built in from Python 3.11 (Hypothesis raises one); on 3.10 there is none to unpack.
+    group = getattr(builtins, "BaseExceptionGroup", None)
+    if group is None or not isinstance(exc, group):
         return ""
     parts = []
     for number, inner in enumerate(exc.exceptions, 1):
@@ -202,8 +266,7 @@ def start_servers(root: Path) -> tuple[PlainMlflowServer, PlainMlflowServer]:
     for name in ("oracle", "target"):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        server = PlainMlflowServer(root=folder, port=free_port(),
-                                   backend_store_uri=f"sqlite:///{folder / 'mlflow.db'}")
+        server = PlainMlflowServer(root=folder, port=free_port(), backend_store_uri=f"sqlite:///{folder / 'mlflow.db'}")
         server.start()
         servers.append(server)
     return servers[0], servers[1]

@@ -34,8 +34,9 @@ class State:
     registry: dict[int, object] = field(default_factory=dict)
 
 
-def capture(server_url: str, db_path: Path, nonce: str, experiments: int, trace: Trace,
-            key_of: Callable[[object], str | None]) -> State:
+def capture(
+    server_url: str, db_path: Path, nonce: str, experiments: int, trace: Trace, key_of: Callable[[object], str | None]
+) -> State:
     """The server's state for the program's experiments; `key_of(run)` gives the id the trace knows it by."""
     # The registry too: a bridge connect() of the other world points the process's registry URI at bridge's.
     client = MlflowClient(server_url, registry_uri=server_url)
@@ -47,16 +48,19 @@ def capture(server_url: str, db_path: Path, nonce: str, experiments: int, trace:
         if experiment is None:
             state.experiments[e] = None
             continue
-        state.experiments[e] = {"lifecycle": experiment.lifecycle_stage,
-                                "tags": {k: v for k, v in sorted(experiment.tags.items())
-                                         if not allowances.ignored_tag(k)}}
+        state.experiments[e] = {
+            "lifecycle": experiment.lifecycle_stage,
+            "tags": {k: v for k, v in sorted(experiment.tags.items()) if not allowances.ignored_tag(k)},
+        }
         for run in client.search_runs([experiment.experiment_id], run_view_type=3, max_results=1000):
             if allowances.removed_twin(run):
                 continue
             r = index_of.get(key_of(run))
             if r is None:
-                state.ghosts.append(f"run {run.info.run_id} ({run.info.run_name!r}, key {key_of(run)!r}) in "
-                                    f"experiment e{e} is no run of the program")
+                state.ghosts.append(
+                    f"run {run.info.run_id} ({run.info.run_name!r}, key {key_of(run)!r}) in "
+                    f"experiment e{e} is no run of the program"
+                )
             elif any(r == seen for seen, _, _ in found):
                 state.ghosts.append(f"run {run.info.run_id} is a second copy of program run {r}")
             else:
@@ -74,16 +78,25 @@ def capture(server_url: str, db_path: Path, nonce: str, experiments: int, trace:
             summary["ended"] = run.info.end_time is not None
             summary["history"] = _histories(db, run.info.run_id)
             summary["inputs"] = sorted(
-                ((d.dataset.name, d.dataset.digest, d.dataset.source_type,
-                  tuple(sorted((t.key, t.value) for t in d.tags))) for d in run.inputs.dataset_inputs),
-                key=sort_key)
+                (
+                    (
+                        d.dataset.name,
+                        d.dataset.digest,
+                        d.dataset.source_type,
+                        tuple(sorted((t.key, t.value) for t in d.tags)),
+                    )
+                    for d in run.inputs.dataset_inputs
+                ),
+                key=sort_key,
+            )
             summary["artifacts"] = _artifacts(session, server_url, run.info.artifact_uri)
             state.runs[r] = summary
     return state
 
 
-def _capture_models(client: MlflowClient, server_url: str, state: State, server_index: dict, nonce: str,
-                    trace: Trace) -> None:
+def _capture_models(
+    client: MlflowClient, server_url: str, state: State, server_index: dict, nonce: str, trace: Trace
+) -> None:
     """Logged models of the program's experiments (by name) and its registered models' versions and aliases."""
     from tests.differential.executor import registered_name
 
@@ -97,8 +110,11 @@ def _capture_models(client: MlflowClient, server_url: str, state: State, server_
                 "status": str(model.status),
                 "params": dict(sorted((model.params or {}).items())),
                 "metrics": _model_metrics(model.metrics),
-                "tags": {k: v for k, v in sorted((model.tags or {}).items())
-                         if not k.startswith("mlflow.") and not allowances.ignored_tag(k)},  # bridge.modelKey
+                "tags": {
+                    k: v
+                    for k, v in sorted((model.tags or {}).items())
+                    if not k.startswith("mlflow.") and not allowances.ignored_tag(k)
+                },  # bridge.modelKey
                 # MLmodel holds the model's id, time and uuid: file names only, not bytes.
                 "files": sorted(_artifacts(session, server_url, model.artifact_location)),
             }
@@ -109,11 +125,15 @@ def _capture_models(client: MlflowClient, server_url: str, state: State, server_
             continue
         # A version made from models:/<id> names its model in `source` (model_id is not always filled in).
         state.registry[registered] = sorted(
-            (int(v.version), model_names.get(v.model_id or v.source.removeprefix("models:/"), f"unknown {v.source}"),
-             server_index.get(v.run_id, f"unknown run {v.run_id}"),
-             # search_model_versions leaves aliases out: read each version.
-             tuple(sorted(client.get_model_version(name, v.version).aliases or [])))
-            for v in versions)
+            (
+                int(v.version),
+                model_names.get(v.model_id or v.source.removeprefix("models:/"), f"unknown {v.source}"),
+                server_index.get(v.run_id, f"unknown run {v.run_id}"),
+                # search_model_versions leaves aliases out: read each version.
+                tuple(sorted(client.get_model_version(name, v.version).aliases or [])),
+            )
+            for v in versions
+        )
 
 
 class _metrics_db:
@@ -143,7 +163,8 @@ def _histories(db: sqlite3.Connection, run_id: str) -> dict[str, list]:
     """Every point of every key: a sorted multiset of (step, value, timestamp); clock-stamped keys a set."""
     points: dict[str, list] = {}
     for key, value, ts, step, is_nan in db.execute(
-            "select key, value, timestamp, step, is_nan from metrics where run_uuid=?", (run_id,)):
+        "select key, value, timestamp, step, is_nan from metrics where run_uuid=?", (run_id,)
+    ):
         value = number(float("nan") if is_nan else float(value))
         points.setdefault(key, []).append((step, value, ts))
     out = {}
@@ -156,7 +177,7 @@ def _histories(db: sqlite3.Connection, run_id: str) -> dict[str, list]:
 
 
 def _artifact_base(artifact_uri: str) -> str:
-    rest = artifact_uri[len("mlflow-artifacts:"):]
+    rest = artifact_uri[len("mlflow-artifacts:") :]
     if rest.startswith("//"):
         rest = rest[2:].split("/", 1)[1] if "/" in rest[2:] else ""
     return rest.strip("/")
@@ -184,8 +205,10 @@ def _artifacts(session: requests.Session, server_url: str, artifact_uri: str) ->
 
 # --------------------------------------------------------------------------------- comparison
 
-def compare(program: list[Call], oracle: tuple[State, Trace], bridge: tuple[State, Trace],
-            problems: list[str]) -> list[str]:
+
+def compare(
+    program: list[Call], oracle: tuple[State, Trace], bridge: tuple[State, Trace], problems: list[str]
+) -> list[str]:
     """Every difference between the two worlds, one line each (empty: the same)."""
     (want, want_trace), (got, got_trace) = oracle, bridge
     out = list(problems)
@@ -211,13 +234,17 @@ def compare(program: list[Call], oracle: tuple[State, Trace], bridge: tuple[Stat
         a, b = want_trace.errors.get(step), got_trace.errors.get(step)
         if a != b:
             said = got_trace.said.get(step) or want_trace.said.get(step)
-            out.append(f"step {step} {program[step]}: oracle {_outcome(a)}, bridge {_outcome(b)}"
-                       + (f" ({_short(said, 300)})" if said else ""))
-    for a, b in zip(want_trace.reads, got_trace.reads):
+            out.append(
+                f"step {step} {program[step]}: oracle {_outcome(a)}, bridge {_outcome(b)}"
+                + (f" ({_short(said, 300)})" if said else "")
+            )
+    for a, b in zip(want_trace.reads, got_trace.reads, strict=False):
         if a.result == b.result or (not b.online and b.result in allowances.OFFLINE_READ_ANSWERS):
             continue
-        out.append(f"read at step {a.step} {a.call}{'' if b.online else ' (after a fault)'}: "
-                   f"oracle {_short(a.result)}, bridge {_short(b.result)}")
+        out.append(
+            f"read at step {a.step} {a.call}{'' if b.online else ' (after a fault)'}: "
+            f"oracle {_short(a.result)}, bridge {_short(b.result)}"
+        )
     return out
 
 
@@ -236,8 +263,9 @@ def _diff(out: list[str], where: str, a: object, b: object) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
             if a.get(key, "<absent>") != b.get(key, "<absent>"):
-                out.append(f"{where} {key}: oracle {_short(a.get(key, '<absent>'))}, "
-                           f"bridge {_short(b.get(key, '<absent>'))}")
+                out.append(
+                    f"{where} {key}: oracle {_short(a.get(key, '<absent>'))}, bridge {_short(b.get(key, '<absent>'))}"
+                )
         return
     out.append(f"{where}: oracle {_short(a)}, bridge {_short(b)}")
 
@@ -248,5 +276,7 @@ def _diff_history(out: list[str], r: int, a: dict, b: dict) -> None:
         if pa == pb:
             continue
         missing, extra = sorted((pa - pb).elements(), key=sort_key), sorted((pb - pa).elements(), key=sort_key)
-        out.append(f"run {r} metric {key!r}: bridge lacks {_short(missing, 200)}, has extra {_short(extra, 200)} "
-                   f"({sum(pb.values())} points vs {sum(pa.values())})")
+        out.append(
+            f"run {r} metric {key!r}: bridge lacks {_short(missing, 200)}, has extra {_short(extra, 200)} "
+            f"({sum(pb.values())} points vs {sum(pa.values())})"
+        )

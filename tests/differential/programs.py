@@ -48,7 +48,7 @@ class Call:
         return {"op": self.op, "args": self.args}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Call":
+    def from_json(cls, data: dict) -> Call:
         return cls(data["op"], dict(data["args"]))
 
 
@@ -86,7 +86,7 @@ class Features:
     copy_journal: bool = True
     kill: bool = False
     reads: bool = True
-    child: bool = False      # run through bridge in a child process (kill -9, or exit), then `bridge sync`
+    child: bool = False  # run through bridge in a child process (kill -9, or exit), then `bridge sync`
     slow_exit: bool = False  # with child: the link is slow while the child runs and exits
 
 
@@ -158,8 +158,11 @@ class ProgramMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------------------------ runs
 
     @precondition(lambda self: len(self.runs) < MAX_RUNS and not self.killed)
-    @rule(e=st.integers(0, MAX_EXPERIMENTS - 1), named=st.booleans(), tags=st.dictionaries(
-        st.sampled_from(TAG_KEYS), texts, max_size=2))
+    @rule(
+        e=st.integers(0, MAX_EXPERIMENTS - 1),
+        named=st.booleans(),
+        tags=st.dictionaries(st.sampled_from(TAG_KEYS), texts, max_size=2),
+    )
     def start_run(self, e, named, tags):
         """mlflow.start_run(); nested under the active run when there is one."""
         nested = bool(self.stack)
@@ -233,8 +236,14 @@ class ProgramMachine(RuleBasedStateMachine):
         self.add("log_param", r=run.index, key=key, value=value, via="client", raises=True)
 
     @precondition(lambda self: self._writable())
-    @rule(r=st.integers(0, MAX_RUNS), key=st.sampled_from(METRIC_KEYS), value=values,
-          step=st.integers(0, 3), ts=st.integers(0, 3), client=st.booleans())
+    @rule(
+        r=st.integers(0, MAX_RUNS),
+        key=st.sampled_from(METRIC_KEYS),
+        value=values,
+        step=st.integers(0, 3),
+        ts=st.integers(0, 3),
+        client=st.booleans(),
+    )
     def log_metric(self, r, key, value, step, ts, client):
         run = self._run(r)
         stamp = None if key.startswith(allowances.CLOCK_STAMPED_PREFIX) else BASE_TS + ts
@@ -245,20 +254,24 @@ class ProgramMachine(RuleBasedStateMachine):
     def log_metrics(self, r, keys, step, base):
         """Many keys in one call: more than one log_batch (≤ 1000 metrics each) when keys > 1000."""
         run = self._run(r)
-        self.add("log_metrics", r=run.index, keys=keys, step=step, base=base, ts=BASE_TS + step,
-                 via=self._via(run, False))
+        self.add(
+            "log_metrics", r=run.index, keys=keys, step=step, base=base, ts=BASE_TS + step, via=self._via(run, False)
+        )
 
     @precondition(lambda self: self._writable())
-    @rule(r=st.integers(0, MAX_RUNS), metrics=st.lists(st.tuples(st.sampled_from(("loss", "acc")), values,
-                                                                 st.integers(0, 3)), max_size=4),
-          params=st.dictionaries(st.sampled_from(PARAM_KEYS), texts, max_size=2),
-          tags=st.dictionaries(st.sampled_from(TAG_KEYS), texts, max_size=2))
+    @rule(
+        r=st.integers(0, MAX_RUNS),
+        metrics=st.lists(st.tuples(st.sampled_from(("loss", "acc")), values, st.integers(0, 3)), max_size=4),
+        params=st.dictionaries(st.sampled_from(PARAM_KEYS), texts, max_size=2),
+        tags=st.dictionaries(st.sampled_from(TAG_KEYS), texts, max_size=2),
+    )
     def log_batch(self, r, metrics, params, tags):
         run = self._run(r)
         params = {k: run.params.setdefault(k, v) for k, v in params.items()}
         run.tags.update(tags)
-        self.add("log_batch", r=run.index, metrics=[[k, v, s, BASE_TS + s] for k, v, s in metrics],
-                 params=params, tags=tags)
+        self.add(
+            "log_batch", r=run.index, metrics=[[k, v, s, BASE_TS + s] for k, v, s in metrics], params=params, tags=tags
+        )
 
     @precondition(lambda self: self._writable())
     @rule(r=st.integers(0, MAX_RUNS), key=st.sampled_from(TAG_KEYS), value=texts, client=st.booleans())
@@ -279,8 +292,11 @@ class ProgramMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------------------ artifacts
 
     @precondition(lambda self: self._writable())
-    @rule(r=st.integers(0, MAX_RUNS), path=st.sampled_from(("notes.txt", "logs/console.log", "a/b/c.txt")),
-          text=st.text(alphabet="abc\n", min_size=1, max_size=40))
+    @rule(
+        r=st.integers(0, MAX_RUNS),
+        path=st.sampled_from(("notes.txt", "logs/console.log", "a/b/c.txt")),
+        text=st.text(alphabet="abc\n", min_size=1, max_size=40),
+    )
     def log_text(self, r, path, text):
         run = self._run(r)
         run.texts[path] = len(text.encode())
@@ -296,8 +312,10 @@ class ProgramMachine(RuleBasedStateMachine):
         self.add("log_text", r=run.index, path=path, text=fill * run.texts[path])
 
     @precondition(lambda self: self._writable())
-    @rule(r=st.integers(0, MAX_RUNS), data=st.dictionaries(st.sampled_from(("a", "b", "lr")), st.integers(-5, 5),
-                                                           max_size=3))
+    @rule(
+        r=st.integers(0, MAX_RUNS),
+        data=st.dictionaries(st.sampled_from(("a", "b", "lr")), st.integers(-5, 5), max_size=3),
+    )
     def log_dict(self, r, data):
         run = self._run(r)
         self.add("log_dict", r=run.index, path="config/args.json", data=data)
@@ -324,8 +342,10 @@ class ProgramMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------- models and registry (behind flags)
 
     @precondition(lambda self: allowances.enabled("models") and bool(self.stack) and not self.killed)
-    @rule(flavor=st.sampled_from(("pyfunc", "pytorch")), params=st.dictionaries(
-        st.sampled_from(("alpha", "epochs")), st.integers(0, 9), max_size=2))
+    @rule(
+        flavor=st.sampled_from(("pyfunc", "pytorch")),
+        params=st.dictionaries(st.sampled_from(("alpha", "epochs")), st.integers(0, 9), max_size=2),
+    )
     def log_model(self, flavor, params):
         """mlflow.<flavor>.log_model in the active run: a LoggedModel with params, artifacts and a run link."""
         self.add("log_model", r=self.stack[-1], flavor=flavor, name=f"model{self.models}", params=params)
@@ -358,10 +378,20 @@ class ProgramMachine(RuleBasedStateMachine):
         self.add("get_metric_history", r=self._run(r).index, key=key)
 
     @precondition(lambda self: self.features.reads and not self.killed)
-    @rule(e=st.integers(0, MAX_EXPERIMENTS - 1), filter_string=st.sampled_from((
-        None, "params.p0 = 'a'", "metrics.loss > 0", "tags.stage != 'x'", "attributes.status = 'FINISHED'",
-        "attributes.run_name = 'run1'")), order_by=st.sampled_from((None, "metrics.acc DESC", "params.lr ASC",
-                                                                    "attributes.run_name ASC")))
+    @rule(
+        e=st.integers(0, MAX_EXPERIMENTS - 1),
+        filter_string=st.sampled_from(
+            (
+                None,
+                "params.p0 = 'a'",
+                "metrics.loss > 0",
+                "tags.stage != 'x'",
+                "attributes.status = 'FINISHED'",
+                "attributes.run_name = 'run1'",
+            )
+        ),
+        order_by=st.sampled_from((None, "metrics.acc DESC", "params.lr ASC", "attributes.run_name ASC")),
+    )
     def search_runs(self, e, filter_string, order_by):
         self.add("search_runs", e=e % self.experiments, filter_string=filter_string, order_by=order_by)
 
@@ -374,12 +404,27 @@ class ProgramMachine(RuleBasedStateMachine):
     # ---------------------------------------------------------------------------------- faults
 
     @precondition(lambda self: self.features.proxy_faults and not self.killed)
-    @rule(mode=st.sampled_from(("lost_ack", "reset_response", "reset_request", "http_5xx", "refuse", "slow",
-                                "blackhole")),
-          path=st.sampled_from((None, "runs/create", "runs/log-batch", "runs/update", "mlflow-artifacts",
-                                "experiments/create", "runs/delete-tag", "runs/log-inputs",
-                                "experiments/set-experiment-tag", "runs/search", "experiments/get-by-name")),
-          times=st.integers(1, 3))
+    @rule(
+        mode=st.sampled_from(
+            ("lost_ack", "reset_response", "reset_request", "http_5xx", "refuse", "slow", "blackhole")
+        ),
+        path=st.sampled_from(
+            (
+                None,
+                "runs/create",
+                "runs/log-batch",
+                "runs/update",
+                "mlflow-artifacts",
+                "experiments/create",
+                "runs/delete-tag",
+                "runs/log-inputs",
+                "experiments/set-experiment-tag",
+                "runs/search",
+                "experiments/get-by-name",
+            )
+        ),
+        times=st.integers(1, 3),
+    )
     def fault(self, mode, path, times):
         """The flaky proxy between bridge and its server changes mode (see faults.py)."""
         if mode == "blackhole":  # every affected request costs the sender's whole HTTP timeout
@@ -387,11 +432,27 @@ class ProgramMachine(RuleBasedStateMachine):
         self.add("fault", mode=mode, path=path, times=times)
 
     @precondition(lambda self: self.features.link_faults and not self.killed)
-    @rule(kind=st.sampled_from(("lost_answer", "refuse", "timeout", "status")),
-          path=st.sampled_from((None, "runs/create", "runs/log-batch", "runs/update", "mlflow-artifacts",
-                                "experiments/create", "runs/delete-tag", "runs/log-inputs", "runs/search",
-                                "experiments/get-by-name", "runs/get", "runs/set-tag")),
-          times=st.integers(1, 3), status=st.sampled_from((503, 500, 429, 502)))
+    @rule(
+        kind=st.sampled_from(("lost_answer", "refuse", "timeout", "status")),
+        path=st.sampled_from(
+            (
+                None,
+                "runs/create",
+                "runs/log-batch",
+                "runs/update",
+                "mlflow-artifacts",
+                "experiments/create",
+                "runs/delete-tag",
+                "runs/log-inputs",
+                "runs/search",
+                "experiments/get-by-name",
+                "runs/get",
+                "runs/set-tag",
+            )
+        ),
+        times=st.integers(1, 3),
+        status=st.sampled_from((503, 500, 429, 502)),
+    )
     def link_fault(self, kind, path, times, status):
         """A fault in the client's own transport (Link's seam): exact, whatever the timing."""
         self.add("link_fault", kind=kind, path=path, times=times, status=status)

@@ -60,11 +60,13 @@ def test_the_harness_reports_a_write_that_never_arrived(harness, monkeypatch):
         monkeypatch.setattr(MlflowClient, "log_param", lambda *args, **kwargs: None)
 
     monkeypatch.setattr(BridgeWorld, "begin", planted_begin)
-    program = [Call("create_experiment", {"e": 0, "fluent": False, "tags": {}}),
-               Call("create_run", {"r": 0, "e": 0, "name": "run0", "parent": None}),
-               Call("log_param", {"r": 0, "key": "lr", "value": "0.1", "via": "client"}),
-               Call("flush"),
-               Call("get_run", {"r": 0})]
+    program = [
+        Call("create_experiment", {"e": 0, "fluent": False, "tags": {}}),
+        Call("create_run", {"r": 0, "e": 0, "name": "run0", "parent": None}),
+        Call("log_param", {"r": 0, "key": "lr", "value": "0.1", "via": "client"}),
+        Call("flush"),
+        Call("get_run", {"r": 0}),
+    ]
     with pytest.raises(Difference) as found:
         harness.check(program)
     assert "run 0 params lr: oracle '0.1', bridge '<absent>'" in str(found.value)

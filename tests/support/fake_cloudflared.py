@@ -49,8 +49,17 @@ VERSION = "2025.11.1"
 SMALL_BODY = 256 * 1024
 NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
 }
 # Headers the edge sets itself: a client's own copies never reach the origin.
 EDGE_HEADERS = {"cf-connecting-ip", "cf-ray", "cf-visitor", "cf-ipcountry", "x-forwarded-proto", "x-stand-in-peer"}
@@ -165,9 +174,7 @@ class Edge:
         from yarl import URL
 
         seen = request.headers.get("X-Stand-In-Peer") or request.remote or "127.0.0.1"
-        headers = CIMultiDict(
-            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | EDGE_HEADERS
-        )
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | EDGE_HEADERS)
         prior = request.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{prior}, {seen}" if prior else seen
         headers["Cf-Connecting-Ip"] = seen
@@ -186,11 +193,18 @@ class Edge:
         try:
             target = URL(self.origin + request.raw_path, encoded=True)
             async with self._session.request(
-                request.method, target, headers=headers, data=body, allow_redirects=False,
+                request.method,
+                target,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
                 skip_auto_headers=NO_AUTO_HEADERS,
             ) as upstream:
-                if upstream.content_length is not None and upstream.content_length <= SMALL_BODY \
-                        and request.method != "HEAD":
+                if (
+                    upstream.content_length is not None
+                    and upstream.content_length <= SMALL_BODY
+                    and request.method != "HEAD"
+                ):
                     small = web.Response(status=upstream.status, reason=upstream.reason, body=await upstream.read())
                     for key, value in upstream.headers.items():
                         if key.lower() not in HOP_BY_HOP:
@@ -206,8 +220,7 @@ class Edge:
                 await response.write_eof()
                 return response
         except (ClientError, OSError) as exc:
-            log("ERR", f'Request failed error="{exc}" connIndex=0 dest={self.public_url}{request.path} '
-                       "type=http")
+            log("ERR", f'Request failed error="{exc}" connIndex=0 dest={self.public_url}{request.path} type=http')
             # What Cloudflare answers when the tunnel's origin refuses: error 502 (Bad Gateway).
             return web.Response(status=502, text="Bad gateway: the origin could not be reached (cloudflared)\n")
 
@@ -250,8 +263,11 @@ async def run_quick_tunnel(flags: dict[str, str]) -> int:
     log("INF", NOTICE)
     log("INF", "Requesting new quick Tunnel on trycloudflare.com...")
     if os.environ.get("FAKE_CLOUDFLARED_OFFLINE") == "1":
-        log("ERR", 'failed to request quick Tunnel: Post "https://api.trycloudflare.com/tunnel": dial tcp: lookup '
-                   "api.trycloudflare.com on 127.0.0.53:53: no such host")
+        log(
+            "ERR",
+            'failed to request quick Tunnel: Post "https://api.trycloudflare.com/tunnel": dial tcp: lookup '
+            "api.trycloudflare.com on 127.0.0.53:53: no such host",
+        )
         return 1
     if os.environ.get("FAKE_CLOUDFLARED_HANG") == "1":
         while True:  # the line first: a start deadline that ends early still has the reason to report
@@ -266,13 +282,19 @@ async def run_quick_tunnel(flags: dict[str, str]) -> int:
     state = os.environ.get("FAKE_CLOUDFLARED_STATE")
     update_state(state, add={edge.public_url: edge.local_url})
     box(edge.public_url)
-    log("INF", "Cannot determine default configuration path. No file [config.yml config.yaml] in "
-               "[~/.cloudflared ~/.cloudflare-warp ~/cloudflare-warp /etc/cloudflared /usr/local/etc/cloudflared]")
+    log(
+        "INF",
+        "Cannot determine default configuration path. No file [config.yml config.yaml] in "
+        "[~/.cloudflared ~/.cloudflare-warp ~/cloudflare-warp /etc/cloudflared /usr/local/etc/cloudflared]",
+    )
     log("INF", f"Version {VERSION} (Checksum 0000000000000000000000000000000000000000000000000000000000000000)")
     log("INF", f"Generated Connector ID: {holder['id']}")
     holder["edge"] = edge
-    log("INF", f"Registered tunnel connection connIndex=0 connection={uuid.uuid4()} event=0 ip=198.41.200.13 "
-               "location=ams01 protocol=quic")
+    log(
+        "INF",
+        f"Registered tunnel connection connIndex=0 connection={uuid.uuid4()} event=0 ip=198.41.200.13 "
+        "location=ams01 protocol=quic",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

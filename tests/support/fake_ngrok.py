@@ -46,8 +46,17 @@ DEFAULT_WEB_PORT = 4040
 SMALL_BODY = 256 * 1024
 NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
 }
 
 ERR_4018 = (
@@ -125,8 +134,9 @@ def load_config(paths: list[str]) -> dict:
 class Forwarder:
     """One tunnel: an HTTP server on 127.0.0.1 acting as ngrok's edge for `public_url`, forwarding to `upstream`."""
 
-    def __init__(self, name: str, public_url: str, upstream: str, credentials: list[str], api_shape: str,
-                 inspect: bool):
+    def __init__(
+        self, name: str, public_url: str, upstream: str, credentials: list[str], api_shape: str, inspect: bool
+    ):
         self.name = name
         self.id = uuid.uuid4().hex
         self.public_url = public_url
@@ -144,7 +154,8 @@ class Forwarder:
 
         # auto_decompress off: bytes pass through untouched, so Content-Length stays true.
         self._session = ClientSession(
-            connector=TCPConnector(limit=0), timeout=ClientTimeout(total=None, sock_connect=5),
+            connector=TCPConnector(limit=0),
+            timeout=ClientTimeout(total=None, sock_connect=5),
             auto_decompress=False,
         )
         app = web.Application(client_max_size=0)
@@ -184,7 +195,9 @@ class Forwarder:
         client = request.remote or "127.0.0.1"
         if not self._authorized(request.headers.get("Authorization")):
             return web.Response(
-                status=401, text="Unauthorized\n", headers={"WWW-Authenticate": 'Basic realm="ngrok"'},
+                status=401,
+                text="Unauthorized\n",
+                headers={"WWW-Authenticate": 'Basic realm="ngrok"'},
             )
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
         prior = request.headers.get("X-Forwarded-For")
@@ -205,7 +218,11 @@ class Forwarder:
             # The raw path as received, not re-quoted: ngrok passes the request line through unchanged.
             target = URL(self.upstream + request.raw_path, encoded=True)
             async with self._session.request(
-                request.method, target, headers=headers, data=body, allow_redirects=False,
+                request.method,
+                target,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
                 skip_auto_headers=NO_AUTO_HEADERS,  # the upstream sees the client's headers, not aiohttp's
             ) as upstream:
                 small_body = upstream.content_length is not None and upstream.content_length <= SMALL_BODY
@@ -229,20 +246,31 @@ class Forwarder:
             return web.Response(
                 status=502,
                 text=f"Traffic was successfully tunneled to the ngrok agent, but the agent failed to establish "
-                     f"a connection to the upstream web service at {self.upstream}.\n\nERR_NGROK_8012\n",
+                f"a connection to the upstream web service at {self.upstream}.\n\nERR_NGROK_8012\n",
             )
 
     def as_json(self) -> dict:
         common = {
-            "name": self.name, "ID": self.id, "public_url": self.public_url, "fake_forward_url": self.local_url,
+            "name": self.name,
+            "ID": self.id,
+            "public_url": self.public_url,
+            "fake_forward_url": self.local_url,
             "metrics": {"conns": {"count": 0}, "http": {"count": 0}},
         }
         if self.api_shape == "endpoints":
-            return {**common, "id": self.id, "url": self.public_url,
-                    "uri": f"/api/endpoints/{quote(self.name, safe='')}",
-                    "upstream": {"url": self.upstream, "protocol": "http1"}}
-        return {**common, "uri": f"/api/tunnels/{self.name}", "proto": "https",
-                "config": {"addr": self.upstream, "inspect": self.inspect}}
+            return {
+                **common,
+                "id": self.id,
+                "url": self.public_url,
+                "uri": f"/api/endpoints/{quote(self.name, safe='')}",
+                "upstream": {"url": self.upstream, "protocol": "http1"},
+            }
+        return {
+            **common,
+            "uri": f"/api/tunnels/{self.name}",
+            "proto": "https",
+            "config": {"addr": self.upstream, "inspect": self.inspect},
+        }
 
 
 # --------------------------------------------------------------------------------------------- agent
@@ -305,12 +333,20 @@ class Agent:
         for cred in credentials:
             user, _, password = cred.partition(":")
             if not user or not (8 <= len(password) <= 128):
-                return self._error(400, 102, "invalid tunnel configuration",
-                                   "basic auth: password must be 8 to 128 characters. ERR_NGROK_2001")
+                return self._error(
+                    400,
+                    102,
+                    "invalid tunnel configuration",
+                    "basic auth: password must be 8 to 128 characters. ERR_NGROK_2001",
+                )
         if domain:
             if any(t.public_host == domain for t in self.tunnels.values()):
-                return self._error(502, 103, "failed to start tunnel",
-                                   f"The endpoint 'https://{domain}' is already online. ERR_NGROK_334")
+                return self._error(
+                    502,
+                    103,
+                    "failed to start tunnel",
+                    f"The endpoint 'https://{domain}' is already online. ERR_NGROK_334",
+                )
             public_url = f"https://{domain}"
         else:
             public_url = f"https://{secrets.token_hex(6)}.ngrok-free.app"
@@ -413,8 +449,9 @@ async def run_agent(flags: dict[str, list[str]]) -> int:
     except (OSError, ValueError) as exc:
         print(f"ERROR:  Failed to load configuration file: {exc}", flush=True)
         return 1
-    authtoken = (flags.get("--authtoken") or [""])[-1] or config.get("authtoken") \
-        or os.environ.get("NGROK_AUTHTOKEN", "")
+    authtoken = (
+        (flags.get("--authtoken") or [""])[-1] or config.get("authtoken") or os.environ.get("NGROK_AUTHTOKEN", "")
+    )
 
     agent = Agent(config)
     try:
@@ -425,9 +462,13 @@ async def run_agent(flags: dict[str, list[str]]) -> int:
 
     if os.environ.get("FAKE_NGROK_OFFLINE") == "1":
         while True:  # the real agent retries forever with backoff; pyngrok gives up at its startup timeout
-            log("eror", "failed to reconnect session", obj="tunnels.session",
+            log(
+                "eror",
+                "failed to reconnect session",
+                obj="tunnels.session",
                 err='failed to dial ngrok server with address "connect.ngrok-agent.com:443": '
-                    "dial tcp: lookup connect.ngrok-agent.com: no such host")
+                "dial tcp: lookup connect.ngrok-agent.com: no such host",
+            )
             await asyncio.sleep(0.3)
     if not authtoken:
         return fail(ERR_4018)
@@ -436,7 +477,7 @@ async def run_agent(flags: dict[str, list[str]]) -> int:
         return fail(ERR_105.format(token=authtoken))  # the real agent echoes the token it was given
     lock_path = os.environ.get("FAKE_NGROK_SESSION_LOCK")
     if lock_path:
-        lock = open(lock_path, "a+")  # held for the life of the process; the kernel frees it on any exit
+        lock = open(lock_path, "a+")  # noqa: SIM115 - held for the life of the process; freed on any exit
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

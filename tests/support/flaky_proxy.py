@@ -69,7 +69,7 @@ class _Stream:
         while True:
             idx = self.buf.find(delim)
             if idx >= 0:
-                out, self.buf = self.buf[: idx + len(delim)], self.buf[idx + len(delim):]
+                out, self.buf = self.buf[: idx + len(delim)], self.buf[idx + len(delim) :]
                 return out
             if len(self.buf) > limit:
                 raise ValueError("header too large")
@@ -211,7 +211,9 @@ class FlakyProxy:
             raise ValueError(f"unknown proxy mode {name!r}; modes: {', '.join(MODES)}")
         unknown = set(options) - set(_MODE_OPTIONS[name])
         if unknown:
-            raise TypeError(f"mode {name!r} takes no option(s) {sorted(unknown)}; it takes {sorted(_MODE_OPTIONS[name])}")
+            raise TypeError(
+                f"mode {name!r} takes no option(s) {sorted(unknown)}; it takes {sorted(_MODE_OPTIONS[name])}"
+            )
         if name == "refuse" and (path is not None or times is not None):
             raise TypeError("mode 'refuse' closes the port for everyone; it takes no path or times")
         if times is not None and times < 1:
@@ -259,7 +261,7 @@ class FlakyProxy:
         for thread in threads:
             thread.join(timeout=5)
 
-    def __enter__(self) -> "FlakyProxy":
+    def __enter__(self) -> FlakyProxy:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -277,8 +279,9 @@ class FlakyProxy:
             sock.listen(64)
             sock.settimeout(0.1)
             self._listener = sock
-            thread = threading.Thread(target=self._accept_loop, args=(sock,), name=f"flaky-proxy-{self.port}",
-                                      daemon=True)
+            thread = threading.Thread(
+                target=self._accept_loop, args=(sock,), name=f"flaky-proxy-{self.port}", daemon=True
+            )
             self._accept_thread = thread
         thread.start()
 
@@ -299,7 +302,7 @@ class FlakyProxy:
                     return
             try:
                 client, _ = listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -352,7 +355,7 @@ class FlakyProxy:
         size = int(options["chunk_size"])
         for start in range(0, len(data), size):
             time.sleep(float(options["delay_s"]))
-            sock.sendall(data[start:start + size])
+            sock.sendall(data[start : start + size])
 
     def _swallow(self, client: socket.socket) -> None:
         """Read and drop everything until the client gives up or the proxy closes; never answer."""
@@ -363,7 +366,7 @@ class FlakyProxy:
             try:
                 if not client.recv(65536):
                     return
-            except socket.timeout:
+            except TimeoutError:
                 continue
 
     def _mode_for(self, first_line: str) -> tuple[str, dict]:
@@ -411,7 +414,8 @@ class FlakyProxy:
                     body = f'{{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "flaky proxy: {status}"}}'.encode()
                     client.sendall(
                         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                        f"Content-Length: {len(body)}\r\n\r\n".encode()
+                        + body
                     )
                     if request.close:
                         return

@@ -115,13 +115,14 @@ class _Matcher:
                         return True
                     continue
                 for start in range(len(run) - length + 1):
-                    if run[start:start + length] in wanted:
+                    if run[start : start + length] in wanted:
                         return True
         return False
 
 
-def files_with_tokens(root: Path, tokens: set[str], ngrok_tokens: set[str] = frozenset(),
-                      skip: set[Path] = frozenset()) -> list[str]:
+def files_with_tokens(
+    root: Path, tokens: set[str], ngrok_tokens: set[str] = frozenset(), skip: set[Path] = frozenset()
+) -> list[str]:
     """Paths (relative to `root`) of files that hold one of `tokens` (or an ngrok token outside ngrok's config)."""
     everywhere = _Matcher(set(tokens))
     with_ngrok = _Matcher(set(tokens) | set(ngrok_tokens))

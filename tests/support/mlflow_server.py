@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from bridge.serve.child import free_port  # noqa: F401 - the one free-port helper, re-exported for tests
+from bridge.serve.child import free_port
 
 
 @dataclass
@@ -31,15 +31,28 @@ class PlainMlflowServer:
 
     def start(self, timeout: float = 60.0) -> None:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-        log = open(self.root / "mlflow-server.log", "ab")
+        log = open(self.root / "mlflow-server.log", "ab")  # noqa: SIM115 - the child writes it; closed on stop
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "mlflow", "server",
-                "--backend-store-uri", self.backend_store_uri,
-                "--artifacts-destination", str(self.root / "artifacts"),
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                self.backend_store_uri,
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
             ],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -31,8 +31,9 @@ class BridgeServe(ServeChild):
 
 def new_bridge_serve(root: Path, *args: str, env_extra: dict[str, str] | None = None) -> BridgeServe:
     port, entrance = free_ports(2)
-    return BridgeServe(home=root, port=port, entrance_port=entrance, args=["--tunnel", "none", *args],
-                       env_extra=env_extra or {})
+    return BridgeServe(
+        home=root, port=port, entrance_port=entrance, args=["--tunnel", "none", *args], env_extra=env_extra or {}
+    )
 
 
 @pytest.fixture(scope="session")

@@ -66,8 +66,9 @@ class ClientResult:
 # --- one client process ------------------------------------------------------------------------------------------
 
 
-def client_main(base: str, token: str | None, experiment_id: str, name: str, plan: Plan,
-                start_at: float) -> ClientResult:
+def client_main(
+    base: str, token: str | None, experiment_id: str, name: str, plan: Plan, start_at: float
+) -> ClientResult:
     """One training client: what bridge's sender sends for a YOLO run, straight over HTTP."""
     result = ClientResult(name=name)
     session = requests.Session()
@@ -89,10 +90,20 @@ def client_main(base: str, token: str | None, experiment_id: str, name: str, pla
 
     time.sleep(max(0.0, start_at - time.time()))
     now = time.time()
-    created = call("POST", api + "/runs/create", "create", json={
-        "experiment_id": experiment_id, "run_name": name, "start_time": int(now * 1000),
-        "tags": [{"key": HEARTBEAT_TAG, "value": f"{now:.3f}"}, {"key": "bridge.run_key", "value": uuid.uuid4().hex}],
-    })
+    created = call(
+        "POST",
+        api + "/runs/create",
+        "create",
+        json={
+            "experiment_id": experiment_id,
+            "run_name": name,
+            "start_time": int(now * 1000),
+            "tags": [
+                {"key": HEARTBEAT_TAG, "value": f"{now:.3f}"},
+                {"key": "bridge.run_key", "value": uuid.uuid4().hex},
+            ],
+        },
+    )
     if created is None:
         return result
     run_id = created.json()["run"]["info"]["run_id"]
@@ -103,24 +114,34 @@ def client_main(base: str, token: str | None, experiment_id: str, name: str, pla
     for epoch in range(1, plan.epochs + 1):
         time.sleep(max(0.0, started + epoch * plan.epoch_s - time.monotonic()))
         now = time.time()
-        metrics = [{"key": key, "value": round(1.0 / (epoch + i), 6), "timestamp": int(now * 1000), "step": epoch}
-                   for i, key in enumerate(METRIC_KEYS)]
+        metrics = [
+            {"key": key, "value": round(1.0 / (epoch + i), 6), "timestamp": int(now * 1000), "step": epoch}
+            for i, key in enumerate(METRIC_KEYS)
+        ]
         body = {"run_id": run_id, "metrics": metrics, "tags": [{"key": HEARTBEAT_TAG, "value": f"{now:.3f}"}]}
         sent = time.perf_counter()
         if call("POST", api + "/runs/log-batch", f"log_batch epoch {epoch}", json=body) is not None:
             result.batch_latencies_s.append(time.perf_counter() - sent)
         if epoch in plan.upload_epochs:
             weights = os.urandom(plan.artifact_bytes)
-            csv = ("epoch," + ",".join(METRIC_KEYS) + "\n" + "\n".join(
-                f"{e}," + ",".join("0.5" for _ in METRIC_KEYS) for e in range(1, epoch + 1))).encode()
+            csv = (
+                "epoch,"
+                + ",".join(METRIC_KEYS)
+                + "\n"
+                + "\n".join(f"{e}," + ",".join("0.5" for _ in METRIC_KEYS) for e in range(1, epoch + 1))
+            ).encode()
             for path, data in (("weights/last.pt", weights), ("weights/best.pt", weights), ("results.csv", csv)):
                 url = f"{base}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/{path}"
                 if call("PUT", url, f"upload {path}", data=data) is not None:
                     result.uploaded[path] = len(data)
         if plan.silent_after is not None and epoch >= plan.silent_after:
             return result  # the Colab runtime vanished: no more beats, never FINISHED
-    done = call("POST", api + "/runs/update", "finish",
-                json={"run_id": run_id, "status": "FINISHED", "end_time": int(time.time() * 1000)})
+    done = call(
+        "POST",
+        api + "/runs/update",
+        "finish",
+        json={"run_id": run_id, "status": "FINISHED", "end_time": int(time.time() * 1000)},
+    )
     result.finished = done is not None
     return result
 
@@ -159,19 +180,34 @@ class LoadReport:
         return sum(c.requests for c in self.clients) + len(self.reader_latencies_s)
 
 
-def _reader(base: str, token: str | None, experiment_id: str, stop: threading.Event, latencies: list[float],
-            errors: list[str], period_s: float = 1.0) -> None:
+def _reader(
+    base: str,
+    token: str | None,
+    experiment_id: str,
+    stop: threading.Event,
+    latencies: list[float],
+    errors: list[str],
+    period_s: float = 1.0,
+) -> None:
     """What an open MLflow UI does meanwhile: the runs table's search, every `period_s`."""
     session = requests.Session()
     if token:
         session.auth = ("bridge", token)
-    body = {"experiment_ids": [experiment_id], "max_results": 100, "order_by": ["attributes.start_time DESC"],
-            "run_view_type": "ACTIVE_ONLY"}
+    body = {
+        "experiment_ids": [experiment_id],
+        "max_results": 100,
+        "order_by": ["attributes.start_time DESC"],
+        "run_view_type": "ACTIVE_ONLY",
+    }
     while not stop.wait(period_s):
         sent = time.perf_counter()
         try:
-            resp = session.post(base + "/ajax-api/2.0/mlflow/runs/search", json=body, timeout=REQUEST_TIMEOUT_S,
-                                headers={"Accept-Encoding": "gzip, br"})
+            resp = session.post(
+                base + "/ajax-api/2.0/mlflow/runs/search",
+                json=body,
+                timeout=REQUEST_TIMEOUT_S,
+                headers={"Accept-Encoding": "gzip, br"},
+            )
         except requests.RequestException as exc:
             errors.append(f"reader: {type(exc).__name__}")
             continue
@@ -216,7 +252,7 @@ class RssSampler:
         while not self._stop.wait(0.5):
             self.peak = max(self.peak, self.sample())
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self.peak = self.sample()
         self._thread.start()
         return self
@@ -226,9 +262,18 @@ class RssSampler:
         self._thread.join(5)
 
 
-def run_load(base: str, token: str | None, experiment_id: str, clients: int, plan: Plan, *,
-             silent: Plan | None = None, rss_pids: list[int] | None = None, rss_exclude: tuple[str, ...] = (),
-             timeout_s: float = 600.0) -> LoadReport:
+def run_load(
+    base: str,
+    token: str | None,
+    experiment_id: str,
+    clients: int,
+    plan: Plan,
+    *,
+    silent: Plan | None = None,
+    rss_pids: list[int] | None = None,
+    rss_exclude: tuple[str, ...] = (),
+    timeout_s: float = 600.0,
+) -> LoadReport:
     """`clients` client processes at once (plus one `silent` one if given) and the reader; their results."""
     start_at = time.time() + 3.0 + 0.15 * clients  # every process started and waiting before the first request
     specs = [(f"client-{n:02d}", plan) for n in range(clients)]
@@ -237,15 +282,30 @@ def run_load(base: str, token: str | None, experiment_id: str, clients: int, pla
     procs = []
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for name, p in specs:
-        args = {"base": base, "token": token, "experiment_id": experiment_id, "name": name, "plan": asdict(p),
-                "start_at": start_at}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.support.team_load", json.dumps(args)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
+        args = {
+            "base": base,
+            "token": token,
+            "experiment_id": experiment_id,
+            "name": name,
+            "plan": asdict(p),
+            "start_at": start_at,
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.support.team_load", json.dumps(args)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=REPO,
+            )
+        )
     stop = threading.Event()
     latencies: list[float] = []
     reader_errors: list[str] = []
-    reader = threading.Thread(target=_reader, args=(base, token, experiment_id, stop, latencies, reader_errors),
-                              daemon=True)
+    reader = threading.Thread(
+        target=_reader, args=(base, token, experiment_id, stop, latencies, reader_errors), daemon=True
+    )
     results: list[ClientResult] = []
     codes: list[int] = []
     sampler = RssSampler(rss_pids or [], rss_exclude)
@@ -265,7 +325,7 @@ def run_load(base: str, token: str | None, experiment_id: str, clients: int, pla
             if line is None:
                 results.append(ClientResult(errors=[f"client gave no result: {err.strip()[-300:]}"]))
             else:
-                results.append(ClientResult(**json.loads(line[len("RESULT "):])))
+                results.append(ClientResult(**json.loads(line[len("RESULT ") :])))
         wall = time.perf_counter() - began
         stop.set()
         reader.join(REQUEST_TIMEOUT_S)
@@ -275,7 +335,7 @@ def run_load(base: str, token: str | None, experiment_id: str, clients: int, pla
 # --- what landed ----------------------------------------------------------------------------------------------------
 
 
-def delivered(database_uri: str, s3: "S3Server", prefix: str, report: LoadReport) -> dict[str, dict]:
+def delivered(database_uri: str, s3: S3Server, prefix: str, report: LoadReport) -> dict[str, dict]:
     """Per run id: metric points, params and status in PostgreSQL, artifact bytes in the bucket under `prefix`."""
     import psycopg2
 
@@ -290,10 +350,17 @@ def delivered(database_uri: str, s3: "S3Server", prefix: str, report: LoadReport
     objects = s3.sizes(prefix)
     found = {}
     for run_id in ids:
-        arts = {key.split(f"/{run_id}/artifacts/", 1)[1]: size for key, size in objects.items()
-                if f"/{run_id}/artifacts/" in key}
-        found[run_id] = {"points": points.get(run_id, 0), "params": params.get(run_id, 0),
-                         "status": status.get(run_id), "artifacts": arts}
+        arts = {
+            key.split(f"/{run_id}/artifacts/", 1)[1]: size
+            for key, size in objects.items()
+            if f"/{run_id}/artifacts/" in key
+        }
+        found[run_id] = {
+            "points": points.get(run_id, 0),
+            "params": params.get(run_id, 0),
+            "status": status.get(run_id),
+            "artifacts": arts,
+        }
     return found
 
 
@@ -306,11 +373,16 @@ def summary(report: LoadReport) -> dict[str, float]:
     lat = sorted(report.batch_latencies_s)
 
     def pct(p: float) -> float:
-        return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] * 1000 if lat else float("nan")
+        return lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))] * 1000 if lat else float("nan")
 
-    return {"p50_ms": pct(50), "p99_ms": pct(99), "max_ms": pct(100),
-            "reader_p50_ms": statistics.median(report.reader_latencies_s) * 1000 if report.reader_latencies_s else 0,
-            "req_per_s": report.requests / report.wall_s, "wall_s": report.wall_s}
+    return {
+        "p50_ms": pct(50),
+        "p99_ms": pct(99),
+        "max_ms": pct(100),
+        "reader_p50_ms": statistics.median(report.reader_latencies_s) * 1000 if report.reader_latencies_s else 0,
+        "req_per_s": report.requests / report.wall_s,
+        "wall_s": report.wall_s,
+    }
 
 
 # --- the services ---------------------------------------------------------------------------------------------------
@@ -339,20 +411,29 @@ class S3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"MLFLOW_S3_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "MLFLOW_S3_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def start(self, timeout_s: float = 60.0) -> None:
         moto = Path(sys.executable).with_name("moto_server")
         command = [str(moto)] if moto.exists() else [sys.executable, "-m", "moto.server"]
         with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen([*command, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [*command, "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"moto_server exited with {self.proc.returncode}: {self.log_file.read_text()[-500:]}")
+                    f"moto_server exited with {self.proc.returncode}: {self.log_file.read_text()[-500:]}"
+                )
             try:
                 requests.get(self.url, timeout=1)
                 return
@@ -363,8 +444,13 @@ class S3Server:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=self.ACCESS_KEY,
-                            aws_secret_access_key=self.SECRET_KEY, region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+            region_name="us-east-1",
+        )
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
@@ -420,10 +506,17 @@ def prime_database(uri: str, timeout_s: float = 600.0) -> None:
     A fresh database takes MLflow's whole migration chain at the first server start: on a loaded 2-core
     machine that alone can outlast a server's start deadline, and it is not what a load test measures.
     """
-    code = ("import sys, tempfile; from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore; "
-            "SqlAlchemyStore(sys.argv[1], tempfile.gettempdir())")
-    done = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True, timeout=timeout_s,
-                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    code = (
+        "import sys, tempfile; from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore; "
+        "SqlAlchemyStore(sys.argv[1], tempfile.gettempdir())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, uri],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
     if done.returncode != 0:
         raise RuntimeError(f"could not create MLflow's schema in {uri}: {done.stderr[-800:]}")
 

@@ -63,8 +63,9 @@ class FaultTransport(Transport):
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
 
-    def fail(self, kind: str, *, path: str | None = None, times: int | None = None, status: int = 503,
-             body: bytes = b"") -> None:
+    def fail(
+        self, kind: str, *, path: str | None = None, times: int | None = None, status: int = 503, body: bytes = b""
+    ) -> None:
         if kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; one of {FAULTS}")
         with self._lock:
@@ -91,8 +92,9 @@ class FaultTransport(Transport):
 
     def send(self, request: Request) -> Response:
         fault = self._take(request)
-        self.requests.append(Recorded(request.method, request.path, request.json, fault.kind if fault else None,
-                                      dict(request.headers)))
+        self.requests.append(
+            Recorded(request.method, request.path, request.json, fault.kind if fault else None, dict(request.headers))
+        )
         if fault is None:
             return self.inner.send(request)
         if fault.kind == "refuse":

@@ -171,6 +171,9 @@ def open_tunnel(agent: FakeNgrok, target_url: str, **overrides):
         return CloudflaredTunnel(target_url, CloudflaredConfig(str(agent.path), **overrides))
     from bridge.serve.tunnel import Tunnel, TunnelConfig
 
-    config = TunnelConfig(agent.authtoken, ngrok_path=str(agent.path), **overrides) if overrides \
+    config = (
+        TunnelConfig(agent.authtoken, ngrok_path=str(agent.path), **overrides)
+        if overrides
         else TunnelConfig.from_environment()
+    )
     return Tunnel(target_url, config)

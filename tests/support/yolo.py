@@ -46,8 +46,19 @@ SYNTH = {"n_train": 16, "n_val": 8, "imgsz": 64, "classes": ("square", "bar"), "
 
 def tiny_train_args(project: Path, epochs: int = 2) -> dict:
     """The fastest real training Ultralytics does here: about 3 s of training per model on 2 CPU cores."""
-    return {"epochs": epochs, "imgsz": 64, "batch": 4, "nbs": 4, "workers": 0, "device": "cpu",
-            "project": str(project), "exist_ok": True, "plots": True, "amp": False, "verbose": True}
+    return {
+        "epochs": epochs,
+        "imgsz": 64,
+        "batch": 4,
+        "nbs": 4,
+        "workers": 0,
+        "device": "cpu",
+        "project": str(project),
+        "exist_ok": True,
+        "plots": True,
+        "amp": False,
+        "verbose": True,
+    }
 
 
 def count_labels(data_yaml: Path) -> dict[str, dict]:
@@ -64,8 +75,12 @@ def count_labels(data_yaml: Path) -> dict[str, dict]:
             labelled += bool(lines)
             for ln in lines:
                 per_class[int(ln.split()[0])] += 1
-        out[split] = {"images": len(images), "labelled": labelled, "empty": len(images) - labelled,
-                      "per_class": per_class}
+        out[split] = {
+            "images": len(images),
+            "labelled": labelled,
+            "empty": len(images) - labelled,
+            "per_class": per_class,
+        }
     return out
 
 
@@ -98,13 +113,45 @@ def bridge_cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-c", "from bridge.cli import main; main()"]
 
 
-def run_bridge_train(models, data: Path, project: Path, experiment: str, *, env: dict[str, str],
-                     epochs: int = 2, extra: list[str] = (), timeout: float = 600) -> subprocess.CompletedProcess:
+def run_bridge_train(
+    models,
+    data: Path,
+    project: Path,
+    experiment: str,
+    *,
+    env: dict[str, str],
+    epochs: int = 2,
+    extra: list[str] = (),
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
     """`bridge train` as a user runs it, with the tiny training settings; Ultralytics' own MLflow callback armed."""
-    cmd = [*bridge_cli(), "train", *sum((["--model", m] for m in models), []), "--data", str(data),
-           "--epochs", str(epochs), "--imgsz", "64", "--batch", "4", "--device", "cpu", "--workers", "0",
-           "--project", str(project), "--experiment", experiment, "--arg", "nbs=4", "--arg", "amp=false",
-           *sum((["--tag", f"{k}={v}"] for k, v in SWEEP_TAGS.items()), []), *extra]
+    cmd = [
+        *bridge_cli(),
+        "train",
+        *[arg for m in models for arg in ("--model", m)],
+        "--data",
+        str(data),
+        "--epochs",
+        str(epochs),
+        "--imgsz",
+        "64",
+        "--batch",
+        "4",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--project",
+        str(project),
+        "--experiment",
+        experiment,
+        "--arg",
+        "nbs=4",
+        "--arg",
+        "amp=false",
+        *[arg for k, v in SWEEP_TAGS.items() for arg in ("--tag", f"{k}={v}")],
+        *extra,
+    ]
     full_env = {**os.environ, "COLUMNS": "200", **env}
     # Ultralytics' MLflow callback stays silent under pytest unless the test name says 'test_mlflow':
     # arm it, so double logging would show if bridge failed to switch it off.
@@ -118,16 +165,20 @@ def sweep_runs(read_uri: str, experiment: str) -> dict[str, str]:
     client = MlflowClient(read_uri)
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"experiment {experiment!r} is not on the server"
-    return {r.info.run_name: r.info.run_id for r in client.search_runs([exp.experiment_id])
-            if r.data.tags.get("bridge.tracker") == "bridge.yolo"}
+    return {
+        r.info.run_name: r.info.run_id
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("bridge.tracker") == "bridge.yolo"
+    }
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def assert_complete_yolo_run(client, run_id: str, *, family: str, save_dir: Path, data_yaml: Path,
-                             epochs: int, user_tags: dict[str, str]) -> None:
+def assert_complete_yolo_run(
+    client, run_id: str, *, family: str, save_dir: Path, data_yaml: Path, epochs: int, user_tags: dict[str, str]
+) -> None:
     """Everything the issue asks a tracked run to hold, checked against the local training outputs."""
     import csv
     import io
@@ -157,8 +208,14 @@ def assert_complete_yolo_run(client, run_id: str, *, family: str, save_dir: Path
     assert [int(float(r["epoch"])) for r in local] == list(range(1, epochs + 1))
     columns = [c for c in local[0] if c not in ("epoch", "time")]
     per_epoch = {metric_name(c) for c in columns} | {"epoch_time_s"}
-    final = {"final/precision", "final/recall", "final/mAP50", "final/mAP50-95", "final/train_time_s",
-             "final/best_epoch"}
+    final = {
+        "final/precision",
+        "final/recall",
+        "final/mAP50",
+        "final/mAP50-95",
+        "final/train_time_s",
+        "final/best_epoch",
+    }
     system = {k for k in run.data.metrics if k.startswith("system/")}  # CPU/RAM averages, at the end at least
     assert "system/cpu_utilization_percentage" in system
     assert set(run.data.metrics) - system == per_epoch | final, "unexpected or missing metric keys (double logging?)"
@@ -172,8 +229,9 @@ def assert_complete_yolo_run(client, run_id: str, *, family: str, save_dir: Path
     for key in final:
         assert len(client.get_metric_history(run_id, key)) == 1, key
     loss_names = {c.split("/", 1)[1] for c in columns if c.startswith("train/")}
-    assert loss_names == ({"box_loss", "cls_loss", "l1_loss"} if family == "yolo26"
-                          else {"box_loss", "cls_loss", "dfl_loss"})
+    assert loss_names == (
+        {"box_loss", "cls_loss", "l1_loss"} if family == "yolo26" else {"box_loss", "cls_loss", "dfl_loss"}
+    )
 
     # artifacts: bytes equal to the local files
     def download(path: str) -> bytes:
@@ -218,8 +276,12 @@ def assert_complete_yolo_run(client, run_id: str, *, family: str, save_dir: Path
 
 def connect_env(serve, journal: Path) -> dict[str, str]:
     """What a user sets to reach `bridge serve` with bridge.connect(): its entrance URL and token, a journal."""
-    return {"BRIDGE_URL": serve.entrance_url, "BRIDGE_TOKEN": serve.token(), "BRIDGE_JOURNAL": str(journal),
-            "MLFLOW_TRACKING_URI": ""}
+    return {
+        "BRIDGE_URL": serve.entrance_url,
+        "BRIDGE_TOKEN": serve.token(),
+        "BRIDGE_JOURNAL": str(journal),
+        "MLFLOW_TRACKING_URI": "",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -233,6 +295,11 @@ def bridge_sweep(bridge_serve, yolo_dataset, tmp_path_factory) -> TrainedSweep:
     out = run_bridge_train(list(MODEL_FAMILIES), yolo_dataset, root / "runs", "yolo-e2e", env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # The UI port of `bridge serve` is plain MLflow on 127.0.0.1: the test reads what arrived there.
-    return TrainedSweep(experiment="yolo-e2e", project=root / "runs", data=yolo_dataset,
-                        read_uri=bridge_serve.mlflow_url, run_ids=sweep_runs(bridge_serve.mlflow_url, "yolo-e2e"),
-                        output=out.stdout + out.stderr)
+    return TrainedSweep(
+        experiment="yolo-e2e",
+        project=root / "runs",
+        data=yolo_dataset,
+        read_uri=bridge_serve.mlflow_url,
+        run_ids=sweep_runs(bridge_serve.mlflow_url, "yolo-e2e"),
+        output=out.stdout + out.stderr,
+    )
