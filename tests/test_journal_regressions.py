@@ -1005,7 +1005,7 @@ def test_a_read_that_no_delivery_crossed_reads_the_journal_once(link, mlflow_ser
     assert conn.flush(30) == 0
     transport.fail("refuse", path="runs/log-batch")  # the param waits; reads still answer
     client.log_param(run_id, "lr", "0.1")
-    scans, real = [], conn.journal.undelivered
+    scans, real = [], conn.journal.queue.undelivered
     monkeypatch.setattr(conn.journal.queue, "undelivered", lambda *args: scans.append(args) or real(*args))
     asked = transport.count("runs/get")
     assert client.get_run(run_id).data.params == {"lr": "0.1"}
