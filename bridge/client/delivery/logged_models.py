@@ -12,9 +12,9 @@ import logging
 from urllib.parse import quote
 
 from bridge.client.delivery.batch import MAX_METRICS_PER_BATCH
-from bridge.client.delivery.operations import RUN_NOT_CREATED, Operations, server_model_id
+from bridge.client.delivery.operations import Operations, server_model_id, server_run
 from bridge.client.delivery.registry import server_versions_tag, wait_turn
-from bridge.client.journal import Journal, Op
+from bridge.client.journal import Op
 from bridge.client.journal.kinds import (
     CREATE_LOGGED_MODEL,
     LOGGED_MODEL,
@@ -30,13 +30,6 @@ _PARAMS_PER_REQUEST = 100
 #: MLflow's tag listing a logged model's registered versions (mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS;
 #: spelled here so the sender never imports mlflow, checked by tests/test_mlflow_internals.py).
 MLFLOW_MODEL_VERSIONS = "mlflow.modelVersions"
-
-
-def _server_run_id(journal: Journal, run_id: str) -> str:
-    remote = journal.ids.server_run(run_id)[0]
-    if remote is None:
-        raise UndeliverableError(RUN_NOT_CREATED, f"run {run_id} was never created on the server")
-    return remote
 
 
 def _model_url(model_id: str, tail: str = "") -> str:
@@ -65,7 +58,7 @@ def apply_create(ops: Operations, op: Op, body: dict) -> list[str]:
     if record is not None and record.remote_id is not None:
         return []
     experiment = ops._server_experiment(body["experiment_id"], f"logged model {local_id}")
-    source_run = _server_run_id(journal, body["source_run_id"]) if body.get("source_run_id") else None
+    source_run = server_run(journal, body["source_run_id"])[0] if body.get("source_run_id") else None
     # Always looked for first (one request per model): a lost answer or a second copy of the journal must
     # not make a second model.
     info = _find_model(ops, experiment, local_id)
@@ -146,7 +139,7 @@ def apply_finalize(ops: Operations, op: Op, body: dict) -> list[str]:
 
 def apply_outputs(ops: Operations, op: Op, body: dict) -> list[str]:
     run, model, step = (
-        _server_run_id(ops.journal, body["run"]),
+        server_run(ops.journal, body["run"])[0],
         server_model_id(ops.journal, body["model"]),
         body.get("step") or 0,
     )
@@ -164,7 +157,7 @@ def apply_outputs(ops: Operations, op: Op, body: dict) -> list[str]:
 
 def apply_record(ops: Operations, op: Op, body: dict) -> list[str]:
     journal = ops.journal
-    run = _server_run_id(journal, body["run"])
+    run = server_run(journal, body["run"])[0]
     model_json = dict(body["model_json"])
     model_json["run_id"] = run
     for key in ("model_id", "model_uuid"):
@@ -204,7 +197,7 @@ def _log_batch_metrics(ops: Operations, run: str, points: list[dict]) -> None:
 def apply_model_metrics(ops: Operations, op: Op, body: dict) -> list[str]:
     """Several consecutive ops of a run arrive merged into one (sender.py): one request for up to 1,000 points."""
     journal = ops.journal
-    run = _server_run_id(journal, op.run)
+    run = server_run(journal, op.run)[0]
     points = []
     for point in body["metrics"]:
         if point.get("model_id"):
@@ -287,7 +280,7 @@ def apply_step_metrics(ops: Operations, op: Op, body: dict) -> list[str]:
     link that drops now and then it carries on instead of starting again.
     """
     journal = ops.journal
-    run = _server_run_id(journal, op.run)
+    run = server_run(journal, op.run)[0]
     model = server_model_id(journal, body["model"])
     step = body.get("step") or 0
     progress = dict(body)

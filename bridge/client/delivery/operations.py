@@ -298,6 +298,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def server_run(journal: Journal, run_id: str) -> tuple[str, str | None]:
+    """(server run id, server artifact root) of `run_id`; raises when this journal created it and it never reached
+    the server."""
+    remote, artifact_root = journal.ids.server_run(run_id)
+    if remote is None:
+        raise UndeliverableError(RUN_NOT_CREATED, f"run {run_id} was never created on the server")
+    return remote, artifact_root
+
+
 def server_model_id(journal: Journal, model_id: str) -> str:
     """The server's id of a model: its mapping when created here, else the id itself."""
     record = journal.ids.entity(LOGGED_MODEL, model_id) if model_id.startswith("m-") else None
@@ -337,15 +346,8 @@ def apply_create_run(ops: Operations, op: Op, body: dict) -> list[str]:
     return []
 
 
-def _server_run(ops: Operations, op: Op) -> tuple[str, str | None]:
-    remote, artifact_root = ops.journal.ids.server_run(op.run)
-    if remote is None:
-        raise UndeliverableError(RUN_NOT_CREATED, f"run {op.run} was never created on the server")
-    return remote, artifact_root
-
-
 def apply_update_run(ops: Operations, op: Op, body: dict) -> list[str]:
-    remote, _ = _server_run(ops, op)
+    remote, _ = server_run(ops.journal, op.run)
     payload = {"run_id": remote, "run_uuid": remote}
     payload.update({k: v for k, v in body.items() if v is not None})
     ops.link.call("/runs/update", payload)
@@ -356,7 +358,7 @@ def apply_update_run(ops: Operations, op: Op, body: dict) -> list[str]:
 
 
 def apply_delete_tag(ops: Operations, op: Op, body: dict) -> list[str]:
-    remote, _ = _server_run(ops, op)
+    remote, _ = server_run(ops.journal, op.run)
     try:
         ops.link.call("/runs/delete-tag", {"run_id": remote, "key": op.key})
     except HttpError as exc:
@@ -367,13 +369,13 @@ def apply_delete_tag(ops: Operations, op: Op, body: dict) -> list[str]:
 
 
 def apply_log_inputs(ops: Operations, op: Op, body: dict) -> list[str]:
-    remote, _ = _server_run(ops, op)
+    remote, _ = server_run(ops.journal, op.run)
     ops.link.call("/runs/log-inputs", {**body, "run_id": remote})
     return []
 
 
 def apply_artifact(ops: Operations, op: Op, body: dict) -> list[str]:
-    remote, artifact_root = _server_run(ops, op)
+    remote, artifact_root = server_run(ops.journal, op.run)
     if not ops.journal.queue.superseded(op):  # else a newer copy of the same path goes up later instead
         ops.upload_artifact(op, body, remote, artifact_root)
     return [body["spool"]]

@@ -94,10 +94,6 @@ _NEVER_JOURNALED = (
 )
 
 
-def model_artifact_uri(model_id: str) -> str:
-    return artifact_uri_for(model_id)
-
-
 def new_model_id() -> str:
     return "m-" + uuid.uuid4().hex
 
@@ -333,7 +329,7 @@ class LoggedModelStoreMixin:
         ]
         if record is not None:
             metrics = _with_waiting_metrics(journal, metrics, model_id)
-        location = model_artifact_uri(model_id) if record is not None else model.artifact_location
+        location = artifact_uri_for(model_id) if record is not None else model.artifact_location
         return LoggedModel(
             experiment_id=journal.ids.local_experiment_id(model.experiment_id),
             model_id=model_id,
@@ -358,7 +354,7 @@ class LoggedModelStoreMixin:
             experiment_id=known["experiment_id"],
             model_id=record.local_id,
             name=known["name"],
-            artifact_location=model_artifact_uri(record.local_id),
+            artifact_location=artifact_uri_for(record.local_id),
             creation_timestamp=known["creation_timestamp"],
             # always written with the model (create_logged_model, _change_model)
             last_updated_timestamp=cast(int, known.get("last_updated_timestamp")),

@@ -514,7 +514,7 @@ def _journal_uri(journal: J.Journal, known: dict) -> str | None:
     if not model_id and source.startswith("models:/m-"):
         model_id = source[len("models:/") :].split("/", 1)[0]
     if model_id and journal.ids.entity(J.LOGGED_MODEL, model_id) is not None:
-        return models.model_artifact_uri(model_id)
+        return artifact_uri_for(model_id)
     if source.startswith("bridge-artifacts://"):
         return source
     if source.startswith("runs:/") and journal.ids.run(source[len("runs:/") :].split("/", 1)[0]) is not None:
@@ -527,7 +527,7 @@ def _local_location(journal: J.Journal, location: str) -> str:
     """A server artifact location under a model or run created here, as the journal's artifact plugin reads it."""
     for record in journal.ids.entities(J.LOGGED_MODEL):
         if record.location and (location == record.location or location.startswith(record.location + "/")):
-            return models.model_artifact_uri(record.local_id) + location[len(record.location) :]
+            return artifact_uri_for(record.local_id) + location[len(record.location) :]
     for run in journal.ids.runs():
         if run.artifact_uri and (location == run.artifact_uri or location.startswith(run.artifact_uri + "/")):
             return artifact_uri_for(run.local_id) + location[len(run.artifact_uri) :]
