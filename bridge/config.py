@@ -55,6 +55,11 @@ class Paths:
         return self.data_dir / "artifacts"
 
     @property
+    def uploads_dir(self) -> Path:
+        """Resumable uploads being received, outside MLflow's artifact store (bridge/serve/uploads.py)."""
+        return self.data_dir / "uploads"
+
+    @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
 

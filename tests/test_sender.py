@@ -354,7 +354,7 @@ def test_a_sender_still_busy_after_stop_keeps_the_journal_until_it_ends(tmp_path
         release.wait(30)
         return 0
 
-    monkeypatch.setattr(sender, "deliver_round", stuck_round)
+    monkeypatch.setattr(sender, "deliver_records", stuck_round)
     sender.start()
     assert entered.wait(30)
     assert not sender.stop(timeout=0.3)
@@ -406,7 +406,7 @@ def test_the_journal_is_made_durable_while_a_delivery_round_is_stuck(tmp_path, m
         release.wait(30)
         return 0
 
-    monkeypatch.setattr(sender, "deliver_round", stuck_round)
+    monkeypatch.setattr(sender, "deliver_records", stuck_round)
     synced: list[str] = []
     real_fsync = os.fsync
 

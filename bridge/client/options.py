@@ -29,6 +29,7 @@ DURABLE_EVERY_ENV = "BRIDGE_DURABLE_EVERY_S"
 CREATE_GRACE_ENV = "BRIDGE_CREATE_GRACE_S"
 ADOPT_EVERY_ENV = "BRIDGE_ADOPT_EVERY_S"
 OTHER_RUNS_EVERY_ENV = "BRIDGE_OTHER_RUNS_EVERY_S"
+UPLOAD_PART_ENV = "BRIDGE_UPLOAD_PART_BYTES"
 
 #: A live run's heartbeat period. `bridge serve` reaps after 300 s without one by default: five missed beats.
 #: Every request counts against ngrok's free plan (20,000 a month), and a batch of metrics carries the beat.
@@ -59,6 +60,12 @@ DEFAULT_ADOPT_EVERY_S = 5.0
 #: How often the journal is asked which runs other live processes (DataLoader workers) created, to keep them beating.
 DEFAULT_OTHER_RUNS_EVERY_S = 5.0
 
+#: The most one upload request carries (a part of a resumable upload: delivery/files.py). Cloudflare refuses
+#: bodies over 100 MB (its free and pro plans); 32 MiB also keeps a part short on a slow link, so a drop costs
+#: little. Halved on the edge's 413 / 524 down to UPLOAD_PART_FLOOR_BYTES.
+DEFAULT_UPLOAD_PART_BYTES = 32 * 1024 * 1024
+UPLOAD_PART_FLOOR_BYTES = 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ClientOptions:
@@ -79,6 +86,7 @@ class ClientOptions:
     create_grace_s: float = DEFAULT_CREATE_GRACE_S
     adopt_every_s: float = DEFAULT_ADOPT_EVERY_S
     other_runs_every_s: float = DEFAULT_OTHER_RUNS_EVERY_S
+    upload_part_bytes: int = DEFAULT_UPLOAD_PART_BYTES
     #: Where each value came from: "default", "environment" or "argument" (for `bridge queue --config`).
     sources: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -104,6 +112,11 @@ class ClientOptions:
         if self.journal_limit <= 0:
             raise ConfigError(
                 f"{_label('journal_limit')} must be a positive number of bytes, got {self.journal_limit!r}"
+            )
+        if self.upload_part_bytes < UPLOAD_PART_FLOOR_BYTES:
+            raise ConfigError(
+                f"{_label('upload_part_bytes')} must be at least {UPLOAD_PART_FLOOR_BYTES} bytes, "
+                f"got {self.upload_part_bytes!r}"
             )
         if self.poison_attempts < 1:
             raise ConfigError(f"{_label('poison_attempts')} must be at least 1, got {self.poison_attempts!r}")
@@ -168,6 +181,7 @@ ENV = {
     "create_grace_s": CREATE_GRACE_ENV,
     "adopt_every_s": ADOPT_EVERY_ENV,
     "other_runs_every_s": OTHER_RUNS_EVERY_ENV,
+    "upload_part_bytes": UPLOAD_PART_ENV,
 }
 
 
@@ -178,6 +192,6 @@ def _label(name: str) -> str:
 def _parse(name: str, env: str, raw: str):
     if name == "journal":
         return Path(raw)
-    if name in ("journal_limit", "poison_attempts"):
+    if name in ("journal_limit", "poison_attempts", "upload_part_bytes"):
         return config.env_int(env, 0)
     return config.env_float(env, 0.0)

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -36,7 +36,7 @@ from yarl import URL
 from bridge import config, secrets
 from bridge.errors import ConfigError, ServeError
 from bridge.record import LOOPBACK_HOSTS
-from bridge.serve import compression
+from bridge.serve import compression, uploads
 from bridge.serve.usage import TunnelUsage
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ COMPRESS_IN_THREAD_BYTES = 64 * 1024
 #: The header in which each tunnel's edge names the client it saw: ngrok appends it to X-Forwarded-For, Cloudflare
 #: sets Cf-Connecting-Ip (replacing any a client sent). The entrance throttles failed logins per that address.
 CLIENT_HEADERS = {"ngrok": "X-Forwarded-For", "cloudflared": "Cf-Connecting-Ip"}
+#: Where MLflow's artifact proxy takes uploads (`mlflow server --serve-artifacts`).
+ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) are for one connection only; `Expect` is answered here.
 _HOP_BY_HOP = frozenset(
@@ -242,7 +244,10 @@ class Entrance:
         client_header: str = CLIENT_HEADERS["ngrok"],
         usage: TunnelUsage | None = None,
         compress: bool = True,
+        staging: Path | None = None,
+        max_part_bytes: int = uploads.DEFAULT_MAX_PART_BYTES,
     ) -> None:
+        """`staging`: the folder of resumable uploads (bridge/serve/uploads.py); None serves none."""
         self.upstream_port = upstream_port
         self.host = host
         self.port = port if port is not None else upstream_port + 1
@@ -261,6 +266,9 @@ class Entrance:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.uploads = (
+            uploads.Uploads(staging, self._place, max_part_bytes=max_part_bytes) if staging is not None else None
+        )
         self.requests = 0
         self.rejected = 0
 
@@ -406,7 +414,24 @@ class Entrance:
             self.throttle.succeeded(client)
         if not request.raw_path.startswith("/"):  # absolute-form or asterisk targets are not for MLflow
             return web.Response(status=400, text="Request target must be a path.\n")
+        if self.uploads is not None and (request.path + "/").startswith(uploads.PREFIX + "/"):
+            return await self.uploads.handle(request)
         return await self._forward(request)
+
+    async def _place(self, file: Path, path: str) -> None:
+        """Put a finished upload into MLflow through its own artifact proxy (MLflow's artifact repository
+        stores it: a local folder, or S3 for a team); raises PlaceError with MLflow's answer."""
+        assert self._session is not None
+        url = URL(self._upstream + ARTIFACTS_API + "/" + quote(path), encoded=True)
+        headers = {"Host": self._upstream_host, "Content-Type": "application/octet-stream"}
+        try:
+            with open(file, "rb") as fh:
+                async with self._session.put(url, data=fh, headers=headers) as answer:
+                    if answer.status != 200:
+                        text = (await answer.text())[:300]
+                        raise uploads.PlaceError(f"MLflow answered {answer.status}: {text}")
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            raise uploads.PlaceError(f"MLflow is not reachable ({type(exc).__name__})") from None
 
     def _upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
         connection = request.headers.get("Connection")

@@ -189,6 +189,7 @@ class Supervisor:
             opts.port, host=opts.host, port=opts.resolved_entrance_port,
             client_header=CLIENT_HEADERS.get(self.tunnel_mode, CLIENT_HEADERS["ngrok"]),
             usage=TunnelUsage.load(config.paths().tunnel_usage_file),
+            staging=config.paths().uploads_dir,
         )  # fmt: skip
         self.entrance.start()
         self._check_interrupt()

@@ -2,7 +2,7 @@
 
 Every application is safe to repeat after a lost answer: experiments are got-or-created by name, runs are
 found by their run key before being created again, a tag already deleted is the goal reached, and an upload
-whose earlier try may have arrived is simply uploaded again (a PUT replaces the file whole).
+whose earlier try may have arrived is uploaded again (a PUT replaces the file whole) or resumed (files.py).
 Local reasons an entry can never be delivered raise `UndeliverableError` with a named reason.
 """
 
@@ -18,11 +18,13 @@ from pathlib import Path
 
 from bridge import config
 from bridge.client import forksafe
+from bridge.client.delivery import files
 from bridge.client.delivery.heartbeat import Heartbeats
 from bridge.client.delivery.marks import TERMINAL_STATUSES, DeliveryMarks
 from bridge.client.journal import Journal, Op
-from bridge.client.journal.kinds import LOGGED_MODEL, RUN_ID_TAGS
-from bridge.client.link import Link, Verdict, classify_failure, upload_read_timeout
+from bridge.client.journal.kinds import LOGGED_MODEL, RUN_ID_TAGS, UPDATE_RUN
+from bridge.client.link import Link, Verdict, classify_failure
+from bridge.client.options import DEFAULT_UPLOAD_PART_BYTES
 from bridge.errors import HttpError, TransportError, UndeliverableError
 from bridge.twins import empty_twin, run_key_search, run_tags
 
@@ -59,6 +61,7 @@ class Operations:
         self.journal = journal
         self.heartbeats = heartbeats
         self.marks = marks if marks is not None else DeliveryMarks(link, journal)
+        self.upload_part_bytes = DEFAULT_UPLOAD_PART_BYTES  # the sender sets its ClientOptions' value
         self._renew_create_state()
         forksafe.renew_after_fork(self)
 
@@ -263,15 +266,20 @@ class Operations:
                 SPOOL_FILE_DAMAGED,
                 f"the spooled copy of {body['path']} no longer matches the sha256 recorded when it was logged",
             )
-        self._artifact_path(artifact_root, body["path"])  # an artifact root bridge cannot upload to: say why
-        url = self.link.artifact_url(artifact_root, body["path"])
-        # Always uploaded again after a failed try, never "checked" first: a listing shows only sizes, so an
-        # older copy of the same length would pass for this one. A PUT replaces the file whole, costs the
-        # same one request as a listing, and inbound bytes are free on ngrok's plan. A 200 comes only after
-        # the server has read the whole Content-Length body.
-        with open(spool_file, "rb") as fh:
-            read_s = upload_read_timeout(spool_file.stat().st_size, self.link.timeout[1])
-            self.link.request("PUT", url, data=fh, timeout=(self.link.timeout[0], read_s))
+        artifact_path = self._artifact_path(artifact_root, body["path"])  # one bridge cannot upload to: say why
+        # A file that may have arrived before is sent again, never "checked" first: a listing shows only sizes, so
+        # an older copy of the same length would pass for this one. A resumable upload goes on from what the
+        # server confirmed; a PUT replaces the file whole, and a 200 comes only once the server read all of it.
+        files.deliver_file(
+            self.link,
+            self.journal,
+            op,
+            body,
+            spool_file,
+            artifact_path=artifact_path,
+            url=self.link.artifact_url(artifact_root, body["path"]),
+            part_bytes=self.upload_part_bytes,
+        )
 
 
 def _the_run_in_use(runs: list[dict]) -> dict | None:
@@ -372,6 +380,15 @@ def apply_log_inputs(ops: Operations, op: Op, body: dict) -> list[str]:
     remote, _ = server_run(ops.journal, op.run)
     ops.link.call("/runs/log-inputs", {**body, "run_id": remote})
     return []
+
+
+def waits_for_files(ops: Operations, op: Op, body: dict) -> bool:
+    """A run's end status (or a logged model's finalization) goes only after every file logged before it: the
+    server must not show FINISHED (or READY) while its weights are still on their way (the file lane)."""
+    if op.kind == UPDATE_RUN and body.get("status") not in TERMINAL_STATUSES:
+        return False
+    first = ops.journal.queue.first_file(op.run)
+    return first is not None and first < op.id
 
 
 def apply_artifact(ops: Operations, op: Op, body: dict) -> list[str]:

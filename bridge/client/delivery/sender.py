@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO, TypeVar
 
-from bridge.client.delivery import handlers
+from bridge.client.delivery import files, handlers
 from bridge.client.delivery.batch import BATCH_KINDS, MAX_METRICS_PER_BATCH, Batch, Entry, batch_body
 from bridge.client.delivery.handlers import lost_upsert_race
 from bridge.client.delivery.heartbeat import Heartbeats
@@ -36,7 +36,7 @@ from bridge.client.delivery.marks import DeliveryMarks, Scope, scope_of
 from bridge.client.delivery.operations import RUN_NOT_CREATED, SERVER_FAILS_ON_IT, SERVER_REFUSED, Operations
 from bridge.client.journal import Journal, Op
 from bridge.client.journal.intake import try_lock
-from bridge.client.journal.kinds import ARTIFACT, MODEL_METRICS, RUN_ID_TAGS, TAG
+from bridge.client.journal.kinds import ARTIFACT, CREATE_LOGGED_MODEL, CREATE_RUN, MODEL_METRICS, RUN_ID_TAGS, TAG
 from bridge.client.link import Link, Verdict, classify_failure
 from bridge.client.options import ClientOptions
 from bridge.errors import HttpError, LinkError, UndeliverableError
@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _READ_BATCH = 5000
+#: Files looked at per run and pass of the file lane (it goes on at once while any were delivered).
+_FILES_PER_LOOK = 20
+#: The delivery lanes (their waits are kept in the journal: journal/uploads.py).
+RECORDS, FILES = "records", "files"
 
 
 class _Pause(Exception):
@@ -84,8 +88,12 @@ class Sender:
             other_runs_every_s=self.options.other_runs_every_s,
         )
         self.operations = Operations(link, journal, self.heartbeats, self.marks)
+        self.operations.upload_part_bytes = self.options.upload_part_bytes
         self.delivered = 0
         self._wake = threading.Event()
+        self._files_wake = threading.Event()
+        self._delivering = threading.Event()  # set once this sender holds the journal (_loop)
+        self._waits_noted: set[str] = set()  # lanes whose wait is written in the journal (_note_wait)
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._rounds = 0
@@ -93,6 +101,7 @@ class Sender:
         self._backing_off = False
         self._flushing = 0
         self._thread: threading.Thread | None = None
+        self._files_thread: threading.Thread | None = None
         self._durable_thread: threading.Thread | None = None
         self._state_lock = threading.Lock()
         self._threads_alive = 0
@@ -107,12 +116,16 @@ class Sender:
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, args=(self._loop,), name="bridge-sender", daemon=True)
+            self._files_thread = threading.Thread(
+                target=self._run, args=(self._files_loop,), name="bridge-files", daemon=True
+            )
             self._durable_thread = threading.Thread(
                 target=self._run, args=(self._durable_loop,), name="bridge-journal-sync", daemon=True
             )
             with self._state_lock:
-                self._threads_alive = 2
+                self._threads_alive = 3
             self._thread.start()
+            self._files_thread.start()
             self._durable_thread.start()
 
     @property
@@ -127,22 +140,24 @@ class Sender:
         """
         self._stop.set()
         self._wake.set()
+        self._files_wake.set()
         deadline = self._clock() + timeout
         # A create in flight may finish first (a cut one can land late and make a twin: operations.creating);
         # any other request in flight fails now (its rows go back to pending) instead of timing out.
         self.operations.wait_for_creates(min(self.options.create_grace_s, timeout))
         self.link.abort()
-        for thread in (self._thread, self._durable_thread):
+        threads = (self._thread, self._files_thread, self._durable_thread)
+        for thread in threads:
             if thread is not None:
                 thread.join(max(0.0, deadline - self._clock()))
-        if any(t is not None and t.is_alive() for t in (self._thread, self._durable_thread)):
+        if any(t is not None and t.is_alive() for t in threads):
             log.warning(
                 "bridge: the sender did not stop within %.0f s; it keeps journal %s until it ends",
                 timeout,
                 self.journal.path,
             )
             return False
-        self._thread = self._durable_thread = None
+        self._thread = self._files_thread = self._durable_thread = None
         self.link.close()
         return True
 
@@ -174,6 +189,7 @@ class Sender:
     def wake(self) -> None:
         """Deliver now rather than after the coalescing interval."""
         self._wake.set()
+        self._files_wake.set()
 
     def flush(self, timeout: float | None = None) -> int:
         """Wait until the journal is delivered or `timeout` passes; the number of entries left."""
@@ -249,17 +265,20 @@ class Sender:
                 return
         self._lock_elsewhere = False
         self.journal.queue.reset_in_flight()
+        self._delivering.set()
         attempts = 0
         while not self._stop.is_set():
             try:
-                if not self.deliver_round() and self.link.online is not True:
+                if not self.deliver_records() and self.link.online is not True:
                     self._checked(self.link.check)  # nothing to send, but reads want to know it is back
                 self.heartbeats.beat_round()
                 attempts = 0
                 wait = self.send_interval_s
+                self._note_wait(RECORDS, None)
             except _Pause as pause:
                 attempts += 1
                 wait = compute_backoff_ms(attempts) / 1000
+                self._note_wait(RECORDS, str(pause.cause), attempts, wait)
                 if pause.verdict is Verdict.TOKEN:
                     wait = max(
                         wait,
@@ -289,6 +308,50 @@ class Sender:
                 with contextlib.suppress(Exception):
                     self.marks.pay(scope)
 
+    def _files_loop(self) -> None:
+        """The file lane: uploads go one after another here, so no record (a metric, a status) waits for a file."""
+        while not self._delivering.wait(0.2):
+            if self._stop.is_set():
+                return
+        attempts = 0
+        while not self._stop.is_set():
+            wait = self.send_interval_s
+            try:
+                if self.deliver_files():
+                    wait = 0.0  # more may wait: go on at once
+                    self._wake.set()  # a run's end status may have waited for these files
+                attempts = 0
+                self._note_wait(FILES, None)
+            except _Pause as pause:
+                attempts += 1
+                if isinstance(pause.cause, files.WaitForServer):
+                    wait = min(5.0, 0.5 * attempts)
+                else:
+                    wait = compute_backoff_ms(attempts) / 1000
+                if pause.verdict is Verdict.TOKEN:
+                    wait = max(wait, self.options.token_retry_min_s)
+                self._note_wait(FILES, str(pause.cause), attempts, wait)
+            except Exception as exc:  # a bug or a journal problem must not stop the uploads for good
+                log.exception("bridge files: unexpected error, retrying")
+                attempts += 1
+                wait = compute_backoff_ms(attempts) / 1000
+                self._note_wait(FILES, f"{type(exc).__name__}: {exc}", attempts, wait)
+            self._idle.set()
+            if wait > 0:
+                self._files_wake.wait(wait if not self._flushing else min(wait, self.options.flush_retry_s))
+                self._files_wake.clear()
+
+    def _note_wait(self, lane: str, error: str | None, attempts: int = 0, wait_s: float = 0.0) -> None:
+        """Say in the journal why `lane` waits (for `bridge queue` in another process); cleared once it delivers."""
+        if error is None and lane not in self._waits_noted:
+            return
+        with contextlib.suppress(Exception):  # a full or busy disk must not stop delivery for a status line
+            self.journal.uploads.note_wait(lane, error, attempts, time.time() + wait_s if error else None)
+            if error is None:
+                self._waits_noted.discard(lane)
+            else:
+                self._waits_noted.add(lane)
+
     def _durable_loop(self) -> None:
         """Every `options.durable_every_s`, `journal.sync()`: not tied to delivery rounds, which can take minutes."""
         while not self._stop.wait(self.options.durable_every_s):
@@ -300,17 +363,47 @@ class Sender:
             self.journal.sync()
 
     def deliver_round(self) -> int:
-        """Deliver everything pending now; the number of journal rows delivered. Raises _Pause."""
+        """Deliver everything pending now, records then files, in this thread; rows delivered. Raises _Pause."""
+        return self.deliver_records() + self.deliver_files() + self.deliver_records()
+
+    def deliver_files(self) -> int:
+        """Upload the files pending now, per run in journal order; rows delivered. Raises _Pause.
+
+        A file waits for its run (or logged model) to be created on the server by the record lane."""
+        delivered = 0
+        upto = self.journal.queue.last_id()
+        for run in self.journal.queue.runs_with_pending(files=True):
+            for op in self.journal.queue.pending_ops(run, _FILES_PER_LOOK, upto, files=True):
+                if self._stop.is_set():
+                    return delivered
+                if self._not_created_yet(op.run):
+                    break
+                if op.epoch is not None and self._done_already(op):
+                    delivered += self._skip(op)
+                    continue
+                delivered += self._send_single(op)
+        return delivered
+
+    def _not_created_yet(self, run: str) -> bool:
+        """Whether `run` (or a logged model) has no server id yet while its creation still waits to be delivered."""
+        if self.journal.ids.server_run(run)[0] is not None:
+            return False
+        if run.startswith("m-"):
+            return bool(self.journal.queue.undelivered_naming(CREATE_LOGGED_MODEL, run))
+        return bool(self.journal.queue.undelivered(run, (CREATE_RUN,)))
+
+    def deliver_records(self) -> int:
+        """Deliver every record (not file) pending now; the number of journal rows delivered. Raises _Pause."""
         delivered = 0
         # A round delivers what was logged before it began; points logged meanwhile wait for the next one,
         # so a steady trickle is coalesced instead of chased in tiny batches.
         self.journal.move_intake()
         upto = self.journal.queue.last_id()
-        for run in self.journal.queue.runs_with_pending():
+        for run in self.journal.queue.runs_with_pending(files=False):
             if self._stop.is_set():
                 break
             while True:
-                ops = self.journal.queue.pending_ops(run, _READ_BATCH, upto)
+                ops = self.journal.queue.pending_ops(run, _READ_BATCH, upto, files=False)
                 if not ops:
                     break
                 last = len(ops) < _READ_BATCH
@@ -497,7 +590,14 @@ class Sender:
         )
         # So do the run's delivery marks, this batch's own rows included (applied with them, or not at all).
         scope = ("run", run)
-        own = {uid: n for (of, uid), n in self.marks.highest(ops).items() if of == scope}
+        # A file of the run still waiting (the file lane) keeps the mark below it: marks cover rows done in order.
+        first_file = self.journal.queue.first_file(run)
+        cap = first_file - 1 if first_file is not None else None
+        own = {
+            uid: n if cap is None else min(n, cap)
+            for (of, uid), n in self.marks.highest(ops).items()
+            if of == scope and (cap is None or cap > 0)
+        }
         try:
             marks = self._checked(lambda: self.marks.owed_tags(scope, own))
             if not batch.has_room_for_tags([t["key"] for t in marks] + ([Heartbeats.tag()["key"]] if beat_run else [])):

@@ -87,6 +87,24 @@ _SCHEMA = (
         owner_host text,              -- lives, whichever sender delivers this journal keeps the run beating
         created real not null)""",
     # Logged models (models.py) and model versions (registry.py) created here: local id -> server id.
+    # Resumable uploads under way (journal/uploads.py): the server's address of each and the bytes it confirmed.
+    """create table if not exists uploads (
+        op integer primary key,       -- the artifact row (ops.id) this upload delivers
+        size integer not null,
+        part integer not null,        -- bytes per request now
+        location text,                -- the upload's path on the server, once begun there
+        confirmed integer not null default 0,
+        error text,                   -- why the last try failed
+        tries integer not null default 0,
+        next_try real,
+        updated real not null)""",
+    # Why a delivery lane waits (journal/uploads.py), for `bridge queue` in another process.
+    """create table if not exists lane_waits (
+        lane text primary key,
+        error text not null,
+        attempts integer not null,
+        next_try real,
+        since real not null)""",
     """create table if not exists entities (
         kind text not null,           -- LOGGED_MODEL or MODEL_VERSION
         local_id text not null,       -- the id MLflow was given here
@@ -232,7 +250,7 @@ class Database:
                 return RepairReport(damaged, problem, 0, None)
             try:
                 fresh.execute("begin")
-                for table in ("lineage", "owed_marks", "twin_watch"):  # bookkeeping, not counted
+                for table in ("lineage", "owed_marks", "twin_watch", "uploads"):  # bookkeeping, not counted
                     _salvage_table(old, fresh, table)
                 for table in ("experiments", "runs", "entities", "ops"):
                     got, missing, exact = _salvage_table(old, fresh, table)

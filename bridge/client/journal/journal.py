@@ -39,6 +39,7 @@ from bridge.client.journal.kinds import ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN,
 from bridge.client.journal.queue import OpQueue
 from bridge.client.journal.records import RepairReport, encode_value
 from bridge.client.journal.spool import Spool
+from bridge.client.journal.uploads import UploadBook
 from bridge.client.options import JOURNAL_LIMIT_ENV, ClientOptions
 from bridge.errors import JournalError, JournalFullError
 
@@ -83,6 +84,7 @@ class Journal:
         self.ids = IdMaps(self.database)
         self.queue = OpQueue(self.database, self.spool, self.move_intake)
         self.book = Bookkeeping(self.database)
+        self.uploads = UploadBook(self.database)
         self.epoch = self.book.open_lineage()
         self.adopt_orphans()
         self.sweep_spool()

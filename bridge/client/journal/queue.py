@@ -90,22 +90,32 @@ class OpQueue:
             ).fetchall()
         return {row[0] for row in rows}
 
-    def runs_with_pending(self) -> list[str]:
+    def runs_with_pending(self, *, files: bool | None = None) -> list[str]:
+        """Runs with pending rows, the oldest first; `files`: only file uploads (True), none of them (False)."""
         with self._db.db(write=False) as conn:
             rows = conn.execute(
-                f"select run, min(id) m from ops where {IS_PENDING} group by run order by run != '', m"
+                f"select run, min(id) m from ops where {IS_PENDING}{_lane(files)} group by run order by run != '', m"
             ).fetchall()
         return [r[0] for r in rows]
 
-    def pending_ops(self, run: str, limit: int, upto: int | None = None) -> list[Op]:
-        """Pending ops of `run`, oldest first, with ids up to `upto` (the end of a delivery round)."""
+    def pending_ops(self, run: str, limit: int, upto: int | None = None, *, files: bool | None = None) -> list[Op]:
+        """Pending ops of `run`, oldest first, with ids up to `upto` (the end of a delivery round); `files` as in
+        runs_with_pending."""
         with self._db.db(write=False) as conn:
             rows = conn.execute(
                 "select id, run, kind, key, value, ts, step, body, attempts, epoch from ops "
-                f"where {IS_PENDING} and run=? and id<=? order by id limit ?",
+                f"where {IS_PENDING}{_lane(files)} and run=? and id<=? order by id limit ?",
                 (run, upto if upto is not None else 2**62, limit),
             ).fetchall()
         return [Op(*row) for row in rows]
+
+    def first_file(self, run: str) -> int | None:
+        """The oldest file upload of `run` not delivered yet (its row id), or None."""
+        with self._db.db(write=False) as conn:
+            (first,) = conn.execute(
+                f"select min(id) from ops where run=? and {IS_UNDELIVERED}{_lane(True)}", (run,)
+            ).fetchone()
+        return first
 
     def superseded(self, op: Op) -> bool:
         """Whether a later, still undelivered upload to the same run and artifact path makes `op`'s pointless.
@@ -141,8 +151,11 @@ class OpQueue:
     def complete(self, ids: list[int], *, spool: Iterable[str] = ()) -> None:
         """The server has these: forget them (done), and their spooled files."""
         with self._db.db() as conn:
+            spool = list(spool)
             for chunk in _chunks(ids, 500):
                 conn.execute(f"delete from ops where id in ({','.join('?' * len(chunk))})", chunk)
+                if spool:  # an artifact row: its upload's state goes with it
+                    conn.execute(f"delete from uploads where op in ({','.join('?' * len(chunk))})", chunk)
             _count_settled(conn)
         for name in spool:
             self._spool.discard(name)
@@ -178,6 +191,7 @@ class OpQueue:
             conn.executemany(
                 f"update ops set {IS_DEAD}, error=?, reason=? where id=?", [(error[:2000], reason, i) for i in ids]
             )
+            conn.executemany("delete from uploads where op=?", [(i,) for i in ids])
             _count_settled(conn)
         for name in spool:
             if name:
@@ -231,6 +245,13 @@ class OpQueue:
                 f"select body from ops where kind=? and {IS_UNDELIVERED} and body like ?", (ARTIFACT, f'%"{name}"%')
             ).fetchall()
         return any(json.loads(body).get("spool") == name for (body,) in rows)
+
+
+def _lane(files: bool | None) -> str:
+    """The condition (appended with `and`) of one delivery lane's rows: file uploads, or everything else."""
+    if files is None:
+        return ""
+    return f" and kind {'=' if files else '!='} '{ARTIFACT}'"
 
 
 def _count_settled(conn: sqlite3.Connection) -> None:

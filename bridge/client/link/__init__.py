@@ -291,6 +291,10 @@ class Link:
         self.last_error: str | None = None
         self.token_rejected = False
         self.requests = 0
+        #: {server URL: the largest upload part it takes, or None: no resumable uploads} (link/uploads.py)
+        self.upload_parts: dict[str, int | None] = {}
+        #: Bytes of files sent (every try counted, so a benchmark can compare them with what arrived).
+        self.upload_bytes_sent = 0
         self.url_listeners: list[Callable[[str], None]] = []
         self._failures = 0
         self._failing_since: float | None = None
@@ -320,10 +324,12 @@ class Link:
         params: dict | None = None,
         data: bytes | str | BinaryIO | None = None,
         timeout: tuple[float, float] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Response:
         """One HTTP request to the server; errors as TransportError / HttpError, never with the token."""
         self.requests += 1
-        request = Request(method, self.url + path, self._headers(), params, json_body, data, timeout or self.timeout)
+        sent = self._headers() | (headers or {})
+        request = Request(method, self.url + path, sent, params, json_body, data, timeout or self.timeout)
         try:
             resp = self.transport.send(request)
         except TransportError as exc:

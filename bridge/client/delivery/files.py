@@ -1,0 +1,188 @@
+"""Delivering one spooled file: a single PUT when small or when the server takes nothing else, otherwise a
+resumable upload in parts (link/uploads.py) that goes on from the last byte the server confirmed.
+
+What is kept in the journal (journal/uploads.py) — the upload's address, bytes confirmed, the part size — makes a
+drop, a new process or a new runtime with a copy of the journal cost only the part in flight. The edge's refusals
+are information: 413 (Cloudflare refuses bodies over 100 MB) halves the part at once; 524 (no answer within
+100 s) and timeouts halve it for the next try; a part the edge refuses even at UPLOAD_PART_FLOOR_BYTES makes the
+file a dead letter with reason `file-refused-by-link`, never a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from bridge.client.journal import Journal, Op
+from bridge.client.journal.uploads import UploadState
+from bridge.client.link import Link, upload_read_timeout
+from bridge.client.link import uploads as tus
+from bridge.client.options import DEFAULT_UPLOAD_PART_BYTES, UPLOAD_PART_FLOOR_BYTES
+from bridge.errors import HttpError, TransportError, UndeliverableError
+
+log = logging.getLogger(__name__)
+
+#: Files up to this size go as one PUT even when the server takes resumable uploads: one request instead of three,
+#: and a drop costs at most this much again.
+SINGLE_PUT_BYTES = 8 * 1024 * 1024
+#: A file that a tunnel refuses even in the smallest parts (reason shown by `bridge queue`).
+FILE_REFUSED_BY_LINK = "file-refused-by-link"
+#: A file whose bytes kept arriving changed (the sha256 the server computed differs) this often: given up.
+CHECKSUM_FAILURES_ALLOWED = 3
+#: Statuses by which a tunnel's edge says a request was too big or too slow for it.
+TOO_BIG = 413
+TOO_SLOW = (408, 504, 522, 524)
+
+
+class WaitForServer(TransportError):
+    """The server has every byte and is still checking and placing the file: ask again in a while."""
+
+
+def put_whole(link: Link, url: str, spool_file: Path, size: int) -> None:
+    """The file in one PUT to MLflow's artifact proxy (a plain `mlflow server`, or a small file)."""
+    with open(spool_file, "rb") as fh:
+        read_s = upload_read_timeout(size, link.timeout[1])
+        link.request("PUT", url, data=fh, timeout=(link.timeout[0], read_s))
+    link.upload_bytes_sent += size
+
+
+def deliver_file(
+    link: Link,
+    journal: Journal,
+    op: Op,
+    body: dict,
+    spool_file: Path,
+    *,
+    artifact_path: str,
+    url: str,
+    part_bytes: int = DEFAULT_UPLOAD_PART_BYTES,
+) -> None:
+    """Deliver the spooled copy of `body['path']` (artifact row `op`) to `artifact_path` on the server.
+
+    Raises LinkError (try again later: the lane backs off), UndeliverableError (a dead letter), or WaitForServer.
+    """
+    size = int(body.get("size") or spool_file.stat().st_size)
+    state = journal.uploads.get(op.id)
+    if state is None:
+        max_part = tus.max_part(link) if size > SINGLE_PUT_BYTES or part_bytes < size else None
+        if max_part is None:
+            try:
+                put_whole(link, url, spool_file, size)
+                return
+            except HttpError as exc:
+                if exc.status != TOO_BIG:
+                    raise
+                if tus.max_part(link) is None:
+                    raise UndeliverableError(
+                        FILE_REFUSED_BY_LINK,
+                        f"the link refuses a request of {_mib(size)} (HTTP 413) and the server takes no uploads in "
+                        "parts (it is not behind `bridge serve`'s entrance)",
+                    ) from None
+                max_part = tus.max_part(link) or part_bytes
+                part_bytes = min(part_bytes, size // 2)
+        state = UploadState(op.id, size, max(UPLOAD_PART_FLOOR_BYTES, min(part_bytes, max_part)))
+        journal.uploads.save(state)
+    try:
+        _resume(link, journal, state, body, spool_file, artifact_path)
+    except Exception as exc:
+        state.tries += 1
+        state.error = _short(exc)
+        journal.uploads.save(state)
+        raise
+
+
+def _resume(link: Link, journal: Journal, state: UploadState, body: dict, spool_file: Path, artifact_path: str) -> None:
+    """Send what the server does not have yet, part after part, keeping its confirmed offset in the journal."""
+    if state.location is not None:
+        try:
+            held = tus.offset(link, state.location)
+        except HttpError as exc:
+            if exc.status not in (404, 410):
+                raise
+            log.info("bridge: the server no longer has the upload of %s; starting it again", body["path"])
+            state.location, state.confirmed = None, 0
+        else:
+            if held.state == tus.PLACED:
+                return
+            if held.state == tus.PLACING:
+                raise WaitForServer(f"the server is checking and placing {body['path']}")
+            state.confirmed = held.offset
+    if state.location is None:
+        state.location = tus.create(link, artifact_path, state.size, body["sha256"])
+        state.confirmed = 0
+        journal.uploads.save(state)
+
+    def sent(n: int) -> None:
+        link.upload_bytes_sent += n
+
+    while True:
+        length = min(state.part, state.size - state.confirmed)
+        started = time.monotonic()
+        try:
+            answer = tus.send_part(link, state.location, spool_file, state.confirmed, length, on_bytes=sent)
+        except HttpError as exc:
+            if exc.status == TOO_BIG:
+                _smaller(state, exc, body["path"])
+                journal.uploads.save(state)
+                continue  # at once: the edge refused it before reading it
+            if exc.status in TOO_SLOW:
+                _smaller(state, exc, body["path"])
+                journal.uploads.save(state)
+                raise
+            if exc.status == 409:  # the server holds another offset (a part cut after it arrived): ask it
+                state.confirmed = tus.offset(link, state.location).offset
+                journal.uploads.save(state)
+                continue
+            if exc.status in (404, 410):
+                state.location, state.confirmed = None, 0
+                journal.uploads.save(state)
+                raise
+            if exc.status == 460:  # the server's sha256 of the whole differs: the upload is gone, send it again
+                state.location, state.confirmed = None, 0
+                if state.tries + 1 >= CHECKSUM_FAILURES_ALLOWED:
+                    raise UndeliverableError(
+                        "file-damaged-in-transit",
+                        f"{body['path']} arrived with another sha256 {CHECKSUM_FAILURES_ALLOWED} times: {exc.message}",
+                    ) from None
+                raise
+            raise
+        except TransportError:
+            if time.monotonic() - started > upload_read_timeout(length, link.timeout[1]) * 0.9:
+                _smaller(state, None, body["path"])  # a part that times out is too big for this link now
+            raise
+        if length > 0 and answer.offset <= state.confirmed:
+            raise TransportError(f"the server confirmed none of a {_mib(length)} part of {body['path']}")
+        state.confirmed = answer.offset
+        state.error = None
+        journal.uploads.save(state)
+        if answer.state == tus.PLACED:
+            return
+        if answer.state == tus.PLACING:
+            raise WaitForServer(f"the server is checking and placing {body['path']}")
+        if state.confirmed >= state.size and length == 0:
+            raise WaitForServer(f"the server has every byte of {body['path']} but has not placed it yet")
+
+
+def _smaller(state: UploadState, exc: HttpError | None, path: str) -> None:
+    """Halve the part after the edge refused it (413) or it took too long; a dead letter below the floor."""
+    if state.part <= UPLOAD_PART_FLOOR_BYTES:
+        if exc is not None and exc.status == TOO_BIG:
+            raise UndeliverableError(
+                FILE_REFUSED_BY_LINK,
+                f"the link refuses even {_mib(state.part)} requests (HTTP 413) while uploading {path}",
+            ) from None
+        return
+    state.part = max(UPLOAD_PART_FLOOR_BYTES, state.part // 2)
+    why = f"HTTP {exc.status}" if exc is not None else "a timeout"
+    log.info("bridge: %s for a part of %s: parts of %s from now on", why, path, _mib(state.part))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _short(exc: Exception) -> str:
+    text = getattr(exc, "message", None) or str(exc)
+    status = getattr(exc, "status", None)
+    return (f"HTTP {status}: " if status else "") + text[:300]

@@ -1,0 +1,92 @@
+"""Where each file's upload stands, and why each lane waits: kept in the journal, so a new process (or a new
+runtime delivering a copy of the journal) goes on from the last byte the server confirmed, and `bridge queue` —
+another process — can say why an entry waits."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from bridge.client.journal.database import Database
+
+
+@dataclass
+class UploadState:
+    """One artifact row's upload: `location` on the server (None before it began), bytes it confirmed."""
+
+    op: int
+    size: int
+    part: int  # bytes per request now (halved when the tunnel's edge refuses or times out)
+    location: str | None = None
+    confirmed: int = 0
+    error: str | None = None  # why the last try failed
+    tries: int = 0
+    next_try: float | None = None  # time.time() of the next try, while backing off
+
+
+@dataclass(frozen=True)
+class LaneWait:
+    """Why a delivery lane ("records" or "files") is not delivering right now."""
+
+    lane: str
+    error: str
+    attempts: int
+    next_try: float | None
+    since: float
+
+
+class UploadBook:
+    """The `uploads` and `lane_waits` tables."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def get(self, op: int) -> UploadState | None:
+        with self._db.db(write=False) as conn:
+            row = conn.execute(
+                "select op, size, part, location, confirmed, error, tries, next_try from uploads where op=?", (op,)
+            ).fetchone()
+        return UploadState(*row) if row else None
+
+    def all(self) -> dict[int, UploadState]:
+        with self._db.db(write=False) as conn:
+            rows = conn.execute(
+                "select op, size, part, location, confirmed, error, tries, next_try from uploads"
+            ).fetchall()
+        return {row[0]: UploadState(*row) for row in rows}
+
+    def save(self, state: UploadState) -> None:
+        with self._db.db() as conn:
+            conn.execute(
+                "insert or replace into uploads(op, size, part, location, confirmed, error, tries, next_try, updated) "
+                "values(?,?,?,?,?,?,?,?,?)",
+                (
+                    state.op,
+                    state.size,
+                    state.part,
+                    state.location,
+                    state.confirmed,
+                    state.error,
+                    state.tries,
+                    state.next_try,
+                    time.time(),
+                ),
+            )
+
+    def note_wait(self, lane: str, error: str | None, attempts: int = 0, next_try: float | None = None) -> None:
+        """Lane `lane` waits because of `error` (None: it delivers again)."""
+        with self._db.db() as conn:
+            if error is None:
+                conn.execute("delete from lane_waits where lane=?", (lane,))
+                return
+            conn.execute(
+                "insert into lane_waits(lane, error, attempts, next_try, since) values(?,?,?,?,?) "
+                "on conflict(lane) do update set error=excluded.error, attempts=excluded.attempts, "
+                "next_try=excluded.next_try",
+                (lane, error[:500], attempts, next_try, time.time()),
+            )
+
+    def waits(self) -> dict[str, LaneWait]:
+        with self._db.db(write=False) as conn:
+            rows = conn.execute("select lane, error, attempts, next_try, since from lane_waits").fetchall()
+        return {row[0]: LaneWait(*row) for row in rows}
