@@ -314,7 +314,7 @@ class Uploads:
         """Append the part's bytes as they arrive; every byte received stays, even when the part is cut."""
         room = min(self.max_part_bytes, upload.length - start)
         received = 0
-        with open(upload.data, "r+b") as fh:
+        with open(upload.data, "r+b", buffering=0) as fh:  # unbuffered: a HEAD sees every byte read so far
             fh.seek(start)
             fh.truncate()
             try:

@@ -1,0 +1,307 @@
+"""Resumable uploads: the entrance's tus endpoint (bridge/serve/uploads.py), the client's half
+(bridge/client/link/uploads.py, bridge/client/delivery/files.py), and the file lane of the sender.
+
+Every test runs a real MLflow server behind a real entrance (in this process, so its limits can be small) and
+checks what MLflow holds: bytes and sha256, never a mock's word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from bridge.client.delivery import files
+from bridge.client.journal import Journal
+from bridge.client.journal.uploads import UploadState
+from bridge.client.link import Link, Request, RequestsTransport, Response, Transport
+from bridge.client.link import uploads as tus
+from bridge.errors import HttpError, UndeliverableError
+from bridge.serve import uploads as server_uploads
+from bridge.serve.entrance import Entrance, TokenSource
+
+TOKEN = "upload-test-token"
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def entrance(mlflow_server, tmp_path):
+    """An entrance with a 1 MiB part limit in front of the session's stock MLflow."""
+    staging = tmp_path / "staging"
+    gate = Entrance(
+        mlflow_server.port, port=0, tokens=TokenSource(load=lambda: TOKEN), staging=staging, max_part_bytes=MiB
+    )
+    gate.start()
+    yield gate
+    gate.stop()
+
+
+@pytest.fixture
+def run_path(server_client):
+    """A fresh run's artifact folder as MLflow's artifact proxy names it (`<exp>/<run>/artifacts`)."""
+    exp = server_client.create_experiment(f"uploads-{uuid.uuid4().hex[:8]}")
+    run = server_client.create_run(exp)
+    uri = run.info.artifact_uri  # mlflow-artifacts:/<exp>/<run>/artifacts
+    return Link.artifact_path(uri)
+
+
+def _payload(tmp_path: Path, size: int, name: str = "weights.pt") -> tuple[Path, str]:
+    path = tmp_path / name
+    path.write_bytes(os.urandom(size))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _in_mlflow(mlflow_server, artifact_path: str) -> bytes | None:
+    answer = requests.get(f"{mlflow_server.url}/api/2.0/mlflow-artifacts/artifacts/{artifact_path}", timeout=30)
+    return answer.content if answer.status_code == 200 else None
+
+
+def _journal_with_file(tmp_path: Path, source: Path) -> tuple[Journal, object, dict]:
+    journal = Journal(tmp_path / "journal.sqlite")
+    run = journal.add_run(experiment_id=journal.add_experiment("e", {}), user_id="u", start_time=1, name="r", tags={})
+    body = journal.spool_artifact(run, source, source.name)
+    (op,) = journal.queue.pending_ops(run, 10, files=True)
+    return journal, op, body
+
+
+def _deliver(link: Link, journal: Journal, op, body: dict, target: str, part_bytes: int = MiB) -> None:
+    files.deliver_file(
+        link,
+        journal,
+        op,
+        body,
+        journal.spool.path(body["spool"]),
+        artifact_path=target,
+        url="/api/2.0/mlflow-artifacts/artifacts/" + target,
+        part_bytes=part_bytes,
+    )
+
+
+class CountingTransport(Transport):
+    """Real HTTP, counting requests by method; `refuse_over` plays an edge that refuses bodies over that size."""
+
+    def __init__(self, refuse_over: int | None = None) -> None:
+        self.inner = RequestsTransport()
+        self.methods: list[str] = []
+        self.refused = 0
+        self.refuse_over = refuse_over
+
+    def send(self, request: Request) -> Response:
+        self.methods.append(request.method)
+        size = len(request.data) if request.data is not None and hasattr(request.data, "__len__") else 0
+        if self.refuse_over is not None and size > self.refuse_over:
+            self.refused += 1
+            return Response(413, b"<html>413 Request Entity Too Large</html>", {"Content-Type": "text/html"})
+        return self.inner.send(request)
+
+
+# --------------------------------------------------------------------------------------------- the protocol
+
+
+def test_a_file_in_parts_lands_whole_once_and_its_staging_is_gone(entrance, mlflow_server, run_path, tmp_path):
+    source, sha = _payload(tmp_path, 5 * MiB + 123)
+    journal, op, body = _journal_with_file(tmp_path, source)
+    transport = CountingTransport()
+    link = Link(entrance.url, TOKEN, transport=transport)
+    target = f"{run_path}/weights/best.pt"
+    _deliver(link, journal, op, body, target)
+    assert hashlib.sha256(_in_mlflow(mlflow_server, target) or b"").hexdigest() == sha
+    assert transport.methods.count("PATCH") == 6, "5 MiB + 123 bytes in 1 MiB parts"
+    assert transport.methods.count("POST") == 1 and "PUT" not in transport.methods
+    assert link.upload_bytes_sent == source.stat().st_size
+    assert entrance.uploads is not None and entrance.uploads.placed == 1
+    assert not list(entrance.uploads.folder.glob("*/data")), "the staged bytes are deleted once placed"
+
+
+def test_a_cut_part_keeps_its_bytes_and_the_next_try_sends_only_the_rest(entrance, mlflow_server, run_path, tmp_path):
+    source, sha = _payload(tmp_path, 3 * MiB)
+    journal, op, body = _journal_with_file(tmp_path, source)
+    link = Link(entrance.url, TOKEN)
+    target = f"{run_path}/last.pt"
+    location = tus.create(link, target, source.stat().st_size, sha)
+    # A part cut by the link after 300 KiB: raw HTTP, so the body really stops half-way.
+    host, port = urlsplit(entrance.url).hostname, urlsplit(entrance.url).port
+    with socket.create_connection((host, port)) as sock:
+        head = (
+            f"PATCH {location} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nTus-Resumable: 1.0.0\r\n"
+            f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {MiB}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + source.read_bytes()[: 300 * 1024])
+        deadline = time.monotonic() + 20  # until the server has read what was sent, then the link drops
+        while tus.offset(link, location).offset < 300 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert tus.offset(link, location).offset == 300 * 1024, "every byte read before the cut is kept"
+    journal.uploads.save(UploadState(op.id, source.stat().st_size, MiB, location=location))
+    _deliver(link, journal, op, body, target)
+    assert hashlib.sha256(_in_mlflow(mlflow_server, target) or b"").hexdigest() == sha
+    assert link.upload_bytes_sent == 3 * MiB - 300 * 1024, "only the rest went again"
+
+
+def test_a_file_that_arrives_changed_is_refused_whole_and_never_placed(entrance, mlflow_server, run_path, tmp_path):
+    source, _ = _payload(tmp_path, 2 * MiB)
+    link = Link(entrance.url, TOKEN)
+    target = f"{run_path}/damaged.pt"
+    location = tus.create(link, target, 2 * MiB, "0" * 64)
+    tus.send_part(link, location, source, 0, MiB)
+    with pytest.raises(HttpError) as refused:
+        tus.send_part(link, location, source, MiB, MiB)
+    assert refused.value.status == 460 and "sha256" in refused.value.message
+    assert _in_mlflow(mlflow_server, target) is None
+    assert tus.offset(link, location).state == tus.FAILED
+
+
+def test_the_endpoint_refuses_what_it_must(entrance, run_path, tmp_path):
+    base, auth = entrance.url + tus.PREFIX, {"Authorization": f"Bearer {TOKEN}", **tus.TUS}
+    assert requests.options(base, timeout=10).status_code == 401, "no token, no upload"
+    options = requests.options(base, headers=auth, timeout=10)
+    assert options.status_code == 204 and options.headers["Tus-Version"] == "1.0.0"
+    assert int(options.headers["Bridge-Max-Part"]) == MiB
+    link = Link(entrance.url, TOKEN)
+    with pytest.raises(HttpError) as bad_path:
+        tus.create(link, f"{run_path}/../../escape.bin", 10, "a" * 64)
+    assert bad_path.value.status == 400
+    location = tus.create(link, f"{run_path}/x.bin", 4 * MiB, "a" * 64)
+    part = {**auth, "Content-Type": "application/offset+octet-stream"}
+    too_big = requests.patch(
+        entrance.url + location, data=b"x" * (MiB + 1), headers={**part, "Upload-Offset": "0"}, timeout=10
+    )
+    assert too_big.status_code == 413
+    wrong_offset = requests.patch(entrance.url + location, data=b"x", headers={**part, "Upload-Offset": "7"}, timeout=10)
+    assert wrong_offset.status_code == 409 and wrong_offset.headers["Upload-Offset"] == "0"
+    wrong_type = requests.patch(entrance.url + location, data=b"x", headers={**auth, "Upload-Offset": "0"}, timeout=10)
+    assert wrong_type.status_code == 415
+    unknown = requests.head(entrance.url + tus.PREFIX + "/" + "A" * 32, headers=auth, timeout=10)
+    assert unknown.status_code == 404
+    gone = requests.delete(entrance.url + location, headers=auth, timeout=10)
+    assert gone.status_code == 204
+    assert requests.head(entrance.url + location, headers=auth, timeout=10).status_code == 404
+
+
+def test_uploads_nobody_touched_are_deleted_after_the_expiry(tmp_path):
+    now = [time.time()]
+
+    async def place(file: Path, path: str) -> None:
+        raise AssertionError("nothing is placed here")
+
+    uploads = server_uploads.Uploads(tmp_path, place, expire_s=3600, clock=lambda: now[0])
+    old, fresh = tmp_path / ("o" * 32), tmp_path / ("f" * 32)
+    for folder in (old, fresh):
+        folder.mkdir()
+        (folder / "data").write_bytes(b"x" * 10)
+    os.utime(old / "data", (now[0] - 7200, now[0] - 7200))
+    os.utime(old, (now[0] - 7200, now[0] - 7200))
+    assert uploads._sweep() == 1
+    assert not old.exists() and fresh.exists()
+
+
+def test_a_tus_client_of_its_own_uploads_through_the_entrance(entrance, mlflow_server, run_path, tmp_path):
+    """The server speaks tus 1.0.0 as tus's own Python client (tuspy) does."""
+    tusclient = pytest.importorskip("tusclient.client")
+    source, sha = _payload(tmp_path, 2 * MiB + 5)
+    target = f"{run_path}/by-tuspy.bin"
+    client = tusclient.TusClient(entrance.url + tus.PREFIX, headers={"Authorization": f"Bearer {TOKEN}"})
+    uploader = client.uploader(str(source), chunk_size=MiB, metadata={"path": target, "sha256": sha})
+    uploader.upload()
+    assert hashlib.sha256(_in_mlflow(mlflow_server, target) or b"").hexdigest() == sha
+
+
+# ------------------------------------------------------------------------------------------ the client side
+
+
+def test_the_edge_refusing_big_bodies_makes_the_parts_smaller(entrance, mlflow_server, run_path, tmp_path):
+    source, sha = _payload(tmp_path, 9 * MiB)
+    journal, op, body = _journal_with_file(tmp_path, source)
+    # An entrance taking up to 4 MiB, behind an "edge" that refuses bodies over 1 MiB (as Cloudflare's 100 MB).
+    assert entrance.uploads is not None
+    entrance.uploads.max_part_bytes = 4 * MiB
+    transport = CountingTransport(refuse_over=MiB)
+    link = Link(entrance.url, TOKEN, transport=transport)
+    target = f"{run_path}/shrunk.pt"
+    _deliver(link, journal, op, body, target, part_bytes=4 * MiB)
+    assert hashlib.sha256(_in_mlflow(mlflow_server, target) or b"").hexdigest() == sha
+    assert transport.refused == 2, "4 MiB refused, 2 MiB refused, then 1 MiB parts"
+    assert link.upload_bytes_sent == 9 * MiB, "a refused part costs no bytes: the edge refuses it on its headers"
+
+
+def test_a_link_refusing_even_the_smallest_parts_makes_a_dead_letter_not_a_loop(entrance, run_path, tmp_path):
+    source, _ = _payload(tmp_path, 3 * MiB)
+    journal, op, body = _journal_with_file(tmp_path, source)
+    assert entrance.uploads is not None
+    entrance.uploads.max_part_bytes = 4 * MiB
+    transport = CountingTransport(refuse_over=512 * 1024)
+    link = Link(entrance.url, TOKEN, transport=transport)
+    with pytest.raises(UndeliverableError) as dead:
+        _deliver(link, journal, op, body, f"{run_path}/never.pt", part_bytes=2 * MiB)
+    assert dead.value.reason == files.FILE_REFUSED_BY_LINK and "413" in dead.value.message
+    assert transport.refused == 2, "2 MiB, then the 1 MiB floor: then it stops"
+
+
+def test_a_plain_mlflow_server_gets_one_put(mlflow_server, run_path, tmp_path):
+    source, sha = _payload(tmp_path, 9 * MiB)
+    journal, op, body = _journal_with_file(tmp_path, source)
+    transport = CountingTransport()
+    link = Link(mlflow_server.url, None, transport=transport)
+    target = f"{run_path}/plain.pt"
+    _deliver(link, journal, op, body, target)
+    assert transport.methods == ["OPTIONS", "PUT"]
+    assert hashlib.sha256(_in_mlflow(mlflow_server, target) or b"").hexdigest() == sha
+
+
+# ------------------------------------------------------------------------------------------------ the lane
+
+
+class HeldUploads(Transport):
+    """Real HTTP; every upload part waits until `release` is set (a link too slow for the file)."""
+
+    def __init__(self) -> None:
+        self.inner = RequestsTransport()
+        self.release = threading.Event()
+        self.held = threading.Event()
+
+    def send(self, request: Request) -> Response:
+        if request.method == "PATCH":
+            self.held.set()
+            assert self.release.wait(60)
+        return self.inner.send(request)
+
+    def abort(self) -> None:
+        self.release.set()
+        self.inner.abort()
+
+
+def test_records_flow_while_a_file_uploads_and_the_run_ends_after_it(
+    entrance, mlflow_server, server_client, bridge_connect, monkeypatch, tmp_path
+):
+    import mlflow
+
+    monkeypatch.setenv("BRIDGE_UPLOAD_PART_BYTES", str(MiB))
+    transport = HeldUploads()
+    conn = bridge_connect(entrance.url, TOKEN, transport=transport)
+    name = f"lane-{uuid.uuid4().hex[:8]}"
+    mlflow.set_experiment(name)
+    source, sha = _payload(tmp_path, 3 * MiB, "best.pt")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(source), "weights")
+        assert transport.held.wait(30), "the upload began"
+        for step in range(20):
+            mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+    remote = conn.journal.ids.server_run(run.info.run_id)[0]
+    assert remote is not None
+    deadline = time.monotonic() + 30
+    while len(server_client.get_metric_history(remote, "loss")) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(server_client.get_metric_history(remote, "loss")) == 20, "every point arrived while the file waits"
+    assert server_client.get_run(remote).info.status == "RUNNING", "the end waits for the file"
+    transport.release.set()
+    assert conn.flush(60) == 0
+    assert server_client.get_run(remote).info.status == "FINISHED"
+    got = server_client.download_artifacts(remote, "weights/best.pt", str(tmp_path / "down"))
+    assert hashlib.sha256(Path(got).read_bytes()).hexdigest() == sha
