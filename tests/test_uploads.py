@@ -174,7 +174,9 @@ def test_the_endpoint_refuses_what_it_must(entrance, run_path, tmp_path):
         entrance.url + location, data=b"x" * (MiB + 1), headers={**part, "Upload-Offset": "0"}, timeout=10
     )
     assert too_big.status_code == 413
-    wrong_offset = requests.patch(entrance.url + location, data=b"x", headers={**part, "Upload-Offset": "7"}, timeout=10)
+    wrong_offset = requests.patch(
+        entrance.url + location, data=b"x", headers={**part, "Upload-Offset": "7"}, timeout=10
+    )
     assert wrong_offset.status_code == 409 and wrong_offset.headers["Upload-Offset"] == "0"
     wrong_type = requests.patch(entrance.url + location, data=b"x", headers={**auth, "Upload-Offset": "0"}, timeout=10)
     assert wrong_type.status_code == 415
