@@ -144,7 +144,7 @@ def test_defect_3_exit_over_a_slow_link_is_never_silent(tmp_path, make_flaky_pro
             env=env,
         )
         assert done.returncode == 0, done.stderr[-2000:]
-        backlog, _, _, _ = queue(journal)
+        backlog = queue(journal).backlog
         if backlog.total and "not delivered yet" not in done.stderr:
             silent.append((attempt, backlog.total, done.stderr[-600:]))
     assert not silent, f"entries left behind without a word: {silent}"

@@ -24,7 +24,7 @@ from bridge.client.journal import Journal
 from bridge.client.journal.uploads import UploadState
 from bridge.client.link import Link, Request, RequestsTransport, Response, Transport
 from bridge.client.link import uploads as tus
-from bridge.errors import HttpError, UndeliverableError
+from bridge.errors import HttpError, TransportError, UndeliverableError
 from bridge.serve import uploads as server_uploads
 from bridge.serve.entrance import Entrance, TokenSource
 
@@ -307,3 +307,46 @@ def test_records_flow_while_a_file_uploads_and_the_run_ends_after_it(
     assert server_client.get_run(remote).info.status == "FINISHED"
     got = server_client.download_artifacts(remote, "weights/best.pt", str(tmp_path / "down"))
     assert hashlib.sha256(Path(got).read_bytes()).hexdigest() == sha
+
+
+class CutAfterParts(Transport):
+    """Real HTTP until `parts` upload parts have gone; then every part is cut (a link that dropped for good)."""
+
+    def __init__(self, parts: int) -> None:
+        self.inner = RequestsTransport()
+        self.parts = parts
+
+    def send(self, request: Request) -> Response:
+        if request.method == "PATCH":
+            if self.parts <= 0:
+                raise TransportError(f"connection reset while sending {request.path}")
+            self.parts -= 1
+        return self.inner.send(request)
+
+
+def test_bridge_queue_says_why_a_file_waits_and_how_much_of_it_arrived(entrance, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from bridge.cli import app
+    from bridge.client.delivery.sender import FILES, Sender
+    from bridge.client.options import ClientOptions
+
+    source, _ = _payload(tmp_path, 3 * MiB)
+    journal, _, _ = _journal_with_file(tmp_path, source)
+    link = Link(entrance.url, TOKEN, transport=CutAfterParts(1))
+    sender = Sender(journal, link, ClientOptions.from_env(upload_part_bytes=MiB, send_interval_s=0.05))
+    sender.start()
+    deadline = time.monotonic() + 30
+    while FILES not in journal.uploads.waits() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sender.stop()
+    (waiting,) = journal.uploads.files_waiting()
+    assert (waiting.confirmed, waiting.size) == (MiB, 3 * MiB)
+    journal.close()
+    monkeypatch.setenv("COLUMNS", "80")
+    shown = CliRunner().invoke(app, ["queue", "--journal", str(tmp_path / "journal.sqlite")])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.output.split())
+    assert "Files wait: connection reset while sending" in text
+    assert "1.0 MiB / 3.0 MiB 33%" in text
+    assert "weights.pt" in text

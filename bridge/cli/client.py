@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from bridge.cli.output import console, err_console, handles_errors
@@ -27,6 +33,41 @@ def _run_label(run: str, runs: dict) -> str:
     return f"{run[:12]} {record.name}" if record is not None and record.name else run[:12]
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _print_waits(waits: dict, files: list, runs: dict) -> None:
+    """Why each lane waits, and each file's progress: confirmed / total bytes, tries, its last error, next try."""
+    now = time.time()
+    for lane, wait in sorted(waits.items()):
+        due = f", next try in {max(0.0, wait.next_try - now):.0f} s" if wait.next_try else ""
+        line = f"[yellow]{lane.capitalize()} wait:[/] {wait.error} (attempt {wait.attempts}{due})"
+        console.print(line, highlight=False)
+    if not files:
+        return
+    table = Table(title="Files waiting")
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("run", no_wrap=True)
+    table.add_column("path", overflow="fold")
+    table.add_column("confirmed", justify="right", no_wrap=True)
+    table.add_column("tries", justify="right", no_wrap=True)
+    for f in files:
+        share = f" {100 * f.confirmed / f.size:.0f}%" if f.size else ""
+        table.add_row(
+            str(f.op), _run_label(f.run, runs), f.path, f"{_size(f.confirmed)} / {_size(f.size)}{share}", str(f.tries)
+        )
+    console.print(table)
+    for f in files:
+        if f.error:
+            due = f" (next try in {f.next_try - now:.0f} s)" if f.next_try and f.next_try > now else ""
+            console.print(f"  {f.op}: {f.error}{due}", highlight=False)
+
+
 @handles_errors
 def sync_command(
     journal: Annotated[Path | None, typer.Option(help=JOURNAL_HELP, envvar="BRIDGE_JOURNAL")] = None,
@@ -38,21 +79,28 @@ def sync_command(
     """Deliver what an earlier process left in the journal; exit code 1 if anything remains."""
     from bridge.client.connect import queue, sync
 
-    _, _, runs, path = queue(journal)
+    view = queue(journal)
+    runs, path = view.runs, view.path
     with Progress(
-        TextColumn("[bold]Delivering[/]"),
+        TextColumn("[bold]{task.description}[/]"),
         BarColumn(),
-        MofNCompleteColumn(),
+        TextColumn("{task.fields[amount]}"),
         TimeElapsedColumn(),
         console=err_console,
         transient=True,
     ) as progress:
-        task = progress.add_task("sync", total=None)
+        task = progress.add_task("Delivering", total=None, amount="")
+        file_bytes = sum(f.size for f in view.files)
+        bytes_task = progress.add_task("Files     ", total=file_bytes, amount="") if file_bytes else None
 
         def on_progress(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+            progress.update(task, completed=done, total=total, amount=f"{done}/{total}")
 
-        report = sync(journal, url, timeout=timeout, on_progress=on_progress)
+        def on_bytes(done: int, total: int) -> None:
+            if bytes_task is not None:
+                progress.update(bytes_task, completed=done, total=total, amount=f"{_size(done)} / {_size(total)}")
+
+        report = sync(journal, url, timeout=timeout, on_progress=on_progress, on_bytes=on_bytes)
     if report.repair:
         err_console.print(f"[yellow]Warning:[/] {report.repair}", highlight=False)
     console.print(f"Journal {report.journal} → {report.url}", highlight=False, soft_wrap=True)
@@ -70,6 +118,7 @@ def sync_command(
             + (f" (last error: {report.last_error})" if report.last_error else ""),
             highlight=False,
         )
+        _print_waits(report.waits, report.files, runs)
         raise typer.Exit(1)
     console.print(f"Delivered everything in {path}.")
 
@@ -109,13 +158,14 @@ def queue_command(
         err_console.print("[bold red]Error:[/] --id goes with --retry or --drop", highlight=False)
         raise typer.Exit(2)
     chosen = list(ids) if ids else True
-    before = {letter.op.id for letter in queue(journal)[1]} if (retry or drop) else set()
+    before = {letter.op.id for letter in queue(journal).dead} if (retry or drop) else set()
     if ids and not set(ids) <= before:
         err_console.print(
             f"[bold red]Error:[/] no dead letter with id {sorted(set(ids) - before)} in this journal", highlight=False
         )
         raise typer.Exit(2)
-    backlog, dead, runs, path = queue(journal, retry=chosen if retry else False, drop=chosen if drop else False)
+    view = queue(journal, retry=chosen if retry else False, drop=chosen if drop else False)
+    backlog, dead, runs, path = view.backlog, view.dead, view.runs, view.path
     console.print(f"Journal {path}", highlight=False, soft_wrap=True)
     if retry or drop:
         done = len(chosen) if isinstance(chosen, list) else len(before)
@@ -130,6 +180,8 @@ def queue_command(
     for run in sorted(set(backlog.pending) | set(backlog.dead)):
         table.add_row(_run_label(run, runs), str(backlog.pending.get(run, 0)), str(backlog.dead.get(run, 0)))
     console.print(table)
+    if backlog.pending:
+        _print_waits(view.waits, view.files, runs)
     if dead:
         letters = Table(title="Dead letters (not delivered as they are; not retried)")
         letters.add_column("id", no_wrap=True, justify="right")

@@ -17,9 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from bridge.client.delivery.sender import Sender
 from bridge.client.journal import Journal, RunRecord
+from bridge.client.journal.records import Backlog, DeadLetter
+from bridge.client.journal.uploads import FileWaiting, LaneWait
 from bridge.client.link import Link, Transport, discovery
 from bridge.client.options import EXIT_FLUSH_ENV, JOURNAL_ENV, JOURNAL_LIMIT_ENV, ClientOptions
 from bridge.errors import ConfigError
@@ -58,10 +61,30 @@ class Status:
     dead_letters: int
     last_error: str | None
     token_rejected: bool
+    #: Files not delivered yet, with the bytes the server has confirmed of each (journal/uploads.py).
+    files: list[FileWaiting] = field(default_factory=list)
+    #: Why a delivery lane ("records", "files") waits right now: its last error, attempts, next try.
+    waits: dict[str, LaneWait] = field(default_factory=dict)
 
     @property
     def pending(self) -> int:
         return sum(self.backlog.values())
+
+    @property
+    def file_bytes(self) -> tuple[int, int]:
+        """(bytes the server confirmed, bytes in all) of the files still waiting."""
+        return sum(f.confirmed for f in self.files), sum(f.size for f in self.files)
+
+
+class QueueView(NamedTuple):
+    """What `bridge queue` shows of a journal."""
+
+    backlog: Backlog
+    dead: list[DeadLetter]
+    runs: dict[str, RunRecord]
+    path: Path
+    files: list[FileWaiting]
+    waits: dict[str, LaneWait]
 
 
 @dataclass
@@ -112,6 +135,8 @@ class Connection:
             dead_letters=sum(backlog.dead.values()),
             last_error=self.link.last_error,
             token_rejected=self.link.token_rejected,
+            files=self.journal.uploads.files_waiting(),
+            waits=self.journal.uploads.waits(),
         )
 
     def flush(self, timeout: float | None = None) -> int:
@@ -414,6 +439,8 @@ class SyncReport:
     dead: dict[str, int]
     last_error: str | None
     repair: str | None
+    waits: dict[str, LaneWait] = field(default_factory=dict)
+    files: list[FileWaiting] = field(default_factory=list)
 
     @property
     def left(self) -> int:
@@ -421,11 +448,17 @@ class SyncReport:
 
 
 def sync(
-    journal: str | os.PathLike | None = None, url: str | None = None, *, timeout: float = 300.0, on_progress=None
+    journal: str | os.PathLike | None = None,
+    url: str | None = None,
+    *,
+    timeout: float = 300.0,
+    on_progress=None,
+    on_bytes=None,
 ) -> SyncReport:
     """Deliver a journal left by an earlier process, for at most `timeout` seconds.
 
-    `on_progress(done, total)` is called as entries are delivered.
+    `on_progress(done, total)` is called as entries are delivered; `on_bytes(done, total)` as the bytes of the
+    files waiting at the start arrive (confirmed by the server, resumed uploads included).
     """
     found_url, token, source = _resolve(url, None)
     options = ClientOptions.from_env(journal=journal).replace(heartbeat_s=float("inf"), send_interval_s=0.2)
@@ -441,6 +474,8 @@ def sync(
     try:
         before = store.queue.backlog()
         total = before.total
+        files_before = {f.op: f.size for f in store.uploads.files_waiting()}
+        file_bytes = sum(files_before.values())
         sender.start()
         deadline = time.monotonic() + timeout
         left = total
@@ -448,6 +483,10 @@ def sync(
             left = sender.flush(min(0.5, max(0.0, deadline - time.monotonic())))
             if on_progress is not None:
                 on_progress(total - left, total)
+            if on_bytes is not None and file_bytes:
+                waiting = {f.op: f for f in store.uploads.files_waiting()}
+                done = sum(size if op not in waiting else waiting[op].confirmed for op, size in files_before.items())
+                on_bytes(done, file_bytes)
         if not left:  # what a flush does after delivering (marks, a look for late twins), unhurried
             sender.flush(max(0.0, deadline - time.monotonic()))
         sender.stop()
@@ -459,6 +498,8 @@ def sync(
             after=after.pending,
             dead=after.dead,
             last_error=link.last_error if after.total else None,
+            waits=store.uploads.waits() if after.total else {},
+            files=store.uploads.files_waiting() if after.total else [],
             repair=None if store.repair_report is None else str(store.repair_report),
         )
     finally:
@@ -480,6 +521,13 @@ def queue(journal: str | os.PathLike | None = None, *, retry: list[int] | bool =
             store.queue.retry_dead(None if retry is True else list(retry))
         if drop:
             store.queue.drop_dead(None if drop is True else list(drop))
-        return store.queue.backlog(), store.queue.dead_letters(), {r.local_id: r for r in store.ids.runs()}, store.path
+        return QueueView(
+            store.queue.backlog(),
+            store.queue.dead_letters(),
+            {r.local_id: r for r in store.ids.runs()},
+            store.path,
+            store.uploads.files_waiting(),
+            store.uploads.waits(),
+        )
     finally:
         store.close()

@@ -233,7 +233,7 @@ class BridgeWorld:
         from bridge.client.connect import queue
 
         try:
-            _, dead, _, _ = queue(self.journal)
+            dead = queue(self.journal).dead
         except Exception as exc:  # the count is the finding; the details are a courtesy
             return f"(could not list them: {exc})"
         return "; ".join(f"{d.op.kind} {d.op.key or ''} ({d.reason}): {d.error}"[:200] for d in dead[:5])

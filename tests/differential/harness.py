@@ -132,7 +132,7 @@ class Harness:
         if not killed:
             from bridge.client.connect import queue
 
-            backlog, _, _, _ = queue(journal)
+            backlog = queue(journal).backlog
             if backlog.total and "not delivered yet" not in child.stderr:
                 problems.append(
                     f"the child exited leaving {backlog.total} entries in its journal without a word "

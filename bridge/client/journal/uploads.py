@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 
 from bridge.client.journal.database import Database
+from bridge.client.journal.kinds import ARTIFACT
+from bridge.client.journal.queue import IS_UNDELIVERED
 
 
 @dataclass
@@ -33,6 +35,20 @@ class LaneWait:
     attempts: int
     next_try: float | None
     since: float
+
+
+@dataclass(frozen=True)
+class FileWaiting:
+    """A file not delivered yet: its row, run, path, bytes the server confirmed of it, and why its last try failed."""
+
+    op: int
+    run: str
+    path: str
+    size: int
+    confirmed: int
+    error: str | None
+    tries: int
+    next_try: float | None
 
 
 class UploadBook:
@@ -72,6 +88,17 @@ class UploadBook:
                     time.time(),
                 ),
             )
+
+    def files_waiting(self) -> list[FileWaiting]:
+        """Every file not delivered yet (dead letters aside), oldest first, with its upload's progress."""
+        with self._db.db(write=False) as conn:
+            rows = conn.execute(
+                "select o.id, o.run, o.key, coalesce(u.size, json_extract(o.body, '$.size'), 0), "
+                "coalesce(u.confirmed, 0), u.error, coalesce(u.tries, o.attempts), u.next_try "
+                f"from ops o left join uploads u on u.op = o.id where o.kind = '{ARTIFACT}' and {IS_UNDELIVERED} "
+                "order by o.id"
+            ).fetchall()
+        return [FileWaiting(*row) for row in rows]
 
     def note_wait(self, lane: str, error: str | None, attempts: int = 0, next_try: float | None = None) -> None:
         """Lane `lane` waits because of `error` (None: it delivers again)."""
