@@ -350,3 +350,36 @@ def test_bridge_queue_says_why_a_file_waits_and_how_much_of_it_arrived(entrance,
     assert "Files wait: connection reset while sending" in text
     assert "1.0 MiB / 3.0 MiB 33%" in text
     assert "weights.pt" in text
+
+
+def test_a_superseded_version_still_waiting_is_not_sent_and_its_upload_is_dropped(
+    entrance, mlflow_server, server_client, tmp_path
+):
+    from bridge.client.delivery.sender import FILES, Sender
+    from bridge.client.options import ClientOptions
+
+    v1, _ = _payload(tmp_path, 3 * MiB, "v1.bin")
+    journal, op, _ = _journal_with_file(tmp_path, v1)
+    options = ClientOptions.from_env(upload_part_bytes=MiB, send_interval_s=0.05)
+    first = Sender(journal, Link(entrance.url, TOKEN, transport=CutAfterParts(1)), options)
+    first.start()
+    deadline = time.monotonic() + 30
+    while FILES not in journal.uploads.waits() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.stop()
+    begun = journal.uploads.get(op.id)
+    assert begun is not None and begun.location is not None and begun.confirmed == MiB
+    v2 = tmp_path / "v2.bin"
+    v2.write_bytes(os.urandom(2 * MiB))
+    journal.spool_artifact(op.run, v2, "v1.bin")  # the same path again, newer
+    link = Link(entrance.url, TOKEN)
+    Sender(journal, link, options).deliver_round()
+    assert journal.queue.backlog().total == 0
+    remote = journal.ids.server_run(op.run)[0]
+    got = server_client.download_artifacts(remote, "v1.bin", str(tmp_path / "down"))
+    assert Path(got).read_bytes() == v2.read_bytes(), "the newer version won"
+    assert link.upload_bytes_sent == 2 * MiB, "not one byte more of the older version"
+    with pytest.raises(HttpError) as gone:
+        tus.offset(link, begun.location)
+    assert gone.value.status == 404, "the older version's upload was dropped on the server"
+    journal.close()

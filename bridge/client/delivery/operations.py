@@ -23,9 +23,9 @@ from bridge.client.delivery.heartbeat import Heartbeats
 from bridge.client.delivery.marks import TERMINAL_STATUSES, DeliveryMarks
 from bridge.client.journal import Journal, Op
 from bridge.client.journal.kinds import LOGGED_MODEL, RUN_ID_TAGS, UPDATE_RUN
-from bridge.client.link import Link, Verdict, classify_failure
+from bridge.client.link import Link, Verdict, classify_failure, uploads
 from bridge.client.options import DEFAULT_UPLOAD_PART_BYTES
-from bridge.errors import HttpError, TransportError, UndeliverableError
+from bridge.errors import HttpError, LinkError, TransportError, UndeliverableError
 from bridge.twins import empty_twin, run_key_search, run_tags
 
 log = logging.getLogger(__name__)
@@ -393,6 +393,13 @@ def waits_for_files(ops: Operations, op: Op, body: dict) -> bool:
 
 def apply_artifact(ops: Operations, op: Op, body: dict) -> list[str]:
     remote, artifact_root = server_run(ops.journal, op.run)
-    if not ops.journal.queue.superseded(op):  # else a newer copy of the same path goes up later instead
+    if not ops.journal.queue.superseded(op):
         ops.upload_artifact(op, body, remote, artifact_root)
+        return [body["spool"]]
+    # A newer copy of the same path goes up later instead: this one is not sent, and an upload of it that began
+    # is dropped on the server now rather than when it expires.
+    begun = ops.journal.uploads.get(op.id)
+    if begun is not None and begun.location is not None:
+        with contextlib.suppress(LinkError):
+            uploads.terminate(ops.link, begun.location)
     return [body["spool"]]
