@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.support.mlflow_server",
     "tests.support.client",
     "tests.support.flaky_proxy",
+    "tests.support.byte_origin",
     "tests.support.tunnel",
     "tests.support.serve",
     "tests.support.yolo",
@@ -75,6 +76,7 @@ INTEGRATION_FIXTURES = frozenset(
         "tunnel_agent",
         "differential_servers",
         "bridge_sweep",
+        "byte_origin",
     }
 )
 #: Fixtures of the slow tier: a YOLO dataset means a training; a browser.

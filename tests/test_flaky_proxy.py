@@ -1,15 +1,17 @@
-"""The flaky proxy does what each mode says, against the real MLflow server."""
+"""The flaky proxy does what each mode says, against the real MLflow server; its throttle and flapping link,
+against a counting origin."""
 
 from __future__ import annotations
 
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from tests.support.flaky_proxy import FlakyProxy
+from tests.support.flaky_proxy import FlakyProxy, TokenBucket
 
 CREATE = "/api/2.0/mlflow/experiments/create"
 GET_BY_NAME = "/api/2.0/mlflow/experiments/get-by-name"
@@ -185,3 +187,134 @@ def test_path_and_times_limit_a_fault_to_chosen_requests(flaky_proxy, mlflow_ser
         flaky_proxy.set_mode("refuse", times=1)
     with pytest.raises(ValueError, match="times"):
         flaky_proxy.set_mode("reset", times=0)
+
+
+# --- the link itself: bandwidth and flapping, against a counting origin (tests/support/byte_origin.py) -------
+
+
+class _Clock:
+    """A clock that moves only when a test sets it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_lets_rate_times_time_plus_one_burst_through():
+    clock = _Clock()
+
+    def sleep(seconds: float) -> None:
+        clock.now += seconds
+
+    bucket = TokenBucket(1000, burst=100, clock=clock, sleep=sleep)
+    for _ in range(10):  # the first burst is free; then each 100 bytes cost 0.1 s
+        bucket.take(100)
+    assert clock.now == pytest.approx(0.9)
+    clock.now += 5  # idle: the bucket fills up to one burst, not to 5 s worth
+    start = clock.now
+    for _ in range(11):
+        bucket.take(100)
+    assert clock.now - start == pytest.approx(1.0)
+    assert TokenBucket(8 * 2**20).burst == 8 * 2**20 // 50  # 20 ms of traffic
+    with pytest.raises(ValueError, match="rate"):
+        TokenBucket(0)
+
+
+def _timed_get(url: str) -> tuple[int, float]:
+    started = time.monotonic()
+    resp = requests.get(url, timeout=30)
+    return len(resp.content), time.monotonic() - started
+
+
+def test_throttle_holds_each_direction_to_its_rate_shared_by_connections(make_flaky_proxy, byte_origin):
+    rate = 2_000_000
+    proxy = make_flaky_proxy("127.0.0.1", byte_origin.port, down_bytes_per_s=rate, up_bytes_per_s=rate)
+
+    received, elapsed = _timed_get(proxy.url + "/bytes/3000000")
+    assert received == 3_000_000
+    assert received / elapsed == pytest.approx(rate, rel=0.15)
+
+    started = time.monotonic()
+    resp = requests.put(proxy.url + "/sink", data=bytes(3_000_000), timeout=30)
+    assert resp.json() == {"received": 3_000_000}
+    assert 3_000_000 / (time.monotonic() - started) == pytest.approx(rate, rel=0.15)
+
+    # Two downloads at once share the link: together they get the rate, not twice it.
+    with ThreadPoolExecutor(2) as pool:
+        started = time.monotonic()
+        results = list(pool.map(_timed_get, [proxy.url + "/bytes/1500000"] * 2))
+        elapsed = time.monotonic() - started
+    assert [size for size, _ in results] == [1_500_000] * 2
+    assert 3_000_000 / elapsed == pytest.approx(rate, rel=0.15)
+    assert proxy.bytes_down >= 6_000_000 and proxy.bytes_up >= 3_000_000
+
+    proxy.throttle()  # unlimited again
+    received, elapsed = _timed_get(proxy.url + "/bytes/3000000")
+    assert received / elapsed > 3 * rate
+
+
+def test_flapping_cuts_connections_and_refuses_new_ones_on_the_schedule_of_its_clock(make_flaky_proxy, byte_origin):
+    clock = _Clock()
+    proxy = make_flaky_proxy("127.0.0.1", byte_origin.port, down_bytes_per_s=1_000_000)
+    proxy.flap(up_s=10, down_s=5, clock=clock)
+
+    download = requests.get(proxy.url + "/bytes/50000000", stream=True, timeout=10)
+    assert download.status_code == 200
+    got = len(next(download.iter_content(65536)))
+    clock.now = 9.99
+    got += len(next(download.iter_content(65536)))  # still up
+    assert proxy.link_up and proxy.link_events == []
+
+    clock.now = 10.0
+    assert proxy.wait_link(up=False, timeout=5)
+    with pytest.raises(requests.RequestException):
+        for chunk in download.iter_content(65536):
+            got += len(chunk)
+    assert got < 50_000_000
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
+
+    clock.now = 15.0
+    assert proxy.wait_link(up=True, timeout=5)
+    assert requests.get(proxy.url + "/bytes/10", timeout=10).content == bytes(10)
+    clock.now = 25.0  # 25 is 10 s into the second period: down again
+    assert proxy.wait_link(up=False, timeout=5)
+    assert proxy.link_events == [(10.0, "down"), (15.0, "up"), (25.0, "down")]
+
+    proxy.stop_flapping()
+    assert proxy.link_up
+    assert requests.get(proxy.url + "/bytes/10", timeout=10).status_code == 200
+
+
+def test_flapping_on_the_real_clock_cuts_a_throttled_download_after_up_s_worth_of_bytes(make_flaky_proxy, byte_origin):
+    rate, up_s, down_s = 1_000_000, 0.6, 0.4
+    proxy = make_flaky_proxy("127.0.0.1", byte_origin.port, down_bytes_per_s=rate)
+    started = time.monotonic()
+    proxy.flap(up_s=up_s, down_s=down_s)
+    with pytest.raises(requests.RequestException):
+        requests.get(proxy.url + "/bytes/5000000", timeout=10).raise_for_status()
+    assert proxy.wait_link(up=False, timeout=5)
+    cut_at, state = proxy.link_events[0]
+    assert state == "down" and cut_at - started == pytest.approx(up_s, abs=0.1)
+    # What passed before the cut is the link's rate over the up time (less the request's own start-up).
+    assert 0.75 * rate * up_s <= proxy.bytes_down <= 1.1 * rate * up_s
+
+    assert proxy.wait_link(up=True, timeout=5)
+    assert proxy.link_events[1][0] - cut_at == pytest.approx(down_s, abs=0.1)
+    assert requests.get(proxy.url + "/bytes/1000", timeout=5).status_code == 200
+
+
+def test_throttle_and_flapping_compose_with_a_mode(make_flaky_proxy, byte_origin):
+    proxy = make_flaky_proxy("127.0.0.1", byte_origin.port, up_bytes_per_s=4_000_000)
+    proxy.set_mode("http_5xx", path="/sink", times=1)
+    resp = requests.put(proxy.url + "/sink", data=bytes(2_000_000), timeout=30)
+    assert resp.status_code == 503  # the large body was read (and dropped), the answer the proxy's own
+    assert requests.put(proxy.url + "/sink", data=bytes(2_000_000), timeout=30).json() == {"received": 2_000_000}
+    assert [(seen.received, seen.complete) for seen in byte_origin.seen] == [(2_000_000, True)]
+    proxy.set_mode("refuse")
+    proxy.flap(up_s=0.2, down_s=0.2)
+    assert proxy.wait_link(up=False, timeout=5) and proxy.wait_link(up=True, timeout=5)
+    with pytest.raises(ConnectionRefusedError):  # up, but the mode still refuses
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()

@@ -24,10 +24,21 @@ saw (a client-sent one is replaced), `X-Forwarded-For` gains that address, `X-Fo
 `Cf-Visitor`; bodies stream both ways. Tests name the address "the edge saw" with `X-Stand-In-Peer` (removed
 before forwarding), since every test client connects from 127.0.0.1.
 
-Test switches (environment):
-  FAKE_CLOUDFLARED_STATE    file that receives the public→local URL map
-  FAKE_CLOUDFLARED_OFFLINE  "1": the quick-tunnel request fails (`failed to request quick Tunnel`), exit 1
-  FAKE_CLOUDFLARED_HANG     "1": never get a URL; keep logging retries until killed (for start-up deadlines)
+The edge also enforces Cloudflare's limits (the constants below say where each number comes from):
+  * a request body over `MAX_BODY_BYTES` (100 MB) → 413, by its Content-Length before anything is forwarded, or, for
+    a chunked body, as soon as the bytes counted while it streams pass the limit: the origin then sees the request
+    cut short, never complete. The edge reads and drops the rest of the body (for at most `DRAIN_S`) so the client
+    hears the 413 instead of a broken pipe;
+  * no response head from the origin `ORIGIN_TIMEOUT_S` (100 s) after the request was sent → 524;
+  * more than `MAX_IN_FLIGHT` (200) requests in flight through the tunnel → 429 for each one beyond.
+
+Test switches (environment, read when the tunnel starts):
+  FAKE_CLOUDFLARED_STATE              file that receives the public→local URL map
+  FAKE_CLOUDFLARED_OFFLINE            "1": the quick-tunnel request fails (`failed to request quick Tunnel`), exit 1
+  FAKE_CLOUDFLARED_HANG               "1": never get a URL; keep logging retries until killed (for start-up deadlines)
+  FAKE_CLOUDFLARED_MAX_BODY           bytes; default MAX_BODY_BYTES
+  FAKE_CLOUDFLARED_ORIGIN_TIMEOUT_S   seconds; default ORIGIN_TIMEOUT_S
+  FAKE_CLOUDFLARED_MAX_IN_FLIGHT      requests; default MAX_IN_FLIGHT
 """
 
 from __future__ import annotations
@@ -42,11 +53,47 @@ import secrets
 import signal
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 VERSION = "2025.11.1"
 SMALL_BODY = 256 * 1024
+
+# Cloudflare's limits on a quick tunnel. The defaults are the real values; tests shrink them through the
+# environment (`EdgeLimits.from_environment`).
+#: Largest request body the edge passes on; over it, 413. Cloudflare's Free and Pro plans: "Max upload size 100 MB"
+#: (developers.cloudflare.com/support/troubleshooting/http-status-codes/4xx-client-error/error-413/, and
+#: /cache/concepts/default-cache-behavior/ "Upload limits"; Business 200 MB, Enterprise 500 MB). The docs write MB
+#: without saying which. Read as 10**6 bytes, the stricter reading (a client under it is under 100 MiB too), and the
+#: one Cloudflare's own client took: wrangler met 413s on batches it had kept under 100 MiB and switched to
+#: counting the 100 MB in 10**6 (github.com/cloudflare/workers-sdk/pull/1392, for Cloudflare's API).
+MAX_BODY_BYTES = 100 * 10**6
+#: Proxy Read Timeout: seconds the edge waits, once the request is sent, for the origin's response; then 524
+#: "A timeout occurred" (developers.cloudflare.com/fundamentals/reference/connection-limits/: Proxy Read Timeout
+#: 100 s → 524; /support/troubleshooting/http-status-codes/cloudflare-5xx-errors/error-524/). Configurable on
+#: Enterprise plans only, so 100 s is the value a quick tunnel meets.
+ORIGIN_TIMEOUT_S = 100.0
+#: Requests in flight through one quick tunnel; one more gets 429. "Quick Tunnels are subject to a hard limit on the
+#: number of concurrent requests that can be proxied at any point in time. Currently, this limit is 200 in-flight
+#: requests. If a Quick Tunnel hits this limit, the HTTP response will return a 429 status code."
+#: (developers.cloudflare.com/cloudflare-one/networks/connectors/cloudflare-tunnel/do-more-with-tunnels/trycloudflare/)
+MAX_IN_FLIGHT = 200
+#: How long the edge keeps reading (and dropping) an oversize body after its 413, so that a client that sends the
+#: whole body before reading (requests, urllib3) hears the 413 rather than a reset. Not documented by Cloudflare:
+#: this stand-in's choice, nginx's `lingering_time` default (Cloudflare's 413 page is nginx's).
+DRAIN_S = 30.0
+
+PAGE_413 = (
+    "<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n"
+    "<center><h1>413 Request Entity Too Large</h1></center>\r\n"
+    "<hr><center>cloudflare</center>\r\n</body>\r\n</html>\r\n"
+)
+PAGE_524 = (
+    "<!DOCTYPE html>\n<html><head><title>{host} | 524: A timeout occurred</title></head><body>"
+    "<h1>Error 524</h1><p>A timeout occurred</p><p>The origin web server timed out responding to this request.</p>"
+    "</body></html>\n"
+)
 NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 HOP_BY_HOP = {
     "connection",
@@ -137,14 +184,46 @@ def update_state(path: str | None, add: dict[str, str] | None = None, remove: li
         os.replace(tmp, state)
 
 
+@dataclass(frozen=True)
+class EdgeLimits:
+    """The limits the edge enforces: Cloudflare's by default, smaller ones for tests."""
+
+    max_body_bytes: int = MAX_BODY_BYTES
+    origin_timeout_s: float = ORIGIN_TIMEOUT_S
+    max_in_flight: int = MAX_IN_FLIGHT
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 0 or self.origin_timeout_s <= 0 or self.max_in_flight < 1:
+            raise ValueError(f"edge limits out of range: {self}")
+
+    @classmethod
+    def from_environment(cls) -> EdgeLimits:
+        """The defaults, each overridden by its FAKE_CLOUDFLARED_* variable when set; a bad value raises."""
+        env = os.environ
+        try:
+            return cls(
+                max_body_bytes=int(env.get("FAKE_CLOUDFLARED_MAX_BODY", MAX_BODY_BYTES)),
+                origin_timeout_s=float(env.get("FAKE_CLOUDFLARED_ORIGIN_TIMEOUT_S", ORIGIN_TIMEOUT_S)),
+                max_in_flight=int(env.get("FAKE_CLOUDFLARED_MAX_IN_FLIGHT", MAX_IN_FLIGHT)),
+            )
+        except ValueError as exc:
+            raise ValueError(f"bad FAKE_CLOUDFLARED_* limit: {exc}") from None
+
+
+class _BodyTooLarge(Exception):
+    """A streamed request body passed the edge's limit: forwarding stops, the origin sees it cut."""
+
+
 class Edge:
     """Cloudflare's edge for one quick tunnel: an HTTP server on 127.0.0.1 forwarding to the origin URL."""
 
-    def __init__(self, public_url: str, origin: str) -> None:
+    def __init__(self, public_url: str, origin: str, limits: EdgeLimits | None = None) -> None:
         self.public_url = public_url
         self.public_host = urlsplit(public_url).netloc
         self.origin = origin.rstrip("/")
+        self.limits = limits or EdgeLimits()
         self.local_url = ""
+        self.in_flight = 0
         self._runner = None
         self._session = None
 
@@ -158,7 +237,8 @@ class Edge:
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        # The default backlog (128) would drop SYNs from a burst of MAX_IN_FLIGHT clients; the kernel caps it anyway.
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
         await site.start()
         self.local_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
 
@@ -169,9 +249,25 @@ class Edge:
             await self._session.close()
 
     async def handle(self, request):
+        from aiohttp import web
+
+        if self.in_flight >= self.limits.max_in_flight:
+            # No body from Cloudflare's docs for this one: only the status is promised.
+            return web.Response(status=429, text="429 Too Many Requests\n", headers={"Server": "cloudflare"})
+        self.in_flight += 1
+        try:
+            return await self.forward(request)
+        finally:
+            self.in_flight -= 1
+
+    async def forward(self, request):
         from aiohttp import ClientError, web
         from multidict import CIMultiDict
         from yarl import URL
+
+        limit = self.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return await self.refuse_too_large(request)
 
         seen = request.headers.get("X-Stand-In-Peer") or request.remote or "127.0.0.1"
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | EDGE_HEADERS)
@@ -184,22 +280,72 @@ class Edge:
         headers["Host"] = self.public_host
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
+        # Set once the whole request is on its way to the origin: the Proxy Read Timeout counts from there.
+        sent = asyncio.Event()
+        too_large = False
         if not request.body_exists:
             body = None
+            sent.set()
         elif request.content_length is not None and request.content_length <= SMALL_BODY:
             body = await request.read()
+            sent.set()
         else:
-            body = request.content.iter_chunked(64 * 1024)
-        try:
+
+            async def stream():
+                nonlocal too_large
+                counted = 0
+                async for chunk in request.content.iter_chunked(64 * 1024):
+                    counted += len(chunk)
+                    if counted > limit:  # only a chunked body gets here: a declared length was checked above
+                        too_large = True
+                        raise _BodyTooLarge()
+                    yield chunk
+                sent.set()
+
+            body = stream()
+
+        async def send():
             target = URL(self.origin + request.raw_path, encoded=True)
-            async with self._session.request(
+            return await self._session.request(
                 request.method,
                 target,
                 headers=headers,
                 data=body,
                 allow_redirects=False,
                 skip_auto_headers=NO_AUTO_HEADERS,
-            ) as upstream:
+            )
+
+        async def read_timeout():
+            await sent.wait()
+            await asyncio.sleep(self.limits.origin_timeout_s)
+
+        pending = asyncio.ensure_future(send())
+        timer = asyncio.ensure_future(read_timeout())
+        try:
+            await asyncio.wait({pending, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not pending.done():
+                pending.cancel()  # the 524 below, or the client went away: drop the origin connection
+                await asyncio.gather(pending, return_exceptions=True)
+        if pending.cancelled():
+            return web.Response(
+                status=524,
+                reason="A timeout occurred",
+                text=PAGE_524.format(host=self.public_host),
+                content_type="text/html",
+                headers={"Server": "cloudflare"},
+            )
+        try:
+            upstream = pending.result()
+        except (ClientError, OSError) as exc:
+            if too_large:
+                return await self.refuse_too_large(request)
+            log("ERR", f'Request failed error="{exc}" connIndex=0 dest={self.public_url}{request.path} type=http')
+            # What Cloudflare answers when the tunnel's origin refuses: error 502 (Bad Gateway).
+            return web.Response(status=502, text="Bad gateway: the origin could not be reached (cloudflared)\n")
+        try:
+            async with upstream:
                 if (
                     upstream.content_length is not None
                     and upstream.content_length <= SMALL_BODY
@@ -221,8 +367,32 @@ class Edge:
                 return response
         except (ClientError, OSError) as exc:
             log("ERR", f'Request failed error="{exc}" connIndex=0 dest={self.public_url}{request.path} type=http')
-            # What Cloudflare answers when the tunnel's origin refuses: error 502 (Bad Gateway).
             return web.Response(status=502, text="Bad gateway: the origin could not be reached (cloudflared)\n")
+
+    async def refuse_too_large(self, request):
+        """413 in Cloudflare's words, then read and drop what is left of the body (bounded) and close."""
+        from aiohttp import web
+
+        response = web.Response(
+            status=413,
+            reason="Request Entity Too Large",
+            text=PAGE_413,
+            content_type="text/html",
+            headers={"Server": "cloudflare"},
+        )
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+
+        async def drop_rest() -> None:
+            while await request.content.readany():
+                pass
+
+        try:
+            await asyncio.wait_for(drop_rest(), DRAIN_S)
+        except Exception:  # the drain timed out, or the client gave up mid-body: the connection closes either way
+            pass
+        return response
 
 
 async def metrics_server(address: str, edge_holder: dict):
@@ -274,10 +444,15 @@ async def run_quick_tunnel(flags: dict[str, str]) -> int:
             log("INF", "Retrying quick Tunnel request in 1s")
             await asyncio.sleep(0.5)
 
+    try:
+        limits = EdgeLimits.from_environment()
+    except ValueError as exc:
+        log("ERR", str(exc))
+        return 1
     holder: dict = {"id": str(uuid.uuid4())}
     runner = await metrics_server(flags.get("--metrics", "127.0.0.1:0"), holder)
     words = "-".join(random.choice(WORDS) for _ in range(4))
-    edge = Edge(f"https://{words}.trycloudflare.com", origin)
+    edge = Edge(f"https://{words}.trycloudflare.com", origin, limits)
     await edge.start()
     state = os.environ.get("FAKE_CLOUDFLARED_STATE")
     update_state(state, add={edge.public_url: edge.local_url})

@@ -1,7 +1,7 @@
-"""A test-owned TCP proxy on 127.0.0.1 that makes the link to a real MLflow server fail on demand.
+"""A test-owned TCP proxy on 127.0.0.1 that makes the link to a real server fail, slow down or flap on demand.
 
-The proxy reads each HTTP/1.1 request whole (keep-alive aware, Content-Length or chunked), counts it, and
-then acts by the mode current at that moment:
+The proxy reads each HTTP/1.1 request (keep-alive aware, Content-Length or chunked), counts it, and then acts by
+the mode current at that moment:
 
     pass        forward, relay the response
     refuse      stop listening (connection refused); any other mode listens again on the same port
@@ -17,8 +17,21 @@ Every mode but `refuse` also takes `path` (only requests whose path contains it 
 and `times` (affect that many requests, then switch back to `pass` by itself) — e.g. lose exactly the
 acknowledgement of the first `runs/create`.
 
-One thread per connection plus one accept thread; every socket has a timeout and `close()` shuts all of
-them, so the proxy never outlives its test.
+Two properties of the link itself hold under every mode, so a slow link can also lose acknowledgements:
+
+    throttle    `throttle(up_bytes_per_s=…, down_bytes_per_s=…)`, or the constructor fields of the same names:
+                bandwidth per direction, "up" client→server and "down" server→client, each one token bucket
+                shared by every connection (as one access link is); None leaves a direction unlimited
+    flapping    `flap(up_s=…, down_s=…)`: from now on the link is up for `up_s`, down for `down_s`, and again;
+                down resets every open connection (RST) and refuses new ones. `stop_flapping()` leaves it up.
+                `clock=` injects the time source; `link_events` logs each change as (clock time, "up"|"down")
+
+Bodies up to `WHOLE_BODY_BYTES` are read whole before the mode is chosen (a fault then meets a complete
+request); a larger body is relayed piece by piece as it arrives, the proxy holding at most 1 MiB of it, and the
+mode is the one current once that first MiB was read. `bytes_up` / `bytes_down` count the bytes relayed.
+
+One thread per connection plus one accept thread (and one for a flapping schedule); every socket has a timeout
+and `close()` shuts all of them, so the proxy never outlives its test.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -46,6 +60,10 @@ _MODE_OPTIONS = {
 }
 _REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 _MAX_HEADER_BYTES = 256 * 1024
+#: Bodies up to this size are read whole before a request meets its mode; larger ones stream through.
+WHOLE_BODY_BYTES = 1024 * 1024
+#: The most read from a socket at once, and so the largest piece of a streamed body.
+_PIECE_BYTES = 64 * 1024
 
 
 class _Closed(Exception):
@@ -53,24 +71,28 @@ class _Closed(Exception):
 
 
 class _Stream:
-    """Buffered reads from a socket: exact counts, up to a delimiter, or to EOF."""
+    """Buffered reads from a socket: exact counts, up to a delimiter, some bytes, or to EOF."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.buf = b""
+        self.buf = bytearray()
 
     def _fill(self) -> None:
-        data = self.sock.recv(65536)
+        data = self.sock.recv(_PIECE_BYTES)
         if not data:
             raise _Closed()
         self.buf += data
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
 
     def until(self, delim: bytes, limit: int = _MAX_HEADER_BYTES) -> bytes:
         while True:
             idx = self.buf.find(delim)
             if idx >= 0:
-                out, self.buf = self.buf[: idx + len(delim)], self.buf[idx + len(delim) :]
-                return out
+                return self._take(idx + len(delim))
             if len(self.buf) > limit:
                 raise ValueError("header too large")
             self._fill()
@@ -78,25 +100,20 @@ class _Stream:
     def exact(self, n: int) -> bytes:
         while len(self.buf) < n:
             self._fill()
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
+        return self._take(n)
 
-    def to_eof(self) -> bytes:
-        try:
-            while True:
-                self._fill()
-        except _Closed:
-            pass
-        out, self.buf = self.buf, b""
-        return out
+    def some(self, most: int) -> bytes:
+        """Between 1 and `most` bytes: what is buffered, else one read."""
+        if not self.buf:
+            self._fill()
+        return self._take(most)
 
-
-@dataclass
-class _Message:
-    first_line: str
-    headers: dict[str, str]
-    raw: bytes
-    close: bool = False
+    def to_eof_pieces(self) -> Iterator[bytes]:
+        while True:
+            try:
+                yield self.some(_PIECE_BYTES)
+            except _Closed:
+                return
 
 
 def _read_head(stream: _Stream) -> tuple[str, dict[str, str], bytes]:
@@ -109,50 +126,77 @@ def _read_head(stream: _Stream) -> tuple[str, dict[str, str], bytes]:
     return lines[0], headers, head
 
 
-def _read_body(stream: _Stream, headers: dict[str, str], *, to_eof: bool) -> tuple[bytes, bool]:
-    """The body's raw bytes (framing kept) and whether the connection ends after it."""
+def _body_pieces(stream: _Stream, headers: dict[str, str], *, to_eof: bool) -> Iterator[bytes]:
+    """The body's raw bytes (framing kept), in pieces of at most `_PIECE_BYTES`."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
-        out = b""
         while True:
             size_line = stream.until(b"\r\n")
-            out += size_line
+            yield size_line
             size = int(size_line.split(b";")[0].strip(), 16)
             if size == 0:
                 while True:  # trailers, ended by an empty line
                     line = stream.until(b"\r\n")
-                    out += line
+                    yield line
                     if line == b"\r\n":
-                        return out, False
-            out += stream.exact(size + 2)
-    if "content-length" in headers:
-        return stream.exact(int(headers["content-length"])), False
-    if to_eof:
-        return stream.to_eof(), True
-    return b"", False
+                        return
+            left = size + 2
+            while left:
+                piece = stream.some(min(left, _PIECE_BYTES))
+                left -= len(piece)
+                yield piece
+    elif "content-length" in headers:
+        left = int(headers["content-length"])
+        while left:
+            piece = stream.some(min(left, _PIECE_BYTES))
+            left -= len(piece)
+            yield piece
+    elif to_eof:
+        yield from stream.to_eof_pieces()
 
 
-def _read_request(stream: _Stream) -> _Message:
-    while True:
-        line, headers, head = _read_head(stream)
-        if line:  # tolerate stray CRLF between requests
-            break
-    body, _ = _read_body(stream, headers, to_eof=False)
-    close = headers.get("connection", "").lower() == "close"
-    return _Message(line, headers, head + body, close)
+class _Body:
+    """One message's body as it is read: the pieces read ahead, then (when not `whole`) the rest as it comes."""
 
+    def __init__(self, stream: _Stream, headers: dict[str, str], *, to_eof: bool, empty: bool = False) -> None:
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        self.declared: int | None = None
+        if not chunked and "content-length" in headers:
+            self.declared = int(headers["content-length"])
+        #: The connection ends with this body (a response framed by closing).
+        self.ends_connection = not empty and not chunked and self.declared is None and to_eof
+        self._rest: Iterator[bytes] = iter(()) if empty else _body_pieces(stream, headers, to_eof=to_eof)
+        self.ahead: list[bytes] = []
+        self.ahead_bytes = 0
+        self.whole = empty
 
-def _read_response(stream: _Stream, method: str) -> _Message:
-    while True:
-        line, headers, head = _read_head(stream)
-        status = int(line.split(" ", 2)[1])
-        if status != 100:
-            break
-    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-        body, eof = b"", False
-    else:
-        body, eof = _read_body(stream, headers, to_eof=True)
-    close = eof or headers.get("connection", "").lower() == "close"
-    return _Message(line, headers, head + body, close)
+    def read_ahead(self, most: int) -> bool:
+        """Read until the body ends (whole, True) or more than `most` bytes are held (False)."""
+        while not self.whole and self.ahead_bytes <= most:
+            piece = next(self._rest, None)
+            if piece is None:
+                self.whole = True
+            else:
+                self.ahead.append(piece)
+                self.ahead_bytes += len(piece)
+        return self.whole
+
+    def pieces(self) -> Iterator[bytes]:
+        """Every piece once: those read ahead, then the rest as it arrives."""
+        ahead, self.ahead = self.ahead, []
+        yield from ahead
+        yield from self._rest
+
+    def drain(self) -> None:
+        for _ in self.pieces():
+            pass
+
+    def part_limit(self, head: bytes) -> int:
+        """How much of head + body is "half the message": half of a known length, else the head and what is held."""
+        if self.whole:
+            return max(1, (len(head) + self.ahead_bytes) // 2)
+        if self.declared is not None:
+            return max(1, (len(head) + self.declared) // 2)
+        return len(head) + self.ahead_bytes
 
 
 def _target(first_line: str) -> tuple[str, str]:
@@ -170,6 +214,46 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
+class TokenBucket:
+    """`rate` bytes per second with bursts of at most `burst` bytes, kept as the time the bucket runs dry.
+
+    `take(n)` blocks until n bytes may go. Callers reserve in turn under a lock and sleep outside it, so
+    connections sharing a bucket share its rate; over any interval t at most `rate * t + burst` bytes pass.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError(f"a rate must be > 0 bytes/s, got {rate}")
+        self.rate = float(rate)
+        # 20 ms of traffic: small enough that a measurement over a second sees the rate, not the burst.
+        self.burst = int(burst if burst is not None else min(256 * 1024, max(4096, rate / 50)))
+        if self.burst < 1:
+            raise ValueError(f"a burst must be >= 1 byte, got {self.burst}")
+        self._clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+        self._dry_at = clock() - self.burst / self.rate  # starts full
+
+    def __repr__(self) -> str:
+        return f"TokenBucket(rate={self.rate:g} B/s, burst={self.burst} B)"
+
+    def take(self, n: int) -> None:
+        """Wait until `n` bytes (at most `burst`) may be sent."""
+        with self._lock:
+            now = self._clock()
+            # A bucket never holds more than `burst`: time spent full earns nothing.
+            self._dry_at = max(self._dry_at, now - self.burst / self.rate) + n / self.rate
+            wait = self._dry_at - now
+        if wait > 0:
+            self._sleep(wait)
+
+
 @dataclass
 class FlakyProxy:
     """A proxy from `url` to `upstream_host:upstream_port` whose failure mode can change at any time."""
@@ -181,11 +265,19 @@ class FlakyProxy:
     max_connections: int = 64
     mode: str = "pass"
     options: dict = field(default_factory=dict)
+    #: Bandwidth client→server and server→client in bytes per second; None: unlimited (see `throttle`).
+    up_bytes_per_s: float | None = None
+    down_bytes_per_s: float | None = None
     #: Requests seen per mode, and per (mode, "METHOD /path") — the query string is dropped.
     requests: collections.Counter = field(default_factory=collections.Counter)
     lines: collections.Counter = field(default_factory=collections.Counter)
     #: Every request in the order the proxy read it: (mode, "METHOD /path"), the query string dropped.
     history: list = field(default_factory=list)
+    #: Bytes relayed client→server (requests) and server→client (responses, and the proxy's own answers).
+    bytes_up: int = 0
+    bytes_down: int = 0
+    #: Each change of a flapping link: (the flap clock's time, "up" | "down").
+    link_events: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port()
@@ -197,6 +289,13 @@ class FlakyProxy:
         self._accept_thread: threading.Thread | None = None
         self._path: str | None = None
         self._times: int | None = None
+        self._buckets: dict[str, TokenBucket | None] = {"up": None, "down": None}
+        self._link_down = False
+        self._link_state_up = True
+        self._link_changed = threading.Condition(self._lock)
+        self._flapper: threading.Thread | None = None
+        self._flap_stop = threading.Event()
+        self.throttle(up_bytes_per_s=self.up_bytes_per_s, down_bytes_per_s=self.down_bytes_per_s)
         self._open_listener()
 
     @property
@@ -227,6 +326,58 @@ class FlakyProxy:
         else:
             self._open_listener()
 
+    def throttle(self, *, up_bytes_per_s: float | None = None, down_bytes_per_s: float | None = None) -> None:
+        """Limit the link's bandwidth each way (bytes per second, shared by all connections); None: unlimited."""
+        buckets = {
+            direction: TokenBucket(rate) if rate is not None else None
+            for direction, rate in (("up", up_bytes_per_s), ("down", down_bytes_per_s))
+        }
+        with self._lock:
+            self.up_bytes_per_s, self.down_bytes_per_s = up_bytes_per_s, down_bytes_per_s
+            self._buckets = buckets
+
+    def flap(
+        self,
+        up_s: float,
+        down_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        poll_s: float = 0.005,
+    ) -> None:
+        """From now (by `clock`), keep the link up for `up_s` then down for `down_s`, over and over."""
+        if up_s <= 0 or down_s <= 0:
+            raise ValueError(f"up_s and down_s must be > 0, got {up_s}, {down_s}")
+        self.stop_flapping()
+        start = clock()
+        stop = self._flap_stop = threading.Event()
+
+        def schedule() -> None:
+            while not stop.is_set():
+                now = clock()
+                self._set_link(up=(now - start) % (up_s + down_s) < up_s, at=now)
+                stop.wait(poll_s)
+
+        self._set_link(up=True, at=start)
+        self._flapper = threading.Thread(target=schedule, name=f"flaky-proxy-{self.port}-flap", daemon=True)
+        self._flapper.start()
+
+    def stop_flapping(self) -> None:
+        """End a flapping schedule and leave the link up."""
+        self._flap_stop.set()
+        if self._flapper is not None:
+            self._flapper.join(timeout=5)
+            self._flapper = None
+        self._set_link(up=True, at=None)
+
+    @property
+    def link_up(self) -> bool:
+        return self._link_state_up
+
+    def wait_link(self, up: bool, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until the link is up (or down); whether it got there."""
+        with self._link_changed:
+            return self._link_changed.wait_for(lambda: self._link_state_up is up, timeout=timeout)
+
     def count(self, path: str | None = None, *, method: str | None = None, mode: str | None = None) -> int:
         """Requests seen whose path contains `path` (and match `method`, `mode` when given)."""
         with self._lock:
@@ -247,6 +398,7 @@ class FlakyProxy:
             self.requests.clear()
             self.lines.clear()
             self.history.clear()
+            self.bytes_up = self.bytes_down = 0
 
     def close(self) -> None:
         """Stop listening, cut every connection, and wait (bounded) for the threads to end."""
@@ -254,6 +406,9 @@ class FlakyProxy:
             if self._closed:
                 return
             self._closed = True
+        self._flap_stop.set()
+        if self._flapper is not None:
+            self._flapper.join(timeout=5)
         self._close_listener()
         self._drop_connections()
         with self._lock:
@@ -271,7 +426,7 @@ class FlakyProxy:
 
     def _open_listener(self) -> None:
         with self._lock:
-            if self._listener is not None or self._closed:
+            if self._listener is not None or self._closed or self._link_down or self.mode == "refuse":
                 return
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -291,7 +446,7 @@ class FlakyProxy:
             self._listener = self._accept_thread = None
         if sock is not None:
             # The accept loop polls every 0.1 s; wait for it so the port is really closed on return.
-            if thread is not None:
+            if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=5)
             sock.close()
 
@@ -307,7 +462,8 @@ class FlakyProxy:
             except OSError:
                 return
             with self._lock:
-                full = len(self._threads) >= self.max_connections
+                # Accepted as the link went down: a refused connection would not have got this far either.
+                full = self._link_down or len(self._threads) >= self.max_connections
                 if not full:
                     thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
                     self._threads.add(thread)
@@ -317,14 +473,32 @@ class FlakyProxy:
                 continue
             thread.start()
 
-    def _drop_connections(self) -> None:
+    def _drop_connections(self, *, reset: bool = False) -> None:
         with self._lock:
             sockets = list(self._sockets)
         for sock in sockets:
             try:
+                if reset:  # the owning thread's close() then sends an RST, not a FIN
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _set_link(self, *, up: bool, at: float | None) -> None:
+        with self._lock:
+            if self._link_down is not up or self._closed:
+                return  # no change
+            self._link_down = not up  # from here the accept loop resets what it still accepts
+        if up:
+            self._open_listener()
+        else:
+            self._drop_connections(reset=True)  # first: the cut is what a test measures
+            self._close_listener()
+        with self._lock:  # published once it holds: a waiter then meets a refused port, or an open one
+            self._link_state_up = up
+            if at is not None:
+                self.link_events.append((at, "up" if up else "down"))
+            self._link_changed.notify_all()
 
     # -------------------------------------------------------------------------------- connection
 
@@ -348,14 +522,50 @@ class FlakyProxy:
         sock = socket.create_connection((self.upstream_host, self.upstream_port), timeout=self.io_timeout)
         return self._track(sock)
 
-    def _send(self, sock: socket.socket, data: bytes, options: dict | None = None) -> None:
-        if not options:
-            sock.sendall(data)
-            return
-        size = int(options["chunk_size"])
+    def _send(self, sock: socket.socket, data: bytes, direction: str, slow: dict | None = None) -> None:
+        """Send `data` one way ("up" to the server, "down" to the client): slowed, throttled, counted."""
+        size = int(slow["chunk_size"]) if slow else len(data) or 1
+        with self._lock:
+            bucket = self._buckets[direction]
         for start in range(0, len(data), size):
-            time.sleep(float(options["delay_s"]))
-            sock.sendall(data[start : start + size])
+            if slow:
+                time.sleep(float(slow["delay_s"]))
+            part = data[start : start + size]
+            step = bucket.burst if bucket is not None else len(part)
+            for offset in range(0, len(part), step):
+                piece = part[offset : offset + step]
+                if bucket is not None:
+                    bucket.take(len(piece))
+                sock.sendall(piece)
+                with self._lock:
+                    if direction == "up":
+                        self.bytes_up += len(piece)
+                    else:
+                        self.bytes_down += len(piece)
+
+    def _relay(self, sock: socket.socket, head: bytes, body: _Body, direction: str, slow: dict | None) -> None:
+        """Send a message on: in one go when it was read whole (so `slow` cuts it as before), else as it comes."""
+        if body.whole:
+            self._send(sock, head + b"".join(body.pieces()), direction, slow)
+            return
+        self._send(sock, head, direction, slow)
+        for piece in body.pieces():
+            self._send(sock, piece, direction, slow)
+
+    def _relay_part(self, sock: socket.socket, head: bytes, body: _Body, direction: str) -> None:
+        """Send only the first part of a message (see `_Body.part_limit`), then stop."""
+        left = body.part_limit(head)
+        for piece in (head, *body.ahead):
+            if left <= 0:
+                return
+            self._send(sock, piece[:left], direction)
+            left -= len(piece)
+        if not body.whole:
+            for piece in body.pieces():
+                if left <= 0:
+                    return
+                self._send(sock, piece[:left], direction)
+                left -= len(piece)
 
     def _swallow(self, client: socket.socket) -> None:
         """Read and drop everything until the client gives up or the proxy closes; never answer."""
@@ -398,10 +608,16 @@ class FlakyProxy:
         reset_client = False
         try:
             while True:
-                request = _read_request(stream)
-                mode, options = self._mode_for(request.first_line)
-                self._record(mode, request.first_line)
-                method = request.first_line.split(" ", 1)[0]
+                while True:
+                    first_line, headers, head = _read_head(stream)
+                    if first_line:  # tolerate stray CRLF between requests
+                        break
+                body = _Body(stream, headers, to_eof=False)
+                body.read_ahead(WHOLE_BODY_BYTES)
+                close = headers.get("connection", "").lower() == "close"
+                mode, options = self._mode_for(first_line)
+                self._record(mode, first_line)
+                method = first_line.split(" ", 1)[0]
 
                 if mode == "refuse":  # a request that slipped in as the listener closed
                     reset_client = True
@@ -410,14 +626,17 @@ class FlakyProxy:
                     self._swallow(client)
                     return
                 if mode == "http_5xx":
+                    body.drain()  # the rest of a large body, so the connection stays usable
                     status = int(options["status"])
-                    body = f'{{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "flaky proxy: {status}"}}'.encode()
-                    client.sendall(
+                    answer = f'{{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "flaky proxy: {status}"}}'.encode()
+                    self._send(
+                        client,
                         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n".encode()
-                        + body
+                        f"Content-Length: {len(answer)}\r\n\r\n".encode()
+                        + answer,
+                        "down",
                     )
-                    if request.close:
+                    if close:
                         return
                     continue
 
@@ -428,30 +647,40 @@ class FlakyProxy:
                         reset_client = True  # like a gateway whose backend is down
                         return
                     upstream_stream = _Stream(upstream)
+                assert upstream_stream is not None
 
                 if mode == "reset" and options["at"] == "request":
                     # Half the request reaches the server, which therefore never applies it.
-                    upstream.sendall(request.raw[: max(1, len(request.raw) // 2)])
+                    self._relay_part(upstream, head, body, "up")
                     _reset(upstream)
                     self._forget(upstream)
                     upstream = None
                     reset_client = True
                     return
 
-                self._send(upstream, request.raw, options if mode == "slow" else None)
-                response = _read_response(upstream_stream, method)
+                self._relay(upstream, head, body, "up", options if mode == "slow" else None)
+                while True:
+                    status_line, response_headers, response_head = _read_head(upstream_stream)
+                    status = int(status_line.split(" ", 2)[1])
+                    if status != 100:
+                        break
+                empty = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+                response = _Body(upstream_stream, response_headers, to_eof=True, empty=empty)
+                response.read_ahead(WHOLE_BODY_BYTES)
 
                 if mode == "lost_ack":
+                    response.drain()
                     return  # the server applied it; the client hears a closed connection, nothing else
                 if mode == "reset":  # at == "response"
-                    client.sendall(response.raw[: max(1, len(response.raw) // 2)])
+                    self._relay_part(client, response_head, response, "down")
                     reset_client = True
                     return
 
-                self._send(client, response.raw, options if mode == "slow" and options["response"] else None)
-                if response.close:
+                slow = options if mode == "slow" and options["response"] else None
+                self._relay(client, response_head, response, "down", slow)
+                if response.ends_connection or response_headers.get("connection", "").lower() == "close":
                     return
-                if request.close:
+                if close:
                     return
         except (_Closed, OSError, ValueError):
             return
