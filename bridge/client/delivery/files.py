@@ -123,11 +123,13 @@ def _resume(link: Link, journal: Journal, state: UploadState, body: dict, spool_
             answer = tus.send_part(link, state.location, spool_file, state.confirmed, length, on_bytes=sent)
         except HttpError as exc:
             if exc.status == TOO_BIG:
-                _smaller(state, exc, body["path"])
+                _smaller(state, length, exc, body["path"])
                 journal.uploads.save(state)
-                continue  # at once: the edge refused it before reading it
+                # The next files start at what this link takes (the edge's limit does not change per file).
+                link.upload_parts[link.url] = min(link.upload_parts.get(link.url) or state.part, state.part)
+                continue  # at once
             if exc.status in TOO_SLOW:
-                _smaller(state, exc, body["path"])
+                _smaller(state, length, exc, body["path"])
                 journal.uploads.save(state)
                 raise
             if exc.status == 409:  # the server holds another offset (a part cut after it arrived): ask it
@@ -149,7 +151,7 @@ def _resume(link: Link, journal: Journal, state: UploadState, body: dict, spool_
             raise
         except TransportError:
             if time.monotonic() - started > upload_read_timeout(length, link.timeout[1]) * 0.9:
-                _smaller(state, None, body["path"])  # a part that times out is too big for this link now
+                _smaller(state, length, None, body["path"])  # a part that times out is too big for this link now
             raise
         if length > 0 and answer.offset <= state.confirmed:
             raise TransportError(f"the server confirmed none of a {_mib(length)} part of {body['path']}")
@@ -164,16 +166,17 @@ def _resume(link: Link, journal: Journal, state: UploadState, body: dict, spool_
             raise WaitForServer(f"the server has every byte of {body['path']} but has not placed it yet")
 
 
-def _smaller(state: UploadState, exc: HttpError | None, path: str) -> None:
-    """Halve the part after the edge refused it (413) or it took too long; a dead letter below the floor."""
-    if state.part <= UPLOAD_PART_FLOOR_BYTES:
+def _smaller(state: UploadState, refused: int, exc: HttpError | None, path: str) -> None:
+    """Halve the part after the edge refused `refused` bytes (413) or they took too long; a dead letter below the
+    floor."""
+    if min(state.part, refused) <= UPLOAD_PART_FLOOR_BYTES:
         if exc is not None and exc.status == TOO_BIG:
             raise UndeliverableError(
                 FILE_REFUSED_BY_LINK,
                 f"the link refuses even {_mib(state.part)} requests (HTTP 413) while uploading {path}",
             ) from None
         return
-    state.part = max(UPLOAD_PART_FLOOR_BYTES, state.part // 2)
+    state.part = max(UPLOAD_PART_FLOOR_BYTES, min(state.part, refused) // 2)
     why = f"HTTP {exc.status}" if exc is not None else "a timeout"
     log.info("bridge: %s for a part of %s: parts of %s from now on", why, path, _mib(state.part))
 
