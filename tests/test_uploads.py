@@ -421,3 +421,37 @@ def test_files_over_the_edges_body_limit_arrive_through_the_quick_tunnel(
     for name, sha in (("best.pt", best_sha), ("last.pt", last_sha)):
         got = client.download_artifacts(remote, f"weights/{name}", str(tmp_path / "down"))
         assert hashlib.sha256(Path(got).read_bytes()).hexdigest() == sha, name
+
+
+def test_a_delivery_mark_never_covers_a_file_still_waiting(
+    entrance, server_client, bridge_connect, monkeypatch, tmp_path
+):
+    """Records overtake files now; a mark (delivery/marks.py) sent with them must stay below the file, or a stale
+    copy of the journal would take the file as delivered and skip it."""
+    import mlflow
+
+    from bridge.client.delivery.marks import MARK_TAG_PREFIX
+
+    monkeypatch.setenv("BRIDGE_UPLOAD_PART_BYTES", str(MiB))
+    transport = HeldUploads()
+    conn = bridge_connect(entrance.url, TOKEN, transport=transport)
+    mlflow.set_experiment(f"marks-{uuid.uuid4().hex[:8]}")
+    source, _ = _payload(tmp_path, 3 * MiB, "best.pt")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(source))
+        assert transport.held.wait(30)
+        for i in range(5):
+            mlflow.set_tag(f"t{i}", "v")  # marked kinds, logged after the file
+        (file_row,) = conn.journal.queue.undelivered(run.info.run_id, ("artifact",))
+        remote = conn.journal.ids.server_run(run.info.run_id)[0]
+        deadline = time.monotonic() + 30
+        while "t4" not in server_client.get_run(remote).data.tags and time.monotonic() < deadline:
+            time.sleep(0.05)
+        conn.sender.wake()
+        assert conn.sender.wait_rounds(2, 30)
+        tags = server_client.get_run(remote).data.tags
+        assert "t4" in tags, "the tags went while the file waits"
+        marks = [int(v) for k, v in tags.items() if k.startswith(MARK_TAG_PREFIX)]
+        assert all(mark < file_row.id for mark in marks), (marks, file_row.id)
+        transport.release.set()
+    assert conn.flush(60) == 0
