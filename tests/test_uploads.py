@@ -455,3 +455,39 @@ def test_a_delivery_mark_never_covers_a_file_still_waiting(
         assert all(mark < file_row.id for mark in marks), (marks, file_row.id)
         transport.release.set()
     assert conn.flush(60) == 0
+
+
+def test_a_logged_models_big_file_goes_in_parts_and_ready_comes_after_it(
+    entrance, mlflow_server, server_client, bridge_connect, monkeypatch, tmp_path
+):
+    import mlflow
+
+    from tests.support.transport import FaultTransport
+
+    class Holder(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    monkeypatch.setenv("BRIDGE_UPLOAD_PART_BYTES", str(MiB))
+    transport = FaultTransport()
+    conn = bridge_connect(entrance.url, TOKEN, transport=transport)
+    mlflow.set_experiment(f"model-parts-{uuid.uuid4().hex[:8]}")
+    weights, sha = _payload(tmp_path, 9 * MiB + 7, "weights.bin")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="holder", python_model=Holder(), artifacts={"weights": str(weights)}, pip_requirements=[]
+        )
+    assert conn.flush(120) == 0, conn.status()
+    remote_id = conn.journal.ids.entity("logged_model", info.model_id).remote_id
+    model = server_client.get_logged_model(remote_id)
+    assert str(model.status) == "READY"
+    downloaded = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{model.artifact_location}/artifacts/weights.bin",
+        dst_path=str(tmp_path / "down"),
+        tracking_uri=mlflow_server.url,
+    )
+    assert hashlib.sha256(Path(downloaded).read_bytes()).hexdigest() == sha
+    sent = [r for r in transport.requests if r.fault is None]
+    parts = [i for i, r in enumerate(sent) if r.method == "PATCH" and r.path.startswith(tus.PREFIX)]
+    finalize = [i for i, r in enumerate(sent) if r.method == "PATCH" and r.path.endswith(remote_id)]
+    assert len(parts) == 10 and finalize and max(parts) < min(finalize), "READY only once the file is whole"
