@@ -7,6 +7,7 @@ checks what MLflow holds: bytes and sha256, never a mock's word.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -65,6 +66,7 @@ def _in_mlflow(mlflow_server, artifact_path: str) -> bytes | None:
 
 
 def _journal_with_file(tmp_path: Path, source: Path) -> tuple[Journal, object, dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     journal = Journal(tmp_path / "journal.sqlite")
     run = journal.add_run(experiment_id=journal.add_experiment("e", {}), user_id="u", start_time=1, name="r", tags={})
     body = journal.spool_artifact(run, source, source.name)
@@ -491,3 +493,48 @@ def test_a_logged_models_big_file_goes_in_parts_and_ready_comes_after_it(
     parts = [i for i, r in enumerate(sent) if r.method == "PATCH" and r.path.startswith(tus.PREFIX)]
     finalize = [i for i, r in enumerate(sent) if r.method == "PATCH" and r.path.endswith(remote_id)]
     assert len(parts) == 10 and finalize and max(parts) < min(finalize), "READY only once the file is whole"
+
+
+class SlowEdge(CountingTransport):
+    """Real HTTP, but the edge answers 524 (the origin took over 100 s) for upload parts over `slow_over` bytes."""
+
+    def __init__(self, slow_over: int) -> None:
+        super().__init__()
+        self.slow_over = slow_over
+
+    def send(self, request: Request) -> Response:
+        size = len(request.data) if request.method == "PATCH" and hasattr(request.data, "__len__") else 0
+        if size > self.slow_over:
+            self.methods.append(request.method)
+            self.refused += 1
+            return Response(524, b"<html>error code: 524</html>", {"Content-Type": "text/html"})
+        return super().send(request)
+
+
+def test_timeouts_at_the_edge_make_the_parts_smaller_then_a_dead_letter_at_the_floor(
+    entrance, mlflow_server, run_path, tmp_path
+):
+    source, sha = _payload(tmp_path, 9 * MiB)
+    journal, op, body = _journal_with_file(tmp_path, source)
+    assert entrance.uploads is not None
+    entrance.uploads.max_part_bytes = 4 * MiB
+    link = Link(entrance.url, TOKEN, transport=SlowEdge(slow_over=MiB))
+    target = f"{run_path}/slow.pt"
+    tries = 0
+    while True:  # what the file lane does: try, back off, try again
+        tries += 1
+        try:
+            _deliver(link, journal, op, body, target, part_bytes=4 * MiB)
+            break
+        except HttpError as exc:
+            assert exc.status == 524 and tries < 5
+    assert tries == 3, "4 MiB timed out, 2 MiB timed out, then 1 MiB parts"
+    assert hashlib.sha256(_in_mlflow(mlflow_server, target) or b"").hexdigest() == sha
+
+    journal2, op2, body2 = _journal_with_file(tmp_path / "second", _payload(tmp_path, 3 * MiB, "never.pt")[0])
+    always_slow = Link(entrance.url, TOKEN, transport=SlowEdge(slow_over=0))
+    with pytest.raises(UndeliverableError) as dead:
+        for _ in range(files.SLOW_TRIES_AT_FLOOR + 1):
+            with contextlib.suppress(HttpError):
+                _deliver(always_slow, journal2, op2, body2, f"{run_path}/never.pt", part_bytes=MiB)
+    assert dead.value.reason == files.FILE_REFUSED_BY_LINK and "524" in dead.value.message

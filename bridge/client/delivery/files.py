@@ -30,6 +30,8 @@ SINGLE_PUT_BYTES = 8 * 1024 * 1024
 FILE_REFUSED_BY_LINK = "file-refused-by-link"
 #: A file whose bytes kept arriving changed (the sha256 the server computed differs) this often: given up.
 CHECKSUM_FAILURES_ALLOWED = 3
+#: An upload whose parts still time out at UPLOAD_PART_FLOOR_BYTES after this many failed tries is given up.
+SLOW_TRIES_AT_FLOOR = 8
 #: Statuses by which a tunnel's edge says a request was too big or too slow for it.
 TOO_BIG = 413
 TOO_SLOW = (408, 504, 522, 524)
@@ -174,6 +176,12 @@ def _smaller(state: UploadState, refused: int, exc: HttpError | None, path: str)
             raise UndeliverableError(
                 FILE_REFUSED_BY_LINK,
                 f"the link refuses even {_mib(state.part)} requests (HTTP 413) while uploading {path}",
+            ) from None
+        if exc is not None and state.tries + 1 >= SLOW_TRIES_AT_FLOOR:
+            raise UndeliverableError(
+                FILE_REFUSED_BY_LINK,
+                f"the link timed out (HTTP {exc.status}) {state.tries + 1} times, even on {_mib(state.part)} "
+                f"requests, while uploading {path}",
             ) from None
         return
     state.part = max(UPLOAD_PART_FLOOR_BYTES, min(state.part, refused) // 2)
