@@ -425,38 +425,61 @@ def test_files_over_the_edges_body_limit_arrive_through_the_quick_tunnel(
         assert hashlib.sha256(Path(got).read_bytes()).hexdigest() == sha, name
 
 
-def test_a_delivery_mark_never_covers_a_file_still_waiting(
+class UploadsDown(Transport):
+    """Real HTTP once `offline` is cleared; uploads keep failing while `uploads_down` (a link too poor for them)."""
+
+    def __init__(self) -> None:
+        self.inner = RequestsTransport()
+        self.offline = True
+        self.uploads_down = True
+
+    def send(self, request: Request) -> Response:
+        if self.offline:
+            raise TransportError("offline")
+        if self.uploads_down and tus.PREFIX in request.url and request.method in ("PATCH", "POST"):
+            raise TransportError("the upload's link dropped")
+        return self.inner.send(request)
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+
+def test_a_stale_copy_taken_while_a_file_waits_undoes_nothing_and_still_delivers_the_file(
     entrance, server_client, bridge_connect, monkeypatch, tmp_path
 ):
-    """Records overtake files now; a mark (delivery/marks.py) sent with them must stay below the file, or a stale
-    copy of the journal would take the file as delivered and skip it."""
+    """Records overtake a waiting file. The runtime dies during the upload; the Drive copy taken before the newer
+    tag is delivered later: it must neither bring the older tag back nor skip the file (marks per lane)."""
     import mlflow
 
-    from bridge.client.delivery.marks import MARK_TAG_PREFIX
+    from bridge.client.connect import sync
+    from tests.test_journal_regressions import _copy_journal
 
     monkeypatch.setenv("BRIDGE_UPLOAD_PART_BYTES", str(MiB))
-    transport = HeldUploads()
+    transport = UploadsDown()
     conn = bridge_connect(entrance.url, TOKEN, transport=transport)
-    mlflow.set_experiment(f"marks-{uuid.uuid4().hex[:8]}")
-    source, _ = _payload(tmp_path, 3 * MiB, "best.pt")
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(source))
-        assert transport.held.wait(30)
-        for i in range(5):
-            mlflow.set_tag(f"t{i}", "v")  # marked kinds, logged after the file
-        (file_row,) = conn.journal.queue.undelivered(run.info.run_id, ("artifact",))
+    mlflow.set_experiment(f"stale-{uuid.uuid4().hex[:8]}")
+    best, sha = _payload(tmp_path, 3 * MiB, "best.pt")
+    run = mlflow.start_run()
+    mlflow.log_artifact(str(best), "weights")
+    mlflow.set_tag("stage", "old")
+    snapshot = _copy_journal(conn.journal.path, tmp_path / "drive")  # Drive's copy, taken now
+    transport.offline = False  # the link is back; the weights still cannot go
+    mlflow.set_tag("stage", "newer")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         remote = conn.journal.ids.server_run(run.info.run_id)[0]
-        deadline = time.monotonic() + 30
-        while "t4" not in server_client.get_run(remote).data.tags and time.monotonic() < deadline:
-            time.sleep(0.05)
-        conn.sender.wake()
-        assert conn.sender.wait_rounds(2, 30)
-        tags = server_client.get_run(remote).data.tags
-        assert "t4" in tags, "the tags went while the file waits"
-        marks = [int(v) for k, v in tags.items() if k.startswith(MARK_TAG_PREFIX)]
-        assert all(mark < file_row.id for mark in marks), (marks, file_row.id)
-        transport.release.set()
-    assert conn.flush(60) == 0
+        if remote and server_client.get_run(remote).data.tags.get("stage") == "newer":
+            break
+        time.sleep(0.05)
+    assert remote is not None and server_client.get_run(remote).data.tags.get("stage") == "newer"
+    conn.close()  # the runtime dies while the weights upload
+    monkeypatch.setenv("BRIDGE_TOKEN", TOKEN)
+    report = sync(snapshot, entrance.url, timeout=60)
+    assert report.left == 0
+    assert server_client.get_run(remote).data.tags["stage"] == "newer", "the copy undid a write done after it"
+    got = server_client.download_artifacts(remote, "weights/best.pt", str(tmp_path / "down"))
+    assert hashlib.sha256(Path(got).read_bytes()).hexdigest() == sha, "the copy delivered the file"
+    mlflow.end_run()
 
 
 def test_a_logged_models_big_file_goes_in_parts_and_ready_comes_after_it(

@@ -111,13 +111,17 @@ class Heartbeats:
             self._tried[run] = now
             beat = {"key": config.HEARTBEAT_TAG, "value": str(int(now))}
             try:
-                marks = self.marks.owed_tags(("run", run)) if self.marks is not None else []
+                owed = {}
+                if self.marks is not None:  # both lanes' marks ride along (marks.py)
+                    owed = {kind: self.marks.owed_tags((kind, run)) for kind in ("run", "files")}
+                marks = [tag for tags in owed.values() for tag in tags]
                 if marks:
                     self.link.call(
                         "/runs/log-batch", {"run_id": remote, "metrics": [], "params": [], "tags": [beat, *marks]}
                     )
                     assert self.marks is not None  # the marks came from it
-                    self.marks.sent(("run", run), marks)
+                    for kind, tags in owed.items():
+                        self.marks.sent((kind, run), tags)
                 else:
                     self.link.call("/runs/set-tag", {"run_id": remote, **beat})
             except HttpError as exc:  # e.g. the run was deleted on the server: the other runs still beat

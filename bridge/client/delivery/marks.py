@@ -26,6 +26,10 @@ They cost no request of their own while a run logs: they ride in its log_batch r
 A run that is not live here (ended, or delivered by `bridge sync`) gets its owed mark in one request at the
 end of the delivery round that owes it; a live run's owed mark (after an artifact upload, say) waits at most
 one heartbeat period — the window in which a copy taken earlier could still bring that upload back.
+A run's files travel in a lane of their own (sender.py): records overtake a file still uploading. So a run keeps
+two marks per lineage, one per lane, each covering only its own lane's rows, which go in order: the records'
+`bridge.delivered.<uid>.<run>` and the files' `bridge.delivered.<uid>.<run>.files` (scope ("files", run)).
+
 Limits: two processes delivering the same run at the same time each read the marks once and do not see the
 other's later ones; logged models and registry operations carry no marks (they are applied as get-or-create).
 """
@@ -35,7 +39,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from bridge.client.journal import MARKED_EXPERIMENT_KINDS, MARKED_RUN_KINDS, UPDATE_RUN, Journal, Op
+from bridge.client.journal import ARTIFACT, MARKED_EXPERIMENT_KINDS, MARKED_RUN_KINDS, UPDATE_RUN, Journal, Op
 from bridge.client.link import Link, Verdict, classify_failure
 from bridge.errors import HttpError
 
@@ -48,14 +52,19 @@ TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 #: MLflow's logged-model ids: their artifacts travel as a run's do, but a model has no tags to hold a mark.
 _LOGGED_MODEL_PREFIX = "m-"
 
-#: A scope the marks are kept for: ("run", local run id) or ("experiment", local experiment id).
+#: The suffix of a run's mark for its file lane.
+FILES_SUFFIX = ".files"
+#: A scope the marks are kept for: ("run", local run id) for a run's records, ("files", local run id) for its
+#: files, or ("experiment", local experiment id).
 Scope = tuple[str, str]
+#: The scope kinds whose marks are tags of a run.
+RUN_SCOPES = ("run", "files")
 
 
 def scope_of(op: Op) -> Scope | None:
     """Where `op`'s mark lives, or None when its kind carries none."""
     if op.run and op.kind in MARKED_RUN_KINDS and not op.run.startswith(_LOGGED_MODEL_PREFIX):
-        return "run", op.run
+        return ("files" if op.kind == ARTIFACT else "run"), op.run
     if not op.run and op.kind in MARKED_EXPERIMENT_KINDS:
         return "experiment", str(op.json().get("experiment_id"))
     return None
@@ -68,7 +77,7 @@ def _key(scope: Scope) -> str:
 def parse_marks(scope: Scope, tags: Iterable[tuple[str, str]]) -> dict[str, int]:
     """{lineage uid: mark} of `scope` from (key, value) tags; other tags and unreadable values are ignored."""
     marks = {}
-    suffix = "." + scope[1]
+    suffix = "." + scope[1] + (FILES_SUFFIX if scope[0] == "files" else "")
     for key, value in tags:
         if key.startswith(MARK_TAG_PREFIX) and key.endswith(suffix):
             try:
@@ -79,7 +88,8 @@ def parse_marks(scope: Scope, tags: Iterable[tuple[str, str]]) -> dict[str, int]
 
 
 def mark_tags(scope: Scope, marks: dict[str, int]) -> list[dict[str, str]]:
-    return [{"key": f"{MARK_TAG_PREFIX}{uid}.{scope[1]}", "value": str(n)} for uid, n in sorted(marks.items())]
+    suffix = FILES_SUFFIX if scope[0] == "files" else ""
+    return [{"key": f"{MARK_TAG_PREFIX}{uid}.{scope[1]}{suffix}", "value": str(n)} for uid, n in sorted(marks.items())]
 
 
 class DeliveryMarks:
@@ -108,7 +118,7 @@ class DeliveryMarks:
             return known
         kind, local_id = scope
         try:
-            if kind == "run":
+            if kind in RUN_SCOPES:
                 remote, _ = self.journal.ids.server_run(local_id)
                 if remote is None:
                     return None  # not created yet: its creation (ahead of it in the journal) tells
@@ -221,7 +231,7 @@ class DeliveryMarks:
             return
         kind, local_id = scope
         try:
-            if kind == "run":
+            if kind in RUN_SCOPES:
                 remote, _ = self.journal.ids.server_run(local_id)
                 if remote is None:
                     return self.forget(scope)

@@ -20,7 +20,7 @@ from bridge import config
 from bridge.client import forksafe
 from bridge.client.delivery import files
 from bridge.client.delivery.heartbeat import Heartbeats
-from bridge.client.delivery.marks import TERMINAL_STATUSES, DeliveryMarks
+from bridge.client.delivery.marks import RUN_SCOPES, TERMINAL_STATUSES, DeliveryMarks
 from bridge.client.journal import Journal, Op
 from bridge.client.journal.kinds import LOGGED_MODEL, RUN_ID_TAGS, UPDATE_RUN
 from bridge.client.link import Link, Verdict, classify_failure, uploads
@@ -168,9 +168,9 @@ class Operations:
         found = chosen["info"] if chosen else None
         if found is not None:  # its delivery marks come with it (marks.py)
             assert chosen is not None  # what it was found in
-            self.marks.learn(
-                ("run", op.run), ((t["key"], t.get("value")) for t in chosen.get("data", {}).get("tags", []))
-            )
+            tags_found = [(t["key"], t.get("value")) for t in chosen.get("data", {}).get("tags", [])]
+            for scope_kind in RUN_SCOPES:
+                self.marks.learn((scope_kind, op.run), tags_found)
         else:
             tags = {}
             for key, value in (body.get("tags") or {}).items():
@@ -191,7 +191,8 @@ class Operations:
                 payload["run_name"] = record.name
             with self.creating():
                 found = self.link.call("/runs/create", payload)["run"]["info"]
-            self.marks.none_there(("run", op.run))
+            for scope_kind in RUN_SCOPES:
+                self.marks.none_there((scope_kind, op.run))
         # After a try whose fate is unknown, an earlier try may still land, whichever try made the run.
         watch = time.time() + TWIN_WATCH_TIMEOUTS * sum(self.link.timeout) if op.attempts else None
         self.journal.ids.map_run(op.run, found["run_id"], found.get("artifact_uri"), watch_twins_until=watch)

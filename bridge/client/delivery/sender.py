@@ -590,14 +590,7 @@ class Sender:
         )
         # So do the run's delivery marks, this batch's own rows included (applied with them, or not at all).
         scope = ("run", run)
-        # A file of the run still waiting (the file lane) keeps the mark below it: marks cover rows done in order.
-        first_file = self.journal.queue.first_file(run)
-        cap = first_file - 1 if first_file is not None else None
-        own = {
-            uid: n if cap is None else min(n, cap)
-            for (of, uid), n in self.marks.highest(ops).items()
-            if of == scope and (cap is None or cap > 0)
-        }
+        own = {uid: n for (of, uid), n in self.marks.highest(ops).items() if of == scope}
         try:
             marks = self._checked(lambda: self.marks.owed_tags(scope, own))
             if not batch.has_room_for_tags([t["key"] for t in marks] + ([Heartbeats.tag()["key"]] if beat_run else [])):

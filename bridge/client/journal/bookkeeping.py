@@ -8,7 +8,7 @@ import time
 import uuid
 
 from bridge.client.journal.database import Database
-from bridge.client.journal.kinds import MARKED_EXPERIMENT_KINDS, MARKED_RUN_KINDS
+from bridge.client.journal.kinds import ARTIFACT, MARKED_EXPERIMENT_KINDS, MARKED_RUN_KINDS
 from bridge.client.journal.queue import IS_UNDELIVERED
 
 
@@ -59,11 +59,9 @@ class Bookkeeping:
             result: dict[str, dict[str, int]] = {}
             for owner, uid, done in rows:
                 kind, _, local_id = owner.partition(":")
-                if kind == "run":
-                    where, args = (
-                        "run=? and kind in ({})".format(",".join("?" * len(MARKED_RUN_KINDS))),
-                        (local_id, *sorted(MARKED_RUN_KINDS)),
-                    )
+                if kind in ("run", "files"):  # a run's records, or its files: each lane's rows go in order
+                    lane = sorted(MARKED_RUN_KINDS - {ARTIFACT}) if kind == "run" else [ARTIFACT]
+                    where, args = ("run=? and kind in ({})".format(",".join("?" * len(lane))), (local_id, *lane))
                 else:
                     where, args = (
                         "run='' and kind in ({}) and json_extract(body, '$.experiment_id')=?".format(
