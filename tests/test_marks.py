@@ -72,8 +72,11 @@ def test_a_resumed_copy_keeps_its_new_writes_and_skips_only_what_the_original_de
     assert run.info.status == "FINISHED"
     assert _download(mlflow_server.url, run.info.run_id, "notes.txt") == "v2"
     assert _download(mlflow_server.url, run.info.run_id, "later.txt") == "v3"
-    # Two lineages delivered to it: the original's and the resumed copy's, each with its own mark.
-    assert len([k for k in run.data.tags if k.startswith(MARK_TAG_PREFIX)]) == 2
+    # Two lineages delivered to it: the original's and the resumed copy's, each with its own mark per lane
+    # (records, and files: `….files`).
+    marks = [k[len(MARK_TAG_PREFIX) :] for k in run.data.tags if k.startswith(MARK_TAG_PREFIX)]
+    assert len(marks) == 4 and len({m.split(".")[0] for m in marks}) == 2
+    assert len([m for m in marks if m.endswith(".files")]) == 2
 
 
 def test_a_stale_copy_does_not_bring_back_an_older_status_or_artifact(
