@@ -123,11 +123,13 @@ class TransportError(LinkError):
 class HttpError(LinkError):
     """The server answered with an error status; `error_code` is MLflow's, None when MLflow did not answer."""
 
-    def __init__(self, status: int, error_code: str | None, message: str) -> None:
+    def __init__(self, status: int, error_code: str | None, message: str, headers: dict | None = None) -> None:
         super().__init__(f"HTTP {status}" + (f" {error_code}" if error_code else "") + f": {message}")
         self.status = status
         self.error_code = error_code
         self.message = message
+        #: The answer's headers (who answered: an upload endpoint says Tus-Resumable, a tunnel's edge does not).
+        self.headers = headers or {}
 
 
 class TokenRejectedError(HttpError):

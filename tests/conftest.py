@@ -22,6 +22,7 @@ pytest_plugins = [
     "tests.support.tunnel",
     "tests.support.serve",
     "tests.support.yolo",
+    "tests.support.uploads",
     # Its autouse session fixture is set up before, so torn down after, the session's servers.
     "tests.support.leak_scan",
 ]

@@ -122,8 +122,16 @@ def _tus_headers(**extra: str) -> dict[str, str]:
     return {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store", **extra}
 
 
+#: Refusals that no later try changes carry MLflow's error code, so a client takes them as final (a dead letter
+#: with this message) rather than as a link that failed; every other answer is one to try again after.
+_FINAL = {400: "INVALID_PARAMETER_VALUE", 405: "INVALID_PARAMETER_VALUE", 415: "INVALID_PARAMETER_VALUE"}
+
+
 def _error(status: int, message: str, **extra: str) -> web.Response:
-    return web.Response(status=status, text=message + "\n", headers=_tus_headers(**extra))
+    body: dict[str, str] = {"message": message}
+    if status in _FINAL:
+        body["error_code"] = _FINAL[status]
+    return web.json_response(body, status=status, headers=_tus_headers(**extra))
 
 
 def parse_metadata(header: str) -> dict[str, str]:
@@ -314,6 +322,7 @@ class Uploads:
         """Append the part's bytes as they arrive; every byte received stays, even when the part is cut."""
         room = min(self.max_part_bytes, upload.length - start)
         received = 0
+        upload.data.touch(exist_ok=True)  # its bytes may have gone with a restart mid-placing: start them again
         with open(upload.data, "r+b", buffering=0) as fh:  # unbuffered: a HEAD sees every byte read so far
             fh.seek(start)
             fh.truncate()
@@ -322,14 +331,18 @@ class Uploads:
                     chunk = await asyncio.wait_for(request.content.read(READ_CHUNK), IDLE_READ_S)
                     if not chunk:
                         break
-                    if received + len(chunk) > room:
-                        fh.write(chunk[: room - received])
-                        received = room
-                        what = "the file's announced length" if room < self.max_part_bytes else "a part's limit"
-                        return _error(413, f"the part goes past {what} ({room} bytes from {start})")
-                    fh.write(chunk)
+                    try:
+                        if received + len(chunk) > room:
+                            fh.write(chunk[: room - received])
+                            received = room
+                            what = "the file's announced length" if room < self.max_part_bytes else "a part's limit"
+                            return _error(413, f"the part goes past {what} ({room} bytes from {start})")
+                        fh.write(chunk)
+                    except OSError as exc:  # the workstation's disk: full, or failing
+                        log.warning("Upload %s: cannot write the part: %s", upload.id[:8], exc)
+                        return _error(507, f"the workstation cannot store the upload now ({exc.strerror or exc})")
                     received += len(chunk)
-            except (asyncio.TimeoutError, ConnectionError, OSError, Exception) as exc:
+            except Exception as exc:
                 # Cut or stalled: keep what arrived (the client asks for the offset and goes on from there).
                 log.info("Upload %s: part cut after %d bytes (%s)", upload.id[:8], received, type(exc).__name__)
                 return _error(400, "the part was cut")
@@ -375,9 +388,9 @@ class Uploads:
             upload.placing = None
         upload.state, upload.error = PLACED, None
         self.placed += 1
+        upload.save()  # before the bytes go: a restart in between must not find "placing" with no data
         with contextlib.suppress(OSError):
             upload.data.unlink()
-        upload.save()
         log.info("Upload %s: placed %s (%d bytes)", upload.id[:8], upload.path, upload.length)
 
     # ---------------------------------------------------------------------------------- clean-up

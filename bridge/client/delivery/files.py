@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bridge.client.journal import Journal, Op
@@ -30,7 +31,7 @@ SINGLE_PUT_BYTES = 8 * 1024 * 1024
 FILE_REFUSED_BY_LINK = "file-refused-by-link"
 #: A file whose bytes kept arriving changed (the sha256 the server computed differs) this often: given up.
 CHECKSUM_FAILURES_ALLOWED = 3
-#: An upload whose parts still time out at UPLOAD_PART_FLOOR_BYTES after this many failed tries is given up.
+#: An upload whose parts time out at UPLOAD_PART_FLOOR_BYTES this many times in a row is given up.
 SLOW_TRIES_AT_FLOOR = 8
 #: Statuses by which a tunnel's edge says a request was too big or too slow for it.
 TOO_BIG = 413
@@ -59,13 +60,20 @@ def deliver_file(
     artifact_path: str,
     url: str,
     part_bytes: int = DEFAULT_UPLOAD_PART_BYTES,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
     """Deliver the spooled copy of `body['path']` (artifact row `op`) to `artifact_path` on the server.
 
     Raises LinkError (try again later: the lane backs off), UndeliverableError (a dead letter), or WaitForServer.
+    `should_stop` is asked between parts: a stopping sender ends the upload there (it goes on next time).
     """
     size = int(body.get("size") or spool_file.stat().st_size)
+    # "./weights//best.pt" as MLflow stores it; ".." stays, for the server to refuse.
+    artifact_path = "/".join(part for part in artifact_path.split("/") if part not in ("", "."))
     state = journal.uploads.get(op.id)
+    if state is not None and tus.max_part(link) is None:
+        journal.uploads.drop(op.id)  # begun behind an entrance, now delivered to a plain server: whole
+        state = None
     if state is None:
         max_part = tus.max_part(link) if size > SINGLE_PUT_BYTES or part_bytes < size else None
         if max_part is None:
@@ -75,7 +83,7 @@ def deliver_file(
             except HttpError as exc:
                 if exc.status != TOO_BIG:
                     raise
-                if tus.max_part(link) is None:
+                if tus.max_part(link, fresh=True) is None:  # fresh: "none" may have been a tunnel's own 404
                     raise UndeliverableError(
                         FILE_REFUSED_BY_LINK,
                         f"the link refuses a request of {_mib(size)} (HTTP 413) and the server takes no uploads in "
@@ -86,7 +94,7 @@ def deliver_file(
         state = UploadState(op.id, size, max(UPLOAD_PART_FLOOR_BYTES, min(part_bytes, max_part)))
         journal.uploads.save(state)
     try:
-        _resume(link, journal, state, body, spool_file, artifact_path)
+        _resume(link, journal, state, body, spool_file, artifact_path, should_stop)
     except Exception as exc:
         state.tries += 1
         state.error = _short(exc)
@@ -94,14 +102,22 @@ def deliver_file(
         raise
 
 
-def _resume(link: Link, journal: Journal, state: UploadState, body: dict, spool_file: Path, artifact_path: str) -> None:
+def _resume(
+    link: Link,
+    journal: Journal,
+    state: UploadState,
+    body: dict,
+    spool_file: Path,
+    artifact_path: str,
+    should_stop: Callable[[], bool],
+) -> None:
     """Send what the server does not have yet, part after part, keeping its confirmed offset in the journal."""
     if state.location is not None:
         try:
             held = tus.offset(link, state.location)
         except HttpError as exc:
-            if exc.status not in (404, 410):
-                raise
+            if exc.status not in (404, 410) or not tus.from_endpoint(exc):
+                raise  # a tunnel's "endpoint offline" 404 says nothing about the upload
             log.info("bridge: the server no longer has the upload of %s; starting it again", body["path"])
             state.location, state.confirmed = None, 0
         else:
@@ -119,6 +135,8 @@ def _resume(link: Link, journal: Journal, state: UploadState, body: dict, spool_
         link.upload_bytes_sent += n
 
     while True:
+        if should_stop():
+            raise TransportError(f"delivery is stopping; the upload of {body['path']} goes on next time")
         length = min(state.part, state.size - state.confirmed)
         started = time.monotonic()
         try:
@@ -134,8 +152,13 @@ def _resume(link: Link, journal: Journal, state: UploadState, body: dict, spool_
                 _smaller(state, length, exc, body["path"])
                 journal.uploads.save(state)
                 raise
+            if not tus.from_endpoint(exc):
+                raise  # a tunnel's or a proxy's answer: the link's trouble, not the upload's
             if exc.status == 409:  # the server holds another offset (a part cut after it arrived): ask it
-                state.confirmed = tus.offset(link, state.location).offset
+                now_at = tus.offset(link, state.location).offset
+                if now_at == state.confirmed:
+                    raise  # it says both "not there" and "there": do not loop on it
+                state.confirmed = now_at
                 journal.uploads.save(state)
                 continue
             if exc.status in (404, 410):
@@ -144,10 +167,11 @@ def _resume(link: Link, journal: Journal, state: UploadState, body: dict, spool_
                 raise
             if exc.status == 460:  # the server's sha256 of the whole differs: the upload is gone, send it again
                 state.location, state.confirmed = None, 0
-                if state.tries + 1 >= CHECKSUM_FAILURES_ALLOWED:
+                state.damaged += 1
+                if state.damaged >= CHECKSUM_FAILURES_ALLOWED:
                     raise UndeliverableError(
                         "file-damaged-in-transit",
-                        f"{body['path']} arrived with another sha256 {CHECKSUM_FAILURES_ALLOWED} times: {exc.message}",
+                        f"{body['path']} arrived with another sha256 {state.damaged} times: {exc.message}",
                     ) from None
                 raise
             raise
@@ -159,6 +183,7 @@ def _resume(link: Link, journal: Journal, state: UploadState, body: dict, spool_
             raise TransportError(f"the server confirmed none of a {_mib(length)} part of {body['path']}")
         state.confirmed = answer.offset
         state.error = None
+        state.timeouts = 0
         journal.uploads.save(state)
         if answer.state == tus.PLACED:
             return
@@ -177,11 +202,12 @@ def _smaller(state: UploadState, refused: int, exc: HttpError | None, path: str)
                 FILE_REFUSED_BY_LINK,
                 f"the link refuses even {_mib(state.part)} requests (HTTP 413) while uploading {path}",
             ) from None
-        if exc is not None and state.tries + 1 >= SLOW_TRIES_AT_FLOOR:
+        state.timeouts += 1
+        if exc is not None and state.timeouts >= SLOW_TRIES_AT_FLOOR:
             raise UndeliverableError(
                 FILE_REFUSED_BY_LINK,
-                f"the link timed out (HTTP {exc.status}) {state.tries + 1} times, even on {_mib(state.part)} "
-                f"requests, while uploading {path}",
+                f"the link timed out (HTTP {exc.status}) {state.timeouts} times in a row, even on "
+                f"{_mib(state.part)} requests, while uploading {path}",
             ) from None
         return
     state.part = max(UPLOAD_PART_FLOOR_BYTES, min(state.part, refused) // 2)

@@ -45,6 +45,9 @@ class Heartbeats:
         self.heartbeat_s = heartbeat_s
         self.marks = marks  # a live run's owed delivery marks ride in its heartbeat request
         self.live: set[str] = set()
+        #: Runs whose end status waits for their files (the file lane): they beat on until it is sent, or the
+        #: reaper would take a run still uploading its weights for a dead one.
+        self.ending: set[str] = set()
         self._others: set[str] = set()  # live runs of other living processes that journal here
         self._others_read = 0.0
         self._beats: dict[str, float] = {}  # live run -> when its last heartbeat was delivered
@@ -101,7 +104,7 @@ class Heartbeats:
         if self.link.online is False:
             return
         self._read_others()
-        for run in list(self.live | self._others):
+        for run in list(self.live | self._others | self.ending):
             now = time.time()
             if not self.due(run, self.heartbeat_s) or now - self._tried.get(run, 0.0) < self.heartbeat_s:
                 continue  # a batch carried one, or this run's own beat was tried (and perhaps refused) lately

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bridge import config
@@ -62,6 +62,7 @@ class Operations:
         self.heartbeats = heartbeats
         self.marks = marks if marks is not None else DeliveryMarks(link, journal)
         self.upload_part_bytes = DEFAULT_UPLOAD_PART_BYTES  # the sender sets its ClientOptions' value
+        self.should_stop: Callable[[], bool] = lambda: False  # the sender's: an upload ends between parts
         self._renew_create_state()
         forksafe.renew_after_fork(self)
 
@@ -262,7 +263,9 @@ class Operations:
             raise UndeliverableError(
                 SPOOL_FILE_MISSING, f"spooled copy of {body['path']} is missing from {self.journal.spool.folder}"
             )
-        if sha256_of(spool_file) != body["sha256"]:
+        # Checked before the first try; a resumed upload is checked whole by the server instead (a changed copy is
+        # refused there and sent again), not hashed again here before every part.
+        if self.journal.uploads.get(op.id) is None and sha256_of(spool_file) != body["sha256"]:
             raise UndeliverableError(
                 SPOOL_FILE_DAMAGED,
                 f"the spooled copy of {body['path']} no longer matches the sha256 recorded when it was logged",
@@ -280,6 +283,7 @@ class Operations:
             artifact_path=artifact_path,
             url=self.link.artifact_url(artifact_root, body["path"]),
             part_bytes=self.upload_part_bytes,
+            should_stop=self.should_stop,
         )
 
 

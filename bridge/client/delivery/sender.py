@@ -36,7 +36,15 @@ from bridge.client.delivery.marks import DeliveryMarks, Scope, scope_of
 from bridge.client.delivery.operations import RUN_NOT_CREATED, SERVER_FAILS_ON_IT, SERVER_REFUSED, Operations
 from bridge.client.journal import Journal, Op
 from bridge.client.journal.intake import try_lock
-from bridge.client.journal.kinds import ARTIFACT, CREATE_LOGGED_MODEL, CREATE_RUN, MODEL_METRICS, RUN_ID_TAGS, TAG
+from bridge.client.journal.kinds import (
+    ARTIFACT,
+    CREATE_LOGGED_MODEL,
+    CREATE_RUN,
+    MODEL_METRICS,
+    RUN_ID_TAGS,
+    TAG,
+    UPDATE_RUN,
+)
 from bridge.client.link import Link, Verdict, classify_failure
 from bridge.client.options import ClientOptions
 from bridge.errors import HttpError, LinkError, UndeliverableError
@@ -89,6 +97,7 @@ class Sender:
         )
         self.operations = Operations(link, journal, self.heartbeats, self.marks)
         self.operations.upload_part_bytes = self.options.upload_part_bytes
+        self.operations.should_stop = self._stop_requested
         self.delivered = 0
         self._wake = threading.Event()
         self._files_wake = threading.Event()
@@ -186,6 +195,9 @@ class Sender:
                 # Only here, when nothing of this sender can still send, may another sender take over.
                 self._release_lock()
 
+    def _stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     def wake(self) -> None:
         """Deliver now rather than after the coalescing interval."""
         self._wake.set()
@@ -211,6 +223,7 @@ class Sender:
                 # retry at most once a second so a flush never turns the backoff into a tight loop.
                 if not self._backing_off or now - last_wake >= self.options.flush_retry_s:
                     self._wake.set()
+                    self._files_wake.set()
                     last_wake = now
                 # Counting the backlog scans the journal: poll less often while it is large.
                 poll = 0.05 if left < 5_000 else 0.25
@@ -265,6 +278,9 @@ class Sender:
                 return
         self._lock_elsewhere = False
         self.journal.queue.reset_in_flight()
+        for lane in (RECORDS, FILES):  # what an earlier sender of this journal said no longer holds
+            self._waits_noted.add(lane)
+            self._note_wait(lane, None)
         self._delivering.set()
         attempts = 0
         while not self._stop.is_set():
@@ -345,6 +361,8 @@ class Sender:
         """Say in the journal why `lane` waits (for `bridge queue` in another process); cleared once it delivers."""
         if error is None and lane not in self._waits_noted:
             return
+        if error is not None and self._stop.is_set():
+            return  # a request cut by stop() says nothing about why delivery waits
         with contextlib.suppress(Exception):  # a full or busy disk must not stop delivery for a status line
             self.journal.uploads.note_wait(lane, error, attempts, time.time() + wait_s if error else None)
             if error is None:
@@ -371,17 +389,27 @@ class Sender:
 
         A file waits for its run (or logged model) to be created on the server by the record lane."""
         delivered = 0
+        held: _Pause | None = None  # the first file the server answered an error for: its run's later files wait
         upto = self.journal.queue.last_id()
         for run in self.journal.queue.runs_with_pending(files=True):
-            for op in self.journal.queue.pending_ops(run, _FILES_PER_LOOK, upto, files=True):
-                if self._stop.is_set():
-                    return delivered
-                if self._not_created_yet(op.run):
-                    break
-                if op.epoch is not None and self._done_already(op):
-                    delivered += self._skip(op)
-                    continue
-                delivered += self._send_single(op)
+            try:
+                for op in self.journal.queue.pending_ops(run, _FILES_PER_LOOK, upto, files=True):
+                    if self._stop.is_set():
+                        return delivered
+                    if self._not_created_yet(op.run):
+                        break
+                    if op.epoch is not None and self._done_already(op):
+                        delivered += self._skip(op)
+                        continue
+                    delivered += self._send_single(op)
+            except _Pause as pause:
+                # The server answered (a file it cannot take yet): other runs' files go on. No answer at all
+                # (the link is down) pauses the lane.
+                if not isinstance(pause.cause, HttpError) or pause.verdict is Verdict.TOKEN:
+                    raise
+                held = held or pause
+        if held is not None and not delivered:
+            raise held
         return delivered
 
     def _not_created_yet(self, run: str) -> bool:
@@ -499,6 +527,8 @@ class Sender:
                 count += self._send_batch(run, batch, in_batch)
                 batch, in_batch = Batch(), []
             if handlers.must_wait(self.operations, op):
+                if op.kind == UPDATE_RUN:  # its end waits for its files: keep it beating meanwhile
+                    self.heartbeats.ending.add(run)
                 if merged:
                     count += self._send_merged(merged)
                 return count, True  # the run waits a round for what it needs (a logged model's creation)
@@ -686,9 +716,12 @@ class Sender:
     def _send_single(self, op: Op) -> int:
         if not self.journal.queue.claim([op.id]):
             raise _Pause(RuntimeError("another sender claimed this entry"), Verdict.RETRY)
+        # A resumable upload's failures are counted and judged by the upload itself (files.py: a part too big, too
+        # slow, a file damaged in transit): a 5xx while it goes is the link's (a tunnel's 524), not the file's.
+        poison = None if op.kind == ARTIFACT and self.journal.uploads.get(op.id) is not None else op.attempts
         try:
             try:
-                spool = self._checked(lambda: handlers.apply(self.operations, op), poison=op.attempts, kinds=(op.kind,))
+                spool = self._checked(lambda: handlers.apply(self.operations, op), poison=poison, kinds=(op.kind,))
             except HttpError as exc:
                 reason = _dead_letter_reason(exc)
                 log.warning(
@@ -717,6 +750,8 @@ class Sender:
             return 1
         finally:
             self.journal.queue.release([op.id])
+            if op.kind == UPDATE_RUN:
+                self.heartbeats.ending.discard(op.run)
 
 
 class _ServerFailsOnIt(HttpError):

@@ -97,6 +97,8 @@ _SCHEMA = (
         error text,                   -- why the last try failed
         tries integer not null default 0,
         next_try real,
+        timeouts integer not null default 0,  -- parts in a row that timed out at the smallest part size
+        damaged integer not null default 0,   -- times the whole file arrived with another sha256
         updated real not null)""",
     # Why a delivery lane waits (journal/uploads.py), for `bridge queue` in another process.
     """create table if not exists lane_waits (

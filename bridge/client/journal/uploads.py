@@ -24,6 +24,8 @@ class UploadState:
     error: str | None = None  # why the last try failed
     tries: int = 0
     next_try: float | None = None  # time.time() of the next try, while backing off
+    timeouts: int = 0  # parts in a row that timed out at the smallest part size
+    damaged: int = 0  # times the whole file arrived with another sha256
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ class FileWaiting:
     next_try: float | None
 
 
+_FIELDS = ("op", "size", "part", "location", "confirmed", "error", "tries", "next_try", "timeouts", "damaged")
+_COLUMNS = ", ".join(_FIELDS)
+
+
 class UploadBook:
     """The `uploads` and `lane_waits` tables."""
 
@@ -59,35 +65,25 @@ class UploadBook:
 
     def get(self, op: int) -> UploadState | None:
         with self._db.db(write=False) as conn:
-            row = conn.execute(
-                "select op, size, part, location, confirmed, error, tries, next_try from uploads where op=?", (op,)
-            ).fetchone()
+            row = conn.execute(f"select {_COLUMNS} from uploads where op=?", (op,)).fetchone()
         return UploadState(*row) if row else None
 
     def all(self) -> dict[int, UploadState]:
         with self._db.db(write=False) as conn:
-            rows = conn.execute(
-                "select op, size, part, location, confirmed, error, tries, next_try from uploads"
-            ).fetchall()
+            rows = conn.execute(f"select {_COLUMNS} from uploads").fetchall()
         return {row[0]: UploadState(*row) for row in rows}
 
     def save(self, state: UploadState) -> None:
         with self._db.db() as conn:
             conn.execute(
-                "insert or replace into uploads(op, size, part, location, confirmed, error, tries, next_try, updated) "
-                "values(?,?,?,?,?,?,?,?,?)",
-                (
-                    state.op,
-                    state.size,
-                    state.part,
-                    state.location,
-                    state.confirmed,
-                    state.error,
-                    state.tries,
-                    state.next_try,
-                    time.time(),
-                ),
+                f"insert or replace into uploads({_COLUMNS}, updated) values({','.join('?' * len(_FIELDS))},?)",
+                (*(getattr(state, name) for name in _FIELDS), time.time()),
             )
+
+    def drop(self, op: int) -> None:
+        """Forget an upload (the server no longer takes uploads in parts: the file goes whole)."""
+        with self._db.db() as conn:
+            conn.execute("delete from uploads where op=?", (op,))
 
     def files_waiting(self) -> list[FileWaiting]:
         """Every file not delivered yet (dead letters aside), oldest first, with its upload's progress."""

@@ -291,8 +291,10 @@ class Link:
         self.last_error: str | None = None
         self.token_rejected = False
         self.requests = 0
-        #: {server URL: the largest upload part it takes, or None: no resumable uploads} (link/uploads.py)
+        #: {server URL: the largest upload part it takes, or None: no resumable uploads} (link/uploads.py), and
+        #: until when a "None" holds before the server is asked again (it may have been a tunnel's own 404).
         self.upload_parts: dict[str, int | None] = {}
+        self.upload_parts_until: dict[str, float] = {}
         #: Bytes of files sent (every try counted, so a benchmark can compare them with what arrived).
         self.upload_bytes_sent = 0
         self.url_listeners: list[Callable[[str], None]] = []
@@ -341,7 +343,7 @@ class Link:
                 body = resp.json()
                 error_code, message = body.get("error_code"), body.get("message", message)
             cls = TokenRejectedError if resp.status in (401, 403) else HttpError
-            failure = cls(resp.status, error_code, message)
+            failure = cls(resp.status, error_code, message, resp.headers)
             if classify_failure(failure) is not Verdict.REJECT:
                 self._note_failure(str(failure), answered=failure.error_code is not None)
             if isinstance(failure, TokenRejectedError):

@@ -13,6 +13,7 @@ keeps one place for timeouts, the token and aborts. The test suite checks the se
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ PREFIX = "/bridge/uploads"
 TUS = {"Tus-Resumable": "1.0.0"}
 #: Bridge-Upload-State values (the server's docstring says what each means).
 RECEIVING, PLACING, PLACED, FAILED = "receiving", "placing", "placed", "failed"
+#: How long "this server takes no resumable uploads" holds before it is asked again.
+NO_UPLOADS_RECHECK_S = 300.0
+#: The last part's answer waits for the server to check and place the whole file (its PLACE_WAIT_S, 60 s).
+LAST_PART_ANSWER_S = 75.0
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,14 @@ def _offset_of(headers: dict) -> Offset:
         raise HttpError(502, None, "the server's upload answer has no readable Upload-Offset") from None
 
 
-def max_part(link: Link) -> int | None:
+def max_part(link: Link, *, fresh: bool = False) -> int | None:
     """The largest part the server takes, or None when it takes no resumable uploads (a plain `mlflow server`).
-    Asked once per server URL; a link failure raises (not known yet)."""
+    Asked once per server URL (a "None" again after NO_UPLOADS_RECHECK_S, or when `fresh`); a link failure raises
+    (not known yet)."""
     cache = link.upload_parts
-    if link.url in cache:
+    if link.url in cache and (
+        cache[link.url] is not None or (not fresh and time.monotonic() < link.upload_parts_until[link.url])
+    ):
         return cache[link.url]
     try:
         answer = link.request("OPTIONS", PREFIX, headers=TUS)
@@ -72,7 +80,13 @@ def max_part(link: Link) -> int | None:
         except ValueError:
             part = None
     cache[link.url] = part
+    link.upload_parts_until[link.url] = time.monotonic() + NO_UPLOADS_RECHECK_S
     return part
+
+
+def from_endpoint(exc: HttpError) -> bool:
+    """Whether an error answer came from the upload endpoint itself (not a tunnel's edge or a proxy page)."""
+    return _header(exc.headers, "Tus-Resumable") is not None
 
 
 def create(link: Link, artifact_path: str, size: int, sha256: str) -> str:
@@ -97,13 +111,16 @@ def send_part(
 ) -> Offset:
     """PATCH `length` bytes of `file` from `start`; the server's offset after it (and its state)."""
     part = FilePart(file, start, length, on_bytes)
+    read_s = upload_read_timeout(length, link.timeout[1])
+    if start + length >= file.stat().st_size:
+        read_s = max(read_s, LAST_PART_ANSWER_S)
     try:
         answer = link.request(
             "PATCH",
             location,
             data=part,  # type: ignore[arg-type]  # a sized reader: requests streams it with a Content-Length
             headers={**TUS, "Upload-Offset": str(start), "Content-Type": "application/offset+octet-stream"},
-            timeout=(link.timeout[0], upload_read_timeout(length, link.timeout[1])),
+            timeout=(link.timeout[0], read_s),
         )
     finally:
         part.close()
