@@ -95,6 +95,10 @@ class _Upload:
     error: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     placing: asyncio.Task | None = None
+    #: The sha256 of the bytes received so far, kept as they arrive (this process only): the finished file is
+    #: then not read once more to check it. None after a restart: it is read whole then.
+    hasher: hashlib._Hash | None = field(default_factory=hashlib.sha256)
+    hashed: int = 0
 
     @property
     def data(self) -> Path:
@@ -334,10 +338,12 @@ class Uploads:
                     try:
                         if received + len(chunk) > room:
                             fh.write(chunk[: room - received])
+                            self._hashed(upload, start + received, chunk[: room - received])
                             received = room
                             what = "the file's announced length" if room < self.max_part_bytes else "a part's limit"
                             return _error(413, f"the part goes past {what} ({room} bytes from {start})")
                         fh.write(chunk)
+                        self._hashed(upload, start + received, chunk)
                     except OSError as exc:  # the workstation's disk: full, or failing
                         log.warning("Upload %s: cannot write the part: %s", upload.id[:8], exc)
                         return _error(507, f"the workstation cannot store the upload now ({exc.strerror or exc})")
@@ -350,6 +356,15 @@ class Uploads:
                 fh.flush()
                 await asyncio.get_running_loop().run_in_executor(None, os.fsync, fh.fileno())
         return None
+
+    @staticmethod
+    def _hashed(upload: _Upload, at: int, chunk: bytes) -> None:
+        """Add `chunk`, written at byte `at`, to the running sha256 (dropped when bytes are not in order)."""
+        if upload.hasher is not None and upload.hashed == at:
+            upload.hasher.update(chunk)
+            upload.hashed += len(chunk)
+        else:
+            upload.hasher = None
 
     # -------------------------------------------------------------------------------- completion
 
@@ -370,7 +385,10 @@ class Uploads:
         """Check the whole file's sha256, then place it through MLflow; the state says how it went."""
         loop = asyncio.get_running_loop()
         try:
-            digest = await loop.run_in_executor(None, _sha256_of, upload.data)
+            if upload.hasher is not None and upload.hashed == upload.length:
+                digest = upload.hasher.hexdigest()
+            else:
+                digest = await loop.run_in_executor(None, _sha256_of, upload.data)
             if digest != upload.sha256:
                 upload.state, upload.error = FAILED, f"the file's sha256 is {digest}, not the {upload.sha256} announced"
                 log.warning("Upload %s of %s failed: %s", upload.id[:8], upload.path, upload.error)

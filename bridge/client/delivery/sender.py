@@ -47,7 +47,7 @@ from bridge.client.journal.kinds import (
 )
 from bridge.client.link import Link, Verdict, classify_failure
 from bridge.client.options import ClientOptions
-from bridge.errors import HttpError, LinkError, UndeliverableError
+from bridge.errors import HttpError, LinkError, TransportError, UndeliverableError
 from bridge.retry import compute_backoff_ms
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class Sender:
         self._rounds = 0
         self._rounds_changed = threading.Condition()
         self._backing_off = False
+        self._files_wait_link = False  # the file lane sleeps out a backoff because the link failed (_files_loop)
         self._flushing = 0
         self._thread: threading.Thread | None = None
         self._files_thread: threading.Thread | None = None
@@ -291,6 +292,9 @@ class Sender:
                 attempts = 0
                 wait = self.send_interval_s
                 self._note_wait(RECORDS, None)
+                if self._files_wait_link:  # the link answers again: the file lane need not sleep out its backoff
+                    self._files_wait_link = False
+                    self._files_wake.set()
             except _Pause as pause:
                 attempts += 1
                 wait = compute_backoff_ms(attempts) / 1000
@@ -344,6 +348,9 @@ class Sender:
                     wait = min(5.0, 0.5 * attempts)
                 else:
                     wait = compute_backoff_ms(attempts) / 1000
+                    # Cut by the link (a flapping one): the record lane's next good round wakes this one, so an
+                    # upload goes on within a second of the link coming back, not after a backoff grown meanwhile.
+                    self._files_wait_link = isinstance(pause.cause, TransportError)
                 if pause.verdict is Verdict.TOKEN:
                     wait = max(wait, self.options.token_retry_min_s)
                 self._note_wait(FILES, str(pause.cause), attempts, wait)
