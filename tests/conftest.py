@@ -13,6 +13,14 @@ import pytest
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# The CLI's rich consoles read COLUMNS when bridge.cli is imported and fix their width to it. pytest imports
+# readline, and GNU readline writes terminfo's COLUMNS=80/LINES=24 into the C environment: invisible to this
+# process's os.environ, but inherited by every child — xdist's workers included, whose consoles would then be
+# fixed at 80 columns whatever COLUMNS a test passes. Without them, every process renders at rich's default
+# (80 columns, as a user's piped output does) unless a test asks for a width.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+    os.unsetenv(_name)  # the C environment too: os.environ does not know readline's copy
 
 pytest_plugins = [
     "tests.support.mlflow_server",
