@@ -89,6 +89,24 @@ INTEGRATION_FIXTURES = frozenset(
 SLOW_FIXTURES = frozenset({"yolo_dataset", "bridge_sweep", "chromium_path"})
 
 
+# ------------------------------------------------------------------------------------- parallel runs
+#
+# pyproject.toml runs the suite on pytest-xdist workers (`-n auto --dist loadgroup`; `-n 0` runs it in one
+# process). Each worker has its own session fixtures, so tests that share an expensive one are kept on one
+# worker: the trained sweep (three trainings) and the differential harness's two servers.
+
+#: Session fixtures too costly to build once per worker: tests using one form an xdist group of that name.
+SHARED_SESSION_FIXTURES = ("bridge_sweep", "differential_servers")
+
+
+def _tier(item: pytest.Item) -> int:
+    """0 for slow tests, 1 for other integration tests, 2 for the rest: the order workers take them in."""
+    if item.get_closest_marker("slow"):
+        return 0
+    return 1 if item.get_closest_marker("integration") else 2
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
@@ -97,6 +115,14 @@ def pytest_collection_modifyitems(config, items):
         if used & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.integration)
+        for name in SHARED_SESSION_FIXTURES:
+            if name in used:
+                item.add_marker(pytest.mark.xdist_group(name))
+                break
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Longest first: a training started last would run alone at the end while the other worker idles;
+        # the many short tests fill in at the end instead. (Stable: file order within a tier.)
+        items.sort(key=_tier)
 
 
 # ------------------------------------------------------------------------------------------ PostgreSQL
