@@ -13,6 +13,14 @@ import pytest
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# The CLI's rich consoles read COLUMNS when bridge.cli is imported and fix their width to it. pytest imports
+# readline, and GNU readline writes terminfo's COLUMNS=80/LINES=24 into the C environment: invisible to this
+# process's os.environ, but inherited by every child — xdist's workers included, whose consoles would then be
+# fixed at 80 columns whatever COLUMNS a test passes. Without them, every process renders at rich's default
+# (80 columns, as a user's piped output does) unless a test asks for a width.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+    os.unsetenv(_name)  # the C environment too: os.environ does not know readline's copy
 
 pytest_plugins = [
     "tests.support.mlflow_server",
@@ -84,6 +92,26 @@ INTEGRATION_FIXTURES = frozenset(
 SLOW_FIXTURES = frozenset({"yolo_dataset", "bridge_sweep", "chromium_path"})
 
 
+# ------------------------------------------------------------------------------------- parallel runs
+#
+# pyproject.toml runs the suite on pytest-xdist workers (`-n auto --dist loadgroup`; `-n 0` runs it in one
+# process). Each worker has its own session fixtures, so the tests of a session fixture too costly to build
+# twice live in one module, and that module runs on one worker.
+
+#: Session fixtures built once per run, not per worker -> the one module whose tests may use them.
+SHARED_SESSION_FIXTURES = {
+    "bridge_sweep": "tests/test_yolo_sweep.py",  # three trainings
+    "differential_servers": "tests/differential/test_differential.py",  # two MLflow servers and a proxy
+}
+
+
+def _tier(item: pytest.Item) -> int:
+    """0 for slow tests, 1 for other integration tests, 2 for the rest: the order workers take them in."""
+    if item.get_closest_marker("slow"):
+        return 0
+    return 1 if item.get_closest_marker("integration") else 2
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
@@ -92,6 +120,39 @@ def pytest_collection_modifyitems(config, items):
         if used & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.integration)
+        module = item.nodeid.split("::", 1)[0]
+        for name in used.intersection(SHARED_SESSION_FIXTURES):
+            if module != SHARED_SESSION_FIXTURES[name]:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses {name}: its tests belong in {SHARED_SESSION_FIXTURES[name]}, which runs "
+                    "on one xdist worker (elsewhere a parallel run would build it once per worker)"
+                )
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Longest first: a training started last would run alone at the end while the other worker idles;
+        # the many short tests fill in at the end instead. (Stable: file order within a tier.)
+        items.sort(key=_tier)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own scheduler choice
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup`, grouping by SHARED_SESSION_FIXTURES' modules.
+
+    xdist's loadgroup reads `xdist_group` marks through the test ids, which pytest 9.2 no longer lets a plugin
+    change (pytest-xdist issue 1386): it would spread the groups. Here a test's module decides its group.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    grouped = set(SHARED_SESSION_FIXTURES.values())
+
+    class SharedFixtureScheduling(LoadGroupScheduling):
+        # Groups first (most tests first), then single tests in the workers' collection order (slow first).
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in grouped else super()._split_scope(nodeid)
+
+    return SharedFixtureScheduling(config, log)
 
 
 # ------------------------------------------------------------------------------------------ PostgreSQL

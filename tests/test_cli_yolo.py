@@ -24,7 +24,9 @@ def runner():
 
 
 def test_missing_data_yaml_is_named_before_connecting(runner, tmp_path):
-    result = runner.invoke(app, ["train", "-m", "yolov8n", "--data", str(tmp_path / "nope.yaml")])
+    # Wide enough for the whole path: rich folds a word longer than the line, and tmp_path's length is the runner's.
+    missing = tmp_path / "nope.yaml"
+    result = runner.invoke(app, ["train", "-m", "yolov8n", "--data", str(missing)], env={"COLUMNS": "200"})
     assert result.exit_code == 1
     assert "nope.yaml" in flat(result.output) and "no such file" in flat(result.output)
 

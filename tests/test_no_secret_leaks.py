@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import random
 import sqlite3
+import string
 
 import pytest
 import requests
@@ -74,6 +77,27 @@ def test_scanner_finds_a_token_in_text_and_sqlite_but_not_in_the_secret_store(tm
     found = _leaks(tmp_path, token, odd)
     assert found == ["journal.sqlite", "logs/serve.log", "odd.txt"]
     assert all(token not in name for name in found)
+
+
+def test_scanner_finds_tokens_of_any_length_at_any_offset_inside_long_runs(tmp_path):
+    # The scanner looks up only every few positions of a run: a token must be found wherever it starts,
+    # whatever its length (16 characters and up), and a near miss must not count.
+    rng = random.Random(5)
+    alphabet = string.ascii_letters + string.digits + "_-"
+
+    def text(n: int) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(n))
+
+    tokens = [text(16), text(23), text(43)]  # not new_token(): the session-wide scan would find these files
+    for i, token in enumerate(tokens):
+        for offset in range(20):  # every position modulo the lookup step, at the start of a run and inside one
+            (tmp_path / f"hit-{i}-{offset}.bin").write_bytes(
+                os.urandom(50) + b" " + (text(offset) + token + text(rng.randrange(3)) + " x" * 4000).encode()
+            )
+        near = token[:-1] + ("A" if token[-1] != "A" else "B")
+        (tmp_path / f"near-{i}.bin").write_text(text(300) + near + text(300) + " " + token[1:] + " " + token[:-1])
+    found = files_with_tokens(tmp_path, set(tokens))
+    assert found == sorted(f"hit-{i}-{offset}.bin" for i in range(3) for offset in range(20))
 
 
 def test_scanner_allows_the_ngrok_authtoken_only_in_ngrok_config(tmp_path):

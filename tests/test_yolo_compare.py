@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,7 +14,6 @@ from typer.testing import CliRunner
 
 from bridge.cli import app
 from bridge.yolo.compare import compare
-from tests.support.yolo import MODEL_FAMILIES
 
 
 def _rgb(colour: str) -> tuple[int, int, int]:
@@ -90,57 +88,6 @@ def test_rows_best_first_with_values_from_the_store(handmade_experiment, tmp_pat
 
 
 @pytest.mark.slow
-def test_cli_compare_on_a_real_sweep_logs_a_summary_run(bridge_sweep, tmp_path):
-    out_png = tmp_path / "cmp.png"
-    runner = CliRunner()
-    try:
-        result = runner.invoke(
-            app,
-            [
-                "compare",
-                bridge_sweep.experiment,
-                "--out",
-                str(out_png),
-                "--log",
-                "--tracking-uri",
-                bridge_sweep.read_uri,
-            ],
-            env={"COLUMNS": "220"},
-        )
-    finally:
-        mlflow.set_tracking_uri("")
-    assert result.exit_code == 0, result.output
-    client = MlflowClient(bridge_sweep.read_uri)
-    for name, run_id in bridge_sweep.run_ids.items():
-        run = client.get_run(run_id)
-        line = next(ln for ln in result.output.splitlines() if f" {name} " in ln)
-        assert f"{run.data.metrics['final/mAP50-95']:.4f}" in line
-        size = (bridge_sweep.save_dir(name) / "weights" / "best.pt").stat().st_size
-        assert f"{size / 1e6:.2f}" in line
-    img = Image.open(out_png)
-    assert img.format == "PNG" and img.size == (1500, 720)  # mAP + box/cls/dfl/l1 losses: 5 panels in 2 rows
-    for colour in ("C0", "C1", "C2"):
-        assert _has_colour(out_png, colour), colour
-
-    exp = client.get_experiment_by_name(bridge_sweep.experiment)
-    summaries = client.search_runs([exp.experiment_id], "tags.`bridge.kind` = 'comparison'")
-    (mine,) = [r for r in summaries if "cmp.png" in {a.path for a in client.list_artifacts(r.info.run_id)}]
-    assert mine.info.status == "FINISHED"
-    sid = mine.info.run_id
-    assert {a.path for a in client.list_artifacts(sid)} == {"cmp.png", "comparison.csv"}
-    table = list(
-        csv.DictReader(io.StringIO(Path(client.download_artifacts(sid, "comparison.csv", str(tmp_path))).read_text()))
-    )
-    assert sorted(r["run id"] for r in table) == sorted(bridge_sweep.run_ids.values())
-    assert {r["run"] for r in table} == set(MODEL_FAMILIES)
-    # a second comparison leaves the summary run out
-    mlflow.set_tracking_uri(bridge_sweep.read_uri)
-    try:
-        assert len(compare(bridge_sweep.experiment).rows) == 3
-    finally:
-        mlflow.set_tracking_uri("")
-
-
 def test_cli_compare_unknown_experiment_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["compare", "no-such-exp", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])

@@ -1,4 +1,7 @@
-"""YOLO trainings through bridge.connect() into a real `bridge serve`: content, outage, live console, heartbeat."""
+"""YOLO trainings through bridge.connect() into a real `bridge serve`: outage, live console, heartbeat, the demo.
+
+The runs of the session's sweep, complete on the server, are checked in test_yolo_sweep.py.
+"""
 
 from __future__ import annotations
 
@@ -19,59 +22,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tests.support.yolo import (
-    MODEL_FAMILIES,
-    SWEEP_TAGS,
-    assert_complete_yolo_run,
     bridge_cli,
     connect_env,
     tiny_train_args,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.mark.parametrize("name", list(MODEL_FAMILIES))
-def test_run_on_the_server_is_complete(bridge_sweep, name):
-    assert_complete_yolo_run(
-        MlflowClient(bridge_sweep.read_uri),
-        bridge_sweep.run_ids[name],
-        family=MODEL_FAMILIES[name],
-        save_dir=bridge_sweep.save_dir(name),
-        data_yaml=bridge_sweep.data,
-        epochs=2,
-        user_tags={**SWEEP_TAGS, "sweep.models": "yolov8n,yolo11n,yolo26n"},
-    )
-
-
-def test_sweep_made_one_finished_run_per_model(bridge_sweep):
-    client = MlflowClient(bridge_sweep.read_uri)
-    exp = client.get_experiment_by_name(bridge_sweep.experiment)
-    runs = [r for r in client.search_runs([exp.experiment_id]) if "bridge.kind" not in r.data.tags]
-    assert sorted(r.info.run_name for r in runs) == sorted(MODEL_FAMILIES)
-    assert all(r.info.status == "FINISHED" for r in runs)
-    assert "bridge compare yolo-e2e" in bridge_sweep.output
-
-
-def test_compare_through_connect_reads_the_server_and_logs_a_summary(bridge_sweep, bridge_serve, tmp_path):
-    env = {**os.environ, **connect_env(bridge_serve, tmp_path / "journal.sqlite"), "COLUMNS": "220"}
-    out = subprocess.run(
-        [*bridge_cli(), "compare", bridge_sweep.experiment, "--out", str(tmp_path / "c.png"), "--log"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    for name in MODEL_FAMILIES:
-        assert f" {name} " in out.stdout
-    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    client = MlflowClient(bridge_sweep.read_uri)
-    exp = client.get_experiment_by_name(bridge_sweep.experiment)
-    summaries = client.search_runs([exp.experiment_id], "tags.`bridge.kind` = 'comparison'")
-    (mine,) = [r for r in summaries if "c.png" in {a.path for a in client.list_artifacts(r.info.run_id)}]
-    assert {a.path for a in client.list_artifacts(mine.info.run_id)} == {"c.png", "comparison.csv"}
-    assert mine.info.status == "FINISHED"
 
 
 @contextlib.contextmanager

@@ -85,37 +85,43 @@ def _stored_secrets(root: Path) -> tuple[set[str], set[str]]:
 
 
 class _Matcher:
-    """Finds any of many tokens in a file's bytes in one pass (tokens are url-safe runs, matched by window)."""
+    """Finds any of many tokens in a file's bytes in one pass.
+
+    A url-safe token lies inside a run of url-safe bytes at least as long as the shortest token. Within a run,
+    only every `block`-th position is looked up, in a table of every `block`-long piece of every token: with
+    `block` at most half the shortest token, each occurrence covers one looked-up piece, so none is missed,
+    and a session's basetemp (hundreds of MiB, long runs in artifacts and databases) takes seconds, not a minute.
+    """
 
     def __init__(self, tokens: set[str]) -> None:
-        self.by_length: dict[int, set[bytes]] = defaultdict(set)
-        self.other: list[bytes] = []
-        for token in tokens:
-            raw = token.encode()
-            if _URLSAFE.fullmatch(raw):
-                self.by_length[len(raw)].add(raw)
-            else:
-                self.other.append(raw)
-        self.shortest = min(self.by_length, default=0)
-        self.runs = re.compile(rb"[A-Za-z0-9_\-]{%d,}" % self.shortest) if self.by_length else None
+        raws = {token.encode() for token in tokens}
+        self.safe = {raw for raw in raws if _URLSAFE.fullmatch(raw)}
+        self.other = [raw for raw in raws if raw not in self.safe]
+        self.shortest = min(map(len, self.safe), default=0)
+        self.block = max(1, min(16, (self.shortest + 1) // 2))
+        self.pieces: dict[bytes, list[tuple[bytes, int]]] = defaultdict(list)
+        for raw in self.safe:
+            for offset in range(len(raw) - self.block + 1):
+                self.pieces[raw[offset : offset + self.block]].append((raw, offset))
+        self.runs = re.compile(rb"[A-Za-z0-9_\-]{%d,}" % self.shortest) if self.safe else None
 
     def __bool__(self) -> bool:
-        return bool(self.by_length or self.other)
+        return bool(self.safe or self.other)
 
     def found_in(self, data: bytes) -> bool:
         if any(raw in data for raw in self.other):
             return True
         if self.runs is None:
             return False
+        block, pieces = self.block, self.pieces
         for match in self.runs.finditer(data):
             run = match.group()
-            for length, wanted in self.by_length.items():
-                if len(run) == length:
-                    if run in wanted:
-                        return True
-                    continue
-                for start in range(len(run) - length + 1):
-                    if run[start : start + length] in wanted:
+            if run in self.safe:
+                return True
+            for start in range(0, len(run) - block + 1, block):
+                for raw, offset in pieces.get(run[start : start + block], ()):
+                    at = start - offset
+                    if at >= 0 and run[at : at + len(raw)] == raw:
                         return True
         return False
 
