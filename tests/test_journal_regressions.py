@@ -1221,3 +1221,29 @@ def test_h26_a_busy_server_is_asked_by_reads_a_gone_one_is_not(bridge_connect, m
         assert "refused by the test transport" in gone.value.message  # says why
         transport.clear()
     assert conn.flush(30) == 0
+
+
+def test_h27_a_file_logged_before_the_end_goes_before_it_though_a_newer_copy_follows(link, mlflow_server, tmp_path):
+    """Soak seed 501 (the file rules): best.pt logged, the run ended, best.pt logged again after the end — while
+    the file lane was busy. The older copy counted as superseded by the newer one and was skipped, so the end
+    status (which waits for the files logged before it) went at once: the server showed the run KILLED without
+    best.pt. A copy logged after an end still waiting no longer replaces one logged before it."""
+    conn, transport = link
+    client = MlflowClient()
+    mlflow.set_experiment(_name("end-file"))
+    transport.hold(("/mlflow-artifacts/artifacts",), methods=("PUT",))
+    with mlflow.start_run() as run:
+        mlflow.log_text("a checkpoint in flight", "weights/last.pt")
+        _wait_until(lambda: transport.held, 30, "the first upload to be on its way (held)")
+        mlflow.log_text("best before the end", "weights/best.pt")
+    client.log_text(run.info.run_id, "best after the end", "weights/best.pt")
+    transport.release()
+    assert conn.flush(60) == 0
+    sent = [(r.method, r.path.rsplit("/", 1)[-1]) for r in transport.requests if r.fault is None]
+    end = sent.index(("POST", "update"))
+    assert ("PUT", "best.pt") in sent[:end], f"best.pt as it was at the end went before the end: {sent}"
+    assert sent.count(("PUT", "best.pt")) == 2, f"and the newer copy (before or after the end): {sent}"
+    remote = conn.journal.ids.server_run(run.info.run_id)[0]
+    assert client.get_run(remote).info.status == "FINISHED"
+    got = client.download_artifacts(remote, "weights/best.pt", str(tmp_path / "down"))
+    assert Path(got).read_text() == "best after the end"

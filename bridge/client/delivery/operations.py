@@ -398,7 +398,17 @@ def waits_for_files(ops: Operations, op: Op, body: dict) -> bool:
 
 def apply_artifact(ops: Operations, op: Op, body: dict) -> list[str]:
     remote, artifact_root = server_run(ops.journal, op.run)
-    if not ops.journal.queue.superseded(op):
+    # A copy logged after an end status still on its way does not replace this one: the end waits for this file
+    # (waits_for_files), and the server must not show the run ended without the file it had then.
+    end = next(
+        (
+            later.id
+            for later in ops.journal.queue.undelivered(op.run, (UPDATE_RUN,))
+            if later.id > op.id and later.json().get("status") in TERMINAL_STATUSES
+        ),
+        None,
+    )
+    if not ops.journal.queue.superseded(op, end):
         ops.upload_artifact(op, body, remote, artifact_root)
         return [body["spool"]]
     # A newer copy of the same path goes up later instead: this one is not sent, and an upload of it that began

@@ -117,18 +117,19 @@ class OpQueue:
             ).fetchone()
         return first
 
-    def superseded(self, op: Op) -> bool:
+    def superseded(self, op: Op, before: int | None = None) -> bool:
         """Whether a later, still undelivered upload to the same run and artifact path makes `op`'s pointless.
 
         MLflow keeps only the last file at a path, so after an outage a file refreshed every 30 s (console.log)
-        goes up once, not once per refresh. The later copy must still be on disk to count.
+        goes up once, not once per refresh. The later copy must still be on disk to count, and be older than row
+        `before` when given (an end status that waits for `op`: delivery/operations.py).
         """
         if op.kind != ARTIFACT:
             return False
         with self._db.db(write=False) as conn:
             rows = conn.execute(
-                f"select body from ops where id>? and run=? and kind=? and key=? and {IS_UNDELIVERED}",
-                (op.id, op.run, ARTIFACT, op.key),
+                f"select body from ops where id>? and id<? and run=? and kind=? and key=? and {IS_UNDELIVERED}",
+                (op.id, before if before is not None else 2**62, op.run, ARTIFACT, op.key),
             ).fetchall()
         return any(self._spool.path(json.loads(body)["spool"]).is_file() for (body,) in rows)
 
