@@ -136,6 +136,41 @@ def test_lost_answer_on_the_create_makes_one_model(mlflow_server, bridge_connect
     server_model(server_client, experiment, params={}, tags={})  # exactly one model, complete
 
 
+class _LosesTheAnswerOf(FaultTransport):
+    """Real HTTP; the answer to the first request of `method` to exactly `path` is lost (the server applied it)."""
+
+    def __init__(self, method: str, path: str):
+        super().__init__()
+        self.method, self.path, self.lost = method, path, False
+
+    def _take(self, request):
+        if not self.lost and request.method == self.method and request.path == self.path:
+            from tests.support.transport import _Fault
+
+            self.lost = True
+            return _Fault("lost_answer", None, None, 0, b"")
+        return super()._take(request)
+
+
+def test_h28_a_model_whose_create_answer_was_lost_keeps_its_params_and_files(
+    mlflow_server, bridge_connect, server_client
+):
+    """Soak seed 320003 (models on, a flapping link cut the answer to a logged model's create): the next try found
+    the model by its key and sent its params again, taking them for idempotent — MLflow inserts a model's params,
+    refused the duplicate (UNIQUE constraint failed), and the create became a dead letter: the model stayed PENDING
+    with no files, every op of it a dead letter. A try after a lost answer now sends only the params the model lacks."""
+    experiment = "models-h28"
+    transport = _LosesTheAnswerOf("POST", "/api/2.0/mlflow/logged-models")
+    conn = bridge_connect(mlflow_server.url, experiment=experiment, transport=transport)
+    with mlflow.start_run():
+        mlflow.log_param("lr", "0.1")  # MLflow copies the run's params to the model too
+        mlflow.pyfunc.log_model(name="double", python_model=Double(), pip_requirements=[], params={"epochs": 7})
+    assert conn.flush(60) == 0
+    assert transport.lost, "the create's answer was lost: this test made its case"
+    assert conn.status().dead_letters == 0
+    server_model(server_client, experiment, params={"epochs": "7", "lr": "0.1"}, tags={})
+
+
 def test_tracing_and_other_unsupported_calls_are_refused_by_name(mlflow_server, bridge_connect, capfd):
     bridge_connect(mlflow_server.url, experiment="models-tracing")
     with mlflow.start_span("step") as span:  # MLflow exports spans in the background: it warns, never raises

@@ -76,15 +76,21 @@ def apply_create(ops: Operations, op: Op, body: dict) -> list[str]:
             payload["model_type"] = body["model_type"]
         with ops.creating():
             info = ops.link.request("POST", LOGGED_MODELS_API, json_body=payload).json()["model"]["info"]
-        rest = params[_PARAMS_PER_REQUEST:]
+        rest, again = params[_PARAMS_PER_REQUEST:], False
     else:
-        rest = params  # params are idempotent: re-send them all
-    _send_params(ops, info["model_id"], rest)
+        rest, again = params, True  # an earlier try created it (its answer lost): with some of its params
+    _send_params(ops, info["model_id"], rest, again=again)
     journal.ids.map_entity(LOGGED_MODEL, local_id, info["model_id"], info.get("artifact_uri"))
     return []
 
 
-def _send_params(ops: Operations, remote: str, params: list[dict]) -> None:
+def _send_params(ops: Operations, remote: str, params: list[dict], *, again: bool = False) -> None:
+    """Log `params` to server model `remote`. MLflow inserts a model's params (no upsert): one it holds already
+    makes it refuse the request, so `again` (an earlier try may have sent some) leaves those out (H28)."""
+    if again and params:
+        found = ops.link.request("GET", _model_url(remote)).json().get("model", {}).get("data", {})
+        held = {p.get("key") for p in found.get("params") or ()}
+        params = [p for p in params if p["key"] not in held]
     for start in range(0, len(params), _PARAMS_PER_REQUEST):
         ops.link.request(
             "POST",
@@ -95,7 +101,10 @@ def _send_params(ops: Operations, remote: str, params: list[dict]) -> None:
 
 def apply_params(ops: Operations, op: Op, body: dict) -> list[str]:
     _send_params(
-        ops, server_model_id(ops.journal, body["model"]), [{"key": k, "value": v} for k, v in body["params"].items()]
+        ops,
+        server_model_id(ops.journal, body["model"]),
+        [{"key": k, "value": v} for k, v in body["params"].items()],
+        again=op.attempts > 0,
     )
     return []
 
