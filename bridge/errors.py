@@ -16,8 +16,9 @@
     │       ├── NgrokBinaryError         no agent binary and none downloadable
     │       └── CloudflaredBinaryError   no cloudflared binary, or it cannot be run
     ├── JournalError             the local journal cannot accept or yield data
-    │   ├── JournalFullError         the configured size limit is reached
-    │   └── JournalCorruptError      the journal file is damaged
+    │   ├── JournalFullError         the configured size limit is reached, or the disk is full
+    │   ├── JournalCorruptError      the journal file is damaged
+    │   └── ExperimentExistsError    the journal has an experiment of that name already
     ├── UndeliverableError       a journal entry can never be delivered, for a local reason (named in `reason`)
     └── LinkError                the client's link to its server failed (bridge/client/link/)
         ├── TransportError           no usable HTTP answer: refused, reset, timed out, cut mid-response
@@ -96,11 +97,20 @@ class JournalError(BridgeError):
 
 
 class JournalFullError(JournalError):
-    """The journal reached its configured size limit; the call was not recorded."""
+    """The journal reached its configured size limit, or the disk holding it is full; the call was not recorded."""
 
 
 class JournalCorruptError(JournalError):
     """The journal file is damaged."""
+
+
+class ExperimentExistsError(JournalError):
+    """The journal already has an experiment of this name (perhaps added by another process a moment ago)."""
+
+    def __init__(self, name: str, local_id: str) -> None:
+        super().__init__(f"the journal already has an experiment named {name!r} ({local_id})")
+        self.name = name
+        self.local_id = local_id
 
 
 class UndeliverableError(BridgeError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -12,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from bridge.client.plugins.store import JournalStore
@@ -202,6 +205,82 @@ def test_plain_mlflow_code_in_a_child_process_goes_through_the_journal(mlflow_se
     assert remote.info.status == "FINISHED"
 
 
+# Imports bridge and MLflow once, then forks `processes` fresh processes per repetition that wait for a barrier
+# file and connect together on one default journal (a fresh BRIDGE_HOME each time), as two trainings on a 2-GPU
+# workstation or two notebooks on one Drive journal would. Forked, not started: 20 repetitions of 4 interpreter
+# starts would cost minutes of imports; what races is connect() itself.
+_CONNECT_TOGETHER = textwrap.dedent("""
+    import json, os, sys, time, traceback
+    import bridge, mlflow
+    url, root, repetitions, processes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+    def child(name, barrier, index):
+        while not os.path.exists(barrier):
+            time.sleep(0.0005)
+        conn = bridge.connect(url, token=None, experiment=name)
+        with mlflow.start_run(run_name=f"p{index}"):
+            mlflow.log_param("index", index)
+            for step in range(5):
+                mlflow.log_metric("loss", index + step / 10, step=step)
+        left = conn.flush(120)
+        conn.close()
+        return left
+
+    for rep in range(repetitions):
+        home = os.path.join(root, f"rep{rep}")
+        os.makedirs(home)
+        os.environ["BRIDGE_HOME"] = home
+        name = f"together-{rep}-{os.getpid()}"
+        barrier = os.path.join(home, "go")
+        pids = []
+        for index in range(processes):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    code = 0 if child(name, barrier, index) == 0 else 2
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush(); sys.stderr.flush()
+                    os._exit(code)
+            pids.append(pid)
+        open(barrier, "w").close()
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        print(json.dumps({"name": name, "codes": codes, "journal": os.path.join(home, "journal.sqlite")}), flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_four_processes_connecting_at_once_share_one_experiment_20_times(mlflow_server, server_client, tmp_path):
+    repetitions, processes = 20, 4
+    out = subprocess.run(
+        [sys.executable, "-c", _CONNECT_TOGETHER, mlflow_server.url, str(tmp_path), str(repetitions), str(processes)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(BRIDGE_SEND_INTERVAL_S="0.05", BRIDGE_EXIT_FLUSH_S="0"),
+    )
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == repetitions, out.stderr[-3000:]
+    crashed = [r for r in results if r["codes"] != [0] * processes]
+    assert not crashed, (
+        f"{len(crashed)} of {repetitions} repetitions had a failed process: {crashed}\n{out.stderr[-3000:]}"
+    )
+    for result in results:
+        experiment = server_client.get_experiment_by_name(result["name"])
+        assert experiment is not None, result
+        runs = server_client.search_runs([experiment.experiment_id], run_view_type=3)
+        assert sorted(r.data.params["index"] for r in runs) == [str(i) for i in range(processes)], result
+        for run in runs:
+            index = int(run.data.params["index"])
+            history = server_client.get_metric_history(run.info.run_id, "loss")
+            assert sorted((m.step, m.value) for m in history) == [(s, index + s / 10) for s in range(5)], result
+            assert run.info.status == "FINISHED"
+        with sqlite3.connect(result["journal"]) as journal:
+            assert journal.execute("select count(*) from experiments").fetchone()[0] == 1, "one row, shared"
+
+
 def test_full_journal_raises_from_mlflow_and_keeps_what_was_accepted(bridge_connect):
     from bridge.errors import JournalFullError
     from tests.support.mlflow_server import free_port
@@ -223,6 +302,45 @@ def test_full_journal_raises_from_mlflow_and_keeps_what_was_accepted(bridge_conn
     assert [op.step for op in points] == list(range(accepted))
     conn.journal.limit_bytes = 10**9  # room again: the run can end normally
     mlflow.end_run()
+
+
+@pytest.mark.parametrize("looks_missed", [1, 2], ids=["seen-by-create", "seen-by-the-insert"])
+def test_set_experiment_joins_one_another_process_added_since_it_looked(bridge_connect, monkeypatch, looks_missed):
+    """connect(experiment=…) in two processes at once: the one that loses the race joins the other's experiment
+    (MLflow's set_experiment, answered "already exists", would leave the Default experiment active)."""
+    from bridge.client.journal import Journal
+    from tests.support.mlflow_server import free_port
+
+    conn = bridge_connect(f"http://127.0.0.1:{free_port()}")
+    other = Journal(conn.journal.path)  # the other process, on the same journal
+    look = conn.journal.ids.experiment_by_name
+    looks, raced = [], []
+
+    def a_look_the_other_process_races(name):
+        looks.append(name)
+        if len(looks) <= looks_missed:  # this look finds nothing; the other process adds it right after
+            if len(looks) == looks_missed:
+                raced.append(other.add_experiment(name, {}))
+            return None
+        return look(name)
+
+    monkeypatch.setattr(conn.journal.ids, "experiment_by_name", a_look_the_other_process_races)
+    experiment = mlflow.set_experiment("raced")
+    assert raced and experiment.experiment_id == raced[0]
+    with mlflow.start_run() as run:
+        mlflow.log_metric("m", 1.0)
+    assert conn.journal.ids.run(run.info.run_id).experiment_id == raced[0]
+    assert [e.name for e in conn.journal.ids.experiments()] == ["raced"], "one experiment row, shared"
+    other.close()
+
+
+def test_creating_an_experiment_the_journal_has_still_raises_as_mlflow_would(bridge_connect):
+    from tests.support.mlflow_server import free_port
+
+    bridge_connect(f"http://127.0.0.1:{free_port()}")
+    mlflow.create_experiment("twice")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="already exists"):
+        mlflow.create_experiment("twice")
 
 
 def test_direct_mlflow_calls_get_the_token_from_the_auth_plugin(fixed_status_server, bridge_connect):

@@ -147,7 +147,7 @@ class Database:
             str(self.path), isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
         )
         conn.execute(f"pragma busy_timeout={_BUSY_TIMEOUT_MS}")
-        conn.execute("pragma journal_mode=wal")
+        _set_wal(conn)
         conn.execute("pragma synchronous=NORMAL")  # see the module docstring for why not FULL
         conn.execute("pragma foreign_keys=off")
         return conn
@@ -186,8 +186,8 @@ class Database:
     @contextlib.contextmanager
     def db(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
         """One transaction on this thread's connection; committed on success, rolled back on error."""
-        conn = self._connection()
         try:
+            conn = self._connection()
             conn.execute("begin immediate" if write else "begin")
             try:
                 yield conn
@@ -229,6 +229,8 @@ class Database:
             finally:
                 conn.close()
         except sqlite3.DatabaseError as exc:
+            if _is_busy(exc):  # another process is creating or writing it: a live journal, not a damaged one
+                return None
             return str(exc)
         messages = [r[0] for r in rows]
         return None if messages == ["ok"] else "; ".join(messages[:3])
@@ -298,6 +300,27 @@ class Database:
     def _after_fork_in_child(self) -> None:
         # The parent's journal-sync thread may have held it at fork(); the child starts with its own.
         self._lock = threading.Lock()
+
+
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, waiting out other processes doing the same on a new file.
+
+    Switching needs an exclusive lock, and SQLite answers "database is locked" at once, without its busy
+    handler, to all but one of several processes that ask together (four `connect()` on a new journal).
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("pragma journal_mode=wal")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
+def _is_busy(exc: sqlite3.DatabaseError) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -41,7 +41,7 @@ from bridge.client.journal.records import RepairReport, encode_value
 from bridge.client.journal.spool import Spool
 from bridge.client.journal.uploads import UploadBook
 from bridge.client.options import JOURNAL_LIMIT_ENV, ClientOptions
-from bridge.errors import JournalError, JournalFullError
+from bridge.errors import ExperimentExistsError, JournalError, JournalFullError
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,11 @@ class Journal:
             )
 
     def add_experiment(self, name: str, tags: dict[str, str], artifact_location: str | None = None) -> str:
-        """Record an experiment created offline and journal its get-or-create; returns the local id."""
+        """Record an experiment created offline and journal its get-or-create; returns the local id.
+
+        Raises ExperimentExistsError when the journal has one of that name: also one another process on this
+        journal added since the caller looked (two `connect(experiment=…)` at the same moment).
+        """
         local_id = "bridge-" + uuid.uuid4().hex[:16]
         spec = {"name": name, "tags": tags}
         if artifact_location:
@@ -282,6 +286,10 @@ class Journal:
         body = json.dumps(spec, separators=(",", ":"))
         self._reserve(len(body) + 2 * _ROW_OVERHEAD)
         with self.database.db() as conn:
+            # Looked up in the write transaction (begin immediate): no other process can add it in between.
+            row = conn.execute("select local_id from experiments where name=?", (name,)).fetchone()
+            if row is not None:
+                raise ExperimentExistsError(name, row[0])
             conn.execute(
                 "insert into experiments(local_id, name, created) values(?,?,?)", (local_id, name, time.time())
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 from mlflow.entities import (
@@ -68,10 +69,15 @@ from bridge.client.plugins.read_model import (
     run_with_waiting,
     waiting_run_data,
 )
+from bridge.errors import ExperimentExistsError
 
 log = logging.getLogger(__name__)
 
 _Offline = rest.Offline
+
+#: Per thread, the experiment name the last `get_experiment_by_name` found nowhere: MLflow's `set_experiment`
+#: creates it next, and another process may have created it in between (see `create_experiment`).
+_missed = threading.local()
 
 
 class _ServerReads(RestStore):
@@ -170,9 +176,18 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         conn = self.connection
         if not name:
             raise MlflowException("experiment name must not be empty", INVALID_PARAMETER_VALUE)
-        if conn.journal.ids.experiment_by_name(name) is not None:
+        # MLflow's set_experiment looks the name up and creates it when missing. Another process (two
+        # `connect(experiment=…)` at once) may create it in between: that create joins its experiment instead of
+        # raising, because set_experiment answers RESOURCE_ALREADY_EXISTS by returning the experiment without
+        # making it the active one, and the runs that follow would land in the Default experiment.
+        raced = getattr(_missed, "name", None) == name
+        _missed.name = None
+        record = conn.journal.ids.experiment_by_name(name)
+        if record is not None:
+            if raced:
+                return record.local_id
             raise MlflowException(f"Experiment '{name}' already exists.", RESOURCE_ALREADY_EXISTS)
-        if self._online(conn):
+        if self._online(conn) and not raced:
             # As MLflow would: a name the server already has is refused now. Offline this cannot be known;
             # the journaled create then joins the server's experiment of that name (docs/journal.md).
             try:
@@ -185,7 +200,12 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
                     f"experiment {found.experiment_id}",
                     RESOURCE_ALREADY_EXISTS,
                 )
-        return conn.journal.add_experiment(name, {t.key: t.value for t in tags or []}, artifact_location)
+        try:
+            return conn.journal.add_experiment(name, {t.key: t.value for t in tags or []}, artifact_location)
+        except ExperimentExistsError as exc:  # another process on this journal added it since the look above
+            if raced:
+                return exc.local_id
+            raise MlflowException(f"Experiment '{name}' already exists.", RESOURCE_ALREADY_EXISTS) from None
 
     def get_experiment(self, experiment_id):
         conn = self.connection
@@ -254,6 +274,11 @@ class JournalStore(LoggedModelStoreMixin, AbstractStore):
         )
 
     def get_experiment_by_name(self, experiment_name):
+        found = self._experiment_by_name(experiment_name)
+        _missed.name = experiment_name if found is None else None
+        return found
+
+    def _experiment_by_name(self, experiment_name):
         conn = self.connection
         record = conn.journal.ids.experiment_by_name(experiment_name)
         if record is not None:
