@@ -368,6 +368,31 @@ class StandInNgrok:
                 pass
 
 
+@dataclass
+class StandInCloudflared:
+    """The test suite's stand-in cloudflared (tests/support/fake_cloudflared.py) as a `cloudflared` on a `bridge
+    serve` child's PATH: a quick tunnel whose edge enforces Cloudflare's limits (413 over 100 MB, 524 after 100 s,
+    429 beyond 200 in flight; `limits` takes FAKE_CLOUDFLARED_* overrides)."""
+
+    folder: Path
+    limits: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from tests.support.tunnel import make_fake_cloudflared
+
+        self.agent = make_fake_cloudflared(self.folder)
+        self.env = {
+            "PATH": f"{self.agent.path.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FAKE_CLOUDFLARED_STATE": str(self.agent.state_file),
+            **self.limits,
+        }
+
+    def local_url(self, public_url: str, timeout_s: float = 5.0) -> str:
+        """The edge's real http://127.0.0.1:<port> for a public https://….trycloudflare.com URL."""
+        return self.agent.local_url(public_url, timeout=timeout_s)
+
+
 class BridgeServe(ServeChild):
     """The library's `bridge serve` child (file secret store, never the user's keyring), stopped at exit."""
 
