@@ -46,7 +46,7 @@ from bridge.client.journal.kinds import (
     UPDATE_RUN,
 )
 from bridge.client.link import Link, Verdict, classify_failure
-from bridge.client.options import ClientOptions
+from bridge.client.options import UPLOAD_PART_FLOOR_BYTES, ClientOptions
 from bridge.errors import HttpError, LinkError, TransportError, UndeliverableError
 from bridge.retry import compute_backoff_ms
 
@@ -336,6 +336,7 @@ class Sender:
         attempts = 0
         while not self._stop.is_set():
             wait = self.send_interval_s
+            sent_before = self.link.upload_bytes_sent
             try:
                 if self.deliver_files():
                     wait = 0.0  # more may wait: go on at once
@@ -343,7 +344,10 @@ class Sender:
                 attempts = 0
                 self._note_wait(FILES, None)
             except _Pause as pause:
-                attempts += 1
+                # A try that moved an upload on (a part went before the cut) starts the backoff again: on a link
+                # cut every few seconds each try is progress, and a grown backoff would outlast the link's up-time.
+                moved_on = self.link.upload_bytes_sent - sent_before >= UPLOAD_PART_FLOOR_BYTES
+                attempts = 1 if moved_on else attempts + 1
                 if isinstance(pause.cause, files.WaitForServer):
                     wait = min(5.0, 0.5 * attempts)
                 else:
