@@ -503,3 +503,21 @@ def test_timeouts_at_the_edge_make_the_parts_smaller_then_a_dead_letter_at_the_f
             with contextlib.suppress(HttpError):
                 _deliver(always_slow, journal2, op2, body2, f"{run_path}/never.pt", part_bytes=MiB)
     assert dead.value.reason == files.FILE_REFUSED_BY_LINK and "524" in dead.value.message
+
+
+def test_a_local_artifact_destination_takes_finished_uploads_by_a_move_and_nothing_leaves_it(tmp_path):
+    from bridge.serve import entrance as entrance_module
+    from bridge.serve.supervisor import _local_folder
+
+    assert _local_folder("/data/artifacts") == Path("/data/artifacts")
+    assert _local_folder("file:///data/artifacts") == Path("/data/artifacts")
+    assert _local_folder("s3://bucket/bridge") is None
+    root = tmp_path / "artifacts"
+    staged = tmp_path / "staged"
+    staged.write_bytes(b"weights")
+    entrance_module._move_into(staged, root, "1/abc/artifacts/weights/best.pt")
+    assert (root / "1/abc/artifacts/weights/best.pt").read_bytes() == b"weights" and not staged.exists()
+    staged.write_bytes(b"escape")
+    with pytest.raises(server_uploads.PlaceError):
+        entrance_module._move_into(staged, root, "../outside.pt")
+    assert staged.exists() and not (tmp_path / "outside.pt").exists()

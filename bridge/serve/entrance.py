@@ -16,12 +16,14 @@ import asyncio
 import base64
 import binascii
 import collections
+import errno
 import functools
 import hmac
 import ipaddress
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -70,6 +72,27 @@ _HOP_BY_HOP = frozenset(
 # X-Forwarded-Proto/Host that would make MLflow build URLs for an origin it is not serving.
 _NOT_FORWARDED = _HOP_BY_HOP | {"authorization", "host", "x-forwarded-proto", "x-forwarded-host"}
 _NOT_RETURNED = _HOP_BY_HOP | {"content-length"}
+
+
+def _move_into(file: Path, root: Path, path: str) -> None:
+    """Place `file` at `root/path` as MLflow's local artifact repository lays files out (the proxy's path under its
+    destination folder), appearing whole or not at all: a rename, or on another filesystem a copy beside the
+    target renamed over it. A staged file is not read or copied once more, as a PUT to MLflow would."""
+    target = root.joinpath(*path.split("/"))
+    if root.resolve() not in target.resolve().parents:
+        raise uploads.PlaceError(f"artifact path {path!r} leaves MLflow's artifact folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(file, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            partial = target.with_name(f".{target.name}.bridge-upload")
+            shutil.copyfile(file, partial)
+            os.replace(partial, target)
+    except OSError as exc:
+        raise uploads.PlaceError(f"could not write {path} into MLflow's artifact folder: {exc}") from None
 
 
 class TokenSource:
@@ -246,8 +269,10 @@ class Entrance:
         compress: bool = True,
         staging: Path | None = None,
         max_part_bytes: int = uploads.DEFAULT_MAX_PART_BYTES,
+        local_artifacts: Path | None = None,
     ) -> None:
-        """`staging`: the folder of resumable uploads (bridge/serve/uploads.py); None serves none."""
+        """`staging`: the folder of resumable uploads (bridge/serve/uploads.py); None serves none.
+        `local_artifacts`: MLflow's artifact destination when it is a local folder (see `_place`)."""
         self.upstream_port = upstream_port
         self.host = host
         self.port = port if port is not None else upstream_port + 1
@@ -266,6 +291,7 @@ class Entrance:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.local_artifacts = local_artifacts
         self.uploads = (
             uploads.Uploads(staging, self._place, max_part_bytes=max_part_bytes) if staging is not None else None
         )
@@ -419,8 +445,12 @@ class Entrance:
         return await self._forward(request)
 
     async def _place(self, file: Path, path: str) -> None:
-        """Put a finished upload into MLflow through its own artifact proxy (MLflow's artifact repository
-        stores it: a local folder, or S3 for a team); raises PlaceError with MLflow's answer."""
+        """Put a finished upload into MLflow: moved into MLflow's artifact folder when that is a local folder,
+        else through MLflow's own artifact proxy (its artifact repository stores it: S3 for a team). Raises
+        PlaceError with why."""
+        if self.local_artifacts is not None:
+            await asyncio.get_running_loop().run_in_executor(None, _move_into, file, self.local_artifacts, path)
+            return
         assert self._session is not None
         url = URL(self._upstream + ARTIFACTS_API + "/" + quote(path), encoded=True)
         headers = {"Host": self._upstream_host, "Content-Type": "application/octet-stream"}

@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -24,7 +25,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from bridge import config, secrets
 from bridge.errors import BridgeError, ConfigError, PublishError, ServeError, TunnelError
@@ -190,6 +193,7 @@ class Supervisor:
             client_header=CLIENT_HEADERS.get(self.tunnel_mode, CLIENT_HEADERS["ngrok"]),
             usage=TunnelUsage.load(config.paths().tunnel_usage_file),
             staging=config.paths().uploads_dir,
+            local_artifacts=_local_folder(self.mlflow.options.resolved_artifacts_destination()),
         )  # fmt: skip
         self.entrance.start()
         self._check_interrupt()
@@ -590,3 +594,12 @@ def serve(options: ServeOptions, on_ready=None) -> None:
         supervisor.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _local_folder(destination: str) -> Path | None:
+    """MLflow's artifact destination as a local folder (a path or file:// URI), or None (S3 and other stores)."""
+    if destination.startswith("file://"):
+        return Path(urlsplit(destination).path)
+    if "://" in destination or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", destination):
+        return None
+    return Path(destination)
