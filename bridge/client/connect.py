@@ -85,6 +85,7 @@ class QueueView(NamedTuple):
     path: Path
     files: list[FileWaiting]
     waits: dict[str, LaneWait]
+    repairs: tuple[str, ...] = ()  # repairs of the journal no sync or connect() has said yet
 
 
 @dataclass
@@ -251,8 +252,8 @@ def _open(
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"server URL must start with http:// or https://, got {url[:60]!r}")
     store = Journal(options.journal_path, limit_bytes=options.journal_limit)
-    if store.repair_report is not None:
-        print(f"bridge: {store.repair_report}", file=sys.stderr)
+    for repair in store.database.repairs(take=True):  # also one an earlier open (`bridge queue`) made
+        print(f"bridge: {repair}", file=sys.stderr)
     link = Link(
         url,
         token,
@@ -441,10 +442,16 @@ class SyncReport:
     repair: str | None
     waits: dict[str, LaneWait] = field(default_factory=dict)
     files: list[FileWaiting] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
 
     @property
     def left(self) -> int:
         return sum(self.after.values())
+
+    @property
+    def undelivered(self) -> int:
+        """Entries accepted that did not reach the server: still waiting, or dead letters."""
+        return self.left + sum(self.dead.values())
 
 
 def sync(
@@ -472,6 +479,7 @@ def sync(
     )
     sender = Sender(store, link, options)
     try:
+        repairs = store.database.repairs(take=True)
         before = store.queue.backlog()
         total = before.total
         files_before = {f.op: f.size for f in store.uploads.files_waiting()}
@@ -500,7 +508,8 @@ def sync(
             last_error=link.last_error if after.total else None,
             waits=store.uploads.waits() if after.total else {},
             files=store.uploads.files_waiting() if after.total else [],
-            repair=None if store.repair_report is None else str(store.repair_report),
+            repair="\n".join(repairs) or None,
+            dead_letters=store.queue.dead_letters() if after.dead else [],
         )
     finally:
         if sender.stop():
@@ -528,6 +537,7 @@ def queue(journal: str | os.PathLike | None = None, *, retry: list[int] | bool =
             store.path,
             store.uploads.files_waiting(),
             store.uploads.waits(),
+            tuple(store.database.repairs()),
         )
     finally:
         store.close()
