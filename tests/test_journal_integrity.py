@@ -9,10 +9,13 @@ import sqlite3
 import time
 import uuid
 
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from typer.testing import CliRunner
 
 from bridge.cli import app
-from bridge.client.journal import Journal, integrity
+from bridge.client.journal import Journal, ids, integrity
 from bridge.client.journal import intake as _intake
 
 runner = CliRunner()
@@ -194,3 +197,46 @@ def test_intake_moved_offsets_are_a_journal_table(tmp_path):
     assert moved == len(_intake.encode("r", "m", 1.0, 1, 0))
     journal.close()
 
+
+def test_local_run_ids_are_told_from_server_ids(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    local = journal.add_run(experiment_id="0", user_id="u", start_time=1, name="x", tags={})
+    server = uuid.uuid4().hex  # how MLflow's servers make run ids
+    assert ids.is_local_run_id(local) and not ids.is_local_run_id(server)
+    assert journal.ids.server_run(server) == (server, None), "a run not created here is the server's own"
+    with journal.database.db() as conn:
+        conn.execute("delete from runs where local_id=?", (local,))
+    assert journal.ids.server_run(local) == (None, None) and journal.ids.row_lost(local)
+    journal.close()
+
+
+def test_a_run_whose_row_was_lost_becomes_dead_letters_never_sent_by_its_local_id(tmp_path, mlflow_server):
+    path = tmp_path / "j.sqlite"
+    name = f"lost-{uuid.uuid4().hex[:6]}"
+    journal = Journal(path)
+    experiment = journal.add_experiment(name, {})
+    kept = journal.add_run(experiment_id=experiment, user_id="u", start_time=1, name="kept", tags={})
+    lost = journal.add_run(experiment_id=experiment, user_id="u", start_time=1, name="lost", tags={})
+    for run in (kept, lost):
+        journal.append_batch(run, [("loss", float(s), 1_700_000_000_000 + s, s) for s in range(20)])
+        journal.append_batch(run, params=[("lr", "0.1")])
+    journal.move_intake()
+    with journal.database.db() as conn:  # what a torn copy looks like: the run's row and creation are gone
+        conn.execute("delete from runs where local_id=?", (lost,))
+        conn.execute("delete from ops where run=? and kind='create_run'", (lost,))
+    journal.close()
+    result = runner.invoke(app, ["sync", "--journal", str(path), "--url", mlflow_server.url], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "run-row-lost" in result.output and "could not be delivered" in result.output
+    client = MlflowClient(mlflow_server.url)
+    (experiment_id,) = [e.experiment_id for e in client.search_experiments(filter_string=f"name = '{name}'")]
+    runs = client.search_runs([experiment_id])
+    assert [r.info.run_name for r in runs] == ["kept"]
+    assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 20
+    with pytest.raises(MlflowException):
+        client.get_run(lost)
+    journal = Journal(path)
+    letters = journal.queue.dead_letters()
+    assert len(letters) == 21 and {d.reason for d in letters} == {"run-row-lost"}
+    assert all(d.op.run == lost for d in letters)
+    journal.close()
