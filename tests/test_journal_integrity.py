@@ -240,3 +240,19 @@ def test_a_run_whose_row_was_lost_becomes_dead_letters_never_sent_by_its_local_i
     assert len(letters) == 21 and {d.reason for d in letters} == {"run-row-lost"}
     assert all(d.op.run == lost for d in letters)
     journal.close()
+
+
+def test_connect_says_a_repair_an_earlier_open_made_and_the_dead_letters(bridge_connect, tmp_path, capsys):
+    from tests.support.mlflow_server import free_port
+
+    path = tmp_path / "j.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    journal = Journal(path)  # an earlier open (`bridge queue`) repairs it and says nothing
+    journal.append_batch("r", params=[("a", "1")])
+    (op,) = journal.queue.pending_ops("r", 10)
+    journal.queue.bury([op.id], "gone", reason="run-row-lost")
+    journal.close()
+    bridge_connect(f"http://127.0.0.1:{free_port()}", journal=path)
+    err = capsys.readouterr().err
+    assert "journal was damaged" in err
+    assert "1 entries that could not be delivered (dead letters: 1 run-row-lost)" in err

@@ -115,15 +115,7 @@ def sync_command(
     console.print(table)
     failed = False
     if report.dead_letters:
-        reasons: dict[str, int] = {}
-        for letter in report.dead_letters:
-            reasons[letter.reason or "unknown"] = reasons.get(letter.reason or "unknown", 0) + 1
-        why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
-        err_console.print(
-            f"[bold red]{len(report.dead_letters)} entries could not be delivered (dead letters: {why})[/]; "
-            "`bridge queue` lists them, `bridge queue --retry` sends them again",
-            highlight=False,
-        )
+        err_console.print(f"[bold red]{report.dead_letters}[/]", highlight=False)
         failed = True
     if report.left:
         err_console.print(

@@ -254,6 +254,9 @@ def _open(
     store = Journal(options.journal_path, limit_bytes=options.journal_limit)
     for repair in store.database.repairs(take=True):  # also one an earlier open (`bridge queue`) made
         print(f"bridge: {repair}", file=sys.stderr)
+    dead = dead_letter_summary(store)
+    if dead:
+        print(f"bridge: journal {store.path} holds {dead}", file=sys.stderr)
     link = Link(
         url,
         token,
@@ -263,6 +266,21 @@ def _open(
         rediscover=rediscover,
     )
     return Connection(store, link, Sender(store, link, options), options)
+
+
+def dead_letter_summary(store: Journal) -> str | None:
+    """'N dead letters (count per reason) …' for the terminal, or None when the journal holds none."""
+    letters = store.queue.dead_letters()
+    if not letters:
+        return None
+    reasons: dict[str, int] = {}
+    for letter in letters:
+        reasons[letter.reason or "unknown"] = reasons.get(letter.reason or "unknown", 0) + 1
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    return (
+        f"{len(letters)} entries that could not be delivered (dead letters: {why}); "
+        "`bridge queue` lists them, `bridge queue --retry` sends them again"
+    )
 
 
 def _register(conn: Connection) -> None:
@@ -442,7 +460,7 @@ class SyncReport:
     repair: str | None
     waits: dict[str, LaneWait] = field(default_factory=dict)
     files: list[FileWaiting] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
+    dead_letters: str | None = None  # how many could not be delivered, and why
 
     @property
     def left(self) -> int:
@@ -509,7 +527,7 @@ def sync(
             waits=store.uploads.waits() if after.total else {},
             files=store.uploads.files_waiting() if after.total else [],
             repair="\n".join(repairs) or None,
-            dead_letters=store.queue.dead_letters() if after.dead else [],
+            dead_letters=dead_letter_summary(store) if after.dead else None,
         )
     finally:
         if sender.stop():
