@@ -102,7 +102,8 @@ def sync_command(
 
         report = sync(journal, url, timeout=timeout, on_progress=on_progress, on_bytes=on_bytes)
     if report.repair:
-        err_console.print(f"[yellow]Warning:[/] {report.repair}", highlight=False)
+        for line in report.repair.splitlines():
+            err_console.print(f"[yellow]Warning:[/] {line}", highlight=False)
     console.print(f"Journal {report.journal} → {report.url}", highlight=False, soft_wrap=True)
     table = Table()
     table.add_column("run", no_wrap=True)
@@ -112,6 +113,10 @@ def sync_command(
         before, after = report.before.get(run, 0), report.after.get(run, 0)
         table.add_row(_run_label(run, runs), str(max(0, before - after)), str(after), str(report.dead.get(run, 0)))
     console.print(table)
+    failed = False
+    if report.dead_letters:
+        err_console.print(f"[bold red]{report.dead_letters}[/]", highlight=False)
+        failed = True
     if report.left:
         err_console.print(
             f"[bold red]{report.left} entries are still in the journal[/]"
@@ -119,6 +124,14 @@ def sync_command(
             highlight=False,
         )
         _print_waits(report.waits, report.files, runs)
+        failed = True
+    if report.repair:
+        err_console.print(
+            "[bold red]The journal was damaged: what was set aside or lost above was not delivered.[/]",
+            highlight=False,
+        )
+        failed = True
+    if failed:
         raise typer.Exit(1)
     console.print(f"Delivered everything in {path}.")
 
@@ -167,6 +180,8 @@ def queue_command(
     view = queue(journal, retry=chosen if retry else False, drop=chosen if drop else False)
     backlog, dead, runs, path = view.backlog, view.dead, view.runs, view.path
     console.print(f"Journal {path}", highlight=False, soft_wrap=True)
+    for repair in view.repairs:
+        err_console.print(f"[yellow]Warning:[/] {repair}", highlight=False)
     if retry or drop:
         done = len(chosen) if isinstance(chosen, list) else len(before)
         console.print(

@@ -19,9 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from bridge import config
 from bridge.client.delivery.sender import Sender
 from bridge.client.journal import Journal, RunRecord
 from bridge.client.journal.records import Backlog, DeadLetter
+from bridge.client.journal.replica import (
+    REPLICA_EVERY_ENV,
+    Replica,
+    ReplicaKeeper,
+    local_journal_for,
+    network_filesystem,
+)
 from bridge.client.journal.uploads import FileWaiting, LaneWait
 from bridge.client.link import Link, Transport, discovery
 from bridge.client.options import EXIT_FLUSH_ENV, JOURNAL_ENV, JOURNAL_LIMIT_ENV, ClientOptions
@@ -85,6 +93,7 @@ class QueueView(NamedTuple):
     path: Path
     files: list[FileWaiting]
     waits: dict[str, LaneWait]
+    repairs: tuple[str, ...] = ()  # repairs of the journal no sync or connect() has said yet
 
 
 @dataclass
@@ -112,6 +121,8 @@ class Connection:
         self.valid_metric_keys: set[str] = set()
         #: Logged-model id (the server's or this side's) -> this side's, for `RunSummary.model_points`.
         self.local_model_ids: dict[str, str] = {}
+        #: Keeps the replica on a network filesystem (open_journal), or None.
+        self.replica: ReplicaKeeper | None = None
         self._closed = False
 
     @property
@@ -141,7 +152,10 @@ class Connection:
 
     def flush(self, timeout: float | None = None) -> int:
         """Block until everything is delivered or `timeout` seconds pass; returns the entries left."""
-        return self.sender.flush(timeout)
+        left = self.sender.flush(timeout)
+        if self.replica is not None:
+            self.replica.snapshot_now()
+        return left
 
     def close(self) -> None:
         """Stop delivering; what is left stays in the journal for the next `connect()` or `bridge sync`."""
@@ -149,6 +163,8 @@ class Connection:
             return
         self._closed = True
         stopped = self.sender.stop()
+        if self.replica is not None:
+            self.replica.stop()
         with _registry_lock:
             for uri, conn in list(_connections.items()):
                 if conn is self:
@@ -250,9 +266,12 @@ def _open(
 ) -> Connection:
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"server URL must start with http:// or https://, got {url[:60]!r}")
-    store = Journal(options.journal_path, limit_bytes=options.journal_limit)
-    if store.repair_report is not None:
-        print(f"bridge: {store.repair_report}", file=sys.stderr)
+    store, keeper = open_journal(options.journal_path, options.journal_limit)
+    for repair in store.database.repairs(take=True):  # also one an earlier open (`bridge queue`) made
+        print(f"bridge: {repair}", file=sys.stderr)
+    dead = dead_letter_summary(store)
+    if dead:
+        print(f"bridge: journal {store.path} holds {dead}", file=sys.stderr)
     link = Link(
         url,
         token,
@@ -261,7 +280,45 @@ def _open(
         http_timeout_s=options.http_timeout_s,
         rediscover=rediscover,
     )
-    return Connection(store, link, Sender(store, link, options), options)
+    conn = Connection(store, link, Sender(store, link, options), options)
+    conn.replica = keeper
+    return conn
+
+
+def open_journal(path: Path, limit_bytes: int | None = None) -> tuple[Journal, ReplicaKeeper | None]:
+    """The journal at `path`; on a network filesystem (Google Drive, NFS, SMB) SQLite must not run there, so the
+    journal runs on local disk (restored from the replica at `path` in a new runtime) and a started
+    `ReplicaKeeper` keeps `path` a consistent copy of it."""
+    kind = network_filesystem(path)
+    if kind is None:
+        return Journal(path, limit_bytes=limit_bytes), None
+    local = local_journal_for(path, config.paths().data_dir)
+    replica = Replica(local, Path(path))
+    restored = replica.restore()
+    print(
+        f"bridge: journal {path} is on a network filesystem ({kind}), where SQLite must not run: it runs at "
+        f"{local}{' (restored from there)' if restored else ''} and {path} is kept as its replica",
+        file=sys.stderr,
+    )
+    store = Journal(local, limit_bytes=limit_bytes)
+    keeper = ReplicaKeeper(replica, store.sync, config.env_float(REPLICA_EVERY_ENV, 5.0))
+    keeper.start()
+    return store, keeper
+
+
+def dead_letter_summary(store: Journal) -> str | None:
+    """'N dead letters (count per reason) …' for the terminal, or None when the journal holds none."""
+    letters = store.queue.dead_letters()
+    if not letters:
+        return None
+    reasons: dict[str, int] = {}
+    for letter in letters:
+        reasons[letter.reason or "unknown"] = reasons.get(letter.reason or "unknown", 0) + 1
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    return (
+        f"{len(letters)} entries that could not be delivered (dead letters: {why}); "
+        "`bridge queue` lists them, `bridge queue --retry` sends them again"
+    )
 
 
 def _register(conn: Connection) -> None:
@@ -441,10 +498,16 @@ class SyncReport:
     repair: str | None
     waits: dict[str, LaneWait] = field(default_factory=dict)
     files: list[FileWaiting] = field(default_factory=list)
+    dead_letters: str | None = None  # how many could not be delivered, and why
 
     @property
     def left(self) -> int:
         return sum(self.after.values())
+
+    @property
+    def undelivered(self) -> int:
+        """Entries accepted that did not reach the server: still waiting, or dead letters."""
+        return self.left + sum(self.dead.values())
 
 
 def sync(
@@ -462,7 +525,7 @@ def sync(
     """
     found_url, token, source = _resolve(url, None)
     options = ClientOptions.from_env(journal=journal).replace(heartbeat_s=float("inf"), send_interval_s=0.2)
-    store = Journal(options.journal_path, limit_bytes=options.journal_limit)
+    store, keeper = open_journal(options.journal_path, options.journal_limit)
     link = Link(
         found_url,
         token,
@@ -472,6 +535,7 @@ def sync(
     )
     sender = Sender(store, link, options)
     try:
+        repairs = store.database.repairs(take=True)
         before = store.queue.backlog()
         total = before.total
         files_before = {f.op: f.size for f in store.uploads.files_waiting()}
@@ -500,10 +564,14 @@ def sync(
             last_error=link.last_error if after.total else None,
             waits=store.uploads.waits() if after.total else {},
             files=store.uploads.files_waiting() if after.total else [],
-            repair=None if store.repair_report is None else str(store.repair_report),
+            repair="\n".join(repairs) or None,
+            dead_letters=dead_letter_summary(store) if after.dead else None,
         )
     finally:
-        if sender.stop():
+        stopped = sender.stop()
+        if keeper is not None:
+            keeper.stop()
+        if stopped:
             store.close()
         else:
             sender.when_stopped(store.close)
@@ -515,7 +583,7 @@ def queue(journal: str | os.PathLike | None = None, *, retry: list[int] | bool =
     `retry`/`drop`: True for every dead letter, or a list of their ids — sent again by the next sender
     (`bridge sync`, `bridge.connect()`), or deleted for good — before the listing is taken.
     """
-    store = Journal(journal)
+    store, keeper = open_journal(ClientOptions.from_env(journal=journal).journal_path)
     try:
         if retry:
             store.queue.retry_dead(None if retry is True else list(retry))
@@ -528,6 +596,9 @@ def queue(journal: str | os.PathLike | None = None, *, retry: list[int] | bool =
             store.path,
             store.uploads.files_waiting(),
             store.uploads.waits(),
+            tuple(store.database.repairs()),
         )
     finally:
+        if keeper is not None:
+            keeper.stop()
         store.close()

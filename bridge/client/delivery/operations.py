@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # Named reasons an entry is undeliverable for something on this side (shown by `bridge queue`).
 RUN_NOT_CREATED = "run-not-created"
+#: A run created here whose row the journal lost (a torn or damaged copy): its server id is unknown, and its
+#: local id must never be sent as if it were the server's.
+RUN_ROW_LOST = "run-row-lost"
 RUN_NOT_RECORDED = "run-not-recorded"
 EXPERIMENT_NOT_CREATED = "experiment-not-created"
 SPOOL_FILE_MISSING = "spool-file-missing"
@@ -316,8 +319,19 @@ def server_run(journal: Journal, run_id: str) -> tuple[str, str | None]:
     the server."""
     remote, artifact_root = journal.ids.server_run(run_id)
     if remote is None:
-        raise UndeliverableError(RUN_NOT_CREATED, f"run {run_id} was never created on the server")
+        raise run_not_created(journal, run_id)
     return remote, artifact_root
+
+
+def run_not_created(journal: Journal, run_id: str) -> UndeliverableError:
+    """Why entries of `run_id`, which has no server id, cannot be delivered."""
+    if journal.ids.row_lost(run_id):
+        return UndeliverableError(
+            RUN_ROW_LOST,
+            f"run {run_id} was created here, but this copy of the journal lost its record (torn or damaged): "
+            "its server id is unknown",
+        )
+    return UndeliverableError(RUN_NOT_CREATED, f"run {run_id} was never created on the server")
 
 
 def server_model_id(journal: Journal, model_id: str) -> str:

@@ -33,7 +33,13 @@ from bridge.client.delivery.batch import BATCH_KINDS, MAX_METRICS_PER_BATCH, Bat
 from bridge.client.delivery.handlers import lost_upsert_race
 from bridge.client.delivery.heartbeat import Heartbeats
 from bridge.client.delivery.marks import DeliveryMarks, Scope, scope_of
-from bridge.client.delivery.operations import RUN_NOT_CREATED, SERVER_FAILS_ON_IT, SERVER_REFUSED, Operations
+from bridge.client.delivery.operations import (
+    RUN_NOT_CREATED,
+    SERVER_FAILS_ON_IT,
+    SERVER_REFUSED,
+    Operations,
+    run_not_created,
+)
 from bridge.client.journal import Journal, Op
 from bridge.client.journal.intake import try_lock
 from bridge.client.journal.kinds import (
@@ -615,11 +621,15 @@ class Sender:
         remote, _ = self.journal.ids.server_run(run)
         ids = batch.ids
         if remote is None:
-            self.journal.queue.bury(
-                ids,
-                f"run {run} was never created on the server (its creation failed; see above)",
-                reason=RUN_NOT_CREATED,
-            )
+            if self.journal.ids.row_lost(run):
+                why = run_not_created(self.journal, run)
+                self.journal.queue.bury(ids, str(why), reason=why.reason)
+            else:
+                self.journal.queue.bury(
+                    ids,
+                    f"run {run} was never created on the server (its creation failed; see above)",
+                    reason=RUN_NOT_CREATED,
+                )
             self.marks.done(ops)
             return 0
         if not self.journal.queue.claim(ids):

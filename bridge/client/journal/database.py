@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bridge.client import forksafe
+from bridge.client.journal import integrity
 from bridge.client.journal.records import RepairReport
 from bridge.errors import JournalCorruptError, JournalError, JournalFullError
 
@@ -115,6 +116,13 @@ _SCHEMA = (
         body text not null,           -- what is known here (JSON), for reads while offline
         created real not null,
         primary key (kind, local_id))""",
+    # What opening a damaged journal did (records.RepairReport), kept until a sync or connect() said it on the
+    # terminal: the open that repairs is often not the one a person watches (`bridge sync` reads the queue first).
+    """create table if not exists repairs (
+        id integer primary key,
+        at real not null,
+        text text not null,
+        reported integer not null default 0)""",
 )
 
 
@@ -130,16 +138,34 @@ class Database:
         self._lock = threading.Lock()
         self.writes = 0  # write transactions committed by this process
         forksafe.renew_after_fork(self)
-        problem = self._check_integrity()
-        if problem is not None:
-            if not repair:
-                raise JournalCorruptError(f"journal {self.path} is damaged: {problem}")
-            self.repair_report = self._repair(problem)
-            log.warning("%s", self.repair_report)
+        verdict = integrity.check(self.path)
+        try:
+            if verdict.state in (integrity.STALE_WAL, integrity.DAMAGED_WAL, integrity.DAMAGED):
+                if not repair:
+                    raise JournalCorruptError(f"journal {self.path} is damaged: {verdict.problem}")
+                if verdict.state == integrity.DAMAGED:
+                    self.repair_report = self._repair(verdict)
+                else:
+                    self.repair_report = self._set_wal_aside(verdict)
+                log.warning("%s", self.repair_report)
+        finally:
+            verdict.cleanup()
         with self.db() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
             _migrate(conn)
+            if self.repair_report is not None:
+                conn.execute("insert into repairs(at, text) values(?,?)", (time.time(), str(self.repair_report)))
+
+    def repairs(self, *, take: bool = False) -> list[str]:
+        """What repairs of this journal were not yet said on the terminal; `take` marks them said."""
+        with self.db(write=take) as conn:
+            rows = conn.execute("select id, text from repairs where reported=0 order by id").fetchall()
+            if take and rows:
+                conn.execute(
+                    f"update repairs set reported=1 where id in ({','.join('?' * len(rows))})", [r[0] for r in rows]
+                )
+        return [text for _, text in rows]
 
     def _create_connection(self) -> sqlite3.Connection:
         """Open a connection with every pragma bridge relies on; one per thread."""
@@ -219,48 +245,47 @@ class Database:
         with contextlib.suppress(sqlite3.Error):
             self._connection().execute("pragma wal_checkpoint(PASSIVE)")
 
-    def _check_integrity(self) -> str | None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return None
-        try:
-            conn = sqlite3.connect(str(self.path), isolation_level=None)
-            try:
-                rows = conn.execute("pragma quick_check").fetchall()
-            finally:
-                conn.close()
-        except sqlite3.DatabaseError as exc:
-            if _is_busy(exc):  # another process is creating or writing it: a live journal, not a damaged one
-                return None
-            return str(exc)
-        messages = [r[0] for r in rows]
-        return None if messages == ["ok"] else "; ".join(messages[:3])
+    def _set_wal_aside(self, verdict: integrity.Verdict) -> RepairReport:
+        """Rename the WAL (and its index) aside, unapplied: the database file alone is the journal."""
+        stamp = int(time.time())
+        wal = integrity.wal_path(self.path)
+        kept = integrity.set_aside(wal, "set-aside", stamp)
+        shm = Path(str(self.path) + "-shm")
+        if shm.exists():
+            os.replace(shm, Path(str(kept) + "-shm"))
+        return RepairReport(kept, verdict.problem or "its WAL", 0, None, wal_only=True)
 
-    def _repair(self, problem: str) -> RepairReport:
-        """Move the damaged file aside and copy every row that can still be read into a fresh journal."""
-        damaged = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
-        os.replace(self.path, damaged)
+    def _repair(self, verdict: integrity.Verdict) -> RepairReport:
+        """Move the damaged files aside and copy every row that can still be read (from the check's private copy)
+        into a fresh journal, with the counters and intake offsets it had."""
+        problem = verdict.problem or "damaged"
+        damaged = integrity.set_aside(self.path, "damaged")
         for suffix in ("-wal", "-shm"):
             side = Path(str(self.path) + suffix)
             if side.exists():
                 os.replace(side, Path(str(damaged) + suffix))
+        source = verdict.copy if verdict.copy is not None else damaged
         recovered, lost, known = 0, 0, True
         fresh = sqlite3.connect(str(self.path), isolation_level=None)
         try:
             for statement in _SCHEMA:
                 fresh.execute(statement)
             try:
-                old = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True, isolation_level=None)
+                old = sqlite3.connect(f"file:{source}?mode=ro", uri=True, isolation_level=None)
             except sqlite3.DatabaseError:
                 return RepairReport(damaged, problem, 0, None)
             try:
                 fresh.execute("begin")
-                for table in ("lineage", "owed_marks", "twin_watch", "uploads"):  # bookkeeping, not counted
+                # Bookkeeping, not counted. The intake offsets keep points already moved from being journaled
+                # twice when the intake files are adopted.
+                for table in ("lineage", "owed_marks", "twin_watch", "uploads", "intake", "settled"):
                     _salvage_table(old, fresh, table)
                 for table in ("experiments", "runs", "entities", "ops"):
                     got, missing, exact = _salvage_table(old, fresh, table)
                     recovered += got
                     lost += missing
                     known = known and exact
+                _keep_counters(old, fresh)
                 fresh.execute("commit")
             finally:
                 old.close()
@@ -346,6 +371,18 @@ def _migrate(conn: sqlite3.Connection) -> None:
     for column, kind in (("owner_pid", "integer"), ("owner_host", "text")):
         if column not in columns:
             conn.execute(f"alter table runs add column {column} {kind}")
+
+
+def _keep_counters(old: sqlite3.Connection, fresh: sqlite3.Connection) -> None:
+    """Row ids are never reused (the delivery marks rely on it): the fresh file's counters start where the old
+    file's stood, not at the highest row still in it."""
+    try:
+        counters = old.execute("select name, seq from sqlite_sequence").fetchall()
+    except sqlite3.DatabaseError:
+        counters = []
+    for name, seq in counters:
+        if fresh.execute("update sqlite_sequence set seq=max(seq, ?) where name=?", (seq, name)).rowcount == 0:
+            fresh.execute("insert into sqlite_sequence(name, seq) values(?,?)", (name, seq))
 
 
 def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: str) -> tuple[int, int, bool]:

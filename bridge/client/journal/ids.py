@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 
 from bridge.client.journal.database import Database
 from bridge.client.journal.kinds import LOGGED_MODEL
@@ -14,6 +15,28 @@ from bridge.processes import pid_alive
 
 #: This machine: a run's owner process is looked for only on the host that created it.
 HOST = socket.gethostname()
+
+#: The UUID version nibble of the run ids issued here. MLflow's servers make run ids with `uuid4().hex` (version
+#: 4); ids issued here carry version 8 (RFC 9562's "custom"), so a run id can be told local even when the
+#: journal lost the run's row (a torn copy): its entries must never be sent as if it were the server's.
+LOCAL_RUN_VERSION = "8"
+
+
+def new_local_run_id() -> str:
+    """A fresh local run id: 32 hex digits like MLflow's own, with version nibble `LOCAL_RUN_VERSION`."""
+    digits = uuid.uuid4().hex
+    return digits[:12] + LOCAL_RUN_VERSION + digits[13:]
+
+
+def is_local_run_id(run_id: str) -> bool:
+    """Whether `run_id` was issued here (by `new_local_run_id`), whether or not the journal still has its row."""
+    if len(run_id) != 32 or run_id[12] != LOCAL_RUN_VERSION:
+        return False
+    try:
+        int(run_id, 16)
+    except ValueError:
+        return False
+    return True
 
 
 class IdMaps:
@@ -68,13 +91,20 @@ class IdMaps:
         """(server run id, server artifact root) of `run_id`; a run not created here is the server's own.
 
         A logged model created here answers too: its artifacts are journaled under its local id (models.py).
+        A local run id whose row this journal lost (`row_lost`) has no server id: (None, None).
         """
         record = self.run(run_id)
         if record is None and run_id.startswith("m-"):
             model = self.entity(LOGGED_MODEL, run_id)
             if model is not None:
                 return model.remote_id, model.location
-        return (run_id, None) if record is None else (record.remote_id, record.artifact_uri)
+        if record is None:
+            return (None, None) if is_local_run_id(run_id) else (run_id, None)
+        return record.remote_id, record.artifact_uri
+
+    def row_lost(self, run_id: str) -> bool:
+        """Whether `run_id` was issued here but the journal no longer has its row (a torn or damaged copy)."""
+        return is_local_run_id(run_id) and self.run(run_id) is None
 
     def local_experiment_id(self, server_id: str) -> str:
         """The id this process knows a server experiment by: the local id it was created under, else the server's."""

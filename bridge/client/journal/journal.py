@@ -34,7 +34,7 @@ from bridge.client import forksafe
 from bridge.client.journal import intake as _intake
 from bridge.client.journal.bookkeeping import Bookkeeping
 from bridge.client.journal.database import Database
-from bridge.client.journal.ids import HOST, IdMaps
+from bridge.client.journal.ids import HOST, IdMaps, new_local_run_id
 from bridge.client.journal.kinds import ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN, PARAM, TAG, UPDATE_RUN
 from bridge.client.journal.queue import OpQueue
 from bridge.client.journal.records import RepairReport, encode_value
@@ -303,7 +303,7 @@ class Journal:
         self, *, experiment_id: str, user_id: str | None, start_time: int, name: str | None, tags: dict[str, str]
     ) -> str:
         """Record a run created here and journal its creation; returns the local run id (the run key)."""
-        local_id = uuid.uuid4().hex
+        local_id = new_local_run_id()
         body = json.dumps({"tags": tags}, separators=(",", ":"))
         self._reserve(len(body) + 2 * _ROW_OVERHEAD)
         now = time.time()

@@ -84,14 +84,25 @@ class ExperimentRecord:
 
 @dataclass(frozen=True)
 class RepairReport:
-    """What opening a damaged journal did: where the damaged file went and how much was saved."""
+    """What opening a damaged journal did: where the damaged file went and how much was saved.
+
+    `wal_only`: the database was whole and only its WAL was set aside (older than the database, or damaged),
+    never applied: the journal holds what its database file held.
+    """
 
     damaged_file: Path
     problem: str
     rows_recovered: int
     rows_lost: int | None  # None when the damage hides how many rows there were
+    wal_only: bool = False
 
     def __str__(self) -> str:
+        if self.wal_only:
+            return (
+                f"journal was damaged: {self.problem}; the WAL was set aside, not applied, and kept as "
+                f"{self.damaged_file} (what only it held is not delivered); the journal goes on from its "
+                f"database file"
+            )
         lost = "an unknown number of" if self.rows_lost is None else str(self.rows_lost)
         return (
             f"journal was damaged ({self.problem}); recovered {self.rows_recovered} entries, "

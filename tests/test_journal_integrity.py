@@ -1,0 +1,258 @@
+"""The opening check works on a private copy: a stale or damaged WAL is set aside, never applied; a repair keeps
+the intake offsets and the row counters; the repair is said by whichever open comes next (issue 18)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sqlite3
+import time
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from typer.testing import CliRunner
+
+from bridge.cli import app
+from bridge.client.journal import Journal, ids, integrity
+from bridge.client.journal import intake as _intake
+
+runner = CliRunner()
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _params(journal: Journal, run: str, start: int, n: int) -> None:
+    for i in range(start, start + n):
+        journal.append_batch(run, params=[(f"p{i}", str(i))])
+
+
+def _torn_stale_wal(tmp_path):
+    """A journal folder whose database is newer than its WAL: the database holds p0..p199, the WAL p0..p99."""
+    live = tmp_path / "live" / "j.sqlite"
+    live.parent.mkdir()
+    journal = Journal(live)
+    _params(journal, "r", 0, 100)
+    early_wal = integrity.wal_path(live).read_bytes()
+    journal.database.checkpoint()
+    _params(journal, "r", 100, 100)
+    journal.database.checkpoint()  # the database file now holds every entry
+    torn = tmp_path / "torn" / "j.sqlite"
+    torn.parent.mkdir()
+    shutil.copyfile(live, torn)
+    integrity.wal_path(torn).write_bytes(early_wal)
+    journal.close()
+    return torn
+
+
+def test_the_check_leaves_the_persons_files_byte_identical(tmp_path):
+    torn = _torn_stale_wal(tmp_path)
+    before = {p.name: _sha(p) for p in torn.parent.iterdir()}
+    verdict = integrity.check(torn)
+    verdict.cleanup()
+    assert verdict.state == integrity.STALE_WAL, verdict
+    assert {p.name: _sha(p) for p in torn.parent.iterdir()} == before
+
+
+def test_a_wal_older_than_its_database_is_set_aside_not_applied(tmp_path):
+    torn = _torn_stale_wal(tmp_path)
+    wal_sha = _sha(integrity.wal_path(torn))
+    journal = Journal(torn)
+    report = journal.repair_report
+    assert report is not None and report.wal_only
+    assert report.damaged_file.exists() and _sha(report.damaged_file) == wal_sha, "kept byte for byte"
+    keys = sorted(int(op.key[1:]) for op in journal.queue.pending_ops("r", 1000))
+    assert keys == list(range(200)), "the database file's entries, none rolled back"
+    assert "set aside" in str(report) and str(report.damaged_file) in str(report)
+    journal.close()
+
+
+def test_a_damaged_wal_beside_a_whole_database_is_set_aside(tmp_path):
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    _params(journal, "r", 0, 50)
+    journal.database.checkpoint()
+    _params(journal, "r", 50, 50)
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    copy = folder / "j.sqlite"
+    shutil.copyfile(path, copy)
+    wal = bytearray(integrity.wal_path(path).read_bytes())
+    journal.close()
+    verdict = integrity.check(copy)  # no WAL beside it: whole
+    verdict.cleanup()
+    assert verdict.state == integrity.WHOLE
+    # A WAL whose frames are valid but whose pages are garbage: SQLite applies it, and the b-tree breaks.
+    page = 4096
+    for frame in range(len(wal) // (page + 24)):
+        start = 32 + frame * (page + 24) + 24
+        wal[start + 100 : start + 200] = b"\x07" * 100
+    _refresh_wal_checksums(wal, page)
+    integrity.wal_path(copy).write_bytes(bytes(wal))
+    verdict = integrity.check(copy)
+    verdict.cleanup()
+    assert verdict.state == integrity.DAMAGED_WAL, verdict
+
+
+def _refresh_wal_checksums(wal: bytearray, page: int) -> None:
+    """Recompute a WAL's cumulative checksums (SQLite's format: pairs of 32-bit words)."""
+    import struct
+
+    magic = struct.unpack(">I", wal[:4])[0]
+    order = "<" if magic & 1 == 0 else ">"
+
+    def checksum(data: bytes, s1: int, s2: int) -> tuple[int, int]:
+        words = struct.unpack(f"{order}{len(data) // 4}I", data)
+        for i in range(0, len(words), 2):
+            s1 = (s1 + words[i] + s2) & 0xFFFFFFFF
+            s2 = (s2 + words[i + 1] + s1) & 0xFFFFFFFF
+        return s1, s2
+
+    s1, s2 = checksum(bytes(wal[:24]), 0, 0)
+    wal[24:32] = struct.pack(">II", s1, s2)
+    pos = 32
+    while pos + 24 + page <= len(wal):
+        s1, s2 = checksum(bytes(wal[pos : pos + 8]), s1, s2)
+        s1, s2 = checksum(bytes(wal[pos + 24 : pos + 24 + page]), s1, s2)
+        wal[pos + 16 : pos + 24] = struct.pack(">II", s1, s2)
+        pos += 24 + page
+
+
+def test_a_repair_keeps_intake_offsets_and_row_counters(tmp_path):
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    for chunk in range(10):
+        journal.append_batch("r", [("loss", float(i), i, i) for i in range(chunk * 500, chunk * 500 + 500)])
+    journal.move_intake()
+    intake_name = journal._intake.name
+    intake_file = journal._intake.path
+    delivered = [op.id for op in journal.queue.pending_ops("r", 100_000)][-10:]
+    with journal.database.db() as conn:  # the newest rows were delivered: the counter stands above the rest
+        conn.execute(f"delete from ops where id in ({','.join('?' * len(delivered))})", delivered)
+    top = max(delivered)
+    # The process "dies": its intake file stays, fully moved.
+    kept_intake = intake_file.read_bytes()
+    journal.database.checkpoint()
+    journal.database.close()
+    journal._intake.close()  # its lock goes with the process
+    intake_file.write_bytes(kept_intake)
+    with sqlite3.connect(path) as conn:
+        conn.execute("pragma wal_checkpoint(TRUNCATE)")
+    raw = bytearray(path.read_bytes())
+    page = 4096
+    middle = len(raw) // page // 2
+    raw[middle * page : (middle + 2) * page] = b"\xff" * (2 * page)
+    path.write_bytes(bytes(raw))
+    repaired = Journal(path)
+    assert repaired.repair_report is not None and not repaired.repair_report.wal_only
+    with repaired.database.db(write=False) as conn:
+        assert conn.execute("select moved from intake where name=?", (intake_name,)).fetchone() is None
+        ops = conn.execute("select count(*), count(distinct ts) from ops where kind='metric'").fetchone()
+    assert ops[0] == ops[1] < 5_000, "no point of the moved intake journaled twice"
+    repaired.append_batch("r", params=[("after", "1")])
+    (after,) = [op for op in repaired.queue.pending_ops("r", 100_000) if op.key == "after"]
+    assert after.id > top, "a row id is never reused after a repair"
+    repaired.close()
+
+
+def test_a_repair_is_said_by_the_next_open_that_reports(tmp_path):
+    path = tmp_path / "j.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    first = Journal(path)  # e.g. `bridge queue`: repairs, says nothing
+    assert first.repair_report is not None
+    first.close()
+    second = Journal(path)
+    assert second.repair_report is None
+    (said,) = second.database.repairs(take=True)
+    assert "journal was damaged" in said
+    assert second.database.repairs() == []
+    second.close()
+
+
+def test_sync_says_a_repair_an_earlier_open_made_and_fails(tmp_path, mlflow_server):
+    path = tmp_path / "j.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    Journal(path).close()  # repaired by an earlier open
+    journal = Journal(path)
+    experiment = journal.add_experiment(f"rep-{uuid.uuid4().hex[:6]}", {})
+    journal.add_run(experiment_id=experiment, user_id="u", start_time=int(time.time() * 1000), name="x", tags={})
+    journal.close()
+    result = runner.invoke(app, ["sync", "--journal", str(path), "--url", mlflow_server.url], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "journal was damaged" in result.output
+    again = runner.invoke(app, ["sync", "--journal", str(path), "--url", mlflow_server.url], env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and "Delivered everything" in again.output, again.output
+
+
+def test_intake_moved_offsets_are_a_journal_table(tmp_path):
+    """The table the repair must carry over (guards the name the salvage list uses)."""
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.append_batch("r", [("m", 1.0, 1, 0)])
+    journal.move_intake()
+    with journal.database.db(write=False) as conn:
+        (moved,) = conn.execute("select moved from intake").fetchone()
+    assert moved == len(_intake.encode("r", "m", 1.0, 1, 0))
+    journal.close()
+
+
+def test_local_run_ids_are_told_from_server_ids(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    local = journal.add_run(experiment_id="0", user_id="u", start_time=1, name="x", tags={})
+    server = uuid.uuid4().hex  # how MLflow's servers make run ids
+    assert ids.is_local_run_id(local) and not ids.is_local_run_id(server)
+    assert journal.ids.server_run(server) == (server, None), "a run not created here is the server's own"
+    with journal.database.db() as conn:
+        conn.execute("delete from runs where local_id=?", (local,))
+    assert journal.ids.server_run(local) == (None, None) and journal.ids.row_lost(local)
+    journal.close()
+
+
+def test_a_run_whose_row_was_lost_becomes_dead_letters_never_sent_by_its_local_id(tmp_path, mlflow_server):
+    path = tmp_path / "j.sqlite"
+    name = f"lost-{uuid.uuid4().hex[:6]}"
+    journal = Journal(path)
+    experiment = journal.add_experiment(name, {})
+    kept = journal.add_run(experiment_id=experiment, user_id="u", start_time=1, name="kept", tags={})
+    lost = journal.add_run(experiment_id=experiment, user_id="u", start_time=1, name="lost", tags={})
+    for run in (kept, lost):
+        journal.append_batch(run, [("loss", float(s), 1_700_000_000_000 + s, s) for s in range(20)])
+        journal.append_batch(run, params=[("lr", "0.1")])
+    journal.move_intake()
+    with journal.database.db() as conn:  # what a torn copy looks like: the run's row and creation are gone
+        conn.execute("delete from runs where local_id=?", (lost,))
+        conn.execute("delete from ops where run=? and kind='create_run'", (lost,))
+    journal.close()
+    result = runner.invoke(app, ["sync", "--journal", str(path), "--url", mlflow_server.url], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "run-row-lost" in result.output and "could not be delivered" in result.output
+    client = MlflowClient(mlflow_server.url)
+    (experiment_id,) = [e.experiment_id for e in client.search_experiments(filter_string=f"name = '{name}'")]
+    runs = client.search_runs([experiment_id])
+    assert [r.info.run_name for r in runs] == ["kept"]
+    assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 20
+    with pytest.raises(MlflowException):
+        client.get_run(lost)
+    journal = Journal(path)
+    letters = journal.queue.dead_letters()
+    assert len(letters) == 21 and {d.reason for d in letters} == {"run-row-lost"}
+    assert all(d.op.run == lost for d in letters)
+    journal.close()
+
+
+def test_connect_says_a_repair_an_earlier_open_made_and_the_dead_letters(bridge_connect, tmp_path, capsys):
+    from tests.support.mlflow_server import free_port
+
+    path = tmp_path / "j.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    journal = Journal(path)  # an earlier open (`bridge queue`) repairs it and says nothing
+    journal.append_batch("r", params=[("a", "1")])
+    (op,) = journal.queue.pending_ops("r", 10)
+    journal.queue.bury([op.id], "gone", reason="run-row-lost")
+    journal.close()
+    bridge_connect(f"http://127.0.0.1:{free_port()}", journal=path)
+    err = capsys.readouterr().err
+    assert "journal was damaged" in err
+    assert "1 entries that could not be delivered (dead letters: 1 run-row-lost)" in err
