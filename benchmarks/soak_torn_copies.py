@@ -93,6 +93,8 @@ def main() -> int:
                 path = write_copy(copy, root / f"copy-{seed}-{label}")
                 held = held or holdings(path)
                 rc, output, seconds = _sync(code, path, servers[label].url)
+                if rc not in (0, 1) or "Traceback" in output:
+                    print(f"seed {seed} ({label}): exit {rc}\n{output[-3000:]}", flush=True)
                 got, names, repeats = server_holdings(MlflowClient(servers[label].url), name)
                 delivered = held.size() - held.missing_from(got).size()
                 lost = _dead_letters(path) + len(
