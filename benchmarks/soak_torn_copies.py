@@ -77,7 +77,7 @@ def main() -> int:
     for label in versions:
         server = MlflowServer(root / f"mlflow-{label}")
         server.start()
-        server.wait_healthy()
+        server.wait_healthy(600.0)  # a busy machine starts a stock server slowly
         servers[label] = server
     # per kind: copies, held, and per version: delivered, silent losses, crashes, duplicates, seconds
     table: dict[str, dict] = defaultdict(lambda: defaultdict(float))
