@@ -49,6 +49,7 @@ def _sync(code: str, path: Path, url: str) -> tuple[int, str, float]:
             "120",
         ],
         env=env,
+        cwd=code,  # `python -c` puts the working folder first on sys.path: import `code`'s bridge
         capture_output=True,
         text=True,
         timeout=300,
