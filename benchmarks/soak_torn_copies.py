@@ -49,6 +49,7 @@ def _sync(code: str, path: Path, url: str) -> tuple[int, str, float]:
             "120",
         ],
         env=env,
+        cwd=code,  # `python -c` puts the working folder first on sys.path: import `code`'s bridge
         capture_output=True,
         text=True,
         timeout=300,
@@ -77,7 +78,7 @@ def main() -> int:
     for label in versions:
         server = MlflowServer(root / f"mlflow-{label}")
         server.start()
-        server.wait_healthy()
+        server.wait_healthy(600.0)  # a busy machine starts a stock server slowly
         servers[label] = server
     # per kind: copies, held, and per version: delivered, silent losses, crashes, duplicates, seconds
     table: dict[str, dict] = defaultdict(lambda: defaultdict(float))
@@ -93,6 +94,8 @@ def main() -> int:
                 path = write_copy(copy, root / f"copy-{seed}-{label}")
                 held = held or holdings(path)
                 rc, output, seconds = _sync(code, path, servers[label].url)
+                if rc not in (0, 1) or "Traceback" in output:
+                    print(f"seed {seed} ({label}): exit {rc}\n{output[-3000:]}", flush=True)
                 got, names, repeats = server_holdings(MlflowClient(servers[label].url), name)
                 delivered = held.size() - held.missing_from(got).size()
                 lost = _dead_letters(path) + len(

@@ -130,6 +130,12 @@ class Connection:
         return self.link.url
 
     @property
+    def journal_path(self) -> Path:
+        """The journal as the person named it: on a network filesystem, its replica there (what a new runtime
+        passes to `bridge sync`), not the local file it runs in."""
+        return self.replica.replica.target if self.replica is not None else self.journal.path
+
+    @property
     def tracking_uri(self) -> str:
         return SCHEME_PREFIX + self.link.url
 
@@ -204,14 +210,14 @@ class Connection:
         except Exception as exc:  # a plugin never breaks the user's exit, but it says what it could not do
             print(
                 f"bridge: the exit flush failed ({type(exc).__name__}: {exc}); what was not delivered is kept "
-                f"in journal {self.journal.path}. {sync_hint(self.journal.path)}",
+                f"in journal {self.journal_path}. {sync_hint(self.journal_path)}",
                 file=sys.stderr,
             )
             left = 0
         if left:
             print(
                 f"bridge: {left} entries not delivered yet (the exit waited {self.options.exit_flush_s:g} s, "
-                f"{EXIT_FLUSH_ENV}) are kept in journal {self.journal.path}. {sync_hint(self.journal.path)}",
+                f"{EXIT_FLUSH_ENV}) are kept in journal {self.journal_path}. {sync_hint(self.journal_path)}",
                 file=sys.stderr,
             )
         try:

@@ -83,11 +83,15 @@ def log_offline(folder: Path, name: str, seconds: float, rng: random.Random, *, 
     # Drive uploads a changed file again later; each file has its own chance per tick to be (re)uploaded.
     upload_chance = {JOURNAL: rng.uniform(0.02, 0.3), JOURNAL + "-wal": rng.uniform(0.02, 0.3)}
     ticks = int(seconds / tick_s)
+    # Drive holds back a file that keeps changing: now and then one's uploads stop at a random moment.
+    stalls: dict[str, int] = {}
     for tick in range(ticks):
         time.sleep(tick_s)
         for rel in _files(folder):
             chance = upload_chance.setdefault(rel, rng.uniform(0.02, 0.3))
-            if rng.random() < chance:
+            if rel not in stalls:
+                stalls[rel] = rng.randrange(tick, ticks) if rng.random() < 0.3 else ticks
+            if tick < stalls[rel] and rng.random() < chance:
                 try:
                     taken[rel] = (tick, (folder / rel).read_bytes())
                 except FileNotFoundError:
@@ -99,7 +103,7 @@ def log_offline(folder: Path, name: str, seconds: float, rng: random.Random, *, 
         raise errors[0]
     copy = TornCopy({})
     for rel in _files(folder):
-        if rel not in taken and rng.random() < 0.5:
+        if rel not in taken and stalls.get(rel, ticks) >= ticks and rng.random() < 0.5:
             taken[rel] = (ticks, (folder / rel).read_bytes())  # uploaded at the very end
     for rel, (tick, data) in taken.items():
         if data is None:
