@@ -12,11 +12,18 @@
 Faults are scheduled with `fail(kind, path=…, times=…, status=…)`: `path` is a substring of the request
 path (None: every request), `times` how many matching requests to affect (None: until `clear()`). Every
 request is recorded in order in `requests`, with the fault applied to it (or None).
+
+`hold(paths, methods=…)` keeps matching requests in the transport, unsent, until `release()` (a link too slow for
+them): a request held past its read timeout fails as a timeout and is never sent; one held when `abort()` is
+called fails at once. `held` lists every request that waited, with the sha256 of a file it carried.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +59,25 @@ class Recorded:
     json: dict | None
     fault: str | None
     headers: dict = field(default_factory=dict, compare=False)
+    #: What a held request carried: the sha256 of its file body, or of the file a tus creation announces.
+    sha256: str | None = field(default=None, compare=False)
+
+
+def carried_sha256(request: Request) -> str | None:
+    """The sha256 of the file `request` sends (a PUT of an open file) or announces (a tus creation's metadata)."""
+    name = getattr(request.data, "name", None)
+    if isinstance(name, str):
+        digest = hashlib.sha256()
+        with open(name, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    meta = next((v for k, v in request.headers.items() if k.lower() == "upload-metadata"), None)
+    for pair in (meta or "").split(","):
+        key, _, value = pair.strip().partition(" ")
+        if key == "sha256":
+            return base64.b64decode(value).decode()
+    return None
 
 
 class FaultTransport(Transport):
@@ -62,6 +88,10 @@ class FaultTransport(Transport):
         self.requests: list[Recorded] = []
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
+        self.held: list[Recorded] = []
+        self._holding: tuple[tuple[str, ...], frozenset[str] | None] | None = None
+        self._aborts = 0
+        self._hold_changed = threading.Condition(self._lock)
 
     def fail(
         self, kind: str, *, path: str | None = None, times: int | None = None, status: int = 503, body: bytes = b""
@@ -72,8 +102,43 @@ class FaultTransport(Transport):
             self._faults.append(_Fault(kind, path, times, status, body))
 
     def clear(self) -> None:
+        """No more faults (a hold stays until `release`)."""
         with self._lock:
             self._faults.clear()
+
+    def hold(self, paths: tuple[str, ...], *, methods: tuple[str, ...] | None = None) -> None:
+        """Keep requests whose path contains one of `paths` (and of `methods`) unsent until `release()`."""
+        with self._lock:
+            self._holding = (tuple(paths), frozenset(methods) if methods is not None else None)
+
+    def release(self) -> None:
+        """Send what is held, and hold nothing more."""
+        with self._hold_changed:
+            self._holding = None
+            self._hold_changed.notify_all()
+
+    def _holds(self, request: Request) -> bool:
+        holding = self._holding
+        if holding is None:
+            return False
+        paths, methods = holding
+        return (methods is None or request.method in methods) and any(p in request.path for p in paths)
+
+    def _wait_while_held(self, request: Request) -> None:
+        with self._lock:
+            if not self._holds(request):
+                return
+        self.held.append(Recorded(request.method, request.path, request.json, "held", sha256=carried_sha256(request)))
+        deadline = time.monotonic() + request.timeout[1]
+        with self._hold_changed:
+            aborts = self._aborts
+            while self._holds(request):
+                left = deadline - time.monotonic()
+                if self._aborts != aborts:
+                    raise TransportError(f"ConnectionError talking to {request.url} (cut while held by the transport)")
+                if left <= 0:
+                    raise TransportError(f"ReadTimeout talking to {request.url} (held by the test transport)")
+                self._hold_changed.wait(left)
 
     def _take(self, request: Request) -> _Fault | None:
         with self._lock:
@@ -91,6 +156,7 @@ class FaultTransport(Transport):
         return sum(1 for r in self.requests if path in r.path and (method is None or r.method == method))
 
     def send(self, request: Request) -> Response:
+        self._wait_while_held(request)
         fault = self._take(request)
         self.requests.append(
             Recorded(request.method, request.path, request.json, fault.kind if fault else None, dict(request.headers))
@@ -107,6 +173,9 @@ class FaultTransport(Transport):
         raise TransportError(f"ConnectionError talking to {request.url} (answer lost by the test transport)")
 
     def abort(self) -> None:
+        with self._hold_changed:
+            self._aborts += 1
+            self._hold_changed.notify_all()
         self.inner.abort()
 
     def close(self) -> None:
