@@ -129,9 +129,9 @@ def test_refreshes_of_one_file_during_an_outage_go_up_once_as_the_last_version(
 
 
 def test_offline_listing_and_download_come_from_the_spool(bridge_connect, tmp_path):
-    from tests.support.mlflow_server import free_port
+    from tests.support.mlflow_server import closed_url
 
-    conn = bridge_connect(f"http://127.0.0.1:{free_port()}")
+    conn = bridge_connect(closed_url())
     mlflow.set_experiment("offline-art")
     with mlflow.start_run() as run:
         mlflow.log_text("spooled", "deep/x.txt")

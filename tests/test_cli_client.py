@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from bridge.cli import app
 from bridge.client.journal import Journal
 from tests.support.client import server_run
-from tests.support.mlflow_server import free_port
+from tests.support.mlflow_server import closed_url
 
 runner = CliRunner()
 
@@ -49,7 +49,7 @@ def test_sync_with_the_server_down_fails_and_keeps_everything(tmp_path):
     _left_behind(path, "down")
     result = runner.invoke(
         app,
-        ["sync", "--journal", str(path), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "1.5"],
+        ["sync", "--journal", str(path), "--url", closed_url(), "--timeout", "1.5"],
         env={"COLUMNS": "200"},
     )
     assert result.exit_code == 1

@@ -44,9 +44,9 @@ def test_online_connect_wires_mlflow_and_sends_the_token_as_bearer(fixed_status_
 
 
 def test_offline_connect_succeeds_at_once_and_says_so(bridge_connect, capsys, tmp_path):
-    from tests.support.mlflow_server import free_port
+    from tests.support.mlflow_server import closed_url
 
-    url = f"http://127.0.0.1:{free_port()}"
+    url = closed_url()
     began = time.monotonic()
     conn = bridge_connect(url)
     assert time.monotonic() - began < 5
@@ -283,9 +283,9 @@ def test_four_processes_connecting_at_once_share_one_experiment_20_times(mlflow_
 
 def test_full_journal_raises_from_mlflow_and_keeps_what_was_accepted(bridge_connect):
     from bridge.errors import JournalFullError
-    from tests.support.mlflow_server import free_port
+    from tests.support.mlflow_server import closed_url
 
-    conn = bridge_connect(f"http://127.0.0.1:{free_port()}", journal_limit=150_000)
+    conn = bridge_connect(closed_url(), journal_limit=150_000)
     mlflow.set_experiment("full")
     run = mlflow.start_run()
     accepted = 0
@@ -309,9 +309,9 @@ def test_set_experiment_joins_one_another_process_added_since_it_looked(bridge_c
     """connect(experiment=…) in two processes at once: the one that loses the race joins the other's experiment
     (MLflow's set_experiment, answered "already exists", would leave the Default experiment active)."""
     from bridge.client.journal import Journal
-    from tests.support.mlflow_server import free_port
+    from tests.support.mlflow_server import closed_url
 
-    conn = bridge_connect(f"http://127.0.0.1:{free_port()}")
+    conn = bridge_connect(closed_url())
     other = Journal(conn.journal.path)  # the other process, on the same journal
     look = conn.journal.ids.experiment_by_name
     looks, raced = [], []
@@ -335,9 +335,9 @@ def test_set_experiment_joins_one_another_process_added_since_it_looked(bridge_c
 
 
 def test_creating_an_experiment_the_journal_has_still_raises_as_mlflow_would(bridge_connect):
-    from tests.support.mlflow_server import free_port
+    from tests.support.mlflow_server import closed_url
 
-    bridge_connect(f"http://127.0.0.1:{free_port()}")
+    bridge_connect(closed_url())
     mlflow.create_experiment("twice")
     with pytest.raises(mlflow.exceptions.MlflowException, match="already exists"):
         mlflow.create_experiment("twice")
@@ -367,11 +367,11 @@ def test_connect_without_arguments_uses_discovery(mlflow_server, bridge_connect,
 
 
 def test_connect_on_a_damaged_journal_repairs_it_and_reports(bridge_connect, tmp_path, capsys):
-    from tests.support.mlflow_server import free_port
+    from tests.support.mlflow_server import closed_url
 
     journal = tmp_path / "damaged.sqlite"
     journal.write_bytes(b"\x00garbage" * 512)
-    conn = bridge_connect(f"http://127.0.0.1:{free_port()}", journal=journal)
+    conn = bridge_connect(closed_url(), journal=journal)
     err = capsys.readouterr().err
     assert "journal was damaged" in err and "damaged file was kept as" in err
     assert conn.journal.repair_report.damaged_file.exists()
@@ -439,11 +439,11 @@ def test_journal_arguments_are_exported_and_calls_after_exit_stay_in_that_journa
     bridge_connect, tmp_path, monkeypatch, capsys
 ):
     from bridge.client import connect as connect_module
-    from tests.support.mlflow_server import free_port
+    from tests.support.mlflow_server import closed_url
 
     monkeypatch.setattr(connect_module, "_closed_at_exit", None, raising=False)
     journal = tmp_path / "mine.sqlite"
-    conn = bridge_connect(f"http://127.0.0.1:{free_port()}", journal=journal, journal_limit=50_000_000, flush_at_exit=0)
+    conn = bridge_connect(closed_url(), journal=journal, journal_limit=50_000_000, flush_at_exit=0)
     assert os.environ["BRIDGE_JOURNAL"] == str(journal) and os.environ["BRIDGE_JOURNAL_LIMIT"] == "50000000"
     conn._at_exit()  # the interpreter is exiting …
     late = connect_module.connection_for(conn.tracking_uri)  # … and an exit hook still logs something
@@ -457,7 +457,7 @@ def test_an_explicit_url_is_pinned_and_never_replaced_by_rediscovery(
     make_status_server, bridge_connect, monkeypatch, tmp_path
 ):
     from bridge.record import make_record
-    from tests.support.mlflow_server import free_port
+    from tests.support.mlflow_server import closed_url
 
     token = "pinned-token-" + uuid.uuid4().hex
     trap = make_status_server(200)
@@ -465,7 +465,7 @@ def test_an_explicit_url_is_pinned_and_never_replaced_by_rediscovery(
     record.write_text(make_record(trap.url, token=token, instance="x", mlflow_version="3", ttl_s=600).to_json())
     monkeypatch.setenv("BRIDGE_DISCOVERY", f"file:{record}")
     monkeypatch.setattr("bridge.client.link.REDISCOVER_AFTER_S", 0.1)
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = closed_url()
     conn = bridge_connect(dead, token=token)
     conn.journal.add_experiment("pinned", {})
     deadline = time.monotonic() + 60

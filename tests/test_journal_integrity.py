@@ -243,7 +243,7 @@ def test_a_run_whose_row_was_lost_becomes_dead_letters_never_sent_by_its_local_i
 
 
 def test_connect_says_a_repair_an_earlier_open_made_and_the_dead_letters(bridge_connect, tmp_path, capsys):
-    from tests.support.mlflow_server import free_port
+    from tests.support.mlflow_server import closed_url
 
     path = tmp_path / "j.sqlite"
     path.write_bytes(b"this is not a database" * 100)
@@ -252,7 +252,7 @@ def test_connect_says_a_repair_an_earlier_open_made_and_the_dead_letters(bridge_
     (op,) = journal.queue.pending_ops("r", 10)
     journal.queue.bury([op.id], "gone", reason="run-row-lost")
     journal.close()
-    bridge_connect(f"http://127.0.0.1:{free_port()}", journal=path)
+    bridge_connect(closed_url(), journal=path)
     err = capsys.readouterr().err
     assert "journal was damaged" in err
     assert "1 entries that could not be delivered (dead letters: 1 run-row-lost)" in err

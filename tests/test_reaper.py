@@ -14,7 +14,7 @@ from bridge import config
 from bridge.errors import ServeError
 from bridge.serve import reaper
 from bridge.serve.reaper import KILLED_REASON_TAG, reap_stale_runs
-from tests.support.mlflow_server import free_port
+from tests.support.mlflow_server import closed_url
 
 
 def test_stale_run_is_killed_fresh_and_untagged_runs_are_left_alone(mlflow_server):
@@ -75,7 +75,7 @@ def test_unreachable_server_and_bad_timeout_are_clear_errors():
     with pytest.raises(ValueError, match="positive"):
         reap_stale_runs("http://127.0.0.1:1", timeout_s=0)
     with pytest.raises(ServeError, match="heartbeats"):
-        reap_stale_runs(f"http://127.0.0.1:{free_port()}", timeout_s=60)
+        reap_stale_runs(closed_url(), timeout_s=60)
 
 
 def test_mlflow_error_answer_is_a_clear_error(mlflow_server):

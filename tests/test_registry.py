@@ -120,6 +120,8 @@ def test_run_artifact_source_is_translated(mlflow_server, bridge_connect, workst
 
 
 _LOG_WHILE_UNREACHABLE = """
+import faulthandler, sys
+faulthandler.dump_traceback_later(200, file=sys.stderr)
 import mlflow, numpy as np
 import bridge
 from tests.test_models import Double
@@ -148,7 +150,7 @@ def test_a_journal_left_offline_is_delivered_by_bridge_sync(mlflow_server, works
     import subprocess
     import sys
 
-    from tests.support.mlflow_server import free_port
+    from tests.support.mlflow_server import closed_url
 
     experiment, name, journal = "registry-sync", "reg-sync", str(tmp_path / "journal.sqlite")
     env = {
@@ -158,18 +160,21 @@ def test_a_journal_left_offline_is_delivered_by_bridge_sync(mlflow_server, works
         "BRIDGE_HTTP_TIMEOUT_S": "5",
         "PYTHONPATH": os.getcwd(),
     }
-    closed = f"http://127.0.0.1:{free_port()}"
-    logged = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _LOG_WHILE_UNREACHABLE.format(url=closed, journal=journal, experiment=experiment, name=name),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    closed = closed_url()
+    try:
+        logged = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _LOG_WHILE_UNREACHABLE.format(url=closed, journal=journal, experiment=experiment, name=name),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    except subprocess.TimeoutExpired as exc:  # the child dumped its threads' stacks at 200 s: show where it hung
+        raise AssertionError(f"the logging process hung:\n{(exc.stderr or b'')[-6000:]!s}") from None
     assert logged.returncode == 0, logged.stderr[-3000:]
     version = logged.stdout.split("VERSION", 1)[1].split()[0]
     synced = subprocess.run(

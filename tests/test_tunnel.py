@@ -42,7 +42,7 @@ from bridge.serve.tunnel_cloudflared import (
     CloudflaredTunnel,
     resolve_cloudflared_path,
 )
-from tests.support.mlflow_server import free_port
+from tests.support.mlflow_server import closed_url, free_port
 from tests.support.tunnel import open_tunnel, write_agent_executable
 
 PUBLIC_URL = r"^https://[0-9a-f]{12}\.ngrok-free\.app$"
@@ -268,7 +268,7 @@ def test_missing_binary_that_cannot_be_downloaded_raises_binary_error_quickly(mo
     monkeypatch.setenv("BRIDGE_NGROK_PATH", str(missing))
     # pyngrok's download goes through urllib, which honours the proxy variables: a closed local port refuses it
     # at once, whatever DNS does here.
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = closed_url()
     for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(name, dead)
     for name in ("no_proxy", "NO_PROXY"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,18 @@ import pytest
 import requests
 
 from bridge.serve.child import free_port
+
+_HELD: list[socket.socket] = []
+
+
+def closed_url() -> str:
+    """A loopback URL that refuses every connection for the rest of the test process: its port stays bound (not
+    listening), so no server started later — by this test or by another worker — can take it. A port from
+    `free_port()` is only free at the moment it is picked."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD.append(held)
+    return f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
 @dataclass
