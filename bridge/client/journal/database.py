@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bridge.client import forksafe
 from bridge.client.journal import integrity
-from bridge.client.journal.records import RepairReport
+from bridge.client.journal.records import RepairReport, entry_crc
 from bridge.errors import JournalCorruptError, JournalError, JournalFullError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ _SCHEMA = (
         error text,                   -- a dead letter's message (the server's, or the local problem)
         reason text,                  -- a dead letter's reason: operations.SERVER_REFUSED or a local one
         created real not null,
-        epoch integer)                -- lineage.n of the Journal that wrote it (not for metric points)""",
+        epoch integer,                -- lineage.n of the Journal that wrote it (not for metric points)
+        crc integer)                  -- records.entry_crc of what the row says: a repair keeps only whole rows""",
     # Who wrote which rows, for the delivery marks (marks.py): a row per opening of the file. A copy of the
     # file shares the rows written before it was taken and gets rows of its own afterwards.
     """create table if not exists lineage (
@@ -364,7 +365,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute(f"insert into ops({copied}) select {copied} from ops_before_autoincrement")
         conn.execute("drop table ops_before_autoincrement")
     columns = {row[1] for row in conn.execute("pragma table_info(ops)")}
-    for column, kind in (("reason", "text"), ("epoch", "integer")):
+    for column, kind in (("reason", "text"), ("epoch", "integer"), ("crc", "integer")):
         if column not in columns:
             conn.execute(f"alter table ops add column {column} {kind}")
     columns = {row[1] for row in conn.execute("pragma table_info(runs)")}
@@ -399,6 +400,16 @@ def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: st
     copied = lost = 0
     exact = True
     rowid = 0
+    whole = _whole_entry(columns) if table == "ops" else None
+
+    def keep(row: tuple) -> None:
+        nonlocal copied, lost
+        if whole is not None and not whole(row):
+            lost += 1  # a row the damaged page made up, or one it garbled: not copied
+            return
+        fresh.execute(f"insert or ignore into {table}({names}) values({marks})", row)
+        copied += 1
+
     while rowid < top:
         try:
             rows = old.execute(
@@ -416,13 +427,30 @@ def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: st
                 exact = False
                 continue
             if row is not None:
-                fresh.execute(f"insert or ignore into {table}({names}) values({marks})", row)
-                copied += 1
+                keep(row)
             continue
         if not rows:
             break
         for row in rows:
-            fresh.execute(f"insert or ignore into {table}({names}) values({marks})", row[1:])
-            copied += 1
+            keep(row[1:])
         rowid = rows[-1][0]
     return copied, lost, exact
+
+
+def _whole_entry(columns: list[str]):
+    """A predicate over `ops` rows (in `columns` order): whether the row's checksum matches what it says. Rows
+    written before entries carried one (crc null) are kept as they read."""
+    if "crc" not in columns:
+        return None
+    at = [columns.index(c) for c in ("run", "kind", "key", "value", "ts", "step", "body")]
+    crc = columns.index("crc")
+
+    def whole(row: tuple) -> bool:
+        if row[crc] is None:
+            return True
+        try:
+            return entry_crc(*(row[i] for i in at)) == row[crc]
+        except Exception:  # a value of a type no entry has
+            return False
+
+    return whole

@@ -37,7 +37,7 @@ from bridge.client.journal.database import Database
 from bridge.client.journal.ids import HOST, IdMaps, new_local_run_id
 from bridge.client.journal.kinds import ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN, PARAM, TAG, UPDATE_RUN
 from bridge.client.journal.queue import OpQueue
-from bridge.client.journal.records import RepairReport, encode_value
+from bridge.client.journal.records import RepairReport, encode_value, entry_crc
 from bridge.client.journal.spool import Spool
 from bridge.client.journal.uploads import UploadBook
 from bridge.client.options import JOURNAL_LIMIT_ENV, ClientOptions
@@ -47,8 +47,22 @@ log = logging.getLogger(__name__)
 
 #: Bytes a row costs beyond its payload (row header, index entry), for the cheap running size estimate.
 _ROW_OVERHEAD = 64
-_INSERT_METRIC = "insert into ops(run, kind, key, value, ts, step, created) values(?,'metric',?,?,?,?,?)"
-_INSERT_ENTRY = "insert into ops(run, kind, key, value, created, epoch) values(?,?,?,?,?,?)"
+_INSERT_METRIC = "insert into ops(run, kind, key, value, ts, step, created, crc) values(?,'metric',?,?,?,?,?,?)"
+_INSERT_ENTRY = "insert into ops(run, kind, key, value, created, epoch, crc) values(?,?,?,?,?,?,?)"
+_INSERT_BODY = "insert into ops(run, kind, key, body, created, epoch, crc) values(?,?,?,?,?,?,?)"
+
+
+def _entry_row(run: str, kind: str, key: str, value: str, now: float, epoch: int) -> tuple:
+    return run, kind, key, value, now, epoch, entry_crc(run, kind, key, value, None, None, None)
+
+
+def _metric_row(run: str, key: str, value: float, ts: int, step: int, now: float) -> tuple:
+    encoded = encode_value(value)
+    return run, key, encoded, ts, step, now, entry_crc(run, "metric", key, encoded, ts, step, None)
+
+
+def _body_row(run: str, kind: str, key: str | None, body: str, now: float, epoch: int) -> tuple:
+    return run, kind, key, body, now, epoch, entry_crc(run, kind, key, None, None, None, body)
 
 
 def journal_path(path: str | os.PathLike | None = None) -> Path:
@@ -179,9 +193,9 @@ class Journal:
             now = time.time()
             with self.database.db() as conn:
                 if params:
-                    conn.executemany(_INSERT_ENTRY, [(run, PARAM, k, v, now, self.epoch) for k, v in params])
+                    conn.executemany(_INSERT_ENTRY, [_entry_row(run, PARAM, k, v, now, self.epoch) for k, v in params])
                 if tags:
-                    conn.executemany(_INSERT_ENTRY, [(run, TAG, k, v, now, self.epoch) for k, v in tags])
+                    conn.executemany(_INSERT_ENTRY, [_entry_row(run, TAG, k, v, now, self.epoch) for k, v in tags])
 
     def _open_intake(self) -> _intake.Intake:
         with self._move_lock:
@@ -223,7 +237,7 @@ class Journal:
         now = time.time()
         with self.database.db() as conn:
             conn.executemany(
-                _INSERT_METRIC, [(run, key, encode_value(value), ts, step, now) for run, key, value, ts, step in points]
+                _INSERT_METRIC, [_metric_row(run, key, value, ts, step, now) for run, key, value, ts, step in points]
             )
             if moved is None:
                 conn.execute("delete from intake where name=?", (intake_name,))
@@ -268,10 +282,7 @@ class Journal:
         self._reserve(len(text) + _ROW_OVERHEAD)
         self.move_intake()  # in call order: points logged before this call get their journal order first
         with self.database.db() as conn:
-            conn.execute(
-                "insert into ops(run, kind, key, body, created, epoch) values(?,?,?,?,?,?)",
-                (run, kind, key, text, time.time(), self.epoch),
-            )
+            conn.execute(_INSERT_BODY, _body_row(run, kind, key, text, time.time(), self.epoch))
 
     def add_experiment(self, name: str, tags: dict[str, str], artifact_location: str | None = None) -> str:
         """Record an experiment created offline and journal its get-or-create; returns the local id.
@@ -293,10 +304,7 @@ class Journal:
             conn.execute(
                 "insert into experiments(local_id, name, created) values(?,?,?)", (local_id, name, time.time())
             )
-            conn.execute(
-                "insert into ops(run, kind, key, body, created, epoch) values('',?,?,?,?,?)",
-                (CREATE_EXPERIMENT, local_id, body, time.time(), self.epoch),
-            )
+            conn.execute(_INSERT_BODY, _body_row("", CREATE_EXPERIMENT, local_id, body, time.time(), self.epoch))
         return local_id
 
     def add_run(
@@ -313,10 +321,7 @@ class Journal:
                 "created) values(?,?,?,?,?,?,?,?)",
                 (local_id, experiment_id, name, user_id, start_time, os.getpid(), HOST, now),
             )
-            conn.execute(
-                "insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
-                (local_id, CREATE_RUN, body, now, self.epoch),
-            )
+            conn.execute(_INSERT_BODY, _body_row(local_id, CREATE_RUN, None, body, now, self.epoch))
         return local_id
 
     def update_run(self, run: str, *, status: str | None, end_time: int | None, name: str | None) -> None:
@@ -330,10 +335,7 @@ class Journal:
                 "name=coalesce(?, name) where local_id=?",
                 (status, end_time, name, run),
             )
-            conn.execute(
-                "insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
-                (run, UPDATE_RUN, text, time.time(), self.epoch),
-            )
+            conn.execute(_INSERT_BODY, _body_row(run, UPDATE_RUN, None, text, time.time(), self.epoch))
 
     def spool_artifact(self, run: str, source: Path, artifact_path: str) -> dict:
         """Copy `source` into the spool now (hashing as it goes) and journal its upload."""
@@ -358,10 +360,7 @@ class Journal:
             conn.execute(
                 "insert into entities(kind, local_id, body, created) values(?,?,?,?)", (kind, local_id, text, now)
             )
-            conn.execute(
-                "insert into ops(run, kind, body, created, epoch) values(?,?,?,?,?)",
-                (op[0], op[1], op_text, now, self.epoch),
-            )
+            conn.execute(_INSERT_BODY, _body_row(op[0], op[1], None, op_text, now, self.epoch))
 
     def update_entity(self, kind: str, local_id: str, body: dict) -> None:
         with self.database.db() as conn:

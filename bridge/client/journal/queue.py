@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from bridge.client.journal.database import Database
 from bridge.client.journal.kinds import ARTIFACT
-from bridge.client.journal.records import Backlog, DeadLetter, Op
+from bridge.client.journal.records import Backlog, DeadLetter, Op, entry_crc
 from bridge.client.journal.spool import Spool
 
 PENDING, IN_FLIGHT, DEAD = 0, 1, 3
@@ -59,7 +59,11 @@ class OpQueue:
     def update_body(self, op_id: int, body: dict) -> None:
         """Keep how far a long op got (models.py's step copy), so a try after a failure carries on from there."""
         with self._db.db() as conn:
-            conn.execute("update ops set body=? where id=?", (json.dumps(body, separators=(",", ":")), op_id))
+            text = json.dumps(body, separators=(",", ":"))
+            row = conn.execute("select run, kind, key from ops where id=?", (op_id,)).fetchone()
+            if row is not None:
+                crc = entry_crc(row[0], row[1], row[2], None, None, None, text)
+                conn.execute("update ops set body=?, crc=? where id=?", (text, crc, op_id))
 
     def requeue(self, op_id: int) -> None:
         """Move an op to the end of the journal, pending: it waits for something journaled after it."""

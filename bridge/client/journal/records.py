@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -103,7 +104,7 @@ class RepairReport:
                 f"{self.damaged_file} (what only it held is not delivered); the journal goes on from its "
                 f"database file"
             )
-        lost = "an unknown number of" if self.rows_lost is None else str(self.rows_lost)
+        lost = "an unknown number" if self.rows_lost is None else str(self.rows_lost)
         return (
             f"journal was damaged ({self.problem}); recovered {self.rows_recovered} entries, "
             f"lost {lost}; the damaged file was kept as {self.damaged_file}"
@@ -121,6 +122,16 @@ class Backlog:
     @property
     def total(self) -> int:
         return sum(self.pending.values())
+
+
+def entry_crc(run: str, kind: str, key: str | None, value, ts: int | None, step: int | None, body: str | None) -> int:
+    """The checksum an entry (`ops` row) carries of what it says, so a repair keeps only rows read back whole.
+
+    A torn copy of the database (Drive uploaded it while SQLite wrote it) can hold pages whose cells decode into
+    rows that look valid — a known run, `metric`, a value and a step — but were never written (seen: a point
+    with ts 0, step 0, value 2.0 in a cut copy). The row id, state and bookkeeping columns are not covered: they
+    change as the row is delivered."""
+    return zlib.crc32(repr((run, kind, key, value, ts, step, body)).encode())
 
 
 def encode_value(value: float) -> str | float:
