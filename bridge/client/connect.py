@@ -124,6 +124,24 @@ class Connection:
         #: Keeps the replica on a network filesystem (open_journal), or None.
         self.replica: ReplicaKeeper | None = None
         self._closed = False
+        sender.operations.on_run_mapped = self._announce_run
+
+    def _announce_run(self, run: RunRecord, server_id: str, experiment_id: str) -> None:
+        """Say, once a run exists on the server, the id and link the MLflow UI knows it by: the id MLflow gives
+        this process (`mlflow.active_run().info.run_id`) is the journal's own. The server run carries that one
+        as tag `bridge.run_key`, so a search for either finds it. The link goes on a line of its own so a
+        terminal shows it whole."""
+        name = f"'{run.name}' " if run.name else ""
+        print(
+            f"bridge: run {name}is on the server as {server_id} (here {run.local_id}):\n"
+            f"  {ui_link(self.link.url, experiment_id, server_id)}",
+            file=sys.stderr,
+        )
+
+    def server_run_id(self, run_id: str) -> str | None:
+        """The server's id of run `run_id` (the id MLflow gave this process), or None while it is not there yet."""
+        record = self.journal.ids.run(run_id)
+        return None if record is None else record.remote_id
 
     @property
     def url(self) -> str:
