@@ -184,7 +184,9 @@ def _print_ready(info, publish_spec: str | None) -> None:
         console.print(f"[yellow]Note:[/] {note}", highlight=False)
     console.print("Colab: add a secret [bold]BRIDGE_TOKEN[/] (value: run `bridge token` here), then run:")
     # soft_wrap: a cropped or re-wrapped line would not paste as valid Python.
-    console.print(colab_snippet(info.record_url, publish_spec), soft_wrap=True, markup=False, highlight=False)
+    pending = info.public_url is None and info.tunnel_mode != "none"
+    snippet = colab_snippet(info.record_url, publish_spec, tunnel_pending=pending)
+    console.print(snippet, soft_wrap=True, markup=False, highlight=False)
     console.print(
         "Press Ctrl-C to stop. Changes (a new URL, a reopened tunnel, failures) are printed below.", style="dim"
     )
@@ -202,8 +204,10 @@ def _print_event(event, publish_spec: str | None) -> None:
     sys.stdout.flush()
 
 
-def colab_snippet(url: str, publish_spec: str | None) -> str:
-    """The notebook cell that connects Colab to this workstation; it names where to look, never a secret."""
+def colab_snippet(url: str, publish_spec: str | None, *, tunnel_pending: bool = False) -> str:
+    """The notebook cell that connects Colab to this workstation; it names where to look, never a secret.
+
+    `tunnel_pending`: a tunnel is being retried, so a loopback `url` is only for now."""
     if publish_spec and publish_spec.startswith(("https://", "http://")):
         # The query (ntfy's ?auth=…) or user info may be a key: the cell names the place, the user adds the key.
         parts = urlsplit(publish_spec)
@@ -225,10 +229,12 @@ def colab_snippet(url: str, publish_spec: str | None) -> str:
             "# (use the path Colab sees, e.g. file:/content/drive/MyDrive/... for a Drive-synced folder)"
         )
     elif (urlsplit(url).hostname or "") in LOOPBACK_HOSTS:
-        where = (
-            f'os.environ["BRIDGE_URL"] = "{url}"  # this machine only: no tunnel is open\n'
-            "# (for Colab: `bridge login`, restart `bridge serve`, and use the public URL it prints)"
+        hint = (
+            "# (for Colab: use the public URL `bridge serve` prints once the tunnel opens)"
+            if tunnel_pending
+            else "# (for Colab: `bridge login`, restart `bridge serve`, and use the public URL it prints)"
         )
+        where = f'os.environ["BRIDGE_URL"] = "{url}"  # this machine only: no tunnel is open\n{hint}'
     else:
         where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts (not with an ngrok --domain)'
     return (

@@ -173,8 +173,7 @@ class TunnelKeeper:
     # --- internals ------------------------------------------------------------------------------------
 
     def _open(self, why: str, *, first: bool = False) -> None:
-        previous = self.public_url
-        self.status = "opening" if first or previous is None else "reopening"
+        self.status = "opening" if self._announced_url is None else "reopening"
         self.unready_since = None
         try:
             if self.tunnel is None:
@@ -195,12 +194,10 @@ class TunnelKeeper:
         self.status = "open"
         self.public_url = url
         self.next_at = self._clock() + self.check_interval_s
-        changed = url != self._announced_url
-        self._announced_url = url
-        if first:
-            self._emit("opened", f"tunnel open at {url}", changed=changed)
-        elif previous is None and not changed:
-            self._emit("opened", f"tunnel open again at {url} (same URL)", changed=False)
+        announced, self._announced_url = self._announced_url, url
+        changed = url != announced
+        if announced is None:
+            self._emit("opened", f"tunnel open at {url}", changed=True)
         elif changed:
             self._emit("reopened", f"tunnel reopened at a new URL {url} ({why})", changed=True)
         else:
