@@ -395,7 +395,11 @@ def test_a_tunnel_refused_at_start_leaves_serve_answering_locally_then_publishes
     url = state["tunnel"]["public_url"]
     assert re.match(fake_cloudflared.url_pattern, url)
     assert verify_record((server.home / "endpoint.json").read_text(), token).url == url
-    assert requests.get(fake_cloudflared.local_url(url) + "/health", auth=("u", token), timeout=10).status_code == 200
+    public = fake_cloudflared.local_url(url)
+    assert requests.get(public + "/health", auth=("u", token), timeout=10).status_code == 200
+    # A wrong token through the tunnel is a refused login that `bridge status` counts (this machine's own are not).
+    stranger = {"X-Stand-In-Peer": "198.51.100.23"}
+    assert requests.get(public + "/health", auth=("u", "guess"), headers=stranger, timeout=10).status_code == 401
 
     output = server.output()
     lines = output.splitlines()
@@ -413,6 +417,8 @@ def test_a_tunnel_refused_at_start_leaves_serve_answering_locally_then_publishes
     assert "no monthly cap" in output
     assert "once the tunnel opens" in output  # the first Colab cell said the public URL was still to come
 
-    status = server.cli("status")
-    assert "refused logins 1" in status.stdout, status.stdout
+    status = server.cli("status")  # in 80 columns too: it runs with the server's environment
+    assert "refused logins" in status.stdout, status.stdout
+    assert _wait_for(lambda: server.state()["entrance"]["refused_logins"] == 1, timeout=10, what="the refusal counted")
     assert "no monthly cap" in status.stdout
+    assert any(line.strip() == url for line in status.stdout.splitlines()), status.stdout

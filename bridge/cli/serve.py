@@ -397,7 +397,7 @@ def _secrets_row(table: Table, state: dict) -> None:
 
 
 def _entrance_detail(entrance: dict) -> str:
-    """The entrance's URL and the logins it refused (a wrong or missing token; throttled clients apart)."""
+    """The entrance's URL and the logins it refused from elsewhere (a wrong or missing token; then throttled)."""
     detail = str(entrance.get("url"))
     if "refused_logins" in entrance:
         detail += f" · refused logins {entrance['refused_logins']:,}"
@@ -474,6 +474,11 @@ def status_command() -> None:
         table.add_row("Last publish", "none", "")
     _secrets_row(table, state)
     console.print(table)
+    # A narrow table folds long cells: the links are repeated below, each whole on a line of its own.
+    if running and tunnel.get("public_url"):
+        _print_link("Public URL", tunnel["public_url"])
+    if running and mlflow_state.get("url"):
+        _print_link("MLflow UI (this machine)", ui.ui_link(mlflow_state["url"]))
     if warning:
         console.print(f"[yellow]Warning:[/] {warning}", highlight=False)
     if not running:

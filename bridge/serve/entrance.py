@@ -297,7 +297,8 @@ class Entrance:
         )
         self.requests = 0
         self.rejected = 0
-        #: Requests refused for a missing or wrong token (401), and for too many of those from one client (429).
+        #: Requests from elsewhere (through the tunnel, or another machine) refused for a missing or wrong token (401),
+        #: and for too many of those from one client (429). This machine's own probes (`bridge status`) are not counted.
         self.refused_logins = 0
         self.throttled = 0
         self.last_refused_at: float | None = None
@@ -428,8 +429,9 @@ class Entrance:
             )
         if not self.tokens.matches(presented_token(request.headers.get("Authorization"))):
             self.rejected += 1
-            self.refused_logins += 1
-            self.last_refused_at = time.time()
+            if client is not None:
+                self.refused_logins += 1
+                self.last_refused_at = time.time()
             if client is not None:
                 self.throttle.failed(client)
             log.info(
