@@ -304,3 +304,16 @@ def test_start_up_output_shows_every_link_whole_at_80_columns_and_the_limits_of_
     assert any(line.strip() == new for line in lines[1:])
     assert f'os.environ["BRIDGE_URL"] = "{new}"' in out.getvalue()
     compile("\n".join(lines[lines.index(next(x for x in lines if x.startswith("import os"))) :]), "<colab>", "exec")
+
+
+def test_status_says_why_the_tunnel_is_not_open_and_what_comes_next():
+    from bridge.cli.serve import _entrance_detail, _tunnel_detail
+
+    reconnecting = {"status": "reconnecting", "public_url": "https://a-b-c-d.trycloudflare.com", "unready_s": 12.4}
+    detail = _tunnel_detail({**reconnecting, "grace_s": 90.0})
+    assert "https://a-b-c-d.trycloudflare.com" in detail and "reconnecting for 12 s (replaced after 90 s)" in detail
+    down = {"status": "down", "public_url": None, "error": "429 Too Many Requests", "failures": 2}
+    detail = _tunnel_detail({**down, "next_try_at": time.time() + 30})
+    assert "no public URL" in detail and "429 Too Many Requests" in detail and "try 3 in 3" in detail
+    entrance = {"url": "http://127.0.0.1:5001", "refused_logins": 12, "throttled": 2, "last_refused_at": time.time()}
+    assert "refused logins 12 (then throttled 2), last 0m 0" in _entrance_detail(entrance)

@@ -171,7 +171,7 @@ def _print_ready(info, publish_spec: str | None) -> None:
         _print_link(f"Public URL ({info.tunnel_mode})", info.public_url)
     elif info.tunnel_mode != "none":
         console.print(
-            f"[bold]Public URL ({info.tunnel_mode})[/]: [yellow]not open yet[/] (retried; printed here once open)"
+            f"[bold]Public URL ({info.tunnel_mode})[/]: [yellow]not open yet[/] (retried; printed below once open)"
         )
     else:
         console.print("[bold]Public URL[/]: [yellow]none (no tunnel)[/]")

@@ -556,7 +556,7 @@ class Supervisor:
             state.update(
                 failures=keeper.failures,
                 next_try_at=None if retry_in is None else time.time() + retry_in,
-                unready_s=None if keeper.unready_since is None else time.monotonic() - keeper.unready_since,
+                unready_s=keeper.unready_for_s(),
             )
         return state
 

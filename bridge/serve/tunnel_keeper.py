@@ -109,6 +109,10 @@ class TunnelKeeper:
     def kind(self) -> str:
         return self.tunnel.kind if self.tunnel is not None else "none"
 
+    def unready_for_s(self) -> float | None:
+        """Seconds the agent has been alive but unready (reconnecting); None while it is ready or not running."""
+        return None if self.unready_since is None else max(0.0, self._clock() - self.unready_since)
+
     def retry_in_s(self) -> float | None:
         """Seconds until the next open is tried while down; None otherwise."""
         return max(0.0, self.next_at - self._clock()) if self.status == "down" else None
