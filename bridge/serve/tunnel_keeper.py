@@ -105,10 +105,6 @@ class TunnelKeeper:
     def __repr__(self) -> str:
         return f"TunnelKeeper({self.status}, {self.public_url or 'no URL'}, grace {self.grace_s:.0f} s)"
 
-    @property
-    def kind(self) -> str:
-        return self.tunnel.kind if self.tunnel is not None else "none"
-
     def unready_for_s(self) -> float | None:
         """Seconds the agent has been alive but unready (reconnecting); None while it is ready or not running."""
         return None if self.unready_since is None else max(0.0, self._clock() - self.unready_since)

@@ -21,7 +21,8 @@ It speaks what bridge uses of the real binary:
     connection in up to 2s`; then the connection registers again under the same hostname. The real agent does the
     same: a quick tunnel has one connection (`RunQuickTunnel` sets `ha-connections` to 1), `/ready` is 200 only while
     a connection is registered (metrics/readiness.go), and a dropped connection is retried in place with backoff
-    (supervisor/tunnel.go, supervisor/supervisor.go in github.com/cloudflare/cloudflared).
+    (supervisor/tunnel.go, supervisor/supervisor.go in github.com/cloudflare/cloudflared). SIGUSR2 drops it for good:
+    the agent lives on, redialling, never ready again.
 The edge is a real HTTP forwarder on 127.0.0.1 inside this process (killing the process kills it). Its public URL
 cannot resolve here, so the forwarder's real address is published in the JSON map `{public_url: local_url}` in the
 file named by `FAKE_CLOUDFLARED_STATE` (the same side channel as the stand-in ngrok's).
@@ -524,6 +525,8 @@ async def run_quick_tunnel(flags: dict[str, str]) -> int:
     drop_s = float(os.environ.get("FAKE_CLOUDFLARED_DROP_S", "8"))
     drops: list[asyncio.Task] = []
     loop.add_signal_handler(signal.SIGUSR1, lambda: drops.append(asyncio.ensure_future(drop(holder, drop_s))))
+    # SIGUSR2: a drop that never ends (the edge refuses every redial), so the agent lives but is never ready again.
+    loop.add_signal_handler(signal.SIGUSR2, lambda: drops.append(asyncio.ensure_future(drop(holder, 10**9))))
     await stop.wait()
     for task in drops:
         task.cancel()
