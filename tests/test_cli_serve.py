@@ -199,6 +199,8 @@ def test_help_texts_describe_the_options():
         "--heartbeat-timeout",
         "--tunnel-budget-gb",
         "--tunnel-budget-requests",
+        "--tunnel-grace",
+        "BRIDGE_TUNNEL_GRACE",
         "cloudflared",
         "auto",
         "BRIDGE_CLOUDFLARED_PATH",
