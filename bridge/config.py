@@ -27,6 +27,9 @@ DEFAULT_TUNNEL_BYTES_BUDGET = 1_000_000_000
 DEFAULT_TUNNEL_REQUESTS_BUDGET = 20_000
 #: `bridge status` warns once a month's use passes this fraction of either budget.
 TUNNEL_BUDGET_WARN_FRACTION = 0.8
+#: Seconds a tunnel agent that lost its edge connection gets to reconnect before it is replaced (where the number
+#: comes from: bridge/serve/tunnel_keeper.py).
+DEFAULT_TUNNEL_GRACE_S = 90.0
 
 #: The run tag that carries the client-generated key making a retried create idempotent.
 RUN_KEY_TAG = "bridge.run_key"

@@ -10,7 +10,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import typer
-from rich.panel import Panel
 from rich.table import Table
 
 from bridge import config, secrets, ui
@@ -127,6 +126,16 @@ def serve_command(
             min=0,
         ),
     ] = config.DEFAULT_TUNNEL_REQUESTS_BUDGET,
+    tunnel_grace: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a tunnel agent that lost its edge connection (still running, not ready) gets to reconnect "
+            "on the same URL before it is replaced by one with a new URL. The default covers cloudflared's own "
+            "reconnect backoff; an agent that exits is replaced at once.",
+            envvar="BRIDGE_TUNNEL_GRACE",
+            min=0,
+        ),
+    ] = config.DEFAULT_TUNNEL_GRACE_S,
 ) -> None:
     """Run MLflow, the authenticated entrance and the ngrok tunnel; publish the signed URL. Ctrl-C stops all."""
     from bridge.serve.supervisor import ServeOptions, serve
@@ -135,33 +144,70 @@ def serve_command(
         port=port, entrance_port=entrance_port, host=host, tunnel=tunnel.lower(), domain=domain,
         edge_auth=edge_auth, publish=publish, backend_store_uri=backend_store_uri,
         artifacts_destination=artifacts_destination, workers=workers, heartbeat_timeout_s=heartbeat_timeout,
-        bytes_budget=tunnel_budget_gb * 1e9, requests_budget=tunnel_budget_requests,
+        bytes_budget=tunnel_budget_gb * 1e9, requests_budget=tunnel_budget_requests, tunnel_grace_s=tunnel_grace,
     )  # fmt: skip
     err_console.print("Starting MLflow, the entrance and the tunnel…", style="dim")
-    serve(options, on_ready=lambda info: _print_ready(info, publish))
+    serve(
+        options,
+        on_ready=lambda info: _print_ready(info, publish),
+        on_event=lambda event: _print_event(event, publish),
+    )
+
+
+def _print_link(label: str, url: str) -> None:
+    """`label`, then `url` on a line of its own, never cut or wrapped by rich: indented only where it still fits."""
+    console.print(f"[bold]{label}[/]", highlight=False)
+    indent = "  " if len(url) + 2 <= console.width else ""
+    console.print(indent + url, soft_wrap=True, markup=False, highlight=False)
 
 
 def _print_ready(info, publish_spec: str | None) -> None:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("MLflow UI (this machine)", ui.ui_link(info.mlflow_url))
-    table.add_row("Entrance (token required)", info.entrance_url)
-    table.add_row("Public URL", info.public_url or "[yellow]none (no tunnel)[/]")
+    from bridge.serve.usage import tunnel_limits
+
+    console.rule("bridge serve is running", align="left")
+    _print_link("MLflow UI (this machine)", ui.ui_link(info.mlflow_url))
+    _print_link("Entrance (token required)", info.entrance_url)
+    if info.public_url:
+        _print_link(f"Public URL ({info.tunnel_mode})", info.public_url)
+    elif info.tunnel_mode != "none":
+        console.print(
+            f"[bold]Public URL ({info.tunnel_mode})[/]: [yellow]not open yet[/] (retried; printed below once open)"
+        )
+    else:
+        console.print("[bold]Public URL[/]: [yellow]none (no tunnel)[/]")
     published = info.published_to if not info.publish_error else f"[red]failed[/] ({info.publish_error}); retrying"
-    table.add_row("Record published to", published)
-    console.print(Panel(table, title="bridge serve is running", expand=False))
+    console.print(f"[bold]Record published to[/]: {published}", soft_wrap=True, highlight=False)
+    limits = tunnel_limits(info.tunnel_mode)
+    if limits:
+        console.print(f"[bold]Tunnel limits[/]: {limits}.", highlight=False)
     for note in info.notes:
         console.print(f"[yellow]Note:[/] {note}", highlight=False)
     console.print("Colab: add a secret [bold]BRIDGE_TOKEN[/] (value: run `bridge token` here), then run:")
     # soft_wrap: a cropped or re-wrapped line would not paste as valid Python.
-    console.print(colab_snippet(info.record_url, publish_spec), soft_wrap=True, markup=False, highlight=False)
-    console.print("Press Ctrl-C to stop.", style="dim")
+    pending = info.public_url is None and info.tunnel_mode != "none"
+    snippet = colab_snippet(info.record_url, publish_spec, tunnel_pending=pending)
+    console.print(snippet, soft_wrap=True, markup=False, highlight=False)
+    console.print(
+        "Press Ctrl-C to stop. Changes (a new URL, a reopened tunnel, failures) are printed below.", style="dim"
+    )
     sys.stdout.flush()
 
 
-def colab_snippet(url: str, publish_spec: str | None) -> str:
-    """The notebook cell that connects Colab to this workstation; it names where to look, never a secret."""
+def _print_event(event, publish_spec: str | None) -> None:
+    """One line per change while serving; a new URL also gets its own line and the updated Colab cell."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
+    console.print(f"{stamp} {event.message}", soft_wrap=True, markup=False, highlight=False)
+    if event.record_url:
+        _print_link("New URL (published in the signed record)", event.record_url)
+        console.print("Colab, updated (a notebook reading the record follows by itself):", highlight=False)
+        console.print(colab_snippet(event.record_url, publish_spec), soft_wrap=True, markup=False, highlight=False)
+    sys.stdout.flush()
+
+
+def colab_snippet(url: str, publish_spec: str | None, *, tunnel_pending: bool = False) -> str:
+    """The notebook cell that connects Colab to this workstation; it names where to look, never a secret.
+
+    `tunnel_pending`: a tunnel is being retried, so a loopback `url` is only for now."""
     if publish_spec and publish_spec.startswith(("https://", "http://")):
         # The query (ntfy's ?auth=…) or user info may be a key: the cell names the place, the user adds the key.
         parts = urlsplit(publish_spec)
@@ -183,10 +229,12 @@ def colab_snippet(url: str, publish_spec: str | None) -> str:
             "# (use the path Colab sees, e.g. file:/content/drive/MyDrive/... for a Drive-synced folder)"
         )
     elif (urlsplit(url).hostname or "") in LOOPBACK_HOSTS:
-        where = (
-            f'os.environ["BRIDGE_URL"] = "{url}"  # this machine only: no tunnel is open\n'
-            "# (for Colab: `bridge login`, restart `bridge serve`, and use the public URL it prints)"
+        hint = (
+            "# (for Colab: use the public URL `bridge serve` prints once the tunnel opens)"
+            if tunnel_pending
+            else "# (for Colab: `bridge login`, restart `bridge serve`, and use the public URL it prints)"
         )
+        where = f'os.environ["BRIDGE_URL"] = "{url}"  # this machine only: no tunnel is open\n{hint}'
     else:
         where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts (not with an ngrok --domain)'
     return (
@@ -314,18 +362,26 @@ def _duration(seconds: float) -> str:
 
 def _usage_row(table: Table, state: dict, running: bool) -> str | None:
     """This month's requests and bytes sent out through the tunnel, against the budget; the warning, if any."""
-    from bridge.serve.usage import budget_warning, format_bytes, month_of, read_usage
+    from bridge.serve.usage import budget_warning, format_bytes, has_monthly_cap, month_of, read_usage, tunnel_limits
 
     usage = (state.get("usage") if running else None) or read_usage(config.paths().tunnel_usage_file) or {}
     month = month_of(time.time())
     if usage.get("month") != month:
         usage = {"month": month, "requests": 0, "bytes_out": 0}
+    mode = (state.get("tunnel") or {}).get("mode", "none")
+    if not has_monthly_cap(mode):
+        table.add_row(
+            f"Tunnel use {month}",
+            "ok",
+            f"{usage['requests']:,} requests · {format_bytes(usage['bytes_out'])} sent out · {tunnel_limits(mode)}",
+        )
+        return None
     budget = state.get("budget") or {}
     bytes_budget = float(budget.get("bytes", config.DEFAULT_TUNNEL_BYTES_BUDGET))
     requests_budget = float(budget.get("requests", config.DEFAULT_TUNNEL_REQUESTS_BUDGET))
     requests_text = f"{usage['requests']:,} requests" + (f" of {int(requests_budget):,}" if requests_budget else "")
     bytes_text = format_bytes(usage["bytes_out"]) + (f" of {format_bytes(bytes_budget)}" if bytes_budget else "")
-    warning = budget_warning(usage, bytes_budget, requests_budget)
+    warning = budget_warning(usage, bytes_budget, requests_budget, tunnel=mode)
     table.add_row(
         f"Tunnel use {month}", "[yellow]near budget[/]" if warning else "ok", f"{requests_text} · {bytes_text} sent out"
     )
@@ -338,6 +394,32 @@ def _secrets_row(table: Table, state: dict) -> None:
     served = state.get("secrets_store") or here
     detail = served if served == here else f"{served} · this shell uses {here}: `bridge token` here reads another store"
     table.add_row("Secrets", "[green]keyring[/]" if served.startswith("OS keyring") else "[yellow]file[/]", detail)
+
+
+def _entrance_detail(entrance: dict) -> str:
+    """The entrance's URL and the logins it refused from elsewhere (a wrong or missing token; then throttled)."""
+    detail = str(entrance.get("url"))
+    if "refused_logins" in entrance:
+        detail += f" · refused logins {entrance['refused_logins']:,}"
+        if entrance.get("throttled"):
+            detail += f" (then throttled {entrance['throttled']:,})"
+        if entrance.get("last_refused_at"):
+            detail += f", last {_ago(entrance['last_refused_at'])}"
+    return detail
+
+
+def _tunnel_detail(tunnel: dict) -> str:
+    """The public URL, and while it is not open why and when the next try comes."""
+    detail = tunnel.get("public_url") or "no public URL"
+    if tunnel.get("status") == "reconnecting" and tunnel.get("unready_s") is not None:
+        detail += (
+            f" · agent reconnecting for {tunnel['unready_s']:.0f} s (replaced after {tunnel.get('grace_s', 0):.0f} s)"
+        )
+    if tunnel.get("error"):
+        detail += f" · {tunnel['error']}"
+    if tunnel.get("next_try_at"):
+        detail += f" · try {tunnel.get('failures', 0) + 1} in {max(0, tunnel['next_try_at'] - time.time()):.0f} s"
+    return detail
 
 
 @handles_errors
@@ -377,11 +459,9 @@ def status_command() -> None:
     # Without credentials the entrance must answer 401: that proves it is up and still locked.
     code = _probe(entrance.get("url")) if running else None
     entrance_state = {401: "[green]up, locked[/]", None: "[red]unreachable[/]"}.get(code, f"[red]answered {code}[/]")
-    table.add_row("Entrance", entrance_state, str(entrance.get("url")))
+    table.add_row("Entrance", entrance_state, _entrance_detail(entrance))
     table.add_row(
-        f"Tunnel ({tunnel.get('mode', 'none')})",
-        str(tunnel.get("status", "disabled")),
-        (tunnel.get("public_url") or "no public URL") + (f" · {tunnel['error']}" if tunnel.get("error") else ""),
+        f"Tunnel ({tunnel.get('mode', 'none')})", str(tunnel.get("status", "disabled")), _tunnel_detail(tunnel)
     )
     warning = _usage_row(table, state, running)
     if publish:
@@ -394,6 +474,11 @@ def status_command() -> None:
         table.add_row("Last publish", "none", "")
     _secrets_row(table, state)
     console.print(table)
+    # A narrow table folds long cells: the links are repeated below, each whole on a line of its own.
+    if running and tunnel.get("public_url"):
+        _print_link("Public URL", tunnel["public_url"])
+    if running and mlflow_state.get("url"):
+        _print_link("MLflow UI (this machine)", ui.ui_link(mlflow_state["url"]))
     if warning:
         console.print(f"[yellow]Warning:[/] {warning}", highlight=False)
     if not running:

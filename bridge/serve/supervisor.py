@@ -6,9 +6,12 @@ The tunnel is ngrok's (bridge/serve/tunnel.py) or a Cloudflare quick tunnel (bri
 `--tunnel auto` picks ngrok when an authtoken is configured, else cloudflared when its binary is there, else none.
 
 While it runs, the supervisor restarts MLflow when it dies (without touching the entrance or the
-tunnel), reopens the tunnel and republishes its new URL when the agent dies, republishes before the
-record expires and after the token rotates, reaps runs whose client stopped sending heartbeats, and
-writes what it sees to the state file that `bridge status` reads. No secret goes into that file.
+tunnel), keeps the tunnel open through a `TunnelKeeper` (bridge/serve/tunnel_keeper.py: a tunnel that fails at
+start is retried with backoff while MLflow and the entrance serve locally; an agent that loses its edge
+connection gets a grace period to reconnect before it is replaced) and republishes each new URL, republishes
+before the record expires and after the token rotates, reaps runs whose client stopped sending heartbeats, and
+writes what it sees to the state file that `bridge status` reads. No secret goes into that file. Every event
+also goes to `on_event`, for the CLI to print one line each.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from bridge.retry import compute_backoff_ms
 from bridge.serve.entrance import CLIENT_HEADERS, Entrance
 from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
 from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
+from bridge.serve.tunnel_keeper import DEFAULT_CHECK_INTERVAL_S, DEFAULT_GRACE_S, TunnelEvent, TunnelKeeper
 from bridge.serve.usage import TunnelUsage, budget_warning
 
 if TYPE_CHECKING:
@@ -54,8 +58,6 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 #: Signals that stop `bridge serve` cleanly. SIGHUP (the terminal closed) and SIGQUIT (Ctrl-\) matter as much as
 #: SIGINT/SIGTERM: MLflow runs in its own session, so a signal that kills only this process orphans it on the port.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-#: How often the tunnel's health is checked, in seconds.
-TUNNEL_CHECK_INTERVAL_S = 5.0
 #: How often the month's tunnel usage is saved, in seconds.
 USAGE_SAVE_INTERVAL_S = 5.0
 #: The main loop's tick.
@@ -83,6 +85,10 @@ class ServeOptions:
     mlflow_start_timeout_s: float = 90.0
     bytes_budget: float = config.DEFAULT_TUNNEL_BYTES_BUDGET
     requests_budget: int = config.DEFAULT_TUNNEL_REQUESTS_BUDGET
+    #: Seconds an agent that lost its edge connection (alive, not ready) gets to reconnect before it is replaced.
+    tunnel_grace_s: float = DEFAULT_GRACE_S
+    #: Seconds between two health checks of the tunnel.
+    tunnel_check_interval_s: float = DEFAULT_CHECK_INTERVAL_S
 
     def __post_init__(self) -> None:
         if self.tunnel not in TUNNEL_MODES:
@@ -95,6 +101,8 @@ class ServeOptions:
             raise ConfigError("--tunnel-budget-gb and --tunnel-budget-requests must be 0 (no budget) or positive")
         if self.record_ttl_s < 60:
             raise ConfigError(f"record TTL must be at least 60 s, got {self.record_ttl_s}")
+        if self.tunnel_grace_s < 0 or self.tunnel_check_interval_s <= 0:
+            raise ConfigError("--tunnel-grace must be 0 or more seconds, and the tunnel check interval positive")
         if (self.domain or self.edge_auth) and self.tunnel in ("none", "cloudflared"):
             raise ConfigError("--domain and --edge-auth need the ngrok tunnel; drop them or use --tunnel ngrok")
 
@@ -118,6 +126,18 @@ class ServeInfo:
     published_to: str
     publish_error: str | None
     notes: list[str] = field(default_factory=list)
+    #: What --tunnel resolved to (ngrok, cloudflared, none), and whether it is open now or being retried.
+    tunnel_mode: str = "none"
+    tunnel_status: str = "disabled"
+
+
+@dataclass(frozen=True)
+class ServeEvent:
+    """Something that changed while serving, for the terminal: one line; `record_url` set when the URL changed."""
+
+    at: float
+    message: str
+    record_url: str | None = None
 
 
 class _Interrupted(Exception):
@@ -127,8 +147,9 @@ class _Interrupted(Exception):
 class Supervisor:
     """Starts the parts in order, watches them, and stops them all; `start()`, then `wait()`, then `stop()`."""
 
-    def __init__(self, options: ServeOptions) -> None:
+    def __init__(self, options: ServeOptions, on_event: Callable[[ServeEvent], None] | None = None) -> None:
         self.options = options
+        self.on_event = on_event
         self.instance = uuid.uuid4().hex
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -147,10 +168,8 @@ class Supervisor:
         # `bridge url` reads the local record, so it is written even when the record goes elsewhere too.
         self._local_publisher = FilePublisher(config.paths().record_file) if options.publish else None
         self.entrance: Entrance | None = None
-        self.tunnel: PublicTunnel | None = None  # ngrok's or cloudflared's, imported only when used
+        self.keeper: TunnelKeeper | None = None  # holds ngrok's or cloudflared's tunnel, imported only when used
         self.tunnel_mode = "none"  # what --tunnel resolved to: ngrok, cloudflared or none
-        self.tunnel_status = "disabled"
-        self.tunnel_error: str | None = None
         self.public_url: str | None = None
         self.record_url: str | None = None
         self.last_publish: dict[str, Any] | None = None
@@ -160,13 +179,12 @@ class Supervisor:
         self._published_revision = -1
         self._next_publish_at = 0.0
         self._publish_failures = 0
-        self._tunnel_failures = 0
-        self._next_tunnel_check = 0.0
         self._state_lock = threading.Lock()
         self._next_usage_save = 0.0
         self.secrets_store = secrets.describe_store()
         self._budget_warned_month: str | None = None
         self._stopped = False
+        self._serving = False  # start-up is over: events reach `on_event`, a new tunnel URL is republished
         self.stop_requested = False
 
     # --- start and stop ---------------------------------------------------------------------------
@@ -198,12 +216,20 @@ class Supervisor:
         self.entrance.start()
         self._check_interrupt()
         if make_tunnel is not None:
-            self.tunnel = tunnel = make_tunnel()
-            self.tunnel_status = "opening"
-            self.public_url = tunnel.open()
-            self.tunnel_status = "open"
+            self.keeper = TunnelKeeper(
+                make_tunnel, on_event=self._tunnel_event,
+                grace_s=opts.tunnel_grace_s, check_interval_s=opts.tunnel_check_interval_s,
+            )  # fmt: skip
+            # A failure waiting can fix (a rate limit, no network) leaves MLflow and the entrance serving locally.
+            self.public_url = self.keeper.start()
+            if self.public_url is None:
+                self.notes.append(
+                    f"The tunnel did not open ({self.keeper.error}); MLflow and the entrance serve locally meanwhile, "
+                    "and the tunnel is retried with backoff: its URL is printed and published once it opens."
+                )
         self.record_url = self.public_url or self._advertised_entrance_url()
         self._publish()
+        self._serving = True
         self._spawn(self._watch_mlflow, "bridge-mlflow-watch")
         self._spawn(self._reap_loop, "bridge-reaper")
         self._write_state()
@@ -215,6 +241,8 @@ class Supervisor:
             published_to=self.publisher.describe(),
             publish_error=None if self.last_publish and self.last_publish["ok"] else self._last_publish_error(),
             notes=list(self.notes),
+            tunnel_mode=self.tunnel_mode,
+            tunnel_status="disabled" if self.keeper is None else self.keeper.status,
         )
 
     def _choose_tunnel(self) -> Callable[[], PublicTunnel] | None:
@@ -225,9 +253,16 @@ class Supervisor:
         if mode == "cloudflared" or (
             mode == "auto" and not self.options.domain and not self.options.edge_auth and not secrets.ngrok_authtoken()
         ):
-            from bridge.serve.tunnel_cloudflared import CloudflaredConfig, CloudflaredTunnel, install_help
+            from bridge.serve.tunnel_cloudflared import (
+                CloudflaredConfig,
+                CloudflaredTunnel,
+                check_binary,
+                install_help,
+            )
 
             cf_config = CloudflaredConfig.from_environment()
+            if mode == "cloudflared":
+                check_binary(cf_config.binary)  # before MLflow starts: said in a second, not after its start-up
             if cf_config.binary is None and mode == "auto":
                 self.notes.append(
                     "No ngrok authtoken is configured and no cloudflared is installed, so there is no public tunnel: "
@@ -248,7 +283,15 @@ class Supervisor:
         from bridge.serve.tunnel import Tunnel
 
         self.tunnel_mode = "ngrok"
-        return lambda: Tunnel(self._tunnel_target(), tunnel_config)
+
+        def make_ngrok() -> PublicTunnel:
+            # With --edge-auth the password is the access token: a fresh config (and redaction) after each rotation.
+            current = self._tunnel_config() if self.options.edge_auth else tunnel_config
+            if current is None:
+                raise TunnelError("the ngrok authtoken disappeared; run `bridge login`")
+            return Tunnel(self._tunnel_target(), current)
+
+        return make_ngrok
 
     def _tunnel_config(self) -> TunnelConfig | None:
         """The ngrok tunnel's config, or None (with a note saying why) when there is no authtoken."""
@@ -318,12 +361,11 @@ class Supervisor:
         if self._stopped:
             return
         self._stopped = True
-        if self.tunnel is not None:
+        if self.keeper is not None:
             try:
-                self.tunnel.close()
+                self.keeper.close()
             except Exception as exc:  # keep stopping the rest
                 log.warning("Closing the tunnel failed: %s", type(exc).__name__)
-            self.tunnel_status = "closed"
         if self.entrance is not None:
             self.entrance.stop()
             self.entrance.usage.save()
@@ -346,22 +388,39 @@ class Supervisor:
     def _watch_mlflow(self) -> None:
         self.mlflow.watch(self._stop, on_event=self._event)
 
-    def _event(self, message: str) -> None:
+    def _event(self, message: str, *, url_changed: bool = False) -> None:
+        at = time.time()
         with self._state_lock:
-            self.events = [*self.events, {"at": time.time(), "event": message}][-20:]
+            self.events = [*self.events, {"at": at, "event": message}][-20:]
         self._write_state()
+        if self.on_event is not None and self._serving:  # start-up's own events are in the start-up output
+            try:
+                self.on_event(ServeEvent(at, message, self.record_url if url_changed else None))
+            except Exception:  # printing must never stop the supervisor
+                log.exception("The serve event listener failed")
+
+    def _tunnel_event(self, event: TunnelEvent) -> None:
+        """A change the keeper made: republish on a new (or reopened) URL; tell the state file and the terminal."""
+        if event.kind in ("opened", "reopened") and event.url is not None:
+            self.public_url = event.url
+            if self._serving:  # after start-up: the record follows the tunnel (start-up publishes once itself)
+                self.record_url = event.url
+                self._publish()  # even at the same URL (--domain) a fresh record says this session is live
+        elif event.kind == "failed":
+            self.public_url = None
+        self._event(event.message, url_changed=event.url_changed and self.record_url == event.url)
 
     def _tick(self) -> None:
         now = time.time()
-        if self.tunnel is not None and now >= self._next_tunnel_check:
-            self._check_tunnel(self.tunnel, now)
+        if self.keeper is not None:
+            self.keeper.tick()
         assert self.entrance is not None
         self.entrance.tokens.current()  # notices a rotation even when no request has come in since
         revision = self.entrance.tokens.revision
         if revision != self._published_revision:
             self._event("access token changed; republishing the record under the new key")
-            if self.tunnel is not None and self.options.edge_auth and self.tunnel_mode == "ngrok":
-                self._reopen_tunnel("the edge password follows the access token")
+            if self.keeper is not None and self.options.edge_auth and self.tunnel_mode == "ngrok":
+                self.keeper.reopen("the edge password follows the access token")
             self._publish()
         elif now >= self._next_publish_at:
             self._publish()
@@ -376,50 +435,13 @@ class Supervisor:
         usage = self.entrance.usage
         usage.save()
         snapshot = usage.snapshot()
-        warning = budget_warning(snapshot, self.options.bytes_budget, self.options.requests_budget)
+        warning = budget_warning(
+            snapshot, self.options.bytes_budget, self.options.requests_budget, tunnel=self.tunnel_mode
+        )
         if warning and self._budget_warned_month != snapshot["month"]:
             self._budget_warned_month = snapshot["month"]
             log.warning("Tunnel budget: %s.", warning)
-
-    def _check_tunnel(self, tunnel: PublicTunnel, now: float) -> None:
-        if self.tunnel_status == "open" and tunnel.healthy():
-            self._next_tunnel_check = now + TUNNEL_CHECK_INTERVAL_S
-            return
-        if self.tunnel_status == "open":
-            self._event(f"tunnel {self.public_url} is down; reopening")
-        self._reopen_tunnel("the agent died or the tunnel closed")
-
-    def _reopen_tunnel(self, why: str) -> None:
-        if self.tunnel is None:  # no tunnel was asked for: nothing to reopen
-            return
-        self.tunnel_status = "reopening"
-        try:
-            if self.options.edge_auth and self.tunnel_mode == "ngrok":
-                # A new Tunnel, so its log redaction knows the new password too.
-                from bridge.serve.tunnel import Tunnel
-
-                self.tunnel.close()
-                tunnel_config = self._tunnel_config()
-                if tunnel_config is None:
-                    raise TunnelError("the ngrok authtoken disappeared; run `bridge login`")
-                self.tunnel = Tunnel(self._tunnel_target(), tunnel_config)
-            url = self.tunnel.open()
-        except (TunnelError, BridgeError) as exc:
-            self._tunnel_failures += 1
-            self.tunnel_status = "down"
-            self.tunnel_error = str(exc)
-            delay = compute_backoff_ms(self._tunnel_failures - 1, min_backoff_ms=1000) / 1000
-            self._next_tunnel_check = time.time() + delay
-            self._event(f"reopening the tunnel failed ({exc}); next try in {delay:.0f} s")
-            return
-        self._tunnel_failures = 0
-        self.tunnel_status = "open"
-        self.tunnel_error = None
-        self._next_tunnel_check = time.time() + TUNNEL_CHECK_INTERVAL_S
-        self.public_url = url
-        self.record_url = url
-        self._event(f"tunnel reopened at {url} ({why})")
-        self._publish()  # even at the same URL (--domain) a fresh record says this session is live
+            self._event(f"tunnel budget: {warning}")
 
     def _publish(self) -> None:
         """Sign a fresh record for the current URL with the current token and publish it."""
@@ -495,14 +517,8 @@ class Supervisor:
                 "artifacts_destination": redact_uri(self.mlflow.options.resolved_artifacts_destination()),
                 "workers": self.mlflow.options.workers,
             },
-            "entrance": {"url": self.entrance.url if self.entrance else None},
-            "tunnel": {
-                "mode": self.tunnel_mode,
-                "requested": self.options.tunnel,
-                "public_url": self.public_url,
-                "status": self.tunnel_status,
-                "error": self.tunnel_error,
-            },
+            "entrance": self._entrance_state(),
+            "tunnel": self._tunnel_state(),
             "usage": self.entrance.usage.snapshot() if self.entrance else None,
             "budget": {"bytes": self.options.bytes_budget, "requests": self.options.requests_budget},
             "secrets_store": self.secrets_store,
@@ -512,6 +528,37 @@ class Supervisor:
             "last_reap": self.last_reap,
             "events": self.events[-10:],
         }
+
+    def _entrance_state(self) -> dict[str, Any]:
+        entrance = self.entrance
+        if entrance is None:
+            return {"url": None}
+        return {
+            "url": entrance.url,
+            "requests": entrance.requests,
+            "refused_logins": entrance.refused_logins,
+            "throttled": entrance.throttled,
+            "last_refused_at": entrance.last_refused_at,
+        }
+
+    def _tunnel_state(self) -> dict[str, Any]:
+        keeper = self.keeper
+        state: dict[str, Any] = {
+            "mode": self.tunnel_mode,
+            "requested": self.options.tunnel,
+            "public_url": self.public_url,
+            "status": "disabled" if keeper is None else keeper.status,
+            "error": None if keeper is None else keeper.error,
+            "grace_s": self.options.tunnel_grace_s,
+        }
+        if keeper is not None:
+            retry_in = keeper.retry_in_s()
+            state.update(
+                failures=keeper.failures,
+                next_try_at=None if retry_in is None else time.time() + retry_in,
+                unready_s=keeper.unready_for_s(),
+            )
+        return state
 
     def _write_state(self, *, stopped: bool = False) -> None:
         path = config.paths().state_file
@@ -568,9 +615,10 @@ def read_state() -> dict[str, Any] | None:
         raise ServeError(f"{path} is unreadable ({type(exc).__name__}); is another bridge writing it?") from None
 
 
-def serve(options: ServeOptions, on_ready=None) -> None:
-    """Run `bridge serve` until a stop signal (`STOP_SIGNALS`), then stop everything; `on_ready(info)` once up."""
-    supervisor = Supervisor(options)
+def serve(options: ServeOptions, on_ready=None, on_event: Callable[[ServeEvent], None] | None = None) -> None:
+    """Run `bridge serve` until a stop signal (`STOP_SIGNALS`), then stop everything; `on_ready(info)` once up,
+    `on_event(event)` for each change after that (and during start-up)."""
+    supervisor = Supervisor(options, on_event=on_event)
 
     def handle(signum, _frame) -> None:
         log.info("Received %s; stopping", signal.Signals(signum).name)
