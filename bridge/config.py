@@ -30,6 +30,9 @@ TUNNEL_BUDGET_WARN_FRACTION = 0.8
 #: Seconds a tunnel agent that lost its edge connection gets to reconnect before it is replaced (where the number
 #: comes from: bridge/serve/tunnel_keeper.py).
 DEFAULT_TUNNEL_GRACE_S = 90.0
+#: Seconds between two health checks of an open tunnel; `BRIDGE_TUNNEL_CHECK_S` changes it (tests set it low).
+DEFAULT_TUNNEL_CHECK_S = 5.0
+TUNNEL_CHECK_ENV = "BRIDGE_TUNNEL_CHECK_S"
 
 #: The run tag that carries the client-generated key making a retried create idempotent.
 RUN_KEY_TAG = "bridge.run_key"

@@ -427,18 +427,18 @@ def test_a_tunnel_refused_at_start_leaves_serve_answering_locally_then_publishes
 def test_serve_keeps_its_url_through_an_edge_drop_and_replaces_an_agent_past_its_grace(
     own_bridge_serve, fake_cloudflared
 ):
-    """Through `bridge serve` itself: a 12 s drop of the quick tunnel's edge connection (checks every 5 s, so it is
-    seen) is ridden out on the same URL, said on the terminal; a drop that does not end is replaced after the
-    grace (30 s here) by a new agent whose URL is published and printed."""
-    env = {**fake_cloudflared.env, "FAKE_CLOUDFLARED_DROP_S": "12"}
-    server = own_bridge_serve("--tunnel", "cloudflared", "--tunnel-grace", "30", env_extra=env)
+    """Through `bridge serve` itself: a 4 s drop of the quick tunnel's edge connection (checks every second here,
+    so it is seen) is ridden out on the same URL, said on the terminal; a drop that does not end is replaced after
+    the grace (10 s here) by a new agent whose URL is published and printed."""
+    env = {**fake_cloudflared.env, "FAKE_CLOUDFLARED_DROP_S": "4", "BRIDGE_TUNNEL_CHECK_S": "1"}
+    server = own_bridge_serve("--tunnel", "cloudflared", "--tunnel-grace", "10", env_extra=env)
     token = server.token()
     first = server.state()["tunnel"]["public_url"]
     [agent] = fake_cloudflared.agent_pids()
 
     os.kill(agent, signal.SIGUSR1)
-    _wait_for(lambda: server.state()["tunnel"]["status"] == "reconnecting", timeout=15, what="the drop seen")
-    _wait_for(lambda: server.state()["tunnel"]["status"] == "open", timeout=30, what="the agent back")
+    _wait_for(lambda: server.state()["tunnel"]["status"] == "reconnecting", timeout=10, what="the drop seen")
+    _wait_for(lambda: server.state()["tunnel"]["status"] == "open", timeout=20, what="the agent back")
     state = server.state()
     assert state["tunnel"]["public_url"] == first and fake_cloudflared.agent_pids() == [agent]
     assert verify_record((server.home / "endpoint.json").read_text(), token).url == first
@@ -456,13 +456,13 @@ def test_serve_keeps_its_url_through_an_edge_drop_and_replaces_an_agent_past_its
             s if url and url != first and s["tunnel"]["status"] == "open" and s["last_publish"]["url"] == url else None
         )
 
-    state = _wait_for(replaced, timeout=90, what="the agent replaced after its grace")
+    state = _wait_for(replaced, timeout=60, what="the agent replaced after its grace")
     second = state["tunnel"]["public_url"]
     assert agent not in fake_cloudflared.agent_pids()
     assert verify_record((server.home / "endpoint.json").read_text(), token).url == second
     public = fake_cloudflared.local_url(second)
     assert requests.get(public + "/health", auth=("u", token), timeout=10).status_code == 200
     output = server.output()
-    assert f"tunnel {first} not back after 30 s; replacing the agent" in output, output
+    assert f"tunnel {first} not back after 10 s; replacing the agent" in output, output
     assert any(line.strip() == second for line in output.splitlines())
     assert f'os.environ["BRIDGE_URL"] = "{second}"' in output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -145,6 +146,7 @@ def serve_command(
         edge_auth=edge_auth, publish=publish, backend_store_uri=backend_store_uri,
         artifacts_destination=artifacts_destination, workers=workers, heartbeat_timeout_s=heartbeat_timeout,
         bytes_budget=tunnel_budget_gb * 1e9, requests_budget=tunnel_budget_requests, tunnel_grace_s=tunnel_grace,
+        tunnel_check_interval_s=_seconds_from_env(config.TUNNEL_CHECK_ENV, config.DEFAULT_TUNNEL_CHECK_S),
     )  # fmt: skip
     err_console.print("Starting MLflow, the entrance and the tunnel…", style="dim")
     serve(
@@ -202,6 +204,19 @@ def _print_event(event, publish_spec: str | None) -> None:
         console.print("Colab, updated (a notebook reading the record follows by itself):", highlight=False)
         console.print(colab_snippet(event.record_url, publish_spec), soft_wrap=True, markup=False, highlight=False)
     sys.stdout.flush()
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise typer.BadParameter(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise typer.BadParameter(f"{name}={raw!r} must be more than 0 seconds")
+    return value
 
 
 def colab_snippet(url: str, publish_spec: str | None, *, tunnel_pending: bool = False) -> str:

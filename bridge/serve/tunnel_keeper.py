@@ -32,7 +32,7 @@ from bridge.serve.public_tunnel import PublicTunnel
 log = logging.getLogger(__name__)
 
 #: Seconds between two health checks of an open tunnel.
-DEFAULT_CHECK_INTERVAL_S = 5.0
+DEFAULT_CHECK_INTERVAL_S = config.DEFAULT_TUNNEL_CHECK_S
 #: Seconds an agent that is alive but unready gets to reconnect before it is replaced. From cloudflared's own
 #: reconnect schedule (github.com/cloudflare/cloudflared): a quick tunnel runs one edge connection
 #: (cmd/cloudflared/tunnel/quick_tunnel.go sets ha-connections to 1) and /ready is 503 while it is down
