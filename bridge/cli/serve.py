@@ -17,12 +17,18 @@ from bridge import config, secrets, ui
 from bridge.cli.output import console, err_console, handles_errors
 from bridge.errors import ConfigError, RecordError, ServeError
 from bridge.processes import pid_alive
-from bridge.record import LOOPBACK_HOSTS
+from bridge.record import LOOPBACK_HOSTS, describe_url
+from bridge.rendezvous import DEFAULT_RELAY, DEFAULT_REPUBLISH_S, RELAY_ENV, relay_url
 
 PUBLISH_HELP = (
     "Where to publish the signed endpoint record: file:PATH (e.g. a Google-Drive-synced folder), "
     "gist:GIST_ID (a secret GitHub gist; token from `bridge login --github-token`) or an https:// URL "
     "(PUT). Default: endpoint.json in the bridge data folder."
+)
+RELAY_HELP = (
+    "The ntfy-compatible relay the record also goes to, encrypted under a key derived from the access token, on a "
+    "topic derived from it: Colab then needs only BRIDGE_TOKEN. A self-hosted ntfy server's https:// URL, or 'off'. "
+    "Not used without a tunnel (a 127.0.0.1 URL helps nobody)."
 )
 
 
@@ -82,6 +88,18 @@ def serve_command(
         ),
     ] = False,
     publish: Annotated[str | None, typer.Option(help=PUBLISH_HELP, envvar="BRIDGE_PUBLISH")] = None,
+    relay: Annotated[str, typer.Option(help=RELAY_HELP, envvar=RELAY_ENV)] = DEFAULT_RELAY,
+    no_relay: Annotated[
+        bool, typer.Option("--no-relay", help="Publish nothing to a relay (same as --relay off).")
+    ] = False,
+    relay_republish: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between republishes to the relay when nothing changed; ntfy.sh forgets a message after "
+            "12 h and allows 250 messages a day.",
+            envvar="BRIDGE_RELAY_REPUBLISH_S",
+        ),
+    ] = DEFAULT_REPUBLISH_S,
     backend_store_uri: Annotated[
         str | None,
         typer.Option(
@@ -134,14 +152,15 @@ def serve_command(
     options = ServeOptions(
         port=port, entrance_port=entrance_port, host=host, tunnel=tunnel.lower(), domain=domain,
         edge_auth=edge_auth, publish=publish, backend_store_uri=backend_store_uri,
+        relay=None if no_relay else relay_url(relay, what="--relay"), relay_republish_s=relay_republish,
         artifacts_destination=artifacts_destination, workers=workers, heartbeat_timeout_s=heartbeat_timeout,
         bytes_budget=tunnel_budget_gb * 1e9, requests_budget=tunnel_budget_requests,
     )  # fmt: skip
     err_console.print("Starting MLflow, the entrance and the tunnel…", style="dim")
-    serve(options, on_ready=lambda info: _print_ready(info, publish))
+    serve(options, on_ready=lambda info: _print_ready(info, publish, options.relay))
 
 
-def _print_ready(info, publish_spec: str | None) -> None:
+def _print_ready(info, publish_spec: str | None, relay: str | None = None) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -150,19 +169,34 @@ def _print_ready(info, publish_spec: str | None) -> None:
     table.add_row("Public URL", info.public_url or "[yellow]none (no tunnel)[/]")
     published = info.published_to if not info.publish_error else f"[red]failed[/] ({info.publish_error}); retrying"
     table.add_row("Record published to", published)
+    if info.relay:
+        sealed = "encrypted, on a topic derived from the token (the relay sees only ciphertext)"
+        if info.relay_error:
+            sealed = f"[red]failed[/] ({info.relay_error}); retrying"
+        table.add_row("Relay", f"{describe_url(relay or DEFAULT_RELAY)} · {sealed}")
+    else:
+        table.add_row("Relay", "off" if relay is None else "not used (no tunnel: the URL is this machine only)")
     console.print(Panel(table, title="bridge serve is running", expand=False))
     for note in info.notes:
         console.print(f"[yellow]Note:[/] {note}", highlight=False)
     console.print("Colab: add a secret [bold]BRIDGE_TOKEN[/] (value: run `bridge token` here), then run:")
     # soft_wrap: a cropped or re-wrapped line would not paste as valid Python.
-    console.print(colab_snippet(info.record_url, publish_spec), soft_wrap=True, markup=False, highlight=False)
+    snippet = colab_snippet(info.record_url, publish_spec, relay if info.relay else None)
+    console.print(snippet, soft_wrap=True, markup=False, highlight=False)
     console.print("Press Ctrl-C to stop.", style="dim")
     sys.stdout.flush()
 
 
-def colab_snippet(url: str, publish_spec: str | None) -> str:
-    """The notebook cell that connects Colab to this workstation; it names where to look, never a secret."""
-    if publish_spec and publish_spec.startswith(("https://", "http://")):
+def colab_snippet(url: str, publish_spec: str | None, relay: str | None = None) -> str:
+    """The notebook cell that connects Colab to this workstation; it names where to look, never a secret.
+
+    With a `relay`, the token alone finds the workstation: no URL is pinned (a pinned URL is never re-discovered).
+    """
+    if relay is not None and not publish_spec:
+        where = "# the access token alone finds this workstation through the relay, and follows every URL change"
+        if relay != DEFAULT_RELAY:
+            where = f'os.environ["{RELAY_ENV}"] = "{relay}"  # your relay; ' + where[2:]
+    elif publish_spec and publish_spec.startswith(("https://", "http://")):
         # The query (ntfy's ?auth=…) or user info may be a key: the cell names the place, the user adds the key.
         parts = urlsplit(publish_spec)
         host = parts.hostname or ""
@@ -332,6 +366,24 @@ def _usage_row(table: Table, state: dict, running: bool) -> str | None:
     return warning
 
 
+def _relay_row(table: Table, state: dict) -> None:
+    """Where the sealed record goes (never the topic), and how the last publish there went."""
+    relay = state.get("relay") or {}
+    if not relay.get("target"):
+        table.add_row("Relay", "off", relay.get("note") or "")
+        return
+    last = relay.get("last") or {}
+    detail = f"{relay['target']}: the sealed record, ciphertext only"
+    if last:
+        detail += f" · last {_ago(last.get('at'))}"
+        if last.get("next_at"):
+            detail += f", next in {_duration(last['next_at'] - time.time())}"
+        if last.get("error"):
+            detail += f" · {last['error']}"
+    state_text = "none yet" if not last else ("[green]ok[/]" if last.get("ok") else "[red]failed[/]")
+    table.add_row("Relay", state_text, detail)
+
+
 def _secrets_row(table: Table, state: dict) -> None:
     """Where the serve process keeps the access token, and whether this shell reads the same store."""
     here = secrets.describe_store()
@@ -392,6 +444,7 @@ def status_command() -> None:
         table.add_row("Last publish", ok, detail)
     else:
         table.add_row("Last publish", "none", "")
+    _relay_row(table, state)
     _secrets_row(table, state)
     console.print(table)
     if warning:
