@@ -127,7 +127,7 @@ class Rendezvous:
 
 
 def describe_relay(relay: str) -> str:
-    return f"relay {describe_url(relay.rstrip('/'))} (topic and key derived from the access token)"
+    return f"relay {describe_url(relay.rstrip('/'))} (token-derived topic)"
 
 
 def relay_url(value: str | None, *, what: str = RELAY_ENV) -> str | None:
