@@ -303,3 +303,67 @@ def test_a_connected_client_follows_a_url_change_through_the_relay(
             f"{delivered_s:.1f} s (defaults: re-discovery after 3 failures over 5 s)"
         )
     assert followed_s < 60
+
+
+# ---------------------------------------------------------------------------------- bridge serve, whole
+
+
+def _wait_for(predicate, timeout: float = 60, what: str = "a condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.integration  # a `bridge serve` child with the stand-in cloudflared
+def test_bridge_serve_publishes_to_the_relay_says_where_follows_changes_and_rotation_moves_it(
+    ntfy_relay, own_bridge_serve, fake_cloudflared
+):
+    import os
+    import signal
+
+    server = own_bridge_serve("--tunnel", "cloudflared", env_extra=fake_cloudflared.env)
+    token = server.token()
+    first_url = server.state()["tunnel"]["public_url"]
+    topic = Rendezvous.for_token(ntfy_relay.url, token).topic
+    _wait_for(lambda: ntfy_relay.on_topic(topic), what="the record on the relay")
+    assert _on_relay(ntfy_relay, token) == first_url
+
+    # Said once at start, and in `bridge status`: the relay's host, that the topic is the token's; never the topic.
+    out = server.output()
+    assert "Relay" in out and f"relay {ntfy_relay.url} (token-derived topic)" in out, out
+    assert f'os.environ["BRIDGE_RELAY"] = "{ntfy_relay.url}"' in out and 'os.environ["BRIDGE_URL"]' not in out
+    status = server.cli("status")
+    assert "Relay" in status.stdout and "token-derived topic" in status.stdout, status.stdout
+    for text in (out, status.stdout + status.stderr, (server.home / "serve-state.json").read_text()):
+        assert topic not in text and token not in text
+
+    # A new tunnel URL goes to the relay at once.
+    for pid in fake_cloudflared.agent_pids():
+        os.kill(pid, signal.SIGKILL)
+
+    def moved():
+        s = server.state()
+        url = s and s["tunnel"]["public_url"]
+        relay = (s and (s.get("relay") or {}).get("last")) or {}
+        return url if url and url != first_url and relay.get("url") == url and relay.get("ok") else None
+
+    second_url = _wait_for(moved, what="the new URL on the relay")
+    assert _on_relay(ntfy_relay, token) == second_url
+
+    # `bridge token --rotate` moves the rendezvous: the new token's topic gets the record, the old one nothing more.
+    rotated = server.cli("token", "--rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    new_token = rotated.stdout.strip().splitlines()[-1]
+    new_topic = Rendezvous.for_token(ntfy_relay.url, new_token).topic
+    _wait_for(lambda: ntfy_relay.on_topic(new_topic), what="the record on the new token's topic")
+    old_count = len(ntfy_relay.on_topic(topic))
+    assert _on_relay(ntfy_relay, new_token) == second_url
+    time.sleep(1.5)  # a few supervisor ticks
+    assert len(ntfy_relay.on_topic(topic)) == old_count
+    assert server.stop() == 0
+    for secret in (token, new_token):
+        assert secret not in ntfy_relay.stored_text()
