@@ -367,3 +367,14 @@ def test_bridge_serve_publishes_to_the_relay_says_where_follows_changes_and_rota
     assert server.stop() == 0
     for secret in (token, new_token):
         assert secret not in ntfy_relay.stored_text()
+
+
+def test_an_old_genuine_message_posted_again_does_not_win(ntfy_relay):
+    """Whoever holds the topic may re-post an earlier ciphertext; the record issued last still wins."""
+    publisher = _publisher(ntfy_relay)
+    publisher.publish(_record("https://old.trycloudflare.com", instance="replayed"))
+    (old,) = ntfy_relay.messages
+    time.sleep(0.01)
+    publisher.publish(_record("https://new.trycloudflare.com", instance="replayed"))
+    requests.post(f"{ntfy_relay.url}/{old.topic}", data=old.message.encode(), timeout=5)  # the replay comes last
+    assert discovery.find_endpoint(None, TOKEN).url == "https://new.trycloudflare.com"

@@ -521,8 +521,8 @@ class Supervisor:
             self.relay.publish(record, token=token)
         except BridgeError as exc:
             self._relay_failures += 1
-            # Slow enough for ntfy's request bucket (one request per 5 s refilled) and daily message quota.
-            delay = compute_backoff_ms(self._relay_failures - 1, min_backoff_ms=5000, max_backoff_ms=900_000) / 1000
+            # 5 s at least (ntfy refills one request per 5 s), then doubling to 15 min: the daily quota lasts a day.
+            delay = compute_backoff_ms(self._relay_failures - 1, min_backoff_ms=10_000, max_backoff_ms=900_000) / 1000
             self._next_relay_at = time.time() + delay
             entry.update(ok=False, error=str(exc))
             log.warning("Publishing the record to the %s failed (retry in %.0f s): %s", entry["target"], delay, exc)

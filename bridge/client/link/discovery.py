@@ -364,17 +364,26 @@ def _verified_endpoint(spec: _Spec, token: str, *, timeout: float) -> Endpoint:
 
 
 def _verified_relay_endpoint(spec: _Spec, token: str, *, timeout: float) -> Endpoint:
-    """The newest record on the relay that opens, verifies and is not older than one already seen."""
+    """The record on the relay that opens, verifies and was issued last; refused if older than one already seen.
+
+    Issue time, not the relay's order, decides: whoever holds the topic can re-post an old genuine message, which
+    then comes last, but cannot make it newer than the record the server published after it.
+    """
+    records: list[EndpointRecord] = []
     first_error: RecordError | None = None
     for text in _poll_relay(spec.value, token, timeout=timeout):
         try:
-            record = _freshness.check(verify_record(text, token))
-        except RecordError as exc:  # expired, or a replay: an older message may not be better, but look
+            records.append(verify_record(text, token))
+        except RecordError as exc:  # expired, or signed by another token
             first_error = first_error or exc
-            continue
-        return Endpoint(url=record.url.rstrip("/"), source=spec.describe(), record=record)
-    assert first_error is not None  # _poll_relay returned at least one opened record
-    raise type(first_error)(f"{spec.describe()}: {first_error}") from None
+    try:
+        if not records:
+            assert first_error is not None  # _poll_relay returned at least one opened record
+            raise first_error
+        record = _freshness.check(max(records, key=lambda r: r.issued_at))
+    except RecordError as exc:
+        raise type(exc)(f"{spec.describe()}: {exc}") from None
+    return Endpoint(url=record.url.rstrip("/"), source=spec.describe(), record=record)
 
 
 def find_endpoint(
