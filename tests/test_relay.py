@@ -7,6 +7,7 @@ and enforces its limits (message size, cache expiry, request rate, daily quota).
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import uuid
@@ -322,7 +323,6 @@ def _wait_for(predicate, timeout: float = 60, what: str = "a condition"):
 def test_bridge_serve_publishes_to_the_relay_says_where_follows_changes_and_rotation_moves_it(
     ntfy_relay, own_bridge_serve, fake_cloudflared
 ):
-    import os
     import signal
 
     server = own_bridge_serve("--tunnel", "cloudflared", env_extra=fake_cloudflared.env)
@@ -378,3 +378,22 @@ def test_an_old_genuine_message_posted_again_does_not_win(ntfy_relay):
     publisher.publish(_record("https://new.trycloudflare.com", instance="replayed"))
     requests.post(f"{ntfy_relay.url}/{old.topic}", data=old.message.encode(), timeout=5)  # the replay comes last
     assert discovery.find_endpoint(None, TOKEN).url == "https://new.trycloudflare.com"
+
+
+def test_connect_takes_the_relay_as_an_argument_and_exports_it(ntfy_relay, monkeypatch):
+    from bridge.client.connect import connect
+
+    monkeypatch.setenv("BRIDGE_RELAY", "off")
+
+    def stop_here(url, token):  # discovery itself is tested above: only the export is of interest here
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("bridge.client.connect._resolve", stop_here)
+    with pytest.raises(RuntimeError):
+        connect(token=TOKEN, relay=ntfy_relay.url)
+    assert os.environ["BRIDGE_RELAY"] == ntfy_relay.url
+    with pytest.raises(RuntimeError):
+        connect(token=TOKEN, relay="off")
+    assert os.environ["BRIDGE_RELAY"] == "off"
+    with pytest.raises(ConfigError, match="plain http"):
+        connect(token=TOKEN, relay="http://relay.example")
