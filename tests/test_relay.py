@@ -397,3 +397,13 @@ def test_connect_takes_the_relay_as_an_argument_and_exports_it(ntfy_relay, monke
     assert os.environ["BRIDGE_RELAY"] == "off"
     with pytest.raises(ConfigError, match="plain http"):
         connect(token=TOKEN, relay="http://relay.example")
+
+
+def test_rediscovery_through_a_rate_limited_relay_returns_nothing_and_never_raises(ntfy_relay):
+    _publisher(ntfy_relay).publish(_record("https://moved.trycloudflare.com"))
+    ntfy_relay._tokens, ntfy_relay._refilled = 0.0, ntfy_relay.now()
+    assert discovery.rediscover(TOKEN, PUBLIC_URL, interval_s=0) is None  # 429: the last good URL stays
+    ntfy_relay.advance(5)
+    moved = discovery.rediscover(TOKEN, PUBLIC_URL, interval_s=0)
+    assert moved is not None and moved.url == "https://moved.trycloudflare.com"
+    assert [s for _, _, s in ntfy_relay.log] == [200, 429, 200]
