@@ -170,7 +170,7 @@ def _print_ready(info, publish_spec: str | None, relay: str | None = None) -> No
     published = info.published_to if not info.publish_error else f"[red]failed[/] ({info.publish_error}); retrying"
     table.add_row("Record published to", published)
     if info.relay:
-        sealed = "encrypted, on a topic derived from the token (the relay sees only ciphertext)"
+        sealed = "the record encrypted, on a token-derived topic (ciphertext only)"
         if info.relay_error:
             sealed = f"[red]failed[/] ({info.relay_error}); retrying"
         table.add_row("Relay", f"{describe_url(relay or DEFAULT_RELAY)} · {sealed}")
@@ -224,8 +224,7 @@ def colab_snippet(url: str, publish_spec: str | None, relay: str | None = None) 
     else:
         where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts (not with an ngrok --domain)'
     return (
-        "import os\n"
-        f"{where}\n"
+        ("" if where.startswith("#") else "import os\n") + f"{where}\n"
         "import bridge\n"
         "conn = bridge.connect()  # reads the Colab secret BRIDGE_TOKEN (value: `bridge token` here)\n"
     )
