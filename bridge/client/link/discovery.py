@@ -446,7 +446,7 @@ def rediscover(
 ) -> Endpoint | None:
     """A newly published endpoint whose URL differs from `current_url`, else None; never raises on fetch errors.
 
-    Only the published record is re-read (BRIDGE_DISCOVERY, else the local record): an explicit URL is fixed,
+    Only the published record is re-read (BRIDGE_DISCOVERY, the local record, the relay): an explicit URL is fixed,
     so with BRIDGE_URL set this returns None. Remote sources are read at most every `interval_s`
     (ClientOptions.rediscover_interval_s, from BRIDGE_REDISCOVER_INTERVAL_S).
     """
