@@ -81,6 +81,10 @@ def test_relay_setting_accepts_a_url_or_off_and_refuses_the_rest():
         relay_url("https://ntfy.example.org/?auth=x")
     with pytest.raises(ConfigError):
         ServeOptions(relay="ftp://x")
+    with pytest.raises(ConfigError, match="query"):
+        ServeOptions(relay="https://ntfy.example.org/?auth=x")
+    assert ServeOptions(relay="off").relay is None
+    assert ServeOptions(relay="https://ntfy.example.org/").relay == "https://ntfy.example.org"
     with pytest.raises(ConfigError, match="relay-republish"):
         ServeOptions(relay_republish_s=5)
 

@@ -34,8 +34,8 @@ from urllib.parse import urlsplit
 
 from bridge import config, secrets
 from bridge.errors import BridgeError, ConfigError, PublishError, ServeError, TunnelError
-from bridge.record import LOOPBACK_HOSTS, EndpointRecord, check_http_url, make_record
-from bridge.rendezvous import DEFAULT_RELAY, DEFAULT_REPUBLISH_S, MIN_REPUBLISH_S
+from bridge.record import LOOPBACK_HOSTS, EndpointRecord, make_record
+from bridge.rendezvous import DEFAULT_RELAY, DEFAULT_REPUBLISH_S, MIN_REPUBLISH_S, relay_url
 from bridge.retry import compute_backoff_ms
 from bridge.serve.entrance import CLIENT_HEADERS, Entrance
 from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
@@ -102,8 +102,8 @@ class ServeOptions:
             raise ConfigError("--tunnel-budget-gb and --tunnel-budget-requests must be 0 (no budget) or positive")
         if self.record_ttl_s < 60:
             raise ConfigError(f"record TTL must be at least 60 s, got {self.record_ttl_s}")
-        if self.relay is not None:
-            check_http_url(self.relay, what="--relay")
+        if self.relay is not None:  # "off" means none; a URL is checked and loses its trailing slash
+            object.__setattr__(self, "relay", relay_url(self.relay, what="--relay"))
         if not self.relay_republish_s >= MIN_REPUBLISH_S:
             raise ConfigError(
                 f"--relay-republish must be at least {MIN_REPUBLISH_S:.0f} s, got {self.relay_republish_s}"
