@@ -136,6 +136,18 @@ def test_colab_snippet_names_where_to_look_never_a_secret():
         compile(colab_snippet("https://abc.ngrok-free.app", spec), "<colab>", "exec")
 
 
+def test_colab_snippet_with_the_relay_needs_only_the_token():
+    plain = colab_snippet("https://abc.trycloudflare.com", None, "https://ntfy.sh")
+    assert "BRIDGE_URL" not in plain and "BRIDGE_RELAY" not in plain and "bridge.connect()" in plain
+    own = colab_snippet("https://abc.trycloudflare.com", None, "https://ntfy.example.org")
+    assert 'os.environ["BRIDGE_RELAY"] = "https://ntfy.example.org"' in own and "BRIDGE_URL" not in own
+    # A --publish target is still named (the relay is the fallback); no relay: the URL, as before.
+    assert "BRIDGE_DISCOVERY" in colab_snippet("https://abc.trycloudflare.com", "gist:0123abcd", "https://ntfy.sh")
+    assert "BRIDGE_URL" in colab_snippet("https://abc.trycloudflare.com", None, None)
+    for snippet in (plain, own):
+        compile(snippet, "<colab>", "exec")
+
+
 @pytest.mark.parametrize(
     "spec",
     [
@@ -173,6 +185,8 @@ def test_login_reads_dash_from_stdin_prints_no_part_of_it_and_help_warns_of_hist
         (["--tunnel", "cloudflared", "--domain", "x.ngrok.app"], "--domain"),
         (["--tunnel-budget-gb", "-1"], "--tunnel-budget-gb"),
         (["--port", "5005", "--entrance-port", "5005"], "--entrance-port"),
+        (["--relay", "http://ntfy.example.org"], "--relay"),
+        (["--relay-republish", "5"], "--relay-republish"),
     ],
 )
 def test_serve_refuses_bad_options_with_a_clear_error(args, message):
@@ -201,6 +215,9 @@ def test_help_texts_describe_the_options():
         "--tunnel-budget-requests",
         "--tunnel-grace",
         "BRIDGE_TUNNEL_GRACE",
+        "--relay",
+        "--no-relay",
+        "--relay-republish",
         "cloudflared",
         "auto",
         "BRIDGE_CLOUDFLARED_PATH",

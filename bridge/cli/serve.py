@@ -17,12 +17,18 @@ from bridge import config, secrets, ui
 from bridge.cli.output import console, err_console, handles_errors
 from bridge.errors import ConfigError, RecordError, ServeError
 from bridge.processes import pid_alive
-from bridge.record import LOOPBACK_HOSTS
+from bridge.record import LOOPBACK_HOSTS, describe_url
+from bridge.rendezvous import DEFAULT_RELAY, DEFAULT_REPUBLISH_S, RELAY_ENV, relay_url
 
 PUBLISH_HELP = (
     "Where to publish the signed endpoint record: file:PATH (e.g. a Google-Drive-synced folder), "
     "gist:GIST_ID (a secret GitHub gist; token from `bridge login --github-token`) or an https:// URL "
     "(PUT). Default: endpoint.json in the bridge data folder."
+)
+RELAY_HELP = (
+    "The ntfy-compatible relay the record also goes to, encrypted under a key derived from the access token, on a "
+    "topic derived from it: Colab then needs only BRIDGE_TOKEN. A self-hosted ntfy server's https:// URL, or 'off'. "
+    "Not used without a tunnel (a 127.0.0.1 URL helps nobody)."
 )
 
 
@@ -82,6 +88,18 @@ def serve_command(
         ),
     ] = False,
     publish: Annotated[str | None, typer.Option(help=PUBLISH_HELP, envvar="BRIDGE_PUBLISH")] = None,
+    relay: Annotated[str, typer.Option(help=RELAY_HELP, envvar=RELAY_ENV)] = DEFAULT_RELAY,
+    no_relay: Annotated[
+        bool, typer.Option("--no-relay", help="Publish nothing to a relay (same as --relay off).")
+    ] = False,
+    relay_republish: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between republishes to the relay when nothing changed; ntfy.sh forgets a message after "
+            "12 h and allows 250 messages a day.",
+            envvar="BRIDGE_RELAY_REPUBLISH_S",
+        ),
+    ] = DEFAULT_REPUBLISH_S,
     backend_store_uri: Annotated[
         str | None,
         typer.Option(
@@ -144,6 +162,7 @@ def serve_command(
     options = ServeOptions(
         port=port, entrance_port=entrance_port, host=host, tunnel=tunnel.lower(), domain=domain,
         edge_auth=edge_auth, publish=publish, backend_store_uri=backend_store_uri,
+        relay=None if no_relay else relay_url(relay, what="--relay"), relay_republish_s=relay_republish,
         artifacts_destination=artifacts_destination, workers=workers, heartbeat_timeout_s=heartbeat_timeout,
         bytes_budget=tunnel_budget_gb * 1e9, requests_budget=tunnel_budget_requests, tunnel_grace_s=tunnel_grace,
         tunnel_check_interval_s=_seconds_from_env(config.TUNNEL_CHECK_ENV, config.DEFAULT_TUNNEL_CHECK_S),
@@ -151,8 +170,8 @@ def serve_command(
     err_console.print("Starting MLflow, the entrance and the tunnel…", style="dim")
     serve(
         options,
-        on_ready=lambda info: _print_ready(info, publish),
-        on_event=lambda event: _print_event(event, publish),
+        on_ready=lambda info: _print_ready(info, publish, options.relay),
+        on_event=lambda event: _print_event(event, publish, options.relay),
     )
 
 
@@ -163,7 +182,7 @@ def _print_link(label: str, url: str) -> None:
     console.print(indent + url, soft_wrap=True, markup=False, highlight=False)
 
 
-def _print_ready(info, publish_spec: str | None) -> None:
+def _print_ready(info, publish_spec: str | None, relay: str | None = None) -> None:
     from bridge.serve.usage import tunnel_limits
 
     console.rule("bridge serve is running", align="left")
@@ -179,6 +198,16 @@ def _print_ready(info, publish_spec: str | None) -> None:
         console.print("[bold]Public URL[/]: [yellow]none (no tunnel)[/]")
     published = info.published_to if not info.publish_error else f"[red]failed[/] ({info.publish_error}); retrying"
     console.print(f"[bold]Record published to[/]: {published}", soft_wrap=True, highlight=False)
+    if info.relay:
+        sealed = "the record encrypted, on a token-derived topic (ciphertext only)"
+        if info.relay_error:
+            sealed = f"[red]failed[/] ({info.relay_error}); retrying"
+        console.print(
+            f"[bold]Relay[/]: {describe_url(relay or DEFAULT_RELAY)} · {sealed}", soft_wrap=True, highlight=False
+        )
+    else:
+        off = "off" if relay is None else "not used (no tunnel: the URL is this machine only)"
+        console.print(f"[bold]Relay[/]: {off}", highlight=False)
     limits = tunnel_limits(info.tunnel_mode)
     if limits:
         console.print(f"[bold]Tunnel limits[/]: {limits}.", highlight=False)
@@ -187,7 +216,7 @@ def _print_ready(info, publish_spec: str | None) -> None:
     console.print("Colab: add a secret [bold]BRIDGE_TOKEN[/] (value: run `bridge token` here), then run:")
     # soft_wrap: a cropped or re-wrapped line would not paste as valid Python.
     pending = info.public_url is None and info.tunnel_mode != "none"
-    snippet = colab_snippet(info.record_url, publish_spec, tunnel_pending=pending)
+    snippet = colab_snippet(info.record_url, publish_spec, relay if info.relay else None, tunnel_pending=pending)
     console.print(snippet, soft_wrap=True, markup=False, highlight=False)
     console.print(
         "Press Ctrl-C to stop. Changes (a new URL, a reopened tunnel, failures) are printed below.", style="dim"
@@ -195,14 +224,15 @@ def _print_ready(info, publish_spec: str | None) -> None:
     sys.stdout.flush()
 
 
-def _print_event(event, publish_spec: str | None) -> None:
+def _print_event(event, publish_spec: str | None, relay: str | None = None) -> None:
     """One line per change while serving; a new URL also gets its own line and the updated Colab cell."""
     stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
     console.print(f"{stamp} {event.message}", soft_wrap=True, markup=False, highlight=False)
     if event.record_url:
         _print_link("New URL (published in the signed record)", event.record_url)
         console.print("Colab, updated (a notebook reading the record follows by itself):", highlight=False)
-        console.print(colab_snippet(event.record_url, publish_spec), soft_wrap=True, markup=False, highlight=False)
+        snippet = colab_snippet(event.record_url, publish_spec, relay)
+        console.print(snippet, soft_wrap=True, markup=False, highlight=False)
     sys.stdout.flush()
 
 
@@ -219,11 +249,17 @@ def _seconds_from_env(name: str, default: float) -> float:
     return value
 
 
-def colab_snippet(url: str, publish_spec: str | None, *, tunnel_pending: bool = False) -> str:
+def colab_snippet(url: str, publish_spec: str | None, relay: str | None = None, *, tunnel_pending: bool = False) -> str:
     """The notebook cell that connects Colab to this workstation; it names where to look, never a secret.
 
-    `tunnel_pending`: a tunnel is being retried, so a loopback `url` is only for now."""
-    if publish_spec and publish_spec.startswith(("https://", "http://")):
+    With a `relay`, the token alone finds the workstation: no URL is pinned (a pinned URL is never re-discovered).
+    `tunnel_pending`: a tunnel is being retried, so a loopback `url` is only for now (the relay gets the public
+    one once it opens)."""
+    if relay is not None and not publish_spec:
+        where = "# the access token alone finds this workstation through the relay, and follows every URL change"
+        if relay != DEFAULT_RELAY:
+            where = f'os.environ["{RELAY_ENV}"] = "{relay}"  # your relay; ' + where[2:]
+    elif publish_spec and publish_spec.startswith(("https://", "http://")):
         # The query (ntfy's ?auth=…) or user info may be a key: the cell names the place, the user adds the key.
         parts = urlsplit(publish_spec)
         host = parts.hostname or ""
@@ -253,8 +289,7 @@ def colab_snippet(url: str, publish_spec: str | None, *, tunnel_pending: bool = 
     else:
         where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts (not with an ngrok --domain)'
     return (
-        "import os\n"
-        f"{where}\n"
+        ("" if where.startswith("#") else "import os\n") + f"{where}\n"
         "import bridge\n"
         "conn = bridge.connect()  # reads the Colab secret BRIDGE_TOKEN (value: `bridge token` here)\n"
     )
@@ -403,6 +438,24 @@ def _usage_row(table: Table, state: dict, running: bool) -> str | None:
     return warning
 
 
+def _relay_row(table: Table, state: dict) -> None:
+    """Where the sealed record goes (never the topic), and how the last publish there went."""
+    relay = state.get("relay") or {}
+    if not relay.get("target"):
+        table.add_row("Relay", "off", relay.get("note") or "")
+        return
+    last = relay.get("last") or {}
+    detail = f"{relay['target']}: the sealed record, ciphertext only"
+    if last:
+        detail += f" · last {_ago(last.get('at'))}"
+        if last.get("next_at"):
+            detail += f", next in {_duration(last['next_at'] - time.time())}"
+        if last.get("error"):
+            detail += f" · {last['error']}"
+    state_text = "none yet" if not last else ("[green]ok[/]" if last.get("ok") else "[red]failed[/]")
+    table.add_row("Relay", state_text, detail)
+
+
 def _secrets_row(table: Table, state: dict) -> None:
     """Where the serve process keeps the access token, and whether this shell reads the same store."""
     here = secrets.describe_store()
@@ -487,6 +540,7 @@ def status_command() -> None:
         table.add_row("Last publish", ok, detail)
     else:
         table.add_row("Last publish", "none", "")
+    _relay_row(table, state)
     _secrets_row(table, state)
     console.print(table)
     # A narrow table folds long cells: the links are repeated below, each whole on a line of its own.

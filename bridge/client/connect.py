@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from bridge import config
+from bridge import config, rendezvous
 from bridge.client.delivery.sender import Sender
 from bridge.client.journal import Journal, RunRecord
 from bridge.client.journal.records import Backlog, DeadLetter
@@ -34,6 +34,7 @@ from bridge.client.journal.uploads import FileWaiting, LaneWait
 from bridge.client.link import Link, Transport, discovery
 from bridge.client.options import EXIT_FLUSH_ENV, JOURNAL_ENV, JOURNAL_LIMIT_ENV, ClientOptions
 from bridge.errors import ConfigError
+from bridge.rendezvous import RELAY_ENV
 from bridge.ui import ui_link
 
 log = logging.getLogger(__name__)
@@ -440,10 +441,13 @@ def connect(
     flush_at_exit: float | None = None,
     options: ClientOptions | None = None,
     transport: Transport | None = None,
+    relay: str | None = None,
 ) -> Connection:
     """Route this process's MLflow calls through a durable journal delivered to the bridge server.
 
-    `url`/`token` default to discovery (BRIDGE_URL, BRIDGE_TOKEN, the published record); every other knob
+    `url`/`token` default to discovery (BRIDGE_URL, BRIDGE_TOKEN, the published record: with the token alone, the
+    one sealed on the relay); `relay` names a self-hosted relay or "off", exported as BRIDGE_RELAY so re-discovery
+    and child processes use it too. Every other knob
     to `ClientOptions.from_env()` (BRIDGE_JOURNAL, BRIDGE_EXIT_FLUSH_S, …), which the keyword arguments
     override. Succeeds offline: logging starts at once and is delivered later. A URL given as argument or
     BRIDGE_URL is pinned (never re-discovered); `journal`/`journal_limit` given here are exported as
@@ -462,6 +466,8 @@ def connect(
         options = ClientOptions.from_env(**overrides)
     else:
         options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
+    if relay is not None:
+        os.environ[RELAY_ENV] = "off" if rendezvous.relay_url(relay, what="relay") is None else relay.strip()
     found_url, found_token, source = _resolve(url, token)
     conn = _open(
         found_url,

@@ -2,6 +2,9 @@
 
     access token ──▶ MlflowProcess.start() ──▶ Entrance ──▶ Tunnel (optional) ──▶ Publisher (signed record)
 
+The record also goes, sealed, to a token-derived topic on a relay (bridge/rendezvous.py; `--relay`), so a
+client holding only the token finds it; republished on every change and before the relay forgets it.
+
 The tunnel is ngrok's (bridge/serve/tunnel.py) or a Cloudflare quick tunnel (bridge/serve/tunnel_cloudflared.py);
 `--tunnel auto` picks ngrok when an authtoken is configured, else cloudflared when its binary is there, else none.
 
@@ -34,11 +37,12 @@ from urllib.parse import urlsplit
 
 from bridge import config, secrets
 from bridge.errors import BridgeError, ConfigError, PublishError, ServeError, TunnelError
-from bridge.record import make_record
+from bridge.record import LOOPBACK_HOSTS, EndpointRecord, make_record
+from bridge.rendezvous import DEFAULT_RELAY, DEFAULT_REPUBLISH_S, MIN_REPUBLISH_S, relay_url
 from bridge.retry import compute_backoff_ms
 from bridge.serve.entrance import CLIENT_HEADERS, Entrance
 from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
-from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
+from bridge.serve.publisher import FilePublisher, Publisher, RelayPublisher, publisher_for
 from bridge.serve.tunnel_keeper import DEFAULT_CHECK_INTERVAL_S, DEFAULT_GRACE_S, TunnelEvent, TunnelKeeper
 from bridge.serve.usage import TunnelUsage, budget_warning
 
@@ -77,6 +81,9 @@ class ServeOptions:
     domain: str | None = None
     edge_auth: bool = False
     publish: str | None = None
+    #: The ntfy-compatible relay the sealed record goes to (bridge/rendezvous.py), or None: no relay.
+    relay: str | None = DEFAULT_RELAY
+    relay_republish_s: float = DEFAULT_REPUBLISH_S
     backend_store_uri: str | None = None
     artifacts_destination: str | None = None
     workers: int = config.DEFAULT_WORKERS
@@ -103,6 +110,12 @@ class ServeOptions:
             raise ConfigError(f"record TTL must be at least 60 s, got {self.record_ttl_s}")
         if self.tunnel_grace_s < 0 or self.tunnel_check_interval_s <= 0:
             raise ConfigError("--tunnel-grace must be 0 or more seconds, and the tunnel check interval positive")
+        if self.relay is not None:  # "off" means none; a URL is checked and loses its trailing slash
+            object.__setattr__(self, "relay", relay_url(self.relay, what="--relay"))
+        if not self.relay_republish_s >= MIN_REPUBLISH_S:
+            raise ConfigError(
+                f"--relay-republish must be at least {MIN_REPUBLISH_S:.0f} s, got {self.relay_republish_s}"
+            )
         if (self.domain or self.edge_auth) and self.tunnel in ("none", "cloudflared"):
             raise ConfigError("--domain and --edge-auth need the ngrok tunnel; drop them or use --tunnel ngrok")
 
@@ -129,6 +142,9 @@ class ServeInfo:
     #: What --tunnel resolved to (ngrok, cloudflared, none), and whether it is open now or being retried.
     tunnel_mode: str = "none"
     tunnel_status: str = "disabled"
+    #: Where the sealed record goes (`relay ntfy.sh (…)`), or None when no relay is used; its first error.
+    relay: str | None = None
+    relay_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,11 @@ class ServeEvent:
     at: float
     message: str
     record_url: str | None = None
+
+
+def _loopback(url: str | None) -> bool:
+    """Whether `url` reaches only this machine (what the record names while no tunnel is open)."""
+    return (urlsplit(url or "").hostname or "") in LOOPBACK_HOSTS
 
 
 class _Interrupted(Exception):
@@ -167,6 +188,14 @@ class Supervisor:
         self.publisher: Publisher = publisher_for(options.publish)
         # `bridge url` reads the local record, so it is written even when the record goes elsewhere too.
         self._local_publisher = FilePublisher(config.paths().record_file) if options.publish else None
+        self.relay: RelayPublisher | None = (
+            RelayPublisher(options.relay, self._current_token) if options.relay is not None else None
+        )
+        self.relay_note: str | None = None if self.relay is not None else "switched off (--no-relay)"
+        self.last_relay: dict[str, Any] | None = None
+        self._next_relay_at = 0.0
+        self._relay_failures = 0
+        self._relay_published: tuple[str, int] | None = None  # (URL, token revision) the relay last took
         self.entrance: Entrance | None = None
         self.keeper: TunnelKeeper | None = None  # holds ngrok's or cloudflared's tunnel, imported only when used
         self.tunnel_mode = "none"  # what --tunnel resolved to: ngrok, cloudflared or none
@@ -228,6 +257,12 @@ class Supervisor:
                     "and the tunnel is retried with backoff: its URL is printed and published once it opens."
                 )
         self.record_url = self.public_url or self._advertised_entrance_url()
+        if self.relay is not None and self.keeper is None and _loopback(self.record_url):
+            # Nobody the relay could reach can use a loopback URL: publishing it would only spend the relay's quota.
+            # (A tunnel that failed at start keeps the relay: its URL goes there once it opens.)
+            self.relay.close()
+            self.relay = None
+            self.relay_note = "not used: the record's URL is this machine only (no tunnel)"
         self._publish()
         self._serving = True
         self._spawn(self._watch_mlflow, "bridge-mlflow-watch")
@@ -243,6 +278,8 @@ class Supervisor:
             notes=list(self.notes),
             tunnel_mode=self.tunnel_mode,
             tunnel_status="disabled" if self.keeper is None else self.keeper.status,
+            relay=self.relay.describe() if self.relay is not None else None,
+            relay_error=None if self.last_relay is None else self.last_relay.get("error"),
         )
 
     def _choose_tunnel(self) -> Callable[[], PublicTunnel] | None:
@@ -372,10 +409,12 @@ class Supervisor:
         self.mlflow.stop()
         for thread in self._threads:
             thread.join(timeout=15)
-        try:
-            self.publisher.close()
-        except Exception:  # closing a session cannot matter now
-            pass
+        for publisher in (self.publisher, self.relay):
+            try:
+                if publisher is not None:
+                    publisher.close()
+            except Exception:  # closing a session cannot matter now
+                pass
         self._write_state(stopped=True)
 
     # --- the watch loop ---------------------------------------------------------------------------
@@ -424,6 +463,10 @@ class Supervisor:
             self._publish()
         elif now >= self._next_publish_at:
             self._publish()
+        elif self.relay is not None and now >= self._next_relay_at and not _loopback(self.record_url):
+            record, token = self._sign()
+            self._publish_relay(record, token)
+            self._write_state()
         if now >= self._next_usage_save:
             self._save_usage()
             self._next_usage_save = now + USAGE_SAVE_INTERVAL_S
@@ -443,17 +486,30 @@ class Supervisor:
             log.warning("Tunnel budget: %s.", warning)
             self._event(f"tunnel budget: {warning}")
 
-    def _publish(self) -> None:
-        """Sign a fresh record for the current URL with the current token and publish it."""
-        assert self.entrance is not None and self.record_url is not None
-        # Read the token through the entrance, so the record is signed with exactly what it accepts.
-        tokens = self.entrance.tokens
-        token = tokens.current().decode()
-        revision = tokens.revision
-        ttl = self.options.record_ttl_s
+    def _current_token(self) -> str | None:
+        # Read through the entrance, so records are signed and sealed with exactly what it accepts.
+        return None if self.entrance is None else self.entrance.tokens.current().decode()
+
+    def _sign(self) -> tuple[EndpointRecord, str]:
+        """A fresh record for the current URL, signed with the current token; and that token."""
+        assert self.record_url is not None
+        token = self._current_token()
+        assert token is not None
         record = make_record(
-            self.record_url, token=token, instance=self.instance, mlflow_version=_mlflow_version(), ttl_s=ttl
+            self.record_url,
+            token=token,
+            instance=self.instance,
+            mlflow_version=_mlflow_version(),
+            ttl_s=self.options.record_ttl_s,
         )
+        return record, token
+
+    def _publish(self) -> None:
+        """Sign a fresh record for the current URL with the current token and publish it (the relay too)."""
+        assert self.entrance is not None and self.record_url is not None
+        revision = self.entrance.tokens.revision
+        ttl = self.options.record_ttl_s
+        record, token = self._sign()
         entry: dict[str, Any] = {"at": time.time(), "target": self.publisher.describe(), "url": record.url}
         try:
             self.publisher.publish(record)
@@ -473,9 +529,42 @@ class Supervisor:
                 self._local_publisher.publish(record)
             except BridgeError as exc:
                 log.warning("Writing the local record failed: %s", exc)
+        # The relay only when something changed or it is due: a failing --publish target retried every few seconds
+        # must not spend the relay's daily message quota.
+        if (
+            self.relay is not None
+            and not _loopback(record.url)  # a tunnel not open yet: its URL goes to the relay once it opens
+            and (self._relay_published != (record.url, revision) or time.time() >= self._next_relay_at)
+        ):
+            self._publish_relay(record, token)
+            if self.last_relay and self.last_relay["ok"]:
+                self._relay_published = (record.url, revision)
         self._published_revision = revision
         self.last_publish = entry
         self._write_state()
+
+    def _publish_relay(self, record: EndpointRecord, token: str) -> None:
+        """Post the sealed record to the token's topic; on success, next time before the relay forgets it."""
+        assert self.relay is not None
+        entry: dict[str, Any] = {"at": time.time(), "target": self.relay.describe(), "url": record.url}
+        try:
+            self.relay.publish(record, token=token)
+        except BridgeError as exc:
+            self._relay_failures += 1
+            # 5 s at least (ntfy refills one request per 5 s), then doubling to 15 min: the daily quota lasts a day.
+            delay = compute_backoff_ms(self._relay_failures - 1, min_backoff_ms=10_000, max_backoff_ms=900_000) / 1000
+            self._next_relay_at = time.time() + delay
+            entry.update(ok=False, error=str(exc))
+            log.warning("Publishing the record to the %s failed (retry in %.0f s): %s", entry["target"], delay, exc)
+        else:
+            self._relay_failures = 0
+            now = time.time()
+            due = now + self.options.relay_republish_s
+            if self.relay.expires_at is not None and self.relay.expires_at > now:
+                due = min(due, now + (self.relay.expires_at - now) / 2)  # the relay said when it forgets
+            self._next_relay_at = due
+            entry.update(ok=True, error=None, next_at=due)
+        self.last_relay = entry
 
     def _last_publish_error(self) -> str | None:
         return None if self.last_publish is None else self.last_publish.get("error")
@@ -524,6 +613,12 @@ class Supervisor:
             "secrets_store": self.secrets_store,
             "record_url": self.record_url,
             "last_publish": self.last_publish,
+            "relay": {
+                "target": self.relay.describe() if self.relay is not None else None,
+                "note": self.relay_note,
+                "republish_s": self.options.relay_republish_s,
+                "last": self.last_relay,
+            },
             "heartbeat_timeout_s": self.options.heartbeat_timeout_s,
             "last_reap": self.last_reap,
             "events": self.events[-10:],
