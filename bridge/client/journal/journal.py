@@ -52,6 +52,8 @@ _INSERT_METRIC = "insert into ops(run, kind, key, value, ts, step, created) valu
 _INSERT_ENTRY = "insert into ops(run, kind, key, value, created, epoch) values(?,?,?,?,?,?)"
 #: Intake moved into SQLite per commit (move_intake).
 MOVE_CHUNK_BYTES = 1024 * 1024
+#: The smallest: a full disk with no reserve left moves a few pages' worth at a time.
+MOVE_CHUNK_MIN_BYTES = 4096
 
 
 def journal_path(path: str | os.PathLike | None = None) -> Path:
@@ -115,8 +117,9 @@ class Journal:
 
         Also keeps the disk's reserve (room.py) and writes the run ends a full disk held back, once it can."""
         self.room.tend()
-        self.move_intake()
-        self._write_held_ends()
+        self.move_intake_if_room()
+        with contextlib.suppress(JournalFullError):  # kept, and tried again at the next sync
+            self._write_held_ends()
         mark = self.database.writes
         if mark == self._synced_writes:
             return
@@ -222,11 +225,11 @@ class Journal:
                 self._moved = 0
             return self._intake
 
-    def move_intake(self) -> int:
+    def move_intake(self, chunk_bytes: int = MOVE_CHUNK_BYTES) -> int:
         """Move metric points from this process's intake into SQLite; the number moved.
 
-        In commits of at most MOVE_CHUNK_BYTES of intake each: on a nearly full disk every commit needs only a
-        little room, which delivering the rows before it has freed (SQLite reuses the pages of deleted rows).
+        In commits of at most `chunk_bytes` of intake each: on a full disk each commit needs only the pages that
+        delivering the rows before it freed (SQLite reuses the pages of deleted rows).
         """
         intake = self._intake
         if intake is None or intake.pid != os.getpid() or intake.size == self._moved:
@@ -235,7 +238,7 @@ class Journal:
             data, _end = intake.read(self._moved)
             base, pos, moved = self._moved, 0, 0
             while pos < len(data):
-                points, end = _intake.decode(data, pos, pos + MOVE_CHUNK_BYTES)
+                points, end = _intake.decode(data, pos, pos + chunk_bytes)
                 if end == pos:
                     # Every byte up to `end` was a whole append: anything unreadable here is damage, not a write
                     # in progress. Step over it; the records after it are kept.
@@ -262,12 +265,16 @@ class Journal:
     def move_intake_if_room(self) -> int:
         """move_intake, except on a full disk: then what is in SQLite already is all a reader sees (it is older
         than anything still in the intake)."""
-        try:
-            return self.move_intake()
-        except JournalFullError:
-            if not self.room.full:
-                raise
-            return 0
+        chunk = MOVE_CHUNK_BYTES
+        while True:
+            try:
+                return self.move_intake(chunk)
+            except JournalFullError:
+                if not self.room.full:
+                    raise
+                if chunk <= MOVE_CHUNK_MIN_BYTES:
+                    return 0  # the next round tries again, after delivering frees more pages
+                chunk //= 8
 
     def unmoved(self) -> int:
         """Metric points of this process not in SQLite yet (the disk was full), and run ends held in memory."""
