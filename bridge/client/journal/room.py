@@ -36,12 +36,9 @@ class Room:
     def __init__(self, journal_path: Path) -> None:
         self.journal_path = journal_path
         self.reserve = journal_path.with_name(journal_path.name + ".reserve")
-        self._full = False
+        #: A write met the disk full and there has not been room since (an attribute: every log call reads it).
+        self.full = False
         self._lock = threading.Lock()
-
-    @property
-    def full(self) -> bool:
-        return self._full
 
     def needed(self) -> int:
         """Free bytes the disk needs before logging goes on."""
@@ -50,9 +47,9 @@ class Room:
     def met_full(self, detail: str = "") -> None:
         """A write found the disk full: give the reserve up to delivery and say so, once until there is room."""
         with self._lock:
-            if self._full:
+            if self.full:
                 return
-            self._full = True
+            self.full = True
         released = self._release()
         log.warning("%s", self.message(detail, released=released))
 
@@ -76,11 +73,11 @@ class Room:
     def tend(self) -> bool:
         """Keep the reserve while there is room; leave the full state once there is room again. True when the
         disk is not (or no longer) full."""
-        if self._full:
+        if self.full:
             if self.free() < self.needed():
                 return False
             with self._lock:
-                self._full = False
+                self.full = False
             log.warning("bridge: the disk holding journal %s has room again; logging goes on", self.journal_path)
         if not self.reserve.exists() and self.free() >= self.needed():
             self._write_reserve()
