@@ -126,6 +126,7 @@ def test_a_full_disk_ends_runs_says_so_once_and_logging_resumes_every_time_there
             mlflow.log_metric("loss", -1.0, step=300)
         assert str(conn.journal.path) in str(info.value) and "Free space" in str(info.value)
         mlflow.end_run()  # on a full disk, and it ends the run
+        assert str(conn.journal.path) in (conn.status().disk_full or "")
         assert conn.flush(60) == 0, "delivery went on with the disk full"
         with pytest.raises(JournalFullError):
             mlflow.log_metric("other", 1.0)  # still full: nothing new accepted
@@ -134,6 +135,7 @@ def test_a_full_disk_ends_runs_says_so_once_and_logging_resumes_every_time_there
         while conn.journal.room.full and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not conn.journal.room.full and conn.journal.room.reserve.exists(), "room again: the reserve is back"
+        assert conn.status().disk_full is None
 
     for local_id, cycle in runs:
         remote_id = conn.journal.ids.server_run(local_id)[0] or local_id

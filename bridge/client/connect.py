@@ -73,10 +73,14 @@ class Status:
     files: list[FileWaiting] = field(default_factory=list)
     #: Why a delivery lane ("records", "files") waits right now: its last error, attempts, next try.
     waits: dict[str, LaneWait] = field(default_factory=dict)
+    #: Entries accepted but kept out of SQLite by a full disk (metric points, run ends): waiting too.
+    unmoved: int = 0
+    #: What the person was told when the disk filled (journal/room.py), while it stays full; else None.
+    disk_full: str | None = None
 
     @property
     def pending(self) -> int:
-        return sum(self.backlog.values())
+        return sum(self.backlog.values()) + self.unmoved
 
     @property
     def file_bytes(self) -> tuple[int, int]:
@@ -154,6 +158,8 @@ class Connection:
             token_rejected=self.link.token_rejected,
             files=self.journal.uploads.files_waiting(),
             waits=self.journal.uploads.waits(),
+            unmoved=backlog.unmoved,
+            disk_full=self.journal.room.message() if self.journal.room.full else None,
         )
 
     def flush(self, timeout: float | None = None) -> int:

@@ -161,7 +161,7 @@ class Journal:
 
     def measure_bytes(self) -> int:
         """Bytes in use: live database pages plus the spooled artifact files."""
-        self.move_intake()
+        self.move_intake_if_room()
         return self.database.live_bytes() + self.spool.bytes
 
     def _reserve(self, nbytes: int) -> None:
