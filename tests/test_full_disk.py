@@ -191,3 +191,15 @@ def test_a_file_the_disk_has_no_room_for_is_refused_at_log_time(tmp_path, monkey
         journal.spool_artifact("r", source, "w.pt")
     assert journal.spool.bytes == 0 and journal.queue.pending_ops("r", 10) == []
     journal.close()
+
+
+def test_a_disk_out_of_inodes_counts_as_full(tmp_path, monkeypatch):
+    from bridge.client.journal import room
+
+    class _Stat:
+        f_bavail, f_frsize, f_files, f_favail = 1000, 4096, 100, 0
+
+    monkeypatch.setattr(room.os, "statvfs", lambda folder: _Stat())
+    assert room.free_bytes(tmp_path) == 0
+    _Stat.f_files = 0  # a filesystem without an inode count (btrfs) says nothing by it
+    assert room.free_bytes(tmp_path) == 4096 * 1000

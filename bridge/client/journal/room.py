@@ -27,6 +27,8 @@ HEADROOM_BYTES = 16 * 1024 * 1024
 def free_bytes(folder: Path) -> int:
     """Bytes an unprivileged process can still write on the filesystem holding `folder`."""
     st = os.statvfs(folder)
+    if st.f_files and not st.f_favail:
+        return 0  # out of inodes: as full as out of blocks (ENOSPC all the same)
     return st.f_bavail * st.f_frsize
 
 
