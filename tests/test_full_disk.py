@@ -203,3 +203,35 @@ def test_a_disk_out_of_inodes_counts_as_full(tmp_path, monkeypatch):
     assert room.free_bytes(tmp_path) == 0
     _Stat.f_files = 0  # a filesystem without an inode count (btrfs) says nothing by it
     assert room.free_bytes(tmp_path) == 4096 * 1000
+
+
+def test_a_journal_opens_and_delivers_on_a_full_disk(mlflow_server, server_client, tmp_path, monkeypatch):
+    """After a crash on a full disk, `bridge sync` (or the next connect()) must still open the journal."""
+    path = tmp_path / "j" / "j.sqlite"
+    journal = Journal(path)
+    disk = FullDisk(monkeypatch, path.parent)
+    name = f"full-open-{uuid.uuid4().hex[:6]}"
+    run = _new_run(journal, name)
+    _log(journal, run, range(500))
+    journal.sync()
+    assert journal.room.reserve.exists()
+    journal.database.close()  # the process dies; its intake was moved by the sync
+    disk.fill()
+
+    for _ in range(400):  # each opening adds a lineage row: until one needs a page the full disk has not
+        reopened = Journal(path)
+        if reopened.room.full:
+            break
+        reopened.database.close()
+    assert reopened.room.full and not reopened.room.reserve.exists(), "the reserve made room to open it"
+    sender = Sender(reopened, Link(mlflow_server.url, None), ClientOptions.from_env(send_interval_s=0.05))
+    sender.start()
+    try:
+        deadline = time.monotonic() + 60
+        while reopened.queue.backlog().total and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        assert sender.stop(10)
+    remote = server_run(server_client, name)
+    assert len(server_client.get_metric_history(remote.info.run_id, "loss")) == 500
+    reopened.close()

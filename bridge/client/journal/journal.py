@@ -100,8 +100,14 @@ class Journal:
         self.queue = OpQueue(self.database, self.spool, self.move_intake_if_room, self.unmoved)
         self.book = Bookkeeping(self.database)
         self.uploads = UploadBook(self.database)
-        self.epoch = self.book.open_lineage()
-        self.adopt_orphans()
+        try:
+            self.epoch = self.book.open_lineage()
+        except JournalFullError:  # a full disk: the first try released the reserve (room.py), so `bridge sync`
+            self.epoch = self.book.open_lineage()  # and the next connect() can still open and deliver
+        try:
+            self.adopt_orphans()
+        except JournalFullError:
+            pass  # adopted by the sender once delivering has freed pages (Sender: adopt_every_s)
         self.sweep_spool()
         self._used_bytes = self.measure_bytes()
 
