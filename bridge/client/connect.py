@@ -278,7 +278,7 @@ def _open(
 ) -> Connection:
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"server URL must start with http:// or https://, got {url[:60]!r}")
-    store, keeper = open_journal(options.journal_path, options.journal_limit)
+    store, keeper = open_journal(options.journal_path, options.journal_limit, options.spool_limit)
     for repair in store.database.repairs(take=True):  # also one an earlier open (`bridge queue`) made
         print(f"bridge: {repair}", file=sys.stderr)
     dead = dead_letter_summary(store)
@@ -297,13 +297,15 @@ def _open(
     return conn
 
 
-def open_journal(path: Path, limit_bytes: int | None = None) -> tuple[Journal, ReplicaKeeper | None]:
+def open_journal(
+    path: Path, limit_bytes: int | None = None, spool_limit_bytes: int | None = None
+) -> tuple[Journal, ReplicaKeeper | None]:
     """The journal at `path`; on a network filesystem (Google Drive, NFS, SMB) SQLite must not run there, so the
     journal runs on local disk (restored from the replica at `path` in a new runtime) and a started
     `ReplicaKeeper` keeps `path` a consistent copy of it."""
     kind = network_filesystem(path)
     if kind is None:
-        return Journal(path, limit_bytes=limit_bytes), None
+        return Journal(path, limit_bytes=limit_bytes, spool_limit_bytes=spool_limit_bytes), None
     local = local_journal_for(path, config.paths().data_dir)
     replica = Replica(local, Path(path))
     restored = replica.restore()
@@ -312,7 +314,7 @@ def open_journal(path: Path, limit_bytes: int | None = None) -> tuple[Journal, R
         f"{local}{' (restored from there)' if restored else ''} and {path} is kept as its replica",
         file=sys.stderr,
     )
-    store = Journal(local, limit_bytes=limit_bytes)
+    store = Journal(local, limit_bytes=limit_bytes, spool_limit_bytes=spool_limit_bytes)
     keeper = ReplicaKeeper(replica, store.sync, config.env_float(REPLICA_EVERY_ENV, 5.0))
     keeper.start()
     return store, keeper
@@ -537,7 +539,7 @@ def sync(
     """
     found_url, token, source = _resolve(url, None)
     options = ClientOptions.from_env(journal=journal).replace(heartbeat_s=float("inf"), send_interval_s=0.2)
-    store, keeper = open_journal(options.journal_path, options.journal_limit)
+    store, keeper = open_journal(options.journal_path, options.journal_limit, options.spool_limit)
     link = Link(
         found_url,
         token,
