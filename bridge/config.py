@@ -22,6 +22,8 @@ DEFAULT_WORKERS = 1
 DEFAULT_RECORD_TTL_S = 24 * 3600
 DEFAULT_HEARTBEAT_TIMEOUT_S = 300
 DEFAULT_JOURNAL_LIMIT_BYTES = 2 * 1024**3
+#: The spooled copies of logged files: a few versions of a large checkpoint (older versions of a path go first).
+DEFAULT_SPOOL_LIMIT_BYTES = 1536 * 1024**2
 #: ngrok's free plan: 1 GB a month sent out by the workstation, and 20,000 HTTP requests.
 DEFAULT_TUNNEL_BYTES_BUDGET = 1_000_000_000
 DEFAULT_TUNNEL_REQUESTS_BUDGET = 20_000

@@ -300,8 +300,9 @@ def test_full_journal_raises_from_mlflow_and_keeps_what_was_accepted(bridge_conn
     points = conn.journal.queue.undelivered(run.info.run_id, ("metric",))
     assert len(points) == accepted > 100
     assert [op.step for op in points] == list(range(accepted))
-    conn.journal.limit_bytes = 10**9  # room again: the run can end normally
-    mlflow.end_run()
+    mlflow.end_run()  # a full journal still ends the run: its end is never refused for the limit
+    (end,) = conn.journal.queue.undelivered(run.info.run_id, ("update_run",))
+    assert end.json()["status"] == "FINISHED" and end.id > points[-1].id, "after its last point"
 
 
 @pytest.mark.parametrize("looks_missed", [1, 2], ids=["seen-by-create", "seen-by-the-insert"])

@@ -74,10 +74,14 @@ class Status:
     files: list[FileWaiting] = field(default_factory=list)
     #: Why a delivery lane ("records", "files") waits right now: its last error, attempts, next try.
     waits: dict[str, LaneWait] = field(default_factory=dict)
+    #: Entries accepted but kept out of SQLite by a full disk (metric points, run ends): waiting too.
+    unmoved: int = 0
+    #: What the person was told when the disk filled (journal/room.py), while it stays full; else None.
+    disk_full: str | None = None
 
     @property
     def pending(self) -> int:
-        return sum(self.backlog.values())
+        return sum(self.backlog.values()) + self.unmoved
 
     @property
     def file_bytes(self) -> tuple[int, int]:
@@ -173,6 +177,8 @@ class Connection:
             token_rejected=self.link.token_rejected,
             files=self.journal.uploads.files_waiting(),
             waits=self.journal.uploads.waits(),
+            unmoved=backlog.unmoved,
+            disk_full=self.journal.room.message() if self.journal.room.full else None,
         )
 
     def flush(self, timeout: float | None = None) -> int:
@@ -291,7 +297,7 @@ def _open(
 ) -> Connection:
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"server URL must start with http:// or https://, got {url[:60]!r}")
-    store, keeper = open_journal(options.journal_path, options.journal_limit)
+    store, keeper = open_journal(options.journal_path, options.journal_limit, options.spool_limit)
     for repair in store.database.repairs(take=True):  # also one an earlier open (`bridge queue`) made
         print(f"bridge: {repair}", file=sys.stderr)
     dead = dead_letter_summary(store)
@@ -310,13 +316,15 @@ def _open(
     return conn
 
 
-def open_journal(path: Path, limit_bytes: int | None = None) -> tuple[Journal, ReplicaKeeper | None]:
+def open_journal(
+    path: Path, limit_bytes: int | None = None, spool_limit_bytes: int | None = None
+) -> tuple[Journal, ReplicaKeeper | None]:
     """The journal at `path`; on a network filesystem (Google Drive, NFS, SMB) SQLite must not run there, so the
     journal runs on local disk (restored from the replica at `path` in a new runtime) and a started
     `ReplicaKeeper` keeps `path` a consistent copy of it."""
     kind = network_filesystem(path)
     if kind is None:
-        return Journal(path, limit_bytes=limit_bytes), None
+        return Journal(path, limit_bytes=limit_bytes, spool_limit_bytes=spool_limit_bytes), None
     local = local_journal_for(path, config.paths().data_dir)
     replica = Replica(local, Path(path))
     restored = replica.restore()
@@ -325,7 +333,7 @@ def open_journal(path: Path, limit_bytes: int | None = None) -> tuple[Journal, R
         f"{local}{' (restored from there)' if restored else ''} and {path} is kept as its replica",
         file=sys.stderr,
     )
-    store = Journal(local, limit_bytes=limit_bytes)
+    store = Journal(local, limit_bytes=limit_bytes, spool_limit_bytes=spool_limit_bytes)
     keeper = ReplicaKeeper(replica, store.sync, config.env_float(REPLICA_EVERY_ENV, 5.0))
     keeper.start()
     return store, keeper
@@ -555,7 +563,7 @@ def sync(
     """
     found_url, token, source = _resolve(url, None)
     options = ClientOptions.from_env(journal=journal).replace(heartbeat_s=float("inf"), send_interval_s=0.2)
-    store, keeper = open_journal(options.journal_path, options.journal_limit)
+    store, keeper = open_journal(options.journal_path, options.journal_limit, options.spool_limit)
     link = Link(
         found_url,
         token,
