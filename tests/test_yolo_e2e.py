@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tests.support.yolo import (
+    assert_dataset_inputs,
     bridge_cli,
     connect_env,
     tiny_train_args,
@@ -84,6 +85,7 @@ def test_training_outlives_a_server_outage_and_the_data_arrives_later(
     for key in ("val/mAP50-95", "train/box_loss", "lr/pg0", "epoch_time_s"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3], key
     assert "final/mAP50-95" in run.data.metrics
+    assert_dataset_inputs(client.get_run(run.info.run_id), yolo_dataset)  # logged offline, delivered later
     best = client.download_artifacts(run.info.run_id, "weights/best.pt", str(tmp_path / "dl"))
     local = tracker.save_dir / "weights" / "best.pt"
     assert hashlib.sha256(Path(best).read_bytes()).digest() == hashlib.sha256(local.read_bytes()).digest()

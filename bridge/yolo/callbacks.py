@@ -7,6 +7,7 @@ journal makes it durable and delivers it; a failing call is reported once and tr
 
 What a run holds (step = the epoch number as Ultralytics prints it, 1..N; one point per epoch):
   params   every trainer argument; model.family/scale/task/parameters/gflops (at 640 px); data.name/nc/classes/hash
+  inputs   datasets `<data>/train` (context training) and `<data>/val` (validation), digest = data.hash[:12]
   metrics  train/<loss>, val/<loss>, val/precision|recall|mAP50|mAP50-95 (segment/pose: _mask/_pose suffix),
            lr/pg<i>, epoch_time_s, gpu_mem_gb (on GPU); final/<metric> of best.pt, final/train_time_s,
            final/best_epoch
@@ -38,7 +39,7 @@ from bridge import ui
 from bridge.yolo import metadata
 from bridge.yolo import resume as resume_mod
 from bridge.yolo.console import ConsoleCapture, ConsoleLog
-from bridge.yolo.dataset import summarize_dataset
+from bridge.yolo.dataset import DatasetSummary, summarize_dataset
 from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S as DEFAULT_SYSTEM_METRICS_EVERY_S
 from bridge.yolo.system_metrics import SystemMetricsSampler
 
@@ -336,7 +337,11 @@ class YoloTracker:
         jobs: list[_Job] = [("mark the experiment as model training", self._mark_experiment, ())]
         if resume is not None:  # params are set once per run (MLflow refuses a changed value): the resume goes in tags
             tags = {"bridge.tracker": "bridge.yolo", resume_mod.RUN_KEY_TAG: run_key, **resume.tags, **self.user_tags}
-            jobs += [("log resume tags", self._set_tags, (tags,)), ("log metadata tags", self._log_metadata, ())]
+            jobs += [
+                ("log resume tags", self._set_tags, (tags,)),
+                ("log metadata tags", self._log_metadata, ()),
+                ("log dataset inputs", self._log_resumed_dataset, (dict(data),)),
+            ]
         else:
             params = {k: _param_value(v) for k, v in vars(trainer.args).items()}
             params.update(self._model_identity(trainer))  # GFLOPs take a model pass: not again on a resume
@@ -547,6 +552,26 @@ class YoloTracker:
         summary = summarize_dataset(data)
         client.log_text(run_id, summary.to_csv(), "data/dataset_summary.csv")
         client.log_batch(run_id, params=[Param("data.hash", summary.content_hash)])
+        self._log_dataset_inputs(summary)
+
+    def _log_dataset_inputs(self, summary: DatasetSummary) -> None:
+        """The train and val splits as the run's dataset inputs (the UI's Dataset column and filters)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        client, run_id = self._run()
+        inputs = [
+            DatasetInput(
+                Dataset(s.name, s.digest, s.source_type, s.source, profile=s.profile),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, s.context)],
+            )
+            for s in summary.inputs()
+        ]
+        if inputs:  # the server keeps one input per dataset and run: a resume logging them again adds nothing
+            client.log_inputs(run_id, datasets=inputs)
+
+    def _log_resumed_dataset(self, data: dict) -> None:
+        self._log_dataset_inputs(summarize_dataset(data))
 
     def _upload(self, path: Path, artifact_dir: str | None) -> None:
         """Upload a consistent copy of a file the training may rewrite at any moment."""
