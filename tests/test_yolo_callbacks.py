@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from bridge.yolo.callbacks import metric_name, model_identity
+from bridge.yolo.callbacks import best_name, legacy_name, metric_name, metric_value, model_identity
 from bridge.yolo.console import ConsoleCapture, ConsoleLog
 from tests.support.yolo import tiny_train_args
 
@@ -23,7 +23,13 @@ def test_metric_names_are_stable_and_mlflow_safe():
     assert metric_name("metrics/recall(P)") == "val/recall_pose"
     assert metric_name("metrics/accuracy_top1") == "val/accuracy_top1"
     assert metric_name("train/l1_loss") == "train/l1_loss"
-    assert metric_name("lr/pg0") == "lr/pg0"
+    assert metric_name("lr/pg0") == "lr_pg0"  # not a chart section before train and val
+    assert best_name("metrics/mAP50-95(B)") == "val/best/mAP50-95" and best_name("fitness") == "val/best/fitness"
+    assert legacy_name("val/best/mAP50-95") == "final/mAP50-95" and legacy_name("val/best/epoch") == "final/best_epoch"
+    assert legacy_name("train_time_s") == "final/train_time_s" and legacy_name("lr_pg2") == "lr/pg2"
+    assert legacy_name("val/mAP50") is None
+    assert metric_value({"final/mAP50": 0.5}, "val/best/mAP50") == 0.5 and metric_value({}, "val/best/mAP50") is None
+    assert metric_value({"val/best/mAP50": 0.7, "final/mAP50": 0.5}, "val/best/mAP50") == 0.7
     assert metric_name("odd(key)%") == "odd_key__"
 
 
@@ -134,7 +140,7 @@ def test_training_that_raises_ends_its_run_failed_with_what_it_logged(yolo_datas
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.tags["bridge.status"] == "FAILED"
     assert [m.step for m in client.get_metric_history(tracker.run_id, "val/mAP50-95")] == [1]
-    assert not any(k.startswith("final/") for k in run.data.metrics)
+    assert not any(k.startswith("val/best/") for k in run.data.metrics)
     assert "time.end" in run.data.tags
     assert "console.log" in {a.path for a in client.list_artifacts(tracker.run_id)}
     import sys

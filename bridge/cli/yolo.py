@@ -189,8 +189,8 @@ def train_command(
         table.add_row(
             r.model,
             r.run_id or "-",
-            _num(m.get("final/mAP50-95")),
-            _num(m.get("final/mAP50")),
+            _num(m.get("val/best/mAP50-95")),
+            _num(m.get("val/best/mAP50")),
             "[green]ok[/]" if r.error is None else f"[red]{r.error}[/]",
         )
     console.print(table)
@@ -239,7 +239,7 @@ def compare_command(
     ] = None,
     metric: Annotated[
         str, typer.Option(help="The metric that picks the best run and the champion (higher is better).")
-    ] = "final/mAP50-95",
+    ] = "val/best/mAP50-95",
 ) -> None:
     """Table of each run's final metrics, training time and size (best first), and a PNG of their curves."""
     from bridge.yolo.compare import compare, log_comparison

@@ -9,8 +9,11 @@ What a run holds (step = the epoch number as Ultralytics prints it, 1..N; one po
   params   every trainer argument; model.family/scale/task/parameters/gflops (at 640 px); data.name/nc/classes/hash
   inputs   datasets `<data>/train` (context training) and `<data>/val` (validation), digest = data.hash[:12]
   metrics  train/<loss>, val/<loss>, val/precision|recall|mAP50|mAP50-95 (segment/pose: _mask/_pose suffix),
-           lr/pg<i>, epoch_time_s, gpu_mem_gb (on GPU); final/<metric> of best.pt, final/train_time_s,
-           final/best_epoch
+           lr_pg<i>, epoch_time_s, gpu_mem_gb (on GPU); val/best/<metric> of best.pt, val/best/epoch,
+           train_time_s
+  The MLflow UI charts a run in sections named by each key's prefix, sorted by name, unprefixed keys last: these
+  names put the learning curves (train, val) first and the best model's one-point summary (val/best) after them.
+  Runs logged before had final/<metric>, final/best_epoch, final/train_time_s and lr/pg<i> (`legacy_name`).
   artifacts weights/best.pt (on improvement, rate-limited, and at the end), weights/last.pt, results.csv,
            args.yaml, plots/*.png|jpg, data/<data yaml>, data/dataset_summary.csv, console.log
            (console.log, results.csv and plots refreshed at most every `refresh_every_s` while training)
@@ -70,6 +73,11 @@ EVENTS = (
 _UNSAFE = re.compile(r"[^\w./\- ]")
 _MODEL_NAME = re.compile(r"^(?P<family>yolo[a-z]*?v?\d+|yolo[a-z]*)(?P<scale>[nsmlx])(?:-(?P<variant>[\w-]+))?$")
 _SUFFIXES = {"B": "", "M": "_mask", "P": "_pose", "S": "_semantic"}
+#: best.pt's final validation: a chart section ('val/best') that sorts right after the per-epoch 'val'.
+BEST_PREFIX = "val/best/"
+BEST_EPOCH = BEST_PREFIX + "epoch"
+TRAIN_TIME = "train_time_s"
+_LEGACY = {BEST_EPOCH: "final/best_epoch", TRAIN_TIME: "final/train_time_s"}
 #: A queued MLflow call: what it does (for the report when it fails), the function, its arguments.
 _Job = tuple[str, Callable[..., Any], tuple[Any, ...]]
 
@@ -89,12 +97,42 @@ class TrackOptions(TypedDict):
 
 @functools.lru_cache(maxsize=4096)
 def metric_name(key: str) -> str:
-    """Ultralytics' metric key as a stable MLflow-safe name: 'metrics/mAP50-95(B)' → 'val/mAP50-95'."""
+    """Ultralytics' metric key as a stable MLflow-safe name: 'metrics/mAP50-95(B)' → 'val/mAP50-95'.
+
+    'lr/pg0' → 'lr_pg0': a section of its own would be charted before train and val in the MLflow UI.
+    """
     m = re.match(r"^metrics/(.+?)(?:\((\w+)\))?$", key)
     if m:
         suffix = m.group(2)
         key = f"val/{m.group(1)}" + (_SUFFIXES.get(suffix, f"_{suffix.lower()}") if suffix else "")
+    elif key.startswith("lr/"):
+        key = "lr_" + key[3:]
     return _UNSAFE.sub("_", key)
+
+
+def best_name(key: str) -> str:
+    """The name of best.pt's final validation result for Ultralytics' key: 'metrics/mAP50(B)' → 'val/best/mAP50'."""
+    name = metric_name(key)
+    return BEST_PREFIX + (name[len("val/") :] if name.startswith("val/") else name)
+
+
+def legacy_name(name: str) -> str | None:
+    """What runs logged before the current names called a metric ('val/best/mAP50' → 'final/mAP50'), else None."""
+    if name in _LEGACY:
+        return _LEGACY[name]
+    if name.startswith(BEST_PREFIX):
+        return "final/" + name[len(BEST_PREFIX) :]
+    if name.startswith("lr_pg"):
+        return "lr/" + name[3:]
+    return None
+
+
+def metric_value(metrics: Mapping[str, float], name: str) -> float | None:
+    """A run's `name`, or the same metric under its earlier name for a run logged before."""
+    if name in metrics:
+        return metrics[name]
+    legacy = legacy_name(name)
+    return metrics.get(legacy) if legacy else None
 
 
 def model_identity(model_name: str, yaml_scale: str | None = None) -> dict[str, str]:
@@ -383,8 +421,7 @@ class YoloTracker:
             return
         if self._train_stash is None:
             # No training epoch since the last call: this is final_eval() validating best.pt.
-            final = {metric_name(k).replace("val/", "final/", 1): float(v) for k, v in (trainer.metrics or {}).items()}
-            final = {k if k.startswith("final/") else f"final/{k}": v for k, v in final.items()}
+            final = {best_name(k): float(v) for k, v in (trainer.metrics or {}).items()}
             self.final_metrics.update(final)
             self._submit("log final metrics", self._log_metrics, final, trainer.epoch)
             return
@@ -420,10 +457,10 @@ class YoloTracker:
     def _on_train_end(self, trainer: Any) -> None:
         if not self._open:
             return
-        extra = {"final/train_time_s": time.time() - trainer.train_time_start}
+        extra = {TRAIN_TIME: time.time() - trainer.train_time_start}
         best_epoch = getattr(getattr(trainer, "stopper", None), "best_epoch", None)
         if best_epoch is not None:
-            extra["final/best_epoch"] = float(best_epoch)  # EarlyStopping counts epochs from 1
+            extra[BEST_EPOCH] = float(best_epoch)  # EarlyStopping counts epochs from 1
         self.final_metrics.update(extra)
         self._submit("log final metrics", self._log_metrics, extra, trainer.epoch + 1)
         for path in (Path(trainer.best), Path(trainer.last)):

@@ -210,12 +210,12 @@ def assert_complete_yolo_run(
     columns = [c for c in local[0] if c not in ("epoch", "time")]
     per_epoch = {metric_name(c) for c in columns} | {"epoch_time_s"}
     final = {
-        "final/precision",
-        "final/recall",
-        "final/mAP50",
-        "final/mAP50-95",
-        "final/train_time_s",
-        "final/best_epoch",
+        "val/best/precision",
+        "val/best/recall",
+        "val/best/mAP50",
+        "val/best/mAP50-95",
+        "val/best/epoch",
+        "train_time_s",
     }
     system = {k for k in run.data.metrics if k.startswith("system/")}  # CPU/RAM averages, at the end at least
     assert "system/cpu_utilization_percentage" in system
