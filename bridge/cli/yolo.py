@@ -62,7 +62,12 @@ def _print_ui_link(
     except Exception as exc:  # the link is a convenience: never fail the command over it
         err_console.print(f"(no UI link: the server did not answer: {type(exc).__name__})")
         return None
-    link = ui_link(url, exp.experiment_id if exp else None, charts=charts)
+    if charts and exp is not None:
+        from bridge.yolo.callbacks import learning_view_link
+
+        link = learning_view_link(url, exp)
+    else:
+        link = ui_link(url, exp.experiment_id if exp else None, charts=charts)
     console.print(f"{label}: {link}", soft_wrap=True, highlight=False)
     return link
 

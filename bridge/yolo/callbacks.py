@@ -77,6 +77,12 @@ _SUFFIXES = {"B": "", "M": "_mask", "P": "_pose", "S": "_semantic"}
 BEST_PREFIX = "val/best/"
 BEST_EPOCH = BEST_PREFIX + "epoch"
 TRAIN_TIME = "train_time_s"
+#: The saved chart view each training experiment gets (the chart links open it): the learning first, then the
+#: other per-epoch curves, the best model's summary, the run's own and the system metrics.
+LEARNING_VIEW = "bridge-learning-curves"
+LEARNING_VIEW_NAME = "Learning curves"
+_LOSSES = ("box_loss", "cls_loss", "dfl_loss", "l1_loss", "seg_loss", "pose_loss", "kobj_loss")  # those a task has
+LEARNING_CHARTS = ("val/mAP50-95", "val/mAP50", *(f"{split}/{loss}" for split in ("train", "val") for loss in _LOSSES))
 _LEGACY = {BEST_EPOCH: "final/best_epoch", TRAIN_TIME: "final/train_time_s"}
 #: A queued MLflow call: what it does (for the report when it fails), the function, its arguments.
 _Job = tuple[str, Callable[..., Any], tuple[Any, ...]]
@@ -682,16 +688,34 @@ def _remove_builtin_mlflow(trainer: Any) -> None:
             lst.remove(fn)
 
 
+def training_experiment_tags() -> dict[str, str]:
+    """A training experiment's tags: its kind (the MLflow UI opens it on its runs) and the learning-curves view."""
+    view = ui.chart_view(
+        LEARNING_VIEW_NAME,
+        LEARNING_CHARTS,
+        ("val", BEST_PREFIX.rstrip("/"), ui.MODEL_METRICS_SECTION, ui.SYSTEM_METRICS_SECTION),
+        now_ms=int(time.time() * 1000),
+    )
+    return {ui.EXPERIMENT_KIND_TAG: ui.MODEL_TRAINING_KIND, ui.SHARED_VIEW_TAG_PREFIX + LEARNING_VIEW: view}
+
+
 def mark_training_experiment(client: Any, experiment_id: str | None) -> None:
-    """Tag an experiment as model training (the MLflow UI then opens it on its runs), unless it has a kind."""
+    """Tag an experiment as model training with the learning-curves view, keeping a kind or view it has."""
     if not experiment_id:
         return
     try:
         tags = client.get_experiment(experiment_id).tags
-    except Exception:  # unknown offline: the tag is idempotent, set it
+    except Exception:  # unknown offline: the tags are idempotent, set them
         tags = {}
-    if not tags.get(ui.EXPERIMENT_KIND_TAG):
-        client.set_experiment_tag(experiment_id, ui.EXPERIMENT_KIND_TAG, ui.MODEL_TRAINING_KIND)
+    for key, value in training_experiment_tags().items():
+        if not tags.get(key):
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+def learning_view_link(base_url: str, experiment: Any) -> str:
+    """The experiment's chart view, opened on the learning curves where the experiment has that view."""
+    has_view = bool((getattr(experiment, "tags", None) or {}).get(ui.SHARED_VIEW_TAG_PREFIX + LEARNING_VIEW))
+    return ui.ui_link(base_url, experiment.experiment_id, charts=True, view=LEARNING_VIEW if has_view else None)
 
 
 def _experiment_id(name: str) -> str:
@@ -703,7 +727,7 @@ def _experiment_id(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, tags={ui.EXPERIMENT_KIND_TAG: ui.MODEL_TRAINING_KIND})
+        return client.create_experiment(name, tags=training_experiment_tags())
     except MlflowException:  # created meanwhile by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
