@@ -210,7 +210,7 @@ def test_bridge_demo_shows_learning_keeps_serving_until_ctrl_c(tmp_path):
         out = "".join(lines)
         live = re.search(
             r"Watch the curves live: (http://127\.0\.0\.1:\d+)/#/experiments/(\d+)/runs"
-            r"\?workflowType=machine_learning&compareRunsMode=CHART",
+            r"\?workflowType=machine_learning&compareRunsMode=CHART&viewStateShareKey=bridge-learning-curves",
             out,
         )
         assert live, out[-2000:]
@@ -228,7 +228,10 @@ def test_bridge_demo_shows_learning_keeps_serving_until_ctrl_c(tmp_path):
         client = MlflowClient(ui)
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags["bridge.demo"] == "true"
-        assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+        tags = client.get_experiment(experiment_id).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "Learning curves" in tags["mlflow.sharedViewState.bridge-learning-curves"]  # the view the link opens
+        assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"data/train", "data/val"}
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val/mAP50"))
         assert [s for s, _ in history] == [1, 2, 3, 4, 5]
         assert history[0][1] == 0 and max(v for _, v in history) > 0, history  # it learned something
