@@ -373,7 +373,8 @@ def test_the_chart_link_opens_on_the_learning_curves_and_the_run_page_charts_the
     mlflow_server, chromium_path, tmp_path
 ):
     """The chart view bridge links to shows val/mAP50-95, val/mAP50 and the losses first, in the first screen;
-    a run's "Model metrics" tab charts train and val before val/best; the runs table names the datasets."""
+    a run's "Model metrics" tab charts train and val before val/best; the runs table and run page name the
+    datasets."""
     import re
 
     from playwright.sync_api import sync_playwright
@@ -429,5 +430,9 @@ def test_the_chart_link_opens_on_the_learning_curves_and_the_run_page_charts_the
             page.goto(ui.ui_link(mlflow_server.url, experiment_id), timeout=UI_TIMEOUT_MS)
             _see(page, tmp_path, "runs-datasets.png", ["yolo11n", page.get_by_text("data/train (0123456789ab)")])
             _shot(page, tmp_path, "runs-datasets.png")
+            # The run page's overview: its Datasets name the training split, and one more (no longer "None").
+            page.goto(ui.ui_link(mlflow_server.url, experiment_id, run_ids[0]), timeout=UI_TIMEOUT_MS)
+            _see(page, tmp_path, "run-overview.png", ["Datasets", page.get_by_text("data/train (0123456789ab)")])
+            _shot(page, tmp_path, "run-overview.png")
         finally:
             browser.close()
