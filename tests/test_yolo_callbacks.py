@@ -186,3 +186,24 @@ def test_tracking_a_model_again_replaces_the_first_tracker():
     assert not any(fn in first.callbacks.values() for fn in ours)
     second.detach()
     assert {event: len(fns) for event, fns in model.callbacks.items()} == before
+
+
+def test_an_earlier_experiment_gets_the_learning_view_and_a_changed_view_is_kept(tmp_path):
+    from mlflow import MlflowClient
+
+    from bridge import ui
+    from bridge.yolo.callbacks import LEARNING_VIEW, learning_view_link, mark_training_experiment
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    view_tag = ui.SHARED_VIEW_TAG_PREFIX + LEARNING_VIEW
+    old = client.create_experiment("made-by-an-earlier-bridge", artifact_location=str(tmp_path / "a"))
+    assert "viewStateShareKey" not in learning_view_link("http://h:1", client.get_experiment(old))
+    mark_training_experiment(client, old)
+    tags = client.get_experiment(old).tags
+    assert tags[ui.EXPERIMENT_KIND_TAG] == ui.MODEL_TRAINING_KIND and "Learning curves" in tags[view_tag]
+    assert learning_view_link("http://h:1", client.get_experiment(old)).endswith(
+        f"&compareRunsMode=CHART&viewStateShareKey={LEARNING_VIEW}"
+    )
+    client.set_experiment_tag(old, view_tag, '{"name": "mine"}')  # the user's own changes to the view
+    mark_training_experiment(client, old)
+    assert client.get_experiment(old).tags[view_tag] == '{"name": "mine"}'

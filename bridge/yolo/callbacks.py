@@ -81,7 +81,7 @@ TRAIN_TIME = "train_time_s"
 #: other per-epoch curves, the best model's summary, the run's own and the system metrics.
 LEARNING_VIEW = "bridge-learning-curves"
 LEARNING_VIEW_NAME = "Learning curves"
-_LOSSES = ("box_loss", "cls_loss", "dfl_loss", "l1_loss", "seg_loss", "pose_loss", "kobj_loss")  # those a task has
+_LOSSES = ("box_loss", "cls_loss", "dfl_loss", "l1_loss", "seg_loss", "pose_loss", "kobj_loss", "loss")  # by task
 LEARNING_CHARTS = ("val/mAP50-95", "val/mAP50", *(f"{split}/{loss}" for split in ("train", "val") for loss in _LOSSES))
 _LEGACY = {BEST_EPOCH: "final/best_epoch", TRAIN_TIME: "final/train_time_s"}
 #: A queued MLflow call: what it does (for the report when it fails), the function, its arguments.
