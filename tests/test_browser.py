@@ -322,7 +322,9 @@ def test_printed_links_open_the_model_training_view_of_a_sweep(tunnelled_bridge,
             # `bridge compare`'s link: the chart view, with the mAP50-95 curves of all three runs.
             page.goto(_public(links["Curves in the MLflow UI"], public_url), timeout=UI_TIMEOUT_MS)
             search = page.get_by_placeholder("Search metric charts")
-            _see(page, tmp_path, "ui-3-charts.png", [search, *run_names])
+            _see(page, tmp_path, "ui-3-charts.png", [search, *run_names, "Learning curves"])
+            _see(page, tmp_path, "ui-3-charts.png", [f"{name} (val/mAP50-95)" for name in run_names])
+            _shot(page, tmp_path, "ui-3-charts-first-view.png")  # the saved view: mAP and losses first
             search.first.fill("val/mAP50-95")
             _see(page, tmp_path, "ui-3-charts.png", ["val/mAP50-95"])
             # Each run's curve is in the chart's legend, as '<run> (val/mAP50-95)'.
