@@ -53,7 +53,7 @@ def seed(mlflow_url: str) -> str:
         metrics = [
             Metric(k, 1.0 / (e + 1 + r), int(time.time() * 1000), e)
             for e in range(50)
-            for k in ("val/mAP50-95", "train/box_loss", "lr/pg0")
+            for k in ("val/mAP50-95", "train/box_loss", "lr_pg0")
         ]
         client.log_batch(run.info.run_id, params=params, metrics=metrics)
         client.set_terminated(run.info.run_id)

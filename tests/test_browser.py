@@ -285,7 +285,9 @@ def test_printed_links_open_the_model_training_view_of_a_sweep(tunnelled_bridge,
     assert links["Runs in the MLflow UI"] == (
         f"{server.entrance_url}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
     )
-    assert links["Curves in the MLflow UI"] == links["Runs in the MLflow UI"] + "&compareRunsMode=CHART"
+    assert links["Curves in the MLflow UI"] == (
+        links["Runs in the MLflow UI"] + "&compareRunsMode=CHART&viewStateShareKey=bridge-learning-curves"
+    )
     home = re.search(r"MLflow UI \(any user name, the token as password\): (\S+)", served_url.stderr).group(1)
     assert home == f"{public_url}/#/experiments?workflowType=machine_learning"
     connect_line = re.search(r"MLflow UI: (\S+)", trained.stderr)
@@ -320,12 +322,119 @@ def test_printed_links_open_the_model_training_view_of_a_sweep(tunnelled_bridge,
             # `bridge compare`'s link: the chart view, with the mAP50-95 curves of all three runs.
             page.goto(_public(links["Curves in the MLflow UI"], public_url), timeout=UI_TIMEOUT_MS)
             search = page.get_by_placeholder("Search metric charts")
-            _see(page, tmp_path, "ui-3-charts.png", [search, *run_names])
+            _see(page, tmp_path, "ui-3-charts.png", [search, *run_names, "Learning curves"])
+            _see(page, tmp_path, "ui-3-charts.png", [f"{name} (val/mAP50-95)" for name in run_names])
+            _shot(page, tmp_path, "ui-3-charts-first-view.png")  # the saved view: mAP and losses first
             search.first.fill("val/mAP50-95")
             _see(page, tmp_path, "ui-3-charts.png", ["val/mAP50-95"])
             # Each run's curve is in the chart's legend, as '<run> (val/mAP50-95)'.
             _see(page, tmp_path, "ui-3-charts.png", [f"{name} (val/mAP50-95)" for name in run_names])
             _shot(page, tmp_path, "ui-3-charts.png")
             context.close()
+        finally:
+            browser.close()
+
+
+def _yolo_like_run(client: MlflowClient, experiment_id: str, name: str, epochs: int, offset: float) -> str:
+    """A run with bridge.yolo's metric names and dataset inputs (no training: the UI's layout is under test)."""
+    import json
+    import time
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
+
+    run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    now = int(time.time() * 1000)
+    metrics = []
+    for epoch in range(1, epochs + 1):
+        values = {f"{split}/{loss}": 3 / (epoch + offset) for split in ("train", "val") for loss in LOSSES}
+        values |= {"val/mAP50": 0.9 - 0.5 / epoch - offset / 10, "val/mAP50-95": 0.6 - 0.4 / epoch - offset / 10}
+        values |= {"val/precision": 0.5, "val/recall": 0.4, "epoch_time_s": 2.0, "lr_pg0": 0.01 / epoch}
+        metrics += [Metric(k, v, now, epoch) for k, v in values.items()]
+    best = {"val/best/mAP50-95": 0.5, "val/best/mAP50": 0.8, "val/best/epoch": float(epochs), "train_time_s": 9.0}
+    metrics += [Metric(k, v, now, epochs) for k, v in best.items()]
+    client.log_batch(run_id, metrics=metrics)
+    client.log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(
+                Dataset(f"data/{split}", "0123456789ab", "local", json.dumps({"uri": f"/content/data/images/{split}"})),
+                tags=[InputTag("mlflow.data.context", context)],
+            )
+            for split, context in (("train", "training"), ("val", "validation"))
+        ],
+    )
+    client.set_terminated(run_id)
+    return run_id
+
+
+LOSSES = ("box_loss", "cls_loss", "dfl_loss")
+
+
+@pytest.mark.timeout(300)
+def test_the_chart_link_opens_on_the_learning_curves_and_the_run_page_charts_them_before_the_summary(
+    mlflow_server, chromium_path, tmp_path
+):
+    """The chart view bridge links to shows val/mAP50-95, val/mAP50 and the losses first, in the first screen;
+    a run's "Model metrics" tab charts train and val before val/best; the runs table and run page name the
+    datasets."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    from bridge import ui
+    from bridge.yolo.callbacks import learning_view_link, training_experiment_tags
+
+    client = MlflowClient(mlflow_server.url)
+    experiment_id = client.create_experiment(f"charts-{uuid.uuid4().hex[:6]}", tags=training_experiment_tags())
+    run_ids = [_yolo_like_run(client, experiment_id, name, 6, i) for i, name in enumerate(("yolov8n", "yolo11n"))]
+    link = learning_view_link(mlflow_server.url, client.get_experiment(experiment_id))
+    assert link.endswith("&compareRunsMode=CHART&viewStateShareKey=bridge-learning-curves")
+    learning = ["val/mAP50-95", "val/mAP50", *(f"{s}/{loss}" for s in ("train", "val") for loss in LOSSES)]
+
+    def charted(page) -> list[str]:
+        """The metrics charted for yolov8n, in reading order (legend rows '<run> (<metric>)')."""
+        rows = page.get_by_text(re.compile(r"^yolov8n \(.+\)$"))
+        boxes = []
+        for i in range(rows.count()):
+            row = rows.nth(i)
+            box = row.bounding_box() if row.is_visible() else None
+            if box is not None:
+                boxes.append((round(box["y"] / 50), box["x"], row.inner_text()[len("yolov8n (") : -1], box["y"]))
+        return [(metric, y) for _, _, metric, y in sorted(boxes)]
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
+            page.goto(link, timeout=UI_TIMEOUT_MS)
+            _see(page, tmp_path, "charts-first-view.png", ["Learning curves", "yolov8n (val/mAP50-95)"])
+            page.wait_for_timeout(2000)  # the charts settle
+            _shot(page, tmp_path, "charts-first-view.png")
+            first = charted(page)
+            assert [m for m, _ in first[:2]] == ["val/mAP50-95", "val/mAP50"], first
+            assert [m for m, _ in first[: len(learning)]] == learning[: len(first)], first
+            # The mAP charts whole in the first screen (their legends are below the curves); no val/best chart there.
+            assert all(y < 1000 for m, y in first if m in ("val/mAP50-95", "val/mAP50")), first
+            assert not any(m.startswith("val/best/") for m, y in first if y < 1000), first
+
+            # A run's "Model metrics" tab (no saved view there): the sections sorted by name, val/best after val.
+            run_link = ui.ui_link(mlflow_server.url, experiment_id, run_ids[0]).replace("?", "/model-metrics?", 1)
+            page = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
+            page.goto(run_link, timeout=UI_TIMEOUT_MS)
+            _see(page, tmp_path, "run-model-metrics.png", ["yolov8n (train/box_loss)"])
+            page.wait_for_timeout(2000)
+            _shot(page, tmp_path, "run-model-metrics.png")
+            sections = [t.strip() for t in page.get_by_text(re.compile(r"^(train|val|val/best|lr)$")).all_inner_texts()]
+            assert sections[:2] == ["train", "val"], sections
+            assert "lr" not in sections and not any(m.startswith("val/best/") for m, y in charted(page) if y < 1000)
+
+            # The runs table: the Dataset column names the training data.
+            page.goto(ui.ui_link(mlflow_server.url, experiment_id), timeout=UI_TIMEOUT_MS)
+            _see(page, tmp_path, "runs-datasets.png", ["yolo11n", page.get_by_text("data/train (0123456789ab)")])
+            _shot(page, tmp_path, "runs-datasets.png")
+            # The run page's overview: its Datasets name the training split, and one more (no longer "None").
+            page.goto(ui.ui_link(mlflow_server.url, experiment_id, run_ids[0]), timeout=UI_TIMEOUT_MS)
+            _see(page, tmp_path, "run-overview.png", ["Datasets", page.get_by_text("data/train (0123456789ab)")])
+            _shot(page, tmp_path, "run-overview.png")
         finally:
             browser.close()

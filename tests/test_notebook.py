@@ -53,7 +53,7 @@ def test_notebook_trains_three_models_and_compares_them(bridge_serve, yolo_datas
     for run in runs:
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mAP50-95")] == [1]
-        assert "final/mAP50-95" in run.data.metrics and run.data.tags["source.kind"] == "notebook"
+        assert "val/best/mAP50-95" in run.data.metrics and run.data.tags["source.kind"] == "notebook"
         assert run.data.tags["mlflow.source.type"] == "NOTEBOOK" and run.data.tags["mlflow.source.name"]
         assert (
             run.data.tags["mlflow.source.name"] != "bridge" and "ipykernel" not in run.data.tags["mlflow.source.name"]

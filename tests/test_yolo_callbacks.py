@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from bridge.yolo.callbacks import metric_name, model_identity
+from bridge.yolo.callbacks import best_name, legacy_name, metric_name, metric_value, model_identity
 from bridge.yolo.console import ConsoleCapture, ConsoleLog
 from tests.support.yolo import tiny_train_args
 
@@ -23,7 +23,13 @@ def test_metric_names_are_stable_and_mlflow_safe():
     assert metric_name("metrics/recall(P)") == "val/recall_pose"
     assert metric_name("metrics/accuracy_top1") == "val/accuracy_top1"
     assert metric_name("train/l1_loss") == "train/l1_loss"
-    assert metric_name("lr/pg0") == "lr/pg0"
+    assert metric_name("lr/pg0") == "lr_pg0"  # not a chart section before train and val
+    assert best_name("metrics/mAP50-95(B)") == "val/best/mAP50-95" and best_name("fitness") == "val/best/fitness"
+    assert legacy_name("val/best/mAP50-95") == "final/mAP50-95" and legacy_name("val/best/epoch") == "final/best_epoch"
+    assert legacy_name("train_time_s") == "final/train_time_s" and legacy_name("lr_pg2") == "lr/pg2"
+    assert legacy_name("val/mAP50") is None
+    assert metric_value({"final/mAP50": 0.5}, "val/best/mAP50") == 0.5 and metric_value({}, "val/best/mAP50") is None
+    assert metric_value({"val/best/mAP50": 0.7, "final/mAP50": 0.5}, "val/best/mAP50") == 0.7
     assert metric_name("odd(key)%") == "odd_key__"
 
 
@@ -134,7 +140,7 @@ def test_training_that_raises_ends_its_run_failed_with_what_it_logged(yolo_datas
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.tags["bridge.status"] == "FAILED"
     assert [m.step for m in client.get_metric_history(tracker.run_id, "val/mAP50-95")] == [1]
-    assert not any(k.startswith("final/") for k in run.data.metrics)
+    assert not any(k.startswith("val/best/") for k in run.data.metrics)
     assert "time.end" in run.data.tags
     assert "console.log" in {a.path for a in client.list_artifacts(tracker.run_id)}
     import sys
@@ -180,3 +186,24 @@ def test_tracking_a_model_again_replaces_the_first_tracker():
     assert not any(fn in first.callbacks.values() for fn in ours)
     second.detach()
     assert {event: len(fns) for event, fns in model.callbacks.items()} == before
+
+
+def test_an_earlier_experiment_gets_the_learning_view_and_a_changed_view_is_kept(tmp_path):
+    from mlflow import MlflowClient
+
+    from bridge import ui
+    from bridge.yolo.callbacks import LEARNING_VIEW, learning_view_link, mark_training_experiment
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    view_tag = ui.SHARED_VIEW_TAG_PREFIX + LEARNING_VIEW
+    old = client.create_experiment("made-by-an-earlier-bridge", artifact_location=str(tmp_path / "a"))
+    assert "viewStateShareKey" not in learning_view_link("http://h:1", client.get_experiment(old))
+    mark_training_experiment(client, old)
+    tags = client.get_experiment(old).tags
+    assert tags[ui.EXPERIMENT_KIND_TAG] == ui.MODEL_TRAINING_KIND and "Learning curves" in tags[view_tag]
+    assert learning_view_link("http://h:1", client.get_experiment(old)).endswith(
+        f"&compareRunsMode=CHART&viewStateShareKey={LEARNING_VIEW}"
+    )
+    client.set_experiment_tag(old, view_tag, '{"name": "mine"}')  # the user's own changes to the view
+    mark_training_experiment(client, old)
+    assert client.get_experiment(old).tags[view_tag] == '{"name": "mine"}'

@@ -1,7 +1,7 @@
 """`bridge compare EXPERIMENT --register NAME`: the best run becomes a model version; `champion` moves only up.
 
 Two real sweeps are trained through `bridge.connect()` into a real `bridge serve`. Tiny trainings all score
-mAP 0, so the test then gives each run's `final/mAP50-95` a chosen later value on the server (a point at a
+mAP 0, so the test then gives each run's `val/best/mAP50-95` a chosen later value on the server (a point at a
 higher step is MLflow's latest value): that makes "better" and "worse" deterministic while the weights,
 the registration and the loading are all real.
 """
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def _set_final(client: MlflowClient, run_id: str, value: float, step: int) -> None:
-    client.log_metric(run_id, "final/mAP50-95", value, step=step)
+    client.log_metric(run_id, "val/best/mAP50-95", value, step=step)
 
 
 def _register(experiment: str, name: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
@@ -134,6 +134,6 @@ def test_register_refuses_a_metric_no_run_has(tmp_path):
     exp = client.create_experiment("empty")
     run = client.create_run(exp, tags={"bridge.tracker": "bridge.yolo"})
     client.set_terminated(run.info.run_id)
-    with pytest.raises(ConfigError, match="final/nonexistent"):
-        register_champion("empty", "m", metric="final/nonexistent", tracking_uri=uri)
+    with pytest.raises(ConfigError, match="val/best/nonexistent"):
+        register_champion("empty", "m", metric="val/best/nonexistent", tracking_uri=uri)
     assert mlflow.get_tracking_uri() != uri  # the caller's MLflow set-up is left alone

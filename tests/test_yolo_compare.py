@@ -34,6 +34,7 @@ def handmade_experiment(tmp_path):
     client = MlflowClient(uri)
     exp_id = client.create_experiment("handmade", artifact_location=str(tmp_path / "artifacts"))
     spec = {"mid": 0.30, "best": 0.55, "unfinished": None}
+    prefix = {"mid": "final/", "best": "val/best/", "unfinished": "val/best/"}  # mid: logged with the earlier names
     ids = {}
     for name, final in spec.items():
         run = client.create_run(exp_id, run_name=name, tags={"bridge.tracker": "bridge.yolo"})
@@ -45,11 +46,11 @@ def handmade_experiment(tmp_path):
             client.log_metric(rid, "train/box_loss", 3.0 - step * 0.5, step=step)
         if final is not None:
             for key, value in {
-                "final/mAP50-95": final,
-                "final/mAP50": final + 0.2,
-                "final/precision": 0.7,
-                "final/recall": 0.6,
-                "final/train_time_s": 12.5,
+                f"{prefix[name]}mAP50-95": final,
+                f"{prefix[name]}mAP50": final + 0.2,
+                f"{prefix[name]}precision": 0.7,
+                f"{prefix[name]}recall": 0.6,
+                "final/train_time_s" if name == "mid" else "train_time_s": 12.5,
             }.items():
                 client.log_metric(rid, key, value, step=3)
         client.set_terminated(rid, "FINISHED" if final is not None else "FAILED")
@@ -71,10 +72,12 @@ def test_rows_best_first_with_values_from_the_store(handmade_experiment, tmp_pat
         mlflow.set_tracking_uri("")
     assert [r.name for r in result.rows] == ["best", "mid", "unfinished"]
     best, mid, unfinished = result.rows
-    assert best.final["final/mAP50-95"] == pytest.approx(0.55) and best.final["final/mAP50"] == pytest.approx(0.75)
+    assert best.final["val/best/mAP50-95"] == pytest.approx(0.55)
+    assert best.final["val/best/mAP50"] == pytest.approx(0.75)
+    assert mid.final["val/best/mAP50-95"] == pytest.approx(0.30) and mid.train_time_s == pytest.approx(12.5)
     assert best.weights_bytes == 2_500_000 and mid.weights_bytes is None
     assert best.train_time_s == pytest.approx(12.5) and best.parameters == 1234 and best.model == "best.yaml"
-    assert unfinished.status == "FAILED" and unfinished.final["final/mAP50-95"] is None
+    assert unfinished.status == "FAILED" and unfinished.final["val/best/mAP50-95"] is None
     assert [s for s, _ in best.curves["val/mAP50-95"]] == [1, 2, 3]
     table = list(csv.DictReader(io.StringIO(result.to_csv())))
     assert [r["run id"] for r in table] == [ids["best"], ids["mid"], ids["unfinished"]]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from bridge.errors import ConfigError
-from bridge.yolo.dataset import label_file, make_synthetic_dataset, summarize_dataset
+from bridge.yolo.dataset import DIGEST_CHARS, label_file, make_synthetic_dataset, summarize_dataset
 from tests.support.yolo import count_labels
 
 
@@ -124,3 +125,27 @@ def test_synthetic_dataset_is_deterministic_with_empty_images(tmp_path):
     assert int(rows["train"]["instances/bar"]) == truth["train"]["per_class"][1]
     with pytest.raises(ConfigError):
         make_synthetic_dataset(tmp_path / "d", n_train=0)
+
+
+def test_train_and_val_become_dataset_inputs_named_by_split_with_the_hash_as_digest(hand_made):
+    summary = summarize_dataset(hand_made)
+    inputs = summary.inputs()
+    assert [(i.name, i.context) for i in inputs] == [("data/train", "training"), ("data/val", "validation")]
+    assert {i.digest for i in inputs} == {summary.content_hash[:DIGEST_CHARS]}
+    root = hand_made.parent.resolve()
+    assert [(i.source_type, json.loads(i.source)) for i in inputs] == [
+        ("local", {"uri": str(root / "images" / "train")}),
+        ("local", {"uri": str(root / "images" / "val")}),
+    ]
+    train = json.loads(inputs[0].profile)
+    assert (train["images"], train["labelled_images"], train["instances"], train["classes"]) == (3, 2, 3, 2)
+
+
+def test_a_download_url_is_the_inputs_source_and_a_download_script_is_not(hand_made):
+    cfg = yaml.safe_load(hand_made.read_text())
+    hand_made.write_text(yaml.safe_dump({**cfg, "test": "images/val", "download": "https://example.org/ds.zip"}))
+    inputs = summarize_dataset(hand_made).inputs()
+    assert [i.name for i in inputs] == ["data/train", "data/val"]  # the test split is no training input
+    assert {(i.source_type, i.source) for i in inputs} == {("http", json.dumps({"url": "https://example.org/ds.zip"}))}
+    hand_made.write_text(yaml.safe_dump({**cfg, "download": "import os\nos.system('true')\n"}))
+    assert {i.source_type for i in summarize_dataset(hand_made).inputs()} == {"local"}

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tests.support.yolo import (
+    assert_dataset_inputs,
     bridge_cli,
     connect_env,
     tiny_train_args,
@@ -81,9 +82,10 @@ def test_training_outlives_a_server_outage_and_the_data_arrives_later(
     exp = client.get_experiment_by_name("outage")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
-    for key in ("val/mAP50-95", "train/box_loss", "lr/pg0", "epoch_time_s"):
+    for key in ("val/mAP50-95", "train/box_loss", "lr_pg0", "epoch_time_s"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3], key
-    assert "final/mAP50-95" in run.data.metrics
+    assert "val/best/mAP50-95" in run.data.metrics
+    assert_dataset_inputs(client.get_run(run.info.run_id), yolo_dataset)  # logged offline, delivered later
     best = client.download_artifacts(run.info.run_id, "weights/best.pt", str(tmp_path / "dl"))
     local = tracker.save_dir / "weights" / "best.pt"
     assert hashlib.sha256(Path(best).read_bytes()).digest() == hashlib.sha256(local.read_bytes()).digest()
@@ -208,7 +210,7 @@ def test_bridge_demo_shows_learning_keeps_serving_until_ctrl_c(tmp_path):
         out = "".join(lines)
         live = re.search(
             r"Watch the curves live: (http://127\.0\.0\.1:\d+)/#/experiments/(\d+)/runs"
-            r"\?workflowType=machine_learning&compareRunsMode=CHART",
+            r"\?workflowType=machine_learning&compareRunsMode=CHART&viewStateShareKey=bridge-learning-curves",
             out,
         )
         assert live, out[-2000:]
@@ -226,7 +228,10 @@ def test_bridge_demo_shows_learning_keeps_serving_until_ctrl_c(tmp_path):
         client = MlflowClient(ui)
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags["bridge.demo"] == "true"
-        assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+        tags = client.get_experiment(experiment_id).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "Learning curves" in tags["mlflow.sharedViewState.bridge-learning-curves"]  # the view the link opens
+        assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"data/train", "data/val"}
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val/mAP50"))
         assert [s for s, _ in history] == [1, 2, 3, 4, 5]
         assert history[0][1] == 0 and max(v for _, v in history) > 0, history  # it learned something

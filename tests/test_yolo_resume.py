@@ -23,7 +23,7 @@ import pytest
 from mlflow import MlflowClient
 
 from bridge.yolo.callbacks import metric_name
-from tests.support.yolo import connect_env, sha256, tiny_train_args
+from tests.support.yolo import assert_dataset_inputs, connect_env, sha256, tiny_train_args
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def _train_kill_resume(
     return experiment, save_dir, second
 
 
-def _assert_one_resumed_run(read_uri: str, experiment: str, save_dir: Path) -> None:
+def _assert_one_resumed_run(read_uri: str, experiment: str, save_dir: Path, data_yaml: Path) -> None:
     client = MlflowClient(read_uri)
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
@@ -133,6 +133,7 @@ def _assert_one_resumed_run(read_uri: str, experiment: str, save_dir: Path) -> N
     assert tags["bridge.resume.1.interrupted_after"] <= tags["bridge.resume.1.at"]
     assert tags["bridge.yolo.run_key"] == str(save_dir.resolve())
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"].endswith("train_on_colab.py")
+    assert_dataset_inputs(run, data_yaml)  # logged by both processes, held once
 
     with open(save_dir / "results.csv") as f:
         local = list(csv.DictReader(f))
@@ -164,7 +165,7 @@ def _assert_one_resumed_run(read_uri: str, experiment: str, save_dir: Path) -> N
 def test_a_killed_training_resumes_into_the_same_run(bridge_serve, yolo_dataset, tmp_path):
     env = connect_env(bridge_serve, tmp_path / "drive" / "journal.sqlite")
     experiment, save_dir, _second = _train_kill_resume(tmp_path, yolo_dataset, env, env)
-    _assert_one_resumed_run(bridge_serve.mlflow_url, experiment, save_dir)
+    _assert_one_resumed_run(bridge_serve.mlflow_url, experiment, save_dir, yolo_dataset)
 
 
 @pytest.mark.timeout(900)
@@ -178,7 +179,7 @@ def test_resume_delivers_what_the_first_runtime_logged_while_the_server_was_unre
     experiment, save_dir, _ = _train_kill_resume(
         tmp_path, yolo_dataset, env, env, between=lambda: proxy.set_mode("pass")
     )
-    _assert_one_resumed_run(bridge_serve.mlflow_url, experiment, save_dir)
+    _assert_one_resumed_run(bridge_serve.mlflow_url, experiment, save_dir, yolo_dataset)
 
 
 def test_resume_without_last_pt_starts_fresh_with_a_note(tmp_path, yolo_dataset, capfd):
@@ -268,4 +269,4 @@ def test_a_run_reaped_after_the_kill_is_revived_by_the_resume_and_kept_alive(own
     assert revived and "KILLED" not in revived, seen
     run = client.get_run(only_run().info.run_id)
     assert run.data.tags["bridge.resume.1.previous_status"] == "KILLED"
-    _assert_one_resumed_run(serve.mlflow_url, experiment, save_dir)
+    _assert_one_resumed_run(serve.mlflow_url, experiment, save_dir, yolo_dataset)

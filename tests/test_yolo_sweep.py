@@ -95,7 +95,7 @@ def test_cli_compare_on_a_real_sweep_logs_a_summary_run(bridge_sweep, tmp_path):
     for name, run_id in bridge_sweep.run_ids.items():
         run = client.get_run(run_id)
         line = next(ln for ln in result.output.splitlines() if f" {name} " in ln)
-        assert f"{run.data.metrics['final/mAP50-95']:.4f}" in line
+        assert f"{run.data.metrics['val/best/mAP50-95']:.4f}" in line
         size = (bridge_sweep.save_dir(name) / "weights" / "best.pt").stat().st_size
         assert f"{size / 1e6:.2f}" in line
     img = Image.open(out_png)

@@ -62,7 +62,12 @@ def _print_ui_link(
     except Exception as exc:  # the link is a convenience: never fail the command over it
         err_console.print(f"(no UI link: the server did not answer: {type(exc).__name__})")
         return None
-    link = ui_link(url, exp.experiment_id if exp else None, charts=charts)
+    if charts and exp is not None:
+        from bridge.yolo.callbacks import learning_view_link
+
+        link = learning_view_link(url, exp)
+    else:
+        link = ui_link(url, exp.experiment_id if exp else None, charts=charts)
     console.print(f"{label}: {link}", soft_wrap=True, highlight=False)
     return link
 
@@ -189,8 +194,8 @@ def train_command(
         table.add_row(
             r.model,
             r.run_id or "-",
-            _num(m.get("final/mAP50-95")),
-            _num(m.get("final/mAP50")),
+            _num(m.get("val/best/mAP50-95")),
+            _num(m.get("val/best/mAP50")),
             "[green]ok[/]" if r.error is None else f"[red]{r.error}[/]",
         )
     console.print(table)
@@ -239,7 +244,7 @@ def compare_command(
     ] = None,
     metric: Annotated[
         str, typer.Option(help="The metric that picks the best run and the champion (higher is better).")
-    ] = "final/mAP50-95",
+    ] = "val/best/mAP50-95",
 ) -> None:
     """Table of each run's final metrics, training time and size (best first), and a PNG of their curves."""
     from bridge.yolo.compare import compare, log_comparison

@@ -7,9 +7,13 @@ journal makes it durable and delivers it; a failing call is reported once and tr
 
 What a run holds (step = the epoch number as Ultralytics prints it, 1..N; one point per epoch):
   params   every trainer argument; model.family/scale/task/parameters/gflops (at 640 px); data.name/nc/classes/hash
+  inputs   datasets `<data>/train` (context training) and `<data>/val` (validation), digest = data.hash[:12]
   metrics  train/<loss>, val/<loss>, val/precision|recall|mAP50|mAP50-95 (segment/pose: _mask/_pose suffix),
-           lr/pg<i>, epoch_time_s, gpu_mem_gb (on GPU); final/<metric> of best.pt, final/train_time_s,
-           final/best_epoch
+           lr_pg<i>, epoch_time_s, gpu_mem_gb (on GPU); val/best/<metric> of best.pt, val/best/epoch,
+           train_time_s
+  The MLflow UI charts a run in sections named by each key's prefix, sorted by name, unprefixed keys last: these
+  names put the learning curves (train, val) first and the best model's one-point summary (val/best) after them.
+  Runs logged before had final/<metric>, final/best_epoch, final/train_time_s and lr/pg<i> (`legacy_name`).
   artifacts weights/best.pt (on improvement, rate-limited, and at the end), weights/last.pt, results.csv,
            args.yaml, plots/*.png|jpg, data/<data yaml>, data/dataset_summary.csv, console.log
            (console.log, results.csv and plots refreshed at most every `refresh_every_s` while training)
@@ -38,7 +42,7 @@ from bridge import ui
 from bridge.yolo import metadata
 from bridge.yolo import resume as resume_mod
 from bridge.yolo.console import ConsoleCapture, ConsoleLog
-from bridge.yolo.dataset import summarize_dataset
+from bridge.yolo.dataset import DatasetSummary, summarize_dataset
 from bridge.yolo.system_metrics import DEFAULT_LOG_EVERY_S as DEFAULT_SYSTEM_METRICS_EVERY_S
 from bridge.yolo.system_metrics import SystemMetricsSampler
 
@@ -69,6 +73,17 @@ EVENTS = (
 _UNSAFE = re.compile(r"[^\w./\- ]")
 _MODEL_NAME = re.compile(r"^(?P<family>yolo[a-z]*?v?\d+|yolo[a-z]*)(?P<scale>[nsmlx])(?:-(?P<variant>[\w-]+))?$")
 _SUFFIXES = {"B": "", "M": "_mask", "P": "_pose", "S": "_semantic"}
+#: best.pt's final validation: a chart section ('val/best') that sorts right after the per-epoch 'val'.
+BEST_PREFIX = "val/best/"
+BEST_EPOCH = BEST_PREFIX + "epoch"
+TRAIN_TIME = "train_time_s"
+#: The saved chart view each training experiment gets (the chart links open it): the learning first, then the
+#: other per-epoch curves, the best model's summary, the run's own and the system metrics.
+LEARNING_VIEW = "bridge-learning-curves"
+LEARNING_VIEW_NAME = "Learning curves"
+_LOSSES = ("box_loss", "cls_loss", "dfl_loss", "l1_loss", "seg_loss", "pose_loss", "kobj_loss", "loss")  # by task
+LEARNING_CHARTS = ("val/mAP50-95", "val/mAP50", *(f"{split}/{loss}" for split in ("train", "val") for loss in _LOSSES))
+_LEGACY = {BEST_EPOCH: "final/best_epoch", TRAIN_TIME: "final/train_time_s"}
 #: A queued MLflow call: what it does (for the report when it fails), the function, its arguments.
 _Job = tuple[str, Callable[..., Any], tuple[Any, ...]]
 
@@ -88,12 +103,42 @@ class TrackOptions(TypedDict):
 
 @functools.lru_cache(maxsize=4096)
 def metric_name(key: str) -> str:
-    """Ultralytics' metric key as a stable MLflow-safe name: 'metrics/mAP50-95(B)' → 'val/mAP50-95'."""
+    """Ultralytics' metric key as a stable MLflow-safe name: 'metrics/mAP50-95(B)' → 'val/mAP50-95'.
+
+    'lr/pg0' → 'lr_pg0': a section of its own would be charted before train and val in the MLflow UI.
+    """
     m = re.match(r"^metrics/(.+?)(?:\((\w+)\))?$", key)
     if m:
         suffix = m.group(2)
         key = f"val/{m.group(1)}" + (_SUFFIXES.get(suffix, f"_{suffix.lower()}") if suffix else "")
+    elif key.startswith("lr/"):
+        key = "lr_" + key[3:]
     return _UNSAFE.sub("_", key)
+
+
+def best_name(key: str) -> str:
+    """The name of best.pt's final validation result for Ultralytics' key: 'metrics/mAP50(B)' → 'val/best/mAP50'."""
+    name = metric_name(key)
+    return BEST_PREFIX + (name[len("val/") :] if name.startswith("val/") else name)
+
+
+def legacy_name(name: str) -> str | None:
+    """What runs logged before the current names called a metric ('val/best/mAP50' → 'final/mAP50'), else None."""
+    if name in _LEGACY:
+        return _LEGACY[name]
+    if name.startswith(BEST_PREFIX):
+        return "final/" + name[len(BEST_PREFIX) :]
+    if name.startswith("lr_pg"):
+        return "lr/" + name[3:]
+    return None
+
+
+def metric_value(metrics: Mapping[str, float], name: str) -> float | None:
+    """A run's `name`, or the same metric under its earlier name for a run logged before."""
+    if name in metrics:
+        return metrics[name]
+    legacy = legacy_name(name)
+    return metrics.get(legacy) if legacy else None
 
 
 def model_identity(model_name: str, yaml_scale: str | None = None) -> dict[str, str]:
@@ -336,7 +381,11 @@ class YoloTracker:
         jobs: list[_Job] = [("mark the experiment as model training", self._mark_experiment, ())]
         if resume is not None:  # params are set once per run (MLflow refuses a changed value): the resume goes in tags
             tags = {"bridge.tracker": "bridge.yolo", resume_mod.RUN_KEY_TAG: run_key, **resume.tags, **self.user_tags}
-            jobs += [("log resume tags", self._set_tags, (tags,)), ("log metadata tags", self._log_metadata, ())]
+            jobs += [
+                ("log resume tags", self._set_tags, (tags,)),
+                ("log metadata tags", self._log_metadata, ()),
+                ("log dataset inputs", self._log_resumed_dataset, (dict(data),)),
+            ]
         else:
             params = {k: _param_value(v) for k, v in vars(trainer.args).items()}
             params.update(self._model_identity(trainer))  # GFLOPs take a model pass: not again on a resume
@@ -378,8 +427,7 @@ class YoloTracker:
             return
         if self._train_stash is None:
             # No training epoch since the last call: this is final_eval() validating best.pt.
-            final = {metric_name(k).replace("val/", "final/", 1): float(v) for k, v in (trainer.metrics or {}).items()}
-            final = {k if k.startswith("final/") else f"final/{k}": v for k, v in final.items()}
+            final = {best_name(k): float(v) for k, v in (trainer.metrics or {}).items()}
             self.final_metrics.update(final)
             self._submit("log final metrics", self._log_metrics, final, trainer.epoch)
             return
@@ -415,10 +463,10 @@ class YoloTracker:
     def _on_train_end(self, trainer: Any) -> None:
         if not self._open:
             return
-        extra = {"final/train_time_s": time.time() - trainer.train_time_start}
+        extra = {TRAIN_TIME: time.time() - trainer.train_time_start}
         best_epoch = getattr(getattr(trainer, "stopper", None), "best_epoch", None)
         if best_epoch is not None:
-            extra["final/best_epoch"] = float(best_epoch)  # EarlyStopping counts epochs from 1
+            extra[BEST_EPOCH] = float(best_epoch)  # EarlyStopping counts epochs from 1
         self.final_metrics.update(extra)
         self._submit("log final metrics", self._log_metrics, extra, trainer.epoch + 1)
         for path in (Path(trainer.best), Path(trainer.last)):
@@ -547,6 +595,26 @@ class YoloTracker:
         summary = summarize_dataset(data)
         client.log_text(run_id, summary.to_csv(), "data/dataset_summary.csv")
         client.log_batch(run_id, params=[Param("data.hash", summary.content_hash)])
+        self._log_dataset_inputs(summary)
+
+    def _log_dataset_inputs(self, summary: DatasetSummary) -> None:
+        """The train and val splits as the run's dataset inputs (the UI's Dataset column and filters)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        client, run_id = self._run()
+        inputs = [
+            DatasetInput(
+                Dataset(s.name, s.digest, s.source_type, s.source, profile=s.profile),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, s.context)],
+            )
+            for s in summary.inputs()
+        ]
+        if inputs:  # the server keeps one input per dataset and run: a resume logging them again adds nothing
+            client.log_inputs(run_id, datasets=inputs)
+
+    def _log_resumed_dataset(self, data: dict) -> None:
+        self._log_dataset_inputs(summarize_dataset(data))
 
     def _upload(self, path: Path, artifact_dir: str | None) -> None:
         """Upload a consistent copy of a file the training may rewrite at any moment."""
@@ -620,16 +688,34 @@ def _remove_builtin_mlflow(trainer: Any) -> None:
             lst.remove(fn)
 
 
+def training_experiment_tags() -> dict[str, str]:
+    """A training experiment's tags: its kind (the MLflow UI opens it on its runs) and the learning-curves view."""
+    view = ui.chart_view(
+        LEARNING_VIEW_NAME,
+        LEARNING_CHARTS,
+        ("val", BEST_PREFIX.rstrip("/"), ui.MODEL_METRICS_SECTION, ui.SYSTEM_METRICS_SECTION),
+        now_ms=int(time.time() * 1000),
+    )
+    return {ui.EXPERIMENT_KIND_TAG: ui.MODEL_TRAINING_KIND, ui.SHARED_VIEW_TAG_PREFIX + LEARNING_VIEW: view}
+
+
 def mark_training_experiment(client: Any, experiment_id: str | None) -> None:
-    """Tag an experiment as model training (the MLflow UI then opens it on its runs), unless it has a kind."""
+    """Tag an experiment as model training with the learning-curves view, keeping a kind or view it has."""
     if not experiment_id:
         return
     try:
         tags = client.get_experiment(experiment_id).tags
-    except Exception:  # unknown offline: the tag is idempotent, set it
+    except Exception:  # unknown offline: the tags are idempotent, set them
         tags = {}
-    if not tags.get(ui.EXPERIMENT_KIND_TAG):
-        client.set_experiment_tag(experiment_id, ui.EXPERIMENT_KIND_TAG, ui.MODEL_TRAINING_KIND)
+    for key, value in training_experiment_tags().items():
+        if not tags.get(key):
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+def learning_view_link(base_url: str, experiment: Any) -> str:
+    """The experiment's chart view, opened on the learning curves where the experiment has that view."""
+    has_view = bool((getattr(experiment, "tags", None) or {}).get(ui.SHARED_VIEW_TAG_PREFIX + LEARNING_VIEW))
+    return ui.ui_link(base_url, experiment.experiment_id, charts=True, view=LEARNING_VIEW if has_view else None)
 
 
 def _experiment_id(name: str) -> str:
@@ -641,7 +727,7 @@ def _experiment_id(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, tags={ui.EXPERIMENT_KIND_TAG: ui.MODEL_TRAINING_KIND})
+        return client.create_experiment(name, tags=training_experiment_tags())
     except MlflowException:  # created meanwhile by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.errors import ConfigError
+from bridge.yolo.callbacks import legacy_name, metric_value
 from bridge.yolo.compare import compare
 
 logger = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
-DEFAULT_METRIC = "final/mAP50-95"
+DEFAULT_METRIC = "val/best/mAP50-95"
 MODEL_ARTIFACT_PATH = "champion_model"
 BRIDGE_TRACKING_PREFIX = "bridge+"  # bridge.connect()'s tracking URIs: bridge+https://host → https://host
 TAG = "bridge.champion."
@@ -116,7 +117,7 @@ def register_champion(
     for row in comparison.rows:
         if row.status != "FINISHED":
             continue
-        value = client.get_run(row.run_id).data.metrics.get(metric)
+        value = metric_value(client.get_run(row.run_id).data.metrics, metric)  # or its earlier name
         if value is not None and not math.isnan(value):
             scored.append((value, row))
     if not scored:
@@ -149,7 +150,7 @@ def register_champion(
         previous_value = float(raw) if raw is not None else None
     if current is None:
         promoted, reason = True, f"first champion of {name}"
-    elif current.tags.get(TAG + "metric") != metric or previous_value is None:
+    elif current.tags.get(TAG + "metric") not in (metric, legacy_name(metric)) or previous_value is None:
         promoted, reason = True, f"the champion (v{current.version}) was not scored on {metric}"
     else:
         better = value > previous_value if greater_is_better else value < previous_value

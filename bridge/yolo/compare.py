@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bridge.errors import ConfigError
+from bridge.yolo.callbacks import TRAIN_TIME, metric_value
 
-#: Final metrics shown, in column order: (MLflow key, column title).
+#: Final metrics shown, in column order: (MLflow key, column title); runs logged with the earlier final/* names too.
 FINAL_COLUMNS = (
-    ("final/mAP50-95", "mAP50-95"),
-    ("final/mAP50", "mAP50"),
-    ("final/precision", "precision"),
-    ("final/recall", "recall"),
+    ("val/best/mAP50-95", "mAP50-95"),
+    ("val/best/mAP50", "mAP50"),
+    ("val/best/precision", "precision"),
+    ("val/best/recall", "recall"),
 )
 SUMMARY_KIND_TAG = "bridge.kind"
 SUMMARY_KIND = "comparison"
@@ -146,7 +147,7 @@ def compare(experiment: str, *, tracking_uri: str | None = None) -> Comparison:
             if key == "val/mAP50-95" or key.startswith("train/"):
                 history = client.get_metric_history(run.info.run_id, key)
                 curves[key] = sorted((m.step, m.value) for m in history)
-        train_time = metrics.get("final/train_time_s")
+        train_time = metric_value(metrics, TRAIN_TIME)
         if train_time is None and run.info.end_time and run.info.start_time:
             train_time = (run.info.end_time - run.info.start_time) / 1000
         params_n = params.get("model.parameters")
@@ -156,14 +157,15 @@ def compare(experiment: str, *, tracking_uri: str | None = None) -> Comparison:
                 name=run.info.run_name or run.info.run_id[:8],
                 model=Path(params.get("model", "")).name,
                 status=run.info.status,
-                final={key: metrics.get(key) for key, _ in FINAL_COLUMNS},
+                final={key: metric_value(metrics, key) for key, _ in FINAL_COLUMNS},
                 train_time_s=train_time,
                 weights_bytes=_weights_bytes(client, run.info.run_id),
                 parameters=int(params_n) if params_n and params_n.isdigit() else None,
                 curves=curves,
             )
         )
-    rows.sort(key=lambda r: (r.final.get("final/mAP50-95") is None, -(r.final.get("final/mAP50-95") or 0.0), r.name))
+    best = FINAL_COLUMNS[0][0]
+    rows.sort(key=lambda r: (r.final.get(best) is None, -(r.final.get(best) or 0.0), r.name))
     return Comparison(experiment=exp.name, experiment_id=exp.experiment_id, rows=rows)
 
 

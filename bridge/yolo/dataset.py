@@ -2,6 +2,7 @@
 
 The summary and the hash read the dataset the way Ultralytics does (a data YAML whose splits are folders,
 image-list files or lists of either; labels found by replacing the last `images` folder with `labels`).
+`DatasetSummary.inputs()` describes the training and validation splits as MLflow dataset inputs.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,10 @@ IMAGE_SUFFIXES = frozenset(
     {".avif", ".bmp", ".dng", ".heic", ".heif", ".jp2", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"}
 )
 SPLITS = ("train", "val", "test")
+#: The MLflow dataset-input context of each split a training reads (MLflow's `mlflow.data.context` tag values).
+SPLIT_CONTEXTS = {"train": "training", "val": "validation"}
+#: A dataset input's digest: the first characters of the content hash (MLflow keeps at most 36).
+DIGEST_CHARS = 12
 #: Box statistics in the summary, in normalised image units (0..1) as in the label files.
 BOX_STATS = ("mean", "std", "min", "max")
 
@@ -38,6 +45,7 @@ class DataConfig:
     splits: dict[str, list[Path]]
     names: list[str]
     keypoints: bool = False
+    download: str | None = None  # the data YAML's `download` URL, where the data came from
 
     @property
     def name(self) -> str:
@@ -59,6 +67,18 @@ class SplitSummary:
     box_height: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SplitInput:
+    """One split as an MLflow dataset input: its dataset's name, digest, source and profile, and its context."""
+
+    name: str
+    digest: str
+    source_type: str  # "http" (the data YAML's download URL) or "local" (the split's folder or list)
+    source: str  # JSON, as MLflow's own dataset sources write it: {"url": ...} or {"uri": ...}
+    profile: str  # JSON: the split's counts
+    context: str
+
+
 @dataclass
 class DatasetSummary:
     """The per-split summary of a dataset and its content hash."""
@@ -67,6 +87,44 @@ class DatasetSummary:
     names: list[str]
     splits: list[SplitSummary]
     content_hash: str
+    sources: dict[str, list[Path]] = field(default_factory=dict)
+    download: str | None = None
+
+    def inputs(self) -> list[SplitInput]:
+        """The training and validation splits as MLflow dataset inputs, named `<dataset>/<split>`.
+
+        Both carry the content hash as digest, so a run is found by the data it trained on; the names differ
+        because MLflow keeps one input per (name, digest) and run, and logging them again adds nothing.
+        """
+        out = []
+        for s in self.splits:
+            if s.split not in SPLIT_CONTEXTS:
+                continue
+            if self.download and re.fullmatch(r"https?://\S+", self.download):
+                source_type, source = "http", json.dumps({"url": self.download})
+            else:
+                paths = self.sources.get(s.split) or []
+                uri = str(paths[0]) if len(paths) == 1 else ",".join(str(p) for p in paths)
+                source_type, source = "local", json.dumps({"uri": uri})
+            profile = {
+                "split": s.split,
+                "images": s.images,
+                "labelled_images": s.labelled_images,
+                "empty_images": s.empty_images,
+                "instances": s.instances,
+                "classes": len(self.names),
+            }
+            out.append(
+                SplitInput(
+                    name=f"{self.name}/{s.split}",
+                    digest=self.content_hash[:DIGEST_CHARS],
+                    source_type=source_type,
+                    source=source,
+                    profile=json.dumps(profile),
+                    context=SPLIT_CONTEXTS[s.split],
+                )
+            )
+        return out
 
     def columns(self) -> list[str]:
         cols = ["split", "images", "labelled_images", "empty_images", "instances"]
@@ -141,7 +199,15 @@ def load_data_config(data: str | Path | dict) -> DataConfig:
             p = Path(s)
             resolved.append(p if p.is_absolute() else (root / p))
         splits[split] = resolved
-    return DataConfig(yaml_path=yaml_path, root=root, splits=splits, names=names, keypoints="kpt_shape" in cfg)
+    download = cfg.get("download")
+    return DataConfig(
+        yaml_path=yaml_path,
+        root=root,
+        splits=splits,
+        names=names,
+        keypoints="kpt_shape" in cfg,
+        download=download.strip() if isinstance(download, str) and download.strip() else None,
+    )
 
 
 def image_files(sources: Iterable[Path]) -> list[Path]:
@@ -239,7 +305,14 @@ def summarize_dataset(data: str | Path | dict) -> DatasetSummary:
                 heights.append(h)
         summary.box_width, summary.box_height = _stats(widths), _stats(heights)
         splits.append(summary)
-    return DatasetSummary(name=cfg.name, names=cfg.names, splits=splits, content_hash=digest.hexdigest())
+    return DatasetSummary(
+        name=cfg.name,
+        names=cfg.names,
+        splits=splits,
+        content_hash=digest.hexdigest(),
+        sources=dict(cfg.splits),
+        download=cfg.download,
+    )
 
 
 def make_synthetic_dataset(

@@ -75,6 +75,7 @@ def run_demo(
     import bridge
     import bridge.yolo
     from bridge import ui
+    from bridge.yolo.callbacks import learning_view_link, mark_training_experiment, training_experiment_tags
     from bridge.yolo.dataset import make_synthetic_dataset
 
     home = (home or demo_home()).resolve()
@@ -85,13 +86,13 @@ def run_demo(
         conn = bridge.connect(url=server.entrance_url, token=server.token(), journal=home / "demo-journal.sqlite")
         client = mlflow.MlflowClient(tracking_uri=server.mlflow_url)  # the server's own ids, for the links
         exp = client.get_experiment_by_name(DEMO_EXPERIMENT)
-        experiment_id = (
-            exp.experiment_id
-            if exp is not None
-            else client.create_experiment(DEMO_EXPERIMENT, tags={ui.EXPERIMENT_KIND_TAG: ui.MODEL_TRAINING_KIND})
-        )
+        if exp is None:
+            experiment_id = client.create_experiment(DEMO_EXPERIMENT, tags=training_experiment_tags())
+        else:
+            experiment_id = exp.experiment_id
+            mark_training_experiment(client, experiment_id)  # one made by an earlier bridge gets the view
         if on_experiment is not None:
-            on_experiment(ui.ui_link(server.mlflow_url, experiment_id, charts=True))
+            on_experiment(learning_view_link(server.mlflow_url, client.get_experiment(experiment_id)))
         data = make_synthetic_dataset(home / "demo-data-v2", imgsz=imgsz, **DEMO_DATA)
         tracker = bridge.yolo.train(
             "yolov8n.yaml",

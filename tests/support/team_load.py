@@ -34,7 +34,7 @@ import requests
 HEARTBEAT_TAG = "bridge.heartbeat"  # bridge.config.HEARTBEAT_TAG; kept literal so a client process imports nothing
 METRIC_KEYS = (
     "train/box_loss", "train/cls_loss", "train/dfl_loss", "val/box_loss", "val/cls_loss", "val/dfl_loss",
-    "val/precision", "val/recall", "val/mAP50", "val/mAP50-95", "lr/pg0", "lr/pg1", "lr/pg2", "epoch_time_s",
+    "val/precision", "val/recall", "val/mAP50", "val/mAP50-95", "lr_pg0", "lr_pg1", "lr_pg2", "epoch_time_s",
 )  # fmt: skip
 REQUEST_TIMEOUT_S = 60.0
 REPO = Path(__file__).resolve().parents[2]

@@ -201,6 +201,7 @@ def assert_complete_yolo_run(
     assert params["data.name"] == "data" and params["data.nc"] == "2"
     assert params["data.classes"] == "['square', 'bar']"
     assert params["data.hash"] == summarize_dataset(data_yaml).content_hash
+    assert_dataset_inputs(run, data_yaml)
 
     # metrics: every results.csv column, one point per epoch (steps 1..N), equal to Ultralytics' own numbers
     with open(save_dir / "results.csv") as f:
@@ -209,12 +210,12 @@ def assert_complete_yolo_run(
     columns = [c for c in local[0] if c not in ("epoch", "time")]
     per_epoch = {metric_name(c) for c in columns} | {"epoch_time_s"}
     final = {
-        "final/precision",
-        "final/recall",
-        "final/mAP50",
-        "final/mAP50-95",
-        "final/train_time_s",
-        "final/best_epoch",
+        "val/best/precision",
+        "val/best/recall",
+        "val/best/mAP50",
+        "val/best/mAP50-95",
+        "val/best/epoch",
+        "train_time_s",
     }
     system = {k for k in run.data.metrics if k.startswith("system/")}  # CPU/RAM averages, at the end at least
     assert "system/cpu_utilization_percentage" in system
@@ -272,6 +273,31 @@ def assert_complete_yolo_run(
         assert tags["git.commit"] == head.stdout.strip() and tags["git.dirty"] in ("true", "false")
     for key, value in user_tags.items():
         assert tags[key] == value
+
+
+def assert_dataset_inputs(run, data_yaml: Path) -> None:
+    """The run's dataset inputs: `<data>/train` and `<data>/val`, once each, digest the content hash's head."""
+    import json
+
+    from bridge.yolo.dataset import DIGEST_CHARS, summarize_dataset
+
+    content_hash = summarize_dataset(data_yaml).content_hash
+    assert run.data.params["data.hash"] == content_hash
+    seen = sorted(
+        (d.dataset.name, d.dataset.digest, d.dataset.source_type, {t.key: t.value for t in d.tags})
+        for d in run.inputs.dataset_inputs
+    )
+    digest = content_hash[:DIGEST_CHARS]
+    name = data_yaml.stem
+    assert seen == [
+        (f"{name}/train", digest, "local", {"mlflow.data.context": "training"}),
+        (f"{name}/val", digest, "local", {"mlflow.data.context": "validation"}),
+    ], seen
+    truth = count_labels(data_yaml)
+    for d in run.inputs.dataset_inputs:
+        split = d.dataset.name.rsplit("/", 1)[1]
+        assert json.loads(d.dataset.source) == {"uri": str(data_yaml.parent.resolve() / "images" / split)}
+        assert json.loads(d.dataset.profile)["images"] == truth[split]["images"]
 
 
 def connect_env(serve, journal: Path) -> dict[str, str]:
