@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +36,13 @@ pytest_plugins = [
     # Its autouse session fixture is set up before, so torn down after, the session's servers.
     "tests.support.leak_scan",
 ]
+
+
+#: One cache of the client wheel for every `bridge serve` of the suite, session fixtures' included (so set here, not
+#: per test), outside every BRIDGE_HOME: keyed by version and source hash and written whole or not at all, so each
+#: serve finds it built instead of running `pip wheel` again. Per user, as the temporary folder is shared.
+SHARED_WHEEL_CACHE = Path(tempfile.gettempdir()) / f"bridge-test-client-wheel-{os.getuid()}"
+os.environ["BRIDGE_CLIENT_WHEEL_DIR"] = str(SHARED_WHEEL_CACHE)
 
 
 @pytest.fixture(autouse=True)

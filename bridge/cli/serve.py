@@ -155,13 +155,20 @@ def _print_ready(info, publish_spec: str | None) -> None:
         console.print(f"[yellow]Note:[/] {note}", highlight=False)
     console.print("Colab: add a secret [bold]BRIDGE_TOKEN[/] (value: run `bridge token` here), then run:")
     # soft_wrap: a cropped or re-wrapped line would not paste as valid Python.
-    console.print(colab_snippet(info.record_url, publish_spec), soft_wrap=True, markup=False, highlight=False)
+    snippet = colab_snippet(info.record_url, publish_spec, wheel_url=_wheel_url(info))
+    console.print(snippet, soft_wrap=True, markup=False, highlight=False)
     console.print("Press Ctrl-C to stop.", style="dim")
     sys.stdout.flush()
 
 
-def colab_snippet(url: str, publish_spec: str | None) -> str:
-    """The notebook cell that connects Colab to this workstation; it names where to look, never a secret."""
+def _wheel_url(info) -> str | None:
+    """Where a notebook installs this workstation's bridge: the public URL (or the entrance) + the wheel's path."""
+    return info.record_url.rstrip("/") + info.wheel_path if info.wheel_path else None
+
+
+def colab_snippet(url: str, publish_spec: str | None, *, wheel_url: str | None = None) -> str:
+    """The notebook cell that installs bridge from this workstation and connects; it names where to look, never a
+    secret. `wheel_url`: the client wheel the entrance serves (no token needed to fetch it)."""
     if publish_spec and publish_spec.startswith(("https://", "http://")):
         # The query (ntfy's ?auth=…) or user info may be a key: the cell names the place, the user adds the key.
         parts = urlsplit(publish_spec)
@@ -189,7 +196,13 @@ def colab_snippet(url: str, publish_spec: str | None) -> str:
         )
     else:
         where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts (not with an ngrok --domain)'
+    install = (
+        f'%pip install -q "bridge[yolo] @ {wheel_url}"  # this workstation\'s own bridge, no token needed\n'
+        if wheel_url
+        else ""
+    )
     return (
+        f"{install}"
         "import os\n"
         f"{where}\n"
         "import bridge\n"
@@ -378,6 +391,14 @@ def status_command() -> None:
     code = _probe(entrance.get("url")) if running else None
     entrance_state = {401: "[green]up, locked[/]", None: "[red]unreachable[/]"}.get(code, f"[red]answered {code}[/]")
     table.add_row("Entrance", entrance_state, str(entrance.get("url")))
+    wheel = state.get("client_wheel") or {}
+    if wheel:
+        wheel_state = (
+            "[red]failed[/]" if wheel.get("error") else "[green]ready[/]" if wheel.get("ready") else "building"
+        )
+        where = (tunnel.get("public_url") or entrance.get("url") or "") + str(wheel.get("path"))
+        detail = f"{where} (public) · {wheel.get('downloads', 0)} downloads"
+        table.add_row("Client wheel", wheel_state, detail + (f" · {wheel['error']}" if wheel.get("error") else ""))
     table.add_row(
         f"Tunnel ({tunnel.get('mode', 'none')})",
         str(tunnel.get("status", "disabled")),

@@ -37,6 +37,7 @@ from bridge.serve.entrance import CLIENT_HEADERS, Entrance
 from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
 from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
 from bridge.serve.usage import TunnelUsage, budget_warning
+from bridge.serve.wheel import ClientWheel
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -118,6 +119,8 @@ class ServeInfo:
     published_to: str
     publish_error: str | None
     notes: list[str] = field(default_factory=list)
+    #: The entrance path of the client wheel notebooks install (public: no token needed).
+    wheel_path: str | None = None
 
 
 class _Interrupted(Exception):
@@ -146,6 +149,7 @@ class Supervisor:
         self.publisher: Publisher = publisher_for(options.publish)
         # `bridge url` reads the local record, so it is written even when the record goes elsewhere too.
         self._local_publisher = FilePublisher(config.paths().record_file) if options.publish else None
+        self.client_wheel = ClientWheel(config.paths().client_wheel_dir)
         self.entrance: Entrance | None = None
         self.tunnel: PublicTunnel | None = None  # ngrok's or cloudflared's, imported only when used
         self.tunnel_mode = "none"  # what --tunnel resolved to: ngrok, cloudflared or none
@@ -186,6 +190,7 @@ class Supervisor:
         make_tunnel = self._choose_tunnel()
         _check_bindable(opts.host, opts.resolved_entrance_port)  # say so now, not after MLflow's start-up
         self._check_interrupt()
+        self.client_wheel.start()  # built (or found in the cache) while MLflow starts; 503 until then
         self.mlflow.start()
         self._check_interrupt()
         self.entrance = Entrance(
@@ -194,6 +199,7 @@ class Supervisor:
             usage=TunnelUsage.load(config.paths().tunnel_usage_file),
             staging=config.paths().uploads_dir,
             local_artifacts=_local_folder(self.mlflow.options.resolved_artifacts_destination()),
+            client_wheel=self.client_wheel,
         )  # fmt: skip
         self.entrance.start()
         self._check_interrupt()
@@ -215,6 +221,7 @@ class Supervisor:
             published_to=self.publisher.describe(),
             publish_error=None if self.last_publish and self.last_publish["ok"] else self._last_publish_error(),
             notes=list(self.notes),
+            wheel_path=self.client_wheel.public_path,
         )
 
     def _choose_tunnel(self) -> Callable[[], PublicTunnel] | None:
@@ -496,6 +503,12 @@ class Supervisor:
                 "workers": self.mlflow.options.workers,
             },
             "entrance": {"url": self.entrance.url if self.entrance else None},
+            "client_wheel": {
+                "path": self.client_wheel.public_path,
+                "ready": self.client_wheel.data is not None,
+                "error": self.client_wheel.error,
+                "downloads": self.entrance.wheel_downloads if self.entrance else 0,
+            },
             "tunnel": {
                 "mode": self.tunnel_mode,
                 "requested": self.options.tunnel,

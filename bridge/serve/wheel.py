@@ -1,0 +1,234 @@
+"""The client wheel `bridge serve` hands out: the very bridge it runs, built once, cached, served by the entrance.
+
+A notebook installs it with `%pip install "bridge[yolo] @ <URL>/bridge/client/bridge-<version>-py3-none-any.whl"`, so
+Colab runs the workstation's version and nothing has to be published anywhere first.
+
+    source checkout ──▶ copy (package, pyproject, README) ──▶ `pip wheel` ──▶ cache/<version>-<hash>/<name>.whl
+    installed wheel ──▶ repacked from its installed files and metadata ───────▶ (same cache)
+
+The cache key is the version and a hash of the sources, so an edited checkout gets a new wheel and an unchanged one
+is never rebuilt. Only files of the `bridge` package and its metadata go in: no data folder, no config, no secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import bridge
+
+log = logging.getLogger(__name__)
+
+#: Where the entrance serves the wheel; the file name follows PEP 427, which pip requires of a direct URL.
+PATH_PREFIX = "/bridge/client/"
+#: How long a `pip wheel` of the checkout may take (a few seconds normally).
+BUILD_TIMEOUT_S = 300.0
+#: The zip timestamp of every file in a built wheel (1980-01-01, the earliest a zip can hold).
+SOURCE_DATE_EPOCH = 315532800
+#: What a checkout contributes besides the package itself (the README is the wheel's long description).
+_PROJECT_FILES = ("pyproject.toml", "README.md", "LICENSE")
+_SKIPPED_PARTS = {"__pycache__"}
+_SKIPPED_SUFFIXES = (".pyc", ".pyo")
+
+
+def wheel_name(version: str = bridge.__version__) -> str:
+    """The PEP 427 file name of bridge's pure-Python wheel at `version`."""
+    return "bridge-" + re.sub(r"[^\w\d.]+", "_", version) + "-py3-none-any.whl"
+
+
+def public_path(version: str = bridge.__version__) -> str:
+    """The entrance path of the client wheel at `version`."""
+    return PATH_PREFIX + wheel_name(version)
+
+
+def source_checkout() -> Path | None:
+    """The project folder when bridge runs from a checkout (editable install or PYTHONPATH), else None."""
+    root = Path(bridge.__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    try:
+        text = pyproject.read_text()
+    except OSError:
+        return None
+    return root if re.search(r'^name\s*=\s*"bridge"\s*$', text, re.MULTILINE) else None
+
+
+def _package_files(root: Path) -> list[Path]:
+    """The checkout's files that go into the wheel, relative to `root`, sorted."""
+    files = [Path(name) for name in _PROJECT_FILES if (root / name).is_file()]
+    for path in sorted((root / "bridge").rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and not _SKIPPED_PARTS.intersection(rel.parts) and not path.name.endswith(_SKIPPED_SUFFIXES):
+            files.append(rel)
+    return files
+
+
+def fingerprint(root: Path) -> str:
+    """A hash of every file a wheel of the checkout at `root` is built from (names and contents)."""
+    digest = hashlib.sha256()
+    for rel in _package_files(root):
+        digest.update(rel.as_posix().encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _installed_fingerprint(dist: metadata.Distribution) -> str:
+    return hashlib.sha256((dist.read_text("RECORD") or "").encode()).hexdigest()
+
+
+def build_from_checkout(root: Path, out_dir: Path) -> Path:
+    """`pip wheel` a copy of the checkout's package (never the checkout itself: a stale build/ folder there would
+    end up in the wheel) into `out_dir`; returns the wheel. Raises `WheelError` with pip's output."""
+    with tempfile.TemporaryDirectory(prefix="bridge-wheel-src-") as tmp:
+        src = Path(tmp) / "src"
+        for rel in _package_files(root):
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / rel, src / rel)
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--quiet", "-w", str(out_dir)]
+        if importlib.util.find_spec("setuptools") is not None:  # the build backend is here: no index needed
+            command.append("--no-build-isolation")
+        else:
+            del command[command.index("--no-index")]  # pip fetches setuptools into an isolated build
+        # Fixed zip timestamps: the same source makes the same bytes (and ETag) on every build and machine.
+        env = {**os.environ, "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}
+        try:
+            done = subprocess.run(
+                [*command, str(src)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False, env=env
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise WheelError(f"pip wheel did not run: {exc}") from None
+        if done.returncode != 0:
+            raise WheelError(f"pip wheel failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}")
+    built = sorted(out_dir.glob("bridge-*.whl"))
+    if not built:
+        raise WheelError(f"pip wheel wrote no wheel into {out_dir}")
+    return built[0]
+
+
+def repack_installed(dist: metadata.Distribution, target: Path) -> Path:
+    """Rebuild the wheel an installed (non-editable) bridge came from, from its installed files and metadata."""
+    skip = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
+    record = io.StringIO()
+    writer = csv.writer(record, lineterminator="\n")
+    info_dir = None
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as wheel:
+        for file in dist.files or ():
+            name = file.as_posix()
+            if name.startswith(("..", "/")) or "__pycache__" in file.parts or name.endswith(_SKIPPED_SUFFIXES):
+                continue  # scripts in bin/ are made by the installer; byte code by the interpreter
+            if file.parts[0].endswith(".dist-info"):
+                info_dir = file.parts[0]
+                if file.name in skip:
+                    continue
+            elif file.parts[0] != "bridge":
+                continue
+            data = Path(str(file.locate())).read_bytes()
+            _write(wheel, name, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            writer.writerow((name, f"sha256={digest}", len(data)))
+        if info_dir is None:
+            raise WheelError("the installed bridge has no .dist-info listing its files")
+        writer.writerow((f"{info_dir}/RECORD", "", ""))
+        _write(wheel, f"{info_dir}/RECORD", record.getvalue().encode())
+    return target
+
+
+def _write(wheel: zipfile.ZipFile, name: str, data: bytes) -> None:
+    """One member with the fixed timestamp and mode of a built wheel, so a repack is reproducible too."""
+    member = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    member.external_attr = 0o644 << 16
+    wheel.writestr(member, data, compress_type=zipfile.ZIP_DEFLATED)
+
+
+class WheelError(Exception):
+    """The client wheel could not be built; the message says why."""
+
+
+class ClientWheel:
+    """The client wheel of this bridge: `start()` builds it in the background; `data` is its bytes once `ready`.
+
+    `error` says why a build failed (then the entrance answers 500 with it, and `bridge serve` runs on).
+    """
+
+    def __init__(self, cache_dir: Path, version: str = bridge.__version__) -> None:
+        self.cache_dir = cache_dir
+        self.version = version
+        self.name = wheel_name(version)
+        self.path: Path | None = None
+        self.data: bytes | None = None
+        self.etag: str | None = None
+        self.error: str | None = None
+        self.ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        state = "ready" if self.data is not None else self.error or "building"
+        return f"ClientWheel(name={self.name!r}, cache_dir={str(self.cache_dir)!r}, state={state!r})"
+
+    @property
+    def public_path(self) -> str:
+        return PATH_PREFIX + self.name
+
+    def start(self) -> None:
+        """Build (or find in the cache) in a daemon thread, so `bridge serve` starts without waiting for it."""
+        self._thread = threading.Thread(target=self._build_quietly, name="bridge-client-wheel", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        return self.ready.wait(timeout_s)
+
+    def _build_quietly(self) -> None:
+        try:
+            self.build()
+        except Exception as exc:  # the wheel is a convenience: MLflow and the entrance serve on without it
+            self.error = str(exc) if isinstance(exc, WheelError) else f"{type(exc).__name__}: {exc}"
+            log.warning("The client wheel could not be built, so Colab cannot install from here: %s", self.error)
+        finally:
+            self.ready.set()
+
+    def build(self) -> Path:
+        """The cached wheel, built first when this version and source are not in the cache yet."""
+        root = source_checkout()
+        dist = None
+        if root is not None:
+            key = fingerprint(root)
+        else:
+            dist = metadata.distribution("bridge")
+            key = _installed_fingerprint(dist)
+        folder = self.cache_dir / f"{self.version}-{key[:16]}"
+        target = folder / self.name
+        if not target.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".build-", dir=folder) as tmp:
+                if root is not None:
+                    built = build_from_checkout(root, Path(tmp))
+                else:
+                    assert dist is not None
+                    built = repack_installed(dist, Path(tmp) / self.name)
+                if built.name != self.name:
+                    raise WheelError(f"the build made {built.name}, not {self.name}: is the version {self.version}?")
+                os.replace(built, target)  # whole or absent: a reader never sees half a wheel
+            log.info("Built the client wheel %s", target)
+        self._forget_others(folder)
+        data = target.read_bytes()
+        self.etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+        self.path, self.data = target, data
+        return target
+
+    def _forget_others(self, keep: Path) -> None:
+        """Remove wheels of other versions or sources: only the running one is ever served."""
+        for folder in self.cache_dir.iterdir():
+            if folder != keep and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
