@@ -3,8 +3,8 @@
     python benchmarks/bench_client_install.py [--colab-base VENV] [--variants mlflow,skinny] [--extras yolo]
 
 For each variant: a fresh `python -m venv` (its pip upgraded first, not timed), then a timed
-`pip install "<wheel>[extras]"` (plus `mlflow` for the `mlflow` variant: what the client required before),
-the size of what it added (`du` of the venv's site-packages) and the packages it added (`pip list` of that folder).
+`pip install "<wheel>[extras]"` (plus `mlflow` for the `mlflow` variant: what the client required before; the
+`skinny` variant is the wheel's own requirements), its wall and CPU time, the size of what it added (`du` of the venv's site-packages) and the packages it added (`pip list` of that folder).
 Then the installed client runs benchmarks/client_features.py against a `bridge serve --tunnel none` started from
 this interpreter, and the server is checked: params, metrics, tags, artifacts, the logged and registered model.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,12 @@ from _common import REPO, BridgeServe, argument_parser, clean_env, print_table, 
 from bridge.serve.wheel import ClientWheel
 
 VARIANTS = {"mlflow": ["mlflow>=3.5"], "skinny": []}
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of finished child processes: a figure the machine's other load barely moves."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def site_packages(venv: Path) -> Path:
@@ -112,22 +119,28 @@ def main() -> int:
             venv = fresh_venv(work / f"venv-{variant}", args.colab_base)
             before = du_bytes(site_packages(venv))
             before_names = set(installed(venv))
-            started = time.perf_counter()
+            started, cpu_before = time.perf_counter(), _children_cpu_s()
             done = subprocess.run(
                 [str(venv / "bin/pip"), "install", "-q", spec, *VARIANTS[variant]],
                 capture_output=True, text=True, env={**os.environ, "PIP_NO_CACHE_DIR": "1"},
             )  # fmt: skip
-            seconds = time.perf_counter() - started
+            seconds, cpu_s = time.perf_counter() - started, _children_cpu_s() - cpu_before
             if done.returncode != 0:
                 print(done.stderr[-3000:])
                 return 1
             added = sorted(set(installed(venv)) - before_names)
             size = du_bytes(site_packages(venv)) - before
             features = check_features(venv, server) if server is not None else {"ok": None}
-            report[variant] = {"seconds": seconds, "bytes": size, "packages": added, "features": features}
+            report[variant] = {
+                "seconds": seconds,
+                "cpu_s": cpu_s,
+                "bytes": size,
+                "packages": added,
+                "features": features,
+            }
             has_mlflow = "mlflow" in added
             rows.append(
-                (variant, f"{seconds:.1f} s", f"{size / 1e6:.0f} MB", len(added), "yes" if has_mlflow else "no",
+                (variant, f"{seconds:.1f} s", f"{cpu_s:.1f} s", f"{size / 1e6:.0f} MB", len(added), "yes" if has_mlflow else "no",
                  {True: "all pass", False: "FAIL", None: "-"}[features.get("ok")])
             )  # fmt: skip
             if features.get("ok") is False:
@@ -138,7 +151,7 @@ def main() -> int:
     where = f"Colab-like venv over {args.colab_base}" if args.colab_base else "fresh venv"
     print_table(
         f"Client install ({spec.split(' @ ')[0]}, {where}, Python {sys.version.split()[0]})",
-        ("variant", "pip install", "site-packages", "packages", "full mlflow", "client features"),
+        ("variant", "pip install", "pip CPU", "site-packages", "packages", "full mlflow", "client features"),
         rows,
     )
     for variant, data in report.items():
