@@ -4,7 +4,8 @@
 
 For each variant: a fresh `python -m venv` (its pip upgraded first, not timed), then a timed
 `pip install "<wheel>[extras]"` (plus `mlflow` for the `mlflow` variant: what the client required before; the
-`skinny` variant is the wheel's own requirements), its wall and CPU time, the size of what it added (`du` of the venv's site-packages) and the packages it added (`pip list` of that folder).
+`skinny` variant is the wheel's own requirements), its wall and CPU time, the size of what it added (`du` of the
+venv's site-packages) and the packages it added (`pip list` of that folder).
 Then the installed client runs benchmarks/client_features.py against a `bridge serve --tunnel none` started from
 this interpreter, and the server is checked: params, metrics, tags, artifacts, the logged and registered model.
 
@@ -140,8 +141,8 @@ def main() -> int:
             }
             has_mlflow = "mlflow" in added
             rows.append(
-                (variant, f"{seconds:.1f} s", f"{cpu_s:.1f} s", f"{size / 1e6:.0f} MB", len(added), "yes" if has_mlflow else "no",
-                 {True: "all pass", False: "FAIL", None: "-"}[features.get("ok")])
+                (variant, f"{seconds:.1f} s", f"{cpu_s:.1f} s", f"{size / 1e6:.0f} MB", len(added),
+                 "yes" if has_mlflow else "no", {True: "all pass", False: "FAIL", None: "-"}[features.get("ok")])
             )  # fmt: skip
             if features.get("ok") is False:
                 print(json.dumps(features, indent=1)[-3000:])

@@ -59,7 +59,7 @@ def _import_names(dist_name: str) -> frozenset[str]:
     names = set()
     for file in dist.files or ():
         top = file.parts[0]
-        if top.endswith((".dist-info", ".data")) or top in ("..", "__pycache__") or top.endswith(".pth"):
+        if top.endswith((".dist-info", ".data", ".pth")) or top in ("..", "__pycache__"):
             continue
         names.add(top.split(".")[0] if len(file.parts) == 1 else top)
     return frozenset(names)
