@@ -4,6 +4,7 @@ Entrance at its one public path (GET/HEAD, throttled, ETag), with nothing secret
 from __future__ import annotations
 
 import email.parser
+import hashlib
 import io
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def entrance_with(bridge_home):
         entrance.stop()
 
 
-def test_the_wheel_is_served_without_the_token_and_nothing_else_is(built, entrance_with):
+def test_the_wheel_and_its_index_are_served_without_the_token_and_nothing_else_is(built, entrance_with):
     entrance = entrance_with(built)
     url = entrance.url + public_path()
     client = unique_client()  # as through the tunnel: a client of its own
@@ -171,11 +172,16 @@ def test_the_wheel_is_served_without_the_token_and_nothing_else_is(built, entran
         assert refused.status_code == 405 and refused.headers["Allow"] == "GET, HEAD", method
     other = requests.get(entrance.url + public_path("0.0.1"), headers=unique_client(), timeout=10)
     assert other.status_code == 404 and public_path() in other.text
+    index = requests.get(entrance.url + "/bridge/client/", headers=unique_client(), timeout=10)
+    assert index.status_code == 200 and index.headers["Content-Type"].startswith("text/html")
+    digest = hashlib.sha256(resp.content).hexdigest()
+    assert f'<a href="{wheel_name()}#sha256={digest}">' in index.text  # a pip --find-links page, naming the wheel
     for path in (
         "/",
         "/health",
         "/api/2.0/mlflow/experiments/search",
-        "/bridge/client/",
+        "/bridge/client",
+        "/bridge/client/index.html",
         "/bridge/client/latest",
         "/bridge/client/../../api/2.0/mlflow/experiments/search.whl",
         "/bridge/client/x/" + wheel_name(),

@@ -3,10 +3,10 @@
 Every request must carry the access token, as HTTP Basic (any user name, password = token) or
 `Authorization: Bearer <token>`; anything else gets 401 with `WWW-Authenticate` so a browser
 prompts. Repeated failures from one client get 429. One path alone is public: the client wheel
-(bridge/serve/wheel.py) that a notebook installs before it has any way to send the token: GET/HEAD
-only, a few downloads per client, no secret in it. Forwarded requests look local to MLflow
-(Host rewritten to MLflow's own address, credentials stripped), so MLflow's Host-header and
-cross-origin protection stay on, unchanged, for everything else.
+(bridge/serve/wheel.py) that a notebook installs before it has any way to send the token, and the
+one-line page naming it: GET/HEAD only, a few requests per client, no secret in them.
+Forwarded requests look local to MLflow (Host rewritten to MLflow's own address, credentials stripped), so
+MLflow's Host-header and cross-origin protection stay on, unchanged, for everything else.
 
 Responses go back compressed when the client accepts it (bridge/serve/compression.py), and every response to a
 tunnel client is counted in the month's tunnel usage (bridge/serve/usage.py), which `bridge status` shows.
@@ -20,6 +20,7 @@ import binascii
 import collections
 import errno
 import functools
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -255,10 +256,10 @@ def _bytes_out(response: web.StreamResponse) -> int:
 
 
 def _is_wheel_path(raw_path: str) -> bool:
-    """True for a request path naming a wheel file at the public prefix (the query is ignored)."""
+    """True for the public prefix itself (the wheel's index page) or a wheel file name under it (query ignored)."""
     path = raw_path.split("?", 1)[0]
     name = path[len(WHEEL_PREFIX) :]
-    return path.startswith(WHEEL_PREFIX) and name.endswith(".whl") and "/" not in name and "%" not in name
+    return path.startswith(WHEEL_PREFIX) and (name == "" or (name.endswith(".whl") and not set(name) & {"/", "%"}))
 
 
 def _from_this_machine(request: web.BaseRequest) -> bool:
@@ -486,7 +487,8 @@ class Entrance:
                     headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
                 )
             self.wheel_throttle.failed(client)  # counts this download
-        if request.path != wheel.public_path:
+        index = request.path == WHEEL_PREFIX
+        if not index and request.path != wheel.public_path:
             # Another version's name (a notebook from before an upgrade): say which one this workstation serves.
             return web.Response(status=404, text=f"This workstation serves {wheel.public_path}\n")
         data, etag = wheel.data, wheel.etag
@@ -498,6 +500,10 @@ class Entrance:
                 text="The client wheel is being built; try again in a few seconds.\n",
                 headers={"Retry-After": str(WHEEL_BUILDING_RETRY_S)},
             )
+        if index:  # a find-links page (PEP 503's form): how a notebook learns the wheel's name from the URL alone
+            digest = hashlib.sha256(data).hexdigest()
+            page = f'<!DOCTYPE html>\n<a href="{wheel.name}#sha256={digest}">{wheel.name}</a>\n'
+            return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-cache"})
         # no-cache: pip's HTTP cache keeps the file and asks again with If-None-Match, answered 304 when unchanged.
         headers = {"ETag": etag, "Cache-Control": "no-cache", "Content-Type": "application/octet-stream"}
         if etag in {tag.strip() for tag in request.headers.get("If-None-Match", "").split(",")}:
