@@ -19,7 +19,15 @@ import requests
 import bridge
 from bridge import config, secrets
 from bridge.serve.entrance import AuthThrottle, Entrance
-from bridge.serve.wheel import ClientWheel, WheelError, public_path, repack_installed, source_checkout, wheel_name
+from bridge.serve.wheel import (
+    ClientWheel,
+    WheelError,
+    build_requirements_met,
+    public_path,
+    repack_installed,
+    source_checkout,
+    wheel_name,
+)
 from tests.conftest import SHARED_WHEEL_CACHE
 from tests.support.mlflow_server import free_port
 from tests.support.serve import unique_client
@@ -117,6 +125,18 @@ def test_an_installed_bridge_is_repacked_into_the_same_wheel(built, tmp_path):
     record = f"bridge-{bridge.__version__}.dist-info/RECORD"
     assert {k: v for k, v in repacked.items() if k != record} == {k: v for k, v in original.items() if k != record}
     assert sorted(repacked[record].decode().splitlines()) == sorted(original[record].decode().splitlines())
+
+
+def test_pip_builds_without_the_index_only_when_the_build_backend_here_is_new_enough(tmp_path):
+    pyproject = tmp_path / "pyproject.toml"
+    for requires, met in (
+        ('["setuptools>=1"]', True),
+        ('["setuptools>=9999"]', False),  # e.g. a venv's old setuptools: pip fetches a new one, isolated
+        ('["setuptools", "no-such-backend-xyz"]', False),
+    ):
+        pyproject.write_text(f"[build-system]\nrequires = {requires}\n")
+        assert build_requirements_met(pyproject) is met, requires
+    assert build_requirements_met(REPO / "pyproject.toml")  # the suite's own environment builds offline
 
 
 def test_a_failed_build_is_reported_not_raised(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
-import importlib.util
+import importlib
 import io
 import logging
 import os
@@ -88,6 +88,30 @@ def _installed_fingerprint(dist: metadata.Distribution) -> str:
     return hashlib.sha256((dist.read_text("RECORD") or "").encode()).hexdigest()
 
 
+def build_requirements_met(pyproject: Path) -> bool:
+    """True when `[build-system] requires` is installed in this environment (e.g. not a venv's old setuptools)."""
+    from packaging.requirements import Requirement
+
+    try:
+        tomllib = importlib.import_module("tomllib")  # by name: mypy checks this module as Python 3.10
+    except ModuleNotFoundError:  # Python 3.10: let pip build in isolation
+        return False
+
+    try:
+        requires = tomllib.loads(pyproject.read_text()).get("build-system", {}).get("requires", [])
+    except (OSError, ValueError):
+        return False
+    for text in requires:
+        requirement = Requirement(text)
+        try:
+            installed = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            return False
+        if not requirement.specifier.contains(installed, prereleases=True):
+            return False
+    return True
+
+
 def build_from_checkout(root: Path, out_dir: Path) -> Path:
     """`pip wheel` a copy of the checkout's package (never the checkout itself: a stale build/ folder there would
     end up in the wheel) into `out_dir`; returns the wheel. Raises `WheelError` with pip's output."""
@@ -97,10 +121,10 @@ def build_from_checkout(root: Path, out_dir: Path) -> Path:
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / rel, src / rel)
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--quiet", "-w", str(out_dir)]
-        if importlib.util.find_spec("setuptools") is not None:  # the build backend is here: no index needed
+        if build_requirements_met(root / "pyproject.toml"):  # the build backend is here: no index needed
             command.append("--no-build-isolation")
         else:
-            del command[command.index("--no-index")]  # pip fetches setuptools into an isolated build
+            del command[command.index("--no-index")]  # pip fetches the backend into an isolated build
         # Fixed zip timestamps: the same source makes the same bytes (and ETag) on every build and machine.
         env = {**os.environ, "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}
         try:
