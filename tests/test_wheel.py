@@ -139,8 +139,25 @@ def test_pip_builds_without_the_index_only_when_the_build_backend_here_is_new_en
     assert build_requirements_met(REPO / "pyproject.toml")  # the suite's own environment builds offline
 
 
+@pytest.mark.integration  # runs `pip wheel`
+def test_stopping_stops_a_running_build_and_leaves_no_wheel(tmp_path):
+    import psutil
+
+    wheel = ClientWheel(tmp_path / "cache")
+    wheel.start()
+    deadline = time.monotonic() + 60
+    while wheel._build_process is None and not wheel.ready.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc = wheel._build_process
+    assert proc is not None, "the build finished before it could be stopped"
+    wheel.stop()
+    assert wheel.ready.is_set() and wheel.data is None and proc.poll() is not None
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not list((tmp_path / "cache").rglob("*.whl"))
+
+
 def test_a_failed_build_is_reported_not_raised(tmp_path, monkeypatch):
-    def broken(root, out_dir):
+    def broken(root, out_dir, on_start=None):
         raise WheelError("pip wheel failed (1): no setuptools")
 
     monkeypatch.setattr("bridge.serve.wheel.build_from_checkout", broken)

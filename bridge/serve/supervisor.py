@@ -334,6 +334,7 @@ class Supervisor:
         if self.entrance is not None:
             self.entrance.stop()
             self.entrance.usage.save()
+        self.client_wheel.stop()  # a build still running
         self.mlflow.stop()
         for thread in self._threads:
             thread.join(timeout=15)

@@ -21,11 +21,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import zipfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -112,9 +114,19 @@ def build_requirements_met(pyproject: Path) -> bool:
     return True
 
 
-def build_from_checkout(root: Path, out_dir: Path) -> Path:
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop a build: pip and the backend it started, then reap pip."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone
+    proc.wait()
+
+
+def build_from_checkout(root: Path, out_dir: Path, on_start: Callable[[subprocess.Popen], None] | None = None) -> Path:
     """`pip wheel` a copy of the checkout's package (never the checkout itself: a stale build/ folder there would
-    end up in the wheel) into `out_dir`; returns the wheel. Raises `WheelError` with pip's output."""
+    end up in the wheel) into `out_dir`; returns the wheel. Raises `WheelError` with pip's output. `on_start` is
+    given pip's process (for `ClientWheel.stop()`)."""
     with tempfile.TemporaryDirectory(prefix="bridge-wheel-src-") as tmp:
         src = Path(tmp) / "src"
         for rel in _package_files(root):
@@ -128,13 +140,22 @@ def build_from_checkout(root: Path, out_dir: Path) -> Path:
         # Fixed zip timestamps: the same source makes the same bytes (and ETag) on every build and machine.
         env = {**os.environ, "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}
         try:
-            done = subprocess.run(
-                [*command, str(src)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False, env=env
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
+            # A session of its own, so stopping `bridge serve` stops pip and its build backend together (`stop()`).
+            proc = subprocess.Popen(
+                [*command, str(src)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:
             raise WheelError(f"pip wheel did not run: {exc}") from None
-        if done.returncode != 0:
-            raise WheelError(f"pip wheel failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}")
+        if on_start is not None:
+            on_start(proc)
+        try:
+            output, _ = proc.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise WheelError(f"pip wheel took more than {BUILD_TIMEOUT_S:.0f} s") from None
+        if proc.returncode != 0:
+            raise WheelError(f"pip wheel failed ({proc.returncode}): {(output or '').strip()[-800:]}")
     built = sorted(out_dir.glob("bridge-*.whl"))
     if not built:
         raise WheelError(f"pip wheel wrote no wheel into {out_dir}")
@@ -196,6 +217,8 @@ class ClientWheel:
         self.error: str | None = None
         self.ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self._build_process: subprocess.Popen | None = None
+        self._stopped = False
 
     def __repr__(self) -> str:
         state = "ready" if self.data is not None else self.error or "building"
@@ -213,11 +236,27 @@ class ClientWheel:
     def wait(self, timeout_s: float | None = None) -> bool:
         return self.ready.wait(timeout_s)
 
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop a build still running (with `bridge serve`): no pip is left behind; the cache keeps no half wheel."""
+        self._stopped = True
+        proc = self._build_process
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _started(self, proc: subprocess.Popen) -> None:
+        self._build_process = proc
+        if self._stopped:  # stop() came first
+            _kill_group(proc)
+
     def _build_quietly(self) -> None:
         try:
             self.build()
         except Exception as exc:  # the wheel is a convenience: MLflow and the entrance serve on without it
             self.error = str(exc) if isinstance(exc, WheelError) else f"{type(exc).__name__}: {exc}"
+            if self._stopped:
+                return  # stopped on purpose: nothing to report
             log.warning("The client wheel could not be built, so Colab cannot install from here: %s", self.error)
         finally:
             self.ready.set()
@@ -237,7 +276,7 @@ class ClientWheel:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix=".build-", dir=folder) as tmp:
                 if root is not None:
-                    built = build_from_checkout(root, Path(tmp))
+                    built = build_from_checkout(root, Path(tmp), on_start=self._started)
                 else:
                     assert dist is not None
                     built = repack_installed(dist, Path(tmp) / self.name)
