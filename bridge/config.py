@@ -22,11 +22,19 @@ DEFAULT_WORKERS = 1
 DEFAULT_RECORD_TTL_S = 24 * 3600
 DEFAULT_HEARTBEAT_TIMEOUT_S = 300
 DEFAULT_JOURNAL_LIMIT_BYTES = 2 * 1024**3
+#: The spooled copies of logged files: a few versions of a large checkpoint (older versions of a path go first).
+DEFAULT_SPOOL_LIMIT_BYTES = 1536 * 1024**2
 #: ngrok's free plan: 1 GB a month sent out by the workstation, and 20,000 HTTP requests.
 DEFAULT_TUNNEL_BYTES_BUDGET = 1_000_000_000
 DEFAULT_TUNNEL_REQUESTS_BUDGET = 20_000
 #: `bridge status` warns once a month's use passes this fraction of either budget.
 TUNNEL_BUDGET_WARN_FRACTION = 0.8
+#: Seconds a tunnel agent that lost its edge connection gets to reconnect before it is replaced (where the number
+#: comes from: bridge/serve/tunnel_keeper.py).
+DEFAULT_TUNNEL_GRACE_S = 90.0
+#: Seconds between two health checks of an open tunnel; `BRIDGE_TUNNEL_CHECK_S` changes it (tests set it low).
+DEFAULT_TUNNEL_CHECK_S = 5.0
+TUNNEL_CHECK_ENV = "BRIDGE_TUNNEL_CHECK_S"
 
 #: The run tag that carries the client-generated key making a retried create idempotent.
 RUN_KEY_TAG = "bridge.run_key"

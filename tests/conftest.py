@@ -16,6 +16,9 @@ import pytest
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# No test reaches the public relay (https://ntfy.sh): tests of the relay point BRIDGE_RELAY at the stand-in
+# (tests/support/ntfy_relay.py), and `bridge serve` children inherit this.
+os.environ["BRIDGE_RELAY"] = "off"
 # The CLI's rich consoles read COLUMNS when bridge.cli is imported and fix their width to it. pytest imports
 # readline, and GNU readline writes terminfo's COLUMNS=80/LINES=24 into the C environment: invisible to this
 # process's os.environ, but inherited by every child — xdist's workers included, whose consoles would then be
@@ -34,6 +37,7 @@ pytest_plugins = [
     "tests.support.serve",
     "tests.support.yolo",
     "tests.support.uploads",
+    "tests.support.ntfy_relay",
     # Its autouse session fixture is set up before, so torn down after, the session's servers.
     "tests.support.leak_scan",
 ]
@@ -56,6 +60,7 @@ def bridge_home(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("BRIDGE_HOME", str(home))
     monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.null.Keyring")
+    monkeypatch.setenv("BRIDGE_RELAY", "off")
     for name in (
         "BRIDGE_URL",
         "BRIDGE_TOKEN",

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import time
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
-from bridge import config, secrets
+from bridge import config, secrets, ui
 from bridge.cli import app
 from bridge.cli.serve import colab_snippet
 from bridge.record import make_record
+from bridge.serve.supervisor import ServeEvent
 from bridge.serve.wheel import public_path
 
 runner = CliRunner()
@@ -108,6 +112,7 @@ def test_status_of_a_running_serve_shows_parts_and_no_secret(bridge_serve):
         "ok",
         "Tunnel use",
         "requests of 20,000",
+        "refused logins",
         "of 1.0 GB sent out",
         "Secrets",
         "0600 file",
@@ -139,10 +144,27 @@ def test_colab_snippet_installs_the_workstations_wheel_first_as_valid_ipython():
     from IPython.core.inputtransformer2 import TransformerManager
 
     wheel = "https://abc.trycloudflare.com" + public_path()
-    for spec in (None, "gist:0123abcd", "https://ntfy.sh/topic?auth=tk_key"):
-        snippet = colab_snippet("https://abc.trycloudflare.com", spec, wheel_url=wheel)
+    for spec, relay in (
+        (None, None),
+        (None, "https://ntfy.sh"),
+        ("gist:0123abcd", None),
+        ("https://ntfy.sh/t?auth=k", None),
+    ):
+        snippet = colab_snippet("https://abc.trycloudflare.com", spec, relay, wheel_url=wheel)
         assert snippet.splitlines()[0].startswith(f'%pip install -q "bridge[yolo] @ {wheel}"')
         compile(TransformerManager().transform_cell(snippet), "<colab>", "exec")  # `%pip` is IPython, as in Colab
+
+
+def test_colab_snippet_with_the_relay_needs_only_the_token():
+    plain = colab_snippet("https://abc.trycloudflare.com", None, "https://ntfy.sh")
+    assert "BRIDGE_URL" not in plain and "BRIDGE_RELAY" not in plain and "bridge.connect()" in plain
+    own = colab_snippet("https://abc.trycloudflare.com", None, "https://ntfy.example.org")
+    assert 'os.environ["BRIDGE_RELAY"] = "https://ntfy.example.org"' in own and "BRIDGE_URL" not in own
+    # A --publish target is still named (the relay is the fallback); no relay: the URL, as before.
+    assert "BRIDGE_DISCOVERY" in colab_snippet("https://abc.trycloudflare.com", "gist:0123abcd", "https://ntfy.sh")
+    assert "BRIDGE_URL" in colab_snippet("https://abc.trycloudflare.com", None, None)
+    for snippet in (plain, own):
+        compile(snippet, "<colab>", "exec")
 
 
 @pytest.mark.parametrize(
@@ -182,6 +204,8 @@ def test_login_reads_dash_from_stdin_prints_no_part_of_it_and_help_warns_of_hist
         (["--tunnel", "cloudflared", "--domain", "x.ngrok.app"], "--domain"),
         (["--tunnel-budget-gb", "-1"], "--tunnel-budget-gb"),
         (["--port", "5005", "--entrance-port", "5005"], "--entrance-port"),
+        (["--relay", "http://ntfy.example.org"], "--relay"),
+        (["--relay-republish", "5"], "--relay-republish"),
     ],
 )
 def test_serve_refuses_bad_options_with_a_clear_error(args, message):
@@ -208,6 +232,11 @@ def test_help_texts_describe_the_options():
         "--heartbeat-timeout",
         "--tunnel-budget-gb",
         "--tunnel-budget-requests",
+        "--tunnel-grace",
+        "BRIDGE_TUNNEL_GRACE",
+        "--relay",
+        "--no-relay",
+        "--relay-republish",
         "cloudflared",
         "auto",
         "BRIDGE_CLOUDFLARED_PATH",
@@ -257,3 +286,72 @@ def test_serve_refuses_a_taken_entrance_port_or_a_foreign_host_before_starting_m
     assert foreign.exit_code == 1
     assert "cannot listen on 192.0.2.55" in foreign.stderr
     assert not config.paths().mlflow_db.exists()  # MLflow was never started
+
+
+def test_serve_without_cloudflared_fails_at_once_naming_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("BRIDGE_CLOUDFLARED_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    started = time.monotonic()
+    result = runner.invoke(app, ["serve", "--tunnel", "cloudflared", "--port", "5999"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert time.monotonic() - started < 10  # not after MLflow's start-up
+    assert "needs the cloudflared binary" in result.stderr
+    assert "github.com/cloudflare/cloudflared/releases" in result.stderr and "BRIDGE_CLOUDFLARED_PATH" in result.stderr
+    assert "Traceback" not in result.output
+    assert not config.paths().mlflow_db.exists()  # MLflow was never started
+
+
+@pytest.mark.parametrize("mode", ["cloudflared", "ngrok", "none"])
+def test_start_up_output_shows_every_link_whole_at_80_columns_and_the_limits_of_the_tunnel(monkeypatch, mode):
+    from bridge.cli import serve as serve_cli
+    from bridge.serve.supervisor import ServeInfo
+
+    out = io.StringIO()
+    monkeypatch.setattr(serve_cli, "console", Console(file=out, width=80, color_system=None))
+    public = {
+        "cloudflared": "https://granite-velvet-umbrella-victorian.trycloudflare.com",
+        "ngrok": "https://a-rather-long-reserved-domain-name-for-the-lab.ngrok-free.app",
+        "none": None,
+    }[mode]
+    entrance = "http://127.0.0.1:50001"
+    info = ServeInfo(
+        mlflow_url="http://127.0.0.1:50000", entrance_url=entrance, public_url=public,
+        record_url=public or entrance, published_to="file:/home/someone/.local/share/bridge/endpoint.json",
+        publish_error=None, tunnel_mode=mode, tunnel_status="open" if public else "disabled",
+    )  # fmt: skip
+    serve_cli._print_ready(info, None)
+    lines = out.getvalue().splitlines()
+    mlflow_link = ui.ui_link(info.mlflow_url)
+    for link in filter(None, (mlflow_link, entrance, public)):
+        assert any(line.strip() == link for line in lines), (link, lines)
+    text = out.getvalue()
+    if mode == "cloudflared":
+        assert "no monthly cap" in text and "20,000" not in text
+    elif mode == "ngrok":
+        assert "20,000 requests" in text
+    else:
+        assert "Tunnel limits" not in text
+
+    # A change while serving: one line, then the new URL on its own line, then the updated cell.
+    out.truncate(0)
+    out.seek(0)
+    new = "https://zenith-harbor-quartz-saddle.trycloudflare.com"
+    serve_cli._print_event(ServeEvent(time.time(), f"tunnel reopened at a new URL {new} (the agent exited)", new), None)
+    lines = out.getvalue().splitlines()
+    assert new in lines[0] and lines[0].endswith("(the agent exited)")
+    assert any(line.strip() == new for line in lines[1:])
+    assert f'os.environ["BRIDGE_URL"] = "{new}"' in out.getvalue()
+    compile("\n".join(lines[lines.index(next(x for x in lines if x.startswith("import os"))) :]), "<colab>", "exec")
+
+
+def test_status_says_why_the_tunnel_is_not_open_and_what_comes_next():
+    from bridge.cli.serve import _entrance_detail, _tunnel_detail
+
+    reconnecting = {"status": "reconnecting", "public_url": "https://a-b-c-d.trycloudflare.com", "unready_s": 12.4}
+    detail = _tunnel_detail({**reconnecting, "grace_s": 90.0})
+    assert "https://a-b-c-d.trycloudflare.com" in detail and "reconnecting for 12 s (replaced after 90 s)" in detail
+    down = {"status": "down", "public_url": None, "error": "429 Too Many Requests", "failures": 2}
+    detail = _tunnel_detail({**down, "next_try_at": time.time() + 30})
+    assert "no public URL" in detail and "429 Too Many Requests" in detail and "try 3 in 3" in detail
+    entrance = {"url": "http://127.0.0.1:5001", "refused_logins": 12, "throttled": 2, "last_refused_at": time.time()}
+    assert "refused logins 12 (then throttled 2), last 0m 0" in _entrance_detail(entrance)

@@ -300,8 +300,9 @@ def test_full_journal_raises_from_mlflow_and_keeps_what_was_accepted(bridge_conn
     points = conn.journal.queue.undelivered(run.info.run_id, ("metric",))
     assert len(points) == accepted > 100
     assert [op.step for op in points] == list(range(accepted))
-    conn.journal.limit_bytes = 10**9  # room again: the run can end normally
-    mlflow.end_run()
+    mlflow.end_run()  # a full journal still ends the run: its end is never refused for the limit
+    (end,) = conn.journal.queue.undelivered(run.info.run_id, ("update_run",))
+    assert end.json()["status"] == "FINISHED" and end.id > points[-1].id, "after its last point"
 
 
 @pytest.mark.parametrize("looks_missed", [1, 2], ids=["seen-by-create", "seen-by-the-insert"])
@@ -491,3 +492,27 @@ def test_every_request_skips_ngroks_browser_warning(bridge_connect, mlflow_serve
     assert all(r.headers.get("ngrok-skip-browser-warning") == "1" for r in transport.requests)
     # MLflow's own requests (registry, model loading) carry it too while connected.
     assert resolve_request_headers().get("ngrok-skip-browser-warning") == "1"
+
+
+def test_a_run_on_the_server_is_announced_with_the_id_and_link_the_ui_knows(bridge_connect, mlflow_server, capsys):
+    """The id MLflow gives the notebook is the journal's own; once the run exists on the server, its server id
+    and UI link are printed (the link on a line of its own), and either id finds the run (issue 19)."""
+    from bridge import config
+    from bridge.ui import ui_link
+
+    conn = bridge_connect(mlflow_server.url, experiment="ids-announced")
+    with mlflow.start_run(run_name="matchable") as run:
+        mlflow.log_metric("loss", 1.0)
+    local = run.info.run_id
+    assert conn.flush(30) == 0
+    server_id = conn.server_run_id(local)
+    assert server_id and server_id != local
+    client = MlflowClient(mlflow_server.url)
+    found = client.get_run(server_id)
+    assert found.info.run_name == "matchable" and found.data.tags[config.RUN_KEY_TAG] == local
+    (by_key,) = client.search_runs([found.info.experiment_id], filter_string=f"tags.`{config.RUN_KEY_TAG}` = '{local}'")
+    assert by_key.info.run_id == server_id
+    err = capsys.readouterr().err
+    assert f"bridge: run 'matchable' is on the server as {server_id} (here {local}):" in err
+    assert f"\n  {ui_link(conn.url, found.info.experiment_id, server_id)}\n" in err
+    assert err.count(server_id) == 2, "announced once"

@@ -593,6 +593,9 @@ def test_usage_starts_again_in_a_new_month_and_warns_near_the_budget(tmp_path):
     warning = budget_warning(usage.snapshot(), bytes_budget=1e9, requests_budget=20_000)
     assert warning and "85%" in warning and "1.0 GB" in warning
     assert budget_warning(usage.snapshot(), bytes_budget=2e9, requests_budget=20_000) is None
+    # ngrok's caps are not a quick tunnel's: it has no monthly cap, so no warning quotes them.
+    assert budget_warning(usage.snapshot(), bytes_budget=1e9, requests_budget=20_000, tunnel="cloudflared") is None
+    assert "ngrok's free plan" in budget_warning(usage.snapshot(), 1e9, 20_000, tunnel="ngrok")
     usage.save()
     now[0] += 2 * 3600  # December
     assert usage.snapshot() == {"month": "2026-12", "requests": 0, "bytes_out": 0}

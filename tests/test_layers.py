@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
         "bridge.errors",
         "bridge.retry",
         "bridge.record",
+        "bridge.rendezvous",
         "bridge.secrets",
         "bridge.ui",
         "bridge.twins",

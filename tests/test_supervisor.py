@@ -16,7 +16,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from bridge import config, secrets
-from bridge.errors import ConfigError, RecordSignatureError, TunnelError
+from bridge.errors import CloudflaredBinaryError, ConfigError, RecordSignatureError
 from bridge.record import verify_record
 from bridge.serve.entrance import Entrance
 from bridge.serve.supervisor import ServeOptions, Supervisor, primary_address
@@ -189,7 +189,16 @@ def test_tunnel_agent_killed_is_reopened_and_new_url_published(own_bridge_serve,
     )
     assert usage["bytes_out"] > 16 * 100
     status = server.cli("status")
-    assert "Tunnel use" in status.stdout and "requests of 20,000" in status.stdout, status.stdout
+    assert "Tunnel use" in status.stdout, status.stdout
+    if tunnel_agent.kind == "ngrok":  # the free plan's monthly caps
+        assert "requests of 20,000" in status.stdout, status.stdout
+    else:  # a quick tunnel has none: its limits are per moment and per request
+        assert "no monthly cap" in status.stdout and "200 requests in flight" in status.stdout, status.stdout
+        assert "of 20,000" not in status.stdout
+    # The new URL reached the terminal, on a line of its own, with the Colab cell that names it.
+    output = server.output()
+    assert any(line.strip() == new_url for line in output.splitlines()), output
+    assert f'os.environ["BRIDGE_URL"] = "{new_url}"' in output
 
     assert server.stop() == 0
     _wait_for(lambda: tunnel_agent.agent_pids() == [], timeout=30, what="no agent left")
@@ -305,7 +314,9 @@ def test_supervisor_reaps_silent_runs_and_republishes_when_due(bridge_home):
 
 @pytest.mark.integration  # starts a process of its own
 def test_a_wildcard_host_publishes_this_machines_address_not_0_0_0_0(bridge_home):
-    supervisor = Supervisor(ServeOptions(host="0.0.0.0", port=free_port(), entrance_port=free_port(), tunnel="none"))
+    # relay=None: this address is not loopback, and no test may reach the public relay.
+    options = ServeOptions(host="0.0.0.0", port=free_port(), entrance_port=free_port(), tunnel="none", relay=None)
+    supervisor = Supervisor(options)
     info = supervisor.start()
     try:
         token = secrets.access_token(create=False)
@@ -343,10 +354,117 @@ def test_tunnel_auto_prefers_ngrok_then_cloudflared_then_none(bridge_home, monke
     mode, factory, notes = chosen()
     assert (mode, factory) == ("none", None)
     assert "install cloudflared" in notes and "bridge login" in notes
-    # Asked for by name, a missing cloudflared is an error when the tunnel opens, naming the fix.
-    mode, factory, _ = chosen(tunnel="cloudflared")
-    assert mode == "cloudflared"
-    with pytest.raises(TunnelError, match="BRIDGE_CLOUDFLARED_PATH"):
-        factory().open()
+    # Asked for by name, a missing cloudflared is an error at once (before MLflow starts), naming the fix.
+    with pytest.raises(CloudflaredBinaryError, match="BRIDGE_CLOUDFLARED_PATH"):
+        chosen(tunnel="cloudflared")
+    monkeypatch.setenv("BRIDGE_CLOUDFLARED_PATH", str(tmp_path / "not-there"))
+    with pytest.raises(CloudflaredBinaryError, match="not an executable file"):
+        chosen(tunnel="cloudflared")
     with pytest.raises(ConfigError, match="--domain"):
         ServeOptions(tunnel="cloudflared", domain="lab.ngrok.app")
+
+
+def test_a_tunnel_refused_at_start_leaves_serve_answering_locally_then_publishes_it_whole_at_80_columns(
+    own_bridge_serve, fake_cloudflared, tmp_path
+):
+    """Cloudflare's rate limit (429, error 1015) at start: MLflow and the entrance serve locally, the tunnel is retried
+    with backoff, and once it opens its URL is published and printed whole on a line of its own in an 80-column
+    terminal, with the Colab cell that names it."""
+    limited = tmp_path / "rate-limited"
+    limited.touch()
+    env = {**fake_cloudflared.env, "FAKE_CLOUDFLARED_RATE_LIMITED": str(limited), "COLUMNS": "80"}
+    server = own_bridge_serve("--tunnel", "cloudflared", env_extra=env)
+    token = server.token()
+    state = server.state()
+    assert state["tunnel"]["status"] == "down" and state["tunnel"]["public_url"] is None
+    assert "429 Too Many Requests" in state["tunnel"]["error"]
+    # Serving locally meanwhile: the record names the entrance, which answers with the token and refuses without.
+    assert verify_record((server.home / "endpoint.json").read_text(), token).url == server.entrance_url
+    search = server.entrance_url + "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(search, headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
+    assert requests.get(search, auth=("bridge", "a-wrong-token"), timeout=10).status_code == 401
+    # At least one retry fails while the limit holds, and says so on the terminal.
+    _wait_for(lambda: server.state()["tunnel"]["failures"] >= 2, timeout=30, what="a failed retry")
+
+    limited.unlink()  # the limit lifts
+
+    def published():
+        s = server.state()
+        url = s["tunnel"]["public_url"]
+        return s if url and s["tunnel"]["status"] == "open" and s["last_publish"]["url"] == url else None
+
+    state = _wait_for(published, timeout=60, what="the tunnel opened and published")
+    url = state["tunnel"]["public_url"]
+    assert re.match(fake_cloudflared.url_pattern, url)
+    assert verify_record((server.home / "endpoint.json").read_text(), token).url == url
+    public = fake_cloudflared.local_url(url)
+    assert requests.get(public + "/health", auth=("u", token), timeout=10).status_code == 200
+    # A wrong token through the tunnel is a refused login that `bridge status` counts (this machine's own are not).
+    stranger = {"X-Stand-In-Peer": "198.51.100.23"}
+    assert requests.get(public + "/health", auth=("u", "guess"), headers=stranger, timeout=10).status_code == 401
+
+    output = server.output()
+    lines = output.splitlines()
+    assert "Public URL (cloudflared): not open yet" in output
+    assert any("opening the tunnel failed (try 2:" in line and "next try in" in line for line in lines), output
+    assert any(line.endswith(f"tunnel open at {url}") for line in lines), output
+    assert any(line.strip() == url for line in lines), output  # the link on a line of its own
+    assert f'os.environ["BRIDGE_URL"] = "{url}"' in output  # the updated Colab cell
+    # No link is ever cut: every line naming a trycloudflare host names it whole, and the start-up links are whole.
+    for line in lines:
+        if "trycloudflare.com" in line and "api.trycloudflare.com" not in line:
+            assert url in line, line
+    assert any(line.strip().startswith(server.mlflow_url) for line in lines), output
+    assert any(line.strip() == server.entrance_url for line in lines), output
+    assert "no monthly cap" in output
+    assert "once the tunnel opens" in output  # the first Colab cell said the public URL was still to come
+
+    status = server.cli("status")  # in 80 columns too: it runs with the server's environment
+    assert "refused logins" in status.stdout, status.stdout
+    assert _wait_for(lambda: server.state()["entrance"]["refused_logins"] == 1, timeout=10, what="the refusal counted")
+    assert "no monthly cap" in status.stdout
+    assert any(line.strip() == url for line in status.stdout.splitlines()), status.stdout
+
+
+def test_serve_keeps_its_url_through_an_edge_drop_and_replaces_an_agent_past_its_grace(
+    own_bridge_serve, fake_cloudflared
+):
+    """Through `bridge serve` itself: a 4 s drop of the quick tunnel's edge connection (checks every second here,
+    so it is seen) is ridden out on the same URL, said on the terminal; a drop that does not end is replaced after
+    the grace (10 s here) by a new agent whose URL is published and printed."""
+    env = {**fake_cloudflared.env, "FAKE_CLOUDFLARED_DROP_S": "4", "BRIDGE_TUNNEL_CHECK_S": "1"}
+    server = own_bridge_serve("--tunnel", "cloudflared", "--tunnel-grace", "10", env_extra=env)
+    token = server.token()
+    first = server.state()["tunnel"]["public_url"]
+    [agent] = fake_cloudflared.agent_pids()
+
+    os.kill(agent, signal.SIGUSR1)
+    _wait_for(lambda: server.state()["tunnel"]["status"] == "reconnecting", timeout=10, what="the drop seen")
+    _wait_for(lambda: server.state()["tunnel"]["status"] == "open", timeout=20, what="the agent back")
+    state = server.state()
+    assert state["tunnel"]["public_url"] == first and fake_cloudflared.agent_pids() == [agent]
+    assert verify_record((server.home / "endpoint.json").read_text(), token).url == first
+    output = server.output()
+    assert f"tunnel {first} lost its edge connection; the agent is reconnecting" in output, output
+    assert f"tunnel {first} is back after" in output
+    assert "New URL" not in output
+
+    os.kill(agent, signal.SIGUSR2)  # this drop never ends
+
+    def replaced():
+        s = server.state()
+        url = s["tunnel"]["public_url"]
+        return (
+            s if url and url != first and s["tunnel"]["status"] == "open" and s["last_publish"]["url"] == url else None
+        )
+
+    state = _wait_for(replaced, timeout=60, what="the agent replaced after its grace")
+    second = state["tunnel"]["public_url"]
+    assert agent not in fake_cloudflared.agent_pids()
+    assert verify_record((server.home / "endpoint.json").read_text(), token).url == second
+    public = fake_cloudflared.local_url(second)
+    assert requests.get(public + "/health", auth=("u", token), timeout=10).status_code == 200
+    output = server.output()
+    assert f"tunnel {first} not back after 10 s; replacing the agent" in output, output
+    assert any(line.strip() == second for line in output.splitlines())
+    assert f'os.environ["BRIDGE_URL"] = "{second}"' in output

@@ -502,7 +502,7 @@ def test_both_tunnel_kinds_are_public_tunnels(tmp_path):
     for tunnel in tunnels:
         assert isinstance(tunnel, PublicTunnel)
         assert tunnel.public_url is None and tunnel.target_url == "http://127.0.0.1:9"
-        for call in ("open", "healthy", "close"):
+        for call in ("open", "healthy", "alive", "close"):
             assert inspect.signature(getattr(type(tunnel), call)) == inspect.signature(getattr(PublicTunnel, call))
     assert [t.kind for t in tunnels] == ["ngrok", "cloudflared"]
     assert not isinstance(object(), PublicTunnel)

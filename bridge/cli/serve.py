@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,19 +11,24 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import typer
-from rich.panel import Panel
 from rich.table import Table
 
 from bridge import config, secrets, ui
 from bridge.cli.output import console, err_console, handles_errors
 from bridge.errors import ConfigError, RecordError, ServeError
 from bridge.processes import pid_alive
-from bridge.record import LOOPBACK_HOSTS
+from bridge.record import LOOPBACK_HOSTS, describe_url
+from bridge.rendezvous import DEFAULT_RELAY, DEFAULT_REPUBLISH_S, RELAY_ENV, relay_url
 
 PUBLISH_HELP = (
     "Where to publish the signed endpoint record: file:PATH (e.g. a Google-Drive-synced folder), "
     "gist:GIST_ID (a secret GitHub gist; token from `bridge login --github-token`) or an https:// URL "
     "(PUT). Default: endpoint.json in the bridge data folder."
+)
+RELAY_HELP = (
+    "The ntfy-compatible relay the record also goes to, encrypted under a key derived from the access token, on a "
+    "topic derived from it: Colab then needs only BRIDGE_TOKEN. A self-hosted ntfy server's https:// URL, or 'off'. "
+    "Not used without a tunnel (a 127.0.0.1 URL helps nobody)."
 )
 
 
@@ -82,6 +88,18 @@ def serve_command(
         ),
     ] = False,
     publish: Annotated[str | None, typer.Option(help=PUBLISH_HELP, envvar="BRIDGE_PUBLISH")] = None,
+    relay: Annotated[str, typer.Option(help=RELAY_HELP, envvar=RELAY_ENV)] = DEFAULT_RELAY,
+    no_relay: Annotated[
+        bool, typer.Option("--no-relay", help="Publish nothing to a relay (same as --relay off).")
+    ] = False,
+    relay_republish: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between republishes to the relay when nothing changed; ntfy.sh forgets a message after "
+            "12 h and allows 250 messages a day.",
+            envvar="BRIDGE_RELAY_REPUBLISH_S",
+        ),
+    ] = DEFAULT_REPUBLISH_S,
     backend_store_uri: Annotated[
         str | None,
         typer.Option(
@@ -127,6 +145,16 @@ def serve_command(
             min=0,
         ),
     ] = config.DEFAULT_TUNNEL_REQUESTS_BUDGET,
+    tunnel_grace: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a tunnel agent that lost its edge connection (still running, not ready) gets to reconnect "
+            "on the same URL before it is replaced by one with a new URL. The default covers cloudflared's own "
+            "reconnect backoff; an agent that exits is replaced at once.",
+            envvar="BRIDGE_TUNNEL_GRACE",
+            min=0,
+        ),
+    ] = config.DEFAULT_TUNNEL_GRACE_S,
 ) -> None:
     """Run MLflow, the authenticated entrance and the ngrok tunnel; publish the signed URL. Ctrl-C stops all."""
     from bridge.serve.supervisor import ServeOptions, serve
@@ -134,31 +162,95 @@ def serve_command(
     options = ServeOptions(
         port=port, entrance_port=entrance_port, host=host, tunnel=tunnel.lower(), domain=domain,
         edge_auth=edge_auth, publish=publish, backend_store_uri=backend_store_uri,
+        relay=None if no_relay else relay_url(relay, what="--relay"), relay_republish_s=relay_republish,
         artifacts_destination=artifacts_destination, workers=workers, heartbeat_timeout_s=heartbeat_timeout,
-        bytes_budget=tunnel_budget_gb * 1e9, requests_budget=tunnel_budget_requests,
+        bytes_budget=tunnel_budget_gb * 1e9, requests_budget=tunnel_budget_requests, tunnel_grace_s=tunnel_grace,
+        tunnel_check_interval_s=_seconds_from_env(config.TUNNEL_CHECK_ENV, config.DEFAULT_TUNNEL_CHECK_S),
     )  # fmt: skip
     err_console.print("Starting MLflow, the entrance and the tunnel…", style="dim")
-    serve(options, on_ready=lambda info: _print_ready(info, publish))
+    serve(
+        options,
+        on_ready=lambda info: _print_ready(info, publish, options.relay),
+        on_event=lambda event: _print_event(event, publish, options.relay),
+    )
 
 
-def _print_ready(info, publish_spec: str | None) -> None:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("MLflow UI (this machine)", ui.ui_link(info.mlflow_url))
-    table.add_row("Entrance (token required)", info.entrance_url)
-    table.add_row("Public URL", info.public_url or "[yellow]none (no tunnel)[/]")
+def _print_link(label: str, url: str) -> None:
+    """`label`, then `url` on a line of its own, never cut or wrapped by rich: indented only where it still fits."""
+    console.print(f"[bold]{label}[/]", highlight=False)
+    indent = "  " if len(url) + 2 <= console.width else ""
+    console.print(indent + url, soft_wrap=True, markup=False, highlight=False)
+
+
+def _print_ready(info, publish_spec: str | None, relay: str | None = None) -> None:
+    from bridge.serve.usage import tunnel_limits
+
+    console.rule("bridge serve is running", align="left")
+    _print_link("MLflow UI (this machine)", ui.ui_link(info.mlflow_url))
+    _print_link("Entrance (token required)", info.entrance_url)
+    if info.public_url:
+        _print_link(f"Public URL ({info.tunnel_mode})", info.public_url)
+    elif info.tunnel_mode != "none":
+        console.print(
+            f"[bold]Public URL ({info.tunnel_mode})[/]: [yellow]not open yet[/] (retried; printed below once open)"
+        )
+    else:
+        console.print("[bold]Public URL[/]: [yellow]none (no tunnel)[/]")
     published = info.published_to if not info.publish_error else f"[red]failed[/] ({info.publish_error}); retrying"
-    table.add_row("Record published to", published)
-    console.print(Panel(table, title="bridge serve is running", expand=False))
+    console.print(f"[bold]Record published to[/]: {published}", soft_wrap=True, highlight=False)
+    if info.relay:
+        sealed = "the record encrypted, on a token-derived topic (ciphertext only)"
+        if info.relay_error:
+            sealed = f"[red]failed[/] ({info.relay_error}); retrying"
+        console.print(
+            f"[bold]Relay[/]: {describe_url(relay or DEFAULT_RELAY)} · {sealed}", soft_wrap=True, highlight=False
+        )
+    else:
+        off = "off" if relay is None else "not used (no tunnel: the URL is this machine only)"
+        console.print(f"[bold]Relay[/]: {off}", highlight=False)
+    limits = tunnel_limits(info.tunnel_mode)
+    if limits:
+        console.print(f"[bold]Tunnel limits[/]: {limits}.", highlight=False)
     for note in info.notes:
         console.print(f"[yellow]Note:[/] {note}", highlight=False)
     console.print("Colab: add a secret [bold]BRIDGE_TOKEN[/] (value: run `bridge token` here), then run:")
     # soft_wrap: a cropped or re-wrapped line would not paste as valid Python.
-    snippet = colab_snippet(info.record_url, publish_spec, wheel_url=_wheel_url(info))
+    pending = info.public_url is None and info.tunnel_mode != "none"
+    snippet = colab_snippet(
+        info.record_url, publish_spec, relay if info.relay else None, tunnel_pending=pending, wheel_url=_wheel_url(info)
+    )
     console.print(snippet, soft_wrap=True, markup=False, highlight=False)
-    console.print("Press Ctrl-C to stop.", style="dim")
+    console.print(
+        "Press Ctrl-C to stop. Changes (a new URL, a reopened tunnel, failures) are printed below.", style="dim"
+    )
     sys.stdout.flush()
+
+
+def _print_event(event, publish_spec: str | None, relay: str | None = None) -> None:
+    """One line per change while serving; a new URL also gets its own line and the updated Colab cell."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
+    console.print(f"{stamp} {event.message}", soft_wrap=True, markup=False, highlight=False)
+    if event.record_url:
+        _print_link("New URL (published in the signed record)", event.record_url)
+        console.print("Colab, updated (a notebook reading the record follows by itself):", highlight=False)
+        from bridge.serve.wheel import public_path
+
+        snippet = colab_snippet(event.record_url, publish_spec, relay, wheel_url=event.record_url + public_path())
+        console.print(snippet, soft_wrap=True, markup=False, highlight=False)
+    sys.stdout.flush()
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise typer.BadParameter(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise typer.BadParameter(f"{name}={raw!r} must be more than 0 seconds")
+    return value
 
 
 def _wheel_url(info) -> str | None:
@@ -166,10 +258,25 @@ def _wheel_url(info) -> str | None:
     return info.record_url.rstrip("/") + info.wheel_path if info.wheel_path else None
 
 
-def colab_snippet(url: str, publish_spec: str | None, *, wheel_url: str | None = None) -> str:
+def colab_snippet(
+    url: str,
+    publish_spec: str | None,
+    relay: str | None = None,
+    *,
+    tunnel_pending: bool = False,
+    wheel_url: str | None = None,
+) -> str:
     """The notebook cell that installs bridge from this workstation and connects; it names where to look, never a
-    secret. `wheel_url`: the client wheel the entrance serves (no token needed to fetch it)."""
-    if publish_spec and publish_spec.startswith(("https://", "http://")):
+    secret. `wheel_url`: the client wheel the entrance serves (no token needed to fetch it).
+
+    With a `relay`, the token alone finds the workstation: no URL is pinned (a pinned URL is never re-discovered).
+    `tunnel_pending`: a tunnel is being retried, so a loopback `url` is only for now (the relay gets the public
+    one once it opens)."""
+    if relay is not None and not publish_spec:
+        where = "# the access token alone finds this workstation through the relay, and follows every URL change"
+        if relay != DEFAULT_RELAY:
+            where = f'os.environ["{RELAY_ENV}"] = "{relay}"  # your relay; ' + where[2:]
+    elif publish_spec and publish_spec.startswith(("https://", "http://")):
         # The query (ntfy's ?auth=…) or user info may be a key: the cell names the place, the user adds the key.
         parts = urlsplit(publish_spec)
         host = parts.hostname or ""
@@ -190,10 +297,12 @@ def colab_snippet(url: str, publish_spec: str | None, *, wheel_url: str | None =
             "# (use the path Colab sees, e.g. file:/content/drive/MyDrive/... for a Drive-synced folder)"
         )
     elif (urlsplit(url).hostname or "") in LOOPBACK_HOSTS:
-        where = (
-            f'os.environ["BRIDGE_URL"] = "{url}"  # this machine only: no tunnel is open\n'
-            "# (for Colab: `bridge login`, restart `bridge serve`, and use the public URL it prints)"
+        hint = (
+            "# (for Colab: use the public URL `bridge serve` prints once the tunnel opens)"
+            if tunnel_pending
+            else "# (for Colab: `bridge login`, restart `bridge serve`, and use the public URL it prints)"
         )
+        where = f'os.environ["BRIDGE_URL"] = "{url}"  # this machine only: no tunnel is open\n{hint}'
     else:
         where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts (not with an ngrok --domain)'
     install = (
@@ -202,9 +311,7 @@ def colab_snippet(url: str, publish_spec: str | None, *, wheel_url: str | None =
         else ""
     )
     return (
-        f"{install}"
-        "import os\n"
-        f"{where}\n"
+        f"{install}" + ("" if where.startswith("#") else "import os\n") + f"{where}\n"
         "import bridge\n"
         "conn = bridge.connect()  # reads the Colab secret BRIDGE_TOKEN (value: `bridge token` here)\n"
     )
@@ -327,22 +434,48 @@ def _duration(seconds: float) -> str:
 
 def _usage_row(table: Table, state: dict, running: bool) -> str | None:
     """This month's requests and bytes sent out through the tunnel, against the budget; the warning, if any."""
-    from bridge.serve.usage import budget_warning, format_bytes, month_of, read_usage
+    from bridge.serve.usage import budget_warning, format_bytes, has_monthly_cap, month_of, read_usage, tunnel_limits
 
     usage = (state.get("usage") if running else None) or read_usage(config.paths().tunnel_usage_file) or {}
     month = month_of(time.time())
     if usage.get("month") != month:
         usage = {"month": month, "requests": 0, "bytes_out": 0}
+    mode = (state.get("tunnel") or {}).get("mode", "none")
+    if not has_monthly_cap(mode):
+        table.add_row(
+            f"Tunnel use {month}",
+            "ok",
+            f"{usage['requests']:,} requests · {format_bytes(usage['bytes_out'])} sent out · {tunnel_limits(mode)}",
+        )
+        return None
     budget = state.get("budget") or {}
     bytes_budget = float(budget.get("bytes", config.DEFAULT_TUNNEL_BYTES_BUDGET))
     requests_budget = float(budget.get("requests", config.DEFAULT_TUNNEL_REQUESTS_BUDGET))
     requests_text = f"{usage['requests']:,} requests" + (f" of {int(requests_budget):,}" if requests_budget else "")
     bytes_text = format_bytes(usage["bytes_out"]) + (f" of {format_bytes(bytes_budget)}" if bytes_budget else "")
-    warning = budget_warning(usage, bytes_budget, requests_budget)
+    warning = budget_warning(usage, bytes_budget, requests_budget, tunnel=mode)
     table.add_row(
         f"Tunnel use {month}", "[yellow]near budget[/]" if warning else "ok", f"{requests_text} · {bytes_text} sent out"
     )
     return warning
+
+
+def _relay_row(table: Table, state: dict) -> None:
+    """Where the sealed record goes (never the topic), and how the last publish there went."""
+    relay = state.get("relay") or {}
+    if not relay.get("target"):
+        table.add_row("Relay", "off", relay.get("note") or "")
+        return
+    last = relay.get("last") or {}
+    detail = f"{relay['target']}: the sealed record, ciphertext only"
+    if last:
+        detail += f" · last {_ago(last.get('at'))}"
+        if last.get("next_at"):
+            detail += f", next in {_duration(last['next_at'] - time.time())}"
+        if last.get("error"):
+            detail += f" · {last['error']}"
+    state_text = "none yet" if not last else ("[green]ok[/]" if last.get("ok") else "[red]failed[/]")
+    table.add_row("Relay", state_text, detail)
 
 
 def _secrets_row(table: Table, state: dict) -> None:
@@ -351,6 +484,32 @@ def _secrets_row(table: Table, state: dict) -> None:
     served = state.get("secrets_store") or here
     detail = served if served == here else f"{served} · this shell uses {here}: `bridge token` here reads another store"
     table.add_row("Secrets", "[green]keyring[/]" if served.startswith("OS keyring") else "[yellow]file[/]", detail)
+
+
+def _entrance_detail(entrance: dict) -> str:
+    """The entrance's URL and the logins it refused from elsewhere (a wrong or missing token; then throttled)."""
+    detail = str(entrance.get("url"))
+    if "refused_logins" in entrance:
+        detail += f" · refused logins {entrance['refused_logins']:,}"
+        if entrance.get("throttled"):
+            detail += f" (then throttled {entrance['throttled']:,})"
+        if entrance.get("last_refused_at"):
+            detail += f", last {_ago(entrance['last_refused_at'])}"
+    return detail
+
+
+def _tunnel_detail(tunnel: dict) -> str:
+    """The public URL, and while it is not open why and when the next try comes."""
+    detail = tunnel.get("public_url") or "no public URL"
+    if tunnel.get("status") == "reconnecting" and tunnel.get("unready_s") is not None:
+        detail += (
+            f" · agent reconnecting for {tunnel['unready_s']:.0f} s (replaced after {tunnel.get('grace_s', 0):.0f} s)"
+        )
+    if tunnel.get("error"):
+        detail += f" · {tunnel['error']}"
+    if tunnel.get("next_try_at"):
+        detail += f" · try {tunnel.get('failures', 0) + 1} in {max(0, tunnel['next_try_at'] - time.time()):.0f} s"
+    return detail
 
 
 @handles_errors
@@ -390,7 +549,7 @@ def status_command() -> None:
     # Without credentials the entrance must answer 401: that proves it is up and still locked.
     code = _probe(entrance.get("url")) if running else None
     entrance_state = {401: "[green]up, locked[/]", None: "[red]unreachable[/]"}.get(code, f"[red]answered {code}[/]")
-    table.add_row("Entrance", entrance_state, str(entrance.get("url")))
+    table.add_row("Entrance", entrance_state, _entrance_detail(entrance))
     wheel = state.get("client_wheel") or {}
     if wheel:
         wheel_state = (
@@ -400,9 +559,7 @@ def status_command() -> None:
         detail = f"{where} (public) · {wheel.get('downloads', 0)} downloads"
         table.add_row("Client wheel", wheel_state, detail + (f" · {wheel['error']}" if wheel.get("error") else ""))
     table.add_row(
-        f"Tunnel ({tunnel.get('mode', 'none')})",
-        str(tunnel.get("status", "disabled")),
-        (tunnel.get("public_url") or "no public URL") + (f" · {tunnel['error']}" if tunnel.get("error") else ""),
+        f"Tunnel ({tunnel.get('mode', 'none')})", str(tunnel.get("status", "disabled")), _tunnel_detail(tunnel)
     )
     warning = _usage_row(table, state, running)
     if publish:
@@ -413,8 +570,14 @@ def status_command() -> None:
         table.add_row("Last publish", ok, detail)
     else:
         table.add_row("Last publish", "none", "")
+    _relay_row(table, state)
     _secrets_row(table, state)
     console.print(table)
+    # A narrow table folds long cells: the links are repeated below, each whole on a line of its own.
+    if running and tunnel.get("public_url"):
+        _print_link("Public URL", tunnel["public_url"])
+    if running and mlflow_state.get("url"):
+        _print_link("MLflow UI (this machine)", ui.ui_link(mlflow_state["url"]))
     if warning:
         console.print(f"[yellow]Warning:[/] {warning}", highlight=False)
     if not running:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from bridge import config
+from bridge import config, rendezvous
 from bridge.client.delivery.sender import Sender
 from bridge.client.journal import Journal, RunRecord
 from bridge.client.journal.records import Backlog, DeadLetter
@@ -34,6 +34,7 @@ from bridge.client.journal.uploads import FileWaiting, LaneWait
 from bridge.client.link import Link, Transport, discovery
 from bridge.client.options import EXIT_FLUSH_ENV, JOURNAL_ENV, JOURNAL_LIMIT_ENV, ClientOptions
 from bridge.errors import ConfigError
+from bridge.rendezvous import RELAY_ENV
 from bridge.ui import ui_link
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,14 @@ class Status:
     files: list[FileWaiting] = field(default_factory=list)
     #: Why a delivery lane ("records", "files") waits right now: its last error, attempts, next try.
     waits: dict[str, LaneWait] = field(default_factory=dict)
+    #: Entries accepted but kept out of SQLite by a full disk (metric points, run ends): waiting too.
+    unmoved: int = 0
+    #: What the person was told when the disk filled (journal/room.py), while it stays full; else None.
+    disk_full: str | None = None
 
     @property
     def pending(self) -> int:
-        return sum(self.backlog.values())
+        return sum(self.backlog.values()) + self.unmoved
 
     @property
     def file_bytes(self) -> tuple[int, int]:
@@ -124,6 +129,24 @@ class Connection:
         #: Keeps the replica on a network filesystem (open_journal), or None.
         self.replica: ReplicaKeeper | None = None
         self._closed = False
+        sender.operations.on_run_mapped = self._announce_run
+
+    def _announce_run(self, run: RunRecord, server_id: str, experiment_id: str) -> None:
+        """Say, once a run exists on the server, the id and link the MLflow UI knows it by: the id MLflow gives
+        this process (`mlflow.active_run().info.run_id`) is the journal's own. The server run carries that one
+        as tag `bridge.run_key`, so a search for either finds it. The link goes on a line of its own so a
+        terminal shows it whole."""
+        name = f"'{run.name}' " if run.name else ""
+        print(
+            f"bridge: run {name}is on the server as {server_id} (here {run.local_id}):\n"
+            f"  {ui_link(self.link.url, experiment_id, server_id)}",
+            file=sys.stderr,
+        )
+
+    def server_run_id(self, run_id: str) -> str | None:
+        """The server's id of run `run_id` (the id MLflow gave this process), or None while it is not there yet."""
+        record = self.journal.ids.run(run_id)
+        return None if record is None else record.remote_id
 
     @property
     def url(self) -> str:
@@ -154,6 +177,8 @@ class Connection:
             token_rejected=self.link.token_rejected,
             files=self.journal.uploads.files_waiting(),
             waits=self.journal.uploads.waits(),
+            unmoved=backlog.unmoved,
+            disk_full=self.journal.room.message() if self.journal.room.full else None,
         )
 
     def flush(self, timeout: float | None = None) -> int:
@@ -272,7 +297,7 @@ def _open(
 ) -> Connection:
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"server URL must start with http:// or https://, got {url[:60]!r}")
-    store, keeper = open_journal(options.journal_path, options.journal_limit)
+    store, keeper = open_journal(options.journal_path, options.journal_limit, options.spool_limit)
     for repair in store.database.repairs(take=True):  # also one an earlier open (`bridge queue`) made
         print(f"bridge: {repair}", file=sys.stderr)
     dead = dead_letter_summary(store)
@@ -291,13 +316,15 @@ def _open(
     return conn
 
 
-def open_journal(path: Path, limit_bytes: int | None = None) -> tuple[Journal, ReplicaKeeper | None]:
+def open_journal(
+    path: Path, limit_bytes: int | None = None, spool_limit_bytes: int | None = None
+) -> tuple[Journal, ReplicaKeeper | None]:
     """The journal at `path`; on a network filesystem (Google Drive, NFS, SMB) SQLite must not run there, so the
     journal runs on local disk (restored from the replica at `path` in a new runtime) and a started
     `ReplicaKeeper` keeps `path` a consistent copy of it."""
     kind = network_filesystem(path)
     if kind is None:
-        return Journal(path, limit_bytes=limit_bytes), None
+        return Journal(path, limit_bytes=limit_bytes, spool_limit_bytes=spool_limit_bytes), None
     local = local_journal_for(path, config.paths().data_dir)
     replica = Replica(local, Path(path))
     restored = replica.restore()
@@ -306,7 +333,7 @@ def open_journal(path: Path, limit_bytes: int | None = None) -> tuple[Journal, R
         f"{local}{' (restored from there)' if restored else ''} and {path} is kept as its replica",
         file=sys.stderr,
     )
-    store = Journal(local, limit_bytes=limit_bytes)
+    store = Journal(local, limit_bytes=limit_bytes, spool_limit_bytes=spool_limit_bytes)
     keeper = ReplicaKeeper(replica, store.sync, config.env_float(REPLICA_EVERY_ENV, 5.0))
     keeper.start()
     return store, keeper
@@ -422,10 +449,13 @@ def connect(
     flush_at_exit: float | None = None,
     options: ClientOptions | None = None,
     transport: Transport | None = None,
+    relay: str | None = None,
 ) -> Connection:
     """Route this process's MLflow calls through a durable journal delivered to the bridge server.
 
-    `url`/`token` default to discovery (BRIDGE_URL, BRIDGE_TOKEN, the published record); every other knob
+    `url`/`token` default to discovery (BRIDGE_URL, BRIDGE_TOKEN, the published record: with the token alone, the
+    one sealed on the relay); `relay` names a self-hosted relay or "off", exported as BRIDGE_RELAY so re-discovery
+    and child processes use it too. Every other knob
     to `ClientOptions.from_env()` (BRIDGE_JOURNAL, BRIDGE_EXIT_FLUSH_S, …), which the keyword arguments
     override. Succeeds offline: logging starts at once and is delivered later. A URL given as argument or
     BRIDGE_URL is pinned (never re-discovered); `journal`/`journal_limit` given here are exported as
@@ -444,6 +474,8 @@ def connect(
         options = ClientOptions.from_env(**overrides)
     else:
         options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
+    if relay is not None:
+        os.environ[RELAY_ENV] = "off" if rendezvous.relay_url(relay, what="relay") is None else relay.strip()
     found_url, found_token, source = _resolve(url, token)
     conn = _open(
         found_url,
@@ -531,7 +563,7 @@ def sync(
     """
     found_url, token, source = _resolve(url, None)
     options = ClientOptions.from_env(journal=journal).replace(heartbeat_s=float("inf"), send_interval_s=0.2)
-    store, keeper = open_journal(options.journal_path, options.journal_limit)
+    store, keeper = open_journal(options.journal_path, options.journal_limit, options.spool_limit)
     link = Link(
         found_url,
         token,

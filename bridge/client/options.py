@@ -21,6 +21,7 @@ EXIT_FLUSH_ENV = "BRIDGE_EXIT_FLUSH_S"
 PROBE_TIMEOUT_ENV = "BRIDGE_PROBE_TIMEOUT_S"
 JOURNAL_ENV = "BRIDGE_JOURNAL"
 JOURNAL_LIMIT_ENV = "BRIDGE_JOURNAL_LIMIT"
+SPOOL_LIMIT_ENV = "BRIDGE_SPOOL_LIMIT"
 REDISCOVER_INTERVAL_ENV = "BRIDGE_REDISCOVER_INTERVAL_S"
 POISON_ATTEMPTS_ENV = "BRIDGE_POISON_ATTEMPTS"
 TOKEN_RETRY_MIN_ENV = "BRIDGE_TOKEN_RETRY_MIN_S"
@@ -78,6 +79,8 @@ class ClientOptions:
     probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
     journal: Path | None = None  # None: the platform data folder (config.paths().journal_file)
     journal_limit: int = config.DEFAULT_JOURNAL_LIMIT_BYTES
+    #: The most the spooled copies of logged files may hold (they also count against `journal_limit`).
+    spool_limit: int = config.DEFAULT_SPOOL_LIMIT_BYTES
     rediscover_interval_s: float = DEFAULT_REDISCOVER_INTERVAL_S
     poison_attempts: int = DEFAULT_POISON_ATTEMPTS
     token_retry_min_s: float = DEFAULT_TOKEN_RETRY_MIN_S
@@ -109,10 +112,9 @@ class ClientOptions:
             value = getattr(self, name)
             if not value >= 0:
                 raise ConfigError(f"{_label(name)} must be 0 or more seconds, got {value!r}")
-        if self.journal_limit <= 0:
-            raise ConfigError(
-                f"{_label('journal_limit')} must be a positive number of bytes, got {self.journal_limit!r}"
-            )
+        for name in ("journal_limit", "spool_limit"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_label(name)} must be a positive number of bytes, got {getattr(self, name)!r}")
         if self.upload_part_bytes < UPLOAD_PART_FLOOR_BYTES:
             raise ConfigError(
                 f"{_label('upload_part_bytes')} must be at least {UPLOAD_PART_FLOOR_BYTES} bytes, "
@@ -173,6 +175,7 @@ ENV = {
     "probe_timeout_s": PROBE_TIMEOUT_ENV,
     "journal": JOURNAL_ENV,
     "journal_limit": JOURNAL_LIMIT_ENV,
+    "spool_limit": SPOOL_LIMIT_ENV,
     "rediscover_interval_s": REDISCOVER_INTERVAL_ENV,
     "poison_attempts": POISON_ATTEMPTS_ENV,
     "token_retry_min_s": TOKEN_RETRY_MIN_ENV,
@@ -192,6 +195,6 @@ def _label(name: str) -> str:
 def _parse(name: str, env: str, raw: str):
     if name == "journal":
         return Path(raw)
-    if name in ("journal_limit", "poison_attempts", "upload_part_bytes"):
+    if name in ("journal_limit", "spool_limit", "poison_attempts", "upload_part_bytes"):
         return config.env_int(env, 0)
     return config.env_float(env, 0.0)

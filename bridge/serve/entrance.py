@@ -325,6 +325,11 @@ class Entrance:
         self.requests = 0
         self.rejected = 0
         self.wheel_downloads = 0
+        #: Requests from elsewhere (through the tunnel, or another machine) refused for a missing or wrong token (401),
+        #: and for too many of those from one client (429). This machine's own probes (`bridge status`) are not counted.
+        self.refused_logins = 0
+        self.throttled = 0
+        self.last_refused_at: float | None = None
 
     def __repr__(self) -> str:
         return f"Entrance(url={self.url!r}, upstream={self._upstream!r})"
@@ -446,6 +451,7 @@ class Entrance:
         retry_after = self.throttle.retry_after_s(client) if client is not None else None
         if retry_after is not None:
             self.rejected += 1
+            self.throttled += 1
             return web.Response(
                 status=429,
                 text="Too many failed logins from this client; try again later.\n",
@@ -453,6 +459,9 @@ class Entrance:
             )
         if not self.tokens.matches(presented_token(request.headers.get("Authorization"))):
             self.rejected += 1
+            if client is not None:
+                self.refused_logins += 1
+                self.last_refused_at = time.time()
             if client is not None:
                 self.throttle.failed(client)
             log.info(

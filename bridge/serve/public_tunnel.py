@@ -2,11 +2,13 @@
 
     PublicTunnel.open()     start it (closing an earlier one); the public URL
     PublicTunnel.healthy()  still forwarding?
+    PublicTunnel.alive()    is its agent process still running (forwarding or reconnecting)?
     PublicTunnel.close()    stop it; safe to repeat
 
 Two kinds implement it: ngrok's `Tunnel` (bridge/serve/tunnel.py, through pyngrok) and `CloudflaredTunnel`
 (bridge/serve/tunnel_cloudflared.py, a Cloudflare quick tunnel). The supervisor holds either one as a
-`PublicTunnel`: when `healthy()` says no it calls `open()` again, with backoff, and republishes the new URL.
+`PublicTunnel` through a `TunnelKeeper` (bridge/serve/tunnel_keeper.py): an agent that is not `alive()` is replaced at
+once, one that is alive but not `healthy()` gets a grace period to reconnect first; `open()` is retried with backoff.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class PublicTunnel(Protocol):
 
     def healthy(self) -> bool:
         """True while the agent runs and still forwards the public URL; False once either stopped."""
+        ...
+
+    def alive(self) -> bool:
+        """True while the agent process runs, even while it is reconnecting to its edge; False once it exited."""
         ...
 
     def close(self) -> None:

@@ -4,10 +4,13 @@
     ├── FilePublisher         file:PATH — atomic replace (the default: the bridge data folder; point it at a
     │                         Google-Drive-synced folder to reach Colab)
     ├── GistPublisher         gist:ID — PATCH a secret GitHub gist, token from the keyring (`github-token`)
-    └── HttpPublisher         https://… — PUT (or POST) the record, e.g. to an ntfy topic
+    ├── HttpPublisher         https://… — PUT (or POST) the record, e.g. to an ntfy topic
+    └── RelayPublisher        --relay URL — the record sealed under a token-derived key, POSTed to a token-derived
+                              topic on an ntfy-compatible relay (bridge/rendezvous.py): the token alone finds it
 
-`publisher_for(spec)` turns a `--publish` value into one of these. The record carries no secret, so it may sit
-in a world-readable file or a gist; the GitHub token never leaves the request's Authorization header.
+`publisher_for(spec)` turns a `--publish` value into one of these; the relay runs beside it (`--relay`). The
+record carries no secret, so it may sit in a world-readable file or a gist; the GitHub token never leaves the
+request's Authorization header.
 A publish is one attempt: the supervisor's loop (bridge.retry.compute_backoff_ms) is the only retry layer.
 """
 
@@ -26,6 +29,7 @@ from bridge import secrets
 from bridge.config import paths
 from bridge.errors import ConfigError, PublishError
 from bridge.record import GIST_FILE_NAME, GITHUB_API, GITHUB_API_ENV, EndpointRecord, check_http_url, describe_url
+from bridge.rendezvous import MESSAGE_LIMIT_BYTES, Rendezvous, describe_relay
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +205,68 @@ class HttpPublisher(Publisher):
 
     def describe(self) -> str:
         return describe_url(self.url)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class RelayPublisher(Publisher):
+    """POSTs the sealed record to the token's topic on an ntfy-compatible relay (ntfy's publish API).
+
+    The topic and key are derived from the token the record is signed with, at each publish: after
+    `bridge token --rotate` the record goes to the new token's topic, and the old topic gets nothing more.
+    """
+
+    def __init__(
+        self, relay: str, token_lookup: Callable[[], str | None], *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        check_http_url(relay, what="--relay")
+        self.relay = relay.rstrip("/")
+        self._token_lookup = token_lookup
+        self._timeout_s = timeout_s
+        self._session = requests.Session()
+        #: When the relay says it forgets the last message (ntfy's `expires`), or None when it did not say.
+        self.expires_at: float | None = None
+
+    def publish(self, record: EndpointRecord, *, token: str | None = None) -> None:
+        """Seal `record` for `token` (default: the current token) and post it to that token's topic."""
+        token = token or self._token_lookup()
+        if not token:
+            raise PublishError("no access token to derive the relay topic from")
+        rendezvous = Rendezvous.for_token(self.relay, token)
+        body = rendezvous.seal(record.to_json()).encode()
+        if len(body) > MESSAGE_LIMIT_BYTES:  # ntfy would make it an attachment, or refuse it (413)
+            raise PublishError(f"the sealed record is {len(body)} bytes; the relay takes {MESSAGE_LIMIT_BYTES}")
+        where = self.describe()
+        try:
+            response = self._session.post(
+                rendezvous.publish_url,
+                data=body,
+                # Firebase: no keeps the message on the relay (ntfy.sh would forward it to Google's FCM otherwise);
+                # the title and tags ntfy would show stay empty: nothing about bridge is said in clear.
+                headers={"Content-Type": "text/plain", "Firebase": "no"},
+                timeout=self._timeout_s,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            # requests' messages name the URL, and the URL holds the topic: the class name only.
+            raise PublishError(f"could not reach {where}: {type(exc).__name__}") from exc
+        with response:
+            if response.status_code == 429:
+                raise PublishError(f"{where} answered 429: rate limit or daily message quota reached; retrying later")
+            if response.status_code == 413:
+                raise PublishError(f"{where} answered 413: the sealed record is larger than it accepts")
+            if not 200 <= response.status_code < 300:
+                raise PublishError(f"{where} answered {response.status_code} {response.reason or ''}".rstrip())
+            try:
+                expires = response.json().get("expires")
+            except (ValueError, AttributeError):
+                expires = None
+        self.expires_at = float(expires) if isinstance(expires, (int, float)) else None
+        log.info("Published the sealed endpoint record to %s", where)
+
+    def describe(self) -> str:
+        return describe_relay(self.relay)
 
     def close(self) -> None:
         self._session.close()

@@ -2,13 +2,19 @@
 
     access token ──▶ MlflowProcess.start() ──▶ Entrance ──▶ Tunnel (optional) ──▶ Publisher (signed record)
 
+The record also goes, sealed, to a token-derived topic on a relay (bridge/rendezvous.py; `--relay`), so a
+client holding only the token finds it; republished on every change and before the relay forgets it.
+
 The tunnel is ngrok's (bridge/serve/tunnel.py) or a Cloudflare quick tunnel (bridge/serve/tunnel_cloudflared.py);
 `--tunnel auto` picks ngrok when an authtoken is configured, else cloudflared when its binary is there, else none.
 
 While it runs, the supervisor restarts MLflow when it dies (without touching the entrance or the
-tunnel), reopens the tunnel and republishes its new URL when the agent dies, republishes before the
-record expires and after the token rotates, reaps runs whose client stopped sending heartbeats, and
-writes what it sees to the state file that `bridge status` reads. No secret goes into that file.
+tunnel), keeps the tunnel open through a `TunnelKeeper` (bridge/serve/tunnel_keeper.py: a tunnel that fails at
+start is retried with backoff while MLflow and the entrance serve locally; an agent that loses its edge
+connection gets a grace period to reconnect before it is replaced) and republishes each new URL, republishes
+before the record expires and after the token rotates, reaps runs whose client stopped sending heartbeats, and
+writes what it sees to the state file that `bridge status` reads. No secret goes into that file. Every event
+also goes to `on_event`, for the CLI to print one line each.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from urllib.parse import urlsplit
 
 from bridge import config, secrets
 from bridge.errors import BridgeError, ConfigError, PublishError, ServeError, TunnelError
-from bridge.record import make_record
+from bridge.record import LOOPBACK_HOSTS, EndpointRecord, make_record
+from bridge.rendezvous import DEFAULT_RELAY, DEFAULT_REPUBLISH_S, MIN_REPUBLISH_S, relay_url
 from bridge.retry import compute_backoff_ms
 from bridge.serve.entrance import CLIENT_HEADERS, Entrance
 from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
-from bridge.serve.publisher import FilePublisher, Publisher, publisher_for
+from bridge.serve.publisher import FilePublisher, Publisher, RelayPublisher, publisher_for
+from bridge.serve.tunnel_keeper import DEFAULT_CHECK_INTERVAL_S, DEFAULT_GRACE_S, TunnelEvent, TunnelKeeper
 from bridge.serve.usage import TunnelUsage, budget_warning
 from bridge.serve.wheel import ClientWheel
 
@@ -55,8 +63,6 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 #: Signals that stop `bridge serve` cleanly. SIGHUP (the terminal closed) and SIGQUIT (Ctrl-\) matter as much as
 #: SIGINT/SIGTERM: MLflow runs in its own session, so a signal that kills only this process orphans it on the port.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-#: How often the tunnel's health is checked, in seconds.
-TUNNEL_CHECK_INTERVAL_S = 5.0
 #: How often the month's tunnel usage is saved, in seconds.
 USAGE_SAVE_INTERVAL_S = 5.0
 #: The main loop's tick.
@@ -76,6 +82,9 @@ class ServeOptions:
     domain: str | None = None
     edge_auth: bool = False
     publish: str | None = None
+    #: The ntfy-compatible relay the sealed record goes to (bridge/rendezvous.py), or None: no relay.
+    relay: str | None = DEFAULT_RELAY
+    relay_republish_s: float = DEFAULT_REPUBLISH_S
     backend_store_uri: str | None = None
     artifacts_destination: str | None = None
     workers: int = config.DEFAULT_WORKERS
@@ -84,6 +93,10 @@ class ServeOptions:
     mlflow_start_timeout_s: float = 90.0
     bytes_budget: float = config.DEFAULT_TUNNEL_BYTES_BUDGET
     requests_budget: int = config.DEFAULT_TUNNEL_REQUESTS_BUDGET
+    #: Seconds an agent that lost its edge connection (alive, not ready) gets to reconnect before it is replaced.
+    tunnel_grace_s: float = DEFAULT_GRACE_S
+    #: Seconds between two health checks of the tunnel.
+    tunnel_check_interval_s: float = DEFAULT_CHECK_INTERVAL_S
 
     def __post_init__(self) -> None:
         if self.tunnel not in TUNNEL_MODES:
@@ -96,6 +109,14 @@ class ServeOptions:
             raise ConfigError("--tunnel-budget-gb and --tunnel-budget-requests must be 0 (no budget) or positive")
         if self.record_ttl_s < 60:
             raise ConfigError(f"record TTL must be at least 60 s, got {self.record_ttl_s}")
+        if self.tunnel_grace_s < 0 or self.tunnel_check_interval_s <= 0:
+            raise ConfigError("--tunnel-grace must be 0 or more seconds, and the tunnel check interval positive")
+        if self.relay is not None:  # "off" means none; a URL is checked and loses its trailing slash
+            object.__setattr__(self, "relay", relay_url(self.relay, what="--relay"))
+        if not self.relay_republish_s >= MIN_REPUBLISH_S:
+            raise ConfigError(
+                f"--relay-republish must be at least {MIN_REPUBLISH_S:.0f} s, got {self.relay_republish_s}"
+            )
         if (self.domain or self.edge_auth) and self.tunnel in ("none", "cloudflared"):
             raise ConfigError("--domain and --edge-auth need the ngrok tunnel; drop them or use --tunnel ngrok")
 
@@ -121,6 +142,26 @@ class ServeInfo:
     notes: list[str] = field(default_factory=list)
     #: The entrance path of the client wheel notebooks install (public: no token needed).
     wheel_path: str | None = None
+    #: What --tunnel resolved to (ngrok, cloudflared, none), and whether it is open now or being retried.
+    tunnel_mode: str = "none"
+    tunnel_status: str = "disabled"
+    #: Where the sealed record goes (`relay ntfy.sh (…)`), or None when no relay is used; its first error.
+    relay: str | None = None
+    relay_error: str | None = None
+
+
+@dataclass(frozen=True)
+class ServeEvent:
+    """Something that changed while serving, for the terminal: one line; `record_url` set when the URL changed."""
+
+    at: float
+    message: str
+    record_url: str | None = None
+
+
+def _loopback(url: str | None) -> bool:
+    """Whether `url` reaches only this machine (what the record names while no tunnel is open)."""
+    return (urlsplit(url or "").hostname or "") in LOOPBACK_HOSTS
 
 
 class _Interrupted(Exception):
@@ -130,8 +171,9 @@ class _Interrupted(Exception):
 class Supervisor:
     """Starts the parts in order, watches them, and stops them all; `start()`, then `wait()`, then `stop()`."""
 
-    def __init__(self, options: ServeOptions) -> None:
+    def __init__(self, options: ServeOptions, on_event: Callable[[ServeEvent], None] | None = None) -> None:
         self.options = options
+        self.on_event = on_event
         self.instance = uuid.uuid4().hex
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -150,11 +192,17 @@ class Supervisor:
         # `bridge url` reads the local record, so it is written even when the record goes elsewhere too.
         self._local_publisher = FilePublisher(config.paths().record_file) if options.publish else None
         self.client_wheel = ClientWheel(config.paths().client_wheel_dir)
+        self.relay: RelayPublisher | None = (
+            RelayPublisher(options.relay, self._current_token) if options.relay is not None else None
+        )
+        self.relay_note: str | None = None if self.relay is not None else "switched off (--no-relay)"
+        self.last_relay: dict[str, Any] | None = None
+        self._next_relay_at = 0.0
+        self._relay_failures = 0
+        self._relay_published: tuple[str, int] | None = None  # (URL, token revision) the relay last took
         self.entrance: Entrance | None = None
-        self.tunnel: PublicTunnel | None = None  # ngrok's or cloudflared's, imported only when used
+        self.keeper: TunnelKeeper | None = None  # holds ngrok's or cloudflared's tunnel, imported only when used
         self.tunnel_mode = "none"  # what --tunnel resolved to: ngrok, cloudflared or none
-        self.tunnel_status = "disabled"
-        self.tunnel_error: str | None = None
         self.public_url: str | None = None
         self.record_url: str | None = None
         self.last_publish: dict[str, Any] | None = None
@@ -164,13 +212,12 @@ class Supervisor:
         self._published_revision = -1
         self._next_publish_at = 0.0
         self._publish_failures = 0
-        self._tunnel_failures = 0
-        self._next_tunnel_check = 0.0
         self._state_lock = threading.Lock()
         self._next_usage_save = 0.0
         self.secrets_store = secrets.describe_store()
         self._budget_warned_month: str | None = None
         self._stopped = False
+        self._serving = False  # start-up is over: events reach `on_event`, a new tunnel URL is republished
         self.stop_requested = False
 
     # --- start and stop ---------------------------------------------------------------------------
@@ -204,12 +251,26 @@ class Supervisor:
         self.entrance.start()
         self._check_interrupt()
         if make_tunnel is not None:
-            self.tunnel = tunnel = make_tunnel()
-            self.tunnel_status = "opening"
-            self.public_url = tunnel.open()
-            self.tunnel_status = "open"
+            self.keeper = TunnelKeeper(
+                make_tunnel, on_event=self._tunnel_event,
+                grace_s=opts.tunnel_grace_s, check_interval_s=opts.tunnel_check_interval_s,
+            )  # fmt: skip
+            # A failure waiting can fix (a rate limit, no network) leaves MLflow and the entrance serving locally.
+            self.public_url = self.keeper.start()
+            if self.public_url is None:
+                self.notes.append(
+                    f"The tunnel did not open ({self.keeper.error}); MLflow and the entrance serve locally meanwhile, "
+                    "and the tunnel is retried with backoff: its URL is printed and published once it opens."
+                )
         self.record_url = self.public_url or self._advertised_entrance_url()
+        if self.relay is not None and self.keeper is None and _loopback(self.record_url):
+            # Nobody the relay could reach can use a loopback URL: publishing it would only spend the relay's quota.
+            # (A tunnel that failed at start keeps the relay: its URL goes there once it opens.)
+            self.relay.close()
+            self.relay = None
+            self.relay_note = "not used: the record's URL is this machine only (no tunnel)"
         self._publish()
+        self._serving = True
         self._spawn(self._watch_mlflow, "bridge-mlflow-watch")
         self._spawn(self._reap_loop, "bridge-reaper")
         self._write_state()
@@ -222,6 +283,10 @@ class Supervisor:
             publish_error=None if self.last_publish and self.last_publish["ok"] else self._last_publish_error(),
             notes=list(self.notes),
             wheel_path=self.client_wheel.public_path,
+            tunnel_mode=self.tunnel_mode,
+            tunnel_status="disabled" if self.keeper is None else self.keeper.status,
+            relay=self.relay.describe() if self.relay is not None else None,
+            relay_error=None if self.last_relay is None else self.last_relay.get("error"),
         )
 
     def _choose_tunnel(self) -> Callable[[], PublicTunnel] | None:
@@ -232,9 +297,16 @@ class Supervisor:
         if mode == "cloudflared" or (
             mode == "auto" and not self.options.domain and not self.options.edge_auth and not secrets.ngrok_authtoken()
         ):
-            from bridge.serve.tunnel_cloudflared import CloudflaredConfig, CloudflaredTunnel, install_help
+            from bridge.serve.tunnel_cloudflared import (
+                CloudflaredConfig,
+                CloudflaredTunnel,
+                check_binary,
+                install_help,
+            )
 
             cf_config = CloudflaredConfig.from_environment()
+            if mode == "cloudflared":
+                check_binary(cf_config.binary)  # before MLflow starts: said in a second, not after its start-up
             if cf_config.binary is None and mode == "auto":
                 self.notes.append(
                     "No ngrok authtoken is configured and no cloudflared is installed, so there is no public tunnel: "
@@ -255,7 +327,15 @@ class Supervisor:
         from bridge.serve.tunnel import Tunnel
 
         self.tunnel_mode = "ngrok"
-        return lambda: Tunnel(self._tunnel_target(), tunnel_config)
+
+        def make_ngrok() -> PublicTunnel:
+            # With --edge-auth the password is the access token: a fresh config (and redaction) after each rotation.
+            current = self._tunnel_config() if self.options.edge_auth else tunnel_config
+            if current is None:
+                raise TunnelError("the ngrok authtoken disappeared; run `bridge login`")
+            return Tunnel(self._tunnel_target(), current)
+
+        return make_ngrok
 
     def _tunnel_config(self) -> TunnelConfig | None:
         """The ngrok tunnel's config, or None (with a note saying why) when there is no authtoken."""
@@ -325,12 +405,11 @@ class Supervisor:
         if self._stopped:
             return
         self._stopped = True
-        if self.tunnel is not None:
+        if self.keeper is not None:
             try:
-                self.tunnel.close()
+                self.keeper.close()
             except Exception as exc:  # keep stopping the rest
                 log.warning("Closing the tunnel failed: %s", type(exc).__name__)
-            self.tunnel_status = "closed"
         if self.entrance is not None:
             self.entrance.stop()
             self.entrance.usage.save()
@@ -338,10 +417,12 @@ class Supervisor:
         self.mlflow.stop()
         for thread in self._threads:
             thread.join(timeout=15)
-        try:
-            self.publisher.close()
-        except Exception:  # closing a session cannot matter now
-            pass
+        for publisher in (self.publisher, self.relay):
+            try:
+                if publisher is not None:
+                    publisher.close()
+            except Exception:  # closing a session cannot matter now
+                pass
         self._write_state(stopped=True)
 
     # --- the watch loop ---------------------------------------------------------------------------
@@ -354,25 +435,46 @@ class Supervisor:
     def _watch_mlflow(self) -> None:
         self.mlflow.watch(self._stop, on_event=self._event)
 
-    def _event(self, message: str) -> None:
+    def _event(self, message: str, *, url_changed: bool = False) -> None:
+        at = time.time()
         with self._state_lock:
-            self.events = [*self.events, {"at": time.time(), "event": message}][-20:]
+            self.events = [*self.events, {"at": at, "event": message}][-20:]
         self._write_state()
+        if self.on_event is not None and self._serving:  # start-up's own events are in the start-up output
+            try:
+                self.on_event(ServeEvent(at, message, self.record_url if url_changed else None))
+            except Exception:  # printing must never stop the supervisor
+                log.exception("The serve event listener failed")
+
+    def _tunnel_event(self, event: TunnelEvent) -> None:
+        """A change the keeper made: republish on a new (or reopened) URL; tell the state file and the terminal."""
+        if event.kind in ("opened", "reopened") and event.url is not None:
+            self.public_url = event.url
+            if self._serving:  # after start-up: the record follows the tunnel (start-up publishes once itself)
+                self.record_url = event.url
+                self._publish()  # even at the same URL (--domain) a fresh record says this session is live
+        elif event.kind == "failed":
+            self.public_url = None
+        self._event(event.message, url_changed=event.url_changed and self.record_url == event.url)
 
     def _tick(self) -> None:
         now = time.time()
-        if self.tunnel is not None and now >= self._next_tunnel_check:
-            self._check_tunnel(self.tunnel, now)
+        if self.keeper is not None:
+            self.keeper.tick()
         assert self.entrance is not None
         self.entrance.tokens.current()  # notices a rotation even when no request has come in since
         revision = self.entrance.tokens.revision
         if revision != self._published_revision:
             self._event("access token changed; republishing the record under the new key")
-            if self.tunnel is not None and self.options.edge_auth and self.tunnel_mode == "ngrok":
-                self._reopen_tunnel("the edge password follows the access token")
+            if self.keeper is not None and self.options.edge_auth and self.tunnel_mode == "ngrok":
+                self.keeper.reopen("the edge password follows the access token")
             self._publish()
         elif now >= self._next_publish_at:
             self._publish()
+        elif self.relay is not None and now >= self._next_relay_at and not _loopback(self.record_url):
+            record, token = self._sign()
+            self._publish_relay(record, token)
+            self._write_state()
         if now >= self._next_usage_save:
             self._save_usage()
             self._next_usage_save = now + USAGE_SAVE_INTERVAL_S
@@ -384,62 +486,38 @@ class Supervisor:
         usage = self.entrance.usage
         usage.save()
         snapshot = usage.snapshot()
-        warning = budget_warning(snapshot, self.options.bytes_budget, self.options.requests_budget)
+        warning = budget_warning(
+            snapshot, self.options.bytes_budget, self.options.requests_budget, tunnel=self.tunnel_mode
+        )
         if warning and self._budget_warned_month != snapshot["month"]:
             self._budget_warned_month = snapshot["month"]
             log.warning("Tunnel budget: %s.", warning)
+            self._event(f"tunnel budget: {warning}")
 
-    def _check_tunnel(self, tunnel: PublicTunnel, now: float) -> None:
-        if self.tunnel_status == "open" and tunnel.healthy():
-            self._next_tunnel_check = now + TUNNEL_CHECK_INTERVAL_S
-            return
-        if self.tunnel_status == "open":
-            self._event(f"tunnel {self.public_url} is down; reopening")
-        self._reopen_tunnel("the agent died or the tunnel closed")
+    def _current_token(self) -> str | None:
+        # Read through the entrance, so records are signed and sealed with exactly what it accepts.
+        return None if self.entrance is None else self.entrance.tokens.current().decode()
 
-    def _reopen_tunnel(self, why: str) -> None:
-        if self.tunnel is None:  # no tunnel was asked for: nothing to reopen
-            return
-        self.tunnel_status = "reopening"
-        try:
-            if self.options.edge_auth and self.tunnel_mode == "ngrok":
-                # A new Tunnel, so its log redaction knows the new password too.
-                from bridge.serve.tunnel import Tunnel
-
-                self.tunnel.close()
-                tunnel_config = self._tunnel_config()
-                if tunnel_config is None:
-                    raise TunnelError("the ngrok authtoken disappeared; run `bridge login`")
-                self.tunnel = Tunnel(self._tunnel_target(), tunnel_config)
-            url = self.tunnel.open()
-        except (TunnelError, BridgeError) as exc:
-            self._tunnel_failures += 1
-            self.tunnel_status = "down"
-            self.tunnel_error = str(exc)
-            delay = compute_backoff_ms(self._tunnel_failures - 1, min_backoff_ms=1000) / 1000
-            self._next_tunnel_check = time.time() + delay
-            self._event(f"reopening the tunnel failed ({exc}); next try in {delay:.0f} s")
-            return
-        self._tunnel_failures = 0
-        self.tunnel_status = "open"
-        self.tunnel_error = None
-        self._next_tunnel_check = time.time() + TUNNEL_CHECK_INTERVAL_S
-        self.public_url = url
-        self.record_url = url
-        self._event(f"tunnel reopened at {url} ({why})")
-        self._publish()  # even at the same URL (--domain) a fresh record says this session is live
+    def _sign(self) -> tuple[EndpointRecord, str]:
+        """A fresh record for the current URL, signed with the current token; and that token."""
+        assert self.record_url is not None
+        token = self._current_token()
+        assert token is not None
+        record = make_record(
+            self.record_url,
+            token=token,
+            instance=self.instance,
+            mlflow_version=_mlflow_version(),
+            ttl_s=self.options.record_ttl_s,
+        )
+        return record, token
 
     def _publish(self) -> None:
-        """Sign a fresh record for the current URL with the current token and publish it."""
+        """Sign a fresh record for the current URL with the current token and publish it (the relay too)."""
         assert self.entrance is not None and self.record_url is not None
-        # Read the token through the entrance, so the record is signed with exactly what it accepts.
-        tokens = self.entrance.tokens
-        token = tokens.current().decode()
-        revision = tokens.revision
+        revision = self.entrance.tokens.revision
         ttl = self.options.record_ttl_s
-        record = make_record(
-            self.record_url, token=token, instance=self.instance, mlflow_version=_mlflow_version(), ttl_s=ttl
-        )
+        record, token = self._sign()
         entry: dict[str, Any] = {"at": time.time(), "target": self.publisher.describe(), "url": record.url}
         try:
             self.publisher.publish(record)
@@ -459,9 +537,42 @@ class Supervisor:
                 self._local_publisher.publish(record)
             except BridgeError as exc:
                 log.warning("Writing the local record failed: %s", exc)
+        # The relay only when something changed or it is due: a failing --publish target retried every few seconds
+        # must not spend the relay's daily message quota.
+        if (
+            self.relay is not None
+            and not _loopback(record.url)  # a tunnel not open yet: its URL goes to the relay once it opens
+            and (self._relay_published != (record.url, revision) or time.time() >= self._next_relay_at)
+        ):
+            self._publish_relay(record, token)
+            if self.last_relay and self.last_relay["ok"]:
+                self._relay_published = (record.url, revision)
         self._published_revision = revision
         self.last_publish = entry
         self._write_state()
+
+    def _publish_relay(self, record: EndpointRecord, token: str) -> None:
+        """Post the sealed record to the token's topic; on success, next time before the relay forgets it."""
+        assert self.relay is not None
+        entry: dict[str, Any] = {"at": time.time(), "target": self.relay.describe(), "url": record.url}
+        try:
+            self.relay.publish(record, token=token)
+        except BridgeError as exc:
+            self._relay_failures += 1
+            # 5 s at least (ntfy refills one request per 5 s), then doubling to 15 min: the daily quota lasts a day.
+            delay = compute_backoff_ms(self._relay_failures - 1, min_backoff_ms=10_000, max_backoff_ms=900_000) / 1000
+            self._next_relay_at = time.time() + delay
+            entry.update(ok=False, error=str(exc))
+            log.warning("Publishing the record to the %s failed (retry in %.0f s): %s", entry["target"], delay, exc)
+        else:
+            self._relay_failures = 0
+            now = time.time()
+            due = now + self.options.relay_republish_s
+            if self.relay.expires_at is not None and self.relay.expires_at > now:
+                due = min(due, now + (self.relay.expires_at - now) / 2)  # the relay said when it forgets
+            self._next_relay_at = due
+            entry.update(ok=True, error=None, next_at=due)
+        self.last_relay = entry
 
     def _last_publish_error(self) -> str | None:
         return None if self.last_publish is None else self.last_publish.get("error")
@@ -503,29 +614,60 @@ class Supervisor:
                 "artifacts_destination": redact_uri(self.mlflow.options.resolved_artifacts_destination()),
                 "workers": self.mlflow.options.workers,
             },
-            "entrance": {"url": self.entrance.url if self.entrance else None},
+            "entrance": self._entrance_state(),
             "client_wheel": {
                 "path": self.client_wheel.public_path,
                 "ready": self.client_wheel.data is not None,
                 "error": self.client_wheel.error,
                 "downloads": self.entrance.wheel_downloads if self.entrance else 0,
             },
-            "tunnel": {
-                "mode": self.tunnel_mode,
-                "requested": self.options.tunnel,
-                "public_url": self.public_url,
-                "status": self.tunnel_status,
-                "error": self.tunnel_error,
-            },
+            "tunnel": self._tunnel_state(),
             "usage": self.entrance.usage.snapshot() if self.entrance else None,
             "budget": {"bytes": self.options.bytes_budget, "requests": self.options.requests_budget},
             "secrets_store": self.secrets_store,
             "record_url": self.record_url,
             "last_publish": self.last_publish,
+            "relay": {
+                "target": self.relay.describe() if self.relay is not None else None,
+                "note": self.relay_note,
+                "republish_s": self.options.relay_republish_s,
+                "last": self.last_relay,
+            },
             "heartbeat_timeout_s": self.options.heartbeat_timeout_s,
             "last_reap": self.last_reap,
             "events": self.events[-10:],
         }
+
+    def _entrance_state(self) -> dict[str, Any]:
+        entrance = self.entrance
+        if entrance is None:
+            return {"url": None}
+        return {
+            "url": entrance.url,
+            "requests": entrance.requests,
+            "refused_logins": entrance.refused_logins,
+            "throttled": entrance.throttled,
+            "last_refused_at": entrance.last_refused_at,
+        }
+
+    def _tunnel_state(self) -> dict[str, Any]:
+        keeper = self.keeper
+        state: dict[str, Any] = {
+            "mode": self.tunnel_mode,
+            "requested": self.options.tunnel,
+            "public_url": self.public_url,
+            "status": "disabled" if keeper is None else keeper.status,
+            "error": None if keeper is None else keeper.error,
+            "grace_s": self.options.tunnel_grace_s,
+        }
+        if keeper is not None:
+            retry_in = keeper.retry_in_s()
+            state.update(
+                failures=keeper.failures,
+                next_try_at=None if retry_in is None else time.time() + retry_in,
+                unready_s=keeper.unready_for_s(),
+            )
+        return state
 
     def _write_state(self, *, stopped: bool = False) -> None:
         path = config.paths().state_file
@@ -582,9 +724,10 @@ def read_state() -> dict[str, Any] | None:
         raise ServeError(f"{path} is unreadable ({type(exc).__name__}); is another bridge writing it?") from None
 
 
-def serve(options: ServeOptions, on_ready=None) -> None:
-    """Run `bridge serve` until a stop signal (`STOP_SIGNALS`), then stop everything; `on_ready(info)` once up."""
-    supervisor = Supervisor(options)
+def serve(options: ServeOptions, on_ready=None, on_event: Callable[[ServeEvent], None] | None = None) -> None:
+    """Run `bridge serve` until a stop signal (`STOP_SIGNALS`), then stop everything; `on_ready(info)` once up,
+    `on_event(event)` for each change after that (and during start-up)."""
+    supervisor = Supervisor(options, on_event=on_event)
 
     def handle(signum, _frame) -> None:
         log.info("Received %s; stopping", signal.Signals(signum).name)

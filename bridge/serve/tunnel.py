@@ -304,6 +304,11 @@ class Tunnel(PublicTunnel):
                 return False
             return True
 
+    def alive(self) -> bool:
+        """True while the agent process runs (ngrok reconnects its session to the edge by itself)."""
+        with self._lock:
+            return self._tunnel is not None and process.is_process_running(self.ngrok_path)
+
     def close(self) -> None:
         """Disconnect the tunnel and kill the agent (and with it every forwarding it ran); safe to repeat."""
         with self._lock:

@@ -4,12 +4,14 @@
                           URL read from its log ("Your quick Tunnel has been created! …"), ready when a
                           connection is registered (its metrics server's /ready says 200)
                           CloudflaredTunnel.healthy()  process alive and /ready still 200
+                          CloudflaredTunnel.alive()    process alive (it redials a lost edge connection itself)
                           CloudflaredTunnel.close()    SIGTERM, then SIGKILL after a grace period
 
 The same `PublicTunnel` (bridge/serve/public_tunnel.py) as the ngrok `Tunnel` (bridge/serve/tunnel.py), so the
-supervisor restarts either one with backoff and republishes its new URL. A quick tunnel needs no secret: nothing here
-can leak one. Cloudflare's limits for quick tunnels (200 requests in flight, no server-sent events, for testing) are
-far above one workstation's use.
+supervisor's `TunnelKeeper` (bridge/serve/tunnel_keeper.py) restarts either one with backoff and republishes its new
+URL; an unready quick tunnel whose process lives gets a grace period first, as cloudflared reconnects in place.
+A quick tunnel needs no secret: nothing here can leak one. Cloudflare's limits for quick tunnels (200 requests in
+flight, 100 MB bodies, no server-sent events, for testing) are far above one workstation's use.
 """
 
 from __future__ import annotations
@@ -64,6 +66,20 @@ def install_help() -> str:
         "releases or pkg.cloudflare.com; macOS: `brew install cloudflared`) or set "
         f"{CLOUDFLARED_PATH_ENV} to a cloudflared binary"
     )
+
+
+def check_binary(binary: str | None) -> str:
+    """`binary` when it names an executable file; else a `CloudflaredBinaryError` saying how to install one.
+
+    `bridge serve` calls it before MLflow starts, so a missing binary is said in a second, not after MLflow's start.
+    """
+    if not binary:
+        raise CloudflaredBinaryError(
+            f"--tunnel cloudflared needs the cloudflared binary, and none is on PATH; {install_help()}"
+        )
+    if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+        raise CloudflaredBinaryError(f"cloudflared at {binary} is not an executable file; {install_help()}")
+    return binary
 
 
 class CloudflaredConfig:
@@ -169,6 +185,11 @@ class CloudflaredTunnel(PublicTunnel):
             if self.public_url is None or self._proc is None or self._proc.poll() is not None:
                 return False
             return self._ready_status() == 200
+
+    def alive(self) -> bool:
+        """True while the cloudflared process runs (connected or redialling its edge)."""
+        with self._lock:
+            return self.public_url is not None and self._proc is not None and self._proc.poll() is None
 
     def close(self) -> None:
         """Stop cloudflared (SIGTERM, then SIGKILL) and forget the URL; safe to repeat."""

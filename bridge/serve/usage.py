@@ -4,6 +4,9 @@ ngrok's free plan leaves inbound traffic (uploads from Colab) unlimited but caps
 (1 GB and 20,000 requests a month), so the entrance counts every response it sends to a tunnel client here, the
 supervisor saves the count every few seconds, and `bridge status` shows it against the budget. The count is per
 calendar month in local time; it starts again at zero when the month changes.
+
+A Cloudflare quick tunnel has no monthly cap: its limits are per moment (200 requests in flight) and per request
+(100 MB bodies), so for it the count is shown without a budget and no budget warning is given (`tunnel_limits`).
 """
 
 from __future__ import annotations
@@ -99,13 +102,38 @@ def read_usage(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+#: What each tunnel kind limits, in a sentence for the terminal and `bridge status`. The quick tunnel's numbers are
+#: Cloudflare's (developers.cloudflare.com/cloudflare-one/.../trycloudflare/: 200 in-flight requests, then 429;
+#: the 100 MB upload limit of the Free plan, then 413); tests/support/fake_cloudflared.py enforces both.
+TUNNEL_LIMITS = {
+    "ngrok": "ngrok's free plan: 1 GB and 20,000 requests sent out a month; it stops serving at either",
+    "cloudflared": "a Cloudflare quick tunnel: no monthly cap, but at most 200 requests in flight (429 beyond) "
+    "and 100 MB per request body (413 beyond)",
+}
+
+
+def tunnel_limits(mode: str) -> str | None:
+    """The limits of the tunnel kind `mode` (ngrok, cloudflared), or None for no tunnel."""
+    return TUNNEL_LIMITS.get(mode)
+
+
+def has_monthly_cap(mode: str) -> bool:
+    """Whether the tunnel kind counts against a monthly budget (a quick tunnel has none)."""
+    return mode != "cloudflared"
+
+
 def budget_warning(
     usage: dict[str, Any],
     bytes_budget: float,
     requests_budget: float,
     warn_fraction: float = config.TUNNEL_BUDGET_WARN_FRACTION,
+    *,
+    tunnel: str = "ngrok",
 ) -> str | None:
-    """A sentence when this month's use passed `warn_fraction` of either budget, else None."""
+    """A sentence when this month's use passed `warn_fraction` of either budget, else None (always None for a
+    tunnel without a monthly cap)."""
+    if not has_monthly_cap(tunnel):
+        return None
     parts = []
     if bytes_budget > 0 and usage.get("bytes_out", 0) >= warn_fraction * bytes_budget:
         parts.append(f"{usage['bytes_out'] / bytes_budget:.0%} of the {format_bytes(bytes_budget)} sent-out budget")
@@ -115,7 +143,7 @@ def budget_warning(
         return None
     return (
         "this month the tunnel has used " + " and ".join(parts) + "; ngrok's free plan stops serving at the "
-        "limit (a Cloudflare quick tunnel, `--tunnel cloudflared`, has no such monthly cap)"
+        "limit (a Cloudflare quick tunnel, `--tunnel cloudflared`, has no monthly cap)"
     )
 
 

@@ -15,6 +15,14 @@ It speaks what bridge uses of the real binary:
     then `Registered tunnel connection connIndex=0 …`; the metrics server answers `GET /ready` (200 once a
     connection is registered, with `readyConnections`) and `GET /quicktunnel` (`{"hostname": …}`), as cloudflared's
     does. SIGTERM/SIGINT end it (`Initiating graceful shutdown`), exit 0.
+  * SIGUSR1 drops the tunnel's one edge connection for `FAKE_CLOUDFLARED_DROP_S` seconds (default 8, the drop seen in
+    issue 19), as a network blip does to the real agent: `/ready` answers 503 with `readyConnections: 0`, the edge
+    answers 530 (Cloudflare's error 1033, no connector), the log says `Connection terminated` and `Retrying
+    connection in up to 2s`; then the connection registers again under the same hostname. The real agent does the
+    same: a quick tunnel has one connection (`RunQuickTunnel` sets `ha-connections` to 1), `/ready` is 200 only while
+    a connection is registered (metrics/readiness.go), and a dropped connection is retried in place with backoff
+    (supervisor/tunnel.go, supervisor/supervisor.go in github.com/cloudflare/cloudflared). SIGUSR2 drops it for good:
+    the agent lives on, redialling, never ready again.
 The edge is a real HTTP forwarder on 127.0.0.1 inside this process (killing the process kills it). Its public URL
 cannot resolve here, so the forwarder's real address is published in the JSON map `{public_url: local_url}` in the
 file named by `FAKE_CLOUDFLARED_STATE` (the same side channel as the stand-in ngrok's).
@@ -36,6 +44,13 @@ Test switches (environment, read when the tunnel starts):
   FAKE_CLOUDFLARED_STATE              file that receives the public→local URL map
   FAKE_CLOUDFLARED_OFFLINE            "1": the quick-tunnel request fails (`failed to request quick Tunnel`), exit 1
   FAKE_CLOUDFLARED_HANG               "1": never get a URL; keep logging retries until killed (for start-up deadlines)
+  FAKE_CLOUDFLARED_RATE_LIMITED       a file path: while that file exists, the quick-tunnel request is refused with
+                                      Cloudflare's rate limit (429, "error code: 1015") and the agent exits 1, as the
+                                      real one does (cmd/cloudflared/tunnel/quick_tunnel.go: the body is not JSON, so
+                                      it logs `Error unmarshaling QuickTunnel response: error code: 1015 …
+                                      status_code="429 Too Many Requests"` and returns `failed to unmarshal quick
+                                      Tunnel`). Deleting the file lifts the limit, as time does for the real one.
+  FAKE_CLOUDFLARED_DROP_S             seconds an edge drop (SIGUSR1) lasts; default 8
   FAKE_CLOUDFLARED_MAX_BODY           bytes; default MAX_BODY_BYTES
   FAKE_CLOUDFLARED_ORIGIN_TIMEOUT_S   seconds; default ORIGIN_TIMEOUT_S
   FAKE_CLOUDFLARED_MAX_IN_FLIGHT      requests; default MAX_IN_FLIGHT
@@ -226,6 +241,7 @@ class Edge:
         self.in_flight = 0
         self._runner = None
         self._session = None
+        self.holder: dict = {}
 
     async def start(self) -> None:
         from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
@@ -251,6 +267,9 @@ class Edge:
     async def handle(self, request):
         from aiohttp import web
 
+        if not self.holder.get("connected", True):
+            # No connector holds the hostname: Cloudflare's error 1033, served with status 530.
+            return web.Response(status=530, text="error code: 1033", headers={"Server": "cloudflare"})
         if self.in_flight >= self.limits.max_in_flight:
             # No body from Cloudflare's docs for this one: only the status is promised.
             return web.Response(status=429, text="429 Too Many Requests\n", headers={"Server": "cloudflare"})
@@ -400,7 +419,7 @@ async def metrics_server(address: str, edge_holder: dict):
     from aiohttp import web
 
     async def ready(_request):
-        connections = 1 if edge_holder.get("edge") else 0
+        connections = 1 if edge_holder.get("edge") and edge_holder.get("connected") else 0
         return web.json_response(
             {"status": 200 if connections else 503, "readyConnections": connections, "connectorId": edge_holder["id"]},
             status=200 if connections else 503,
@@ -423,6 +442,27 @@ async def metrics_server(address: str, edge_holder: dict):
     return runner
 
 
+def register(holder: dict) -> None:
+    """The edge connection is up: `/ready` says 200 and the edge forwards."""
+    holder["connected"] = True
+    log(
+        "INF",
+        f"Registered tunnel connection connIndex=0 connection={uuid.uuid4()} event=0 ip=198.41.200.13 "
+        "location=ams01 protocol=quic",
+    )
+
+
+async def drop(holder: dict, seconds: float) -> None:
+    """The one edge connection is lost for `seconds`, then registered again; the hostname stays."""
+    if not holder.get("connected"):
+        return
+    holder["connected"] = False
+    log("ERR", 'Connection terminated error="timeout: no recent network activity" connIndex=0')
+    log("INF", "Retrying connection in up to 2s connIndex=0 event=0 ip=198.41.200.13")
+    await asyncio.sleep(seconds)
+    register(holder)
+
+
 async def run_quick_tunnel(flags: dict[str, str]) -> int:
     origin = flags.get("--url", "")
     if not origin:
@@ -438,6 +478,16 @@ async def run_quick_tunnel(flags: dict[str, str]) -> int:
             'failed to request quick Tunnel: Post "https://api.trycloudflare.com/tunnel": dial tcp: lookup '
             "api.trycloudflare.com on 127.0.0.53:53: no such host",
         )
+        return 1
+    limited = os.environ.get("FAKE_CLOUDFLARED_RATE_LIMITED")
+    if limited and os.path.exists(limited):
+        log(
+            "ERR",
+            "Error unmarshaling QuickTunnel response: error code: 1015 "
+            'error="invalid character \'e\' looking for beginning of value" status_code="429 Too Many Requests"',
+        )
+        # urfave/cli prints the command's returned error bare, after the log.
+        sys.stderr.write("failed to unmarshal quick Tunnel: invalid character 'e' looking for beginning of value\n")
         return 1
     if os.environ.get("FAKE_CLOUDFLARED_HANG") == "1":
         while True:  # the line first: a start deadline that ends early still has the reason to report
@@ -465,17 +515,21 @@ async def run_quick_tunnel(flags: dict[str, str]) -> int:
     log("INF", f"Version {VERSION} (Checksum 0000000000000000000000000000000000000000000000000000000000000000)")
     log("INF", f"Generated Connector ID: {holder['id']}")
     holder["edge"] = edge
-    log(
-        "INF",
-        f"Registered tunnel connection connIndex=0 connection={uuid.uuid4()} event=0 ip=198.41.200.13 "
-        "location=ams01 protocol=quic",
-    )
+    edge.holder = holder
+    register(holder)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    drop_s = float(os.environ.get("FAKE_CLOUDFLARED_DROP_S", "8"))
+    drops: list[asyncio.Task] = []
+    loop.add_signal_handler(signal.SIGUSR1, lambda: drops.append(asyncio.ensure_future(drop(holder, drop_s))))
+    # SIGUSR2: a drop that never ends (the edge refuses every redial), so the agent lives but is never ready again.
+    loop.add_signal_handler(signal.SIGUSR2, lambda: drops.append(asyncio.ensure_future(drop(holder, 10**9))))
     await stop.wait()
+    for task in drops:
+        task.cancel()
     log("INF", "Initiating graceful shutdown due to signal terminated ...")
     update_state(state, remove=[edge.public_url])
     await edge.stop()

@@ -21,7 +21,7 @@ from bridge.client import forksafe
 from bridge.client.delivery import files
 from bridge.client.delivery.heartbeat import Heartbeats
 from bridge.client.delivery.marks import RUN_SCOPES, TERMINAL_STATUSES, DeliveryMarks
-from bridge.client.journal import Journal, Op
+from bridge.client.journal import Journal, Op, RunRecord
 from bridge.client.journal.kinds import LOGGED_MODEL, RUN_ID_TAGS, UPDATE_RUN
 from bridge.client.link import Link, Verdict, classify_failure, uploads
 from bridge.client.options import DEFAULT_UPLOAD_PART_BYTES
@@ -66,6 +66,9 @@ class Operations:
         self.marks = marks if marks is not None else DeliveryMarks(link, journal)
         self.upload_part_bytes = DEFAULT_UPLOAD_PART_BYTES  # the sender sets its ClientOptions' value
         self.should_stop: Callable[[], bool] = lambda: False  # the sender's: an upload ends between parts
+        #: Told (run record, server run id, server experiment id) when a run is first mapped to its server run:
+        #: the connection prints the id and link a person can find it by (issue 19).
+        self.on_run_mapped: Callable[[RunRecord, str, str], None] | None = None
         self._renew_create_state()
         forksafe.renew_after_fork(self)
 
@@ -200,6 +203,11 @@ class Operations:
         # After a try whose fate is unknown, an earlier try may still land, whichever try made the run.
         watch = time.time() + TWIN_WATCH_TIMEOUTS * sum(self.link.timeout) if op.attempts else None
         self.journal.ids.map_run(op.run, found["run_id"], found.get("artifact_uri"), watch_twins_until=watch)
+        if self.on_run_mapped is not None:
+            try:
+                self.on_run_mapped(record, found["run_id"], experiment)
+            except Exception:  # telling the person must never stop delivery
+                log.debug("bridge: could not announce run %s", op.run, exc_info=True)
 
     def remove_twins(self, run: str, *, final: bool = True) -> None:
         """Delete empty runs carrying `run`'s key beside the one it maps to: an earlier try of its create, held

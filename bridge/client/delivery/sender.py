@@ -53,7 +53,7 @@ from bridge.client.journal.kinds import (
 )
 from bridge.client.link import Link, Verdict, classify_failure
 from bridge.client.options import UPLOAD_PART_FLOOR_BYTES, ClientOptions
-from bridge.errors import HttpError, LinkError, TransportError, UndeliverableError
+from bridge.errors import HttpError, JournalFullError, LinkError, TransportError, UndeliverableError
 from bridge.retry import compute_backoff_ms
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,10 @@ class Sender:
                     self.link.refresh_token()
                 elif not self._stop.is_set():
                     self.link.maybe_rediscover(interval_s=self.options.rediscover_interval_s)
+            except JournalFullError as exc:  # said once, by the journal (room.py): no traceback every round
+                self.link.last_error = str(exc)
+                attempts += 1
+                wait = min(compute_backoff_ms(attempts) / 1000, self.options.flush_retry_s)
             except Exception as exc:  # a bug or a journal problem must not kill delivery for good
                 log.exception("bridge sender: unexpected error, retrying")
                 self.link.last_error = f"{type(exc).__name__}: {exc}"
@@ -364,6 +368,10 @@ class Sender:
                 if pause.verdict is Verdict.TOKEN:
                     wait = max(wait, self.options.token_retry_min_s)
                 self._note_wait(FILES, str(pause.cause), attempts, wait)
+            except JournalFullError as exc:  # said once, by the journal (room.py)
+                attempts += 1
+                wait = min(compute_backoff_ms(attempts) / 1000, self.options.flush_retry_s)
+                self._note_wait(FILES, str(exc), attempts, wait)
             except Exception as exc:  # a bug or a journal problem must not stop the uploads for good
                 log.exception("bridge files: unexpected error, retrying")
                 attempts += 1
@@ -392,7 +400,9 @@ class Sender:
         while not self._stop.wait(self.options.durable_every_s):
             try:
                 self.journal.sync()
-            except Exception as exc:  # the disk is full or busy: say so, keep trying
+            except JournalFullError:
+                pass  # said once, by the journal (room.py); tried again every second
+            except Exception as exc:  # the disk is busy: say so, keep trying
                 log.warning("bridge: could not sync journal %s: %s", self.journal.path, exc)
         with contextlib.suppress(Exception):
             self.journal.sync()
@@ -441,8 +451,9 @@ class Sender:
         """Deliver every record (not file) pending now; the number of journal rows delivered. Raises _Pause."""
         delivered = 0
         # A round delivers what was logged before it began; points logged meanwhile wait for the next one,
-        # so a steady trickle is coalesced instead of chased in tiny batches.
-        self.journal.move_intake()
+        # so a steady trickle is coalesced instead of chased in tiny batches. On a full disk the points still in
+        # the intake wait: delivering what SQLite holds frees the pages they need.
+        self.journal.move_intake_if_room()
         upto = self.journal.queue.last_id()
         for run in self.journal.queue.runs_with_pending(files=False):
             if self._stop.is_set():

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bridge.client import forksafe
@@ -130,8 +130,9 @@ _SCHEMA = (
 class Database:
     """The SQLite file at `path`, checked (and repaired unless `repair` is False) and brought to this schema."""
 
-    def __init__(self, path: Path, *, repair: bool = True) -> None:
+    def __init__(self, path: Path, *, repair: bool = True, on_full: Callable[[str], None] | None = None) -> None:
         self.path = path
+        self.on_full = on_full  # told when a write finds the disk full (room.Room.met_full), before it raises
         self.repair_report: RepairReport | None = None
         self._local = threading.local()
         # (pid, thread, connection) for every connection opened; those of ended threads are closed.
@@ -236,6 +237,8 @@ class Database:
                 self.writes += 1
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
+                if self.on_full is not None:
+                    self.on_full(str(exc))
                 raise JournalFullError(f"the disk holding {self.path} is full: {exc}") from None
             if "malformed" in str(exc) or "not a database" in str(exc):
                 raise JournalCorruptError(f"journal {self.path} is damaged: {exc}") from None

@@ -44,15 +44,16 @@ def encode(run: str, key: str, value: float, ts: int, step: int) -> bytes:
     return struct.pack("<I", zlib.crc32(body)) + body
 
 
-def decode(data: bytes, start: int = 0) -> tuple[list[Point], int]:
-    """The whole records in `data` from `start` up to the first damaged one, and where they end."""
+def decode(data: bytes, start: int = 0, stop: int | None = None) -> tuple[list[Point], int]:
+    """The whole records in `data[start:stop]` up to the first damaged one, and where they end."""
     points: list[Point] = []
     pos = start
     size = _HEADER.size
-    while pos + size <= len(data):
+    limit = len(data) if stop is None else min(stop, len(data))
+    while pos + size <= limit:
         crc, run_len, key_len, value, ts, step = _HEADER.unpack_from(data, pos)
         end = pos + size + run_len + key_len
-        if end > len(data) or zlib.crc32(data[pos + 4 : end]) != crc:
+        if end > limit or zlib.crc32(data[pos + 4 : end]) != crc:
             break
         try:
             run = data[pos + size : pos + size + run_len].decode()

@@ -38,9 +38,10 @@ from bridge.client.journal.ids import HOST, IdMaps, new_local_run_id
 from bridge.client.journal.kinds import ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN, PARAM, TAG, UPDATE_RUN
 from bridge.client.journal.queue import OpQueue
 from bridge.client.journal.records import RepairReport, encode_value, entry_crc
+from bridge.client.journal.room import RESERVE_BYTES, Room
 from bridge.client.journal.spool import Spool
 from bridge.client.journal.uploads import UploadBook
-from bridge.client.options import JOURNAL_LIMIT_ENV, ClientOptions
+from bridge.client.options import JOURNAL_LIMIT_ENV, SPOOL_LIMIT_ENV, ClientOptions
 from bridge.errors import ExperimentExistsError, JournalError, JournalFullError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ def _body_row(run: str, kind: str, key: str | None, body: str, now: float, epoch
     return run, kind, key, body, now, epoch, entry_crc(run, kind, key, None, None, None, body)
 
 
+#: Intake moved into SQLite per commit (move_intake).
+MOVE_CHUNK_BYTES = 1024 * 1024
+#: The smallest: a full disk with no reserve left moves a few pages' worth at a time.
+MOVE_CHUNK_MIN_BYTES = 4096
+
+
 def journal_path(path: str | os.PathLike | None = None) -> Path:
     """The journal file: argument → BRIDGE_JOURNAL → the platform data folder (ClientOptions)."""
     return ClientOptions.from_env(journal=path or None).journal_path
@@ -80,12 +87,22 @@ class Journal:
     the file the intake of metric points and the `spool` of logged files."""
 
     def __init__(
-        self, path: str | os.PathLike | None = None, *, limit_bytes: int | None = None, repair: bool = True
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        limit_bytes: int | None = None,
+        spool_limit_bytes: int | None = None,
+        repair: bool = True,
     ) -> None:
         self.path = journal_path(path)
         self.limit_bytes = journal_limit(limit_bytes)
+        self.spool_limit_bytes = ClientOptions.from_env(spool_limit=spool_limit_bytes).spool_limit
+        self.room = Room(self.path)
+        # Run ends (run, status, end_time, name) a full disk kept out of SQLite: written by sync() once it can.
+        self._held_ends: list[tuple[str, str | None, int | None, str | None]] = []
         self._synced_writes = 0  # write transactions the last sync() made durable (database.writes)
         self._move_lock = threading.Lock()
+        self._held_lock = threading.RLock()
         forksafe.renew_after_fork(self)
         self._intake: _intake.Intake | None = None
         self._moved = 0
@@ -94,13 +111,19 @@ class Journal:
             self.spool = Spool(self.path.with_name(self.path.name + ".spool"))
         except OSError as exc:
             raise JournalError(f"cannot create the journal folder {self.path.parent}: {exc}") from None
-        self.database = Database(self.path, repair=repair)
+        self.database = Database(self.path, repair=repair, on_full=self.room.met_full)
         self.ids = IdMaps(self.database)
-        self.queue = OpQueue(self.database, self.spool, self.move_intake)
+        self.queue = OpQueue(self.database, self.spool, self.move_intake_if_room, self.unmoved)
         self.book = Bookkeeping(self.database)
         self.uploads = UploadBook(self.database)
-        self.epoch = self.book.open_lineage()
-        self.adopt_orphans()
+        try:
+            self.epoch = self.book.open_lineage()
+        except JournalFullError:  # a full disk: the first try released the reserve (room.py), so `bridge sync`
+            self.epoch = self.book.open_lineage()  # and the next connect() can still open and deliver
+        try:
+            self.adopt_orphans()
+        except JournalFullError:
+            pass  # adopted by the sender once delivering has freed pages (Sender: adopt_every_s)
         self.sweep_spool()
         self._used_bytes = self.measure_bytes()
 
@@ -112,8 +135,13 @@ class Journal:
     # -------------------------------------------------------------------------------- durability
 
     def sync(self) -> None:
-        """Make everything accepted so far survive an OS crash: intake into SQLite, then fsync the WAL."""
-        self.move_intake()
+        """Make everything accepted so far survive an OS crash: intake into SQLite, then fsync the WAL.
+
+        Also keeps the disk's reserve (room.py) and writes the run ends a full disk held back, once it can."""
+        self.room.tend()
+        self.move_intake_if_room()
+        with contextlib.suppress(JournalFullError):  # kept, and tried again at the next sync
+            self._write_held_ends()
         mark = self.database.writes
         if mark == self._synced_writes:
             return
@@ -122,6 +150,16 @@ class Journal:
         self._synced_writes = mark
 
     def close(self) -> None:
+        try:
+            self._write_held_ends()
+        except JournalError as exc:
+            log.error(
+                "bridge: %d run change(s) (run ends) could not be written to journal %s and are lost: %s; those "
+                "runs stay RUNNING on the server until its reaper ends them",
+                len(self._held_ends),
+                self.path,
+                exc,
+            )
         intake = self._intake
         if intake is not None and intake.pid == os.getpid():
             with contextlib.suppress(JournalError, OSError):
@@ -137,16 +175,20 @@ class Journal:
     def _after_fork_in_child(self) -> None:
         # The parent's journal-sync thread may have held these at fork(); the child starts with its own.
         self._move_lock = threading.Lock()
+        self._held_lock = threading.RLock()
+        self._held_ends = []  # the parent's to write
         self.spool._after_fork_in_child()
 
     # -------------------------------------------------------------------------------------- size
 
     def measure_bytes(self) -> int:
         """Bytes in use: live database pages plus the spooled artifact files."""
-        self.move_intake()
+        self.move_intake_if_room()
         return self.database.live_bytes() + self.spool.bytes
 
     def _reserve(self, nbytes: int) -> None:
+        if self.room.full and not self.room.tend():
+            raise JournalFullError(self.room.message())
         # The running estimate only over-counts (deleted rows free pages it does not subtract), so it is
         # re-measured exactly before refusing anything.
         if self._used_bytes + nbytes > self.limit_bytes:
@@ -186,7 +228,8 @@ class Journal:
                     intake.append(b"".join(_intake.encode(run, k, v, ts, step) for k, v, ts, step in metrics))
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
-                    raise JournalFullError(f"the disk holding {self.path} is full") from None
+                    self.room.met_full(f"writing the intake {intake.path.name}")
+                    raise JournalFullError(self.room.message()) from None
                 raise JournalError(f"cannot append to the journal intake {intake.path}: {exc}") from None
         if params or tags:
             self.move_intake()  # rows written straight to SQLite must sort after every point logged before them
@@ -204,34 +247,64 @@ class Journal:
                 self._moved = 0
             return self._intake
 
-    def move_intake(self) -> int:
-        """Move metric points from this process's intake into SQLite (one commit); the number moved."""
+    def move_intake(self, chunk_bytes: int = MOVE_CHUNK_BYTES) -> int:
+        """Move metric points from this process's intake into SQLite; the number moved.
+
+        In commits of at most `chunk_bytes` of intake each: on a full disk each commit needs only the pages that
+        delivering the rows before it freed (SQLite reuses the pages of deleted rows).
+        """
         intake = self._intake
         if intake is None or intake.pid != os.getpid() or intake.size == self._moved:
             return 0
         with self._move_lock:
             data, _end = intake.read(self._moved)
-            points, used, skipped = _intake.scan(data)
-            if skipped or used < len(data):
-                # Every byte up to `end` was a whole append: anything unreadable here is damage, not a write
-                # in progress. Step over it; the records after it are kept.
-                log.error(
-                    "journal intake %s is damaged: %d bytes at offset %d could not be read and were "
-                    "skipped; %d points around them were kept",
-                    intake.path,
-                    skipped + len(data) - used,
-                    self._moved,
-                    len(points),
-                )
-            used = len(data)
-            if used:
-                self._insert_points(points, intake.name, self._moved + used)
-            self._moved += used
+            base, pos, moved = self._moved, 0, 0
+            while pos < len(data):
+                points, end = _intake.decode(data, pos, pos + chunk_bytes)
+                if end == pos:
+                    # Every byte up to `end` was a whole append: anything unreadable here is damage, not a write
+                    # in progress. Step over it; the records after it are kept.
+                    points, used, skipped = _intake.scan(data[pos:])
+                    log.error(
+                        "journal intake %s is damaged: %d bytes at offset %d could not be read and were "
+                        "skipped; %d points around them were kept",
+                        intake.path,
+                        skipped + len(data) - pos - used,
+                        base + pos,
+                        len(points),
+                    )
+                    end = len(data)
+                self._insert_points(points, intake.name, base + end)
+                self._moved = base + end
+                moved += len(points)
+                pos = end
             if intake.rotate_if(self._moved):
                 with self.database.db() as conn:
                     conn.execute("update intake set moved=0 where name=?", (intake.name,))
                 self._moved = 0
-            return len(points)
+            return moved
+
+    def move_intake_if_room(self) -> int:
+        """move_intake, except on a full disk: then what is in SQLite already is all a reader sees (it is older
+        than anything still in the intake)."""
+        chunk = MOVE_CHUNK_BYTES
+        while True:
+            try:
+                return self.move_intake(chunk)
+            except JournalFullError:
+                if not self.room.full:
+                    raise
+                if chunk <= MOVE_CHUNK_MIN_BYTES:
+                    return 0  # the next round tries again, after delivering frees more pages
+                chunk //= 8
+
+    def unmoved(self) -> int:
+        """Metric points of this process not in SQLite yet (the disk was full), and run ends held in memory."""
+        intake = self._intake
+        points = 0
+        if intake is not None and intake.pid == os.getpid() and intake.size > self._moved:
+            points = len(_intake.scan(intake.read(self._moved)[0])[0])
+        return points + len(self._held_ends)
 
     def _insert_points(self, points: list, intake_name: str, moved: int | None) -> None:
         now = time.time()
@@ -325,9 +398,39 @@ class Journal:
         return local_id
 
     def update_run(self, run: str, *, status: str | None, end_time: int | None, name: str | None) -> None:
+        """Journal a run's change of status, end time or name.
+
+        Never refused for the size limit, and on a full disk it takes the reserve (room.py); if even that is not
+        enough the change is held here and written by sync() as soon as the disk has room — so `end_run()`
+        always ends the run (lost only if the process dies before then)."""
+        change = (run, status, end_time, name)
+        with self._held_lock:
+            self._held_ends.append(change)  # in order after any still held
+            try:
+                for _ in range(2):  # the first try that meets a full disk releases the reserve for the second
+                    try:
+                        self._write_held_ends()
+                        return
+                    except JournalFullError:
+                        if not self.room.full:
+                            raise
+            except BaseException:
+                if self._held_ends and self._held_ends[-1] is change:
+                    self._held_ends.pop()
+                raise
+            log.warning("bridge: a change of run %s waits in memory until the disk holding %s has room", run, self.path)
+
+    def _write_held_ends(self) -> None:
+        """Write the run changes held back, oldest first; raises JournalFullError (keeping the rest) on a full disk."""
+        with self._held_lock:
+            while self._held_ends:
+                self._update_run(*self._held_ends[0])
+                self._held_ends.pop(0)
+
+    def _update_run(self, run: str, status: str | None, end_time: int | None, name: str | None) -> None:
         body = {"status": status, "end_time": end_time, "run_name": name}
         text = json.dumps(body, separators=(",", ":"))
-        self._reserve(len(text) + _ROW_OVERHEAD)
+        self._used_bytes += len(text) + _ROW_OVERHEAD
         self.move_intake()  # an end status must never reach the server before the run's last points
         with self.database.db() as conn:
             conn.execute(
@@ -338,16 +441,45 @@ class Journal:
             conn.execute(_INSERT_BODY, _body_row(run, UPDATE_RUN, None, text, time.time(), self.epoch))
 
     def spool_artifact(self, run: str, source: Path, artifact_path: str) -> dict:
-        """Copy `source` into the spool now (hashing as it goes) and journal its upload."""
+        """Copy `source` into the spool now (hashing as it goes) and journal its upload.
+
+        Over the spool's budget (or the journal's limit), older copies of the same path still waiting make room
+        first (MLflow keeps only the last); if that is not enough, or the disk lacks room for the copy, the call
+        is refused with JournalFullError and nothing accepted before is dropped.
+        """
         size = source.stat().st_size
-        self._reserve(size + _ROW_OVERHEAD)
+        replaced = self.queue.replaced_files(run, artifact_path)
+        over = self.spool.bytes + size > self.spool_limit_bytes or self._used_bytes + size > self.limit_bytes
+        freed = sum(n for _, _, n in replaced) if over else 0
+        if self.spool.bytes - freed + size > self.spool_limit_bytes:
+            raise JournalFullError(
+                f"the spool of journal {self.path} holds {self.spool.bytes:,} bytes of files still to upload; "
+                f"{source} ({size:,} bytes) would take it over its budget of {self.spool_limit_bytes:,} bytes. "
+                f"Nothing already accepted was dropped; raise {SPOOL_LIMIT_ENV} or let the uploads finish first."
+            )
+        free = self.room.free()
+        if size + RESERVE_BYTES > free:
+            raise JournalFullError(
+                f"the disk holding journal {self.path} has {free:,} bytes free; spooling {source} needs "
+                f"{size + RESERVE_BYTES:,}. Nothing already accepted was dropped; free space on that disk."
+            )
+        self._reserve(max(0, size - freed) + _ROW_OVERHEAD)
         try:
             with self.spool.copy_in(source) as copied:
                 body = {"spool": copied.name, "path": artifact_path, "size": copied.size, "sha256": copied.sha256}
                 self.append(run, ARTIFACT, body, key=artifact_path)
+        except OSError as exc:
+            self._used_bytes -= max(0, size - freed) + _ROW_OVERHEAD
+            if exc.errno != errno.ENOSPC:
+                raise
+            self.room.met_full(f"copying {source.name} into the spool")
+            raise JournalFullError(self.room.message()) from None
         except BaseException:
-            self._used_bytes -= size + _ROW_OVERHEAD
+            self._used_bytes -= max(0, size - freed) + _ROW_OVERHEAD
             raise
+        if freed:
+            dropped = self.queue.drop_replaced([op_id for op_id, _, _ in replaced])
+            log.info("bridge: %s: %d bytes of older copies still waiting were dropped", artifact_path, dropped)
         return body
 
     def add_entity(self, kind: str, local_id: str, body: dict, *, op: tuple[str, str, dict]) -> None:

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 
 from bridge.client.journal.database import Database
-from bridge.client.journal.kinds import ARTIFACT
+from bridge.client.journal.kinds import ARTIFACT, UPDATE_RUN
 from bridge.client.journal.records import Backlog, DeadLetter, Op, entry_crc
 from bridge.client.journal.spool import Spool
 
@@ -28,10 +28,13 @@ IS_UNDELIVERED = f"state in ({PENDING},{IN_FLIGHT})"
 class OpQueue:
     """The `ops` table of one journal's `Database`; `move_intake` brings the intake's points in before a read."""
 
-    def __init__(self, db: Database, spool: Spool, move_intake: Callable[[], int]) -> None:
+    def __init__(
+        self, db: Database, spool: Spool, move_intake: Callable[[], int], unmoved: Callable[[], int] = lambda: 0
+    ) -> None:
         self._db = db
         self._spool = spool
         self._move_intake = move_intake
+        self._unmoved = unmoved  # entries accepted but not in SQLite yet (a full disk): the backlog counts them
 
     def undelivered(self, run: str, kinds: tuple[str, ...]) -> list[Op]:
         """Ops of `run` not yet delivered (pending or in-flight), oldest first."""
@@ -137,6 +140,46 @@ class OpQueue:
             ).fetchall()
         return any(self._spool.path(json.loads(body)["spool"]).is_file() for (body,) in rows)
 
+    def replaced_files(self, run: str, path: str) -> list[tuple[int, str, int]]:
+        """Pending uploads to `run`'s artifact `path` that a copy logged now replaces: (row, spool name, size).
+
+        Not those logged before an end status still on its way: the server must see the run end with them.
+        """
+        with self._db.db(write=False) as conn:
+            rows = conn.execute(
+                f"select id, body from ops where run=? and kind=? and key=? and {IS_PENDING} order by id",
+                (run, ARTIFACT, path),
+            ).fetchall()
+            ends = conn.execute(
+                f"select id, body from ops where run=? and kind=? and {IS_UNDELIVERED}", (run, UPDATE_RUN)
+            ).fetchall()
+        last_end = max((i for i, body in ends if json.loads(body).get("status") not in (None, "RUNNING")), default=0)
+        found = []
+        for op_id, body in rows:
+            spec = json.loads(body)
+            if op_id > last_end and spec.get("spool"):
+                found.append((op_id, spec["spool"], int(spec.get("size") or 0)))
+        return found
+
+    def drop_replaced(self, ids: list[int]) -> int:
+        """Delete the replaced uploads `ids` that are still pending (a sender may have claimed one meanwhile) and
+        their spooled copies; the bytes freed."""
+        spool = []
+        with self._db.db() as conn:
+            for op_id in ids:
+                row = conn.execute(f"select body from ops where id=? and {IS_PENDING}", (op_id,)).fetchone()
+                if row is None:
+                    continue
+                conn.execute("delete from ops where id=?", (op_id,))
+                conn.execute("delete from uploads where op=?", (op_id,))
+                spool.append(json.loads(row[0])["spool"])
+            if spool:
+                _count_settled(conn)
+        before = self._spool.bytes
+        for name in spool:
+            self._spool.discard(name)
+        return before - self._spool.bytes
+
     def claim(self, ids: list[int]) -> bool:
         """Mark `ids` in-flight, all or nothing: False when another sender took any of them."""
         try:
@@ -207,7 +250,7 @@ class OpQueue:
         with self._db.db(write=False) as conn:
             rows = conn.execute("select run, state, count(*) from ops group by run, state").fetchall()
             oldest = conn.execute(f"select min(created) from ops where {IS_UNDELIVERED}").fetchone()[0]
-        result = Backlog(oldest_created=oldest)
+        result = Backlog(oldest_created=oldest, unmoved=self._unmoved())
         for run, state, count in rows:
             bucket = result.dead if state == DEAD else result.pending
             bucket[run] = bucket.get(run, 0) + count

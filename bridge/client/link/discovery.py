@@ -2,8 +2,11 @@
 
     token:    argument → BRIDGE_TOKEN → Colab secret BRIDGE_TOKEN (only in Colab) → OS keyring
     endpoint: argument → BRIDGE_URL → record named by BRIDGE_DISCOVERY → local default record
+              → the relay (BRIDGE_RELAY, default https://ntfy.sh; "off": none)
 
-A record (`file:PATH`, `gist:ID`, `https://…`) is checked with `bridge.record.verify_record` before its URL
+The relay holds the record sealed on a topic derived from the token (bridge/rendezvous.py): with the token
+alone a client polls it, opens the newest message that opens with its key, and verifies what is inside.
+A record (`file:PATH`, `gist:ID`, `https://…`, the relay's) is checked with `bridge.record.verify_record` before its URL
 is returned, so no credential is ever sent to a URL the workstation did not sign. The environment is read
 at call time. Error messages name sources, never secrets.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -36,6 +40,7 @@ from bridge.record import (
     verify_record,
 )
 from bridge.record import GITHUB_API as DEFAULT_GITHUB_API
+from bridge.rendezvous import MAX_POLL_BYTES, RELAY_ENV, Rendezvous, describe_relay, relay_from_env
 from bridge.secrets import GITHUB_TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -131,10 +136,12 @@ def normalize_url(url: str, *, what: str = "server URL") -> str:
 
 @dataclass(frozen=True)
 class _Spec:
-    kind: str  # "file" | "gist" | "url"
-    value: str  # a path, a gist id, or a URL
+    kind: str  # "file" | "gist" | "url" | "relay"
+    value: str  # a path, a gist id, or a URL (the relay's base URL for "relay")
 
     def describe(self) -> str:
+        if self.kind == "relay":
+            return describe_relay(self.value)
         if self.kind == "file":
             return f"file:{self.value}"
         if self.kind == "gist":
@@ -264,6 +271,51 @@ def _fetch_file(path: str) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def _poll_relay(relay: str, token: str, *, timeout: float) -> list[str]:
+    """The records sealed for `token` on its relay topic, opened, newest first; messages that do not open are skipped.
+
+    ntfy's poll API: `GET <relay>/<topic>/json?poll=1&since=all` answers one JSON object per line, oldest first,
+    with the body in "message" (docs/subscribe/api.md). Junk anyone posted to the topic simply fails to open.
+    """
+    rendezvous = Rendezvous.for_token(relay, token)
+    source = rendezvous.describe()
+    # _http_get's errors name the class only: the URL holds the topic.
+    resp = _http_get(rendezvous.poll_url, source=source, timeout=timeout, headers={"Accept": "application/x-ndjson"})
+    with resp:
+        if resp.status_code == 429:
+            raise DiscoveryError(f"{source} refused the poll (HTTP 429: rate limit); trying again later")
+        if resp.status_code != 200:
+            raise DiscoveryError(f"{source} answered HTTP {resp.status_code}")
+        lines: list[bytes] = []
+        size = 0
+        for line in resp.iter_lines(chunk_size=8192):
+            size += len(line) + 1
+            if size > MAX_POLL_BYTES:
+                # Newest last: keep what was read, the newest of it may still be ours; the topic was flooded.
+                log.warning("%s: the topic holds more than %d bytes (flooded?); reading no further", source, size)
+                break
+            if line.strip():
+                lines.append(line)
+    opened: list[str] = []
+    for line in reversed(lines):
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(message, dict) or message.get("event", "message") != "message":
+            continue
+        try:
+            opened.append(rendezvous.open(str(message.get("message", ""))))
+        except RecordError:
+            continue
+    if not opened:
+        raise DiscoveryError(
+            f"{source} holds no record for this access token (is `bridge serve` running with its relay on and a "
+            "tunnel open? after `bridge token --rotate`, update BRIDGE_TOKEN here: the rendezvous moved with it)"
+        )
+    return opened
+
+
 def _fetch(spec: _Spec, *, timeout: float) -> str:
     if spec.kind == "file":
         return _fetch_file(spec.value)
@@ -281,7 +333,7 @@ def fetch_record(spec: str, *, timeout: float = DEFAULT_FETCH_TIMEOUT_S) -> str:
 
 
 def _record_sources() -> list[_Spec]:
-    """The record sources to consult, in order: BRIDGE_DISCOVERY, then the local default record if present."""
+    """The record sources to consult, in order: BRIDGE_DISCOVERY, the local default record if present, the relay."""
     found: list[_Spec] = []
     spec = os.environ.get(DISCOVERY_ENV, "").strip()
     if spec:
@@ -289,6 +341,9 @@ def _record_sources() -> list[_Spec]:
     local = config.paths().record_file
     if local.is_file() and not any(s.kind == "file" and Path(s.value).resolve() == local.resolve() for s in found):
         found.append(_Spec("file", str(local)))
+    relay = relay_from_env()
+    if relay is not None:
+        found.append(_Spec("relay", relay))
     return found
 
 
@@ -297,12 +352,37 @@ _freshness = RecordFreshness()
 
 
 def _verified_endpoint(spec: _Spec, token: str, *, timeout: float) -> Endpoint:
+    if spec.kind == "relay":
+        return _verified_relay_endpoint(spec, token, timeout=timeout)
     text = _fetch(spec, timeout=timeout)
     try:
         record = _freshness.check(verify_record(text, token))
     except RecordError as exc:
         raise type(exc)(f"{spec.describe()}: {exc}") from None
     # verify_record has checked the scheme and that the URL carries no credentials.
+    return Endpoint(url=record.url.rstrip("/"), source=spec.describe(), record=record)
+
+
+def _verified_relay_endpoint(spec: _Spec, token: str, *, timeout: float) -> Endpoint:
+    """The record on the relay that opens, verifies and was issued last; refused if older than one already seen.
+
+    Issue time, not the relay's order, decides: whoever holds the topic can re-post an old genuine message, which
+    then comes last, but cannot make it newer than the record the server published after it.
+    """
+    records: list[EndpointRecord] = []
+    first_error: RecordError | None = None
+    for text in _poll_relay(spec.value, token, timeout=timeout):
+        try:
+            records.append(verify_record(text, token))
+        except RecordError as exc:  # expired, or signed by another token
+            first_error = first_error or exc
+    try:
+        if not records:
+            assert first_error is not None  # _poll_relay returned at least one opened record
+            raise first_error
+        record = _freshness.check(max(records, key=lambda r: r.issued_at))
+    except RecordError as exc:
+        raise type(exc)(f"{spec.describe()}: {exc}") from None
     return Endpoint(url=record.url.rstrip("/"), source=spec.describe(), record=record)
 
 
@@ -348,6 +428,7 @@ def find_endpoint(
         "no MLflow endpoint found; tried: " + "; ".join(tried) + ". "
         f"Set {URL_ENV} to the server URL, set {DISCOVERY_ENV} to where `bridge serve --publish` writes its "
         "record (file:PATH, gist:ID, https://…), or run `bridge serve` on this machine."
+        + ("" if relay_from_env() else f" ({RELAY_ENV} is off, so no relay was asked.)")
     )
 
 
@@ -365,7 +446,7 @@ def rediscover(
 ) -> Endpoint | None:
     """A newly published endpoint whose URL differs from `current_url`, else None; never raises on fetch errors.
 
-    Only the published record is re-read (BRIDGE_DISCOVERY, else the local record): an explicit URL is fixed,
+    Only the published record is re-read (BRIDGE_DISCOVERY, the local record, the relay): an explicit URL is fixed,
     so with BRIDGE_URL set this returns None. Remote sources are read at most every `interval_s`
     (ClientOptions.rediscover_interval_s, from BRIDGE_REDISCOVER_INTERVAL_S).
     """
