@@ -101,6 +101,13 @@ class Paths:
         return self.data_dir / "tunnel-usage.json"
 
     @property
+    def client_wheel_dir(self) -> Path:
+        """The cached client wheel the entrance serves to notebooks (bridge/serve/wheel.py); no secret in it.
+        `BRIDGE_CLIENT_WHEEL_DIR` names another (the test suite shares one, so each `bridge serve` builds no wheel)."""
+        override = os.environ.get("BRIDGE_CLIENT_WHEEL_DIR", "").strip()
+        return Path(override).expanduser() if override else self.data_dir / "client-wheel"
+
+    @property
     def ngrok_config(self) -> Path:
         return self.config_dir / "ngrok.yml"
 

@@ -5,8 +5,11 @@ Fixtures of each area live in tests/support/ and are loaded as plugins below.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +41,16 @@ pytest_plugins = [
     # Its autouse session fixture is set up before, so torn down after, the session's servers.
     "tests.support.leak_scan",
 ]
+
+
+#: One cache of the client wheel for every `bridge serve` of the suite, session fixtures' included (so set here, not
+#: per test), outside every BRIDGE_HOME: keyed by version and source hash and written whole or not at all, so each
+#: serve finds it built instead of running `pip wheel` again. Per user and checkout: a cache drops the wheels of
+#: other sources, and suites of two checkouts may run at once.
+SHARED_WHEEL_CACHE = Path(tempfile.gettempdir()) / (
+    f"bridge-test-client-wheel-{os.getuid()}-{hashlib.sha256(str(Path(__file__).resolve()).encode()).hexdigest()[:12]}"
+)
+os.environ["BRIDGE_CLIENT_WHEEL_DIR"] = str(SHARED_WHEEL_CACHE)
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from bridge.cli import app
 from bridge.cli.serve import colab_snippet
 from bridge.record import make_record
 from bridge.serve.supervisor import ServeEvent
+from bridge.serve.wheel import public_path
 
 runner = CliRunner()
 
@@ -122,6 +123,9 @@ def test_status_of_a_running_serve_shows_parts_and_no_secret(bridge_serve):
     assert token not in state_text
     assert token not in (bridge_serve.home / "endpoint.json").read_text()
     assert "Colab" in bridge_serve.output() and "bridge.connect()" in bridge_serve.output()
+    # The first line of the Colab cell installs this workstation's own wheel from its entrance.
+    assert f'%pip install -q "bridge[yolo] @ {bridge_serve.entrance_url}{public_path()}"' in bridge_serve.output()
+    assert "Client wheel" in out and public_path() in out
     assert token not in bridge_serve.output()
 
 
@@ -134,6 +138,21 @@ def test_colab_snippet_names_where_to_look_never_a_secret():
     assert 'os.environ["BRIDGE_DISCOVERY"] = "file:/srv/rec.json"' in colab_snippet("http://h:1", "file:/srv/rec.json")
     for spec in (None, "gist:0123abcd", "file:/srv/rec.json"):
         compile(colab_snippet("https://abc.ngrok-free.app", spec), "<colab>", "exec")
+
+
+def test_colab_snippet_installs_the_workstations_wheel_first_as_valid_ipython():
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    wheel = "https://abc.trycloudflare.com" + public_path()
+    for spec, relay in (
+        (None, None),
+        (None, "https://ntfy.sh"),
+        ("gist:0123abcd", None),
+        ("https://ntfy.sh/t?auth=k", None),
+    ):
+        snippet = colab_snippet("https://abc.trycloudflare.com", spec, relay, wheel_url=wheel)
+        assert snippet.splitlines()[0].startswith(f'%pip install -q "bridge[yolo] @ {wheel}"')
+        compile(TransformerManager().transform_cell(snippet), "<colab>", "exec")  # `%pip` is IPython, as in Colab
 
 
 def test_colab_snippet_with_the_relay_needs_only_the_token():

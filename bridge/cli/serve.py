@@ -216,7 +216,9 @@ def _print_ready(info, publish_spec: str | None, relay: str | None = None) -> No
     console.print("Colab: add a secret [bold]BRIDGE_TOKEN[/] (value: run `bridge token` here), then run:")
     # soft_wrap: a cropped or re-wrapped line would not paste as valid Python.
     pending = info.public_url is None and info.tunnel_mode != "none"
-    snippet = colab_snippet(info.record_url, publish_spec, relay if info.relay else None, tunnel_pending=pending)
+    snippet = colab_snippet(
+        info.record_url, publish_spec, relay if info.relay else None, tunnel_pending=pending, wheel_url=_wheel_url(info)
+    )
     console.print(snippet, soft_wrap=True, markup=False, highlight=False)
     console.print(
         "Press Ctrl-C to stop. Changes (a new URL, a reopened tunnel, failures) are printed below.", style="dim"
@@ -231,7 +233,9 @@ def _print_event(event, publish_spec: str | None, relay: str | None = None) -> N
     if event.record_url:
         _print_link("New URL (published in the signed record)", event.record_url)
         console.print("Colab, updated (a notebook reading the record follows by itself):", highlight=False)
-        snippet = colab_snippet(event.record_url, publish_spec, relay)
+        from bridge.serve.wheel import public_path
+
+        snippet = colab_snippet(event.record_url, publish_spec, relay, wheel_url=event.record_url + public_path())
         console.print(snippet, soft_wrap=True, markup=False, highlight=False)
     sys.stdout.flush()
 
@@ -249,8 +253,21 @@ def _seconds_from_env(name: str, default: float) -> float:
     return value
 
 
-def colab_snippet(url: str, publish_spec: str | None, relay: str | None = None, *, tunnel_pending: bool = False) -> str:
-    """The notebook cell that connects Colab to this workstation; it names where to look, never a secret.
+def _wheel_url(info) -> str | None:
+    """Where a notebook installs this workstation's bridge: the public URL (or the entrance) + the wheel's path."""
+    return info.record_url.rstrip("/") + info.wheel_path if info.wheel_path else None
+
+
+def colab_snippet(
+    url: str,
+    publish_spec: str | None,
+    relay: str | None = None,
+    *,
+    tunnel_pending: bool = False,
+    wheel_url: str | None = None,
+) -> str:
+    """The notebook cell that installs bridge from this workstation and connects; it names where to look, never a
+    secret. `wheel_url`: the client wheel the entrance serves (no token needed to fetch it).
 
     With a `relay`, the token alone finds the workstation: no URL is pinned (a pinned URL is never re-discovered).
     `tunnel_pending`: a tunnel is being retried, so a loopback `url` is only for now (the relay gets the public
@@ -288,8 +305,13 @@ def colab_snippet(url: str, publish_spec: str | None, relay: str | None = None, 
         where = f'os.environ["BRIDGE_URL"] = "{url}"  # this machine only: no tunnel is open\n{hint}'
     else:
         where = f'os.environ["BRIDGE_URL"] = "{url}"  # changes when the tunnel restarts (not with an ngrok --domain)'
+    install = (
+        f'%pip install -q "bridge[yolo] @ {wheel_url}"  # this workstation\'s own bridge, no token needed\n'
+        if wheel_url
+        else ""
+    )
     return (
-        ("" if where.startswith("#") else "import os\n") + f"{where}\n"
+        f"{install}" + ("" if where.startswith("#") else "import os\n") + f"{where}\n"
         "import bridge\n"
         "conn = bridge.connect()  # reads the Colab secret BRIDGE_TOKEN (value: `bridge token` here)\n"
     )
@@ -528,6 +550,14 @@ def status_command() -> None:
     code = _probe(entrance.get("url")) if running else None
     entrance_state = {401: "[green]up, locked[/]", None: "[red]unreachable[/]"}.get(code, f"[red]answered {code}[/]")
     table.add_row("Entrance", entrance_state, _entrance_detail(entrance))
+    wheel = state.get("client_wheel") or {}
+    if wheel:
+        wheel_state = (
+            "[red]failed[/]" if wheel.get("error") else "[green]ready[/]" if wheel.get("ready") else "building"
+        )
+        where = (tunnel.get("public_url") or entrance.get("url") or "") + str(wheel.get("path"))
+        detail = f"{where} (public) · {wheel.get('downloads', 0)} downloads"
+        table.add_row("Client wheel", wheel_state, detail + (f" · {wheel['error']}" if wheel.get("error") else ""))
     table.add_row(
         f"Tunnel ({tunnel.get('mode', 'none')})", str(tunnel.get("status", "disabled")), _tunnel_detail(tunnel)
     )

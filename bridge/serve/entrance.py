@@ -2,9 +2,11 @@
 
 Every request must carry the access token, as HTTP Basic (any user name, password = token) or
 `Authorization: Bearer <token>`; anything else gets 401 with `WWW-Authenticate` so a browser
-prompts. Repeated failures from one client get 429. Forwarded requests look local to MLflow
-(Host rewritten to MLflow's own address, credentials stripped), so MLflow's Host-header and
-cross-origin protection stay on, unchanged, for everything else.
+prompts. Repeated failures from one client get 429. One path alone is public: the client wheel
+(bridge/serve/wheel.py) that a notebook installs before it has any way to send the token, and the
+one-line page naming it: GET/HEAD only, a few requests per client, no secret in them.
+Forwarded requests look local to MLflow (Host rewritten to MLflow's own address, credentials stripped), so
+MLflow's Host-header and cross-origin protection stay on, unchanged, for everything else.
 
 Responses go back compressed when the client accepts it (bridge/serve/compression.py), and every response to a
 tunnel client is counted in the month's tunnel usage (bridge/serve/usage.py), which `bridge status` shows.
@@ -18,6 +20,7 @@ import binascii
 import collections
 import errno
 import functools
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -40,6 +43,8 @@ from bridge.errors import ConfigError, ServeError
 from bridge.record import LOOPBACK_HOSTS
 from bridge.serve import compression, uploads
 from bridge.serve.usage import TunnelUsage
+from bridge.serve.wheel import PATH_PREFIX as WHEEL_PREFIX
+from bridge.serve.wheel import ClientWheel
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,14 @@ REALM = "bridge"
 #: Failed logins one client may make within the window before it gets 429.
 DEFAULT_MAX_FAILURES = 10
 DEFAULT_FAILURE_WINDOW_S = 60.0
+#: Requests for the public client wheel one client may make per window (every request counts: 200, 304, HEAD).
+#: A notebook installs it once per runtime, and pip tries a failed download at most 6 times (`--retries 5`, its
+#: default): 10 in 10 minutes lets a person re-run the install cell, while a loop fetching the ~0.3 MB file stops
+#: at 1.4 k downloads a day instead of eating the tunnel's monthly budget (ngrok's free plan: 1 GB, 20 k requests).
+DEFAULT_WHEEL_DOWNLOADS = 10
+DEFAULT_WHEEL_WINDOW_S = 600.0
+#: What a client asking for the wheel before it is built is told to wait (a build takes a few seconds).
+WHEEL_BUILDING_RETRY_S = 5
 #: Bodies up to this size are read whole (fewer round trips); larger ones stream through.
 BUFFER_LIMIT_BYTES = 256 * 1024
 STREAM_CHUNK_BYTES = 256 * 1024
@@ -151,7 +164,8 @@ def presented_token(authorization: str | None) -> bytes | None:
 
 
 class AuthThrottle:
-    """Count failed logins per client in a sliding window; over the limit a client gets 429 until it ages out."""
+    """Count events per client in a sliding window (failed logins; downloads of the public wheel); over the limit
+    a client gets 429 until the oldest ages out."""
 
     def __init__(
         self,
@@ -184,6 +198,7 @@ class AuthThrottle:
         return times[0] + self.window_s - now
 
     def failed(self, client: str) -> None:
+        """Count one event (a failed login, a download) for `client`."""
         if client not in self._failures and len(self._failures) >= self.max_clients:
             self._prune()
         self._failures.setdefault(client, collections.deque(maxlen=self.max_failures)).append(self._clock())
@@ -240,6 +255,13 @@ def _bytes_out(response: web.StreamResponse) -> int:
     return size + head + 64  # + Date, Server and Content-Length, which aiohttp adds while sending
 
 
+def _is_wheel_path(raw_path: str) -> bool:
+    """True for the public prefix itself (the wheel's index page) or a wheel file name under it (query ignored)."""
+    path = raw_path.split("?", 1)[0]
+    name = path[len(WHEEL_PREFIX) :]
+    return path.startswith(WHEEL_PREFIX) and (name == "" or (name.endswith(".whl") and not set(name) & {"/", "%"}))
+
+
 def _from_this_machine(request: web.BaseRequest) -> bool:
     """True for a peer on this machine: loopback, or the very address the entrance listens on.
 
@@ -270,9 +292,12 @@ class Entrance:
         staging: Path | None = None,
         max_part_bytes: int = uploads.DEFAULT_MAX_PART_BYTES,
         local_artifacts: Path | None = None,
+        client_wheel: ClientWheel | None = None,
+        wheel_throttle: AuthThrottle | None = None,
     ) -> None:
         """`staging`: the folder of resumable uploads (bridge/serve/uploads.py); None serves none.
-        `local_artifacts`: MLflow's artifact destination when it is a local folder (see `_place`)."""
+        `local_artifacts`: MLflow's artifact destination when it is a local folder (see `_place`).
+        `client_wheel`: the wheel served without the token at its public path; None serves none."""
         self.upstream_port = upstream_port
         self.host = host
         self.port = port if port is not None else upstream_port + 1
@@ -295,8 +320,11 @@ class Entrance:
         self.uploads = (
             uploads.Uploads(staging, self._place, max_part_bytes=max_part_bytes) if staging is not None else None
         )
+        self.client_wheel = client_wheel
+        self.wheel_throttle = wheel_throttle or AuthThrottle(DEFAULT_WHEEL_DOWNLOADS, DEFAULT_WHEEL_WINDOW_S)
         self.requests = 0
         self.rejected = 0
+        self.wheel_downloads = 0
         #: Requests from elsewhere (through the tunnel, or another machine) refused for a missing or wrong token (401),
         #: and for too many of those from one client (429). This machine's own probes (`bridge status`) are not counted.
         self.refused_logins = 0
@@ -418,6 +446,8 @@ class Entrance:
         return response
 
     async def _answer(self, request: web.Request, client: str | None) -> web.StreamResponse:
+        if self.client_wheel is not None and _is_wheel_path(request.raw_path):
+            return self._serve_wheel(request, client, self.client_wheel)
         retry_after = self.throttle.retry_after_s(client) if client is not None else None
         if retry_after is not None:
             self.rejected += 1
@@ -452,6 +482,43 @@ class Entrance:
         if self.uploads is not None and (request.path + "/").startswith(uploads.PREFIX + "/"):
             return await self.uploads.handle(request)
         return await self._forward(request)
+
+    def _serve_wheel(self, request: web.Request, client: str | None, wheel: ClientWheel) -> web.Response:
+        """The public client wheel: read-only, throttled per client, revalidated by ETag; no token needed."""
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="The client wheel is read-only.\n", headers={"Allow": "GET, HEAD"})
+        if client is not None:
+            retry_after = self.wheel_throttle.retry_after_s(client)
+            if retry_after is not None:
+                return web.Response(
+                    status=429,
+                    text="Too many downloads of the client wheel from this client; try again later.\n",
+                    headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
+                )
+            self.wheel_throttle.failed(client)  # counts this download
+        index = request.path == WHEEL_PREFIX
+        if not index and request.path != wheel.public_path:
+            # Another version's name (a notebook from before an upgrade): say which one this workstation serves.
+            return web.Response(status=404, text=f"This workstation serves {wheel.public_path}\n")
+        data, etag = wheel.data, wheel.etag
+        if data is None or etag is None:
+            if wheel.error is not None:
+                return web.Response(status=500, text=f"The client wheel could not be built: {wheel.error}\n")
+            return web.Response(
+                status=503,
+                text="The client wheel is being built; try again in a few seconds.\n",
+                headers={"Retry-After": str(WHEEL_BUILDING_RETRY_S)},
+            )
+        if index:  # a find-links page (PEP 503's form): how a notebook learns the wheel's name from the URL alone
+            digest = hashlib.sha256(data).hexdigest()
+            page = f'<!DOCTYPE html>\n<a href="{wheel.name}#sha256={digest}">{wheel.name}</a>\n'
+            return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-cache"})
+        # no-cache: pip's HTTP cache keeps the file and asks again with If-None-Match, answered 304 when unchanged.
+        headers = {"ETag": etag, "Cache-Control": "no-cache", "Content-Type": "application/octet-stream"}
+        if etag in {tag.strip() for tag in request.headers.get("If-None-Match", "").split(",")}:
+            return web.Response(status=304, headers=headers)
+        self.wheel_downloads += 1
+        return web.Response(body=data, headers=headers)  # aiohttp sends no body to a HEAD, but its length
 
     async def _place(self, file: Path, path: str) -> None:
         """Put a finished upload into MLflow: moved into MLflow's artifact folder when that is a local folder,

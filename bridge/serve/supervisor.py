@@ -45,6 +45,7 @@ from bridge.serve.mlflow_process import MlflowOptions, MlflowProcess, redact_uri
 from bridge.serve.publisher import FilePublisher, Publisher, RelayPublisher, publisher_for
 from bridge.serve.tunnel_keeper import DEFAULT_CHECK_INTERVAL_S, DEFAULT_GRACE_S, TunnelEvent, TunnelKeeper
 from bridge.serve.usage import TunnelUsage, budget_warning
+from bridge.serve.wheel import ClientWheel
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -139,6 +140,8 @@ class ServeInfo:
     published_to: str
     publish_error: str | None
     notes: list[str] = field(default_factory=list)
+    #: The entrance path of the client wheel notebooks install (public: no token needed).
+    wheel_path: str | None = None
     #: What --tunnel resolved to (ngrok, cloudflared, none), and whether it is open now or being retried.
     tunnel_mode: str = "none"
     tunnel_status: str = "disabled"
@@ -188,6 +191,7 @@ class Supervisor:
         self.publisher: Publisher = publisher_for(options.publish)
         # `bridge url` reads the local record, so it is written even when the record goes elsewhere too.
         self._local_publisher = FilePublisher(config.paths().record_file) if options.publish else None
+        self.client_wheel = ClientWheel(config.paths().client_wheel_dir)
         self.relay: RelayPublisher | None = (
             RelayPublisher(options.relay, self._current_token) if options.relay is not None else None
         )
@@ -233,6 +237,7 @@ class Supervisor:
         make_tunnel = self._choose_tunnel()
         _check_bindable(opts.host, opts.resolved_entrance_port)  # say so now, not after MLflow's start-up
         self._check_interrupt()
+        self.client_wheel.start()  # built (or found in the cache) while MLflow starts; 503 until then
         self.mlflow.start()
         self._check_interrupt()
         self.entrance = Entrance(
@@ -241,6 +246,7 @@ class Supervisor:
             usage=TunnelUsage.load(config.paths().tunnel_usage_file),
             staging=config.paths().uploads_dir,
             local_artifacts=_local_folder(self.mlflow.options.resolved_artifacts_destination()),
+            client_wheel=self.client_wheel,
         )  # fmt: skip
         self.entrance.start()
         self._check_interrupt()
@@ -276,6 +282,7 @@ class Supervisor:
             published_to=self.publisher.describe(),
             publish_error=None if self.last_publish and self.last_publish["ok"] else self._last_publish_error(),
             notes=list(self.notes),
+            wheel_path=self.client_wheel.public_path,
             tunnel_mode=self.tunnel_mode,
             tunnel_status="disabled" if self.keeper is None else self.keeper.status,
             relay=self.relay.describe() if self.relay is not None else None,
@@ -406,6 +413,7 @@ class Supervisor:
         if self.entrance is not None:
             self.entrance.stop()
             self.entrance.usage.save()
+        self.client_wheel.stop()  # a build still running
         self.mlflow.stop()
         for thread in self._threads:
             thread.join(timeout=15)
@@ -607,6 +615,12 @@ class Supervisor:
                 "workers": self.mlflow.options.workers,
             },
             "entrance": self._entrance_state(),
+            "client_wheel": {
+                "path": self.client_wheel.public_path,
+                "ready": self.client_wheel.data is not None,
+                "error": self.client_wheel.error,
+                "downloads": self.entrance.wheel_downloads if self.entrance else 0,
+            },
             "tunnel": self._tunnel_state(),
             "usage": self.entrance.usage.snapshot() if self.entrance else None,
             "budget": {"bytes": self.options.bytes_budget, "requests": self.options.requests_budget},
