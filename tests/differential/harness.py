@@ -29,7 +29,14 @@ from tests.differential.child import trace_json
 from tests.differential.executor import Executor, Read, Trace
 from tests.differential.faults import SENDER_ENV, TOKEN, BridgeWorld, OracleWorld
 from tests.differential.oracle import capture, compare
-from tests.differential.programs import FILE_PART_BYTES, Call, Features, ProgramMachine, listing
+from tests.differential.programs import (
+    FILE_PART_BYTES,
+    Call,
+    Features,
+    FileProgramMachine,
+    ProgramMachine,
+    listing,
+)
 from tests.support.flaky_proxy import FlakyProxy
 from tests.support.mlflow_server import PlainMlflowServer, free_port
 
@@ -244,7 +251,8 @@ def machine_for(harness: Harness, features: Features) -> type[ProgramMachine]:
             harness.check(program, files=True)
     else:
         check = harness.check
-    return type("DifferentialProgram", (ProgramMachine,), {"check": staticmethod(check), "features": features})
+    base = FileProgramMachine if features.files else ProgramMachine
+    return type("DifferentialProgram", (base,), {"check": staticmethod(check), "features": features})
 
 
 def run_seed(

@@ -168,6 +168,7 @@ def test_the_file_rules_report_a_planted_defect(file_harness, monkeypatch, rule)
     assert f"rule {rule}:" in str(found.value)
 
 
+@pytest.mark.slow
 def test_the_file_rules_pass_the_same_programs_unbroken(file_harness):
     """The programs of the planted defects, with bridge as it is: no difference, every order kept."""
     from tests.differential.programs import Call
