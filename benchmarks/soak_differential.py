@@ -61,7 +61,7 @@ def main() -> int:
     os.environ.setdefault("BRIDGE_HOME", tempfile.mkdtemp(prefix="soak-home-"))
     os.environ.setdefault("PYTHON_KEYRING_BACKEND", "keyring.backends.null.Keyring")
 
-    from tests.differential import allowances
+    from tests.differential import allowances, orders
     from tests.differential.harness import Difference, Harness, run_seed, start_servers
     from tests.differential.programs import FAULTS, FILES, KILL9, SLOW_EXIT, Features
     from tests.support.flaky_proxy import FlakyProxy
@@ -145,6 +145,8 @@ def main() -> int:
         f"{done - len(failed)} clean, {len(failed)} differ"
         + (f"; failing seeds: {', '.join(str(s) for s, _ in failed)}" if failed else "")
     )
+    if args.files:
+        print("file rules applied: " + ", ".join(f"{rule} {harness.rule_checks[rule]}" for rule in orders.RULES))
     print(
         "faults injected: "
         + (", ".join(f"{op} {n}" for op, n in sorted(harness.op_counts.items()) if op in FAULTS) or "none")

@@ -63,6 +63,7 @@ class Harness:
     # The file rules' way in: a flaky proxy in front of bridge's entrance in front of `target` (start_entrance).
     entrance: RecordingEntrance | None = None
     entrance_proxy: FlakyProxy | None = None
+    rule_checks: Counter = field(default_factory=Counter)  # how often each file rule applied (orders.py)
 
     def db(self, server: PlainMlflowServer) -> Path:
         return Path(server.backend_store_uri[len("sqlite:///") :])
@@ -97,7 +98,7 @@ class Harness:
         )
         if files:
             assert self.entrance is not None
-            differences += orders.check(program, self.entrance.arrivals(), bridge_state, bridge_trace)
+            differences += orders.check(program, self.entrance.arrivals(), bridge_state, bridge_trace, self.rule_checks)
         self._finish(program, differences, started, workdir)
 
     def start_entrance(self, staging: Path) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from tests.differential.arrivals import Arrival
@@ -141,8 +141,11 @@ class _Arrived:
         return self.exact.get((r, key, step, value, ts))
 
 
-def check(program: list[Call], arrivals: list[Arrival], state: State, trace: Trace) -> list[str]:
-    """Every broken order, one line each, named by its rule."""
+def check(
+    program: list[Call], arrivals: list[Arrival], state: State, trace: Trace, tally: Counter | None = None
+) -> list[str]:
+    """Every broken order, one line each, named by its rule; `tally` counts how often each rule applied."""
+    tally = Counter() if tally is None else tally
     out: list[str] = []
     index_of = {run_id: r for r, run_id in state.server_ids.items()}
     versions = versions_of(program)
@@ -169,6 +172,9 @@ def check(program: list[Call], arrivals: list[Arrival], state: State, trace: Tra
                 f"rule whole-once: run {where[0]} {a.path}: placed bytes (sha256 {str(a.sha256)[:12]}) "
                 "that are no version the program logged there"
             )
+    tally["whole-once"] += len(versions)
+    tally["newest-wins"] += len(by_path)
+    tally["superseded-unsent"] += sum(v.waited is not None for v in versions)
     for v in versions:
         n = len([a for a in placed.get(v.sha256, []) if a.run in index_of and index_of[a.run] == v.r])
         if n > 1:
@@ -216,6 +222,7 @@ def check(program: list[Call], arrivals: list[Arrival], state: State, trace: Tra
     arrived = _Arrived(arrivals, index_of)
     points = points_of(program, trace.errors)
     out += _end_after_everything(
+        tally=tally,
         r_events=events,
         versions=versions,
         placed=placed,
@@ -224,7 +231,7 @@ def check(program: list[Call], arrivals: list[Arrival], state: State, trace: Tra
         arrivals=arrivals,
         state=state,
     )
-    out += _points_not_held(program, versions, placed, points, arrived, trace, ends)
+    out += _points_not_held(program, versions, placed, points, arrived, trace, ends, tally)
     return out
 
 
@@ -265,6 +272,7 @@ def _mark_waiting(
 
 def _end_after_everything(
     *,
+    tally: Counter,
     r_events: dict[int, list[tuple[int, str]]],
     versions: list[Version],
     placed: dict[str, list[Arrival]],
@@ -296,6 +304,7 @@ def _end_after_everything(
                 firsts.append(a)
                 running = False
         for k, end in zip(groups, firsts, strict=False):
+            tally["end-after-everything"] += 1
             late = []
             for step, pr, point in points:
                 if pr != r or step >= k:
@@ -326,6 +335,7 @@ def _points_not_held(
     arrived: _Arrived,
     trace: Trace,
     ends: dict[int, list[int]],
+    tally: Counter,
 ) -> list[str]:
     out = []
     rate: float | None = None
@@ -358,6 +368,7 @@ def _points_not_held(
         if changed is not None and trace.returned.get(changed - 1, 0.0) < done:
             continue  # the link changed (a throttle lifted, a fault) before the file was in: no bound holds
         late = []
+        tally["points-not-held"] += 1
         for step, r, point in points:
             if not v.step <= step < stop or any(last_flush < s < step for s in ends.get(r, [])):
                 continue  # outside the stretch, or behind an end status of its run that waits for files
