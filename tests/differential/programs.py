@@ -613,12 +613,14 @@ class FileProgramMachine(ProgramMachine):
     log_model = register_model = set_alias = None
     fault = copy_journal = restart_server = kill = after_kill = search_runs = heal = None
 
-    @initialize(fluent=st.booleans())
-    def first_experiment(self, fluent):
-        """The experiment, and a run to log files to from the first step."""
+    @initialize(fluent=st.booleans(), rate=st.sampled_from(THROTTLES))
+    def first_experiment(self, fluent, rate):
+        """The experiment, a run to log files to from the first step, and (mostly) a throttled link."""
         self._create_experiment(fluent, {})
         self.runs.append(RunModel(0, 0, "run0", fluent=False))
         self.add("create_run", r=0, e=0, name="run0", parent=None)
+        if rate is not None:
+            self.add("throttle", up_bytes_per_s=rate)
 
     @precondition(lambda self: not self.killed and (not self.program or self.program[-1].op != "flush"))
     @rule()

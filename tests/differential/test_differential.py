@@ -43,7 +43,7 @@ def test_programs_with_big_files_over_a_throttled_flapping_link(file_harness):
     end statuses, over a link that goes down, is throttled and flaps: the server's state equals stock MLflow's and
     the file lane keeps its orders (orders.py: whole-once, newest-wins, superseded-unsent, end-after-everything,
     points-not-held)."""
-    run_seed(file_harness, 41, features=FILES, max_examples=5, steps=25)
+    run_seed(file_harness, 40, features=FILES, max_examples=4, steps=25)
     print(f"\nfile rules: {file_harness.programs} programs, applied {dict(file_harness.rule_checks)}")
 
 
