@@ -124,6 +124,7 @@ _PLANTED = {
         {"op": "set_terminated", "args": {"r": 0, "status": "FINISHED"}},
     ],
     "points-not-held": [
+        {"op": "flush", "args": {}},  # the run is on the server: its file need not wait for the record lane
         {"op": "throttle", "args": {"up_bytes_per_s": MiB}},
         {"op": "epoch", "args": {"r": 0, "step": 0, "path": "weights/last.pt", "size": 3 * MiB, "seed": 3}},
         {"op": "log_metric", "args": {"r": 0, "key": "loss", "value": 0.5, "step": 1, "ts": 1, "via": "client"}},
@@ -136,11 +137,11 @@ _PLANTED = {
 def test_the_file_rules_report_a_planted_defect(file_harness, monkeypatch, rule):
     """Sanity: with the file lane's order broken on purpose, the rule of that order reports it — a superseded
     version sent anyway, an end status not waiting for its run's files, points waiting behind an upload."""
-    import threading
+    import time
 
-    from bridge.client.delivery import files, handlers, operations
+    from bridge.client.delivery import handlers, operations
     from bridge.client.delivery.sender import Sender
-    from bridge.client.journal.kinds import UPDATE_RUN
+    from bridge.client.journal.kinds import ARTIFACT, UPDATE_RUN
     from bridge.client.journal.queue import OpQueue
     from tests.differential.harness import Difference
     from tests.differential.programs import Call
@@ -149,19 +150,16 @@ def test_the_file_rules_report_a_planted_defect(file_harness, monkeypatch, rule)
         monkeypatch.setattr(OpQueue, "superseded", lambda self, op, before=None: False)
     elif rule == "end-after-everything":
         monkeypatch.setitem(handlers.HANDLERS, UPDATE_RUN, handlers.Handler(operations.apply_update_run))
-    else:
-        uploading = threading.Event()
-        deliver_file, deliver_records = files.deliver_file, Sender.deliver_records
+    else:  # a batch of points waits while a file does (the issue's "the live charts freeze behind a file")
+        send_batch = Sender._send_batch
 
-        def tracked(*args, **kwargs):
-            uploading.set()
-            try:
-                return deliver_file(*args, **kwargs)
-            finally:
-                uploading.clear()
+        def held(self, *args, **kwargs):
+            deadline = time.monotonic() + 60
+            while self.journal.queue.runs_with_undelivered((ARTIFACT,)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return send_batch(self, *args, **kwargs)
 
-        monkeypatch.setattr(files, "deliver_file", tracked)
-        monkeypatch.setattr(Sender, "deliver_records", lambda self: 0 if uploading.is_set() else deliver_records(self))
+        monkeypatch.setattr(Sender, "_send_batch", held)
     program = [Call.from_json(c) for c in _EXPERIMENT_AND_RUN + _PLANTED[rule]]
     with pytest.raises(Difference) as found:
         file_harness.check(program, files=True)
