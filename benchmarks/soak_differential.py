@@ -2,6 +2,7 @@
 
     python benchmarks/soak_differential.py --seeds 200                 # ~2 s a program on the 2-core dev box
     python benchmarks/soak_differential.py --seeds 50 --restart --enable all --no-shrink
+    python benchmarks/soak_differential.py --seeds 50 --files          # big files, throttled and flapping links
     python benchmarks/soak_differential.py --replay program.json [--repeat 5]   # one program, as printed
 
 Each seed is one Hypothesis run of `--examples` programs (`--steps` calls at most); a seed with a difference
@@ -43,6 +44,12 @@ def main() -> int:
         help="the subprocess scenarios: the program runs "
         "in a child killed with SIGKILL (or exiting over a slow link), then `bridge sync`",
     )
+    parser.add_argument(
+        "--files",
+        action="store_true",
+        help="the file rules: big files in parts through bridge's entrance over a link that goes down, is "
+        "throttled and flaps, and the file lane's orders checked (tests/differential/orders.py)",
+    )
     parser.add_argument("--no-shrink", action="store_true", help="report a failing seed's first program as is")
     parser.add_argument("--replay", type=Path, help="run this program (the JSON a difference prints) and stop")
     parser.add_argument("--repeat", type=int, default=1, help="with --replay: how many times")
@@ -54,9 +61,9 @@ def main() -> int:
     os.environ.setdefault("BRIDGE_HOME", tempfile.mkdtemp(prefix="soak-home-"))
     os.environ.setdefault("PYTHON_KEYRING_BACKEND", "keyring.backends.null.Keyring")
 
-    from tests.differential import allowances
+    from tests.differential import allowances, orders
     from tests.differential.harness import Difference, Harness, run_seed, start_servers
-    from tests.differential.programs import FAULTS, KILL9, SLOW_EXIT, Features
+    from tests.differential.programs import FAULTS, FILES, KILL9, SLOW_EXIT, Features
     from tests.support.flaky_proxy import FlakyProxy
 
     features = Features(
@@ -67,6 +74,8 @@ def main() -> int:
     )
     if args.child:
         features = KILL9 if args.child == "kill" else SLOW_EXIT
+    if args.files:
+        features = FILES
     root = Path(tempfile.mkdtemp(prefix="soak-differential-"))
     print(
         f"soak: {args.seeds} seeds from {args.first_seed}, {args.examples} programs each, ≤ {args.steps} calls; "
@@ -76,6 +85,8 @@ def main() -> int:
     oracle, target = start_servers(root)
     proxy = FlakyProxy("127.0.0.1", target.port, io_timeout=10.0)
     harness = Harness(oracle, target, proxy, root / "programs")
+    if args.files:
+        harness.start_entrance(root / "staging")
     failed: list[tuple[int, str]] = []
     started = time.monotonic()
     done = 0
@@ -86,12 +97,13 @@ def main() -> int:
         try:
             for attempt in range(args.repeat):
                 try:
-                    harness.check(program)
+                    harness.check(program, files=args.files)
                     print(f"replay {attempt}: same state", flush=True)
                 except Difference as exc:
                     failed.append((attempt, str(exc)))
                     print(f"replay {attempt}: {exc}", flush=True)
         finally:
+            harness.stop_entrance()
             proxy.close()
             target.stop()
             oracle.stop()
@@ -123,6 +135,7 @@ def main() -> int:
                 flush=True,
             )
     finally:
+        harness.stop_entrance()
         proxy.close()
         target.stop()
         oracle.stop()
@@ -132,6 +145,8 @@ def main() -> int:
         f"{done - len(failed)} clean, {len(failed)} differ"
         + (f"; failing seeds: {', '.join(str(s) for s, _ in failed)}" if failed else "")
     )
+    if args.files:
+        print("file rules applied: " + ", ".join(f"{rule} {harness.rule_checks[rule]}" for rule in orders.RULES))
     print(
         "faults injected: "
         + (", ".join(f"{op} {n}" for op, n in sorted(harness.op_counts.items()) if op in FAULTS) or "none")

@@ -7,4 +7,6 @@ child.py       a program in a child process: kill -9, or exit over a slow link, 
 oracle.py      captures a server's state for a program and compares two
 allowances.py  everything not compared, and rules kept off by known defects — the one place
 harness.py     two servers, a proxy, `check(program)`, `run_seed(...)`
+arrivals.py    the file rules' way in: bridge's entrance, recording what reached it and when
+orders.py      the file rules: the file lane's orders checked from those arrivals
 """

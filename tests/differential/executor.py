@@ -8,6 +8,9 @@ calls raised, so two worlds' traces can be compared.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,7 +22,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 
 from tests.differential import allowances
-from tests.differential.programs import FAULTS, READS, Call
+from tests.differential.programs import BASE_TS, FAULTS, READS, Call, big_file_bytes
 
 
 class World(Protocol):
@@ -29,6 +32,7 @@ class World(Protocol):
 
     def begin(self) -> None: ...
     def fault(self, call: Call) -> None: ...
+    def pause(self, seconds: float) -> None: ...
     def flush(self) -> None: ...
     def end(self) -> None: ...
 
@@ -53,6 +57,7 @@ class Trace:
     said: dict[int, str] = field(default_factory=dict)  # step -> its message (reported, never compared)
     models: dict[str, str] = field(default_factory=dict)  # program's model name -> this world's model id
     seconds: float = 0.0
+    returned: dict[int, float] = field(default_factory=dict)  # step -> time.monotonic() when it returned or raised
 
 
 def experiment_name(nonce: str, e: int) -> str:
@@ -87,6 +92,7 @@ class Executor:
         self.trace = Trace()
         self.online = True
         self.reconnected = False
+        self._files: str | None = None  # a folder for big files' local copies (log_big_file), made on first use
 
     @property
     def client(self) -> MlflowClient:
@@ -104,15 +110,26 @@ class Executor:
                 while mlflow.active_run() is not None:  # what MLflow's exit hook does
                     mlflow.end_run()
         finally:
-            self.world.end()
+            try:
+                self.world.end()
+            finally:
+                if self._files is not None:
+                    shutil.rmtree(self._files, ignore_errors=True)
         self.trace.seconds = time.monotonic() - started
         return self.trace
 
     def apply(self, step: int, call: Call) -> None:
+        self._apply(step, call)
+        self.trace.returned.setdefault(step, time.monotonic())
+
+    def _apply(self, step: int, call: Call) -> None:
         if call.op in FAULTS:
             self.online = False
             self.reconnected = self.reconnected or call.op == "reconnect"
             self.world.fault(call)
+            return
+        if call.op == "pause":
+            self.world.pause(call.args["seconds"])
             return
         if call.op == "flush":
             self.world.flush()
@@ -244,6 +261,22 @@ class Executor:
         import numpy as np
 
         self.client.log_image(self._id(r), np.full((4, 4, 3), shade, dtype=np.uint8), artifact_file=path)
+
+    def log_big_file(self, r: int, path: str, size: int, seed: int) -> None:
+        if self._files is None:
+            self._files = tempfile.mkdtemp(prefix="dx-files-")
+        folder, _, name = path.rpartition("/")
+        local = f"{self._files}/{seed}/{name}"
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "wb") as fh:
+            fh.write(big_file_bytes(size, seed))
+        self.client.log_artifact(self._id(r), local, folder or None)
+
+    def epoch(self, r: int, step: int, path: str, size: int, seed: int) -> None:
+        """A point, the weights, a point (explicit timestamps: compared exactly)."""
+        self.client.log_metric(self._id(r), "loss", 1.0 / (step + 1), timestamp=BASE_TS + 10 + step, step=10 + step)
+        self.log_big_file(r, path, size, seed)
+        self.client.log_metric(self._id(r), "acc", step / 10, timestamp=BASE_TS + 10 + step, step=10 + step)
 
     def log_input(self, r: int, rows: int, context: str) -> None:
         # A dataset entity built directly: its source and digest do not depend on the process that logs it.

@@ -15,6 +15,16 @@
                                   tests/support/transport.py's FaultTransport): refuse · timeout ·
                                   lost_answer (the server applied it) · status — exact, no proxy timing
 
+    With the file rules (programs.FILES) the proxy stands in front of bridge's entrance (arrivals.py), which
+    serves resumable uploads in parts of programs.FILE_PART_BYTES, and the link itself is the fault:
+
+        link_down() / link_up()   the proxy refuses every connection until link_up (or heal, or a flush)
+        throttle(rate)            bytes per second client → server from now on (None: unlimited)
+        flap(up_s, down_s)        the link flaps: up for up_s, down for down_s, again (up_s None: steady)
+
+    A flush heals faults and a link that is down, but keeps the link's throttle and flapping: what waits is
+    delivered over that link (FILES_FLUSH_TIMEOUT_S). `pause(s)` lets the bridge world's lanes work for a while.
+
 At the end the bridge world heals the link and flushes; entries left or dead letters are differences.
 """
 
@@ -29,7 +39,7 @@ from pathlib import Path
 
 import mlflow
 
-from tests.differential.programs import Call
+from tests.differential.programs import FILE_PART_BYTES, Call
 from tests.support.client import FAST_SENDER_ENV, _reset_mlflow
 from tests.support.flaky_proxy import FlakyProxy
 from tests.support.mlflow_server import PlainMlflowServer
@@ -37,6 +47,9 @@ from tests.support.mlflow_server import PlainMlflowServer
 TOKEN = "differential-harness-token-" + "d" * 20
 #: How long a flush may take once the link is healed (backoff after a fault is at most a few seconds).
 FLUSH_TIMEOUT_S = 60.0
+#: With the file rules a flush delivers big files over a throttled, flapping link (at worst ~1 MiB/s, up half the
+#: time): a program's files take up to a minute or so.
+FILES_FLUSH_TIMEOUT_S = 150.0
 #: The sender's HTTP timeout in the bridge world: a blackholed request costs this much.
 HTTP_TIMEOUT_S = "3"
 
@@ -104,6 +117,9 @@ class OracleWorld:
     def fault(self, call: Call) -> None:
         """Faults are the bridge world's; the oracle carries on as if nothing happened."""
 
+    def pause(self, seconds: float) -> None:
+        """Nothing runs in the background here: no need to wait."""
+
     def flush(self) -> None:
         """Stock MLflow's calls are synchronous: nothing to wait for."""
 
@@ -130,7 +146,8 @@ class BridgeWorld:
 
     name = "bridge"
 
-    def __init__(self, server: PlainMlflowServer, proxy: FlakyProxy, workdir: Path) -> None:
+    def __init__(self, server: PlainMlflowServer, proxy: FlakyProxy, workdir: Path, *, files: bool = False) -> None:
+        """`files`: `proxy` leads to bridge's entrance (the file rules), and uploads go in small parts."""
         self.server = server
         self.proxy = proxy
         self.workdir = workdir
@@ -138,7 +155,11 @@ class BridgeWorld:
         self.copies: list[Path] = []
         self.problems: list[str] = []
         self.conn = None
-        self._env = _Environment(SENDER_ENV)
+        self.flush_timeout_s = FILES_FLUSH_TIMEOUT_S if files else FLUSH_TIMEOUT_S
+        env = dict(SENDER_ENV)
+        if files:
+            env["BRIDGE_UPLOAD_PART_BYTES"] = str(FILE_PART_BYTES)
+        self._env = _Environment(env)
         from tests.support.transport import FaultTransport
 
         self.transport = FaultTransport()  # every connect() of this world sends through it
@@ -153,8 +174,15 @@ class BridgeWorld:
     def begin(self) -> None:
         self._env.__enter__()
         _reset_mlflow()
-        self.proxy.set_mode("pass")
+        self._steady_link(throttle=True)
         self._connect()
+
+    def _steady_link(self, *, throttle: bool) -> None:
+        """The proxy passes everything, the link stays up (and, with `throttle`, is as fast as it goes)."""
+        self.proxy.set_mode("pass")
+        self.proxy.stop_flapping()
+        if throttle:
+            self.proxy.throttle(up_bytes_per_s=None)
 
     def fault(self, call: Call) -> None:
         op, args = call.op, call.args
@@ -169,6 +197,17 @@ class BridgeWorld:
         elif op == "heal":
             self.proxy.set_mode("pass")
             self.transport.clear()
+        elif op == "link_up":
+            self.proxy.set_mode("pass")
+        elif op == "link_down":
+            self.proxy.set_mode("refuse")
+        elif op == "throttle":
+            self.proxy.throttle(up_bytes_per_s=args["up_bytes_per_s"])
+        elif op == "flap":
+            if args["up_s"] is None:
+                self.proxy.stop_flapping()
+            else:
+                self.proxy.flap(args["up_s"], args["down_s"])
         elif op == "reconnect":
             self._connect()  # connect() closes the connection it replaces
         elif op == "copy_journal":
@@ -197,18 +236,21 @@ class BridgeWorld:
             shutil.copytree(spool, target.with_name(target.name + ".spool"), copy_function=_copy_if_still_there)
         return target
 
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds)
+
     def flush(self) -> None:
         self.proxy.set_mode("pass")
         self.transport.clear()
-        left = self.conn.flush(FLUSH_TIMEOUT_S)
+        left = self.conn.flush(self.flush_timeout_s)
         if left:
             self.problems.append(
-                f"flush left {left} entries {FLUSH_TIMEOUT_S:.0f} s after the link healed: "
+                f"flush left {left} entries {self.flush_timeout_s:.0f} s after the link healed: "
                 f"{self.conn.status().last_error}"
             )
             return
         # Reads ask the server only while the sender believes it is online; after a fault it probes again soon.
-        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        deadline = time.monotonic() + self.flush_timeout_s
         while self.conn.status().online is not True and time.monotonic() < deadline:
             time.sleep(0.05)
 
@@ -222,7 +264,7 @@ class BridgeWorld:
                 self.conn.close()
         finally:
             _reset_mlflow()
-            self.proxy.set_mode("pass")
+            self._steady_link(throttle=True)
         try:
             for copy in self.copies:
                 self._deliver_copy(copy)

@@ -23,12 +23,20 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from tests.differential import allowances
+from tests.differential import allowances, orders
+from tests.differential.arrivals import RecordingEntrance
 from tests.differential.child import trace_json
 from tests.differential.executor import Executor, Read, Trace
 from tests.differential.faults import SENDER_ENV, TOKEN, BridgeWorld, OracleWorld
 from tests.differential.oracle import capture, compare
-from tests.differential.programs import Call, Features, ProgramMachine, listing
+from tests.differential.programs import (
+    FILE_PART_BYTES,
+    Call,
+    Features,
+    FileProgramMachine,
+    ProgramMachine,
+    listing,
+)
 from tests.support.flaky_proxy import FlakyProxy
 from tests.support.mlflow_server import PlainMlflowServer, free_port
 
@@ -52,12 +60,19 @@ class Harness:
     seconds: float = 0.0
     last: list[str] = field(default_factory=list)
     op_counts: Counter = field(default_factory=Counter)  # calls run, by operation (the faults too)
+    # The file rules' way in: a flaky proxy in front of bridge's entrance in front of `target` (start_entrance).
+    entrance: RecordingEntrance | None = None
+    entrance_proxy: FlakyProxy | None = None
+    rule_checks: Counter = field(default_factory=Counter)  # how often each file rule applied (orders.py)
 
     def db(self, server: PlainMlflowServer) -> Path:
         return Path(server.backend_store_uri[len("sqlite:///") :])
 
-    def check(self, program: list[Call]) -> None:
-        """Run `program` against the oracle and through bridge; raise Difference listing what differs."""
+    def check(self, program: list[Call], *, files: bool = False) -> None:
+        """Run `program` against the oracle and through bridge; raise Difference listing what differs.
+
+        `files`: through `entrance_proxy` and the entrance, and the file lane's orders are checked too (orders.py).
+        """
         started = time.monotonic()
         nonce = uuid.uuid4().hex[:10]
         experiments = sum(1 for call in program if call.op == "create_experiment")
@@ -68,7 +83,12 @@ class Harness:
         )
         workdir = self.workdir / nonce
         workdir.mkdir(parents=True)
-        bridge_world = BridgeWorld(self.target, self.proxy, workdir)
+        if files:
+            assert self.entrance is not None and self.entrance_proxy is not None, "start_entrance() first"
+            self.entrance.clear()
+            bridge_world = BridgeWorld(self.target, self.entrance_proxy, workdir, files=True)
+        else:
+            bridge_world = BridgeWorld(self.target, self.proxy, workdir)
         bridge_trace = Executor(program, bridge_world, nonce).run()
         bridge_state = capture(
             self.target.url, self.db(self.target), nonce, experiments, bridge_trace, BridgeWorld.key_of
@@ -76,7 +96,26 @@ class Harness:
         differences = compare(
             program, (oracle_state, oracle_trace), (bridge_state, bridge_trace), bridge_world.problems
         )
+        if files:
+            assert self.entrance is not None
+            differences += orders.check(program, self.entrance.arrivals(), bridge_state, bridge_trace, self.rule_checks)
         self._finish(program, differences, started, workdir)
+
+    def start_entrance(self, staging: Path) -> None:
+        """Bridge's entrance in front of `target` (uploads in parts of FILE_PART_BYTES, staged in `staging`, placed
+        in the target's artifact folder as `bridge serve` does), and a flaky proxy in front of it."""
+        self.entrance = RecordingEntrance(
+            self.target.port, TOKEN, staging, self.target.root / "artifacts", max_part=4 * FILE_PART_BYTES
+        )
+        self.entrance.start()
+        self.entrance_proxy = FlakyProxy("127.0.0.1", self.entrance.port, io_timeout=10.0)
+
+    def stop_entrance(self) -> None:
+        if self.entrance_proxy is not None:
+            self.entrance_proxy.close()
+        if self.entrance is not None:
+            self.entrance.stop()
+        self.entrance = self.entrance_proxy = None
 
     def check_in_child(self, program: list[Call], *, slow_link: bool = False) -> None:
         """The program through bridge in a child process: killed with SIGKILL at its `kill` call, or exiting
@@ -207,9 +246,14 @@ def machine_for(harness: Harness, features: Features) -> type[ProgramMachine]:
 
         def check(program: list[Call]) -> None:
             harness.check_in_child(program, slow_link=features.slow_exit)
+    elif features.files:
+
+        def check(program: list[Call]) -> None:
+            harness.check(program, files=True)
     else:
         check = harness.check
-    return type("DifferentialProgram", (ProgramMachine,), {"check": staticmethod(check), "features": features})
+    base = FileProgramMachine if features.files else ProgramMachine
+    return type("DifferentialProgram", (base,), {"check": staticmethod(check), "features": features})
 
 
 def run_seed(

@@ -32,6 +32,9 @@ class State:
     ghosts: list[str] = field(default_factory=list)
     models: dict[str, dict] = field(default_factory=dict)
     registry: dict[int, object] = field(default_factory=dict)
+    # Not compared (ids differ between worlds): for the file rules (orders.py).
+    server_ids: dict[int, str] = field(default_factory=dict)  # run index -> the server's run id
+    digests: dict[int, dict[str, str]] = field(default_factory=dict)  # run index -> artifact path -> sha256
 
 
 def capture(
@@ -89,8 +92,10 @@ def capture(
                 ),
                 key=sort_key,
             )
-            summary["artifacts"] = _artifacts(session, server_url, run.info.artifact_uri)
+            state.digests[r] = {}
+            summary["artifacts"] = _artifacts(session, server_url, run.info.artifact_uri, state.digests[r])
             state.runs[r] = summary
+            state.server_ids[r] = run.info.run_id
     return state
 
 
@@ -183,8 +188,11 @@ def _artifact_base(artifact_uri: str) -> str:
     return rest.strip("/")
 
 
-def _artifacts(session: requests.Session, server_url: str, artifact_uri: str) -> dict[str, str]:
-    """Every artifact file of the run: path -> size and sha256 prefix (and the start of small texts)."""
+def _artifacts(
+    session: requests.Session, server_url: str, artifact_uri: str, digests: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Every artifact file of the run: path -> size and sha256 prefix (and the start of small texts); each file's
+    whole sha256 into `digests` when given."""
     base = _artifact_base(artifact_uri)
     out: dict[str, str] = {}
     folders = [""]
@@ -199,7 +207,10 @@ def _artifacts(session: requests.Session, server_url: str, artifact_uri: str) ->
                 continue
             data = session.get(f"{server_url}{ARTIFACTS_API}/{base}/{path}", timeout=30).content
             head = data[:24] if path.endswith((".txt", ".log", ".json")) else b""
-            out[path] = f"{len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()[:12]} {head!r}"
+            digest = hashlib.sha256(data).hexdigest()
+            out[path] = f"{len(data)} bytes sha256 {digest[:12]} {head!r}"
+            if digests is not None:
+                digests[path] = digest
     return dict(sorted(out.items()))
 
 

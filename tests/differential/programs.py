@@ -26,6 +26,15 @@ TAG_KEYS = ("t0", "t1", "stage")
 METRIC_KEYS = ("loss", "acc", "n_loss")  # n_*: no explicit timestamp (allowances.CLOCK_STAMPED_PREFIX)
 MAX_EXPERIMENTS = 3
 MAX_RUNS = 6
+MiB = 1024 * 1024
+#: The upload part size of the bridge world when files are on (BRIDGE_UPLOAD_PART_BYTES): every big file goes in
+#: several parts through the entrance, cheaply.
+FILE_PART_BYTES = MiB
+#: Big files: larger than a part, a few MiB (each a version of one of BIG_PATHS).
+BIG_SIZES = (MiB + MiB // 2, 2 * MiB + MiB // 2, 3 * MiB)
+BIG_PATHS = ("weights/last.pt", "weights/best.pt")
+#: The throttled link's rates (bytes/s client → server), None: unlimited.
+THROTTLES = (MiB, 2 * MiB, None)
 
 values = st.one_of(
     st.sampled_from([0.0, 1.0, -1.5, 0.25, math.nan, math.inf, -math.inf]),
@@ -55,7 +64,31 @@ class Call:
 #: Calls that do not change server state in either world (the executor records what they return).
 READS = frozenset({"get_run", "search_runs", "get_metric_history"})
 #: Fault events: applied in the bridge world only.
-FAULTS = frozenset({"fault", "link_fault", "heal", "reconnect", "copy_journal", "restart_server", "kill"})
+FAULTS = frozenset(
+    {
+        "fault",
+        "link_fault",
+        "heal",
+        "reconnect",
+        "copy_journal",
+        "restart_server",
+        "kill",
+        # the link of the file rules (features.files): down until link_up, throttled, flapping
+        "link_down",
+        "link_up",
+        "throttle",
+        "flap",
+    }
+)
+#: Calls that log a big file (a version of a path in BIG_PATHS): `epoch` logs a point, the file, a point.
+BIG_FILE_OPS = frozenset({"log_big_file", "epoch"})
+
+
+def big_file_bytes(size: int, seed: int) -> bytes:
+    """The bytes of a big file version: the same in both worlds, different for every (size, seed)."""
+    import random
+
+    return random.Random(seed * 7919 + size).randbytes(size)
 
 
 def listing(program: list[Call]) -> str:
@@ -73,6 +106,8 @@ class RunModel:
     tags: dict = field(default_factory=dict)
     texts: dict = field(default_factory=dict)  # artifact path -> size, for same-size overwrites
     tables: int = 0
+    epochs: int = 0  # steps of `epoch` calls so far
+    big: dict = field(default_factory=dict)  # big file path -> size of its latest version
 
 
 @dataclass(frozen=True)
@@ -88,11 +123,15 @@ class Features:
     reads: bool = True
     child: bool = False  # run through bridge in a child process (kill -9, or exit), then `bridge sync`
     slow_exit: bool = False  # with child: the link is slow while the child runs and exits
+    files: bool = False  # big files in parts through the entrance, a throttled or flapping link (orders.py)
 
 
 #: The subprocess scenarios: the child controls only its own transport, so no proxy faults or reconnects.
 KILL9 = Features(proxy_faults=False, reconnect=False, kill=True, child=True)
 SLOW_EXIT = Features(proxy_faults=False, link_faults=False, reconnect=False, child=True, slow_exit=True)
+#: The file rules: through the entrance (resumable uploads), the link down, throttled or flapping instead of the
+#: proxy's per-request faults; no stale journal copies (their spools would double every big file's cost).
+FILES = Features(proxy_faults=False, copy_journal=False, files=True)
 
 
 class ProgramMachine(RuleBasedStateMachine):
@@ -339,6 +378,71 @@ class ProgramMachine(RuleBasedStateMachine):
         run = self._run(r)
         self.add("log_input", r=run.index, rows=rows, context=context)
 
+    # ------------------------------------------------------------------ big files (features.files)
+
+    # The big-file rules draw one argument each: Hypothesis orders rules by how many arguments they draw and falls
+    # back to the first valid ones, so these come right after the argument-less ones.
+
+    @precondition(lambda self: self.features.files and self._writable())
+    @rule(spec=st.tuples(st.integers(0, MAX_RUNS), st.sampled_from(BIG_PATHS), st.sampled_from(BIG_SIZES)))
+    def log_big_file(self, spec):
+        """MlflowClient.log_artifact of a file of a few MiB; the same path again is a newer version of it."""
+        r, path, size = spec
+        run = self._run(r)
+        run.big[path] = size
+        self.add("log_big_file", r=run.index, path=path, size=size, seed=len(self.program))
+
+    @precondition(lambda self: self.features.files and self._writable() and any(run.big for run in self.runs))
+    @rule(spec=st.tuples(st.integers(0, MAX_RUNS), st.integers(0, 1), st.sampled_from((None, *BIG_SIZES))))
+    def new_version(self, spec):
+        """A big file logged again at its path (a checkpoint refreshed): the newer version must win."""
+        r, k, size = spec
+        with_big = [run for run in self.runs if run.big]
+        run = with_big[r % len(with_big)]
+        path = sorted(run.big)[k % len(run.big)]
+        run.big[path] = size = size or run.big[path]
+        self.add("log_big_file", r=run.index, path=path, size=size, seed=len(self.program))
+
+    @precondition(lambda self: self.features.files and self._writable())
+    @rule(spec=st.tuples(st.integers(0, MAX_RUNS), st.sampled_from(BIG_SIZES)))
+    def epoch(self, spec):
+        """What a training loop does each epoch: a point, the weights (BIG_PATHS[0], a new version), a point."""
+        r, size = spec
+        run = self._run(r)
+        step = run.epochs
+        run.epochs += 1
+        run.big[BIG_PATHS[0]] = size
+        self.add("epoch", r=run.index, step=step, path=BIG_PATHS[0], size=size, seed=len(self.program))
+
+    @precondition(lambda self: self.features.files and not self.killed)
+    @rule(seconds=st.sampled_from((0.3, 1.0, 2.0)))
+    def pause(self, seconds):
+        """The program waits (a training epoch): bridge's lanes deliver meanwhile, over the link as it is now."""
+        self.add("pause", seconds=seconds)
+
+    @precondition(lambda self: self.features.files and not self.killed)
+    @rule()
+    def link_down(self):
+        """The link refuses every connection until link_up (or heal, or a flush)."""
+        self.add("link_down")
+
+    @precondition(lambda self: self.features.files and not self.killed)
+    @rule()
+    def link_up(self):
+        self.add("link_up")
+
+    @precondition(lambda self: self.features.files and not self.killed)
+    @rule(rate=st.sampled_from(THROTTLES))
+    def throttle(self, rate):
+        """The link's bandwidth client → server from now on (None: unlimited)."""
+        self.add("throttle", up_bytes_per_s=rate)
+
+    @precondition(lambda self: self.features.files and not self.killed)
+    @rule(up_s=st.sampled_from((1.0, 2.0, None)), down_s=st.sampled_from((0.2, 0.5)))
+    def flap(self, up_s, down_s):
+        """The link flaps from now on: up for up_s, down for down_s, again (None: steady again)."""
+        self.add("flap", up_s=up_s, down_s=None if up_s is None else down_s)
+
     # ------------------------------------------------------------- models and registry (behind flags)
 
     @precondition(lambda self: allowances.enabled("models") and bool(self.stack) and not self.killed)
@@ -494,3 +598,32 @@ class ProgramMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if type(self).check is not None and self.program:
             type(self).check(self.program)
+
+
+class FileProgramMachine(ProgramMachine):
+    """The programs of the file rules (FILES): runs, points, small and big files, the link's faults, reads.
+
+    Rules that do not touch the file lane's orders are taken out (an attribute that is no rule hides the
+    inherited one), so big files, new versions and epochs are a good share of every program."""
+
+    # A second experiment's tags, params that raise, tables and datasets are the default programs' business.
+    create_experiment = set_experiment_tag = delete_experiment_tag = None
+    change_param = delete_tag = overwrite_text = log_dict = log_table = log_input = None
+    log_param = set_tag = get_metric_history = None
+    log_model = register_model = set_alias = None
+    fault = copy_journal = restart_server = kill = after_kill = search_runs = heal = None
+
+    @initialize(fluent=st.booleans(), rate=st.sampled_from(THROTTLES))
+    def first_experiment(self, fluent, rate):
+        """The experiment, a run to log files to from the first step, and (mostly) a throttled link."""
+        self._create_experiment(fluent, {})
+        self.runs.append(RunModel(0, 0, "run0", fluent=False))
+        self.add("create_run", r=0, e=0, name="run0", parent=None)
+        if rate is not None:
+            self.add("throttle", up_bytes_per_s=rate)
+
+    @precondition(lambda self: not self.killed and (not self.program or self.program[-1].op != "flush"))
+    @rule()
+    def flush(self):
+        """A sync point (not twice in a row: an always-valid rule, Hypothesis would pick little else)."""
+        self.add("flush")

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from tests.differential.harness import run_seed
-from tests.differential.programs import KILL9, SLOW_EXIT, Features
+from tests.differential.programs import FILES, KILL9, SLOW_EXIT, Features
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,6 +35,16 @@ def test_programs_killed_with_sigkill_then_synced(harness):
 def test_programs_exiting_right_after_logging_over_a_slow_link(harness):
     """The child logs and exits over a slow link: its exit flush delivers, or says what it kept; sync delivers it."""
     run_seed(harness, 29, features=SLOW_EXIT, max_examples=2, steps=12)
+
+
+@pytest.mark.slow
+def test_programs_with_big_files_over_a_throttled_flapping_link(file_harness):
+    """Big files (several parts of 1 MiB) and new versions of them through the entrance, between points and before
+    end statuses, over a link that goes down, is throttled and flaps: the server's state equals stock MLflow's and
+    the file lane keeps its orders (orders.py: whole-once, newest-wins, superseded-unsent, end-after-everything,
+    points-not-held)."""
+    run_seed(file_harness, 40, features=FILES, max_examples=4, steps=25)
+    print(f"\nfile rules: {file_harness.programs} programs, applied {dict(file_harness.rule_checks)}")
 
 
 @pytest.fixture(autouse=True)
@@ -93,3 +103,73 @@ def test_a_failure_hypothesis_could_not_replay_is_reported_with_what_it_was(harn
     assert "seed 7" in report and "FlakyFailure (not a state difference)" in report
     assert "ValueError: the server held 3 runs, the oracle 2" in report
     assert "first_failed_then_passed" in report  # where it was raised
+
+
+MiB = 1024 * 1024
+_EXPERIMENT_AND_RUN = [
+    {"op": "create_experiment", "args": {"e": 0, "fluent": False, "tags": {}}},
+    {"op": "create_run", "args": {"r": 0, "e": 0, "name": "run0", "parent": None}},
+]
+#: A planted defect per file rule, and a program it shows in: the rule must report it (not vacuously green).
+_PLANTED = {
+    "superseded-unsent": [
+        {"op": "link_down", "args": {}},
+        {"op": "log_big_file", "args": {"r": 0, "path": "weights/best.pt", "size": 2 * MiB, "seed": 3}},
+        {"op": "log_big_file", "args": {"r": 0, "path": "weights/best.pt", "size": 2 * MiB, "seed": 4}},
+        {"op": "link_up", "args": {}},
+    ],
+    "end-after-everything": [
+        {"op": "throttle", "args": {"up_bytes_per_s": MiB}},
+        {"op": "log_big_file", "args": {"r": 0, "path": "weights/best.pt", "size": 3 * MiB, "seed": 3}},
+        {"op": "set_terminated", "args": {"r": 0, "status": "FINISHED"}},
+    ],
+    "points-not-held": [
+        {"op": "flush", "args": {}},  # the run is on the server: its file need not wait for the record lane
+        {"op": "throttle", "args": {"up_bytes_per_s": MiB}},
+        {"op": "epoch", "args": {"r": 0, "step": 0, "path": "weights/last.pt", "size": 3 * MiB, "seed": 3}},
+        {"op": "log_metric", "args": {"r": 0, "key": "loss", "value": 0.5, "step": 1, "ts": 1, "via": "client"}},
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", sorted(_PLANTED))
+def test_the_file_rules_report_a_planted_defect(file_harness, monkeypatch, rule):
+    """Sanity: with the file lane's order broken on purpose, the rule of that order reports it — a superseded
+    version sent anyway, an end status not waiting for its run's files, points waiting behind an upload."""
+    import time
+
+    from bridge.client.delivery import handlers, operations
+    from bridge.client.delivery.sender import Sender
+    from bridge.client.journal.kinds import ARTIFACT, UPDATE_RUN
+    from bridge.client.journal.queue import OpQueue
+    from tests.differential.harness import Difference
+    from tests.differential.programs import Call
+
+    if rule == "superseded-unsent":
+        monkeypatch.setattr(OpQueue, "superseded", lambda self, op, before=None: False)
+    elif rule == "end-after-everything":
+        monkeypatch.setitem(handlers.HANDLERS, UPDATE_RUN, handlers.Handler(operations.apply_update_run))
+    else:  # a batch of points waits while a file does (the issue's "the live charts freeze behind a file")
+        send_batch = Sender._send_batch
+
+        def held(self, *args, **kwargs):
+            deadline = time.monotonic() + 60
+            while self.journal.queue.runs_with_undelivered((ARTIFACT,)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return send_batch(self, *args, **kwargs)
+
+        monkeypatch.setattr(Sender, "_send_batch", held)
+    program = [Call.from_json(c) for c in _EXPERIMENT_AND_RUN + _PLANTED[rule]]
+    with pytest.raises(Difference) as found:
+        file_harness.check(program, files=True)
+    assert f"rule {rule}:" in str(found.value)
+
+
+@pytest.mark.slow
+def test_the_file_rules_pass_the_same_programs_unbroken(file_harness):
+    """The programs of the planted defects, with bridge as it is: no difference, every order kept."""
+    from tests.differential.programs import Call
+
+    for steps in _PLANTED.values():
+        file_harness.check([Call.from_json(c) for c in _EXPERIMENT_AND_RUN + steps], files=True)
