@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import requests
@@ -128,11 +127,12 @@ def test_an_agent_not_back_within_the_grace_is_replaced_at_a_new_url(keeper, fak
 
 
 def _exited(pid: int) -> bool:
-    """Whether `pid` has exited (a zombie, or gone). Not `agent_pids()`: a dying process's environ becomes
-    unreadable before it is a zombie, so it drops out of that list while `poll()` still says it runs."""
+    """Whether our child `pid` can be waited for, without reaping it (the keeper's `poll()` must do that). Not
+    `agent_pids()` nor /proc's "Z": a killed multi-threaded process drops out of both while its other threads are
+    still being torn down, and until then `waitpid` (so `poll()`) still says it runs."""
     try:
-        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
         return True
 
 
