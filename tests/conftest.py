@@ -54,6 +54,21 @@ os.environ["BRIDGE_CLIENT_WHEEL_DIR"] = str(SHARED_WHEEL_CACHE)
 
 
 @pytest.fixture(autouse=True)
+def mlflow_environment():
+    """Every test starts and ends with the worker's MLFLOW_* environment as the session found it.
+
+    `mlflow.set_tracking_uri` and `set_registry_uri` write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into
+    os.environ, and `set_registry_uri("")` does not remove it (MLflow 3.17). A test that pointed the registry at
+    its server left it there, and a later test's child process (started with `**os.environ`) sent its registry
+    calls to that server instead of through bridge — MLflow's retries then hung it for minutes (CI, twice)."""
+    before = {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
+    yield
+    for name in [n for n in os.environ if n.startswith("MLFLOW_") and n not in before]:
+        del os.environ[name]
+    os.environ.update(before)
+
+
+@pytest.fixture(autouse=True)
 def bridge_home(tmp_path, monkeypatch):
     """Isolate bridge's data, config and secrets per test; the null keyring selects the 0600 file store."""
     home = tmp_path / "bridge-home"
@@ -69,6 +84,7 @@ def bridge_home(tmp_path, monkeypatch):
         "NGROK_AUTHTOKEN",
         "GITHUB_TOKEN",
         "MLFLOW_TRACKING_URI",
+        "MLFLOW_REGISTRY_URI",
         "MLFLOW_TRACKING_TOKEN",
         "MLFLOW_TRACKING_USERNAME",
         "MLFLOW_TRACKING_PASSWORD",

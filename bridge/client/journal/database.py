@@ -389,6 +389,10 @@ def _keep_counters(old: sqlite3.Connection, fresh: sqlite3.Connection) -> None:
             fresh.execute("insert into sqlite_sequence(name, seq) values(?,?)", (name, seq))
 
 
+#: Row ids a repair steps over one at a time after a read hits damage, before it strides.
+_SALVAGE_STEPS = 4096
+
+
 def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: str) -> tuple[int, int, bool]:
     """Copy readable rows of `table`; returns (copied, known lost, whether the lost count is exact)."""
     try:
@@ -413,6 +417,12 @@ def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: st
         fresh.execute(f"insert or ignore into {table}({names}) values({marks})", row)
         copied += 1
 
+    # A damaged page can make up a huge max(rowid): an autoincrement table's rows never pass its counter.
+    with contextlib.suppress(sqlite3.DatabaseError):
+        (seq,) = old.execute("select coalesce(max(seq), 0) from sqlite_sequence where name=?", (table,)).fetchone()
+        if seq and 0 < int(seq) < top:
+            top = int(seq)
+    failures = 0  # reads in a row that hit damage
     while rowid < top:
         try:
             rows = old.execute(
@@ -421,8 +431,12 @@ def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: st
         except sqlite3.DatabaseError:
             rows = None
         if rows is None:
-            # A damaged page: step over it one row id at a time.
-            rowid += 1
+            # A damaged page: step over it one row id at a time, then in growing strides (a made-up range of
+            # row ids can be as wide as 2^63: stepping over it one by one would never end).
+            failures += 1
+            stride = 1 if failures <= _SALVAGE_STEPS else 1 << min(failures - _SALVAGE_STEPS, 62)
+            rowid += stride
+            exact = False if stride > 1 else exact
             try:
                 row = old.execute(f"select {names} from {table} where rowid=?", (rowid,)).fetchone()
             except sqlite3.DatabaseError:
@@ -432,6 +446,7 @@ def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: st
             if row is not None:
                 keep(row)
             continue
+        failures = 0
         if not rows:
             break
         for row in rows:
