@@ -61,5 +61,9 @@ def test_a_training_with_big_weights_shows_every_epoch_while_they_upload_and_fin
     assert [e["epoch"] for e in r["epochs"]] == [1, 2]
     assert all(e["lag_s"] is not None and e["lag_s"] <= bench_uploads.GOAL_EPOCH_LAG_S for e in r["epochs"]), r
     assert all(e["seen_before_weights_done"] for e in r["epochs"]), r["timeline"]
-    assert r["all_epochs_seen_while_weights_uploading"], r["timeline"]
+    if any(e["weights_uploading_when_logged"] for e in r["epochs"]):
+        # An epoch logged while weights were on their way reached the server while they still were. (On a fast
+        # run both epochs can reach the server before the first weights upload begins — seen in a full-suite run
+        # — and then there is nothing to hold them up; the harness rule `points-not-held` checks that case.)
+        assert r["all_epochs_seen_while_weights_uploading"], r["timeline"]
     assert r["status"] == "FINISHED" and r["identical"], "best.pt and last.pt as MLflow serves them"
