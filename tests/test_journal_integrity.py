@@ -328,11 +328,13 @@ class _DamagedReads:
     damaged page made huge (torn-copies soak in CI, seed 16: the repair stepped one row id at a time towards it
     and `bridge sync` ran past its 300 s timeout)."""
 
-    def __init__(self, conn: sqlite3.Connection, damaged: range, top: int) -> None:
-        self.conn, self.damaged, self.top, self.reads = conn, damaged, top, 0
+    def __init__(self, conn: sqlite3.Connection, damaged: range, top: int, backwards: range = range(0)) -> None:
+        self.conn, self.damaged, self.top, self.backwards, self.reads = conn, damaged, top, backwards, 0
 
     def execute(self, sql: str, params=()):
         self.reads += 1
+        if params and "limit 256" in sql and params[0] in self.backwards:
+            return self.conn.execute(sql, (params[0] - 300,))  # a page pointing back: rows already walked
         if "max(rowid)" in sql:
             return self.conn.execute("select ?", (self.top,))
         if "sqlite_sequence" in sql:
@@ -363,3 +365,23 @@ def test_a_repair_strides_over_damage_and_a_made_up_top_row_id_in_bounded_reads(
     names = {name for (name,) in fresh.execute("select name from intake")}
     assert {f"i{n}" for n in range(1, 5_000)} <= names, "what came before the damage is kept"
     assert copied == len(names) >= 4_999
+
+
+def test_a_repair_walks_on_when_a_damaged_tree_answers_rows_it_already_walked(tmp_path):
+    """CI seed 5 (after the fix above): a damaged tree answered `rowid > X` with rows at or before X, the walk
+    took the last one's id and went round in a circle until the 300 s timeout."""
+    from bridge.client.journal.database import _SCHEMA, _salvage_table
+
+    source = sqlite3.connect(tmp_path / "old.sqlite", isolation_level=None)
+    for statement in _SCHEMA:
+        source.execute(statement)
+    with source:
+        source.execute("begin")
+        source.executemany("insert into intake(name, moved) values(?,?)", [(f"i{n}", n) for n in range(1, 3_001)])
+    fresh = sqlite3.connect(tmp_path / "new.sqlite", isolation_level=None)
+    for statement in _SCHEMA:
+        fresh.execute(statement)
+    old = _DamagedReads(source, damaged=range(0), top=3_000, backwards=range(1_000, 1_300))
+    copied, _lost, _exact = _salvage_table(old, fresh, "intake")  # type: ignore[arg-type]
+    assert old.reads < 1_000
+    assert copied == 3_000 and fresh.execute("select count(*) from intake").fetchone() == (3_000,)

@@ -430,6 +430,10 @@ def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: st
             ).fetchall()
         except sqlite3.DatabaseError:
             rows = None
+        if rows:
+            # A damaged tree can answer rows at or before where the walk stands (cells out of order, a page
+            # pointing back): those make no progress, and taking the last one's id would walk in a circle.
+            rows = [row for row in rows if row[0] > rowid] or None
         if rows is None:
             # A damaged page: step over it one row id at a time, then in growing strides (a made-up range of
             # row ids can be as wide as 2^63: stepping over it one by one would never end).
@@ -451,7 +455,7 @@ def _salvage_table(old: sqlite3.Connection, fresh: sqlite3.Connection, table: st
             break
         for row in rows:
             keep(row[1:])
-        rowid = rows[-1][0]
+        rowid = max(row[0] for row in rows)
     return copied, lost, exact
 
 
