@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -165,7 +164,7 @@ def serve_command(
         relay=None if no_relay else relay_url(relay, what="--relay"), relay_republish_s=relay_republish,
         artifacts_destination=artifacts_destination, workers=workers, heartbeat_timeout_s=heartbeat_timeout,
         bytes_budget=tunnel_budget_gb * 1e9, requests_budget=tunnel_budget_requests, tunnel_grace_s=tunnel_grace,
-        tunnel_check_interval_s=_seconds_from_env(config.TUNNEL_CHECK_ENV, config.DEFAULT_TUNNEL_CHECK_S),
+        tunnel_check_interval_s=config.env_float(config.TUNNEL_CHECK_ENV, config.DEFAULT_TUNNEL_CHECK_S),
     )  # fmt: skip
     err_console.print("Starting MLflow, the entrance and the tunnel…", style="dim")
     serve(
@@ -238,19 +237,6 @@ def _print_event(event, publish_spec: str | None, relay: str | None = None) -> N
         snippet = colab_snippet(event.record_url, publish_spec, relay, wheel_url=event.record_url + public_path())
         console.print(snippet, soft_wrap=True, markup=False, highlight=False)
     sys.stdout.flush()
-
-
-def _seconds_from_env(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise typer.BadParameter(f"{name}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise typer.BadParameter(f"{name}={raw!r} must be more than 0 seconds")
-    return value
 
 
 def _wheel_url(info) -> str | None:

@@ -110,7 +110,10 @@ class ServeOptions:
         if self.record_ttl_s < 60:
             raise ConfigError(f"record TTL must be at least 60 s, got {self.record_ttl_s}")
         if self.tunnel_grace_s < 0 or self.tunnel_check_interval_s <= 0:
-            raise ConfigError("--tunnel-grace must be 0 or more seconds, and the tunnel check interval positive")
+            raise ConfigError(
+                f"--tunnel-grace must be 0 or more seconds and {config.TUNNEL_CHECK_ENV} more than 0, got "
+                f"{self.tunnel_grace_s} and {self.tunnel_check_interval_s}"
+            )
         if self.relay is not None:  # "off" means none; a URL is checked and loses its trailing slash
             object.__setattr__(self, "relay", relay_url(self.relay, what="--relay"))
         if not self.relay_republish_s >= MIN_REPUBLISH_S:
