@@ -344,19 +344,26 @@ class _DamagedReads:
         return self.conn.execute(sql, params)
 
 
-def test_a_repair_strides_over_damage_and_a_made_up_top_row_id_in_bounded_reads(tmp_path):
-    from bridge.client.journal.database import _SCHEMA, _salvage_table
+def _salvage_pair(tmp_path, rows: int) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    """(a journal file whose `intake` table — a plain rowid table: no counter bounds its top — holds `rows` rows,
+    an empty journal file to salvage them into)."""
+    from bridge.client.journal.database import _SCHEMA
 
     source = sqlite3.connect(tmp_path / "old.sqlite", isolation_level=None)
-    for statement in _SCHEMA:
-        source.execute(statement)
+    fresh = sqlite3.connect(tmp_path / "new.sqlite", isolation_level=None)
+    for conn in (source, fresh):
+        for statement in _SCHEMA:
+            conn.execute(statement)
     with source:
         source.execute("begin")
-        # A plain rowid table: no counter bounds its top.
-        source.executemany("insert into intake(name, moved) values(?,?)", [(f"i{n}", n) for n in range(1, 20_001)])
-    fresh = sqlite3.connect(tmp_path / "new.sqlite", isolation_level=None)
-    for statement in _SCHEMA:
-        fresh.execute(statement)
+        source.executemany("insert into intake(name, moved) values(?,?)", [(f"i{n}", n) for n in range(1, rows + 1)])
+    return source, fresh
+
+
+def test_a_repair_strides_over_damage_and_a_made_up_top_row_id_in_bounded_reads(tmp_path):
+    from bridge.client.journal.database import _salvage_table
+
+    source, fresh = _salvage_pair(tmp_path, 20_000)
     # Damage from row 5,000 to the end: every read past it fails, up to the made-up top.
     old = _DamagedReads(source, damaged=range(5_000, 2**63), top=2**62)
     copied, lost, exact = _salvage_table(old, fresh, "intake")  # type: ignore[arg-type]
@@ -370,17 +377,9 @@ def test_a_repair_strides_over_damage_and_a_made_up_top_row_id_in_bounded_reads(
 def test_a_repair_walks_on_when_a_damaged_tree_answers_rows_it_already_walked(tmp_path):
     """CI seed 5 (after the fix above): a damaged tree answered `rowid > X` with rows at or before X, the walk
     took the last one's id and went round in a circle until the 300 s timeout."""
-    from bridge.client.journal.database import _SCHEMA, _salvage_table
+    from bridge.client.journal.database import _salvage_table
 
-    source = sqlite3.connect(tmp_path / "old.sqlite", isolation_level=None)
-    for statement in _SCHEMA:
-        source.execute(statement)
-    with source:
-        source.execute("begin")
-        source.executemany("insert into intake(name, moved) values(?,?)", [(f"i{n}", n) for n in range(1, 3_001)])
-    fresh = sqlite3.connect(tmp_path / "new.sqlite", isolation_level=None)
-    for statement in _SCHEMA:
-        fresh.execute(statement)
+    source, fresh = _salvage_pair(tmp_path, 3_000)
     old = _DamagedReads(source, damaged=range(0), top=3_000, backwards=range(1_000, 1_300))
     copied, _lost, _exact = _salvage_table(old, fresh, "intake")  # type: ignore[arg-type]
     assert old.reads < 1_000
