@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sqlite3
 import string
 
@@ -121,3 +122,22 @@ def test_github_token_is_never_sent_over_plain_http_to_a_remote_api(monkeypatch)
     assert github_token not in str(info.value)
     with pytest.raises(ConfigError, match="plain http is allowed only"):
         _ = GistPublisher("abc123").api_url  # the property refuses the URL
+
+
+def test_the_scanners_runs_are_exactly_the_long_url_safe_runs_a_regular_expression_finds():
+    # The scanner finds runs through a byte mask (fast); the plain definition is a regular expression.
+    from tests.support.leak_scan import _Matcher
+
+    rng = random.Random(11)
+    for shortest in (16, 23, 43):
+        matcher = _Matcher({"t" * shortest})
+        plain = re.compile(rb"[A-Za-z0-9_\-]{%d,}" % shortest)
+        for _ in range(200):
+            # Runs of every length around `shortest`, at the start, the end and inside, between unsafe bytes.
+            pieces = [
+                bytes(rng.choice(b"aZ9_-") for _ in range(rng.choice((0, shortest - 1, shortest, 2 * shortest))))
+                + bytes(rng.choice(b" \x00/.=\xff") for _ in range(rng.randrange(1, 3)))
+                for _ in range(rng.randrange(1, 6))
+            ]
+            data = b"".join(pieces)[: rng.randrange(1, 400)]
+            assert list(matcher._runs_in(data)) == [m.group() for m in plain.finditer(data)], data

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ SECRET_STORE_NAMES = frozenset({"secrets.json"})
 #: ngrok's own config holds its authtoken by design (pyngrok writes it there, mode 0600).
 NGROK_CONFIG_NAMES = frozenset({"ngrok.yml", "ngrok.yaml"})
 _URLSAFE = re.compile(rb"[A-Za-z0-9_\-]+")
+#: 1 for each url-safe byte value, 0 for the rest (bytes.translate's table).
+_SAFE_MASK = bytes(int(bool(_URLSAFE.fullmatch(bytes([b])))) for b in range(256))
 
 _seen_in_process: set[str] = set()
 _seen_ngrok: set[str] = set()
@@ -91,6 +94,9 @@ class _Matcher:
     only every `block`-th position is looked up, in a table of every `block`-long piece of every token: with
     `block` at most half the shortest token, each occurrence covers one looked-up piece, so none is missed,
     and a session's basetemp (hundreds of MiB, long runs in artifacts and databases) takes seconds, not a minute.
+    The runs themselves are found in C: the bytes are mapped to a mask (1 where url-safe) and the mask searched for
+    `shortest` ones in a row; a regular expression stepping through every byte of a session's 2 GiB (weights,
+    zero-filled journal reserves, benchmark files) took over a minute of the session's end on a busy machine.
     """
 
     def __init__(self, tokens: set[str]) -> None:
@@ -103,7 +109,17 @@ class _Matcher:
         for raw in self.safe:
             for offset in range(len(raw) - self.block + 1):
                 self.pieces[raw[offset : offset + self.block]].append((raw, offset))
-        self.runs = re.compile(rb"[A-Za-z0-9_\-]{%d,}" % self.shortest) if self.safe else None
+
+    def _runs_in(self, data: bytes) -> Iterator[bytes]:
+        """Every maximal run of url-safe bytes at least `shortest` long."""
+        mask = data.translate(_SAFE_MASK)
+        needle = b"\x01" * self.shortest
+        at = mask.find(needle)
+        while at != -1:  # `at` starts a run: the search begins at 0 or just past a run's end (an unsafe byte)
+            end = mask.find(b"\x00", at + self.shortest)
+            end = len(data) if end == -1 else end
+            yield data[at:end]
+            at = mask.find(needle, end)
 
     def __bool__(self) -> bool:
         return bool(self.safe or self.other)
@@ -111,11 +127,10 @@ class _Matcher:
     def found_in(self, data: bytes) -> bool:
         if any(raw in data for raw in self.other):
             return True
-        if self.runs is None:
+        if not self.safe:
             return False
         block, pieces = self.block, self.pieces
-        for match in self.runs.finditer(data):
-            run = match.group()
+        for run in self._runs_in(data):
             if run in self.safe:
                 return True
             for start in range(0, len(run) - block + 1, block):
