@@ -536,12 +536,21 @@ class FlakyProxy:
                 piece = part[offset : offset + step]
                 if bucket is not None:
                     bucket.take(len(piece))
-                sock.sendall(piece)
-                with self._lock:
-                    if direction == "up":
-                        self.bytes_up += len(piece)
-                    else:
-                        self.bytes_down += len(piece)
+                # Counted before it goes (and taken back if it cannot): a reader that has received the bytes
+                # finds them counted (counting after `sendall` raced the receiver on a busy machine).
+                self._count(direction, len(piece))
+                try:
+                    sock.sendall(piece)
+                except BaseException:
+                    self._count(direction, -len(piece))
+                    raise
+
+    def _count(self, direction: str, size: int) -> None:
+        with self._lock:
+            if direction == "up":
+                self.bytes_up += size
+            else:
+                self.bytes_down += size
 
     def _relay(self, sock: socket.socket, head: bytes, body: _Body, direction: str, slow: dict | None) -> None:
         """Send a message on: in one go when it was read whole (so `slow` cuts it as before), else as it comes."""
