@@ -201,6 +201,7 @@ class QuickTunnelEdge:
 
     def __init__(self, state_file: Path, ca: EdgeCA) -> None:
         self.state_file = state_file
+        self.ca = ca
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(ca.leaf_cert, ca.leaf_key)
         self._names: dict[int, str] = {}
