@@ -38,6 +38,7 @@ pytest_plugins = [
     "tests.support.yolo",
     "tests.support.uploads",
     "tests.support.ntfy_relay",
+    "tests.support.browser",
     # Its autouse session fixture is set up before, so torn down after, the session's servers.
     "tests.support.leak_scan",
 ]
