@@ -12,6 +12,7 @@ import base64
 import os
 import subprocess
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,12 +48,18 @@ def test_the_champion_alias_moves_only_to_a_better_run_and_the_model_predicts(br
     suffix = uuid.uuid4().hex[:6]
     name = f"detector-{suffix}"
     env = connect_env(bridge_serve, tmp_path / "journal.sqlite")
-    sweeps = {}
-    for label, model in (("a", "yolov8n"), ("b", "yolo11n")):
-        experiment = f"champ-{label}-{suffix}"
-        out = run_bridge_train([model], yolo_dataset, tmp_path / label, experiment, env=env, epochs=1)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        sweeps[label] = (experiment, model)
+    sweeps = {label: (f"champ-{label}-{suffix}", model) for label, model in (("a", "yolov8n"), ("b", "yolo11n"))}
+    # The two trainings run side by side (two processes on one journal, as two notebooks would): they mostly
+    # wait on imports and the server, and one after the other they were the longest part of this test.
+    with ThreadPoolExecutor(2) as pool:
+        outs = pool.map(
+            lambda label: run_bridge_train(
+                [sweeps[label][1]], yolo_dataset, tmp_path / label, sweeps[label][0], env=env, epochs=1
+            ),
+            sweeps,
+        )
+        for out in outs:
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client = MlflowClient(bridge_serve.mlflow_url, registry_uri=bridge_serve.mlflow_url)
 
     def run_of(label: str):
