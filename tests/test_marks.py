@@ -115,6 +115,39 @@ def test_a_stale_copy_does_not_bring_back_an_older_status_or_artifact(
     assert "owner" not in server.get_experiment_by_name(experiment).tags
 
 
+def test_a_mark_whose_payment_timed_out_is_paid_before_flush_returns(
+    bridge_connect, mlflow_server, tmp_path, monkeypatch
+):
+    """Found under load (the test above failed once in a full suite on a 2-core machine at load 10-18): the request
+    paying the ended run's mark timed out as the flush ended; the flush, which waited for marks only while the link
+    answered, returned with the mark owed, close() did not pay it either, and a stale copy brought FAILED back."""
+    from bridge.client.connect import sync
+
+    transport = FaultTransport()
+    conn = bridge_connect(mlflow_server.url, transport=transport)
+    experiment = _name("timed-out-mark")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment(experiment)).info.run_id
+    assert conn.flush(30) == 0
+    transport.fail("refuse")
+    client.set_terminated(run_id, "FAILED")
+    stale = _copy_journal(conn.journal.path, tmp_path / "copy")
+    client.update_run(run_id, status="RUNNING")
+    client.set_terminated(run_id, "FINISHED")
+    # Back online, everything goes in one round; the request paying the ended run's mark, last, times out, and so
+    # does the flush's first retry of it.
+    transport.clear()
+    transport.fail("timeout", path="runs/log-batch", times=2)
+    assert conn.flush(30) == 0
+    conn.close()
+
+    monkeypatch.setenv("BRIDGE_TOKEN", "test-token")
+    assert sync(stale, mlflow_server.url, timeout=30).left == 0
+    assert server_run(MlflowClient(mlflow_server.url), experiment).info.status == "FINISHED"
+    paid = [r.fault for r in transport.requests if r.path.endswith("/runs/log-batch")]
+    assert paid == ["timeout", "timeout", None]  # the original paid the mark, on the flush's second retry
+
+
 def test_a_live_runs_mark_rides_in_its_heartbeat_not_in_a_request_of_its_own(
     bridge_connect, mlflow_server, monkeypatch
 ):

@@ -31,6 +31,7 @@ CREATE_GRACE_ENV = "BRIDGE_CREATE_GRACE_S"
 ADOPT_EVERY_ENV = "BRIDGE_ADOPT_EVERY_S"
 OTHER_RUNS_EVERY_ENV = "BRIDGE_OTHER_RUNS_EVERY_S"
 UPLOAD_PART_ENV = "BRIDGE_UPLOAD_PART_BYTES"
+TWIN_WATCH_ENV = "BRIDGE_TWIN_WATCH_TIMEOUTS"
 
 #: A live run's heartbeat period. `bridge serve` reaps after 300 s without one by default: five missed beats.
 #: Every request counts against ngrok's free plan (20,000 a month), and a batch of metrics carries the beat.
@@ -61,6 +62,10 @@ DEFAULT_ADOPT_EVERY_S = 5.0
 #: How often the journal is asked which runs other live processes (DataLoader workers) created, to keep them beating.
 DEFAULT_OTHER_RUNS_EVERY_S = 5.0
 
+#: A run create tried again after an unknown outcome is watched for a late twin (an earlier try landing after the
+#: retry) this many HTTP timeouts (connect + read) after the retry; one held up longer is left to the reaper.
+DEFAULT_TWIN_WATCH_TIMEOUTS = 2.0
+
 #: The most one upload request carries (a part of a resumable upload: delivery/files.py). Cloudflare refuses
 #: bodies over 100 MB (its free and pro plans); 32 MiB also keeps a part short on a slow link, so a drop costs
 #: little. Halved on the edge's 413 / 524 down to UPLOAD_PART_FLOOR_BYTES.
@@ -90,6 +95,7 @@ class ClientOptions:
     adopt_every_s: float = DEFAULT_ADOPT_EVERY_S
     other_runs_every_s: float = DEFAULT_OTHER_RUNS_EVERY_S
     upload_part_bytes: int = DEFAULT_UPLOAD_PART_BYTES
+    twin_watch_timeouts: float = DEFAULT_TWIN_WATCH_TIMEOUTS
     #: Where each value came from: "default", "environment" or "argument" (for `bridge queue --config`).
     sources: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -104,6 +110,7 @@ class ClientOptions:
             "durable_every_s",
             "adopt_every_s",
             "other_runs_every_s",
+            "twin_watch_timeouts",
         ):
             value = getattr(self, name)
             if not value > 0:  # also refuses NaN
@@ -185,6 +192,7 @@ ENV = {
     "adopt_every_s": ADOPT_EVERY_ENV,
     "other_runs_every_s": OTHER_RUNS_EVERY_ENV,
     "upload_part_bytes": UPLOAD_PART_ENV,
+    "twin_watch_timeouts": TWIN_WATCH_ENV,
 }
 
 

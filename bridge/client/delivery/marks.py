@@ -26,6 +26,8 @@ They cost no request of their own while a run logs: they ride in its log_batch r
 A run that is not live here (ended, or delivered by `bridge sync`) gets its owed mark in one request at the
 end of the delivery round that owes it; a live run's owed mark (after an artifact upload, say) waits at most
 one heartbeat period — the window in which a copy taken earlier could still bring that upload back.
+A flush waits for every owed mark it can pay (sender.py `flush`), retrying one whose request failed until its
+own timeout, so a mark is on the server when a flush returns 0 before its timeout.
 A run's files travel in a lane of their own (sender.py): records overtake a file still uploading. So a run keeps
 two marks per lineage, one per lane, each covering only its own lane's rows, which go in order: the records'
 `bridge.delivered.<uid>.<run>` and the files' `bridge.delivered.<uid>.<run>.files` (scope ("files", run)).

@@ -24,7 +24,7 @@ from bridge.client.delivery.marks import RUN_SCOPES, TERMINAL_STATUSES, Delivery
 from bridge.client.journal import Journal, Op, RunRecord
 from bridge.client.journal.kinds import LOGGED_MODEL, RUN_ID_TAGS, UPDATE_RUN
 from bridge.client.link import Link, Verdict, classify_failure, uploads
-from bridge.client.options import DEFAULT_UPLOAD_PART_BYTES
+from bridge.client.options import DEFAULT_TWIN_WATCH_TIMEOUTS, DEFAULT_UPLOAD_PART_BYTES
 from bridge.errors import HttpError, LinkError, TransportError, UndeliverableError
 from bridge.twins import empty_twin, run_key_search, run_tags
 
@@ -48,9 +48,6 @@ MODEL_NOT_CREATED = "model-not-created"
 SERVER_REFUSED = "server-refused"
 #: The reason recorded when the server kept failing (5xx) on this one entry while answering everything else.
 SERVER_FAILS_ON_IT = "server-fails-on-it"
-#: A create tried again after an unknown outcome is watched for a late twin this many HTTP timeouts (connect +
-#: read) after the retry; a try held up in the network longer than that is left to the reaper.
-TWIN_WATCH_TIMEOUTS = 2
 
 
 class Operations:
@@ -65,6 +62,7 @@ class Operations:
         self.heartbeats = heartbeats
         self.marks = marks if marks is not None else DeliveryMarks(link, journal)
         self.upload_part_bytes = DEFAULT_UPLOAD_PART_BYTES  # the sender sets its ClientOptions' value
+        self.twin_watch_timeouts = DEFAULT_TWIN_WATCH_TIMEOUTS  # and this one
         self.should_stop: Callable[[], bool] = lambda: False  # the sender's: an upload ends between parts
         #: Told (run record, server run id, server experiment id) when a run is first mapped to its server run:
         #: the connection prints the id and link a person can find it by (issue 19).
@@ -201,7 +199,7 @@ class Operations:
             for scope_kind in RUN_SCOPES:
                 self.marks.none_there((scope_kind, op.run))
         # After a try whose fate is unknown, an earlier try may still land, whichever try made the run.
-        watch = time.time() + TWIN_WATCH_TIMEOUTS * sum(self.link.timeout) if op.attempts else None
+        watch = time.time() + self.twin_watch_timeouts * sum(self.link.timeout) if op.attempts else None
         self.journal.ids.map_run(op.run, found["run_id"], found.get("artifact_uri"), watch_twins_until=watch)
         if self.on_run_mapped is not None:
             try:

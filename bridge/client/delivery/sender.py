@@ -103,6 +103,7 @@ class Sender:
         )
         self.operations = Operations(link, journal, self.heartbeats, self.marks)
         self.operations.upload_part_bytes = self.options.upload_part_bytes
+        self.operations.twin_watch_timeouts = self.options.twin_watch_timeouts
         self.operations.should_stop = self._stop_requested
         self.delivered = 0
         self._wake = threading.Event()
@@ -211,7 +212,11 @@ class Sender:
         self._files_wake.set()
 
     def flush(self, timeout: float | None = None) -> int:
-        """Wait until the journal is delivered or `timeout` passes; the number of entries left."""
+        """Wait until the journal is delivered or `timeout` passes; the number of entries left.
+
+        Delivered includes the delivery marks the delivered entries owe (marks.py): with none left, a flush
+        still retries them, link down or not, until they are on the server or `timeout` passes.
+        """
         deadline = None if timeout is None else self._clock() + timeout
         self._flushing += 1
         since_look = self._looks_begun
@@ -501,13 +506,11 @@ class Sender:
         )
 
     def _owes_marks_now(self) -> bool:
-        """Whether a flush still waits for delivery marks (only while the server answers: see marks.py, and
-        while this sender delivers: the process holding the journal pays them)."""
-        return (
-            self.link.online is not False
-            and not self._lock_elsewhere
-            and any(self._pays_now(s) for s in self.marks.owing_scopes())
-        )
+        """Whether a flush still waits for delivery marks: while this sender delivers (the process holding the
+        journal pays them), whether or not the link answers now — the request paying a mark can time out as
+        the flush ends, and a flush that returned then left the mark owed when the connection closed: a stale
+        copy then brought back an older status (found under load)."""
+        return not self._lock_elsewhere and any(self._pays_now(s) for s in self.marks.owing_scopes())
 
     def _pays_now(self, scope: Scope) -> bool:
         """Whether `scope`'s owed marks go at the end of this round: a live run's ride in its next request."""
