@@ -148,6 +148,51 @@ def test_a_mark_whose_payment_timed_out_is_paid_before_flush_returns(
     assert paid == ["timeout", "timeout", None]  # the original paid the mark, on the flush's second retry
 
 
+@pytest.mark.parametrize("way", ["delivered", "refused"])
+def test_a_row_is_never_seen_done_without_its_mark_owed(bridge_connect, mlflow_server, monkeypatch, way):
+    """A flush returns once nothing is left and no mark is owed. The sender completed a row, then owed its mark:
+    a flush looking in between saw neither, returned, and the process could end with the mark never owed (a
+    stale copy then brings the row's older neighbour back). Every row reaching done or dead is owed first."""
+    transport = FaultTransport()
+    conn = bridge_connect(mlflow_server.url, transport=transport)
+    client = MlflowClient()
+    experiment_id = client.create_experiment(_name("owed-first"))
+    run_id = client.create_run(experiment_id).info.run_id
+    assert conn.flush(30) == 0
+    queue, book = conn.journal.queue, conn.journal.book
+    seen: list[tuple[str, bool]] = []  # (what, whether every row leaving the backlog had its mark owed or paid)
+
+    def owed_or_paid(ids) -> bool:
+        marks = {uid: n for marks in book.owed_marks().values() for uid, n in marks.items()}
+        server_tags = MlflowClient(mlflow_server.url).get_run(conn.server_run_id(run_id)).data.tags
+        held = [int(v) for k, v in server_tags.items() if k.startswith(MARK_TAG_PREFIX)]
+        return all((marks and max(marks.values()) >= i) or (held and max(held) >= i) for i in ids)
+
+    for name in ("complete", "bury"):
+        original = getattr(queue, name)
+
+        def wrapped(ids, *args, _original=original, _name=name, **kwargs):
+            result = _original(ids, *args, **kwargs)
+            try:
+                seen.append((_name, owed_or_paid(ids)))
+            except Exception as exc:  # the sender would swallow it: keep it for the assertion
+                seen.append((f"{_name}: {exc!r}", False))
+            return result
+
+        monkeypatch.setattr(queue, name, wrapped)
+    if way == "refused":  # the server refuses the run's tag: a dead letter owes its mark as a delivery does
+        refusal = b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "no such tag here"}'
+        transport.fail("status", path="runs/log-batch", status=400, body=refusal, times=2)
+        client.set_tag(run_id, "stage", "x")
+    client.set_terminated(run_id, "FINISHED")
+    assert conn.flush(30) == 0
+    # Empty: the flush returned while the sender was still inside the completion (it saw the row done and no
+    # mark owed, the window itself).
+    assert seen, "flush returned between a row's completion and its mark being owed"
+    assert all(ok for _, ok in seen), seen
+    assert (way == "refused") == any(what == "bury" for what, _ in seen)
+
+
 def test_a_live_runs_mark_rides_in_its_heartbeat_not_in_a_request_of_its_own(
     bridge_connect, mlflow_server, monkeypatch
 ):

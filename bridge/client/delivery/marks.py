@@ -167,7 +167,11 @@ class DeliveryMarks:
         return found
 
     def done(self, ops: Iterable[Op]) -> None:
-        """`ops` were delivered or set aside, in journal order: their marks are owed to the server."""
+        """`ops` are being delivered or set aside, in journal order: their marks are owed to the server.
+
+        Called before the rows are completed, never after: a flush that finds nothing left must find their marks
+        owed (between a completion and this call it saw neither, returned, and a stale copy's older status went
+        through). Owing early is safe: an owed mark is sent capped below the first row still waiting."""
         ops = list(ops)
         owed = self.highest(ops)
         for op in ops:

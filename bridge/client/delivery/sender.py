@@ -635,6 +635,7 @@ class Sender:
         remote, _ = self.journal.ids.server_run(run)
         ids = batch.ids
         if remote is None:
+            self.marks.done(ops)  # owed before done (Marks.done)
             if self.journal.ids.row_lost(run):
                 why = run_not_created(self.journal, run)
                 self.journal.queue.bury(ids, str(why), reason=why.reason)
@@ -644,7 +645,6 @@ class Sender:
                     f"run {run} was never created on the server (its creation failed; see above)",
                     reason=RUN_NOT_CREATED,
                 )
-            self.marks.done(ops)
             return 0
         if not self.journal.queue.claim(ids):
             raise _Pause(RuntimeError("another sender claimed these entries"), Verdict.RETRY)
@@ -656,6 +656,9 @@ class Sender:
         # So do the run's delivery marks, this batch's own rows included (applied with them, or not at all).
         scope = ("run", run)
         own = {uid: n for (of, uid), n in self.marks.highest(ops).items() if of == scope}
+        # Owed before any of them is completed (Marks.done); owed marks are capped below rows still waiting,
+        # so owing the whole batch before a pause cuts it short lets no mark run ahead.
+        self.marks.done(ops)
         try:
             marks = self._checked(lambda: self.marks.owed_tags(scope, own))
             if not batch.has_room_for_tags([t["key"] for t in marks] + ([Heartbeats.tag()["key"]] if beat_run else [])):
@@ -663,7 +666,6 @@ class Sender:
             count, carried = (
                 self._deliver_entries(remote, entries, beat_run=beat_run, marks=marks) if entries else (0, False)
             )
-            self.marks.done(ops)  # delivered or set aside, every one of them
             if carried:
                 self.marks.sent(scope, marks)
             return count
@@ -741,8 +743,8 @@ class Sender:
                 refused = True
             else:
                 refused = False
+                self.marks.done(ops)  # owed before done (Marks.done)
                 self.journal.queue.complete(ids, spool=[])
-                self.marks.done(ops)
                 self.delivered += len(ops)
         finally:
             self.journal.queue.release(ids)
@@ -766,8 +768,8 @@ class Sender:
                     exc.message,
                     reason,
                 )
+                self.marks.done([op])  # owed before done (Marks.done)
                 self.journal.queue.bury([op.id], exc.message, reason=reason)
-                self.marks.done([op])
                 return 0
             except UndeliverableError as exc:
                 log.warning(
@@ -776,11 +778,11 @@ class Sender:
                     op.run or "-",
                     exc.message,
                 )
+                self.marks.done([op])  # owed before done (Marks.done)
                 self.journal.queue.bury([op.id], exc.message, reason=exc.reason)
-                self.marks.done([op])
                 return 0
+            self.marks.done([op])  # owed before done (Marks.done)
             self.journal.queue.complete([op.id], spool=spool)
-            self.marks.done([op])
             self.delivered += 1
             return 1
         finally:
