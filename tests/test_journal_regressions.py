@@ -65,6 +65,14 @@ def _copy_journal(journal, target_dir):
     return target
 
 
+@pytest.fixture(autouse=True)
+def _twin_watches_outlast_a_slow_machine(monkeypatch):
+    """A run's twin watch lasts two HTTP timeouts (20 s with the tests' 5 s): on a loaded machine a test could pass
+    that before its late twin landed, and the look that ends the watch found nothing (h21 below). The tests here
+    are about what a look does, so their watches last an hour unless a test sets its own."""
+    monkeypatch.setenv("BRIDGE_TWIN_WATCH_TIMEOUTS", "360")
+
+
 @pytest.fixture
 def link(bridge_connect, mlflow_server):
     """bridge.connect() to the session's server through an in-memory fault transport: (conn, transport)."""
