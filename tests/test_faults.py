@@ -188,7 +188,9 @@ def test_tunnel_url_change_mid_run_follows_the_new_record(
     mlflow_server, make_flaky_proxy, bridge_connect, server_client, monkeypatch, tmp_path
 ):
     """The tunnel restarts with a new URL: the sender re-reads the published record and carries on."""
-    monkeypatch.setenv("BRIDGE_HTTP_TIMEOUT_S", "1")
+    # The old tunnel refuses at once, so no short timeout is needed to notice it; a 1 s one made the new URL's
+    # answers time out on a loaded machine (603 entries left after 40 s at load 30).
+    monkeypatch.setenv("BRIDGE_HTTP_TIMEOUT_S", "5")
     old = make_flaky_proxy("127.0.0.1", mlflow_server.port)
     new = make_flaky_proxy("127.0.0.1", mlflow_server.port)
     record = tmp_path / "published" / "endpoint.json"
