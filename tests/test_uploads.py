@@ -102,6 +102,27 @@ def test_a_file_that_arrives_changed_is_refused_whole_and_never_placed(entrance,
     assert tus.offset(link, location).state == tus.FAILED
 
 
+def test_a_spooled_copy_changed_on_disk_is_a_dead_letter_after_the_servers_check_not_sent_again(
+    entrance, mlflow_server, tmp_path
+):
+    """An upload in parts is not read whole by the client first (the server checks every upload's sha256); a copy
+    that changed in the spool is found when the server refuses it, and is not sent again."""
+    from bridge.client.delivery.sender import Sender
+    from bridge.client.options import ClientOptions
+
+    source, _ = _payload(tmp_path, 3 * MiB)
+    journal, _, body = _journal_with_file(tmp_path, source)
+    spooled = journal.spool.path(body["spool"])
+    spooled.write_bytes(os.urandom(3 * MiB))  # the same size, other bytes
+    transport = CountingTransport()
+    options = ClientOptions.from_env(upload_part_bytes=MiB)
+    Sender(journal, Link(entrance.url, TOKEN, transport=transport), options).deliver_round()
+    ((dead, message, reason),) = journal.queue.dead_letters()
+    assert dead.key == source.name and reason == "spool-file-damaged" and "sha256" in message
+    assert transport.methods.count("PATCH") == 3, "sent once, refused by the server's check, not sent again"
+    assert entrance.uploads is not None and entrance.uploads.placed == 0
+
+
 def test_the_endpoint_refuses_what_it_must(entrance, run_path, tmp_path):
     base, auth = entrance.url + tus.PREFIX, {"Authorization": f"Bearer {TOKEN}", **tus.TUS}
     assert requests.options(base, timeout=10).status_code == 401, "no token, no upload"
@@ -251,6 +272,31 @@ def test_records_flow_while_a_file_uploads_and_the_run_ends_after_it(
     assert server_client.get_run(remote).info.status == "FINISHED"
     got = server_client.download_artifacts(remote, "weights/best.pt", str(tmp_path / "down"))
     assert hashlib.sha256(Path(got).read_bytes()).hexdigest() == sha
+
+
+def test_a_flush_waiting_for_an_upload_leaves_the_idle_record_lane_at_its_pace(
+    entrance, bridge_connect, monkeypatch, tmp_path
+):
+    """`conn.flush()` woke the record lane after each of its rounds while a file uploaded: with nothing else to
+    send, ~10,000 empty rounds a second (a core busy for the whole upload, 2.6 CPU s for a 500 MB file)."""
+    import mlflow
+
+    monkeypatch.setenv("BRIDGE_UPLOAD_PART_BYTES", str(MiB))
+    transport = HeldUploads()
+    conn = bridge_connect(entrance.url, TOKEN, transport=transport)
+    mlflow.set_experiment(f"flush-pace-{uuid.uuid4().hex[:8]}")
+    source, _ = _payload(tmp_path, 3 * MiB, "best.pt")
+    mlflow.start_run()
+    mlflow.log_artifact(str(source), "weights")
+    assert transport.held.wait(30), "the upload began"
+    rounds, started = conn.sender.rounds, time.monotonic()
+    assert conn.flush(2.0) == 1, "the file is still on its way"
+    # The lane's own pace (a round per send interval) plus a wake a second from the flush.
+    paced = (time.monotonic() - started) * (1 / conn.sender.send_interval_s + 1)
+    assert conn.sender.rounds - rounds <= 1.5 * paced + 5
+    transport.release.set()
+    mlflow.end_run()
+    assert conn.flush(60) == 0
 
 
 class CutAfterParts(Transport):
