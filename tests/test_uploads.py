@@ -65,6 +65,29 @@ def test_a_file_in_parts_lands_whole_once_and_its_staging_is_gone(entrance, mlfl
     assert not list(entrance.uploads.folder.glob("*/data")), "the staged bytes are deleted once placed"
 
 
+def test_the_staged_file_is_fsynced_once_when_complete_not_per_part(
+    entrance, mlflow_server, run_path, tmp_path, monkeypatch
+):
+    """An fsync per part held each part's answer (seconds each while other processes wrote to the disk); the
+    offset a HEAD answers is what the file holds, so one fsync before the check and placing is enough."""
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.startswith(str(entrance.uploads.folder)):
+            synced.append((name, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    source, sha = _payload(tmp_path, 3 * MiB + 5)
+    journal, op, body = _journal_with_file(tmp_path, source)
+    target = f"{run_path}/weights/last.pt"
+    _deliver(Link(entrance.url, TOKEN), journal, op, body, target)
+    assert hashlib.sha256(_in_mlflow(mlflow_server, target) or b"").hexdigest() == sha
+    assert [size for name, size in synced if name.endswith("/data")] == [3 * MiB + 5], "once, the whole file"
+
+
 def test_a_cut_part_keeps_its_bytes_and_the_next_try_sends_only_the_rest(entrance, mlflow_server, run_path, tmp_path):
     source, sha = _payload(tmp_path, 3 * MiB)
     journal, op, body = _journal_with_file(tmp_path, source)
@@ -297,6 +320,28 @@ def test_a_flush_waiting_for_an_upload_leaves_the_idle_record_lane_at_its_pace(
     transport.release.set()
     mlflow.end_run()
     assert conn.flush(60) == 0
+
+
+def test_a_logged_file_starts_at_once_not_after_the_lanes_interval(
+    entrance, mlflow_server, server_client, bridge_connect, monkeypatch, tmp_path
+):
+    """The file lane looked for new files once per send interval (0.5 s by default): a file waited for it."""
+    import mlflow
+
+    conn = bridge_connect(entrance.url, TOKEN)
+    mlflow.set_experiment(f"wake-{uuid.uuid4().hex[:8]}")
+    with mlflow.start_run() as run:
+        assert conn.flush(30) == 0
+        remote = conn.journal.ids.server_run(run.info.run_id)[0]
+        assert remote is not None
+        conn.sender.send_interval_s = 60.0  # from here on the lanes look only when woken
+        for name in ("first.pt", "second.pt"):  # the second finds the lane in its wait after the first
+            source, _ = _payload(tmp_path, 3 * MiB, name)
+            logged = time.monotonic()
+            mlflow.log_artifact(str(source))
+            while name not in {f.path for f in server_client.list_artifacts(remote)}:
+                assert time.monotonic() - logged < 20, f"{name} waited for the lane's 60 s interval"
+                time.sleep(0.05)
 
 
 class CutAfterParts(Transport):

@@ -210,6 +210,10 @@ class Sender:
         self._wake.set()
         self._files_wake.set()
 
+    def wake_files(self) -> None:
+        """A file was logged: the file lane starts it now (files are sent one by one, never coalesced)."""
+        self._files_wake.set()
+
     def flush(self, timeout: float | None = None) -> int:
         """Wait until the journal is delivered or `timeout` passes; the number of entries left."""
         deadline = None if timeout is None else self._clock() + timeout
