@@ -1,8 +1,9 @@
 """The artifact spool: a private copy of every logged file, taken at call time, kept until it is uploaded.
 
 A later change or deletion of the user's file does not matter, and the copy's sha256 (taken while copying)
-is what the sender checks before it uploads. Files are named by random ids; the journal's rows name them.
-A file is flock'ed from creation until its row is committed, so a sweep in another process leaves it alone.
+is what the server checks an upload against (and the sender before a single PUT). Files are named by random ids;
+the journal's rows name them. A file is flock'ed from creation until its row is committed, so a sweep in another
+process leaves it alone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +24,12 @@ from typing import BinaryIO
 from bridge.client.journal.intake import try_lock
 
 log = logging.getLogger(__name__)
+
+#: Files from this size on are hashed in a second thread while they are copied (hashlib and file writes release the
+#: GIL): the `log_artifact` call of a big checkpoint took the copy's time plus the hash's.
+OVERLAP_HASH_BYTES = 16 * 1024 * 1024
+_CHUNK = 1024 * 1024
+_BIG_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -53,20 +61,17 @@ class Spool:
     @contextlib.contextmanager
     def copy_in(self, source: Path) -> Iterator[SpooledFile]:
         """Copy `source` in (fsynced) and yield it still locked; if the block raises, the copy is removed."""
-        digest = hashlib.sha256()
         with open(source, "rb") as src, _new_file(self.folder) as (name, dst):
             counted = False
             try:
-                while chunk := src.read(1 << 20):
-                    digest.update(chunk)
-                    dst.write(chunk)
+                sha256 = _copy_hashing(src, dst)
                 dst.flush()
                 os.fsync(dst.fileno())  # a journal row must never point at a file that is not on disk
                 size = os.fstat(dst.fileno()).st_size
                 with self._lock:
                     self._bytes += size
                 counted = True
-                yield SpooledFile(name, size, digest.hexdigest())
+                yield SpooledFile(name, size, sha256)
             except BaseException:
                 # No row points at the copy: it would only count against the limit, for ever.
                 if counted:
@@ -108,6 +113,26 @@ class Spool:
         if removed:
             log.info("spool %s: removed %d file(s) nothing refers to any more", self.folder, removed)
         return removed
+
+
+def _copy_hashing(src: BinaryIO, dst: BinaryIO) -> str:
+    """Copy `src` to `dst`; the sha256 of the bytes written."""
+    digest = hashlib.sha256()
+    if os.fstat(src.fileno()).st_size < OVERLAP_HASH_BYTES:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+        return digest.hexdigest()
+    with ThreadPoolExecutor(1, thread_name_prefix="bridge-spool-hash") as pool:
+        hashed: Future | None = None
+        while chunk := src.read(_BIG_CHUNK):
+            if hashed is not None:
+                hashed.result()  # in order: one chunk hashed while the next is read and written
+            hashed = pool.submit(digest.update, chunk)
+            dst.write(chunk)
+        if hashed is not None:
+            hashed.result()
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
