@@ -127,40 +127,6 @@ def test_spool_copies_now_and_records_size_and_sha256(tmp_path):
     assert journal.measure_bytes() >= len(data), "spooled files count against the journal limit"
 
 
-def test_a_big_file_is_hashed_beside_its_copy_and_a_copy_cut_by_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
-    """From OVERLAP_HASH_BYTES on, the sha256 is taken in a second thread while the file is copied: the same
-    digest, of the bytes written; a write that fails mid-way raises and leaves no spool file."""
-    from bridge.client.journal import spool as spool_module
-
-    journal = Journal(tmp_path / "j.sqlite")
-    source = tmp_path / "last.pt"
-    data = os.urandom(spool_module.OVERLAP_HASH_BYTES + 3 * 1024 * 1024 + 7)
-    source.write_bytes(data)
-    body = journal.spool_artifact("r", source, "weights/last.pt")
-    assert body["size"] == len(data) and body["sha256"] == hashlib.sha256(data).hexdigest()
-    assert journal.spool.path(body["spool"]).read_bytes() == data
-
-    real_copy = spool_module._copy_hashing
-
-    def disk_fills(src, dst):
-        class Full:
-            written = 0
-
-            def write(self, chunk: bytes) -> int:
-                if self.written > 8 * 1024 * 1024:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-                self.written += len(chunk)
-                return dst.write(chunk)
-
-        return real_copy(src, Full())
-
-    monkeypatch.setattr(spool_module, "_copy_hashing", disk_fills)
-    before = _spool_files(journal)
-    with pytest.raises((OSError, JournalFullError)):  # the journal says a full disk its own way
-        journal.spool_artifact("r", source, "weights/last.pt")
-    assert _spool_files(journal) == before
-
-
 def test_garbage_file_is_detected_and_refused_without_repair(tmp_path):
     path = tmp_path / "j.sqlite"
     path.write_bytes(b"this is not a database" * 100)

@@ -16,7 +16,6 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,12 +23,6 @@ from typing import BinaryIO
 from bridge.client.journal.intake import try_lock
 
 log = logging.getLogger(__name__)
-
-#: Files from this size on are hashed in a second thread while they are copied (hashlib and file writes release the
-#: GIL): the `log_artifact` call of a big checkpoint took the copy's time plus the hash's.
-OVERLAP_HASH_BYTES = 16 * 1024 * 1024
-_CHUNK = 1024 * 1024
-_BIG_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,17 +54,20 @@ class Spool:
     @contextlib.contextmanager
     def copy_in(self, source: Path) -> Iterator[SpooledFile]:
         """Copy `source` in (fsynced) and yield it still locked; if the block raises, the copy is removed."""
+        digest = hashlib.sha256()
         with open(source, "rb") as src, _new_file(self.folder) as (name, dst):
             counted = False
             try:
-                sha256 = _copy_hashing(src, dst)
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    dst.write(chunk)
                 dst.flush()
                 os.fsync(dst.fileno())  # a journal row must never point at a file that is not on disk
                 size = os.fstat(dst.fileno()).st_size
                 with self._lock:
                     self._bytes += size
                 counted = True
-                yield SpooledFile(name, size, sha256)
+                yield SpooledFile(name, size, digest.hexdigest())
             except BaseException:
                 # No row points at the copy: it would only count against the limit, for ever.
                 if counted:
@@ -113,26 +109,6 @@ class Spool:
         if removed:
             log.info("spool %s: removed %d file(s) nothing refers to any more", self.folder, removed)
         return removed
-
-
-def _copy_hashing(src: BinaryIO, dst: BinaryIO) -> str:
-    """Copy `src` to `dst`; the sha256 of the bytes written."""
-    digest = hashlib.sha256()
-    if os.fstat(src.fileno()).st_size < OVERLAP_HASH_BYTES:
-        while chunk := src.read(_CHUNK):
-            digest.update(chunk)
-            dst.write(chunk)
-        return digest.hexdigest()
-    with ThreadPoolExecutor(1, thread_name_prefix="bridge-spool-hash") as pool:
-        hashed: Future | None = None
-        while chunk := src.read(_BIG_CHUNK):
-            if hashed is not None:
-                hashed.result()  # in order: one chunk hashed while the next is read and written
-            hashed = pool.submit(digest.update, chunk)
-            dst.write(chunk)
-        if hashed is not None:
-            hashed.result()
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
