@@ -508,20 +508,27 @@ def measured_child(cmd: list[str], env: dict[str, str], stderr: Path):
 def lags_per_link_up(
     points: dict[int, tuple[float, float]], logged_until: float, flap_start: float, events: list
 ) -> list[dict]:
-    """For each stretch of link-up, the worst delay of the points that reached the server in it.
+    """For each stretch of link-up, the worst delay of the points it owed the server.
 
-    A point could reach the server from `max(logged, link-up)`, where link-up is the start of the stretch of
-    link-up in which it was first seen (a point logged just before a cut belongs to the next link-up)."""
-    ups = [flap_start] + [t for t, what in events if what == "up"]
+    A point could reach the server from its logging when the link was up then, else from the next link-up; it
+    belongs to the stretch of link-up that began at or before that moment. (Counted from the link-up before it
+    was *seen*, a point held back over several link-ups would pass for one sent in the last.)"""
+    changes = sorted([(flap_start, "up"), *[(t, what) for t, what in events if t >= flap_start]])
+    ups = [t for t, what in changes if what == "up"]
     stretches: dict[float, dict] = {}
     for seen, logged in points.values():
         if logged > logged_until:
             continue
-        up = max((u for u in ups if u <= seen), default=flap_start)
-        lag = seen - max(logged, up)
+        state = "up"
+        for when, what in changes:
+            if when > logged:
+                break
+            state = what
+        could = logged if state == "up" else min((u for u in ups if u > logged), default=logged)
+        up = max((u for u in ups if u <= could), default=flap_start)
         entry = stretches.setdefault(up, {"link_up_s": up - flap_start, "points": 0, "worst_lag_s": 0.0})
         entry["points"] += 1
-        entry["worst_lag_s"] = max(entry["worst_lag_s"], lag)
+        entry["worst_lag_s"] = max(entry["worst_lag_s"], seen - could)
     return [stretches[u] for u in sorted(stretches)]
 
 
@@ -588,6 +595,7 @@ def run_flapping(stand: Stand, size_name: str) -> dict:
         "client_sent_ratio": result["upload_bytes_sent"] / max(received, 1),
         "link_sent_ratio": bytes_up / max(received, 1),
         "cuts": sum(1 for _, what in events if what == "down"),
+        "cut_at_s": [round(t - flap_start, 1) for t, what in events if what == "down"],
         "cut_parts_at_server": view.cut_parts() - cuts_before,
         "idle_up_s": idle_while_up(watch, events, flap_start, logged_until),
         "file_lane_attempts": result["file_lane_attempts"],
@@ -662,6 +670,7 @@ def print_flapping(r: dict, caption: str) -> None:
     )  # fmt: skip
     lags = ", ".join(f"{s['link_up_s']:.0f}s:{s['worst_lag_s']:.1f}" for s in r["stretches"])
     print(f"worst lag per link-up (time of the link-up after the start: worst lag s): {lags}")
+    print(f"link cut at (s after the start): {', '.join(f'{t:.1f}' for t in r['cut_at_s'])}")
 
 
 def run_throughput(stand: Stand, size_name: str, repeat: int) -> dict:

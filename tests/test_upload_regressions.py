@@ -13,7 +13,6 @@ import uuid
 
 import pytest
 
-from bridge.client.delivery import operations
 from bridge.client.delivery import sender as sender_module
 from bridge.client.delivery.sender import FILES, Sender
 from bridge.client.journal.uploads import UploadState
@@ -158,23 +157,23 @@ def test_r4_a_tunnels_404_on_the_uploads_question_does_not_strand_a_file_over_th
     assert edge.methods[:3] == ["OPTIONS", "PUT", "OPTIONS"] and edge.methods.count("PATCH") == 9
 
 
-def test_r5_a_stopping_sender_ends_an_upload_between_parts(entrance, tmp_path, monkeypatch):
+def test_r5_a_stopping_sender_ends_an_upload_between_parts(entrance, tmp_path):
     """`stop()` cut only the request in flight; the lane went on uploading every part, holding the journal."""
-    real = operations.sha256_of
-    hashing = threading.Event()
+    creating = threading.Event()
 
-    def slow_hash(path):  # what hashing a multi-GB spool file costs
-        hashing.set()
-        time.sleep(2)
-        return real(path)
+    class SlowCreate(Script):
+        def send(self, request: Request) -> Response:
+            if request.method == "POST" and request.url.endswith(tus.PREFIX):  # the upload begins, slowly
+                creating.set()
+                time.sleep(2)
+            return super().send(request)
 
-    monkeypatch.setattr(operations, "sha256_of", slow_hash)
     source, _ = _payload(tmp_path, 12 * MiB)
     journal, _, _ = _journal_with_file(tmp_path, source)
-    transport = Script([])
+    transport = SlowCreate([])
     sender = Sender(journal, Link(entrance.url, TOKEN, transport=transport), _options())
     sender.start()
-    assert hashing.wait(30)
+    assert creating.wait(30)
     sender.stop(0.2)
     assert sender.stop(10), "the lane ended at the next part"
     assert transport.patches == 0 and journal.queue.backlog().total == 1

@@ -65,6 +65,29 @@ def test_a_file_in_parts_lands_whole_once_and_its_staging_is_gone(entrance, mlfl
     assert not list(entrance.uploads.folder.glob("*/data")), "the staged bytes are deleted once placed"
 
 
+def test_the_staged_file_is_fsynced_once_when_complete_not_per_part(
+    entrance, mlflow_server, run_path, tmp_path, monkeypatch
+):
+    """An fsync per part held each part's answer (seconds each while other processes wrote to the disk); the
+    offset a HEAD answers is what the file holds, so one fsync before the check and placing is enough."""
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.startswith(str(entrance.uploads.folder)):
+            synced.append((name, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    source, sha = _payload(tmp_path, 3 * MiB + 5)
+    journal, op, body = _journal_with_file(tmp_path, source)
+    target = f"{run_path}/weights/last.pt"
+    _deliver(Link(entrance.url, TOKEN), journal, op, body, target)
+    assert hashlib.sha256(_in_mlflow(mlflow_server, target) or b"").hexdigest() == sha
+    assert [size for name, size in synced if name.endswith("/data")] == [3 * MiB + 5], "once, the whole file"
+
+
 def test_a_cut_part_keeps_its_bytes_and_the_next_try_sends_only_the_rest(entrance, mlflow_server, run_path, tmp_path):
     source, sha = _payload(tmp_path, 3 * MiB)
     journal, op, body = _journal_with_file(tmp_path, source)
@@ -100,6 +123,27 @@ def test_a_file_that_arrives_changed_is_refused_whole_and_never_placed(entrance,
     assert refused.value.status == 460 and "sha256" in refused.value.message
     assert _in_mlflow(mlflow_server, target) is None
     assert tus.offset(link, location).state == tus.FAILED
+
+
+def test_a_spooled_copy_changed_on_disk_is_a_dead_letter_after_the_servers_check_not_sent_again(
+    entrance, mlflow_server, tmp_path
+):
+    """An upload in parts is not read whole by the client first (the server checks every upload's sha256); a copy
+    that changed in the spool is found when the server refuses it, and is not sent again."""
+    from bridge.client.delivery.sender import Sender
+    from bridge.client.options import ClientOptions
+
+    source, _ = _payload(tmp_path, 3 * MiB)
+    journal, _, body = _journal_with_file(tmp_path, source)
+    spooled = journal.spool.path(body["spool"])
+    spooled.write_bytes(os.urandom(3 * MiB))  # the same size, other bytes
+    transport = CountingTransport()
+    options = ClientOptions.from_env(upload_part_bytes=MiB)
+    Sender(journal, Link(entrance.url, TOKEN, transport=transport), options).deliver_round()
+    ((dead, message, reason),) = journal.queue.dead_letters()
+    assert dead.key == source.name and reason == "spool-file-damaged" and "sha256" in message
+    assert transport.methods.count("PATCH") == 3, "sent once, refused by the server's check, not sent again"
+    assert entrance.uploads is not None and entrance.uploads.placed == 0
 
 
 def test_the_endpoint_refuses_what_it_must(entrance, run_path, tmp_path):
@@ -251,6 +295,53 @@ def test_records_flow_while_a_file_uploads_and_the_run_ends_after_it(
     assert server_client.get_run(remote).info.status == "FINISHED"
     got = server_client.download_artifacts(remote, "weights/best.pt", str(tmp_path / "down"))
     assert hashlib.sha256(Path(got).read_bytes()).hexdigest() == sha
+
+
+def test_a_flush_waiting_for_an_upload_leaves_the_idle_record_lane_at_its_pace(
+    entrance, bridge_connect, monkeypatch, tmp_path
+):
+    """`conn.flush()` woke the record lane after each of its rounds while a file uploaded: with nothing else to
+    send, ~10,000 empty rounds a second (a core busy for the whole upload, 2.6 CPU s for a 500 MB file)."""
+    import mlflow
+
+    monkeypatch.setenv("BRIDGE_UPLOAD_PART_BYTES", str(MiB))
+    transport = HeldUploads()
+    conn = bridge_connect(entrance.url, TOKEN, transport=transport)
+    mlflow.set_experiment(f"flush-pace-{uuid.uuid4().hex[:8]}")
+    source, _ = _payload(tmp_path, 3 * MiB, "best.pt")
+    mlflow.start_run()
+    mlflow.log_artifact(str(source), "weights")
+    assert transport.held.wait(30), "the upload began"
+    rounds, started = conn.sender.rounds, time.monotonic()
+    assert conn.flush(2.0) == 1, "the file is still on its way"
+    # The lane's own pace (a round per send interval) plus a wake a second from the flush.
+    paced = (time.monotonic() - started) * (1 / conn.sender.send_interval_s + 1)
+    assert conn.sender.rounds - rounds <= 1.5 * paced + 5
+    transport.release.set()
+    mlflow.end_run()
+    assert conn.flush(60) == 0
+
+
+def test_a_logged_file_starts_at_once_not_after_the_lanes_interval(
+    entrance, mlflow_server, server_client, bridge_connect, monkeypatch, tmp_path
+):
+    """The file lane looked for new files once per send interval (0.5 s by default): a file waited for it."""
+    import mlflow
+
+    conn = bridge_connect(entrance.url, TOKEN)
+    mlflow.set_experiment(f"wake-{uuid.uuid4().hex[:8]}")
+    with mlflow.start_run() as run:
+        assert conn.flush(30) == 0
+        remote = conn.journal.ids.server_run(run.info.run_id)[0]
+        assert remote is not None
+        conn.sender.send_interval_s = 60.0  # from here on the lanes look only when woken
+        for name in ("first.pt", "second.pt"):  # the second finds the lane in its wait after the first
+            source, _ = _payload(tmp_path, 3 * MiB, name)
+            logged = time.monotonic()
+            mlflow.log_artifact(str(source))
+            while name not in {f.path for f in server_client.list_artifacts(remote)}:
+                assert time.monotonic() - logged < 20, f"{name} waited for the lane's 60 s interval"
+                time.sleep(0.05)
 
 
 class CutAfterParts(Transport):

@@ -272,13 +272,14 @@ class Operations:
             raise UndeliverableError(
                 SPOOL_FILE_MISSING, f"spooled copy of {body['path']} is missing from {self.journal.spool.folder}"
             )
-        # Checked before the first try; a resumed upload is checked whole by the server instead (a changed copy is
-        # refused there and sent again), not hashed again here before every part.
-        if self.journal.uploads.get(op.id) is None and sha256_of(spool_file) != body["sha256"]:
-            raise UndeliverableError(
-                SPOOL_FILE_DAMAGED,
-                f"the spooled copy of {body['path']} no longer matches the sha256 recorded when it was logged",
-            )
+
+        def check_spool() -> None:
+            if sha256_of(spool_file) != body["sha256"]:
+                raise UndeliverableError(
+                    SPOOL_FILE_DAMAGED,
+                    f"the spooled copy of {body['path']} no longer matches the sha256 recorded when it was logged",
+                )
+
         artifact_path = self._artifact_path(artifact_root, body["path"])  # one bridge cannot upload to: say why
         # A file that may have arrived before is sent again, never "checked" first: a listing shows only sizes, so
         # an older copy of the same length would pass for this one. A resumable upload goes on from what the
@@ -293,6 +294,7 @@ class Operations:
             url=self.link.artifact_url(artifact_root, body["path"]),
             part_bytes=self.upload_part_bytes,
             should_stop=self.should_stop,
+            check_spool=check_spool,
         )
 
 

@@ -211,6 +211,10 @@ class Sender:
         self._wake.set()
         self._files_wake.set()
 
+    def wake_files(self) -> None:
+        """A file was logged: the file lane starts it now (files are sent one by one, never coalesced)."""
+        self._files_wake.set()
+
     def flush(self, timeout: float | None = None) -> int:
         """Wait until the journal is delivered or `timeout` passes; the number of entries left.
 
@@ -221,6 +225,7 @@ class Sender:
         self._flushing += 1
         since_look = self._looks_begun
         last_wake = 0.0
+        woken_at: int | None = None  # the backlog when the lanes were last woken
         try:
             while True:
                 left = self.journal.queue.backlog().total
@@ -232,11 +237,15 @@ class Sender:
                 if deadline is not None and now >= deadline:
                     return left
                 # Someone is waiting: don't sleep out a backoff of up to 30 s once the link may be back, but
-                # retry at most once a second so a flush never turns the backoff into a tight loop.
-                if not self._backing_off or now - last_wake >= self.options.flush_retry_s:
+                # retry at most once a second so a flush never turns the backoff into a tight loop. Without a
+                # backoff, wake the lanes again only when the backlog moved (a round delivered, or more came): a
+                # file in upload keeps it still, and waking the idle record lane after each of its rounds made
+                # thousands of empty rounds a second for as long as the upload took.
+                retry_due = now - last_wake >= self.options.flush_retry_s
+                if retry_due or (not self._backing_off and left != woken_at):
                     self._wake.set()
                     self._files_wake.set()
-                    last_wake = now
+                    last_wake, woken_at = now, left
                 # Counting the backlog scans the journal: poll less often while it is large.
                 poll = 0.05 if left < 5_000 else 0.25
                 self._idle.wait(poll if deadline is None else max(0.0, min(poll, deadline - self._clock())))

@@ -1,8 +1,9 @@
 """The artifact spool: a private copy of every logged file, taken at call time, kept until it is uploaded.
 
 A later change or deletion of the user's file does not matter, and the copy's sha256 (taken while copying)
-is what the sender checks before it uploads. Files are named by random ids; the journal's rows name them.
-A file is flock'ed from creation until its row is committed, so a sweep in another process leaves it alone.
+is what the server checks an upload against (and the sender before a single PUT). Files are named by random ids;
+the journal's rows name them. A file is flock'ed from creation until its row is committed, so a sweep in another
+process leaves it alone.
 """
 
 from __future__ import annotations

@@ -52,10 +52,13 @@ class JournalArtifactRepository(ArtifactRepository):
 
     def log_artifact(self, local_file, artifact_path=None):
         source = Path(local_file)
-        self.connection.journal.spool_artifact(self.run_id, source, self._path(artifact_path, source.name))
+        conn = self.connection
+        conn.journal.spool_artifact(self.run_id, source, self._path(artifact_path, source.name))
+        conn.sender.wake_files()
 
     def log_artifacts(self, local_dir, artifact_path=None):
-        journal = self.connection.journal
+        conn = self.connection
+        journal = conn.journal
         root = Path(local_dir)
         for folder, _, files in os.walk(root):
             rel = Path(folder).relative_to(root).as_posix()
@@ -63,6 +66,7 @@ class JournalArtifactRepository(ArtifactRepository):
                 journal.spool_artifact(
                     self.run_id, Path(folder) / name, self._path(artifact_path, "" if rel == "." else rel, name)
                 )
+        conn.sender.wake_files()
 
     # ---------------------------------------------------------------------------------- reads
 
