@@ -22,6 +22,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -157,6 +158,18 @@ def main() -> int:
                     print(f"seed {seed} ({label}): exit {rc}\n{output[-3000:]}", flush=True)
                 got, names, repeats = server_holdings(MlflowClient(servers[label].url), name)
                 delivered = held.size() - held.missing_from(got).size()
+                if label == "after" and (delivered < held.size() or repeats or rc not in (0, 1)):
+                    # Kept for a look (not removed at exit): the copy as it was before the sync, and what it said.
+                    kept = Path(tempfile.mkdtemp(prefix=f"soak-torn-kept-{seed}-"))
+                    write_copy(copy, kept)
+                    (kept / "sync-output.txt").write_text(output)
+                    missing = held.missing_from(got)
+                    print(
+                        f"seed {seed} (after): delivered {delivered} of {held.size()} held, exit {rc}, {repeats} "
+                        f"repeats; missing e.g. {sorted(missing.points)[:5]} {sorted(missing.params)[:5]} "
+                        f"{sorted(missing.tags)[:5]} {sorted(missing.artifacts)[:3]}; copy kept in {kept}",
+                        flush=True,
+                    )
                 lost = _dead_letters(path) + len(
                     [p for p in path.parent.iterdir() if ".damaged-" in p.name or ".set-aside-" in p.name]
                 )
