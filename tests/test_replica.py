@@ -171,3 +171,17 @@ def test_a_journal_on_drive_runs_locally_and_a_new_runtime_delivers_it_from_the_
     assert len(client.get_metric_history(remote.info.run_id, "loss")) == 301
     assert remote.data.params == {"a": "1"}
     assert [f.path for f in client.list_artifacts(remote.info.run_id)] == ["w.bin"]
+
+
+def test_bridge_mounts_file_names_the_mount_table_at_every_call(tmp_path, monkeypatch):
+    """A child process (tests/test_runtime_loss.py) is pointed at a mount table of its own by the environment."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"overlay / overlay rw 0 0\ndrive {tmp_path / 'drive'} fuse.drive rw 0 0\n")
+    target = tmp_path / "drive" / "j.sqlite"
+    monkeypatch.delenv(replica.MOUNTS_FILE_ENV, raising=False)
+    assert network_filesystem(target) is None
+    monkeypatch.setenv(replica.MOUNTS_FILE_ENV, str(mounts))
+    assert network_filesystem(target) == "fuse.drive"
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    assert network_filesystem(target, empty) is None, "an explicit table wins over the environment"

@@ -5,6 +5,8 @@
                                               random moment; the client dies at the end (no close). Returns the
                                               torn copy's files and the kinds of tear in it.
     write_copy(files, folder)                 lays a torn copy out on disk
+    DriveCopier(folder, rng)                  the same copier for a folder another process writes (a replica
+                                              on a stand-in Drive): start(), then stop() once the writer died
     holdings(path)                            what the whole parts of a copy hold (database alone, database with
                                               WAL, whole intake records of runs it knows, whole spool files)
     server_holdings(client, name)             the same, read back from the MLflow server
@@ -123,6 +125,88 @@ def log_offline(folder: Path, name: str, seconds: float, rng: random.Random, *, 
     if not copy.kinds:
         copy.kinds.add("no tear")
     return copy
+
+
+class DriveCopier:
+    """Copies a folder another process writes the way Drive uploads it, each file at its own random moments.
+
+    `start()` takes every file as it is then (Drive has caught up with the folder by that moment); from then on a
+    thread takes each file again, now and then, at its own pace (some stop being taken at a random moment, as
+    Drive holds back a file that keeps changing); a file deleted meanwhile is deleted from the copy. `stop()`
+    (the writer is dead: nothing uploads any more) gives the copy: each file as it was at the last moment it was
+    taken, a file never taken missing."""
+
+    def __init__(self, folder: Path, rng: random.Random, *, tick_s: float = 0.02, window_s: float = 2.0) -> None:
+        self.folder = folder
+        self.rng = rng
+        self.tick_s = tick_s
+        self.window_s = window_s  # about how long the writer goes on: stalls fall within it
+        self._taken: dict[str, tuple[float, bytes | None]] = {}
+        self._seen: dict[str, tuple[int, int, int]] = {}  # rel -> (inode, mtime, size) of what was taken
+        self._chance: dict[str, float] = {}
+        self._stall: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = 0.0
+        self.ticks = 0
+
+    def _take(self, rel: str, now: float) -> None:
+        path = self.folder / rel
+        try:
+            st = path.stat()
+            signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._seen.get(rel) == signature and self._taken.get(rel, (0, None))[1] is not None:
+                self._taken[rel] = (now, self._taken[rel][1])  # unchanged: uploaded again, the same bytes
+                return
+            self._taken[rel] = (now, path.read_bytes())
+            self._seen[rel] = signature
+        except FileNotFoundError:
+            self._taken[rel] = (now, None)  # deleted meanwhile: Drive deletes it too
+        except IsADirectoryError:
+            pass
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        for rel in _files(self.folder):
+            self._take(rel, 0.0)
+        self._thread = threading.Thread(target=self._loop, name="drive-copier", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            now = time.monotonic() - self._started
+            self.ticks += 1
+            for rel in _files(self.folder) + [rel for rel in self._taken if not (self.folder / rel).exists()]:
+                chance = self._chance.setdefault(rel, self.rng.uniform(0.02, 0.3))
+                stall = self._stall.setdefault(
+                    rel, self.rng.uniform(0, self.window_s) if self.rng.random() < 0.3 else float("inf")
+                )
+                if now < stall and self.rng.random() < chance:
+                    self._take(rel, now)
+
+    def stop(self) -> TornCopy:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        copy = TornCopy({})
+        moments: dict[str, float] = {}
+        for rel, (moment, data) in sorted(self._taken.items()):
+            if data is not None:
+                copy.files[rel] = data
+                moments[rel] = moment
+                copy.taken_at[rel] = int(moment / self.tick_s)
+        for rel in _files(self.folder):
+            if rel not in copy.files:
+                copy.kinds.add(f"{_role(rel)} missing")
+            elif (self.folder / rel).read_bytes() != copy.files[rel]:
+                copy.kinds.add(f"{_role(rel)} older")
+        db = moments.get(JOURNAL)
+        for rel, moment in moments.items():
+            if db is not None and _role(rel) == "intake" and moment != db:
+                copy.kinds.add(f"{_role(rel)} {'older' if moment < db else 'newer'} than db")
+        if not copy.kinds:
+            copy.kinds.add("no tear")
+        return copy
 
 
 def _role(rel: str) -> str:

@@ -59,6 +59,11 @@ _SCHEMA = (
     """create table if not exists settled (
         id integer primary key check (id = 0),
         n integer not null)""",
+    # Rows deleted from ops (delivered, replaced, dropped). With it every id up to ops' counter is accounted for,
+    # so a view that lacks rows nobody deleted shows (integrity.py: a database copied before its WAL's generation).
+    """create table if not exists ops_deleted (
+        id integer primary key check (id = 0),
+        n integer not null)""",
     # Runs created again after a try whose fate is unknown (a timeout, or a request cut by a stopping sender):
     # that try may still land and make an empty second run. Looked for (operations.remove_twins) when the run
     # ends, on a flush, and at `due` (wall clock), by whichever sender delivers this journal.
@@ -156,6 +161,11 @@ class Database:
             for statement in _SCHEMA:
                 conn.execute(statement)
             _migrate(conn)
+            # A journal from before the count (or a repaired one): what is missing now is counted as deleted.
+            conn.execute(
+                "insert or ignore into ops_deleted(id, n) select 0, coalesce((select seq from sqlite_sequence "
+                "where name='ops'), 0) - (select count(*) from ops)"
+            )
             if self.repair_report is not None:
                 conn.execute("insert into repairs(at, text) values(?,?)", (time.time(), str(self.repair_report)))
 

@@ -89,8 +89,22 @@ def private_copy(path: Path) -> Path | None:
     return None
 
 
+def _unaccounted(conn: sqlite3.Connection, counters: dict[str, int]) -> int | None:
+    """Entries up to ops' counter that are neither in the view nor counted as deleted (database.py's ops_deleted);
+    None for a journal from before that count."""
+    try:
+        row = conn.execute("select n from ops_deleted where id=0").fetchone()
+    except sqlite3.OperationalError:
+        return None
+    if row is None:
+        return None
+    (present,) = conn.execute("select count(*) from ops").fetchone()
+    return counters.get("ops", 0) - present - row[0]
+
+
 def _view(uri: str, *, is_uri: bool) -> tuple[str | None, dict[str, int]]:
-    """(problem or None, the autoincrement counters) of one view of the copy."""
+    """(problem or None, the autoincrement counters) of one view of the copy; counters["unaccounted"] as
+    `_unaccounted` says, when known."""
     try:
         conn = sqlite3.connect(uri, uri=is_uri, isolation_level=None)
         try:
@@ -102,6 +116,9 @@ def _view(uri: str, *, is_uri: bool) -> tuple[str | None, dict[str, int]]:
                 counters = dict(conn.execute("select name, seq from sqlite_sequence").fetchall())
             except sqlite3.OperationalError:  # no autoincrement table yet
                 counters = {}
+            unaccounted = _unaccounted(conn, counters)
+            if unaccounted is not None:
+                counters["unaccounted"] = unaccounted
             return None, counters
         finally:
             conn.close()
@@ -125,10 +142,21 @@ def check(path: Path) -> Verdict:
         return Verdict(state, alone_problem, copy, 0)
     with_problem, with_wal = _view(str(copy), is_uri=False)  # applies (and checkpoints) the WAL in the copy
     if with_problem is None:
+        alone_lacks, with_lacks = alone.pop("unaccounted", None), with_wal.pop("unaccounted", None)
         behind = {name: (seq, with_wal.get(name, 0)) for name, seq in alone.items() if with_wal.get(name, 0) < seq}
         if alone_problem is None and behind:
             detail = ", ".join(f"{name} {now} < {before}" for name, (before, now) in sorted(behind.items()))
             return Verdict(STALE_WAL, f"its WAL is older than its database ({detail})", copy, wal_bytes)
+        if alone_problem is None and alone_lacks == 0 and with_lacks is not None and with_lacks > 0:
+            # The WAL started after a checkpoint the database file was copied before: with it the journal would
+            # say entries were written (counters, intake offsets) that neither file holds.
+            return Verdict(
+                DAMAGED_WAL,
+                f"its WAL does not fit its database ({with_lacks} entries it counts are in neither; the database "
+                "was copied before the WAL began)",
+                copy,
+                wal_bytes,
+            )
         return Verdict(WHOLE, None, copy, wal_bytes)
     if alone_problem is None:
         return Verdict(DAMAGED_WAL, f"its WAL is damaged ({with_problem})", copy, wal_bytes)

@@ -72,11 +72,14 @@ class OpQueue:
         """Move an op to the end of the journal, pending: it waits for something journaled after it."""
         with self._db.db() as conn:
             # Past every id ever used (the table's AUTOINCREMENT sequence), not only the live ones.
-            conn.execute(
-                f"update ops set id=(select max(coalesce(max(id), 0), coalesce((select seq from "
-                f"sqlite_sequence where name='ops'), 0)) + 1 from ops), {IS_PENDING} where id=?",
-                (op_id,),
-            )
+            (new_id,) = conn.execute(
+                "select max(coalesce(max(id), 0), coalesce((select seq from sqlite_sequence where name='ops'), 0))"
+                " + 1 from ops"
+            ).fetchone()
+            if conn.execute(f"update ops set id=?, {IS_PENDING} where id=?", (new_id, op_id)).rowcount:
+                # SQLite moves the counter only on inserts: the new id is used, the old one is gone for good.
+                conn.execute("update sqlite_sequence set seq=max(seq, ?) where name='ops'", (new_id,))
+                _count_deleted(conn, 1)
 
     def reset_in_flight(self) -> int:
         """Return in-flight rows to pending: a sender starting now cannot know whether they arrived."""
@@ -170,7 +173,7 @@ class OpQueue:
                 row = conn.execute(f"select body from ops where id=? and {IS_PENDING}", (op_id,)).fetchone()
                 if row is None:
                     continue
-                conn.execute("delete from ops where id=?", (op_id,))
+                _count_deleted(conn, conn.execute("delete from ops where id=?", (op_id,)).rowcount)
                 conn.execute("delete from uploads where op=?", (op_id,))
                 spool.append(json.loads(row[0])["spool"])
             if spool:
@@ -201,7 +204,8 @@ class OpQueue:
         with self._db.db() as conn:
             spool = list(spool)
             for chunk in _chunks(ids, 500):
-                conn.execute(f"delete from ops where id in ({','.join('?' * len(chunk))})", chunk)
+                deleted = conn.execute(f"delete from ops where id in ({','.join('?' * len(chunk))})", chunk).rowcount
+                _count_deleted(conn, deleted)
                 if spool:  # an artifact row: its upload's state goes with it
                     conn.execute(f"delete from uploads where op in ({','.join('?' * len(chunk))})", chunk)
             _count_settled(conn)
@@ -271,7 +275,9 @@ class OpQueue:
         """Delete dead letters (all, or `ids`) for good; how many."""
         where, args = _ids_clause(ids)
         with self._db.db() as conn:
-            return conn.execute(f"delete from ops where {IS_DEAD}{where}", args).rowcount
+            deleted = conn.execute(f"delete from ops where {IS_DEAD}{where}", args).rowcount
+            _count_deleted(conn, deleted)
+            return deleted
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._db.db(write=False) as conn:
@@ -304,6 +310,14 @@ def _lane(files: bool | None) -> str:
 
 def _count_settled(conn: sqlite3.Connection) -> None:
     conn.execute("insert into settled(id, n) values(0, 1) on conflict(id) do update set n = n + 1")
+
+
+def _count_deleted(conn: sqlite3.Connection, rows: int) -> None:
+    """Count rows deleted from ops (database.py's ops_deleted), in the transaction that deletes them."""
+    if rows:
+        conn.execute(
+            "insert into ops_deleted(id, n) values(0, ?) on conflict(id) do update set n = n + excluded.n", (rows,)
+        )
 
 
 def _ids_clause(ids: list[int] | None) -> tuple[str, list[int]]:

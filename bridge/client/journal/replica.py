@@ -57,8 +57,11 @@ NETWORK_TYPES = frozenset(
 REPLICA_EVERY_ENV = "BRIDGE_REPLICA_EVERY_S"
 #: Colab's Google Drive mount point (its type has varied between releases).
 COLAB_DRIVE = Path("/content/drive")
-#: The mount table; a test points this at a file of its own.
+#: The mount table; a test points this at a file of its own (or, for a child process, `MOUNTS_FILE_ENV`).
 MOUNTS_FILE = Path("/proc/mounts")
+#: Names a mount table to read instead of /proc/mounts, read at every call (a test's child process: a folder it
+#: stands in for Google Drive is then a network filesystem).
+MOUNTS_FILE_ENV = "BRIDGE_MOUNTS_FILE"
 
 
 def _mounts(text: str) -> list[tuple[Path, str]]:
@@ -74,8 +77,11 @@ def _mounts(text: str) -> list[tuple[Path, str]]:
 def network_filesystem(path: str | os.PathLike, mounts_file: Path | None = None) -> str | None:
     """The type of the filesystem holding `path` when SQLite must not run there (network, FUSE), else None."""
     target = Path(os.path.abspath(path))
+    if mounts_file is None:
+        named = os.environ.get(MOUNTS_FILE_ENV, "").strip()
+        mounts_file = Path(named) if named else MOUNTS_FILE
     try:
-        text = (mounts_file or MOUNTS_FILE).read_text()
+        text = mounts_file.read_text()
     except OSError:
         text = ""
     best: tuple[int, str] | None = None
