@@ -457,3 +457,64 @@ def test_a_repair_walks_on_when_a_damaged_tree_answers_rows_it_already_walked(tm
     copied, _lost, _exact = _salvage_table(old, fresh, "intake")  # type: ignore[arg-type]
     assert old.reads < 1_000
     assert copied == 3_000 and fresh.execute("select count(*) from intake").fetchone() == (3_000,)
+
+
+def test_a_wal_whose_tree_reaches_none_of_the_rows_since_the_database_file_is_set_aside_losing_no_point(tmp_path):
+    """test_torn_copies[14] under load 30 ('wal newer than db'): 668 points held, "Delivered everything", exit 0.
+    The database file from moment A, its WAL from B (after a checkpoint the file missed and the WAL's restart),
+    the intake from C. SQLite applies that WAL without a complaint, but the inner page of the entries' tree
+    reads as it was at A, so the rows written between A and B are on no page the view reaches, while the
+    intake offset (from the WAL) says their points were moved. The WAL view counts entries that are neither
+    there nor deleted (ops_deleted): it is set aside, the database file alone is taken, and every intake
+    point past its own offset is journaled once; the params written between A and B are said lost."""
+    live = tmp_path / "live" / "j.sqlite"
+    live.parent.mkdir()
+    journal = Journal(live)
+    runs = [journal.add_run(experiment_id="e", user_id="u", start_time=1, name=f"run{r}", tags={}) for r in (0, 1)]
+
+    def tick(first: int, params: int = 0) -> None:  # what the client logs between two journal syncs, then the sync
+        for run in runs:
+            journal.append_batch(run, params=[(f"p{first}-{i}", "x") for i in range(params)])
+        for step in range(first, first + 20):
+            for r, run in enumerate(runs):
+                journal.append_batch(run, [("loss", step + r / 10, 1_700_000_000_000 + step, step)])
+        journal.sync()  # intake into SQLite, then a checkpoint: the next write starts the WAL again
+
+    tick(0)
+    at_a = live.read_bytes()  # moment A: the database file, steps 0..19
+    for first in range(20, 220, 20):  # new pages for the entries, the intake offset moves on
+        tick(first, params=1 if first == 100 else 0)  # a param of each run among them
+    # Moment B: the WAL holds only what the last tick wrote (its rows fit on the page the tick before began): the
+    # intake offset, the counters and that page, not the inner page of the entries' tree that points to it. A view
+    # with it reads that inner page as it was at A: the rows of steps 20..219 are on no page it reaches.
+    at_b = integrity.wal_path(live).read_bytes()
+    tick(220)
+    intake_name = journal._intake.name
+    at_c = journal._intake.path.read_bytes()[:-30]  # moment C: the intake, its last record cut
+    journal.database.close()
+    journal._intake.close()
+    torn = tmp_path / "torn" / "j.sqlite"
+    torn.parent.mkdir()
+    torn.write_bytes(at_a)
+    integrity.wal_path(torn).write_bytes(at_b)
+    torn.with_name(intake_name).write_bytes(at_c)
+    logged = {(run, step, value) for run, _key, value, _ts, step in _intake.scan(at_c)[0]}
+    assert len(logged) == 479
+
+    verdict = integrity.check(torn)
+    try:
+        assert verdict.state == integrity.DAMAGED_WAL, verdict
+        assert "copied before the WAL began" in verdict.problem
+    finally:
+        verdict.cleanup()
+    reopened = Journal(torn)
+    with reopened.database.db(write=False) as conn:
+        journaled = conn.execute("select run, step, value from ops where kind='metric'").fetchall()
+        params = conn.execute("select count(*) from ops where kind='param'").fetchone()[0]
+    assert not logged - set(journaled), f"{len(logged - set(journaled))} points of the intake are in no entry"
+    assert len(journaled) == len(logged), "each point once"
+    assert params == 0  # the two params were written between A and B: in neither file
+    (said,) = reopened.database.repairs()
+    assert "WAL" in said, said
+    assert any(p.name.startswith("j.sqlite-wal.set-aside-") for p in torn.parent.iterdir()), "kept, not applied"
+    reopened.close()
