@@ -9,13 +9,10 @@ refuses (403 "Cross-origin request blocked") unless the entrance translates it.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import os
 import shutil
-import ssl
 import subprocess
-import threading
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,7 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 from mlflow import MlflowClient
 
-from tests.support.browser import CHROMIUM_ARGS, UI_TIMEOUT_MS
+from tests.support.browser import CHROMIUM_ARGS, UI_TIMEOUT_MS, launch_at
+from tests.support.tls_edge import TlsEdge
 
 pytestmark = pytest.mark.slow
 
@@ -57,56 +55,16 @@ def _self_signed(folder: Path, hostname: str) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-class TlsRelay:
+class TlsRelay(TlsEdge):
     """The TLS half of ngrok's edge: terminate HTTPS on 127.0.0.1 and pass the bytes on to the forwarder."""
 
     def __init__(self, upstream: str, cert_file: Path, key_file: Path) -> None:
+        super().__init__(cert_file, key_file, name="tls-relay")
         parts = urlsplit(upstream)
-        self.upstream = (parts.hostname, parts.port)
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(cert_file, key_file)
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="tls-relay", daemon=True)
-        self._server: asyncio.AbstractServer | None = None
+        self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
 
-    def start(self) -> None:
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=self.context), self._loop
-        ).result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        async def close() -> None:
-            assert self._server is not None
-            self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            client_w.close()
-            return
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                writer.close()
-
-        await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w), return_exceptions=True)
+    def upstream(self, host: str) -> tuple[str, int]:
+        return self._upstream
 
 
 @pytest.fixture
@@ -141,12 +99,10 @@ def test_mlflow_ui_through_the_tunnel_needs_login_then_shows_the_runs(tunnelled_
     client.set_terminated(run.info.run_id)
 
     host = urlsplit(public_url).hostname
-    # Only the public name goes to the relay; Chromium must not try to reach anything else.
-    resolver = f"--host-resolver-rules=MAP {host} 127.0.0.1:{relay.port}, EXCLUDE 127.0.0.1"
     api_calls: list[tuple[str, str, int, str | None]] = []
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium_path, args=[*CHROMIUM_ARGS, resolver])
+        browser = launch_at(pw, chromium_path, public_url, relay.port)
         try:
             # No credentials: the entrance answers the page with 401 and a Basic challenge. Headless Chromium
             # cannot prompt, so it abandons the navigation (ERR_INVALID_AUTH_CREDENTIALS) after seeing the 401.
@@ -280,11 +236,9 @@ def test_printed_links_open_the_model_training_view_of_a_sweep(tunnelled_bridge,
         connect_line and connect_line.group(1) == f"{server.entrance_url}/#/experiments?workflowType=machine_learning"
     )
 
-    host = urlsplit(public_url).hostname
-    resolver = f"--host-resolver-rules=MAP {host} 127.0.0.1:{relay.port}, EXCLUDE 127.0.0.1"
     run_names = list(MODEL_FAMILIES)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium_path, args=[*CHROMIUM_ARGS, resolver])
+        browser = launch_at(pw, chromium_path, public_url, relay.port)
         try:
             context = browser.new_context(
                 ignore_https_errors=True,

@@ -34,7 +34,7 @@ from nbclient import NotebookClient
 
 from bridge.rendezvous import Rendezvous
 from bridge.serve.wheel import public_path
-from tests.support.browser import CHROMIUM_ARGS, UI_TIMEOUT_MS
+from tests.support.browser import UI_TIMEOUT_MS, launch_at
 from tests.support.colab_runtime import EdgeCA, QuickTunnelEdge, colab_venv, install_quick_tunnel_dns, kernelspec
 from tests.support.yolo import MODEL_FAMILIES
 
@@ -284,11 +284,9 @@ def _on(url: str, public_url: str) -> str:
 def _screenshots(chromium: str, public_url: str, edge_port: int, token: str, chart_link: str, run_link: str, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    host = urlsplit(public_url).hostname
-    resolver = f"--host-resolver-rules=MAP {host} 127.0.0.1:{edge_port}, EXCLUDE 127.0.0.1"
     shots = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=[*CHROMIUM_ARGS, resolver])
+        browser = launch_at(pw, chromium, public_url, edge_port)
         try:
             context = browser.new_context(
                 ignore_https_errors=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,3 +24,12 @@ def chromium_path() -> str:
     if os.environ.get("CI"):
         pytest.fail(f"{CHROMIUM} is missing: install Debian's `chromium` package (.ci/run does)")
     pytest.skip(f"{CHROMIUM} is not installed")
+
+
+def launch_at(playwright, chromium: str, public_url: str, port: int):
+    """Headless Chromium that finds `public_url`'s host at 127.0.0.1:`port` (the test's TLS edge), as a user's
+    browser finds the tunnel's edge: the page's origin, cookies and Origin headers are the public URL's. Only that
+    name is mapped."""
+    host = urlsplit(public_url).hostname
+    resolver = f"--host-resolver-rules=MAP {host} 127.0.0.1:{port}, EXCLUDE 127.0.0.1"
+    return playwright.chromium.launch(executable_path=chromium, args=[*CHROMIUM_ARGS, resolver])

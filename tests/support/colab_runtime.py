@@ -13,17 +13,14 @@ code never learns about any of this: pip, urllib and requests in the venv meet a
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import os
 import re
 import shutil
-import ssl
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -31,6 +28,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from packaging.requirements import Requirement
+
+from tests.support.tls_edge import TlsEdge
 
 #: What Colab ships that a bridge notebook touches (its runtime has these and ~600 more); their dependencies come
 #: along. Colab's versions differ; what matters is that pip finds them installed and installs only the rest.
@@ -194,78 +193,33 @@ class EdgeConnection:
     routed: bool
 
 
-class QuickTunnelEdge:
+class QuickTunnelEdge(TlsEdge):
     """HTTPS for every quick tunnel: terminate TLS on 127.0.0.1, read the SNI name, pass the bytes to the forwarder
     the stand-in's state file lists for `https://<name>` (read per connection, so new tunnels work at once).
     `connections` records each one's time and name: which public URL a client was using, and when."""
 
+    routes_by_name = True
+
     def __init__(self, state_file: Path, ca: EdgeCA) -> None:
+        super().__init__(ca.leaf_cert, ca.leaf_key, name="quick-tunnel-edge")
         self.state_file = state_file
         self.ca = ca
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(ca.leaf_cert, ca.leaf_key)
-        self._names: dict[int, str] = {}
-        self.context.sni_callback = self._sni
         self.connections: list[EdgeConnection] = []
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="quick-tunnel-edge", daemon=True)
-        self._server: asyncio.AbstractServer | None = None
 
-    def _sni(self, ssl_object, server_name, _context) -> None:
-        self._names[id(ssl_object)] = (server_name or "").lower()
-
-    def start(self) -> QuickTunnelEdge:
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=self.context), self._loop
-        ).result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        async def close() -> None:
-            assert self._server is not None
-            self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+    def upstream(self, host: str) -> tuple[str, int] | None:
+        try:
+            forwards = json.loads(self.state_file.read_text() or "{}")
+        except (OSError, ValueError):
+            forwards = {}
+        forwarder = forwards.get(f"https://{host}")
+        self.connections.append(EdgeConnection(time.monotonic(), host, forwarder is not None))
+        if forwarder is None:
+            return None
+        parts = urlsplit(forwarder)
+        return parts.hostname or "127.0.0.1", parts.port or 80
 
     def hosts_since(self, since: float) -> list[str]:
         return [c.host for c in list(self.connections) if c.at >= since]
 
     def first_connection(self, host: str, since: float = 0.0) -> EdgeConnection | None:
         return next((c for c in list(self.connections) if c.host == host and c.at >= since), None)
-
-    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        host = self._names.pop(id(client_w.get_extra_info("ssl_object")), "")
-        try:
-            forwards = json.loads(self.state_file.read_text() or "{}")
-        except (OSError, ValueError):
-            forwards = {}
-        upstream = forwards.get(f"https://{host}")
-        self.connections.append(EdgeConnection(time.monotonic(), host, upstream is not None))
-        try:
-            if upstream is None:
-                raise OSError(f"no tunnel {host}")
-            parts = urlsplit(upstream)
-            up_r, up_w = await asyncio.open_connection(parts.hostname, parts.port)
-        except OSError:  # a tunnel whose agent is gone: the connection ends, as a dead edge's would
-            client_w.close()
-            return
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                writer.close()
-
-        await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w), return_exceptions=True)
