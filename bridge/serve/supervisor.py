@@ -562,7 +562,8 @@ class Supervisor:
             self.relay.publish(record, token=token)
         except BridgeError as exc:
             self._relay_failures += 1
-            # 5 s at least (ntfy refills one request per 5 s), then doubling to 15 min: the daily quota lasts a day.
+            # 10 s at least (twice ntfy's refill of one request per 5 s), then doubling to 15 min: the daily quota
+            # lasts a day.
             delay = compute_backoff_ms(self._relay_failures - 1, min_backoff_ms=10_000, max_backoff_ms=900_000) / 1000
             self._next_relay_at = time.time() + delay
             entry.update(ok=False, error=str(exc))
