@@ -13,11 +13,16 @@ touched for `expire_s` are deleted.
 The wire protocol is tus 1.0.0 (https://tus.io/protocols/resumable-upload), core plus the creation, expiration
 and termination extensions, so any tus client can use it:
 
-    OPTIONS /bridge/uploads       204  Tus-Version, Tus-Extension, Tus-Max-Size, Bridge-Max-Part
+    OPTIONS /bridge/uploads       204  Tus-Version, Tus-Extension, Tus-Max-Size, Bridge-Max-Part, Bridge-Sha256-Later
     POST    /bridge/uploads       Upload-Length, Upload-Metadata "path <b64>,sha256 <b64>"   → 201 Location
     HEAD    /bridge/uploads/<id>  200  Upload-Offset, Upload-Length, Bridge-Upload-State
     PATCH   /bridge/uploads/<id>  Upload-Offset + application/offset+octet-stream            → 204 Upload-Offset
     DELETE  /bridge/uploads/<id>  204
+
+The whole file's sha256 may also come later (bridge's own addition, advertised by `Bridge-Sha256-Later: 1`): an
+upload created without it takes it from a part's `Bridge-Upload-Sha256` header, and a part that could complete the
+file while no sha256 is known is refused (400) before its bytes are read. So a client can send the first parts of
+a file while it is still copying and hashing it, and no file is ever placed unchecked.
 
 `Bridge-Upload-State` is bridge's own: `receiving`, `placing` (the last byte is in; checking and placing),
 `placed` (in MLflow), or `failed` (the sha256 did not match: the upload is gone; `Bridge-Upload-Error` says why).
@@ -71,6 +76,8 @@ LOCK_WAIT_S = 5.0
 #: Free space kept on the staging disk beyond the upload itself.
 DISK_MARGIN_BYTES = 256 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
+#: A PATCH header carrying the whole file's sha256 (hex), for an upload created without one.
+SHA256_HEADER = "Bridge-Upload-Sha256"
 
 RECEIVING, PLACING, PLACED, FAILED = "receiving", "placing", "placed", "failed"
 _ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
@@ -90,7 +97,7 @@ class _Upload:
     folder: Path
     length: int
     path: str
-    sha256: str
+    sha256: str | None  # None until a part's SHA256_HEADER names it (an upload created without it)
     state: str = RECEIVING
     error: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -99,6 +106,9 @@ class _Upload:
     #: then not read once more to check it. None after a restart: it is read whole then.
     hasher: hashlib._Hash | None = field(default_factory=hashlib.sha256)
     hashed: int = 0
+    #: A background fdatasync of the bytes so far (started after each part, never awaited by its answer), so the
+    #: one before the check and placing finds little left to write.
+    syncing: asyncio.Future | None = None
 
     @property
     def data(self) -> Path:
@@ -199,6 +209,7 @@ class Uploads:
                             "Tus-Extension": TUS_EXTENSIONS,
                             "Tus-Max-Size": str(MAX_UPLOAD_BYTES),
                             "Bridge-Max-Part": str(self.max_part_bytes),
+                            "Bridge-Sha256-Later": "1",
                         }
                     ),
                 )
@@ -247,9 +258,11 @@ class Uploads:
         try:
             meta = parse_metadata(request.headers.get("Upload-Metadata", ""))
             path = check_artifact_path(meta.get("path", ""))
-            sha = meta.get("sha256", "").lower()
-            if not _SHA256.match(sha):
-                raise ValueError("Upload-Metadata must carry the file's sha256 (64 hex digits)")
+            sha = meta.get("sha256", "").lower() or None
+            if sha is not None and not _SHA256.match(sha):
+                raise ValueError("Upload-Metadata's sha256 must be the file's sha256 (64 hex digits)")
+            if sha is None and length == 0:
+                raise ValueError("Upload-Metadata must carry the sha256 of an empty file (it completes at once)")
         except ValueError as exc:
             return _error(400, str(exc))
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -277,7 +290,7 @@ class Uploads:
         folder = self.folder / upload_id
         try:  # an upload begun before this entrance started (a restart): its files tell
             info = json.loads((folder / "info.json").read_text())
-            upload = _Upload(upload_id, folder, int(info["length"]), info["path"], info["sha256"], info["state"])
+            upload = _Upload(upload_id, folder, int(info["length"]), info["path"], info.get("sha256"), info["state"])
             upload.error = info.get("error")
         except (OSError, ValueError, KeyError):
             return None
@@ -310,6 +323,9 @@ class Uploads:
             current = upload.offset
             if offset != current:
                 return _error(409, f"this upload is at byte {current}, not {offset}", **self._state_headers(upload))
+            refused = self._take_sha256(upload, request.headers.get(SHA256_HEADER), offset, declared)
+            if refused is not None:
+                return refused
             outcome = await self._receive(request, upload, current)
             if outcome is not None:
                 return outcome
@@ -321,6 +337,29 @@ class Uploads:
             return await self._answer_complete(upload)
         finally:
             upload.lock.release()
+
+    def _take_sha256(
+        self, upload: _Upload, announced: str | None, offset: int, declared: int | None
+    ) -> web.StreamResponse | None:
+        """Take a part's announced sha256; a refusal when it is malformed, differs from the one known (the upload is
+        then gone, as after a failed check: 460), or is still unknown for a part that could complete the file."""
+        if announced is not None:
+            announced = announced.strip().lower()
+            if not _SHA256.match(announced):
+                return _error(400, f"{SHA256_HEADER} must be the file's sha256 (64 hex digits)")
+            if upload.sha256 is None:
+                upload.sha256 = announced
+                upload.save()
+            elif announced != upload.sha256:
+                upload.state = FAILED
+                upload.error = f"a part announced the sha256 {announced}, the upload was begun for {upload.sha256}"
+                with contextlib.suppress(OSError):
+                    upload.data.unlink()
+                upload.save()
+                return _error(460, upload.error, **self._state_headers(upload))
+        if upload.sha256 is None and (declared is None or offset + declared >= upload.length):
+            return _error(400, f"the part that completes a file must carry {SHA256_HEADER} (none was announced)")
+        return None
 
     async def _receive(self, request: web.Request, upload: _Upload, start: int) -> web.StreamResponse | None:
         """Append the part's bytes as they arrive; every byte received stays, even when the part is cut."""
@@ -355,9 +394,16 @@ class Uploads:
             finally:
                 # Not fsynced per part: a HEAD answers the bytes the file holds (after a crash too), and the whole
                 # file is fsynced once before its check and placing. An fsync per 32 MiB part held every answer
-                # for it (~12 ms each on an idle disk, seconds while other processes wrote).
+                # for it (~12 ms each on an idle disk, seconds while other processes wrote); one in the
+                # background, never awaited here, leaves that last one little to write.
                 fh.flush()
+                self._sync_in_background(upload)
         return None
+
+    @staticmethod
+    def _sync_in_background(upload: _Upload) -> None:
+        if upload.syncing is None or upload.syncing.done():
+            upload.syncing = asyncio.get_running_loop().run_in_executor(None, _fsync_quietly, upload.data)
 
     @staticmethod
     def _hashed(upload: _Upload, at: int, chunk: bytes) -> None:
@@ -450,6 +496,12 @@ class Uploads:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+def _fsync_quietly(path: Path) -> None:
+    """Write what the page cache holds of `path` to disk; the check before placing fsyncs (and fails) for real."""
+    with contextlib.suppress(OSError), open(path, "rb") as fh:
+        os.fdatasync(fh.fileno())
 
 
 def _sha256_of(path: Path) -> str:

@@ -6,6 +6,11 @@ drop, a new process or a new runtime with a copy of the journal cost only the pa
 are information: 413 (Cloudflare refuses bodies over 100 MB) halves the part at once; 524 (no answer within
 100 s) and timeouts halve it for the next try; a part the edge refuses even at UPLOAD_PART_FLOOR_BYTES makes the
 file a dead letter with reason `file-refused-by-link`, never a loop.
+
+A big file can get a head start (`head_start`): while `log_artifact` is still copying it into the spool, the file
+lane sends its first parts from the growing copy, to an upload begun without the sha256 (not known yet). The
+part that completes the file is never among them: it goes from the journal row, with the sha256, as any upload's
+last part does, so the server places nothing unchecked and the row's order in the lane stays what places it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge.client.journal import Journal, Op
+from bridge.client.journal.spool import SpoolProgress
 from bridge.client.journal.uploads import UploadState
 from bridge.client.link import Link, upload_read_timeout
 from bridge.client.link import uploads as tus
@@ -147,7 +153,9 @@ def _resume(
         length = min(state.part, state.size - state.confirmed)
         started = time.monotonic()
         try:
-            answer = tus.send_part(link, state.location, spool_file, state.confirmed, length, on_bytes=sent)
+            answer = tus.send_part(
+                link, state.location, spool_file, state.confirmed, length, on_bytes=sent, sha256=body["sha256"]
+            )
         except HttpError as exc:
             if exc.status == TOO_BIG:
                 _smaller(state, length, exc, body["path"])
@@ -199,6 +207,63 @@ def _resume(
             raise WaitForServer(f"the server is checking and placing {body['path']}")
         if state.confirmed >= state.size and length == 0:
             raise WaitForServer(f"the server has every byte of {body['path']} but has not placed it yet")
+
+
+def head_start(
+    link: Link,
+    journal: Journal,
+    progress: SpoolProgress,
+    artifact_path: str,
+    *,
+    part_bytes: int,
+    should_stop: Callable[[], bool] = lambda: False,
+    poll_s: float = 0.5,
+) -> int:
+    """Send the first parts of a file while `log_artifact` copies it into the spool; the bytes the server confirmed.
+
+    Parts go only once the copy holds all their bytes, and never the last one. When the copy ends with its journal
+    row, the upload is handed to the row (its UploadState: address, bytes confirmed), so `deliver_file` goes on
+    from there with the sha256. Any failure (the link, an edge refusal, a copy that failed or came out another
+    size) ends the head start quietly: the row's own upload does all that is left, and an upload no row took is
+    dropped on the server. Raises nothing but what `should_stop` or the journal raise."""
+    artifact_path = "/".join(part for part in artifact_path.split("/") if part not in ("", "."))
+    size = progress.size
+    part = max(UPLOAD_PART_FLOOR_BYTES, min(part_bytes, link.upload_parts.get(link.url) or part_bytes))
+    location: str | None = None
+    confirmed = 0
+    try:
+        location = tus.create(link, artifact_path, size, None)
+        while confirmed + part < size and not should_stop():
+            if not progress.wait_for(confirmed + part, poll_s):
+                if progress.ended:
+                    break  # the copy is over short of this part (a failure, or the source shrank)
+                continue
+            assert progress.name is not None
+
+            def sent(n: int) -> None:
+                link.upload_bytes_sent += n
+
+            answer = tus.send_part(
+                link, location, journal.spool.path(progress.name), confirmed, part, on_bytes=sent, last=False
+            )
+            if answer.offset <= confirmed:
+                break
+            confirmed = answer.offset
+    except (HttpError, TransportError) as exc:
+        log.debug("bridge: the head start of %s ended at byte %d: %s", progress.artifact_path, confirmed, exc)
+    while not progress.wait_end(poll_s):
+        if should_stop():
+            return confirmed
+    if location is None:
+        return 0
+    if progress.op is not None and progress.written == size and journal.uploads.get(progress.op) is None:
+        journal.uploads.save(UploadState(progress.op, size, part, location, confirmed))
+        return confirmed
+    try:
+        tus.terminate(link, location)  # no row takes it: the server would keep its bytes until they expire
+    except (HttpError, TransportError):
+        pass
+    return 0
 
 
 def _smaller(state: UploadState, refused: int, exc: HttpError | None, path: str) -> None:

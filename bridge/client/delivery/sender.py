@@ -51,7 +51,9 @@ from bridge.client.journal.kinds import (
     TAG,
     UPDATE_RUN,
 )
+from bridge.client.journal.spool import SpoolProgress
 from bridge.client.link import Link, Verdict, classify_failure
+from bridge.client.link import uploads as tus
 from bridge.client.options import UPLOAD_PART_FLOOR_BYTES, ClientOptions
 from bridge.errors import HttpError, JournalFullError, LinkError, TransportError, UndeliverableError
 from bridge.retry import compute_backoff_ms
@@ -127,6 +129,9 @@ class Sender:
         self._lock_elsewhere = False  # another process holds the journal's delivery lock (_loop)
         self._last_adopt = self._clock()
         self._looks_begun = self._looks_done = 0  # looks for late twins made for a flush (_look_for_twins)
+        #: A big file being copied into the spool, with its path on the server: the file lane sends its first
+        #: parts meanwhile (head_start).
+        self._head_start: tuple[SpoolProgress, str] | None = None
 
     # ---------------------------------------------------------------------------------- control
 
@@ -210,6 +215,51 @@ class Sender:
         """Deliver now rather than after the coalescing interval."""
         self._wake.set()
         self._files_wake.set()
+
+    def head_start(self, run: str, artifact_path: str, size: int) -> SpoolProgress | None:
+        """Offer the file lane a head start on a file of `size` bytes that `log_artifact` is about to copy into the
+        spool for `run` (delivery/files.py, `head_start`): the progress the copy is to report to, or None where
+        there is nothing to gain (a file that goes in one part, a run not on the server yet, no lane running
+        here). The lane takes it only when it is free and the server takes the sha256 on a later part."""
+        if size <= max(files.SINGLE_PUT_BYTES, self.operations.upload_part_bytes):
+            return None
+        if not self._delivering.is_set() or self._stop.is_set() or self._files_thread is None:
+            return None
+        remote, root = self.journal.ids.server_run(run)
+        if remote is None or not root:
+            return None
+        try:
+            path = self.link.artifact_path(root, artifact_path)
+        except ValueError:
+            return None
+        progress = SpoolProgress(run, artifact_path, size)
+        with self._state_lock:
+            self._head_start = (progress, path)
+        self._files_wake.set()
+        return progress
+
+    def _run_head_start(self) -> None:
+        """The file lane's turn at a head start offered since it last looked (while the copy is still going)."""
+        with self._state_lock:
+            offered, self._head_start = self._head_start, None
+        if offered is None or offered[0].ended:
+            return
+        progress, path = offered
+        try:
+            if tus.max_part(self.link) is None or not tus.takes_sha256_later(self.link):
+                return
+            files.head_start(
+                self.link,
+                self.journal,
+                progress,
+                path,
+                part_bytes=self.operations.upload_part_bytes,
+                should_stop=self._stop_requested,
+            )
+        except (HttpError, TransportError) as exc:  # the link: the row's own upload does it all
+            log.debug("bridge files: no head start for %s: %s", progress.artifact_path, exc)
+        except Exception:
+            log.warning("bridge files: the head start of %s failed", progress.artifact_path, exc_info=True)
 
     def wake_files(self) -> None:
         """A file was logged: the file lane starts it now (files are sent one by one, never coalesced)."""
@@ -360,6 +410,7 @@ class Sender:
         attempts = 0
         while not self._stop.is_set():
             wait = self.send_interval_s
+            self._run_head_start()
             sent_before = self.link.upload_bytes_sent
             try:
                 if self.deliver_files():

@@ -39,7 +39,7 @@ from bridge.client.journal.kinds import ARTIFACT, CREATE_EXPERIMENT, CREATE_RUN,
 from bridge.client.journal.queue import OpQueue
 from bridge.client.journal.records import RepairReport, encode_value, entry_crc
 from bridge.client.journal.room import RESERVE_BYTES, Room
-from bridge.client.journal.spool import Spool
+from bridge.client.journal.spool import Spool, SpoolProgress
 from bridge.client.journal.uploads import UploadBook
 from bridge.client.options import JOURNAL_LIMIT_ENV, SPOOL_LIMIT_ENV, ClientOptions
 from bridge.errors import ExperimentExistsError, JournalError, JournalFullError
@@ -349,13 +349,15 @@ class Journal:
                 os.close(fd)
         return adopted
 
-    def append(self, run: str, kind: str, body: dict, *, key: str | None = None) -> None:
-        """Journal any other operation, its arguments as JSON."""
+    def append(self, run: str, kind: str, body: dict, *, key: str | None = None) -> int:
+        """Journal any other operation, its arguments as JSON; its row's id."""
         text = json.dumps(body, separators=(",", ":"))
         self._reserve(len(text) + _ROW_OVERHEAD)
         self.move_intake()  # in call order: points logged before this call get their journal order first
         with self.database.db() as conn:
-            conn.execute(_INSERT_BODY, _body_row(run, kind, key, text, time.time(), self.epoch))
+            row = conn.execute(_INSERT_BODY, _body_row(run, kind, key, text, time.time(), self.epoch)).lastrowid
+        assert row is not None
+        return row
 
     def add_experiment(self, name: str, tags: dict[str, str], artifact_location: str | None = None) -> str:
         """Record an experiment created offline and journal its get-or-create; returns the local id.
@@ -440,13 +442,23 @@ class Journal:
             )
             conn.execute(_INSERT_BODY, _body_row(run, UPDATE_RUN, None, text, time.time(), self.epoch))
 
-    def spool_artifact(self, run: str, source: Path, artifact_path: str) -> dict:
-        """Copy `source` into the spool now (hashing as it goes) and journal its upload.
+    def spool_artifact(
+        self, run: str, source: Path, artifact_path: str, *, progress: SpoolProgress | None = None
+    ) -> dict:
+        """Copy `source` into the spool now (hashing as it goes) and journal its upload. `progress` follows the
+        copy (a head start of the upload reads it: delivery/files.py) and learns the row, or that there is none.
 
         Over the spool's budget (or the journal's limit), older copies of the same path still waiting make room
         first (MLflow keeps only the last); if that is not enough, or the disk lacks room for the copy, the call
         is refused with JournalFullError and nothing accepted before is dropped.
         """
+        try:
+            return self._spool_artifact(run, source, artifact_path, progress)
+        finally:
+            if progress is not None and not progress.ended:
+                progress.end(None)  # refused before the copy, or failed in it: no row
+
+    def _spool_artifact(self, run: str, source: Path, artifact_path: str, progress: SpoolProgress | None) -> dict:
         size = source.stat().st_size
         replaced = self.queue.replaced_files(run, artifact_path)
         over = self.spool.bytes + size > self.spool_limit_bytes or self._used_bytes + size > self.limit_bytes
@@ -464,10 +476,11 @@ class Journal:
                 f"{size + RESERVE_BYTES:,}. Nothing already accepted was dropped; free space on that disk."
             )
         self._reserve(max(0, size - freed) + _ROW_OVERHEAD)
+        op: int | None = None
         try:
-            with self.spool.copy_in(source) as copied:
+            with self.spool.copy_in(source, progress) as copied:
                 body = {"spool": copied.name, "path": artifact_path, "size": copied.size, "sha256": copied.sha256}
-                self.append(run, ARTIFACT, body, key=artifact_path)
+                op = self.append(run, ARTIFACT, body, key=artifact_path)
         except OSError as exc:
             self._used_bytes -= max(0, size - freed) + _ROW_OVERHEAD
             if exc.errno != errno.ENOSPC:
@@ -477,6 +490,8 @@ class Journal:
         except BaseException:
             self._used_bytes -= max(0, size - freed) + _ROW_OVERHEAD
             raise
+        if progress is not None and op is not None:
+            progress.end(op, str(body["sha256"]))
         if freed:
             dropped = self.queue.drop_replaced([op_id for op_id, _, _ in replaced])
             log.info("bridge: %s: %d bytes of older copies still waiting were dropped", artifact_path, dropped)

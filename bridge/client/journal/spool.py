@@ -32,6 +32,47 @@ class SpooledFile:
     sha256: str
 
 
+class SpoolProgress:
+    """How far one copy into the spool has got, for a reader that sends its first bytes while it is still copying
+    (the file lane's head start, delivery/files.py). Every byte below `written` is in the copy (in the page cache,
+    as any reader sees it); `end` says the copy is over: its journal row and the file's sha256, or None when the
+    call failed and there is no row (the copy is gone)."""
+
+    def __init__(self, run: str, artifact_path: str, size: int) -> None:
+        self.run = run
+        self.artifact_path = artifact_path
+        self.size = size  # the source's size when the call began (the copy may end with another)
+        self.name: str | None = None
+        self.written = 0
+        self.op: int | None = None
+        self.sha256: str | None = None
+        self.ended = False
+        self._changed = threading.Condition()
+
+    def __repr__(self) -> str:
+        return f"SpoolProgress({self.artifact_path!r}, {self.written}/{self.size}, ended={self.ended}, op={self.op})"
+
+    def wrote(self, total: int) -> None:
+        with self._changed:
+            self.written = total
+            self._changed.notify_all()
+
+    def end(self, op: int | None, sha256: str | None = None) -> None:
+        with self._changed:
+            self.op, self.sha256, self.ended = op, sha256, True
+            self._changed.notify_all()
+
+    def wait_for(self, nbytes: int, timeout: float) -> bool:
+        """Wait until the copy holds `nbytes` bytes or is over (at most `timeout` s); whether it holds them."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.written >= nbytes or self.ended, timeout)
+            return self.written >= nbytes
+
+    def wait_end(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.ended, timeout)
+
+
 class Spool:
     """The folder of spooled copies, and how many bytes they hold."""
 
@@ -52,15 +93,23 @@ class Spool:
         return self.folder / name
 
     @contextlib.contextmanager
-    def copy_in(self, source: Path) -> Iterator[SpooledFile]:
-        """Copy `source` in (fsynced) and yield it still locked; if the block raises, the copy is removed."""
+    def copy_in(self, source: Path, progress: SpoolProgress | None = None) -> Iterator[SpooledFile]:
+        """Copy `source` in (fsynced) and yield it still locked; if the block raises, the copy is removed.
+        `progress` learns the copy's name and each byte written as it goes."""
         digest = hashlib.sha256()
         with open(source, "rb") as src, _new_file(self.folder) as (name, dst):
             counted = False
+            written = 0
+            if progress is not None:
+                progress.name = name
             try:
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
                     dst.write(chunk)
+                    if progress is not None:
+                        dst.flush()
+                        written += len(chunk)
+                        progress.wrote(written)
                 dst.flush()
                 os.fsync(dst.fileno())  # a journal row must never point at a file that is not on disk
                 size = os.fstat(dst.fileno()).st_size

@@ -295,6 +295,8 @@ class Link:
         #: until when a "None" holds before the server is asked again (it may have been a tunnel's own 404).
         self.upload_parts: dict[str, int | None] = {}
         self.upload_parts_until: dict[str, float] = {}
+        #: {server URL: whether its uploads take the file's sha256 on a later part} (a head start: link/uploads.py)
+        self.upload_sha256_later: dict[str, bool] = {}
         #: Bytes of files sent (every try counted, so a benchmark can compare them with what arrived).
         self.upload_bytes_sent = 0
         self.url_listeners: list[Callable[[str], None]] = []

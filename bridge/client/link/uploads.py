@@ -28,6 +28,8 @@ TUS = {"Tus-Resumable": "1.0.0"}
 RECEIVING, PLACING, PLACED, FAILED = "receiving", "placing", "placed", "failed"
 #: How long "this server takes no resumable uploads" holds before it is asked again.
 NO_UPLOADS_RECHECK_S = 300.0
+#: A part's header naming the whole file's sha256 (for an upload begun before it was known: a head start).
+SHA256_HEADER = "Bridge-Upload-Sha256"
 #: The last part's answer waits for the server to check and place the whole file (its PLACE_WAIT_S, 60 s).
 LAST_PART_ANSWER_S = 75.0
 
@@ -80,6 +82,8 @@ def max_part(link: Link, *, fresh: bool = False) -> int | None:
         except ValueError:
             part = None
     cache[link.url] = part
+    later = answer is not None and _header(answer.headers, "Bridge-Sha256-Later") == "1"
+    link.upload_sha256_later[link.url] = part is not None and later
     link.upload_parts_until[link.url] = time.monotonic() + NO_UPLOADS_RECHECK_S
     return part
 
@@ -89,9 +93,15 @@ def from_endpoint(exc: HttpError) -> bool:
     return _header(exc.headers, "Tus-Resumable") is not None
 
 
-def create(link: Link, artifact_path: str, size: int, sha256: str) -> str:
-    """Begin an upload of `size` bytes to `artifact_path` (as the artifact proxy names it); its address."""
-    pairs = (("path", artifact_path), ("sha256", sha256))
+def takes_sha256_later(link: Link) -> bool:
+    """Whether the server (as last asked, by `max_part`) takes an upload's sha256 on a later part."""
+    return link.upload_sha256_later.get(link.url, False)
+
+
+def create(link: Link, artifact_path: str, size: int, sha256: str | None) -> str:
+    """Begin an upload of `size` bytes to `artifact_path` (as the artifact proxy names it); its address. Without
+    `sha256`, a later part must name it (`send_part`; only where `takes_sha256_later`)."""
+    pairs = [("path", artifact_path)] + ([("sha256", sha256)] if sha256 else [])
     meta = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in pairs)
     answer = link.request("POST", PREFIX, headers={**TUS, "Upload-Length": str(size), "Upload-Metadata": meta})
     location = _header(answer.headers, "Location") or ""
@@ -107,19 +117,32 @@ def offset(link: Link, location: str) -> Offset:
 
 
 def send_part(
-    link: Link, location: str, file: Path, start: int, length: int, on_bytes: Callable[[int], None] | None = None
+    link: Link,
+    location: str,
+    file: Path,
+    start: int,
+    length: int,
+    on_bytes: Callable[[int], None] | None = None,
+    *,
+    sha256: str | None = None,
+    last: bool | None = None,
 ) -> Offset:
-    """PATCH `length` bytes of `file` from `start`; the server's offset after it (and its state)."""
+    """PATCH `length` bytes of `file` from `start`; the server's offset after it (and its state). `sha256` (the whole
+    file's) goes along where known; `last`: whether this part completes the file (by default: it reaches the end
+    of `file`), so its answer waits for the check and placing."""
     part = FilePart(file, start, length, on_bytes)
     read_s = upload_read_timeout(length, link.timeout[1])
-    if start + length >= file.stat().st_size:
+    if last or (last is None and start + length >= file.stat().st_size):
         read_s = max(read_s, LAST_PART_ANSWER_S)
+    headers = {**TUS, "Upload-Offset": str(start), "Content-Type": "application/offset+octet-stream"}
+    if sha256:
+        headers[SHA256_HEADER] = sha256
     try:
         answer = link.request(
             "PATCH",
             location,
             data=part,  # type: ignore[arg-type]  # a sized iterable: requests streams it with a Content-Length
-            headers={**TUS, "Upload-Offset": str(start), "Content-Type": "application/offset+octet-stream"},
+            headers=headers,
             timeout=(link.timeout[0], read_s),
         )
     finally:

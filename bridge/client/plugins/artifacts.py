@@ -53,7 +53,10 @@ class JournalArtifactRepository(ArtifactRepository):
     def log_artifact(self, local_file, artifact_path=None):
         source = Path(local_file)
         conn = self.connection
-        conn.journal.spool_artifact(self.run_id, source, self._path(artifact_path, source.name))
+        path = self._path(artifact_path, source.name)
+        # A big file's first parts may go while it is still being copied into the spool (delivery/files.py).
+        progress = conn.sender.head_start(self.run_id, path, source.stat().st_size)
+        conn.journal.spool_artifact(self.run_id, source, path, progress=progress)
         conn.sender.wake_files()
 
     def log_artifacts(self, local_dir, artifact_path=None):
