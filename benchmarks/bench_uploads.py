@@ -687,6 +687,7 @@ def run_throughput(stand: Stand, size_name: str, repeat: int) -> dict:
         turn = round_ % len(order)
         for path in order[turn:] + order[:turn]:  # rotated, so no path always goes first
             name = f"throughput-{path}-{round_}-{time.time_ns()}"
+            _settle(stand, source.name)
             if path == "anchor":
                 tries[path].append(_anchor_put(view, source, sha, name))
             elif path == "entrance":
@@ -711,6 +712,24 @@ def run_throughput(stand: Stand, size_name: str, repeat: int) -> dict:
         f"throughput bridge / one PUT >= {GOAL_THROUGHPUT_RATIO}": ratio >= GOAL_THROUGHPUT_RATIO,
     }
     return out
+
+
+def _settle(stand: Stand, name: str) -> None:
+    """Leave the machine as the next try should find it: no earlier try's file kept, nothing waiting for the disk.
+
+    Without the first, later tries ran up to twice as slow, whatever their path, and bridge's most: this machine
+    is a Firecracker VM, whose host maps a page of guest memory the first time the guest writes it, and every
+    try left 500 MB of new files in the page cache (the entrance alone, receiving 500 MB six times over,
+    in isolation: 0.9, 1.0, 0.9, 1.7, 2.4, 2.4 CPU s; 0.9-1.1 each when the placed file was deleted after each).
+    A workstation that has run a while writes into memory it has touched before. Without the second, the anchor's
+    500 MB, unsynced in the page cache, were written back ~30 s later (vm.dirty_expire) in the middle of
+    whichever try ran then, and a bridge try fsyncs."""
+    assert stand.serve is not None
+    for root in (stand.serve.home / "artifacts", stand.work):
+        for found in root.rglob(name):
+            if found.is_file() and found != stand.work / name:
+                found.unlink()
+    os.sync()
 
 
 def _one_put_through_edge(stand: Stand, source: Path) -> int | None:

@@ -106,9 +106,6 @@ class _Upload:
     #: then not read once more to check it. None after a restart: it is read whole then.
     hasher: hashlib._Hash | None = field(default_factory=hashlib.sha256)
     hashed: int = 0
-    #: A background fdatasync of the bytes so far (started after each part, never awaited by its answer), so the
-    #: one before the check and placing finds little left to write.
-    syncing: asyncio.Future | None = None
 
     @property
     def data(self) -> Path:
@@ -394,16 +391,9 @@ class Uploads:
             finally:
                 # Not fsynced per part: a HEAD answers the bytes the file holds (after a crash too), and the whole
                 # file is fsynced once before its check and placing. An fsync per 32 MiB part held every answer
-                # for it (~12 ms each on an idle disk, seconds while other processes wrote); one in the
-                # background, never awaited here, leaves that last one little to write.
+                # for it (~12 ms each on an idle disk, seconds while other processes wrote).
                 fh.flush()
-                self._sync_in_background(upload)
         return None
-
-    @staticmethod
-    def _sync_in_background(upload: _Upload) -> None:
-        if upload.syncing is None or upload.syncing.done():
-            upload.syncing = asyncio.get_running_loop().run_in_executor(None, _fsync_quietly, upload.data)
 
     @staticmethod
     def _hashed(upload: _Upload, at: int, chunk: bytes) -> None:
@@ -496,12 +486,6 @@ class Uploads:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def _fsync_quietly(path: Path) -> None:
-    """Write what the page cache holds of `path` to disk; the check before placing fsyncs (and fails) for real."""
-    with contextlib.suppress(OSError), open(path, "rb") as fh:
-        os.fdatasync(fh.fileno())
 
 
 def _sha256_of(path: Path) -> str:
