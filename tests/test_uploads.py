@@ -612,3 +612,152 @@ def test_a_local_artifact_destination_takes_finished_uploads_by_a_move_and_nothi
     with pytest.raises(server_uploads.PlaceError):
         entrance_module._move_into(staged, root, "../outside.pt")
     assert staged.exists() and not (tmp_path / "outside.pt").exists()
+
+
+# ------------------------------------------------------------------------------------ head start (sha256 later)
+
+
+def _staged(entrance) -> int:
+    """Bytes the entrance holds of uploads still receiving (their staging files)."""
+    return sum(p.stat().st_size for p in entrance.uploads.folder.glob("*/data") if p.is_file())
+
+
+def _hold_copy_at(monkeypatch, at: int, until: callable) -> list[int]:
+    """Hold every copy into the spool once it has written `at` bytes, until `until()` (at most 20 s); returns what
+    `until`'s caller needs to know: the staged bytes seen when the copy went on."""
+    from bridge.client.journal.spool import SpoolProgress
+
+    seen: list[int] = []
+    real = SpoolProgress.wrote
+
+    def wrote(self, total: int) -> None:
+        real(self, total)
+        if total == at:
+            deadline = time.monotonic() + 20
+            while not until() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(until())
+
+    monkeypatch.setattr(SpoolProgress, "wrote", wrote)
+    return seen
+
+
+def test_an_upload_begun_without_its_sha256_takes_it_on_a_part_and_is_placed_only_with_it(
+    entrance, mlflow_server, run_path, tmp_path
+):
+    source, sha = _payload(tmp_path, 2 * MiB + 7)
+    data = source.read_bytes()
+    link = Link(entrance.url, TOKEN)
+    assert tus.max_part(link) == MiB and tus.takes_sha256_later(link)
+    target = f"{run_path}/later.bin"
+    location = tus.create(link, target, len(data), None)
+    assert tus.send_part(link, location, source, 0, MiB, last=False).offset == MiB  # no sha256 needed yet
+    assert tus.send_part(link, location, source, MiB, MiB, sha256=sha, last=False).offset == 2 * MiB  # taken here
+    assert tus.send_part(link, location, source, 2 * MiB, 7).state == tus.PLACED  # known: the last part needs none
+    assert hashlib.sha256(_in_mlflow(mlflow_server, target) or b"").hexdigest() == sha
+
+    # Never announced: the part that would complete the file is refused before its bytes are read.
+    short, short_sha = _payload(tmp_path, MiB + 7, "short.bin")
+    unannounced = tus.create(link, f"{run_path}/short.bin", MiB + 7, None)
+    tus.send_part(link, unannounced, short, 0, MiB, last=False)
+    with pytest.raises(HttpError) as refused:
+        tus.send_part(link, unannounced, short, MiB, 7)
+    assert refused.value.status == 400 and tus.SHA256_HEADER in refused.value.message
+    with pytest.raises(HttpError) as malformed:
+        tus.send_part(link, unannounced, short, MiB, 7, sha256="not-a-sha256")
+    assert malformed.value.status == 400
+    assert tus.offset(link, unannounced).offset == MiB
+    assert _in_mlflow(mlflow_server, f"{run_path}/short.bin") is None
+    assert tus.send_part(link, unannounced, short, MiB, 7, sha256=short_sha).state == tus.PLACED
+
+    # Begun with one sha256, a part naming another: the upload is gone (460), never placed.
+    other = tus.create(link, f"{run_path}/other.bin", len(data), sha)
+    with pytest.raises(HttpError) as differs:
+        tus.send_part(link, other, source, 0, MiB, sha256="b" * 64)
+    assert differs.value.status == 460 and "b" * 64 in differs.value.message
+    assert tus.offset(link, other).state == tus.FAILED
+    assert _in_mlflow(mlflow_server, f"{run_path}/other.bin") is None
+
+
+def test_a_big_files_first_parts_reach_the_server_while_log_artifact_still_copies_it(
+    entrance, mlflow_server, server_client, bridge_connect, monkeypatch, tmp_path
+):
+    """The head start: the copy into the spool is held at its 4th MiB until the entrance holds a part of the file,
+    which only a part sent during the copy can give it; then the row finishes the upload with the sha256, and
+    no byte goes twice."""
+    import mlflow
+
+    source, sha = _payload(tmp_path, 6 * MiB + 5)
+    seen = _hold_copy_at(monkeypatch, 4 * MiB, lambda: _staged(entrance) >= MiB)
+    conn = bridge_connect(entrance.url, TOKEN)
+    conn.sender.operations.upload_part_bytes = MiB
+    mlflow.set_experiment(f"head-start-{uuid.uuid4().hex[:8]}")
+    with mlflow.start_run() as run:
+        assert conn.flush(30) == 0  # the run is on the server: its path is known
+        mlflow.log_artifact(str(source))
+        assert seen == [True], "no part of the file reached the server while it was being copied"
+        assert conn.flush(60) == 0
+    _, root = conn.journal.ids.server_run(run.info.run_id)
+    assert hashlib.sha256(_in_mlflow(mlflow_server, Link.artifact_path(root, source.name)) or b"").hexdigest() == sha
+    assert conn.link.upload_bytes_sent == source.stat().st_size, "the head start's parts were sent again"
+    assert entrance.uploads.placed == 1 and not list(entrance.uploads.folder.glob("*/data"))
+
+
+def test_a_head_start_cut_by_the_link_hands_what_arrived_to_the_row(entrance, mlflow_server, run_path, tmp_path):
+    """The link drops after the head start's first part: the row's upload goes on from the byte the server holds."""
+    from bridge.client.journal import Journal
+    from bridge.client.journal.spool import SpoolProgress
+
+    source, sha = _payload(tmp_path, 4 * MiB + 1)
+    journal = Journal(tmp_path / "journal.sqlite")
+    run = journal.add_run(experiment_id=journal.add_experiment("e", {}), user_id="u", start_time=1, name="r", tags={})
+    progress = SpoolProgress(run, source.name, source.stat().st_size)
+    cut = Link(entrance.url, TOKEN, transport=CutAfterParts(1))
+    assert tus.max_part(cut) == MiB
+    target = f"{run_path}/{source.name}"
+    got: list[int] = []
+    lane = threading.Thread(target=lambda: got.append(files.head_start(cut, journal, progress, target, part_bytes=MiB)))
+    lane.start()
+    body = journal.spool_artifact(run, source, source.name, progress=progress)
+    lane.join(30)
+    assert got == [MiB], "the first part arrived, the second was cut"
+    (op,) = journal.queue.pending_ops(run, 10, files=True)
+    state = journal.uploads.get(op.id)
+    assert state is not None and state.location is not None and state.confirmed == MiB
+    link = Link(entrance.url, TOKEN)
+    _deliver(link, journal, op, body, target)
+    assert hashlib.sha256(_in_mlflow(mlflow_server, target) or b"").hexdigest() == sha
+    assert link.upload_bytes_sent == source.stat().st_size - MiB, "the row sent only what the server lacked"
+
+
+@pytest.mark.parametrize("ending", ["the call failed", "the copy came out another size"])
+def test_a_head_start_no_row_takes_is_dropped_on_the_server(entrance, run_path, tmp_path, ending):
+    from bridge.client.journal import Journal
+    from bridge.client.journal.spool import SpoolProgress
+
+    journal = Journal(tmp_path / "journal.sqlite")
+    size = 3 * MiB
+    progress = SpoolProgress("r", "f.bin", size)
+    progress.name = "copy-in-progress"
+    journal.spool.path(progress.name).write_bytes(os.urandom(2 * MiB))
+    link = Link(entrance.url, TOKEN)
+    assert tus.max_part(link) == MiB
+    got: list[int] = []
+    lane = threading.Thread(
+        target=lambda: got.append(files.head_start(link, journal, progress, f"{run_path}/f.bin", part_bytes=MiB))
+    )
+    lane.start()
+    progress.wrote(2 * MiB)
+    deadline = time.monotonic() + 20
+    while _staged(entrance) < 2 * MiB and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _staged(entrance) == 2 * MiB, "the head start sent the two parts the copy held"
+    if ending == "the call failed":
+        progress.end(None)
+    else:  # a row, but for a copy of 2 MiB + 1: the upload was begun for 3 MiB
+        progress.wrote(2 * MiB + 1)
+        progress.end(journal.append("r", "artifact", {"spool": progress.name, "path": "f.bin"}), "c" * 64)
+    lane.join(30)
+    assert got == [0]
+    assert not list(entrance.uploads.folder.iterdir()), "the upload no row takes was left on the server"
+    assert not journal.uploads.all()

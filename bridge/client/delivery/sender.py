@@ -221,8 +221,9 @@ class Sender:
         spool for `run` (delivery/files.py, `head_start`): the progress the copy is to report to, or None where
         there is nothing to gain (a file that goes in one part, a run not on the server yet, no lane running
         here). The lane takes it only when it is free and the server takes the sha256 on a later part."""
-        if size <= max(files.SINGLE_PUT_BYTES, self.operations.upload_part_bytes):
-            return None
+        part = self.operations.upload_part_bytes
+        if size <= min(part, self.link.upload_parts.get(self.link.url) or part):
+            return None  # one part, or one PUT: nothing goes before the sha256
         if not self._delivering.is_set() or self._stop.is_set() or self._files_thread is None:
             return None
         remote, root = self.journal.ids.server_run(run)
