@@ -703,8 +703,24 @@ def test_a_big_files_first_parts_reach_the_server_while_log_artifact_still_copie
     assert entrance.uploads.placed == 1 and not list(entrance.uploads.folder.glob("*/data"))
 
 
-def test_a_head_start_cut_by_the_link_hands_what_arrived_to_the_row(entrance, mlflow_server, run_path, tmp_path):
-    """The link drops after the head start's first part: the row's upload goes on from the byte the server holds."""
+class CountedCuts(CutAfterParts):
+    def __init__(self, parts: int) -> None:
+        super().__init__(parts)
+        self.cuts = 0
+
+    def send(self, request: Request) -> Response:
+        try:
+            return super().send(request)
+        except TransportError:
+            self.cuts += 1
+            raise
+
+
+def test_a_head_start_cut_by_the_link_hands_what_arrived_to_the_row(
+    entrance, mlflow_server, run_path, tmp_path, monkeypatch
+):
+    """The link drops after the head start's first part (the copy held until then): the row's upload goes on from
+    the byte the server holds."""
     from bridge.client.journal import Journal
     from bridge.client.journal.spool import SpoolProgress
 
@@ -712,7 +728,9 @@ def test_a_head_start_cut_by_the_link_hands_what_arrived_to_the_row(entrance, ml
     journal = Journal(tmp_path / "journal.sqlite")
     run = journal.add_run(experiment_id=journal.add_experiment("e", {}), user_id="u", start_time=1, name="r", tags={})
     progress = SpoolProgress(run, source.name, source.stat().st_size)
-    cut = Link(entrance.url, TOKEN, transport=CutAfterParts(1))
+    transport = CountedCuts(1)
+    seen = _hold_copy_at(monkeypatch, 3 * MiB, lambda: transport.cuts > 0)
+    cut = Link(entrance.url, TOKEN, transport=transport)
     assert tus.max_part(cut) == MiB
     target = f"{run_path}/{source.name}"
     got: list[int] = []
@@ -720,7 +738,7 @@ def test_a_head_start_cut_by_the_link_hands_what_arrived_to_the_row(entrance, ml
     lane.start()
     body = journal.spool_artifact(run, source, source.name, progress=progress)
     lane.join(30)
-    assert got == [MiB], "the first part arrived, the second was cut"
+    assert seen == [True] and got == [MiB], "the first part arrived, the second was cut"
     (op,) = journal.queue.pending_ops(run, 10, files=True)
     state = journal.uploads.get(op.id)
     assert state is not None and state.location is not None and state.confirmed == MiB

@@ -221,8 +221,8 @@ def head_start(
 ) -> int:
     """Send the first parts of a file while `log_artifact` copies it into the spool; the bytes the server confirmed.
 
-    Parts go only once the copy holds all their bytes, and never the last one. When the copy ends with its journal
-    row, the upload is handed to the row (its UploadState: address, bytes confirmed), so `deliver_file` goes on
+    Parts go only once the copy holds all their bytes, never the last one, and only while the copy goes on. When
+    the copy ends with its journal row, the upload is handed to the row (its UploadState: address, bytes confirmed), so `deliver_file` goes on
     from there with the sha256. Any failure (the link, an edge refusal, a copy that failed or came out another
     size) ends the head start quietly: the row's own upload does all that is left, and an upload no row took is
     dropped on the server. Raises nothing but what `should_stop` or the journal raise."""
@@ -233,7 +233,9 @@ def head_start(
     confirmed = 0
     try:
         location = tus.create(link, artifact_path, size, None)
-        while confirmed + part < size and not should_stop():
+        # Only while the copy goes on: once it is over its row exists, and the row's upload (journalled part by
+        # part, so a kill loses at most one) does the rest.
+        while confirmed + part < size and not should_stop() and not progress.ended:
             if not progress.wait_for(confirmed + part, poll_s):
                 if progress.ended:
                     break  # the copy is over short of this part (a failure, or the source shrank)
