@@ -717,18 +717,19 @@ def run_throughput(stand: Stand, size_name: str, repeat: int) -> dict:
 def _settle(stand: Stand, name: str) -> None:
     """Leave the machine as the next try should find it: no earlier try's file kept, nothing waiting for the disk.
 
-    Without the first, later tries ran up to twice as slow, whatever their path, and bridge's most: this machine
-    is a Firecracker VM, whose host maps a page of guest memory the first time the guest writes it, and every
-    try left 500 MB of new files in the page cache (the entrance alone, receiving 500 MB six times over,
-    in isolation: 0.9, 1.0, 0.9, 1.7, 2.4, 2.4 CPU s; 0.9-1.1 each when the placed file was deleted after each).
-    A workstation that has run a while writes into memory it has touched before. Without the second, the anchor's
-    500 MB, unsynced in the page cache, were written back ~30 s later (vm.dirty_expire) in the middle of
-    whichever try ran then, and a bridge try fsyncs."""
+    Each try leaves a 500 MB file in MLflow's artifact folder (8 GB over a default run). Kept, they made later
+    tries run up to twice as slow, whatever their path, and bridge's most. This machine is a Firecracker VM whose
+    balloon reports free memory back to the host: a write into page-cache pages freed a moment ago costs a
+    fraction of one into pages the host has to map again (500 MB: 0.12-0.2 s vs 0.46-0.53 s after 5 s idle; the
+    entrance alone, taking 500 MB six times over in isolation: 0.9, 1.0, 0.9, 1.7, 2.4, 2.4 CPU s while the
+    placed files were kept, 0.9-1.1 each when each was deleted). A try of bridge writes 1 GB of new pages (the
+    spool copy, the staging file), the anchor 500 MB. And the anchor's 500 MB, unsynced in the page cache, would
+    be written back ~30 s later (vm.dirty_expire) in the middle of whichever try ran then, while a bridge try
+    fsyncs."""
     assert stand.serve is not None
-    for root in (stand.serve.home / "artifacts", stand.work):
-        for found in root.rglob(name):
-            if found.is_file() and found != stand.work / name:
-                found.unlink()
+    for found in stand.work.rglob(name):
+        if found.is_file() and found != stand.work / name:
+            found.unlink()
     os.sync()
 
 
