@@ -222,10 +222,10 @@ def head_start(
     """Send the first parts of a file while `log_artifact` copies it into the spool; the bytes the server confirmed.
 
     Parts go only once the copy holds all their bytes, never the last one, and only while the copy goes on. When
-    the copy ends with its journal row, the upload is handed to the row (its UploadState: address, bytes confirmed), so `deliver_file` goes on
-    from there with the sha256. Any failure (the link, an edge refusal, a copy that failed or came out another
-    size) ends the head start quietly: the row's own upload does all that is left, and an upload no row took is
-    dropped on the server. Raises nothing but what `should_stop` or the journal raise."""
+    the copy ends with its journal row, the upload is handed to the row (its UploadState: address, bytes
+    confirmed), so `deliver_file` goes on from there with the sha256. Any failure (the link, an edge refusal, a
+    copy that failed or came out another size) ends the head start quietly: the row's own upload does all that
+    is left, and an upload no row took is dropped on the server. Raises nothing but what the journal raises."""
     artifact_path = "/".join(part for part in artifact_path.split("/") if part not in ("", "."))
     size = progress.size
     part = max(UPLOAD_PART_FLOOR_BYTES, min(part_bytes, link.upload_parts.get(link.url) or part_bytes))
@@ -251,7 +251,7 @@ def head_start(
             if answer.offset <= confirmed:
                 break
             confirmed = answer.offset
-    except (HttpError, TransportError) as exc:
+    except (HttpError, TransportError, OSError) as exc:  # OSError: a failed copy removed the file
         log.debug("bridge: the head start of %s ended at byte %d: %s", progress.artifact_path, confirmed, exc)
     while not progress.wait_end(poll_s):
         if should_stop():

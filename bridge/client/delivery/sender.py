@@ -246,6 +246,8 @@ class Sender:
         if offered is None or offered[0].ended:
             return
         progress, path = offered
+        if self.journal.queue.runs_with_pending(files=True):
+            return  # files logged before it go first, in the lane's order; a head start would hold them up
         try:
             if tus.max_part(self.link) is None or not tus.takes_sha256_later(self.link):
                 return
