@@ -25,7 +25,8 @@ Scenarios (`--scenario`, default all); sizes full / `--quick` / `--size ci` (the
               proxy (the anchor), rotated, `--repeat` tries each (2, quick 1). For information: the same upload
               to the entrance without the tunnel, and through the tunnel with the client waiting in
               `conn.flush()`; CPU seconds per process; the status of the whole file in one PUT through the edge
-              (413). No throttle, no proxy. Goal: throughput ratio bridge / anchor >= 0.8.
+              (413). No throttle, no proxy. Every try starts settled: the earlier tries' files deleted, the
+              disk synced (`_settle` says why). Goal: throughput ratio bridge / anchor >= 0.8.
   yolo        a YOLOv8n training (2 epochs, CPU, generated dataset, imgsz 64; quick/ci 32) whose checkpoints
               are padded to ~250 MB (~40 MB, ~16 MB) by a uint8 buffer on the EMA model, through the tunnel with
               the link throttled to 16 MiB/s (4 MiB/s); the client then waits in `conn.flush()`. Goals: every
