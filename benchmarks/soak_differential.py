@@ -98,7 +98,8 @@ def main() -> int:
             for attempt in range(args.repeat):
                 try:
                     harness.check(program, files=args.files)
-                    print(f"replay {attempt}: same state", flush=True)
+                    early = " (head starts: {} of {} uploads)".format(*harness.head_starts[-1]) if args.files else ""
+                    print(f"replay {attempt}: same state{early}", flush=True)
                 except Difference as exc:
                     failed.append((attempt, str(exc)))
                     print(f"replay {attempt}: {exc}", flush=True)
@@ -147,6 +148,11 @@ def main() -> int:
     )
     if args.files:
         print("file rules applied: " + ", ".join(f"{rule} {harness.rule_checks[rule]}" for rule in orders.RULES))
+        started_early = sum(n for n, _ in harness.head_starts)
+        print(
+            f"head starts: {started_early} of {sum(m for _, m in harness.head_starts)} uploads "
+            f"(in {sum(n > 0 for n, _ in harness.head_starts)} of {len(harness.head_starts)} programs)"
+        )
     print(
         "faults injected: "
         + (", ".join(f"{op} {n}" for op, n in sorted(harness.op_counts.items()) if op in FAULTS) or "none")
