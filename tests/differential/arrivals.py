@@ -34,7 +34,7 @@ class Arrival:
     sha256: str | None = None  # create: announced (None: begun without it, a head start); placed: of the bytes placed
     upload: str | None = None  # the tus upload id (create, patch, head, delete, placed)
     announced: str | None = None  # patch: the whole file's sha256 its Bridge-Upload-Sha256 header named (None: none)
-    size: int = 0  # patch, put: the body's declared length
+    size: int = 0  # patch, put: the body's declared length; create: the file's (Upload-Length)
     received: int = 0  # patch: the bytes the entrance kept of it (a cut part's too)
     offset: int = 0  # patch: the upload's offset it was sent for
     points: list = field(default_factory=list)  # points: (key, step, value, timestamp)
@@ -115,7 +115,11 @@ class RecordingEntrance(Entrance):
                 except ValueError:
                     return None
                 run, artifact = run_and_path(meta.get("path", ""))
-                return Arrival("create", started, 0.0, run=run, path=artifact, sha256=meta.get("sha256"))
+                try:
+                    length = int(request.headers.get("Upload-Length", "0"))
+                except ValueError:
+                    length = 0
+                return Arrival("create", started, 0.0, run=run, path=artifact, sha256=meta.get("sha256"), size=length)
             if method in ("PATCH", "HEAD", "DELETE") and rest:
                 try:
                     offset = int(request.headers.get("Upload-Offset", "0"))

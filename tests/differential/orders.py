@@ -23,7 +23,8 @@ placed in MLflow) and the bridge world's trace (when each call returned, by the 
                       a file whose upload was begun without its sha256 (a head start: the file lane sends the first
                       parts while log_artifact still copies it) is placed only after a PATCH of that upload announced
                       a sha256 (Bridge-Upload-Sha256), and every sha256 its PATCHes announced before it was placed is
-                      the sha256 of the bytes placed
+                      the sha256 of the bytes placed; no PATCH of such an upload that could complete the file goes
+                      without a sha256 (the head start never sends the last part; the entrance would refuse it)
 
 A rule's failure is a difference like any other, named `rule <name>: …`.
 """
@@ -256,10 +257,22 @@ def head_starts(arrivals: list[Arrival]) -> tuple[int, int]:
 
 def sha256_before_placed(arrivals: list[Arrival], index_of: dict[str, int], tally: Counter | None = None) -> list[str]:
     """sha256-before-placed: each file placed from an upload begun without its sha256 had a PATCH of that upload
-    announce a sha256 before it was placed, and every sha256 announced before then is that of the bytes placed."""
+    announce a sha256 before it was placed, and every sha256 announced before then is that of the bytes placed; no
+    PATCH of such an upload that could complete the file (by its declared length) went without a sha256."""
     tally = Counter() if tally is None else tally
-    begun_without = {a.upload for a in arrivals if a.kind == "create" and a.status == 201 and a.sha256 is None}
+    creates = {a.upload: a for a in arrivals if a.kind == "create" and a.status == 201 and a.sha256 is None}
+    begun_without = set(creates)
     out = []
+    for a in arrivals:
+        if a.kind == "patch" and a.upload in creates and a.announced is None and a.size > 0:
+            create = creates[a.upload]
+            if create.size and a.offset + a.size >= create.size:
+                out.append(
+                    f"rule sha256-before-placed: run {index_of.get(create.run or '', create.run)} {create.path} "
+                    f"(upload {str(a.upload)[:8]}, begun without a sha256): a PATCH of bytes {a.offset}-"
+                    f"{a.offset + a.size} of {create.size}, which could complete the file, announced no sha256 "
+                    f"(answered {a.status})"
+                )
     for p in arrivals:
         if p.kind != "placed" or p.upload not in begun_without:
             continue

@@ -13,12 +13,19 @@ from tests.differential.orders import head_starts, sha256_before_placed
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 RUN = "server-run-0"
+MiB = 1024 * 1024
 
 
 def _upload(*, begun_with: str | None, patches: list[tuple[float, str | None]], placed_at: float, placed: str):
-    """A create (sha256 `begun_with`), PATCHes (started at, Bridge-Upload-Sha256 or None) and the placing."""
-    out = [Arrival("create", 0.0, 0.1, 201, run=RUN, path="weights/last.pt", sha256=begun_with, upload="u1")]
-    out += [Arrival("patch", at, at + 0.1, 204, upload="u1", announced=sha) for at, sha in patches]
+    """A create of 3 MiB (sha256 `begun_with`), PATCHes of 1 MiB in order (started at, Bridge-Upload-Sha256 or
+    None) and the placing."""
+    out = [
+        Arrival("create", 0.0, 0.1, 201, run=RUN, path="weights/last.pt", sha256=begun_with, upload="u1", size=3 * MiB)
+    ]
+    out += [
+        Arrival("patch", at, at + 0.1, 204, upload="u1", announced=sha, offset=i * MiB, size=MiB)
+        for i, (at, sha) in enumerate(patches)
+    ]
     out.append(
         Arrival("placed", placed_at, placed_at + 0.1, 200, run=RUN, path="weights/last.pt", sha256=placed, upload="u1")
     )
@@ -38,6 +45,16 @@ def test_a_head_start_placed_with_no_part_announcing_a_sha256_breaks_the_rule():
     (found,) = sha256_before_placed(arrivals, {RUN: 0})
     assert found.startswith("rule sha256-before-placed: run 0 weights/last.pt (upload u1, begun without a sha256)")
     assert "placed with no PATCH announcing its sha256 before" in found
+
+
+def test_a_head_start_whose_completing_part_named_no_sha256_breaks_the_rule():
+    # The entrance refuses that part (400) and nothing is placed: only this record shows the head start sent it.
+    arrivals = _upload(begun_with=None, patches=[(1.0, None), (2.0, None), (3.0, None)], placed_at=9.0, placed=SHA_A)
+    arrivals[3].status = 400
+    arrivals.pop()  # not placed
+    (found,) = sha256_before_placed(arrivals, {RUN: 0})
+    assert "a PATCH of bytes 2097152-3145728 of 3145728, which could complete the file, announced no sha256" in found
+    assert "(answered 400)" in found
 
 
 def test_a_head_start_placed_with_other_bytes_than_announced_breaks_the_rule():
