@@ -98,7 +98,11 @@ def main() -> int:
             for attempt in range(args.repeat):
                 try:
                     harness.check(program, files=args.files)
-                    early = " (head starts: {} of {} uploads)".format(*harness.head_starts[-1]) if args.files else ""
+                    early = (
+                        " (head starts: {} of {} uploads, {} bytes before the sha256)".format(*harness.head_starts[-1])
+                        if args.files
+                        else ""
+                    )
                     print(f"replay {attempt}: same state{early}", flush=True)
                 except Difference as exc:
                     failed.append((attempt, str(exc)))
@@ -148,10 +152,12 @@ def main() -> int:
     )
     if args.files:
         print("file rules applied: " + ", ".join(f"{rule} {harness.rule_checks[rule]}" for rule in orders.RULES))
-        started_early = sum(n for n, _ in harness.head_starts)
+        early, created, sent = (
+            (sum(counts) for counts in zip(*harness.head_starts, strict=True)) if harness.head_starts else (0, 0, 0)
+        )
         print(
-            f"head starts: {started_early} of {sum(m for _, m in harness.head_starts)} uploads "
-            f"(in {sum(n > 0 for n, _ in harness.head_starts)} of {len(harness.head_starts)} programs)"
+            f"head starts: {early} of {created} uploads (in {sum(c[0] > 0 for c in harness.head_starts)} of "
+            f"{len(harness.head_starts)} programs; {sent / 2**20:.1f} MiB of their parts sent before the sha256)"
         )
     print(
         "faults injected: "

@@ -64,8 +64,9 @@ class Harness:
     entrance: RecordingEntrance | None = None
     entrance_proxy: FlakyProxy | None = None
     rule_checks: Counter = field(default_factory=Counter)  # how often each file rule applied (orders.py)
-    # Per program of the file rules: (uploads begun without a sha256 — head starts, uploads created), in order.
-    head_starts: list[tuple[int, int]] = field(default_factory=list)
+    # Per program of the file rules, in order: (uploads begun without a sha256 — head starts, uploads created, bytes
+    # of the head starts' parts sent before the sha256) (orders.head_starts).
+    head_starts: list[tuple[int, int, int]] = field(default_factory=list)
 
     def db(self, server: PlainMlflowServer) -> Path:
         return Path(server.backend_store_uri[len("sqlite:///") :])

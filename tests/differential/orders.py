@@ -249,10 +249,13 @@ def check(
     return out
 
 
-def head_starts(arrivals: list[Arrival]) -> tuple[int, int]:
-    """(uploads the entrance created without a sha256 — head starts, uploads it created)."""
+def head_starts(arrivals: list[Arrival]) -> tuple[int, int, int]:
+    """(uploads the entrance created without a sha256 — head starts, uploads it created, bytes it kept of the head
+    starts' PATCHes that named no sha256 — the parts sent while log_artifact still copied the file)."""
     created = [a for a in arrivals if a.kind == "create" and a.status == 201]
-    return sum(a.sha256 is None for a in created), len(created)
+    early = {a.upload for a in created if a.sha256 is None}
+    sent = sum(a.received for a in arrivals if a.kind == "patch" and a.upload in early and a.announced is None)
+    return len(early), len(created), sent
 
 
 def sha256_before_placed(arrivals: list[Arrival], index_of: dict[str, int], tally: Counter | None = None) -> list[str]:

@@ -201,6 +201,6 @@ def test_the_file_rules_pass_the_same_programs_unbroken(file_harness):
         before = file_harness.rule_checks["sha256-before-placed"]
         file_harness.check([Call.from_json(c) for c in _EXPERIMENT_AND_RUN + steps], files=True)
         if rule == "sha256-before-placed":
-            started_early, created = file_harness.head_starts[-1]
+            started_early, created, _ = file_harness.head_starts[-1]
             assert started_early >= 1, f"no head start: {created} upload(s), each begun with its sha256"
             assert file_harness.rule_checks["sha256-before-placed"] > before  # a head start's upload was placed

@@ -23,7 +23,7 @@ def _upload(*, begun_with: str | None, patches: list[tuple[float, str | None]], 
         Arrival("create", 0.0, 0.1, 201, run=RUN, path="weights/last.pt", sha256=begun_with, upload="u1", size=3 * MiB)
     ]
     out += [
-        Arrival("patch", at, at + 0.1, 204, upload="u1", announced=sha, offset=i * MiB, size=MiB)
+        Arrival("patch", at, at + 0.1, 204, upload="u1", announced=sha, offset=i * MiB, size=MiB, received=MiB)
         for i, (at, sha) in enumerate(patches)
     ]
     out.append(
@@ -37,6 +37,7 @@ def test_a_head_start_whose_later_part_announced_the_placed_sha256_keeps_the_rul
     arrivals = _upload(begun_with=None, patches=[(1.0, None), (2.0, SHA_A)], placed_at=2.05, placed=SHA_A)
     assert sha256_before_placed(arrivals, {RUN: 0}, tally) == []
     assert tally["sha256-before-placed"] == 1
+    assert head_starts(arrivals) == (1, 1, MiB)  # the part without the sha256 went while the copy went on
 
 
 def test_a_head_start_placed_with_no_part_announcing_a_sha256_breaks_the_rule():
@@ -68,5 +69,5 @@ def test_an_upload_begun_with_its_sha256_is_not_a_head_start():
     arrivals = _upload(begun_with=SHA_A, patches=[(1.0, None), (2.0, None)], placed_at=2.05, placed=SHA_A)
     assert sha256_before_placed(arrivals, {RUN: 0}, tally) == []
     assert tally["sha256-before-placed"] == 0
-    assert head_starts(arrivals) == (0, 1)
-    assert head_starts(_upload(begun_with=None, patches=[], placed_at=1.0, placed=SHA_A)) == (1, 1)
+    assert head_starts(arrivals) == (0, 1, 0)
+    assert head_starts(_upload(begun_with=None, patches=[], placed_at=1.0, placed=SHA_A)) == (1, 1, 0)
