@@ -264,7 +264,6 @@ def sha256_before_placed(arrivals: list[Arrival], index_of: dict[str, int], tall
     PATCH of such an upload that could complete the file (by its declared length) went without a sha256."""
     tally = Counter() if tally is None else tally
     creates = {a.upload: a for a in arrivals if a.kind == "create" and a.status == 201 and a.sha256 is None}
-    begun_without = set(creates)
     out = []
     for a in arrivals:
         if a.kind == "patch" and a.upload in creates and a.announced is None and a.size > 0:
@@ -277,7 +276,7 @@ def sha256_before_placed(arrivals: list[Arrival], index_of: dict[str, int], tall
                     f"(answered {a.status})"
                 )
     for p in arrivals:
-        if p.kind != "placed" or p.upload not in begun_without:
+        if p.kind != "placed" or p.upload not in creates:
             continue
         tally["sha256-before-placed"] += 1
         where = f"run {index_of.get(p.run or '', p.run)} {p.path} (upload {str(p.upload)[:8]}, begun without a sha256)"
