@@ -98,7 +98,12 @@ def main() -> int:
             for attempt in range(args.repeat):
                 try:
                     harness.check(program, files=args.files)
-                    print(f"replay {attempt}: same state", flush=True)
+                    early = (
+                        " (head starts: {} of {} uploads, {} bytes before the sha256)".format(*harness.head_starts[-1])
+                        if args.files
+                        else ""
+                    )
+                    print(f"replay {attempt}: same state{early}", flush=True)
                 except Difference as exc:
                     failed.append((attempt, str(exc)))
                     print(f"replay {attempt}: {exc}", flush=True)
@@ -147,6 +152,13 @@ def main() -> int:
     )
     if args.files:
         print("file rules applied: " + ", ".join(f"{rule} {harness.rule_checks[rule]}" for rule in orders.RULES))
+        early, created, sent = (
+            (sum(counts) for counts in zip(*harness.head_starts, strict=True)) if harness.head_starts else (0, 0, 0)
+        )
+        print(
+            f"head starts: {early} of {created} uploads (in {sum(c[0] > 0 for c in harness.head_starts)} of "
+            f"{len(harness.head_starts)} programs; {sent / 2**20:.1f} MiB of their parts sent before the sha256)"
+        )
     print(
         "faults injected: "
         + (", ".join(f"{op} {n}" for op, n in sorted(harness.op_counts.items()) if op in FAULTS) or "none")

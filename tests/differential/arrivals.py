@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bridge.serve.entrance import Entrance, TokenSource
-from bridge.serve.uploads import PREFIX, parse_metadata
+from bridge.serve.uploads import PREFIX, SHA256_HEADER, parse_metadata
 
 ARTIFACTS_PUT = "/api/2.0/mlflow-artifacts/artifacts/"
 
@@ -31,9 +31,10 @@ class Arrival:
     status: int = 0  # the entrance's answer (placed: 200)
     run: str | None = None  # the server's run id (points, update; uploads: from the artifact path)
     path: str | None = None  # artifact path under the run's artifact root (create, put, placed)
-    sha256: str | None = None  # create: announced; placed: of the bytes placed
-    upload: str | None = None  # the tus upload id (create, patch, head, delete)
-    size: int = 0  # patch, put: the body's declared length
+    sha256: str | None = None  # create: announced (None: begun without it, a head start); placed: of the bytes placed
+    upload: str | None = None  # the tus upload id (create, patch, head, delete, placed)
+    announced: str | None = None  # patch: the whole file's sha256 its Bridge-Upload-Sha256 header named (None: none)
+    size: int = 0  # patch, put: the body's declared length; create: the file's (Upload-Length)
     received: int = 0  # patch: the bytes the entrance kept of it (a cut part's too)
     offset: int = 0  # patch: the upload's offset it was sent for
     points: list = field(default_factory=list)  # points: (key, step, value, timestamp)
@@ -114,14 +115,25 @@ class RecordingEntrance(Entrance):
                 except ValueError:
                     return None
                 run, artifact = run_and_path(meta.get("path", ""))
-                return Arrival("create", started, 0.0, run=run, path=artifact, sha256=meta.get("sha256"))
+                try:
+                    length = int(request.headers.get("Upload-Length", "0"))
+                except ValueError:
+                    length = 0
+                return Arrival("create", started, 0.0, run=run, path=artifact, sha256=meta.get("sha256"), size=length)
             if method in ("PATCH", "HEAD", "DELETE") and rest:
                 try:
                     offset = int(request.headers.get("Upload-Offset", "0"))
                 except ValueError:
                     offset = 0
+                announced = request.headers.get(SHA256_HEADER) if method == "PATCH" else None
                 return Arrival(
-                    method.lower(), started, 0.0, upload=rest, size=request.content_length or 0, offset=offset
+                    method.lower(),
+                    started,
+                    0.0,
+                    upload=rest,
+                    size=request.content_length or 0,
+                    offset=offset,
+                    announced=announced.strip().lower() if announced is not None else None,
                 )
             return None
         if method == "PUT" and path.startswith(ARTIFACTS_PUT):
@@ -134,4 +146,15 @@ class RecordingEntrance(Entrance):
         digest = hashlib.sha256(file.read_bytes()).hexdigest()
         await super()._place(file, path)
         run, artifact = run_and_path(path)
-        self._keep(Arrival("placed", started, time.monotonic(), 200, run=run, path=artifact, sha256=digest))
+        self._keep(
+            Arrival(
+                "placed",
+                started,
+                time.monotonic(),
+                200,
+                run=run,
+                path=artifact,
+                sha256=digest,
+                upload=file.parent.name,  # the upload's staging folder (bridge/serve/uploads.py: <id>/data)
+            )
+        )

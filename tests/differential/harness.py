@@ -64,6 +64,9 @@ class Harness:
     entrance: RecordingEntrance | None = None
     entrance_proxy: FlakyProxy | None = None
     rule_checks: Counter = field(default_factory=Counter)  # how often each file rule applied (orders.py)
+    # Per program of the file rules, in order: (uploads begun without a sha256 — head starts, uploads created, bytes
+    # of the head starts' parts sent before the sha256) (orders.head_starts).
+    head_starts: list[tuple[int, int, int]] = field(default_factory=list)
 
     def db(self, server: PlainMlflowServer) -> Path:
         return Path(server.backend_store_uri[len("sqlite:///") :])
@@ -98,7 +101,9 @@ class Harness:
         )
         if files:
             assert self.entrance is not None
-            differences += orders.check(program, self.entrance.arrivals(), bridge_state, bridge_trace, self.rule_checks)
+            arrivals = self.entrance.arrivals()
+            self.head_starts.append(orders.head_starts(arrivals))
+            differences += orders.check(program, arrivals, bridge_state, bridge_trace, self.rule_checks)
         self._finish(program, differences, started, workdir)
 
     def start_entrance(self, staging: Path) -> None:

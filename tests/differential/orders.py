@@ -19,6 +19,12 @@ placed in MLflow) and the bridge world's trace (when each call returned, by the 
   points-not-held     points logged after a big file reach the server while it uploads: over a link throttled so
                       that the file takes at least HELD_MARGIN_S, with no other fault since the last flush, each
                       point logged after it (until the next fault) is answered before the file's last byte is in
+  sha256-before-placed
+                      a file whose upload was begun without its sha256 (a head start: the file lane sends the first
+                      parts while log_artifact still copies it) is placed only after a PATCH of that upload announced
+                      a sha256 (Bridge-Upload-Sha256), and every sha256 its PATCHes announced before it was placed is
+                      the sha256 of the bytes placed; no PATCH of such an upload that could complete the file goes
+                      without a sha256 (the head start never sends the last part; the entrance would refuse it)
 
 A rule's failure is a difference like any other, named `rule <name>: …`.
 """
@@ -39,7 +45,14 @@ from tests.differential.programs import BASE_TS, BIG_FILE_OPS, FAULTS, STATUSES,
 #: points-not-held applies to a file whose bytes take at least this long over the throttled link: the points
 #: logged after it have that long (less the program's own milliseconds) to get through.
 HELD_MARGIN_S = 1.5
-RULES = ("whole-once", "newest-wins", "superseded-unsent", "end-after-everything", "points-not-held")
+RULES = (
+    "whole-once",
+    "newest-wins",
+    "superseded-unsent",
+    "end-after-everything",
+    "points-not-held",
+    "sha256-before-placed",
+)
 
 
 @dataclass
@@ -232,6 +245,55 @@ def check(
         state=state,
     )
     out += _points_not_held(program, versions, placed, points, arrived, trace, ends, tally)
+    out += sha256_before_placed(arrivals, index_of, tally)
+    return out
+
+
+def head_starts(arrivals: list[Arrival]) -> tuple[int, int, int]:
+    """(uploads the entrance created without a sha256 — head starts, uploads it created, bytes it kept of the head
+    starts' PATCHes that named no sha256 — the parts sent while log_artifact still copied the file)."""
+    created = [a for a in arrivals if a.kind == "create" and a.status == 201]
+    early = {a.upload for a in created if a.sha256 is None}
+    sent = sum(a.received for a in arrivals if a.kind == "patch" and a.upload in early and a.announced is None)
+    return len(early), len(created), sent
+
+
+def sha256_before_placed(arrivals: list[Arrival], index_of: dict[str, int], tally: Counter | None = None) -> list[str]:
+    """sha256-before-placed: each file placed from an upload begun without its sha256 had a PATCH of that upload
+    announce a sha256 before it was placed, and every sha256 announced before then is that of the bytes placed; no
+    PATCH of such an upload that could complete the file (by its declared length) went without a sha256."""
+    tally = Counter() if tally is None else tally
+    creates = {a.upload: a for a in arrivals if a.kind == "create" and a.status == 201 and a.sha256 is None}
+    out = []
+    for a in arrivals:
+        if a.kind == "patch" and a.upload in creates and a.announced is None and a.size > 0:
+            create = creates[a.upload]
+            if create.size and a.offset + a.size >= create.size:
+                out.append(
+                    f"rule sha256-before-placed: run {index_of.get(create.run or '', create.run)} {create.path} "
+                    f"(upload {str(a.upload)[:8]}, begun without a sha256): a PATCH of bytes {a.offset}-"
+                    f"{a.offset + a.size} of {create.size}, which could complete the file, announced no sha256 "
+                    f"(answered {a.status})"
+                )
+    for p in arrivals:
+        if p.kind != "placed" or p.upload not in creates:
+            continue
+        tally["sha256-before-placed"] += 1
+        where = f"run {index_of.get(p.run or '', p.run)} {p.path} (upload {str(p.upload)[:8]}, begun without a sha256)"
+        announced = [
+            a.announced
+            for a in sorted(arrivals, key=lambda a: a.started)
+            if a.kind == "patch" and a.upload == p.upload and a.announced is not None and a.started < p.started
+        ]
+        if not announced:
+            out.append(f"rule sha256-before-placed: {where} was placed with no PATCH announcing its sha256 before")
+            continue
+        wrong = sorted({sha for sha in announced if sha != p.sha256})
+        if wrong:
+            out.append(
+                f"rule sha256-before-placed: {where} was placed with sha256 {str(p.sha256)[:12]}, but its PATCHes "
+                f"announced {', '.join(sha[:12] for sha in wrong)}" + (" first" if announced[0] != p.sha256 else "")
+            )
     return out
 
 

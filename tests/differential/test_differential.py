@@ -42,9 +42,10 @@ def test_programs_with_big_files_over_a_throttled_flapping_link(file_harness):
     """Big files (several parts of 1 MiB) and new versions of them through the entrance, between points and before
     end statuses, over a link that goes down, is throttled and flaps: the server's state equals stock MLflow's and
     the file lane keeps its orders (orders.py: whole-once, newest-wins, superseded-unsent, end-after-everything,
-    points-not-held)."""
+    points-not-held, sha256-before-placed)."""
     run_seed(file_harness, 40, features=FILES, max_examples=4, steps=25)
     print(f"\nfile rules: {file_harness.programs} programs, applied {dict(file_harness.rule_checks)}")
+    print(f"head starts (of uploads) per program: {file_harness.head_starts}")
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +130,13 @@ _PLANTED = {
         {"op": "epoch", "args": {"r": 0, "step": 0, "path": "weights/last.pt", "size": 3 * MiB, "seed": 3}},
         {"op": "log_metric", "args": {"r": 0, "key": "loss", "value": 0.5, "step": 1, "ts": 1, "via": "client"}},
     ],
+    # A head start: the run is on the server and the file lane idle when a file of three parts is logged, so the
+    # lane begins its upload (without the sha256) while log_artifact still copies it.
+    "sha256-before-placed": [
+        {"op": "flush", "args": {}},
+        {"op": "log_big_file", "args": {"r": 0, "path": "weights/last.pt", "size": 3 * MiB, "seed": 3}},
+        {"op": "flush", "args": {}},
+    ],
 }
 
 
@@ -136,13 +144,16 @@ _PLANTED = {
 @pytest.mark.parametrize("rule", sorted(_PLANTED))
 def test_the_file_rules_report_a_planted_defect(file_harness, monkeypatch, rule):
     """Sanity: with the file lane's order broken on purpose, the rule of that order reports it — a superseded
-    version sent anyway, an end status not waiting for its run's files, points waiting behind an upload."""
+    version sent anyway, an end status not waiting for its run's files, points waiting behind an upload, a head
+    start placed with no sha256 announced."""
     import time
 
     from bridge.client.delivery import handlers, operations
     from bridge.client.delivery.sender import Sender
     from bridge.client.journal.kinds import ARTIFACT, UPDATE_RUN
     from bridge.client.journal.queue import OpQueue
+    from bridge.client.link import uploads as tus
+    from bridge.serve import uploads
     from tests.differential.harness import Difference
     from tests.differential.programs import Call
 
@@ -150,6 +161,20 @@ def test_the_file_rules_report_a_planted_defect(file_harness, monkeypatch, rule)
         monkeypatch.setattr(OpQueue, "superseded", lambda self, op, before=None: False)
     elif rule == "end-after-everything":
         monkeypatch.setitem(handlers.HANDLERS, UPDATE_RUN, handlers.Handler(operations.apply_update_run))
+    elif rule == "sha256-before-placed":
+        # No part names the file's sha256, and the entrance neither refuses the part that completes an upload begun
+        # without one nor checks it: it places whatever came.
+        send_part = tus.send_part
+        monkeypatch.setattr(tus, "send_part", lambda *args, sha256=None, **kwargs: send_part(*args, **kwargs))
+        monkeypatch.setattr(uploads.Uploads, "_take_sha256", lambda self, upload, announced, offset, declared: None)
+        complete = uploads.Uploads._complete
+
+        async def unchecked(self, upload):
+            if upload.sha256 is None:
+                upload.sha256 = uploads._sha256_of(upload.data)
+            await complete(self, upload)
+
+        monkeypatch.setattr(uploads.Uploads, "_complete", unchecked)
     else:  # a batch of points waits while a file does (the issue's "the live charts freeze behind a file")
         send_batch = Sender._send_batch
 
@@ -168,8 +193,14 @@ def test_the_file_rules_report_a_planted_defect(file_harness, monkeypatch, rule)
 
 @pytest.mark.slow
 def test_the_file_rules_pass_the_same_programs_unbroken(file_harness):
-    """The programs of the planted defects, with bridge as it is: no difference, every order kept."""
+    """The programs of the planted defects, with bridge as it is: no difference, every order kept; the head start's
+    program goes through a head start (so the path stays exercised under the file rules)."""
     from tests.differential.programs import Call
 
-    for steps in _PLANTED.values():
+    for rule, steps in _PLANTED.items():
+        before = file_harness.rule_checks["sha256-before-placed"]
         file_harness.check([Call.from_json(c) for c in _EXPERIMENT_AND_RUN + steps], files=True)
+        if rule == "sha256-before-placed":
+            started_early, created, _ = file_harness.head_starts[-1]
+            assert started_early >= 1, f"no head start: {created} upload(s), each begun with its sha256"
+            assert file_harness.rule_checks["sha256-before-placed"] > before  # a head start's upload was placed
