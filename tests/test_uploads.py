@@ -727,7 +727,7 @@ def test_a_head_start_cut_by_the_link_hands_what_arrived_to_the_row(
     source, sha = _payload(tmp_path, 4 * MiB + 1)
     journal = Journal(tmp_path / "journal.sqlite")
     run = journal.add_run(experiment_id=journal.add_experiment("e", {}), user_id="u", start_time=1, name="r", tags={})
-    progress = SpoolProgress(run, source.name, source.stat().st_size)
+    progress = SpoolProgress(source.name, source.stat().st_size)
     transport = CountedCuts(1)
     seen = _hold_copy_at(monkeypatch, 3 * MiB, lambda: transport.cuts > 0)
     cut = Link(entrance.url, TOKEN, transport=transport)
@@ -755,7 +755,7 @@ def test_a_head_start_no_row_takes_is_dropped_on_the_server(entrance, run_path, 
 
     journal = Journal(tmp_path / "journal.sqlite")
     size = 3 * MiB
-    progress = SpoolProgress("r", "f.bin", size)
+    progress = SpoolProgress("f.bin", size)
     progress.name = "copy-in-progress"
     journal.spool.path(progress.name).write_bytes(os.urandom(2 * MiB))
     link = Link(entrance.url, TOKEN)
@@ -774,7 +774,7 @@ def test_a_head_start_no_row_takes_is_dropped_on_the_server(entrance, run_path, 
         progress.end(None)
     else:  # a row, but for a copy of 2 MiB + 1: the upload was begun for 3 MiB
         progress.wrote(2 * MiB + 1)
-        progress.end(journal.append("r", "artifact", {"spool": progress.name, "path": "f.bin"}), "c" * 64)
+        progress.end(journal.append("r", "artifact", {"spool": progress.name, "path": "f.bin"}))
     lane.join(30)
     assert got == [0]
     assert not list(entrance.uploads.folder.iterdir()), "the upload no row takes was left on the server"

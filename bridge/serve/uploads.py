@@ -348,12 +348,9 @@ class Uploads:
                 upload.sha256 = announced
                 upload.save()
             elif announced != upload.sha256:
-                upload.state = FAILED
-                upload.error = f"a part announced the sha256 {announced}, the upload was begun for {upload.sha256}"
-                with contextlib.suppress(OSError):
-                    upload.data.unlink()
-                upload.save()
-                return _error(460, upload.error, **self._state_headers(upload))
+                error = f"a part announced the sha256 {announced}, the upload was begun for {upload.sha256}"
+                self._fail(upload, error)
+                return _error(460, error, **self._state_headers(upload))
         if upload.sha256 is None and (declared is None or offset + declared >= upload.length):
             return _error(400, f"the part that completes a file must carry {SHA256_HEADER} (none was announced)")
         return None
@@ -419,6 +416,15 @@ class Uploads:
             return _error(503, upload.error or "could not place the file yet", **self._state_headers(upload))
         return web.Response(status=204, headers=self._state_headers(upload))
 
+    @staticmethod
+    def _fail(upload: _Upload, error: str) -> None:
+        """The upload is gone for good (its bytes are not the file announced): FAILED with `error`, bytes deleted."""
+        upload.state, upload.error = FAILED, error
+        log.warning("Upload %s of %s failed: %s", upload.id[:8], upload.path, error)
+        with contextlib.suppress(OSError):
+            upload.data.unlink()
+        upload.save()
+
     async def _complete(self, upload: _Upload) -> None:
         """Check the whole file's sha256, then place it through MLflow; the state says how it went."""
         loop = asyncio.get_running_loop()
@@ -429,11 +435,7 @@ class Uploads:
             else:
                 digest = await loop.run_in_executor(None, _sha256_of, upload.data)
             if digest != upload.sha256:
-                upload.state, upload.error = FAILED, f"the file's sha256 is {digest}, not the {upload.sha256} announced"
-                log.warning("Upload %s of %s failed: %s", upload.id[:8], upload.path, upload.error)
-                with contextlib.suppress(OSError):
-                    upload.data.unlink()
-                upload.save()
+                self._fail(upload, f"the file's sha256 is {digest}, not the {upload.sha256} announced")
                 return
             await self.place(upload.data, upload.path)
         except Exception as exc:

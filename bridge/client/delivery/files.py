@@ -79,8 +79,7 @@ def deliver_file(
     took as long as a fifth of sending it on loopback).
     """
     size = int(body.get("size") or spool_file.stat().st_size)
-    # "./weights//best.pt" as MLflow stores it; ".." stays, for the server to refuse.
-    artifact_path = "/".join(part for part in artifact_path.split("/") if part not in ("", "."))
+    artifact_path = _proxy_path(artifact_path)
     state = journal.uploads.get(op.id)
     if state is not None and tus.max_part(link) is None:
         journal.uploads.drop(op.id)  # begun behind an entrance, now delivered to a plain server: whole
@@ -226,11 +225,15 @@ def head_start(
     confirmed), so `deliver_file` goes on from there with the sha256. Any failure (the link, an edge refusal, a
     copy that failed or came out another size) ends the head start quietly: the row's own upload does all that
     is left, and an upload no row took is dropped on the server. Raises nothing but what the journal raises."""
-    artifact_path = "/".join(part for part in artifact_path.split("/") if part not in ("", "."))
+    artifact_path = _proxy_path(artifact_path)
     size = progress.size
     part = max(UPLOAD_PART_FLOOR_BYTES, min(part_bytes, link.upload_parts.get(link.url) or part_bytes))
     location: str | None = None
     confirmed = 0
+
+    def sent(n: int) -> None:
+        link.upload_bytes_sent += n
+
     try:
         location = tus.create(link, artifact_path, size, None)
         # Only while the copy goes on: once it is over its row exists, and the row's upload (journalled part by
@@ -241,10 +244,6 @@ def head_start(
                     break  # the copy is over short of this part (a failure, or the source shrank)
                 continue
             assert progress.name is not None
-
-            def sent(n: int) -> None:
-                link.upload_bytes_sent += n
-
             answer = tus.send_part(
                 link, location, journal.spool.path(progress.name), confirmed, part, on_bytes=sent, last=False
             )
@@ -266,6 +265,12 @@ def head_start(
     except (HttpError, TransportError):
         pass
     return 0
+
+
+def _proxy_path(artifact_path: str) -> str:
+    """The path as the upload endpoint takes it: "./weights//best.pt" as MLflow stores it becomes
+    "weights/best.pt"; ".." stays, for the server to refuse."""
+    return "/".join(part for part in artifact_path.split("/") if part not in ("", "."))
 
 
 def _smaller(state: UploadState, refused: int, exc: HttpError | None, path: str) -> None:

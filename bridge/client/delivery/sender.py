@@ -233,7 +233,7 @@ class Sender:
             path = self.link.artifact_path(root, artifact_path)
         except ValueError:
             return None
-        progress = SpoolProgress(run, artifact_path, size)
+        progress = SpoolProgress(artifact_path, size)
         with self._state_lock:
             self._head_start = (progress, path)
         self._files_wake.set()

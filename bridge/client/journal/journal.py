@@ -491,7 +491,7 @@ class Journal:
             self._used_bytes -= max(0, size - freed) + _ROW_OVERHEAD
             raise
         if progress is not None and op is not None:
-            progress.end(op, str(body["sha256"]))
+            progress.end(op)
         if freed:
             dropped = self.queue.drop_replaced([op_id for op_id, _, _ in replaced])
             log.info("bridge: %s: %d bytes of older copies still waiting were dropped", artifact_path, dropped)

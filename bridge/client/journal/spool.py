@@ -35,17 +35,15 @@ class SpooledFile:
 class SpoolProgress:
     """How far one copy into the spool has got, for a reader that sends its first bytes while it is still copying
     (the file lane's head start, delivery/files.py). Every byte below `written` is in the copy (in the page cache,
-    as any reader sees it); `end` says the copy is over: its journal row and the file's sha256, or None when the
-    call failed and there is no row (the copy is gone)."""
+    as any reader sees it); `end` says the copy is over: its journal row, or None when the call failed and there
+    is no row (the copy is gone)."""
 
-    def __init__(self, run: str, artifact_path: str, size: int) -> None:
-        self.run = run
+    def __init__(self, artifact_path: str, size: int) -> None:
         self.artifact_path = artifact_path
         self.size = size  # the source's size when the call began (the copy may end with another)
         self.name: str | None = None
         self.written = 0
         self.op: int | None = None
-        self.sha256: str | None = None
         self.ended = False
         self._changed = threading.Condition()
 
@@ -57,9 +55,9 @@ class SpoolProgress:
             self.written = total
             self._changed.notify_all()
 
-    def end(self, op: int | None, sha256: str | None = None) -> None:
+    def end(self, op: int | None) -> None:
         with self._changed:
-            self.op, self.sha256, self.ended = op, sha256, True
+            self.op, self.ended = op, True
             self._changed.notify_all()
 
     def wait_for(self, nbytes: int, timeout: float) -> bool:
